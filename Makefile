@@ -1,0 +1,44 @@
+# fpxint — the two commands that matter: `make demo` and `make test`.
+# Every target does its own set-up (Debian packages via scripts/setup.sh, configure, build).
+
+BUILD_DIR ?= build
+JOBS      ?= 2
+CMAKE_FLAGS ?=
+
+.PHONY: all setup configure build models test demo bench clean help
+
+all: build
+
+help:
+	@echo "make demo    end-to-end demo on a real model (sets up, builds, fetches the model)"
+	@echo "make test    build and run every test (what CI runs)"
+	@echo "make build   configure and build into $(BUILD_DIR)/ (binaries in $(BUILD_DIR)/bin/)"
+	@echo "make bench   run the Google Benchmark suite (docs/BENCHMARKS.md)"
+	@echo "make models  fetch the real models into the cache (scripts/fetch_models.sh)"
+	@echo "make setup   install the Debian packages the project needs"
+
+setup:
+	@scripts/setup.sh
+
+# Configure (again) whenever asked: cheap, and picks up the models directory.
+configure: setup
+	@models_dir=$$(scripts/fetch_models.sh --print-dir); \
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DFPXINT_MODELS_DIR="$$models_dir" $(CMAKE_FLAGS) >/dev/null
+
+build: configure
+	@cmake --build $(BUILD_DIR) -j$(JOBS)
+
+models: setup
+	@scripts/fetch_models.sh >/dev/null
+
+test: build models
+	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
+
+demo: build models
+	@scripts/demo.sh $(BUILD_DIR)
+
+bench: build
+	@$(BUILD_DIR)/bin/fpxint-bench --benchmark_counters_tabular=true
+
+clean:
+	rm -rf $(BUILD_DIR)

@@ -1,0 +1,363 @@
+#include "core/artifact.h"
+
+#include <cstring>
+#include <regex>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "core/json.h"
+#include "core/kernels.h"
+#include "core/sha256.h"
+#include "core/status_macros.h"
+
+namespace fpxint::core {
+namespace {
+
+std::string ShapeJson(absl::Span<const int64_t> shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+template <typename T>
+absl::Span<const uint8_t> Bytes(const std::vector<T>& v) {
+  return absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T));
+}
+
+DType CodesDType(const ExpansionSpec& spec) {
+  return (spec.is_packed() || !spec.is_signed()) ? DType::kU8 : DType::kI8;
+}
+
+absl::StatusOr<std::regex> CompileRegex(const std::string& pattern, absl::string_view flag) {
+  try {
+    return std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, ": '", pattern, "' is not a valid ECMAScript regular expression (",
+                     e.what(), ")"));
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
+                                                   const std::string& out_path,
+                                                   const ArtifactOptions& options) {
+  const absl::Time start = absl::Now();
+  const ExpansionSpec& spec = options.spec;
+  FPX_RETURN_IF_ERROR(spec.Validate());
+  std::optional<std::regex> include, exclude;
+  if (!options.include_regex.empty()) {
+    FPX_ASSIGN_OR_RETURN(include, CompileRegex(options.include_regex, "include"));
+  }
+  if (!options.exclude_regex.empty()) {
+    FPX_ASSIGN_OR_RETURN(exclude, CompileRegex(options.exclude_regex, "exclude"));
+  }
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(in_path));
+
+  ExpandReport report;
+  report.spec = spec;
+  report.source_sha256 = Sha256Hex(reader->bytes());
+  report.bytes_in = reader->bytes().size();
+  const KernelTable& kt =
+      options.expand.kernels != nullptr ? *options.expand.kernels : ActiveKernels();
+  report.kernel = kt.name;
+  report.threads = options.expand.pool == nullptr ? 1 : options.expand.pool->size();
+
+  std::vector<const TensorInfo*> selected;
+  for (const TensorInfo& t : reader->tensors()) {
+    const char* reason = nullptr;
+    if (t.shape.size() < 2) reason = "rank < 2";
+    else if (!IsFloating(t.dtype)) reason = "not floating point";
+    else if (t.numel() == 0) reason = "empty";
+    else if (include && !std::regex_search(t.name, *include)) reason = "not included";
+    else if (exclude && std::regex_search(t.name, *exclude)) reason = "excluded";
+    if (reason != nullptr) {
+      report.copied.push_back({t.name, reason});
+    } else {
+      selected.push_back(&t);
+    }
+  }
+
+  ExpandProgress progress;
+  progress.tensor_count = static_cast<int>(selected.size());
+  for (const TensorInfo* t : selected) progress.bytes_total += t->end - t->begin;
+
+  std::vector<TensorExpansion> expansions;
+  expansions.reserve(selected.size());
+  for (size_t i = 0; i < selected.size(); ++i) {
+    const TensorInfo& t = *selected[i];
+    progress.tensor_index = static_cast<int>(i);
+    progress.name = t.name;
+    if (options.progress) options.progress(progress);
+    absl::StatusOr<TensorExpansion> e =
+        ExpandTensor(t.dtype, t.shape, reader->Data(t), spec, options.expand);
+    if (!e.ok()) {
+      return absl::Status(e.status().code(),
+                          absl::StrCat("tensor '", t.name, "': ", e.status().message()));
+    }
+    progress.bytes_done += t.end - t.begin;
+    report.tensors.push_back({t.name, std::string(DTypeName(t.dtype)), t.shape, e->errors});
+    expansions.push_back(*std::move(e));
+  }
+  progress.tensor_index = progress.tensor_count;
+  progress.name.clear();
+  if (options.progress) options.progress(progress);
+
+  SafetensorsWriter w;
+  w.SetMetadata("format", kArtifactFormat);
+  w.SetMetadata("format_version", kArtifactVersion);
+  w.SetMetadata("bits", absl::StrCat(spec.bits));
+  w.SetMetadata("terms", absl::StrCat(spec.terms));
+  w.SetMetadata("grid", GridName(spec.grid));
+  w.SetMetadata("variant", VariantName(spec.variant));
+  w.SetMetadata("scale", ScaleName(spec.scale));
+  w.SetMetadata("group_size", absl::StrCat(spec.group_size));
+  w.SetMetadata("packing", spec.packing_name());
+  w.SetMetadata("source_sha256", report.source_sha256);
+  if (spec.eps > 0) w.SetMetadata("eps", absl::StrCat(spec.eps));
+  for (size_t i = 0; i < selected.size(); ++i) {
+    w.SetMetadata(absl::StrCat(selected[i]->name, ".shape"), ShapeJson(selected[i]->shape));
+    w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(expansions[i].terms.size()));
+  }
+  for (const CopiedTensor& c : report.copied) {
+    const TensorInfo* t = reader->Find(c.name);
+    FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, reader->Data(*t)));
+  }
+  const DType codes_dtype = CodesDType(spec);
+  for (int k = 1; k <= spec.terms; ++k) {
+    for (size_t i = 0; i < selected.size(); ++i) {
+      const TensorExpansion& e = expansions[i];
+      if (k > static_cast<int>(e.terms.size())) continue;
+      const TermData& term = e.terms[k - 1];
+      const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
+      absl::Status s = w.Add(absl::StrCat(prefix, ".codes"), codes_dtype,
+                             {e.layout.rows, e.layout.packed_row_bytes}, Bytes(term.codes));
+      if (s.ok()) s = w.Add(absl::StrCat(prefix, ".scale"), DType::kF32,
+                            e.layout.scale_shape(spec), Bytes(term.scale));
+      if (s.ok() && spec.grid == Grid::kAsym) {
+        s = w.Add(absl::StrCat(prefix, ".zero"), DType::kF32, e.layout.scale_shape(spec),
+                  Bytes(term.zero));
+      }
+      if (!s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "output name clash: ", s.message(), "; rename the source tensor or exclude it"));
+      }
+    }
+  }
+  FPX_RETURN_IF_ERROR(w.WriteFile(out_path));
+  report.bytes_out = w.FileSize();
+  report.wall_seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  return report;
+}
+
+std::string ExpandReport::ToJson() const {
+  JsonWriter w;
+  w.BeginObject();
+  w.Key("spec").BeginObject();
+  w.Key("bits").Int(spec.bits);
+  w.Key("terms").Int(spec.terms);
+  w.Key("grid").String(GridName(spec.grid));
+  w.Key("variant").String(VariantName(spec.variant));
+  w.Key("scale").String(ScaleName(spec.scale));
+  w.Key("group_size").Int(spec.group_size);
+  w.Key("eps").Double(spec.eps);
+  w.Key("effective_bits").Int(static_cast<int64_t>(spec.bits) * spec.terms);
+  w.Key("calibration_data").String("none");
+  w.EndObject();
+  w.Key("tensors").BeginArray();
+  for (const TensorReport& t : tensors) {
+    w.BeginObject();
+    w.Key("name").String(t.name);
+    w.Key("dtype").String(t.dtype);
+    w.Key("shape").BeginArray();
+    for (int64_t d : t.shape) w.Int(d);
+    w.EndArray();
+    w.Key("terms").BeginArray();
+    for (const TermError& e : t.terms) {
+      w.BeginObject();
+      w.Key("k").Int(e.k);
+      w.Key("rel_fro").Double(e.rel_fro);
+      w.Key("rel_max").Double(e.rel_max);
+      w.Key("sqnr_db").Double(e.sqnr_db);  // null when the residual is exactly zero
+      w.EndObject();
+    }
+    w.EndArray();
+    w.EndObject();
+  }
+  w.EndArray();
+  w.Key("copied").BeginArray();
+  for (const CopiedTensor& c : copied) {
+    w.BeginObject().Key("name").String(c.name).Key("reason").String(c.reason).EndObject();
+  }
+  w.EndArray();
+  w.Key("source_sha256").String(source_sha256);
+  w.Key("bytes_in").Int(static_cast<int64_t>(bytes_in));
+  w.Key("bytes_out").Int(static_cast<int64_t>(bytes_out));
+  w.Key("compression_ratio").Double(bytes_out > 0 ? static_cast<double>(bytes_in) / bytes_out : 0);
+  w.Key("wall_seconds").Double(wall_seconds);
+  w.Key("kernel").String(kernel);
+  w.Key("threads").Int(threads);
+  w.EndObject();
+  return w.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+absl::Status BadArtifact(absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("fpxint artifact: ", what));
+}
+
+absl::StatusOr<std::string> RequireMeta(const SafetensorsReader& r, absl::string_view key) {
+  std::optional<std::string> v = r.Metadata(key);
+  if (!v) return BadArtifact(absl::StrCat("missing __metadata__ key '", key, "'"));
+  return *v;
+}
+
+absl::StatusOr<int> MetaInt(const SafetensorsReader& r, absl::string_view key) {
+  FPX_ASSIGN_OR_RETURN(std::string v, RequireMeta(r, key));
+  int n;
+  if (!absl::SimpleAtoi(v, &n)) {
+    return BadArtifact(absl::StrCat("__metadata__ '", key, "' = '", v, "' is not an integer"));
+  }
+  return n;
+}
+
+absl::Status CheckTensor(const SafetensorsReader& r, const std::string& name, DType dtype,
+                         const std::vector<int64_t>& shape) {
+  const TensorInfo* t = r.Find(name);
+  if (t == nullptr) return BadArtifact(absl::StrCat("missing tensor '", name, "'"));
+  if (t->dtype != dtype || t->shape != shape) {
+    return BadArtifact(absl::StrCat("tensor '", name, "' is ", DTypeName(t->dtype),
+                                    ShapeJson(t->shape), "; expected ", DTypeName(dtype),
+                                    ShapeJson(shape)));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<ArtifactView> ArtifactView::Parse(const SafetensorsReader& r) {
+  ArtifactView v;
+  v.reader_ = &r;
+  FPX_ASSIGN_OR_RETURN(std::string format, RequireMeta(r, "format"));
+  if (format != kArtifactFormat) {
+    return BadArtifact(absl::StrCat("format is '", format, "', expected '", kArtifactFormat, "'"));
+  }
+  FPX_ASSIGN_OR_RETURN(std::string version, RequireMeta(r, "format_version"));
+  if (version != kArtifactVersion) {
+    return BadArtifact(absl::StrCat("format_version '", version, "' is not supported (reads ",
+                                    kArtifactVersion, ")"));
+  }
+  ExpansionSpec& spec = v.spec_;
+  FPX_ASSIGN_OR_RETURN(spec.bits, MetaInt(r, "bits"));
+  FPX_ASSIGN_OR_RETURN(spec.terms, MetaInt(r, "terms"));
+  FPX_ASSIGN_OR_RETURN(int group_size, MetaInt(r, "group_size"));
+  spec.group_size = group_size;
+  FPX_ASSIGN_OR_RETURN(std::string grid, RequireMeta(r, "grid"));
+  FPX_ASSIGN_OR_RETURN(std::string variant, RequireMeta(r, "variant"));
+  FPX_ASSIGN_OR_RETURN(std::string scale, RequireMeta(r, "scale"));
+  FPX_ASSIGN_OR_RETURN(std::string packing, RequireMeta(r, "packing"));
+  std::optional<Grid> g = ParseGrid(grid);
+  std::optional<Variant> var = ParseVariant(variant);
+  std::optional<ScaleGranularity> sc = ParseScale(scale);
+  if (!g || !var || !sc) {
+    return BadArtifact(absl::StrCat("unknown grid/variant/scale '", grid, "'/'", variant, "'/'",
+                                    scale, "'"));
+  }
+  spec.grid = *g;
+  spec.variant = *var;
+  spec.scale = *sc;
+  if (absl::Status s = spec.Validate(); !s.ok()) return BadArtifact(s.message());
+  if (packing != spec.packing_name()) {
+    return BadArtifact(absl::StrCat("packing '", packing, "' does not match bits ", spec.bits,
+                                    " (expected '", spec.packing_name(), "')"));
+  }
+  v.source_sha256_ = r.Metadata("source_sha256").value_or("");
+
+  absl::flat_hash_map<std::string, bool> part_of_expansion;
+  constexpr absl::string_view kShapeSuffix = ".shape";
+  for (const auto& [key, value] : r.metadata()) {
+    if (key.size() <= kShapeSuffix.size() || !absl::EndsWith(key, kShapeSuffix)) continue;
+    Entry e;
+    e.name = key.substr(0, key.size() - kShapeSuffix.size());
+    absl::StatusOr<JsonValue> js = ParseJson(value, 2);
+    std::vector<int64_t> shape;
+    bool ok = js.ok() && js->is_array();
+    if (ok) {
+      for (const JsonValue& d : js->array()) {
+        std::optional<uint64_t> n = d.AsUint64();
+        if (!n || *n > (uint64_t{1} << 40)) {
+          ok = false;
+          break;
+        }
+        shape.push_back(static_cast<int64_t>(*n));
+      }
+    }
+    if (!ok) return BadArtifact(absl::StrCat("'", key, "' = '", value, "' is not a shape list"));
+    absl::StatusOr<TensorLayout> layout = TensorLayout::Make(shape, spec);
+    if (!layout.ok()) return BadArtifact(absl::StrCat("'", key, "': ", layout.status().message()));
+    e.layout = *std::move(layout);
+    e.terms = spec.terms;
+    if (std::optional<std::string> t = r.Metadata(absl::StrCat(e.name, ".terms"))) {
+      if (!absl::SimpleAtoi(*t, &e.terms) || e.terms < 1 || e.terms > spec.terms) {
+        return BadArtifact(absl::StrCat("'", e.name, ".terms' = '", *t, "'; accepted 1..",
+                                        spec.terms));
+      }
+    }
+    const DType codes_dtype = CodesDType(spec);
+    for (int k = 1; k <= e.terms; ++k) {
+      const std::string prefix = absl::StrCat(e.name, ".t", k);
+      FPX_RETURN_IF_ERROR(CheckTensor(r, absl::StrCat(prefix, ".codes"), codes_dtype,
+                                      {e.layout.rows, e.layout.packed_row_bytes}));
+      FPX_RETURN_IF_ERROR(
+          CheckTensor(r, absl::StrCat(prefix, ".scale"), DType::kF32, e.layout.scale_shape(spec)));
+      part_of_expansion[absl::StrCat(prefix, ".codes")] = true;
+      part_of_expansion[absl::StrCat(prefix, ".scale")] = true;
+      if (spec.grid == Grid::kAsym) {
+        FPX_RETURN_IF_ERROR(CheckTensor(r, absl::StrCat(prefix, ".zero"), DType::kF32,
+                                        e.layout.scale_shape(spec)));
+        part_of_expansion[absl::StrCat(prefix, ".zero")] = true;
+      }
+    }
+    v.entries_.push_back(std::move(e));
+  }
+  for (const TensorInfo& t : r.tensors()) {
+    if (!part_of_expansion.contains(t.name)) v.copied_.push_back(&t);
+  }
+  return v;
+}
+
+absl::StatusOr<TensorExpansion> ArtifactView::Load(absl::string_view name, int num_terms) const {
+  const Entry* entry = nullptr;
+  for (const Entry& e : entries_) {
+    if (e.name == name) entry = &e;
+  }
+  if (entry == nullptr) return absl::NotFoundError(absl::StrCat("no expanded tensor '", name, "'"));
+  TensorExpansion out;
+  out.spec = spec_;
+  out.layout = entry->layout;
+  const int n = num_terms < 0 ? entry->terms : std::min(num_terms, entry->terms);
+  for (int k = 1; k <= n; ++k) {
+    const std::string prefix = absl::StrCat(name, ".t", k);
+    TermData term;
+    absl::Span<const uint8_t> codes = reader_->Data(*reader_->Find(absl::StrCat(prefix, ".codes")));
+    term.codes.assign(codes.begin(), codes.end());
+    auto floats = [&](absl::string_view suffix) {
+      absl::Span<const uint8_t> b = reader_->Data(*reader_->Find(absl::StrCat(prefix, suffix)));
+      std::vector<float> f(b.size() / 4);
+      std::memcpy(f.data(), b.data(), b.size());
+      return f;
+    };
+    term.scale = floats(".scale");
+    if (spec_.grid == Grid::kAsym) term.zero = floats(".zero");
+    out.terms.push_back(std::move(term));
+  }
+  return out;
+}
+
+}  // namespace fpxint::core

@@ -1,0 +1,116 @@
+// File: core/artifact.h
+//
+// The fpxint artifact: a safetensors file holding the expansion of every selected tensor of a
+// source safetensors file. Other tools read it; the contract is exact (docs/FORMAT.md):
+//
+//   Data order: first the tensors copied unchanged (rank < 2, non-floating, excluded), in source
+//   order; then term-major: for k = 1..K, for each expanded tensor <name> in source order:
+//     <name>.t{k}.codes  U8 (packed, or asym) / I8 (signed, one per byte), [dim0, packed row bytes]
+//     <name>.t{k}.scale  F32, [1,1] (tensor) | [dim0,1] (channel) | [dim0, ceil(row/g)] (group)
+//     <name>.t{k}.zero   F32, same shape as the scale (asym only)
+//   so a reader that needs only K' terms reads a prefix of the data section.
+//   __metadata__: format="fpxint", format_version="1", bits, terms, grid, variant, scale,
+//   group_size, packing, source_sha256, and for every expanded tensor <name>.shape (JSON list of
+//   the original shape) and <name>.terms (its number of terms: < terms only after an eps stop).
+#ifndef FPXINT_CORE_ARTIFACT_H_
+#define FPXINT_CORE_ARTIFACT_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/expansion.h"
+#include "core/safetensors.h"
+
+namespace fpxint::core {
+
+inline constexpr char kArtifactFormat[] = "fpxint";
+inline constexpr char kArtifactVersion[] = "1";
+
+struct ExpandProgress {
+  int tensor_index = 0;  // 0-based index among the tensors being expanded
+  int tensor_count = 0;
+  std::string name;
+  uint64_t bytes_done = 0;  // source bytes of the tensors finished so far
+  uint64_t bytes_total = 0;
+};
+
+struct ArtifactOptions {
+  ExpansionSpec spec;
+  std::string include_regex;  // ECMAScript, searched in the tensor name; empty selects all
+  std::string exclude_regex;  // empty excludes none
+  ExpandOptions expand;
+  // Called before each tensor and once at the end (tensor_index == tensor_count).
+  std::function<void(const ExpandProgress&)> progress;
+};
+
+struct TensorReport {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<TermError> terms;
+};
+
+struct CopiedTensor {
+  std::string name;
+  std::string reason;  // "rank < 2", "not floating point", "excluded", "not included", "empty"
+};
+
+struct ExpandReport {
+  ExpansionSpec spec;
+  std::string source_sha256;
+  std::string kernel;
+  int threads = 1;
+  std::vector<TensorReport> tensors;
+  std::vector<CopiedTensor> copied;
+  uint64_t bytes_in = 0;   // source file size
+  uint64_t bytes_out = 0;  // artifact file size
+  double wall_seconds = 0;
+
+  // The --report JSON: {"spec": {...}, "tensors": [{"name", "shape", "terms": [{"k", "rel_fro",
+  // "rel_max", "sqnr_db"}]}], "bytes_in", "bytes_out", "compression_ratio", "wall_seconds", ...}.
+  std::string ToJson() const;
+};
+
+// Reads `in_path`, expands the selected tensors and writes the artifact to `out_path`
+// atomically. InvalidArgument for a bad spec or regex, or a malformed input (the message names
+// the tensor); I/O errors as in SafetensorsWriter::WriteFile.
+absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
+                                                   const std::string& out_path,
+                                                   const ArtifactOptions& options);
+
+// A parsed, validated artifact over a SafetensorsReader (which must outlive it).
+class ArtifactView {
+ public:
+  struct Entry {
+    std::string name;
+    TensorLayout layout;
+    int terms = 0;
+  };
+
+  // InvalidArgument when the metadata or any term tensor does not follow the contract.
+  static absl::StatusOr<ArtifactView> Parse(const SafetensorsReader& reader);
+
+  const ExpansionSpec& spec() const { return spec_; }
+  const std::vector<Entry>& tensors() const { return entries_; }
+  // Tensors stored unchanged (everything that is not part of an expansion).
+  const std::vector<const TensorInfo*>& copied() const { return copied_; }
+  const std::string& source_sha256() const { return source_sha256_; }
+
+  // The expansion of `name` with its first `num_terms` terms (all when num_terms < 0).
+  absl::StatusOr<TensorExpansion> Load(absl::string_view name, int num_terms = -1) const;
+
+ private:
+  const SafetensorsReader* reader_ = nullptr;
+  ExpansionSpec spec_;
+  std::string source_sha256_;
+  std::vector<Entry> entries_;
+  std::vector<const TensorInfo*> copied_;
+};
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_ARTIFACT_H_

@@ -1,0 +1,278 @@
+// The fpxint artifact contract (core/artifact.h, docs/FORMAT.md): written by
+// ExpandSafetensorsFile, read back by SafetensorsReader + ArtifactView, reconstructed and compared
+// with the in-memory expansion; plus the SPEC bounds on real pretrained weights.
+#include "core/artifact.h"
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "core/json.h"
+#include "core/sha256.h"
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::core {
+namespace {
+
+using ::fpxint::testing::Dist;
+using ::fpxint::testing::RandomValues;
+using ::fpxint::testing::ScratchDir;
+
+template <typename T>
+std::vector<uint8_t> AsBytes(const std::vector<T>& v) {
+  std::vector<uint8_t> b(v.size() * sizeof(T));
+  std::memcpy(b.data(), v.data(), b.size());
+  return b;
+}
+
+// A small "model": a linear weight (F32), a conv weight (F16), a bias, an integer buffer, and a
+// weight that the tests exclude.
+std::string WriteSource(const ScratchDir& dir) {
+  SafetensorsWriter w;
+  w.SetMetadata("format", "pt");
+  std::vector<float> lin = ::fpxint::testing::ToFloat(RandomValues(Dist::kGaussian, 48 * 70, 1));
+  std::vector<double> convd = RandomValues(Dist::kLaplace, 8 * 3 * 3 * 3, 2);
+  std::vector<uint16_t> conv(convd.size());
+  for (size_t i = 0; i < conv.size(); ++i) conv[i] = FloatToHalf(static_cast<float>(convd[i] * 0.1));
+  EXPECT_TRUE(w.AddOwned("conv.weight", DType::kF16, {8, 3, 3, 3}, AsBytes(conv)).ok());
+  EXPECT_TRUE(w.AddOwned("conv.bias", DType::kF32, {8}, AsBytes(std::vector<float>(8, 0.5f))).ok());
+  EXPECT_TRUE(w.AddOwned("steps", DType::kI64, {2, 2}, AsBytes(std::vector<int64_t>{1, 2, 3, 4})).ok());
+  EXPECT_TRUE(w.AddOwned("fc.weight", DType::kF32, {48, 70}, AsBytes(lin)).ok());
+  EXPECT_TRUE(w.AddOwned("head.weight", DType::kF32, {4, 70},
+                         AsBytes(::fpxint::testing::ToFloat(RandomValues(Dist::kGaussian, 280, 3))))
+                  .ok());
+  const std::string path = dir.File("src.safetensors");
+  EXPECT_TRUE(w.WriteFile(path).ok());
+  return path;
+}
+
+ArtifactOptions Options(int bits, int terms, Grid grid, ScaleGranularity scale, int64_t g = 0) {
+  ArtifactOptions o;
+  o.spec.bits = bits;
+  o.spec.terms = terms;
+  o.spec.grid = grid;
+  o.spec.scale = scale;
+  o.spec.group_size = g;
+  o.exclude_regex = "^head\\.";
+  return o;
+}
+
+TEST(Artifact, FollowsTheContractAndRoundTrips) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
+    for (int bits : {2, 3, 4}) {
+      ArtifactOptions o = Options(bits, 3, grid, ScaleGranularity::kGroup, 16);
+      const std::string out = dir.File(absl::StrCat("out_", GridName(grid), bits, ".safetensors"));
+      absl::StatusOr<ExpandReport> rep = ExpandSafetensorsFile(src, out, o);
+      ASSERT_TRUE(rep.ok()) << rep.status();
+      auto reader = SafetensorsReader::Open(out);
+      ASSERT_TRUE(reader.ok()) << reader.status();
+      const SafetensorsReader& r = **reader;
+      // Metadata.
+      EXPECT_EQ(r.Metadata("format"), "fpxint");
+      EXPECT_EQ(r.Metadata("format_version"), "1");
+      EXPECT_EQ(r.Metadata("bits"), absl::StrCat(bits));
+      EXPECT_EQ(r.Metadata("terms"), "3");
+      EXPECT_EQ(r.Metadata("grid"), GridName(grid));
+      EXPECT_EQ(r.Metadata("variant"), "rescaled");
+      EXPECT_EQ(r.Metadata("scale"), "group");
+      EXPECT_EQ(r.Metadata("group_size"), "16");
+      EXPECT_EQ(r.Metadata("packing"), bits == 3 ? "byte" : "lsb_first");
+      EXPECT_EQ(r.Metadata("source_sha256"), *Sha256File(src));
+      EXPECT_EQ(r.Metadata("conv.weight.shape"), "[8,3,3,3]");
+      EXPECT_EQ(r.Metadata("fc.weight.shape"), "[48,70]");
+      EXPECT_FALSE(r.Metadata("head.weight.shape").has_value());
+      // Copied tensors are byte-identical; head.weight was excluded and is copied too.
+      auto src_reader = SafetensorsReader::Open(src);
+      for (const char* name : {"conv.bias", "steps", "head.weight"}) {
+        const TensorInfo* a = (*src_reader)->Find(name);
+        const TensorInfo* b = r.Find(name);
+        ASSERT_NE(b, nullptr) << name;
+        EXPECT_EQ(a->dtype, b->dtype);
+        EXPECT_EQ(a->shape, b->shape);
+        EXPECT_TRUE(std::equal((*src_reader)->Data(*a).begin(), (*src_reader)->Data(*a).end(),
+                               r.Data(*b).begin()));
+      }
+      EXPECT_EQ(r.Find("fc.weight"), nullptr);
+      // Codes and scale tensors: dtype and shape.
+      const TensorInfo* codes = r.Find("fc.weight.t2.codes");
+      ASSERT_NE(codes, nullptr);
+      EXPECT_EQ(codes->dtype, (bits == 3 && grid != Grid::kAsym) ? DType::kI8 : DType::kU8);
+      EXPECT_EQ(codes->shape, (std::vector<int64_t>{48, bits == 3 ? 70 : (70 * bits + 7) / 8}));
+      EXPECT_EQ(r.Find("fc.weight.t3.scale")->shape, (std::vector<int64_t>{48, 5}));
+      EXPECT_EQ(r.Find("conv.weight.t1.scale")->shape, (std::vector<int64_t>{8, 2}));
+      EXPECT_EQ(r.Find("fc.weight.t1.zero") != nullptr, grid == Grid::kAsym);
+      // Term-major: every term-k tensor lies before every term-(k+1) tensor.
+      for (int k = 1; k < 3; ++k) {
+        for (const char* a : {"conv.weight", "fc.weight"}) {
+          for (const char* b : {"conv.weight", "fc.weight"}) {
+            EXPECT_LT(r.Find(absl::StrCat(a, ".t", k, ".scale"))->end,
+                      r.Find(absl::StrCat(b, ".t", k + 1, ".codes"))->end);
+          }
+        }
+      }
+      // Reconstruction from the file equals the in-memory expansion, bit for bit.
+      absl::StatusOr<ArtifactView> view = ArtifactView::Parse(r);
+      ASSERT_TRUE(view.ok()) << view.status();
+      EXPECT_EQ(view->tensors().size(), 2u);
+      EXPECT_EQ(view->copied().size(), 3u);
+      for (const char* name : {"conv.weight", "fc.weight"}) {
+        const TensorInfo* t = (*src_reader)->Find(name);
+        absl::StatusOr<TensorExpansion> mem =
+            ExpandTensor(t->dtype, t->shape, (*src_reader)->Data(*t), o.spec);
+        ASSERT_TRUE(mem.ok());
+        for (int k : {1, 3}) {
+          absl::StatusOr<TensorExpansion> file = view->Load(name, k);
+          ASSERT_TRUE(file.ok()) << file.status();
+          EXPECT_EQ(Reconstruct(*file, k), Reconstruct(*mem, k)) << name << " k=" << k;
+        }
+      }
+      // Report.
+      ASSERT_EQ(rep->tensors.size(), 2u);
+      EXPECT_EQ(rep->bytes_out, static_cast<uint64_t>(r.bytes().size()));
+    }
+  }
+}
+
+TEST(Artifact, ReportJsonSchema) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  absl::StatusOr<ExpandReport> rep = ExpandSafetensorsFile(
+      src, dir.File("o.safetensors"), Options(4, 2, Grid::kSym, ScaleGranularity::kChannel));
+  ASSERT_TRUE(rep.ok());
+  absl::StatusOr<JsonValue> j = ParseJson(rep->ToJson());
+  ASSERT_TRUE(j.ok()) << j.status();
+  for (const char* key : {"spec", "tensors", "bytes_in", "bytes_out", "compression_ratio",
+                          "wall_seconds", "copied", "source_sha256"}) {
+    EXPECT_NE(j->Find(key), nullptr) << key;
+  }
+  EXPECT_EQ(j->Find("spec")->Find("bits")->AsUint64(), 4u);
+  EXPECT_EQ(j->Find("spec")->Find("grid")->str(), "sym");
+  EXPECT_EQ(j->Find("spec")->Find("calibration_data")->str(), "none");
+  const JsonValue& t0 = j->Find("tensors")->array()[0];
+  EXPECT_EQ(t0.Find("name")->str(), "conv.weight");
+  EXPECT_EQ(t0.Find("shape")->array().size(), 4u);
+  ASSERT_EQ(t0.Find("terms")->array().size(), 2u);
+  const JsonValue& term = t0.Find("terms")->array()[1];
+  EXPECT_EQ(term.Find("k")->AsUint64(), 2u);
+  EXPECT_LT(*term.Find("rel_fro")->AsDouble(), *t0.Find("terms")->array()[0].Find("rel_fro")->AsDouble());
+  EXPECT_GT(*term.Find("sqnr_db")->AsDouble(), 30.0);
+  EXPECT_GT(*j->Find("compression_ratio")->AsDouble(), 1.0);
+}
+
+TEST(Artifact, DeterministicBytesAndPrefixOrder) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  ArtifactOptions o = Options(4, 4, Grid::kMid, ScaleGranularity::kChannel);
+  ThreadPool pool(2);
+  ASSERT_TRUE(ExpandSafetensorsFile(src, dir.File("a"), o).ok());
+  o.expand.pool = &pool;
+  ASSERT_TRUE(ExpandSafetensorsFile(src, dir.File("b"), o).ok());
+  EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("a")),
+            ::fpxint::testing::ReadFileOrDie(dir.File("b")));
+}
+
+TEST(Artifact, ClearErrors) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  ArtifactOptions o = Options(4, 2, Grid::kSym, ScaleGranularity::kChannel);
+  o.include_regex = "([";
+  absl::Status s = ExpandSafetensorsFile(src, dir.File("o"), o).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "include")) << s;
+  o.include_regex.clear();
+  EXPECT_EQ(ExpandSafetensorsFile(dir.File("missing"), dir.File("o"), o).status().code(),
+            absl::StatusCode::kNotFound);
+  // A source tensor whose name collides with an output name.
+  SafetensorsWriter w;
+  ASSERT_TRUE(w.AddOwned("x", DType::kF32, {2, 2}, std::vector<uint8_t>(16, 0)).ok());
+  ASSERT_TRUE(w.AddOwned("x.t1.scale", DType::kF32, {1}, std::vector<uint8_t>(4, 0)).ok());
+  ASSERT_TRUE(w.WriteFile(dir.File("clash")).ok());
+  s = ExpandSafetensorsFile(dir.File("clash"), dir.File("o"), o).status();
+  EXPECT_TRUE(absl::StrContains(s.message(), "x.t1.scale")) << s;
+  EXPECT_FALSE(std::ifstream(dir.File("o")).good()) << "nothing is written on error";
+  // NaN in a weight names the tensor.
+  SafetensorsWriter n;
+  ASSERT_TRUE(n.AddOwned("bad.weight", DType::kF32, {2, 2},
+                         AsBytes(std::vector<float>{1, NAN, 2, 3})).ok());
+  ASSERT_TRUE(n.WriteFile(dir.File("nan")).ok());
+  s = ExpandSafetensorsFile(dir.File("nan"), dir.File("o"), o).status();
+  EXPECT_TRUE(absl::StrContains(s.message(), "tensor 'bad.weight'")) << s;
+}
+
+TEST(Artifact, ViewRejectsTamperedArtifacts) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  ASSERT_TRUE(ExpandSafetensorsFile(src, dir.File("a"), Options(4, 2, Grid::kSym,
+                                                                ScaleGranularity::kChannel)).ok());
+  auto good = SafetensorsReader::Open(dir.File("a"));
+  ASSERT_TRUE(good.ok());
+  // Rewrite the artifact with one change at a time.
+  auto rewrite = [&](const std::string& drop, const std::string& key, const std::string& value) {
+    SafetensorsWriter w;
+    for (const auto& [k, v] : (*good)->metadata()) w.SetMetadata(k, k == key ? value : v);
+    for (const TensorInfo& t : (*good)->tensors()) {
+      if (t.name != drop) EXPECT_TRUE(w.Add(t.name, t.dtype, t.shape, (*good)->Data(t)).ok());
+    }
+    std::vector<uint8_t> bytes = w.Serialize();
+    auto r = SafetensorsReader::FromBuffer(bytes);
+    EXPECT_TRUE(r.ok());
+    absl::StatusOr<ArtifactView> v = ArtifactView::Parse(**r);
+    return v.ok() ? std::string() : std::string(v.status().message());
+  };
+  EXPECT_EQ(rewrite("", "", ""), "");
+  EXPECT_TRUE(absl::StrContains(rewrite("", "format", "gguf"), "format is 'gguf'"));
+  EXPECT_TRUE(absl::StrContains(rewrite("", "bits", "3"), "packing"));
+  EXPECT_TRUE(absl::StrContains(rewrite("", "bits", "x"), "not an integer"));
+  EXPECT_TRUE(absl::StrContains(rewrite("fc.weight.t2.codes", "", ""), "missing tensor 'fc.weight.t2.codes'"));
+  EXPECT_TRUE(absl::StrContains(rewrite("", "fc.weight.shape", "[48,71]"), "expected U8[48,36]"));
+  EXPECT_TRUE(absl::StrContains(rewrite("", "fc.weight.shape", "[48"), "not a shape list"));
+  EXPECT_TRUE(absl::StrContains(rewrite("", "fc.weight.terms", "9"), "accepted 1..2"));
+}
+
+// SPEC C2 and C13 on real pretrained weights (the PaddleOCR recognizer, 2.69 M parameters).
+TEST(ArtifactRealWeights, OcrRecognizerBoundsAndConvergence) {
+  const std::string models = ::fpxint::testing::RealModelsDir();
+  ASSERT_FALSE(models.empty());
+  const std::string src = models + "/ocr/ocr_rec.safetensors";
+  ScratchDir dir;
+  ThreadPool pool(2);
+  int64_t tiny_groups = 0;
+  for (Grid grid : {Grid::kSym, Grid::kMid, Grid::kAsym}) {
+    for (ScaleGranularity scale : {ScaleGranularity::kChannel, ScaleGranularity::kGroup}) {
+      ArtifactOptions o;
+      o.spec.bits = 4;
+      o.spec.terms = 4;
+      o.spec.grid = grid;
+      o.spec.scale = scale;
+      o.spec.group_size = scale == ScaleGranularity::kGroup ? 32 : 0;
+      o.expand.pool = &pool;
+      absl::StatusOr<ExpandReport> rep = ExpandSafetensorsFile(src, dir.File("o"), o);
+      ASSERT_TRUE(rep.ok()) << rep.status();
+      EXPECT_GE(rep->tensors.size(), 47u);  // 38 conv + 9 linear weights
+      const double r = o.spec.contraction();
+      for (const TensorReport& t : rep->tensors) {
+        double prev = INFINITY;
+        for (const TermError& e : t.terms) {
+          EXPECT_LE(e.worst_ratio, std::pow(r, e.k) * (1 + 1e-12)) << t.name << " " << o.spec.ToString();
+          // Dead channels of subnormal weights: tracked apart, absolutely tiny.
+          EXPECT_LE(e.tiny_max_abs, 256 * FLT_MIN) << t.name;
+          tiny_groups += e.tiny_groups;
+          EXPECT_LE(e.max_abs, prev) << t.name;
+          prev = e.max_abs;
+        }
+        EXPECT_LT(t.terms[3].rel_fro, 1e-3) << t.name << " " << o.spec.ToString();
+      }
+    }
+  }
+  // The recognizer has channels whose weights are all subnormal (max ~3e-40).
+  EXPECT_GT(tiny_groups, 0);
+}
+
+}  // namespace
+}  // namespace fpxint::core

@@ -1,0 +1,42 @@
+// File: core/dtype.h
+//
+// Element types of safetensors files and the conversions the expansion needs. The names are the
+// safetensors spellings ("F32", "BF16", ...). All multi-byte values are little-endian on disk;
+// this library only builds for little-endian hosts (checked at compile time in dtype.cc).
+#ifndef FPXINT_CORE_DTYPE_H_
+#define FPXINT_CORE_DTYPE_H_
+
+#include <cstdint>
+#include <optional>
+
+#include "absl/strings/string_view.h"
+
+namespace fpxint::core {
+
+enum class DType : uint8_t { kBool, kU8, kI8, kI16, kU16, kF16, kBF16, kI32, kU32, kF32, kF64, kI64, kU64 };
+
+// Bytes per element.
+int DTypeSize(DType t);
+// The safetensors spelling, e.g. "F32".
+absl::string_view DTypeName(DType t);
+// Parses a safetensors dtype name; nullopt when unknown (F8 types are not supported).
+std::optional<DType> ParseDType(absl::string_view name);
+// The comma-separated list of accepted names, for error messages.
+absl::string_view AcceptedDTypeNames();
+// True for F16, BF16, F32, F64: the types a tensor expansion accepts as input.
+bool IsFloating(DType t);
+
+// IEEE binary16 and bfloat16 to float, exact (every value, including subnormals, inf and NaN).
+float HalfToFloat(uint16_t h);
+float BFloat16ToFloat(uint16_t b);
+// float to binary16 / bfloat16 with round-to-nearest-even (used by tests and writers).
+uint16_t FloatToHalf(float f);
+uint16_t FloatToBFloat16(float f);
+
+// Converts `n` elements of floating type `t` starting at `src` (unaligned allowed) to double.
+// REQUIRES: IsFloating(t).
+void ConvertToDouble(DType t, const uint8_t* src, int64_t n, double* dst);
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_DTYPE_H_

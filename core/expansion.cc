@@ -1,0 +1,464 @@
+#include "core/expansion.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/packing.h"
+#include "core/status_macros.h"
+
+namespace fpxint::core {
+namespace {
+
+constexpr int64_t kMaxElements = int64_t{1} << 40;
+
+// The smallest float >= x (x > 0, finite, <= FLT_MAX).
+float RoundUpToFloat(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) < x) f = std::nextafter(f, INFINITY);
+  return f;
+}
+
+// The largest float <= x when that is a normal float, else RoundUpToFloat(x). For sym and asym a
+// scale rounded down keeps every element's error within s/2 <= m·r (the hard bound of SPEC C2),
+// and still never clips: x/s <= qmax·(1 + 2^-23) rounds to qmax for qmax < 2^22. Subnormal
+// scales are too coarse for that, so they round up instead.
+float RoundDownToFloat(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) > x) f = std::nextafter(f, 0.0f);
+  return f >= FLT_MIN ? f : RoundUpToFloat(x);
+}
+
+// Scale, zero point and code range of one term on one group, from the statistics of the
+// group's current residual. `prev_scale` is the group's scale in term k-1 (variant D).
+struct GroupParams {
+  TermParams p;
+  float scale = 1;
+  float zero = 0;
+  bool skip = false;  // mid grid, zero group: codes 0, residual unchanged
+};
+
+GroupParams ParamsFor(const ExpansionSpec& spec, const SegmentStats& st, float prev_scale, int k) {
+  GroupParams g;
+  g.p.lo = spec.code_min();
+  g.p.hi = spec.code_max();
+  const double mn = st.min + 0.0;  // + 0.0 turns -0 into +0 so all variants agree bitwise
+  const double mx = st.max + 0.0;
+  const double m = std::max(std::fabs(mn), std::fabs(mx));
+  switch (spec.grid) {
+    case Grid::kSym:
+      g.scale = m == 0 ? 1.0f : RoundDownToFloat(m / spec.code_max());
+      break;
+    case Grid::kAsym:
+      if (mx == mn) {
+        g.scale = 1.0f;
+        g.zero = static_cast<float>(-mn) + 0.0f;
+      } else {
+        g.scale = RoundDownToFloat((mx - mn) / spec.code_max());
+        g.zero = static_cast<float>(-mn / g.scale) + 0.0f;
+      }
+      break;
+    case Grid::kMid:
+      if (spec.variant == Variant::kDigits && k > 1) {
+        g.scale = prev_scale == 0 ? 0.0f : RoundUpToFloat(std::ldexp(double{prev_scale}, -spec.bits));
+      } else {
+        // Rounded up (exact for float inputs): floor(x/s) then stays below 2^(b-1), no clipping.
+        g.scale = m == 0 ? 0.0f : RoundUpToFloat(std::ldexp(m, -(spec.bits - 1)));
+      }
+      g.skip = g.scale == 0;
+      break;
+  }
+  g.p.scale = g.scale;
+  g.p.zero = g.zero;
+  return g;
+}
+
+QuantizeFn QuantizerOf(const KernelTable& kt, Grid grid) {
+  switch (grid) {
+    case Grid::kSym: return kt.quantize_sym;
+    case Grid::kAsym: return kt.quantize_asym;
+    case Grid::kMid: return kt.quantize_mid;
+  }
+  return kt.quantize_sym;
+}
+
+double MaxAbs(const SegmentStats& s) { return std::max(std::fabs(s.min), std::fabs(s.max)); }
+
+// Values a stored float scale can cover; also keeps sums of squares finite.
+bool RowIsFinite(const SegmentStats& s) { return std::isfinite(s.sumsq) && MaxAbs(s) <= FLT_MAX; }
+
+// Per-row results, reduced in row order afterwards so that sums do not depend on threads.
+struct RowResults {
+  explicit RowResults(int64_t rows, int k) : k(k), sumsq0(rows), max0(rows), bad(rows),
+      sumsq(rows * k), max_abs(rows * k), ratio(rows * k), tiny(rows * k), tiny_max(rows * k) {}
+  int k;
+  std::vector<double> sumsq0, max0;
+  std::vector<uint8_t> bad;
+  std::vector<double> sumsq, max_abs, ratio;  // [row * k + (term - 1)]
+  std::vector<int64_t> tiny;
+  std::vector<double> tiny_max;
+};
+
+// A nonzero scale below the normal float range: its group leaves the ratio statistics.
+bool IsTinyScale(float s) { return s != 0 && s < FLT_MIN; }
+
+// Describes the first non-finite or out-of-range element of row `row`.
+absl::Status BadValueError(DType dtype, absl::Span<const uint8_t> data, const TensorLayout& l,
+                           int64_t row) {
+  std::vector<double> v(l.row_len);
+  ConvertToDouble(dtype, data.data() + row * l.row_len * DTypeSize(dtype), l.row_len, v.data());
+  for (int64_t i = 0; i < l.row_len; ++i) {
+    if (!std::isfinite(v[i]) || std::fabs(v[i]) > FLT_MAX) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "value ", v[i], " at flat index ", row * l.row_len + i,
+          std::isfinite(v[i]) ? " is beyond the float32 range that scales are stored in"
+                              : " is not finite; only finite values can be expanded"));
+    }
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "row ", row, " has a sum of squares beyond the double range; values are too large"));
+}
+
+void ParallelRows(const ExpandOptions& o, int64_t rows, int64_t row_len,
+                  const std::function<void(int64_t, int64_t)>& fn) {
+  const int threads = o.pool == nullptr ? 1 : o.pool->size();
+  // At least ~64K elements per chunk, and several chunks per thread for balance.
+  int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, row_len));
+  chunk = std::max<int64_t>(1, std::min(chunk, rows / (threads * 4) + 1));
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  auto body = [&](int64_t c) {
+    if (o.cancel != nullptr && o.cancel->load(std::memory_order_relaxed)) return;
+    fn(c * chunk, std::min(rows, (c + 1) * chunk));
+  };
+  if (o.pool == nullptr || chunks == 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+  } else {
+    o.pool->ParallelFor(chunks, body);
+  }
+}
+
+void FinishErrors(TensorExpansion* e, const RowResults& rr, int computed) {
+  double s0 = 0, m0 = 0;
+  for (size_t r = 0; r < rr.sumsq0.size(); ++r) {
+    s0 += rr.sumsq0[r];
+    m0 = std::max(m0, rr.max0[r]);
+  }
+  e->source_fro = std::sqrt(s0);
+  e->source_max_abs = m0;
+  for (int k = 1; k <= computed; ++k) {
+    TermError t;
+    t.k = k;
+    double sq = 0;
+    for (size_t r = 0; r < rr.sumsq0.size(); ++r) {
+      const size_t i = r * rr.k + (k - 1);
+      sq += rr.sumsq[i];
+      t.max_abs = std::max(t.max_abs, rr.max_abs[i]);
+      t.worst_ratio = std::max(t.worst_ratio, rr.ratio[i]);
+      t.tiny_groups += rr.tiny[i];
+      t.tiny_max_abs = std::max(t.tiny_max_abs, rr.tiny_max[i]);
+    }
+    t.rel_fro = s0 > 0 ? std::sqrt(sq / s0) : 0;
+    t.rel_max = m0 > 0 ? t.max_abs / m0 : 0;
+    t.sqnr_db = sq > 0 ? 10 * std::log10(s0 / sq) : INFINITY;
+    e->errors.push_back(t);
+  }
+}
+
+// Number of terms to keep: spec.terms, or the first k that meets the eps stop.
+int TermsToKeep(const ExpansionSpec& spec, const std::vector<TermError>& errors) {
+  if (spec.eps > 0) {
+    for (const TermError& t : errors) {
+      if (t.worst_ratio <= spec.eps || t.max_abs == 0) return t.k;
+    }
+  }
+  return static_cast<int>(errors.size());
+}
+
+// Channel and group scales: every row is independent and runs all K terms while in cache.
+absl::Status ExpandByRows(DType dtype, absl::Span<const uint8_t> data, const ExpandOptions& o,
+                          const KernelTable& kt, TensorExpansion* e) {
+  const ExpansionSpec& spec = e->spec;
+  const TensorLayout& l = e->layout;
+  const int K = spec.terms;
+  const int64_t gpr = l.groups_per_row;
+  const QuantizeFn quantize = QuantizerOf(kt, spec.grid);
+  RowResults rr(l.rows, K);
+  const int isize = DTypeSize(dtype);
+
+  ParallelRows(o, l.rows, l.row_len, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<double> r(l.row_len);
+    std::vector<uint8_t> codes(l.row_len);
+    std::vector<SegmentStats> st(gpr);
+    std::vector<double> m0(gpr);
+    std::vector<float> prev(gpr);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      ConvertToDouble(dtype, data.data() + row * l.row_len * isize, l.row_len, r.data());
+      double sq0 = 0, mx0 = 0;
+      bool bad = false;
+      for (int64_t g = 0; g < gpr; ++g) {
+        const int64_t b = g * l.group_len, n = std::min(l.group_len, l.row_len - b);
+        kt.stats(r.data() + b, n, &st[g]);
+        bad |= !RowIsFinite(st[g]);
+        m0[g] = MaxAbs(st[g]);
+        sq0 += st[g].sumsq;
+        mx0 = std::max(mx0, m0[g]);
+      }
+      rr.sumsq0[row] = sq0;
+      rr.max0[row] = mx0;
+      if (bad) {
+        rr.bad[row] = 1;
+        continue;
+      }
+      for (int k = 1; k <= K; ++k) {
+        TermData& term = e->terms[k - 1];
+        double sq = 0, mx = 0, ratio = 0, tiny_max = 0;
+        int64_t tiny = 0;
+        for (int64_t g = 0; g < gpr; ++g) {
+          const int64_t b = g * l.group_len, n = std::min(l.group_len, l.row_len - b);
+          const GroupParams gp = ParamsFor(spec, st[g], prev[g], k);
+          prev[g] = gp.scale;
+          term.scale[row * gpr + g] = gp.scale;
+          if (spec.grid == Grid::kAsym) term.zero[row * gpr + g] = gp.zero;
+          if (gp.skip) {
+            std::memset(codes.data() + b, 0, static_cast<size_t>(n));
+          } else {
+            quantize(gp.p, r.data() + b, codes.data() + b, n, &st[g]);
+          }
+          const double gm = MaxAbs(st[g]);
+          sq += st[g].sumsq;
+          mx = std::max(mx, gm);
+          if (IsTinyScale(gp.scale) || (m0[g] > 0 && m0[g] < FLT_MIN)) {
+            ++tiny;
+            tiny_max = std::max(tiny_max, gm);
+          } else if (m0[g] > 0) {
+            ratio = std::max(ratio, gm / m0[g]);
+          }
+        }
+        PackCodes(codes.data(), l.row_len, spec.bits, term.codes.data() + row * l.packed_row_bytes);
+        const size_t i = row * K + (k - 1);
+        rr.sumsq[i] = sq;
+        rr.max_abs[i] = mx;
+        rr.ratio[i] = ratio;
+        rr.tiny[i] = tiny;
+        rr.tiny_max[i] = tiny_max;
+      }
+    }
+  });
+  if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
+  for (int64_t row = 0; row < l.rows; ++row) {
+    if (rr.bad[row]) return BadValueError(dtype, data, l, row);
+  }
+  FinishErrors(e, rr, K);
+  return absl::OkStatus();
+}
+
+// Tensor scale: one scale per term needs the whole residual, so it is kept in memory (fp64).
+absl::Status ExpandWholeTensor(DType dtype, absl::Span<const uint8_t> data, const ExpandOptions& o,
+                               const KernelTable& kt, TensorExpansion* e) {
+  const ExpansionSpec& spec = e->spec;
+  const TensorLayout& l = e->layout;
+  const int K = spec.terms;
+  const QuantizeFn quantize = QuantizerOf(kt, spec.grid);
+  RowResults rr(l.rows, K);
+  std::vector<SegmentStats> row_stats(l.rows);
+  std::vector<double> r(l.numel());
+  const int isize = DTypeSize(dtype);
+
+  ParallelRows(o, l.rows, l.row_len, [&](int64_t b, int64_t end) {
+    for (int64_t row = b; row < end; ++row) {
+      double* rp = r.data() + row * l.row_len;
+      ConvertToDouble(dtype, data.data() + row * l.row_len * isize, l.row_len, rp);
+      kt.stats(rp, l.row_len, &row_stats[row]);
+      rr.bad[row] = !RowIsFinite(row_stats[row]);
+      rr.sumsq0[row] = row_stats[row].sumsq;
+      rr.max0[row] = MaxAbs(row_stats[row]);
+    }
+  });
+  if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
+  for (int64_t row = 0; row < l.rows; ++row) {
+    if (rr.bad[row]) return BadValueError(dtype, data, l, row);
+  }
+  auto global = [&] {
+    SegmentStats g{INFINITY, -INFINITY, 0};
+    for (const SegmentStats& s : row_stats) {
+      g.min = std::min(g.min, s.min);
+      g.max = std::max(g.max, s.max);
+    }
+    return g;
+  };
+  const double m0 = MaxAbs(global());
+  float prev = 0;
+  int computed = 0;
+  for (int k = 1; k <= K; ++k) {
+    const GroupParams gp = ParamsFor(spec, global(), prev, k);
+    prev = gp.scale;
+    TermData& term = e->terms[k - 1];
+    term.scale[0] = gp.scale;
+    if (spec.grid == Grid::kAsym) term.zero[0] = gp.zero;
+    ParallelRows(o, l.rows, l.row_len, [&](int64_t b, int64_t end) {
+      std::vector<uint8_t> codes(l.row_len);
+      for (int64_t row = b; row < end; ++row) {
+        double* rp = r.data() + row * l.row_len;
+        if (gp.skip) {
+          std::memset(codes.data(), 0, codes.size());
+        } else {
+          quantize(gp.p, rp, codes.data(), l.row_len, &row_stats[row]);
+        }
+        PackCodes(codes.data(), l.row_len, spec.bits, term.codes.data() + row * l.packed_row_bytes);
+        const size_t i = row * K + (k - 1);
+        rr.sumsq[i] = row_stats[row].sumsq;
+        rr.max_abs[i] = MaxAbs(row_stats[row]);
+        if (IsTinyScale(gp.scale) || (m0 > 0 && m0 < FLT_MIN)) {
+          rr.tiny[i] = 1;
+          rr.tiny_max[i] = rr.max_abs[i];
+        } else {
+          rr.ratio[i] = m0 > 0 ? rr.max_abs[i] / m0 : 0;
+        }
+      }
+    });
+    if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
+    computed = k;
+    if (spec.eps > 0) {
+      const double mk = MaxAbs(global());
+      if (mk == 0 || mk <= spec.eps * m0 || IsTinyScale(gp.scale)) break;
+    }
+  }
+  FinishErrors(e, rr, computed);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<TensorLayout> TensorLayout::Make(absl::Span<const int64_t> shape,
+                                                const ExpansionSpec& spec) {
+  if (shape.size() < 2) {
+    return absl::InvalidArgumentError(absl::StrCat("shape [", absl::StrJoin(shape, ","),
+                                                   "] has rank ", shape.size(),
+                                                   "; expansion needs rank >= 2"));
+  }
+  TensorLayout l;
+  l.shape.assign(shape.begin(), shape.end());
+  l.rows = shape[0];
+  l.row_len = 1;
+  for (size_t i = 1; i < shape.size(); ++i) {
+    if (shape[i] < 0 || (shape[i] > 0 && l.row_len > kMaxElements / shape[i])) {
+      return absl::InvalidArgumentError("shape is too large to expand (more than 2^40 elements)");
+    }
+    l.row_len *= shape[i];
+  }
+  if (l.rows <= 0 || l.row_len <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("shape [", absl::StrJoin(shape, ","), "] has no elements"));
+  }
+  if (l.rows > kMaxElements / l.row_len) {
+    return absl::InvalidArgumentError("shape is too large to expand (more than 2^40 elements)");
+  }
+  if (spec.scale == ScaleGranularity::kGroup) {
+    l.group_len = std::min(spec.group_size, l.row_len);
+    l.groups_per_row = (l.row_len + l.group_len - 1) / l.group_len;
+  } else {
+    l.group_len = l.row_len;
+    l.groups_per_row = 1;
+  }
+  l.packed_row_bytes = PackedRowBytes(l.row_len, spec.bits);
+  return l;
+}
+
+int64_t TensorLayout::num_scales(const ExpansionSpec& spec) const {
+  switch (spec.scale) {
+    case ScaleGranularity::kTensor: return 1;
+    case ScaleGranularity::kChannel: return rows;
+    case ScaleGranularity::kGroup: return rows * groups_per_row;
+  }
+  return 1;
+}
+
+std::vector<int64_t> TensorLayout::scale_shape(const ExpansionSpec& spec) const {
+  switch (spec.scale) {
+    case ScaleGranularity::kTensor: return {1, 1};
+    case ScaleGranularity::kChannel: return {rows, 1};
+    case ScaleGranularity::kGroup: return {rows, groups_per_row};
+  }
+  return {1, 1};
+}
+
+absl::StatusOr<TensorExpansion> ExpandTensor(DType dtype, absl::Span<const int64_t> shape,
+                                             absl::Span<const uint8_t> data,
+                                             const ExpansionSpec& spec,
+                                             const ExpandOptions& options) {
+  FPX_RETURN_IF_ERROR(spec.Validate());
+  if (!IsFloating(dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("dtype ", DTypeName(dtype),
+                                                   " cannot be expanded; accepted F16, BF16, F32, F64"));
+  }
+  TensorExpansion e;
+  e.spec = spec;
+  FPX_ASSIGN_OR_RETURN(e.layout, TensorLayout::Make(shape, spec));
+  const TensorLayout& l = e.layout;
+  if (data.size() != static_cast<uint64_t>(l.numel()) * DTypeSize(dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("data holds ", data.size(), " bytes; shape needs ",
+                                                   l.numel() * DTypeSize(dtype)));
+  }
+  const KernelTable& kt = options.kernels != nullptr ? *options.kernels : ActiveKernels();
+  e.terms.resize(spec.terms);
+  for (TermData& t : e.terms) {
+    t.codes.assign(l.rows * l.packed_row_bytes, 0);
+    t.scale.assign(l.num_scales(spec), 0.0f);
+    if (spec.grid == Grid::kAsym) t.zero.assign(l.num_scales(spec), 0.0f);
+  }
+  if (spec.scale == ScaleGranularity::kTensor) {
+    FPX_RETURN_IF_ERROR(ExpandWholeTensor(dtype, data, options, kt, &e));
+  } else {
+    FPX_RETURN_IF_ERROR(ExpandByRows(dtype, data, options, kt, &e));
+  }
+  const int keep = TermsToKeep(spec, e.errors);
+  e.terms.resize(keep);
+  e.errors.resize(keep);
+  return e;
+}
+
+absl::StatusOr<TensorExpansion> ExpandTensor(absl::Span<const double> values,
+                                             absl::Span<const int64_t> shape,
+                                             const ExpansionSpec& spec,
+                                             const ExpandOptions& options) {
+  return ExpandTensor(
+      DType::kF64, shape,
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(values.data()), values.size() * 8), spec,
+      options);
+}
+
+void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& l, const TermData& term,
+                    double* acc) {
+  std::vector<int32_t> q(l.row_len);
+  const int64_t gpr = l.groups_per_row;
+  for (int64_t row = 0; row < l.rows; ++row) {
+    UnpackCodes(term.codes.data() + row * l.packed_row_bytes, l.row_len, spec.bits,
+                spec.is_signed(), q.data());
+    double* out = acc + row * l.row_len;
+    for (int64_t i = 0; i < l.row_len; ++i) {
+      const int64_t si = spec.scale == ScaleGranularity::kTensor ? 0 : row * gpr + i / l.group_len;
+      const double s = term.scale[si];
+      const double c = q[i];
+      double d;
+      switch (spec.grid) {
+        case Grid::kSym: d = c * s; break;
+        case Grid::kAsym: d = s * (c - static_cast<double>(term.zero[si])); break;
+        default: d = (c + 0.5) * s; break;
+      }
+      out[i] += d;
+    }
+  }
+}
+
+std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms) {
+  std::vector<double> acc(e.layout.numel(), 0.0);
+  for (int k = 0; k < num_terms && k < static_cast<int>(e.terms.size()); ++k) {
+    AccumulateTerm(e.spec, e.layout, e.terms[k], acc.data());
+  }
+  return acc;
+}
+
+}  // namespace fpxint::core

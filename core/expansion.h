@@ -1,0 +1,122 @@
+// File: core/expansion.h
+//
+// FP=xINT tensor expansion (SPEC.md §2): W = Σ_{k=1..K} s_k·(C_k − z_k) + R_K, each term
+// quantizing the residual the previous terms left.
+//
+// A tensor of rank ≥ 2 is viewed as a matrix: rows = dim 0 (output channels), row_len = the
+// product of the other dims. Scales are per tensor, per row, or per group of g consecutive
+// elements of a row (the last group of a row may be shorter).
+//
+// Numerics (documented choice): residuals are kept in fp64. The input (F16/BF16/F32/F64) converts
+// to fp64 exactly, and every dequantized term s·C is exact in fp64 for sym and mid, so the
+// residual is the exact difference for fp32 inputs until it falls below 2^-53 of the input. Scales
+// are stored as F32: sym and asym round the exact scale down to a float (every error then stays
+// within s/2 <= m·r and no code clips), mid rounds up (exact for float inputs). The same float
+// scale is used for quantizing and for reconstruction, so a reader of the artifact reproduces the
+// in-memory result bit for bit.
+//
+// Hard bound (SPEC C2): for sym and asym, max|R_k| <= m·r^k in every group. For mid the float
+// scale is rounded up, so the bound carries a factor (1 + 2^-24) per term whenever a group max is
+// not itself a float (fp64 inputs, or residuals of later terms).
+//
+// Zero groups: sym/asym use s = 1, C = 0 (value 0). mid uses s = 0, C = 0 (value 0); with s = 1
+// the mid-rise grid could not represent 0 (its levels are ±s/2, ...).
+//
+// Deterministic: the same input and spec give identical codes and scales for any thread count and
+// any kernel variant. No data other than the tensor itself is read (no calibration).
+#ifndef FPXINT_CORE_EXPANSION_H_
+#define FPXINT_CORE_EXPANSION_H_
+
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/dtype.h"
+#include "core/kernels.h"
+#include "core/quant_spec.h"
+#include "core/thread_pool.h"
+
+namespace fpxint::core {
+
+// How a tensor of a given shape is cut into rows and scale groups.
+struct TensorLayout {
+  std::vector<int64_t> shape;
+  int64_t rows = 0;            // dim 0
+  int64_t row_len = 0;         // product of the other dims
+  int64_t group_len = 0;       // elements per scale group within a row (tensor: row_len)
+  int64_t groups_per_row = 0;  // 1 for tensor and channel
+  int64_t packed_row_bytes = 0;
+
+  // InvalidArgument for rank < 2, an empty tensor, or more than 2^40 elements.
+  static absl::StatusOr<TensorLayout> Make(absl::Span<const int64_t> shape,
+                                           const ExpansionSpec& spec);
+  int64_t numel() const { return rows * row_len; }
+  // Number of stored scales: 1 (tensor), rows (channel), rows*groups_per_row (group).
+  int64_t num_scales(const ExpansionSpec& spec) const;
+  // Shape of the stored scale tensor: [1,1], [rows,1] or [rows, groups_per_row].
+  std::vector<int64_t> scale_shape(const ExpansionSpec& spec) const;
+};
+
+// One term k: packed codes (rows × packed_row_bytes), scales, and zero points (asym only).
+struct TermData {
+  std::vector<uint8_t> codes;
+  std::vector<float> scale;
+  std::vector<float> zero;
+};
+
+// Error of the partial sum Σ_{j≤k} against the source tensor W.
+struct TermError {
+  int k = 0;
+  double rel_fro = 0;      // ‖R_k‖_F / ‖W‖_F (0 when W = 0)
+  double rel_max = 0;      // max|R_k| / max|W|
+  double sqnr_db = 0;      // 10·log10(‖W‖² / ‖R_k‖²); +inf when R_k = 0
+  double max_abs = 0;      // max|R_k|
+  double worst_ratio = 0;  // max over groups of max|R_k,g| / m_g: what eps is tested against
+  // Groups whose term-k scale fell below FLT_MIN (2^-126): float32 cannot hold such a scale
+  // precisely, so they are left out of worst_ratio and count as converged for eps. Real weights
+  // do have them (dead channels of subnormal values). tiny_max_abs is their largest residual.
+  int64_t tiny_groups = 0;
+  double tiny_max_abs = 0;
+};
+
+struct TensorExpansion {
+  ExpansionSpec spec;
+  TensorLayout layout;
+  std::vector<TermData> terms;  // terms.size() ≤ spec.terms (fewer after an eps stop)
+  std::vector<TermError> errors;
+  double source_fro = 0;      // ‖W‖_F
+  double source_max_abs = 0;  // max|W|
+};
+
+struct ExpandOptions {
+  const KernelTable* kernels = nullptr;  // nullptr: ActiveKernels()
+  ThreadPool* pool = nullptr;            // nullptr: run on the calling thread
+  const std::atomic<bool>* cancel = nullptr;  // polled between rows: returns Cancelled
+};
+
+// Expands a tensor given as raw little-endian bytes of a floating dtype.
+// InvalidArgument: bad spec, non-floating dtype, rank < 2, size mismatch, a NaN/Inf value or a
+// magnitude beyond the float32 range the scales are stored in (the message gives the index).
+absl::StatusOr<TensorExpansion> ExpandTensor(DType dtype, absl::Span<const int64_t> shape,
+                                             absl::Span<const uint8_t> data,
+                                             const ExpansionSpec& spec,
+                                             const ExpandOptions& options = {});
+
+// Convenience for callers holding doubles.
+absl::StatusOr<TensorExpansion> ExpandTensor(absl::Span<const double> values,
+                                             absl::Span<const int64_t> shape,
+                                             const ExpansionSpec& spec,
+                                             const ExpandOptions& options = {});
+
+// Adds the dequantized term `k` (1-based) to acc[0..numel).
+void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& layout, const TermData& term,
+                    double* acc);
+// Σ_{k=1..num_terms} of the dequantized terms, summed in order k = 1, 2, ... in fp64.
+// REQUIRES: num_terms ≤ e.terms.size().
+std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms);
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_EXPANSION_H_

@@ -1,0 +1,96 @@
+// File: core/json.h
+//
+// A small, strict JSON (RFC 8259) parser and writer for untrusted headers (safetensors) and for
+// reports. The parser bounds nesting depth, rejects duplicate object keys, trailing garbage,
+// invalid UTF-8 escapes and control characters, and keeps numbers as their lexemes so that 64-bit
+// integers (tensor offsets) are read exactly.
+//
+// Example:
+//   FPX_ASSIGN_OR_RETURN(JsonValue v, ParseJson(text));
+//   const JsonValue* shape = v.Find("shape");
+#ifndef FPXINT_CORE_JSON_H_
+#define FPXINT_CORE_JSON_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace fpxint::core {
+
+class JsonValue {
+ public:
+  enum class Kind { kNull, kBool, kNumber, kString, kArray, kObject };
+
+  JsonValue() = default;
+  Kind kind() const { return kind_; }
+  bool is_object() const { return kind_ == Kind::kObject; }
+  bool is_array() const { return kind_ == Kind::kArray; }
+  bool is_string() const { return kind_ == Kind::kString; }
+  bool is_number() const { return kind_ == Kind::kNumber; }
+
+  // String value (kString) or number lexeme (kNumber).
+  const std::string& str() const { return str_; }
+  bool boolean() const { return bool_; }
+  const std::vector<JsonValue>& array() const { return array_; }
+  // Members in document order.
+  const std::vector<std::pair<std::string, JsonValue>>& object() const { return object_; }
+
+  // Object member by key, nullptr when absent or not an object.
+  const JsonValue* Find(absl::string_view key) const;
+  // The number as an exact non-negative integer; nullopt when not a number, negative,
+  // fractional, in exponent form or above UINT64_MAX.
+  std::optional<uint64_t> AsUint64() const;
+  std::optional<double> AsDouble() const;
+
+  // A short name of the kind ("object", "string", ...) for error messages.
+  static const char* KindName(Kind k);
+
+ private:
+  friend class JsonParser;
+  Kind kind_ = Kind::kNull;
+  bool bool_ = false;
+  std::string str_;
+  std::vector<JsonValue> array_;
+  std::vector<std::pair<std::string, JsonValue>> object_;
+};
+
+// Parses a complete document (surrounding whitespace allowed). InvalidArgument names the byte
+// offset and the problem.
+absl::StatusOr<JsonValue> ParseJson(absl::string_view text, int max_depth = 64);
+
+// Appends `s` as a quoted JSON string to `out` (escapes quotes, backslashes, control chars).
+void AppendJsonString(std::string* out, absl::string_view s);
+
+// Builds compact JSON text. Callers are responsible for well-formed nesting; commas are inserted
+// automatically.
+class JsonWriter {
+ public:
+  JsonWriter& BeginObject();
+  JsonWriter& EndObject();
+  JsonWriter& BeginArray();
+  JsonWriter& EndArray();
+  JsonWriter& Key(absl::string_view k);
+  JsonWriter& String(absl::string_view s);
+  JsonWriter& Int(int64_t v);
+  // Finite doubles print with the fewest of 15..17 significant digits that round-trip;
+  // non-finite values print as null.
+  JsonWriter& Double(double v);
+  JsonWriter& Bool(bool v);
+  JsonWriter& Null();
+  const std::string& str() const { return out_; }
+
+ private:
+  void Sep();
+  std::string out_;
+  bool need_comma_ = false;
+};
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_JSON_H_

@@ -1,0 +1,62 @@
+// File: core/kernels.h
+//
+// The inner loop of one expansion term over a run of residual values that share one scale
+// ("segment"): quantize, emit codes, subtract the dequantized value in place, and return the
+// statistics of the new residual that the next term's scale and the error report need.
+//
+// Every variant (ref, avx2, avx512) produces bit-identical codes and residuals: they all divide
+// (no reciprocal), round half to even (sym/asym) or floor (mid), clamp with the same comparison
+// order, and never contract a multiply-subtract into an FMA. min and max are exact; sumsq may differ
+// in the last bits because the lanes add in a different order.
+#ifndef FPXINT_CORE_KERNELS_H_
+#define FPXINT_CORE_KERNELS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/strings/string_view.h"
+
+namespace fpxint::core {
+
+// Parameters of one term on one segment. Codes are lo..hi (integers held in doubles).
+struct TermParams {
+  double scale = 1;  // s > 0
+  double zero = 0;   // z (asym only)
+  double lo = 0;
+  double hi = 0;
+};
+
+// Statistics of a residual segment.
+struct SegmentStats {
+  double min = 0;
+  double max = 0;
+  double sumsq = 0;
+};
+
+// r: n residual values, updated in place. codes: n bytes, the low 8 bits of each integer code
+// (two's complement for negative codes).
+using QuantizeFn = void (*)(const TermParams& p, double* r, uint8_t* codes, int64_t n,
+                            SegmentStats* out);
+// Statistics of r[0..n). REQUIRES: n >= 1.
+using StatsFn = void (*)(const double* r, int64_t n, SegmentStats* out);
+
+struct KernelTable {
+  const char* name;  // "ref" | "avx2" | "avx512"
+  QuantizeFn quantize_sym;   // C = clamp(rint(r/s)),      r -= C*s
+  QuantizeFn quantize_asym;  // C = clamp(rint(r/s + z)),  r -= s*(C - z)
+  QuantizeFn quantize_mid;   // C = clamp(floor(r/s)),     r -= (C + 0.5)*s
+  StatsFn stats;
+};
+
+// The table chosen once from the CPU (__builtin_cpu_supports): avx512 > avx2 > ref. The
+// environment variable FPXINT_KERNEL=ref|avx2|avx512 forces one (ignored when unsupported).
+const KernelTable& ActiveKernels();
+// A specific table; nullptr when unknown or not supported by this CPU.
+const KernelTable* KernelsByName(absl::string_view name);
+// Names of the tables this CPU supports, "ref" first.
+std::vector<std::string> SupportedKernelNames();
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_KERNELS_H_

@@ -1,0 +1,76 @@
+// AVX-512 kernels (8 doubles per vector). Compiled with -mavx512f -mavx512vl -mavx512bw
+// -mavx512dq; selected at run time.
+#include <immintrin.h>
+
+#include "core/internal/kernels_inl.h"
+
+namespace fpxint::core::internal {
+namespace {
+
+template <GridOp G>
+void QuantizeAvx512(const TermParams& p, double* r, uint8_t* codes, int64_t n, SegmentStats* out) {
+  InitStats(out);
+  const __m512d s = _mm512_set1_pd(p.scale), z = _mm512_set1_pd(p.zero);
+  const __m512d lo = _mm512_set1_pd(p.lo), hi = _mm512_set1_pd(p.hi), half = _mm512_set1_pd(0.5);
+  __m512d vmin = _mm512_set1_pd(INFINITY), vmax = _mm512_set1_pd(-INFINITY);
+  __m512d vsq = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512d x = _mm512_loadu_pd(r + i);
+    __m512d q = _mm512_div_pd(x, s);
+    if constexpr (G == GridOp::kSym) {
+      q = _mm512_roundscale_pd(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else if constexpr (G == GridOp::kAsym) {
+      q = _mm512_roundscale_pd(_mm512_add_pd(q, z), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      q = _mm512_roundscale_pd(q, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    }
+    q = _mm512_max_pd(q, lo);
+    q = _mm512_min_pd(q, hi);
+    __m512d d;
+    if constexpr (G == GridOp::kSym) {
+      d = _mm512_mul_pd(q, s);
+    } else if constexpr (G == GridOp::kAsym) {
+      d = _mm512_mul_pd(s, _mm512_sub_pd(q, z));
+    } else {
+      d = _mm512_mul_pd(_mm512_add_pd(q, half), s);
+    }
+    const __m512d y = _mm512_sub_pd(x, d);
+    _mm512_storeu_pd(r + i, y);
+    // vpmovdb truncates each int32 to its low byte: the two's complement code.
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i),
+                     _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(q)));
+    vmin = _mm512_min_pd(vmin, y);
+    vmax = _mm512_max_pd(vmax, y);
+    vsq = _mm512_add_pd(vsq, _mm512_mul_pd(y, y));
+  }
+  out->min = _mm512_reduce_min_pd(vmin);
+  out->max = _mm512_reduce_max_pd(vmax);
+  out->sumsq = _mm512_reduce_add_pd(vsq);
+  QuantizeTail<G>(p, r, codes, i, n, out);
+}
+
+void StatsAvx512(const double* r, int64_t n, SegmentStats* out) {
+  InitStats(out);
+  __m512d vmin = _mm512_set1_pd(INFINITY), vmax = _mm512_set1_pd(-INFINITY);
+  __m512d vsq = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512d y = _mm512_loadu_pd(r + i);
+    vmin = _mm512_min_pd(vmin, y);
+    vmax = _mm512_max_pd(vmax, y);
+    vsq = _mm512_add_pd(vsq, _mm512_mul_pd(y, y));
+  }
+  out->min = _mm512_reduce_min_pd(vmin);
+  out->max = _mm512_reduce_max_pd(vmax);
+  out->sumsq = _mm512_reduce_add_pd(vsq);
+  StatsTail(r, i, n, out);
+}
+
+}  // namespace
+
+const KernelTable kAvx512Kernels = {"avx512", QuantizeAvx512<GridOp::kSym>,
+                                    QuantizeAvx512<GridOp::kAsym>, QuantizeAvx512<GridOp::kMid>,
+                                    StatsAvx512};
+
+}  // namespace fpxint::core::internal

@@ -1,0 +1,109 @@
+// Every kernel variant this CPU supports against the scalar reference: codes, residuals and
+// min/max bit for bit, sums of squares within 1e-12 relative, on odd sizes and every grid.
+#include "core/kernels.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::core {
+namespace {
+
+using ::fpxint::testing::Dist;
+using ::fpxint::testing::RandomValues;
+
+TEST(Kernels, ReferenceIsAlwaysSupportedAndActiveIsOneOfThem) {
+  std::vector<std::string> names = SupportedKernelNames();
+  ASSERT_FALSE(names.empty());
+  EXPECT_EQ(names[0], "ref");
+  bool found = false;
+  for (const std::string& n : names) found |= n == ActiveKernels().name;
+  EXPECT_TRUE(found);
+  EXPECT_EQ(KernelsByName("nonsense"), nullptr);
+}
+
+struct Grid3 {
+  const char* name;
+  QuantizeFn KernelTable::*fn;
+  TermParams params;
+};
+
+class KernelVariantTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(KernelVariantTest, BitIdenticalToReference) {
+  const KernelTable* fast = KernelsByName(GetParam());
+  if (fast == nullptr) GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+  const KernelTable* ref = KernelsByName("ref");
+  const Grid3 grids[] = {
+      {"sym4", &KernelTable::quantize_sym, {0.37, 0, -7, 7}},
+      {"sym8", &KernelTable::quantize_sym, {0.011, 0, -127, 127}},
+      {"asym4", &KernelTable::quantize_asym, {0.41, 7.25, 0, 15}},
+      {"asym8", &KernelTable::quantize_asym, {0.023, 127.5, 0, 255}},
+      {"mid4", &KernelTable::quantize_mid, {0.4, 0, -8, 7}},
+      {"mid1", &KernelTable::quantize_mid, {2.5, 0, -1, 0}},
+  };
+  int compared = 0;
+  for (int64_t n : {1, 2, 3, 7, 8, 9, 31, 33, 64, 4097}) {
+    for (const Grid3& g : grids) {
+      std::vector<double> x = RandomValues(Dist::kStudentT3, n, n * 31 + 7);
+      // Exact ties, exact integers of r/s, zeros of both signs and out-of-range values.
+      for (int64_t i = 0; i < n; i += 5) x[i] = g.params.scale * (std::floor(x[i]) + 0.5);
+      if (n > 3) x[3] = -0.0;
+      if (n > 2) x[2] = 1e3;
+      std::vector<double> ra = x, rb = x;
+      std::vector<uint8_t> ca(n, 0xAA), cb(n, 0x55);
+      SegmentStats sa, sb;
+      (ref->*g.fn)(g.params, ra.data(), ca.data(), n, &sa);
+      (fast->*g.fn)(g.params, rb.data(), cb.data(), n, &sb);
+      ASSERT_EQ(ca, cb) << GetParam() << " " << g.name << " n=" << n;
+      ASSERT_EQ(0, std::memcmp(ra.data(), rb.data(), n * sizeof(double)))
+          << GetParam() << " " << g.name << " n=" << n;
+      EXPECT_EQ(sa.min, sb.min);
+      EXPECT_EQ(sa.max, sb.max);
+      EXPECT_NEAR(sa.sumsq, sb.sumsq, 1e-12 * sa.sumsq);
+      SegmentStats ta, tb;
+      ref->stats(x.data(), n, &ta);
+      fast->stats(x.data(), n, &tb);
+      EXPECT_EQ(ta.min, tb.min);
+      EXPECT_EQ(ta.max, tb.max);
+      EXPECT_NEAR(ta.sumsq, tb.sumsq, 1e-12 * ta.sumsq);
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 60);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, KernelVariantTest, ::testing::Values("avx2", "avx512"));
+
+TEST(KernelsRef, FormulasOfEachGrid) {
+  const KernelTable* ref = KernelsByName("ref");
+  double r[4] = {0.74, -0.76, 0.5, 10.0};
+  uint8_t c[4];
+  SegmentStats st;
+  // sym: s = 0.5, codes clamp at ±7; round half to even: 0.5/0.5 = 1 exactly.
+  ref->quantize_sym({0.5, 0, -7, 7}, r, c, 4, &st);
+  EXPECT_EQ(static_cast<int8_t>(c[0]), 1);
+  EXPECT_EQ(static_cast<int8_t>(c[1]), -2);
+  EXPECT_EQ(static_cast<int8_t>(c[2]), 1);
+  EXPECT_EQ(static_cast<int8_t>(c[3]), 7);
+  EXPECT_DOUBLE_EQ(r[0], 0.24);
+  EXPECT_DOUBLE_EQ(r[3], 6.5);
+  EXPECT_EQ(st.max, 6.5);
+  // mid: floor, value (C + 1/2)·s.
+  double m[2] = {0.1, -0.1};
+  ref->quantize_mid({1.0, 0, -8, 7}, m, c, 2, &st);
+  EXPECT_EQ(static_cast<int8_t>(c[0]), 0);
+  EXPECT_EQ(static_cast<int8_t>(c[1]), -1);
+  EXPECT_DOUBLE_EQ(m[0], -0.4);
+  EXPECT_DOUBLE_EQ(m[1], 0.4);
+  // asym: codes are unsigned up to 255.
+  double a[2] = {-1.0, 1.0};
+  ref->quantize_asym({2.0 / 255, 127.5, 0, 255}, a, c, 2, &st);
+  EXPECT_EQ(c[0], 0);
+  EXPECT_EQ(c[1], 255);
+}
+
+}  // namespace
+}  // namespace fpxint::core

@@ -1,0 +1,405 @@
+#include "core/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/json.h"
+#include "core/status_macros.h"
+
+namespace fpxint::core {
+namespace {
+
+absl::Status Bad(absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("safetensors: ", what));
+}
+absl::Status BadTensor(absl::string_view name, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("safetensors: tensor '", name, "': ", what));
+}
+
+// numel * itemsize without overflow; nullopt when it overflows uint64 or int64.
+std::optional<uint64_t> ByteSize(absl::Span<const int64_t> shape, int itemsize) {
+  unsigned __int128 n = static_cast<unsigned>(itemsize);
+  for (int64_t d : shape) {
+    n *= static_cast<uint64_t>(d);
+    if (n > static_cast<unsigned __int128>(INT64_MAX)) return std::nullopt;
+  }
+  return static_cast<uint64_t>(n);
+}
+
+std::string ShapeString(absl::Span<const int64_t> shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+}  // namespace
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+absl::Status ErrnoToStatus(int err, absl::string_view op, absl::string_view path) {
+  std::string msg = absl::StrCat(op, " '", path, "': ", std::strerror(err));
+  switch (err) {
+    case ENOENT: return absl::NotFoundError(msg);
+    case EACCES:
+    case EPERM:
+    case EROFS: return absl::PermissionDeniedError(msg);
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG: return absl::ResourceExhaustedError(msg);
+    default: return absl::InternalError(msg);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Open(
+    const std::string& path, const SafetensorsLimits& limits) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoToStatus(errno, "cannot open", path);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return ErrnoToStatus(err, "cannot stat", path);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is not a regular file"));
+  }
+  std::unique_ptr<SafetensorsReader> r(new SafetensorsReader());
+  const size_t len = static_cast<size_t>(st.st_size);
+  if (len > 0) {
+    void* p = ::mmap(nullptr, len, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      return ErrnoToStatus(err, "cannot map", path);
+    }
+    r->map_ = p;
+    r->map_len_ = len;
+    r->bytes_ = absl::MakeConstSpan(static_cast<const uint8_t*>(p), len);
+  }
+  ::close(fd);
+  if (absl::Status s = r->Parse(limits); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+  }
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::FromBuffer(
+    absl::Span<const uint8_t> bytes, const SafetensorsLimits& limits) {
+  std::unique_ptr<SafetensorsReader> r(new SafetensorsReader());
+  r->bytes_ = bytes;
+  FPX_RETURN_IF_ERROR(r->Parse(limits));
+  return r;
+}
+
+SafetensorsReader::~SafetensorsReader() {
+  if (map_ != nullptr) ::munmap(map_, map_len_);
+}
+
+absl::Status SafetensorsReader::Parse(const SafetensorsLimits& limits) {
+  const uint64_t size = bytes_.size();
+  if (size < 8) {
+    return Bad(absl::StrCat("file is ", size,
+                            " bytes; a safetensors file starts with an 8-byte header length"));
+  }
+  uint64_t n = 0;
+  std::memcpy(&n, bytes_.data(), 8);
+  if (n > limits.max_header_bytes) {
+    return Bad(absl::StrCat("header length ", n, " exceeds the limit of ", limits.max_header_bytes,
+                            " bytes"));
+  }
+  if (n > size - 8) {
+    return Bad(absl::StrCat("header length ", n, " runs past the end of the file (", size - 8,
+                            " bytes follow the length prefix); the file is truncated or not "
+                            "safetensors"));
+  }
+  if (n < 2) return Bad(absl::StrCat("header length ", n, " is too short for a JSON object"));
+  header_len_ = n;
+  const absl::string_view header(reinterpret_cast<const char*>(bytes_.data() + 8), n);
+  if (header[0] != '{') return Bad("header does not start with '{'");
+  absl::StatusOr<JsonValue> json = ParseJson(header, /*max_depth=*/8);
+  if (!json.ok()) return Bad(absl::StrCat("header is not valid JSON: ", json.status().message()));
+  if (!json->is_object()) return Bad("header is not a JSON object");
+  data_ = bytes_.subspan(8 + n);
+  const uint64_t data_len = data_.size();
+
+  if (json->object().size() > limits.max_tensors + 1) {
+    return Bad(absl::StrCat("header lists ", json->object().size(), " entries; limit is ",
+                            limits.max_tensors));
+  }
+  for (const auto& [name, entry] : json->object()) {
+    if (name == "__metadata__") {
+      if (!entry.is_object()) return Bad("__metadata__ must be an object of strings");
+      for (const auto& [k, v] : entry.object()) {
+        if (!v.is_string()) {
+          return Bad(absl::StrCat("__metadata__ value of '", k, "' is a ",
+                                  JsonValue::KindName(v.kind()), "; only strings are accepted"));
+        }
+        metadata_.emplace_back(k, v.str());
+      }
+      continue;
+    }
+    if (name.empty()) return Bad("a tensor has an empty name");
+    if (!entry.is_object()) {
+      return BadTensor(name, absl::StrCat("entry is a ", JsonValue::KindName(entry.kind()),
+                                          "; expected an object with dtype, shape, data_offsets"));
+    }
+    for (const auto& [k, v] : entry.object()) {
+      if (k != "dtype" && k != "shape" && k != "data_offsets") {
+        return BadTensor(name, absl::StrCat("unknown field '", k,
+                                            "'; accepted: dtype, shape, data_offsets"));
+      }
+    }
+    TensorInfo t;
+    t.name = name;
+    const JsonValue* dtype = entry.Find("dtype");
+    if (dtype == nullptr || !dtype->is_string()) {
+      return BadTensor(name, "missing or non-string 'dtype'");
+    }
+    std::optional<DType> dt = ParseDType(dtype->str());
+    if (!dt) {
+      return BadTensor(name, absl::StrCat("unknown dtype '", dtype->str(),
+                                          "'; accepted: ", AcceptedDTypeNames()));
+    }
+    t.dtype = *dt;
+    const JsonValue* shape = entry.Find("shape");
+    if (shape == nullptr || !shape->is_array()) return BadTensor(name, "missing or non-array 'shape'");
+    if (static_cast<int>(shape->array().size()) > limits.max_rank) {
+      return BadTensor(name, absl::StrCat("rank ", shape->array().size(), " exceeds the limit of ",
+                                          limits.max_rank));
+    }
+    for (const JsonValue& d : shape->array()) {
+      std::optional<uint64_t> v = d.AsUint64();
+      if (!v || *v > static_cast<uint64_t>(INT64_MAX)) {
+        return BadTensor(name, absl::StrCat("shape entry '", d.str(),
+                                            "' is not a non-negative integer"));
+      }
+      t.shape.push_back(static_cast<int64_t>(*v));
+    }
+    const JsonValue* offsets = entry.Find("data_offsets");
+    if (offsets == nullptr || !offsets->is_array() || offsets->array().size() != 2) {
+      return BadTensor(name, "'data_offsets' must be an array [begin, end]");
+    }
+    std::optional<uint64_t> b = offsets->array()[0].AsUint64();
+    std::optional<uint64_t> e = offsets->array()[1].AsUint64();
+    if (!b || !e) return BadTensor(name, "'data_offsets' entries must be non-negative integers");
+    if (*b > *e) {
+      return BadTensor(name, absl::StrCat("data_offsets [", *b, ",", *e, "] has begin > end"));
+    }
+    if (*e > data_len) {
+      return BadTensor(name, absl::StrCat("data_offsets [", *b, ",", *e,
+                                          "] exceed the data section of ", data_len,
+                                          " bytes (file truncated?)"));
+    }
+    std::optional<uint64_t> want = ByteSize(t.shape, DTypeSize(t.dtype));
+    if (!want) return BadTensor(name, absl::StrCat("shape ", ShapeString(t.shape), " overflows"));
+    if (*e - *b != *want) {
+      return BadTensor(name, absl::StrCat("shape ", ShapeString(t.shape), " of ",
+                                          DTypeName(t.dtype), " needs ", *want,
+                                          " bytes but data_offsets [", *b, ",", *e, "] hold ",
+                                          *e - *b));
+    }
+    t.begin = *b;
+    t.end = *e;
+    tensors_.push_back(std::move(t));
+  }
+  std::stable_sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  uint64_t expected = 0;
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const TensorInfo& t = tensors_[i];
+    if (t.begin < expected) {
+      return BadTensor(t.name, absl::StrCat("data_offsets [", t.begin, ",", t.end,
+                                            "] overlap the previous tensor '", tensors_[i - 1].name,
+                                            "' ending at ", expected));
+    }
+    if (t.begin > expected) {
+      return BadTensor(t.name, absl::StrCat("data_offsets begin at ", t.begin, " leaving a gap after ",
+                                            expected, "; tensors must tile the data section"));
+    }
+    expected = t.end;
+    by_name_.emplace(t.name, i);
+  }
+  if (expected != data_len) {
+    return Bad(absl::StrCat("data section is ", data_len, " bytes but the tensors cover ", expected,
+                            "; trailing bytes are not allowed"));
+  }
+  return absl::OkStatus();
+}
+
+const TensorInfo* SafetensorsReader::Find(absl::string_view name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &tensors_[it->second];
+}
+
+absl::Span<const uint8_t> SafetensorsReader::Data(const TensorInfo& t) const {
+  return data_.subspan(t.begin, t.end - t.begin);
+}
+
+std::optional<std::string> SafetensorsReader::Metadata(absl::string_view key) const {
+  for (const auto& [k, v] : metadata_) {
+    if (k == key) return v;
+  }
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void SafetensorsWriter::SetMetadata(absl::string_view key, absl::string_view value) {
+  for (auto& [k, v] : metadata_) {
+    if (k == key) {
+      v = std::string(value);
+      return;
+    }
+  }
+  metadata_.emplace_back(std::string(key), std::string(value));
+}
+
+absl::Status SafetensorsWriter::Add(absl::string_view name, DType dtype, std::vector<int64_t> shape,
+                                    absl::Span<const uint8_t> data) {
+  if (name.empty() || name == "__metadata__") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("safetensors writer: invalid tensor name '", name, "'"));
+  }
+  if (names_.contains(name)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("safetensors writer: duplicate tensor name '", name, "'"));
+  }
+  for (int64_t d : shape) {
+    if (d < 0) return BadTensor(name, "negative dimension");
+  }
+  std::optional<uint64_t> want = ByteSize(shape, DTypeSize(dtype));
+  if (!want || *want != data.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "safetensors writer: tensor '", name, "' shape ", ShapeString(shape), " of ",
+        DTypeName(dtype), " does not match ", data.size(), " bytes"));
+  }
+  names_.emplace(std::string(name), entries_.size());
+  entries_.push_back(Entry{std::string(name), dtype, std::move(shape), data, nullptr});
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsWriter::AddOwned(absl::string_view name, DType dtype,
+                                         std::vector<int64_t> shape, std::vector<uint8_t> data) {
+  auto owned = std::make_shared<std::vector<uint8_t>>(std::move(data));
+  FPX_RETURN_IF_ERROR(Add(name, dtype, std::move(shape), absl::MakeConstSpan(*owned)));
+  entries_.back().owned = std::move(owned);
+  return absl::OkStatus();
+}
+
+std::string SafetensorsWriter::HeaderJson() const {
+  JsonWriter w;
+  w.BeginObject();
+  if (!metadata_.empty()) {
+    w.Key("__metadata__").BeginObject();
+    for (const auto& [k, v] : metadata_) w.Key(k).String(v);
+    w.EndObject();
+  }
+  uint64_t offset = 0;
+  for (const Entry& e : entries_) {
+    w.Key(e.name).BeginObject();
+    w.Key("dtype").String(DTypeName(e.dtype));
+    w.Key("shape").BeginArray();
+    for (int64_t d : e.shape) w.Int(d);
+    w.EndArray();
+    w.Key("data_offsets").BeginArray().Int(static_cast<int64_t>(offset));
+    offset += e.data.size();
+    w.Int(static_cast<int64_t>(offset)).EndArray();
+    w.EndObject();
+  }
+  w.EndObject();
+  return w.str();
+}
+
+std::string SafetensorsWriter::PaddedHeader() const {
+  std::string h = HeaderJson();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  return h;
+}
+
+uint64_t SafetensorsWriter::FileSize() const {
+  uint64_t n = 8 + PaddedHeader().size();
+  for (const Entry& e : entries_) n += e.data.size();
+  return n;
+}
+
+std::vector<uint8_t> SafetensorsWriter::Serialize() const {
+  const std::string h = PaddedHeader();
+  std::vector<uint8_t> out(8);
+  const uint64_t n = h.size();
+  std::memcpy(out.data(), &n, 8);
+  out.insert(out.end(), h.begin(), h.end());
+  for (const Entry& e : entries_) out.insert(out.end(), e.data.begin(), e.data.end());
+  return out;
+}
+
+namespace {
+absl::Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& path) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, std::min<size_t>(n, 1u << 30));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoToStatus(errno, "cannot write", path);
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status SafetensorsWriter::WriteFile(const std::string& path) const {
+  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoToStatus(errno, "cannot create", tmp);
+  auto fail = [&](absl::Status s) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return s;
+  };
+  const std::string h = PaddedHeader();
+  const uint64_t n = h.size();
+  uint8_t len[8];
+  std::memcpy(len, &n, 8);
+  if (absl::Status s = WriteAll(fd, len, 8, tmp); !s.ok()) return fail(s);
+  if (absl::Status s = WriteAll(fd, reinterpret_cast<const uint8_t*>(h.data()), h.size(), tmp);
+      !s.ok()) {
+    return fail(s);
+  }
+  for (const Entry& e : entries_) {
+    if (absl::Status s = WriteAll(fd, e.data.data(), e.data.size(), tmp); !s.ok()) return fail(s);
+  }
+  if (::fsync(fd) != 0) return fail(ErrnoToStatus(errno, "cannot fsync", tmp));
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoToStatus(err, "cannot close", tmp);
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoToStatus(err, "cannot rename into", path);
+  }
+  // Make the rename durable.
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fpxint::core

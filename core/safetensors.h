@@ -1,0 +1,138 @@
+// File: core/safetensors.h
+//
+// Reader and writer for the safetensors format.
+//
+// Byte layout (https://github.com/huggingface/safetensors, format version 1):
+//   [0, 8)          N: little-endian uint64, length of the header
+//   [8, 8+N)        header: UTF-8 JSON object. Each key except "__metadata__" names a tensor:
+//                     {"dtype": "F32", "shape": [d0, d1, ...], "data_offsets": [begin, end]}
+//                   "__metadata__" (optional) maps strings to strings. Trailing spaces pad it.
+//   [8+N, EOF)      data section; offsets are relative to its start.
+//
+// The reader trusts nothing: it checks the header length against a limit and the file size,
+// parses the JSON strictly, and checks every dtype, shape (rank, overflow), offset pair
+// (order, bounds, size = numel * itemsize), and that the tensors tile the data section exactly
+// (no overlap, no gap, no trailing bytes), as the reference implementation requires. Every error
+// is InvalidArgument and names the tensor and field at fault; I/O errors are NotFound /
+// PermissionDenied / Internal.
+#ifndef FPXINT_CORE_SAFETENSORS_H_
+#define FPXINT_CORE_SAFETENSORS_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "core/dtype.h"
+
+namespace fpxint::core {
+
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  uint64_t begin = 0;  // offsets into the data section
+  uint64_t end = 0;
+
+  int64_t numel() const;
+};
+
+struct SafetensorsLimits {
+  uint64_t max_header_bytes = 100ull << 20;  // the reference implementation's limit
+  int max_rank = 16;
+  size_t max_tensors = 1u << 20;
+};
+
+// Read-only view of a safetensors file or buffer. Thread-compatible: const methods may run
+// concurrently. Spans returned stay valid while the reader lives.
+class SafetensorsReader {
+ public:
+  // Maps `path` read-only and validates it.
+  static absl::StatusOr<std::unique_ptr<SafetensorsReader>> Open(const std::string& path,
+                                                                 const SafetensorsLimits& limits = {});
+  // Validates `bytes` in place. The caller keeps `bytes` alive while the reader lives.
+  static absl::StatusOr<std::unique_ptr<SafetensorsReader>> FromBuffer(
+      absl::Span<const uint8_t> bytes, const SafetensorsLimits& limits = {});
+
+  SafetensorsReader(const SafetensorsReader&) = delete;
+  SafetensorsReader& operator=(const SafetensorsReader&) = delete;
+  ~SafetensorsReader();
+
+  // Tensors in the order of their data offsets.
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  // nullptr when absent.
+  const TensorInfo* Find(absl::string_view name) const;
+  // The raw little-endian bytes of `t` (unaligned).
+  absl::Span<const uint8_t> Data(const TensorInfo& t) const;
+  // "__metadata__" entries in header order.
+  const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }
+  std::optional<std::string> Metadata(absl::string_view key) const;
+  // The whole file.
+  absl::Span<const uint8_t> bytes() const { return bytes_; }
+  uint64_t header_bytes() const { return header_len_; }
+
+ private:
+  SafetensorsReader() = default;
+  absl::Status Parse(const SafetensorsLimits& limits);
+
+  void* map_ = nullptr;  // owned mapping (Open) or nullptr (FromBuffer)
+  size_t map_len_ = 0;
+  absl::Span<const uint8_t> bytes_;
+  uint64_t header_len_ = 0;
+  absl::Span<const uint8_t> data_;
+  std::vector<TensorInfo> tensors_;
+  absl::flat_hash_map<std::string, size_t> by_name_;
+  std::vector<std::pair<std::string, std::string>> metadata_;
+};
+
+// Collects tensors and writes a safetensors file. Tensors are written in the order they were
+// added; the header pads to a multiple of 8 bytes so that data starts aligned.
+class SafetensorsWriter {
+ public:
+  void SetMetadata(absl::string_view key, absl::string_view value);
+  // Borrows `data` until Write*/Serialize returns. InvalidArgument when the name is empty,
+  // "__metadata__" or already added, or when data.size() != numel * itemsize.
+  absl::Status Add(absl::string_view name, DType dtype, std::vector<int64_t> shape,
+                   absl::Span<const uint8_t> data);
+  // As Add, but the writer keeps `data`.
+  absl::Status AddOwned(absl::string_view name, DType dtype, std::vector<int64_t> shape,
+                        std::vector<uint8_t> data);
+
+  // The header JSON, before padding.
+  std::string HeaderJson() const;
+  // Total file size Serialize/WriteFile produce.
+  uint64_t FileSize() const;
+  // The whole file in memory.
+  std::vector<uint8_t> Serialize() const;
+  // Writes atomically: a temporary file in the same directory, fsync, rename over `path`, fsync of
+  // the directory. On error nothing is left at `path` that was not there before.
+  // ResourceExhausted when the disk is full, PermissionDenied / Internal for other I/O errors.
+  absl::Status WriteFile(const std::string& path) const;
+
+ private:
+  struct Entry {
+    std::string name;
+    DType dtype;
+    std::vector<int64_t> shape;
+    absl::Span<const uint8_t> data;
+    std::shared_ptr<std::vector<uint8_t>> owned;
+  };
+  std::string PaddedHeader() const;
+  std::vector<Entry> entries_;
+  absl::flat_hash_map<std::string, size_t> names_;
+  std::vector<std::pair<std::string, std::string>> metadata_;
+};
+
+// Maps errno from a failed file operation on `path` to a Status with a readable message.
+absl::Status ErrnoToStatus(int err, absl::string_view op, absl::string_view path);
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_SAFETENSORS_H_

@@ -1,0 +1,155 @@
+#include "core/safetensors.h"
+
+#include <cstring>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::core {
+namespace {
+
+using ::fpxint::testing::ScratchDir;
+
+// A file from a raw header string and a data section.
+std::vector<uint8_t> RawFile(const std::string& header, size_t data_bytes, uint64_t len_override = 0) {
+  std::vector<uint8_t> f(8);
+  const uint64_t n = len_override ? len_override : header.size();
+  std::memcpy(f.data(), &n, 8);
+  f.insert(f.end(), header.begin(), header.end());
+  f.resize(f.size() + data_bytes, 0);
+  return f;
+}
+
+std::string ErrorOf(const std::vector<uint8_t>& f) {
+  absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = SafetensorsReader::FromBuffer(f);
+  if (r.ok()) return "";
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  return std::string(r.status().message());
+}
+
+TEST(Safetensors, RoundTripsEveryDType) {
+  SafetensorsWriter w;
+  w.SetMetadata("format", "pt");
+  std::vector<std::vector<uint8_t>> payloads;
+  const char* names[] = {"F32", "F16", "BF16", "F64", "I8", "U8", "I32", "I64", "BOOL", "U16"};
+  std::mt19937 rng(3);
+  for (const char* n : names) {
+    const DType t = *ParseDType(n);
+    std::vector<uint8_t> data(2 * 3 * DTypeSize(t));
+    for (auto& b : data) b = static_cast<uint8_t>(rng());
+    ASSERT_TRUE(w.AddOwned(absl::StrCat("t.", n), t, {2, 3}, data).ok());
+    payloads.push_back(data);
+  }
+  ASSERT_TRUE(w.AddOwned("scalar", DType::kF32, {}, {0, 0, 128, 63}).ok());
+  ASSERT_TRUE(w.AddOwned("empty", DType::kF32, {0, 4}, {}).ok());
+  ScratchDir dir;
+  ASSERT_TRUE(w.WriteFile(dir.File("a.safetensors")).ok());
+  absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = SafetensorsReader::Open(dir.File("a.safetensors"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->Metadata("format"), "pt");
+  EXPECT_EQ((*r)->header_bytes() % 8, 0u);  // data section starts 8-aligned
+  EXPECT_EQ((*r)->tensors().size(), 12u);
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    const TensorInfo* t = (*r)->Find(absl::StrCat("t.", names[i]));
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(t->shape, (std::vector<int64_t>{2, 3}));
+    absl::Span<const uint8_t> d = (*r)->Data(*t);
+    EXPECT_EQ(std::vector<uint8_t>(d.begin(), d.end()), payloads[i]) << names[i];
+  }
+  EXPECT_EQ((*r)->Find("scalar")->shape.size(), 0u);
+  EXPECT_EQ((*r)->Find("empty")->numel(), 0);
+  // Serialize() and WriteFile() agree, and writing is deterministic.
+  const std::string on_disk = ::fpxint::testing::ReadFileOrDie(dir.File("a.safetensors"));
+  const std::vector<uint8_t> mem = w.Serialize();
+  EXPECT_EQ(on_disk, std::string(mem.begin(), mem.end()));
+  EXPECT_EQ(w.FileSize(), mem.size());
+}
+
+TEST(Safetensors, EachMalformationHasItsOwnError) {
+  const std::string ok = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  EXPECT_EQ(ErrorOf(RawFile(ok, 8)), "");
+  struct Case {
+    const char* what;
+    std::vector<uint8_t> file;
+    const char* expect;
+  } cases[] = {
+      {"shorter than the prefix", {1, 2, 3}, "8-byte header length"},
+      {"huge header length", RawFile(ok, 8, uint64_t{1} << 40), "exceeds the limit"},
+      {"truncated header", RawFile(ok, 8, ok.size() + 100), "runs past the end"},
+      {"not JSON", RawFile("{\"a\":", 0), "not valid JSON"},
+      {"not an object", RawFile("[1]  ", 0), "does not start with '{'"},
+      {"unknown dtype", RawFile(R"({"a":{"dtype":"F7","shape":[2],"data_offsets":[0,8]}})", 8), "unknown dtype 'F7'"},
+      {"shape/size mismatch", RawFile(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), "needs 12 bytes"},
+      {"negative shape", RawFile(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "not a non-negative integer"},
+      {"overflowing shape", RawFile(R"({"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8), "overflows"},
+      {"offsets past the data", RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4), "exceed the data section"},
+      {"begin > end", RawFile(R"({"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", 8), "begin > end"},
+      {"overlapping offsets", RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12), "overlap the previous tensor 'a'"},
+      {"gap", RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "leaving a gap"},
+      {"trailing bytes", RawFile(ok, 16), "trailing bytes"},
+      {"missing dtype", RawFile(R"({"a":{"shape":[2],"data_offsets":[0,8]}})", 8), "'dtype'"},
+      {"bad offsets arity", RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", 8), "[begin, end]"},
+      {"unknown field", RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})", 8), "unknown field 'x'"},
+      {"metadata not strings", RawFile(R"({"__metadata__":{"k":1}})", 0), "only strings"},
+      {"duplicate names", RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "duplicate key"},
+      {"rank too large", RawFile(R"({"a":{"dtype":"F32","shape":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"data_offsets":[0,4]}})", 4), "rank 17"},
+      {"fractional offset", RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8.0]}})", 8), "non-negative integers"},
+  };
+  for (const Case& c : cases) {
+    const std::string err = ErrorOf(c.file);
+    EXPECT_NE(err.find(c.expect), std::string::npos) << c.what << ": got '" << err << "'";
+  }
+}
+
+TEST(Safetensors, RandomMutationsNeverCrash) {
+  SafetensorsWriter w;
+  w.SetMetadata("k", "v");
+  ASSERT_TRUE(w.AddOwned("w", DType::kF32, {3, 4}, std::vector<uint8_t>(48, 1)).ok());
+  ASSERT_TRUE(w.AddOwned("b", DType::kF16, {4}, std::vector<uint8_t>(8, 2)).ok());
+  const std::vector<uint8_t> good = w.Serialize();
+  std::mt19937 rng(7);
+  int rejected = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::vector<uint8_t> f = good;
+    const int edits = 1 + rng() % 4;
+    for (int e = 0; e < edits; ++e) {
+      switch (rng() % 3) {
+        case 0: f[rng() % f.size()] = static_cast<uint8_t>(rng()); break;
+        case 1: f.resize(rng() % (f.size() + 1)); break;
+        default: f.insert(f.begin() + rng() % (f.size() + 1), static_cast<uint8_t>(rng())); break;
+      }
+      if (f.empty()) break;
+    }
+    absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = SafetensorsReader::FromBuffer(f);
+    if (!r.ok()) {
+      ++rejected;
+      continue;
+    }
+    // Whatever was accepted must be internally consistent.
+    for (const TensorInfo& t : (*r)->tensors()) {
+      ASSERT_LE(t.end, f.size());
+      ASSERT_EQ((*r)->Data(t).size(), static_cast<size_t>(t.numel()) * DTypeSize(t.dtype));
+    }
+  }
+  EXPECT_GT(rejected, 10000);
+}
+
+TEST(Safetensors, WriterRejectsBadTensorsAndIoErrors) {
+  SafetensorsWriter w;
+  EXPECT_FALSE(w.AddOwned("", DType::kU8, {1}, {0}).ok());
+  EXPECT_FALSE(w.AddOwned("__metadata__", DType::kU8, {1}, {0}).ok());
+  EXPECT_TRUE(w.AddOwned("x", DType::kU8, {1}, {0}).ok());
+  EXPECT_NE(w.AddOwned("x", DType::kU8, {1}, {0}).message().find("duplicate"), std::string::npos);
+  EXPECT_NE(w.AddOwned("y", DType::kF32, {2}, {0}).message().find("does not match"),
+            std::string::npos);
+  absl::Status s = w.WriteFile("/nonexistent-dir/x.safetensors");
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_EQ(SafetensorsReader::Open("/nonexistent-file").status().code(), absl::StatusCode::kNotFound);
+  ScratchDir dir;
+  EXPECT_EQ(SafetensorsReader::Open(dir.path()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace fpxint::core

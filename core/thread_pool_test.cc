@@ -1,0 +1,49 @@
+#include "core/thread_pool.h"
+
+#include <atomic>
+#include <set>
+#include <thread>
+
+#include "gtest/gtest.h"
+
+namespace fpxint::core {
+namespace {
+
+TEST(ThreadPool, RunsEveryIndexExactlyOnce) {
+  ThreadPool pool(3);
+  EXPECT_EQ(pool.size(), 3);
+  for (int round = 0; round < 50; ++round) {
+    std::vector<std::atomic<int>> hits(1000);
+    pool.ParallelFor(1000, [&](int64_t i) { hits[i].fetch_add(1); });
+    for (auto& h : hits) ASSERT_EQ(h.load(), 1);
+  }
+}
+
+TEST(ThreadPool, UsesSeveralThreadsAndAllowsConcurrentCallers) {
+  ThreadPool pool(2);
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  pool.ParallelFor(64, [&](int64_t) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    std::lock_guard<std::mutex> l(mu);
+    ids.insert(std::this_thread::get_id());
+  });
+  EXPECT_EQ(ids.size(), 2u);
+  std::atomic<int64_t> sum{0};
+  std::thread a([&] { pool.ParallelFor(100, [&](int64_t i) { sum += i; }); });
+  std::thread b([&] { pool.ParallelFor(100, [&](int64_t i) { sum += i; }); });
+  a.join();
+  b.join();
+  EXPECT_EQ(sum.load(), 2 * 4950);
+}
+
+TEST(ThreadPool, SingleThreadAndEmptyLoops) {
+  ThreadPool pool(1);
+  int n = 0;
+  pool.ParallelFor(0, [&](int64_t) { ++n; });
+  pool.ParallelFor(5, [&](int64_t) { ++n; });
+  EXPECT_EQ(n, 5);
+}
+
+}  // namespace
+}  // namespace fpxint::core
