@@ -1,5 +1,6 @@
 #include "core/artifact.h"
 
+#include <cmath>
 #include <cstring>
 #include <regex>
 
@@ -99,7 +100,8 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
                           absl::StrCat("tensor '", t.name, "': ", e.status().message()));
     }
     progress.bytes_done += t.end - t.begin;
-    report.tensors.push_back({t.name, std::string(DTypeName(t.dtype)), t.shape, e->errors});
+    report.tensors.push_back(
+        {t.name, std::string(DTypeName(t.dtype)), t.shape, e->source_fro, e->errors});
     expansions.push_back(*std::move(e));
   }
   progress.tensor_index = progress.tensor_count;
@@ -153,6 +155,31 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   return report;
 }
 
+std::vector<TermSummary> ExpandReport::Summary() const {
+  std::vector<TermSummary> out;
+  for (int k = 1; k <= spec.terms; ++k) {
+    TermSummary s;
+    s.k = k;
+    s.min_sqnr_db = INFINITY;
+    double num = 0, den = 0;
+    for (const TensorReport& t : tensors) {
+      // A tensor that stopped early (eps) keeps its last error for later k.
+      if (t.terms.empty()) continue;
+      const TermError& e = t.terms[std::min<size_t>(k, t.terms.size()) - 1];
+      if (k <= static_cast<int>(t.terms.size())) ++s.tensors;
+      num += e.rel_fro * e.rel_fro * t.source_fro * t.source_fro;
+      den += t.source_fro * t.source_fro;
+      s.worst_rel_fro = std::max(s.worst_rel_fro, e.rel_fro);
+      s.worst_rel_max = std::max(s.worst_rel_max, e.rel_max);
+      s.min_sqnr_db = std::min(s.min_sqnr_db, e.sqnr_db);
+    }
+    if (s.tensors == 0) break;
+    s.rel_fro = den > 0 ? std::sqrt(num / den) : 0;
+    out.push_back(s);
+  }
+  return out;
+}
+
 std::string ExpandReport::ToJson() const {
   JsonWriter w;
   w.BeginObject();
@@ -185,6 +212,18 @@ std::string ExpandReport::ToJson() const {
       w.EndObject();
     }
     w.EndArray();
+    w.EndObject();
+  }
+  w.EndArray();
+  w.Key("summary").BeginArray();
+  for (const TermSummary& s : Summary()) {
+    w.BeginObject();
+    w.Key("k").Int(s.k);
+    w.Key("rel_fro").Double(s.rel_fro);
+    w.Key("worst_rel_fro").Double(s.worst_rel_fro);
+    w.Key("worst_rel_max").Double(s.worst_rel_max);
+    w.Key("min_sqnr_db").Double(s.min_sqnr_db);
+    w.Key("tensors").Int(s.tensors);
     w.EndObject();
   }
   w.EndArray();

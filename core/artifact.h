@@ -51,7 +51,18 @@ struct TensorReport {
   std::string name;
   std::string dtype;
   std::vector<int64_t> shape;
+  double source_fro = 0;  // ‖W‖_F, to aggregate errors over tensors
   std::vector<TermError> terms;
+};
+
+// Errors of all expanded weights together after k terms.
+struct TermSummary {
+  int k = 0;
+  double rel_fro = 0;        // sqrt(Σ_t ‖R_k,t‖² / Σ_t ‖W_t‖²) over the expanded tensors
+  double worst_rel_fro = 0;  // the largest per-tensor rel_fro
+  double worst_rel_max = 0;
+  double min_sqnr_db = 0;
+  int tensors = 0;  // tensors that have a term k
 };
 
 struct CopiedTensor {
@@ -70,6 +81,7 @@ struct ExpandReport {
   uint64_t bytes_out = 0;  // artifact file size
   double wall_seconds = 0;
 
+  std::vector<TermSummary> Summary() const;
   // The --report JSON: {"spec": {...}, "tensors": [{"name", "shape", "terms": [{"k", "rel_fro",
   // "rel_max", "sqnr_db"}]}], "bytes_in", "bytes_out", "compression_ratio", "wall_seconds", ...}.
   std::string ToJson() const;

@@ -217,7 +217,9 @@ TEST(Artifact, ViewRejectsTamperedArtifacts) {
     SafetensorsWriter w;
     for (const auto& [k, v] : (*good)->metadata()) w.SetMetadata(k, k == key ? value : v);
     for (const TensorInfo& t : (*good)->tensors()) {
-      if (t.name != drop) EXPECT_TRUE(w.Add(t.name, t.dtype, t.shape, (*good)->Data(t)).ok());
+      if (t.name != drop) {
+        EXPECT_TRUE(w.Add(t.name, t.dtype, t.shape, (*good)->Data(t)).ok());
+      }
     }
     std::vector<uint8_t> bytes = w.Serialize();
     auto r = SafetensorsReader::FromBuffer(bytes);
