@@ -22,9 +22,10 @@ std::string ShapeJson(absl::Span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
 }
 
-template <typename T>
-absl::Span<const uint8_t> Bytes(const std::vector<T>& v) {
-  return absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T));
+template <typename Vec>
+absl::Span<const uint8_t> Bytes(const Vec& v) {
+  return absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(v.data()),
+                             v.size() * sizeof(typename Vec::value_type));
 }
 
 DType CodesDType(const ExpansionSpec& spec) {

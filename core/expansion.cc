@@ -85,6 +85,14 @@ QuantizeFn QuantizerOf(const KernelTable& kt, Grid grid) {
   return kt.quantize_sym;
 }
 
+void ToDouble(const KernelTable& kt, DType dtype, const uint8_t* src, int64_t n, double* dst) {
+  if (dtype == DType::kF32) {
+    kt.f32_to_f64(src, n, dst);
+  } else {
+    ConvertToDouble(dtype, src, n, dst);
+  }
+}
+
 double MaxAbs(const SegmentStats& s) { return std::max(std::fabs(s.min), std::fabs(s.max)); }
 
 // Values a stored float scale can cover; also keeps sums of squares finite.
@@ -195,7 +203,7 @@ absl::Status ExpandByRows(DType dtype, absl::Span<const uint8_t> data, const Exp
     std::vector<double> m0(gpr);
     std::vector<float> prev(gpr);
     for (int64_t row = row_begin; row < row_end; ++row) {
-      ConvertToDouble(dtype, data.data() + row * l.row_len * isize, l.row_len, r.data());
+      ToDouble(kt, dtype, data.data() + row * l.row_len * isize, l.row_len, r.data());
       double sq0 = 0, mx0 = 0;
       bool bad = false;
       for (int64_t g = 0; g < gpr; ++g) {
@@ -237,7 +245,7 @@ absl::Status ExpandByRows(DType dtype, absl::Span<const uint8_t> data, const Exp
             ratio = std::max(ratio, gm / m0[g]);
           }
         }
-        PackCodes(codes.data(), l.row_len, spec.bits, term.codes.data() + row * l.packed_row_bytes);
+        kt.pack(codes.data(), l.row_len, spec.bits, term.codes.data() + row * l.packed_row_bytes);
         const size_t i = row * K + (k - 1);
         rr.sumsq[i] = sq;
         rr.max_abs[i] = mx;
@@ -270,7 +278,7 @@ absl::Status ExpandWholeTensor(DType dtype, absl::Span<const uint8_t> data, cons
   ParallelRows(o, l.rows, l.row_len, [&](int64_t b, int64_t end) {
     for (int64_t row = b; row < end; ++row) {
       double* rp = r.data() + row * l.row_len;
-      ConvertToDouble(dtype, data.data() + row * l.row_len * isize, l.row_len, rp);
+      ToDouble(kt, dtype, data.data() + row * l.row_len * isize, l.row_len, rp);
       kt.stats(rp, l.row_len, &row_stats[row]);
       rr.bad[row] = !RowIsFinite(row_stats[row]);
       rr.sumsq0[row] = row_stats[row].sumsq;
@@ -307,7 +315,7 @@ absl::Status ExpandWholeTensor(DType dtype, absl::Span<const uint8_t> data, cons
         } else {
           quantize(gp.p, rp, codes.data(), l.row_len, &row_stats[row]);
         }
-        PackCodes(codes.data(), l.row_len, spec.bits, term.codes.data() + row * l.packed_row_bytes);
+        kt.pack(codes.data(), l.row_len, spec.bits, term.codes.data() + row * l.packed_row_bytes);
         const size_t i = row * K + (k - 1);
         rr.sumsq[i] = row_stats[row].sumsq;
         rr.max_abs[i] = MaxAbs(row_stats[row]);
@@ -405,7 +413,7 @@ absl::StatusOr<TensorExpansion> ExpandTensor(DType dtype, absl::Span<const int64
   const KernelTable& kt = options.kernels != nullptr ? *options.kernels : ActiveKernels();
   e.terms.resize(spec.terms);
   for (TermData& t : e.terms) {
-    t.codes.assign(l.rows * l.packed_row_bytes, 0);
+    t.codes.resize(l.rows * l.packed_row_bytes);  // every byte is written below
     t.scale.assign(l.num_scales(spec), 0.0f);
     if (spec.grid == Grid::kAsym) t.zero.assign(l.num_scales(spec), 0.0f);
   }

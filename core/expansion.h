@@ -29,6 +29,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -59,9 +61,29 @@ struct TensorLayout {
   std::vector<int64_t> scale_shape(const ExpansionSpec& spec) const;
 };
 
+// A byte vector whose resize() leaves new bytes uninitialized: code buffers are written in full
+// by the (parallel) expansion, so zero-filling them first would be a serial pass for nothing.
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using CodeBuffer = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
+
 // One term k: packed codes (rows × packed_row_bytes), scales, and zero points (asym only).
 struct TermData {
-  std::vector<uint8_t> codes;
+  CodeBuffer codes;
   std::vector<float> scale;
   std::vector<float> zero;
 };

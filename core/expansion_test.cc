@@ -358,8 +358,11 @@ TEST(ExpansionEdges, ZeroGroupsStayExactlyZero) {
     std::vector<double> rec = Reconstruct(e, 3);
     for (int i = 0; i < 64; ++i) EXPECT_EQ(rec[i], 0.0) << GridName(g);
     for (int i = 128; i < 256; ++i) EXPECT_EQ(rec[i], 0.0) << GridName(g);
-    if (g == Grid::kMid) EXPECT_EQ(e.terms[0].scale[0], 0.0f);
-    if (g == Grid::kSym) EXPECT_EQ(e.terms[0].scale[0], 1.0f);
+    if (g == Grid::kMid) {
+      EXPECT_EQ(e.terms[0].scale[0], 0.0f);
+    } else if (g == Grid::kSym) {
+      EXPECT_EQ(e.terms[0].scale[0], 1.0f);
+    }
   }
   // An all-zero tensor: errors are 0, no NaN.
   TensorExpansion z = MustExpand(std::vector<double>(16, 0.0), {4, 4},

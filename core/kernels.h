@@ -47,6 +47,9 @@ struct KernelTable {
   QuantizeFn quantize_asym;  // C = clamp(rint(r/s + z)),  r -= s*(C - z)
   QuantizeFn quantize_mid;   // C = clamp(floor(r/s)),     r -= (C + 0.5)*s
   StatsFn stats;
+  // PackCodes (core/packing.h) and float -> double conversion, vectorized per ISA.
+  void (*pack)(const uint8_t* codes, int64_t n, int bits, uint8_t* out);
+  void (*f32_to_f64)(const uint8_t* src, int64_t n, double* dst);
 };
 
 // The table chosen once from the CPU (__builtin_cpu_supports): avx512 > avx2 > ref. The

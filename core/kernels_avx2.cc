@@ -84,6 +84,7 @@ void StatsAvx2(const double* r, int64_t n, SegmentStats* out) {
 }  // namespace
 
 const KernelTable kAvx2Kernels = {"avx2", QuantizeAvx2<GridOp::kSym>, QuantizeAvx2<GridOp::kAsym>,
-                                  QuantizeAvx2<GridOp::kMid>, StatsAvx2};
+                                  QuantizeAvx2<GridOp::kMid>, StatsAvx2,
+    PackImpl, F32ToF64Impl};
 
 }  // namespace fpxint::core::internal

@@ -71,6 +71,7 @@ void StatsAvx512(const double* r, int64_t n, SegmentStats* out) {
 
 const KernelTable kAvx512Kernels = {"avx512", QuantizeAvx512<GridOp::kSym>,
                                     QuantizeAvx512<GridOp::kAsym>, QuantizeAvx512<GridOp::kMid>,
-                                    StatsAvx512};
+                                    StatsAvx512,
+    PackImpl, F32ToF64Impl};
 
 }  // namespace fpxint::core::internal

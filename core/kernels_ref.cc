@@ -18,6 +18,7 @@ void StatsRef(const double* r, int64_t n, SegmentStats* out) {
 }  // namespace
 
 const KernelTable kRefKernels = {"ref", QuantizeRef<GridOp::kSym>, QuantizeRef<GridOp::kAsym>,
-                                 QuantizeRef<GridOp::kMid>, StatsRef};
+                                 QuantizeRef<GridOp::kMid>, StatsRef,
+    PackImpl, F32ToF64Impl};
 
 }  // namespace fpxint::core::internal

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "core/kernels.h"
+
 namespace fpxint::core {
 
 int CodesPerByte(int bits) { return (bits == 1 || bits == 2 || bits == 4) ? 8 / bits : 1; }
@@ -12,31 +14,7 @@ int64_t PackedRowBytes(int64_t n, int bits) {
 }
 
 void PackCodes(const uint8_t* codes, int64_t n, int bits, uint8_t* out) {
-  const int per = CodesPerByte(bits);
-  if (per == 1) {
-    std::memcpy(out, codes, static_cast<size_t>(n));
-    return;
-  }
-  const uint8_t mask = static_cast<uint8_t>((1u << bits) - 1);
-  const int64_t full = n / per;
-  if (bits == 4) {
-    for (int64_t j = 0; j < full; ++j) {
-      out[j] = static_cast<uint8_t>((codes[2 * j] & 0xF) | (codes[2 * j + 1] << 4));
-    }
-  } else {
-    for (int64_t j = 0; j < full; ++j) {
-      uint8_t byte = 0;
-      for (int t = 0; t < per; ++t) byte |= static_cast<uint8_t>((codes[j * per + t] & mask) << (t * bits));
-      out[j] = byte;
-    }
-  }
-  if (full * per < n) {
-    uint8_t byte = 0;
-    for (int64_t i = full * per, t = 0; i < n; ++i, ++t) {
-      byte |= static_cast<uint8_t>((codes[i] & mask) << (t * bits));
-    }
-    out[full] = byte;
-  }
+  ActiveKernels().pack(codes, n, bits, out);
 }
 
 void UnpackCodes(const uint8_t* packed, int64_t n, int bits, bool is_signed, int32_t* out) {

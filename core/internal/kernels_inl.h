@@ -13,6 +13,10 @@
 
 namespace fpxint::core::internal {
 
+// Each kernel TU is compiled with its own -m flags. Everything below has internal linkage, so
+// that the linker can never fold an AVX-512 instance of a helper into the reference table.
+namespace {
+
 enum class GridOp { kSym, kAsym, kMid };
 
 template <GridOp G>
@@ -67,11 +71,55 @@ inline void StatsTail(const double* r, int64_t begin, int64_t n, SegmentStats* s
   }
 }
 
+// Packing per core/packing.h; written as plain loops that each TU's compiler flags vectorize.
+inline void PackImpl(const uint8_t* __restrict codes, int64_t n, int bits, uint8_t* __restrict out) {
+  const int per = (bits == 1 || bits == 2 || bits == 4) ? 8 / bits : 1;
+  if (per == 1) {
+    for (int64_t i = 0; i < n; ++i) out[i] = codes[i];
+    return;
+  }
+  const uint8_t mask = static_cast<uint8_t>((1u << bits) - 1);
+  const int64_t full = n / per;
+  if (bits == 4) {
+    for (int64_t j = 0; j < full; ++j) {
+      out[j] = static_cast<uint8_t>((codes[2 * j] & 0xF) | (codes[2 * j + 1] << 4));
+    }
+  } else if (bits == 2) {
+    for (int64_t j = 0; j < full; ++j) {
+      out[j] = static_cast<uint8_t>((codes[4 * j] & 3) | ((codes[4 * j + 1] & 3) << 2) |
+                                    ((codes[4 * j + 2] & 3) << 4) | (codes[4 * j + 3] << 6));
+    }
+  } else {
+    for (int64_t j = 0; j < full; ++j) {
+      uint8_t byte = 0;
+      for (int t = 0; t < 8; ++t) byte |= static_cast<uint8_t>((codes[j * 8 + t] & 1) << t);
+      out[j] = byte;
+    }
+  }
+  if (full * per < n) {
+    uint8_t byte = 0;
+    for (int64_t i = full * per, t = 0; i < n; ++i, ++t) {
+      byte |= static_cast<uint8_t>((codes[i] & mask) << (t * bits));
+    }
+    out[full] = byte;
+  }
+}
+
+inline void F32ToF64Impl(const uint8_t* __restrict src, int64_t n, double* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v;
+    __builtin_memcpy(&v, src + 4 * i, 4);
+    dst[i] = v;
+  }
+}
+
 inline void InitStats(SegmentStats* st) {
   st->min = INFINITY;
   st->max = -INFINITY;
   st->sumsq = 0;
 }
+
+}  // namespace
 
 // Each SIMD table is defined in its own translation unit, compiled with its own flags.
 extern const KernelTable kRefKernels;

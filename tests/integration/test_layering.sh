@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The layering of DESIGN.md, enforced: the core includes nothing of gRPC, protobuf or LibTorch,
+# and the CLI binary does not load LibTorch (it must start fast).
+set -euo pipefail
+src="$1"
+cli="$2"
+fail=0
+if grep -rnE '#include\s*[<"](grpc|grpcpp|google/protobuf|torch|ATen|c10)/' "$src/core"; then
+  echo "FAIL: core/ must depend on Abseil only" >&2
+  fail=1
+fi
+if ldd "$cli" | grep -E 'torch|c10|grpc|protobuf'; then
+  echo "FAIL: $cli links LibTorch/gRPC libraries it must not" >&2
+  fail=1
+fi
+# The CLI starts in well under 100 ms.
+start=$(date +%s%N)
+"$cli" --version >/dev/null
+ms=$(( ($(date +%s%N) - start) / 1000000 ))
+echo "fpxint --version: ${ms} ms"
+[[ $fail == 0 ]] && echo "layering OK"
+exit $fail
