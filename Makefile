@@ -5,7 +5,7 @@ BUILD_DIR ?= build
 JOBS      ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build models test demo bench clean help
+.PHONY: all setup configure build models test test-asan demo bench clean help
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make test    build and run every test (what CI runs)"
 	@echo "make build   configure and build into $(BUILD_DIR)/ (binaries in $(BUILD_DIR)/bin/)"
 	@echo "make bench   run the Google Benchmark suite (docs/BENCHMARKS.md)"
+	@echo "make test-asan  every test under AddressSanitizer + UBSan (build-asan/)"
 	@echo "make models  fetch the real models into the cache (scripts/fetch_models.sh)"
 	@echo "make setup   install the Debian packages the project needs"
 
@@ -34,6 +35,14 @@ models: setup
 test: build models
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
 
+# AddressSanitizer + UndefinedBehaviorSanitizer build of every test, in build-asan/.
+test-asan: setup models
+	@models_dir=$$(scripts/fetch_models.sh --print-dir); \
+	cmake -S . -B build-asan -G Ninja -DFPXINT_SANITIZE=ON -DFPXINT_BUILD_BENCH=OFF \
+	  -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
+	@cmake --build build-asan -j$(JOBS)
+	@cd build-asan && ctest --output-on-failure -j$(JOBS)
+
 demo: build models
 	@scripts/demo.sh $(BUILD_DIR)
 
@@ -41,4 +50,4 @@ bench: build
 	@$(BUILD_DIR)/bin/fpxint-bench --benchmark_counters_tabular=true
 
 clean:
-	rm -rf $(BUILD_DIR)
+	rm -rf $(BUILD_DIR) build-asan

@@ -15,25 +15,35 @@ inline void StoreCodes4(__m256d q, uint8_t* dst) {
   std::memcpy(dst, &bytes, 4);
 }
 
-inline void Reduce(__m256d vmin, __m256d vmax, __m256d vsq, SegmentStats* st) {
-  alignas(32) double a[4], b[4], c[4];
-  _mm256_store_pd(a, vmin);
-  _mm256_store_pd(b, vmax);
-  _mm256_store_pd(c, vsq);
-  for (int i = 0; i < 4; ++i) {
-    st->min = a[i] < st->min ? a[i] : st->min;
-    st->max = b[i] > st->max ? b[i] : st->max;
+// Running min / max / Σy² over 4 lanes.
+struct Acc256 {
+  __m256d vmin = _mm256_set1_pd(INFINITY);
+  __m256d vmax = _mm256_set1_pd(-INFINITY);
+  __m256d vsq = _mm256_setzero_pd();
+  void Add(__m256d y) {
+    vmin = _mm256_min_pd(vmin, y);
+    vmax = _mm256_max_pd(vmax, y);
+    vsq = _mm256_add_pd(vsq, _mm256_mul_pd(y, y));
   }
-  st->sumsq = (c[0] + c[1]) + (c[2] + c[3]);
-}
+  void Finish(SegmentStats* st) const {
+    alignas(32) double a[4], b[4], c[4];
+    _mm256_store_pd(a, vmin);
+    _mm256_store_pd(b, vmax);
+    _mm256_store_pd(c, vsq);
+    for (int i = 0; i < 4; ++i) {
+      st->min = a[i] < st->min ? a[i] : st->min;
+      st->max = b[i] > st->max ? b[i] : st->max;
+    }
+    st->sumsq = (c[0] + c[1]) + (c[2] + c[3]);
+  }
+};
 
 template <GridOp G>
 void QuantizeAvx2(const TermParams& p, double* r, uint8_t* codes, int64_t n, SegmentStats* out) {
   InitStats(out);
   const __m256d s = _mm256_set1_pd(p.scale), z = _mm256_set1_pd(p.zero);
   const __m256d lo = _mm256_set1_pd(p.lo), hi = _mm256_set1_pd(p.hi), half = _mm256_set1_pd(0.5);
-  __m256d vmin = _mm256_set1_pd(INFINITY), vmax = _mm256_set1_pd(-INFINITY);
-  __m256d vsq = _mm256_setzero_pd();
+  Acc256 acc;
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
     const __m256d x = _mm256_loadu_pd(r + i);
@@ -58,26 +68,18 @@ void QuantizeAvx2(const TermParams& p, double* r, uint8_t* codes, int64_t n, Seg
     const __m256d y = _mm256_sub_pd(x, d);
     _mm256_storeu_pd(r + i, y);
     StoreCodes4(q, codes + i);
-    vmin = _mm256_min_pd(vmin, y);
-    vmax = _mm256_max_pd(vmax, y);
-    vsq = _mm256_add_pd(vsq, _mm256_mul_pd(y, y));
+    acc.Add(y);
   }
-  Reduce(vmin, vmax, vsq, out);
+  acc.Finish(out);
   QuantizeTail<G>(p, r, codes, i, n, out);
 }
 
 void StatsAvx2(const double* r, int64_t n, SegmentStats* out) {
   InitStats(out);
-  __m256d vmin = _mm256_set1_pd(INFINITY), vmax = _mm256_set1_pd(-INFINITY);
-  __m256d vsq = _mm256_setzero_pd();
+  Acc256 acc;
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const __m256d y = _mm256_loadu_pd(r + i);
-    vmin = _mm256_min_pd(vmin, y);
-    vmax = _mm256_max_pd(vmax, y);
-    vsq = _mm256_add_pd(vsq, _mm256_mul_pd(y, y));
-  }
-  Reduce(vmin, vmax, vsq, out);
+  for (; i + 4 <= n; i += 4) acc.Add(_mm256_loadu_pd(r + i));
+  acc.Finish(out);
   StatsTail(r, i, n, out);
 }
 

@@ -7,13 +7,29 @@
 namespace fpxint::core::internal {
 namespace {
 
+// Running min / max / Σy² over 8 lanes.
+struct Acc512 {
+  __m512d vmin = _mm512_set1_pd(INFINITY);
+  __m512d vmax = _mm512_set1_pd(-INFINITY);
+  __m512d vsq = _mm512_setzero_pd();
+  void Add(__m512d y) {
+    vmin = _mm512_min_pd(vmin, y);
+    vmax = _mm512_max_pd(vmax, y);
+    vsq = _mm512_add_pd(vsq, _mm512_mul_pd(y, y));
+  }
+  void Finish(SegmentStats* out) const {
+    out->min = _mm512_reduce_min_pd(vmin);
+    out->max = _mm512_reduce_max_pd(vmax);
+    out->sumsq = _mm512_reduce_add_pd(vsq);
+  }
+};
+
 template <GridOp G>
 void QuantizeAvx512(const TermParams& p, double* r, uint8_t* codes, int64_t n, SegmentStats* out) {
   InitStats(out);
   const __m512d s = _mm512_set1_pd(p.scale), z = _mm512_set1_pd(p.zero);
   const __m512d lo = _mm512_set1_pd(p.lo), hi = _mm512_set1_pd(p.hi), half = _mm512_set1_pd(0.5);
-  __m512d vmin = _mm512_set1_pd(INFINITY), vmax = _mm512_set1_pd(-INFINITY);
-  __m512d vsq = _mm512_setzero_pd();
+  Acc512 acc;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m512d x = _mm512_loadu_pd(r + i);
@@ -40,30 +56,18 @@ void QuantizeAvx512(const TermParams& p, double* r, uint8_t* codes, int64_t n, S
     // vpmovdb truncates each int32 to its low byte: the two's complement code.
     _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i),
                      _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(q)));
-    vmin = _mm512_min_pd(vmin, y);
-    vmax = _mm512_max_pd(vmax, y);
-    vsq = _mm512_add_pd(vsq, _mm512_mul_pd(y, y));
+    acc.Add(y);
   }
-  out->min = _mm512_reduce_min_pd(vmin);
-  out->max = _mm512_reduce_max_pd(vmax);
-  out->sumsq = _mm512_reduce_add_pd(vsq);
+  acc.Finish(out);
   QuantizeTail<G>(p, r, codes, i, n, out);
 }
 
 void StatsAvx512(const double* r, int64_t n, SegmentStats* out) {
   InitStats(out);
-  __m512d vmin = _mm512_set1_pd(INFINITY), vmax = _mm512_set1_pd(-INFINITY);
-  __m512d vsq = _mm512_setzero_pd();
+  Acc512 acc;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m512d y = _mm512_loadu_pd(r + i);
-    vmin = _mm512_min_pd(vmin, y);
-    vmax = _mm512_max_pd(vmax, y);
-    vsq = _mm512_add_pd(vsq, _mm512_mul_pd(y, y));
-  }
-  out->min = _mm512_reduce_min_pd(vmin);
-  out->max = _mm512_reduce_max_pd(vmax);
-  out->sumsq = _mm512_reduce_add_pd(vsq);
+  for (; i + 8 <= n; i += 8) acc.Add(_mm512_loadu_pd(r + i));
+  acc.Finish(out);
   StatsTail(r, i, n, out);
 }
 
