@@ -50,6 +50,10 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   const absl::Time start = absl::Now();
   const ExpansionSpec& spec = options.spec;
   FPX_RETURN_IF_ERROR(spec.Validate());
+  if (spec.unsigned_first) {
+    return absl::InvalidArgumentError(
+        "unsigned_first is for activations; weight artifacts store signed terms");
+  }
   std::optional<std::regex> include, exclude;
   if (!options.include_regex.empty()) {
     FPX_ASSIGN_OR_RETURN(include, CompileRegex(options.include_regex, "include"));

@@ -48,6 +48,13 @@ GroupParams ParamsFor(const ExpansionSpec& spec, const SegmentStats& st, float p
   const double mn = st.min + 0.0;  // + 0.0 turns -0 into +0 so all variants agree bitwise
   const double mx = st.max + 0.0;
   const double m = std::max(std::fabs(mn), std::fabs(mx));
+  if (spec.unsigned_first && k == 1) {  // non-negative input: codes [0, 2^b-1], value s·C
+    g.p.lo = 0;
+    g.p.hi = (1 << spec.bits) - 1;
+    g.scale = m == 0 ? 1.0f : RoundDownToFloat(m / g.p.hi);
+    g.p.scale = g.scale;
+    return g;
+  }
   switch (spec.grid) {
     case Grid::kSym:
       g.scale = m == 0 ? 1.0f : RoundDownToFloat(m / spec.code_max());
@@ -115,7 +122,7 @@ bool IsTinyScale(float s) { return s != 0 && s < FLT_MIN; }
 
 // Describes the first non-finite or out-of-range element of row `row`.
 absl::Status BadValueError(DType dtype, absl::Span<const uint8_t> data, const TensorLayout& l,
-                           int64_t row) {
+                           int64_t row, bool unsigned_first) {
   std::vector<double> v(l.row_len);
   ConvertToDouble(dtype, data.data() + row * l.row_len * DTypeSize(dtype), l.row_len, v.data());
   for (int64_t i = 0; i < l.row_len; ++i) {
@@ -124,6 +131,11 @@ absl::Status BadValueError(DType dtype, absl::Span<const uint8_t> data, const Te
           "value ", v[i], " at flat index ", row * l.row_len + i,
           std::isfinite(v[i]) ? " is beyond the float32 range that scales are stored in"
                               : " is not finite; only finite values can be expanded"));
+    }
+    if (unsigned_first && v[i] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "value ", v[i], " at flat index ", row * l.row_len + i,
+          " is negative; unsigned_first needs a non-negative tensor"));
     }
   }
   return absl::InvalidArgumentError(absl::StrCat(
@@ -209,7 +221,7 @@ absl::Status ExpandByRows(DType dtype, absl::Span<const uint8_t> data, const Exp
       for (int64_t g = 0; g < gpr; ++g) {
         const int64_t b = g * l.group_len, n = std::min(l.group_len, l.row_len - b);
         kt.stats(r.data() + b, n, &st[g]);
-        bad |= !RowIsFinite(st[g]);
+        bad |= !RowIsFinite(st[g]) || (spec.unsigned_first && st[g].min < 0);
         m0[g] = MaxAbs(st[g]);
         sq0 += st[g].sumsq;
         mx0 = std::max(mx0, m0[g]);
@@ -257,7 +269,7 @@ absl::Status ExpandByRows(DType dtype, absl::Span<const uint8_t> data, const Exp
   });
   if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
   for (int64_t row = 0; row < l.rows; ++row) {
-    if (rr.bad[row]) return BadValueError(dtype, data, l, row);
+    if (rr.bad[row]) return BadValueError(dtype, data, l, row, spec.unsigned_first);
   }
   FinishErrors(e, rr, K);
   return absl::OkStatus();
@@ -280,14 +292,14 @@ absl::Status ExpandWholeTensor(DType dtype, absl::Span<const uint8_t> data, cons
       double* rp = r.data() + row * l.row_len;
       ToDouble(kt, dtype, data.data() + row * l.row_len * isize, l.row_len, rp);
       kt.stats(rp, l.row_len, &row_stats[row]);
-      rr.bad[row] = !RowIsFinite(row_stats[row]);
+      rr.bad[row] = !RowIsFinite(row_stats[row]) || (spec.unsigned_first && row_stats[row].min < 0);
       rr.sumsq0[row] = row_stats[row].sumsq;
       rr.max0[row] = MaxAbs(row_stats[row]);
     }
   });
   if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
   for (int64_t row = 0; row < l.rows; ++row) {
-    if (rr.bad[row]) return BadValueError(dtype, data, l, row);
+    if (rr.bad[row]) return BadValueError(dtype, data, l, row, spec.unsigned_first);
   }
   auto global = [&] {
     SegmentStats g{INFINITY, -INFINITY, 0};
@@ -438,13 +450,13 @@ absl::StatusOr<TensorExpansion> ExpandTensor(absl::Span<const double> values,
       options);
 }
 
-void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& l, const TermData& term,
+void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& l, const TermData& term, int k,
                     double* acc) {
   std::vector<int32_t> q(l.row_len);
   const int64_t gpr = l.groups_per_row;
   for (int64_t row = 0; row < l.rows; ++row) {
     UnpackCodes(term.codes.data() + row * l.packed_row_bytes, l.row_len, spec.bits,
-                spec.is_signed(), q.data());
+                !spec.term_is_unsigned(k), q.data());
     double* out = acc + row * l.row_len;
     for (int64_t i = 0; i < l.row_len; ++i) {
       const int64_t si = spec.scale == ScaleGranularity::kTensor ? 0 : row * gpr + i / l.group_len;
@@ -464,7 +476,7 @@ void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& l, const Term
 std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms) {
   std::vector<double> acc(e.layout.numel(), 0.0);
   for (int k = 0; k < num_terms && k < static_cast<int>(e.terms.size()); ++k) {
-    AccumulateTerm(e.spec, e.layout, e.terms[k], acc.data());
+    AccumulateTerm(e.spec, e.layout, e.terms[k], k + 1, acc.data());
   }
   return acc;
 }

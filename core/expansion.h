@@ -132,9 +132,9 @@ absl::StatusOr<TensorExpansion> ExpandTensor(absl::Span<const double> values,
                                              const ExpansionSpec& spec,
                                              const ExpandOptions& options = {});
 
-// Adds the dequantized term `k` (1-based) to acc[0..numel).
+// Adds the dequantized term `term`, which is term k (1-based), to acc[0..numel).
 void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& layout, const TermData& term,
-                    double* acc);
+                    int k, double* acc);
 // Σ_{k=1..num_terms} of the dequantized terms, summed in order k = 1, 2, ... in fp64.
 // REQUIRES: num_terms ≤ e.terms.size().
 std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms);

@@ -278,7 +278,7 @@ TEST(ExpansionAbelian, TermOrderDoesNotMatter) {
   // Variant R: fp32 sums of the dequantized terms agree within 1e-6 relative in every order.
   TensorExpansion e = MustExpand(w, {64, 96}, Spec(4, 4, Grid::kSym, ScaleGranularity::kChannel));
   std::vector<std::vector<double>> terms(4, std::vector<double>(w.size(), 0.0));
-  for (int k = 0; k < 4; ++k) AccumulateTerm(e.spec, e.layout, e.terms[k], terms[k].data());
+  for (int k = 0; k < 4; ++k) AccumulateTerm(e.spec, e.layout, e.terms[k], k + 1, terms[k].data());
   std::vector<float> ref;
   order = {0, 1, 2, 3};
   do {
@@ -461,6 +461,28 @@ TEST(ExpansionErrors, RejectsBadInputWithClearMessages) {
   ExpansionSpec bad = spec;
   bad.bits = 9;
   EXPECT_NE(ExpandTensor(w, {4, 4}, bad).status().message().find("bits"), std::string::npos);
+}
+
+TEST(ExpansionUnsignedFirst, NonNegativeInputsUseTheFullUnsignedRange) {
+  std::vector<double> x = FloatValued(RandomValues(Dist::kGaussian, 64 * 256, 21));
+  for (double& v : x) v = std::max(v, 0.0);  // ReLU output
+  ExpansionSpec spec = Spec(4, 3, Grid::kSym, ScaleGranularity::kTensor);
+  TensorExpansion signed_e = MustExpand(x, {64, 256}, spec);
+  spec.unsigned_first = true;
+  TensorExpansion unsigned_e = MustExpand(x, {64, 256}, spec);
+  // Term 1: codes 0..15 with s = m/15, so the error is at most m/30 (sym: m/14).
+  EXPECT_LE(unsigned_e.errors[0].rel_max, 1.0 / 30 * (1 + 1e-12));
+  EXPECT_LT(unsigned_e.errors[0].rel_fro, signed_e.errors[0].rel_fro);
+  // Later terms are signed residuals that contract by 1/14.
+  EXPECT_NEAR(unsigned_e.errors[2].max_abs / unsigned_e.errors[1].max_abs, 1.0 / 14, 0.01);
+  auto [fro, mx] = MeasuredErrors(x, unsigned_e, 3);
+  EXPECT_NEAR(fro / unsigned_e.errors[2].rel_fro, 1.0, 1e-9);
+  x[7] = -0.5;
+  absl::StatusOr<TensorExpansion> neg = ExpandTensor(x, {64, 256}, spec);
+  EXPECT_NE(neg.status().message().find("unsigned_first needs a non-negative"), std::string::npos)
+      << neg.status();
+  spec.grid = Grid::kMid;
+  EXPECT_FALSE(spec.Validate().ok());
 }
 
 TEST(ExpansionCancel, CancelledFlagStopsTheWork) {

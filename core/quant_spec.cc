@@ -32,6 +32,11 @@ absl::Status ExpansionSpec::Validate() const {
                                                    " is only accepted with scale group, not ",
                                                    ScaleName(scale)));
   }
+  if (unsigned_first && grid != Grid::kSym) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unsigned_first needs grid sym (its later terms are signed residuals); got grid ",
+        GridName(grid)));
+  }
   if (!std::isfinite(eps) || eps < 0 || eps >= 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("eps: ", eps, " is out of range; accepted 0 (off) or 0 < eps < 1"));
@@ -71,6 +76,7 @@ std::string ExpansionSpec::ToString() const {
                                VariantName(variant), " ", ScaleName(scale));
   if (scale == ScaleGranularity::kGroup) absl::StrAppend(&s, " g=", group_size);
   if (eps > 0) absl::StrAppend(&s, " eps=", eps);
+  if (unsigned_first) absl::StrAppend(&s, " unsigned-first");
   return s;
 }
 

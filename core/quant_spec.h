@@ -40,6 +40,10 @@ struct ExpansionSpec {
   ScaleGranularity scale = ScaleGranularity::kChannel;
   int64_t group_size = 0;  // g, only for kGroup
   double eps = 0;          // > 0: stop once max|R_k| <= eps * m in every group (or R_k == 0)
+  // Term 1 on the unsigned grid [0, 2^b-1] with s = m/(2^b-1) (SPEC §3: the first term of a
+  // non-negative activation, e.g. after ReLU); later terms are signed residuals. Grid sym only;
+  // the tensor must have no negative value. Not stored in artifacts (weights are signed).
+  bool unsigned_first = false;
 
   // InvalidArgument naming the field and the accepted values.
   absl::Status Validate() const;
@@ -49,6 +53,8 @@ struct ExpansionSpec {
   bool is_packed() const { return bits == 1 || bits == 2 || bits == 4; }
   int code_min() const;
   int code_max() const;
+  // True when term k (1-based) has unsigned codes.
+  bool term_is_unsigned(int k) const { return grid == Grid::kAsym || (unsigned_first && k == 1); }
   // The contraction r of the residual per term (SPEC.md §1 table).
   double contraction() const;
   // "lsb_first" (packed) or "byte".
