@@ -1,0 +1,481 @@
+// LibTorch side of the model layer. The only translation unit with TorchScript graph code.
+#include "model/model.h"
+
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/frozen_conv_folding.h>
+#include <torch/csrc/jit/passes/graph_rewrite_helper.h>
+#include <ATen/Parallel.h>
+#include <torch/script.h>
+
+#include <regex>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/status_macros.h"
+#include "model/act_expand_op.h"
+
+namespace fpxint::model {
+
+using torch::jit::Node;
+using torch::jit::Value;
+
+int64_t HostTensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+HostTensor HostTensor::Float(std::vector<int64_t> shape, std::vector<float> data) {
+  HostTensor t;
+  t.type = Type::kFloat32;
+  t.shape = std::move(shape);
+  t.f32 = std::move(data);
+  return t;
+}
+
+HostTensor HostTensor::Int64(std::vector<int64_t> shape, std::vector<int64_t> data) {
+  HostTensor t;
+  t.type = Type::kInt64;
+  t.shape = std::move(shape);
+  t.i64 = std::move(data);
+  return t;
+}
+
+absl::Status ModelExpansionSpec::Validate() const {
+  FPX_RETURN_IF_ERROR(weights.Validate());
+  if (weights.unsigned_first) {
+    return absl::InvalidArgumentError("weights: unsigned_first applies to activations only");
+  }
+  if (act_terms < 0 || act_terms > core::kMaxTerms) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("act_terms: ", act_terms, "; accepted 0 (weight-only) .. ", core::kMaxTerms));
+  }
+  if (act_terms > 0) {
+    core::ExpansionSpec a;
+    a.bits = act_bits;
+    a.terms = act_terms;
+    a.grid = act_grid;
+    if (absl::Status s = a.Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("activations: ", s.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The line of an exception's message that says what went wrong: TorchScript interpreter errors
+// carry a traceback and end in "RuntimeError: ..."; c10::Errors may append a C++ backtrace.
+std::string BriefText(const std::string& msg) {
+  std::vector<std::string> lines = absl::StrSplit(msg, '\n', absl::SkipWhitespace());
+  for (const std::string& l : lines) {
+    if (absl::StrContains(l, "Error: ")) return l;
+  }
+  return lines.empty() ? msg : lines.front();
+}
+std::string Brief(const c10::Error& e) { return BriefText(e.what_without_backtrace()); }
+
+enum class OpKind { kConv, kLinear, kMatmul };
+
+struct FoundLayer {
+  Node* node;
+  OpKind kind;
+  at::Tensor weight;  // as stored in the graph
+};
+
+bool IsConv(Node* n) {
+  static const c10::Symbol kinds[] = {
+      c10::Symbol::fromQualString("aten::_convolution"), c10::Symbol::fromQualString("aten::conv1d"),
+      c10::Symbol::fromQualString("aten::conv2d"), c10::Symbol::fromQualString("aten::conv3d")};
+  for (const c10::Symbol& k : kinds) {
+    if (n->kind() == k) return true;
+  }
+  return false;
+}
+
+std::optional<at::Tensor> ConstTensor(Value* v) {
+  if (v->node()->kind() != c10::prim::Constant) return std::nullopt;
+  c10::optional<c10::IValue> iv = torch::jit::toIValue(v);
+  if (!iv || !iv->isTensor()) return std::nullopt;
+  return iv->toTensor();
+}
+
+void CollectLayers(torch::jit::Block* block, std::vector<FoundLayer>* out) {
+  static const c10::Symbol kLinear = c10::Symbol::fromQualString("aten::linear");
+  static const c10::Symbol kMatmul = c10::Symbol::fromQualString("aten::matmul");
+  for (Node* n : block->nodes()) {
+    for (torch::jit::Block* b : n->blocks()) CollectLayers(b, out);
+    std::optional<OpKind> kind;
+    if (IsConv(n)) kind = OpKind::kConv;
+    else if (n->kind() == kLinear) kind = OpKind::kLinear;
+    else if (n->kind() == kMatmul) kind = OpKind::kMatmul;
+    if (!kind || n->inputs().size() < 2) continue;
+    std::optional<at::Tensor> w = ConstTensor(n->input(1));
+    if (!w || w->scalar_type() != at::kFloat || w->dim() < 2) continue;
+    if (*kind == OpKind::kMatmul && w->dim() != 2) continue;
+    out->push_back({n, *kind, *w});
+  }
+}
+
+const char* KindName(OpKind k) {
+  switch (k) {
+    case OpKind::kConv: return "conv";
+    case OpKind::kLinear: return "linear";
+    case OpKind::kMatmul: return "matmul";
+  }
+  return "?";
+}
+
+// The weight in expansion layout: output channel first. matmul's [in, out] is transposed.
+at::Tensor ExpansionLayout(const at::Tensor& w, OpKind k) {
+  at::Tensor t = k == OpKind::kMatmul ? w.t() : w;
+  return t.contiguous().to(at::kFloat);
+}
+
+at::Tensor FromExpansionLayout(const std::vector<double>& v, const at::Tensor& like, OpKind k) {
+  at::Tensor flat = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);
+  float* p = flat.data_ptr<float>();
+  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<float>(v[i]);
+  if (k == OpKind::kMatmul) return flat.reshape({like.size(1), like.size(0)}).t().contiguous();
+  return flat.reshape(like.sizes());
+}
+
+torch::jit::Module CloneModule(const torch::jit::Module& m) { return m.clone(); }
+
+std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
+  return m.get_method("forward").graph();
+}
+
+}  // namespace
+
+struct Model::Impl {
+  torch::jit::Module frozen;   // frozen, BatchNorm folded; never modified after Load
+  torch::jit::Module current;  // what Forward runs
+  std::vector<OpKind> kinds;
+  std::vector<LayerInfo> layers;
+  ModelExpansionSpec spec;
+  std::vector<std::optional<core::TensorExpansion>> expansions;
+  int kw = 0, ka = 0;
+
+  // Clones the frozen module and rewrites every expanded layer with `weight_for(i)` (and, when
+  // ka > 0, an activation expansion of its input). `bias_zero` zeroes the biases of expanded
+  // layers (basis models k > 1).
+  absl::StatusOr<torch::jit::Module> Build(const std::function<at::Tensor(size_t)>& weight_for,
+                                           int act_terms, bool bias_zero) const {
+    torch::jit::Module m = CloneModule(frozen);
+    std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
+    std::vector<FoundLayer> found;
+    CollectLayers(g->block(), &found);
+    if (found.size() != layers.size()) {
+      return absl::InternalError("layer discovery differs between the frozen model and its clone");
+    }
+    for (size_t i = 0; i < found.size(); ++i) {
+      if (!layers[i].expanded) continue;
+      Node* n = found[i].node;
+      torch::jit::WithInsertPoint guard(n);
+      n->replaceInput(1, g->insertConstant(weight_for(i)));
+      if (bias_zero && found[i].kind != OpKind::kMatmul && n->inputs().size() > 2) {
+        if (std::optional<at::Tensor> b = ConstTensor(n->input(2))) {
+          n->replaceInput(2, g->insertConstant(at::zeros_like(*b)));
+        }
+      }
+      if (act_terms > 0) {
+        const bool per_row = found[i].kind != OpKind::kConv;
+        Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
+                              {n->input(0), static_cast<int64_t>(spec.act_bits),
+                               static_cast<int64_t>(act_terms),
+                               static_cast<int64_t>(spec.act_grid), per_row, spec.unsigned_first});
+        n->replaceInput(0, xq);
+      }
+    }
+    torch::jit::EliminateDeadCode(g);
+    return m;
+  }
+
+  at::Tensor PartialSum(size_t i, int k) const {
+    return FromExpansionLayout(core::Reconstruct(*expansions[i], k), original_weights[i], kinds[i]);
+  }
+
+  std::vector<at::Tensor> original_weights;
+  std::vector<at::Tensor> original_biases;  // undefined when the layer has none
+
+  LayerParams FpLayer(size_t i) const {
+    LayerParams l;
+    l.name = layers[i].name;
+    const at::Tensor w = ExpansionLayout(original_weights[i], kinds[i]);
+    l.shape = w.sizes().vec();
+    l.weight.assign(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
+    if (original_biases[i].defined()) {
+      const at::Tensor b = original_biases[i].contiguous().to(at::kFloat);
+      l.bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + b.numel());
+    }
+    return l;
+  }
+};
+
+Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Model::~Model() = default;
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, const Options& o) {
+  EnsureActExpandOpRegistered();
+  at::set_num_threads(std::max(1, o.threads));
+  auto impl = std::make_unique<Impl>();
+  try {
+    torch::jit::Module m = torch::jit::load(path);
+    m.eval();
+    impl->frozen = torch::jit::freeze(m);
+  } catch (const c10::Error& e) {
+    std::string msg = Brief(e);
+    if (msg.find("open file failed") != std::string::npos ||
+        msg.find("No such file") != std::string::npos) {
+      return absl::NotFoundError(absl::StrCat("cannot open model '", path, "': ", msg));
+    }
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", path, "' is not a loadable TorchScript model: ", msg));
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("'", path, "' is not a loadable TorchScript model: ", e.what()));
+  }
+  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(impl->frozen);
+  // freeze() already folds conv+BN for aten::conv2d; traced graphs use aten::_convolution, so
+  // rewrite those first and fold again.
+  torch::jit::graph_rewrite_helper::replaceConvolutionWithAtenConv(g);
+  torch::jit::FoldFrozenConvBatchnorm(g);
+  torch::jit::EliminateDeadCode(g);
+  std::vector<FoundLayer> found;
+  CollectLayers(g->block(), &found);
+  if (found.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "'", path, "' has no layer to expand: expected aten::linear, a convolution or "
+        "aten::matmul with a constant float weight of rank >= 2"));
+  }
+  for (const FoundLayer& f : found) {
+    LayerInfo info;
+    info.name = f.node->input(1)->debugName();
+    info.op = KindName(f.kind);
+    info.weight_shape = f.weight.sizes().vec();
+    info.has_bias = f.kind != OpKind::kMatmul && f.node->inputs().size() > 2 &&
+                    ConstTensor(f.node->input(2)).has_value();
+    impl->layers.push_back(std::move(info));
+    impl->kinds.push_back(f.kind);
+    impl->original_weights.push_back(f.weight.clone());
+    std::optional<at::Tensor> b;
+    if (f.kind != OpKind::kMatmul && f.node->inputs().size() > 2) b = ConstTensor(f.node->input(2));
+    impl->original_biases.push_back(b ? b->clone() : at::Tensor());
+  }
+  impl->expansions.resize(found.size());
+  impl->current = impl->frozen;
+  return std::unique_ptr<Model>(new Model(std::move(impl)));
+}
+
+const std::vector<LayerInfo>& Model::layers() const { return impl_->layers; }
+const ModelExpansionSpec& Model::spec() const { return impl_->spec; }
+
+absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool) {
+  FPX_RETURN_IF_ERROR(spec.Validate());
+  std::optional<std::regex> include, exclude;
+  try {
+    if (!spec.include.empty()) include.emplace(spec.include);
+    if (!spec.exclude.empty()) exclude.emplace(spec.exclude);
+  } catch (const std::regex_error& e) {
+    return absl::InvalidArgumentError(absl::StrCat("include/exclude: invalid regex: ", e.what()));
+  }
+  Impl& im = *impl_;
+  im.spec = spec;
+  core::ExpandOptions opts;
+  opts.pool = pool;
+  int selected = 0;
+  for (size_t i = 0; i < im.layers.size(); ++i) {
+    LayerInfo& l = im.layers[i];
+    l.expanded = (!include || std::regex_search(l.name, *include)) &&
+                 !(exclude && std::regex_search(l.name, *exclude));
+    l.errors.clear();
+    im.expansions[i].reset();
+    if (!l.expanded) continue;
+    ++selected;
+    const at::Tensor w = ExpansionLayout(im.original_weights[i], im.kinds[i]);
+    const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(w.data_ptr<float>()),
+                                           static_cast<size_t>(w.numel()) * 4);
+    absl::StatusOr<core::TensorExpansion> e =
+        core::ExpandTensor(core::DType::kF32, w.sizes().vec(), bytes, spec.weights, opts);
+    if (!e.ok()) {
+      return absl::Status(e.status().code(),
+                          absl::StrCat("layer '", l.name, "': ", e.status().message()));
+    }
+    l.errors = e->errors;
+    im.expansions[i] = *std::move(e);
+  }
+  if (selected == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("include/exclude select none of the ",
+                                                   im.layers.size(), " layers"));
+  }
+  im.kw = im.ka = 0;
+  im.current = im.frozen;
+  return absl::OkStatus();
+}
+
+absl::Status Model::SetPrecision(int kw, int ka) {
+  Impl& im = *impl_;
+  const int max_kw = im.spec.weights.terms;
+  const int max_ka = im.spec.act_terms;
+  if (kw < 0 || kw > max_kw) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weight terms: ", kw, "; this expansion has 0..", max_kw));
+  }
+  if (im.spec.weight_only()) ka = 0;
+  if (ka < 0 || ka > max_ka) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activation terms: ", ka, "; this expansion has 0..", max_ka));
+  }
+  if (kw == 0 && ka == 0) {
+    im.current = im.frozen;
+  } else {
+    auto weight_for = [&](size_t i) {
+      const int k = std::min<int>(kw, im.expansions[i]->terms.size());
+      return k == 0 ? im.original_weights[i] : im.PartialSum(i, k);
+    };
+    try {
+      FPX_ASSIGN_OR_RETURN(im.current, im.Build(weight_for, ka, /*bias_zero=*/false));
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat("cannot build the expanded network: ", Brief(e)));
+    }
+  }
+  im.kw = kw;
+  im.ka = ka;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<HostTensor> Model::Forward(const HostTensor& in) {
+  if (in.numel() != static_cast<int64_t>(in.type == HostTensor::Type::kFloat32 ? in.f32.size()
+                                                                               : in.i64.size())) {
+    return absl::InvalidArgumentError("input: shape does not match the number of values");
+  }
+  try {
+    at::Tensor x = in.type == HostTensor::Type::kFloat32
+                       ? at::from_blob(const_cast<float*>(in.f32.data()), in.shape, at::kFloat)
+                       : at::from_blob(const_cast<int64_t*>(in.i64.data()), in.shape, at::kLong);
+    torch::NoGradGuard no_grad;
+    c10::IValue out = impl_->current.forward({x});
+    if (out.isTuple()) out = out.toTupleRef().elements()[0];
+    if (!out.isTensor()) return absl::InternalError("model output is not a tensor");
+    at::Tensor y = out.toTensor().contiguous().to(at::kFloat);
+    HostTensor r;
+    r.shape = y.sizes().vec();
+    r.f32.assign(y.data_ptr<float>(), y.data_ptr<float>() + y.numel());
+    return r;
+  } catch (const std::exception& e) {  // c10::Error and the interpreter's own errors
+    const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "input of shape [", absl::StrJoin(in.shape, ","), "] was rejected by the model (a traced "
+        "model keeps the input size it was traced with where it reshapes): ",
+        ce ? Brief(*ce) : BriefText(e.what())));
+  }
+}
+
+absl::Status Model::SaveDequantized(const std::string& path) const {
+  if (impl_->ka > 0) {
+    return absl::FailedPreconditionError(
+        "activations are expanded: the network needs the fpxint op library; save a weight-only "
+        "precision (SetPrecision(kw, 0)) for plain LibTorch");
+  }
+  try {
+    impl_->current.save(path);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("cannot save '", path, "': ", Brief(e)));
+  }
+  return absl::OkStatus();
+}
+
+ModelParams Model::FpParams() const {
+  ModelParams p;
+  for (size_t i = 0; i < impl_->layers.size(); ++i) {
+    if (impl_->layers[i].expanded) p.layers.push_back(impl_->FpLayer(i));
+  }
+  return p;
+}
+
+absl::StatusOr<ModelParams> Model::BasisParams(int k) const {
+  const Impl& im = *impl_;
+  if (k < 1 || k > im.spec.weights.terms) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("basis model ", k, "; accepted 1..", im.spec.weights.terms));
+  }
+  ModelParams p;
+  for (size_t i = 0; i < im.layers.size(); ++i) {
+    if (!im.layers[i].expanded) continue;
+    LayerParams l = im.FpLayer(i);
+    const core::TensorExpansion& e = *im.expansions[i];
+    std::fill(l.weight.begin(), l.weight.end(), 0.0);
+    if (k <= static_cast<int>(e.terms.size())) {
+      core::AccumulateTerm(e.spec, e.layout, e.terms[k - 1], k, l.weight.data());
+    }
+    if (k > 1) std::fill(l.bias.begin(), l.bias.end(), 0.0);
+    p.layers.push_back(std::move(l));
+  }
+  return p;
+}
+
+ModelParams Model::ResidualParams() const {
+  const Impl& im = *impl_;
+  ModelParams p;
+  for (size_t i = 0; i < im.layers.size(); ++i) {
+    if (!im.layers[i].expanded) continue;
+    LayerParams l = im.FpLayer(i);
+    const core::TensorExpansion& e = *im.expansions[i];
+    const std::vector<double> sum = core::Reconstruct(e, static_cast<int>(e.terms.size()));
+    for (size_t j = 0; j < l.weight.size(); ++j) l.weight[j] -= sum[j];
+    std::fill(l.bias.begin(), l.bias.end(), 0.0);
+    p.layers.push_back(std::move(l));
+  }
+  return p;
+}
+
+absl::Status Model::UseParams(const ModelParams& params) {
+  Impl& im = *impl_;
+  const ModelParams shape = FpParams();
+  FPX_RETURN_IF_ERROR(MaxAbsDiff(shape, params).status());
+  std::vector<const LayerParams*> by_layer(im.layers.size(), nullptr);
+  for (size_t i = 0, j = 0; i < im.layers.size(); ++i) {
+    if (im.layers[i].expanded) by_layer[i] = &params.layers[j++];
+  }
+  auto weight_for = [&](size_t i) {
+    return FromExpansionLayout(by_layer[i]->weight, im.original_weights[i], im.kinds[i]);
+  };
+  try {
+    FPX_ASSIGN_OR_RETURN(torch::jit::Module m, im.Build(weight_for, 0, /*bias_zero=*/false));
+    // Biases: rewrite the expanded layers' bias constants too.
+    std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
+    std::vector<FoundLayer> found;
+    CollectLayers(g->block(), &found);
+    for (size_t i = 0; i < found.size(); ++i) {
+      if (by_layer[i] == nullptr || by_layer[i]->bias.empty()) continue;
+      at::Tensor b = at::empty({static_cast<int64_t>(by_layer[i]->bias.size())}, at::kFloat);
+      for (size_t j = 0; j < by_layer[i]->bias.size(); ++j) {
+        b.data_ptr<float>()[j] = static_cast<float>(by_layer[i]->bias[j]);
+      }
+      torch::jit::WithInsertPoint guard(found[i].node);
+      found[i].node->replaceInput(2, g->insertConstant(b));
+    }
+    torch::jit::EliminateDeadCode(g);
+    im.current = m;
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("cannot build the network: ", Brief(e)));
+  }
+  im.kw = im.ka = 0;
+  return absl::OkStatus();
+}
+
+const core::TensorExpansion* Model::expansion(size_t layer) const {
+  if (layer >= impl_->expansions.size() || !impl_->expansions[layer]) return nullptr;
+  return &*impl_->expansions[layer];
+}
+
+std::vector<float> Model::fp_weight(size_t layer) const {
+  const at::Tensor w = ExpansionLayout(impl_->original_weights[layer], impl_->kinds[layer]);
+  return std::vector<float>(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
+}
+
+}  // namespace fpxint::model

@@ -1,0 +1,131 @@
+// File: model/model.h
+//
+// FP=xINT layer and model expansion of TorchScript networks (SPEC.md §3–§5). LibTorch stays in
+// the .cc files of this directory; this header has none of it.
+//
+// Loading freezes the module (parameters become graph constants), folds every BatchNorm into the
+// convolution before it, and finds the layers to expand: aten::_convolution / conv1d/2d/3d and
+// aten::linear with a constant weight, and aten::matmul whose second operand is a constant 2-D
+// weight. The weights are expanded offline with the core library (output channel = dim 0 of
+// conv and linear weights, dim 1 of a matmul weight). At run time the network runs with the first
+// K_w' <= K_w weight terms of every layer and, when activations are expanded, each layer's input
+// is itself expanded into K_a' terms from the actual input (dynamic scales: per tensor for
+// convolutions, per row/token for linear and matmul; an unsigned first term when the input is
+// non-negative), so that y = Σ_i Σ_j W_i ⊛ X_j + β. Because every layer is linear, running the K
+// basis models in lock-step and summing before each nonlinearity is the same as running one layer
+// with the summed weights; biases are added once and nonlinearities run once on the sum.
+//
+// Example:
+//   FPX_ASSIGN_OR_RETURN(auto m, Model::Load("rec.pt", {}));
+//   FPX_RETURN_IF_ERROR(m->Expand(spec, &pool));
+//   FPX_RETURN_IF_ERROR(m->SetPrecision(2, 2));
+//   FPX_ASSIGN_OR_RETURN(HostTensor y, m->Forward(x));
+//
+// Thread-compatible: one thread at a time per Model.
+#ifndef FPXINT_MODEL_MODEL_H_
+#define FPXINT_MODEL_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/expansion.h"
+#include "core/thread_pool.h"
+#include "model/abelian.h"
+
+namespace fpxint::model {
+
+// A dense host tensor crossing the API (no LibTorch types in headers).
+struct HostTensor {
+  enum class Type { kFloat32, kInt64 };
+  Type type = Type::kFloat32;
+  std::vector<int64_t> shape;
+  std::vector<float> f32;
+  std::vector<int64_t> i64;
+
+  int64_t numel() const;
+  static HostTensor Float(std::vector<int64_t> shape, std::vector<float> data);
+  static HostTensor Int64(std::vector<int64_t> shape, std::vector<int64_t> data);
+};
+
+struct LayerInfo {
+  std::string name;  // the weight's name in the frozen graph, e.g. "self.c1.weight_fused_bn"
+  std::string op;    // "conv", "linear" or "matmul"
+  std::vector<int64_t> weight_shape;  // as stored in the graph
+  bool has_bias = false;
+  bool expanded = false;              // selected by include/exclude and expanded
+  std::vector<core::TermError> errors;  // weight expansion error per term (when expanded)
+};
+
+struct ModelExpansionSpec {
+  core::ExpansionSpec weights;  // b, K_w, grid, scale granularity, variant of the weight terms
+  int act_bits = 0;             // activation bits; 0 = weight-only
+  int act_terms = 0;            // K_a
+  core::Grid act_grid = core::Grid::kSym;
+  bool unsigned_first = true;   // first activation term unsigned when the input is >= 0
+  std::string include;          // regex on layer names; empty selects all
+  std::string exclude;
+
+  bool weight_only() const { return act_terms == 0; }
+  absl::Status Validate() const;
+};
+
+class Model {
+ public:
+  struct Options {
+    int threads = 2;  // LibTorch intra-op threads (it defaults to 1 on this machine)
+  };
+
+  // InvalidArgument when the file is not a TorchScript archive (or cannot be frozen);
+  // FailedPrecondition when it has no linear or convolution layer with a constant weight.
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& path, const Options& o);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const std::vector<LayerInfo>& layers() const;
+
+  // Expands the selected layers' weights (offline; reads no data). Replaces an earlier expansion.
+  absl::Status Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool);
+  const ModelExpansionSpec& spec() const;
+
+  // Runs with the first kw weight terms and ka activation terms (any precision). kw = 0 runs the
+  // FP model. ka is ignored for weight-only specs. InvalidArgument beyond the expanded K.
+  absl::Status SetPrecision(int kw, int ka);
+
+  // Runs the current network. InvalidArgument for a wrong dtype or rank, with the expected shape
+  // when the graph was traced at a fixed size.
+  absl::StatusOr<HostTensor> Forward(const HostTensor& input);
+
+  // Saves the current network (FP weights replaced by Σ_{k<=kw} terms) as TorchScript that
+  // loads in plain LibTorch or Python. FailedPrecondition when activations are expanded (that
+  // network needs the fpxint op library).
+  absl::Status SaveDequantized(const std::string& path) const;
+
+  // Linear parameters of the expanded layers (SPEC.md §4): the FP model, basis model k (term k
+  // of every weight; the bias in basis model 1 only), and the residual model R_K = W − Σ_k D_k
+  // (no bias), so that FP = basis_1 ⊕ … ⊕ basis_K ⊕ residual.
+  ModelParams FpParams() const;
+  absl::StatusOr<ModelParams> BasisParams(int k) const;
+  ModelParams ResidualParams() const;
+  // Makes the network run with `params` in place of the expanded layers' weights and biases
+  // (activations stay FP). InvalidArgument when `params` is of another architecture. With
+  // BasisParams(k) and SaveDequantized this writes basis model k as plain TorchScript.
+  absl::Status UseParams(const ModelParams& params);
+
+  // The weight expansion of layer i (for artifacts and tests).
+  const core::TensorExpansion* expansion(size_t layer) const;
+  // The layer's FP weight as fp32 in the layout the expansion uses ([out, ...]).
+  std::vector<float> fp_weight(size_t layer) const;
+
+ private:
+  struct Impl;
+  explicit Model(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fpxint::model
+
+#endif  // FPXINT_MODEL_MODEL_H_
