@@ -5,7 +5,7 @@ BUILD_DIR ?= build
 JOBS      ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build models test test-asan demo bench clean help
+.PHONY: all setup configure build models test test-asan demo bench eval clean help
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make test    build and run every test (what CI runs)"
 	@echo "make build   configure and build into $(BUILD_DIR)/ (binaries in $(BUILD_DIR)/bin/)"
 	@echo "make bench   run the Google Benchmark suite (docs/BENCHMARKS.md)"
+	@echo "make eval    full accuracy sweep on the real models (~40 min; docs/RESULTS.md, docs/results/)"
 	@echo "make test-asan  every test under AddressSanitizer + UBSan (build-asan/)"
 	@echo "make models  fetch the real models into the cache (scripts/fetch_models.sh)"
 	@echo "make setup   install the Debian packages the project needs"
@@ -48,6 +49,13 @@ demo: build models
 
 bench: build
 	@$(BUILD_DIR)/bin/fpxint-bench --benchmark_counters_tabular=true
+
+# The full accuracy sweep of docs/RESULTS.md (the CI subset is the accuracy.* tests).
+eval: build models
+	@mkdir -p $(BUILD_DIR)/eval
+	@$(BUILD_DIR)/bin/fpxint-eval all --sweep -o $(BUILD_DIR)/eval/results.json
+	@/usr/bin/python3 scripts/results_report.py $(BUILD_DIR)/eval/results.json docs/results
+	@cp $(BUILD_DIR)/eval/results.json docs/results/results.json
 
 clean:
 	rm -rf $(BUILD_DIR) build-asan

@@ -1,47 +1,116 @@
-// fpxint::act_expand: dynamic activation expansion for layer expansion (SPEC.md §3).
+// fpxint::act_expand and fpxint::act_expand_terms: dynamic activation expansion for layer
+// expansion (SPEC.md §3).
 #include "model/act_expand_op.h"
 
 #include <torch/script.h>
 
 #include "core/expansion.h"
-#include "core/thread_pool.h"
 
 namespace fpxint::model {
 namespace {
 
-at::Tensor ActExpand(const at::Tensor& x_in, int64_t bits, int64_t terms, int64_t grid,
-                     bool per_row, bool unsigned_first) {
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::act_expand: expects float32, got ",
-              x_in.scalar_type());
+// Expands x from its own values, one scale per group of `granularity` (ActGranularity).
+// Returns the expansion over the rows of the 2-D view `rows_view` of x that it used.
+core::TensorExpansion ExpandActivation(const at::Tensor& x, int64_t bits, int64_t terms,
+                                       int64_t grid, int64_t granularity, bool unsigned_first) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fpxint::act_expand: expects float32, got ",
+              x.scalar_type());
   TORCH_CHECK(terms >= 1, "fpxint::act_expand: terms must be >= 1");
-  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.is_contiguous(), "fpxint::act_expand: internal: x must be contiguous");
   const int64_t n = x.numel();
-  if (n == 0) return x.clone();
-  const int64_t cols = per_row && x.dim() >= 1 ? x.size(-1) : n;
-  const int64_t rows = n / cols;
+  int64_t cols = n;
+  switch (static_cast<ActGranularity>(granularity)) {
+    case ActGranularity::kTensor: break;
+    case ActGranularity::kRow:  // x is [..., C]: one scale per row
+    case ActGranularity::kPixel:  // x was permuted to [N, H, W, C] by the caller
+      cols = x.dim() >= 1 ? x.size(-1) : n;
+      break;
+    case ActGranularity::kChannel:  // x is [N, C, H, W]: one scale per (n, c)
+      TORCH_CHECK(x.dim() == 4, "fpxint::act_expand: per-channel scales need NCHW input");
+      cols = x.size(2) * x.size(3);
+      break;
+    default: TORCH_CHECK(false, "fpxint::act_expand: granularity ", granularity, " unknown");
+  }
+  const int64_t rows = cols == 0 ? 0 : n / cols;
   core::ExpansionSpec spec;
   spec.bits = static_cast<int>(bits);
   spec.terms = static_cast<int>(terms);
   spec.grid = static_cast<core::Grid>(grid);
-  spec.scale = per_row ? core::ScaleGranularity::kChannel : core::ScaleGranularity::kTensor;
-  spec.unsigned_first = unsigned_first && spec.grid == core::Grid::kSym && x.min().item<float>() >= 0;
+  spec.scale = rows > 1 ? core::ScaleGranularity::kChannel : core::ScaleGranularity::kTensor;
+  spec.unsigned_first =
+      unsigned_first && spec.grid == core::Grid::kSym && x.min().item<float>() >= 0;
   const std::vector<int64_t> shape = {rows, cols};
   const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x.data_ptr<float>()),
                                          static_cast<size_t>(n) * 4);
-  absl::StatusOr<core::TensorExpansion> e = core::ExpandTensor(core::DType::kF32, shape, bytes, spec);
+  absl::StatusOr<core::TensorExpansion> e =
+      core::ExpandTensor(core::DType::kF32, shape, bytes, spec);
   TORCH_CHECK(e.ok(), "fpxint::act_expand: ", std::string(e.status().message()));
-  const std::vector<double> sum = core::Reconstruct(*e, static_cast<int>(terms));
-  at::Tensor out = at::empty_like(x);
+  return *std::move(e);
+}
+
+// Per-pixel scales work on the NHWC view, so that each pixel's channels are one row.
+at::Tensor GroupView(const at::Tensor& x, int64_t granularity) {
+  if (static_cast<ActGranularity>(granularity) == ActGranularity::kPixel) {
+    TORCH_CHECK(x.dim() == 4, "fpxint::act_expand: per-pixel scales need NCHW input");
+    return x.permute({0, 2, 3, 1}).contiguous();
+  }
+  return x.contiguous();
+}
+
+at::Tensor FromGroupView(const at::Tensor& v, int64_t granularity) {
+  if (static_cast<ActGranularity>(granularity) == ActGranularity::kPixel) {
+    return v.permute({0, 3, 1, 2}).contiguous();
+  }
+  return v;
+}
+
+at::Tensor ToFloat(const std::vector<double>& v, const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
   float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(sum[i]);
+  for (size_t i = 0; i < v.size(); ++i) o[i] = static_cast<float>(v[i]);
+  return out;
+}
+
+at::Tensor ActExpand(const at::Tensor& x_in, int64_t bits, int64_t terms, int64_t grid,
+                     int64_t granularity, bool unsigned_first) {
+  if (x_in.numel() == 0) return x_in.clone();
+  const at::Tensor x = GroupView(x_in, granularity);
+  const core::TensorExpansion e =
+      ExpandActivation(x, bits, terms, grid, granularity, unsigned_first);
+  return FromGroupView(ToFloat(core::Reconstruct(e, static_cast<int>(e.terms.size())), x),
+                       granularity);
+}
+
+std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int64_t terms,
+                                       int64_t grid, int64_t granularity, bool unsigned_first) {
+  std::vector<at::Tensor> out;
+  if (x_in.numel() == 0) {
+    for (int64_t j = 0; j < terms; ++j) out.push_back(x_in.clone());
+    return out;
+  }
+  const at::Tensor x = GroupView(x_in, granularity);
+  const core::TensorExpansion e =
+      ExpandActivation(x, bits, terms, grid, granularity, unsigned_first);
+  std::vector<double> term(static_cast<size_t>(x.numel()));
+  for (int64_t j = 0; j < terms; ++j) {
+    std::fill(term.begin(), term.end(), 0.0);
+    if (j < static_cast<int64_t>(e.terms.size())) {  // fewer terms: the rest are exact zeros
+      core::AccumulateTerm(e.spec, e.layout, e.terms[j], static_cast<int>(j + 1), term.data());
+    }
+    out.push_back(FromGroupView(ToFloat(term, x), granularity));
+  }
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(fpxint, m) {
-  m.def("act_expand(Tensor x, int bits, int terms, int grid, bool per_row, bool unsigned_first) -> Tensor",
+  m.def("act_expand(Tensor x, int bits, int terms, int grid, int granularity, "
+        "bool unsigned_first) -> Tensor",
         &ActExpand);
+  m.def("act_expand_terms(Tensor x, int bits, int terms, int grid, int granularity, "
+        "bool unsigned_first) -> Tensor[]",
+        &ActExpandTerms);
 }
 
 void EnsureActExpandOpRegistered() {}

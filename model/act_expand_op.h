@@ -1,16 +1,27 @@
 // File: model/act_expand_op.h
 //
 // The TorchScript operator fpxint::act_expand(Tensor x, int bits, int terms, int grid,
-// bool per_row, bool unsigned_first) -> Tensor returns Σ_{j<=terms} of the activation's
-// expansion terms (dynamic scales from x itself: per row of the last dim when per_row, else per
-// tensor). Registered by linking fpxint_model; call EnsureActExpandOpRegistered() before using it
-// from C++ so the linker keeps the registration.
+// int granularity, bool unsigned_first) -> Tensor returns Σ_{j<=terms} of the activation's
+// expansion terms (dynamic scales from x itself, grouped by `granularity`, an ActGranularity).
+// fpxint::act_expand_terms(...) -> Tensor[] returns the terms themselves (dequantized, term j at
+// index j-1), for order-truncated products. Registered by linking fpxint_model; call
+// EnsureActExpandOpRegistered() before using it from C++ so the linker keeps the registration.
 #ifndef FPXINT_MODEL_ACT_EXPAND_OP_H_
 #define FPXINT_MODEL_ACT_EXPAND_OP_H_
 
 namespace fpxint::model {
 
+// Where the dynamic activation scales live. Each choice keeps the scale factorable out of the
+// layer's integer product, so the low-bit kernels can apply it to the int32 accumulator:
+enum class ActGranularity : int {
+  kTensor = 0,   // one scale for the tensor (any layer)
+  kRow = 1,      // one per row of the last dim: tokens of linear / matmul
+  kPixel = 2,    // one per (n, h, w) over the channels of NCHW: 1x1 convolutions
+  kChannel = 3,  // one per (n, c) over H x W of NCHW: depthwise convolutions
+};
+
 inline constexpr char kActExpandOp[] = "fpxint::act_expand";
+inline constexpr char kActExpandTermsOp[] = "fpxint::act_expand_terms";
 void EnsureActExpandOpRegistered();
 
 }  // namespace fpxint::model

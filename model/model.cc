@@ -8,12 +8,15 @@
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
+#include <cstdio>
+#include <cstring>
 #include <regex>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "model/act_expand_op.h"
 
@@ -52,6 +55,10 @@ absl::Status ModelExpansionSpec::Validate() const {
   if (act_terms < 0 || act_terms > core::kMaxTerms) {
     return absl::InvalidArgumentError(
         absl::StrCat("act_terms: ", act_terms, "; accepted 0 (weight-only) .. ", core::kMaxTerms));
+  }
+  if (truncate && act_terms == 0) {
+    return absl::InvalidArgumentError(
+        "truncate: order truncation needs expanded activations (act_terms >= 1)");
   }
   if (act_terms > 0) {
     core::ExpansionSpec a;
@@ -143,6 +150,21 @@ at::Tensor FromExpansionLayout(const std::vector<double>& v, const at::Tensor& l
   return flat.reshape(like.sizes());
 }
 
+// The finest dynamic activation scale that still factors out of the layer's integer product.
+ActGranularity ActGranularityFor(const FoundLayer& f, ModelExpansionSpec::ActScale scale) {
+  if (scale == ModelExpansionSpec::ActScale::kTensor) return ActGranularity::kTensor;
+  if (f.kind != OpKind::kConv) return ActGranularity::kRow;
+  static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
+  if (f.node->kind() != kConv2d || f.weight.dim() != 4 || f.node->inputs().size() < 7) {
+    return ActGranularity::kTensor;
+  }
+  const c10::optional<c10::IValue> groups = torch::jit::toIValue(f.node->input(6));
+  const int64_t g = groups && groups->isInt() ? groups->toInt() : 1;
+  if (g > 1 && g == f.weight.size(0) && f.weight.size(1) == 1) return ActGranularity::kChannel;
+  if (g == 1 && f.weight.size(2) == 1 && f.weight.size(3) == 1) return ActGranularity::kPixel;
+  return ActGranularity::kTensor;
+}
+
 torch::jit::Module CloneModule(const torch::jit::Module& m) { return m.clone(); }
 
 std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
@@ -160,11 +182,13 @@ struct Model::Impl {
   std::vector<std::optional<core::TensorExpansion>> expansions;
   int kw = 0, ka = 0;
 
-  // Clones the frozen module and rewrites every expanded layer with `weight_for(i)` (and, when
-  // ka > 0, an activation expansion of its input). `bias_zero` zeroes the biases of expanded
-  // layers (basis models k > 1).
-  absl::StatusOr<torch::jit::Module> Build(const std::function<at::Tensor(size_t)>& weight_for,
-                                           int act_terms, bool bias_zero) const {
+  // Clones the frozen module and rewrites every expanded layer with `weight_for(i, n)` (layer i's
+  // weight from its first n terms; n = kw) and, when ka > 0, an activation expansion of its input:
+  // one product with Σ_j X_j, or, order-truncated, Σ_j (Σ_{i <= min(kw, K+1-j)} W_i) X_j with
+  // K = max(kw, ka), the bias added once (in the j = 1 product).
+  absl::StatusOr<torch::jit::Module> Build(
+      const std::function<at::Tensor(size_t, int)>& weight_for, int kw, int ka,
+      bool truncate) const {
     torch::jit::Module m = CloneModule(frozen);
     std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
     std::vector<FoundLayer> found;
@@ -172,22 +196,49 @@ struct Model::Impl {
     if (found.size() != layers.size()) {
       return absl::InternalError("layer discovery differs between the frozen model and its clone");
     }
+    static const c10::Symbol kAdd = c10::Symbol::fromQualString("aten::add");
     for (size_t i = 0; i < found.size(); ++i) {
       if (!layers[i].expanded) continue;
       Node* n = found[i].node;
       torch::jit::WithInsertPoint guard(n);
-      n->replaceInput(1, g->insertConstant(weight_for(i)));
-      if (bias_zero && found[i].kind != OpKind::kMatmul && n->inputs().size() > 2) {
-        if (std::optional<at::Tensor> b = ConstTensor(n->input(2))) {
-          n->replaceInput(2, g->insertConstant(at::zeros_like(*b)));
+      const auto granularity = static_cast<int64_t>(ActGranularityFor(found[i], spec.act_scale));
+      if (ka > 0 && truncate) {
+        Value* list = g->insert(c10::Symbol::fromQualString(kActExpandTermsOp),
+                                {n->input(0), static_cast<int64_t>(spec.act_bits),
+                                 static_cast<int64_t>(ka), static_cast<int64_t>(spec.act_grid),
+                                 granularity, spec.unsigned_first});
+        Node* unpack = g->insertNode(g->createListUnpack(list, static_cast<size_t>(ka)));
+        const int k_max = std::max(kw, ka);
+        Value* sum = nullptr;
+        for (int j = 1; j <= ka; ++j) {
+          const int nw = std::min(kw, k_max + 1 - j);
+          // Operands first: nodes are inserted in order just before n.
+          Value* w = g->insertConstant(weight_for(i, nw));
+          Value* no_bias = j > 1 && found[i].kind != OpKind::kMatmul && n->inputs().size() > 2
+                               ? g->insertConstant(c10::IValue())
+                               : nullptr;
+          Node* c = g->createClone(n, [](Value* v) { return v; });
+          c->replaceInput(0, unpack->output(static_cast<size_t>(j - 1)));
+          c->replaceInput(1, w);
+          if (no_bias != nullptr) c->replaceInput(2, no_bias);
+          g->insertNode(c);
+          if (sum == nullptr) {
+            sum = c->output();
+          } else {  // aten::add.Tensor(self, other, alpha=1), created explicitly (no overload search)
+            Node* add = g->create(kAdd, {sum, c->output(), g->insertConstant(1)});
+            add->output()->setType(c->output()->type());
+            sum = g->insertNode(add)->output();
+          }
         }
+        n->output()->replaceAllUsesWith(sum);
+        continue;
       }
-      if (act_terms > 0) {
-        const bool per_row = found[i].kind != OpKind::kConv;
+      n->replaceInput(1, g->insertConstant(weight_for(i, kw)));
+      if (ka > 0) {
         Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
                               {n->input(0), static_cast<int64_t>(spec.act_bits),
-                               static_cast<int64_t>(act_terms),
-                               static_cast<int64_t>(spec.act_grid), per_row, spec.unsigned_first});
+                               static_cast<int64_t>(ka), static_cast<int64_t>(spec.act_grid),
+                               granularity, spec.unsigned_first});
         n->replaceInput(0, xq);
       }
     }
@@ -333,12 +384,12 @@ absl::Status Model::SetPrecision(int kw, int ka) {
   if (kw == 0 && ka == 0) {
     im.current = im.frozen;
   } else {
-    auto weight_for = [&](size_t i) {
-      const int k = std::min<int>(kw, im.expansions[i]->terms.size());
+    auto weight_for = [&](size_t i, int n) {
+      const int k = std::min<int>(n, im.expansions[i]->terms.size());
       return k == 0 ? im.original_weights[i] : im.PartialSum(i, k);
     };
     try {
-      FPX_ASSIGN_OR_RETURN(im.current, im.Build(weight_for, ka, /*bias_zero=*/false));
+      FPX_ASSIGN_OR_RETURN(im.current, im.Build(weight_for, kw, ka, im.spec.truncate));
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("cannot build the expanded network: ", Brief(e)));
     }
@@ -387,6 +438,43 @@ absl::Status Model::SaveDequantized(const std::string& path) const {
     return absl::InternalError(absl::StrCat("cannot save '", path, "': ", Brief(e)));
   }
   return absl::OkStatus();
+}
+
+absl::Status Model::SaveFoldedWeights(const std::string& path) const {
+  const Impl& im = *impl_;
+  core::SafetensorsWriter w;
+  w.SetMetadata("format", "fpxint-folded-weights");
+  int n = 0;
+  for (size_t i = 0; i < im.layers.size(); ++i) {
+    if (!im.layers[i].expanded) continue;
+    ++n;
+    const LayerParams l = im.FpLayer(i);
+    std::vector<float> wf(l.weight.begin(), l.weight.end());
+    std::vector<uint8_t> bytes(wf.size() * 4);
+    std::memcpy(bytes.data(), wf.data(), bytes.size());
+    FPX_RETURN_IF_ERROR(w.AddOwned(l.name, core::DType::kF32, l.shape, std::move(bytes)));
+    if (!l.bias.empty()) {
+      std::vector<float> bf(l.bias.begin(), l.bias.end());
+      std::vector<uint8_t> bb(bf.size() * 4);
+      std::memcpy(bb.data(), bf.data(), bb.size());
+      FPX_RETURN_IF_ERROR(w.AddOwned(l.name + ".bias", core::DType::kF32,
+                                     {static_cast<int64_t>(bf.size())}, std::move(bb)));
+    }
+  }
+  if (n == 0) return absl::FailedPreconditionError("no layer is expanded; call Expand first");
+  return w.WriteFile(path);
+}
+
+absl::StatusOr<core::ExpandReport> Model::SaveArtifact(const std::string& path,
+                                                       core::ThreadPool* pool) const {
+  const std::string folded = path + ".folded.tmp";
+  FPX_RETURN_IF_ERROR(SaveFoldedWeights(folded));
+  core::ArtifactOptions o;
+  o.spec = impl_->spec.weights;
+  o.expand.pool = pool;
+  absl::StatusOr<core::ExpandReport> r = core::ExpandSafetensorsFile(folded, path, o);
+  std::remove(folded.c_str());
+  return r;
 }
 
 ModelParams Model::FpParams() const {
@@ -441,11 +529,11 @@ absl::Status Model::UseParams(const ModelParams& params) {
   for (size_t i = 0, j = 0; i < im.layers.size(); ++i) {
     if (im.layers[i].expanded) by_layer[i] = &params.layers[j++];
   }
-  auto weight_for = [&](size_t i) {
+  auto weight_for = [&](size_t i, int) {
     return FromExpansionLayout(by_layer[i]->weight, im.original_weights[i], im.kinds[i]);
   };
   try {
-    FPX_ASSIGN_OR_RETURN(torch::jit::Module m, im.Build(weight_for, 0, /*bias_zero=*/false));
+    FPX_ASSIGN_OR_RETURN(torch::jit::Module m, im.Build(weight_for, 0, 0, /*truncate=*/false));
     // Biases: rewrite the expanded layers' bias constants too.
     std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
     std::vector<FoundLayer> found;

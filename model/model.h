@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/artifact.h"
 #include "core/expansion.h"
 #include "core/thread_pool.h"
 #include "model/abelian.h"
@@ -65,6 +66,13 @@ struct ModelExpansionSpec {
   int act_terms = 0;            // K_a
   core::Grid act_grid = core::Grid::kSym;
   bool unsigned_first = true;   // first activation term unsigned when the input is >= 0
+  bool truncate = false;        // order truncation: only products W_i X_j with i + j <= K + 1
+  // Dynamic activation scales. kAuto: the finest grouping that still factors out of the layer's
+  // integer product (SPEC §3): per row (token) for linear and matmul, per pixel (over channels)
+  // for 1x1 convolutions, per channel (over H x W) for depthwise convolutions, per tensor for
+  // other convolutions. kTensor: per tensor everywhere.
+  enum class ActScale { kAuto, kTensor };
+  ActScale act_scale = ActScale::kAuto;
   std::string include;          // regex on layer names; empty selects all
   std::string exclude;
 
@@ -92,7 +100,7 @@ class Model {
   const ModelExpansionSpec& spec() const;
 
   // Runs with the first kw weight terms and ka activation terms (any precision). kw = 0 runs the
-  // FP model. ka is ignored for weight-only specs. InvalidArgument beyond the expanded K.
+  // FP model. With spec().truncate, only the products W_i X_j with i + j <= max(kw, ka) + 1 run. ka is ignored for weight-only specs. InvalidArgument beyond the expanded K.
   absl::Status SetPrecision(int kw, int ka);
 
   // Runs the current network. InvalidArgument for a wrong dtype or rank, with the expected shape
@@ -103,6 +111,14 @@ class Model {
   // loads in plain LibTorch or Python. FailedPrecondition when activations are expanded (that
   // network needs the fpxint op library).
   absl::Status SaveDequantized(const std::string& path) const;
+
+  // Writes the expanded layers' FP weights (BatchNorm folded, expansion layout [out, ...], F32,
+  // named as in layers()) and their biases (<name>.bias) as safetensors.
+  absl::Status SaveFoldedWeights(const std::string& path) const;
+  // Writes the packed artifact of the current weight expansion: exactly what `fpxint expand`
+  // writes for SaveFoldedWeights' file with the same spec (docs/FORMAT.md), and its report.
+  absl::StatusOr<core::ExpandReport> SaveArtifact(const std::string& path,
+                                                  core::ThreadPool* pool) const;
 
   // Linear parameters of the expanded layers (SPEC.md §4): the FP model, basis model k (term k
   // of every weight; the bias in basis model 1 only), and the residual model R_K = W − Σ_k D_k

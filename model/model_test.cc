@@ -209,5 +209,142 @@ TEST(ModelAbelian, GroupAxiomsAndSeriesIdentity) {
   EXPECT_EQ(m->UseParams(other).code(), absl::StatusCode::kInvalidArgument);
 }
 
+
+HostTensor LoadInput(const std::string& file) {
+  auto r = core::SafetensorsReader::Open(Fixture(file));
+  EXPECT_TRUE(r.ok()) << r.status();
+  const core::TensorInfo* t = (*r)->Find("input");
+  auto d = (*r)->Data(*t);
+  std::vector<float> v(d.size() / 4);
+  std::memcpy(v.data(), d.data(), d.size());
+  return HostTensor::Float(t->shape, std::move(v));
+}
+
+// Relative output error of the current precision against FP, for K = 1..4.
+std::vector<double> ErrorsByK(Model* m, const HostTensor& x, bool weight_only) {
+  EXPECT_TRUE(m->SetPrecision(0, 0).ok());
+  const std::vector<float> ref = m->Forward(x)->f32;
+  std::vector<double> out;
+  for (int k = 1; k <= 4; ++k) {
+    EXPECT_TRUE(m->SetPrecision(k, weight_only ? 0 : k).ok());
+    auto y = m->Forward(x);
+    EXPECT_TRUE(y.ok()) << y.status();
+    out.push_back(RelErr(y->f32, ref));
+  }
+  return out;
+}
+
+void ExpectNear5Percent(const std::vector<double>& got, const std::vector<double>& want,
+                        const char* what) {
+  for (size_t k = 0; k < want.size(); ++k) {
+    EXPECT_NEAR(got[k], want[k], 0.05 * want[k]) << what << " K=" << k + 1;
+  }
+}
+
+// SPEC C7 on the reference tensors (numpy default_rng(0)): one layer, W per channel, X per
+// tensor, sym b=4 for both, signed first term as the reference computes it.
+TEST(ModelReference, C7LayerExpansion) {
+  std::unique_ptr<Model> m = MustLoad(Fixture("c7_layer.pt"));
+  ASSERT_NE(m, nullptr);
+  const HostTensor x = LoadInput("c7_io.safetensors");
+  ModelExpansionSpec s = Spec(4, 4, 4, 4);
+  s.act_scale = ModelExpansionSpec::ActScale::kTensor;
+  s.unsigned_first = false;
+  ASSERT_TRUE(m->Expand(s, nullptr).ok());
+  ExpectNear5Percent(ErrorsByK(m.get(), x, true), {1.25e-1, 9.03e-3, 6.18e-4, 4.44e-5}, "W-only");
+  ExpectNear5Percent(ErrorsByK(m.get(), x, false), {1.97e-1, 1.42e-2, 1.00e-3, 7.18e-5}, "full");
+  s.truncate = true;
+  ASSERT_TRUE(m->Expand(s, nullptr).ok());
+  ExpectNear5Percent(ErrorsByK(m.get(), x, false), {1.97e-1, 2.42e-2, 2.21e-3, 1.85e-4}, "trunc");
+}
+
+// SPEC C8: the 4-layer ReLU MLP; activations of every layer expanded per tensor from the input.
+TEST(ModelReference, C8ModelExpansion) {
+  std::unique_ptr<Model> m = MustLoad(Fixture("c8_mlp.pt"));
+  ASSERT_NE(m, nullptr);
+  ASSERT_EQ(m->layers().size(), 4u);
+  const HostTensor x = LoadInput("c8_io.safetensors");
+  ModelExpansionSpec s = Spec(4, 4, 4, 4);
+  s.act_scale = ModelExpansionSpec::ActScale::kTensor;
+  s.unsigned_first = false;
+  ASSERT_TRUE(m->Expand(s, nullptr).ok());
+  const std::vector<double> w = ErrorsByK(m.get(), x, true);
+  const std::vector<double> wa = ErrorsByK(m.get(), x, false);
+  ExpectNear5Percent(w, {2.29e-1, 1.69e-2, 1.25e-3, 8.17e-5}, "W-only");
+  ExpectNear5Percent(wa, {4.05e-1, 2.91e-2, 2.13e-3, 1.48e-4}, "W4A4");
+  // The output error falls by about r = 1/14 per term (T3).
+  for (int k = 1; k < 4; ++k) {
+    EXPECT_NEAR(w[k] / w[k - 1], 1.0 / 14, 0.5 / 14) << "k=" << k;
+  }
+  // The default (unsigned first term for the non-negative inputs of layers 2-4, per-row scales)
+  // is at least as good.
+  ModelExpansionSpec d = Spec(4, 4, 4, 4);
+  ASSERT_TRUE(m->Expand(d, nullptr).ok());
+  const std::vector<double> wad = ErrorsByK(m.get(), x, false);
+  for (int k = 0; k < 4; ++k) EXPECT_LE(wad[k], wa[k] * 1.02) << "k=" << k + 1;
+}
+
+TEST(ModelExpansion, TruncationNeedsActivations) {
+  ModelExpansionSpec s = Spec(4, 2);
+  s.truncate = true;
+  EXPECT_EQ(s.Validate().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The packed artifact of a model expansion is the `fpxint expand` contract, carries the same
+// codes as the in-memory expansion, and is byte-identical across runs (C10).
+TEST(ModelExport, ArtifactMatchesTheExpansionAndIsDeterministic) {
+  ScratchDir dir;
+  std::string bytes[2];
+  for (int run = 0; run < 2; ++run) {
+    std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+    ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
+    const std::string path = dir.File("a" + std::to_string(run) + ".safetensors");
+    auto report = m->SaveArtifact(path, nullptr);
+    ASSERT_TRUE(report.ok()) << report.status();
+    EXPECT_EQ(report->tensors.size(), 3u);
+    bytes[run] = ::fpxint::testing::ReadFileOrDie(path);
+    auto reader = core::SafetensorsReader::Open(path);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    auto view = core::ArtifactView::Parse(**reader);
+    ASSERT_TRUE(view.ok()) << view.status();
+    for (size_t i = 0; i < m->layers().size(); ++i) {
+      auto e = view->Load(m->layers()[i].name);
+      ASSERT_TRUE(e.ok()) << e.status();
+      EXPECT_EQ(core::Reconstruct(*e, 3), core::Reconstruct(*m->expansion(i), 3));
+    }
+    EXPECT_NE((*reader)->Find(m->layers()[0].name + ".bias"), nullptr);
+  }
+  EXPECT_EQ(bytes[0], bytes[1]);
+}
+
+// SPEC C9 on a real pretrained network (the PaddleOCR orientation classifier).
+TEST(ModelAbelian, GroupAxiomsOnARealModel) {
+  const char* dir = std::getenv("FPXINT_MODELS_DIR");
+  ASSERT_NE(dir, nullptr);
+  std::unique_ptr<Model> m = MustLoad(std::string(dir) + "/ocr/ocr_cls.pt");
+  ASSERT_NE(m, nullptr) << "run scripts/fetch_models.sh";
+  ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
+  const ModelParams fp = m->FpParams();
+  ModelParams sum = ZeroModel(fp);
+  std::vector<ModelParams> basis;
+  for (int k = 1; k <= 3; ++k) basis.push_back(*m->BasisParams(k));
+  for (const ModelParams& b : basis) sum = *AbelianAdd(sum, b);
+  // Commutativity bit for bit; any order of the terms gives the same sum up to fp64 rounding.
+  const ModelParams reversed = *AbelianAdd(*AbelianAdd(basis[2], basis[1]), basis[0]);
+  auto [order_diff, mag] = *MaxAbsDiff(sum, reversed);
+  EXPECT_LE(order_diff, 1e-15 * mag);
+  EXPECT_EQ(MaxAbsDiff(*AbelianAdd(basis[0], basis[1]), *AbelianAdd(basis[1], basis[0]))->first, 0);
+  EXPECT_EQ(MaxAbsDiff(*AbelianAdd(basis[1], Neg(basis[1])), ZeroModel(fp))->first, 0);
+  // FP = Σ basis ⊕ residual in parameter space.
+  auto [diff, fmag] = *MaxAbsDiff(*AbelianAdd(sum, m->ResidualParams()), fp);
+  EXPECT_LE(diff, 1e-15 * fmag);
+  // Per-channel scale action: s ⊙ (a ⊕ b) = s ⊙ a ⊕ s ⊙ b.
+  std::vector<std::vector<double>> s;
+  for (const LayerParams& l : fp.layers) s.push_back(std::vector<double>(l.shape[0], 0.5));
+  auto lhs = *AbelianScaleChannels(s, *AbelianAdd(basis[0], basis[1]));
+  auto rhs = *AbelianAdd(*AbelianScaleChannels(s, basis[0]), *AbelianScaleChannels(s, basis[1]));
+  EXPECT_EQ(MaxAbsDiff(lhs, rhs)->first, 0);  // halving is exact
+}
+
 }  // namespace
 }  // namespace fpxint::model

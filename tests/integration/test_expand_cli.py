@@ -15,7 +15,6 @@ import pty
 import select
 import struct
 import subprocess
-import sys
 import tempfile
 import unittest
 

@@ -7,12 +7,18 @@ writes:
                        matmul with a constant [10, 6] weight
   tiny_io.safetensors  `input` F32 [2,3,8,8] and the FP output `output` F32 [2,6]
   no_layers.pt         scripted module without any linear/conv layer (y = 2x + 1)
+  c7_layer.pt, c7_io.safetensors   SPEC C7: Y = X W^T, d=256, W ~ N(0, 1/d), X = ReLU(N(0,1))
+                       64x256 (`input`); c8_mlp.pt, c8_io.safetensors  SPEC C8: the 4-layer ReLU
+                       MLP (d=256, He init, bias N(0, 0.1^2)) and its 128 inputs. Both drawn from
+                       numpy default_rng(0) in the order of reference/fpxint_reference.py, so the
+                       reference numbers of SPEC.md apply to exactly these tensors.
 """
 import json
 import os
 import struct
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -29,6 +35,53 @@ class TinyCnn(nn.Module):
         h = torch.relu(self.bn(self.c1(x)))
         y = self.fc(h.flatten(1))
         return torch.matmul(torch.relu(y), self.w)
+
+
+class Mlp(nn.Module):
+    def __init__(self, weights, biases):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for w, b in zip(weights, biases):
+            lin = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(w))
+                lin.bias.copy_(torch.from_numpy(b))
+            self.layers.append(lin)
+
+    def forward(self, x):
+        n = len(self.layers)
+        for i, lin in enumerate(self.layers):
+            x = lin(x)
+            if i < n - 1:
+                x = torch.relu(x)
+        return x
+
+
+class NoBiasLinear(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(torch.from_numpy(w))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.w)
+
+
+def write_reference_models(out):
+    """SPEC C7/C8 tensors, drawn exactly as reference/fpxint_reference.py draws them."""
+    rng = np.random.default_rng(0)
+    rng.standard_normal((512, 512))  # the tensor-level table's G
+    d = 256
+    w = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+    x = np.maximum(rng.standard_normal((64, d)), 0).astype(np.float32)
+    layer = NoBiasLinear(w).eval()
+    torch.jit.trace(layer, torch.from_numpy(x)).save(os.path.join(out, "c7_layer.pt"))
+    write_safetensors(os.path.join(out, "c7_io.safetensors"), {"input": torch.from_numpy(x)})
+    ws = [(rng.standard_normal((d, d)) * np.sqrt(2 / d)).astype(np.float32) for _ in range(4)]
+    bs = [(rng.standard_normal(d) * 0.1).astype(np.float32) for _ in range(4)]
+    x0 = rng.standard_normal((128, d)).astype(np.float32)
+    mlp = Mlp(ws, bs).eval()
+    torch.jit.trace(mlp, torch.from_numpy(x0)).save(os.path.join(out, "c8_mlp.pt"))
+    write_safetensors(os.path.join(out, "c8_io.safetensors"), {"input": torch.from_numpy(x0)})
 
 
 class NoLayers(nn.Module):
@@ -66,6 +119,7 @@ def main():
         y = m(x)
     write_safetensors(os.path.join(out, "tiny_io.safetensors"), {"input": x, "output": y})
     torch.jit.script(NoLayers()).save(os.path.join(out, "no_layers.pt"))
+    write_reference_models(out)
 
 
 if __name__ == "__main__":
