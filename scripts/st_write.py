@@ -10,10 +10,11 @@ Debian has no `safetensors` package, so this writes the format by hand (core/saf
 Every file is written atomically: to a temporary file in the same directory, fsync'ed, then
 os.replace'd over the destination, so readers never see a partial file.
 
-    from st_write import write_safetensors, atomic_write_bytes, atomic_write_json
+    from st_write import write_safetensors, atomic_write_bytes, atomic_write_json, sha256_of
     write_safetensors("x.safetensors", {"images": arr_f32, "labels": arr_i64}, {"k": "v"})
 """
 
+import hashlib
 import json
 import os
 import struct
@@ -32,6 +33,15 @@ _DTYPES = {
     np.dtype(np.uint8): "U8",
     np.dtype(np.bool_): "BOOL",
 }
+
+
+def sha256_of(path):
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path, chunks):
