@@ -326,6 +326,11 @@ const std::vector<LayerInfo>& Model::layers() const { return impl_->layers; }
 const ModelExpansionSpec& Model::spec() const { return impl_->spec; }
 
 absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool) {
+  return Expand(spec, pool, ExpandHooks());
+}
+
+absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool,
+                           const ExpandHooks& hooks) {
   FPX_RETURN_IF_ERROR(spec.Validate());
   std::optional<std::regex> include, exclude;
   try {
@@ -338,15 +343,20 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
   im.spec = spec;
   core::ExpandOptions opts;
   opts.pool = pool;
+  opts.cancel = hooks.cancel;
   int selected = 0;
-  for (size_t i = 0; i < im.layers.size(); ++i) {
-    LayerInfo& l = im.layers[i];
+  for (LayerInfo& l : im.layers) {
     l.expanded = (!include || std::regex_search(l.name, *include)) &&
                  !(exclude && std::regex_search(l.name, *exclude));
+    selected += l.expanded ? 1 : 0;
+  }
+  int done = 0;
+  for (size_t i = 0; i < im.layers.size(); ++i) {
+    LayerInfo& l = im.layers[i];
     l.errors.clear();
     im.expansions[i].reset();
     if (!l.expanded) continue;
-    ++selected;
+    if (hooks.progress) hooks.progress({done++, selected, l.name});
     const at::Tensor w = ExpansionLayout(im.original_weights[i], im.kinds[i]);
     const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(w.data_ptr<float>()),
                                            static_cast<size_t>(w.numel()) * 4);
@@ -363,6 +373,7 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
     return absl::InvalidArgumentError(absl::StrCat("include/exclude select none of the ",
                                                    im.layers.size(), " layers"));
   }
+  if (hooks.progress) hooks.progress({selected, selected, ""});
   im.kw = im.ka = 0;
   im.current = im.frozen;
   return absl::OkStatus();

@@ -25,7 +25,9 @@
 #ifndef FPXINT_MODEL_MODEL_H_
 #define FPXINT_MODEL_MODEL_H_
 
+#include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -95,7 +97,21 @@ class Model {
 
   const std::vector<LayerInfo>& layers() const;
 
+  // Called before each selected layer (done = layers finished so far) and once at the end
+  // (done == total, name empty).
+  struct ExpandProgress {
+    int done = 0;
+    int total = 0;
+    std::string name;
+  };
+  struct ExpandHooks {
+    std::function<void(const ExpandProgress&)> progress;
+    const std::atomic<bool>* cancel = nullptr;  // polled between rows: returns Cancelled
+  };
+
   // Expands the selected layers' weights (offline; reads no data). Replaces an earlier expansion.
+  absl::Status Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool,
+                      const ExpandHooks& hooks);
   absl::Status Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool);
   const ModelExpansionSpec& spec() const;
 

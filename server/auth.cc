@@ -1,0 +1,110 @@
+// File: server/auth.cc
+#include "server/auth.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+
+namespace fpxint::server {
+namespace {
+
+const char* RoleName(Role r) {
+  switch (r) {
+    case kRoleQuantize: return "quantize";
+    case kRoleInfer: return "infer";
+    default: return "admin";
+  }
+}
+
+// Constant-time comparison, so that the time of a failed check says nothing about the token.
+bool SameToken(absl::string_view a, absl::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char d = 0;
+  for (size_t i = 0; i < a.size(); ++i) d |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return d == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
+  Authorizer a;
+  int line_no = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_no;
+    line = line.substr(0, line.find('#'));
+    line = absl::StripAsciiWhitespace(line);
+    if (line.empty()) continue;
+    std::vector<absl::string_view> parts =
+        absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
+    if (parts.size() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token file line ", line_no, ": expected '<token> <role>[,<role>...]'"));
+    }
+    if (parts[0].size() < 16) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("token file line ", line_no, ": tokens have at least 16 characters"));
+    }
+    unsigned roles = 0;
+    for (absl::string_view r : absl::StrSplit(parts[1], ',')) {
+      if (r == "quantize") roles |= kRoleQuantize;
+      else if (r == "infer") roles |= kRoleInfer;
+      else if (r == "admin") roles |= kRoleAdmin;
+      else {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token file line ", line_no, ": unknown role '", r,
+            "'; accepted: quantize, infer, admin"));
+      }
+    }
+    a.tokens_[std::string(parts[0])] = roles;
+  }
+  if (a.tokens_.empty()) {
+    return absl::InvalidArgumentError("token file: no tokens (an empty file would leave the server open)");
+  }
+  return a;
+}
+
+absl::StatusOr<Authorizer> Authorizer::FromFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat("--token-file: cannot read '", path, "'"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return FromText(ss.str());
+}
+
+absl::Status Authorizer::Check(const grpc::ServerContext* ctx, Role role, unsigned* roles) const {
+  if (open()) {
+    if (roles) *roles = kRoleAdmin | kRoleQuantize | kRoleInfer;
+    return absl::OkStatus();
+  }
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return absl::UnauthenticatedError(
+        "missing metadata 'authorization: Bearer <token>' (this server requires a token)");
+  }
+  absl::string_view value(it->second.data(), it->second.size());
+  if (!absl::ConsumePrefix(&value, "Bearer ") && !absl::ConsumePrefix(&value, "bearer ")) {
+    return absl::UnauthenticatedError("metadata 'authorization': expected 'Bearer <token>'");
+  }
+  unsigned found = 0;
+  bool known = false;
+  for (const auto& [token, r] : tokens_) {  // every token compared: constant time overall
+    if (SameToken(token, value)) {
+      found = r;
+      known = true;
+    }
+  }
+  if (!known) return absl::UnauthenticatedError("metadata 'authorization': unknown token");
+  if (roles) *roles = found;
+  if ((found & (role | kRoleAdmin)) == 0) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("this token lacks the '", RoleName(role), "' role needed for this call"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fpxint::server

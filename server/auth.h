@@ -1,0 +1,43 @@
+// File: server/auth.h
+//
+// Bearer-token authorization with roles. The token file has one token per line:
+//
+//   <token> <role>[,<role>...]     # comment
+//
+// Roles: quantize (the Quantizer service), infer (inference, repository and statistics RPCs),
+// admin (everything). Clients send `authorization: Bearer <token>`. Without a token file the
+// server is open (for local use; the server warns at start). Health, reflection and metrics are
+// always open.
+#ifndef FPXINT_SERVER_AUTH_H_
+#define FPXINT_SERVER_AUTH_H_
+
+#include <map>
+#include <string>
+
+#include <grpcpp/server_context.h>
+
+#include "absl/status/statusor.h"
+
+namespace fpxint::server {
+
+enum Role : unsigned { kRoleQuantize = 1, kRoleInfer = 2, kRoleAdmin = 4 };
+
+class Authorizer {
+ public:
+  Authorizer() = default;  // open: every call is allowed
+  // InvalidArgument naming the line at fault.
+  static absl::StatusOr<Authorizer> FromFile(const std::string& path);
+  static absl::StatusOr<Authorizer> FromText(const std::string& text);
+
+  bool open() const { return tokens_.empty(); }
+  // Unauthenticated (no or unknown token) or PermissionDenied (token lacks `role`). On success
+  // *roles (if non-null) receives the caller's roles.
+  absl::Status Check(const grpc::ServerContext* ctx, Role role, unsigned* roles = nullptr) const;
+
+ private:
+  std::map<std::string, unsigned> tokens_;
+};
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_AUTH_H_

@@ -1,0 +1,384 @@
+// File: server/executor.cc
+#include "server/executor.h"
+
+#include <google/protobuf/util/json_util.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/artifact.h"
+#include "core/status_macros.h"
+#include "model/model.h"
+#include "server/store.h"
+
+namespace fpxint::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+absl::Status Bad(absl::string_view field, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("spec.", field, ": ", what));
+}
+
+core::Grid ToCore(v1::Grid g) {
+  switch (g) {
+    case v1::ASYM: return core::Grid::kAsym;
+    case v1::MID: return core::Grid::kMid;
+    default: return core::Grid::kSym;
+  }
+}
+
+core::ExpansionSpec WeightSpec(const v1::JobSpec& s) {
+  core::ExpansionSpec e;
+  e.bits = static_cast<int>(s.weight_bits());
+  e.terms = static_cast<int>(s.weight_terms());
+  e.grid = ToCore(s.grid());
+  e.variant = s.variant() == v1::DIGITS ? core::Variant::kDigits : core::Variant::kRescaled;
+  e.scale = s.scale() == v1::PER_TENSOR  ? core::ScaleGranularity::kTensor
+            : s.scale() == v1::PER_GROUP ? core::ScaleGranularity::kGroup
+                                         : core::ScaleGranularity::kChannel;
+  e.group_size = s.group_size();
+  e.eps = s.eps();
+  return e;
+}
+
+model::ModelExpansionSpec ModelSpec(const v1::JobSpec& s) {
+  model::ModelExpansionSpec m;
+  m.weights = WeightSpec(s);
+  m.act_bits = static_cast<int>(s.act_bits());
+  m.act_terms = static_cast<int>(s.act_terms());
+  m.act_grid = ToCore(s.act_grid());
+  m.truncate = s.truncate();
+  m.include = s.include();
+  m.exclude = s.exclude();
+  return m;
+}
+
+bool Wants(const v1::JobSpec& s, v1::OutputFormat f) {
+  return std::find(s.outputs().begin(), s.outputs().end(), f) != s.outputs().end();
+}
+
+void AddTerms(const std::vector<core::TermError>& errors, v1::LayerResult* l) {
+  for (const core::TermError& e : errors) {
+    v1::TermError* t = l->add_terms();
+    t->set_k(e.k);
+    t->set_rel_fro(e.rel_fro);
+    t->set_rel_max(e.rel_max);
+    t->set_sqnr_db(std::isinf(e.sqnr_db) ? 999.0 : e.sqnr_db);
+  }
+}
+
+// Reports progress with phase and fraction; layers as given.
+class Reporter {
+ public:
+  explicit Reporter(const JobContext& ctx) : ctx_(ctx) {
+    p_.set_terms(0);
+  }
+  void Phase(absl::string_view phase, double fraction) {
+    p_.set_phase(std::string(phase));
+    p_.set_fraction(fraction);
+    Send();
+  }
+  void Layer(int done, int total, const std::string& name, double lo, double hi) {
+    p_.set_layers_done(done);
+    p_.set_layers_total(total);
+    p_.set_current_layer(name);
+    p_.set_fraction(lo + (hi - lo) * (total > 0 ? static_cast<double>(done) / total : 1.0));
+    Send();
+  }
+  void Written(uint64_t bytes) {
+    p_.set_bytes_written(p_.bytes_written() + bytes);
+    Send();
+  }
+  void Terms(uint32_t k) { p_.set_terms(k); }
+
+ private:
+  void Send() {
+    if (ctx_.progress) ctx_.progress(p_);
+  }
+  const JobContext& ctx_;
+  v1::Progress p_;
+};
+
+absl::Status CheckCancel(const JobContext& ctx) {
+  if (ctx.cancel && ctx.cancel->load()) return absl::CancelledError("the job was cancelled");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> FileSize(const std::string& path) {
+  std::error_code ec;
+  uint64_t n = fs::file_size(path, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot stat '", path, "': ", ec.message()));
+  return n;
+}
+
+absl::Status WriteReport(const v1::JobSpec& spec, const v1::JobResult& result,
+                         const std::string& path) {
+  v1::Job j;  // the report is the job's spec and result, as JSON
+  *j.mutable_spec() = spec;
+  *j.mutable_result() = result;
+  std::string json;
+  google::protobuf::util::JsonPrintOptions o;
+  o.add_whitespace = true;
+  o.preserve_proto_field_names = true;
+  if (!google::protobuf::util::MessageToJsonString(j, &json, o).ok()) {
+    return absl::InternalError("cannot render the report as JSON");
+  }
+  return WriteFileAtomic(path, json);
+}
+
+// The data-free probe: a fixed pseudo-random N(0,1) input of the model's signature, run through
+// FP and through every precision k = 1..K of the expansion.
+void RunProbe(const v1::JobSpec& spec, const v1::Model& m, model::Model* net,
+              v1::JobResult* result) {
+  if (m.inputs_size() != 1 || m.inputs(0).datatype() != "FP32") {
+    result->set_probe_note(
+        "no probe: the upload declared no single FP32 input signature (UploadHeader.inputs)");
+    return;
+  }
+  std::vector<int64_t> shape;
+  int64_t n = 1;
+  for (int64_t d : m.inputs(0).shape()) {
+    shape.push_back(d < 0 ? 1 : d);
+    n *= shape.back();
+  }
+  if (shape.empty() || n <= 0 || n > (int64_t{1} << 26)) {
+    result->set_probe_note("no probe: the input signature has no usable shape");
+    return;
+  }
+  std::mt19937 rng(20261123);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (float& v : x) v = nd(rng);
+  const auto input = model::HostTensor::Float(shape, x);
+  if (!net->SetPrecision(0, 0).ok()) return;
+  auto ref = net->Forward(input);
+  if (!ref.ok()) {
+    result->set_probe_note(absl::StrCat("no probe: ", ref.status().message()));
+    return;
+  }
+  double ref_sq = 0, ref_max = 0;
+  for (float v : ref->f32) {
+    ref_sq += double{v} * v;
+    ref_max = std::max(ref_max, std::fabs(double{v}));
+  }
+  const int ka_max = static_cast<int>(spec.act_terms());
+  for (int k = 1; k <= static_cast<int>(spec.weight_terms()); ++k) {
+    const int ka = std::min(k, ka_max);
+    if (!net->SetPrecision(k, ka).ok()) break;
+    auto y = net->Forward(input);
+    if (!y.ok() || y->f32.size() != ref->f32.size()) break;
+    double d_sq = 0, d_max = 0;
+    for (size_t i = 0; i < y->f32.size(); ++i) {
+      const double d = double{y->f32[i]} - ref->f32[i];
+      d_sq += d * d;
+      d_max = std::max(d_max, std::fabs(d));
+    }
+    v1::ProbeError* p = result->add_probe();
+    p->set_weight_terms(k);
+    p->set_act_terms(ka);
+    p->set_rel_fro(ref_sq > 0 ? std::sqrt(d_sq / ref_sq) : 0);
+    p->set_rel_max(ref_max > 0 ? d_max / ref_max : 0);
+  }
+  net->SetPrecision(0, 0).IgnoreError();
+}
+
+absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext& ctx,
+                                       Reporter* rep) {
+  JobOutput out;
+  std::string source = ctx.source_path;
+  if (ctx.model.format() == v1::TORCHSCRIPT) {
+    rep->Phase("loading", 0.0);
+    FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(ctx.source_path, {ctx.torch_threads}));
+    source = (fs::path(ctx.scratch_dir) / "folded.safetensors").string();
+    FPX_RETURN_IF_ERROR(net->SaveFoldedWeights(source));
+  }
+  FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  core::ArtifactOptions opts;
+  opts.spec = WeightSpec(spec);
+  opts.include_regex = spec.include();
+  opts.exclude_regex = spec.exclude();
+  opts.expand.pool = ctx.pool;
+  opts.expand.cancel = ctx.cancel;
+  opts.progress = [&](const core::ExpandProgress& p) {
+    rep->Layer(p.tensor_index, p.tensor_count, p.name, 0.05, 0.95);
+  };
+  rep->Phase("expanding", 0.05);
+  const std::string artifact = (fs::path(ctx.scratch_dir) / "artifact.safetensors").string();
+  FPX_ASSIGN_OR_RETURN(core::ExpandReport report,
+                       core::ExpandSafetensorsFile(source, artifact, opts));
+  rep->Written(report.bytes_out);
+  for (const core::TensorReport& t : report.tensors) {
+    v1::LayerResult* l = out.result.add_layers();
+    l->set_name(t.name);
+    l->set_op("tensor");
+    for (int64_t d : t.shape) l->add_shape(d);
+    AddTerms(t.terms, l);
+  }
+  out.result.set_bytes_in(report.bytes_in);
+  out.result.set_bytes_out(report.bytes_out);
+  out.result.set_compression_ratio(
+      report.bytes_out ? static_cast<double>(report.bytes_in) / report.bytes_out : 0);
+  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact});
+  return out;
+}
+
+absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContext& ctx,
+                                        Reporter* rep) {
+  JobOutput out;
+  rep->Phase("loading", 0.0);
+  FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(ctx.source_path, {ctx.torch_threads}));
+  FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  model::Model::ExpandHooks hooks;
+  hooks.cancel = ctx.cancel;
+  hooks.progress = [&](const model::Model::ExpandProgress& p) {
+    rep->Layer(p.done, p.total, p.name, 0.05, 0.7);
+  };
+  FPX_RETURN_IF_ERROR(net->Expand(ModelSpec(spec), ctx.pool, hooks));
+  for (const model::LayerInfo& li : net->layers()) {
+    if (!li.expanded) continue;
+    v1::LayerResult* l = out.result.add_layers();
+    l->set_name(li.name);
+    l->set_op(li.op);
+    for (int64_t d : li.weight_shape) l->add_shape(d);
+    AddTerms(li.errors, l);
+  }
+  FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  rep->Phase("writing", 0.72);
+  const std::string artifact = (fs::path(ctx.scratch_dir) / "artifact.safetensors").string();
+  FPX_ASSIGN_OR_RETURN(core::ExpandReport report, net->SaveArtifact(artifact, ctx.pool));
+  rep->Written(report.bytes_out);
+  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact});
+  FPX_ASSIGN_OR_RETURN(uint64_t source_size, FileSize(ctx.source_path));
+  out.result.set_bytes_in(source_size);
+  out.result.set_bytes_out(report.bytes_out);
+  // The expanded layers' FP32 weights against their packed terms.
+  out.result.set_compression_ratio(
+      report.bytes_out ? static_cast<double>(report.bytes_in) / report.bytes_out : 0);
+
+  FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  rep->Phase("probing", 0.8);
+  RunProbe(spec, ctx.model, net.get(), &out.result);
+
+  const int K = static_cast<int>(spec.weight_terms());
+  if (Wants(spec, v1::DEQUANTIZED_TORCHSCRIPT)) {
+    FPX_RETURN_IF_ERROR(net->SetPrecision(K, 0));
+    const std::string p = (fs::path(ctx.scratch_dir) / "dequantized.pt").string();
+    FPX_RETURN_IF_ERROR(net->SaveDequantized(p));
+    FPX_ASSIGN_OR_RETURN(uint64_t n, FileSize(p));
+    rep->Written(n);
+    out.files.push_back({"dequantized_torchscript", ctx.model.name() + ".dequantized.pt", p});
+  }
+  if (spec.granularity() == v1::MODEL) {
+    for (int k = 1; k <= K; ++k) {
+      FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+      rep->Phase("writing", 0.85 + 0.1 * k / K);
+      FPX_ASSIGN_OR_RETURN(model::ModelParams basis, net->BasisParams(k));
+      FPX_RETURN_IF_ERROR(net->UseParams(basis));
+      const std::string p =
+          (fs::path(ctx.scratch_dir) / absl::StrCat("basis_", k, ".pt")).string();
+      FPX_RETURN_IF_ERROR(net->SaveDequantized(p));
+      FPX_ASSIGN_OR_RETURN(uint64_t n, FileSize(p));
+      rep->Written(n);
+      out.files.push_back(
+          {"basis_torchscript", absl::StrCat(ctx.model.name(), ".basis", k, ".pt"), p});
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec) {
+  return ModelSpec(spec);
+}
+
+absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
+  if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
+    return Bad("granularity", "required; one of TENSOR, LAYER, MODEL");
+  }
+  const bool network = s->granularity() != v1::TENSOR;
+  if (network && model.format() != v1::TORCHSCRIPT) {
+    return Bad("granularity", absl::StrCat(v1::Granularity_Name(s->granularity()),
+                                           " needs a TORCHSCRIPT model; '", model.name(), "' is ",
+                                           v1::ModelFormat_Name(model.format()),
+                                           " (use TENSOR for weights files)"));
+  }
+  if (s->weight_bits() == 0) s->set_weight_bits(4);
+  if (s->weight_terms() == 0) s->set_weight_terms(2);
+  if (s->grid() == v1::GRID_UNSPECIFIED) s->set_grid(v1::SYM);
+  if (s->variant() == v1::VARIANT_UNSPECIFIED) s->set_variant(v1::RESCALED);
+  if (s->scale() == v1::SCALE_GRANULARITY_UNSPECIFIED) s->set_scale(v1::PER_CHANNEL);
+  if (s->act_grid() == v1::GRID_UNSPECIFIED) s->set_act_grid(v1::SYM);
+  if (s->weight_bits() > 8) return Bad("weight_bits", absl::StrCat(s->weight_bits(), "; accepted 1..8"));
+  if (s->weight_terms() > 16) {
+    return Bad("weight_terms", absl::StrCat(s->weight_terms(), "; accepted 1..16"));
+  }
+  if (s->scale() == v1::PER_GROUP && s->group_size() == 0) {
+    return Bad("group_size", "required (> 0) with scale PER_GROUP");
+  }
+  if (s->scale() != v1::PER_GROUP && s->group_size() != 0) {
+    return Bad("group_size", "only allowed with scale PER_GROUP");
+  }
+  if (!(s->eps() >= 0 && s->eps() < 1)) return Bad("eps", "accepted 0 (off) or 0 < eps < 1");
+  if (absl::Status st = WeightSpec(*s).Validate(); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
+  }
+  if (!network && (s->act_bits() || s->act_terms())) {
+    return Bad("act_bits", "activations are expanded by LAYER and MODEL jobs only; TENSOR takes 0");
+  }
+  if ((s->act_bits() == 0) != (s->act_terms() == 0)) {
+    return Bad("act_terms", "act_bits and act_terms are both 0 (weight-only) or both set");
+  }
+  if (s->act_bits() > 8) return Bad("act_bits", absl::StrCat(s->act_bits(), "; accepted 0..8"));
+  if (s->act_terms() > 16) return Bad("act_terms", absl::StrCat(s->act_terms(), "; accepted 0..16"));
+  if (network) {
+    if (absl::Status st = ModelSpec(*s).Validate(); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
+    }
+  }
+  for (int f : s->outputs()) {
+    if (!v1::OutputFormat_IsValid(f) || f == v1::OUTPUT_FORMAT_UNSPECIFIED) {
+      return Bad("outputs", absl::StrCat(f, " is not an output format"));
+    }
+    if (f == v1::DEQUANTIZED_TORCHSCRIPT && (!network || s->act_terms() > 0)) {
+      return Bad("outputs", "DEQUANTIZED_TORCHSCRIPT needs a weight-only LAYER or MODEL job");
+    }
+    if (f == v1::BASIS_TORCHSCRIPT && s->granularity() != v1::MODEL) {
+      return Bad("outputs", "BASIS_TORCHSCRIPT needs a MODEL job");
+    }
+  }
+  if (s->deploy().enabled() && !network) {
+    return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
+  }
+  if (s->include().size() > 1024 || s->exclude().size() > 1024) {
+    return Bad("include", "patterns are at most 1024 characters");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx) {
+  Reporter rep(ctx);
+  rep.Terms(spec.weight_terms());
+  const auto t0 = std::chrono::steady_clock::now();
+  absl::StatusOr<JobOutput> out = spec.granularity() == v1::TENSOR
+                                      ? RunTensorJob(spec, ctx, &rep)
+                                      : RunNetworkJob(spec, ctx, &rep);
+  if (!out.ok()) {
+    if (ctx.cancel && ctx.cancel->load()) return absl::CancelledError("the job was cancelled");
+    return out.status();
+  }
+  out->result.set_wall_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  const std::string report = (fs::path(ctx.scratch_dir) / "report.json").string();
+  FPX_RETURN_IF_ERROR(WriteReport(spec, out->result, report));
+  out->files.push_back({"report_json", ctx.model.name() + ".report.json", report});
+  rep.Phase("done", 1.0);
+  return out;
+}
+
+}  // namespace fpxint::server

@@ -1,0 +1,56 @@
+// File: server/executor.h
+//
+// What a job does: validates a JobSpec against the model it names, and runs the expansion at
+// tensor, layer or model granularity, writing its files into a scratch directory. The job
+// manager owns scheduling, state and the store; this owns the arithmetic (through core/ and
+// model/).
+#ifndef FPXINT_SERVER_EXECUTOR_H_
+#define FPXINT_SERVER_EXECUTOR_H_
+
+#include <atomic>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/thread_pool.h"
+#include "fpxint/v1/quantizer.pb.h"
+#include "model/model.h"
+
+namespace fpxint::server {
+
+// Fills defaults (b=4, K_w=2, SYM, RESCALED, PER_CHANNEL, outputs) into *spec and checks every
+// field against `model`. InvalidArgument naming the field (e.g. "spec.weight_bits: 9; accepted
+// 1..8") and what is accepted.
+absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* spec);
+
+// The model layer's spec for a normalized LAYER/MODEL spec.
+model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec);
+
+struct JobContext {
+  std::string source_path;  // the model's blob
+  v1::Model model;
+  std::string scratch_dir;  // empty directory for the outputs
+  core::ThreadPool* pool = nullptr;
+  int torch_threads = 2;
+  const std::atomic<bool>* cancel = nullptr;
+  std::function<void(const v1::Progress&)> progress;
+};
+
+struct ProducedFile {
+  std::string kind;       // Artifact.kind
+  std::string file_name;  // as downloaded
+  std::string path;       // in scratch_dir
+};
+
+struct JobOutput {
+  v1::JobResult result;
+  std::vector<ProducedFile> files;
+};
+
+// Runs a normalized spec. Cancelled when *cancel turns true (promptly: polled between rows).
+absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx);
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_EXECUTOR_H_

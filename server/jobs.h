@@ -1,0 +1,103 @@
+// File: server/jobs.h
+//
+// The job manager: a bounded queue feeding a fixed pool of workers (DESIGN.md "Jobs").
+//
+//   QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
+//
+// Every state change is written to the journal before it is visible; progress (layers done,
+// current layer, bytes written, ETA) is kept in memory and streamed to watchers. Finished outputs
+// move into the content-addressed store (atomic renames) and only then is the job SUCCEEDED, so
+// no half-written artifact is ever listed. After a crash, Start() re-queues every job the journal
+// has as QUEUED or RUNNING (attempts counts the runs). Shutdown lets running jobs finish within a
+// grace period and otherwise interrupts them back to QUEUED, to run again after the restart.
+//
+// Thread-safe.
+#ifndef FPXINT_SERVER_JOBS_H_
+#define FPXINT_SERVER_JOBS_H_
+
+#include <atomic>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/thread_pool.h"
+#include "fpxint/v1/quantizer.pb.h"
+#include "server/journal.h"
+#include "server/repository.h"
+#include "server/store.h"
+
+namespace fpxint::server {
+
+class JobManager {
+ public:
+  struct Options {
+    int workers = 1;
+    int queue_limit = 64;
+    int torch_threads = 2;
+  };
+  JobManager(Options o, Journal* journal, BlobStore* store, Repository* repo,
+             core::ThreadPool* pool);
+  ~JobManager();  // Shutdown(0) if still running
+
+  // Recovers the journal's unfinished jobs and starts the workers.
+  absl::Status Start();
+
+  absl::StatusOr<v1::Job> Submit(v1::SubmitJobRequest req);
+  absl::StatusOr<v1::Job> Get(const std::string& job_id);
+  absl::StatusOr<v1::ListJobsResponse> List(const v1::ListJobsRequest& req);
+  // QUEUED: cancelled at once. RUNNING: the worker stops at its next poll (within one row of
+  // one tensor); waits up to `wait` for that. FailedPrecondition for a finished job.
+  absl::StatusOr<v1::Job> Cancel(const std::string& job_id, absl::Duration wait = absl::Seconds(10));
+
+  // For WatchJob: returns the job once its version differs from *seen (updating *seen), or after
+  // `timeout` with *changed = false. A job that is finished and not live returns once.
+  absl::StatusOr<v1::Job> Wait(const std::string& job_id, uint64_t* seen, absl::Duration timeout,
+                               bool* changed);
+
+  // Stops taking jobs, lets running ones finish for up to `grace`, then interrupts them (back to
+  // QUEUED in the journal) and joins the workers.
+  void Shutdown(absl::Duration grace);
+
+  int queued() const;
+  int busy() const { return busy_.load(); }
+
+ private:
+  struct Live {
+    v1::Job job;
+    uint64_t version = 1;
+    std::atomic<bool> cancel{false};
+    std::atomic<bool> interrupted{false};
+    absl::Time started;
+  };
+
+  void WorkerLoop();
+  void Run(const std::shared_ptr<Live>& live);
+  // Persists and publishes live->job (caller holds no lock).
+  void Publish(const std::shared_ptr<Live>& live, bool persist);
+  absl::Status Finish(const std::shared_ptr<Live>& live, struct JobOutput* out);
+
+  const Options opts_;
+  Journal* journal_;
+  BlobStore* store_;
+  Repository* repo_;
+  core::ThreadPool* pool_;
+
+  absl::Mutex submit_mu_;  // serialises idempotency checks
+  mutable absl::Mutex mu_;
+  absl::CondVar changed_;
+  std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::shared_ptr<Live>> live_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<std::thread> workers_;
+  std::atomic<int> busy_{0};
+};
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_JOBS_H_

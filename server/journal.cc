@@ -1,0 +1,319 @@
+// File: server/journal.cc
+#include "server/journal.h"
+
+#include <sqlite3.h>
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace fpxint::server {
+namespace {
+
+constexpr char kSchema[] = R"sql(
+CREATE TABLE IF NOT EXISTS models(
+  name TEXT PRIMARY KEY,
+  sha256 TEXT NOT NULL,
+  record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  job_id TEXT UNIQUE NOT NULL,
+  idempotency_key TEXT UNIQUE,
+  model TEXT NOT NULL,
+  state INTEGER NOT NULL,
+  record BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE TABLE IF NOT EXISTS artifacts(
+  artifact_id TEXT PRIMARY KEY,
+  job_id TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  record BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS artifacts_sha ON artifacts(sha256);
+CREATE TABLE IF NOT EXISTS deployments(
+  name TEXT NOT NULL,
+  version TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  record BLOB NOT NULL,
+  PRIMARY KEY(name, version));
+)sql";
+
+// One prepared statement; finalized on destruction.
+class Stmt {
+ public:
+  Stmt(sqlite3* db, const char* sql) : db_(db) {
+    rc_ = sqlite3_prepare_v2(db, sql, -1, &st_, nullptr);
+  }
+  ~Stmt() { sqlite3_finalize(st_); }
+  Stmt(const Stmt&) = delete;
+  Stmt& operator=(const Stmt&) = delete;
+
+  absl::Status status() const { return rc_ == SQLITE_OK ? absl::OkStatus() : Error("prepare"); }
+  Stmt& Bind(int i, const std::string& s) {
+    sqlite3_bind_text(st_, i, s.data(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& BindBlob(int i, const std::string& s) {
+    sqlite3_bind_blob(st_, i, s.data(), static_cast<int>(s.size()), SQLITE_TRANSIENT);
+    return *this;
+  }
+  Stmt& Bind(int i, int64_t v) {
+    sqlite3_bind_int64(st_, i, v);
+    return *this;
+  }
+  Stmt& BindNull(int i) {
+    sqlite3_bind_null(st_, i);
+    return *this;
+  }
+  // SQLITE_ROW: true; SQLITE_DONE: false; errors in *s.
+  bool Step(absl::Status* s) {
+    rc_ = sqlite3_step(st_);
+    if (rc_ == SQLITE_ROW) return true;
+    if (rc_ != SQLITE_DONE) *s = Error("step");
+    return false;
+  }
+  absl::Status Run() {
+    absl::Status s = status();
+    if (s.ok()) Step(&s);
+    return s;
+  }
+  std::string Blob(int col) const {
+    const void* p = sqlite3_column_blob(st_, col);
+    return std::string(static_cast<const char*>(p), sqlite3_column_bytes(st_, col));
+  }
+  int64_t Int(int col) const { return sqlite3_column_int64(st_, col); }
+
+ private:
+  absl::Status Error(const char* what) const {
+    return absl::InternalError(absl::StrCat("journal ", what, ": ", sqlite3_errmsg(db_)));
+  }
+  sqlite3* db_;
+  sqlite3_stmt* st_ = nullptr;
+  int rc_ = SQLITE_OK;
+};
+
+template <typename Msg>
+absl::StatusOr<std::vector<Msg>> Collect(Stmt& st) {
+  std::vector<Msg> out;
+  absl::Status s = st.status();
+  while (s.ok() && st.Step(&s)) {
+    Msg m;
+    if (!m.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt record");
+    out.push_back(std::move(m));
+  }
+  if (!s.ok()) return s;
+  return out;
+}
+
+template <typename Msg>
+absl::StatusOr<std::optional<Msg>> CollectOne(Stmt& st) {
+  auto all = Collect<Msg>(st);
+  if (!all.ok()) return all.status();
+  if (all->empty()) return std::optional<Msg>();
+  return std::optional<Msg>(std::move(all->front()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path) {
+  sqlite3* db = nullptr;
+  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                                             SQLITE_OPEN_FULLMUTEX, nullptr) != SQLITE_OK) {
+    std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
+    sqlite3_close(db);
+    return absl::InternalError(absl::StrCat("cannot open the journal '", path, "': ", msg));
+  }
+  sqlite3_busy_timeout(db, 5000);
+  std::unique_ptr<Journal> j(new Journal(db));
+  absl::MutexLock l(&j->mu_);
+  // WAL: readers never block the writer; synchronous=FULL: a committed transaction survives a
+  // power cut, not only a process crash.
+  absl::Status s = j->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;");
+  if (s.ok()) s = j->Exec(kSchema);
+  if (!s.ok()) return s;
+  return j;
+}
+
+Journal::~Journal() {
+  absl::MutexLock l(&mu_);
+  sqlite3_close(db_);
+}
+
+absl::Status Journal::Exec(const char* sql) {
+  char* err = nullptr;
+  if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
+    absl::Status s = absl::InternalError(absl::StrCat("journal: ", err ? err : "error"));
+    sqlite3_free(err);
+    return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Journal::PutModel(const v1::Model& m) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "INSERT OR REPLACE INTO models(name, sha256, record) VALUES(?, ?, ?)");
+  st.Bind(1, m.name()).Bind(2, m.sha256()).BindBlob(3, m.SerializeAsString());
+  return st.Run();
+}
+
+absl::StatusOr<std::optional<v1::Model>> Journal::GetModel(const std::string& name) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM models WHERE name = ?");
+  st.Bind(1, name);
+  return CollectOne<v1::Model>(st);
+}
+
+absl::StatusOr<std::vector<v1::Model>> Journal::ListModels() {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM models ORDER BY name");
+  return Collect<v1::Model>(st);
+}
+
+absl::Status Journal::DeleteModel(const std::string& name) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "DELETE FROM models WHERE name = ?");
+  st.Bind(1, name);
+  return st.Run();
+}
+
+absl::Status Journal::PutJob(const v1::Job& job) {
+  absl::MutexLock l(&mu_);
+  absl::Status s = Exec("BEGIN IMMEDIATE");
+  if (!s.ok()) return s;
+  {
+    // Upsert that keeps seq (the submission order) stable.
+    Stmt st(db_,
+            "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES(?, ?, ?, ?, ?) "
+            "ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record");
+    st.Bind(1, job.job_id());
+    if (job.idempotency_key().empty()) {
+      st.BindNull(2);
+    } else {
+      st.Bind(2, job.idempotency_key());
+    }
+    st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
+    st.BindBlob(5, job.SerializeAsString());
+    s = st.Run();
+  }
+  for (const v1::Artifact& a : job.artifacts()) {
+    if (!s.ok()) break;
+    Stmt st(db_, "INSERT OR REPLACE INTO artifacts(artifact_id, job_id, sha256, record) "
+                 "VALUES(?, ?, ?, ?)");
+    st.Bind(1, a.artifact_id()).Bind(2, job.job_id()).Bind(3, a.sha256());
+    st.BindBlob(4, a.SerializeAsString());
+    s = st.Run();
+  }
+  if (!s.ok()) {
+    Exec("ROLLBACK").IgnoreError();
+    return s;
+  }
+  return Exec("COMMIT");
+}
+
+absl::StatusOr<std::optional<v1::Job>> Journal::GetJob(const std::string& job_id) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM jobs WHERE job_id = ?");
+  st.Bind(1, job_id);
+  return CollectOne<v1::Job>(st);
+}
+
+absl::StatusOr<std::optional<v1::Job>> Journal::FindJobByIdempotencyKey(const std::string& key) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM jobs WHERE idempotency_key = ?");
+  st.Bind(1, key);
+  return CollectOne<v1::Job>(st);
+}
+
+absl::StatusOr<std::vector<v1::Job>> Journal::ListJobs(v1::JobState state, int64_t before_seq,
+                                                       int limit, int64_t* next_seq) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_,
+          "SELECT record, seq FROM jobs WHERE (?1 = 0 OR state = ?1) AND (?2 = 0 OR seq < ?2) "
+          "ORDER BY seq DESC LIMIT ?3");
+  st.Bind(1, static_cast<int64_t>(state)).Bind(2, before_seq).Bind(3, int64_t{limit} + 1);
+  std::vector<v1::Job> out;
+  std::vector<int64_t> seqs;
+  absl::Status s = st.status();
+  while (s.ok() && st.Step(&s)) {
+    v1::Job j;
+    if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+    out.push_back(std::move(j));
+    seqs.push_back(st.Int(1));
+  }
+  if (!s.ok()) return s;
+  *next_seq = 0;
+  if (static_cast<int>(out.size()) > limit) {
+    out.pop_back();
+    *next_seq = seqs[limit - 1];
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<v1::Job>> Journal::JobsInStates(
+    const std::vector<v1::JobState>& states) {
+  std::vector<v1::Job> out;
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record, state FROM jobs ORDER BY seq ASC");
+  absl::Status s = st.status();
+  while (s.ok() && st.Step(&s)) {
+    const auto state = static_cast<v1::JobState>(st.Int(1));
+    if (std::find(states.begin(), states.end(), state) == states.end()) continue;
+    v1::Job j;
+    if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+    out.push_back(std::move(j));
+  }
+  if (!s.ok()) return s;
+  return out;
+}
+
+absl::StatusOr<bool> Journal::ModelInUse(const std::string& model) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT 1 FROM jobs WHERE model = ? AND state IN (?, ?) LIMIT 1");
+  st.Bind(1, model).Bind(2, int64_t{v1::QUEUED}).Bind(3, int64_t{v1::RUNNING});
+  absl::Status s = st.status();
+  bool found = s.ok() && st.Step(&s);
+  if (!s.ok()) return s;
+  return found;
+}
+
+absl::StatusOr<std::optional<v1::Artifact>> Journal::GetArtifact(const std::string& id) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM artifacts WHERE artifact_id = ?");
+  st.Bind(1, id);
+  return CollectOne<v1::Artifact>(st);
+}
+
+absl::StatusOr<bool> Journal::BlobReferenced(const std::string& sha256) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_,
+          "SELECT 1 FROM models WHERE sha256 = ?1 UNION ALL SELECT 1 FROM artifacts WHERE "
+          "sha256 = ?1 UNION ALL SELECT 1 FROM deployments WHERE sha256 = ?1 LIMIT 1");
+  st.Bind(1, sha256);
+  absl::Status s = st.status();
+  bool found = s.ok() && st.Step(&s);
+  if (!s.ok()) return s;
+  return found;
+}
+
+absl::Status Journal::PutDeployment(const v1::Deployment& d) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "INSERT OR REPLACE INTO deployments(name, version, sha256, record) "
+               "VALUES(?, ?, ?, ?)");
+  st.Bind(1, d.name()).Bind(2, d.version()).Bind(3, d.source_sha256());
+  st.BindBlob(4, d.SerializeAsString());
+  return st.Run();
+}
+
+absl::StatusOr<std::vector<v1::Deployment>> Journal::ListDeployments() {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM deployments ORDER BY name, CAST(version AS INTEGER), version");
+  return Collect<v1::Deployment>(st);
+}
+
+absl::Status Journal::DeleteDeployment(const std::string& name, const std::string& version) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "DELETE FROM deployments WHERE name = ? AND version = ?");
+  st.Bind(1, name).Bind(2, version);
+  return st.Run();
+}
+
+}  // namespace fpxint::server

@@ -1,0 +1,125 @@
+// File: server/main.cc
+//
+// fpxint-server: the FP=xINT quantization service. Every flag can also be set by an environment
+// variable (FPXINT_<FLAG>, shown in --help), for containers.
+//
+// Exit codes: 0 clean shutdown (SIGTERM / SIGINT), 2 bad flags, 1 could not start.
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+
+#include "server/log.h"
+#include "server/server.h"
+
+namespace {
+
+int g_signal_pipe[2] = {-1, -1};
+
+void OnSignal(int sig) {
+  const unsigned char b = static_cast<unsigned char>(sig);
+  // Async-signal-safe; a second signal while shutting down is ignored (the pipe has the first).
+  [[maybe_unused]] ssize_t n = ::write(g_signal_pipe[1], &b, 1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  fpxint::server::ServerConfig c;
+  CLI::App app{
+      "fpxint-server: quantizes neural networks with the FP=xINT low-bit series expansion and "
+      "serves them.\n\n"
+      "gRPC services on --listen: fpxint.v1.Quantizer (upload, expansion jobs, artifacts), "
+      "inference.GRPCInferenceService (KServe v2 / Open Inference Protocol, Triton repository and "
+      "statistics extensions), grpc.health.v1.Health and server reflection.\n"
+      "State lives in --data-dir: content-addressed blobs, the SQLite journal and the model "
+      "repository; a restart on the same directory resumes unfinished jobs.\n"
+      "SIGTERM or SIGINT: stop accepting, let running jobs finish for --shutdown-grace seconds "
+      "(then re-queue them), exit 0.",
+      "fpxint-server"};
+  app.set_version_flag("--version", FPXINT_VERSION);
+  app.option_defaults()->always_capture_default();
+  app.add_option("--listen", c.listen, "gRPC address HOST:PORT (port 0: any free port)")
+      ->envname("FPXINT_LISTEN");
+  app.add_option("--data-dir", c.data_dir, "directory for blobs, journal and model repository")
+      ->envname("FPXINT_DATA_DIR");
+  app.add_option("--workers", c.workers, "expansion jobs that run at the same time")
+      ->envname("FPXINT_WORKERS");
+  app.add_option("--queue-limit", c.queue_limit,
+                 "queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
+      ->envname("FPXINT_QUEUE_LIMIT");
+  app.add_option("--max-upload-bytes", c.max_upload_bytes, "largest accepted upload, in bytes")
+      ->envname("FPXINT_MAX_UPLOAD_BYTES");
+  app.add_option("--threads", c.threads, "compute threads for expansion and inference (0: all cores)")
+      ->envname("FPXINT_THREADS");
+  app.add_option("--infer-instances", c.infer_instances,
+                 "copies of each served model version (concurrent ModelInfer per version)")
+      ->envname("FPXINT_INFER_INSTANCES");
+  app.add_option("--token-file", c.token_file,
+                 "bearer tokens with roles, one '<token> <role>[,<role>]' per line; roles "
+                 "quantize, infer, admin (empty: no authentication)")
+      ->envname("FPXINT_TOKEN_FILE");
+  app.add_option("--tls-cert", c.tls_cert, "server certificate chain (PEM); enables TLS")
+      ->envname("FPXINT_TLS_CERT");
+  app.add_option("--tls-key", c.tls_key, "server private key (PEM)")->envname("FPXINT_TLS_KEY");
+  app.add_option("--tls-client-ca", c.tls_client_ca,
+                 "CA bundle (PEM) that client certificates must chain to; enables mutual TLS")
+      ->envname("FPXINT_TLS_CLIENT_CA");
+  app.add_option("--allow-torchscript-uploads", c.allow_torchscript_uploads,
+                 "who may upload TorchScript (it can run code when loaded): all, admin, none")
+      ->envname("FPXINT_ALLOW_TORCHSCRIPT_UPLOADS")
+      ->check(CLI::IsMember({"all", "admin", "none"}));
+  app.add_option("--port-file", c.port_file, "write HOST:PORT here once serving")
+      ->envname("FPXINT_PORT_FILE");
+  app.add_option("--shutdown-grace", c.shutdown_grace_seconds,
+                 "seconds running jobs get to finish on shutdown before they are re-queued")
+      ->envname("FPXINT_SHUTDOWN_GRACE");
+  app.add_option("--max-message-bytes", c.max_message_bytes,
+                 "largest gRPC message (ModelInfer request or response), in bytes")
+      ->envname("FPXINT_MAX_MESSAGE_BYTES");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  }
+  if (auto s = c.Validate(); !s.ok()) {
+    std::fprintf(stderr, "fpxint-server: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  // Signals: a handler (any thread may receive them; LibTorch and OpenBLAS start threads before
+  // main) writes the signal number to a pipe; one thread reads it and stops the server.
+  if (::pipe2(g_signal_pipe, O_CLOEXEC) != 0) {
+    std::perror("fpxint-server: pipe");
+    return 1;
+  }
+  struct sigaction sa = {};
+  sa.sa_handler = OnSignal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  auto server = fpxint::server::Server::Start(c);
+  if (!server.ok()) {
+    fpxint::server::LogError(server.status().message());
+    return 1;
+  }
+  std::thread signals([&] {
+    unsigned char sig = 0;
+    while (::read(g_signal_pipe[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    fpxint::server::LogInfo(sig == SIGTERM ? "SIGTERM received" : "SIGINT received");
+    (*server)->Shutdown();
+  });
+  (*server)->Wait();
+  signals.join();
+  server->reset();
+  return 0;
+}

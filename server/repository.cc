@@ -1,0 +1,319 @@
+// File: server/repository.cc
+#include "server/repository.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include <google/protobuf/util/json_util.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "server/executor.h"
+#include "server/status_util.h"
+
+namespace fpxint::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+uint64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+// ---- ServedModel ----
+
+ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets)
+    : d_(std::move(d)) {
+  absl::MutexLock l(&mu_);
+  for (auto& n : nets) {
+    free_.push_back(static_cast<int>(instances_.size()));
+    instances_.push_back({std::move(n), -1, -1});
+  }
+}
+
+ServedModel::~ServedModel() = default;
+
+int ServedModel::max_weight_terms() const {
+  return quantized() ? static_cast<int>(d_.spec().weight_terms()) : 0;
+}
+int ServedModel::max_act_terms() const {
+  return quantized() ? static_cast<int>(d_.spec().act_terms()) : 0;
+}
+
+absl::StatusOr<model::HostTensor> ServedModel::Infer(const model::HostTensor& x, int kw, int ka,
+                                                     uint64_t* queue_ns) {
+  const uint64_t t0 = NowNs();
+  int slot = -1;
+  {
+    absl::MutexLock l(&mu_);
+    mu_.Await(absl::Condition(
+        +[](std::vector<int>* f) { return !f->empty(); }, &free_));
+    slot = free_.back();
+    free_.pop_back();
+  }
+  *queue_ns = NowNs() - t0;
+  Instance* inst;
+  {
+    absl::MutexLock l(&mu_);
+    inst = &instances_[slot];
+  }
+  absl::StatusOr<model::HostTensor> y;
+  absl::Status s;
+  if (quantized() && (inst->kw != kw || inst->ka != ka)) {
+    s = inst->net->SetPrecision(kw, ka);
+    if (s.ok()) {
+      inst->kw = kw;
+      inst->ka = ka;
+    }
+  }
+  y = s.ok() ? inst->net->Forward(x) : absl::StatusOr<model::HostTensor>(s);
+  absl::MutexLock l(&mu_);
+  free_.push_back(slot);
+  return y;
+}
+
+void ServedModel::Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns,
+                         uint64_t infer_ns, uint64_t output_ns, uint64_t total_ns) {
+  absl::MutexLock l(&mu_);
+  if (!ok) {
+    stats_.fail.Add(total_ns);
+    return;
+  }
+  stats_.success.Add(total_ns);
+  stats_.queue.Add(queue_ns);
+  stats_.compute_input.Add(input_ns);
+  stats_.compute_infer.Add(infer_ns);
+  stats_.compute_output.Add(output_ns);
+  stats_.inference_count += batch;
+  stats_.execution_count += 1;
+  stats_.last_inference_ms = static_cast<uint64_t>(NowUnixMs());
+}
+
+ModelStats ServedModel::stats() const {
+  absl::MutexLock l(&mu_);
+  return stats_;
+}
+
+// ---- Repository ----
+
+Repository::Repository(std::string dir, Journal* journal, BlobStore* store,
+                       core::ThreadPool* pool, Options o)
+    : dir_(std::move(dir)), journal_(journal), store_(store), pool_(pool), opts_(o) {
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+}
+
+absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::Deployment& d) {
+  const std::string path = (fs::path(dir_) / d.name() / d.version() / "model.pt").string();
+  std::vector<std::unique_ptr<model::Model>> nets;
+  for (int i = 0; i < std::max(1, opts_.instances); ++i) {
+    FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, {opts_.torch_threads}));
+    if (d.platform() == kPlatformSeries) {
+      FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(d.spec()), pool_));
+      FPX_RETURN_IF_ERROR(net->SetPrecision(d.spec().weight_terms(), d.spec().act_terms()));
+    }
+    nets.push_back(std::move(net));
+  }
+  return std::make_shared<ServedModel>(d, std::move(nets));
+}
+
+absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
+  const fs::path final_dir = fs::path(dir_) / d.name() / d.version();
+  std::error_code ec;
+  if (fs::exists(final_dir / "config.json", ec)) return absl::OkStatus();
+  const fs::path tmp = fs::path(dir_) / d.name() / ("." + d.version() + ".tmp");
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create '", tmp.string(), "'"));
+  const std::string blob = store_->PathOf(d.source_sha256());
+  const std::string model_path = (tmp / "model.pt").string();
+  if (::link(blob.c_str(), model_path.c_str()) != 0) {
+    fs::copy_file(blob, model_path, ec);  // another file system: copy
+    if (ec) return absl::InternalError(absl::StrCat("cannot place the model: ", ec.message()));
+  }
+  std::string json;
+  google::protobuf::util::JsonPrintOptions o;
+  o.add_whitespace = true;
+  o.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(d, &json, o);
+  FPX_RETURN_IF_ERROR(WriteFileAtomic((tmp / "config.json").string(), json));
+  fs::remove_all(final_dir, ec);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot publish '", final_dir.string(), "'"));
+  return SyncDir((fs::path(dir_) / d.name()).string());
+}
+
+absl::Status Repository::LoadDeployment(v1::Deployment d) {
+  absl::MutexLock load_lock(&load_mu_);
+  FPX_RETURN_IF_ERROR(WriteVersionDir(d));
+  auto served = Instantiate(d);
+  absl::MutexLock l(&mu_);
+  const std::string key = d.name() + "/" + d.version();
+  if (!served.ok()) {
+    failures_[key] = std::string(served.status().message());
+    return absl::Status(served.status().code(),
+                        absl::StrCat("model '", key, "' failed to load: ",
+                                     served.status().message()));
+  }
+  failures_.erase(key);
+  loaded_[d.name()][d.version()] = *std::move(served);
+  return absl::OkStatus();
+}
+
+void Repository::Restore() {
+  auto all = journal_->ListDeployments();
+  if (!all.ok()) return;
+  for (const v1::Deployment& d : *all) {
+    if (d.loaded()) LoadDeployment(d).IgnoreError();  // recorded in failures_
+  }
+}
+
+std::vector<std::string> Repository::Versions(const std::string& name) {
+  std::vector<std::string> out;
+  auto all = journal_->ListDeployments();
+  if (!all.ok()) return out;
+  for (const v1::Deployment& d : *all) {
+    if (d.name() == name) out.push_back(d.version());
+  }
+  return out;
+}
+
+absl::StatusOr<v1::Deployment> Repository::Deploy(v1::Deployment d, bool load) {
+  if (d.version().empty()) {
+    int64_t next = 1;
+    for (const std::string& v : Versions(d.name())) {
+      int64_t n = 0;
+      if (absl::SimpleAtoi(v, &n)) next = std::max(next, n + 1);
+    }
+    d.set_version(std::to_string(next));
+  }
+  d.set_created_unix_ms(NowUnixMs());
+  d.set_loaded(load);
+  FPX_RETURN_IF_ERROR(WriteVersionDir(d));
+  FPX_RETURN_IF_ERROR(journal_->PutDeployment(d));
+  if (load) FPX_RETURN_IF_ERROR(LoadDeployment(d));
+  return d;
+}
+
+absl::Status Repository::Load(const std::string& name) {
+  FPX_ASSIGN_OR_RETURN(std::vector<v1::Deployment> all, journal_->ListDeployments());
+  std::vector<v1::Deployment> mine;
+  for (const v1::Deployment& d : all) {
+    if (d.name() == name) mine.push_back(d);
+  }
+  if (mine.empty()) {
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> m, journal_->GetModel(name));
+    if (!m) {
+      return absl::NotFoundError(absl::StrCat(
+          "model_name: '", name, "' is neither a deployed model nor an uploaded model"));
+    }
+    if (m->format() != v1::TORCHSCRIPT) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model_name: '", name, "' is a ", v1::ModelFormat_Name(m->format()),
+          " upload; only TORCHSCRIPT models can be served"));
+    }
+    v1::Deployment d;
+    d.set_name(name);
+    d.set_version("1");
+    d.set_platform(kPlatformFp);
+    d.set_source_sha256(m->sha256());
+    *d.mutable_inputs() = m->inputs();
+    return Deploy(d, true).status();
+  }
+  for (v1::Deployment& d : mine) {
+    d.set_loaded(true);
+    FPX_RETURN_IF_ERROR(journal_->PutDeployment(d));
+    FPX_RETURN_IF_ERROR(LoadDeployment(d));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Repository::Unload(const std::string& name) {
+  FPX_ASSIGN_OR_RETURN(std::vector<v1::Deployment> all, journal_->ListDeployments());
+  bool found = false;
+  for (v1::Deployment& d : all) {
+    if (d.name() != name) continue;
+    found = true;
+    d.set_loaded(false);
+    FPX_RETURN_IF_ERROR(journal_->PutDeployment(d));
+  }
+  if (!found) return absl::NotFoundError(absl::StrCat("model_name: '", name, "' is not deployed"));
+  absl::MutexLock l(&mu_);
+  loaded_.erase(name);  // requests in flight keep their shared_ptr until they finish
+  return absl::OkStatus();
+}
+
+std::vector<Repository::IndexEntry> Repository::Index() {
+  std::vector<IndexEntry> out;
+  auto all = journal_->ListDeployments();
+  if (!all.ok()) return out;
+  absl::MutexLock l(&mu_);
+  for (const v1::Deployment& d : *all) {
+    IndexEntry e{d.name(), d.version(), "UNAVAILABLE", "unloaded"};
+    auto it = loaded_.find(d.name());
+    if (it != loaded_.end() && it->second.count(d.version())) {
+      e.state = "READY";
+      e.reason = "";
+    } else if (auto f = failures_.find(d.name() + "/" + d.version()); f != failures_.end()) {
+      e.reason = f->second;
+    }
+    out.push_back(e);
+  }
+  return out;
+}
+
+absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Get(const std::string& name,
+                                                             const std::string& version) {
+  {
+    absl::MutexLock l(&mu_);
+    auto it = loaded_.find(name);
+    if (it != loaded_.end() && !it->second.empty()) {
+      if (version.empty()) {
+        // The highest version number.
+        std::shared_ptr<ServedModel> best;
+        int64_t best_n = -1;
+        for (const auto& [v, m] : it->second) {
+          int64_t n = 0;
+          if (!absl::SimpleAtoi(v, &n)) n = 0;
+          if (n > best_n) {
+            best_n = n;
+            best = m;
+          }
+        }
+        return best;
+      }
+      auto v = it->second.find(version);
+      if (v != it->second.end()) return v->second;
+    }
+  }
+  const std::vector<std::string> versions = Versions(name);
+  if (versions.empty()) {
+    return absl::NotFoundError(absl::StrCat("model_name: no model '", name, "' is deployed"));
+  }
+  if (!version.empty() &&
+      std::find(versions.begin(), versions.end(), version) == versions.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("model_version: model '", name, "' has no version '", version, "'"));
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "model '", name, "' is not loaded (RepositoryModelLoad loads it)"));
+}
+
+std::vector<std::shared_ptr<ServedModel>> Repository::Loaded() {
+  std::vector<std::shared_ptr<ServedModel>> out;
+  absl::MutexLock l(&mu_);
+  for (const auto& [name, versions] : loaded_) {
+    for (const auto& [v, m] : versions) out.push_back(m);
+  }
+  return out;
+}
+
+}  // namespace fpxint::server

@@ -1,0 +1,139 @@
+// File: server/repository.h
+//
+// The inference model repository, Triton-like on disk: <data>/repository/<name>/<version>/ holds
+// model.pt (the TorchScript source, a hard link to its blob) and config.json (the Deployment
+// record). A version directory appears by rename, complete. The journal remembers which versions
+// are loaded, so a restart serves the same models.
+//
+// FP deployments (platform "pytorch_torchscript") run the TorchScript as it is; quantized ones
+// ("fpxint_series") load the same source and expand it with the deployment's spec — the
+// expansion is deterministic and reads no data, so this is the job's result — and run with the
+// first K_w' ≤ K_w weight terms (request parameter fpxint_terms).
+//
+// Each loaded version keeps `instances` copies of the network (a Model runs one request at a
+// time); requests beyond that wait their turn (the queue time is in the statistics).
+//
+// Thread-safe.
+#ifndef FPXINT_SERVER_REPOSITORY_H_
+#define FPXINT_SERVER_REPOSITORY_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "core/thread_pool.h"
+#include "fpxint/v1/server_state.pb.h"
+#include "model/model.h"
+#include "server/journal.h"
+#include "server/store.h"
+
+namespace fpxint::server {
+
+inline constexpr char kPlatformFp[] = "pytorch_torchscript";
+inline constexpr char kPlatformSeries[] = "fpxint_series";
+
+struct DurationStat {
+  uint64_t count = 0;
+  uint64_t ns = 0;
+  void Add(uint64_t d) {
+    ++count;
+    ns += d;
+  }
+};
+
+struct ModelStats {
+  uint64_t last_inference_ms = 0;
+  uint64_t inference_count = 0;  // batch elements
+  uint64_t execution_count = 0;
+  DurationStat success, fail, queue, compute_input, compute_infer, compute_output;
+};
+
+class ServedModel {
+ public:
+  ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> instances);
+  ~ServedModel();
+
+  const v1::Deployment& deployment() const { return d_; }
+  bool quantized() const { return d_.platform() == kPlatformSeries; }
+  int max_weight_terms() const;
+  int max_act_terms() const;
+
+  // Runs one request with the first kw weight / ka activation terms (ignored for FP models).
+  // queue_ns: time spent waiting for a free instance.
+  absl::StatusOr<model::HostTensor> Infer(const model::HostTensor& x, int kw, int ka,
+                                          uint64_t* queue_ns);
+
+  void Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns, uint64_t infer_ns,
+              uint64_t output_ns, uint64_t total_ns);
+  ModelStats stats() const;
+
+ private:
+  struct Instance {
+    std::unique_ptr<model::Model> net;
+    int kw = -1, ka = -1;
+  };
+  v1::Deployment d_;
+  mutable absl::Mutex mu_;
+  std::vector<Instance> instances_ ABSL_GUARDED_BY(mu_);
+  std::vector<int> free_ ABSL_GUARDED_BY(mu_);
+  ModelStats stats_ ABSL_GUARDED_BY(mu_);
+};
+
+class Repository {
+ public:
+  struct Options {
+    int instances = 1;
+    int torch_threads = 2;
+  };
+  Repository(std::string dir, Journal* journal, BlobStore* store, core::ThreadPool* pool,
+             Options o);
+
+  // Loads every deployment the journal marks loaded (at start-up). Failures are logged into
+  // the index as UNAVAILABLE with the reason, not fatal.
+  void Restore();
+
+  // Writes a new version (d.version() empty: the next number) and loads it when `load`.
+  absl::StatusOr<v1::Deployment> Deploy(v1::Deployment d, bool load);
+  // RepositoryModelLoad: the versions of `name`; or, for an uploaded TorchScript model of that
+  // name with no deployment yet, an FP deployment of it as version 1.
+  absl::Status Load(const std::string& name);
+  absl::Status Unload(const std::string& name);
+
+  struct IndexEntry {
+    std::string name, version, state, reason;
+  };
+  std::vector<IndexEntry> Index();
+
+  // A ready version: `version` empty picks the highest loaded one. NotFound for an unknown
+  // model, FailedPrecondition (UNAVAILABLE state) for one that is not loaded.
+  absl::StatusOr<std::shared_ptr<ServedModel>> Get(const std::string& name,
+                                                   const std::string& version);
+  // Versions known for `name` (loaded or not), ascending.
+  std::vector<std::string> Versions(const std::string& name);
+  std::vector<std::shared_ptr<ServedModel>> Loaded();
+
+ private:
+  absl::StatusOr<std::shared_ptr<ServedModel>> Instantiate(const v1::Deployment& d);
+  absl::Status WriteVersionDir(const v1::Deployment& d);
+  absl::Status LoadDeployment(v1::Deployment d);
+
+  const std::string dir_;
+  Journal* journal_;
+  BlobStore* store_;
+  core::ThreadPool* pool_;
+  const Options opts_;
+  absl::Mutex load_mu_;  // one load at a time (loads use both cores)
+  absl::Mutex mu_;
+  // name -> version -> loaded model
+  std::map<std::string, std::map<std::string, std::shared_ptr<ServedModel>>> loaded_
+      ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> failures_ ABSL_GUARDED_BY(mu_);  // "name/version" -> reason
+};
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_REPOSITORY_H_

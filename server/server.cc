@@ -1,0 +1,214 @@
+// File: server/server.cc
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/resource_quota.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "core/kernels.h"
+#include "core/status_macros.h"
+#include "server/auth.h"
+#include "server/jobs.h"
+#include "server/journal.h"
+#include "server/log.h"
+#include "server/repository.h"
+#include "server/services.h"
+#include "server/store.h"
+
+namespace fpxint::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+absl::StatusOr<std::string> ReadText(const std::string& path, absl::string_view flag) {
+  std::ifstream in(path);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read '", path, "'"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+absl::Status ServerConfig::Validate() const {
+  auto bad = [](absl::string_view flag, absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": ", what));
+  };
+  if (listen.empty() || listen.find(':') == std::string::npos) {
+    return bad("--listen", "expected HOST:PORT (port 0 picks a free port)");
+  }
+  if (data_dir.empty()) return bad("--data-dir", "required");
+  if (workers < 1 || workers > 64) return bad("--workers", "accepted 1..64");
+  if (queue_limit < 1 || queue_limit > 100000) return bad("--queue-limit", "accepted 1..100000");
+  if (max_upload_bytes < 1) return bad("--max-upload-bytes", "must be positive");
+  if (threads < 0 || threads > 1024) return bad("--threads", "accepted 0 (all cores)..1024");
+  if (infer_instances < 1 || infer_instances > 64) return bad("--infer-instances", "accepted 1..64");
+  if (tls_cert.empty() != tls_key.empty()) {
+    return bad("--tls-cert/--tls-key", "give both or neither");
+  }
+  if (!tls_client_ca.empty() && tls_cert.empty()) {
+    return bad("--tls-client-ca", "needs --tls-cert and --tls-key (mutual TLS is on top of TLS)");
+  }
+  if (allow_torchscript_uploads != "all" && allow_torchscript_uploads != "admin" &&
+      allow_torchscript_uploads != "none") {
+    return bad("--allow-torchscript-uploads", "accepted: all, admin, none");
+  }
+  if (shutdown_grace_seconds < 0) return bad("--shutdown-grace", "must be >= 0");
+  return absl::OkStatus();
+}
+
+struct Server::Impl {
+  ServerConfig config;
+  std::unique_ptr<BlobStore> store;
+  std::unique_ptr<Journal> journal;
+  std::unique_ptr<core::ThreadPool> pool;
+  std::unique_ptr<Repository> repo;
+  std::unique_ptr<JobManager> jobs;
+  Authorizer auth;
+  std::atomic<bool> ready{false};
+  std::unique_ptr<QuantizerService> quantizer;
+  std::unique_ptr<InferenceService> inference;
+  std::unique_ptr<grpc::Server> grpc_server;
+  int port = 0;
+  absl::Mutex mu;
+  bool shut_down = false;
+  absl::Notification done;
+};
+
+Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Server::~Server() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config) {
+  FPX_RETURN_IF_ERROR(config.Validate());
+  auto im = std::make_unique<Impl>();
+  im->config = config;
+  if (!config.token_file.empty()) {
+    FPX_ASSIGN_OR_RETURN(im->auth, Authorizer::FromFile(config.token_file));
+  } else {
+    LogWarning("no --token-file: every caller may use every RPC (local use only)");
+  }
+  FPX_ASSIGN_OR_RETURN(im->store, BlobStore::Open(config.data_dir));
+  FPX_ASSIGN_OR_RETURN(im->journal,
+                       Journal::Open((fs::path(config.data_dir) / "journal.sqlite").string()));
+  const int threads =
+      config.threads > 0 ? config.threads : static_cast<int>(std::thread::hardware_concurrency());
+  im->pool = std::make_unique<core::ThreadPool>(threads);
+  im->repo = std::make_unique<Repository>((fs::path(config.data_dir) / "repository").string(),
+                                          im->journal.get(), im->store.get(), im->pool.get(),
+                                          Repository::Options{config.infer_instances, threads});
+  im->jobs = std::make_unique<JobManager>(
+      JobManager::Options{config.workers, config.queue_limit, threads}, im->journal.get(),
+      im->store.get(), im->repo.get(), im->pool.get());
+
+  ServiceContext sc;
+  sc.journal = im->journal.get();
+  sc.store = im->store.get();
+  sc.jobs = im->jobs.get();
+  sc.repo = im->repo.get();
+  sc.auth = &im->auth;
+  sc.max_upload_bytes = config.max_upload_bytes;
+  sc.torchscript_uploads = config.allow_torchscript_uploads == "none"    ? TorchScriptUploads::kNone
+                           : config.allow_torchscript_uploads == "admin" ? TorchScriptUploads::kAdmin
+                                                                         : TorchScriptUploads::kAll;
+  sc.ready = &im->ready;
+  sc.server_version = FPXINT_VERSION;
+  im->quantizer = std::make_unique<QuantizerService>(sc);
+  im->inference = std::make_unique<InferenceService>(sc);
+
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  if (!config.tls_cert.empty()) {
+    grpc::SslServerCredentialsOptions ssl(
+        config.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                     : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    FPX_ASSIGN_OR_RETURN(std::string cert, ReadText(config.tls_cert, "--tls-cert"));
+    FPX_ASSIGN_OR_RETURN(std::string key, ReadText(config.tls_key, "--tls-key"));
+    ssl.pem_key_cert_pairs.push_back({key, cert});
+    if (!config.tls_client_ca.empty()) {
+      FPX_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadText(config.tls_client_ca, "--tls-client-ca"));
+    }
+    creds = grpc::SslServerCredentials(ssl);
+  }
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(config.listen, creds, &im->port);
+  builder.RegisterService(im->quantizer.get());
+  builder.RegisterService(im->inference.get());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  grpc::ResourceQuota quota("fpxint");
+  quota.SetMaxThreads(256);  // bounds the sync server's request threads
+  builder.SetResourceQuota(quota);
+  im->grpc_server = builder.BuildAndStart();
+  if (!im->grpc_server || im->port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("--listen ", config.listen, ": cannot bind (address in use or invalid?)"));
+  }
+  // Jobs and served models come back after a restart before the server says it is ready.
+  im->repo->Restore();
+  FPX_RETURN_IF_ERROR(im->jobs->Start());
+  im->ready.store(true);
+  auto* health = im->grpc_server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  health->SetServingStatus("inference.GRPCInferenceService", true);
+  health->SetServingStatus("fpxint.v1.Quantizer", true);
+
+  std::unique_ptr<Server> server(new Server(std::move(im)));
+  const std::string addr = server->address();
+  if (!config.port_file.empty()) {
+    FPX_RETURN_IF_ERROR(WriteFileAtomic(config.port_file, addr + "\n"));
+  }
+  LogInfo(absl::StrCat("fpxint-server ", FPXINT_VERSION, " listening on ", addr,
+                       config.tls_cert.empty() ? " (plaintext)" :
+                       config.tls_client_ca.empty() ? " (TLS)" : " (mutual TLS)",
+                       "; data in ", config.data_dir, "; ", config.workers, " worker(s), ",
+                       threads, " compute threads, kernels ",
+                       core::ActiveKernels().name));
+  return server;
+}
+
+int Server::port() const { return impl_->port; }
+
+std::string Server::address() const {
+  const std::string& l = impl_->config.listen;
+  const std::string host = l.substr(0, l.rfind(':'));
+  return absl::StrCat(host, ":", impl_->port);
+}
+
+void Server::Shutdown() {
+  {
+    absl::MutexLock l(&impl_->mu);
+    if (impl_->shut_down) return;
+    impl_->shut_down = true;
+  }
+  Impl& im = *impl_;
+  LogInfo("shutting down: not ready, finishing running jobs");
+  im.ready.store(false);
+  if (im.grpc_server) {
+    auto* health = im.grpc_server->GetHealthCheckService();
+    health->SetServingStatus(false);
+  }
+  im.jobs->Shutdown(absl::Seconds(im.config.shutdown_grace_seconds));
+  if (im.grpc_server) {
+    im.grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    im.grpc_server->Wait();
+  }
+  LogInfo("shut down cleanly");
+  im.done.Notify();
+}
+
+void Server::Wait() { impl_->done.WaitForNotification(); }
+
+}  // namespace fpxint::server

@@ -1,0 +1,614 @@
+// In-process integration tests of fpxint-server: a real gRPC server on 127.0.0.1 (port chosen
+// free), real SQLite journal and store in a scratch directory, every RPC through real stubs.
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
+#include "fpxint/v1/quantizer.grpc.pb.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "inference/grpc_service.grpc.pb.h"
+#include "server/server.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::server {
+namespace {
+
+using ::fpxint::testing::ReadFileOrDie;
+using ::fpxint::testing::ScratchDir;
+using ::fpxint::testing::WriteFileOrDie;
+
+constexpr char kAdmin[] = "admin-token-0123456789";
+constexpr char kQuantize[] = "quantize-token-0123456789";
+constexpr char kInfer[] = "infer-token-0123456789";
+
+std::string TinyDir() {
+  const char* d = std::getenv("FPXINT_TINY_MODELS_DIR");
+  return d ? d : "";
+}
+
+// A safetensors file with two weight matrices and a bias.
+std::string WeightsFile(uint32_t seed) {
+  core::SafetensorsWriter w;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, uint64_t s) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    auto v = fpxint::testing::ToFloat(fpxint::testing::RandomValues(
+        fpxint::testing::Dist::kGaussian, n, s));
+    std::string bytes(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+    w.AddOwned(name, core::DType::kF32, shape, std::vector<uint8_t>(bytes.begin(), bytes.end())).IgnoreError();
+  };
+  add("fc1.weight", {64, 32}, seed);
+  add("fc1.bias", {64}, seed + 1);
+  add("fc2.weight", {16, 64}, seed + 2);
+  auto bytes = w.Serialize();
+  return std::string(bytes.begin(), bytes.end());
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(TinyDir().empty()) << "FPXINT_TINY_MODELS_DIR is not set";
+    WriteFileOrDie(dir_.File("tokens"),
+                   absl::StrCat("# test tokens\n", kAdmin, " admin\n", kQuantize, " quantize\n",
+                                kInfer, " infer\n"));
+    StartServer();
+  }
+  void TearDown() override { server_.reset(); }
+
+  void StartServer() {
+    ServerConfig c;
+    c.listen = "127.0.0.1:0";
+    c.data_dir = dir_.File("data");
+    c.token_file = dir_.File("tokens");
+    c.max_upload_bytes = 4 << 20;
+    c.threads = 2;
+    c.queue_limit = 8;
+    c.shutdown_grace_seconds = 5;
+    auto s = Server::Start(c);
+    ASSERT_TRUE(s.ok()) << s.status();
+    server_ = *std::move(s);
+    auto ch = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+    q_ = v1::Quantizer::NewStub(ch);
+    oip_ = inference::GRPCInferenceService::NewStub(ch);
+    health_ = grpc::health::v1::Health::NewStub(ch);
+  }
+  void Restart() {
+    server_.reset();
+    StartServer();
+  }
+
+  std::unique_ptr<grpc::ClientContext> Ctx(const char* token = kAdmin) {
+    auto c = std::make_unique<grpc::ClientContext>();
+    if (token) c->AddMetadata("authorization", absl::StrCat("Bearer ", token));
+    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    return c;
+  }
+
+  // Uploads `bytes` in 64 KiB chunks; `sha` empty: the right one.
+  grpc::Status Upload(const std::string& name, v1::ModelFormat fmt, const std::string& bytes,
+                      v1::Model* out, std::string sha = "", uint64_t size = 0,
+                      const char* token = kAdmin) {
+    auto ctx = Ctx(token);
+    auto w = q_->UploadModel(ctx.get(), out);
+    v1::UploadChunk h;
+    h.mutable_header()->set_name(name);
+    h.mutable_header()->set_format(fmt);
+    h.mutable_header()->set_sha256(sha.empty() ? core::Sha256Hex(absl::MakeConstSpan(
+                                                     reinterpret_cast<const uint8_t*>(bytes.data()),
+                                                     bytes.size()))
+                                               : sha);
+    h.mutable_header()->set_size_bytes(size);
+    if (fmt == v1::TORCHSCRIPT) {
+      auto* in = h.mutable_header()->add_inputs();
+      in->set_name("input__0");
+      in->set_datatype("FP32");
+      for (int64_t d : {2, 3, 8, 8}) in->add_shape(d);
+    }
+    w->Write(h);
+    for (size_t off = 0; off < bytes.size(); off += 65536) {
+      v1::UploadChunk c;
+      c.set_data(bytes.substr(off, 65536));
+      if (!w->Write(c)) break;
+    }
+    w->WritesDone();
+    return w->Finish();
+  }
+
+  v1::Job Submit(const v1::JobSpec& spec, const std::string& key = "") {
+    v1::SubmitJobRequest req;
+    *req.mutable_spec() = spec;
+    req.set_idempotency_key(key);
+    v1::Job job;
+    grpc::Status s = q_->SubmitJob(Ctx().get(), req, &job);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return job;
+  }
+
+  // Watches a job to its end; returns the events.
+  std::vector<v1::Job> Watch(const std::string& id) {
+    v1::JobRef ref;
+    ref.set_job_id(id);
+    auto ctx = Ctx();
+    auto r = q_->WatchJob(ctx.get(), ref);
+    std::vector<v1::Job> events;
+    v1::JobEvent ev;
+    while (r->Read(&ev)) events.push_back(ev.job());
+    grpc::Status s = r->Finish();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return events;
+  }
+
+  std::string Download(const std::string& artifact_id, uint64_t offset = 0,
+                       std::string* sha = nullptr) {
+    v1::ArtifactRef ref;
+    ref.set_artifact_id(artifact_id);
+    ref.set_offset(offset);
+    ref.set_chunk_bytes(4096);
+    auto ctx = Ctx();
+    auto r = q_->DownloadArtifact(ctx.get(), ref);
+    std::string out;
+    v1::ArtifactChunk c;
+    while (r->Read(&c)) {
+      EXPECT_EQ(c.offset(), offset + out.size());
+      out += c.data();
+      if (sha) *sha = c.sha256();
+    }
+    grpc::Status s = r->Finish();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return out;
+  }
+
+  v1::JobSpec Spec(const std::string& model, v1::Granularity g, int bits = 4, int terms = 2) {
+    v1::JobSpec s;
+    s.set_model(model);
+    s.set_granularity(g);
+    s.set_weight_bits(bits);
+    s.set_weight_terms(terms);
+    return s;
+  }
+
+  ScratchDir dir_;
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<v1::Quantizer::Stub> q_;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> oip_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+std::string Sha(const std::string& s) {
+  return core::Sha256Hex(
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
+}
+
+TEST_F(ServerTest, HealthAndServerMetadataNeedNoToken) {
+  for (const char* svc : {"", "inference.GRPCInferenceService", "fpxint.v1.Quantizer"}) {
+    grpc::health::v1::HealthCheckRequest req;
+    req.set_service(svc);
+    grpc::health::v1::HealthCheckResponse resp;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(health_->Check(&ctx, req, &resp).ok()) << svc;
+    EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING) << svc;
+  }
+  grpc::ClientContext c1, c2, c3;
+  inference::ServerLiveResponse live;
+  ASSERT_TRUE(oip_->ServerLive(&c1, {}, &live).ok());
+  EXPECT_TRUE(live.live());
+  inference::ServerReadyResponse ready;
+  ASSERT_TRUE(oip_->ServerReady(&c2, {}, &ready).ok());
+  EXPECT_TRUE(ready.ready());
+  inference::ServerMetadataResponse md;
+  ASSERT_TRUE(oip_->ServerMetadata(&c3, {}, &md).ok());
+  EXPECT_EQ(md.name(), "fpxint");
+  EXPECT_NE(std::find(md.extensions().begin(), md.extensions().end(), "model_repository"),
+            md.extensions().end());
+}
+
+TEST_F(ServerTest, UploadVerifiesDeduplicatesAndRejectsBadInput) {
+  const std::string w = WeightsFile(1);
+  v1::Model m;
+  ASSERT_TRUE(Upload("w1", v1::SAFETENSORS, w, &m).ok());
+  EXPECT_EQ(m.sha256(), Sha(w));
+  EXPECT_EQ(m.size_bytes(), w.size());
+  EXPECT_FALSE(m.deduplicated());
+  // Same name, same bytes: the existing model. Other name, same bytes: deduplicated blob.
+  ASSERT_TRUE(Upload("w1", v1::SAFETENSORS, w, &m).ok());
+  EXPECT_TRUE(m.deduplicated());
+  ASSERT_TRUE(Upload("w1-copy", v1::SAFETENSORS, w, &m).ok());
+  EXPECT_TRUE(m.deduplicated());
+  // Same name, other bytes.
+  grpc::Status s = Upload("w1", v1::SAFETENSORS, WeightsFile(7), &m);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS) << s.error_message();
+
+  s = Upload("bad-sha", v1::SAFETENSORS, w, &m, std::string(64, 'a'));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("header.sha256"), std::string::npos) << s.error_message();
+  s = Upload("truncated", v1::SAFETENSORS, w.substr(0, w.size() / 2), &m, Sha(w), w.size());
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("size_bytes"), std::string::npos) << s.error_message();
+  const std::string big(5 << 20, 'x');
+  s = Upload("big", v1::SAFETENSORS, big, &m);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  s = Upload("big2", v1::SAFETENSORS, w, &m, "", 1ull << 40);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  s = Upload("../evil", v1::SAFETENSORS, w, &m);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("header.name"), std::string::npos);
+  s = Upload("garbage", v1::SAFETENSORS, std::string(1000, '\x7f'), &m);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("safetensors"), std::string::npos) << s.error_message();
+  s = Upload("notzip", v1::TORCHSCRIPT, w, &m);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  s = Upload("nofmt", v1::MODEL_FORMAT_UNSPECIFIED, w, &m);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Nothing of the refused uploads is visible.
+  v1::ListModelsResponse list;
+  ASSERT_TRUE(q_->ListModels(Ctx().get(), {}, &list).ok());
+  ASSERT_EQ(list.models_size(), 2);
+  EXPECT_EQ(list.models(0).name(), "w1");
+  EXPECT_EQ(list.models(1).name(), "w1-copy");
+  // And the temp directory holds no leftovers.
+  EXPECT_TRUE(std::filesystem::is_empty(dir_.File("data") + "/tmp"));
+}
+
+TEST_F(ServerTest, AuthenticationAndRoles) {
+  v1::ListModelsResponse list;
+  grpc::Status s = q_->ListModels(Ctx(nullptr).get(), {}, &list);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  s = q_->ListModels(Ctx("wrong-token-0123456789").get(), {}, &list);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  s = q_->ListModels(Ctx(kInfer).get(), {}, &list);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(q_->ListModels(Ctx(kQuantize).get(), {}, &list).ok());
+  inference::RepositoryIndexResponse idx;
+  s = oip_->RepositoryIndex(Ctx(kQuantize).get(), {}, &idx);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_TRUE(oip_->RepositoryIndex(Ctx(kInfer).get(), {}, &idx).ok());
+}
+
+TEST_F(ServerTest, TensorJobRunsWatchesAndDownloads) {
+  const std::string w = WeightsFile(2);
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, w, &m).ok());
+  v1::Job job = Submit(Spec("w", v1::TENSOR, 4, 3));
+  EXPECT_EQ(job.state(), v1::QUEUED);
+  std::vector<v1::Job> events = Watch(job.job_id());
+  ASSERT_FALSE(events.empty());
+  const v1::Job& done = events.back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  EXPECT_EQ(done.attempts(), 1u);
+  ASSERT_EQ(done.result().layers_size(), 2);  // fc1.weight, fc2.weight; the bias is copied
+  EXPECT_EQ(done.result().layers(0).terms_size(), 3);
+  EXPECT_LT(done.result().layers(0).terms(2).rel_fro(), done.result().layers(0).terms(0).rel_fro());
+  EXPECT_GT(done.result().compression_ratio(), 1.5);
+  ASSERT_EQ(done.artifacts_size(), 2);
+  const v1::Artifact& art = done.artifacts(0);
+  EXPECT_EQ(art.kind(), "packed_safetensors");
+  std::string sha;
+  const std::string bytes = Download(art.artifact_id(), 0, &sha);
+  EXPECT_EQ(bytes.size(), art.size_bytes());
+  EXPECT_EQ(Sha(bytes), art.sha256());
+  EXPECT_EQ(sha, art.sha256());
+  // Resumed download: the tail from an offset.
+  EXPECT_EQ(Download(art.artifact_id(), 1000), bytes.substr(1000));
+  // The artifact is the documented format.
+  auto r = core::SafetensorsReader::FromBuffer(std::vector<uint8_t>(bytes.begin(), bytes.end()));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->Metadata("format").value_or(""), "fpxint");
+  EXPECT_EQ((*r)->Metadata("terms").value_or(""), "3");
+  EXPECT_NE((*r)->Find("fc1.weight.t3.codes"), nullptr);
+  // Progress was streamed: a RUNNING event with layers_total.
+  bool saw_running = false;
+  for (const v1::Job& e : events) {
+    if (e.state() == v1::RUNNING && e.progress().layers_total() == 2) saw_running = true;
+  }
+  EXPECT_TRUE(saw_running);
+  // The same spec twice gives byte-identical artifacts.
+  v1::Job again = Watch(Submit(Spec("w", v1::TENSOR, 4, 3)).job_id()).back();
+  ASSERT_EQ(again.state(), v1::SUCCEEDED);
+  EXPECT_EQ(again.artifacts(0).sha256(), art.sha256());
+
+  v1::ArtifactRef bad;
+  bad.set_artifact_id("art-nope");
+  auto ctx = Ctx();
+  auto rd = q_->DownloadArtifact(ctx.get(), bad);
+  v1::ArtifactChunk c;
+  while (rd->Read(&c)) {
+  }
+  EXPECT_EQ(rd->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerTest, SpecValidationNamesTheField) {
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(3), &m).ok());
+  struct Case {
+    v1::JobSpec spec;
+    grpc::StatusCode code;
+    const char* field;
+  };
+  std::vector<Case> cases;
+  cases.push_back({Spec("nope", v1::TENSOR), grpc::StatusCode::NOT_FOUND, "spec.model"});
+  cases.push_back({Spec("w", v1::TENSOR, 9), grpc::StatusCode::INVALID_ARGUMENT, "weight_bits"});
+  cases.push_back({Spec("w", v1::TENSOR, 4, 40), grpc::StatusCode::INVALID_ARGUMENT, "weight_terms"});
+  cases.push_back({Spec("w", v1::LAYER), grpc::StatusCode::INVALID_ARGUMENT, "granularity"});
+  cases.push_back({Spec("w", v1::GRANULARITY_UNSPECIFIED), grpc::StatusCode::INVALID_ARGUMENT,
+                   "granularity"});
+  v1::JobSpec g = Spec("w", v1::TENSOR);
+  g.set_scale(v1::PER_GROUP);
+  cases.push_back({g, grpc::StatusCode::INVALID_ARGUMENT, "group_size"});
+  v1::JobSpec regex = Spec("w", v1::TENSOR);
+  regex.set_include("([");
+  for (const Case& c : cases) {
+    v1::SubmitJobRequest req;
+    *req.mutable_spec() = c.spec;
+    v1::Job job;
+    grpc::Status s = q_->SubmitJob(Ctx().get(), req, &job);
+    EXPECT_EQ(s.error_code(), c.code) << c.field << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(c.field), std::string::npos) << s.error_message();
+  }
+  // A bad regex is found when the job runs: FAILED with the reason.
+  v1::Job failed = Watch(Submit(regex).job_id()).back();
+  EXPECT_EQ(failed.state(), v1::FAILED);
+  EXPECT_NE(failed.error().find("regular expression"), std::string::npos) << failed.error();
+}
+
+TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(4), &m).ok());
+  v1::Job a = Submit(Spec("w", v1::TENSOR), "key-1");
+  v1::Job b = Submit(Spec("w", v1::TENSOR), "key-1");
+  EXPECT_EQ(a.job_id(), b.job_id());
+  v1::SubmitJobRequest other;
+  *other.mutable_spec() = Spec("w", v1::TENSOR, 3);
+  other.set_idempotency_key("key-1");
+  v1::Job j;
+  EXPECT_EQ(q_->SubmitJob(Ctx().get(), other, &j).error_code(), grpc::StatusCode::ALREADY_EXISTS);
+  Watch(a.job_id());
+  for (int i = 0; i < 3; ++i) Watch(Submit(Spec("w", v1::TENSOR, 2 + i)).job_id());
+  // 4 jobs; pages of 3 then 1, newest first, no job twice.
+  v1::ListJobsRequest lr;
+  lr.set_page_size(3);
+  v1::ListJobsResponse p1, p2;
+  ASSERT_TRUE(q_->ListJobs(Ctx().get(), lr, &p1).ok());
+  ASSERT_EQ(p1.jobs_size(), 3);
+  ASSERT_FALSE(p1.next_page_token().empty());
+  lr.set_page_token(p1.next_page_token());
+  ASSERT_TRUE(q_->ListJobs(Ctx().get(), lr, &p2).ok());
+  ASSERT_EQ(p2.jobs_size(), 1);
+  EXPECT_TRUE(p2.next_page_token().empty());
+  EXPECT_EQ(p2.jobs(0).job_id(), a.job_id());
+  lr.Clear();
+  lr.set_state(v1::FAILED);
+  v1::ListJobsResponse none;
+  ASSERT_TRUE(q_->ListJobs(Ctx().get(), lr, &none).ok());
+  EXPECT_EQ(none.jobs_size(), 0);
+  lr.Clear();
+  lr.set_page_token("garbage");
+  EXPECT_EQ(q_->ListJobs(Ctx().get(), lr, &none).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // Cancel: a finished job cannot be; unknown job is NOT_FOUND.
+  v1::JobRef ref;
+  ref.set_job_id(a.job_id());
+  EXPECT_EQ(q_->CancelJob(Ctx().get(), ref, &j).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  ref.set_job_id("job-nope");
+  EXPECT_EQ(q_->CancelJob(Ctx().get(), ref, &j).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // A large job runs while another waits; cancel both (running promptly, queued at once).
+  const std::string big = [] {
+    core::SafetensorsWriter w;
+    std::vector<uint8_t> data(static_cast<size_t>(1000) * 1000 * 4);
+    auto v = fpxint::testing::ToFloat(
+        fpxint::testing::RandomValues(fpxint::testing::Dist::kGaussian, 1000 * 1000, 5));
+    std::memcpy(data.data(), v.data(), data.size());
+    w.AddOwned("big.weight", core::DType::kF32, {1000, 1000}, data).IgnoreError();
+    auto b = w.Serialize();
+    return std::string(b.begin(), b.end());
+  }();
+  ASSERT_TRUE(Upload("big", v1::SAFETENSORS, big, &m).ok());
+  v1::Job running = Submit(Spec("big", v1::TENSOR, 2, 16));
+  v1::Job queued = Submit(Spec("big", v1::TENSOR, 3, 16));
+  // Deleting a model that jobs use is refused.
+  v1::ModelRef mr;
+  mr.set_name("big");
+  v1::DeleteModelResponse dr;
+  EXPECT_EQ(q_->DeleteModel(Ctx().get(), mr, &dr).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
+  ref.set_job_id(queued.job_id());
+  ASSERT_TRUE(q_->CancelJob(Ctx().get(), ref, &j).ok());
+  EXPECT_EQ(j.state(), v1::CANCELLED);
+  ref.set_job_id(running.job_id());
+  const auto t0 = std::chrono::steady_clock::now();
+  grpc::Status cs = q_->CancelJob(Ctx().get(), ref, &j);
+  if (cs.ok()) {
+    EXPECT_EQ(j.state(), v1::CANCELLED);
+  } else {  // it finished first
+    EXPECT_EQ(cs.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << cs.error_message();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  // Now the model can go.
+  EXPECT_TRUE(q_->DeleteModel(Ctx().get(), mr, &dr).ok());
+  v1::Model gone;
+  EXPECT_EQ(q_->GetModel(Ctx().get(), mr, &gone).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
+  v1::Model m;
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ts, &m).ok());
+  v1::JobSpec spec = Spec("tiny", v1::LAYER, 4, 3);
+  spec.add_outputs(v1::DEQUANTIZED_TORCHSCRIPT);
+  spec.mutable_deploy()->set_enabled(true);
+  spec.mutable_deploy()->set_name("tiny-q");
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  EXPECT_EQ(done.result().deployed_name(), "tiny-q");
+  EXPECT_EQ(done.result().deployed_version(), "1");
+  ASSERT_EQ(done.result().probe_size(), 3);
+  EXPECT_LT(done.result().probe(2).rel_fro(), done.result().probe(0).rel_fro());
+  std::set<std::string> kinds;
+  for (const auto& a : done.artifacts()) kinds.insert(a.kind());
+  EXPECT_EQ(kinds, (std::set<std::string>{"packed_safetensors", "dequantized_torchscript",
+                                          "report_json"}));
+
+  // FP model served too, through the repository extension.
+  inference::RepositoryModelLoadRequest lr;
+  lr.set_model_name("tiny");
+  inference::RepositoryModelLoadResponse lresp;
+  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).ok());
+  inference::ModelMetadataRequest mdr;
+  mdr.set_name("tiny-q");
+  inference::ModelMetadataResponse md;
+  ASSERT_TRUE(oip_->ModelMetadata(Ctx(kInfer).get(), mdr, &md).ok());
+  EXPECT_EQ(md.platform(), "fpxint_series");
+  ASSERT_EQ(md.inputs_size(), 1);
+  EXPECT_EQ(md.inputs(0).shape_size(), 4);
+
+  // The inputs of tests/reference/make_tiny_models.py.
+  auto io = core::SafetensorsReader::Open(TinyDir() + "/tiny_io.safetensors");
+  ASSERT_TRUE(io.ok());
+  auto x = (*io)->Data(*(*io)->Find("input"));
+  auto infer = [&](const std::string& model, int terms, bool raw, std::vector<float>* y) {
+    inference::ModelInferRequest req;
+    req.set_model_name(model);
+    req.set_id("req-7");
+    auto* in = req.add_inputs();
+    in->set_name("input__0");
+    in->set_datatype("FP32");
+    for (int64_t d : {2, 3, 8, 8}) in->add_shape(d);
+    if (raw) {
+      req.add_raw_input_contents(std::string(reinterpret_cast<const char*>(x.data()), x.size()));
+    } else {
+      const float* f = reinterpret_cast<const float*>(x.data());
+      for (size_t i = 0; i < x.size() / 4; ++i) in->mutable_contents()->add_fp32_contents(f[i]);
+    }
+    if (terms) (*req.mutable_parameters())["fpxint_terms"].set_int64_param(terms);
+    inference::ModelInferResponse resp;
+    grpc::Status s = oip_->ModelInfer(Ctx(kInfer).get(), req, &resp);
+    if (!s.ok()) return s;
+    EXPECT_EQ(resp.id(), "req-7");
+    EXPECT_EQ(resp.outputs_size(), 1);
+    if (raw) {
+      const std::string& b = resp.raw_output_contents(0);
+      y->assign(reinterpret_cast<const float*>(b.data()),
+                reinterpret_cast<const float*>(b.data() + b.size()));
+    } else {
+      y->assign(resp.outputs(0).contents().fp32_contents().begin(),
+                resp.outputs(0).contents().fp32_contents().end());
+    }
+    return s;
+  };
+  std::vector<float> fp, fp2, q1, q3;
+  ASSERT_TRUE(infer("tiny", 0, true, &fp).ok());
+  ASSERT_TRUE(infer("tiny", 0, false, &fp2).ok());
+  EXPECT_EQ(fp, fp2);
+  ASSERT_TRUE(infer("tiny-q", 1, true, &q1).ok());
+  ASSERT_TRUE(infer("tiny-q", 0, true, &q3).ok());  // default: all 3 terms
+  auto rel = [&](const std::vector<float>& y) {
+    double d = 0, n = 0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      d += (y[i] - fp[i]) * double(y[i] - fp[i]);
+      n += fp[i] * double(fp[i]);
+    }
+    return std::sqrt(d / n);
+  };
+  ASSERT_EQ(q3.size(), fp.size());
+  EXPECT_LT(rel(q3), 0.01);
+  EXPECT_GT(rel(q1), rel(q3));
+
+  // Bad requests name the field.
+  inference::ModelInferRequest bad;
+  bad.set_model_name("tiny-q");
+  auto* in = bad.add_inputs();
+  in->set_name("input__0");
+  in->set_datatype("FP32");
+  for (int64_t d : {2, 3, 8, 9}) in->add_shape(d);
+  bad.add_raw_input_contents(std::string(2 * 3 * 8 * 9 * 4, '\0'));
+  inference::ModelInferResponse resp;
+  grpc::Status s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("inputs[0].shape"), std::string::npos) << s.error_message();
+  in->set_shape(3, 8);
+  bad.set_raw_input_contents(0, std::string(x.size() - 4, '\0'));
+  s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
+  EXPECT_NE(s.error_message().find("raw_input_contents[0]"), std::string::npos) << s.error_message();
+  in->set_datatype("FP64");
+  s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
+  EXPECT_NE(s.error_message().find("datatype"), std::string::npos) << s.error_message();
+  in->set_datatype("FP32");
+  bad.set_raw_input_contents(0, std::string(x.size(), '\0'));
+  (*bad.mutable_parameters())["fpxint_terms"].set_int64_param(4);
+  s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
+  EXPECT_NE(s.error_message().find("fpxint_terms"), std::string::npos) << s.error_message();
+  bad.set_model_name("nope");
+  EXPECT_EQ(oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+
+  inference::ModelStatisticsRequest sr;
+  sr.set_name("tiny-q");
+  inference::ModelStatisticsResponse st;
+  ASSERT_TRUE(oip_->ModelStatistics(Ctx(kInfer).get(), sr, &st).ok());
+  ASSERT_EQ(st.model_stats_size(), 1);
+  EXPECT_EQ(st.model_stats(0).inference_count(), 4u);  // two requests of batch 2
+  EXPECT_EQ(st.model_stats(0).execution_count(), 2u);
+  EXPECT_EQ(st.model_stats(0).inference_stats().fail().count(), 4u);
+
+  // Served models survive a restart; unloading is remembered too.
+  inference::RepositoryModelUnloadRequest ur;
+  ur.set_model_name("tiny");
+  inference::RepositoryModelUnloadResponse uresp;
+  ASSERT_TRUE(oip_->RepositoryModelUnload(Ctx(kInfer).get(), ur, &uresp).ok());
+  Restart();
+  inference::ModelReadyRequest rr;
+  rr.set_name("tiny-q");
+  inference::ModelReadyResponse ready;
+  ASSERT_TRUE(oip_->ModelReady(Ctx(kInfer).get(), rr, &ready).ok());
+  EXPECT_TRUE(ready.ready());
+  rr.set_name("tiny");
+  ASSERT_TRUE(oip_->ModelReady(Ctx(kInfer).get(), rr, &ready).ok());
+  EXPECT_FALSE(ready.ready());
+  std::vector<float> q3b;
+  ASSERT_TRUE(infer("tiny-q", 0, true, &q3b).ok());
+  EXPECT_EQ(q3b, q3);
+  inference::RepositoryIndexResponse idx;
+  ASSERT_TRUE(oip_->RepositoryIndex(Ctx(kInfer).get(), {}, &idx).ok());
+  ASSERT_EQ(idx.models_size(), 2);
+  v1::JobRef ref;
+  ref.set_job_id(done.job_id());
+  v1::Job after;
+  ASSERT_TRUE(q_->GetJob(Ctx().get(), ref, &after).ok());
+  EXPECT_EQ(after.state(), v1::SUCCEEDED);
+  EXPECT_EQ(Sha(Download(after.artifacts(0).artifact_id())), after.artifacts(0).sha256());
+}
+
+TEST_F(ServerTest, ModelJobWritesBasisModels) {
+  v1::Model m;
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ReadFileOrDie(TinyDir() + "/tiny_cnn.pt"), &m).ok());
+  v1::JobSpec spec = Spec("tiny", v1::MODEL, 4, 2);
+  spec.set_act_bits(8);
+  spec.set_act_terms(2);
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  int basis = 0;
+  for (const auto& a : done.artifacts()) {
+    if (a.kind() == "basis_torchscript") {
+      ++basis;
+      EXPECT_EQ(Sha(Download(a.artifact_id())), a.sha256());
+    }
+  }
+  EXPECT_EQ(basis, 2);
+  ASSERT_EQ(done.result().probe_size(), 2);
+  EXPECT_EQ(done.result().probe(1).act_terms(), 2u);
+}
+
+}  // namespace
+}  // namespace fpxint::server

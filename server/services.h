@@ -1,0 +1,99 @@
+// File: server/services.h
+//
+// The gRPC service implementations: fpxint.v1.Quantizer and inference.GRPCInferenceService
+// (KServe v2 / OIP with Triton's repository and statistics extensions). They translate between
+// the wire and the job manager / repository, check authorization, and map absl::Status to
+// grpc::Status (status_util.h) — nothing else.
+#ifndef FPXINT_SERVER_SERVICES_H_
+#define FPXINT_SERVER_SERVICES_H_
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "fpxint/v1/quantizer.grpc.pb.h"
+#include "inference/grpc_service.grpc.pb.h"
+#include "server/auth.h"
+#include "server/jobs.h"
+#include "server/journal.h"
+#include "server/repository.h"
+#include "server/store.h"
+
+namespace fpxint::server {
+
+enum class TorchScriptUploads { kAll, kAdmin, kNone };
+
+struct ServiceContext {
+  Journal* journal = nullptr;
+  BlobStore* store = nullptr;
+  JobManager* jobs = nullptr;
+  Repository* repo = nullptr;
+  const Authorizer* auth = nullptr;
+  uint64_t max_upload_bytes = 0;
+  TorchScriptUploads torchscript_uploads = TorchScriptUploads::kAll;
+  std::atomic<bool>* ready = nullptr;  // false while starting and shutting down
+  std::string server_version;
+};
+
+class QuantizerService final : public v1::Quantizer::Service {
+ public:
+  explicit QuantizerService(ServiceContext ctx) : ctx_(ctx) {}
+
+  grpc::Status UploadModel(grpc::ServerContext* c, grpc::ServerReader<v1::UploadChunk>* reader,
+                           v1::Model* resp) override;
+  grpc::Status GetModel(grpc::ServerContext* c, const v1::ModelRef* req, v1::Model* resp) override;
+  grpc::Status ListModels(grpc::ServerContext* c, const v1::ListModelsRequest* req,
+                          v1::ListModelsResponse* resp) override;
+  grpc::Status DeleteModel(grpc::ServerContext* c, const v1::ModelRef* req,
+                           v1::DeleteModelResponse* resp) override;
+  grpc::Status SubmitJob(grpc::ServerContext* c, const v1::SubmitJobRequest* req,
+                         v1::Job* resp) override;
+  grpc::Status GetJob(grpc::ServerContext* c, const v1::JobRef* req, v1::Job* resp) override;
+  grpc::Status ListJobs(grpc::ServerContext* c, const v1::ListJobsRequest* req,
+                        v1::ListJobsResponse* resp) override;
+  grpc::Status CancelJob(grpc::ServerContext* c, const v1::JobRef* req, v1::Job* resp) override;
+  grpc::Status WatchJob(grpc::ServerContext* c, const v1::JobRef* req,
+                        grpc::ServerWriter<v1::JobEvent>* writer) override;
+  grpc::Status DownloadArtifact(grpc::ServerContext* c, const v1::ArtifactRef* req,
+                                grpc::ServerWriter<v1::ArtifactChunk>* writer) override;
+
+ private:
+  ServiceContext ctx_;
+};
+
+class InferenceService final : public inference::GRPCInferenceService::Service {
+ public:
+  explicit InferenceService(ServiceContext ctx) : ctx_(ctx) {}
+
+  grpc::Status ServerLive(grpc::ServerContext* c, const inference::ServerLiveRequest* req,
+                          inference::ServerLiveResponse* resp) override;
+  grpc::Status ServerReady(grpc::ServerContext* c, const inference::ServerReadyRequest* req,
+                           inference::ServerReadyResponse* resp) override;
+  grpc::Status ModelReady(grpc::ServerContext* c, const inference::ModelReadyRequest* req,
+                          inference::ModelReadyResponse* resp) override;
+  grpc::Status ServerMetadata(grpc::ServerContext* c, const inference::ServerMetadataRequest* req,
+                              inference::ServerMetadataResponse* resp) override;
+  grpc::Status ModelMetadata(grpc::ServerContext* c, const inference::ModelMetadataRequest* req,
+                             inference::ModelMetadataResponse* resp) override;
+  grpc::Status ModelInfer(grpc::ServerContext* c, const inference::ModelInferRequest* req,
+                          inference::ModelInferResponse* resp) override;
+  grpc::Status ModelStatistics(grpc::ServerContext* c,
+                               const inference::ModelStatisticsRequest* req,
+                               inference::ModelStatisticsResponse* resp) override;
+  grpc::Status RepositoryIndex(grpc::ServerContext* c,
+                               const inference::RepositoryIndexRequest* req,
+                               inference::RepositoryIndexResponse* resp) override;
+  grpc::Status RepositoryModelLoad(grpc::ServerContext* c,
+                                   const inference::RepositoryModelLoadRequest* req,
+                                   inference::RepositoryModelLoadResponse* resp) override;
+  grpc::Status RepositoryModelUnload(grpc::ServerContext* c,
+                                     const inference::RepositoryModelUnloadRequest* req,
+                                     inference::RepositoryModelUnloadResponse* resp) override;
+
+ private:
+  ServiceContext ctx_;
+};
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_SERVICES_H_

@@ -1,0 +1,262 @@
+// File: server/store.cc
+#include "server/store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <openssl/evp.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace fpxint::server {
+namespace {
+
+namespace fs = std::filesystem;
+
+absl::Status ErrnoError(absl::string_view what, const std::string& path) {
+  return absl::InternalError(absl::StrCat(what, " '", path, "': ", std::strerror(errno)));
+}
+
+absl::Status WriteAll(int fd, const char* p, size_t n, const std::string& path) {
+  while (n > 0) {
+    ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoError("cannot write", path);
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return absl::OkStatus();
+}
+
+std::string HexOf(const unsigned char* d, unsigned n) {
+  std::string s;
+  s.reserve(2 * n);
+  for (unsigned i = 0; i < n; ++i) absl::StrAppendFormat(&s, "%02x", d[i]);
+  return s;
+}
+
+std::string UniqueSuffix() {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t seed = std::random_device{}();
+  return absl::StrFormat("%d-%x-%d", ::getpid(), seed & 0xffffff, counter.fetch_add(1));
+}
+
+}  // namespace
+
+absl::Status SyncDir(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("cannot open directory", dir);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return ErrnoError("cannot fsync directory", dir);
+  return absl::OkStatus();
+}
+
+absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents) {
+  const fs::path p(path);
+  const std::string tmp = (p.parent_path() / ("." + p.filename().string() + ".tmp-" +
+                                              UniqueSuffix())).string();
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError("cannot create", tmp);
+  absl::Status s = WriteAll(fd, contents.data(), contents.size(), tmp);
+  if (s.ok() && ::fsync(fd) != 0) s = ErrnoError("cannot fsync", tmp);
+  ::close(fd);
+  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = ErrnoError("cannot rename to", path);
+  if (!s.ok()) {
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  return SyncDir(p.parent_path().empty() ? "." : p.parent_path().string());
+}
+
+bool IsSha256Hex(absl::string_view s) {
+  if (s.size() != 64) return false;
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<std::string> HashFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("cannot open", path);
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  absl::Status s;
+  for (;;) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      s = ErrnoError("cannot read", path);
+      break;
+    }
+    if (n == 0) break;
+    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(n));
+  }
+  ::close(fd);
+  unsigned char d[EVP_MAX_MD_SIZE];
+  unsigned dn = 0;
+  EVP_DigestFinal_ex(ctx, d, &dn);
+  EVP_MD_CTX_free(ctx);
+  if (!s.ok()) return s;
+  return HexOf(d, dn);
+}
+
+// ---- BlobStore ----
+
+absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root) {
+  std::error_code ec;
+  fs::create_directories(fs::path(root) / "blobs", ec);
+  if (!ec) fs::create_directories(fs::path(root) / "tmp", ec);
+  if (ec) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--data-dir '", root, "': cannot create directories: ", ec.message()));
+  }
+  // Anything under tmp/ belongs to a process that died: it never became visible.
+  for (const auto& e : fs::directory_iterator(fs::path(root) / "tmp", ec)) {
+    fs::remove_all(e.path(), ec);
+  }
+  return std::unique_ptr<BlobStore>(new BlobStore(root));
+}
+
+std::string BlobStore::NewTempName(absl::string_view prefix) {
+  return (fs::path(root_) / "tmp" / absl::StrCat(prefix, "-", UniqueSuffix())).string();
+}
+
+absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_bytes) {
+  std::string tmp = NewTempName("upload");
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError("cannot create", tmp);
+  return std::unique_ptr<BlobWriter>(new BlobWriter(this, tmp, fd, max_bytes));
+}
+
+std::string BlobStore::PathOf(absl::string_view sha256) const {
+  return (fs::path(root_) / "blobs" / std::string(sha256.substr(0, 2)) / std::string(sha256))
+      .string();
+}
+
+bool BlobStore::Has(absl::string_view sha256) const {
+  if (!IsSha256Hex(sha256)) return false;
+  struct stat st;
+  return ::stat(PathOf(sha256).c_str(), &st) == 0;
+}
+
+absl::StatusOr<uint64_t> BlobStore::SizeOf(absl::string_view sha256) const {
+  if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256 hex digest");
+  struct stat st;
+  if (::stat(PathOf(sha256).c_str(), &st) != 0) {
+    return absl::NotFoundError(absl::StrCat("blob ", sha256, " is not in the store"));
+  }
+  return static_cast<uint64_t>(st.st_size);
+}
+
+absl::Status BlobStore::Remove(absl::string_view sha256) {
+  if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256 hex digest");
+  const std::string p = PathOf(sha256);
+  if (::unlink(p.c_str()) != 0 && errno != ENOENT) return ErrnoError("cannot remove", p);
+  return absl::OkStatus();
+}
+
+absl::Status BlobStore::Commit(const std::string& tmp, const std::string& sha256, bool* existed) {
+  const std::string dst = PathOf(sha256);
+  *existed = Has(sha256);
+  if (*existed) {
+    ::unlink(tmp.c_str());
+    return absl::OkStatus();
+  }
+  const std::string dir = fs::path(dst).parent_path().string();
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create '", dir, "': ", ec.message()));
+  if (::rename(tmp.c_str(), dst.c_str()) != 0) return ErrnoError("cannot rename to", dst);
+  return SyncDir(dir);
+}
+
+absl::StatusOr<std::string> BlobStore::ImportFile(const std::string& path) {
+  {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ErrnoError("cannot open", path);
+    int rc = ::fsync(fd);
+    ::close(fd);
+    if (rc != 0) return ErrnoError("cannot fsync", path);
+  }
+  auto sha = HashFile(path);
+  if (!sha.ok()) return sha.status();
+  bool existed = false;
+  absl::Status s = Commit(path, *sha, &existed);
+  if (!s.ok()) return s;
+  return *sha;
+}
+
+absl::StatusOr<std::string> BlobStore::NewTempDir(absl::string_view prefix) {
+  std::string dir = NewTempName(prefix);
+  std::error_code ec;
+  if (!fs::create_directories(dir, ec)) {
+    return absl::InternalError(absl::StrCat("cannot create '", dir, "': ", ec.message()));
+  }
+  return dir;
+}
+
+// ---- BlobWriter ----
+
+struct BlobWriter::Hash {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  Hash() { EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr); }
+  ~Hash() { EVP_MD_CTX_free(ctx); }
+};
+
+BlobWriter::BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_bytes)
+    : store_(store), tmp_(std::move(tmp)), fd_(fd), max_bytes_(max_bytes),
+      hash_(std::make_unique<Hash>()) {}
+
+BlobWriter::~BlobWriter() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!done_) ::unlink(tmp_.c_str());
+}
+
+absl::Status BlobWriter::Append(absl::string_view bytes) {
+  if (done_ || fd_ < 0) return absl::FailedPreconditionError("blob writer already finished");
+  if (written_ + bytes.size() > max_bytes_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "upload exceeds the server's limit of ", max_bytes_, " bytes (--max-upload-bytes)"));
+  }
+  EVP_DigestUpdate(hash_->ctx, bytes.data(), bytes.size());
+  absl::Status s = WriteAll(fd_, bytes.data(), bytes.size(), tmp_);
+  if (s.ok()) written_ += bytes.size();
+  return s;
+}
+
+absl::StatusOr<BlobWriter::Result> BlobWriter::Commit(absl::string_view expected_sha256) {
+  if (done_ || fd_ < 0) return absl::FailedPreconditionError("blob writer already finished");
+  unsigned char d[EVP_MAX_MD_SIZE];
+  unsigned dn = 0;
+  EVP_DigestFinal_ex(hash_->ctx, d, &dn);
+  Result r;
+  r.sha256 = HexOf(d, dn);
+  r.size = written_;
+  if (!expected_sha256.empty() && expected_sha256 != r.sha256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header.sha256: the uploaded ", written_, " bytes hash to ", r.sha256,
+                     ", not ", expected_sha256, "; nothing was stored"));
+  }
+  if (::fsync(fd_) != 0) return ErrnoError("cannot fsync", tmp_);
+  ::close(fd_);
+  fd_ = -1;
+  absl::Status s = store_->Commit(tmp_, r.sha256, &r.deduplicated);
+  if (!s.ok()) return s;
+  done_ = true;
+  return r;
+}
+
+}  // namespace fpxint::server

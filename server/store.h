@@ -1,0 +1,102 @@
+// File: server/store.h
+//
+// The artifact store: content-addressed blobs under <data>/blobs/<aa>/<sha256>, written
+// atomically (temp file under <data>/tmp, fsync, rename, fsync of the directory), so a reader
+// never sees a half-written blob. Uploads stream into a BlobWriter that hashes while writing and
+// enforces the size limit; an upload whose bytes are already stored is deduplicated.
+//
+// A store only knows bytes. Which blobs are referenced (by models, artifacts, deployments) is the
+// journal's business; garbage collection asks the journal.
+//
+// Thread-safe.
+#ifndef FPXINT_SERVER_STORE_H_
+#define FPXINT_SERVER_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace fpxint::server {
+
+// Writes `contents` to `path` atomically: temp file in the same directory, fsync, rename, fsync
+// of the directory.
+absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents);
+// fsyncs a directory (after a rename into it).
+absl::Status SyncDir(const std::string& dir);
+// True for 64 lower-case hex digits.
+bool IsSha256Hex(absl::string_view s);
+
+class BlobWriter;
+
+class BlobStore {
+ public:
+  // Creates <root>/blobs and <root>/tmp; removes temp files left by a crash.
+  static absl::StatusOr<std::unique_ptr<BlobStore>> Open(const std::string& root);
+
+  // A streaming writer for one blob of at most `max_bytes` bytes.
+  absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter(uint64_t max_bytes);
+  // Moves a finished file (written by this process under TempDir()) into the store; returns its
+  // SHA-256. The file is fsynced first.
+  absl::StatusOr<std::string> ImportFile(const std::string& path);
+
+  bool Has(absl::string_view sha256) const;
+  std::string PathOf(absl::string_view sha256) const;  // REQUIRES: IsSha256Hex(sha256)
+  absl::StatusOr<uint64_t> SizeOf(absl::string_view sha256) const;
+  absl::Status Remove(absl::string_view sha256);
+
+  // A fresh, empty directory for one job's scratch files (removed by the caller or at Open).
+  absl::StatusOr<std::string> NewTempDir(absl::string_view prefix);
+  const std::string& root() const { return root_; }
+
+ private:
+  friend class BlobWriter;
+  explicit BlobStore(std::string root) : root_(std::move(root)) {}
+  // Renames `tmp` (fsynced) to the blob path of `sha256`, or drops it when the blob exists.
+  // Sets *existed accordingly.
+  absl::Status Commit(const std::string& tmp, const std::string& sha256, bool* existed);
+  std::string NewTempName(absl::string_view prefix);
+
+  std::string root_;
+};
+
+class BlobWriter {
+ public:
+  ~BlobWriter();  // aborts (removes the temp file) unless committed
+  BlobWriter(const BlobWriter&) = delete;
+  BlobWriter& operator=(const BlobWriter&) = delete;
+
+  // ResourceExhausted once more than max_bytes were written (the message gives the limit).
+  absl::Status Append(absl::string_view bytes);
+  uint64_t bytes_written() const { return written_; }
+
+  struct Result {
+    std::string sha256;
+    uint64_t size = 0;
+    bool deduplicated = false;
+  };
+  // Finishes the blob. InvalidArgument (nothing stored) when `expected_sha256` is non-empty and
+  // differs from the bytes' hash.
+  absl::StatusOr<Result> Commit(absl::string_view expected_sha256);
+
+ private:
+  friend class BlobStore;
+  BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_bytes);
+  struct Hash;
+  BlobStore* store_;
+  std::string tmp_;
+  int fd_;
+  uint64_t max_bytes_;
+  uint64_t written_ = 0;
+  bool done_ = false;
+  std::unique_ptr<Hash> hash_;
+};
+
+// Streams a file's SHA-256 (OpenSSL, SHA-NI where the CPU has it).
+absl::StatusOr<std::string> HashFile(const std::string& path);
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_STORE_H_
