@@ -31,7 +31,23 @@ for p in "${PKGS_BUILD[@]}" "${PKGS_FUZZ[@]}" "${PKGS_PY[@]}" "${PKGS_MISC[@]}";
   fi
 done
 
-[[ ${#missing[@]} -eq 0 ]] && exit 0
+# The Node end-to-end client's packages (@grpc/grpc-js, @grpc/proto-loader), pinned by
+# tests/e2e/node/package-lock.json; installed again only when the lock file changes.
+node_deps() {
+  local dir
+  dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/e2e/node"
+  [[ -f "$dir/package-lock.json" ]] || return 0
+  if [[ ! -f "$dir/node_modules/.package-lock.json" || "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]]; then
+    echo "setup.sh: npm ci in tests/e2e/node" >&2
+    (cd "$dir" && npm ci --no-audit --no-fund --silent >/dev/null) ||
+      { echo "setup.sh: npm ci failed in $dir (the npm registry must be reachable)" >&2; exit 1; }
+  fi
+}
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  node_deps
+  exit 0
+fi
 
 if [[ "${FPXINT_SETUP_DRY_RUN:-0}" == 1 ]]; then
   printf 'missing: %s\n' "${missing[*]}"
@@ -48,4 +64,5 @@ echo "setup.sh: installing ${#missing[@]} Debian package(s): ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+node_deps
 echo "setup.sh: done" >&2

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 #include <random>
+#include <regex>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -355,8 +356,15 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->deploy().enabled() && !network) {
     return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
   }
-  if (s->include().size() > 1024 || s->exclude().size() > 1024) {
-    return Bad("include", "patterns are at most 1024 characters");
+  for (const auto& [field, pattern] : {std::pair<const char*, const std::string*>{"include", &s->include()},
+                                       {"exclude", &s->exclude()}}) {
+    if (pattern->size() > 1024) return Bad(field, "patterns are at most 1024 characters");
+    try {
+      std::regex re(*pattern);
+    } catch (const std::regex_error& e) {
+      return Bad(field, absl::StrCat("'", *pattern, "' is not a valid ECMAScript regular expression (",
+                                     e.what(), ")"));
+    }
   }
   return absl::OkStatus();
 }

@@ -347,6 +347,7 @@ TEST_F(ServerTest, SpecValidationNamesTheField) {
   cases.push_back({g, grpc::StatusCode::INVALID_ARGUMENT, "group_size"});
   v1::JobSpec regex = Spec("w", v1::TENSOR);
   regex.set_include("([");
+  cases.push_back({regex, grpc::StatusCode::INVALID_ARGUMENT, "spec.include"});
   for (const Case& c : cases) {
     v1::SubmitJobRequest req;
     *req.mutable_spec() = c.spec;
@@ -355,10 +356,13 @@ TEST_F(ServerTest, SpecValidationNamesTheField) {
     EXPECT_EQ(s.error_code(), c.code) << c.field << ": " << s.error_message();
     EXPECT_NE(s.error_message().find(c.field), std::string::npos) << s.error_message();
   }
-  // A bad regex is found when the job runs: FAILED with the reason.
-  v1::Job failed = Watch(Submit(regex).job_id()).back();
+  // A spec that passes validation but selects nothing fails when it runs, with the reason.
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ReadFileOrDie(TinyDir() + "/tiny_cnn.pt"), &m).ok());
+  v1::JobSpec none = Spec("tiny", v1::LAYER);
+  none.set_include("^no-such-layer$");
+  v1::Job failed = Watch(Submit(none).job_id()).back();
   EXPECT_EQ(failed.state(), v1::FAILED);
-  EXPECT_NE(failed.error().find("regular expression"), std::string::npos) << failed.error();
+  EXPECT_NE(failed.error().find("select none"), std::string::npos) << failed.error();
 }
 
 TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The layering of DESIGN.md, enforced: the core includes nothing of gRPC, protobuf or LibTorch,
-# and the CLI binary does not load LibTorch (it must start fast).
+# LibTorch headers appear only in model/*.cc, and the CLI binary does not load LibTorch (it must start fast).
 set -euo pipefail
 src="$1"
 cli="$2"
 fail=0
 if grep -rnE '#include\s*[<"](grpc|grpcpp|google/protobuf|torch|ATen|c10)/' "$src/core"; then
   echo "FAIL: core/ must depend on Abseil only" >&2
+  fail=1
+fi
+# LibTorch headers stay in the model layer's .cc files: never in a header, never in server/.
+if grep -rnE '#include\s*[<"](torch|ATen|c10)/' "$src/server" "$src/client" "$src/proto" \
+     $(find "$src/model" -name '*.h'); then
+  echo "FAIL: LibTorch headers outside model/*.cc" >&2
   fail=1
 fi
 if ldd "$cli" | grep -E 'torch|c10|grpc|protobuf'; then
