@@ -1,0 +1,251 @@
+// Service overhead, measured against the same work done in-process, in one run
+// (docs/BENCHMARKS.md "Service"):
+//   - ModelInfer of the OCR recognizer at batch 1 over gRPC (loopback, raw FP32) vs
+//     model::Model::Forward of the same network in-process, both at 2 LibTorch threads;
+//   - upload and download throughput of a 64 MiB file;
+//   - a TENSOR job end to end (submit, run, watch to SUCCEEDED) vs core::ExpandSafetensorsFile on
+//     the same file and spec.
+// Needs FPXINT_MODELS_DIR (scripts/fetch_models.sh --print-dir).
+#include <benchmark/benchmark.h>
+#include <grpcpp/grpcpp.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "core/artifact.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
+#include "fpxint/v1/quantizer.grpc.pb.h"
+#include "inference/grpc_service.grpc.pb.h"
+#include "model/model.h"
+#include "server/server.h"
+
+namespace {
+
+using namespace fpxint;
+
+struct Env {
+  std::string dir;
+  std::unique_ptr<server::Server> srv;
+  std::unique_ptr<v1::Quantizer::Stub> q;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> oip;
+  std::string rec_path;
+  std::string big_path;  // 64 MiB safetensors
+  std::string big_bytes;
+  std::string artifact_id;
+  uint64_t artifact_size = 0;
+};
+
+std::string ReadAll(const std::string& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+absl::Status Upload(Env& e, const std::string& name, v1::ModelFormat f, const std::string& bytes) {
+  grpc::ClientContext ctx;
+  v1::Model m;
+  auto w = e.q->UploadModel(&ctx, &m);
+  v1::UploadChunk h;
+  h.mutable_header()->set_name(name);
+  h.mutable_header()->set_format(f);
+  h.mutable_header()->set_sha256(core::Sha256Hex(
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
+  if (f == v1::TORCHSCRIPT) {
+    auto* in = h.mutable_header()->add_inputs();
+    in->set_datatype("FP32");
+    for (int64_t d : {1, 3, 48, 320}) in->add_shape(d);
+  }
+  w->Write(h);
+  v1::UploadChunk c;
+  for (size_t off = 0; off < bytes.size(); off += 1 << 20) {
+    c.set_data(bytes.data() + off, std::min<size_t>(1 << 20, bytes.size() - off));
+    w->Write(c);
+  }
+  w->WritesDone();
+  grpc::Status s = w->Finish();
+  return s.ok() ? absl::OkStatus() : absl::InternalError(s.error_message());
+}
+
+v1::Job RunJob(Env& e, const v1::JobSpec& spec) {
+  grpc::ClientContext c1;
+  v1::SubmitJobRequest req;
+  *req.mutable_spec() = spec;
+  v1::Job job;
+  e.q->SubmitJob(&c1, req, &job);
+  grpc::ClientContext c2;
+  v1::JobRef ref;
+  ref.set_job_id(job.job_id());
+  auto r = e.q->WatchJob(&c2, ref);
+  v1::JobEvent ev;
+  while (r->Read(&ev)) job = ev.job();
+  r->Finish();
+  return job;
+}
+
+v1::JobSpec TensorSpec() {
+  v1::JobSpec s;
+  s.set_model("big");
+  s.set_granularity(v1::TENSOR);
+  s.set_weight_bits(4);
+  s.set_weight_terms(2);
+  return s;
+}
+
+Env* GetEnv() {
+  static Env* env = [] {
+    auto* e = new Env;
+    const char* models = std::getenv("FPXINT_MODELS_DIR");
+    if (!models) {
+      std::fprintf(stderr, "FPXINT_MODELS_DIR is not set\n");
+      std::exit(3);
+    }
+    e->rec_path = std::string(models) + "/ocr/ocr_rec.pt";
+    e->dir = (std::filesystem::temp_directory_path() / absl::StrCat("fpxint-bench-", getpid()))
+                 .string();
+    std::filesystem::create_directories(e->dir);
+    server::ServerConfig c;
+    c.listen = "127.0.0.1:0";
+    c.data_dir = e->dir + "/data";
+    c.threads = 2;
+    auto s = server::Server::Start(c);
+    if (!s.ok()) std::exit(4);
+    e->srv = *std::move(s);
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(256 << 20);
+    auto ch = grpc::CreateCustomChannel(e->srv->address(), grpc::InsecureChannelCredentials(), args);
+    e->q = v1::Quantizer::NewStub(ch);
+    e->oip = inference::GRPCInferenceService::NewStub(ch);
+    if (!Upload(*e, "rec", v1::TORCHSCRIPT, ReadAll(e->rec_path)).ok()) std::exit(4);
+    grpc::ClientContext lc;
+    inference::RepositoryModelLoadRequest lr;
+    lr.set_model_name("rec");
+    inference::RepositoryModelLoadResponse lresp;
+    if (!e->oip->RepositoryModelLoad(&lc, lr, &lresp).ok()) std::exit(4);
+    // 64 MiB of N(0,1) weights in 16 tensors [1024, 1024].
+    core::SafetensorsWriter w;
+    std::mt19937 rng(1);
+    std::normal_distribution<float> nd;
+    for (int t = 0; t < 16; ++t) {
+      std::vector<uint8_t> data(1024 * 1024 * 4);
+      float* f = reinterpret_cast<float*>(data.data());
+      for (int i = 0; i < 1024 * 1024; ++i) f[i] = nd(rng);
+      w.AddOwned(absl::StrCat("layer", t, ".weight"), core::DType::kF32, {1024, 1024},
+                 std::move(data)).IgnoreError();
+    }
+    e->big_path = e->dir + "/big.safetensors";
+    w.WriteFile(e->big_path).IgnoreError();
+    e->big_bytes = ReadAll(e->big_path);
+    if (!Upload(*e, "big", v1::SAFETENSORS, e->big_bytes).ok()) std::exit(4);
+    v1::Job j = RunJob(*e, TensorSpec());
+    if (j.state() != v1::SUCCEEDED) std::exit(4);
+    e->artifact_id = j.artifacts(0).artifact_id();
+    e->artifact_size = j.artifacts(0).size_bytes();
+    return e;
+  }();
+  return env;
+}
+
+std::vector<float> RecInput() {
+  std::vector<float> x(1 * 3 * 48 * 320);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (float& v : x) v = u(rng);
+  return x;
+}
+
+void BM_InferInProcess(benchmark::State& state) {
+  Env* e = GetEnv();
+  auto net = model::Model::Load(e->rec_path, {2});
+  if (!net.ok()) return state.SkipWithError("cannot load the recognizer");
+  const auto x = model::HostTensor::Float({1, 3, 48, 320}, RecInput());
+  for (auto _ : state) {
+    auto y = (*net)->Forward(x);
+    benchmark::DoNotOptimize(y);
+  }
+}
+
+void BM_InferGrpc(benchmark::State& state) {
+  Env* e = GetEnv();
+  const std::vector<float> x = RecInput();
+  inference::ModelInferRequest req;
+  req.set_model_name("rec");
+  auto* in = req.add_inputs();
+  in->set_name("input__0");
+  in->set_datatype("FP32");
+  for (int64_t d : {1, 3, 48, 320}) in->add_shape(d);
+  req.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * 4);
+  for (auto _ : state) {
+    grpc::ClientContext ctx;
+    inference::ModelInferResponse resp;
+    if (!e->oip->ModelInfer(&ctx, req, &resp).ok()) return state.SkipWithError("ModelInfer failed");
+  }
+}
+
+void BM_Upload64MiB(benchmark::State& state) {
+  Env* e = GetEnv();
+  int i = 0;
+  for (auto _ : state) {
+    // A new name each time: the bytes are streamed, hashed, written and deduplicated.
+    if (!Upload(*e, absl::StrCat("copy", i++), v1::SAFETENSORS, e->big_bytes).ok()) {
+      return state.SkipWithError("upload failed");
+    }
+  }
+  state.SetBytesProcessed(state.iterations() * e->big_bytes.size());
+}
+
+void BM_DownloadArtifact(benchmark::State& state) {
+  Env* e = GetEnv();
+  for (auto _ : state) {
+    grpc::ClientContext ctx;
+    v1::ArtifactRef ref;
+    ref.set_artifact_id(e->artifact_id);
+    ref.set_chunk_bytes(4 << 20);
+    auto r = e->q->DownloadArtifact(&ctx, ref);
+    v1::ArtifactChunk c;
+    uint64_t n = 0;
+    while (r->Read(&c)) n += c.data().size();
+    if (!r->Finish().ok() || n != e->artifact_size) return state.SkipWithError("download failed");
+  }
+  state.SetBytesProcessed(state.iterations() * e->artifact_size);
+}
+
+void BM_TensorJobEndToEnd(benchmark::State& state) {
+  Env* e = GetEnv();
+  for (auto _ : state) {
+    if (RunJob(*e, TensorSpec()).state() != v1::SUCCEEDED) return state.SkipWithError("job failed");
+  }
+  state.SetBytesProcessed(state.iterations() * e->big_bytes.size());
+}
+
+void BM_TensorExpandDirect(benchmark::State& state) {
+  Env* e = GetEnv();
+  core::ThreadPool pool(2);
+  core::ArtifactOptions o;
+  o.spec.bits = 4;
+  o.spec.terms = 2;
+  o.expand.pool = &pool;
+  const std::string out = e->dir + "/direct.safetensors";
+  for (auto _ : state) {
+    if (!core::ExpandSafetensorsFile(e->big_path, out, o).ok()) {
+      return state.SkipWithError("expand failed");
+    }
+  }
+  state.SetBytesProcessed(state.iterations() * e->big_bytes.size());
+}
+
+BENCHMARK(BM_InferInProcess)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
+BENCHMARK(BM_InferGrpc)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
+BENCHMARK(BM_Upload64MiB)->Unit(benchmark::kMillisecond)->MinTime(2)->UseRealTime();
+BENCHMARK(BM_DownloadArtifact)->Unit(benchmark::kMillisecond)->MinTime(2)->UseRealTime();
+BENCHMARK(BM_TensorJobEndToEnd)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
+BENCHMARK(BM_TensorExpandDirect)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
