@@ -1,13 +1,12 @@
 // File: server/auth.cc
 #include "server/auth.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "core/status_macros.h"
+#include "server/store.h"
 
 namespace fpxint::server {
 namespace {
@@ -68,11 +67,8 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
 }
 
 absl::StatusOr<Authorizer> Authorizer::FromFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat("--token-file: cannot read '", path, "'"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return FromText(ss.str());
+  FPX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path, "--token-file"));
+  return FromText(text);
 }
 
 absl::Status Authorizer::Check(const grpc::ServerContext* ctx, Role role, unsigned* roles) const {

@@ -1,8 +1,6 @@
 // File: server/executor.cc
 #include "server/executor.h"
 
-#include <google/protobuf/util/json_util.h>
-
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -14,6 +12,7 @@
 #include "core/artifact.h"
 #include "core/status_macros.h"
 #include "model/model.h"
+#include "server/status_util.h"
 #include "server/store.h"
 
 namespace fpxint::server {
@@ -110,25 +109,12 @@ absl::Status CheckCancel(const JobContext& ctx) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> FileSize(const std::string& path) {
-  std::error_code ec;
-  uint64_t n = fs::file_size(path, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot stat '", path, "': ", ec.message()));
-  return n;
-}
-
 absl::Status WriteReport(const v1::JobSpec& spec, const v1::JobResult& result,
                          const std::string& path) {
   v1::Job j;  // the report is the job's spec and result, as JSON
   *j.mutable_spec() = spec;
   *j.mutable_result() = result;
-  std::string json;
-  google::protobuf::util::JsonPrintOptions o;
-  o.add_whitespace = true;
-  o.preserve_proto_field_names = true;
-  if (!google::protobuf::util::MessageToJsonString(j, &json, o).ok()) {
-    return absl::InternalError("cannot render the report as JSON");
-  }
+  FPX_ASSIGN_OR_RETURN(std::string json, ProtoToJson(j));
   return WriteFileAtomic(path, json);
 }
 

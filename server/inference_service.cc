@@ -10,12 +10,6 @@
 namespace fpxint::server {
 namespace {
 
-uint64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 void FillDuration(const DurationStat& d, inference::StatisticDuration* out) {
   out->set_count(d.count);
   out->set_ns(d.ns);
@@ -94,18 +88,18 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
   auto served = ctx_.repo->Get(req->model_name(), req->model_version());
   if (!served.ok()) return ToGrpcStatus(served.status());
   ServedModel& m = **served;
-  const uint64_t t0 = NowNs();
+  const uint64_t t0 = SteadyNowNs();
   auto decoded = DecodeInferRequest(*req, m.deployment(), m.max_weight_terms(), m.max_act_terms());
   if (!decoded.ok()) {
-    m.Record(false, 0, 0, 0, 0, 0, NowNs() - t0);
+    m.Record(false, 0, 0, 0, 0, 0, SteadyNowNs() - t0);
     return ToGrpcStatus(decoded.status());
   }
-  const uint64_t t1 = NowNs();
+  const uint64_t t1 = SteadyNowNs();
   const int kw = decoded->weight_terms ? decoded->weight_terms : m.max_weight_terms();
   const int ka = decoded->act_terms ? decoded->act_terms : std::min(kw, m.max_act_terms());
   uint64_t queue_ns = 0;
   auto y = m.Infer(decoded->input, kw, ka, &queue_ns);
-  const uint64_t t2 = NowNs();
+  const uint64_t t2 = SteadyNowNs();
   if (!y.ok()) {
     m.Record(false, 0, 0, 0, 0, 0, t2 - t0);
     return ToGrpcStatus(y.status());
@@ -118,7 +112,7 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
     if (m.max_act_terms() > 0) (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
   }
   if (auto s = EncodeInferResponse(*req, *y, decoded->raw, resp); !s.ok()) return ToGrpcStatus(s);
-  const uint64_t t3 = NowNs();
+  const uint64_t t3 = SteadyNowNs();
   const uint64_t batch = decoded->input.shape.empty() ? 1 : decoded->input.shape[0];
   m.Record(true, batch, queue_ns, t1 - t0, t2 - t1 - queue_ns, t3 - t2, t3 - t0);
   return grpc::Status::OK;

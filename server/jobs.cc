@@ -331,12 +331,7 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
 absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out) {
   std::vector<v1::Artifact> artifacts;
   for (const ProducedFile& f : out->files) {
-    FPX_ASSIGN_OR_RETURN(uint64_t size, [&]() -> absl::StatusOr<uint64_t> {
-      std::error_code ec;
-      uint64_t n = fs::file_size(f.path, ec);
-      if (ec) return absl::InternalError(absl::StrCat("output '", f.file_name, "' is missing"));
-      return n;
-    }());
+    FPX_ASSIGN_OR_RETURN(uint64_t size, FileSize(f.path));
     FPX_ASSIGN_OR_RETURN(std::string sha, store_->ImportFile(f.path));
     v1::Artifact a;
     a.set_artifact_id(NewId("art"));

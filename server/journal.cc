@@ -91,6 +91,14 @@ class Stmt {
   int rc_ = SQLITE_OK;
 };
 
+// Whether the query returns a row.
+absl::StatusOr<bool> HasRow(Stmt& st) {
+  absl::Status s = st.status();
+  const bool found = s.ok() && st.Step(&s);
+  if (!s.ok()) return s;
+  return found;
+}
+
 template <typename Msg>
 absl::StatusOr<std::vector<Msg>> Collect(Stmt& st) {
   std::vector<Msg> out;
@@ -269,10 +277,7 @@ absl::StatusOr<bool> Journal::ModelInUse(const std::string& model) {
   absl::MutexLock l(&mu_);
   Stmt st(db_, "SELECT 1 FROM jobs WHERE model = ? AND state IN (?, ?) LIMIT 1");
   st.Bind(1, model).Bind(2, int64_t{v1::QUEUED}).Bind(3, int64_t{v1::RUNNING});
-  absl::Status s = st.status();
-  bool found = s.ok() && st.Step(&s);
-  if (!s.ok()) return s;
-  return found;
+  return HasRow(st);
 }
 
 absl::StatusOr<std::optional<v1::Artifact>> Journal::GetArtifact(const std::string& id) {
@@ -288,10 +293,7 @@ absl::StatusOr<bool> Journal::BlobReferenced(const std::string& sha256) {
           "SELECT 1 FROM models WHERE sha256 = ?1 UNION ALL SELECT 1 FROM artifacts WHERE "
           "sha256 = ?1 UNION ALL SELECT 1 FROM deployments WHERE sha256 = ?1 LIMIT 1");
   st.Bind(1, sha256);
-  absl::Status s = st.status();
-  bool found = s.ok() && st.Step(&s);
-  if (!s.ok()) return s;
-  return found;
+  return HasRow(st);
 }
 
 absl::Status Journal::PutDeployment(const v1::Deployment& d) {

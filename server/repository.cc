@@ -4,10 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
-
-#include <google/protobuf/util/json_util.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -19,12 +16,6 @@ namespace fpxint::server {
 namespace {
 
 namespace fs = std::filesystem;
-
-uint64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 }  // namespace
 
@@ -50,21 +41,18 @@ int ServedModel::max_act_terms() const {
 
 absl::StatusOr<model::HostTensor> ServedModel::Infer(const model::HostTensor& x, int kw, int ka,
                                                      uint64_t* queue_ns) {
-  const uint64_t t0 = NowNs();
+  const uint64_t t0 = SteadyNowNs();
   int slot = -1;
+  Instance* inst = nullptr;
   {
     absl::MutexLock l(&mu_);
     mu_.Await(absl::Condition(
         +[](std::vector<int>* f) { return !f->empty(); }, &free_));
     slot = free_.back();
     free_.pop_back();
+    inst = &instances_[slot];  // the vector never changes after construction
   }
-  *queue_ns = NowNs() - t0;
-  Instance* inst;
-  {
-    absl::MutexLock l(&mu_);
-    inst = &instances_[slot];
-  }
+  *queue_ns = SteadyNowNs() - t0;
   absl::StatusOr<model::HostTensor> y;
   absl::Status s;
   if (quantized() && (inst->kw != kw || inst->ka != ka)) {
@@ -139,11 +127,7 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
     fs::copy_file(blob, model_path, ec);  // another file system: copy
     if (ec) return absl::InternalError(absl::StrCat("cannot place the model: ", ec.message()));
   }
-  std::string json;
-  google::protobuf::util::JsonPrintOptions o;
-  o.add_whitespace = true;
-  o.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(d, &json, o);
+  FPX_ASSIGN_OR_RETURN(std::string json, ProtoToJson(d));
   FPX_RETURN_IF_ERROR(WriteFileAtomic((tmp / "config.json").string(), json));
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);

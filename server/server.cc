@@ -7,8 +7,6 @@
 #include <grpcpp/resource_quota.h>
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -29,14 +27,6 @@ namespace fpxint::server {
 namespace {
 
 namespace fs = std::filesystem;
-
-absl::StatusOr<std::string> ReadText(const std::string& path, absl::string_view flag) {
-  std::ifstream in(path);
-  if (!in) return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read '", path, "'"));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -131,11 +121,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     grpc::SslServerCredentialsOptions ssl(
         config.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                                      : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-    FPX_ASSIGN_OR_RETURN(std::string cert, ReadText(config.tls_cert, "--tls-cert"));
-    FPX_ASSIGN_OR_RETURN(std::string key, ReadText(config.tls_key, "--tls-key"));
+    FPX_ASSIGN_OR_RETURN(std::string cert, ReadTextFile(config.tls_cert, "--tls-cert"));
+    FPX_ASSIGN_OR_RETURN(std::string key, ReadTextFile(config.tls_key, "--tls-key"));
     ssl.pem_key_cert_pairs.push_back({key, cert});
     if (!config.tls_client_ca.empty()) {
-      FPX_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadText(config.tls_client_ca, "--tls-client-ca"));
+      FPX_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadTextFile(config.tls_client_ca, "--tls-client-ca"));
     }
     creds = grpc::SslServerCredentials(ssl);
   }

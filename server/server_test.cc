@@ -54,6 +54,11 @@ std::string WeightsFile(uint32_t seed) {
   return std::string(bytes.begin(), bytes.end());
 }
 
+std::string Sha(const std::string& s) {
+  return core::Sha256Hex(
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
+}
+
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -103,10 +108,7 @@ class ServerTest : public ::testing::Test {
     v1::UploadChunk h;
     h.mutable_header()->set_name(name);
     h.mutable_header()->set_format(fmt);
-    h.mutable_header()->set_sha256(sha.empty() ? core::Sha256Hex(absl::MakeConstSpan(
-                                                     reinterpret_cast<const uint8_t*>(bytes.data()),
-                                                     bytes.size()))
-                                               : sha);
+    h.mutable_header()->set_sha256(sha.empty() ? Sha(bytes) : sha);
     h.mutable_header()->set_size_bytes(size);
     if (fmt == v1::TORCHSCRIPT) {
       auto* in = h.mutable_header()->add_inputs();
@@ -183,11 +185,6 @@ class ServerTest : public ::testing::Test {
   std::unique_ptr<inference::GRPCInferenceService::Stub> oip_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
-
-std::string Sha(const std::string& s) {
-  return core::Sha256Hex(
-      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
-}
 
 TEST_F(ServerTest, HealthAndServerMetadataNeedNoToken) {
   for (const char* svc : {"", "inference.GRPCInferenceService", "fpxint.v1.Quantizer"}) {

@@ -11,26 +11,25 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <random>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/safetensors.h"
 
 namespace fpxint::server {
 namespace {
 
 namespace fs = std::filesystem;
 
-absl::Status ErrnoError(absl::string_view what, const std::string& path) {
-  return absl::InternalError(absl::StrCat(what, " '", path, "': ", std::strerror(errno)));
-}
-
 absl::Status WriteAll(int fd, const char* p, size_t n, const std::string& path) {
   while (n > 0) {
     ssize_t w = ::write(fd, p, n);
     if (w < 0) {
       if (errno == EINTR) continue;
-      return ErrnoError("cannot write", path);
+      return core::ErrnoToStatus(errno, "cannot write", path);
     }
     p += w;
     n -= static_cast<size_t>(w);
@@ -38,12 +37,29 @@ absl::Status WriteAll(int fd, const char* p, size_t n, const std::string& path) 
   return absl::OkStatus();
 }
 
-std::string HexOf(const unsigned char* d, unsigned n) {
-  std::string s;
-  s.reserve(2 * n);
-  for (unsigned i = 0; i < n; ++i) absl::StrAppendFormat(&s, "%02x", d[i]);
-  return s;
-}
+// Streaming SHA-256 through OpenSSL (SHA-NI where the CPU has it).
+class Sha256Stream {
+ public:
+  Sha256Stream() { EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr); }
+  ~Sha256Stream() { EVP_MD_CTX_free(ctx_); }
+  Sha256Stream(const Sha256Stream&) = delete;
+  Sha256Stream& operator=(const Sha256Stream&) = delete;
+
+  void Update(const void* p, size_t n) { EVP_DigestUpdate(ctx_, p, n); }
+  // Lower-case hex of the digest; call once.
+  std::string HexDigest() {
+    unsigned char d[EVP_MAX_MD_SIZE];
+    unsigned n = 0;
+    EVP_DigestFinal_ex(ctx_, d, &n);
+    std::string s;
+    s.reserve(2 * n);
+    for (unsigned i = 0; i < n; ++i) absl::StrAppendFormat(&s, "%02x", d[i]);
+    return s;
+  }
+
+ private:
+  EVP_MD_CTX* ctx_ = EVP_MD_CTX_new();
+};
 
 std::string UniqueSuffix() {
   static std::atomic<uint64_t> counter{0};
@@ -55,10 +71,10 @@ std::string UniqueSuffix() {
 
 absl::Status SyncDir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return ErrnoError("cannot open directory", dir);
+  if (fd < 0) return core::ErrnoToStatus(errno, "cannot open directory", dir);
   int rc = ::fsync(fd);
   ::close(fd);
-  if (rc != 0) return ErrnoError("cannot fsync directory", dir);
+  if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync directory", dir);
   return absl::OkStatus();
 }
 
@@ -67,11 +83,11 @@ absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents
   const std::string tmp = (p.parent_path() / ("." + p.filename().string() + ".tmp-" +
                                               UniqueSuffix())).string();
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError("cannot create", tmp);
+  if (fd < 0) return core::ErrnoToStatus(errno, "cannot create", tmp);
   absl::Status s = WriteAll(fd, contents.data(), contents.size(), tmp);
-  if (s.ok() && ::fsync(fd) != 0) s = ErrnoError("cannot fsync", tmp);
+  if (s.ok() && ::fsync(fd) != 0) s = core::ErrnoToStatus(errno, "cannot fsync", tmp);
   ::close(fd);
-  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = ErrnoError("cannot rename to", path);
+  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = core::ErrnoToStatus(errno, "cannot rename to", path);
   if (!s.ok()) {
     ::unlink(tmp.c_str());
     return s;
@@ -89,28 +105,37 @@ bool IsSha256Hex(absl::string_view s) {
 
 absl::StatusOr<std::string> HashFile(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoError("cannot open", path);
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
+  Sha256Stream hash;
   std::vector<char> buf(1 << 20);
   absl::Status s;
   for (;;) {
     ssize_t n = ::read(fd, buf.data(), buf.size());
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) {
-      s = ErrnoError("cannot read", path);
+      s = core::ErrnoToStatus(errno, "cannot read", path);
       break;
     }
     if (n == 0) break;
-    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(n));
+    hash.Update(buf.data(), static_cast<size_t>(n));
   }
   ::close(fd);
-  unsigned char d[EVP_MAX_MD_SIZE];
-  unsigned dn = 0;
-  EVP_DigestFinal_ex(ctx, d, &dn);
-  EVP_MD_CTX_free(ctx);
   if (!s.ok()) return s;
-  return HexOf(d, dn);
+  return hash.HexDigest();
+}
+
+absl::StatusOr<uint64_t> FileSize(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return core::ErrnoToStatus(errno, "cannot stat", path);
+  return static_cast<uint64_t>(st.st_size);
+}
+
+absl::StatusOr<std::string> ReadTextFile(const std::string& path, absl::string_view flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot read '", path, "'"));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
 }
 
 // ---- BlobStore ----
@@ -137,7 +162,7 @@ std::string BlobStore::NewTempName(absl::string_view prefix) {
 absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_bytes) {
   std::string tmp = NewTempName("upload");
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoError("cannot create", tmp);
+  if (fd < 0) return core::ErrnoToStatus(errno, "cannot create", tmp);
   return std::unique_ptr<BlobWriter>(new BlobWriter(this, tmp, fd, max_bytes));
 }
 
@@ -164,7 +189,7 @@ absl::StatusOr<uint64_t> BlobStore::SizeOf(absl::string_view sha256) const {
 absl::Status BlobStore::Remove(absl::string_view sha256) {
   if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256 hex digest");
   const std::string p = PathOf(sha256);
-  if (::unlink(p.c_str()) != 0 && errno != ENOENT) return ErrnoError("cannot remove", p);
+  if (::unlink(p.c_str()) != 0 && errno != ENOENT) return core::ErrnoToStatus(errno, "cannot remove", p);
   return absl::OkStatus();
 }
 
@@ -179,17 +204,17 @@ absl::Status BlobStore::Commit(const std::string& tmp, const std::string& sha256
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create '", dir, "': ", ec.message()));
-  if (::rename(tmp.c_str(), dst.c_str()) != 0) return ErrnoError("cannot rename to", dst);
+  if (::rename(tmp.c_str(), dst.c_str()) != 0) return core::ErrnoToStatus(errno, "cannot rename to", dst);
   return SyncDir(dir);
 }
 
 absl::StatusOr<std::string> BlobStore::ImportFile(const std::string& path) {
   {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return ErrnoError("cannot open", path);
+    if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
     int rc = ::fsync(fd);
     ::close(fd);
-    if (rc != 0) return ErrnoError("cannot fsync", path);
+    if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync", path);
   }
   auto sha = HashFile(path);
   if (!sha.ok()) return sha.status();
@@ -210,11 +235,7 @@ absl::StatusOr<std::string> BlobStore::NewTempDir(absl::string_view prefix) {
 
 // ---- BlobWriter ----
 
-struct BlobWriter::Hash {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  Hash() { EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr); }
-  ~Hash() { EVP_MD_CTX_free(ctx); }
-};
+struct BlobWriter::Hash : Sha256Stream {};
 
 BlobWriter::BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_bytes)
     : store_(store), tmp_(std::move(tmp)), fd_(fd), max_bytes_(max_bytes),
@@ -231,7 +252,7 @@ absl::Status BlobWriter::Append(absl::string_view bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "upload exceeds the server's limit of ", max_bytes_, " bytes (--max-upload-bytes)"));
   }
-  EVP_DigestUpdate(hash_->ctx, bytes.data(), bytes.size());
+  hash_->Update(bytes.data(), bytes.size());
   absl::Status s = WriteAll(fd_, bytes.data(), bytes.size(), tmp_);
   if (s.ok()) written_ += bytes.size();
   return s;
@@ -239,18 +260,15 @@ absl::Status BlobWriter::Append(absl::string_view bytes) {
 
 absl::StatusOr<BlobWriter::Result> BlobWriter::Commit(absl::string_view expected_sha256) {
   if (done_ || fd_ < 0) return absl::FailedPreconditionError("blob writer already finished");
-  unsigned char d[EVP_MAX_MD_SIZE];
-  unsigned dn = 0;
-  EVP_DigestFinal_ex(hash_->ctx, d, &dn);
   Result r;
-  r.sha256 = HexOf(d, dn);
+  r.sha256 = hash_->HexDigest();
   r.size = written_;
   if (!expected_sha256.empty() && expected_sha256 != r.sha256) {
     return absl::InvalidArgumentError(
         absl::StrCat("header.sha256: the uploaded ", written_, " bytes hash to ", r.sha256,
                      ", not ", expected_sha256, "; nothing was stored"));
   }
-  if (::fsync(fd_) != 0) return ErrnoError("cannot fsync", tmp_);
+  if (::fsync(fd_) != 0) return core::ErrnoToStatus(errno, "cannot fsync", tmp_);
   ::close(fd_);
   fd_ = -1;
   absl::Status s = store_->Commit(tmp_, r.sha256, &r.deduplicated);

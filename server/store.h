@@ -94,6 +94,12 @@ class BlobWriter {
   std::unique_ptr<Hash> hash_;
 };
 
+// The size of a file. NotFound / Internal with the path.
+absl::StatusOr<uint64_t> FileSize(const std::string& path);
+// A whole (small) file: token files, PEM certificates. InvalidArgument naming `flag` when it
+// cannot be read.
+absl::StatusOr<std::string> ReadTextFile(const std::string& path, absl::string_view flag);
+
 // Streams a file's SHA-256 (OpenSSL, SHA-NI where the CPU has it).
 absl::StatusOr<std::string> HashFile(const std::string& path);
 
