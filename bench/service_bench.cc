@@ -106,8 +106,8 @@ Env* GetEnv() {
       std::exit(3);
     }
     e->rec_path = std::string(models) + "/ocr/ocr_rec.pt";
-    e->dir = (std::filesystem::temp_directory_path() / absl::StrCat("fpxint-bench-", getpid()))
-                 .string();
+    e->dir =
+        (std::filesystem::temp_directory_path() / absl::StrCat("fpxint-bench-", getpid())).string();
     std::filesystem::create_directories(e->dir);
     server::ServerConfig c;
     c.listen = "127.0.0.1:0";
@@ -118,7 +118,8 @@ Env* GetEnv() {
     e->srv = *std::move(s);
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(256 << 20);
-    auto ch = grpc::CreateCustomChannel(e->srv->address(), grpc::InsecureChannelCredentials(), args);
+    auto ch =
+        grpc::CreateCustomChannel(e->srv->address(), grpc::InsecureChannelCredentials(), args);
     e->q = v1::Quantizer::NewStub(ch);
     e->oip = inference::GRPCInferenceService::NewStub(ch);
     if (!Upload(*e, "rec", v1::TORCHSCRIPT, ReadAll(e->rec_path)).ok()) std::exit(4);
@@ -136,7 +137,8 @@ Env* GetEnv() {
       float* f = reinterpret_cast<float*>(data.data());
       for (int i = 0; i < 1024 * 1024; ++i) f[i] = nd(rng);
       w.AddOwned(absl::StrCat("layer", t, ".weight"), core::DType::kF32, {1024, 1024},
-                 std::move(data)).IgnoreError();
+                 std::move(data))
+          .IgnoreError();
     }
     e->big_path = e->dir + "/big.safetensors";
     w.WriteFile(e->big_path).IgnoreError();

@@ -13,9 +13,12 @@ namespace {
 
 const char* RoleName(Role r) {
   switch (r) {
-    case kRoleQuantize: return "quantize";
-    case kRoleInfer: return "infer";
-    default: return "admin";
+    case kRoleQuantize:
+      return "quantize";
+    case kRoleInfer:
+      return "infer";
+    default:
+      return "admin";
   }
 }
 
@@ -40,8 +43,8 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
     std::vector<absl::string_view> parts =
         absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
     if (parts.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "token file line ", line_no, ": expected '<token> <role>[,<role>...]'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("token file line ", line_no, ": expected '<token> <role>[,<role>...]'"));
     }
     if (parts[0].size() < 16) {
       return absl::InvalidArgumentError(
@@ -49,19 +52,23 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
     }
     unsigned roles = 0;
     for (absl::string_view r : absl::StrSplit(parts[1], ',')) {
-      if (r == "quantize") roles |= kRoleQuantize;
-      else if (r == "infer") roles |= kRoleInfer;
-      else if (r == "admin") roles |= kRoleAdmin;
+      if (r == "quantize")
+        roles |= kRoleQuantize;
+      else if (r == "infer")
+        roles |= kRoleInfer;
+      else if (r == "admin")
+        roles |= kRoleAdmin;
       else {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "token file line ", line_no, ": unknown role '", r,
-            "'; accepted: quantize, infer, admin"));
+        return absl::InvalidArgumentError(absl::StrCat("token file line ", line_no,
+                                                       ": unknown role '", r,
+                                                       "'; accepted: quantize, infer, admin"));
       }
     }
     a.tokens_[std::string(parts[0])] = roles;
   }
   if (a.tokens_.empty()) {
-    return absl::InvalidArgumentError("token file: no tokens (an empty file would leave the server open)");
+    return absl::InvalidArgumentError(
+        "token file: no tokens (an empty file would leave the server open)");
   }
   return a;
 }

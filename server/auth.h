@@ -11,10 +11,10 @@
 #ifndef FPXINT_SERVER_AUTH_H_
 #define FPXINT_SERVER_AUTH_H_
 
+#include <grpcpp/server_context.h>
+
 #include <map>
 #include <string>
-
-#include <grpcpp/server_context.h>
 
 #include "absl/status/statusor.h"
 

@@ -26,9 +26,12 @@ absl::Status Bad(absl::string_view field, absl::string_view what) {
 
 core::Grid ToCore(v1::Grid g) {
   switch (g) {
-    case v1::ASYM: return core::Grid::kAsym;
-    case v1::MID: return core::Grid::kMid;
-    default: return core::Grid::kSym;
+    case v1::ASYM:
+      return core::Grid::kAsym;
+    case v1::MID:
+      return core::Grid::kMid;
+    default:
+      return core::Grid::kSym;
   }
 }
 
@@ -75,9 +78,7 @@ void AddTerms(const std::vector<core::TermError>& errors, v1::LayerResult* l) {
 // Reports progress with phase and fraction; layers as given.
 class Reporter {
  public:
-  explicit Reporter(const JobContext& ctx) : ctx_(ctx) {
-    p_.set_terms(0);
-  }
+  explicit Reporter(const JobContext& ctx) : ctx_(ctx) { p_.set_terms(0); }
   void Phase(absl::string_view phase, double fraction) {
     p_.set_phase(std::string(phase));
     p_.set_fraction(fraction);
@@ -266,8 +267,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
       rep->Phase("writing", 0.85 + 0.1 * k / K);
       FPX_ASSIGN_OR_RETURN(model::ModelParams basis, net->BasisParams(k));
       FPX_RETURN_IF_ERROR(net->UseParams(basis));
-      const std::string p =
-          (fs::path(ctx.scratch_dir) / absl::StrCat("basis_", k, ".pt")).string();
+      const std::string p = (fs::path(ctx.scratch_dir) / absl::StrCat("basis_", k, ".pt")).string();
       FPX_RETURN_IF_ERROR(net->SaveDequantized(p));
       FPX_ASSIGN_OR_RETURN(uint64_t n, FileSize(p));
       rep->Written(n);
@@ -280,9 +280,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
 
 }  // namespace
 
-model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec) {
-  return ModelSpec(spec);
-}
+model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec) { return ModelSpec(spec); }
 
 absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
@@ -290,10 +288,10 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   }
   const bool network = s->granularity() != v1::TENSOR;
   if (network && model.format() != v1::TORCHSCRIPT) {
-    return Bad("granularity", absl::StrCat(v1::Granularity_Name(s->granularity()),
-                                           " needs a TORCHSCRIPT model; '", model.name(), "' is ",
-                                           v1::ModelFormat_Name(model.format()),
-                                           " (use TENSOR for weights files)"));
+    return Bad("granularity",
+               absl::StrCat(v1::Granularity_Name(s->granularity()), " needs a TORCHSCRIPT model; '",
+                            model.name(), "' is ", v1::ModelFormat_Name(model.format()),
+                            " (use TENSOR for weights files)"));
   }
   if (s->weight_bits() == 0) s->set_weight_bits(4);
   if (s->weight_terms() == 0) s->set_weight_terms(2);
@@ -301,7 +299,8 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->variant() == v1::VARIANT_UNSPECIFIED) s->set_variant(v1::RESCALED);
   if (s->scale() == v1::SCALE_GRANULARITY_UNSPECIFIED) s->set_scale(v1::PER_CHANNEL);
   if (s->act_grid() == v1::GRID_UNSPECIFIED) s->set_act_grid(v1::SYM);
-  if (s->weight_bits() > 8) return Bad("weight_bits", absl::StrCat(s->weight_bits(), "; accepted 1..8"));
+  if (s->weight_bits() > 8)
+    return Bad("weight_bits", absl::StrCat(s->weight_bits(), "; accepted 1..8"));
   if (s->weight_terms() > 16) {
     return Bad("weight_terms", absl::StrCat(s->weight_terms(), "; accepted 1..16"));
   }
@@ -322,7 +321,8 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
     return Bad("act_terms", "act_bits and act_terms are both 0 (weight-only) or both set");
   }
   if (s->act_bits() > 8) return Bad("act_bits", absl::StrCat(s->act_bits(), "; accepted 0..8"));
-  if (s->act_terms() > 16) return Bad("act_terms", absl::StrCat(s->act_terms(), "; accepted 0..16"));
+  if (s->act_terms() > 16)
+    return Bad("act_terms", absl::StrCat(s->act_terms(), "; accepted 0..16"));
   if (network) {
     if (absl::Status st = ModelSpec(*s).Validate(); !st.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
@@ -342,14 +342,16 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->deploy().enabled() && !network) {
     return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
   }
-  for (const auto& [field, pattern] : {std::pair<const char*, const std::string*>{"include", &s->include()},
-                                       {"exclude", &s->exclude()}}) {
+  for (const auto& [field, pattern] :
+       {std::pair<const char*, const std::string*>{"include", &s->include()},
+        {"exclude", &s->exclude()}}) {
     if (pattern->size() > 1024) return Bad(field, "patterns are at most 1024 characters");
     try {
       std::regex re(*pattern);
     } catch (const std::regex_error& e) {
-      return Bad(field, absl::StrCat("'", *pattern, "' is not a valid ECMAScript regular expression (",
-                                     e.what(), ")"));
+      return Bad(field,
+                 absl::StrCat("'", *pattern, "' is not a valid ECMAScript regular expression (",
+                              e.what(), ")"));
     }
   }
   return absl::OkStatus();
@@ -359,9 +361,8 @@ absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx)
   Reporter rep(ctx);
   rep.Terms(spec.weight_terms());
   const auto t0 = std::chrono::steady_clock::now();
-  absl::StatusOr<JobOutput> out = spec.granularity() == v1::TENSOR
-                                      ? RunTensorJob(spec, ctx, &rep)
-                                      : RunNetworkJob(spec, ctx, &rep);
+  absl::StatusOr<JobOutput> out = spec.granularity() == v1::TENSOR ? RunTensorJob(spec, ctx, &rep)
+                                                                   : RunNetworkJob(spec, ctx, &rep);
   if (!out.ok()) {
     if (ctx.cancel && ctx.cancel->load()) return absl::CancelledError("the job was cancelled");
     return out.status();

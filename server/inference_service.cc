@@ -109,7 +109,8 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
   resp->set_id(req->id());
   if (m.quantized()) {
     (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
-    if (m.max_act_terms() > 0) (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
+    if (m.max_act_terms() > 0)
+      (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
   }
   if (auto s = EncodeInferResponse(*req, *y, decoded->raw, resp); !s.ok()) return ToGrpcStatus(s);
   const uint64_t t3 = SteadyNowNs();
@@ -144,9 +145,9 @@ grpc::Status InferenceService::ModelStatistics(grpc::ServerContext* c,
     FillDuration(st.compute_output, is->mutable_compute_output());
   }
   if (!any && !req->name().empty()) {
-    return ToGrpcStatus(absl::NotFoundError(
-        absl::StrCat("name: no loaded model '", req->name(), "'",
-                     req->version().empty() ? "" : absl::StrCat(" version '", req->version(), "'"))));
+    return ToGrpcStatus(absl::NotFoundError(absl::StrCat(
+        "name: no loaded model '", req->name(), "'",
+        req->version().empty() ? "" : absl::StrCat(" version '", req->version(), "'"))));
   }
   return grpc::Status::OK;
 }
@@ -166,17 +167,18 @@ grpc::Status InferenceService::RepositoryIndex(grpc::ServerContext* c,
   return grpc::Status::OK;
 }
 
-grpc::Status InferenceService::RepositoryModelLoad(
-    grpc::ServerContext* c, const inference::RepositoryModelLoadRequest* req,
-    inference::RepositoryModelLoadResponse*) {
+grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
+                                                   const inference::RepositoryModelLoadRequest* req,
+                                                   inference::RepositoryModelLoadResponse*) {
   if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   if (req->model_name().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("model_name: required"));
   }
   for (const auto& [key, value] : req->parameters()) {
-    return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-        "parameters: '", key, "' is not supported (upload models with fpxint.v1.Quantizer/"
-        "UploadModel; no load parameters are accepted)")));
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("parameters: '", key,
+                     "' is not supported (upload models with fpxint.v1.Quantizer/"
+                     "UploadModel; no load parameters are accepted)")));
   }
   absl::Status s = ctx_.repo->Load(req->model_name());
   if (s.ok()) LogInfo(absl::StrCat("model '", req->model_name(), "' loaded for inference"));

@@ -88,9 +88,9 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
                          journal_->FindJobByIdempotencyKey(req.idempotency_key()));
     if (prev) {
       if (!google::protobuf::util::MessageDifferencer::Equals(prev->spec(), spec)) {
-        return absl::AlreadyExistsError(absl::StrCat(
-            "idempotency_key: '", req.idempotency_key(), "' was used for job ", prev->job_id(),
-            " with a different spec"));
+        return absl::AlreadyExistsError(absl::StrCat("idempotency_key: '", req.idempotency_key(),
+                                                     "' was used for job ", prev->job_id(),
+                                                     " with a different spec"));
       }
       return Get(prev->job_id());
     }
@@ -100,9 +100,9 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
     absl::MutexLock l(&mu_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
     if (static_cast<int>(queue_.size()) >= opts_.queue_limit) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the job queue is full (", opts_.queue_limit,
-          " queued, --queue-limit); retry when jobs have finished"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the job queue is full (", opts_.queue_limit,
+                       " queued, --queue-limit); retry when jobs have finished"));
     }
   }
   v1::Job& j = live->job;
@@ -244,9 +244,8 @@ void JobManager::WorkerLoop() {
     {
       absl::MutexLock l(&mu_);
       mu_.Await(absl::Condition(
-          +[](JobManager* m) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return m->stopping_ || !m->queue_.empty();
-          },
+          +[](JobManager* m)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return m->stopping_ || !m->queue_.empty(); },
           this));
       if (stopping_) return;
       live = live_[queue_.front()];
@@ -266,9 +265,8 @@ void JobManager::WorkerLoop() {
 void JobManager::Run(const std::shared_ptr<Live>& live) {
   const std::string id = live->job.job_id();
   const v1::JobSpec spec = live->job.spec();
-  LogInfo(absl::StrCat("job ", id, " running: ", v1::Granularity_Name(spec.granularity()),
-                       " of '", spec.model(), "' b=", spec.weight_bits(),
-                       " K=", spec.weight_terms()));
+  LogInfo(absl::StrCat("job ", id, " running: ", v1::Granularity_Name(spec.granularity()), " of '",
+                       spec.model(), "' b=", spec.weight_bits(), " K=", spec.weight_terms()));
   absl::StatusOr<JobOutput> out = absl::InternalError("not run");
   std::string scratch;
   if (auto model = journal_->GetModel(spec.model()); !model.ok() || !*model) {
@@ -291,8 +289,7 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
         v1::Progress& dst = *live->job.mutable_progress();
         dst = p;
         const double elapsed = absl::ToDoubleSeconds(absl::Now() - live->started);
-        dst.set_eta_seconds(p.fraction() > 0.02 ? elapsed * (1 - p.fraction()) / p.fraction()
-                                                : -1);
+        dst.set_eta_seconds(p.fraction() > 0.02 ? elapsed * (1 - p.fraction()) / p.fraction() : -1);
       }
       Publish(live, /*persist=*/false);
     };

@@ -53,7 +53,8 @@ class JobManager {
   absl::StatusOr<v1::ListJobsResponse> List(const v1::ListJobsRequest& req);
   // QUEUED: cancelled at once. RUNNING: the worker stops at its next poll (within one row of
   // one tensor); waits up to `wait` for that. FailedPrecondition for a finished job.
-  absl::StatusOr<v1::Job> Cancel(const std::string& job_id, absl::Duration wait = absl::Seconds(10));
+  absl::StatusOr<v1::Job> Cancel(const std::string& job_id,
+                                 absl::Duration wait = absl::Seconds(10));
 
   // For WatchJob: returns the job once its version differs from *seen (updating *seen), or after
   // `timeout` with *changed = false. A job that is finished and not live returns once.

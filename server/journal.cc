@@ -124,8 +124,9 @@ absl::StatusOr<std::optional<Msg>> CollectOne(Stmt& st) {
 
 absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path) {
   sqlite3* db = nullptr;
-  if (sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                                             SQLITE_OPEN_FULLMUTEX, nullptr) != SQLITE_OK) {
+  if (sqlite3_open_v2(path.c_str(), &db,
+                      SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_FULLMUTEX,
+                      nullptr) != SQLITE_OK) {
     std::string msg = db ? sqlite3_errmsg(db) : "out of memory";
     sqlite3_close(db);
     return absl::InternalError(absl::StrCat("cannot open the journal '", path, "': ", msg));
@@ -204,8 +205,9 @@ absl::Status Journal::PutJob(const v1::Job& job) {
   }
   for (const v1::Artifact& a : job.artifacts()) {
     if (!s.ok()) break;
-    Stmt st(db_, "INSERT OR REPLACE INTO artifacts(artifact_id, job_id, sha256, record) "
-                 "VALUES(?, ?, ?, ?)");
+    Stmt st(db_,
+            "INSERT OR REPLACE INTO artifacts(artifact_id, job_id, sha256, record) "
+            "VALUES(?, ?, ?, ?)");
     st.Bind(1, a.artifact_id()).Bind(2, job.job_id()).Bind(3, a.sha256());
     st.BindBlob(4, a.SerializeAsString());
     s = st.Run();
@@ -298,8 +300,9 @@ absl::StatusOr<bool> Journal::BlobReferenced(const std::string& sha256) {
 
 absl::Status Journal::PutDeployment(const v1::Deployment& d) {
   absl::MutexLock l(&mu_);
-  Stmt st(db_, "INSERT OR REPLACE INTO deployments(name, version, sha256, record) "
-               "VALUES(?, ?, ?, ?)");
+  Stmt st(db_,
+          "INSERT OR REPLACE INTO deployments(name, version, sha256, record) "
+          "VALUES(?, ?, ?, ?)");
   st.Bind(1, d.name()).Bind(2, d.version()).Bind(3, d.source_sha256());
   st.BindBlob(4, d.SerializeAsString());
   return st.Run();

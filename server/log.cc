@@ -13,8 +13,8 @@ namespace {
 
 void Emit(absl::string_view level, absl::string_view msg) {
   const std::string line =
-      absl::StrCat(absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()),
-                   " ", level, " ", msg, "\n");
+      absl::StrCat(absl::FormatTime("%Y-%m-%dT%H:%M:%E3SZ", absl::Now(), absl::UTCTimeZone()), " ",
+                   level, " ", msg, "\n");
   std::fwrite(line.data(), 1, line.size(), stderr);  // one write: lines do not interleave
 }
 

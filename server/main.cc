@@ -8,12 +8,11 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <thread>
-
-#include <CLI/CLI.hpp>
 
 #include "server/log.h"
 #include "server/server.h"
@@ -56,7 +55,8 @@ int main(int argc, char** argv) {
       ->envname("FPXINT_QUEUE_LIMIT");
   app.add_option("--max-upload-bytes", c.max_upload_bytes, "largest accepted upload, in bytes")
       ->envname("FPXINT_MAX_UPLOAD_BYTES");
-  app.add_option("--threads", c.threads, "compute threads for expansion and inference (0: all cores)")
+  app.add_option("--threads", c.threads,
+                 "compute threads for expansion and inference (0: all cores)")
       ->envname("FPXINT_THREADS");
   app.add_option("--infer-instances", c.infer_instances,
                  "copies of each served model version (concurrent ModelInfer per version)")

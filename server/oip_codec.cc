@@ -55,8 +55,8 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
   }
   const auto& in = req.inputs(0);
   if (in.name() != sig.name()) {
-    return Bad("inputs[0].name", absl::StrCat("'", in.name(), "'; this model's input is '",
-                                              sig.name(), "'"));
+    return Bad("inputs[0].name",
+               absl::StrCat("'", in.name(), "'; this model's input is '", sig.name(), "'"));
   }
   const bool int_model = sig.datatype() == "INT64";
   const char* accepted = int_model ? "INT64, INT32, UINT8" : "FP32, FP16, UINT8";
@@ -112,13 +112,19 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
     }
     const char* p = raw.data();
     for (size_t i = 0; i < n; ++i, p += esize) {
-      if (in.datatype() == "FP32") t.f32[i] = LoadLE<float>(p);
-      else if (in.datatype() == "FP16") t.f32[i] = core::HalfToFloat(LoadLE<uint16_t>(p));
+      if (in.datatype() == "FP32")
+        t.f32[i] = LoadLE<float>(p);
+      else if (in.datatype() == "FP16")
+        t.f32[i] = core::HalfToFloat(LoadLE<uint16_t>(p));
       else if (in.datatype() == "UINT8") {
-        if (int_model) t.i64[i] = static_cast<uint8_t>(*p);
-        else t.f32[i] = static_cast<uint8_t>(*p);
-      } else if (in.datatype() == "INT32") t.i64[i] = LoadLE<int32_t>(p);
-      else t.i64[i] = LoadLE<int64_t>(p);
+        if (int_model)
+          t.i64[i] = static_cast<uint8_t>(*p);
+        else
+          t.f32[i] = static_cast<uint8_t>(*p);
+      } else if (in.datatype() == "INT32")
+        t.i64[i] = LoadLE<int32_t>(p);
+      else
+        t.i64[i] = LoadLE<int64_t>(p);
     }
   } else {
     const auto& c = in.contents();
@@ -134,9 +140,12 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
       got = c.uint_contents_size();
       field = "uint_contents";
       for (int64_t i = 0; i < std::min(got, numel); ++i) {
-        if (c.uint_contents(i) > 255) return Bad("inputs[0].contents.uint_contents", "UINT8 values are 0..255");
-        if (int_model) t.i64[i] = c.uint_contents(i);
-        else t.f32[i] = static_cast<float>(c.uint_contents(i));
+        if (c.uint_contents(i) > 255)
+          return Bad("inputs[0].contents.uint_contents", "UINT8 values are 0..255");
+        if (int_model)
+          t.i64[i] = c.uint_contents(i);
+        else
+          t.f32[i] = static_cast<float>(c.uint_contents(i));
       }
     } else if (in.datatype() == "INT32") {
       got = c.int_contents_size();

@@ -24,7 +24,7 @@ v1::TensorSignature InputSignature(const v1::Deployment& d);
 
 struct DecodedRequest {
   model::HostTensor input;
-  bool raw = false;  // the request used raw_input_contents (answer in kind)
+  bool raw = false;      // the request used raw_input_contents (answer in kind)
   int weight_terms = 0;  // from fpxint_terms (0: the deployment's K)
   int act_terms = 0;     // from fpxint_act_terms (0: min(weight_terms, K_a))
 };

@@ -52,17 +52,17 @@ absl::Status CheckHeader(const v1::UploadHeader& h, const ServiceContext& ctx, u
         "header.sha256: required; 64 lower-case hex digits of the file's SHA-256");
   }
   if (h.size_bytes() > ctx.max_upload_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "header.size_bytes: ", h.size_bytes(), " exceeds the server's limit of ",
-        ctx.max_upload_bytes, " bytes (--max-upload-bytes)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("header.size_bytes: ", h.size_bytes(), " exceeds the server's limit of ",
+                     ctx.max_upload_bytes, " bytes (--max-upload-bytes)"));
   }
   if (h.inputs_size() > 1) {
     return absl::InvalidArgumentError("header.inputs: at most one input tensor is supported");
   }
   for (const v1::TensorSignature& s : h.inputs()) {
     if (s.datatype() != "FP32" && s.datatype() != "INT64") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "header.inputs[0].datatype: '", s.datatype(), "'; accepted: FP32, INT64"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.inputs[0].datatype: '", s.datatype(), "'; accepted: FP32, INT64"));
     }
     if (s.shape_size() == 0 || s.shape_size() > kMaxSignatureRank) {
       return absl::InvalidArgumentError("header.inputs[0].shape: rank 1..8");
@@ -115,8 +115,9 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   if (auto s = ctx_.auth->Check(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
   v1::UploadChunk chunk;
   if (!reader->Read(&chunk)) {
-    return ToGrpcStatus(absl::InvalidArgumentError("the upload stream was empty; the first "
-                                                   "message must carry `header`"));
+    return ToGrpcStatus(
+        absl::InvalidArgumentError("the upload stream was empty; the first "
+                                   "message must carry `header`"));
   }
   if (!chunk.has_header()) {
     return ToGrpcStatus(absl::InvalidArgumentError("the first message must carry `header`"));
@@ -137,9 +138,9 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   if (c->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled");
   const uint64_t got = (*writer)->bytes_written();
   if (header.size_bytes() != 0 && got != header.size_bytes()) {
-    return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-        "data: received ", got, " bytes, header.size_bytes says ", header.size_bytes(),
-        " (truncated upload?); nothing was stored")));
+    return ToGrpcStatus(absl::InvalidArgumentError(
+        absl::StrCat("data: received ", got, " bytes, header.size_bytes says ", header.size_bytes(),
+                     " (truncated upload?); nothing was stored")));
   }
   auto blob = (*writer)->Commit(header.sha256());
   if (!blob.ok()) return ToGrpcStatus(blob.status());
@@ -153,9 +154,9 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   if (*existing) {
     if ((*existing)->sha256() != blob->sha256 || (*existing)->format() != header.format()) {
       if (!blob->deduplicated) DropIfUnreferenced(ctx_, blob->sha256);
-      return ToGrpcStatus(absl::AlreadyExistsError(absl::StrCat(
-          "header.name: a different model is already named '", header.name(),
-          "' (DeleteModel it first, or choose another name)")));
+      return ToGrpcStatus(absl::AlreadyExistsError(
+          absl::StrCat("header.name: a different model is already named '", header.name(),
+                       "' (DeleteModel it first, or choose another name)")));
     }
     *resp = **existing;
     resp->set_deduplicated(true);
@@ -277,8 +278,7 @@ grpc::Status QuantizerService::WatchJob(grpc::ServerContext* c, const v1::JobRef
   }
 }
 
-grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c,
-                                                const v1::ArtifactRef* req,
+grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1::ArtifactRef* req,
                                                 grpc::ServerWriter<v1::ArtifactChunk>* writer) {
   if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto a = ctx_.journal->GetArtifact(req->artifact_id());
@@ -289,9 +289,9 @@ grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c,
   }
   const v1::Artifact& art = **a;
   if (req->offset() > art.size_bytes()) {
-    return ToGrpcStatus(absl::OutOfRangeError(absl::StrCat(
-        "offset: ", req->offset(), " is past the end of the artifact (", art.size_bytes(),
-        " bytes)")));
+    return ToGrpcStatus(absl::OutOfRangeError(absl::StrCat("offset: ", req->offset(),
+                                                           " is past the end of the artifact (",
+                                                           art.size_bytes(), " bytes)")));
   }
   uint32_t chunk = req->chunk_bytes() == 0 ? (1u << 20) : req->chunk_bytes();
   if (chunk > (4u << 20)) {

@@ -92,8 +92,8 @@ ModelStats ServedModel::stats() const {
 
 // ---- Repository ----
 
-Repository::Repository(std::string dir, Journal* journal, BlobStore* store,
-                       core::ThreadPool* pool, Options o)
+Repository::Repository(std::string dir, Journal* journal, BlobStore* store, core::ThreadPool* pool,
+                       Options o)
     : dir_(std::move(dir)), journal_(journal), store_(store), pool_(pool), opts_(o) {
   std::error_code ec;
   fs::create_directories(dir_, ec);
@@ -143,9 +143,9 @@ absl::Status Repository::LoadDeployment(v1::Deployment d) {
   const std::string key = d.name() + "/" + d.version();
   if (!served.ok()) {
     failures_[key] = std::string(served.status().message());
-    return absl::Status(served.status().code(),
-                        absl::StrCat("model '", key, "' failed to load: ",
-                                     served.status().message()));
+    return absl::Status(
+        served.status().code(),
+        absl::StrCat("model '", key, "' failed to load: ", served.status().message()));
   }
   failures_.erase(key);
   loaded_[d.name()][d.version()] = *std::move(served);
@@ -200,9 +200,9 @@ absl::Status Repository::Load(const std::string& name) {
           "model_name: '", name, "' is neither a deployed model nor an uploaded model"));
     }
     if (m->format() != v1::TORCHSCRIPT) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "model_name: '", name, "' is a ", v1::ModelFormat_Name(m->format()),
-          " upload; only TORCHSCRIPT models can be served"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("model_name: '", name, "' is a ", v1::ModelFormat_Name(m->format()),
+                       " upload; only TORCHSCRIPT models can be served"));
     }
     v1::Deployment d;
     d.set_name(name);
@@ -282,13 +282,12 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Get(const std::string& 
   if (versions.empty()) {
     return absl::NotFoundError(absl::StrCat("model_name: no model '", name, "' is deployed"));
   }
-  if (!version.empty() &&
-      std::find(versions.begin(), versions.end(), version) == versions.end()) {
+  if (!version.empty() && std::find(versions.begin(), versions.end(), version) == versions.end()) {
     return absl::NotFoundError(
         absl::StrCat("model_version: model '", name, "' has no version '", version, "'"));
   }
-  return absl::FailedPreconditionError(absl::StrCat(
-      "model '", name, "' is not loaded (RepositoryModelLoad loads it)"));
+  return absl::FailedPreconditionError(
+      absl::StrCat("model '", name, "' is not loaded (RepositoryModelLoad loads it)"));
 }
 
 std::vector<std::shared_ptr<ServedModel>> Repository::Loaded() {

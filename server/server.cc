@@ -42,7 +42,8 @@ absl::Status ServerConfig::Validate() const {
   if (queue_limit < 1 || queue_limit > 100000) return bad("--queue-limit", "accepted 1..100000");
   if (max_upload_bytes < 1) return bad("--max-upload-bytes", "must be positive");
   if (threads < 0 || threads > 1024) return bad("--threads", "accepted 0 (all cores)..1024");
-  if (infer_instances < 1 || infer_instances > 64) return bad("--infer-instances", "accepted 1..64");
+  if (infer_instances < 1 || infer_instances > 64)
+    return bad("--infer-instances", "accepted 1..64");
   if (tls_cert.empty() != tls_key.empty()) {
     return bad("--tls-cert/--tls-key", "give both or neither");
   }
@@ -108,9 +109,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.repo = im->repo.get();
   sc.auth = &im->auth;
   sc.max_upload_bytes = config.max_upload_bytes;
-  sc.torchscript_uploads = config.allow_torchscript_uploads == "none"    ? TorchScriptUploads::kNone
-                           : config.allow_torchscript_uploads == "admin" ? TorchScriptUploads::kAdmin
-                                                                         : TorchScriptUploads::kAll;
+  sc.torchscript_uploads = config.allow_torchscript_uploads == "none" ? TorchScriptUploads::kNone
+                           : config.allow_torchscript_uploads == "admin"
+                               ? TorchScriptUploads::kAdmin
+                               : TorchScriptUploads::kAll;
   sc.ready = &im->ready;
   sc.server_version = FPXINT_VERSION;
   im->quantizer = std::make_unique<QuantizerService>(sc);
@@ -125,7 +127,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     FPX_ASSIGN_OR_RETURN(std::string key, ReadTextFile(config.tls_key, "--tls-key"));
     ssl.pem_key_cert_pairs.push_back({key, cert});
     if (!config.tls_client_ca.empty()) {
-      FPX_ASSIGN_OR_RETURN(ssl.pem_root_certs, ReadTextFile(config.tls_client_ca, "--tls-client-ca"));
+      FPX_ASSIGN_OR_RETURN(ssl.pem_root_certs,
+                           ReadTextFile(config.tls_client_ca, "--tls-client-ca"));
     }
     creds = grpc::SslServerCredentials(ssl);
   }
@@ -161,11 +164,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     FPX_RETURN_IF_ERROR(WriteFileAtomic(config.port_file, addr + "\n"));
   }
   LogInfo(absl::StrCat("fpxint-server ", FPXINT_VERSION, " listening on ", addr,
-                       config.tls_cert.empty() ? " (plaintext)" :
-                       config.tls_client_ca.empty() ? " (TLS)" : " (mutual TLS)",
-                       "; data in ", config.data_dir, "; ", config.workers, " worker(s), ",
-                       threads, " compute threads, kernels ",
-                       core::ActiveKernels().name));
+                       config.tls_cert.empty()        ? " (plaintext)"
+                       : config.tls_client_ca.empty() ? " (TLS)"
+                                                      : " (mutual TLS)",
+                       "; data in ", config.data_dir, "; ", config.workers, " worker(s), ", threads,
+                       " compute threads, kernels ", core::ActiveKernels().name));
   return server;
 }
 

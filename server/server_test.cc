@@ -1,12 +1,14 @@
 // In-process integration tests of fpxint-server: a real gRPC server on 127.0.0.1 (port chosen
 // free), real SQLite journal and store in a scratch directory, every RPC through real stubs.
+#include "server/server.h"
+
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
 #include <cmath>
-#include <fstream>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <set>
 #include <thread>
 
@@ -17,7 +19,6 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "inference/grpc_service.grpc.pb.h"
-#include "server/server.h"
 #include "tests/support/test_support.h"
 
 namespace fpxint::server {
@@ -42,10 +43,11 @@ std::string WeightsFile(uint32_t seed) {
   auto add = [&](const std::string& name, std::vector<int64_t> shape, uint64_t s) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    auto v = fpxint::testing::ToFloat(fpxint::testing::RandomValues(
-        fpxint::testing::Dist::kGaussian, n, s));
+    auto v = fpxint::testing::ToFloat(
+        fpxint::testing::RandomValues(fpxint::testing::Dist::kGaussian, n, s));
     std::string bytes(reinterpret_cast<const char*>(v.data()), v.size() * 4);
-    w.AddOwned(name, core::DType::kF32, shape, std::vector<uint8_t>(bytes.begin(), bytes.end())).IgnoreError();
+    w.AddOwned(name, core::DType::kF32, shape, std::vector<uint8_t>(bytes.begin(), bytes.end()))
+        .IgnoreError();
   };
   add("fc1.weight", {64, 32}, seed);
   add("fc1.bias", {64}, seed + 1);
@@ -55,17 +57,15 @@ std::string WeightsFile(uint32_t seed) {
 }
 
 std::string Sha(const std::string& s) {
-  return core::Sha256Hex(
-      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
+  return core::Sha256Hex(absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
 }
 
 class ServerTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_FALSE(TinyDir().empty()) << "FPXINT_TINY_MODELS_DIR is not set";
-    WriteFileOrDie(dir_.File("tokens"),
-                   absl::StrCat("# test tokens\n", kAdmin, " admin\n", kQuantize, " quantize\n",
-                                kInfer, " infer\n"));
+    WriteFileOrDie(dir_.File("tokens"), absl::StrCat("# test tokens\n", kAdmin, " admin\n",
+                                                     kQuantize, " quantize\n", kInfer, " infer\n"));
     StartServer();
   }
   void TearDown() override { server_.reset(); }
@@ -335,10 +335,11 @@ TEST_F(ServerTest, SpecValidationNamesTheField) {
   std::vector<Case> cases;
   cases.push_back({Spec("nope", v1::TENSOR), grpc::StatusCode::NOT_FOUND, "spec.model"});
   cases.push_back({Spec("w", v1::TENSOR, 9), grpc::StatusCode::INVALID_ARGUMENT, "weight_bits"});
-  cases.push_back({Spec("w", v1::TENSOR, 4, 40), grpc::StatusCode::INVALID_ARGUMENT, "weight_terms"});
+  cases.push_back(
+      {Spec("w", v1::TENSOR, 4, 40), grpc::StatusCode::INVALID_ARGUMENT, "weight_terms"});
   cases.push_back({Spec("w", v1::LAYER), grpc::StatusCode::INVALID_ARGUMENT, "granularity"});
-  cases.push_back({Spec("w", v1::GRANULARITY_UNSPECIFIED), grpc::StatusCode::INVALID_ARGUMENT,
-                   "granularity"});
+  cases.push_back(
+      {Spec("w", v1::GRANULARITY_UNSPECIFIED), grpc::StatusCode::INVALID_ARGUMENT, "granularity"});
   v1::JobSpec g = Spec("w", v1::TENSOR);
   g.set_scale(v1::PER_GROUP);
   cases.push_back({g, grpc::StatusCode::INVALID_ARGUMENT, "group_size"});
@@ -541,7 +542,8 @@ TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
   in->set_shape(3, 8);
   bad.set_raw_input_contents(0, std::string(x.size() - 4, '\0'));
   s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
-  EXPECT_NE(s.error_message().find("raw_input_contents[0]"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("raw_input_contents[0]"), std::string::npos)
+      << s.error_message();
   in->set_datatype("FP64");
   s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
   EXPECT_NE(s.error_message().find("datatype"), std::string::npos) << s.error_message();

@@ -77,11 +77,9 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
                              inference::ModelMetadataResponse* resp) override;
   grpc::Status ModelInfer(grpc::ServerContext* c, const inference::ModelInferRequest* req,
                           inference::ModelInferResponse* resp) override;
-  grpc::Status ModelStatistics(grpc::ServerContext* c,
-                               const inference::ModelStatisticsRequest* req,
+  grpc::Status ModelStatistics(grpc::ServerContext* c, const inference::ModelStatisticsRequest* req,
                                inference::ModelStatisticsResponse* resp) override;
-  grpc::Status RepositoryIndex(grpc::ServerContext* c,
-                               const inference::RepositoryIndexRequest* req,
+  grpc::Status RepositoryIndex(grpc::ServerContext* c, const inference::RepositoryIndexRequest* req,
                                inference::RepositoryIndexResponse* resp) override;
   grpc::Status RepositoryModelLoad(grpc::ServerContext* c,
                                    const inference::RepositoryModelLoadRequest* req,

@@ -80,14 +80,15 @@ absl::Status SyncDir(const std::string& dir) {
 
 absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents) {
   const fs::path p(path);
-  const std::string tmp = (p.parent_path() / ("." + p.filename().string() + ".tmp-" +
-                                              UniqueSuffix())).string();
+  const std::string tmp =
+      (p.parent_path() / ("." + p.filename().string() + ".tmp-" + UniqueSuffix())).string();
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return core::ErrnoToStatus(errno, "cannot create", tmp);
   absl::Status s = WriteAll(fd, contents.data(), contents.size(), tmp);
   if (s.ok() && ::fsync(fd) != 0) s = core::ErrnoToStatus(errno, "cannot fsync", tmp);
   ::close(fd);
-  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = core::ErrnoToStatus(errno, "cannot rename to", path);
+  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0)
+    s = core::ErrnoToStatus(errno, "cannot rename to", path);
   if (!s.ok()) {
     ::unlink(tmp.c_str());
     return s;
@@ -189,7 +190,8 @@ absl::StatusOr<uint64_t> BlobStore::SizeOf(absl::string_view sha256) const {
 absl::Status BlobStore::Remove(absl::string_view sha256) {
   if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256 hex digest");
   const std::string p = PathOf(sha256);
-  if (::unlink(p.c_str()) != 0 && errno != ENOENT) return core::ErrnoToStatus(errno, "cannot remove", p);
+  if (::unlink(p.c_str()) != 0 && errno != ENOENT)
+    return core::ErrnoToStatus(errno, "cannot remove", p);
   return absl::OkStatus();
 }
 
@@ -204,7 +206,8 @@ absl::Status BlobStore::Commit(const std::string& tmp, const std::string& sha256
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create '", dir, "': ", ec.message()));
-  if (::rename(tmp.c_str(), dst.c_str()) != 0) return core::ErrnoToStatus(errno, "cannot rename to", dst);
+  if (::rename(tmp.c_str(), dst.c_str()) != 0)
+    return core::ErrnoToStatus(errno, "cannot rename to", dst);
   return SyncDir(dir);
 }
 
@@ -238,7 +241,10 @@ absl::StatusOr<std::string> BlobStore::NewTempDir(absl::string_view prefix) {
 struct BlobWriter::Hash : Sha256Stream {};
 
 BlobWriter::BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_bytes)
-    : store_(store), tmp_(std::move(tmp)), fd_(fd), max_bytes_(max_bytes),
+    : store_(store),
+      tmp_(std::move(tmp)),
+      fd_(fd),
+      max_bytes_(max_bytes),
       hash_(std::make_unique<Hash>()) {}
 
 BlobWriter::~BlobWriter() {
@@ -249,8 +255,8 @@ BlobWriter::~BlobWriter() {
 absl::Status BlobWriter::Append(absl::string_view bytes) {
   if (done_ || fd_ < 0) return absl::FailedPreconditionError("blob writer already finished");
   if (written_ + bytes.size() > max_bytes_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "upload exceeds the server's limit of ", max_bytes_, " bytes (--max-upload-bytes)"));
+    return absl::ResourceExhaustedError(absl::StrCat("upload exceeds the server's limit of ",
+                                                     max_bytes_, " bytes (--max-upload-bytes)"));
   }
   hash_->Update(bytes.data(), bytes.size());
   absl::Status s = WriteAll(fd_, bytes.data(), bytes.size(), tmp_);
@@ -264,9 +270,9 @@ absl::StatusOr<BlobWriter::Result> BlobWriter::Commit(absl::string_view expected
   r.sha256 = hash_->HexDigest();
   r.size = written_;
   if (!expected_sha256.empty() && expected_sha256 != r.sha256) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("header.sha256: the uploaded ", written_, " bytes hash to ", r.sha256,
-                     ", not ", expected_sha256, "; nothing was stored"));
+    return absl::InvalidArgumentError(absl::StrCat("header.sha256: the uploaded ", written_,
+                                                   " bytes hash to ", r.sha256, ", not ",
+                                                   expected_sha256, "; nothing was stored"));
   }
   if (::fsync(fd_) != 0) return core::ErrnoToStatus(errno, "cannot fsync", tmp_);
   ::close(fd_);
