@@ -7,13 +7,9 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "client/options.h"
 
 namespace fpxint::client {
-
-struct GlobalOptions {
-  bool json = false;   // machine-readable output on stdout
-  bool quiet = false;  // no progress, no summary (errors still go to stderr)
-};
 
 // Adds the `expand` subcommand to `app`. After parsing, if the subcommand was chosen, the callback
 // stores its exit code in *exit_code.

@@ -456,8 +456,10 @@ absl::Status Model::SaveFoldedWeights(const std::string& path) const {
   core::SafetensorsWriter w;
   w.SetMetadata("format", "fpxint-folded-weights");
   int n = 0;
+  bool any_expanded = false;
+  for (const auto& layer : im.layers) any_expanded = any_expanded || layer.expanded;
   for (size_t i = 0; i < im.layers.size(); ++i) {
-    if (!im.layers[i].expanded) continue;
+    if (any_expanded && !im.layers[i].expanded) continue;
     ++n;
     const LayerParams l = im.FpLayer(i);
     std::vector<float> wf(l.weight.begin(), l.weight.end());
@@ -472,7 +474,10 @@ absl::Status Model::SaveFoldedWeights(const std::string& path) const {
                                      {static_cast<int64_t>(bf.size())}, std::move(bb)));
     }
   }
-  if (n == 0) return absl::FailedPreconditionError("no layer is expanded; call Expand first");
+  if (n == 0) {
+    return absl::FailedPreconditionError(
+        "the model has no linear or convolution layer with a weight to expand");
+  }
   return w.WriteFile(path);
 }
 

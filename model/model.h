@@ -129,7 +129,8 @@ class Model {
   absl::Status SaveDequantized(const std::string& path) const;
 
   // Writes the expanded layers' FP weights (BatchNorm folded, expansion layout [out, ...], F32,
-  // named as in layers()) and their biases (<name>.bias) as safetensors.
+  // named as in layers()) and their biases (<name>.bias) as safetensors. Before Expand (nothing
+  // expanded yet) it writes every supported layer: the input of a TENSOR job on a TorchScript model.
   absl::Status SaveFoldedWeights(const std::string& path) const;
   // Writes the packed artifact of the current weight expansion: exactly what `fpxint expand`
   // writes for SaveFoldedWeights' file with the same spec (docs/FORMAT.md), and its report.

@@ -16,8 +16,10 @@ PKGS_BUILD=(
 PKGS_FUZZ=(clang libclang-rt-14-dev)
 # Python side: model conversion and real gRPC clients. Always call /usr/bin/python3 (TOOLCHAIN.md trap 5).
 PKGS_PY=(python3 python3-numpy python3-torch python3-onnx python3-grpcio python3-grpc-tools python3-protobuf python3-pil python3-matplotlib)
-# Data rendering, model download (npm), monitoring tests.
-PKGS_MISC=(fonts-dejavu-core nodejs npm ca-certificates curl prometheus dataset-fashion-mnist)
+# Data rendering, model download (npm), monitoring tests, compose-file validation (no daemon),
+# `script` for the CLI's pseudo-terminal test.
+PKGS_MISC=(fonts-dejavu-core nodejs npm ca-certificates curl prometheus dataset-fashion-mnist
+           docker-compose bsdutils)
 
 missing=()
 for p in "${PKGS_BUILD[@]}" "${PKGS_FUZZ[@]}" "${PKGS_PY[@]}" "${PKGS_MISC[@]}"; do

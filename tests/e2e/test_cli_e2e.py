@@ -1,0 +1,548 @@
+r"""End-to-end tests of the `fpxint` CLI against a real fpxint-server on 127.0.0.1.
+
+Run:  FPXINT_CLI_BIN=build/bin/fpxint FPXINT_SERVER_BIN=build/bin/fpxint-server \
+      FPXINT_MODELS_DIR=~/.cache/fpxint/models /usr/bin/python3 -m unittest -v tests/e2e/test_cli_e2e.py
+
+Every command is run as a subprocess, as a user or a pipeline would: exit codes (README.md "Exit
+codes"), the --json documents' schema, stderr messages, progress on a pseudo-terminal (`script`)
+and plain lines in a pipe. The tests of CliE2E share one server (1 worker, tokens required) and
+run in name order; a test whose prerequisite failed fails with a message naming it.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import service_client as sc  # noqa: E402
+
+ADMIN = sc.TOKENS["admin"]
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def cli_bin():
+    path = os.environ.get("FPXINT_CLI_BIN") or os.path.join(sc.REPO_ROOT, "build", "bin", "fpxint")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise AssertionError(f"fpxint CLI not found: {path!r} (set FPXINT_CLI_BIN)")
+    return os.path.abspath(path)
+
+
+# The documented --json schemas: keys every document of that kind must have.
+JOB_KEYS = {"id", "state", "spec", "progress", "report", "artifacts", "error", "created_unix_ms"}
+UPLOAD_KEYS = {"model", "name", "sha256", "format", "size_bytes", "deduplicated"}
+DOWNLOAD_KEYS = {"artifact_id", "path", "sha256", "size_bytes", "resumed_from", "already_present"}
+INFER_KEYS = {"model_name", "model_version", "outputs", "latency_ms"}
+HEALTH_KEYS = {"status", "serving", "server"}
+ERROR_KEYS = {"message", "exit_code"}
+
+
+class Result:
+    def __init__(self, argv, proc):
+        self.argv = argv
+        self.rc = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def json(self):
+        try:
+            return json.loads(self.out)
+        except json.JSONDecodeError as e:
+            raise AssertionError(f"stdout of {' '.join(self.argv)} is not JSON ({e}):\n{self.out[:2000]}")
+
+    def __str__(self):
+        return (f"$ {' '.join(self.argv)}\nexit {self.rc}\n--- stdout ---\n{self.out[-3000:]}"
+                f"\n--- stderr ---\n{self.err[-3000:]}")
+
+
+class CliTestCase(unittest.TestCase):
+    server = None
+    work = None
+    state = {}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.work = tempfile.mkdtemp(prefix="fpxint-cli-e2e-")
+        cls.server = sc.Server(workers=1, queue_limit=8)
+        cls.server.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.server is not None:
+            cls.server.terminate()
+            cls.server.cleanup()
+        if not sc.keep_temp():
+            shutil.rmtree(cls.work, ignore_errors=True)
+
+    def run_cli(self, *args, token=ADMIN, server=None, expect=0, env=None, timeout=600, cwd=None):
+        argv = [cli_bin(), "--server", server or self.server.address] + [str(a) for a in args]
+        e = dict(os.environ)
+        e.pop("FPXINT_TOKEN", None)
+        if token:
+            e["FPXINT_TOKEN"] = token
+        if env:
+            e.update(env)
+        p = subprocess.run(argv, capture_output=True, text=True, env=e, timeout=timeout,
+                           cwd=cwd or self.work)
+        r = Result(argv, p)
+        if expect is not None:
+            self.assertEqual(r.rc, expect, f"unexpected exit code\n{r}\n{self.server.log_tail(20)}")
+        return r
+
+    def need(self, key, test):
+        if key not in self.state:
+            self.fail(f"prerequisite {test} did not pass")
+        return self.state[key]
+
+    def assert_keys(self, doc, keys, what):
+        missing = keys - set(doc)
+        self.assertFalse(missing, f"{what} JSON lacks {sorted(missing)}: {json.dumps(doc)[:1500]}")
+
+    def assert_error_doc(self, r, exit_code):
+        doc = r.json()
+        self.assertIn("error", doc, str(r))
+        self.assert_keys(doc["error"], ERROR_KEYS, "error")
+        self.assertEqual(doc["error"]["exit_code"], exit_code, str(r))
+
+
+class CliE2E(CliTestCase):
+
+    def test_00_help_and_usage(self):
+        r = self.run_cli("--help")
+        for cmd in ("upload", "quantize", "jobs", "download", "models", "infer", "health", "expand"):
+            self.assertIn(cmd, r.out)
+        self.assertIn("Exit codes", r.out)
+        for cmd in (["upload"], ["quantize"], ["jobs", "list"], ["jobs", "watch"], ["download"],
+                    ["models", "list"], ["infer"], ["health"], ["expand"], ["completion"]):
+            h = self.run_cli(*cmd, "--help")
+            self.assertIn("Usage", h.out, f"{cmd} --help")
+        q = self.run_cli("quantize", "--help").out
+        for flag in ("--model", "--granularity", "--bits", "--terms", "--grid", "--scale",
+                     "--group-size", "--variant", "--act-bits", "--act-terms", "--truncate",
+                     "--include", "--exclude", "--deploy-as", "--wait", "--max-rel-error"):
+            self.assertIn(flag, q, f"quantize --help lacks {flag}")
+        self.run_cli("nosuchcommand", expect=2)
+        self.run_cli("quantize", "--bits", "9", expect=2)
+        self.run_cli("upload", "/nonexistent/file", "--name", "x", expect=2)
+
+    def test_01_health(self):
+        r = self.run_cli("--json", "health", token=None)
+        doc = r.json()
+        self.assert_keys(doc, HEALTH_KEYS, "health")
+        self.assertEqual(doc["status"], "SERVING")
+        self.assertTrue(doc["serving"])
+        r = self.run_cli("health", "--service", "inference.GRPCInferenceService", token=None)
+        self.assertIn("SERVING", r.out)
+        # Nothing listens on port 1: exit 4 with the hint and a JSON error document.
+        r = self.run_cli("--json", "health", server="127.0.0.1:1", expect=4)
+        self.assert_error_doc(r, 4)
+        self.assertIn("is fpxint-server running", r.err)
+
+    def test_02_upload(self):
+        path = sc.model_file("ocr", "ocr_cls.safetensors")
+        r = self.run_cli("--json", "upload", path, "--name", "cls_weights")
+        doc = r.json()
+        self.assert_keys(doc, UPLOAD_KEYS, "upload")
+        self.assertEqual(doc["model"], "cls_weights")
+        self.assertEqual(doc["sha256"], sc.sha256_file(path))
+        self.assertEqual(doc["format"], "SAFETENSORS")
+        self.assertFalse(doc["deduplicated"])
+        # The same bytes again under another name: stored once.
+        doc2 = self.run_cli("--json", "upload", path, "--name", "cls_weights_again").json()
+        self.assertTrue(doc2["deduplicated"])
+        self.assertEqual(doc2["sha256"], doc["sha256"])
+        # A TorchScript model with its input signature (format detected from the archive).
+        pt = sc.model_file("fmnist", "fmnist_cnn.pt")
+        doc3 = self.run_cli("--json", "upload", pt, "--name", "fmnist", "--input", "x:FP32:-1,1,28,28").json()
+        self.assertEqual(doc3["format"], "TORCHSCRIPT")
+        self.assertEqual(doc3["inputs"][0]["shape"], ["-1", "1", "28", "28"])
+        # Human output.
+        r = self.run_cli("upload", path, "--name", "cls_weights_3")
+        self.assertRegex(r.out, r"uploaded cls_weights_3 .*safetensors")
+        self.state["uploaded"] = doc
+
+    def test_03_upload_errors(self):
+        path = sc.model_file("ocr", "ocr_cls.safetensors")
+        r = self.run_cli("--json", "upload", path, "--name", "x", token=None, expect=7)
+        self.assert_error_doc(r, 7)
+        self.assertIn("UNAUTHENTICATED", r.err)
+        self.assertIn("FPXINT_TOKEN", r.err)
+        r = self.run_cli("upload", path, "--name", "x", token=sc.TOKENS["infer"], expect=7)
+        self.assertIn("PERMISSION_DENIED", r.err)
+        r = self.run_cli("upload", path, "--name", "x", token="wrong-token-000000000", expect=7)
+        r = self.run_cli("upload", path, "--name", "bad/name", expect=3)
+        self.assertIn("name", r.err)
+        r = self.run_cli("upload", path, "--name", "x", "--input", "x:FP32", expect=2)
+        self.assertIn("NAME:DATATYPE:DIMS", r.err)
+        junk = os.path.join(self.work, "junk.bin")
+        with open(junk, "wb") as f:
+            f.write(b"\x00" * 100)
+        r = self.run_cli("upload", junk, "--name", "junk", expect=2)
+        self.assertIn("--format", r.err)
+        # Declared safetensors but not: the server refuses with INVALID_ARGUMENT (exit 3).
+        r = self.run_cli("upload", junk, "--name", "junk", "--format", "safetensors", expect=3)
+
+    def test_04_quantize_tensor_json(self):
+        self.need("uploaded", "test_02_upload")
+        r = self.run_cli("--json", "quantize", "--model", "cls_weights", "--granularity", "tensor",
+                         "--bits", "4", "--terms", "3", "--grid", "mid", "--scale", "group",
+                         "--group-size", "32", "--wait")
+        job = r.json()
+        self.assert_keys(job, JOB_KEYS, "quantize")
+        self.assertEqual(job["state"], "SUCCEEDED", str(r))
+        self.assertTrue(job["id"].startswith("job-"))
+        spec = job["spec"]
+        self.assertEqual((spec["weight_bits"], spec["weight_terms"], spec["grid"], spec["scale"],
+                          spec["group_size"]), (4, 3, "MID", "PER_GROUP", 32))
+        kinds = sorted(a["kind"] for a in job["artifacts"])
+        self.assertEqual(kinds, ["packed_safetensors", "report_json"])
+        layers = job["report"]["layers"]
+        self.assertGreater(len(layers), 5)
+        # Every tensor's error falls with every term (the series converges).
+        for l in layers:
+            errs = [t["rel_fro"] for t in l["terms"]]
+            self.assertEqual(len(errs), 3, l["name"])
+            self.assertTrue(errs[0] > errs[1] > errs[2], f"{l['name']}: {errs}")
+        self.state["tensor_job"] = job
+
+    def test_05_quantize_layer_deploy_human(self):
+        self.need("uploaded", "test_02_upload")
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer", "--bits", "4",
+                         "--terms", "2", "--deploy-as", "fm_w4x2", "--wait")
+        self.assertIn("SUCCEEDED", r.out)
+        self.assertIn("deployed for inference as fm_w4x2 version 1", r.out)
+        self.assertRegex(r.out, r"K_w=2\s+\d\.\d+e-0[2-4]")  # output error of 2 terms: 1e-2..1e-4
+        # Plain progress lines on a pipe (stderr is not a terminal here).
+        self.assertRegex(r.err, r"job-\w+ RUNNING .*%")
+        self.assertNotIn("\r", r.err)
+        jid = re.search(r"job (job-\w+)", r.out).group(1)
+        self.state["layer_job"] = jid
+
+    def test_06_quantize_job_file(self):
+        self.need("uploaded", "test_02_upload")
+        spec = os.path.join(self.work, "w4a4.yaml")
+        with open(spec, "w") as f:
+            f.write("# activations too: W4A4 x 2\n"
+                    "model: fmnist\n"
+                    "granularity: layer\n"
+                    "bits: 4\n"
+                    "terms: 3          # overridden by --terms 2\n"
+                    "act-bits: 4\n"
+                    "act_terms: 2\n"
+                    "scale: channel\n"
+                    "deploy:\n"
+                    "  enabled: true\n"
+                    "  name: fm_w4a4x2\n")
+        job = self.run_cli("--json", "quantize", "-f", spec, "--terms", "2", "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED")
+        self.assertEqual((job["spec"]["weight_terms"], job["spec"]["act_bits"], job["spec"]["act_terms"]),
+                         (2, 4, 2))
+        self.assertEqual(job["report"]["deployed_name"], "fm_w4a4x2")
+        # JSON job files work too.
+        jspec = os.path.join(self.work, "t.json")
+        with open(jspec, "w") as f:
+            json.dump({"model": "cls_weights", "granularity": "TENSOR", "weight_bits": 8,
+                       "weight_terms": 1}, f)
+        job = self.run_cli("--json", "quantize", "-f", jspec, "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED")
+        # Mistakes in a job file: exit 3 naming the key and what is accepted.
+        bad = os.path.join(self.work, "bad.yaml")
+        for text, needle in (("model: fmnist\nbogus: 1\n", "unknown key 'bogus'"),
+                             ("model: fmnist\ngrid: weird\n", "accepted: sym, asym, mid"),
+                             ("model: fmnist\nbits: four\n", "weight_bits"),
+                             ("model: fmnist\n  granularity: layer\n", "line 2")):
+            with open(bad, "w") as f:
+                f.write(text)
+            r = self.run_cli("quantize", "-f", bad, expect=3)
+            self.assertIn(needle, r.err)
+        r = self.run_cli("quantize", "--granularity", "layer", expect=2)
+        self.assertIn("--model", r.err)
+        # The server's own validation: LAYER needs a TorchScript model.
+        r = self.run_cli("--json", "quantize", "--model", "cls_weights", "--granularity", "layer", expect=3)
+        self.assert_error_doc(r, 3)
+
+    def test_07_quality_gate(self):
+        self.need("uploaded", "test_02_upload")
+        r = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--bits", "2", "--terms", "1", "--max-rel-error", "0.01", expect=5)
+        job = r.json()
+        self.assertEqual(job["state"], "SUCCEEDED")
+        gate = job["quality_gate"]
+        self.assertFalse(gate["passed"])
+        self.assertGreater(gate["rel_error"], 0.01)
+        self.assertIn("quality gate FAILED", r.err)
+        r = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--bits", "4", "--terms", "3", "--max-rel-error", "0.01")
+        gate = r.json()["quality_gate"]
+        self.assertTrue(gate["passed"])
+        self.assertLess(gate["rel_error"], 0.01)
+
+    def test_08_jobs(self):
+        tjob = self.need("tensor_job", "test_04_quantize_tensor_json")
+        doc = self.run_cli("--json", "jobs", "list").json()
+        ids = [j["id"] for j in doc["jobs"]]
+        self.assertIn(tjob["id"], ids)
+        for j in doc["jobs"]:
+            self.assert_keys(j, JOB_KEYS, "jobs list")
+        doc = self.run_cli("--json", "jobs", "list", "--state", "succeeded", "--limit", "2").json()
+        self.assertEqual(len(doc["jobs"]), 2)
+        self.assertTrue(all(j["state"] == "SUCCEEDED" for j in doc["jobs"]))
+        self.assertTrue(doc["next_page_token"])
+        got = self.run_cli("--json", "jobs", "get", tjob["id"]).json()
+        self.assertEqual(got["id"], tjob["id"])
+        self.assertEqual(got["artifacts"], tjob["artifacts"])
+        r = self.run_cli("jobs", "list")
+        self.assertIn(tjob["id"], r.out)
+        r = self.run_cli("jobs", "get", tjob["id"])
+        self.assertIn("SUCCEEDED", r.out)
+        r = self.run_cli("--json", "jobs", "get", "job-doesnotexist", expect=3)
+        self.assert_error_doc(r, 3)
+        self.assertIn("NOT_FOUND", r.err)
+        r = self.run_cli("jobs", "watch", tjob["id"])  # already finished: prints and exits 0
+        self.assertIn("SUCCEEDED", r.out)
+        r = self.run_cli("jobs", "cancel", tjob["id"], expect=3)  # nothing to cancel
+        self.assertIn("FAILED_PRECONDITION", r.err)
+
+    def test_09_cancel(self):
+        self.need("uploaded", "test_02_upload")
+        # One worker: a long job runs (MODEL expansion of the OCR recognizer with 16 terms, ~9 s
+        # here), the next one waits in the queue and is cancelled there; then the running one.
+        rec = sc.model_file("ocr", "ocr_rec.pt")
+        self.run_cli("upload", rec, "--name", "rec_net", "--input", "x:FP32:1,3,48,320")
+        long_job = self.run_cli("--json", "quantize", "--model", "rec_net", "--granularity",
+                                "model", "--bits", "2", "--terms", "16").json()
+        deadline = time.monotonic() + 60
+        while self.run_cli("--json", "jobs", "get", long_job["id"]).json()["state"] == "QUEUED":
+            self.assertLess(time.monotonic(), deadline, "the long job never started")
+            time.sleep(0.05)
+        queued = self.run_cli("--json", "quantize", "--model", "cls_weights", "--granularity",
+                              "tensor").json()
+        self.assertEqual(queued["state"], "QUEUED")
+        r = self.run_cli("jobs", "cancel", queued["id"])
+        self.assertIn("cancel", r.out)
+        r = self.run_cli("--json", "jobs", "watch", queued["id"], expect=6)
+        self.assertEqual(r.json()["state"], "CANCELLED")
+        self.assertIn("CANCELLED", r.err)
+        # The running one stops promptly (cooperative cancel between layers and terms).
+        t0 = time.monotonic()
+        r = self.run_cli("--json", "jobs", "cancel", long_job["id"], "--wait")
+        self.assertEqual(r.json()["state"], "CANCELLED", str(r))
+        self.assertLess(time.monotonic() - t0, 8.0, "cancel was not prompt")
+        self.run_cli("jobs", "watch", long_job["id"], expect=6)
+
+    def test_10_download(self):
+        tjob = self.need("tensor_job", "test_04_quantize_tensor_json")
+        art = next(a for a in tjob["artifacts"] if a["kind"] == "packed_safetensors")
+        out = os.path.join(self.work, "dl", "a.safetensors")
+        os.makedirs(os.path.dirname(out))
+        doc = self.run_cli("--json", "download", tjob["id"], "-o", out).json()
+        self.assert_keys(doc, DOWNLOAD_KEYS, "download")
+        self.assertEqual(doc["sha256"], art["sha256"])
+        self.assertEqual(sc.sha256_file(out), art["sha256"])
+        self.assertFalse(os.path.exists(out + ".part"))
+        data = read_bytes(out)
+        # Resume: a .part holding the first third.
+        out2 = os.path.join(self.work, "dl", "b.safetensors")
+        with open(out2 + ".part", "wb") as f:
+            f.write(data[: len(data) // 3])
+        doc = self.run_cli("--json", "download", art["artifact_id"], "-o", out2,
+                           "--chunk-bytes", "65536").json()
+        self.assertEqual(doc["resumed_from"], len(data) // 3)
+        self.assertEqual(sc.sha256_file(out2), art["sha256"])
+        # A corrupt .part cannot be resumed: detected by SHA-256, discarded, downloaded again.
+        out3 = os.path.join(self.work, "dl", "c.safetensors")
+        with open(out3 + ".part", "wb") as f:
+            f.write(b"garbage" + data[7: len(data) // 2])
+        doc = self.run_cli("--json", "download", art["artifact_id"], "-o", out3).json()
+        self.assertEqual(sc.sha256_file(out3), art["sha256"])
+        # Already there: nothing to do.
+        doc = self.run_cli("--json", "download", tjob["id"], "-o", out).json()
+        self.assertTrue(doc["already_present"])
+        # Every artifact of a job into a new directory.
+        d = os.path.join(self.work, "dl", "all")
+        doc = self.run_cli("--json", "download", tjob["id"], "--all", "-o", d).json()
+        self.assertEqual(sorted(os.listdir(d)), sorted(a["file_name"] for a in tjob["artifacts"]))
+        report = load_json(os.path.join(d, next(a["file_name"] for a in tjob["artifacts"]
+                                                  if a["kind"] == "report_json")))
+        self.assertIn("result", report)
+        r = self.run_cli("download", "art-doesnotexist", "-o", os.path.join(self.work, "x"), expect=3)
+        self.assertIn("NOT_FOUND", r.err)
+        r = self.run_cli("download", tjob["id"], "--kind", "basis_torchscript", expect=3)
+        self.assertIn("has no artifact of kind", r.err)
+
+    def test_11_infer(self):
+        self.need("layer_job", "test_05_quantize_layer_deploy_human")
+        rng = np.random.RandomState(7)
+        x = rng.rand(2, 1, 28, 28).astype(np.float32)
+        np.save(os.path.join(self.work, "x.npy"), x)
+        x.tofile(os.path.join(self.work, "x.raw"))
+        with open(os.path.join(self.work, "x.json"), "w") as f:
+            json.dump({"shape": list(x.shape), "data": x.ravel().tolist()}, f)
+        with open(os.path.join(self.work, "nested.json"), "w") as f:
+            json.dump(x.tolist(), f)
+        docs = []
+        for args in (["-i", "x.npy"], ["-i", "x.json"], ["-i", "nested.json"],
+                     ["-i", "x.raw", "--shape", "2,1,28,28"]):
+            doc = self.run_cli("--json", "infer", "fm_w4x2", *args).json()
+            self.assert_keys(doc, INFER_KEYS, "infer")
+            docs.append(doc)
+        out0 = np.array(docs[0]["outputs"][0]["data"], dtype=np.float32).reshape(docs[0]["outputs"][0]["shape"])
+        self.assertEqual(out0.shape, (2, 10))
+        for d in docs[1:]:
+            np.testing.assert_array_equal(np.array(d["outputs"][0]["data"], dtype=np.float32).reshape(2, 10), out0)
+        self.assertEqual(docs[0]["outputs"][0]["argmax_last_axis"], out0.argmax(1).tolist())
+        # -o saves an .npy NumPy reads back; --terms 1 (any-precision) gives a different answer.
+        npy = os.path.join(self.work, "y.npy")
+        r = self.run_cli("infer", "fm_w4x2", "-i", "x.npy", "-o", npy, "--repeat", "3")
+        self.assertIn("3 runs", r.out)
+        np.testing.assert_array_equal(np.load(npy), out0)
+        one = self.run_cli("--json", "infer", "fm_w4x2", "-i", "x.npy", "--terms", "1").json()
+        out1 = np.array(one["outputs"][0]["data"], dtype=np.float32).reshape(2, 10)
+        self.assertGreater(np.abs(out1 - out0).max(), 0)
+        self.assertLess(np.abs(out1 - out0).max(), np.abs(out0).max())
+        # Bad inputs: clear errors, right exit codes.
+        r = self.run_cli("infer", "fm_w4x2", "-i", "x.raw", expect=2)
+        self.assertIn("--shape", r.err)
+        r = self.run_cli("infer", "fm_w4x2", "-i", "x.raw", "--shape", "3,1,28,28", expect=3)
+        self.assertIn("bytes", r.err)
+        np.save(os.path.join(self.work, "bad.npy"), np.zeros((1, 1, 27, 28), np.float32))
+        r = self.run_cli("infer", "fm_w4x2", "-i", "bad.npy", expect=3)
+        self.assertIn("INVALID_ARGUMENT", r.err)
+        with open(os.path.join(self.work, "trunc.npy"), "wb") as f:
+            f.write(read_bytes(os.path.join(self.work, "x.npy"))[:300])
+        r = self.run_cli("infer", "fm_w4x2", "-i", "trunc.npy", expect=3)
+        self.assertIn("npy", r.err)
+        r = self.run_cli("infer", "no_such_model", "-i", "x.npy", expect=3)
+        self.assertIn("NOT_FOUND", r.err)
+        r = self.run_cli("infer", "fm_w4x2", "-i", "x.npy", token=None, expect=7)
+
+    def test_12_models(self):
+        self.need("layer_job", "test_05_quantize_layer_deploy_human")
+        doc = self.run_cli("--json", "models", "list").json()
+        self.assertIn("fmnist", [m["name"] for m in doc["uploaded"]])
+        served = {m["name"]: m for m in doc["served"]}
+        self.assertEqual(served["fm_w4x2"]["state"], "READY")
+        doc = self.run_cli("--json", "models", "get", "fm_w4x2").json()
+        self.assertEqual(doc["served"]["inputs"][0]["datatype"], "FP32")
+        self.assertIsNone(doc["uploaded"])
+        self.run_cli("models", "unload", "fm_w4x2")
+        self.run_cli("infer", "fm_w4x2", "-i", "x.npy", expect=3)
+        self.run_cli("models", "load", "fm_w4x2")
+        self.run_cli("infer", "fm_w4x2", "-i", "x.npy")
+        self.run_cli("models", "unload", "fm_w4x2", token=sc.TOKENS["quantize"], expect=7)
+        self.run_cli("models", "delete", "cls_weights_3")
+        names = [m["name"] for m in self.run_cli("--json", "models", "list").json()["uploaded"]]
+        self.assertNotIn("cls_weights_3", names)
+        r = self.run_cli("models", "get", "nothing_here", expect=3)
+        self.assertIn("no uploaded or served model", r.err)
+        r = self.run_cli("models", "list")
+        self.assertIn("served models", r.out)
+
+    def pty(self, cmd, env):
+        """Runs `cmd` under `script` (a pseudo-terminal); stdout keeps its \r (bytes, decoded)."""
+        p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, env=env,
+                           timeout=600, cwd=self.work)
+        p.stdout = p.stdout.decode("utf-8", "replace")
+        self.assertEqual(p.returncode, 0, p.stdout[-3000:])
+        return p
+
+    def test_13_progress_on_a_terminal(self):
+        self.need("uploaded", "test_02_upload")
+        if shutil.which("script") is None:
+            self.fail("`script` (util-linux) is needed to give the CLI a pseudo-terminal")
+        env = dict(os.environ, FPXINT_TOKEN=ADMIN, COLUMNS="100")
+        # The upload's bar (hashing, then bytes sent).
+        cmd = (f"{cli_bin()} --server {self.server.address} upload "
+               f"{sc.model_file('ocr', 'ocr_rec.safetensors')} --name rec_tty")
+        p = self.pty(cmd, env)
+        self.assertIn("uploading", p.stdout)
+        cmd = (f"{cli_bin()} --server {self.server.address} quantize --model rec_tty "
+               f"--granularity tensor --bits 4 --terms 3 --wait")
+        p = self.pty(cmd, env)
+        # A bar redrawn in place with \r: "[#####.....]  42% ..." and the final summary.
+        self.assertRegex(p.stdout, r"\r\[[#.]{24}\]\s+\d+%")
+        self.assertIn("SUCCEEDED", p.stdout)
+        # --quiet: nothing but errors.
+        r = self.run_cli("--quiet", "quantize", "--model", "cls_weights", "--granularity", "tensor",
+                         "--wait")
+        self.assertEqual((r.out, r.err), ("", ""))
+
+    def test_14_timeout_and_completion(self):
+        r = self.run_cli("--timeout", "0.000001", "jobs", "list", expect=4)
+        self.assertIn("DEADLINE_EXCEEDED", r.err)
+        r = self.run_cli("completion", "bash")
+        path = os.path.join(self.work, "fpxint.bash")
+        with open(path, "w") as f:
+            f.write(r.out)
+        p = subprocess.run(["bash", "-c", f"source {path} && complete -p fpxint && "
+                            "COMP_WORDS=(fpxint quantize --gr) COMP_CWORD=2 && _fpxint && "
+                            "echo \"${COMPREPLY[@]}\" && COMP_WORDS=(fpxint quantize --granularity '') "
+                            "COMP_CWORD=3 && _fpxint && echo \"${COMPREPLY[@]}\""],
+                           capture_output=True, text=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("complete -F _fpxint fpxint", p.stdout)
+        self.assertIn("--granularity", p.stdout)
+        self.assertIn("tensor layer model", p.stdout)
+
+    def test_15_pipeline_step(self):
+        self.need("uploaded", "test_02_upload")
+        step = os.path.join(sc.REPO_ROOT, "deploy", "pipeline", "fpxint-quantize-step.sh")
+        env = dict(os.environ, FPXINT_BIN=cli_bin(), FPXINT_SERVER=self.server.address,
+                   FPXINT_TOKEN=ADMIN)
+        model = sc.model_file("fmnist", "fmnist_cnn.pt")
+
+        def run(out, gate, *extra):
+            return subprocess.run([step, "--model-file", model, "--name", "fm_step", "--input",
+                                   "x:FP32:-1,1,28,28", "--out", out, "--max-rel-error", gate,
+                                   "--granularity", "layer", "--bits", "4", *extra],
+                                  capture_output=True, text=True, env=env, timeout=600)
+
+        ok_dir = os.path.join(self.work, "step_ok")
+        p = run(ok_dir, "0.02", "--terms", "2")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        job = load_json(os.path.join(ok_dir, "job.json"))
+        self.assertTrue(job["quality_gate"]["passed"])
+        self.assertEqual(read_text(os.path.join(ok_dir, "state")).strip(), "SUCCEEDED")
+        self.assertEqual(read_text(os.path.join(ok_dir, "job_id")).strip(), job["id"])
+        self.assertAlmostEqual(float(read_text(os.path.join(ok_dir, "rel_error"))),
+                               job["quality_gate"]["rel_error"], places=12)
+        for a in job["artifacts"]:
+            self.assertEqual(sc.sha256_file(os.path.join(ok_dir, a["file_name"])), a["sha256"])
+        # Too strict a threshold fails the step (exit 5) and still leaves the record behind.
+        bad_dir = os.path.join(self.work, "step_bad")
+        p = run(bad_dir, "0.0001", "--terms", "1")
+        self.assertEqual(p.returncode, 5, p.stdout + p.stderr)
+        self.assertIn("FAILED", p.stderr)
+        job = load_json(os.path.join(bad_dir, "job.json"))
+        self.assertFalse(job["quality_gate"]["passed"])
+        self.assertGreater(float(read_text(os.path.join(bad_dir, "rel_error"))), 0.0001)
+        # Missing inputs are usage errors.
+        p = subprocess.run([step, "--name", "x", "--out", bad_dir], capture_output=True, text=True, env=env)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--model-file", p.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
