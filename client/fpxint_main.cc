@@ -8,6 +8,7 @@
 #include "client/commands.h"
 #include "client/exit_codes.h"
 #include "client/expand_command.h"
+#include "client/rpc.h"
 
 int main(int argc, char** argv) {
   using namespace fpxint::client;
@@ -62,6 +63,13 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     app.exit(e);
+    // Pipelines asked for JSON get a document on stdout for usage errors too.
+    for (int i = 1; i < argc; ++i) {
+      if (std::string(argv[i]) == "--json") {
+        ReportErrorJsonOnly(e.what(), kExitUsage);
+        break;
+      }
+    }
     return kExitUsage;
   }
   return exit_code;

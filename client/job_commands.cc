@@ -458,8 +458,9 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
                               "order truncation: only products W_i X_j with i + j <= K + 1"));
   opt("include", c->add_option("--include", q->include, "regex: expand only matching tensors/layers"));
   opt("exclude", c->add_option("--exclude", q->exclude, "regex: leave matching tensors/layers in FP"));
-  opt("eps", c->add_option("--eps", q->eps, "stop adding terms once the relative error is below eps"))
-      ->check(CLI::Range(0.0, 1.0));
+  opt("eps", c->add_option("--eps", q->eps,
+                           "stop adding terms once the relative error is below eps (0 < eps < 1)"))
+      ->check(CLI::Range(0.0, 0.999999999));
   opt("outputs", c->add_option("--output-format", q->outputs,
                                "extra artifacts (repeatable): dequantized_torchscript, "
                                "basis_torchscript (packed safetensors and report are always written)"))

@@ -70,29 +70,6 @@ void Connection::Prepare(grpc::ClientContext* ctx, bool deadline) const {
   }
 }
 
-const char* GrpcCodeName(grpc::StatusCode code) {
-  switch (code) {
-    case grpc::StatusCode::OK: return "OK";
-    case grpc::StatusCode::CANCELLED: return "CANCELLED";
-    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
-    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
-    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
-    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
-    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
-    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
-    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
-    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
-    case grpc::StatusCode::ABORTED: return "ABORTED";
-    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
-    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
-    case grpc::StatusCode::INTERNAL: return "INTERNAL";
-    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
-    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
-    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
-    default: return "UNKNOWN";
-  }
-}
-
 int ExitCodeForRpc(const grpc::Status& s) {
   switch (s.error_code()) {
     case grpc::StatusCode::OK: return kExitOk;
@@ -108,11 +85,16 @@ int ExitCodeForRpc(const grpc::Status& s) {
   }
 }
 
+void ReportErrorJsonOnly(const std::string& message, int exit_code) {
+  PrintJson({{"error", {{"code", "USAGE"}, {"message", message}, {"exit_code", exit_code}}}});
+}
+
 int ReportError(const std::string& command, const std::string& message, int exit_code,
                 const GlobalOptions& g) {
   std::fprintf(stderr, "fpxint %s: %s\n", command.c_str(), message.c_str());
   if (g.json) {
-    PrintJson({{"error", {{"message", message}, {"exit_code", exit_code}}}});
+    const char* code = exit_code == kExitUsage ? "USAGE" : exit_code == kExitBadInput ? "BAD_INPUT" : "IO";
+    PrintJson({{"error", {{"code", code}, {"message", message}, {"exit_code", exit_code}}}});
   }
   return exit_code;
 }

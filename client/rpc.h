@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "client/options.h"
 #include "nlohmann/json.hpp"
+#include "proto/status_names.h"
 
 namespace google::protobuf {
 class Message;
@@ -37,8 +38,7 @@ class Connection {
   std::shared_ptr<grpc::Channel> channel_;
 };
 
-// "INVALID_ARGUMENT", "OK", ...
-const char* GrpcCodeName(grpc::StatusCode code);
+using ::fpxint::GrpcCodeName;  // "INVALID_ARGUMENT", "OK", ... (proto/status_names.h)
 
 // Exit code of a failed call: UNAUTHENTICATED/PERMISSION_DENIED -> 7, INVALID_ARGUMENT,
 // NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE -> 3, CANCELLED -> 6, else 4.
@@ -48,6 +48,9 @@ int ExitCodeForRpc(const grpc::Status& s);
 // (server not reachable, token missing), and returns ExitCodeForRpc(s). With --json, also prints
 // {"error": {"code": ..., "message": ...}} on stdout so pipelines always get a document.
 int ReportRpcError(const std::string& command, const grpc::Status& s, const GlobalOptions& g);
+
+// Prints only the JSON error document {"error": {"message", "exit_code"}} on stdout.
+void ReportErrorJsonOnly(const std::string& message, int exit_code);
 
 // Prints "fpxint <command>: <message>" to stderr (and the JSON error document with --json) and
 // returns `exit_code`.

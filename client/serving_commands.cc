@@ -470,8 +470,8 @@ void AddServingCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
   auto hf = std::make_shared<HealthFlags>();
   CLI::App* h = AddCommand(app,
       "health",
-      "Ask the server's gRPC health service; exit 0 when SERVING, 4 otherwise (for container\n"
-      "health checks and scripts). No token needed.\n"
+      "Ask the server's gRPC health service: exit 0 when SERVING, 4 otherwise\n"
+      "For container health checks and scripts; no token needed.\n"
       "  fpxint health --server 127.0.0.1:8001 --wait 30");
   h->add_option("--service", hf->service,
                 "service to check (default \"\": the whole server; also "

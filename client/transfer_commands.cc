@@ -353,6 +353,24 @@ int RunDownload(const DownloadFlags& f, const GlobalOptions& g) {
     todo.push_back(a);
   }
   const bool to_dir = f.all || f.output.empty() || IsDirectory(f.output);
+  for (v1::Artifact& a : todo) {
+    if (!to_dir || !a.file_name().empty()) continue;
+    // An artifact id alone: its file name arrives with the first chunk; ask for one byte.
+    grpc::ClientContext ctx;
+    (*conn)->Prepare(&ctx);
+    v1::ArtifactRef ref;
+    ref.set_artifact_id(a.artifact_id());
+    ref.set_chunk_bytes(1);
+    auto reader = stub->DownloadArtifact(&ctx, ref);
+    v1::ArtifactChunk first;
+    if (reader->Read(&first)) {
+      a.set_file_name(first.file_name());
+      a.set_sha256(first.sha256());
+    }
+    ctx.TryCancel();
+    grpc::Status s = reader->Finish();
+    if (!s.ok() && s.error_code() != grpc::StatusCode::CANCELLED) return ReportRpcError(cmd, s, g);
+  }
   const std::string dir = f.output.empty() ? "." : f.output;
   if (f.all && !IsDirectory(dir) && ::mkdir(dir.c_str(), 0755) != 0) {
     return ReportError(cmd, Errno("--all writes into a directory; cannot create", dir), kExitIoError, g);
@@ -360,7 +378,7 @@ int RunDownload(const DownloadFlags& f, const GlobalOptions& g) {
   nlohmann::json out = nlohmann::json::array();
   for (const v1::Artifact& a : todo) {
     std::string name = a.file_name();
-    if (name.empty()) name = a.artifact_id();  // the server's file name arrives with the chunks
+    if (name.empty()) name = a.artifact_id();
     if (name.find('/') != std::string::npos || name == ".." || name == ".") name = a.artifact_id();
     const std::string path =
         to_dir ? (absl::EndsWith(dir, "/") ? dir : dir + "/") + name : f.output;

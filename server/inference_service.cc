@@ -2,6 +2,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "proto/status_names.h"
 #include "server/log.h"
 #include "server/oip_codec.h"
 #include "server/services.h"
@@ -78,6 +79,22 @@ grpc::Status InferenceService::ModelMetadata(grpc::ServerContext* c,
 grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
                                           const inference::ModelInferRequest* req,
                                           inference::ModelInferResponse* resp) {
+  ctx_.metrics->PendingAdd(1);
+  const uint64_t t0 = SteadyNowNs();
+  std::string model, version;
+  uint64_t queue_ns = ~uint64_t{0};
+  grpc::Status s = Infer(c, req, resp, &model, &version, &queue_ns);
+  ctx_.metrics->PendingAdd(-1);
+  ctx_.metrics->Inference(model, version, GrpcCodeName(s.error_code()),
+                          static_cast<double>(SteadyNowNs() - t0) * 1e-9,
+                          queue_ns == ~uint64_t{0} ? -1.0 : static_cast<double>(queue_ns) * 1e-9);
+  return s;
+}
+
+grpc::Status InferenceService::Infer(grpc::ServerContext* c,
+                                     const inference::ModelInferRequest* req,
+                                     inference::ModelInferResponse* resp, std::string* model,
+                                     std::string* version, uint64_t* queue_out) {
   if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   if (!ctx_.ready->load()) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
@@ -88,6 +105,8 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
   auto served = ctx_.repo->Get(req->model_name(), req->model_version());
   if (!served.ok()) return ToGrpcStatus(served.status());
   ServedModel& m = **served;
+  *model = m.deployment().name();
+  *version = m.deployment().version();
   const uint64_t t0 = SteadyNowNs();
   auto decoded = DecodeInferRequest(*req, m.deployment(), m.max_weight_terms(), m.max_act_terms());
   if (!decoded.ok()) {
@@ -99,6 +118,7 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
   const int ka = decoded->act_terms ? decoded->act_terms : std::min(kw, m.max_act_terms());
   uint64_t queue_ns = 0;
   auto y = m.Infer(decoded->input, kw, ka, &queue_ns);
+  *queue_out = queue_ns;
   const uint64_t t2 = SteadyNowNs();
   if (!y.ok()) {
     m.Record(false, 0, 0, 0, 0, 0, t2 - t0);

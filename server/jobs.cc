@@ -34,7 +34,16 @@ bool Terminal(v1::JobState s) {
 
 JobManager::JobManager(Options o, Journal* journal, BlobStore* store, Repository* repo,
                        core::ThreadPool* pool)
-    : opts_(o), journal_(journal), store_(store), repo_(repo), pool_(pool) {}
+    : opts_(o),
+      own_metrics_(o.metrics ? nullptr : std::make_unique<Metrics>()),
+      metrics_(o.metrics ? o.metrics : own_metrics_.get()),
+      journal_(journal),
+      store_(store),
+      repo_(repo),
+      pool_(pool) {
+  metrics_->SetWorkers(std::max(1, o.workers));
+  metrics_->SetQueueLimit(o.queue_limit);
+}
 
 JobManager::~JobManager() {
   if (!workers_.empty()) Shutdown(absl::ZeroDuration());
@@ -56,6 +65,7 @@ absl::Status JobManager::Start() {
     absl::MutexLock l(&mu_);
     live_[j.job_id()] = live;
     queue_.push_back(j.job_id());
+    metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
   }
   for (int i = 0; i < std::max(1, opts_.workers); ++i) {
     workers_.emplace_back([this] { WorkerLoop(); });
@@ -116,6 +126,8 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
   absl::MutexLock l(&mu_);
   live_[j.job_id()] = live;
   queue_.push_back(j.job_id());
+  metrics_->JobSubmitted(spec.granularity());
+  metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
   changed_.SignalAll();
   return j;
 }
@@ -174,6 +186,8 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
     if (live->job.state() == v1::QUEUED) {
       was_queued = true;
       queue_.erase(std::remove(queue_.begin(), queue_.end(), job_id), queue_.end());
+      metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
+      metrics_->JobFinished(live->job.spec().granularity(), v1::CANCELLED, -1, 0, 0);
       live->job.set_state(v1::CANCELLED);
       live->job.set_error("cancelled before it started");
       live->job.set_finished_unix_ms(NowUnixMs());
@@ -250,14 +264,17 @@ void JobManager::WorkerLoop() {
       if (stopping_) return;
       live = live_[queue_.front()];
       queue_.pop_front();
+      metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
       live->job.set_state(v1::RUNNING);
       live->job.set_started_unix_ms(NowUnixMs());
       live->job.set_attempts(live->job.attempts() + 1);
       live->started = absl::Now();
     }
     busy_.fetch_add(1);
+    metrics_->WorkersBusyAdd(1);
     Publish(live, /*persist=*/true);
     Run(live);
+    metrics_->WorkersBusyAdd(-1);
     busy_.fetch_sub(1);
   }
 }
@@ -314,6 +331,13 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     if (j.state() != v1::QUEUED) j.set_finished_unix_ms(NowUnixMs());
   }
   Publish(live, /*persist=*/true);
+  if (live->job.state() != v1::QUEUED) {  // QUEUED: interrupted by shutdown, runs again
+    uint64_t written = 0;
+    for (const v1::Artifact& a : live->job.artifacts()) written += a.size_bytes();
+    metrics_->JobFinished(spec.granularity(), live->job.state(),
+                          absl::ToDoubleSeconds(absl::Now() - live->started),
+                          live->job.result().layers_size(), written);
+  }
   LogInfo(absl::StrCat("job ", id, " ", v1::JobState_Name(live->job.state()),
                        final_status.ok() ? "" : absl::StrCat(": ", final_status.message())));
   if (!scratch.empty()) {

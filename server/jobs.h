@@ -29,6 +29,7 @@
 #include "core/thread_pool.h"
 #include "fpxint/v1/quantizer.pb.h"
 #include "server/journal.h"
+#include "server/metrics.h"
 #include "server/repository.h"
 #include "server/store.h"
 
@@ -40,6 +41,7 @@ class JobManager {
     int workers = 1;
     int queue_limit = 64;
     int torch_threads = 2;
+    Metrics* metrics = nullptr;  // null: the manager counts into its own (unexported) Metrics
   };
   JobManager(Options o, Journal* journal, BlobStore* store, Repository* repo,
              core::ThreadPool* pool);
@@ -84,6 +86,8 @@ class JobManager {
   absl::Status Finish(const std::shared_ptr<Live>& live, struct JobOutput* out);
 
   const Options opts_;
+  std::unique_ptr<Metrics> own_metrics_;  // when Options::metrics is null
+  Metrics* metrics_;
   Journal* journal_;
   BlobStore* store_;
   Repository* repo_;

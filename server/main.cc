@@ -31,6 +31,7 @@ void OnSignal(int sig) {
 
 int main(int argc, char** argv) {
   fpxint::server::ServerConfig c;
+  c.metrics_listen = "0.0.0.0:8002";  // Triton's metrics port (DESIGN.md "Metrics")
   CLI::App app{
       "fpxint-server: quantizes neural networks with the FP=xINT low-bit series expansion and "
       "serves them.\n\n"
@@ -38,7 +39,7 @@ int main(int argc, char** argv) {
       "inference.GRPCInferenceService (KServe v2 / Open Inference Protocol, Triton repository and "
       "statistics extensions), grpc.health.v1.Health and server reflection.\n"
       "State lives in --data-dir: content-addressed blobs, the SQLite journal and the model "
-      "repository; a restart on the same directory resumes unfinished jobs.\n"
+      "repository; a restart on the same directory runs interrupted jobs again.\n"
       "SIGTERM or SIGINT: stop accepting, let running jobs finish for --shutdown-grace seconds "
       "(then re-queue them), exit 0.",
       "fpxint-server"};
@@ -77,6 +78,14 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"all", "admin", "none"}));
   app.add_option("--port-file", c.port_file, "write HOST:PORT here once serving")
       ->envname("FPXINT_PORT_FILE");
+  app.add_option("--metrics-listen", c.metrics_listen,
+                 "Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; "
+                 "empty: off)")
+      ->envname("FPXINT_METRICS_LISTEN")
+      ->capture_default_str();
+  app.add_option("--metrics-port-file", c.metrics_port_file,
+                 "write the metrics HOST:PORT here once serving")
+      ->envname("FPXINT_METRICS_PORT_FILE");
   app.add_option("--shutdown-grace", c.shutdown_grace_seconds,
                  "seconds running jobs get to finish on shutdown before they are re-queued")
       ->envname("FPXINT_SHUTDOWN_GRACE");

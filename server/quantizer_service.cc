@@ -133,6 +133,7 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
           absl::StrCat("message ", index, ": `header` is allowed in the first message only")));
     }
     if (auto s = (*writer)->Append(chunk.data()); !s.ok()) return ToGrpcStatus(s);
+    ctx_.metrics->BytesUploaded(chunk.data().size());
     ++index;
   }
   if (c->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled");

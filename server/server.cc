@@ -66,6 +66,8 @@ struct Server::Impl {
   std::unique_ptr<Repository> repo;
   std::unique_ptr<JobManager> jobs;
   Authorizer auth;
+  Metrics metrics;
+  std::unique_ptr<MetricsExposer> exposer;
   std::atomic<bool> ready{false};
   std::unique_ptr<QuantizerService> quantizer;
   std::unique_ptr<InferenceService> inference;
@@ -99,7 +101,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                           im->journal.get(), im->store.get(), im->pool.get(),
                                           Repository::Options{config.infer_instances, threads});
   im->jobs = std::make_unique<JobManager>(
-      JobManager::Options{config.workers, config.queue_limit, threads}, im->journal.get(),
+      JobManager::Options{config.workers, config.queue_limit, threads, &im->metrics},
+      im->journal.get(),
       im->store.get(), im->repo.get(), im->pool.get());
 
   ServiceContext sc;
@@ -108,6 +111,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.jobs = im->jobs.get();
   sc.repo = im->repo.get();
   sc.auth = &im->auth;
+  sc.metrics = &im->metrics;
   sc.max_upload_bytes = config.max_upload_bytes;
   sc.torchscript_uploads = config.allow_torchscript_uploads == "none" ? TorchScriptUploads::kNone
                            : config.allow_torchscript_uploads == "admin"
@@ -144,10 +148,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   grpc::ResourceQuota quota("fpxint");
   quota.SetMaxThreads(256);  // bounds the sync server's request threads
   builder.SetResourceQuota(quota);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(im->metrics.InterceptorFactory());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   im->grpc_server = builder.BuildAndStart();
   if (!im->grpc_server || im->port == 0) {
     return absl::UnavailableError(
         absl::StrCat("--listen ", config.listen, ": cannot bind (address in use or invalid?)"));
+  }
+  if (!config.metrics_listen.empty()) {
+    FPX_ASSIGN_OR_RETURN(im->exposer, MetricsExposer::Start(config.metrics_listen, &im->metrics));
   }
   // Jobs and served models come back after a restart before the server says it is ready.
   im->repo->Restore();
@@ -163,16 +173,29 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   if (!config.port_file.empty()) {
     FPX_RETURN_IF_ERROR(WriteFileAtomic(config.port_file, addr + "\n"));
   }
+  std::string metrics_note = "; no metrics endpoint";
+  if (server->impl_->exposer) {
+    const std::string host = config.metrics_listen.substr(0, config.metrics_listen.rfind(':'));
+    const std::string maddr = absl::StrCat(host, ":", server->metrics_port());
+    metrics_note = absl::StrCat("; metrics on http://", maddr, "/metrics");
+    if (!config.metrics_port_file.empty()) {
+      FPX_RETURN_IF_ERROR(WriteFileAtomic(config.metrics_port_file, maddr + "\n"));
+    }
+  }
   LogInfo(absl::StrCat("fpxint-server ", FPXINT_VERSION, " listening on ", addr,
                        config.tls_cert.empty()        ? " (plaintext)"
                        : config.tls_client_ca.empty() ? " (TLS)"
                                                       : " (mutual TLS)",
                        "; data in ", config.data_dir, "; ", config.workers, " worker(s), ", threads,
-                       " compute threads, kernels ", core::ActiveKernels().name));
+                       " compute threads, kernels ", core::ActiveKernels().name, metrics_note));
   return server;
 }
 
 int Server::port() const { return impl_->port; }
+
+int Server::metrics_port() const { return impl_->exposer ? impl_->exposer->port() : 0; }
+
+std::string Server::MetricsText() const { return impl_->metrics.Text(); }
 
 std::string Server::address() const {
   const std::string& l = impl_->config.listen;

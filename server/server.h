@@ -28,6 +28,8 @@ struct ServerConfig {
   std::string tls_client_ca;                      // PEM: require client certificates
   std::string allow_torchscript_uploads = "all";  // all | admin | none
   std::string port_file;                          // written with host:port once serving
+  std::string metrics_listen;                     // HOST:PORT of GET /metrics; empty: off
+  std::string metrics_port_file;                  // written with host:port of /metrics
   double shutdown_grace_seconds = 20;             // running jobs' time to finish on SIGTERM
   int64_t max_message_bytes = 64 << 20;           // gRPC receive limit (ModelInfer requests)
 
@@ -41,6 +43,9 @@ class Server {
   ~Server();
 
   int port() const;
+  int metrics_port() const;  // 0 when --metrics-listen is off
+  // The metrics text exposition (what GET /metrics serves).
+  std::string MetricsText() const;
   std::string address() const;  // host:port actually bound
   // Stops accepting, lets jobs finish for the grace period (then re-queues them), drains RPCs.
   void Shutdown();

@@ -16,6 +16,7 @@
 #include "server/auth.h"
 #include "server/jobs.h"
 #include "server/journal.h"
+#include "server/metrics.h"
 #include "server/repository.h"
 #include "server/store.h"
 
@@ -29,6 +30,7 @@ struct ServiceContext {
   JobManager* jobs = nullptr;
   Repository* repo = nullptr;
   const Authorizer* auth = nullptr;
+  Metrics* metrics = nullptr;  // always set by Server
   uint64_t max_upload_bytes = 0;
   TorchScriptUploads torchscript_uploads = TorchScriptUploads::kAll;
   std::atomic<bool>* ready = nullptr;  // false while starting and shutting down
@@ -89,6 +91,11 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
                                      inference::RepositoryModelUnloadResponse* resp) override;
 
  private:
+  // ModelInfer's work; fills the model/version labels and the instance wait for the metrics.
+  grpc::Status Infer(grpc::ServerContext* c, const inference::ModelInferRequest* req,
+                     inference::ModelInferResponse* resp, std::string* model, std::string* version,
+                     uint64_t* queue_ns);
+
   ServiceContext ctx_;
 };
 

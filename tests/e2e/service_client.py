@@ -177,7 +177,8 @@ class Server:
         return [server_bin(), "--listen", "127.0.0.1:0", "--data-dir", self.data_dir,
                 "--workers", str(self.workers), "--queue-limit", str(self.queue_limit),
                 "--max-upload-bytes", str(self.max_upload_bytes), "--token-file", self.token_file,
-                "--port-file", port_file] + self.extra_args
+                "--port-file", port_file, "--metrics-listen", "127.0.0.1:0",
+                "--metrics-port-file", port_file + ".metrics"] + self.extra_args
 
     def start(self, timeout=60.0):
         assert self.proc is None or self.proc.poll() is not None, "server already running"
@@ -205,6 +206,11 @@ class Server:
                     addr = text.strip()
                     if addr.startswith("127.0.0.1:") and addr.rsplit(":", 1)[1].isdigit():
                         self.address = addr
+                        mfile = port_file + ".metrics"
+                        self.metrics_address = None
+                        if os.path.exists(mfile):
+                            with open(mfile) as f:
+                                self.metrics_address = f.read().strip()
                         break
             if time.monotonic() > deadline:
                 self.kill()

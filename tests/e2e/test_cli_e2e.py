@@ -145,6 +145,10 @@ class CliE2E(CliTestCase):
             self.assertIn(flag, q, f"quantize --help lacks {flag}")
         self.run_cli("nosuchcommand", expect=2)
         self.run_cli("quantize", "--bits", "9", expect=2)
+        # Usage errors still give --json callers a document.
+        r = self.run_cli("--json", "quantize", "--bits", "9", expect=2)
+        self.assert_error_doc(r, 2)
+        self.assertIn("--bits", r.json()["error"]["message"])
         self.run_cli("upload", "/nonexistent/file", "--name", "x", expect=2)
 
     def test_01_health(self):
@@ -380,6 +384,12 @@ class CliE2E(CliTestCase):
         # Already there: nothing to do.
         doc = self.run_cli("--json", "download", tjob["id"], "-o", out).json()
         self.assertTrue(doc["already_present"])
+        # An artifact id into a directory: the file gets the artifact's own name.
+        d1 = os.path.join(self.work, "dl", "by_id")
+        os.makedirs(d1)
+        doc = self.run_cli("--json", "download", art["artifact_id"], "-o", d1).json()
+        self.assertEqual(doc["path"], os.path.join(d1, art["file_name"]))
+        self.assertEqual(sc.sha256_file(doc["path"]), art["sha256"])
         # Every artifact of a job into a new directory.
         d = os.path.join(self.work, "dl", "all")
         doc = self.run_cli("--json", "download", tjob["id"], "--all", "-o", d).json()

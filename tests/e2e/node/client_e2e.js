@@ -93,6 +93,7 @@ async function startServer() {
   const stderrPath = path.join(root, 'server.stderr.log');
   const args = ['--listen', '127.0.0.1:0', '--data-dir', dataDir, '--workers', '2', '--queue-limit', '8',
     '--max-upload-bytes', String(256 << 20), '--token-file', tokenFile, '--port-file', portFile,
+    '--metrics-listen', '127.0.0.1:0',
     '--allow-torchscript-uploads', 'admin'];
   const errFd = fs.openSync(stderrPath, 'w');
   const outFd = fs.openSync(path.join(root, 'server.stdout.log'), 'w');
