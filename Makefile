@@ -5,7 +5,7 @@ BUILD_DIR ?= build
 JOBS      ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build models test test-asan demo bench eval clean help
+.PHONY: all setup configure build models test test-asan fuzz-build fuzz demo bench eval clean help
 
 all: build
 
@@ -16,6 +16,7 @@ help:
 	@echo "make bench   run the Google Benchmark suite (docs/BENCHMARKS.md)"
 	@echo "make eval    full accuracy sweep on the real models (~40 min; docs/RESULTS.md, docs/results/)"
 	@echo "make test-asan  every test under AddressSanitizer + UBSan (build-asan/)"
+	@echo "make fuzz    run every libFuzzer target for FPXINT_FUZZ_SECONDS (default 300) each"
 	@echo "make models  fetch the real models into the cache (scripts/fetch_models.sh)"
 	@echo "make setup   install the Debian packages the project needs"
 
@@ -33,8 +34,21 @@ build: configure
 models: setup
 	@scripts/fetch_models.sh >/dev/null
 
-test: build models
+# The fuzz build: clang + libFuzzer + ASan/UBSan over the parsers of untrusted bytes, and the
+# core unit tests under the same sanitizers (build-fuzz/, no LibTorch).
+FUZZ_DIR ?= build-fuzz
+fuzz-build: setup
+	@models_dir=$$(scripts/fetch_models.sh --print-dir); \
+	cmake -S . -B $(FUZZ_DIR) -G Ninja -DFPXINT_FUZZ=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
+	@cmake --build $(FUZZ_DIR) -j$(JOBS)
+
+test: build models fuzz-build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
+	@cd $(FUZZ_DIR) && ctest --output-on-failure -j$(JOBS)
+
+fuzz: fuzz-build
+	@cd $(FUZZ_DIR) && FPXINT_FUZZ_SECONDS=$${FPXINT_FUZZ_SECONDS:-300} ctest --output-on-failure -j$(JOBS) -R '^fuzz\.' -V
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build of every test, in build-asan/.
 test-asan: setup models
@@ -58,4 +72,4 @@ eval: build models
 	@cp $(BUILD_DIR)/eval/results.json docs/results/results.json
 
 clean:
-	rm -rf $(BUILD_DIR) build-asan
+	rm -rf $(BUILD_DIR) build-asan $(FUZZ_DIR)

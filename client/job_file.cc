@@ -209,6 +209,28 @@ class BlockParser {
   size_t pos_ = 0;
 };
 
+// Offset of the first byte that is not part of a valid UTF-8 sequence, or npos.
+size_t FirstInvalidUtf8(absl::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+    if (len == 0 || (len == 2 && c < 0xC2) || (len == 4 && c > 0xF4) || i + len > s.size()) return i;
+    for (int j = 1; j < len; ++j) {
+      if ((static_cast<unsigned char>(s[i + j]) & 0xC0) != 0x80) return i;
+    }
+    if (len == 3) {  // no overlong forms, no surrogates
+      const unsigned char c1 = static_cast<unsigned char>(s[i + 1]);
+      if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 >= 0xA0)) return i;
+    } else if (len == 4) {
+      const unsigned char c1 = static_cast<unsigned char>(s[i + 1]);
+      if ((c == 0xF0 && c1 < 0x90) || (c == 0xF4 && c1 >= 0x90)) return i;
+    }
+    i += static_cast<size_t>(len);
+  }
+  return absl::string_view::npos;
+}
+
 std::string CanonicalKey(std::string k) {
   absl::AsciiStrToLower(&k);
   absl::StrReplaceAll({{"-", "_"}}, &k);
@@ -328,6 +350,11 @@ absl::StatusOr<nlohmann::json> Canonicalize(const nlohmann::json& in, const Desc
 }  // namespace
 
 absl::StatusOr<nlohmann::json> ParseYamlOrJson(absl::string_view text) {
+  // Job files are UTF-8 text; anything else would reach the JSON layer as invalid strings.
+  if (size_t bad = FirstInvalidUtf8(text); bad != absl::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not UTF-8 text (invalid byte at offset ", bad, ")"));
+  }
   absl::string_view t = absl::StripLeadingAsciiWhitespace(text);
   if (!t.empty() && t.front() == '{') {
     nlohmann::json j = nlohmann::json::parse(t.begin(), t.end(), nullptr, false);
@@ -361,7 +388,8 @@ absl::StatusOr<v1::JobSpec> JobSpecFromJson(const nlohmann::json& j) {
   v1::JobSpec spec;
   google::protobuf::util::JsonParseOptions o;
   o.ignore_unknown_fields = false;
-  auto s = google::protobuf::util::JsonStringToMessage(canon->dump(), &spec, o);
+  auto s = google::protobuf::util::JsonStringToMessage(
+      canon->dump(-1, ' ', false, nlohmann::json::error_handler_t::replace), &spec, o);
   if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("job spec: ", s.message().as_string()));
   return spec;
 }

@@ -131,7 +131,8 @@ nlohmann::json ProtoToJson(const google::protobuf::Message& m) {
 }
 
 void PrintJson(const nlohmann::json& j) {
-  std::printf("%s\n", j.dump(2).c_str());
+  // Messages may echo bytes the user sent; invalid UTF-8 is replaced, never a crash.
+  std::printf("%s\n", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   std::fflush(stdout);
 }
 

@@ -25,53 +25,6 @@ namespace fpxint::model {
 using torch::jit::Node;
 using torch::jit::Value;
 
-int64_t HostTensor::numel() const {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
-HostTensor HostTensor::Float(std::vector<int64_t> shape, std::vector<float> data) {
-  HostTensor t;
-  t.type = Type::kFloat32;
-  t.shape = std::move(shape);
-  t.f32 = std::move(data);
-  return t;
-}
-
-HostTensor HostTensor::Int64(std::vector<int64_t> shape, std::vector<int64_t> data) {
-  HostTensor t;
-  t.type = Type::kInt64;
-  t.shape = std::move(shape);
-  t.i64 = std::move(data);
-  return t;
-}
-
-absl::Status ModelExpansionSpec::Validate() const {
-  FPX_RETURN_IF_ERROR(weights.Validate());
-  if (weights.unsigned_first) {
-    return absl::InvalidArgumentError("weights: unsigned_first applies to activations only");
-  }
-  if (act_terms < 0 || act_terms > core::kMaxTerms) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("act_terms: ", act_terms, "; accepted 0 (weight-only) .. ", core::kMaxTerms));
-  }
-  if (truncate && act_terms == 0) {
-    return absl::InvalidArgumentError(
-        "truncate: order truncation needs expanded activations (act_terms >= 1)");
-  }
-  if (act_terms > 0) {
-    core::ExpansionSpec a;
-    a.bits = act_bits;
-    a.terms = act_terms;
-    a.grid = act_grid;
-    if (absl::Status s = a.Validate(); !s.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("activations: ", s.message()));
-    }
-  }
-  return absl::OkStatus();
-}
-
 namespace {
 
 // The line of an exception's message that says what went wrong: TorchScript interpreter errors

@@ -14,52 +14,12 @@
 #include "model/model.h"
 #include "server/status_util.h"
 #include "server/store.h"
+#include "server/validation.h"
 
 namespace fpxint::server {
 namespace {
 
 namespace fs = std::filesystem;
-
-absl::Status Bad(absl::string_view field, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("spec.", field, ": ", what));
-}
-
-core::Grid ToCore(v1::Grid g) {
-  switch (g) {
-    case v1::ASYM:
-      return core::Grid::kAsym;
-    case v1::MID:
-      return core::Grid::kMid;
-    default:
-      return core::Grid::kSym;
-  }
-}
-
-core::ExpansionSpec WeightSpec(const v1::JobSpec& s) {
-  core::ExpansionSpec e;
-  e.bits = static_cast<int>(s.weight_bits());
-  e.terms = static_cast<int>(s.weight_terms());
-  e.grid = ToCore(s.grid());
-  e.variant = s.variant() == v1::DIGITS ? core::Variant::kDigits : core::Variant::kRescaled;
-  e.scale = s.scale() == v1::PER_TENSOR  ? core::ScaleGranularity::kTensor
-            : s.scale() == v1::PER_GROUP ? core::ScaleGranularity::kGroup
-                                         : core::ScaleGranularity::kChannel;
-  e.group_size = s.group_size();
-  e.eps = s.eps();
-  return e;
-}
-
-model::ModelExpansionSpec ModelSpec(const v1::JobSpec& s) {
-  model::ModelExpansionSpec m;
-  m.weights = WeightSpec(s);
-  m.act_bits = static_cast<int>(s.act_bits());
-  m.act_terms = static_cast<int>(s.act_terms());
-  m.act_grid = ToCore(s.act_grid());
-  m.truncate = s.truncate();
-  m.include = s.include();
-  m.exclude = s.exclude();
-  return m;
-}
 
 bool Wants(const v1::JobSpec& s, v1::OutputFormat f) {
   return std::find(s.outputs().begin(), s.outputs().end(), f) != s.outputs().end();
@@ -226,7 +186,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
   hooks.progress = [&](const model::Model::ExpandProgress& p) {
     rep->Layer(p.done, p.total, p.name, 0.05, 0.7);
   };
-  FPX_RETURN_IF_ERROR(net->Expand(ModelSpec(spec), ctx.pool, hooks));
+  FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(spec), ctx.pool, hooks));
   for (const model::LayerInfo& li : net->layers()) {
     if (!li.expanded) continue;
     v1::LayerResult* l = out.result.add_layers();
@@ -279,83 +239,6 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
 }
 
 }  // namespace
-
-model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec) { return ModelSpec(spec); }
-
-absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
-  if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
-    return Bad("granularity", "required; one of TENSOR, LAYER, MODEL");
-  }
-  const bool network = s->granularity() != v1::TENSOR;
-  if (network && model.format() != v1::TORCHSCRIPT) {
-    return Bad("granularity",
-               absl::StrCat(v1::Granularity_Name(s->granularity()), " needs a TORCHSCRIPT model; '",
-                            model.name(), "' is ", v1::ModelFormat_Name(model.format()),
-                            " (use TENSOR for weights files)"));
-  }
-  if (s->weight_bits() == 0) s->set_weight_bits(4);
-  if (s->weight_terms() == 0) s->set_weight_terms(2);
-  if (s->grid() == v1::GRID_UNSPECIFIED) s->set_grid(v1::SYM);
-  if (s->variant() == v1::VARIANT_UNSPECIFIED) s->set_variant(v1::RESCALED);
-  if (s->scale() == v1::SCALE_GRANULARITY_UNSPECIFIED) s->set_scale(v1::PER_CHANNEL);
-  if (s->act_grid() == v1::GRID_UNSPECIFIED) s->set_act_grid(v1::SYM);
-  if (s->weight_bits() > 8)
-    return Bad("weight_bits", absl::StrCat(s->weight_bits(), "; accepted 1..8"));
-  if (s->weight_terms() > 16) {
-    return Bad("weight_terms", absl::StrCat(s->weight_terms(), "; accepted 1..16"));
-  }
-  if (s->scale() == v1::PER_GROUP && s->group_size() == 0) {
-    return Bad("group_size", "required (> 0) with scale PER_GROUP");
-  }
-  if (s->scale() != v1::PER_GROUP && s->group_size() != 0) {
-    return Bad("group_size", "only allowed with scale PER_GROUP");
-  }
-  if (!(s->eps() >= 0 && s->eps() < 1)) return Bad("eps", "accepted 0 (off) or 0 < eps < 1");
-  if (absl::Status st = WeightSpec(*s).Validate(); !st.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
-  }
-  if (!network && (s->act_bits() || s->act_terms())) {
-    return Bad("act_bits", "activations are expanded by LAYER and MODEL jobs only; TENSOR takes 0");
-  }
-  if ((s->act_bits() == 0) != (s->act_terms() == 0)) {
-    return Bad("act_terms", "act_bits and act_terms are both 0 (weight-only) or both set");
-  }
-  if (s->act_bits() > 8) return Bad("act_bits", absl::StrCat(s->act_bits(), "; accepted 0..8"));
-  if (s->act_terms() > 16)
-    return Bad("act_terms", absl::StrCat(s->act_terms(), "; accepted 0..16"));
-  if (network) {
-    if (absl::Status st = ModelSpec(*s).Validate(); !st.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
-    }
-  }
-  for (int f : s->outputs()) {
-    if (!v1::OutputFormat_IsValid(f) || f == v1::OUTPUT_FORMAT_UNSPECIFIED) {
-      return Bad("outputs", absl::StrCat(f, " is not an output format"));
-    }
-    if (f == v1::DEQUANTIZED_TORCHSCRIPT && (!network || s->act_terms() > 0)) {
-      return Bad("outputs", "DEQUANTIZED_TORCHSCRIPT needs a weight-only LAYER or MODEL job");
-    }
-    if (f == v1::BASIS_TORCHSCRIPT && s->granularity() != v1::MODEL) {
-      return Bad("outputs", "BASIS_TORCHSCRIPT needs a MODEL job");
-    }
-  }
-  if (s->deploy().enabled() && !network) {
-    return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
-  }
-  for (const auto& [field, pattern] :
-       {std::pair<const char*, const std::string*>{"include", &s->include()},
-        {"exclude", &s->exclude()}}) {
-    if (pattern->size() > 1024) return Bad(field, "patterns are at most 1024 characters");
-    try {
-      std::regex re(*pattern);
-    } catch (const std::regex_error& e) {
-      return Bad(field,
-                 absl::StrCat("'", *pattern, "' is not a valid ECMAScript regular expression (",
-                              e.what(), ")"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx) {
   Reporter rep(ctx);

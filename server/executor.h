@@ -16,16 +16,9 @@
 #include "core/thread_pool.h"
 #include "fpxint/v1/quantizer.pb.h"
 #include "model/model.h"
+#include "server/validation.h"
 
 namespace fpxint::server {
-
-// Fills defaults (b=4, K_w=2, SYM, RESCALED, PER_CHANNEL, outputs) into *spec and checks every
-// field against `model`. InvalidArgument naming the field (e.g. "spec.weight_bits: 9; accepted
-// 1..8") and what is accepted.
-absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* spec);
-
-// The model layer's spec for a normalized LAYER/MODEL spec.
-model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec);
 
 struct JobContext {
   std::string source_path;  // the model's blob

@@ -9,96 +9,11 @@
 #include "core/status_macros.h"
 #include "server/log.h"
 #include "server/services.h"
+#include "server/upload.h"
 #include "server/status_util.h"
 
 namespace fpxint::server {
 namespace {
-
-constexpr int kMaxSignatureRank = 8;
-
-absl::Status CheckName(const std::string& name, absl::string_view field) {
-  static const std::regex kName("[A-Za-z0-9][A-Za-z0-9._-]{0,127}");
-  if (!std::regex_match(name, kName)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, ": '", name.substr(0, 64),
-        "'; accepted: 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckHeader(const v1::UploadHeader& h, const ServiceContext& ctx, unsigned roles) {
-  FPX_RETURN_IF_ERROR(CheckName(h.name(), "header.name"));
-  switch (h.format()) {
-    case v1::SAFETENSORS:
-      break;
-    case v1::TORCHSCRIPT:
-      if (ctx.torchscript_uploads == TorchScriptUploads::kNone ||
-          (ctx.torchscript_uploads == TorchScriptUploads::kAdmin && !(roles & kRoleAdmin))) {
-        return absl::PermissionDeniedError(
-            "header.format: this server refuses TORCHSCRIPT uploads from this caller (a "
-            "TorchScript archive can run code when loaded; --allow-torchscript-uploads)");
-      }
-      break;
-    case v1::TORCH_STATE_DICT:
-      return absl::InvalidArgumentError(
-          "header.format: TORCH_STATE_DICT is not supported by this server yet; accepted: "
-          "TORCHSCRIPT, SAFETENSORS");
-    default:
-      return absl::InvalidArgumentError(
-          "header.format: required; accepted: TORCHSCRIPT, SAFETENSORS");
-  }
-  if (!IsSha256Hex(h.sha256())) {
-    return absl::InvalidArgumentError(
-        "header.sha256: required; 64 lower-case hex digits of the file's SHA-256");
-  }
-  if (h.size_bytes() > ctx.max_upload_bytes) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("header.size_bytes: ", h.size_bytes(), " exceeds the server's limit of ",
-                     ctx.max_upload_bytes, " bytes (--max-upload-bytes)"));
-  }
-  if (h.inputs_size() > 1) {
-    return absl::InvalidArgumentError("header.inputs: at most one input tensor is supported");
-  }
-  for (const v1::TensorSignature& s : h.inputs()) {
-    if (s.datatype() != "FP32" && s.datatype() != "INT64") {
-      return absl::InvalidArgumentError(
-          absl::StrCat("header.inputs[0].datatype: '", s.datatype(), "'; accepted: FP32, INT64"));
-    }
-    if (s.shape_size() == 0 || s.shape_size() > kMaxSignatureRank) {
-      return absl::InvalidArgumentError("header.inputs[0].shape: rank 1..8");
-    }
-    for (int64_t d : s.shape()) {
-      if (d < -1 || d == 0 || d > (int64_t{1} << 24)) {
-        return absl::InvalidArgumentError(
-            "header.inputs[0].shape: dimensions are -1 (variable) or 1..16777216");
-      }
-    }
-    if (!s.name().empty()) FPX_RETURN_IF_ERROR(CheckName(s.name(), "header.inputs[0].name"));
-  }
-  return absl::OkStatus();
-}
-
-// The uploaded bytes must be what the header says they are.
-absl::Status CheckContent(const std::string& path, v1::ModelFormat format) {
-  if (format == v1::SAFETENSORS) {
-    auto r = core::SafetensorsReader::Open(path);
-    if (!r.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("data: not a valid safetensors file: ", r.status().message()));
-    }
-    return absl::OkStatus();
-  }
-  char magic[4] = {0};
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  const bool ok = fd >= 0 && ::read(fd, magic, 4) == 4 && magic[0] == 'P' && magic[1] == 'K' &&
-                  magic[2] == 3 && magic[3] == 4;
-  if (fd >= 0) ::close(fd);
-  if (!ok) {
-    return absl::InvalidArgumentError(
-        "data: not a TorchScript archive (a zip file written by torch.jit.save)");
-  }
-  return absl::OkStatus();
-}
 
 // Removes a blob that no record references (after a refused or replaced upload).
 void DropIfUnreferenced(const ServiceContext& ctx, const std::string& sha) {
@@ -113,43 +28,16 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
                                            v1::Model* resp) {
   unsigned roles = 0;
   if (auto s = ctx_.auth->Check(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
+  UploadAssembler upload(ctx_.store, ctx_.upload_policy, (roles & kRoleAdmin) != 0);
   v1::UploadChunk chunk;
-  if (!reader->Read(&chunk)) {
-    return ToGrpcStatus(
-        absl::InvalidArgumentError("the upload stream was empty; the first "
-                                   "message must carry `header`"));
-  }
-  if (!chunk.has_header()) {
-    return ToGrpcStatus(absl::InvalidArgumentError("the first message must carry `header`"));
-  }
-  const v1::UploadHeader header = chunk.header();
-  if (auto s = CheckHeader(header, ctx_, roles); !s.ok()) return ToGrpcStatus(s);
-  auto writer = ctx_.store->NewWriter(ctx_.max_upload_bytes);
-  if (!writer.ok()) return ToGrpcStatus(writer.status());
-  int index = 1;
   while (reader->Read(&chunk)) {
-    if (chunk.has_header()) {
-      return ToGrpcStatus(absl::InvalidArgumentError(
-          absl::StrCat("message ", index, ": `header` is allowed in the first message only")));
-    }
-    if (auto s = (*writer)->Append(chunk.data()); !s.ok()) return ToGrpcStatus(s);
+    if (auto s = upload.Add(chunk); !s.ok()) return ToGrpcStatus(s);
     ctx_.metrics->BytesUploaded(chunk.data().size());
-    ++index;
   }
   if (c->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled");
-  const uint64_t got = (*writer)->bytes_written();
-  if (header.size_bytes() != 0 && got != header.size_bytes()) {
-    return ToGrpcStatus(absl::InvalidArgumentError(
-        absl::StrCat("data: received ", got, " bytes, header.size_bytes says ", header.size_bytes(),
-                     " (truncated upload?); nothing was stored")));
-  }
-  auto blob = (*writer)->Commit(header.sha256());
+  auto blob = upload.Finish([this](const std::string& sha) { DropIfUnreferenced(ctx_, sha); });
   if (!blob.ok()) return ToGrpcStatus(blob.status());
-  const std::string path = ctx_.store->PathOf(blob->sha256);
-  if (auto s = CheckContent(path, header.format()); !s.ok()) {
-    if (!blob->deduplicated) DropIfUnreferenced(ctx_, blob->sha256);
-    return ToGrpcStatus(s);
-  }
+  const v1::UploadHeader& header = upload.header();
   auto existing = ctx_.journal->GetModel(header.name());
   if (!existing.ok()) return ToGrpcStatus(existing.status());
   if (*existing) {

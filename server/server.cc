@@ -112,8 +112,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.repo = im->repo.get();
   sc.auth = &im->auth;
   sc.metrics = &im->metrics;
-  sc.max_upload_bytes = config.max_upload_bytes;
-  sc.torchscript_uploads = config.allow_torchscript_uploads == "none" ? TorchScriptUploads::kNone
+  sc.upload_policy.max_upload_bytes = config.max_upload_bytes;
+  sc.upload_policy.torchscript = config.allow_torchscript_uploads == "none" ? TorchScriptUploads::kNone
                            : config.allow_torchscript_uploads == "admin"
                                ? TorchScriptUploads::kAdmin
                                : TorchScriptUploads::kAll;

@@ -19,10 +19,9 @@
 #include "server/metrics.h"
 #include "server/repository.h"
 #include "server/store.h"
+#include "server/validation.h"
 
 namespace fpxint::server {
-
-enum class TorchScriptUploads { kAll, kAdmin, kNone };
 
 struct ServiceContext {
   Journal* journal = nullptr;
@@ -31,8 +30,7 @@ struct ServiceContext {
   Repository* repo = nullptr;
   const Authorizer* auth = nullptr;
   Metrics* metrics = nullptr;  // always set by Server
-  uint64_t max_upload_bytes = 0;
-  TorchScriptUploads torchscript_uploads = TorchScriptUploads::kAll;
+  UploadPolicy upload_policy;
   std::atomic<bool>* ready = nullptr;  // false while starting and shutting down
   std::string server_version;
 };

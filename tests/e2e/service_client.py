@@ -569,3 +569,163 @@ class Watcher(threading.Thread):
                 self.events.append(ev)
         except Exception as e:  # noqa: BLE001 - reported by the test
             self.error = e
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability helpers (tests/load, tests/fault, tests/security)
+# ----------------------------------------------------------------------------------------------
+
+def proc_status(pid):
+    """Resident memory and resources of a live process from /proc: {'VmRSS_kB', 'VmHWM_kB',
+    'Threads', 'fds'}; None when the process is gone."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key + "_kB"] = int(value.split()[0])
+                elif key == "Threads":
+                    out["Threads"] = int(value.split()[0])
+        out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return out
+
+
+def open_files(pid):
+    """Targets of the open file descriptors of a process (paths, 'socket:[..]', ...)."""
+    res = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return res
+    for n in names:
+        try:
+            res.append(os.readlink(f"/proc/{pid}/fd/{n}"))
+        except OSError:
+            pass
+    return res
+
+
+def metrics_text(server, timeout=5):
+    """The Prometheus text of a Server started with a metrics port ('' when it has none)."""
+    import urllib.request
+    if not getattr(server, "metrics_address", None):
+        return ""
+    with urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=timeout) as r:
+        return r.read().decode("utf-8", "replace")
+
+
+def metric_value(text, name):
+    """The value of an unlabelled sample `name` in Prometheus text, or None."""
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{}"):
+            try:
+                return float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
+def journal_integrity(db_path, copy_first=True):
+    """PRAGMA integrity_check of an fpxint journal (SQLite, WAL). With copy_first the database and
+    its -wal are copied to a temporary directory first, so the check neither takes locks on nor
+    checkpoints the original (use it on the data directory of a killed server before the
+    restart). Returns the list of result rows (['ok'] when intact)."""
+    import sqlite3
+    if not os.path.isfile(db_path):
+        raise AssertionError(f"journal missing: {db_path}")
+    tmpdir = None
+    path = db_path
+    if copy_first:
+        tmpdir = tempfile.mkdtemp(prefix="fpxint-journal-copy-")
+        path = os.path.join(tmpdir, os.path.basename(db_path))
+        shutil.copy2(db_path, path)
+        if os.path.exists(db_path + "-wal"):
+            shutil.copy2(db_path + "-wal", path + "-wal")
+    try:
+        con = sqlite3.connect(path)
+        try:
+            return [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            con.close()
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def scan_blob_store(data_dir):
+    """Checks every file under <data_dir>/blobs: it must sit at blobs/<sha[:2]>/<sha> and hash to
+    its name (a partial or temporary file in the store would not). Returns (problems, count,
+    total_bytes)."""
+    problems, count, total = [], 0, 0
+    root = os.path.join(data_dir, "blobs")
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            rel = os.path.relpath(p, root)
+            count += 1
+            try:
+                total += os.path.getsize(p)
+            except OSError:
+                pass
+            parts = rel.split(os.sep)
+            if len(parts) != 2 or len(f) != 64 or parts[0] != f[:2] or any(c not in "0123456789abcdef" for c in f):
+                problems.append(f"blobs/{rel}: not a content-addressed blob name")
+                continue
+            digest = sha256_file(p)
+            if digest != f:
+                problems.append(f"blobs/{rel}: content hashes to {digest} (partial or corrupt blob)")
+    return problems, count, total
+
+
+def dir_entries(path):
+    """Relative paths of every file and directory under `path` (sorted; [] when missing)."""
+    out = []
+    for dirpath, dirs, files in os.walk(path):
+        for n in dirs + files:
+            out.append(os.path.relpath(os.path.join(dirpath, n), path))
+    return sorted(out)
+
+
+def list_all_jobs(client, token=...):
+    """Every job (ListJobs, all pages)."""
+    jobs, page = [], ""
+    while True:
+        r = client.list_jobs(page_size=1000, page_token=page, token=token)
+        jobs.extend(r.jobs)
+        page = r.next_page_token
+        if not page:
+            return jobs
+
+
+def random_safetensors_bytes(n_tensors, rows, cols, seed=0):
+    """A random F32 safetensors file of n_tensors [rows, cols] tensors, as bytes."""
+    rng = np.random.default_rng(seed)
+    nbytes = rows * cols * 4
+    header = {"__metadata__": {"format": "pt", "origin": "fpxint reliability random"}}
+    for i in range(n_tensors):
+        header[f"layer{i}.weight"] = {"dtype": "F32", "shape": [rows, cols],
+                                      "data_offsets": [i * nbytes, (i + 1) * nbytes]}
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * ((8 - (len(hb) % 8)) % 8)
+    parts = [struct.pack("<Q", len(hb)), hb]
+    for _ in range(n_tensors):
+        block = rng.standard_normal((rows, cols), dtype=np.float32)
+        block *= rng.uniform(0.01, 2.0, size=(rows, 1)).astype(np.float32)
+        parts.append(block.astype("<f4").tobytes())
+    return b"".join(parts)
+
+
+def byte_blocks(data, block=CHUNK):
+    """`data` in blocks of `block` bytes (an upload stream)."""
+    for i in range(0, len(data), block):
+        yield data[i:i + block]
+
+
+def percentile(values, q):
+    """q-th percentile (0..100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))

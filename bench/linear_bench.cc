@@ -1,0 +1,130 @@
+// Low-bit linear layers against LibTorch at the same thread count (issue "Real low-bit
+// inference", docs/BENCHMARKS.md "Linear"). Names: Linear/<impl>/<N>x<N>/batch:<B>.
+//   fp32_libtorch          at::linear, OpenBLAS, at::set_num_threads(2)
+//   int8_dynamic_libtorch  quantized::linear_dynamic (onednn, else qnnpack), 2 threads
+//   w4k1, w4k2, w2k4mid    core::LowbitLinear (packed codes, fp32 activations), ThreadPool(2)
+// Counters: weight_MB = resident weight bytes of the implementation (MiB).
+// The w4a4k2 integer paths (expanded activations) are not built yet and not listed.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/native/quantized/PackedParams.h>
+#include <benchmark/benchmark.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "core/expansion.h"
+#include "core/lowbit_linear.h"
+#include "core/thread_pool.h"
+
+namespace {
+
+constexpr int kThreads = 2;
+constexpr int64_t kN = 4096;
+
+const at::Tensor& Weight() {
+  static const at::Tensor w = [] {
+    at::manual_seed(0);
+    return at::randn({kN, kN}, at::kFloat) * 0.02;
+  }();
+  return w;
+}
+
+at::Tensor Input(int64_t batch) {
+  at::manual_seed(static_cast<uint64_t>(batch));
+  return at::randn({batch, kN}, at::kFloat);
+}
+
+fpxint::core::ThreadPool& Pool() {
+  static fpxint::core::ThreadPool pool(kThreads);
+  return pool;
+}
+
+const fpxint::core::LowbitLinear& Lowbit(const std::string& impl) {
+  static std::map<std::string, std::unique_ptr<fpxint::core::LowbitLinear>> cache;
+  auto it = cache.find(impl);
+  if (it != cache.end()) return *it->second;
+  fpxint::core::ExpansionSpec spec;
+  spec.scale = fpxint::core::ScaleGranularity::kChannel;
+  if (impl == "w4k1") {
+    spec.bits = 4, spec.terms = 1;
+  } else if (impl == "w4k2") {
+    spec.bits = 4, spec.terms = 2;
+  } else {  // w2k4mid
+    spec.bits = 2, spec.terms = 4, spec.grid = fpxint::core::Grid::kMid;
+  }
+  const at::Tensor& w = Weight();
+  fpxint::core::ExpandOptions o;
+  o.pool = &Pool();
+  auto e = fpxint::core::ExpandTensor(
+      fpxint::core::DType::kF32, {kN, kN},
+      absl::MakeConstSpan(static_cast<const uint8_t*>(w.data_ptr()), w.nbytes()), spec, o);
+  if (!e.ok()) std::abort();
+  auto l = fpxint::core::LowbitLinear::FromExpansion(*e);
+  if (!l.ok()) std::abort();
+  return *(cache[impl] = std::make_unique<fpxint::core::LowbitLinear>(*std::move(l)));
+}
+
+void BM_Fp32(benchmark::State& state, int64_t batch) {
+  at::set_num_threads(kThreads);
+  const at::Tensor x = Input(batch);
+  const at::Tensor& w = Weight();
+  for (auto _ : state) benchmark::DoNotOptimize(at::linear(x, w));
+  state.counters["weight_MB"] = static_cast<double>(w.nbytes()) / (1 << 20);
+}
+
+void BM_Int8Dynamic(benchmark::State& state, int64_t batch) {
+  at::set_num_threads(kThreads);
+  const auto engines = at::globalContext().supportedQEngines();
+  at::QEngine engine = engines.empty() ? at::QEngine::NoQEngine : engines.front();
+  for (at::QEngine e : engines) {
+    if (e == at::QEngine::ONEDNN) engine = e;
+  }
+  at::globalContext().setQEngine(engine);
+  const at::Tensor& w = Weight();
+  const double scale = w.abs().max().item<double>() / 127.0;
+  const at::Tensor qw = at::quantize_per_tensor(w, scale, 0, at::kQInt8);
+  static const auto prepack =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("quantized::linear_prepack", "")
+          .typed<c10::intrusive_ptr<LinearPackedParamsBase>(at::Tensor, c10::optional<at::Tensor>)>();
+  const auto packed = prepack.call(qw, c10::nullopt);
+  const at::Tensor x = Input(batch);
+  for (auto _ : state) benchmark::DoNotOptimize(packed->apply_dynamic(x, /*reduce_range=*/false));
+  state.counters["weight_MB"] = static_cast<double>(kN * kN) / (1 << 20);
+  state.SetLabel(engine == at::QEngine::ONEDNN ? "onednn" : "qnnpack");
+}
+
+void BM_Lowbit(benchmark::State& state, std::string impl, int64_t batch) {
+  const fpxint::core::LowbitLinear& l = Lowbit(impl);
+  const at::Tensor x = Input(batch);
+  at::Tensor y = at::empty({batch, kN}, at::kFloat);
+  for (auto _ : state) {
+    l.Forward(x.data_ptr<float>(), batch, y.data_ptr<float>(), 0, &Pool());
+    benchmark::ClobberMemory();
+  }
+  state.counters["weight_MB"] = static_cast<double>(l.resident_bytes()) / (1 << 20);
+  state.SetLabel(fpxint::core::ActiveLinearKernels().name);
+}
+
+int Register() {
+  for (int64_t b : {1, 8, 64}) {
+    const std::string shape = std::to_string(kN) + "x" + std::to_string(kN) + "/batch:" + std::to_string(b);
+    benchmark::RegisterBenchmark(("Linear/fp32_libtorch/" + shape).c_str(), BM_Fp32, b)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark(("Linear/int8_dynamic_libtorch/" + shape).c_str(), BM_Int8Dynamic, b)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+    for (const char* impl : {"w4k1", "w4k2", "w2k4mid"}) {
+      benchmark::RegisterBenchmark(("Linear/" + std::string(impl) + "/" + shape).c_str(), BM_Lowbit,
+                                   std::string(impl), b)
+          ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
+  }
+  return 0;
+}
+
+const int kRegistered = Register();
+
+}  // namespace

@@ -1,0 +1,79 @@
+// File: core/lowbit_linear.h
+//
+// Low-bit inference for a linear layer whose weight W [out, in] is an FP=xINT expansion:
+//
+//     y = x · (Σ_{k<K'} Ŵ_k)ᵀ,   Ŵ_k[o, i] = s_k[o, g] · (C_k[o, i] + off_k[o, g])
+//
+// with off = 0 (sym), 0.5 (mid) or -z (asym), g = i / group_len. The weights stay packed in
+// memory (b-bit codes, 8/b per byte for b ∈ {1, 2, 4}): resident bytes ≈ K·b/32 of FP32 plus the
+// scales. Activations stay fp32 (weight-only serving). Any-precision: K' ≤ K terms per call.
+//
+// Two schedules, chosen by batch size:
+//   small batch (≤ 4): per row and term, decode the codes to floats once and take dot products
+//     with every activation row; the scale and offset are applied per group after the dot
+//     (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K terms make one pass over the activations.
+//   larger batch: per row, decode and sum the K terms into one fp32 row (dequantize on the fly,
+//     in L1), then dot it with every activation row: the FLOPs no longer grow with K.
+// Rows are split across the thread pool. Each variant (ref, avx2, avx512, chosen at run time like
+// core/kernels.h) is tested against the scalar reference (fp32, within 1e-5 relative).
+#ifndef FPXINT_CORE_LOWBIT_LINEAR_H_
+#define FPXINT_CORE_LOWBIT_LINEAR_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "core/expansion.h"
+#include "core/thread_pool.h"
+
+namespace fpxint::core {
+
+// The vector primitives the schedules are built from; one table per ISA.
+struct LinearKernelTable {
+  const char* name;  // "ref" | "avx2" | "avx512"
+  // n codes of `bits` bits (core/packing.h layout) -> their integer values as floats.
+  void (*decode)(const uint8_t* packed, int64_t n, int bits, bool is_signed, float* out);
+  // Σ a[i]·b[i].
+  float (*dot)(const float* a, const float* b, int64_t n);
+  // y[i] += s·(c[i] + off).
+  void (*axpby)(const float* c, float s, float off, float* y, int64_t n);
+};
+
+// The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).
+const LinearKernelTable& ActiveLinearKernels();
+// nullptr when unknown or unsupported here.
+const LinearKernelTable* LinearKernelsByName(absl::string_view name);
+
+class LowbitLinear {
+ public:
+  // From the expansion of a weight of shape [out, d1, d2, ...] (flattened to [out, in]). Keeps
+  // the packed codes as they are; InvalidArgument for an expansion without terms.
+  static absl::StatusOr<LowbitLinear> FromExpansion(const TensorExpansion& e);
+
+  int64_t out_features() const { return rows_; }
+  int64_t in_features() const { return cols_; }
+  int terms() const { return static_cast<int>(terms_.size()); }
+  // Bytes held for the weights: codes, scales and offsets of every term.
+  size_t resident_bytes() const;
+
+  // y[b, o] for b < batch (row-major [batch, out]) from x (row-major [batch, in]). terms_used:
+  // 0 or > terms() means all. `pool` may be null (calling thread only).
+  void Forward(const float* x, int64_t batch, float* y, int terms_used = 0,
+               ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
+
+ private:
+  struct Term {
+    int bits = 4;
+    bool is_signed = true;
+    CodeBuffer codes;          // rows × row_bytes
+    std::vector<float> scale;  // rows × groups (tensor scales broadcast to every row)
+    std::vector<float> off;    // rows × groups: 0 (sym), 0.5 (mid) or -zero (asym)
+  };
+  int64_t rows_ = 0, cols_ = 0, group_len_ = 0, groups_ = 0, row_bytes_ = 0;
+  std::vector<Term> terms_;
+};
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_LOWBIT_LINEAR_H_

@@ -1,0 +1,100 @@
+// AVX2 + FMA primitives of core/lowbit_linear.h (this file is compiled with -mavx2 -mfma and
+// only called when the CPU has both).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "core/lowbit_linear.h"
+#include "core/packing.h"
+
+namespace fpxint::core {
+namespace {
+
+// 8 codes starting at code index i (i % 8 == 0) as int32 lanes.
+inline __m256i Load8(const uint8_t* packed, int64_t i, int bits, bool is_signed) {
+  if (bits == 4 || bits == 2 || bits == 1) {
+    const int per = 8 / bits;
+    const uint8_t* p = packed + i / per;
+    uint32_t word = 0;
+    std::memcpy(&word, p, static_cast<size_t>(bits));  // 8 codes = `bits` bytes
+    __m128i bytes = _mm_cvtsi32_si128(static_cast<int>(word));
+    __m128i idx, shifts_lo;
+    __m256i shifts;
+    if (bits == 4) {
+      idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0);
+      shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    } else if (bits == 2) {
+      idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+      shifts = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    } else {
+      idx = _mm_setzero_si128();
+      shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    }
+    (void)shifts_lo;
+    __m256i v = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(bytes, idx));
+    v = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), _mm256_set1_epi32((1 << bits) - 1));
+    if (is_signed) {
+      const __m256i sign = _mm256_set1_epi32(1 << (bits - 1));
+      v = _mm256_sub_epi32(_mm256_xor_si256(v, sign), sign);
+    }
+    return v;
+  }
+  __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i));
+  return is_signed ? _mm256_cvtepi8_epi32(b8) : _mm256_cvtepu8_epi32(b8);
+}
+
+void Decode(const uint8_t* packed, int64_t n, int bits, bool is_signed, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(Load8(packed, i, bits, is_signed)));
+  }
+  if (i < n) {  // the tail through the scalar reader (the row may end mid-byte)
+    int32_t q[8];
+    const int per = CodesPerByte(bits);
+    UnpackCodes(packed + i / per, n - i, bits, is_signed, q);
+    for (int64_t j = i; j < n; ++j) out[j] = static_cast<float>(q[j - i]);
+  }
+}
+
+inline float Hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+  }
+  float s = Hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void Axpby(const float* c, float s, float off, float* y, int64_t n) {
+  const __m256 vs = _mm256_set1_ps(s), voff = _mm256_set1_ps(off);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(c + i), voff);
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vs, v, _mm256_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] += s * (c[i] + off);
+}
+
+const LinearKernelTable kAvx2 = {"avx2", Decode, Dot, Axpby};
+
+}  // namespace
+
+const LinearKernelTable& LinearKernelsAvx2() { return kAvx2; }
+
+}  // namespace fpxint::core

@@ -1,0 +1,93 @@
+// AVX-512 (F, BW, VL, DQ) primitives of core/lowbit_linear.h (compiled with those ISAs; only
+// called when the CPU has them).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "core/lowbit_linear.h"
+#include "core/packing.h"
+
+namespace fpxint::core {
+namespace {
+
+// 16 codes starting at code index i (i % 16 == 0) as int32 lanes.
+inline __m512i Load16(const uint8_t* packed, int64_t i, int bits, bool is_signed) {
+  if (bits == 4 || bits == 2 || bits == 1) {
+    const int per = 8 / bits;
+    uint64_t word = 0;
+    std::memcpy(&word, packed + i / per, static_cast<size_t>(2 * bits));  // 16 codes
+    const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
+    __m128i idx;
+    __m512i shifts;
+    if (bits == 4) {
+      idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+      shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+    } else if (bits == 2) {
+      idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+      shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+    } else {
+      idx = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      shifts = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+    }
+    __m512i v = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, idx));
+    v = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32((1 << bits) - 1));
+    if (is_signed) {
+      const __m512i sign = _mm512_set1_epi32(1 << (bits - 1));
+      v = _mm512_sub_epi32(_mm512_xor_si512(v, sign), sign);
+    }
+    return v;
+  }
+  const __m128i b16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i));
+  return is_signed ? _mm512_cvtepi8_epi32(b16) : _mm512_cvtepu8_epi32(b16);
+}
+
+void Decode(const uint8_t* packed, int64_t n, int bits, bool is_signed, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_cvtepi32_ps(Load16(packed, i, bits, is_signed)));
+  }
+  if (i < n) {
+    int32_t q[16];
+    const int per = CodesPerByte(bits);
+    UnpackCodes(packed + i / per, n - i, bits, is_signed, q);
+    for (int64_t j = i; j < n; ++j) out[j] = static_cast<float>(q[j - i]);
+  }
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+  }
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+}
+
+void Axpby(const float* c, float s, float off, float* y, int64_t n) {
+  const __m512 vs = _mm512_set1_ps(s), voff = _mm512_set1_ps(off);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + i), voff);
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vs, v, _mm512_loadu_ps(y + i)));
+  }
+  for (; i < n; ++i) y[i] += s * (c[i] + off);
+}
+
+const LinearKernelTable kAvx512 = {"avx512", Decode, Dot, Axpby};
+
+}  // namespace
+
+const LinearKernelTable& LinearKernelsAvx512() { return kAvx512; }
+
+}  // namespace fpxint::core

@@ -1,0 +1,158 @@
+// The low-bit linear kernels: every variant this CPU supports against the scalar reference, and
+// the reference against the exact fp64 reconstruction of the expansion (x · Σ Ŵ_kᵀ), on random
+// and edge shapes (odd sizes, one row, one column, K' = 1, every grid, packed and byte codes,
+// channel and group scales, small and large batches).
+#include "core/lowbit_linear.h"
+
+#include <cmath>
+
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::core {
+namespace {
+
+using ::fpxint::testing::Dist;
+using ::fpxint::testing::RandomValues;
+
+struct Case {
+  int64_t out, in, batch;
+  int bits, terms;
+  Grid grid;
+  ScaleGranularity scale;
+  int64_t group;
+};
+
+std::string Name(const Case& c) {
+  return absl::StrCat(c.out, "x", c.in, " batch ", c.batch, " b=", c.bits, " K=", c.terms, " grid ",
+                      static_cast<int>(c.grid), " scale ", static_cast<int>(c.scale), " g ", c.group);
+}
+
+TensorExpansion Expand(const Case& c, uint64_t seed) {
+  ExpansionSpec spec;
+  spec.bits = c.bits;
+  spec.terms = c.terms;
+  spec.grid = c.grid;
+  spec.scale = c.scale;
+  spec.group_size = c.group;
+  auto e = ExpandTensor(RandomValues(Dist::kStudentT3, c.out * c.in, seed), {c.out, c.in}, spec);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return *std::move(e);
+}
+
+// y = x · (Σ_{k<K'} Ŵ_k)ᵀ in fp64 from Reconstruct.
+std::vector<double> Exact(const TensorExpansion& e, const std::vector<float>& x, int64_t batch,
+                          int terms) {
+  const std::vector<double> w = Reconstruct(e, terms);
+  const int64_t out = e.layout.rows, in = e.layout.row_len;
+  std::vector<double> y(static_cast<size_t>(batch * out));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t o = 0; o < out; ++o) {
+      double s = 0;
+      for (int64_t i = 0; i < in; ++i) s += w[o * in + i] * x[b * in + i];
+      y[b * out + o] = s;
+    }
+  }
+  return y;
+}
+
+// max |a - b| / max |b|
+double RelErr(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return den == 0 ? num : num / den;
+}
+
+const Case kCases[] = {
+    {17, 33, 1, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+    {1, 64, 1, 4, 3, Grid::kMid, ScaleGranularity::kChannel, 0},
+    {40, 1, 3, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+    {33, 129, 2, 2, 4, Grid::kMid, ScaleGranularity::kChannel, 0},
+    {31, 100, 5, 4, 2, Grid::kAsym, ScaleGranularity::kChannel, 0},
+    {24, 96, 1, 4, 2, Grid::kSym, ScaleGranularity::kGroup, 32},
+    {24, 96, 9, 4, 2, Grid::kMid, ScaleGranularity::kGroup, 16},
+    {19, 77, 4, 3, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+    {19, 77, 8, 8, 1, Grid::kSym, ScaleGranularity::kChannel, 0},
+    {21, 45, 2, 1, 5, Grid::kMid, ScaleGranularity::kChannel, 0},
+    {16, 50, 6, 2, 3, Grid::kAsym, ScaleGranularity::kTensor, 0},
+    {64, 256, 64, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+};
+
+TEST(LowbitLinear, ReferenceMatchesTheExactExpansion) {
+  uint64_t seed = 1;
+  for (const Case& c : kCases) {
+    const TensorExpansion e = Expand(c, seed++);
+    auto w = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(w.ok()) << w.status();
+    std::vector<float> x = ::fpxint::testing::ToFloat(RandomValues(Dist::kGaussian, c.batch * c.in, seed++));
+    for (int k = 1; k <= c.terms; ++k) {
+      std::vector<float> y(static_cast<size_t>(c.batch * c.out), -1.0f);
+      w->Forward(x.data(), c.batch, y.data(), k, nullptr, LinearKernelsByName("ref"));
+      EXPECT_LT(RelErr(y, Exact(e, x, c.batch, k)), 1e-5) << Name(c) << " K'=" << k;
+    }
+  }
+}
+
+class LowbitVariant : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(LowbitVariant, MatchesReferenceWithAndWithoutThreads) {
+  const LinearKernelTable* fast = LinearKernelsByName(GetParam());
+  if (fast == nullptr) GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+  ThreadPool pool(2);
+  uint64_t seed = 100;
+  for (const Case& c : kCases) {
+    const TensorExpansion e = Expand(c, seed++);
+    auto w = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(w.ok());
+    std::vector<float> x = ::fpxint::testing::ToFloat(RandomValues(Dist::kLaplace, c.batch * c.in, seed++));
+    for (int k : {1, c.terms}) {
+      std::vector<float> ref(static_cast<size_t>(c.batch * c.out)), got(ref.size(), 7.0f);
+      w->Forward(x.data(), c.batch, ref.data(), k, nullptr, LinearKernelsByName("ref"));
+      w->Forward(x.data(), c.batch, got.data(), k, &pool, fast);
+      std::vector<double> refd(ref.begin(), ref.end());
+      EXPECT_LT(RelErr(got, refd), 1e-5) << GetParam() << " " << Name(c) << " K'=" << k;
+    }
+  }
+}
+
+TEST_P(LowbitVariant, DecodeIsExactForEveryWidthAndOffset) {
+  const LinearKernelTable* fast = LinearKernelsByName(GetParam());
+  if (fast == nullptr) GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+  const LinearKernelTable* ref = LinearKernelsByName("ref");
+  std::vector<uint8_t> packed(300);
+  for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>(i * 37 + 11);
+  for (int bits = 1; bits <= 8; ++bits) {
+    for (bool is_signed : {false, true}) {
+      for (int64_t n : {1, 7, 8, 15, 16, 17, 31, 33, 100, 257}) {
+        std::vector<float> a(n), b(n);
+        ref->decode(packed.data(), n, bits, is_signed, a.data());
+        fast->decode(packed.data(), n, bits, is_signed, b.data());
+        ASSERT_EQ(a, b) << GetParam() << " bits " << bits << " signed " << is_signed << " n " << n;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, LowbitVariant, ::testing::Values("avx2", "avx512"));
+
+TEST(LowbitLinear, ResidentBytesAreAboutKBitsOver32OfFp32) {
+  const Case c{256, 1024, 1, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0};
+  auto w = LowbitLinear::FromExpansion(Expand(c, 9));
+  ASSERT_TRUE(w.ok());
+  const double fp32 = 4.0 * c.out * c.in;
+  const double packed = c.out * c.in * c.bits * c.terms / 8.0;
+  EXPECT_GE(w->resident_bytes(), packed);
+  EXPECT_LT(w->resident_bytes(), packed * 1.01 + 2 * 2 * 4 * c.out);  // + scales and offsets
+  EXPECT_LT(w->resident_bytes() / fp32, 0.26);  // K·b/32 = 0.25
+}
+
+TEST(LowbitLinear, RejectsAnExpansionWithoutTerms) {
+  TensorExpansion e;
+  EXPECT_FALSE(LowbitLinear::FromExpansion(e).ok());
+}
+
+}  // namespace
+}  // namespace fpxint::core

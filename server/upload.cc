@@ -1,0 +1,81 @@
+#include "server/upload.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "absl/strings/str_cat.h"
+#include "core/safetensors.h"
+
+namespace fpxint::server {
+
+UploadAssembler::UploadAssembler(BlobStore* store, UploadPolicy policy, bool is_admin)
+    : store_(store), policy_(policy), is_admin_(is_admin) {}
+
+UploadAssembler::~UploadAssembler() = default;
+
+uint64_t UploadAssembler::bytes() const { return writer_ ? writer_->bytes_written() : 0; }
+
+absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
+  const int index = index_++;
+  if (index == 0) {
+    if (!chunk.has_header()) {
+      return absl::InvalidArgumentError("the first message must carry `header`");
+    }
+    header_ = chunk.header();
+    if (absl::Status s = CheckUploadHeader(header_, policy_, is_admin_); !s.ok()) return s;
+    auto w = store_->NewWriter(policy_.max_upload_bytes);
+    if (!w.ok()) return w.status();
+    writer_ = std::move(*w);
+    return absl::OkStatus();
+  }
+  if (chunk.has_header()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("message ", index, ": `header` is allowed in the first message only"));
+  }
+  return writer_->Append(chunk.data());
+}
+
+absl::StatusOr<BlobWriter::Result> UploadAssembler::Finish(
+    const std::function<void(const std::string&)>& drop_unreferenced) {
+  if (!writer_) {
+    return absl::InvalidArgumentError(
+        "the upload stream was empty; the first message must carry `header`");
+  }
+  const uint64_t got = writer_->bytes_written();
+  if (header_.size_bytes() != 0 && got != header_.size_bytes()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("data: received ", got, " bytes, header.size_bytes says ", header_.size_bytes(),
+                     " (truncated upload?); nothing was stored"));
+  }
+  auto blob = writer_->Commit(header_.sha256());
+  if (!blob.ok()) return blob.status();
+  if (absl::Status s = CheckUploadContent(store_->PathOf(blob->sha256), header_.format()); !s.ok()) {
+    if (!blob->deduplicated) drop_unreferenced(blob->sha256);
+    return s;
+  }
+  return blob;
+}
+
+// The uploaded bytes must be what the header says they are.
+absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format) {
+  if (format == v1::SAFETENSORS) {
+    auto r = core::SafetensorsReader::Open(path);
+    if (!r.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("data: not a valid safetensors file: ", r.status().message()));
+    }
+    return absl::OkStatus();
+  }
+  char magic[4] = {0};
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  const bool ok = fd >= 0 && ::read(fd, magic, 4) == 4 && magic[0] == 'P' && magic[1] == 'K' &&
+                  magic[2] == 3 && magic[3] == 4;
+  if (fd >= 0) ::close(fd);
+  if (!ok) {
+    return absl::InvalidArgumentError(
+        "data: not a TorchScript archive (a zip file written by torch.jit.save)");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fpxint::server

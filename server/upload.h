@@ -1,0 +1,52 @@
+// File: server/upload.h
+//
+// Assembles an UploadModel stream into a stored blob: the header is validated first, data is
+// streamed to a temp file under the size limit with a running SHA-256, and on Finish the hash is
+// checked, the blob committed (atomic rename, deduplicated), and the content checked against the
+// declared format (a safetensors header is parsed with every bound checked). Nothing half-written
+// is ever visible. No gRPC calls and no LibTorch: the service and the fuzzer run this same code.
+#ifndef FPXINT_SERVER_UPLOAD_H_
+#define FPXINT_SERVER_UPLOAD_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "fpxint/v1/quantizer.pb.h"
+#include "server/store.h"
+#include "server/validation.h"
+
+namespace fpxint::server {
+
+class UploadAssembler {
+ public:
+  UploadAssembler(BlobStore* store, UploadPolicy policy, bool is_admin);
+  ~UploadAssembler();
+
+  // Feeds the next message of the stream (the first must carry the header, later ones data).
+  absl::Status Add(const v1::UploadChunk& chunk);
+  // After the last message. `drop_unreferenced(sha)` removes a freshly stored blob that turned
+  // out invalid (the caller knows whether anything else references it).
+  absl::StatusOr<BlobWriter::Result> Finish(
+      const std::function<void(const std::string&)>& drop_unreferenced);
+
+  const v1::UploadHeader& header() const { return header_; }
+  uint64_t bytes() const;
+
+ private:
+  BlobStore* store_;
+  UploadPolicy policy_;
+  bool is_admin_;
+  int index_ = 0;
+  v1::UploadHeader header_;
+  std::unique_ptr<BlobWriter> writer_;
+};
+
+// The stored bytes must be what the header says they are (safetensors parses; TorchScript is a
+// zip archive).
+absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format);
+
+}  // namespace fpxint::server
+
+#endif  // FPXINT_SERVER_UPLOAD_H_

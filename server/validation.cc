@@ -1,0 +1,195 @@
+#include "server/validation.h"
+
+#include <regex>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "server/store.h"
+
+namespace fpxint::server {
+namespace {
+
+constexpr int kMaxSignatureRank = 8;
+
+absl::Status Bad(absl::string_view field, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("spec.", field, ": ", what));
+}
+
+core::Grid ToCore(v1::Grid g) {
+  switch (g) {
+    case v1::ASYM:
+      return core::Grid::kAsym;
+    case v1::MID:
+      return core::Grid::kMid;
+    default:
+      return core::Grid::kSym;
+  }
+}
+
+}  // namespace
+
+absl::Status CheckName(const std::string& name, absl::string_view field) {
+  static const std::regex kName("[A-Za-z0-9][A-Za-z0-9._-]{0,127}");
+  if (!std::regex_match(name, kName)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": '", name.substr(0, 64),
+        "'; accepted: 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& policy,
+                               bool is_admin) {
+  FPX_RETURN_IF_ERROR(CheckName(h.name(), "header.name"));
+  switch (h.format()) {
+    case v1::SAFETENSORS:
+      break;
+    case v1::TORCHSCRIPT:
+      if (policy.torchscript == TorchScriptUploads::kNone ||
+          (policy.torchscript == TorchScriptUploads::kAdmin && !is_admin)) {
+        return absl::PermissionDeniedError(
+            "header.format: this server refuses TORCHSCRIPT uploads from this caller (a "
+            "TorchScript archive can run code when loaded; --allow-torchscript-uploads)");
+      }
+      break;
+    case v1::TORCH_STATE_DICT:
+      return absl::InvalidArgumentError(
+          "header.format: TORCH_STATE_DICT is not supported by this server yet; accepted: "
+          "TORCHSCRIPT, SAFETENSORS");
+    default:
+      return absl::InvalidArgumentError(
+          "header.format: required; accepted: TORCHSCRIPT, SAFETENSORS");
+  }
+  if (!IsSha256Hex(h.sha256())) {
+    return absl::InvalidArgumentError(
+        "header.sha256: required; 64 lower-case hex digits of the file's SHA-256");
+  }
+  if (h.size_bytes() > policy.max_upload_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("header.size_bytes: ", h.size_bytes(), " exceeds the server's limit of ",
+                     policy.max_upload_bytes, " bytes (--max-upload-bytes)"));
+  }
+  if (h.inputs_size() > 1) {
+    return absl::InvalidArgumentError("header.inputs: at most one input tensor is supported");
+  }
+  for (const v1::TensorSignature& s : h.inputs()) {
+    if (s.datatype() != "FP32" && s.datatype() != "INT64") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("header.inputs[0].datatype: '", s.datatype(), "'; accepted: FP32, INT64"));
+    }
+    if (s.shape_size() == 0 || s.shape_size() > kMaxSignatureRank) {
+      return absl::InvalidArgumentError("header.inputs[0].shape: rank 1..8");
+    }
+    for (int64_t d : s.shape()) {
+      if (d < -1 || d == 0 || d > (int64_t{1} << 24)) {
+        return absl::InvalidArgumentError(
+            "header.inputs[0].shape: dimensions are -1 (variable) or 1..16777216");
+      }
+    }
+    if (!s.name().empty()) FPX_RETURN_IF_ERROR(CheckName(s.name(), "header.inputs[0].name"));
+  }
+  return absl::OkStatus();
+}
+
+core::ExpansionSpec WeightSpec(const v1::JobSpec& s) {
+  core::ExpansionSpec e;
+  e.bits = static_cast<int>(s.weight_bits());
+  e.terms = static_cast<int>(s.weight_terms());
+  e.grid = ToCore(s.grid());
+  e.variant = s.variant() == v1::DIGITS ? core::Variant::kDigits : core::Variant::kRescaled;
+  e.scale = s.scale() == v1::PER_TENSOR  ? core::ScaleGranularity::kTensor
+            : s.scale() == v1::PER_GROUP ? core::ScaleGranularity::kGroup
+                                         : core::ScaleGranularity::kChannel;
+  e.group_size = s.group_size();
+  e.eps = s.eps();
+  return e;
+}
+
+model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& s) {
+  model::ModelExpansionSpec m;
+  m.weights = WeightSpec(s);
+  m.act_bits = static_cast<int>(s.act_bits());
+  m.act_terms = static_cast<int>(s.act_terms());
+  m.act_grid = ToCore(s.act_grid());
+  m.truncate = s.truncate();
+  m.include = s.include();
+  m.exclude = s.exclude();
+  return m;
+}
+
+absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
+  if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
+    return Bad("granularity", "required; one of TENSOR, LAYER, MODEL");
+  }
+  const bool network = s->granularity() != v1::TENSOR;
+  if (network && model.format() != v1::TORCHSCRIPT) {
+    return Bad("granularity",
+               absl::StrCat(v1::Granularity_Name(s->granularity()), " needs a TORCHSCRIPT model; '",
+                            model.name(), "' is ", v1::ModelFormat_Name(model.format()),
+                            " (use TENSOR for weights files)"));
+  }
+  if (s->weight_bits() == 0) s->set_weight_bits(4);
+  if (s->weight_terms() == 0) s->set_weight_terms(2);
+  if (s->grid() == v1::GRID_UNSPECIFIED) s->set_grid(v1::SYM);
+  if (s->variant() == v1::VARIANT_UNSPECIFIED) s->set_variant(v1::RESCALED);
+  if (s->scale() == v1::SCALE_GRANULARITY_UNSPECIFIED) s->set_scale(v1::PER_CHANNEL);
+  if (s->act_grid() == v1::GRID_UNSPECIFIED) s->set_act_grid(v1::SYM);
+  if (s->weight_bits() > 8)
+    return Bad("weight_bits", absl::StrCat(s->weight_bits(), "; accepted 1..8"));
+  if (s->weight_terms() > 16) {
+    return Bad("weight_terms", absl::StrCat(s->weight_terms(), "; accepted 1..16"));
+  }
+  if (s->scale() == v1::PER_GROUP && s->group_size() == 0) {
+    return Bad("group_size", "required (> 0) with scale PER_GROUP");
+  }
+  if (s->scale() != v1::PER_GROUP && s->group_size() != 0) {
+    return Bad("group_size", "only allowed with scale PER_GROUP");
+  }
+  if (!(s->eps() >= 0 && s->eps() < 1)) return Bad("eps", "accepted 0 (off) or 0 < eps < 1");
+  if (absl::Status st = WeightSpec(*s).Validate(); !st.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
+  }
+  if (!network && (s->act_bits() || s->act_terms())) {
+    return Bad("act_bits", "activations are expanded by LAYER and MODEL jobs only; TENSOR takes 0");
+  }
+  if ((s->act_bits() == 0) != (s->act_terms() == 0)) {
+    return Bad("act_terms", "act_bits and act_terms are both 0 (weight-only) or both set");
+  }
+  if (s->act_bits() > 8) return Bad("act_bits", absl::StrCat(s->act_bits(), "; accepted 0..8"));
+  if (s->act_terms() > 16)
+    return Bad("act_terms", absl::StrCat(s->act_terms(), "; accepted 0..16"));
+  if (network) {
+    if (absl::Status st = ToModelExpansionSpec(*s).Validate(); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));
+    }
+  }
+  for (int f : s->outputs()) {
+    if (!v1::OutputFormat_IsValid(f) || f == v1::OUTPUT_FORMAT_UNSPECIFIED) {
+      return Bad("outputs", absl::StrCat(f, " is not an output format"));
+    }
+    if (f == v1::DEQUANTIZED_TORCHSCRIPT && (!network || s->act_terms() > 0)) {
+      return Bad("outputs", "DEQUANTIZED_TORCHSCRIPT needs a weight-only LAYER or MODEL job");
+    }
+    if (f == v1::BASIS_TORCHSCRIPT && s->granularity() != v1::MODEL) {
+      return Bad("outputs", "BASIS_TORCHSCRIPT needs a MODEL job");
+    }
+  }
+  if (s->deploy().enabled() && !network) {
+    return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
+  }
+  for (const auto& [field, pattern] :
+       {std::pair<const char*, const std::string*>{"include", &s->include()},
+        {"exclude", &s->exclude()}}) {
+    if (pattern->size() > 1024) return Bad(field, "patterns are at most 1024 characters");
+    try {
+      std::regex re(*pattern);
+    } catch (const std::regex_error& e) {
+      return Bad(field,
+                 absl::StrCat("'", *pattern, "' is not a valid ECMAScript regular expression (",
+                              e.what(), ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fpxint::server

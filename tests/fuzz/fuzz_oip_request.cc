@@ -1,0 +1,61 @@
+// libFuzzer target: OIP ModelInfer request decoding (server/oip_codec.h) — names, datatypes,
+// shapes, typed and raw contents, parameters — against three deployments: an FP model with a
+// fixed FP32 signature, a series model with a variable batch, and an INT64 token model.
+// Invariant: a decoded input's element count matches its shape.
+#include <cstdint>
+#include <cstdlib>
+
+#include "server/oip_codec.h"
+
+namespace {
+
+fpxint::v1::Deployment MakeDeployment(int which) {
+  fpxint::v1::Deployment d;
+  d.set_name("m");
+  d.set_version("1");
+  auto* sig = d.add_inputs();
+  sig->set_name(which == 2 ? "tokens" : "input__0");
+  if (which == 0) {
+    d.set_platform("pytorch_torchscript");
+    sig->set_datatype("FP32");
+    for (int64_t v : {1, 3, 8, 8}) sig->add_shape(v);
+  } else if (which == 1) {
+    d.set_platform("fpxint_series");
+    sig->set_datatype("FP32");
+    for (int64_t v : {-1, 16}) sig->add_shape(v);
+  } else {
+    d.set_platform("fpxint_series");
+    sig->set_datatype("INT64");
+    for (int64_t v : {1, -1}) sig->add_shape(v);
+  }
+  return d;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 1) return 0;
+  static const fpxint::v1::Deployment kDeployments[3] = {MakeDeployment(0), MakeDeployment(1),
+                                                         MakeDeployment(2)};
+  const int which = data[0] % 3;
+  inference::ModelInferRequest req;
+  if (!req.ParseFromArray(data + 1, static_cast<int>(size - 1))) return 0;
+  const int max_terms = which == 0 ? 0 : 4;
+  auto dec = fpxint::server::DecodeInferRequest(req, kDeployments[which], max_terms, which == 0 ? 0 : 2);
+  if (!dec.ok()) return 0;
+  const fpxint::model::HostTensor& t = dec->input;
+  int64_t n = 1;
+  for (int64_t d : t.shape) {
+    if (d < 0) std::abort();
+    n *= d;
+  }
+  const size_t have = t.type == fpxint::model::HostTensor::Type::kInt64 ? t.i64.size() : t.f32.size();
+  if (static_cast<size_t>(n) != have) std::abort();
+  if (dec->weight_terms < 0 || dec->weight_terms > max_terms) std::abort();
+  // Encoding an output of the same shape back must work.
+  inference::ModelInferResponse resp;
+  if (t.type == fpxint::model::HostTensor::Type::kFloat32) {
+    (void)fpxint::server::EncodeInferResponse(req, t, dec->raw, &resp);
+  }
+  return 0;
+}

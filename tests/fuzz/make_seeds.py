@@ -1,0 +1,116 @@
+#!/usr/bin/python3
+"""Writes the seed corpus of every fuzz target into OUTDIR/<target>/ (valid inputs the fuzzers
+mutate from): small safetensors files, upload streams of real chunk messages (with and without
+a matching hash), ModelInfer requests (raw and typed contents), job specs and upload headers, .npy /
+JSON tensors and YAML job files, packed codes.
+
+Usage: /usr/bin/python3 tests/fuzz/make_seeds.py OUTDIR
+"""
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def protos():
+    out = tempfile.mkdtemp(prefix="fpxint-seeds-")
+    files = ["fpxint/v1/quantizer.proto", "fpxint/v1/server_state.proto", "inference/grpc_service.proto"]
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", os.path.join(REPO, "proto"),
+                    f"--python_out={out}"] + files, check=True)
+    sys.path.insert(0, out)
+    import fpxint.v1.quantizer_pb2 as q  # noqa: E402
+    import inference.grpc_service_pb2 as inf  # noqa: E402
+    return q, inf
+
+
+def safetensors(tensors, metadata=None):
+    header, blobs, off = {}, [], 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, arr in tensors.items():
+        b = arr.tobytes()
+        dt = {np.float32: "F32", np.float16: "F16", np.int8: "I8", np.uint8: "U8", np.int64: "I64",
+              np.float64: "F64", np.int32: "I32"}[arr.dtype.type]
+        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def npy(arr):
+    f = io.BytesIO()
+    np.save(f, arr)
+    return f.getvalue()
+
+
+def frame(msgs):
+    out = b""
+    for m in msgs:
+        b = m.SerializeToString()
+        out += struct.pack("<H", len(b)) + b
+    return out
+
+
+def main(outdir):
+    q, inf = protos()
+    rng = np.random.RandomState(0)
+    seeds = {t: [] for t in ("fuzz_safetensors", "fuzz_upload", "fuzz_oip_request", "fuzz_job_spec",
+                             "fuzz_client_parsers", "fuzz_packing")}
+    st = safetensors({"w": rng.randn(4, 6).astype(np.float32), "b": rng.randn(4).astype(np.float16),
+                      "codes": rng.randint(0, 255, (2, 3)).astype(np.uint8)}, {"format": "pt"})
+    seeds["fuzz_safetensors"] += [st, safetensors({}), safetensors({"x": np.zeros((0, 3), np.float32)})]
+    for flags, fmt, payload in ((1, q.SAFETENSORS, st), (0, q.SAFETENSORS, st), (3, q.TORCHSCRIPT, b"PK\x03\x04" + b"\0" * 40)):
+        hdr = q.UploadChunk(header=q.UploadHeader(name="m", format=fmt, sha256="0" * 64,
+                                                  size_bytes=len(payload)))
+        chunks = [hdr] + [q.UploadChunk(data=payload[i:i + 64]) for i in range(0, len(payload), 64)]
+        seeds["fuzz_upload"].append(bytes([flags]) + frame(chunks))
+    x = rng.rand(1, 3, 8, 8).astype(np.float32)
+    r0 = inf.ModelInferRequest(model_name="m", inputs=[inf.ModelInferRequest.InferInputTensor(
+        name="input__0", datatype="FP32", shape=[1, 3, 8, 8])], raw_input_contents=[x.tobytes()])
+    r1 = inf.ModelInferRequest(model_name="m", inputs=[inf.ModelInferRequest.InferInputTensor(
+        name="input__0", datatype="FP32", shape=[2, 16],
+        contents=inf.InferTensorContents(fp32_contents=list(rng.rand(32))))])
+    r1.parameters["fpxint_terms"].int64_param = 2
+    r2 = inf.ModelInferRequest(model_name="m", inputs=[inf.ModelInferRequest.InferInputTensor(
+        name="tokens", datatype="INT64", shape=[1, 5])], raw_input_contents=[np.arange(5, dtype=np.int64).tobytes()])
+    seeds["fuzz_oip_request"] += [b"\0" + r0.SerializeToString(), b"\1" + r1.SerializeToString(),
+                                  b"\2" + r2.SerializeToString()]
+    spec = q.JobSpec(model="m", granularity=q.LAYER, weight_bits=4, weight_terms=2, scale=q.PER_GROUP,
+                     group_size=32, act_bits=4, act_terms=2, include="conv.*", exclude="^fc$",
+                     outputs=[q.PACKED_SAFETENSORS], deploy=q.DeploySpec(enabled=True))
+    seeds["fuzz_job_spec"] += [b"\2" + spec.SerializeToString(),
+                               b"\0" + q.JobSpec(model="m", granularity=q.TENSOR).SerializeToString(),
+                               b"\1" + q.UploadHeader(name="ok.name-1", format=q.TORCHSCRIPT, sha256="a" * 64,
+                                                      inputs=[q.TensorSignature(name="x", datatype="FP32",
+                                                                                shape=[-1, 3])]).SerializeToString()]
+    seeds["fuzz_client_parsers"] += [
+        b"\0" + npy(rng.rand(2, 3).astype(np.float32)), b"\0" + npy(np.arange(4, dtype=np.int64)),
+        b"\0" + npy(np.zeros((), np.uint8)),
+        b"\1" + json.dumps({"shape": [2, 2], "data": [1, 2, 3, 4], "datatype": "INT32"}).encode(),
+        b"\1" + json.dumps([[0.5, 1.5], [2.5, 3.5]]).encode(),
+        b"\2" + b"model: m\ngranularity: layer\nbits: 4\nterms: 2\nscale: group\ngroup_size: 32\n"
+                b"outputs: [packed_safetensors, dequantized_torchscript]\ndeploy:\n  enabled: true\n  name: x\n",
+        b"\2" + json.dumps({"model": "m", "granularity": "TENSOR", "weight_bits": 8}).encode(),
+    ]
+    seeds["fuzz_packing"] += [bytes([b]) + bytes(range(0, 256, 7)) for b in (1, 2, 4, 0x84, 0x83, 7)]
+    for target, items in seeds.items():
+        d = os.path.join(outdir, target)
+        os.makedirs(d, exist_ok=True)
+        for i, data in enumerate(items):
+            with open(os.path.join(d, f"seed{i}"), "wb") as f:
+                f.write(data)
+    print(f"seeds written to {outdir}: " + ", ".join(f"{t} {len(v)}" for t, v in seeds.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
