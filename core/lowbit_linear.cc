@@ -31,10 +31,25 @@ void AxpbyRef(const float* c, float s, float off, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += s * (c[i] + off);
 }
 
-const LinearKernelTable kRef = {"ref", DecodeRef, DotRef, AxpbyRef};
+void DotCodesRef(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx,
+                 int B, int64_t n, float* acc) {
+  std::vector<float> c(static_cast<size_t>(n));
+  DecodeRef(packed, n, bits, is_signed, c.data());
+  for (int b = 0; b < B; ++b) acc[b] += DotRef(c.data(), x + b * ldx, n);
+}
+
+void TileDotsRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B, int64_t n,
+                 float* out) {
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) out[r * B + b] = DotRef(w + r * ldw, x + b * ldx, n);
+  }
+}
+
+const LinearKernelTable kRef = {"ref", DecodeRef, DotRef, AxpbyRef, DotCodesRef, TileDotsRef};
 
 constexpr int64_t kRowsPerTask = 16;
 constexpr int64_t kSmallBatch = 4;
+constexpr int kTile = 4;  // rows and activation rows per register tile
 
 }  // namespace
 
@@ -114,41 +129,67 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
     }
   }
   const bool small = batch <= kSmallBatch;
+  // Groups start on a byte boundary when group_len·b is a multiple of 8 (always for channel
+  // scales); otherwise the small-batch path decodes whole rows first.
+  const int bits = terms_[0].bits;
+  const bool packed = CodesPerByte(bits) > 1;
+  const bool fused = !packed || groups_ == 1 || (group_len_ * bits) % 8 == 0;
+  auto byte_offset = [&](int64_t code_index) { return packed ? code_index * bits / 8 : code_index; };
   const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
   auto run = [&](int64_t task) {
-    std::vector<float> buf(static_cast<size_t>(cols_));
-    std::vector<float> wrow(small ? 0 : static_cast<size_t>(cols_));
     const int64_t r0 = task * kRowsPerTask, r1 = std::min(rows_, r0 + kRowsPerTask);
-    for (int64_t o = r0; o < r1; ++o) {
-      if (small) {
-        for (int64_t b = 0; b < batch; ++b) y[b * rows_ + o] = 0;
+    std::vector<float> buf(static_cast<size_t>(small ? cols_ : kTile * cols_));
+    if (small) {
+      for (int64_t o = r0; o < r1; ++o) {
+        float yb[kSmallBatch] = {0, 0, 0, 0};
         for (int k = 0; k < K; ++k) {
           const Term& t = terms_[static_cast<size_t>(k)];
-          kt.decode(t.codes.data() + o * row_bytes_, cols_, t.bits, t.is_signed, buf.data());
-          for (int64_t b = 0; b < batch; ++b) {
-            float acc = 0;
-            for (int64_t g = 0; g < groups_; ++g) {
-              const size_t si = static_cast<size_t>(o * groups_ + g);
-              const float d = kt.dot(buf.data() + g * group_len_, x + b * cols_ + g * group_len_,
-                                     group_len_);
-              acc += t.scale[si] * (d + t.off[si] * xsum[static_cast<size_t>(b * groups_ + g)]);
-            }
-            y[b * rows_ + o] += acc;
-          }
-        }
-      } else {
-        std::fill(wrow.begin(), wrow.end(), 0.0f);
-        for (int k = 0; k < K; ++k) {
-          const Term& t = terms_[static_cast<size_t>(k)];
-          kt.decode(t.codes.data() + o * row_bytes_, cols_, t.bits, t.is_signed, buf.data());
+          const uint8_t* row = t.codes.data() + o * row_bytes_;
+          if (!fused) kt.decode(row, cols_, t.bits, t.is_signed, buf.data());
           for (int64_t g = 0; g < groups_; ++g) {
             const size_t si = static_cast<size_t>(o * groups_ + g);
-            kt.axpby(buf.data() + g * group_len_, t.scale[si], t.off[si],
-                     wrow.data() + g * group_len_, group_len_);
+            float d[kSmallBatch] = {0, 0, 0, 0};
+            if (fused) {
+              kt.dot_codes(row + byte_offset(g * group_len_), t.bits, t.is_signed,
+                           x + g * group_len_, cols_, static_cast<int>(batch), group_len_, d);
+            } else {
+              for (int64_t b = 0; b < batch; ++b) {
+                d[b] = kt.dot(buf.data() + g * group_len_, x + b * cols_ + g * group_len_, group_len_);
+              }
+            }
+            for (int64_t b = 0; b < batch; ++b) {
+              yb[b] += t.scale[si] * (d[b] + t.off[si] * xsum[static_cast<size_t>(b * groups_ + g)]);
+            }
           }
         }
-        for (int64_t b = 0; b < batch; ++b) {
-          y[b * rows_ + o] = kt.dot(wrow.data(), x + b * cols_, cols_);
+        for (int64_t b = 0; b < batch; ++b) y[b * rows_ + o] = yb[b];
+      }
+      return;
+    }
+    // Larger batches: dequantize kTile rows (all K' terms summed) into buf, then register tiles
+    // of kTile rows × kTile activation rows.
+    std::vector<float> code(static_cast<size_t>(cols_));
+    for (int64_t o0 = r0; o0 < r1; o0 += kTile) {
+      const int R = static_cast<int>(std::min<int64_t>(kTile, r1 - o0));
+      std::fill(buf.begin(), buf.end(), 0.0f);
+      for (int r = 0; r < R; ++r) {
+        float* wrow = buf.data() + r * cols_;
+        for (int k = 0; k < K; ++k) {
+          const Term& t = terms_[static_cast<size_t>(k)];
+          kt.decode(t.codes.data() + (o0 + r) * row_bytes_, cols_, t.bits, t.is_signed, code.data());
+          for (int64_t g = 0; g < groups_; ++g) {
+            const size_t si = static_cast<size_t>((o0 + r) * groups_ + g);
+            kt.axpby(code.data() + g * group_len_, t.scale[si], t.off[si], wrow + g * group_len_,
+                     group_len_);
+          }
+        }
+      }
+      float out[kTile * kTile];
+      for (int64_t b0 = 0; b0 < batch; b0 += kTile) {
+        const int B = static_cast<int>(std::min<int64_t>(kTile, batch - b0));
+        kt.tile_dots(buf.data(), cols_, R, x + b0 * cols_, cols_, B, cols_, out);
+        for (int r = 0; r < R; ++r) {
+          for (int b = 0; b < B; ++b) y[(b0 + b) * rows_ + o0 + r] = out[r * B + b];
         }
       }
     }

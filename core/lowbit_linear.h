@@ -38,6 +38,14 @@ struct LinearKernelTable {
   float (*dot)(const float* a, const float* b, int64_t n);
   // y[i] += s·(c[i] + off).
   void (*axpby)(const float* c, float s, float off, float* y, int64_t n);
+  // acc[b] += Σ_{i<n} C[i]·x[b·ldx + i] for b < B ≤ 4, decoding the n codes on the fly (no
+  // buffer): the small-batch inner loop. `packed` starts on a byte boundary.
+  void (*dot_codes)(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx,
+                    int B, int64_t n, float* acc);
+  // out[r·B + b] = Σ_{i<n} w[r·ldw + i]·x[b·ldx + i] for r < R ≤ 4, b < B ≤ 4: a register tile
+  // of dot products, the large-batch inner loop.
+  void (*tile_dots)(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B,
+                    int64_t n, float* out);
 };
 
 // The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).

@@ -91,7 +91,56 @@ void Axpby(const float* c, float s, float off, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += s * (c[i] + off);
 }
 
-const LinearKernelTable kAvx2 = {"avx2", Decode, Dot, Axpby};
+void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx, int B,
+              int64_t n, float* acc) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 c = _mm256_cvtepi32_ps(Load8(packed, i, bits, is_signed));
+    for (int b = 0; b < B; ++b) a[b] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + b * ldx + i), a[b]);
+  }
+  for (int b = 0; b < B; ++b) acc[b] += Hsum(a[b]);
+  if (i < n) {
+    int32_t q[8];
+    UnpackCodes(packed + (CodesPerByte(bits) > 1 ? i * bits / 8 : i), n - i, bits, is_signed, q);
+    for (int b = 0; b < B; ++b) {
+      for (int64_t j = i; j < n; ++j) acc[b] += static_cast<float>(q[j - i]) * x[b * ldx + j];
+    }
+  }
+}
+
+template <int R, int B>
+void Tile(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, float* out) {
+  __m256 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + i);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = _mm256_loadu_ps(w + r * ldw + i);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) {
+      float s = Hsum(acc[r][b]);
+      for (int64_t j = i; j < n; ++j) s += w[r * ldw + j] * x[b * ldx + j];
+      out[r * B + b] = s;
+    }
+  }
+}
+
+void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B, int64_t n,
+              float* out) {
+  if (R == 4 && B == 4) return Tile<4, 4>(w, ldw, x, ldx, n, out);
+  for (int r = 0; r < R; ++r) {  // edge tiles
+    for (int b = 0; b < B; ++b) Tile<1, 1>(w + r * ldw, ldw, x + b * ldx, ldx, n, out + r * B + b);
+  }
+}
+
+const LinearKernelTable kAvx2 = {"avx2", Decode, Dot, Axpby, DotCodes, TileDots};
 
 }  // namespace
 

@@ -84,7 +84,56 @@ void Axpby(const float* c, float s, float off, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += s * (c[i] + off);
 }
 
-const LinearKernelTable kAvx512 = {"avx512", Decode, Dot, Axpby};
+void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx, int B,
+              int64_t n, float* acc) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 c = _mm512_cvtepi32_ps(Load16(packed, i, bits, is_signed));
+    for (int b = 0; b < B; ++b) a[b] = _mm512_fmadd_ps(c, _mm512_loadu_ps(x + b * ldx + i), a[b]);
+  }
+  for (int b = 0; b < B; ++b) acc[b] += _mm512_reduce_add_ps(a[b]);
+  if (i < n) {
+    int32_t q[16];
+    UnpackCodes(packed + (CodesPerByte(bits) > 1 ? i * bits / 8 : i), n - i, bits, is_signed, q);
+    for (int b = 0; b < B; ++b) {
+      for (int64_t j = i; j < n; ++j) acc[b] += static_cast<float>(q[j - i]) * x[b * ldx + j];
+    }
+  }
+}
+
+template <int R, int B>
+void Tile(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, float* out) {
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 wv = _mm512_loadu_ps(w + r * ldw + i);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) {
+      float s = _mm512_reduce_add_ps(acc[r][b]);
+      for (int64_t j = i; j < n; ++j) s += w[r * ldw + j] * x[b * ldx + j];
+      out[r * B + b] = s;
+    }
+  }
+}
+
+void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B, int64_t n,
+              float* out) {
+  if (R == 4 && B == 4) return Tile<4, 4>(w, ldw, x, ldx, n, out);
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) Tile<1, 1>(w + r * ldw, ldw, x + b * ldx, ldx, n, out + r * B + b);
+  }
+}
+
+const LinearKernelTable kAvx512 = {"avx512", Decode, Dot, Axpby, DotCodes, TileDots};
 
 }  // namespace
 

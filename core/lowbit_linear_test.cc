@@ -79,6 +79,9 @@ const Case kCases[] = {
     {21, 45, 2, 1, 5, Grid::kMid, ScaleGranularity::kChannel, 0},
     {16, 50, 6, 2, 3, Grid::kAsym, ScaleGranularity::kTensor, 0},
     {64, 256, 64, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+    {20, 60, 2, 1, 3, Grid::kMid, ScaleGranularity::kGroup, 12},   // groups not byte-aligned
+    {20, 60, 3, 3, 2, Grid::kSym, ScaleGranularity::kGroup, 20},   // byte codes, groups
+    {13, 48, 7, 4, 2, Grid::kAsym, ScaleGranularity::kGroup, 16},  // asym zero per group
 };
 
 TEST(LowbitLinear, ReferenceMatchesTheExactExpansion) {

@@ -9,6 +9,7 @@
 #include <torch/script.h>
 
 #include <cstdio>
+#include <map>
 #include <cstring>
 #include <regex>
 
@@ -129,6 +130,11 @@ std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
 struct Model::Impl {
   torch::jit::Module frozen;   // frozen, BatchNorm folded; never modified after Load
   torch::jit::Module current;  // what Forward runs
+  // Networks already built by SetPrecision, by (kw, ka). Building clones the module, and every
+  // clone adds class types to the shared TorchScript compilation unit that are never freed, so
+  // switching precision per request (any-precision serving) must reuse them, not rebuild. At
+  // most K_w × (K_a + 1) entries; cleared when the expansion changes.
+  std::map<std::pair<int, int>, torch::jit::Module> built;
   std::vector<OpKind> kinds;
   std::vector<LayerInfo> layers;
   ModelExpansionSpec spec;
@@ -294,6 +300,7 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
   }
   Impl& im = *impl_;
   im.spec = spec;
+  im.built.clear();  // networks of the previous expansion
   core::ExpandOptions opts;
   opts.pool = pool;
   opts.cancel = hooks.cancel;
@@ -347,6 +354,8 @@ absl::Status Model::SetPrecision(int kw, int ka) {
   }
   if (kw == 0 && ka == 0) {
     im.current = im.frozen;
+  } else if (auto it = im.built.find({kw, ka}); it != im.built.end()) {
+    im.current = it->second;
   } else {
     auto weight_for = [&](size_t i, int n) {
       const int k = std::min<int>(n, im.expansions[i]->terms.size());
@@ -357,6 +366,7 @@ absl::Status Model::SetPrecision(int kw, int ka) {
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("cannot build the expanded network: ", Brief(e)));
     }
+    im.built.emplace(std::make_pair(kw, ka), im.current);
   }
   im.kw = kw;
   im.ka = ka;

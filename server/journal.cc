@@ -38,6 +38,23 @@ CREATE TABLE IF NOT EXISTS deployments(
 )sql";
 
 // One prepared statement; finalized on destruction.
+// SQLite failures as statuses a client can act on: a full disk is RESOURCE_EXHAUSTED naming the
+// journal file, I/O errors UNAVAILABLE, everything else INTERNAL.
+absl::Status SqliteError(sqlite3* db, absl::string_view what) {
+  const int rc = sqlite3_errcode(db);
+  const char* file = sqlite3_db_filename(db, "main");
+  const std::string msg =
+      absl::StrCat("journal ", file ? file : "", " ", what, ": ", sqlite3_errmsg(db));
+  switch (rc) {
+    case SQLITE_FULL: return absl::ResourceExhaustedError(absl::StrCat(msg, " (free disk space)"));
+    case SQLITE_IOERR:
+    case SQLITE_CANTOPEN:
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED: return absl::UnavailableError(msg);
+    default: return absl::InternalError(msg);
+  }
+}
+
 class Stmt {
  public:
   Stmt(sqlite3* db, const char* sql) : db_(db) {
@@ -83,9 +100,7 @@ class Stmt {
   int64_t Int(int col) const { return sqlite3_column_int64(st_, col); }
 
  private:
-  absl::Status Error(const char* what) const {
-    return absl::InternalError(absl::StrCat("journal ", what, ": ", sqlite3_errmsg(db_)));
-  }
+  absl::Status Error(const char* what) const { return SqliteError(db_, what); }
   sqlite3* db_;
   sqlite3_stmt* st_ = nullptr;
   int rc_ = SQLITE_OK;
@@ -150,9 +165,8 @@ Journal::~Journal() {
 absl::Status Journal::Exec(const char* sql) {
   char* err = nullptr;
   if (sqlite3_exec(db_, sql, nullptr, nullptr, &err) != SQLITE_OK) {
-    absl::Status s = absl::InternalError(absl::StrCat("journal: ", err ? err : "error"));
     sqlite3_free(err);
-    return s;
+    return SqliteError(db_, "exec");
   }
   return absl::OkStatus();
 }

@@ -1,6 +1,8 @@
 // File: server/repository.cc
 #include "server/repository.h"
 
+#include "server/validation.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -114,6 +116,9 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::D
 }
 
 absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
+  // Checked at SubmitJob already; checked again where the names become paths.
+  FPX_RETURN_IF_ERROR(CheckName(d.name(), "deployment name"));
+  FPX_RETURN_IF_ERROR(CheckVersion(d.version(), "deployment version"));
   const fs::path final_dir = fs::path(dir_) / d.name() / d.version();
   std::error_code ec;
   if (fs::exists(final_dir / "config.json", ec)) return absl::OkStatus();

@@ -38,6 +38,16 @@ absl::Status CheckName(const std::string& name, absl::string_view field) {
   return absl::OkStatus();
 }
 
+absl::Status CheckVersion(const std::string& version, absl::string_view field) {
+  const bool ok = !version.empty() && version.size() <= 9 && version[0] != '0' &&
+                  version.find_first_not_of("0123456789") == std::string::npos;
+  if (!ok) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": '", version.substr(0, 32), "'; accepted: a positive integer of 1-9 digits"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& policy,
                                bool is_admin) {
   FPX_RETURN_IF_ERROR(CheckName(h.name(), "header.name"));
@@ -176,6 +186,13 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   }
   if (s->deploy().enabled() && !network) {
     return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
+  }
+  // The deployment becomes <repository>/<name>/<version>/: both must be plain names.
+  if (!s->deploy().name().empty()) {
+    FPX_RETURN_IF_ERROR(CheckName(s->deploy().name(), "spec.deploy.name"));
+  }
+  if (!s->deploy().version().empty()) {
+    FPX_RETURN_IF_ERROR(CheckVersion(s->deploy().version(), "spec.deploy.version"));
   }
   for (const auto& [field, pattern] :
        {std::pair<const char*, const std::string*>{"include", &s->include()},

@@ -33,6 +33,9 @@ struct UploadPolicy {
 absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& policy,
                                bool is_admin);
 
+// Deployment versions: a positive integer of 1-9 digits, no leading zero ("1", "12").
+absl::Status CheckVersion(const std::string& version, absl::string_view field);
+
 // Fills defaults (b=4, K_w=2, SYM, RESCALED, PER_CHANNEL) into *spec and checks every field
 // against `model`. InvalidArgument naming the field (e.g. "spec.weight_bits: 9; accepted 1..8").
 absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* spec);

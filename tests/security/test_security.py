@@ -468,8 +468,8 @@ class DeployTraversal(SecCase):
             wrong.append("files written outside <data>/repository/<name>/<version>: " + "; ".join(escaped))
         self.assertEqual(c.serving_status_name(self.call(c.health)), "SERVING")
         self.assertFalse(wrong, f"{len(wrong)} deploy name/version traversals not refused:\n  " + "\n  ".join(wrong)
-                         + f"\nreproduce: SubmitJob LAYER of a TorchScript upload with spec.deploy "
-                           f"{{enabled: true, name: '../escape-name'}}")
+                         + "\nreproduce: SubmitJob LAYER of a TorchScript upload with spec.deploy "
+                           "{enabled: true, name: '../escape-name'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,7 +558,7 @@ class Limits(SecCase):
         self.assertEqual(m.size_bytes, self.MAX_UPLOAD)
 
     def test_message_limit(self):
-        q, inf = self.protos.q, self.protos.inf
+        q = self.protos.q
         c = self.c
         before = self.store_state()
         # one UploadChunk larger than --max-message-bytes
