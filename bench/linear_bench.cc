@@ -12,6 +12,7 @@
 #include <benchmark/benchmark.h>
 
 #include <map>
+#include <vector>
 #include <memory>
 #include <string>
 
@@ -109,7 +110,29 @@ void BM_Lowbit(benchmark::State& state, std::string impl, int64_t batch) {
   state.SetLabel(fpxint::core::ActiveLinearKernels().name);
 }
 
+// The machine's streaming read bandwidth with the same 2 threads: the ceiling for batch-1
+// inference, which reads every weight byte once (issue goal: >= 60 % of it).
+void BM_StreamRead(benchmark::State& state) {
+  constexpr size_t kBytes = size_t{256} << 20;
+  static std::vector<uint64_t> buf(kBytes / 8, 1);
+  std::vector<uint64_t> sums(kThreads);
+  for (auto _ : state) {
+    Pool().ParallelFor(kThreads, [&](int64_t t) {
+      const size_t n = buf.size() / kThreads, b = static_cast<size_t>(t) * n;
+      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (size_t i = b; i < b + n; i += 4) {
+        s0 += buf[i], s1 += buf[i + 1], s2 += buf[i + 2], s3 += buf[i + 3];
+      }
+      sums[static_cast<size_t>(t)] = s0 + s1 + s2 + s3;
+    });
+    benchmark::DoNotOptimize(sums.data());
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(kBytes));
+}
+
 int Register() {
+  benchmark::RegisterBenchmark("Memory/stream_read/256MB", BM_StreamRead)
+      ->Unit(benchmark::kMillisecond)->UseRealTime();
   for (int64_t b : {1, 8, 64}) {
     const std::string shape = std::to_string(kN) + "x" + std::to_string(kN) + "/batch:" + std::to_string(b);
     benchmark::RegisterBenchmark(("Linear/fp32_libtorch/" + shape).c_str(), BM_Fp32, b)

@@ -4,6 +4,8 @@
 #include <cstring>
 #include <regex>
 
+#include "core/name_pattern.h"
+
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -33,13 +35,7 @@ DType CodesDType(const ExpansionSpec& spec) {
 }
 
 absl::StatusOr<std::regex> CompileRegex(const std::string& pattern, absl::string_view flag) {
-  try {
-    return std::regex(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(flag, ": '", pattern, "' is not a valid ECMAScript regular expression (",
-                     e.what(), ")"));
-  }
+  return CompileNamePattern(pattern, flag);
 }
 
 }  // namespace

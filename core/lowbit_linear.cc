@@ -45,10 +45,12 @@ void TileDotsRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx
   }
 }
 
-const LinearKernelTable kRef = {"ref", DecodeRef, DotRef, AxpbyRef, DotCodesRef, TileDotsRef};
+const LinearKernelTable kRef = {"ref",       DecodeRef, DotRef,  AxpbyRef, DotCodesRef,
+                                 TileDotsRef, nullptr,   nullptr, nullptr};
 
 constexpr int64_t kRowsPerTask = 16;
-constexpr int64_t kSmallBatch = 4;
+constexpr int64_t kSmallBatch = 4;      // activation rows per dot_codes call
+constexpr int64_t kSmallBatchPerm = 8;  // ... per dot_codes_perm call
 constexpr int kTile = 4;  // rows and activation rows per register tile
 
 }  // namespace
@@ -128,28 +130,50 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
       xsum[static_cast<size_t>(b * groups_ + g)] = s;
     }
   }
-  const bool small = batch <= kSmallBatch;
+  const int bits = terms_[0].bits;
+  const int64_t pb = kt.perm_block != nullptr ? kt.perm_block(bits) : 0;
+  // The table-lookup path needs every scale group to start on a block boundary.
+  const bool perm_ok = pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
+  const bool small = batch <= (perm_ok ? kSmallBatchPerm : kSmallBatch);
   // Groups start on a byte boundary when group_len·b is a multiple of 8 (always for channel
   // scales); otherwise the small-batch path decodes whole rows first.
-  const int bits = terms_[0].bits;
   const bool packed = CodesPerByte(bits) > 1;
   const bool fused = !packed || groups_ == 1 || (group_len_ * bits) % 8 == 0;
   auto byte_offset = [&](int64_t code_index) { return packed ? code_index * bits / 8 : code_index; };
+  const bool perm = small && perm_ok;
+  std::vector<float> xperm;
+  if (perm) {
+    xperm.resize(static_cast<size_t>(batch * cols_));
+    for (int64_t b = 0; b < batch; ++b) {
+      if (groups_ == 1) {
+        kt.permute_x(x + b * cols_, cols_, bits, xperm.data() + b * cols_);
+      } else {
+        for (int64_t g = 0; g < groups_; ++g) {
+          kt.permute_x(x + b * cols_ + g * group_len_, group_len_, bits,
+                       xperm.data() + b * cols_ + g * group_len_);
+        }
+      }
+    }
+  }
   const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
   auto run = [&](int64_t task) {
     const int64_t r0 = task * kRowsPerTask, r1 = std::min(rows_, r0 + kRowsPerTask);
-    std::vector<float> buf(static_cast<size_t>(small ? cols_ : kTile * cols_));
+    std::vector<float> buf(static_cast<size_t>(small ? (fused ? 0 : cols_) : kTile * cols_));
     if (small) {
       for (int64_t o = r0; o < r1; ++o) {
-        float yb[kSmallBatch] = {0, 0, 0, 0};
+        float yb[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int k = 0; k < K; ++k) {
           const Term& t = terms_[static_cast<size_t>(k)];
           const uint8_t* row = t.codes.data() + o * row_bytes_;
           if (!fused) kt.decode(row, cols_, t.bits, t.is_signed, buf.data());
           for (int64_t g = 0; g < groups_; ++g) {
             const size_t si = static_cast<size_t>(o * groups_ + g);
-            float d[kSmallBatch] = {0, 0, 0, 0};
-            if (fused) {
+            float d[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (perm) {
+              kt.dot_codes_perm(row + byte_offset(g * group_len_), t.bits, t.is_signed,
+                                xperm.data() + g * group_len_, cols_, static_cast<int>(batch),
+                                group_len_, d);
+            } else if (fused) {
               kt.dot_codes(row + byte_offset(g * group_len_), t.bits, t.is_signed,
                            x + g * group_len_, cols_, static_cast<int>(batch), group_len_, d);
             } else {

@@ -9,7 +9,7 @@
 // scales. Activations stay fp32 (weight-only serving). Any-precision: K' ≤ K terms per call.
 //
 // Two schedules, chosen by batch size:
-//   small batch (≤ 4): per row and term, decode the codes to floats once and take dot products
+//   small batch (≤ 4, or ≤ 8 with the AVX-512 table-lookup path): per row and term, decode the codes to floats once and take dot products
 //     with every activation row; the scale and offset are applied per group after the dot
 //     (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K terms make one pass over the activations.
 //   larger batch: per row, decode and sum the K terms into one fp32 row (dequantize on the fly,
@@ -46,6 +46,15 @@ struct LinearKernelTable {
   // of dot products, the large-batch inner loop.
   void (*tile_dots)(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B,
                     int64_t n, float* out);
+  // Optional (nullptr when the ISA has no such path): packed codes decoded through a 16-entry
+  // table lookup (one permute per 16 codes), which reads the codes of a block of
+  // perm_block(bits) in bit-plane order. The activations are reordered once per call to match
+  // (permute_x); dot_codes_perm then takes the reordered activations.
+  int (*perm_block)(int bits);  // codes per block, 0 when this width has no such path
+  void (*permute_x)(const float* x, int64_t n, int bits, float* out);
+  // B ≤ 8.
+  void (*dot_codes_perm)(const uint8_t* packed, int bits, bool is_signed, const float* xp,
+                         int64_t ldx, int B, int64_t n, float* acc);
 };
 
 // The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).

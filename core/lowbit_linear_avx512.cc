@@ -133,7 +133,111 @@ void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, i
   }
 }
 
-const LinearKernelTable kAvx512 = {"avx512", Decode, Dot, Axpby, DotCodes, TileDots};
+// ---- table-lookup decoding of packed codes ---------------------------------------------------
+// 16 bytes of packed b-bit codes are widened to 16 dword lanes; shifting by s·b and using the low
+// 4 bits as an index into a 16-float table (entry i = the value of code i mod 2^b) decodes the
+// 16 codes at positions j·(8/b) + s of the block. The activations are reordered the same way.
+
+int PermBlock(int bits) { return bits == 1 || bits == 2 || bits == 4 ? 16 * (8 / bits) : 0; }
+
+void PermuteX(const float* x, int64_t n, int bits, float* out) {
+  const int per = 8 / bits, blk = 16 * per;
+  int64_t i = 0;
+  for (; i + blk <= n; i += blk) {
+    for (int s = 0; s < per; ++s) {
+      for (int j = 0; j < 16; ++j) out[i + s * 16 + j] = x[i + j * per + s];
+    }
+  }
+  for (; i < n; ++i) out[i] = x[i];
+}
+
+struct Luts {
+  alignas(64) float v[2][9][16];  // [signed][bits][index]
+  Luts() {
+    for (int sg = 0; sg < 2; ++sg) {
+      for (int b : {1, 2, 4}) {
+        for (int i = 0; i < 16; ++i) {
+          const int c = i & ((1 << b) - 1);
+          v[sg][b][i] = static_cast<float>(sg && (c >> (b - 1)) ? c - (1 << b) : c);
+        }
+      }
+    }
+  }
+};
+const Luts kLuts;
+
+// One activation row: four independent accumulators over two blocks at a time, so that the FMA
+// latency (not its throughput) does not set the pace.
+template <int BITS>
+float DotPackedOne(const uint8_t* packed, const __m512 lut, const float* xp, int64_t n, int64_t* done) {
+  constexpr int kPer = 8 / BITS, kBlk = 16 * kPer;
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 2 * kBlk <= n; i += 2 * kBlk) {
+    const __m512i v0 = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / kPer)));
+    const __m512i v1 = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i + kBlk) / kPer)));
+#pragma GCC unroll 8
+    for (int s = 0; s < kPer; ++s) {
+      const __m512 c0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, s * BITS), lut);
+      const __m512 c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, s * BITS), lut);
+      a[(2 * s) & 3] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(xp + i + s * 16), a[(2 * s) & 3]);
+      a[(2 * s + 1) & 3] =
+          _mm512_fmadd_ps(c1, _mm512_loadu_ps(xp + i + kBlk + s * 16), a[(2 * s + 1) & 3]);
+    }
+  }
+  *done = i;
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+}
+
+template <int BITS>
+void DotPacked(const uint8_t* packed, bool is_signed, const float* xp, int64_t ldx, int B, int64_t n,
+               float* acc) {
+  constexpr int kPer = 8 / BITS, kBlk = 16 * kPer;
+  const __m512 lut = _mm512_load_ps(kLuts.v[is_signed][BITS]);
+  if (B == 1) {  // the latency-bound case: split it
+    int64_t done = 0;
+    acc[0] += DotPackedOne<BITS>(packed, lut, xp, n, &done);
+    packed += done / kPer;
+    xp += done;
+    n -= done;
+  }
+  __m512 a[8];
+  for (__m512& v : a) v = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kBlk <= n; i += kBlk) {
+    const __m512i v = _mm512_cvtepu8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / kPer)));
+#pragma GCC unroll 8
+    for (int s = 0; s < kPer; ++s) {
+      const __m512 c = _mm512_permutexvar_ps(_mm512_srli_epi32(v, s * BITS), lut);
+      for (int b = 0; b < B; ++b) {
+        a[b] = _mm512_fmadd_ps(c, _mm512_loadu_ps(xp + b * ldx + i + s * 16), a[b]);
+      }
+    }
+  }
+  for (int b = 0; b < B; ++b) acc[b] += _mm512_reduce_add_ps(a[b]);
+  if (i < n) {  // the tail is in natural order
+    int32_t q[kBlk];
+    UnpackCodes(packed + i / kPer, n - i, BITS, is_signed, q);
+    for (int b = 0; b < B; ++b) {
+      for (int64_t j = i; j < n; ++j) acc[b] += static_cast<float>(q[j - i]) * xp[b * ldx + j];
+    }
+  }
+}
+
+void DotCodesPerm(const uint8_t* packed, int bits, bool is_signed, const float* xp, int64_t ldx,
+                  int B, int64_t n, float* acc) {
+  switch (bits) {
+    case 4: return DotPacked<4>(packed, is_signed, xp, ldx, B, n, acc);
+    case 2: return DotPacked<2>(packed, is_signed, xp, ldx, B, n, acc);
+    default: return DotPacked<1>(packed, is_signed, xp, ldx, B, n, acc);
+  }
+}
+
+const LinearKernelTable kAvx512 = {"avx512", Decode,    Dot,     Axpby,       DotCodes,
+                                   TileDots, PermBlock, PermuteX, DotCodesPerm};
 
 }  // namespace
 

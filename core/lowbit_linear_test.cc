@@ -82,6 +82,8 @@ const Case kCases[] = {
     {20, 60, 2, 1, 3, Grid::kMid, ScaleGranularity::kGroup, 12},   // groups not byte-aligned
     {20, 60, 3, 3, 2, Grid::kSym, ScaleGranularity::kGroup, 20},   // byte codes, groups
     {13, 48, 7, 4, 2, Grid::kAsym, ScaleGranularity::kGroup, 16},  // asym zero per group
+    {29, 96, 8, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},   // 8 rows: table lookup
+    {17, 128, 6, 2, 3, Grid::kMid, ScaleGranularity::kGroup, 64},
 };
 
 TEST(LowbitLinear, ReferenceMatchesTheExactExpansion) {

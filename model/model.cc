@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/name_pattern.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "model/act_expand_op.h"
@@ -292,11 +293,11 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
                            const ExpandHooks& hooks) {
   FPX_RETURN_IF_ERROR(spec.Validate());
   std::optional<std::regex> include, exclude;
-  try {
-    if (!spec.include.empty()) include.emplace(spec.include);
-    if (!spec.exclude.empty()) exclude.emplace(spec.exclude);
-  } catch (const std::regex_error& e) {
-    return absl::InvalidArgumentError(absl::StrCat("include/exclude: invalid regex: ", e.what()));
+  if (!spec.include.empty()) {
+    FPX_ASSIGN_OR_RETURN(include, core::CompileNamePattern(spec.include, "include"));
+  }
+  if (!spec.exclude.empty()) {
+    FPX_ASSIGN_OR_RETURN(exclude, core::CompileNamePattern(spec.exclude, "exclude"));
   }
   Impl& im = *impl_;
   im.spec = spec;
