@@ -108,9 +108,11 @@ void PrintJob(const v1::Job& job) {
                 p.eta_seconds() >= 0 ? absl::StrFormat(", ETA %.0f s", p.eta_seconds()).c_str() : "");
   }
   if (job.state() != v1::SUCCEEDED) return;
-  std::printf("  %d layers, %s -> %s (%.2fx smaller), no calibration data\n", r.layers_size(),
-              HumanBytes(r.bytes_in()).c_str(), HumanBytes(r.bytes_out()).c_str(),
-              r.compression_ratio());
+  // compression_ratio compares with the FP32 weights (the uploaded file may hold more).
+  std::printf("  %d layers; FP32 weights %s -> %s (%.2fx smaller); no calibration data\n",
+              r.layers_size(),
+              HumanBytes(static_cast<uint64_t>(r.bytes_out() * r.compression_ratio())).c_str(),
+              HumanBytes(r.bytes_out()).c_str(), r.compression_ratio());
   if (r.probe_size() > 0) {
     std::printf("  output error on a data-free probe input (relative Frobenius):\n");
     for (const v1::ProbeError& p : r.probe()) {

@@ -47,7 +47,9 @@ TEST(DType, BFloat16) {
   EXPECT_EQ(FloatToBFloat16(absl::bit_cast<float>(0x3F818000u)), 0x3F82);
   for (uint32_t b = 0; b < 0x10000; b += 7) {
     const float f = BFloat16ToFloat(static_cast<uint16_t>(b));
-    if (!std::isnan(f)) EXPECT_EQ(FloatToBFloat16(f), b);
+    if (!std::isnan(f)) {
+      EXPECT_EQ(FloatToBFloat16(f), b);
+    }
   }
 }
 

@@ -336,9 +336,12 @@ uint64_t SafetensorsWriter::FileSize() const {
 
 std::vector<uint8_t> SafetensorsWriter::Serialize() const {
   const std::string h = PaddedHeader();
-  std::vector<uint8_t> out(8);
+  size_t total = 8 + h.size();
+  for (const Entry& e : entries_) total += e.data.size();
+  std::vector<uint8_t> out;
+  out.reserve(total);
   const uint64_t n = h.size();
-  std::memcpy(out.data(), &n, 8);
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(n >> (8 * i)));  // little-endian
   out.insert(out.end(), h.begin(), h.end());
   for (const Entry& e : entries_) out.insert(out.end(), e.data.begin(), e.data.end());
   return out;

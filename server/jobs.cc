@@ -378,11 +378,13 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
       absl::MutexLock l(&mu_);
       live->job.mutable_progress()->set_phase("deploying");
     }
+    Publish(live, /*persist=*/false);
     FPX_ASSIGN_OR_RETURN(v1::Deployment done, repo_->Deploy(d, /*load=*/true));
     out->result.set_deployed_name(done.name());
     out->result.set_deployed_version(done.version());
   }
   absl::MutexLock l(&mu_);
+  live->job.mutable_progress()->set_phase("done");
   *live->job.mutable_result() = out->result;
   for (v1::Artifact& a : artifacts) *live->job.add_artifacts() = std::move(a);
   return absl::OkStatus();
