@@ -1,6 +1,10 @@
 #include "core/sha256.h"
 
+#include <cpuid.h>
+
 #include <cerrno>
+#include <cstdlib>
+#include <string>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -8,9 +12,9 @@
 #include "absl/strings/str_cat.h"
 
 namespace fpxint::core {
-namespace {
-
-constexpr uint32_t kK[64] = {
+// Shared with sha256_shani.cc.
+extern const uint32_t kSha256K[64];
+alignas(16) const uint32_t kSha256K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
     0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
     0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
@@ -20,7 +24,28 @@ constexpr uint32_t kK[64] = {
     0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
 
+void Sha256BlocksShaNi(uint32_t state[8], const uint8_t* data, size_t blocks);
+
+namespace {
+
+constexpr const uint32_t* kK = kSha256K;
+
 inline uint32_t Rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+// The SHA extensions (and the SSSE3/SSE4.1 shuffles their code uses); FPXINT_KERNEL=ref turns
+// them off like the other kernels.
+bool HasShaNi() {
+  static const bool has = [] {
+    const char* forced = std::getenv("FPXINT_KERNEL");
+    if (forced != nullptr && std::string(forced) == "ref") return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool sse41 = (c & (1u << 19)) != 0, ssse3 = (c & (1u << 9)) != 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return sse41 && ssse3 && (b & (1u << 29)) != 0;
+  }();
+  return has;
+}
 
 }  // namespace
 
@@ -29,6 +54,7 @@ Sha256::Sha256()
          0x5be0cd19} {}
 
 void Sha256::Block(const uint8_t* p) {
+  if (HasShaNi()) return Sha256BlocksShaNi(h_, p, 1);
   uint32_t w[64];
   for (int i = 0; i < 16; ++i) {
     w[i] = (uint32_t{p[4 * i]} << 24) | (uint32_t{p[4 * i + 1]} << 16) |
@@ -71,6 +97,11 @@ void Sha256::Update(absl::Span<const uint8_t> data) {
       Block(buf_);
       buf_len_ = 0;
     }
+  }
+  if (n >= 64 && HasShaNi()) {
+    Sha256BlocksShaNi(h_, p, n / 64);
+    p += n / 64 * 64;
+    n %= 64;
   }
   for (; n >= 64; p += 64, n -= 64) Block(p);
   if (n > 0) {

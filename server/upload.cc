@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "core/safetensors.h"
 
 namespace fpxint::server {
@@ -61,8 +62,10 @@ absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format)
   if (format == v1::SAFETENSORS) {
     auto r = core::SafetensorsReader::Open(path);
     if (!r.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("data: not a valid safetensors file: ", r.status().message()));
+      // The reader names the file; the client must not learn the server's paths.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "data: not a valid safetensors file: ",
+          absl::StrReplaceAll(r.status().message(), {{path + ": ", ""}, {path, "the upload"}})));
     }
     return absl::OkStatus();
   }

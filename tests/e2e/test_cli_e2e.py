@@ -207,6 +207,8 @@ class CliE2E(CliTestCase):
         self.assertIn("--format", r.err)
         # Declared safetensors but not: the server refuses with INVALID_ARGUMENT (exit 3).
         r = self.run_cli("upload", junk, "--name", "junk", "--format", "safetensors", expect=3)
+        self.assertIn("not a valid safetensors file", r.err)
+        self.assertNotIn("/blobs/", r.err, "error messages must not reveal the server's paths")
 
     def test_04_quantize_tensor_json(self):
         self.need("uploaded", "test_02_upload")
