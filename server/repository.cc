@@ -1,18 +1,20 @@
 // File: server/repository.cc
 #include "server/repository.h"
 
-#include "server/validation.h"
-
 #include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "core/status_macros.h"
 #include "server/executor.h"
 #include "server/status_util.h"
+#include "server/validation.h"
 
 namespace fpxint::server {
 namespace {
@@ -21,6 +23,55 @@ namespace fs = std::filesystem;
 
 }  // namespace
 
+class ServedModel::Runner {
+ public:
+  Runner() : thread_([this] { Loop(); }) {}
+  ~Runner() {
+    {
+      absl::MutexLock l(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+  Runner(const Runner&) = delete;
+  Runner& operator=(const Runner&) = delete;
+
+  // Runs fn on this runner's thread and waits for it. One caller at a time (the instance's).
+  void Run(const std::function<void()>& fn) {
+    absl::Notification done;
+    {
+      absl::MutexLock l(&mu_);
+      job_ = [&fn, &done] {
+        fn();
+        done.Notify();
+      };
+    }
+    done.WaitForNotification();
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        absl::MutexLock l(&mu_);
+        mu_.Await(absl::Condition(
+            +[](Runner* r) ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->stop_ || r->job_ != nullptr; },
+            this));
+        if (job_ == nullptr) return;  // stopping
+        job = std::move(job_);
+        job_ = nullptr;
+      }
+      job();
+    }
+  }
+
+  absl::Mutex mu_;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::function<void()> job_ ABSL_GUARDED_BY(mu_);
+  std::thread thread_;  // last: starts after the members above exist
+};
+
 // ---- ServedModel ----
 
 ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets)
@@ -28,7 +79,7 @@ ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Mo
   absl::MutexLock l(&mu_);
   for (auto& n : nets) {
     free_.push_back(static_cast<int>(instances_.size()));
-    instances_.push_back({std::move(n), -1, -1});
+    instances_.push_back({std::move(n), -1, -1, std::make_shared<Runner>()});
   }
 }
 
@@ -55,16 +106,18 @@ absl::StatusOr<model::HostTensor> ServedModel::Infer(const model::HostTensor& x,
     inst = &instances_[slot];  // the vector never changes after construction
   }
   *queue_ns = SteadyNowNs() - t0;
-  absl::StatusOr<model::HostTensor> y;
-  absl::Status s;
-  if (quantized() && (inst->kw != kw || inst->ka != ka)) {
-    s = inst->net->SetPrecision(kw, ka);
-    if (s.ok()) {
-      inst->kw = kw;
-      inst->ka = ka;
+  absl::StatusOr<model::HostTensor> y = absl::InternalError("not run");
+  inst->runner->Run([&] {
+    absl::Status s;
+    if (quantized() && (inst->kw != kw || inst->ka != ka)) {
+      s = inst->net->SetPrecision(kw, ka);
+      if (s.ok()) {
+        inst->kw = kw;
+        inst->ka = ka;
+      }
     }
-  }
-  y = s.ok() ? inst->net->Forward(x) : absl::StatusOr<model::HostTensor>(s);
+    y = s.ok() ? inst->net->Forward(x) : absl::StatusOr<model::HostTensor>(s);
+  });
   absl::MutexLock l(&mu_);
   free_.push_back(slot);
   return y;

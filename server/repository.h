@@ -72,9 +72,14 @@ class ServedModel {
   ModelStats stats() const;
 
  private:
+  // One thread per instance runs its forward passes: LibTorch's OpenMP keeps a thread team per
+  // calling thread, so running them on gRPC's many handler threads would create team after team
+  // and oversubscribe the cores.
+  class Runner;
   struct Instance {
     std::unique_ptr<model::Model> net;
     int kw = -1, ka = -1;
+    std::shared_ptr<Runner> runner;
   };
   v1::Deployment d_;
   mutable absl::Mutex mu_;
