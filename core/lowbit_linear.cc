@@ -46,7 +46,8 @@ void TileDotsRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx
 }
 
 const LinearKernelTable kRef = {"ref",       DecodeRef, DotRef,  AxpbyRef, DotCodesRef,
-                                 TileDotsRef, nullptr,   nullptr, nullptr};
+                                 TileDotsRef, nullptr,   nullptr, nullptr,  nullptr};
+constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
 constexpr int64_t kSmallBatch = 4;      // activation rows per dot_codes call
@@ -162,6 +163,31 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
     if (small) {
       for (int64_t o = r0; o < r1; ++o) {
         float yb[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (perm && batch == 1 && K > 1 && kt.dot_codes_perm_terms != nullptr) {
+          // All K' terms in one pass over the activations (up to 4 at a time).
+          for (int64_t g = 0; g < groups_; ++g) {
+            for (int k0 = 0; k0 < K; k0 += kTermsPerPass) {
+              const int kn = std::min(kTermsPerPass, K - k0);
+              const uint8_t* rows[kTermsPerPass];
+              bool sign[kTermsPerPass];
+              float d[kTermsPerPass] = {0, 0, 0, 0};
+              for (int j = 0; j < kn; ++j) {
+                const Term& t = terms_[static_cast<size_t>(k0 + j)];
+                rows[j] = t.codes.data() + o * row_bytes_ + byte_offset(g * group_len_);
+                sign[j] = t.is_signed;
+              }
+              kt.dot_codes_perm_terms(rows, sign, kn, bits, xperm.data() + g * group_len_,
+                                      group_len_, d);
+              for (int j = 0; j < kn; ++j) {
+                const Term& t = terms_[static_cast<size_t>(k0 + j)];
+                const size_t si = static_cast<size_t>(o * groups_ + g);
+                yb[0] += t.scale[si] * (d[j] + t.off[si] * xsum[static_cast<size_t>(g)]);
+              }
+            }
+          }
+          y[o] = yb[0];
+          continue;
+        }
         for (int k = 0; k < K; ++k) {
           const Term& t = terms_[static_cast<size_t>(k)];
           const uint8_t* row = t.codes.data() + o * row_bytes_;

@@ -55,6 +55,9 @@ struct LinearKernelTable {
   // B ≤ 8.
   void (*dot_codes_perm)(const uint8_t* packed, int bits, bool is_signed, const float* xp,
                          int64_t ldx, int B, int64_t n, float* acc);
+  // One activation row, K ≤ 4 terms in one pass over it: acc[k] += Σ C_k[i]·xp[i].
+  void (*dot_codes_perm_terms)(const uint8_t* const* packed, const bool* is_signed, int K,
+                               int bits, const float* xp, int64_t n, float* acc);
 };
 
 // The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).

@@ -140,8 +140,8 @@ void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, i
   }
 }
 
-const LinearKernelTable kAvx2 = {"avx2",   Decode,  Dot,    Axpby, DotCodes,
-                                  TileDots, nullptr, nullptr, nullptr};
+const LinearKernelTable kAvx2 = {"avx2",   Decode,  Dot,     Axpby,  DotCodes,
+                                  TileDots, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -227,6 +227,51 @@ void DotPacked(const uint8_t* packed, bool is_signed, const float* xp, int64_t l
   }
 }
 
+// K ≤ 4 terms over one activation row in one pass: each block of activations is loaded once
+// and used by every term; two accumulators per term keep the FMA chains independent.
+template <int BITS>
+void DotPackedTerms(const uint8_t* const* packed, const bool* is_signed, int K, const float* xp,
+                    int64_t n, float* acc) {
+  constexpr int kPer = 8 / BITS, kBlk = 16 * kPer;
+  __m512 lut[4];
+  __m512 a[4][2];
+  for (int k = 0; k < K; ++k) {
+    lut[k] = _mm512_load_ps(kLuts.v[is_signed[k]][BITS]);
+    a[k][0] = a[k][1] = _mm512_setzero_ps();
+  }
+  int64_t i = 0;
+  for (; i + kBlk <= n; i += kBlk) {
+    __m512 xv[kPer];
+    for (int s = 0; s < kPer; ++s) xv[s] = _mm512_loadu_ps(xp + i + s * 16);
+    for (int k = 0; k < K; ++k) {
+      const __m512i v = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed[k] + i / kPer)));
+#pragma GCC unroll 8
+      for (int s = 0; s < kPer; ++s) {
+        const __m512 c = _mm512_permutexvar_ps(_mm512_srli_epi32(v, s * BITS), lut[k]);
+        a[k][s & 1] = _mm512_fmadd_ps(c, xv[s], a[k][s & 1]);
+      }
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    acc[k] += _mm512_reduce_add_ps(_mm512_add_ps(a[k][0], a[k][1]));
+    if (i < n) {  // the tail is in natural order
+      int32_t q[kBlk];
+      UnpackCodes(packed[k] + i / kPer, n - i, BITS, is_signed[k], q);
+      for (int64_t j = i; j < n; ++j) acc[k] += static_cast<float>(q[j - i]) * xp[j];
+    }
+  }
+}
+
+void DotCodesPermTerms(const uint8_t* const* packed, const bool* is_signed, int K, int bits,
+                       const float* xp, int64_t n, float* acc) {
+  switch (bits) {
+    case 4: return DotPackedTerms<4>(packed, is_signed, K, xp, n, acc);
+    case 2: return DotPackedTerms<2>(packed, is_signed, K, xp, n, acc);
+    default: return DotPackedTerms<1>(packed, is_signed, K, xp, n, acc);
+  }
+}
+
 void DotCodesPerm(const uint8_t* packed, int bits, bool is_signed, const float* xp, int64_t ldx,
                   int B, int64_t n, float* acc) {
   switch (bits) {
@@ -236,8 +281,8 @@ void DotCodesPerm(const uint8_t* packed, int bits, bool is_signed, const float* 
   }
 }
 
-const LinearKernelTable kAvx512 = {"avx512", Decode,    Dot,     Axpby,       DotCodes,
-                                   TileDots, PermBlock, PermuteX, DotCodesPerm};
+const LinearKernelTable kAvx512 = {"avx512", Decode,    Dot,      Axpby,        DotCodes,
+                                   TileDots, PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms};
 
 }  // namespace
 
