@@ -1,5 +1,10 @@
 #include "core/artifact.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <regex>
@@ -33,6 +38,86 @@ absl::Span<const uint8_t> Bytes(const Vec& v) {
 DType CodesDType(const ExpansionSpec& spec) {
   return (spec.is_packed() || !spec.is_signed()) ? DType::kU8 : DType::kI8;
 }
+
+// The terms of the tensors expanded so far, spilled to one unnamed temporary file per term k
+// (term-major order needs term 1 of every tensor before term 2 of any): the expansion of a
+// tensor is freed as soon as it is spilled, so a job's memory is one tensor's expansion, not the
+// whole artifact. The files are mapped read-only for the final write and vanish when closed.
+class TermSpill {
+ public:
+  explicit TermSpill(std::string dir) : dir_(std::move(dir)) {}
+  ~TermSpill() {
+    for (auto& f : files_) {
+      if (f.map != nullptr) ::munmap(f.map, f.size);
+      if (f.fd >= 0) ::close(f.fd);
+    }
+  }
+  TermSpill(const TermSpill&) = delete;
+  TermSpill& operator=(const TermSpill&) = delete;
+
+  // Appends bytes to term k's file; returns the offset they start at.
+  absl::StatusOr<uint64_t> Append(int k, absl::Span<const uint8_t> bytes) {
+    if (files_.size() < static_cast<size_t>(k)) files_.resize(static_cast<size_t>(k));
+    File& f = files_[static_cast<size_t>(k - 1)];
+    if (f.fd < 0) {
+      f.fd = ::open(dir_.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+      if (f.fd < 0) {  // no O_TMPFILE on this file system: a named file, unlinked at once
+        const std::string name = absl::StrCat(dir_, "/.fpxint-spill-", ::getpid(), "-", k);
+        f.fd = ::open(name.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
+        if (f.fd < 0) return ErrnoToStatus(errno, "cannot create a spill file in", dir_);
+        ::unlink(name.c_str());
+      }
+    }
+    const uint64_t at = f.size;
+    size_t done = 0;
+    while (done < bytes.size()) {
+      const ssize_t n = ::write(f.fd, bytes.data() + done, bytes.size() - done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoToStatus(errno, "cannot write a spill file in", dir_);
+      }
+      done += static_cast<size_t>(n);
+    }
+    f.size += bytes.size();
+    return at;
+  }
+
+  // Maps every file; then Data(k, offset, n) views the bytes.
+  absl::Status Map() {
+    for (File& f : files_) {
+      if (f.size == 0) continue;
+      void* m = ::mmap(nullptr, f.size, PROT_READ, MAP_SHARED, f.fd, 0);
+      if (m == MAP_FAILED) return ErrnoToStatus(errno, "cannot map a spill file in", dir_);
+      f.map = static_cast<uint8_t*>(m);
+    }
+    return absl::OkStatus();
+  }
+  absl::Span<const uint8_t> Data(int k, uint64_t offset, uint64_t n) const {
+    return absl::MakeConstSpan(files_[static_cast<size_t>(k - 1)].map + offset, n);
+  }
+
+ private:
+  struct File {
+    int fd = -1;
+    uint64_t size = 0;
+    uint8_t* map = nullptr;
+  };
+  std::string dir_;
+  std::vector<File> files_;
+};
+
+// Where one spilled piece of a term lives.
+struct SpilledPart {
+  uint64_t offset = 0, size = 0;
+};
+struct SpilledTerm {
+  SpilledPart codes, scale, zero;
+};
+struct SpilledTensor {
+  int64_t rows = 0, packed_row_bytes = 0;
+  std::vector<int64_t> scale_shape;
+  std::vector<SpilledTerm> terms;
+};
 
 absl::StatusOr<std::regex> CompileRegex(const std::string& pattern, absl::string_view flag) {
   return CompileNamePattern(pattern, flag);
@@ -87,7 +172,9 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   progress.tensor_count = static_cast<int>(selected.size());
   for (const TensorInfo* t : selected) progress.bytes_total += t->end - t->begin;
 
-  std::vector<TensorExpansion> expansions;
+  const size_t slash = out_path.rfind('/');
+  TermSpill spill(slash == std::string::npos ? "." : (slash == 0 ? "/" : out_path.substr(0, slash)));
+  std::vector<SpilledTensor> expansions;
   expansions.reserve(selected.size());
   for (size_t i = 0; i < selected.size(); ++i) {
     const TensorInfo& t = *selected[i];
@@ -103,12 +190,30 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     progress.bytes_done += t.end - t.begin;
     report.tensors.push_back(
         {t.name, std::string(DTypeName(t.dtype)), t.shape, e->source_fro, e->errors});
-    expansions.push_back(*std::move(e));
+    SpilledTensor st;
+    st.rows = e->layout.rows;
+    st.packed_row_bytes = e->layout.packed_row_bytes;
+    st.scale_shape = e->layout.scale_shape(spec);
+    for (size_t k = 1; k <= e->terms.size(); ++k) {
+      const TermData& term = e->terms[k - 1];
+      SpilledTerm sp;
+      auto put = [&](absl::Span<const uint8_t> b, SpilledPart* part) -> absl::Status {
+        FPX_ASSIGN_OR_RETURN(part->offset, spill.Append(static_cast<int>(k), b));
+        part->size = b.size();
+        return absl::OkStatus();
+      };
+      FPX_RETURN_IF_ERROR(put(Bytes(term.codes), &sp.codes));
+      FPX_RETURN_IF_ERROR(put(Bytes(term.scale), &sp.scale));
+      if (spec.grid == Grid::kAsym) FPX_RETURN_IF_ERROR(put(Bytes(term.zero), &sp.zero));
+      st.terms.push_back(sp);
+    }
+    expansions.push_back(std::move(st));  // the expansion itself is freed here
   }
   progress.tensor_index = progress.tensor_count;
   progress.name.clear();
   if (options.progress) options.progress(progress);
 
+  FPX_RETURN_IF_ERROR(spill.Map());
   SafetensorsWriter w;
   w.SetMetadata("format", kArtifactFormat);
   w.SetMetadata("format_version", kArtifactVersion);
@@ -132,17 +237,17 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   const DType codes_dtype = CodesDType(spec);
   for (int k = 1; k <= spec.terms; ++k) {
     for (size_t i = 0; i < selected.size(); ++i) {
-      const TensorExpansion& e = expansions[i];
+      const SpilledTensor& e = expansions[i];
       if (k > static_cast<int>(e.terms.size())) continue;
-      const TermData& term = e.terms[k - 1];
+      const SpilledTerm& term = e.terms[k - 1];
+      auto data = [&](const SpilledPart& p) { return spill.Data(k, p.offset, p.size); };
       const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
       absl::Status s = w.Add(absl::StrCat(prefix, ".codes"), codes_dtype,
-                             {e.layout.rows, e.layout.packed_row_bytes}, Bytes(term.codes));
-      if (s.ok()) s = w.Add(absl::StrCat(prefix, ".scale"), DType::kF32,
-                            e.layout.scale_shape(spec), Bytes(term.scale));
+                             {e.rows, e.packed_row_bytes}, data(term.codes));
+      if (s.ok()) s = w.Add(absl::StrCat(prefix, ".scale"), DType::kF32, e.scale_shape,
+                            data(term.scale));
       if (s.ok() && spec.grid == Grid::kAsym) {
-        s = w.Add(absl::StrCat(prefix, ".zero"), DType::kF32, e.layout.scale_shape(spec),
-                  Bytes(term.zero));
+        s = w.Add(absl::StrCat(prefix, ".zero"), DType::kF32, e.scale_shape, data(term.zero));
       }
       if (!s.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(
