@@ -1,7 +1,6 @@
 #include "client/expand_command.h"
 
 #include <cstdio>
-#include <fstream>
 #include <memory>
 
 #include "absl/strings/match.h"
@@ -9,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "client/exit_codes.h"
 #include "client/progress.h"
+#include "client/tensor_io.h"
 #include "core/artifact.h"
 #include "core/kernels.h"
 #include "core/thread_pool.h"
@@ -103,16 +103,9 @@ int Run(const ExpandFlags& f, const GlobalOptions& g) {
     return ExitCodeFor(report.status());
   }
   const std::string json = report->ToJson();
-  if (!f.report.empty()) {
-    const std::string tmp = f.report + ".tmp";
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << json << "\n";
-    out.close();
-    if (!out || std::rename(tmp.c_str(), f.report.c_str()) != 0) {
-      PrintError(absl::StrCat("cannot write report '", f.report, "'"));
-      std::remove(tmp.c_str());
-      return kExitIoError;
-    }
+  if (!f.report.empty() && !WriteWholeFile(f.report, json + "\n").ok()) {
+    PrintError(absl::StrCat("cannot write report '", f.report, "'"));
+    return kExitIoError;
   }
   if (g.json) {
     std::printf("%s\n", json.c_str());

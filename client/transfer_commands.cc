@@ -201,22 +201,6 @@ struct DownloadResult {
   bool already_present = false;
 };
 
-// Hashes an existing file; "" if it cannot be read.
-std::string HashFile(const std::string& path, uint64_t* size) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  struct stat st {};
-  if (fd.get() < 0 || ::fstat(fd.get(), &st) != 0) return "";
-  core::Sha256 sha;
-  if (!ForEachBlock(fd.get(), static_cast<uint64_t>(st.st_size), [&](absl::string_view b, uint64_t) {
-        sha.Update(b);
-        return true;
-      })) {
-    return "";
-  }
-  *size = static_cast<uint64_t>(st.st_size);
-  return sha.HexDigest();
-}
-
 // Downloads one artifact to `path` through `path`.part. `expected_sha` may be empty (then the
 // server's is used). Returns an exit code; fills *r.
 int DownloadOne(const Connection& conn, v1::Quantizer::Stub& stub, const std::string& artifact_id,
@@ -227,10 +211,11 @@ int DownloadOne(const Connection& conn, v1::Quantizer::Stub& stub, const std::st
   r->artifact_id = artifact_id;
   r->path = path;
   if (!expected_sha.empty()) {
-    uint64_t have_size = 0;
-    if (HashFile(path, &have_size) == expected_sha) {  // already there and intact
-      r->sha256 = expected_sha;
-      r->size = have_size;
+    absl::StatusOr<std::string> have = core::Sha256File(path);  // NotFound: not there yet
+    struct stat st {};
+    if (have.ok() && *have == expected_sha && ::stat(path.c_str(), &st) == 0) {
+      r->sha256 = expected_sha;  // already there and intact
+      r->size = static_cast<uint64_t>(st.st_size);
       r->already_present = true;
       return kExitOk;
     }

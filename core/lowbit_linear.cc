@@ -121,9 +121,15 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
                            ThreadPool* pool, const LinearKernelTable* kernels) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
-  // Σx per activation row and scale group (for the offsets).
-  std::vector<float> xsum(static_cast<size_t>(batch * groups_));
-  for (int64_t b = 0; b < batch; ++b) {
+  const int bits = terms_[0].bits;
+  const int64_t pb = kt.perm_block != nullptr ? kt.perm_block(bits) : 0;
+  // The table-lookup path needs every scale group to start on a block boundary.
+  const bool perm_ok = pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
+  const bool small = batch <= (perm_ok ? kSmallBatchPerm : kSmallBatch);
+  // Σx per activation row and scale group: the small-batch path applies the offsets after the
+  // dot products (the large-batch path folds them into the dequantized rows).
+  std::vector<float> xsum(small ? static_cast<size_t>(batch * groups_) : 0);
+  for (int64_t b = 0; small && b < batch; ++b) {
     for (int64_t g = 0; g < groups_; ++g) {
       float s = 0;
       const float* xg = x + b * cols_ + g * group_len_;
@@ -131,11 +137,6 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
       xsum[static_cast<size_t>(b * groups_ + g)] = s;
     }
   }
-  const int bits = terms_[0].bits;
-  const int64_t pb = kt.perm_block != nullptr ? kt.perm_block(bits) : 0;
-  // The table-lookup path needs every scale group to start on a block boundary.
-  const bool perm_ok = pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
-  const bool small = batch <= (perm_ok ? kSmallBatchPerm : kSmallBatch);
   // Groups start on a byte boundary when group_len·b is a multiple of 8 (always for channel
   // scales); otherwise the small-batch path decodes whole rows first.
   const bool packed = CodesPerByte(bits) > 1;

@@ -276,6 +276,37 @@ def rpc_desc(err):
     return repr(err)
 
 
+class RpcAssertions:
+    """Assertions on RPC outcomes for unittest.TestCase subclasses that define tail() (the server
+    log excerpt appended to failures)."""
+
+    def call(self, fn, *args, **kw):
+        """fn(*args) with the server's log tail on an unexpected RpcError."""
+        try:
+            return fn(*args, **kw)
+        except grpc.RpcError as e:
+            self.fail(f"unexpected RPC error {rpc_desc(e)}{self.tail()}")
+
+    def refused(self, codes, fn, *args, contains=(), **kw):
+        """fn must fail with one of `codes` (a StatusCode or a tuple); `contains`: the message must
+        mention one of these (case-insensitive). Returns the error."""
+        codes = codes if isinstance(codes, tuple) else (codes,)
+        try:
+            res = fn(*args, **kw)
+            if hasattr(res, "__iter__") and not hasattr(res, "DESCRIPTOR"):
+                res = list(res)
+        except grpc.RpcError as e:
+            self.assertIn(e.code(), codes, f"expected {'/'.join(c.name for c in codes)}, got {rpc_desc(e)}"
+                          + self.tail())
+            if contains:
+                msg = (e.details() or "").lower()
+                self.assertTrue(any(x.lower() in msg for x in contains),
+                                f"{e.code().name} {e.details()!r} should mention one of {list(contains)}")
+            return e
+        self.fail(f"expected {'/'.join(c.name for c in codes)}, the call succeeded: {str(res)[:300]}"
+                  + self.tail())
+
+
 class Client:
     def __init__(self, address, token="admin", protos=None):
         self.p = protos or Protos.load()

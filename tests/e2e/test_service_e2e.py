@@ -26,38 +26,12 @@ import service_client as sc  # noqa: E402
 SC = grpc.StatusCode
 
 
-class ServerTestCase(unittest.TestCase):
+class ServerTestCase(sc.RpcAssertions, unittest.TestCase):
     server = None
-
-    def rpc_fails(self, code, fn, *args, contains=(), **kw):
-        """Calls fn, expects an RpcError with `code`; `contains`: the message must contain one of these
-        (case-insensitive). Returns the error."""
-        try:
-            res = fn(*args, **kw)
-            if hasattr(res, "__iter__") and not hasattr(res, "DESCRIPTOR"):
-                res = list(res)
-        except grpc.RpcError as e:
-            codes = code if isinstance(code, tuple) else (code,)
-            self.assertIn(e.code(), codes,
-                          f"expected {'/'.join(x.name for x in codes)}, got {sc.rpc_desc(e)}{self.tail()}")
-            if contains:
-                msg = (e.details() or "").lower()
-                self.assertTrue(any(c.lower() in msg for c in contains),
-                                f"{e.code().name} message {e.details()!r} should mention one of {list(contains)}")
-            return e
-        names = "/".join(x.name for x in (code if isinstance(code, tuple) else (code,)))
-        self.fail(f"expected {names}, but the call succeeded: {str(res)[:300]}{self.tail()}")
 
     def tail(self):
         srv = type(self).server
         return ("\n" + srv.log_tail(30)) if srv is not None else ""
-
-    def call(self, fn, *args, **kw):
-        """fn(*args) with the server's log tail on an unexpected RpcError."""
-        try:
-            return fn(*args, **kw)
-        except grpc.RpcError as e:
-            self.fail(f"unexpected RPC error {sc.rpc_desc(e)}{self.tail()}")
 
 
 def check_job_events(tc, client, events, want_final="SUCCEEDED"):
@@ -122,7 +96,7 @@ class ServiceE2E(ServerTestCase):
             resp = self.call(self.cq.health, svc)
             self.assertEqual(self.cq.serving_status_name(resp), "SERVING", f"health of {svc!r}")
         # health needs no token (the call above sends none) and knows no other services
-        self.rpc_fails(SC.NOT_FOUND, self.cq.health, "no.such.Service")
+        self.refused(SC.NOT_FOUND, self.cq.health, "no.such.Service")
 
     def test_02_live_ready_metadata(self):
         inf = self.protos.inf
@@ -136,19 +110,19 @@ class ServiceE2E(ServerTestCase):
     def test_03_auth(self):
         q, inf = self.protos.q, self.protos.inf
         # missing token
-        self.rpc_fails(SC.UNAUTHENTICATED, self.cq.list_models, token=None)
-        self.rpc_fails(SC.UNAUTHENTICATED, self.ci.infer, "ocr_rec", np.zeros((1, 3, 48, 320), np.float32),
+        self.refused(SC.UNAUTHENTICATED, self.cq.list_models, token=None)
+        self.refused(SC.UNAUTHENTICATED, self.ci.infer, "ocr_rec", np.zeros((1, 3, 48, 320), np.float32),
                        token=None)
-        self.rpc_fails(SC.UNAUTHENTICATED, self.ci.inference.ModelMetadata,
+        self.refused(SC.UNAUTHENTICATED, self.ci.inference.ModelMetadata,
                        inf.ModelMetadataRequest(name="ocr_rec"))
-        self.rpc_fails(SC.UNAUTHENTICATED, self.ci.inference.RepositoryIndex, inf.RepositoryIndexRequest())
+        self.refused(SC.UNAUTHENTICATED, self.ci.inference.RepositoryIndex, inf.RepositoryIndexRequest())
         # unknown token
-        self.rpc_fails(SC.UNAUTHENTICATED, self.cq.list_models, token="not-a-valid-token")
+        self.refused(SC.UNAUTHENTICATED, self.cq.list_models, token="not-a-valid-token")
         # valid token, wrong role
-        self.rpc_fails(SC.PERMISSION_DENIED, self.cq.list_models, token="infer")
-        self.rpc_fails(SC.PERMISSION_DENIED, self.cq.submit,
+        self.refused(SC.PERMISSION_DENIED, self.cq.list_models, token="infer")
+        self.refused(SC.PERMISSION_DENIED, self.cq.submit,
                        self.cq.job_spec("whatever", "TENSOR"), token="infer")
-        self.rpc_fails(SC.PERMISSION_DENIED, self.ci.inference.RepositoryIndex,
+        self.refused(SC.PERMISSION_DENIED, self.ci.inference.RepositoryIndex,
                        inf.RepositoryIndexRequest(), metadata=self.ci.md("quantize"))
         # the right roles, and admin for everything
         self.call(self.cq.list_models)
@@ -156,7 +130,7 @@ class ServiceE2E(ServerTestCase):
         self.call(self.ci.inference.RepositoryIndex, inf.RepositoryIndexRequest(), metadata=self.ci.md())
         self.call(self.ci.inference.RepositoryIndex, inf.RepositoryIndexRequest(), metadata=self.ci.md("admin"))
         # an upload without a token is refused too
-        self.rpc_fails(SC.UNAUTHENTICATED, self.cq.upload_iter, "noauth", q.SAFETENSORS,
+        self.refused(SC.UNAUTHENTICATED, self.cq.upload_iter, "noauth", q.SAFETENSORS,
                        sc.sha256_bytes(b"x" * 16), iter([b"x" * 16]), 16, token=None)
 
     def test_03b_open_server_calls(self):
@@ -191,7 +165,7 @@ class ServiceE2E(ServerTestCase):
         self.assertEqual(len(g.inputs), 1)
         names = {x.name for x in self.call(self.cq.list_models)}
         self.assertTrue({"ocr_rec", "ocr_rec_weights"} <= names, f"ListModels: {names}")
-        self.rpc_fails(SC.NOT_FOUND, self.cq.get_model, "no-such-model", contains=("no-such-model",))
+        self.refused(SC.NOT_FOUND, self.cq.get_model, "no-such-model", contains=("no-such-model",))
         self.state.update(sha_pt=sha_pt, sha_st=sha_st, uploaded=True)
 
     def test_05_dedup_reupload(self):
@@ -212,7 +186,7 @@ class ServiceE2E(ServerTestCase):
     def test_06_torchscript_upload_needs_admin(self):
         # started with --allow-torchscript-uploads admin: the quantize role may not upload code
         q = self.protos.q
-        self.rpc_fails(SC.PERMISSION_DENIED, self.cq.upload_file, "ocr_rec_by_quantizer", self.rec_pt,
+        self.refused(SC.PERMISSION_DENIED, self.cq.upload_file, "ocr_rec_by_quantizer", self.rec_pt,
                        q.TORCHSCRIPT, inputs=sc.OCR_REC_INPUTS)
         names = {m.name for m in self.call(self.cq.list_models)}
         self.assertNotIn("ocr_rec_by_quantizer", names)
@@ -220,19 +194,19 @@ class ServiceE2E(ServerTestCase):
     def test_07_bad_job_specs(self):
         self.need("uploaded", "test_04_upload_models")
         c = self.cq
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.submit, c.job_spec("ocr_rec_weights", "TENSOR", weight_bits=9),
+        self.refused(SC.INVALID_ARGUMENT, c.submit, c.job_spec("ocr_rec_weights", "TENSOR", weight_bits=9),
                        contains=("weight_bits",))
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.submit, c.job_spec("ocr_rec_weights", "TENSOR", weight_terms=17),
+        self.refused(SC.INVALID_ARGUMENT, c.submit, c.job_spec("ocr_rec_weights", "TENSOR", weight_terms=17),
                        contains=("weight_terms",))
-        self.rpc_fails(SC.NOT_FOUND, c.submit, c.job_spec("no-such-model", "TENSOR"),
+        self.refused(SC.NOT_FOUND, c.submit, c.job_spec("no-such-model", "TENSOR"),
                        contains=("no-such-model", "model"))
         # a weights-only file cannot be run at LAYER granularity
-        self.rpc_fails((SC.INVALID_ARGUMENT, SC.FAILED_PRECONDITION), c.submit, c.job_spec("ocr_rec_weights", "LAYER"),
+        self.refused((SC.INVALID_ARGUMENT, SC.FAILED_PRECONDITION), c.submit, c.job_spec("ocr_rec_weights", "LAYER"),
                        contains=("granularity", "layer", "format", "torchscript"))
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.submit,
+        self.refused(SC.INVALID_ARGUMENT, c.submit,
                        c.job_spec("ocr_rec_weights", "TENSOR", grid="MID", variant="DIGITS", scale="PER_GROUP",
                                   group_size=0), contains=("group_size",))
-        self.rpc_fails(SC.NOT_FOUND, c.get_job, "no-such-job")
+        self.refused(SC.NOT_FOUND, c.get_job, "no-such-job")
 
     def test_08_bad_include_regex(self):
         # an invalid regex is a bad spec value: refused by SubmitJob, not a job that fails later
@@ -240,7 +214,7 @@ class ServiceE2E(ServerTestCase):
         c = self.cq
         for field, value in (("include", "(unclosed"), ("exclude", "[z-a]")):
             with self.subTest(field=field):
-                self.rpc_fails(SC.INVALID_ARGUMENT, c.submit,
+                self.refused(SC.INVALID_ARGUMENT, c.submit,
                                c.job_spec("ocr_rec_weights", "TENSOR", **{field: value}), contains=(field,))
 
     # ------------------------------------------------------------------------------------------
@@ -335,10 +309,10 @@ class ServiceE2E(ServerTestCase):
         self.assertTrue(all(m[1] <= 65536 for m in meta), "chunk_bytes not honoured")
         if len(full) > 65536:
             self.assertGreater(len(meta), 1)
-        self.rpc_fails(SC.NOT_FOUND, c.download, "no-such-artifact")
+        self.refused(SC.NOT_FOUND, c.download, "no-such-artifact")
         end, _ = self.call(c.download, a.artifact_id, offset=len(full))
         self.assertEqual(end, b"", "download from offset == size should give no bytes")
-        self.rpc_fails((SC.OUT_OF_RANGE, SC.INVALID_ARGUMENT), c.download, a.artifact_id, offset=len(full) + 10,
+        self.refused((SC.OUT_OF_RANGE, SC.INVALID_ARGUMENT), c.download, a.artifact_id, offset=len(full) + 10,
                        contains=("offset",))
 
     def test_12_idempotency(self):
@@ -351,7 +325,7 @@ class ServiceE2E(ServerTestCase):
         self.assertEqual(j1.job_id, j2.job_id, "same idempotency key returned another job")
         self.assertEqual(j2.idempotency_key, key)
         other = c.job_spec("ocr_rec_weights", "TENSOR", weight_bits=5, weight_terms=1)
-        self.rpc_fails(SC.ALREADY_EXISTS, c.submit, other, key)
+        self.refused(SC.ALREADY_EXISTS, c.submit, other, key)
         done = c.wait_state(j1.job_id, ["SUCCEEDED", "FAILED", "CANCELLED"], timeout=120)
         self.assertEqual(c.state_name(done.state), "SUCCEEDED", done.error)
         j3 = self.call(c.submit, spec, key)
@@ -533,7 +507,7 @@ class ServiceE2E(ServerTestCase):
             self.assertEqual(e.code(), SC.NOT_FOUND, sc.rpc_desc(e))
         if r is not None:
             self.assertFalse(r.ready)
-        self.rpc_fails(SC.NOT_FOUND, ci.inference.ModelMetadata, inf.ModelMetadataRequest(name="no-such-model"),
+        self.refused(SC.NOT_FOUND, ci.inference.ModelMetadata, inf.ModelMetadataRequest(name="no-such-model"),
                        metadata=ci.md())
 
     def test_34_bad_infer(self):
@@ -543,32 +517,32 @@ class ServiceE2E(ServerTestCase):
         good = np.ascontiguousarray(img, dtype="<f4").tobytes()
         # wrong shape (bytes consistent with the wrong shape)
         wrong = np.zeros((1, 3, 48, 321), dtype="<f4")
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", wrong, contains=("shape",))
+        self.refused(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", wrong, contains=("shape",))
         # wrong datatype, wrong byte count for it
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", img, datatype="FP64", raw_bytes=good,
+        self.refused(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", img, datatype="FP64", raw_bytes=good,
                        contains=("datatype", "FP64", "raw_input_contents"))
         # raw byte count off by 4
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", img, raw_bytes=good[:-4],
+        self.refused(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", img, raw_bytes=good[:-4],
                        contains=("raw_input_contents", "byte"))
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.infer, "rec-q", img, raw_bytes=good + b"\0\0\0\0",
+        self.refused(SC.INVALID_ARGUMENT, ci.infer, "rec-q", img, raw_bytes=good + b"\0\0\0\0",
                        contains=("raw_input_contents", "byte"))
         # unknown model
-        self.rpc_fails(SC.NOT_FOUND, ci.infer, "no-such-model", img, contains=("no-such-model",))
+        self.refused(SC.NOT_FOUND, ci.infer, "no-such-model", img, contains=("no-such-model",))
         # unknown version of a known model
-        self.rpc_fails(SC.NOT_FOUND, ci.infer, "rec-q", img, version="99", contains=("99", "version"))
+        self.refused(SC.NOT_FOUND, ci.infer, "rec-q", img, version="99", contains=("99", "version"))
         # both raw and typed contents
         inf = self.protos.inf
         req = inf.ModelInferRequest(model_name="ocr_rec")
         t = req.inputs.add(name="input__0", datatype="FP32", shape=[1, 3, 48, 320])
         t.contents.fp32_contents.extend(img.ravel().tolist())
         req.raw_input_contents.append(good)
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.inference.ModelInfer, req, metadata=ci.md(),
+        self.refused(SC.INVALID_ARGUMENT, ci.inference.ModelInfer, req, metadata=ci.md(),
                        contains=("raw_input_contents", "contents"))
         # wrong input name
         req = inf.ModelInferRequest(model_name="ocr_rec")
         req.inputs.add(name="input__7", datatype="FP32", shape=[1, 3, 48, 320])
         req.raw_input_contents.append(good)
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.inference.ModelInfer, req, metadata=ci.md(),
+        self.refused(SC.INVALID_ARGUMENT, ci.inference.ModelInfer, req, metadata=ci.md(),
                        contains=("input__7", "input"))
         # the server still answers
         out, _ = ci.infer_output(self.call(ci.infer, "ocr_rec", img))
@@ -581,7 +555,7 @@ class ServiceE2E(ServerTestCase):
         images = self.need("images", "test_30_fp_load_and_infer")
         inf, ci = self.protos.inf, self.ci
         # fpxint_terms is for series models only
-        self.rpc_fails(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", images[0], params={"fpxint_terms": 1},
+        self.refused(SC.INVALID_ARGUMENT, ci.infer, "ocr_rec", images[0], params={"fpxint_terms": 1},
                        contains=("fpxint_terms",))
         self.call(ci.inference.RepositoryModelUnload, inf.RepositoryModelUnloadRequest(model_name="ocr_rec"),
                   metadata=ci.md())
@@ -598,7 +572,7 @@ class ServiceE2E(ServerTestCase):
                   metadata=ci.md())
         out, _ = ci.infer_output(self.call(ci.infer, "ocr_rec", images[0]))
         np.testing.assert_allclose(out, self.state["fp_outs"][0], rtol=1e-4, atol=1e-5)
-        self.rpc_fails(SC.NOT_FOUND, ci.inference.RepositoryModelLoad,
+        self.refused(SC.NOT_FOUND, ci.inference.RepositoryModelLoad,
                        inf.RepositoryModelLoadRequest(model_name="no-such-model"), metadata=ci.md(),
                        contains=("no-such-model",))
 
@@ -631,7 +605,7 @@ class ServiceE2E(ServerTestCase):
         self.assertEqual(len(succ.jobs), n_succ)
         failed = self.call(c.list_jobs, page_size=1000, state="FAILED")
         self.assertTrue(all(c.state_name(j.state) == "FAILED" for j in failed.jobs))
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.list_jobs, page_size=1, page_token="garbage-token!",
+        self.refused(SC.INVALID_ARGUMENT, c.list_jobs, page_size=1, page_token="garbage-token!",
                        contains=("page_token",))
 
     def test_50_cancel_running_job(self):
@@ -652,7 +626,7 @@ class ServiceE2E(ServerTestCase):
         self.assertEqual(c.state_name(job.state), "RUNNING",
                          f"slow job went to {c.state_name(job.state)} ({job.error!r}) before it could be cancelled")
         # a model in use cannot be deleted
-        self.rpc_fails(SC.FAILED_PRECONDITION, c.delete_model, "big_random")
+        self.refused(SC.FAILED_PRECONDITION, c.delete_model, "big_random")
         t_cancel = time.monotonic()
         try:
             cj = c.cancel_job(job.job_id)
@@ -671,7 +645,7 @@ class ServiceE2E(ServerTestCase):
         self.assertIsNone(watcher.error, f"WatchJob error: {sc.rpc_desc(watcher.error)}")
         self.assertTrue(watcher.events)
         self.assertEqual(c.state_name(watcher.events[-1].job.state), "CANCELLED")
-        self.rpc_fails(SC.FAILED_PRECONDITION, c.cancel_job, job.job_id)
+        self.refused(SC.FAILED_PRECONDITION, c.cancel_job, job.job_id)
         canc = self.call(c.list_jobs, page_size=1000, state="CANCELLED")
         self.assertIn(job.job_id, [j.job_id for j in canc.jobs])
         sys.stderr.write(f"[e2e] cancel: RUNNING after {t_cancel - t_submit:.2f} s, CANCELLED {dt:.2f} s after "
@@ -685,9 +659,9 @@ class ServiceE2E(ServerTestCase):
         self.call(c.delete_model, "big_random")
         after = {m.name for m in self.call(c.list_models)}
         self.assertEqual(after, before - {"big_random"})
-        self.rpc_fails(SC.NOT_FOUND, c.get_model, "big_random")
-        self.rpc_fails(SC.NOT_FOUND, c.delete_model, "big_random")
-        self.rpc_fails(SC.NOT_FOUND, c.submit, c.job_spec("big_random", "TENSOR"))
+        self.refused(SC.NOT_FOUND, c.get_model, "big_random")
+        self.refused(SC.NOT_FOUND, c.delete_model, "big_random")
+        self.refused(SC.NOT_FOUND, c.submit, c.job_spec("big_random", "TENSOR"))
 
     def test_99_sigterm(self):
         srv = self.server
@@ -764,13 +738,13 @@ class UploadRejectionE2E(ServerTestCase):
 
         # wrong sha256
         bad_sha = hashlib.sha256(b"something else").hexdigest()
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.upload_file, "wrong_sha", self.rec_st, q.SAFETENSORS,
+        self.refused(SC.INVALID_ARGUMENT, c.upload_file, "wrong_sha", self.rec_st, q.SAFETENSORS,
                        sha256=bad_sha, contains=("sha256",))
         # not lower-case hex
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.upload_file, "upper_sha", self.rec_st, q.SAFETENSORS,
+        self.refused(SC.INVALID_ARGUMENT, c.upload_file, "upper_sha", self.rec_st, q.SAFETENSORS,
                        sha256=sha.upper(), contains=("sha256",))
         # truncated: half of the bytes, header says the full size
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.upload_iter, "truncated", q.SAFETENSORS, sha,
+        self.refused(SC.INVALID_ARGUMENT, c.upload_iter, "truncated", q.SAFETENSORS, sha,
                        sc.file_blocks(self.rec_st, limit=size // 2), size, contains=("size", "bytes", "trunc"))
         # oversize: 65 MB streamed without size_bytes
         block = os.urandom(1 << 20)
@@ -791,27 +765,27 @@ class UploadRejectionE2E(ServerTestCase):
                 s += n
 
         t0 = time.monotonic()
-        self.rpc_fails(SC.RESOURCE_EXHAUSTED, c.upload_iter, "oversize", q.SAFETENSORS, big_sha, blocks(),
+        self.refused(SC.RESOURCE_EXHAUSTED, c.upload_iter, "oversize", q.SAFETENSORS, big_sha, blocks(),
                        contains=("max-upload-bytes", "64000000", "limit", "size"))
         sys.stderr.write(f"[e2e] oversize stream refused after {time.monotonic() - t0:.2f} s\n")
         # oversize announced in size_bytes: refused early
-        self.rpc_fails(SC.RESOURCE_EXHAUSTED, c.upload_iter, "oversize2", q.SAFETENSORS, big_sha, blocks(),
+        self.refused(SC.RESOURCE_EXHAUSTED, c.upload_iter, "oversize2", q.SAFETENSORS, big_sha, blocks(),
                        total)
         # the same name with other content
         other = sc.tiny_safetensors_bytes(seed=7)
-        self.rpc_fails(SC.ALREADY_EXISTS, c.upload_iter, "weights", q.SAFETENSORS, sc.sha256_bytes(other),
+        self.refused(SC.ALREADY_EXISTS, c.upload_iter, "weights", q.SAFETENSORS, sc.sha256_bytes(other),
                        iter([other]), len(other), contains=("weights",))
         # data before the header / no header at all
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.quantizer.UploadModel,
+        self.refused(SC.INVALID_ARGUMENT, c.quantizer.UploadModel,
                        iter([q.UploadChunk(data=b"abc")]), metadata=c.md(), contains=("header",))
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.quantizer.UploadModel, iter([]), metadata=c.md(),
+        self.refused(SC.INVALID_ARGUMENT, c.quantizer.UploadModel, iter([]), metadata=c.md(),
                        contains=("header",))
         # bad names / format
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.upload_iter, "../evil", q.SAFETENSORS, sc.sha256_bytes(other),
+        self.refused(SC.INVALID_ARGUMENT, c.upload_iter, "../evil", q.SAFETENSORS, sc.sha256_bytes(other),
                        iter([other]), contains=("name",))
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.upload_iter, "", q.SAFETENSORS, sc.sha256_bytes(other),
+        self.refused(SC.INVALID_ARGUMENT, c.upload_iter, "", q.SAFETENSORS, sc.sha256_bytes(other),
                        iter([other]), contains=("name",))
-        self.rpc_fails(SC.INVALID_ARGUMENT, c.upload_iter, "nofmt", q.MODEL_FORMAT_UNSPECIFIED,
+        self.refused(SC.INVALID_ARGUMENT, c.upload_iter, "nofmt", q.MODEL_FORMAT_UNSPECIFIED,
                        sc.sha256_bytes(other), iter([other]), contains=("format",))
 
         after = self.models()

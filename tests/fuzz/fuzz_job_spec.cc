@@ -1,19 +1,10 @@
 // libFuzzer target: the server's job spec validation (server/validation.h NormalizeJobSpec, with
 // its regex compilation of include/exclude) and upload header validation, on arbitrary protobuf
 // messages. Invariant: a spec that passes has every field inside its documented range.
-#include <google/protobuf/stubs/logging.h>
-
 #include <cstdint>
 #include <cstdlib>
 
 #include "server/validation.h"
-
-// Protobuf logs every string field with invalid UTF-8 it refuses to parse: expected here.
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;

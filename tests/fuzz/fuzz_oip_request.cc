@@ -2,8 +2,6 @@
 // shapes, typed and raw contents, parameters — against three deployments: an FP model with a
 // fixed FP32 signature, a series model with a variable batch, and an INT64 token model.
 // Invariant: a decoded input's element count matches its shape.
-#include <google/protobuf/stubs/logging.h>
-
 #include <cstdint>
 #include <cstdlib>
 
@@ -34,13 +32,6 @@ fpxint::v1::Deployment MakeDeployment(int which) {
 }
 
 }  // namespace
-
-// Protobuf logs every string field with invalid UTF-8 it refuses to parse: expected here.
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;

@@ -8,8 +8,6 @@
 // a committed blob's bytes hash to its name.
 #include <dirent.h>
 
-#include <google/protobuf/stubs/logging.h>
-
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -43,13 +41,6 @@ int CountTempFiles(const std::string& dir) {
 }
 
 }  // namespace
-
-// Protobuf logs every string field with invalid UTF-8 it refuses to parse: expected here.
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int,
-                                     const std::string&) {});
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;

@@ -95,35 +95,12 @@ def blob_files(data_dir):
     return sorted(p for p in sc.dir_entries(root) if os.path.isfile(os.path.join(root, p)))
 
 
-class SecCase(unittest.TestCase):
+class SecCase(sc.RpcAssertions, unittest.TestCase):
     server = None
 
     def tail(self, srv=None):
         srv = srv or self.server
         return ("\n" + srv.log_tail(30)) if srv is not None else ""
-
-    def call(self, fn, *args, **kw):
-        try:
-            return fn(*args, **kw)
-        except grpc.RpcError as e:
-            self.fail(f"unexpected RPC error {sc.rpc_desc(e)}{self.tail()}")
-
-    def refused(self, codes, fn, *args, contains=(), **kw):
-        """fn must fail with one of `codes`; returns the error."""
-        codes = codes if isinstance(codes, tuple) else (codes,)
-        try:
-            res = fn(*args, **kw)
-            if hasattr(res, "__iter__") and not hasattr(res, "DESCRIPTOR"):
-                res = list(res)
-        except grpc.RpcError as e:
-            self.assertIn(e.code(), codes, f"expected {'/'.join(c.name for c in codes)}, got {sc.rpc_desc(e)}"
-                          + self.tail())
-            if contains:
-                msg = (e.details() or "").lower()
-                self.assertTrue(any(x.lower() in msg for x in contains),
-                                f"{e.code().name} {e.details()!r} should mention one of {list(contains)}")
-            return e
-        self.fail(f"expected {'/'.join(c.name for c in codes)}, the call succeeded: {str(res)[:300]}" + self.tail())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,11 +126,14 @@ CREDS = {
 }
 
 
-class AccessMatrix(SecCase):
+class ServerCase(SecCase):
+    """A test class with one server of its own (started with `server_kw`) and an admin client."""
+    server_kw = {}
+
     @classmethod
     def setUpClass(cls):
         cls.protos = sc.Protos.load()
-        cls.server = start_server(workers=1, queue_limit=8, extra_args=["--allow-torchscript-uploads", "admin"])
+        cls.server = start_server(**cls.server_kw)
         cls.c = sc.Client(cls.server.address, token="admin", protos=cls.protos)
 
     @classmethod
@@ -162,6 +142,11 @@ class AccessMatrix(SecCase):
         rc, _ = cls.server.terminate(timeout=60)
         if rc != 0:
             raise AssertionError(f"exit code after SIGTERM: {rc}")
+
+
+class AccessMatrix(ServerCase):
+    server_kw = dict(workers=1, queue_limit=8, extra_args=["--allow-torchscript-uploads", "admin"])
+
 
     def rpc_table(self):
         """method full name -> (rule, invoke(metadata), code expected when allowed)."""
@@ -393,21 +378,11 @@ class AccessMatrix(SecCase):
         self.assertFalse(os.path.exists("/tmp/fpxint-evil"), "/tmp/fpxint-evil was created")
         self.assertFalse(wrong, f"{len(wrong)} hostile names/ids not refused as expected:\n  " + "\n  ".join(wrong))
 
-class DeployTraversal(SecCase):
+class DeployTraversal(ServerCase):
     """A server of its own: the deployments a failing run creates must not disturb the other tests."""
 
-    @classmethod
-    def setUpClass(cls):
-        cls.protos = sc.Protos.load()
-        cls.server = start_server(workers=1, queue_limit=16)
-        cls.c = sc.Client(cls.server.address, token="admin", protos=cls.protos)
+    server_kw = dict(workers=1, queue_limit=16)
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.c.close()
-        rc, _ = cls.server.terminate(timeout=60)
-        if rc != 0:
-            raise AssertionError(f"exit code after SIGTERM: {rc}")
 
     def test_traversal_deploy_names(self):
         """spec.deploy.name / version become directories under <data>/repository: a name that leaves
@@ -495,29 +470,21 @@ def safetensors_of_size(total):
     raise AssertionError(f"cannot build a safetensors file of {total} bytes")
 
 
-class Limits(SecCase):
+class Limits(ServerCase):
     MAX_UPLOAD = 2_000_000
     MAX_MSG = 1 << 20
+    server_kw = dict(workers=1, queue_limit=4, max_upload_bytes=MAX_UPLOAD,
+                     extra_args=["--max-message-bytes", str(MAX_MSG), "--allow-torchscript-uploads", "all"])
 
     @classmethod
     def setUpClass(cls):
-        cls.protos = sc.Protos.load()
-        cls.server = start_server(workers=1, queue_limit=4, max_upload_bytes=cls.MAX_UPLOAD,
-                                  extra_args=["--max-message-bytes", str(cls.MAX_MSG),
-                                              "--allow-torchscript-uploads", "all"])
-        cls.c = sc.Client(cls.server.address, token="admin", protos=cls.protos)
+        super().setUpClass()
         q, inf = cls.protos.q, cls.protos.inf
         pt = sc.model_file("fmnist", "fmnist_cnn.pt")  # in 256 KiB chunks: 1 MiB ones exceed --max-message-bytes
         cls.c.upload_iter("fmnist", q.TORCHSCRIPT, sc.sha256_file(pt), sc.file_blocks(pt, 256 << 10),
                           os.path.getsize(pt), inputs=FMNIST_INPUTS)
         cls.c.inference.RepositoryModelLoad(inf.RepositoryModelLoadRequest(model_name="fmnist"), metadata=cls.c.md())
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.c.close()
-        rc, _ = cls.server.terminate(timeout=60)
-        if rc != 0:
-            raise AssertionError(f"exit code after SIGTERM: {rc}")
 
     def store_state(self):
         d = self.server.data_dir
@@ -629,19 +596,9 @@ class Limits(SecCase):
         self.assertEqual(out.shape, (1, 10))
 
 
-class TorchScriptRefused(SecCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.protos = sc.Protos.load()
-        cls.server = start_server(workers=1, queue_limit=4, extra_args=["--allow-torchscript-uploads", "none"])
-        cls.c = sc.Client(cls.server.address, token="admin", protos=cls.protos)
+class TorchScriptRefused(ServerCase):
+    server_kw = dict(workers=1, queue_limit=4, extra_args=["--allow-torchscript-uploads", "none"])
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.c.close()
-        rc, _ = cls.server.terminate(timeout=60)
-        if rc != 0:
-            raise AssertionError(f"exit code after SIGTERM: {rc}")
 
     def test_none(self):
         q, inf = self.protos.q, self.protos.inf
