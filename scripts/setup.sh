@@ -15,11 +15,12 @@ PKGS_BUILD=(
 # Fuzzing and sanitizers (libFuzzer ships with clang's runtime).
 PKGS_FUZZ=(clang libclang-rt-14-dev)
 # Python side: model conversion and real gRPC clients. Always call /usr/bin/python3 (TOOLCHAIN.md trap 5).
-PKGS_PY=(python3 python3-numpy python3-torch python3-onnx python3-grpcio python3-grpc-tools python3-protobuf python3-pil python3-matplotlib)
+PKGS_PY=(python3 python3-numpy python3-torch python3-onnx python3-grpcio python3-grpc-tools python3-protobuf python3-pil python3-matplotlib
+         python3-yaml)
 # Data rendering, model download (npm), monitoring tests, compose-file validation (no daemon),
-# `script` for the CLI's pseudo-terminal test.
+# `script` for the CLI's pseudo-terminal test, openssl for the TLS tests' certificates.
 PKGS_MISC=(fonts-dejavu-core nodejs npm ca-certificates curl prometheus dataset-fashion-mnist
-           docker-compose bsdutils)
+           docker-compose bsdutils openssl)
 
 missing=()
 for p in "${PKGS_BUILD[@]}" "${PKGS_FUZZ[@]}" "${PKGS_PY[@]}" "${PKGS_MISC[@]}"; do
