@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "core/kernels.h"
 #include "core/packing.h"
+#include "core/status_macros.h"
 
 namespace fpxint::core {
 
@@ -119,11 +121,22 @@ size_t LowbitLinear::resident_bytes() const {
 
 void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_used,
                            ThreadPool* pool, const LinearKernelTable* kernels) const {
+  ForwardRows(x, cols_, batch, 0, rows_, y, rows_, terms_used, pool, kernels);
+}
+
+void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
+                               int64_t row_end, float* y_out, int64_t ldy, int terms_used,
+                               ThreadPool* pool, const LinearKernelTable* kernels) const {
+  if (batch <= 0 || row_end <= row_begin) return;
+  // y[b * ldy + o] for absolute row o.
+  float* y = y_out - row_begin;
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
   const int bits = terms_[0].bits;
   const int64_t pb = kt.perm_block != nullptr ? kt.perm_block(bits) : 0;
   // The table-lookup path needs every scale group to start on a block boundary.
+  // The last group of a row may be shorter (row length not a multiple of the group size).
+  auto glen = [this](int64_t g) { return std::min(group_len_, cols_ - g * group_len_); };
   const bool perm_ok = pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
   const bool small = batch <= (perm_ok ? kSmallBatchPerm : kSmallBatch);
   // Σx per activation row and scale group: the small-batch path applies the offsets after the
@@ -132,8 +145,8 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
   for (int64_t b = 0; small && b < batch; ++b) {
     for (int64_t g = 0; g < groups_; ++g) {
       float s = 0;
-      const float* xg = x + b * cols_ + g * group_len_;
-      for (int64_t i = 0; i < group_len_; ++i) s += xg[i];
+      const float* xg = x + b * ldx + g * group_len_;
+      for (int64_t i = 0; i < glen(g); ++i) s += xg[i];
       xsum[static_cast<size_t>(b * groups_ + g)] = s;
     }
   }
@@ -148,18 +161,18 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
     xperm.resize(static_cast<size_t>(batch * cols_));
     for (int64_t b = 0; b < batch; ++b) {
       if (groups_ == 1) {
-        kt.permute_x(x + b * cols_, cols_, bits, xperm.data() + b * cols_);
+        kt.permute_x(x + b * ldx, cols_, bits, xperm.data() + b * cols_);
       } else {
         for (int64_t g = 0; g < groups_; ++g) {
-          kt.permute_x(x + b * cols_ + g * group_len_, group_len_, bits,
+          kt.permute_x(x + b * ldx + g * group_len_, glen(g), bits,
                        xperm.data() + b * cols_ + g * group_len_);
         }
       }
     }
   }
-  const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t tasks = (row_end - row_begin + kRowsPerTask - 1) / kRowsPerTask;
   auto run = [&](int64_t task) {
-    const int64_t r0 = task * kRowsPerTask, r1 = std::min(rows_, r0 + kRowsPerTask);
+    const int64_t r0 = row_begin + task * kRowsPerTask, r1 = std::min(row_end, r0 + kRowsPerTask);
     std::vector<float> buf(static_cast<size_t>(small ? (fused ? 0 : cols_) : kTile * cols_));
     if (small) {
       for (int64_t o = r0; o < r1; ++o) {
@@ -178,7 +191,7 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
                 sign[j] = t.is_signed;
               }
               kt.dot_codes_perm_terms(rows, sign, kn, bits, xperm.data() + g * group_len_,
-                                      group_len_, d);
+                                      glen(g), d);
               for (int j = 0; j < kn; ++j) {
                 const Term& t = terms_[static_cast<size_t>(k0 + j)];
                 const size_t si = static_cast<size_t>(o * groups_ + g);
@@ -186,7 +199,7 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
               }
             }
           }
-          y[o] = yb[0];
+          y[o] = yb[0];  // batch == 1
           continue;
         }
         for (int k = 0; k < K; ++k) {
@@ -199,13 +212,13 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
             if (perm) {
               kt.dot_codes_perm(row + byte_offset(g * group_len_), t.bits, t.is_signed,
                                 xperm.data() + g * group_len_, cols_, static_cast<int>(batch),
-                                group_len_, d);
+                                glen(g), d);
             } else if (fused) {
               kt.dot_codes(row + byte_offset(g * group_len_), t.bits, t.is_signed,
-                           x + g * group_len_, cols_, static_cast<int>(batch), group_len_, d);
+                           x + g * group_len_, ldx, static_cast<int>(batch), glen(g), d);
             } else {
               for (int64_t b = 0; b < batch; ++b) {
-                d[b] = kt.dot(buf.data() + g * group_len_, x + b * cols_ + g * group_len_, group_len_);
+                d[b] = kt.dot(buf.data() + g * group_len_, x + b * ldx + g * group_len_, glen(g));
               }
             }
             for (int64_t b = 0; b < batch; ++b) {
@@ -213,7 +226,7 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
             }
           }
         }
-        for (int64_t b = 0; b < batch; ++b) y[b * rows_ + o] = yb[b];
+        for (int64_t b = 0; b < batch; ++b) y[b * ldy + o] = yb[b];
       }
       return;
     }
@@ -231,16 +244,16 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
           for (int64_t g = 0; g < groups_; ++g) {
             const size_t si = static_cast<size_t>((o0 + r) * groups_ + g);
             kt.axpby(code.data() + g * group_len_, t.scale[si], t.off[si], wrow + g * group_len_,
-                     group_len_);
+                     glen(g));
           }
         }
       }
       float out[kTile * kTile];
       for (int64_t b0 = 0; b0 < batch; b0 += kTile) {
         const int B = static_cast<int>(std::min<int64_t>(kTile, batch - b0));
-        kt.tile_dots(buf.data(), cols_, R, x + b0 * cols_, cols_, B, cols_, out);
+        kt.tile_dots(buf.data(), cols_, R, x + b0 * ldx, ldx, B, cols_, out);
         for (int r = 0; r < R; ++r) {
-          for (int b = 0; b < B; ++b) y[(b0 + b) * rows_ + o0 + r] = out[r * B + b];
+          for (int b = 0; b < B; ++b) y[(b0 + b) * ldy + o0 + r] = out[r * B + b];
         }
       }
     }
@@ -250,6 +263,160 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
   } else {
     for (int64_t t = 0; t < tasks; ++t) run(t);
   }
+}
+
+}  // namespace fpxint::core
+
+namespace fpxint::core {
+
+void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out,
+                                  int terms_used, const LinearKernelTable* kernels) const {
+  const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
+  const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
+  std::vector<float> code(static_cast<size_t>(cols_));
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    float* wrow = out + (o - row_begin) * cols_;
+    std::fill(wrow, wrow + cols_, 0.0f);
+    for (int k = 0; k < K; ++k) {
+      const Term& t = terms_[static_cast<size_t>(k)];
+      kt.decode(t.codes.data() + o * row_bytes_, cols_, t.bits, t.is_signed, code.data());
+      for (int64_t g = 0; g < groups_; ++g) {
+        const size_t si = static_cast<size_t>(o * groups_ + g);
+        const int64_t n = std::min(group_len_, cols_ - g * group_len_);
+        kt.axpby(code.data() + g * group_len_, t.scale[si], t.off[si], wrow + g * group_len_, n);
+      }
+    }
+  }
+}
+
+void LowbitLinear::Dequantize(float* out, int terms_used, ThreadPool* pool,
+                              const LinearKernelTable* kernels) const {
+  const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
+  auto run = [&](int64_t task) {
+    const int64_t r0 = task * kRowsPerTask, r1 = std::min(rows_, r0 + kRowsPerTask);
+    DequantizeRows(r0, r1, out + r0 * cols_, terms_used, kernels);
+  };
+  if (pool != nullptr && tasks > 1) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  }
+}
+
+// Image layout (all integers little-endian):
+//   "FPXLL001"                                  8 bytes
+//   rows, cols, group_len, groups, terms        5 × int64
+//   per term: bits int32, signed int32, then rows·row_bytes code bytes, rows·groups f32 scales,
+//             rows·groups f32 offsets, where row_bytes = ⌈cols·bits/8⌉ for bits ∈ {1,2,4}, else cols.
+namespace {
+
+constexpr char kImageMagic[8] = {'F', 'P', 'X', 'L', 'L', '0', '0', '1'};
+constexpr int64_t kMaxImageDim = int64_t{1} << 40;
+
+void Put(std::string* s, const void* p, size_t n) { s->append(static_cast<const char*>(p), n); }
+
+class Reader {
+ public:
+  explicit Reader(absl::string_view b) : b_(b) {}
+  absl::Status Read(void* out, size_t n, absl::string_view field) {
+    if (b_.size() - pos_ < n) {
+      return absl::InvalidArgumentError(absl::StrCat("packed weight image truncated at '", field,
+                                                     "' (needs ", n, " more bytes, has ",
+                                                     b_.size() - pos_, ")"));
+    }
+    std::memcpy(out, b_.data() + pos_, n);
+    pos_ += n;
+    return absl::OkStatus();
+  }
+  size_t left() const { return b_.size() - pos_; }
+
+ private:
+  absl::string_view b_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::string LowbitLinear::Serialize() const {
+  std::string s;
+  Put(&s, kImageMagic, sizeof(kImageMagic));
+  const int64_t head[5] = {rows_, cols_, group_len_, groups_, static_cast<int64_t>(terms_.size())};
+  Put(&s, head, sizeof(head));
+  for (const Term& t : terms_) {
+    const int32_t ts[2] = {t.bits, t.is_signed ? 1 : 0};
+    Put(&s, ts, sizeof(ts));
+    Put(&s, t.codes.data(), t.codes.size());
+    Put(&s, t.scale.data(), t.scale.size() * sizeof(float));
+    Put(&s, t.off.data(), t.off.size() * sizeof(float));
+  }
+  return s;
+}
+
+absl::StatusOr<LowbitLinear> LowbitLinear::Deserialize(absl::string_view bytes) {
+  Reader r(bytes);
+  char magic[sizeof(kImageMagic)];
+  FPX_RETURN_IF_ERROR(r.Read(magic, sizeof(magic), "magic"));
+  if (std::memcmp(magic, kImageMagic, sizeof(magic)) != 0) {
+    return absl::InvalidArgumentError("not a packed weight image (magic is not FPXLL001)");
+  }
+  int64_t head[5];
+  FPX_RETURN_IF_ERROR(r.Read(head, sizeof(head), "header"));
+  LowbitLinear w;
+  w.rows_ = head[0];
+  w.cols_ = head[1];
+  w.group_len_ = head[2];
+  w.groups_ = head[3];
+  const int64_t nterms = head[4];
+  if (w.rows_ < 1 || w.rows_ > kMaxImageDim || w.cols_ < 1 || w.cols_ > kMaxImageDim ||
+      w.rows_ > kMaxImageDim / w.cols_) {
+    return absl::InvalidArgumentError(absl::StrCat("packed weight image: shape [", w.rows_, ", ",
+                                                   w.cols_, "] out of range"));
+  }
+  if (w.group_len_ < 1 || w.group_len_ > w.cols_ ||
+      w.groups_ != (w.cols_ + w.group_len_ - 1) / w.group_len_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "packed weight image: group_len ", w.group_len_, " and groups ", w.groups_,
+        " do not tile a row of ", w.cols_));
+  }
+  if (nterms < 1 || nterms > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("packed weight image: terms ", nterms, "; accepted 1..64"));
+  }
+  int bits0 = 0;
+  for (int64_t k = 0; k < nterms; ++k) {
+    int32_t ts[2];
+    FPX_RETURN_IF_ERROR(r.Read(ts, sizeof(ts), "term header"));
+    Term t;
+    t.bits = ts[0];
+    t.is_signed = ts[1] != 0;
+    if (t.bits < 1 || t.bits > 8 || (k > 0 && t.bits != bits0) || (ts[1] != 0 && ts[1] != 1)) {
+      return absl::InvalidArgumentError(absl::StrCat("packed weight image: term ", k + 1,
+                                                     " bits ", ts[0], " signed ", ts[1],
+                                                     "; accepted bits 1..8, equal for every term"));
+    }
+    bits0 = t.bits;
+    const int64_t row_bytes = CodesPerByte(t.bits) > 1 ? (w.cols_ * t.bits + 7) / 8 : w.cols_;
+    w.row_bytes_ = row_bytes;
+    const int64_t code_bytes = w.rows_ * row_bytes;
+    const int64_t nscale = w.rows_ * w.groups_;
+    if (static_cast<uint64_t>(code_bytes) + 8 * static_cast<uint64_t>(nscale) > r.left()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "packed weight image truncated in term ", k + 1, " (needs ", code_bytes + 8 * nscale,
+          " bytes, has ", r.left(), ")"));
+    }
+    t.codes.resize(static_cast<size_t>(code_bytes));
+    FPX_RETURN_IF_ERROR(r.Read(t.codes.data(), t.codes.size(), "codes"));
+    t.scale.resize(static_cast<size_t>(nscale));
+    t.off.resize(static_cast<size_t>(nscale));
+    FPX_RETURN_IF_ERROR(r.Read(t.scale.data(), t.scale.size() * sizeof(float), "scales"));
+    FPX_RETURN_IF_ERROR(r.Read(t.off.data(), t.off.size() * sizeof(float), "offsets"));
+    w.terms_.push_back(std::move(t));
+  }
+  if (r.left() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("packed weight image: ", r.left(), " bytes after the last term"));
+  }
+  return w;
 }
 
 }  // namespace fpxint::core

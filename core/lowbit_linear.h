@@ -20,6 +20,7 @@
 #define FPXINT_CORE_LOWBIT_LINEAR_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -81,6 +82,27 @@ class LowbitLinear {
   // 0 or > terms() means all. `pool` may be null (calling thread only).
   void Forward(const float* x, int64_t batch, float* y, int terms_used = 0,
                ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
+  // The general form: output rows [row_begin, row_end) only, activation row b at x + b·ldx
+  // (ldx >= in_features()), y[b·ldy + o - row_begin]. Grouped convolutions run one call per
+  // group on that group's rows and im2col patches. Requires 0 <= row_begin <= row_end <= out.
+  void ForwardRows(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
+                   int64_t row_end, float* y, int64_t ldy, int terms_used = 0,
+                   ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
+
+  // The weight the first `terms_used` terms stand for, Σ_k Ŵ_k in fp32, row-major [out, in]
+  // (out must hold out·in floats): for compute-bound calls (many activation rows) that hand a
+  // transient fp32 copy to a dense GEMM or convolution while the resident weights stay packed.
+  void Dequantize(float* out, int terms_used = 0, ThreadPool* pool = nullptr,
+                  const LinearKernelTable* kernels = nullptr) const;
+  // Rows [row_begin, row_end) only, out pointing at row row_begin's first element.
+  void DequantizeRows(int64_t row_begin, int64_t row_end, float* out, int terms_used = 0,
+                      const LinearKernelTable* kernels = nullptr) const;
+
+  // A self-describing byte image (versioned, little-endian) for saving inside model files, and
+  // its inverse. Deserialize treats the bytes as untrusted: every count, size and code width is
+  // checked against the bytes present before use (InvalidArgument says which field).
+  std::string Serialize() const;
+  static absl::StatusOr<LowbitLinear> Deserialize(absl::string_view bytes);
 
  private:
   struct Term {

@@ -5,6 +5,7 @@
 #include "core/lowbit_linear.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
@@ -84,6 +85,9 @@ const Case kCases[] = {
     {13, 48, 7, 4, 2, Grid::kAsym, ScaleGranularity::kGroup, 16},  // asym zero per group
     {29, 96, 8, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},   // 8 rows: table lookup
     {17, 128, 6, 2, 3, Grid::kMid, ScaleGranularity::kGroup, 64},
+    {11, 70, 1, 4, 2, Grid::kSym, ScaleGranularity::kGroup, 32},   // last group shorter (6)
+    {11, 70, 5, 4, 2, Grid::kAsym, ScaleGranularity::kGroup, 32},
+    {11, 70, 12, 2, 3, Grid::kMid, ScaleGranularity::kGroup, 16},
 };
 
 TEST(LowbitLinear, ReferenceMatchesTheExactExpansion) {
@@ -152,6 +156,99 @@ TEST(LowbitLinear, ResidentBytesAreAboutKBitsOver32OfFp32) {
   EXPECT_GE(w->resident_bytes(), packed);
   EXPECT_LT(w->resident_bytes(), packed * 1.01 + 2 * 2 * 4 * c.out);  // + scales and offsets
   EXPECT_LT(w->resident_bytes() / fp32, 0.26);  // K·b/32 = 0.25
+}
+
+// Row ranges with strided activations and outputs (one grouped-convolution group per call) give
+// exactly the rows of the full product.
+TEST(LowbitLinear, ForwardRowsMatchesTheFullProductOnStridedViews) {
+  ThreadPool pool(2);
+  for (const Case& c : {Case{37, 40, 3, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+                        Case{37, 40, 20, 2, 3, Grid::kMid, ScaleGranularity::kGroup, 8}}) {
+    auto w = LowbitLinear::FromExpansion(Expand(c, 31));
+    ASSERT_TRUE(w.ok());
+    const int64_t ldx = c.in + 5, ldy = 50;
+    std::vector<float> xs = ::fpxint::testing::ToFloat(RandomValues(Dist::kGaussian, c.batch * ldx, 5));
+    std::vector<float> x(static_cast<size_t>(c.batch * c.in));
+    for (int64_t b = 0; b < c.batch; ++b) {
+      std::copy(xs.begin() + b * ldx, xs.begin() + b * ldx + c.in, x.begin() + b * c.in);
+    }
+    std::vector<float> full(static_cast<size_t>(c.batch * c.out));
+    w->Forward(x.data(), c.batch, full.data(), 0, &pool);
+    const int64_t r0 = 5, r1 = 29;
+    std::vector<float> part(static_cast<size_t>(c.batch * ldy), -3.0f);
+    w->ForwardRows(xs.data(), ldx, c.batch, r0, r1, part.data(), ldy, 0, &pool);
+    for (int64_t b = 0; b < c.batch; ++b) {
+      for (int64_t o = r0; o < r1; ++o) {
+        EXPECT_EQ(part[b * ldy + o - r0], full[b * c.out + o]) << Name(c) << " b " << b << " o " << o;
+      }
+      EXPECT_EQ(part[b * ldy + (r1 - r0)], -3.0f) << "wrote past the row range";
+    }
+  }
+}
+
+TEST(LowbitLinear, DequantizeIsTheSumOfTheFirstTerms) {
+  const Case c{23, 70, 1, 4, 3, Grid::kAsym, ScaleGranularity::kGroup, 32};
+  const TensorExpansion e = Expand(c, 77);
+  auto w = LowbitLinear::FromExpansion(e);
+  ASSERT_TRUE(w.ok());
+  ThreadPool pool(2);
+  for (int k = 1; k <= c.terms; ++k) {
+    std::vector<float> got(static_cast<size_t>(c.out * c.in));
+    w->Dequantize(got.data(), k, &pool);
+    EXPECT_LT(RelErr(got, Reconstruct(e, k)), 1e-6) << "K'=" << k;
+  }
+}
+
+TEST(LowbitLinear, SerializeRoundTripsExactly) {
+  ThreadPool pool(2);
+  uint64_t seed = 500;
+  for (const Case& c : kCases) {
+    auto w = LowbitLinear::FromExpansion(Expand(c, seed++));
+    ASSERT_TRUE(w.ok());
+    const std::string image = w->Serialize();
+    auto back = LowbitLinear::Deserialize(image);
+    ASSERT_TRUE(back.ok()) << Name(c) << ": " << back.status();
+    EXPECT_EQ(back->Serialize(), image);
+    EXPECT_EQ(back->resident_bytes(), w->resident_bytes());
+    std::vector<float> x = ::fpxint::testing::ToFloat(RandomValues(Dist::kGaussian, c.batch * c.in, seed++));
+    std::vector<float> a(static_cast<size_t>(c.batch * c.out)), b(a.size());
+    w->Forward(x.data(), c.batch, a.data(), 0, &pool);
+    back->Forward(x.data(), c.batch, b.data(), 0, &pool);
+    EXPECT_EQ(a, b) << Name(c);
+  }
+}
+
+TEST(LowbitLinear, DeserializeRejectsDamagedImagesWithTheField) {
+  auto w = LowbitLinear::FromExpansion(
+      Expand(Case{8, 20, 1, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0}, 3));
+  ASSERT_TRUE(w.ok());
+  const std::string good = w->Serialize();
+  auto expect_error = [](const std::string& image, const std::string& needle) {
+    auto r = LowbitLinear::Deserialize(image);
+    ASSERT_FALSE(r.ok()) << "accepted an image that should say: " << needle;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(std::string(r.status().message()).find(needle), std::string::npos) << r.status();
+  };
+  expect_error("", "truncated at 'magic'");
+  expect_error("NOTMAGIC" + good.substr(8), "magic");
+  for (size_t cut : {size_t{20}, size_t{48}, size_t{60}, good.size() - 1}) {
+    expect_error(good.substr(0, cut), "truncated");
+  }
+  expect_error(good + "x", "after the last term");
+  auto with_i64 = [&](size_t at, int64_t v) {
+    std::string s = good;
+    std::memcpy(&s[at], &v, 8);
+    return s;
+  };
+  expect_error(with_i64(8, -1), "out of range");            // rows
+  expect_error(with_i64(16, int64_t{1} << 50), "out of range");  // cols
+  expect_error(with_i64(24, 7), "do not tile");             // group_len
+  expect_error(with_i64(40, 0), "terms 0");                 // terms
+  expect_error(with_i64(40, 1000), "terms 1000");
+  std::string bad_bits = good;
+  const int32_t nine = 9;
+  std::memcpy(&bad_bits[48], &nine, 4);
+  expect_error(bad_bits, "bits 9");
 }
 
 TEST(LowbitLinear, RejectsAnExpansionWithoutTerms) {

@@ -1,6 +1,7 @@
 // LibTorch side of the model layer. The only translation unit with TorchScript graph code.
 #include "model/model.h"
 
+#include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 #include <torch/csrc/jit/passes/frozen_conv_folding.h>
@@ -21,6 +22,7 @@
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "model/act_expand_op.h"
+#include "model/lowbit_ops.h"
 
 namespace fpxint::model {
 
@@ -128,6 +130,10 @@ std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
 
 }  // namespace
 
+constexpr char kReleasedMessage[] =
+    "this model keeps only its packed network (ReleaseAllButPacked): FP weights and expansions "
+    "are gone";
+
 struct Model::Impl {
   torch::jit::Module frozen;   // frozen, BatchNorm folded; never modified after Load
   torch::jit::Module current;  // what Forward runs
@@ -136,6 +142,11 @@ struct Model::Impl {
   // switching precision per request (any-precision serving) must reuse them, not rebuild. At
   // most K_w × (K_a + 1) entries; cleared when the expansion changes.
   std::map<std::pair<int, int>, torch::jit::Module> built;
+  Options opts;
+  // The packed network (built once per expansion; forward(x, terms)), and whether it is current.
+  std::optional<torch::jit::Module> packed;
+  bool current_packed = false;
+  bool released = false;  // ReleaseAllButPacked: only the packed network is left
   std::vector<OpKind> kinds;
   std::vector<LayerInfo> layers;
   ModelExpansionSpec spec;
@@ -206,6 +217,102 @@ struct Model::Impl {
     return m;
   }
 
+  // Clones the frozen module and swaps every expanded layer for the fpxint ops on its packed
+  // terms: linear and matmul -> fpxint::linear, conv2d -> fpxint::conv2d, other convolutions take
+  // their weight from fpxint::dequantize. The number of terms becomes a forward argument,
+  // forward(x, terms: int = 0).
+  absl::StatusOr<torch::jit::Module> BuildPacked() const {
+    static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
+    torch::jit::Module m = CloneModule(frozen);
+    std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
+    std::vector<FoundLayer> found;
+    CollectLayers(g->block(), &found);
+    if (found.size() != layers.size()) {
+      return absl::InternalError("layer discovery differs between the frozen model and its clone");
+    }
+    Value* terms = g->addInput("terms");
+    terms->setType(c10::IntType::get());
+    for (size_t i = 0; i < found.size(); ++i) {
+      if (!layers[i].expanded) continue;
+      Node* n = found[i].node;
+      FPX_ASSIGN_OR_RETURN(core::LowbitLinear lw, core::LowbitLinear::FromExpansion(*expansions[i]));
+      const at::Tensor& w = found[i].weight;
+      std::vector<int64_t> shape = w.sizes().vec();
+      if (found[i].kind == OpKind::kMatmul) shape = {w.size(1), w.size(0)};
+      torch::jit::WithInsertPoint guard(n);
+      Value* pw = g->insertConstant(MakePackedWeight(std::move(lw), shape));
+      Value* y = nullptr;
+      if (found[i].kind != OpKind::kConv) {
+        Value* bias = found[i].kind == OpKind::kLinear && n->inputs().size() > 2
+                          ? n->input(2)
+                          : g->insertConstant(c10::IValue());
+        y = g->insert(c10::Symbol::fromQualString(kLinearOp), {n->input(0), pw, bias, terms});
+      } else if (n->kind() == kConv2d && n->inputs().size() == 7 &&
+                 n->input(4)->type()->kind() == c10::TypeKind::ListType) {
+        y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
+                      {n->input(0), pw, n->input(2), n->input(3), n->input(4), n->input(5),
+                       n->input(6), terms});
+      } else {
+        n->replaceInput(1, g->insert(c10::Symbol::fromQualString(kDequantizeOp), {pw, terms}));
+        continue;
+      }
+      y->setType(n->output()->type());
+      n->output()->replaceAllUsesWith(y);
+    }
+    torch::jit::EliminateDeadCode(g);
+    auto& fn = torch::jit::toGraphFunction(m.get_method("forward").function());
+    std::vector<c10::Argument> args = fn.getSchema().arguments();
+    args.emplace_back("terms", c10::IntType::get(), c10::nullopt, c10::IValue(int64_t{0}));
+    fn.setSchema(fn.getSchema().cloneWithArguments(std::move(args)));
+    return m;
+  }
+
+  // A network saved by SavePacked: its PackedWeight constants become the layers, the network
+  // runs as it is (forward(x, terms)), and nothing can be re-expanded. False when the graph
+  // holds no PackedWeight.
+  bool AdoptPackedNetwork() {
+    std::shared_ptr<torch::jit::Graph> g = ForwardGraph(frozen);
+    if (g->inputs().size() != 3) return false;  // self, x, terms
+    int max_terms = 0;
+    for (Node* n : g->nodes()) {
+      if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
+      const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+      if (!v) continue;
+      const PackedWeightInfo pw = InspectPackedWeight(*v);
+      if (pw.terms == 0) continue;
+      LayerInfo info;
+      info.name = n->output()->debugName();
+      info.op = "packed";
+      info.weight_shape = pw.shape;
+      info.expanded = true;
+      layers.push_back(std::move(info));
+      kinds.push_back(OpKind::kLinear);
+      max_terms = std::max(max_terms, pw.terms);
+    }
+    if (layers.empty()) return false;
+    expansions.resize(layers.size());
+    original_weights.resize(layers.size());
+    original_biases.resize(layers.size());
+    spec.weights.terms = max_terms;
+    packed = frozen;
+    current = frozen;
+    current_packed = true;
+    released = true;
+    kw = max_terms;
+    return true;
+  }
+
+  absl::Status EnsurePacked() {
+    if (packed) return absl::OkStatus();
+    try {
+      FPX_ASSIGN_OR_RETURN(torch::jit::Module m, BuildPacked());
+      packed = std::move(m);
+    } catch (const c10::Error& e) {
+      return absl::InternalError(absl::StrCat("cannot build the packed network: ", Brief(e)));
+    }
+    return absl::OkStatus();
+  }
+
   at::Tensor PartialSum(size_t i, int k) const {
     return FromExpansionLayout(core::Reconstruct(*expansions[i], k), original_weights[i], kinds[i]);
   }
@@ -232,14 +339,22 @@ Model::~Model() = default;
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, const Options& o) {
   EnsureActExpandOpRegistered();
+  EnsureLowbitOpsRegistered();
   at::set_num_threads(std::max(1, o.threads));
   auto impl = std::make_unique<Impl>();
+  impl->opts = o;
   try {
     torch::jit::Module m = torch::jit::load(path);
     m.eval();
     impl->frozen = torch::jit::freeze(m);
   } catch (const c10::Error& e) {
     std::string msg = Brief(e);
+    if (absl::StrContains(msg, "classes.fpxint") || absl::StrContains(msg, "fpxint::")) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "'", path, "' uses fpxint's packed-weight ops, which are not registered in this "
+          "process: load the fpxint op library first (link fpxint_model, or in Python "
+          "torch.ops.load_library('libfpxint_ops.so')): ", msg));
+    }
     if (msg.find("open file failed") != std::string::npos ||
         msg.find("No such file") != std::string::npos) {
       return absl::NotFoundError(absl::StrCat("cannot open model '", path, "': ", msg));
@@ -258,6 +373,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, cons
   torch::jit::EliminateDeadCode(g);
   std::vector<FoundLayer> found;
   CollectLayers(g->block(), &found);
+  if (found.empty() && impl->AdoptPackedNetwork()) return std::unique_ptr<Model>(new Model(std::move(impl)));
   if (found.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "'", path, "' has no layer to expand: expected aten::linear, a convolution or "
@@ -300,8 +416,13 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
     FPX_ASSIGN_OR_RETURN(exclude, core::CompileNamePattern(spec.exclude, "exclude"));
   }
   Impl& im = *impl_;
+  if (im.released) {
+    return absl::FailedPreconditionError("this model keeps only its packed network (released)");
+  }
   im.spec = spec;
   im.built.clear();  // networks of the previous expansion
+  im.packed.reset();
+  im.current_packed = false;
   core::ExpandOptions opts;
   opts.pool = pool;
   opts.cancel = hooks.cancel;
@@ -353,7 +474,15 @@ absl::Status Model::SetPrecision(int kw, int ka) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation terms: ", ka, "; this expansion has 0..", max_ka));
   }
-  if (kw == 0 && ka == 0) {
+  const bool use_packed = im.opts.packed && ka == 0 && kw > 0;
+  if (im.released && !use_packed) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "this model keeps only its packed network: weight terms 1..", max_kw, " are served"));
+  }
+  if (use_packed) {
+    FPX_RETURN_IF_ERROR(im.EnsurePacked());
+    im.current = *im.packed;
+  } else if (kw == 0 && ka == 0) {
     im.current = im.frozen;
   } else if (auto it = im.built.find({kw, ka}); it != im.built.end()) {
     im.current = it->second;
@@ -369,6 +498,7 @@ absl::Status Model::SetPrecision(int kw, int ka) {
     }
     im.built.emplace(std::make_pair(kw, ka), im.current);
   }
+  im.current_packed = use_packed;
   im.kw = kw;
   im.ka = ka;
   return absl::OkStatus();
@@ -384,7 +514,9 @@ absl::StatusOr<HostTensor> Model::Forward(const HostTensor& in) {
                        ? at::from_blob(const_cast<float*>(in.f32.data()), in.shape, at::kFloat)
                        : at::from_blob(const_cast<int64_t*>(in.i64.data()), in.shape, at::kLong);
     torch::NoGradGuard no_grad;
-    c10::IValue out = impl_->current.forward({x});
+    c10::IValue out = impl_->current_packed
+                          ? impl_->current.forward({x, static_cast<int64_t>(impl_->kw)})
+                          : impl_->current.forward({x});
     if (out.isTuple()) out = out.toTupleRef().elements()[0];
     if (!out.isTensor()) return absl::InternalError("model output is not a tensor");
     at::Tensor y = out.toTensor().contiguous().to(at::kFloat);
@@ -401,7 +533,66 @@ absl::StatusOr<HostTensor> Model::Forward(const HostTensor& in) {
   }
 }
 
+absl::Status Model::SavePacked(const std::string& path) {
+  Impl& im = *impl_;
+
+  bool any = false;
+  for (const auto& e : im.expansions) any = any || e.has_value();
+  if (!any && !im.packed) return absl::FailedPreconditionError("nothing is expanded yet");
+  FPX_RETURN_IF_ERROR(im.EnsurePacked());
+  try {
+    im.packed->save(path);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("cannot save '", path, "': ", Brief(e)));
+  }
+  return absl::OkStatus();
+}
+
+Model::WeightMemory Model::weight_memory() const {
+  const Impl& im = *impl_;
+  WeightMemory m;
+  for (const LayerInfo& l : im.layers) {
+    int64_t n = 1;
+    for (int64_t d : l.weight_shape) n *= d;
+    m.fp32_bytes += static_cast<size_t>(n) * sizeof(float);
+    // FP32 unless the layer runs packed (added from the graph below).
+    if (!im.current_packed || !l.expanded) m.resident_bytes += static_cast<size_t>(n) * sizeof(float);
+  }
+  if (!im.current_packed) return m;
+  // The PackedWeight constants of the packed network.
+  torch::jit::Module cur = im.current;
+  std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
+    for (Node* n : b->nodes()) {
+      for (torch::jit::Block* sub : n->blocks()) walk(sub);
+      if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
+      const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+      if (!v) continue;
+      if (const PackedWeightInfo pw = InspectPackedWeight(*v); pw.terms > 0) {
+        m.resident_bytes += pw.bytes;
+        ++m.packed_layers;
+      }
+    }
+  };
+  walk(ForwardGraph(cur)->block());
+  return m;
+}
+
+absl::Status Model::ReleaseAllButPacked() {
+  Impl& im = *impl_;
+  if (!im.current_packed) {
+    return absl::FailedPreconditionError("the packed network is not the current one");
+  }
+  im.released = true;
+  im.frozen = im.current;  // keeps a valid module; SetPrecision only switches the terms now
+  im.built.clear();
+  for (auto& e : im.expansions) e.reset();
+  for (auto& w : im.original_weights) w = at::Tensor();
+  for (auto& b : im.original_biases) b = at::Tensor();
+  return absl::OkStatus();
+}
+
 absl::Status Model::SaveDequantized(const std::string& path) const {
+  if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   if (impl_->ka > 0) {
     return absl::FailedPreconditionError(
         "activations are expanded: the network needs the fpxint op library; save a weight-only "
@@ -416,6 +607,7 @@ absl::Status Model::SaveDequantized(const std::string& path) const {
 }
 
 absl::Status Model::SaveFoldedWeights(const std::string& path) const {
+  if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   const Impl& im = *impl_;
   core::SafetensorsWriter w;
   w.SetMetadata("format", "fpxint-folded-weights");
@@ -459,6 +651,7 @@ absl::StatusOr<core::ExpandReport> Model::SaveArtifact(const std::string& path,
 
 ModelParams Model::FpParams() const {
   ModelParams p;
+  if (impl_->released) return p;
   for (size_t i = 0; i < impl_->layers.size(); ++i) {
     if (impl_->layers[i].expanded) p.layers.push_back(impl_->FpLayer(i));
   }
@@ -466,6 +659,7 @@ ModelParams Model::FpParams() const {
 }
 
 absl::StatusOr<ModelParams> Model::BasisParams(int k) const {
+  if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   const Impl& im = *impl_;
   if (k < 1 || k > im.spec.weights.terms) {
     return absl::InvalidArgumentError(
@@ -489,6 +683,7 @@ absl::StatusOr<ModelParams> Model::BasisParams(int k) const {
 ModelParams Model::ResidualParams() const {
   const Impl& im = *impl_;
   ModelParams p;
+  if (im.released) return p;
   for (size_t i = 0; i < im.layers.size(); ++i) {
     if (!im.layers[i].expanded) continue;
     LayerParams l = im.FpLayer(i);
@@ -502,6 +697,7 @@ ModelParams Model::ResidualParams() const {
 }
 
 absl::Status Model::UseParams(const ModelParams& params) {
+  if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   Impl& im = *impl_;
   const ModelParams shape = FpParams();
   FPX_RETURN_IF_ERROR(MaxAbsDiff(shape, params).status());
@@ -542,6 +738,7 @@ const core::TensorExpansion* Model::expansion(size_t layer) const {
 }
 
 std::vector<float> Model::fp_weight(size_t layer) const {
+  if (impl_->released || layer >= impl_->original_weights.size()) return {};
   const at::Tensor w = ExpansionLayout(impl_->original_weights[layer], impl_->kinds[layer]);
   return std::vector<float>(w.data_ptr<float>(), w.data_ptr<float>() + w.numel());
 }

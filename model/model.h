@@ -86,6 +86,10 @@ class Model {
  public:
   struct Options {
     int threads = 2;  // LibTorch intra-op threads (it defaults to 1 on this machine)
+    // Weight-only precisions run on the packed low-bit ops (model/lowbit_ops.h): one module whose
+    // expanded layers hold their K packed terms, K' chosen per call. Otherwise (and whenever
+    // activations are expanded) the expanded layers run with dequantized fp32 weights.
+    bool packed = false;
   };
 
   // InvalidArgument when the file is not a TorchScript archive (or cannot be frozen);
@@ -122,6 +126,28 @@ class Model {
   // Runs the current network. InvalidArgument for a wrong dtype or rank, with the expected shape
   // when the graph was traced at a fixed size.
   absl::StatusOr<HostTensor> Forward(const HostTensor& input);
+
+  // Saves the packed network (every expanded layer as fpxint ops on its packed terms; forward(x,
+  // terms: int = 0), 0 meaning all K terms). Loading it needs the fpxint op library: linked into
+  // fpxint_model, or libfpxint_ops.so for Python (torch.ops.load_library). FailedPrecondition
+  // before Expand.
+  absl::Status SavePacked(const std::string& path);
+
+  // Weight memory of the network the model runs: fp32_bytes is what its layers' weights take in
+  // FP32; resident_bytes what the current network holds for them (packed terms, codes + scales,
+  // for the expanded layers when packed; FP32 otherwise). packed_layers counts layers on the ops.
+  struct WeightMemory {
+    size_t fp32_bytes = 0;
+    size_t resident_bytes = 0;
+    int packed_layers = 0;
+  };
+  WeightMemory weight_memory() const;
+
+  // For serving a packed weight-only precision: frees everything but the packed network (FP
+  // weights, expansions, other precisions). Afterwards only SetPrecision(kw >= 1, 0) and Forward
+  // work; the rest returns FailedPrecondition. FailedPrecondition unless the packed network is
+  // current.
+  absl::Status ReleaseAllButPacked();
 
   // Saves the current network (FP weights replaced by Σ_{k<=kw} terms) as TorchScript that
   // loads in plain LibTorch or Python. FailedPrecondition when activations are expanded (that

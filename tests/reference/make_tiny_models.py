@@ -6,6 +6,9 @@ writes:
   tiny_cnn.pt          traced: conv(3->8) + BatchNorm + ReLU, flatten, linear(512->10), ReLU,
                        matmul with a constant [10, 6] weight
   tiny_io.safetensors  `input` F32 [2,3,8,8] and the FP output `output` F32 [2,6]
+  conv_zoo.pt          scripted, any input size [N, 4, H, W]: grouped strided conv, depthwise
+                       dilated conv, 1x1 conv, conv1d over a flattened row, linear on tokens
+                       [N, HW, C] and a matmul (every kind of layer the packed ops rewrite)
   no_layers.pt         scripted module without any linear/conv layer (y = 2x + 1)
   c7_layer.pt, c7_io.safetensors   SPEC C7: Y = X W^T, d=256, W ~ N(0, 1/d), X = ReLU(N(0,1))
                        64x256 (`input`); c8_mlp.pt, c8_io.safetensors  SPEC C8: the 4-layer ReLU
@@ -35,6 +38,26 @@ class TinyCnn(nn.Module):
         h = torch.relu(self.bn(self.c1(x)))
         y = self.fc(h.flatten(1))
         return torch.matmul(torch.relu(y), self.w)
+
+
+class ConvZoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.pointwise = nn.Conv2d(8, 12, 1, bias=False)
+        self.seq = nn.Conv1d(12, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 20)
+        self.w = nn.Parameter(torch.randn(20, 7) * 0.3)
+
+    def forward(self, x):
+        h = torch.relu(self.grouped(x))
+        h = torch.relu(self.depthwise(h))
+        h = self.pointwise(h)
+        n, c = h.shape[0], h.shape[1]
+        h = self.seq(h.reshape(n, c, -1))
+        t = torch.relu(self.fc(h.transpose(1, 2)))
+        return torch.matmul(t, self.w)
 
 
 class Mlp(nn.Module):
@@ -119,6 +142,7 @@ def main():
         y = m(x)
     write_safetensors(os.path.join(out, "tiny_io.safetensors"), {"input": x, "output": y})
     torch.jit.script(NoLayers()).save(os.path.join(out, "no_layers.pt"))
+    torch.jit.script(ConvZoo().eval()).save(os.path.join(out, "conv_zoo.pt"))
     write_reference_models(out)
 
 

@@ -1,0 +1,212 @@
+// fpxint::linear / conv2d / dequantize and the PackedWeight class (model/lowbit_ops.h).
+#include "model/lowbit_ops.h"
+
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/script.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+
+namespace fpxint::model {
+namespace {
+
+struct PackedWeight : torch::CustomClassHolder {
+  PackedWeight(core::LowbitLinear w_in, std::vector<int64_t> shape_in)
+      : w(std::move(w_in)), shape(std::move(shape_in)) {}
+  core::LowbitLinear w;
+  std::vector<int64_t> shape;  // the dense weight's shape, [out, ...] with prod(...) = in
+};
+using PackedPtr = c10::intrusive_ptr<PackedWeight>;
+
+// Pickled state: (image version, dense shape, packed image as a uint8 tensor).
+using PackedState = std::tuple<int64_t, std::vector<int64_t>, at::Tensor>;
+constexpr int64_t kStateVersion = 1;
+
+void CheckShape(const core::LowbitLinear& w, const std::vector<int64_t>& shape) {
+  TORCH_CHECK(shape.size() >= 2 && shape[0] == w.out_features(),
+              "fpxint.PackedWeight: shape must be [out, ...] with out = ", w.out_features());
+  int64_t in = 1;
+  for (size_t i = 1; i < shape.size(); ++i) {
+    TORCH_CHECK(shape[i] >= 1 && shape[i] <= w.in_features() && in <= w.in_features(),
+                "fpxint.PackedWeight: shape dim ", i, " = ", shape[i], " out of range");
+    in *= shape[i];
+  }
+  TORCH_CHECK(in == w.in_features(), "fpxint.PackedWeight: shape holds ", in,
+              " inputs per row, the packed weight ", w.in_features());
+}
+
+PackedState GetState(const PackedPtr& p) {
+  const std::string image = p->w.Serialize();
+  at::Tensor t = at::empty({static_cast<int64_t>(image.size())}, at::kByte);
+  std::memcpy(t.data_ptr<uint8_t>(), image.data(), image.size());
+  return {kStateVersion, p->shape, t};
+}
+
+PackedPtr SetState(PackedState s) {
+  TORCH_CHECK(std::get<0>(s) == kStateVersion, "fpxint.PackedWeight: state version ",
+              std::get<0>(s), " is not the one this fpxint op library reads (", kStateVersion, ")");
+  const at::Tensor t = std::get<2>(s).contiguous();
+  TORCH_CHECK(t.scalar_type() == at::kByte && t.dim() == 1,
+              "fpxint.PackedWeight: the packed image must be a 1-D uint8 tensor");
+  absl::StatusOr<core::LowbitLinear> w = core::LowbitLinear::Deserialize(absl::string_view(
+      reinterpret_cast<const char*>(t.data_ptr<uint8_t>()), static_cast<size_t>(t.numel())));
+  TORCH_CHECK(w.ok(), "fpxint.PackedWeight: ", std::string(w.status().message()));
+  CheckShape(*w, std::get<1>(s));
+  return c10::make_intrusive<PackedWeight>(*std::move(w), std::move(std::get<1>(s)));
+}
+
+int TermsArg(int64_t terms) {
+  return terms <= 0 || terms > 64 ? 0 : static_cast<int>(terms);
+}
+
+// Output rows [r0, r1) of y = x · Wᵀ on the packed codes, split over LibTorch's intra-op pool.
+void RunPacked(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t m, int64_t r0,
+               int64_t r1, float* y, int64_t ldy, int terms) {
+  constexpr int64_t kGrain = 16;
+  at::parallel_for(r0, r1, kGrain, [&](int64_t b, int64_t e) {
+    w.ForwardRows(x, ldx, m, b, e, y + (b - r0), ldy, terms);
+  });
+}
+
+// Σ_{k<=terms} Ŵ_k as a transient fp32 tensor of the dense shape.
+at::Tensor Dense(const PackedWeight& p, int terms) {
+  at::Tensor d = at::empty(p.shape, at::kFloat);
+  float* out = d.data_ptr<float>();
+  const int64_t cols = p.w.in_features();
+  at::parallel_for(0, p.w.out_features(), 8, [&](int64_t b, int64_t e) {
+    p.w.DequantizeRows(b, e, out + b * cols, terms);
+  });
+  return d;
+}
+
+at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
+                  int64_t terms) {
+  const core::LowbitLinear& w = p->w;
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::linear: input must be float32, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w.in_features(),
+              "fpxint::linear: input's last dim is ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
+              "; this weight takes ", w.in_features());
+  const int k = TermsArg(terms);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.numel() / w.in_features();
+  if (m > PackedMaxRows()) {
+    at::Tensor d = Dense(*p, k).view({w.out_features(), w.in_features()});
+    return at::linear(x, d, bias);
+  }
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = w.out_features();
+  at::Tensor y = at::empty(out_shape, x.options());
+  RunPacked(w, x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(), y.data_ptr<float>(),
+            w.out_features(), k);
+  if (bias && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+std::vector<int64_t> Pair(c10::IntArrayRef v, const char* what) {
+  TORCH_CHECK(v.size() == 1 || v.size() == 2, "fpxint::conv2d: ", what, " must have 1 or 2 values");
+  return {v[0], v.size() == 2 ? v[1] : v[0]};
+}
+
+at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
+                  c10::IntArrayRef stride_in, c10::IntArrayRef padding_in,
+                  c10::IntArrayRef dilation_in, int64_t groups, int64_t terms) {
+  const core::LowbitLinear& w = p->w;
+  const std::vector<int64_t>& ws = p->shape;
+  TORCH_CHECK(ws.size() == 4, "fpxint::conv2d: the packed weight is not a 2-D convolution's");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::conv2d: input must be float32, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(groups >= 1 && ws[0] % groups == 0, "fpxint::conv2d: groups ", groups,
+              " does not divide ", ws[0], " output channels");
+  const bool unbatched = x_in.dim() == 3;
+  const at::Tensor x = (unbatched ? x_in.unsqueeze(0) : x_in).contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == ws[1] * groups, "fpxint::conv2d: input must be [N, ",
+              ws[1] * groups, ", H, W]; got ", x_in.sizes());
+  const int k = TermsArg(terms);
+  const auto stride = Pair(stride_in, "stride"), padding = Pair(padding_in, "padding"),
+             dilation = Pair(dilation_in, "dilation");
+  int64_t out_hw[2];
+  for (int d = 0; d < 2; ++d) {
+    out_hw[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (ws[2 + d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out_hw[d] >= 1, "fpxint::conv2d: input ", x.sizes(), " is smaller than the kernel");
+  }
+  const int64_t n = x.size(0), out = ws[0];
+  const int64_t m = n * out_hw[0] * out_hw[1];
+  at::Tensor y;
+  if (m > PackedMaxRows()) {
+    y = at::conv2d(x, Dense(*p, k), bias, stride, padding, dilation, groups);
+  } else {
+    // im2col: [N, C·kh·kw, L] with rows ordered (c, kh, kw), so group g's inputs are the rows
+    // [g·cpg, (g+1)·cpg); transposed to one row of C·kh·kw per output pixel.
+    const at::Tensor cols = at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride)
+                                .transpose(1, 2)
+                                .contiguous();
+    const int64_t ldx = cols.size(2), cpg = w.in_features(), opg = out / groups;
+    at::Tensor flat = at::empty({m, out}, x.options());
+    for (int64_t g = 0; g < groups; ++g) {
+      RunPacked(w, cols.data_ptr<float>() + g * cpg, ldx, m, g * opg, (g + 1) * opg,
+                flat.data_ptr<float>() + g * opg, out, k);
+    }
+    y = flat.view({n, out_hw[0], out_hw[1], out}).permute({0, 3, 1, 2}).contiguous();
+    if (bias && bias->defined()) y.add_(bias->view({1, out, 1, 1}));
+  }
+  return unbatched ? y.squeeze(0) : y;
+}
+
+at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) { return Dense(*p, TermsArg(terms)); }
+
+}  // namespace
+
+namespace {
+std::atomic<int64_t>& MaxRows() {
+  static std::atomic<int64_t> v([] {
+    const char* e = std::getenv("FPXINT_PACKED_MAX_ROWS");
+    return e != nullptr && *e != '\0' ? std::strtoll(e, nullptr, 10) : int64_t{16};
+  }());
+  return v;
+}
+}  // namespace
+
+int64_t PackedMaxRows() { return MaxRows().load(std::memory_order_relaxed); }
+void SetPackedMaxRows(int64_t rows) { MaxRows().store(rows, std::memory_order_relaxed); }
+
+c10::IValue MakePackedWeight(core::LowbitLinear w, std::vector<int64_t> shape) {
+  CheckShape(w, shape);
+  return c10::IValue(c10::make_intrusive<PackedWeight>(std::move(w), std::move(shape)));
+}
+
+PackedWeightInfo InspectPackedWeight(const c10::IValue& v) {
+  PackedWeightInfo info;
+  if (!v.isObject() || v.type()->str() != kPackedWeightClass) return info;
+  const PackedPtr p = v.toCustomClass<PackedWeight>();
+  info.terms = p->w.terms();
+  info.shape = p->shape;
+  info.bytes = p->w.resident_bytes();
+  return info;
+}
+
+TORCH_LIBRARY_FRAGMENT(fpxint, m) {
+  m.class_<PackedWeight>("PackedWeight")
+      .def("terms", [](const PackedPtr& p) { return static_cast<int64_t>(p->w.terms()); })
+      .def("shape", [](const PackedPtr& p) { return p->shape; })
+      .def("resident_bytes",
+           [](const PackedPtr& p) { return static_cast<int64_t>(p->w.resident_bytes()); })
+      .def_pickle([](const PackedPtr& p) { return GetState(p); },
+                  [](PackedState s) { return SetState(std::move(s)); });
+  m.def("linear(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
+        "int terms) -> Tensor",
+        &Linear);
+  m.def("conv2d(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
+        "int[] stride, int[] padding, int[] dilation, int groups, int terms) -> Tensor",
+        &Conv2d);
+  m.def("dequantize(__torch__.torch.classes.fpxint.PackedWeight w, int terms) -> Tensor",
+        &DequantizeOp);
+}
+
+void EnsureLowbitOpsRegistered() {}
+
+}  // namespace fpxint::model

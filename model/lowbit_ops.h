@@ -1,0 +1,67 @@
+// File: model/lowbit_ops.h
+//
+// The TorchScript operators that run expanded layers on packed low-bit weights (issue: real
+// low-bit inference). Registered as library "fpxint" by linking fpxint_model (C++) or by loading
+// libfpxint_ops.so (Python: torch.ops.load_library(".../libfpxint_ops.so")):
+//
+//   class  torch.classes.fpxint.PackedWeight   one layer's weight: K packed b-bit terms with
+//          their scales (core::LowbitLinear) and the weight's original shape. Pickled with the
+//          module (its packed image as a uint8 tensor), so a saved model keeps its weights packed.
+//          Methods: terms(), shape(), resident_bytes().
+//   fpxint::linear(Tensor x, PackedWeight w, Tensor? bias, int terms) -> Tensor
+//          y = x · (Σ_{k<=terms} Ŵ_k)ᵀ + bias over the last dim of x (also aten::matmul against a
+//          constant weight, whose transpose w holds).
+//   fpxint::conv2d(Tensor x, PackedWeight w, Tensor? bias, int[] stride, int[] padding,
+//                  int[] dilation, int groups, int terms) -> Tensor
+//          conv2d, depthwise and grouped included.
+//   fpxint::dequantize(PackedWeight w, int terms) -> Tensor
+//          Σ_{k<=terms} Ŵ_k in the weight's original shape (for layers of other kinds).
+//
+// terms <= 0 (or beyond K) means all terms: any precision from one packed model.
+//
+// Scheduling: few activation rows (M = rows of x, or N·OH·OW output pixels, at most
+// kPackedMaxRows) are memory-bound and run on the packed codes directly (core::LowbitLinear,
+// im2col for convolutions); more rows are compute-bound, so the call decodes a transient fp32
+// copy of Σ Ŵ_k (one layer at a time) and hands it to LibTorch's GEMM / convolution. Either way
+// the resident weights stay packed. Threads: LibTorch's intra-op pool (at::parallel_for), the
+// pool every other op of the same network already uses.
+#ifndef FPXINT_MODEL_LOWBIT_OPS_H_
+#define FPXINT_MODEL_LOWBIT_OPS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/lowbit_linear.h"
+
+namespace c10 {
+struct IValue;  // only model/*.cc, which include LibTorch, call the functions that use it
+}
+
+namespace fpxint::model {
+
+inline constexpr char kPackedWeightClass[] = "__torch__.torch.classes.fpxint.PackedWeight";
+inline constexpr char kLinearOp[] = "fpxint::linear";
+inline constexpr char kConv2dOp[] = "fpxint::conv2d";
+inline constexpr char kDequantizeOp[] = "fpxint::dequantize";
+// Activation rows up to which the packed kernels run (above: transient fp32 + LibTorch).
+// FPXINT_PACKED_MAX_ROWS overrides it (0 forces the dense path, a large value the packed one).
+int64_t PackedMaxRows();
+void SetPackedMaxRows(int64_t rows);  // process-wide; for benchmarks and tests
+
+// A PackedWeight object holding `w`, whose dense form has `shape` (w's [out, in] flattened).
+c10::IValue MakePackedWeight(core::LowbitLinear w, std::vector<int64_t> shape);
+// What a PackedWeight holds; terms == 0 when `v` is not a PackedWeight.
+struct PackedWeightInfo {
+  int terms = 0;
+  std::vector<int64_t> shape;
+  size_t bytes = 0;  // packed codes, scales and offsets
+};
+PackedWeightInfo InspectPackedWeight(const c10::IValue& v);
+
+// Keeps the registration in binaries that link fpxint_model statically.
+void EnsureLowbitOpsRegistered();
+
+}  // namespace fpxint::model
+
+#endif  // FPXINT_MODEL_LOWBIT_OPS_H_

@@ -1,0 +1,174 @@
+// The packed low-bit ops in a network: the packed module (fpxint::linear / conv2d / dequantize
+// on PackedWeight constants) against the same expansion run with dequantized fp32 weights, for
+// every kind of layer (grouped, strided, depthwise dilated, 1x1, conv1d, linear on tokens,
+// matmul), on the packed-kernel path (few activation rows) and the dense path (many), for every
+// K' of one packed module; saved and reloaded; released for serving; weight memory.
+#include <cmath>
+#include <cstdlib>
+#include <random>
+
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+#include "model/lowbit_ops.h"
+#include "model/model.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::model {
+namespace {
+
+using ::fpxint::testing::ScratchDir;
+
+std::string Fixture(const std::string& name) {
+  const char* dir = std::getenv("FPXINT_TINY_MODELS_DIR");
+  EXPECT_NE(dir, nullptr) << "run through ctest (fixture.tiny_models)";
+  return std::string(dir ? dir : "") + "/" + name;
+}
+
+HostTensor RandomInput(std::vector<int64_t> shape, uint32_t seed) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist;
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = dist(rng);
+  return HostTensor::Float(std::move(shape), std::move(v));
+}
+
+// max |a - b| / max |b|
+double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    num = std::max(num, std::fabs(double{a[i]} - b[i]));
+    den = std::max(den, std::fabs(double{b[i]}));
+  }
+  return den == 0 ? num : num / den;
+}
+
+ModelExpansionSpec Spec(int bits, int terms, core::Grid grid = core::Grid::kSym) {
+  ModelExpansionSpec s;
+  s.weights.bits = bits;
+  s.weights.terms = terms;
+  s.weights.grid = grid;
+  return s;
+}
+
+std::unique_ptr<Model> MustLoad(const std::string& path, bool packed) {
+  Model::Options o;
+  o.packed = packed;
+  auto m = Model::Load(path, o);
+  EXPECT_TRUE(m.ok()) << m.status();
+  return m.ok() ? *std::move(m) : nullptr;
+}
+
+class PackedOps : public ::testing::TestWithParam<int64_t> {  // PackedMaxRows
+ protected:
+  void SetUp() override { SetPackedMaxRows(GetParam()); }
+  void TearDown() override { SetPackedMaxRows(16); }
+};
+
+TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
+  for (const ModelExpansionSpec& spec :
+       {Spec(4, 3), Spec(2, 3, core::Grid::kMid), Spec(3, 2, core::Grid::kAsym)}) {
+    std::unique_ptr<Model> dense = MustLoad(Fixture("conv_zoo.pt"), false);
+    std::unique_ptr<Model> packed = MustLoad(Fixture("conv_zoo.pt"), true);
+    ASSERT_NE(packed, nullptr);
+    ASSERT_EQ(packed->layers().size(), 6u);
+    ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
+    ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
+    for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{2, 4, 17, 11}}) {
+      const HostTensor x = RandomInput(shape, 7);
+      for (int k = 1; k <= spec.weights.terms; ++k) {
+        ASSERT_TRUE(dense->SetPrecision(k, 0).ok());
+        ASSERT_TRUE(packed->SetPrecision(k, 0).ok());
+        auto want = dense->Forward(x);
+        auto got = packed->Forward(x);
+        ASSERT_TRUE(want.ok()) << want.status();
+        ASSERT_TRUE(got.ok()) << got.status();
+        EXPECT_EQ(got->shape, want->shape);
+        EXPECT_LT(RelErr(got->f32, want->f32), 1e-5)
+            << "b=" << spec.weights.bits << " K'=" << k << " input " << shape[2] << "x" << shape[3];
+      }
+    }
+    const Model::WeightMemory mem = packed->weight_memory();
+    EXPECT_EQ(mem.packed_layers, 6);
+    EXPECT_GT(mem.fp32_bytes, 0u);
+  }
+}
+
+// The largest max-rows forces the packed kernels on every layer, 0 forces the dense path.
+INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(16, 0, 1 << 30));
+
+TEST(PackedOpsModel, SavedPackedModelReloadsAndSelectsTermsPerCall) {
+  std::unique_ptr<Model> packed = MustLoad(Fixture("conv_zoo.pt"), true);
+  ASSERT_TRUE(packed->Expand(Spec(4, 2), nullptr).ok());
+  const HostTensor x = RandomInput({1, 4, 6, 6}, 3);
+  ASSERT_TRUE(packed->SetPrecision(2, 0).ok());
+  auto y2 = packed->Forward(x);
+  ASSERT_TRUE(packed->SetPrecision(1, 0).ok());
+  auto y1 = packed->Forward(x);
+  ASSERT_TRUE(y1.ok() && y2.ok());
+  EXPECT_NE(y1->f32, y2->f32);  // one module, two precisions
+  ScratchDir dir;
+  ASSERT_TRUE(packed->SavePacked(dir.File("packed.pt")).ok());
+  // The saved network loads as a packed network (its PackedWeights are the layers) and serves
+  // every precision, bit for bit.
+  std::unique_ptr<Model> back = MustLoad(dir.File("packed.pt"), true);
+  ASSERT_NE(back, nullptr);
+  EXPECT_EQ(back->layers().size(), 6u);
+  EXPECT_EQ(back->layers()[0].op, "packed");
+  EXPECT_EQ(back->spec().weights.terms, 2);
+  auto r2 = back->Forward(x);  // all terms by default
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  EXPECT_EQ(r2->f32, y2->f32);
+  ASSERT_TRUE(back->SetPrecision(1, 0).ok());
+  EXPECT_EQ(back->Forward(x)->f32, y1->f32);
+  EXPECT_EQ(back->SetPrecision(3, 0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(back->SetPrecision(0, 0).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(back->weight_memory().packed_layers, 6);
+  // Saving before anything is expanded says so.
+  std::unique_ptr<Model> fresh = MustLoad(Fixture("conv_zoo.pt"), true);
+  EXPECT_EQ(fresh->SavePacked(dir.File("none.pt")).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(PackedOpsModel, ReleasedModelServesOnlyPackedPrecisionsWithKbOver32Memory) {
+  std::unique_ptr<Model> m = MustLoad(Fixture("conv_zoo.pt"), true);
+  ASSERT_TRUE(m->Expand(Spec(4, 2), nullptr).ok());
+  EXPECT_EQ(m->ReleaseAllButPacked().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(m->SetPrecision(2, 0).ok());
+  const HostTensor x = RandomInput({1, 4, 9, 9}, 5);
+  auto before = m->Forward(x);
+  ASSERT_TRUE(before.ok());
+  ASSERT_TRUE(m->ReleaseAllButPacked().ok());
+  auto after = m->Forward(x);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->f32, before->f32);
+  EXPECT_TRUE(m->SetPrecision(1, 0).ok());
+  EXPECT_TRUE(m->Forward(x).ok());
+  EXPECT_EQ(m->SetPrecision(0, 0).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m->SaveDequantized(Fixture("x.pt")).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m->Expand(Spec(4, 2), nullptr).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(m->FpParams().layers.empty());
+  const Model::WeightMemory mem = m->weight_memory();
+  EXPECT_EQ(mem.packed_layers, 6);
+  // Tiny layers: per-channel scales and offsets weigh in; K·b/32 = 0.25 plus them.
+  EXPECT_GT(mem.resident_bytes, mem.fp32_bytes * 0.25);
+  EXPECT_LT(mem.resident_bytes, mem.fp32_bytes * 0.5) << mem.resident_bytes << " / " << mem.fp32_bytes;
+}
+
+TEST(PackedOpsModel, RealOcrClassifierResidentWeightsAreKbOver32) {
+  const char* dir = std::getenv("FPXINT_MODELS_DIR");
+  ASSERT_NE(dir, nullptr);
+  std::unique_ptr<Model> m = MustLoad(std::string(dir) + "/ocr/ocr_cls.pt", true);
+  ASSERT_NE(m, nullptr) << "run scripts/fetch_models.sh";
+  ASSERT_TRUE(m->Expand(Spec(4, 2), nullptr).ok());
+  ASSERT_TRUE(m->SetPrecision(2, 0).ok());
+  ASSERT_TRUE(m->ReleaseAllButPacked().ok());
+  const Model::WeightMemory mem = m->weight_memory();
+  EXPECT_EQ(mem.packed_layers, static_cast<int>(m->layers().size()));
+  const double ratio = static_cast<double>(mem.resident_bytes) / mem.fp32_bytes;
+  EXPECT_GT(ratio, 0.25);  // K·b/32 ...
+  EXPECT_LT(ratio, 0.40);  // ... + per-channel scales and offsets of small layers
+}
+
+}  // namespace
+}  // namespace fpxint::model
