@@ -518,6 +518,7 @@ absl::StatusOr<std::unique_ptr<Evaluator>> Evaluator::Load(EvalTask task,
   }
   Model::Options mo;
   mo.threads = options.threads;
+  mo.packed = options.packed;
   FPX_ASSIGN_OR_RETURN(impl->model, Model::Load(impl->model_path, mo));
   FPX_RETURN_IF_ERROR(impl->LoadData(dir));
   return std::unique_ptr<Evaluator>(new Evaluator(std::move(impl)));

@@ -79,6 +79,7 @@ class Evaluator {
   struct Options {
     int limit = 0;    // evaluate only the first `limit` samples (0: all)
     int threads = 2;  // LibTorch intra-op threads
+    bool packed = false;  // weight-only configs run on the packed low-bit ops (Model::Options)
   };
   // Loads the task's model and data from models_dir (scripts/fetch_models.sh). NotFound with the
   // command to run when a file is missing.

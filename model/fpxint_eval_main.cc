@@ -12,6 +12,7 @@
 #include "absl/strings/str_split.h"
 #include "core/thread_pool.h"
 #include "model/eval.h"
+#include "model/lowbit_ops.h"
 
 namespace fpxint::model {
 namespace {
@@ -66,6 +67,8 @@ int Main(int argc, char** argv) {
   int limit = 0;
   int threads = 2;
   bool json = false;
+  bool packed = false;
+  int64_t packed_max_rows = -1;
   std::string out_path;
   std::string include, exclude;
   app.add_option("tasks", tasks, "ocr_rec | ocr_cls | fmnist | charlm | all")->required();
@@ -84,6 +87,12 @@ int Main(int argc, char** argv) {
   app.add_option("--include", include,
                  "expand only the layers whose name matches this regex (ECMAScript, searched)");
   app.add_option("--exclude", exclude, "do not expand the layers whose name matches this regex");
+  app.add_flag("--packed", packed,
+               "run weight-only configs on the packed low-bit ops (fpxint::linear/conv2d on "
+               "packed terms) instead of dequantized fp32 weights");
+  app.add_option("--packed-max-rows", packed_max_rows,
+                 "with --packed: activation rows up to which the packed kernels run; above, a "
+                 "transient fp32 copy goes to LibTorch (default 16; 0 = always dense)");
   app.add_flag("--json", json, "print one JSON document (all tasks) on stdout instead of tables");
   app.add_option("-o,--out", out_path, "also write the JSON document to this file");
   try {
@@ -134,12 +143,14 @@ int Main(int argc, char** argv) {
     }
   }
 
+  if (packed_max_rows >= 0) fpxint::model::SetPackedMaxRows(packed_max_rows);
   core::ThreadPool pool(threads);
   std::vector<std::string> docs;
   for (EvalTask task : task_ids) {
     Evaluator::Options o;
     o.limit = limit;
     o.threads = threads;
+    o.packed = packed;
     absl::StatusOr<std::unique_ptr<Evaluator>> ev = Evaluator::Load(task, models_dir, o);
     if (!ev.ok()) {
       std::fprintf(stderr, "fpxint-eval: %s: %s\n", EvalTaskName(task),

@@ -61,11 +61,24 @@ def frame(msgs):
     return out
 
 
+def packed_weight_image(rows, cols, group, bits, terms):
+    """A valid core::LowbitLinear image (FPXLL001, see core/lowbit_linear.cc)."""
+    groups = (cols + group - 1) // group
+    row_bytes = (cols * bits + 7) // 8 if bits in (1, 2, 4) else cols
+    out = b"FPXLL001" + struct.pack("<5q", rows, cols, group, groups, terms)
+    for k in range(terms):
+        out += struct.pack("<2i", bits, 1)
+        out += bytes((i * 37 + k) % 256 for i in range(rows * row_bytes))
+        out += struct.pack(f"<{rows * groups}f", *([0.25 / (k + 1)] * (rows * groups)))
+        out += struct.pack(f"<{rows * groups}f", *([0.0] * (rows * groups)))
+    return out
+
+
 def main(outdir):
     q, inf = protos()
     rng = np.random.RandomState(0)
     seeds = {t: [] for t in ("fuzz_safetensors", "fuzz_upload", "fuzz_oip_request", "fuzz_job_spec",
-                             "fuzz_client_parsers", "fuzz_packing")}
+                             "fuzz_client_parsers", "fuzz_packing", "fuzz_packed_weight")}
     st = safetensors({"w": rng.randn(4, 6).astype(np.float32), "b": rng.randn(4).astype(np.float16),
                       "codes": rng.randint(0, 255, (2, 3)).astype(np.uint8)}, {"format": "pt"})
     seeds["fuzz_safetensors"] += [st, safetensors({}), safetensors({"x": np.zeros((0, 3), np.float32)})]
@@ -103,6 +116,9 @@ def main(outdir):
         b"\2" + json.dumps({"model": "m", "granularity": "TENSOR", "weight_bits": 8}).encode(),
     ]
     seeds["fuzz_packing"] += [bytes([b]) + bytes(range(0, 256, 7)) for b in (1, 2, 4, 0x84, 0x83, 7)]
+    seeds["fuzz_packed_weight"] += [packed_weight_image(rows, cols, group, bits, terms)
+                                    for rows, cols, group, bits, terms in
+                                    ((3, 8, 8, 4, 2), (2, 10, 4, 2, 1), (4, 5, 5, 3, 3), (1, 16, 8, 8, 1))]
     for target, items in seeds.items():
         d = os.path.join(outdir, target)
         os.makedirs(d, exist_ok=True)

@@ -75,6 +75,29 @@ class Accuracy(unittest.TestCase):
         again, _ = run_eval("ocr_cls", ["w4x2"], ["--limit", "1"])
         self.assertEqual(again["w4x2"]["weights_sha256"], r["w4x2"]["weights_sha256"])
 
+    def check_packed_matches(self, task, metric, configs, limit):
+        """The packed low-bit ops (issue 6) give the model layer's accuracy at the same b, K: on
+        the default schedule (packed kernels for few rows, a transient fp32 copy for convolutions
+        over many pixels) and with the packed kernels forced on every layer."""
+        extra = ["--limit", str(limit)]
+        ref, _ = run_eval(task, ["fp", *configs], extra)
+        for forced in ([], ["--packed-max-rows", "1000000000"]):
+            got, table = run_eval(task, ["fp", *configs], ["--packed", *forced, *extra])
+            print(table, file=sys.stderr)
+            for c in configs:
+                self.assertEqual(got[c]["samples"], ref[c]["samples"])
+                self.assertEqual(got[c][metric], ref[c][metric], f"{c} {forced}")
+                self.assertEqual(got[c]["weights_sha256"], ref[c]["weights_sha256"])
+                # fp32 paths agree to float rounding, far below the expansion's own error.
+                self.assertAlmostEqual(got[c]["output_rel_err"], ref[c]["output_rel_err"],
+                                       delta=1e-4 * ref[c]["output_rel_err"] + 1e-6)
+
+    def test_ocr_rec_packed(self):
+        self.check_packed_matches("ocr_rec", "char_acc", ["w4x1", "w4x2", "w2x4-mid"], 40)
+
+    def test_ocr_cls_packed(self):
+        self.check_packed_matches("ocr_cls", "accuracy", ["w4x1", "w4x2"], 200)
+
     def test_fmnist(self):
         r, table = run_eval("fmnist", ["fp", "rtn4", "w4x1", "w4a4x2"])
         print(table, file=sys.stderr)
