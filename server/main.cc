@@ -62,6 +62,11 @@ int main(int argc, char** argv) {
   app.add_option("--infer-instances", c.infer_instances,
                  "copies of each served model version (concurrent ModelInfer per version)")
       ->envname("FPXINT_INFER_INSTANCES");
+  app.add_option("--packed-weights", c.packed_weights,
+                 "serve weight-only quantized models on the packed low-bit ops (true: weights "
+                 "stay K·b/32 of FP32 in memory, packed once per version into model.packed.pt); "
+                 "false: dequantized fp32 weights")
+      ->envname("FPXINT_PACKED_WEIGHTS");
   app.add_option("--token-file", c.token_file,
                  "bearer tokens with roles, one '<token> <role>[,<role>]' per line; roles "
                  "quantize, infer, admin (empty: no authentication)")

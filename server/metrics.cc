@@ -172,6 +172,11 @@ struct Metrics::Impl {
       .Help("Artifact bytes written by successful jobs")
       .Register(*registry)
       .Add({});
+  Family<Gauge>& model_weights = BuildGauge()
+      .Name("fpxint_model_weight_bytes")
+      .Help("Weight bytes of one instance of a served model version: form=fp32 is its layers' "
+            "FP32 size, form=resident what it holds (packed terms for packed layers)")
+      .Register(*registry);
   Family<Counter>& rpcs = BuildCounter()
       .Name("fpxint_grpc_requests_total")
       .Help("gRPC calls by full method name and status code")
@@ -202,6 +207,21 @@ void Metrics::Inference(const std::string& model, const std::string& version, co
   if (queue_seconds >= 0) {
     impl_->infer_queue.Add({{"model", model}, {"version", version}}, LatencyBuckets())
         .Observe(queue_seconds);
+  }
+}
+
+void Metrics::SetModelWeights(const std::string& model, const std::string& version,
+                              uint64_t fp32_bytes, uint64_t resident_bytes) {
+  impl_->model_weights.Add({{"model", model}, {"version", version}, {"form", "fp32"}})
+      .Set(static_cast<double>(fp32_bytes));
+  impl_->model_weights.Add({{"model", model}, {"version", version}, {"form", "resident"}})
+      .Set(static_cast<double>(resident_bytes));
+}
+
+void Metrics::ClearModelWeights(const std::string& model, const std::string& version) {
+  for (const char* form : {"fp32", "resident"}) {
+    auto& g = impl_->model_weights.Add({{"model", model}, {"version", version}, {"form", form}});
+    impl_->model_weights.Remove(&g);
   }
 }
 

@@ -44,6 +44,11 @@ class Metrics {
   void WorkersBusyAdd(int delta);
   void BytesUploaded(uint64_t n);
 
+  // Weights of one instance of a served model version: its layers' FP32 size and what it holds
+  // (packed terms for packed layers). Cleared when the version is unloaded.
+  void SetModelWeights(const std::string& model, const std::string& version, uint64_t fp32_bytes,
+                       uint64_t resident_bytes);
+  void ClearModelWeights(const std::string& model, const std::string& version);
   void Rpc(const std::string& method, const char* code, double seconds);
 
   // The text exposition format of everything (what /metrics serves).

@@ -10,9 +10,11 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/notification.h"
 #include "core/status_macros.h"
 #include "server/executor.h"
+#include "server/log.h"
 #include "server/status_util.h"
 #include "server/validation.h"
 
@@ -76,6 +78,7 @@ class ServedModel::Runner {
 
 ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets)
     : d_(std::move(d)) {
+  if (!nets.empty()) weights_ = nets.front()->weight_memory();
   absl::MutexLock l(&mu_);
   for (auto& n : nets) {
     free_.push_back(static_cast<int>(instances_.size()));
@@ -155,12 +158,35 @@ Repository::Repository(std::string dir, Journal* journal, BlobStore* store, core
 }
 
 absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::Deployment& d) {
-  const std::string path = (fs::path(dir_) / d.name() / d.version() / "model.pt").string();
+  const fs::path version_dir = fs::path(dir_) / d.name() / d.version();
+  std::string path = (version_dir / "model.pt").string();
+  const bool series = d.platform() == kPlatformSeries;
+  model::Model::Options mo;
+  mo.threads = opts_.torch_threads;
+  mo.packed = series && opts_.packed && d.spec().act_terms() == 0;
+  if (mo.packed) {
+    // Expand and pack once per version; instances (and restarts) load the packed network.
+    const std::string packed = (version_dir / "model.packed.pt").string();
+    std::error_code ec;
+    if (!fs::exists(packed, ec)) {
+      FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, mo));
+      FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(d.spec()), pool_));
+      const std::string tmp = (version_dir / ".model.packed.pt.tmp").string();
+      FPX_RETURN_IF_ERROR(net->SavePacked(tmp));
+      FPX_RETURN_IF_ERROR(SyncFile(tmp));
+      fs::rename(tmp, packed, ec);
+      if (ec) return absl::InternalError(absl::StrCat("cannot publish '", packed, "'"));
+      FPX_RETURN_IF_ERROR(SyncDir(version_dir.string()));
+    }
+    path = packed;
+  }
   std::vector<std::unique_ptr<model::Model>> nets;
   for (int i = 0; i < std::max(1, opts_.instances); ++i) {
-    FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, {opts_.torch_threads}));
-    if (d.platform() == kPlatformSeries) {
+    FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, mo));
+    if (series && !mo.packed) {
       FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(d.spec()), pool_));
+    }
+    if (series) {
       FPX_RETURN_IF_ERROR(net->SetPrecision(d.spec().weight_terms(), d.spec().act_terms()));
     }
     nets.push_back(std::move(net));
@@ -206,6 +232,15 @@ absl::Status Repository::LoadDeployment(v1::Deployment d) {
         absl::StrCat("model '", key, "' failed to load: ", served.status().message()));
   }
   failures_.erase(key);
+  const model::Model::WeightMemory& w = (*served)->weights();
+  LogInfo(absl::StrCat("loaded '", key, "' (", d.platform(), "): ", w.packed_layers,
+                       " layers packed, weights ", w.resident_bytes, " bytes resident per instance of ",
+                       w.fp32_bytes, " in FP32 (",
+                       absl::StrFormat("%.3f", w.fp32_bytes ? double(w.resident_bytes) / w.fp32_bytes : 0.0),
+                       ")"));
+  if (opts_.metrics != nullptr) {
+    opts_.metrics->SetModelWeights(d.name(), d.version(), w.fp32_bytes, w.resident_bytes);
+  }
   loaded_[d.name()][d.version()] = *std::move(served);
   return absl::OkStatus();
 }
@@ -289,6 +324,9 @@ absl::Status Repository::Unload(const std::string& name) {
   }
   if (!found) return absl::NotFoundError(absl::StrCat("model_name: '", name, "' is not deployed"));
   absl::MutexLock l(&mu_);
+  if (auto it = loaded_.find(name); it != loaded_.end() && opts_.metrics != nullptr) {
+    for (const auto& [version, served] : it->second) opts_.metrics->ClearModelWeights(name, version);
+  }
   loaded_.erase(name);  // requests in flight keep their shared_ptr until they finish
   return absl::OkStatus();
 }

@@ -29,6 +29,7 @@
 #include "fpxint/v1/server_state.pb.h"
 #include "model/model.h"
 #include "server/journal.h"
+#include "server/metrics.h"
 #include "server/store.h"
 
 namespace fpxint::server {
@@ -70,6 +71,8 @@ class ServedModel {
   void Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns, uint64_t infer_ns,
               uint64_t output_ns, uint64_t total_ns);
   ModelStats stats() const;
+  // One instance's weight memory (model::Model::weight_memory at load).
+  const model::Model::WeightMemory& weights() const { return weights_; }
 
  private:
   // One thread per instance runs its forward passes: LibTorch's OpenMP keeps a thread team per
@@ -86,6 +89,7 @@ class ServedModel {
   std::vector<Instance> instances_ ABSL_GUARDED_BY(mu_);
   std::vector<int> free_ ABSL_GUARDED_BY(mu_);
   ModelStats stats_ ABSL_GUARDED_BY(mu_);
+  model::Model::WeightMemory weights_;
 };
 
 class Repository {
@@ -93,6 +97,11 @@ class Repository {
   struct Options {
     int instances = 1;
     int torch_threads = 2;
+    // Weight-only quantized versions run on the packed ops: expanded and packed once into
+    // <repo>/<name>/<version>/model.packed.pt (reused after restarts), every instance loaded
+    // from it holding only the packed weights.
+    bool packed = true;
+    Metrics* metrics = nullptr;  // fpxint_model_weight_bytes per loaded version (optional)
   };
   Repository(std::string dir, Journal* journal, BlobStore* store, core::ThreadPool* pool,
              Options o);

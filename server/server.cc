@@ -99,7 +99,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   im->pool = std::make_unique<core::ThreadPool>(threads);
   im->repo = std::make_unique<Repository>((fs::path(config.data_dir) / "repository").string(),
                                           im->journal.get(), im->store.get(), im->pool.get(),
-                                          Repository::Options{config.infer_instances, threads});
+                                          Repository::Options{config.infer_instances, threads, config.packed_weights, &im->metrics});
   im->jobs = std::make_unique<JobManager>(
       JobManager::Options{config.workers, config.queue_limit, threads, &im->metrics},
       im->journal.get(),

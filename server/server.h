@@ -23,6 +23,7 @@ struct ServerConfig {
   uint64_t max_upload_bytes = uint64_t{4} << 30;  // per upload
   int threads = 0;                                // compute threads (0: all cores)
   int infer_instances = 1;                        // network copies per served model version
+  bool packed_weights = true;                     // serve weight-only quantized models packed
   std::string token_file;                         // empty: no authentication
   std::string tls_cert, tls_key;                  // PEM files; both or neither
   std::string tls_client_ca;                      // PEM: require client certificates

@@ -426,13 +426,19 @@ TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {
   EXPECT_EQ(q_->DeleteModel(Ctx().get(), mr, &dr).error_code(),
             grpc::StatusCode::FAILED_PRECONDITION);
   ref.set_job_id(queued.job_id());
-  ASSERT_TRUE(q_->CancelJob(Ctx().get(), ref, &j).ok());
-  EXPECT_EQ(j.state(), v1::CANCELLED);
+  // Usually still queued; on a fast machine the first job may already be done and this one
+  // running (then it is cancelled promptly) or even finished.
+  grpc::Status qs = q_->CancelJob(Ctx().get(), ref, &j);
+  if (qs.ok()) {  // a running job can still reach its end before it sees the flag
+    EXPECT_TRUE(j.state() == v1::CANCELLED || j.state() == v1::SUCCEEDED) << j.state();
+  } else {
+    EXPECT_EQ(qs.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << qs.error_message();
+  }
   ref.set_job_id(running.job_id());
   const auto t0 = std::chrono::steady_clock::now();
   grpc::Status cs = q_->CancelJob(Ctx().get(), ref, &j);
   if (cs.ok()) {
-    EXPECT_EQ(j.state(), v1::CANCELLED);
+    EXPECT_TRUE(j.state() == v1::CANCELLED || j.state() == v1::SUCCEEDED) << j.state();
   } else {  // it finished first
     EXPECT_EQ(cs.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << cs.error_message();
   }

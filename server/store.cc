@@ -69,6 +69,15 @@ std::string UniqueSuffix() {
 
 }  // namespace
 
+absl::Status SyncFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync", path);
+  return absl::OkStatus();
+}
+
 absl::Status SyncDir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return core::ErrnoToStatus(errno, "cannot open directory", dir);

@@ -24,6 +24,8 @@ namespace fpxint::server {
 // Writes `contents` to `path` atomically: temp file in the same directory, fsync, rename, fsync
 // of the directory.
 absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents);
+// fsyncs a file written by someone else (before renaming it into place).
+absl::Status SyncFile(const std::string& path);
 // fsyncs a directory (after a rename into it).
 absl::Status SyncDir(const std::string& dir);
 // True for 64 lower-case hex digits.

@@ -11,6 +11,7 @@ server with --max-upload-bytes 64000000.
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -476,6 +477,52 @@ class ServiceE2E(ServerTestCase):
         self.assertAlmostEqual(rel2b, rel2, delta=1e-6 + 1e-3 * rel2,
                                msg="fpxint_terms=2 differs from the default (all 2 terms)")
         self.assertGreater(rel1, rel2b, "one term is not worse than two")
+
+    def test_32b_packed_serving(self):
+        """rec-q (weight-only) is served on the packed low-bit ops: packed once into the version
+        directory, weights K·b/32 of FP32 in memory (the server's gauge), and the packed file is
+        a TorchScript module that Python runs with the fpxint op library, matching the server's
+        outputs at every precision."""
+        q_outs, _ = self.need("q_outs", "test_31_quantized_infer")
+        text = sc.metrics_text(self.server)
+        if text:
+            forms = {}
+            for line in text.splitlines():
+                if line.startswith("fpxint_model_weight_bytes{") and 'model="rec-q"' in line:
+                    form = line.split('form="', 1)[1].split('"', 1)[0]
+                    forms[form] = float(line.rsplit(" ", 1)[1])
+            self.assertEqual(set(forms), {"fp32", "resident"}, text[:2000])
+            ratio = forms["resident"] / forms["fp32"]
+            sys.stderr.write(f"[e2e] rec-q resident weights {forms['resident']:.0f} B of "
+                             f"{forms['fp32']:.0f} B FP32 ({ratio:.3f}; K*b/32 = 0.25)\n")
+            self.assertGreater(ratio, 0.25)
+            self.assertLess(ratio, 0.32)
+        packed = os.path.join(self.server.data_dir, "repository", "rec-q", "1", "model.packed.pt")
+        self.assertTrue(os.path.isfile(packed), f"{packed} missing")
+        lib = os.environ.get("FPXINT_OPS_LIB", "")
+        self.assertTrue(os.path.isfile(lib), f"FPXINT_OPS_LIB={lib!r} (libfpxint_ops.so) missing")
+        img = os.path.join(self.server.root, "img0.npy")
+        np.save(img, self.state["images"][0])
+        script = (
+            "import sys, numpy as np, torch\n"
+            "torch.ops.load_library(sys.argv[1])\n"
+            "m = torch.jit.load(sys.argv[2])\n"
+            "x = torch.from_numpy(np.load(sys.argv[3]))\n"
+            "with torch.no_grad():\n"
+            "    np.save(sys.argv[4], m(x).numpy()); np.save(sys.argv[5], m(x, 1).numpy())\n")
+        y_all, y_one = (os.path.join(self.server.root, f) for f in ("y_all.npy", "y_one.npy"))
+        p = subprocess.run([sys.executable, "-c", script, lib, packed, img, y_all, y_one],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr[-3000:])
+        np.testing.assert_allclose(np.load(y_all), q_outs[0], rtol=1e-4, atol=1e-4)
+        one = self.ci.infer_output(self.call(self.ci.infer, "rec-q", self.state["images"][0],
+                                             params={"fpxint_terms": 1}))[0]
+        np.testing.assert_allclose(np.load(y_one), one, rtol=1e-4, atol=1e-4)
+        # Without the op library, loading fails and names the missing fpxint class.
+        p = subprocess.run([sys.executable, "-c", "import sys, torch; torch.jit.load(sys.argv[1])",
+                            packed], capture_output=True, text=True, timeout=120)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("fpxint", p.stderr)
 
     def test_33_metadata_index_stats(self):
         self.need("fp_outs", "test_30_fp_load_and_infer")
