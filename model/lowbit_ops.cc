@@ -5,6 +5,7 @@
 #include <torch/custom_class.h>
 #include <torch/script.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -72,15 +73,50 @@ void RunPacked(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t
   });
 }
 
-// Σ_{k<=terms} Ŵ_k as a transient fp32 tensor of the dense shape.
-at::Tensor Dense(const PackedWeight& p, int terms) {
-  at::Tensor d = at::empty(p.shape, at::kFloat);
-  float* out = d.data_ptr<float>();
-  const int64_t cols = p.w.in_features();
-  at::parallel_for(0, p.w.out_features(), 8, [&](int64_t b, int64_t e) {
-    p.w.DequantizeRows(b, e, out + b * cols, terms);
+// Σ_{k<=terms} Ŵ_k for rows [r0, r1) into `out` (row-major, (r1 - r0) × in), rows split over
+// LibTorch's intra-op pool.
+void DequantizeInto(const core::LowbitLinear& w, int64_t r0, int64_t r1, float* out, int terms) {
+  const int64_t cols = w.in_features();
+  at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) {
+    w.DequantizeRows(b, e, out + (b - r0) * cols, terms);
   });
-  return d;
+}
+
+// A per-thread fp32 buffer of at least n floats, reused across calls: the dense path's transient
+// weights then cost neither an allocation nor fresh-page faults per call (which cost more than the
+// decoding itself). Each interpreter thread runs one op at a time, and the callees (at::mm_out,
+// at::conv2d) do not keep their inputs.
+at::Tensor Scratch(int64_t n) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::kFloat);
+  return buf.narrow(0, 0, n);
+}
+
+// Rows per dequantized panel: the whole weight when it has at most kPanelFloats elements,
+// otherwise panels of that size, so the transient stays small for large layers.
+constexpr int64_t kPanelFloats = int64_t{1} << 20;  // 4 MiB
+int64_t PanelRows(const core::LowbitLinear& w) {
+  return std::max<int64_t>(1, std::min(w.out_features(), kPanelFloats / w.in_features()));
+}
+
+// y[:, r] = a · W[r, :]ᵀ for every output row r, a transient panel of W at a time:
+// `y` is [m, out] (row-major, any row stride), `a` is [m, in].
+void DenseLinear(const core::LowbitLinear& w, const at::Tensor& a, at::Tensor y, int terms) {
+  const int64_t in = w.in_features(), out = w.out_features(), panel = PanelRows(w);
+  at::Tensor buf = Scratch(panel * in);
+  for (int64_t r0 = 0; r0 < out; r0 += panel) {
+    const int64_t p = std::min(panel, out - r0);
+    DequantizeInto(w, r0, r0 + p, buf.data_ptr<float>(), terms);
+    at::Tensor y_panel = y.narrow(1, r0, p);
+    at::mm_out(y_panel, a, buf.narrow(0, 0, p * in).view({p, in}).t());
+  }
+}
+
+// The whole Σ Ŵ_k in the dense shape, in the per-thread buffer (for general convolutions).
+at::Tensor Dense(const PackedWeight& p, int terms) {
+  at::Tensor d = Scratch(p.w.out_features() * p.w.in_features());
+  DequantizeInto(p.w, 0, p.w.out_features(), d.data_ptr<float>(), terms);
+  return d.view(p.shape);
 }
 
 at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
@@ -94,15 +130,15 @@ at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   const int k = TermsArg(terms);
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.numel() / w.in_features();
-  if (m > PackedMaxRows()) {
-    at::Tensor d = Dense(*p, k).view({w.out_features(), w.in_features()});
-    return at::linear(x, d, bias);
-  }
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = w.out_features();
   at::Tensor y = at::empty(out_shape, x.options());
-  RunPacked(w, x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(), y.data_ptr<float>(),
-            w.out_features(), k);
+  if (m > PackedMaxRows()) {
+    DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
+  } else {
+    RunPacked(w, x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
+              y.data_ptr<float>(), w.out_features(), k);
+  }
   if (bias && bias->defined()) y.add_(*bias);
   return y;
 }
@@ -137,6 +173,9 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   const int64_t n = x.size(0), out = ws[0];
   const int64_t m = n * out_hw[0] * out_hw[1];
   at::Tensor y;
+  // Dense path: LibTorch's convolution (oneDNN on OpenMP threads like the rest of the network;
+  // 1x1 convolutions as OpenBLAS GEMMs measured faster alone but slower in the network, where
+  // OpenBLAS's threads compete with OpenMP's spinning ones).
   if (m > PackedMaxRows()) {
     y = at::conv2d(x, Dense(*p, k), bias, stride, padding, dilation, groups);
   } else {
@@ -157,7 +196,9 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   return unbatched ? y.squeeze(0) : y;
 }
 
-at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) { return Dense(*p, TermsArg(terms)); }
+at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
+  return Dense(*p, TermsArg(terms)).clone();  // the caller keeps it: not the scratch buffer
+}
 
 }  // namespace
 
