@@ -4,7 +4,9 @@
 //   int8_dynamic_libtorch  quantized::linear_dynamic (onednn, else qnnpack), 2 threads
 //   w4k1, w4k2, w2k4mid    core::LowbitLinear (packed codes, fp32 activations), ThreadPool(2)
 // Counters: weight_MB = resident weight bytes of the implementation (MiB).
-// The w4a4k2 integer paths (expanded activations) are not built yet and not listed.
+//   w4a4k2, w4a4k2_trunc   core::IntLinear: W4×2 sym weights, activations expanded per row
+//                          into 2 4-bit terms (unsigned first term for x >= 0), all 4 products
+//                          or the 3 order-truncated ones, int32 accumulation (VNNI where present)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,6 +19,7 @@
 #include <string>
 
 #include "core/expansion.h"
+#include "core/int_linear.h"
 #include "core/lowbit_linear.h"
 #include "core/thread_pool.h"
 
@@ -98,6 +101,42 @@ void BM_Int8Dynamic(benchmark::State& state, int64_t batch) {
   state.SetLabel(engine == at::QEngine::ONEDNN ? "onednn" : "qnnpack");
 }
 
+const fpxint::core::IntLinear& IntW4K2() {
+  static const fpxint::core::IntLinear lin = [] {
+    fpxint::core::ExpansionSpec spec;
+    spec.scale = fpxint::core::ScaleGranularity::kChannel;
+    spec.bits = 4, spec.terms = 2;
+    const at::Tensor& w = Weight();
+    fpxint::core::ExpandOptions o;
+    o.pool = &Pool();
+    auto e = fpxint::core::ExpandTensor(
+        fpxint::core::DType::kF32, {kN, kN},
+        absl::MakeConstSpan(static_cast<const uint8_t*>(w.data_ptr()), w.nbytes()), spec, o);
+    if (!e.ok()) std::abort();
+    auto l = fpxint::core::IntLinear::FromExpansion(*e);
+    if (!l.ok()) std::abort();
+    return *std::move(l);
+  }();
+  return lin;
+}
+
+void BM_IntW4A4(benchmark::State& state, bool truncate, int64_t batch) {
+  const fpxint::core::IntLinear& l = IntW4K2();
+  // Post-ReLU-like activations (>= 0): the first activation term is unsigned.
+  const at::Tensor x = at::relu(Input(batch));
+  at::Tensor y = at::empty({batch, kN}, at::kFloat);
+  const fpxint::core::IntLinear::ActSpec act{4, 2, true, truncate};
+  for (auto _ : state) {
+    if (!l.Forward(x.data_ptr<float>(), batch, y.data_ptr<float>(), act, 0, &Pool()).ok()) {
+      state.SkipWithError("IntLinear::Forward failed");
+      return;
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["weight_MB"] = static_cast<double>(l.resident_bytes()) / (1 << 20);
+  state.SetLabel(fpxint::core::ActiveIntKernels().name);
+}
+
 void BM_Lowbit(benchmark::State& state, std::string impl, int64_t batch) {
   const fpxint::core::LowbitLinear& l = Lowbit(impl);
   const at::Tensor x = Input(batch);
@@ -144,6 +183,10 @@ int Register() {
                                    std::string(impl), b)
           ->Unit(benchmark::kMillisecond)->UseRealTime();
     }
+    benchmark::RegisterBenchmark(("Linear/w4a4k2/" + shape).c_str(), BM_IntW4A4, false, b)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark(("Linear/w4a4k2_trunc/" + shape).c_str(), BM_IntW4A4, true, b)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
   return 0;
 }

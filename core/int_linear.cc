@@ -1,0 +1,243 @@
+#include "core/int_linear.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "core/kernels.h"
+#include "core/packing.h"
+#include "core/status_macros.h"
+
+namespace fpxint::core {
+
+// Defined in int_linear_avx2.cc / int_linear_avx512.cc (compiled with those ISAs).
+const IntKernelTable& IntKernelsAvx2();
+const IntKernelTable& IntKernelsAvx512Vnni();
+
+namespace {
+
+int64_t RoundUp(int64_t n) { return (n + kIntBlock - 1) / kIntBlock * kIntBlock; }
+
+// Position q of a block in plane order -> the code index within the block.
+inline int64_t PlaneCode(int64_t q, int bits) {
+  const int64_t per = CodesPerByte(bits);
+  if (per == 1) return q;
+  const int64_t bytes = kIntBlock / per;
+  return (q % bytes) * per + q / bytes;
+}
+
+}  // namespace
+
+void UnpackIntRowRef(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
+  std::vector<int32_t> q(static_cast<size_t>(n));
+  UnpackCodes(packed, n, bits, /*is_signed=*/true, q.data());
+  const int64_t npad = RoundUp(n);
+  for (int64_t b0 = 0; b0 < npad; b0 += kIntBlock) {
+    for (int64_t p = 0; p < kIntBlock; ++p) {
+      const int64_t c = b0 + PlaneCode(p, bits);
+      out[b0 + p] = c < n ? static_cast<int8_t>(q[static_cast<size_t>(c)]) : 0;
+    }
+  }
+}
+
+namespace {
+
+void DotTileRef(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx, int B,
+                int64_t n, int32_t* out) {
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) {
+      int32_t s = 0;
+      for (int64_t c = 0; c < n; ++c) s += int32_t{w[r * ldw + c]} * int32_t{x[b * ldx + c]};
+      out[r * B + b] = s;
+    }
+  }
+}
+
+const IntKernelTable kRef = {"ref", UnpackIntRowRef, DotTileRef};
+
+constexpr int kTile = 4;
+constexpr int64_t kRowsPerTask = 16;
+
+}  // namespace
+
+const IntKernelTable* IntKernelsByName(absl::string_view name) {
+  if (name == "ref") return &kRef;
+  if (name == "avx2") return KernelsByName("avx2") != nullptr ? &IntKernelsAvx2() : nullptr;
+  if (name == "avx512vnni") {
+    return KernelsByName("avx512") != nullptr && __builtin_cpu_supports("avx512vnni")
+               ? &IntKernelsAvx512Vnni()
+               : nullptr;
+  }
+  return nullptr;
+}
+
+const IntKernelTable& ActiveIntKernels() {
+  static const IntKernelTable* t = [] {
+    // FPXINT_KERNEL (core/kernels.h) picks the ISA family for every kernel set.
+    const std::string isa = ActiveKernels().name;
+    if (isa == "avx512") {
+      if (const IntKernelTable* k = IntKernelsByName("avx512vnni")) return k;
+    }
+    if (isa == "avx512" || isa == "avx2") {
+      if (const IntKernelTable* k = IntKernelsByName("avx2")) return k;
+    }
+    return &kRef;
+  }();
+  return *t;
+}
+
+absl::StatusOr<IntLinear> IntLinear::FromExpansion(const TensorExpansion& e) {
+  if (e.terms.empty()) return absl::InvalidArgumentError("expansion has no terms");
+  const ExpansionSpec& s = e.spec;
+  if (s.grid != Grid::kSym || s.unsigned_first || s.scale == ScaleGranularity::kGroup ||
+      s.bits < 2 || s.bits > 8) {
+    return absl::InvalidArgumentError(
+        "integer W×A kernels take sym-grid weights with tensor or channel scales and b in 2..8");
+  }
+  IntLinear w;
+  w.bits_ = s.bits;
+  w.rows_ = e.layout.rows;
+  w.cols_ = e.layout.row_len;
+  w.row_bytes_ = e.layout.packed_row_bytes;
+  std::vector<int32_t> q(static_cast<size_t>(w.cols_));
+  for (size_t k = 0; k < e.terms.size(); ++k) {
+    const TermData& td = e.terms[k];
+    if (static_cast<int64_t>(td.codes.size()) != w.rows_ * w.row_bytes_) {
+      return absl::InvalidArgumentError(absl::StrCat("term ", k + 1, ": code buffer size"));
+    }
+    Term t;
+    t.codes = td.codes;
+    t.scale.resize(static_cast<size_t>(w.rows_));
+    t.wsum.resize(static_cast<size_t>(w.rows_));
+    for (int64_t o = 0; o < w.rows_; ++o) {
+      const size_t si = s.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(o);
+      if (si >= td.scale.size()) {
+        return absl::InvalidArgumentError(absl::StrCat("term ", k + 1, ": too few scales"));
+      }
+      t.scale[static_cast<size_t>(o)] = td.scale[si];
+      UnpackCodes(td.codes.data() + o * w.row_bytes_, w.cols_, s.bits, true, q.data());
+      int64_t sum = 0;
+      for (int32_t v : q) sum += v;
+      t.wsum[static_cast<size_t>(o)] = static_cast<int32_t>(sum);
+    }
+    w.terms_.push_back(std::move(t));
+  }
+  return w;
+}
+
+size_t IntLinear::resident_bytes() const {
+  size_t n = 0;
+  for (const Term& t : terms_) n += t.codes.size() + t.scale.size() * 4 + t.wsum.size() * 4;
+  return n;
+}
+
+absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
+                                int weight_terms, ThreadPool* pool,
+                                const IntKernelTable* kernels) const {
+  if (act.bits < 2 || act.bits > 8 || act.terms < 1 || act.terms > 16) {
+    return absl::InvalidArgumentError(absl::StrCat("activation bits ", act.bits, ", terms ",
+                                                   act.terms, "; accepted bits 2..8, terms 1..16"));
+  }
+  if (static_cast<double>(cols_) * ((1 << act.bits) - 1) * (1 << (bits_ - 1)) >= 2147483648.0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "in_features ", cols_, " at ", act.bits, "x", bits_, " bits could overflow int32 sums"));
+  }
+  if (batch <= 0) return absl::OkStatus();
+  const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
+  const int K = weight_terms <= 0 || weight_terms > terms() ? terms() : weight_terms;
+  const int64_t npad = RoundUp(cols_);
+
+  // Dynamic activation expansion, one scale per row.
+  ExpansionSpec as;
+  as.bits = act.bits;
+  as.terms = act.terms;
+  as.grid = Grid::kSym;
+  as.scale = batch > 1 ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
+  as.unsigned_first =
+      act.unsigned_first && std::all_of(x, x + batch * cols_, [](float v) { return v >= 0; });
+  const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
+                                         static_cast<size_t>(batch * cols_) * sizeof(float));
+  FPX_ASSIGN_OR_RETURN(TensorExpansion ex, ExpandTensor(DType::kF32, {batch, cols_}, bytes, as));
+  const int Ka = static_cast<int>(ex.terms.size());
+  // Activation codes as u8 (signed codes + 2^(b-1)), plane order, zero padding.
+  std::vector<std::vector<uint8_t>> xu(static_cast<size_t>(Ka));
+  std::vector<std::vector<float>> sx(static_cast<size_t>(Ka));
+  std::vector<int32_t> bias(static_cast<size_t>(Ka));
+  std::vector<int32_t> q(static_cast<size_t>(cols_));
+  for (int j = 0; j < Ka; ++j) {
+    const bool is_unsigned = as.term_is_unsigned(j + 1);
+    bias[static_cast<size_t>(j)] = is_unsigned ? 0 : 1 << (act.bits - 1);
+    std::vector<uint8_t>& u = xu[static_cast<size_t>(j)];
+    u.assign(static_cast<size_t>(batch * npad), 0);
+    sx[static_cast<size_t>(j)].resize(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b) {
+      UnpackCodes(ex.terms[j].codes.data() + b * ex.layout.packed_row_bytes, cols_, act.bits,
+                  !is_unsigned, q.data());
+      uint8_t* row = u.data() + b * npad;
+      for (int64_t b0 = 0; b0 < npad; b0 += kIntBlock) {
+        for (int64_t p = 0; p < kIntBlock; ++p) {
+          const int64_t c = b0 + PlaneCode(p, bits_);
+          if (c < cols_) row[b0 + p] = static_cast<uint8_t>(q[static_cast<size_t>(c)] + bias[j]);
+        }
+      }
+      sx[static_cast<size_t>(j)][static_cast<size_t>(b)] =
+          ex.terms[j].scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
+    }
+  }
+  // The products to run, in a fixed order (the epilogue sums them in this order).
+  std::vector<std::pair<int, int>> pairs;
+  const int k_max = std::max(K, Ka);
+  for (int i = 0; i < K; ++i) {
+    for (int j = 0; j < Ka; ++j) {
+      if (!act.truncate || (i + 1) + (j + 1) <= k_max + 1) pairs.emplace_back(i, j);
+    }
+  }
+  const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
+  auto run = [&](int64_t task) {
+    const int64_t r0 = task * kRowsPerTask, r1 = std::min(rows_, r0 + kRowsPerTask);
+    std::vector<int8_t> wbuf(static_cast<size_t>(K * kTile * npad));
+    std::vector<int32_t> acc(pairs.size() * kTile * kTile);
+    for (int64_t o0 = r0; o0 < r1; o0 += kTile) {
+      const int R = static_cast<int>(std::min<int64_t>(kTile, r1 - o0));
+      for (int i = 0; i < K; ++i) {
+        for (int r = 0; r < R; ++r) {
+          kt.unpack_row(terms_[static_cast<size_t>(i)].codes.data() + (o0 + r) * row_bytes_, cols_,
+                        bits_, wbuf.data() + (i * kTile + r) * npad);
+        }
+      }
+      for (int64_t b0 = 0; b0 < batch; b0 += kTile) {
+        const int B = static_cast<int>(std::min<int64_t>(kTile, batch - b0));
+        for (size_t p = 0; p < pairs.size(); ++p) {
+          const auto [i, j] = pairs[p];
+          kt.dot_tile(wbuf.data() + i * kTile * npad, npad, R,
+                      xu[static_cast<size_t>(j)].data() + b0 * npad, npad, B, npad,
+                      acc.data() + p * kTile * kTile);
+        }
+        for (int r = 0; r < R; ++r) {
+          const int64_t o = o0 + r;
+          for (int b = 0; b < B; ++b) {
+            float s = 0;
+            for (size_t p = 0; p < pairs.size(); ++p) {
+              const auto [i, j] = pairs[p];
+              const Term& t = terms_[static_cast<size_t>(i)];
+              const int64_t dot = int64_t{acc[p * kTile * kTile + r * B + b]} -
+                                  int64_t{bias[static_cast<size_t>(j)]} * t.wsum[static_cast<size_t>(o)];
+              s += t.scale[static_cast<size_t>(o)] *
+                   sx[static_cast<size_t>(j)][static_cast<size_t>(b0 + b)] * static_cast<float>(dot);
+            }
+            y[(b0 + b) * rows_ + o] = s;
+          }
+        }
+      }
+    }
+  };
+  if (pool != nullptr && tasks > 1) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fpxint::core

@@ -1,0 +1,90 @@
+// File: core/int_linear.h
+//
+// Integer inference for a linear layer whose weight AND input are expanded (SPEC.md §3, W×A):
+//
+//     y[b, o] = Σ_{(i, j) ∈ P} sw_i[o] · sx_j[b] · Σ_c Cw_i[o, c] · Cx_j[b, c]
+//
+// Cw_i are the weight's b-bit codes (sym grid; per-tensor or per-output-channel scales sw_i),
+// Cx_j the activation's codes, expanded dynamically from x itself with one scale per row
+// (core::ExpandTensor, channel scales over [batch, in]: the same expansion the model layer's
+// fpxint::act_expand applies to linear inputs; an unsigned first term when x >= 0). P is every
+// pair i <= K_w', j <= K_a', or with order truncation only i + j <= max(K_w', K_a') + 1.
+//
+// The inner sums are exact int32 arithmetic (u8 activations × s8 weights: the signed activation
+// codes carry a bias of 2^(b-1) that is taken out with Σ_c Cw_i[o, c]); every variant (ref,
+// avx2, avx512-VNNI) computes the same integers and shares the float epilogue, so the outputs are
+// bit-for-bit equal to the scalar reference.
+//
+// Schedule: per tile of 4 output rows, the K_w' packed weight terms are unpacked once into s8
+// (in L1), then every 4-row tile of activations runs all pairs against them; the weights are
+// read from memory once per call, the activation codes from cache.
+#ifndef FPXINT_CORE_INT_LINEAR_H_
+#define FPXINT_CORE_INT_LINEAR_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "core/expansion.h"
+#include "core/thread_pool.h"
+
+namespace fpxint::core {
+
+// Codes in "plane order": per block of 64 codes, the codes sharing a position within their
+// packed byte come together (b = 4: the 32 even codes, then the 32 odd ones; b = 2: four planes
+// of 16; b = 1: eight of 8; b = 3 and 8: natural order). Weights unpack to it with two masks per
+// 32 bytes; activations are written in it once per call.
+inline constexpr int64_t kIntBlock = 64;
+
+struct IntKernelTable {
+  const char* name;  // "ref" | "avx2" | "avx512vnni"
+  // The first n codes of one packed row (core/packing.h layout, b-bit two's complement), as s8 in
+  // plane order, zero-padded to a multiple of kIntBlock. `packed` holds ⌈n·b/8⌉ bytes.
+  void (*unpack_row)(const uint8_t* packed, int64_t n, int bits, int8_t* out);
+  // out[r·B + b] = Σ_{c<n} w[r·ldw + c] · x[b·ldx + c] for r < R ≤ 4, b < B ≤ 4; n % 64 == 0.
+  void (*dot_tile)(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx, int B,
+                   int64_t n, int32_t* out);
+};
+
+const IntKernelTable& ActiveIntKernels();                 // avx512vnni > avx2 > ref
+const IntKernelTable* IntKernelsByName(absl::string_view name);  // nullptr when unsupported
+
+class IntLinear {
+ public:
+  // From a weight expansion with the sym grid, tensor or channel scales, b ∈ {2, 3, 4, 8}.
+  // InvalidArgument otherwise (other grids and group scales run on LowbitLinear).
+  static absl::StatusOr<IntLinear> FromExpansion(const TensorExpansion& e);
+
+  struct ActSpec {
+    int bits = 4;          // 2..8
+    int terms = 2;         // K_a'
+    bool unsigned_first = true;
+    bool truncate = false;  // order truncation of the pairs
+  };
+
+  int64_t out_features() const { return rows_; }
+  int64_t in_features() const { return cols_; }
+  int terms() const { return static_cast<int>(terms_.size()); }
+  size_t resident_bytes() const;
+
+  // y [batch, out] from x [batch, in]; weight_terms 0 (or > terms()) = all. InvalidArgument for
+  // a bad ActSpec, or when the int32 sums could overflow (in · 2^(b_x) · 2^(b_w - 1) >= 2^31).
+  absl::Status Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
+                       int weight_terms = 0, ThreadPool* pool = nullptr,
+                       const IntKernelTable* kernels = nullptr) const;
+
+ private:
+  struct Term {
+    CodeBuffer codes;           // rows × row_bytes, as expanded
+    std::vector<float> scale;   // per row
+    std::vector<int32_t> wsum;  // Σ_c codes per row
+  };
+  int bits_ = 4;
+  int64_t rows_ = 0, cols_ = 0, row_bytes_ = 0;
+  std::vector<Term> terms_;
+};
+
+}  // namespace fpxint::core
+
+#endif  // FPXINT_CORE_INT_LINEAR_H_

@@ -1,0 +1,71 @@
+// AVX-512 VNNI primitives of core/int_linear.h (compiled with -mavx512vnni; only called when the
+// CPU has it): vpdpbusd multiplies 64 u8 activation codes by 64 s8 weight codes and adds groups
+// of four products into 16 int32 lanes, exactly.
+#include <immintrin.h>
+
+#include "core/int_linear.h"
+
+namespace fpxint::core {
+
+void UnpackIntRowRef(const uint8_t* packed, int64_t n, int bits, int8_t* out);
+
+namespace {
+
+// b = 4: per 32 packed bytes, the low nibbles (even codes) then the high ones (odd codes),
+// sign-extended through a 16-entry table.
+void UnpackRow(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
+  if (bits != 4) {
+    UnpackIntRowRef(packed, n, bits, out);
+    return;
+  }
+  const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
+                                       0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  int64_t c = 0;
+  for (; c + kIntBlock <= n; c += kIntBlock) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + c / 2));
+    const __m256i lo = _mm256_and_si256(v, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_shuffle_epi8(lut, lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 32), _mm256_shuffle_epi8(lut, hi));
+  }
+  if (c < n) UnpackIntRowRef(packed + c / 2, n - c, bits, out + c);
+}
+
+template <int R, int B>
+void DotTileT(const int8_t* w, int64_t ldw, const uint8_t* x, int64_t ldx, int64_t n,
+              int32_t* out) {
+  __m512i acc[R][B];
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_si512();
+  }
+  for (int64_t c = 0; c < n; c += 64) {
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + c);
+    for (int b = 0; b < B; ++b) {
+      const __m512i xv = _mm512_loadu_si512(x + b * ldx + c);
+      for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xv, wv[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < B; ++b) out[r * B + b] = _mm512_reduce_add_epi32(acc[r][b]);
+  }
+}
+
+using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
+template <int R>
+constexpr TileFn kRow[4] = {DotTileT<R, 1>, DotTileT<R, 2>, DotTileT<R, 3>, DotTileT<R, 4>};
+constexpr const TileFn* kTiles[4] = {kRow<1>, kRow<2>, kRow<3>, kRow<4>};
+
+void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx, int B, int64_t n,
+             int32_t* out) {
+  kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
+}
+
+const IntKernelTable kTable = {"avx512vnni", UnpackRow, DotTile};
+
+}  // namespace
+
+const IntKernelTable& IntKernelsAvx512Vnni() { return kTable; }
+
+}  // namespace fpxint::core

@@ -1,0 +1,190 @@
+// The integer W×A kernels: the scalar reference against the fp64 sum of the term products, every
+// variant this CPU supports bit for bit against the reference (odd sizes, one row, one input,
+// K' = 1, b in {2, 3, 4, 8}, unsigned and signed first activation terms, full and truncated
+// pairs), and the errors for what they do not take.
+#include "core/int_linear.h"
+
+#include <cmath>
+
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::core {
+namespace {
+
+using ::fpxint::testing::Dist;
+using ::fpxint::testing::RandomValues;
+using ::fpxint::testing::ToFloat;
+
+struct Case {
+  int64_t out, in, batch;
+  int wbits, wterms, abits, aterms;
+  bool nonneg, truncate;
+  ScaleGranularity scale;
+};
+
+std::string Name(const Case& c) {
+  return absl::StrCat(c.out, "x", c.in, " batch ", c.batch, " W", c.wbits, "x", c.wterms, " A",
+                      c.abits, "x", c.aterms, c.nonneg ? " x>=0" : "", c.truncate ? " trunc" : "");
+}
+
+TensorExpansion ExpandW(const Case& c, uint64_t seed) {
+  ExpansionSpec s;
+  s.bits = c.wbits;
+  s.terms = c.wterms;
+  s.scale = c.scale;
+  auto e = ExpandTensor(RandomValues(Dist::kStudentT3, c.out * c.in, seed), {c.out, c.in}, s);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return *std::move(e);
+}
+
+std::vector<float> Input(const Case& c, uint64_t seed) {
+  std::vector<float> x = ToFloat(RandomValues(Dist::kGaussian, c.batch * c.in, seed));
+  if (c.nonneg) {
+    for (float& v : x) v = std::fabs(v);
+  }
+  return x;
+}
+
+// Σ_{(i,j)} Ŵ_i · X̂_j in fp64, from the expansions' own term reconstructions.
+std::vector<double> Exact(const TensorExpansion& w, const std::vector<float>& x, const Case& c,
+                          int kw) {
+  ExpansionSpec as;
+  as.bits = c.abits;
+  as.terms = c.aterms;
+  as.scale = c.batch > 1 ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
+  as.unsigned_first = c.nonneg;
+  auto ex = ExpandTensor(DType::kF32, {c.batch, c.in},
+                         absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x.data()), x.size() * 4),
+                         as);
+  EXPECT_TRUE(ex.ok()) << ex.status();
+  const int ka = static_cast<int>(ex->terms.size()), k_max = std::max(kw, ka);
+  std::vector<double> y(static_cast<size_t>(c.batch * c.out), 0.0);
+  for (int i = 1; i <= kw; ++i) {
+    std::vector<double> wi(static_cast<size_t>(c.out * c.in), 0.0);
+    AccumulateTerm(w.spec, w.layout, w.terms[i - 1], i, wi.data());
+    for (int j = 1; j <= ka; ++j) {
+      if (c.truncate && i + j > k_max + 1) continue;
+      std::vector<double> xj(static_cast<size_t>(c.batch * c.in), 0.0);
+      AccumulateTerm(ex->spec, ex->layout, ex->terms[j - 1], j, xj.data());
+      for (int64_t b = 0; b < c.batch; ++b) {
+        for (int64_t o = 0; o < c.out; ++o) {
+          double s = 0;
+          for (int64_t k = 0; k < c.in; ++k) s += wi[o * c.in + k] * xj[b * c.in + k];
+          y[b * c.out + o] += s;
+        }
+      }
+    }
+  }
+  return y;
+}
+
+double RelErr(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(a[i] - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return den == 0 ? num : num / den;
+}
+
+const Case kCases[] = {
+    {17, 130, 5, 4, 2, 4, 2, false, false, ScaleGranularity::kChannel},
+    {17, 130, 5, 4, 2, 4, 2, true, true, ScaleGranularity::kChannel},
+    {1, 64, 1, 4, 1, 4, 1, false, false, ScaleGranularity::kChannel},
+    {9, 1, 3, 4, 2, 4, 3, false, true, ScaleGranularity::kChannel},
+    {6, 63, 9, 2, 3, 2, 2, true, false, ScaleGranularity::kTensor},
+    {13, 65, 2, 3, 2, 4, 2, false, false, ScaleGranularity::kChannel},
+    {8, 200, 4, 8, 1, 8, 1, false, false, ScaleGranularity::kChannel},
+    {8, 200, 7, 8, 2, 4, 2, true, true, ScaleGranularity::kChannel},
+    {33, 256, 64, 4, 2, 4, 2, true, true, ScaleGranularity::kChannel},
+    {33, 256, 64, 4, 3, 4, 3, false, false, ScaleGranularity::kChannel},
+};
+
+TEST(IntLinear, ReferenceMatchesTheSumOfTermProducts) {
+  uint64_t seed = 1;
+  for (const Case& c : kCases) {
+    const TensorExpansion w = ExpandW(c, seed++);
+    auto lin = IntLinear::FromExpansion(w);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    const std::vector<float> x = Input(c, seed++);
+    for (int kw = 1; kw <= c.wterms; ++kw) {
+      std::vector<float> y(static_cast<size_t>(c.batch * c.out), -1.0f);
+      IntLinear::ActSpec a{c.abits, c.aterms, true, c.truncate};
+      ASSERT_TRUE(lin->Forward(x.data(), c.batch, y.data(), a, kw, nullptr,
+                               IntKernelsByName("ref")).ok());
+      EXPECT_LT(RelErr(y, Exact(w, x, c, kw)), 1e-5) << Name(c) << " K_w'=" << kw;
+    }
+  }
+}
+
+class IntVariant : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(IntVariant, BitForBitEqualToTheReference) {
+  const IntKernelTable* fast = IntKernelsByName(GetParam());
+  if (fast == nullptr) GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+  ThreadPool pool(2);
+  uint64_t seed = 100;
+  for (const Case& c : kCases) {
+    auto lin = IntLinear::FromExpansion(ExpandW(c, seed++));
+    ASSERT_TRUE(lin.ok());
+    const std::vector<float> x = Input(c, seed++);
+    for (int kw : {1, c.wterms}) {
+      IntLinear::ActSpec a{c.abits, c.aterms, true, c.truncate};
+      std::vector<float> ref(static_cast<size_t>(c.batch * c.out)), got(ref.size(), 7.0f);
+      ASSERT_TRUE(lin->Forward(x.data(), c.batch, ref.data(), a, kw, nullptr,
+                               IntKernelsByName("ref")).ok());
+      ASSERT_TRUE(lin->Forward(x.data(), c.batch, got.data(), a, kw, &pool, fast).ok());
+      EXPECT_EQ(got, ref) << GetParam() << " " << Name(c) << " K_w'=" << kw;
+    }
+  }
+}
+
+TEST_P(IntVariant, UnpackIsExactForEveryWidthAndLength) {
+  const IntKernelTable* fast = IntKernelsByName(GetParam());
+  if (fast == nullptr) GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+  std::vector<uint8_t> packed(400);
+  for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>(i * 53 + 7);
+  for (int bits : {2, 3, 4, 8}) {
+    for (int64_t n : {1, 31, 64, 65, 127, 128, 200, 300}) {
+      const int64_t npad = (n + 63) / 64 * 64;
+      std::vector<int8_t> a(npad, 9), b(npad, 9);
+      IntKernelsByName("ref")->unpack_row(packed.data(), n, bits, a.data());
+      fast->unpack_row(packed.data(), n, bits, b.data());
+      ASSERT_EQ(a, b) << GetParam() << " bits " << bits << " n " << n;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, IntVariant, ::testing::Values("avx2", "avx512vnni"));
+
+TEST(IntLinear, RejectsWhatItDoesNotTake) {
+  Case c{4, 32, 1, 4, 2, 4, 2, false, false, ScaleGranularity::kChannel};
+  ExpansionSpec mid;
+  mid.bits = 4;
+  mid.terms = 2;
+  mid.grid = Grid::kMid;
+  auto e = ExpandTensor(RandomValues(Dist::kGaussian, 4 * 32, 1), {4, 32}, mid);
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(IntLinear::FromExpansion(*e).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(IntLinear::FromExpansion(TensorExpansion()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto lin = IntLinear::FromExpansion(ExpandW(c, 2));
+  ASSERT_TRUE(lin.ok());
+  std::vector<float> x(32, 1.0f), y(4);
+  for (int bad_bits : {1, 9}) {
+    auto s = lin->Forward(x.data(), 1, y.data(), {bad_bits, 2, true, false});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(std::string(s.message()).find("accepted bits 2..8"), std::string::npos) << s;
+  }
+  // 8-bit × 8-bit codes over 70000 inputs could overflow an int32 sum: refused.
+  Case wide{1, 70000, 1, 8, 1, 8, 1, false, false, ScaleGranularity::kChannel};
+  auto big = IntLinear::FromExpansion(ExpandW(wide, 3));
+  ASSERT_TRUE(big.ok());
+  std::vector<float> xb(70000, 0.5f), yb(1);
+  auto s = big->Forward(xb.data(), 1, yb.data(), {8, 1, true, false});
+  EXPECT_NE(std::string(s.message()).find("overflow"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace fpxint::core
