@@ -158,32 +158,51 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
       act.unsigned_first && std::all_of(x, x + batch * cols_, [](float v) { return v >= 0; });
   const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
                                          static_cast<size_t>(batch * cols_) * sizeof(float));
-  FPX_ASSIGN_OR_RETURN(TensorExpansion ex, ExpandTensor(DType::kF32, {batch, cols_}, bytes, as));
+  ExpandOptions eo;
+  eo.pool = pool;
+  FPX_ASSIGN_OR_RETURN(TensorExpansion ex,
+                       ExpandTensor(DType::kF32, {batch, cols_}, bytes, as, eo));
   const int Ka = static_cast<int>(ex.terms.size());
   // Activation codes as u8 (signed codes + 2^(b-1)), plane order, zero padding.
   std::vector<std::vector<uint8_t>> xu(static_cast<size_t>(Ka));
   std::vector<std::vector<float>> sx(static_cast<size_t>(Ka));
   std::vector<int32_t> bias(static_cast<size_t>(Ka));
-  std::vector<int32_t> q(static_cast<size_t>(cols_));
+  // Plane position -> code index within a block, for this weight width.
+  int64_t plane[kIntBlock];
+  for (int64_t p = 0; p < kIntBlock; ++p) plane[p] = PlaneCode(p, bits_);
   for (int j = 0; j < Ka; ++j) {
     const bool is_unsigned = as.term_is_unsigned(j + 1);
     bias[static_cast<size_t>(j)] = is_unsigned ? 0 : 1 << (act.bits - 1);
-    std::vector<uint8_t>& u = xu[static_cast<size_t>(j)];
-    u.assign(static_cast<size_t>(batch * npad), 0);
+    xu[static_cast<size_t>(j)].assign(static_cast<size_t>(batch * npad), 0);
     sx[static_cast<size_t>(j)].resize(static_cast<size_t>(batch));
-    for (int64_t b = 0; b < batch; ++b) {
+  }
+  // One activation row per task: all its terms' codes, biased, in plane order.
+  auto prepare_row = [&](int64_t b) {
+    std::vector<int32_t> q(static_cast<size_t>(cols_));
+    for (int j = 0; j < Ka; ++j) {
+      const bool is_unsigned = bias[static_cast<size_t>(j)] == 0;
       UnpackCodes(ex.terms[j].codes.data() + b * ex.layout.packed_row_bytes, cols_, act.bits,
                   !is_unsigned, q.data());
-      uint8_t* row = u.data() + b * npad;
-      for (int64_t b0 = 0; b0 < npad; b0 += kIntBlock) {
+      uint8_t* row = xu[static_cast<size_t>(j)].data() + b * npad;
+      const int32_t bj = bias[static_cast<size_t>(j)];
+      int64_t b0 = 0;
+      for (; b0 + kIntBlock <= cols_; b0 += kIntBlock) {
         for (int64_t p = 0; p < kIntBlock; ++p) {
-          const int64_t c = b0 + PlaneCode(p, bits_);
-          if (c < cols_) row[b0 + p] = static_cast<uint8_t>(q[static_cast<size_t>(c)] + bias[j]);
+          row[b0 + p] = static_cast<uint8_t>(q[static_cast<size_t>(b0 + plane[p])] + bj);
         }
+      }
+      for (int64_t p = 0; b0 < cols_ && p < kIntBlock; ++p) {
+        const int64_t c = b0 + plane[p];
+        if (c < cols_) row[b0 + p] = static_cast<uint8_t>(q[static_cast<size_t>(c)] + bj);
       }
       sx[static_cast<size_t>(j)][static_cast<size_t>(b)] =
           ex.terms[j].scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
     }
+  };
+  if (pool != nullptr && batch > 1) {
+    pool->ParallelFor(batch, prepare_row);
+  } else {
+    for (int64_t b = 0; b < batch; ++b) prepare_row(b);
   }
   // The products to run, in a fixed order (the epilogue sums them in this order).
   std::vector<std::pair<int, int>> pairs;

@@ -32,6 +32,27 @@ void UnpackRow(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
   if (c < n) UnpackIntRowRef(packed + c / 2, n - c, bits, out + c);
 }
 
+// Lane k of the result = the sum of the 16 lanes of a[k] (a transposing reduction: ~45
+// instructions for 16 sums instead of 16 separate horizontal reductions).
+inline __m512i Reduce16(const __m512i* a) {
+  __m512i t[8];
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: [a2k(0+2), a2k+1(0+2), a2k(1+3), a2k+1(1+3)]
+    t[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * k], a[2 * k + 1]),
+                            _mm512_unpackhi_epi32(a[2 * k], a[2 * k + 1]));
+  }
+  __m512i u[4];
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane L: the lane-L sums of a4k .. a4k+3
+    u[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * k], t[2 * k + 1]),
+                            _mm512_unpackhi_epi64(t[2 * k], t[2 * k + 1]));
+  }
+  const __m512i w01 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88),
+                                       _mm512_shuffle_i32x4(u[0], u[1], 0xDD));
+  const __m512i w23 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88),
+                                       _mm512_shuffle_i32x4(u[2], u[3], 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w01, w23, 0x88),
+                          _mm512_shuffle_i32x4(w01, w23, 0xDD));
+}
+
 template <int R, int B>
 void DotTileT(const int8_t* w, int64_t ldw, const uint8_t* x, int64_t ldx, int64_t n,
               int32_t* out) {
@@ -47,8 +68,12 @@ void DotTileT(const int8_t* w, int64_t ldw, const uint8_t* x, int64_t ldx, int64
       for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xv, wv[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < B; ++b) out[r * B + b] = _mm512_reduce_add_epi32(acc[r][b]);
+  if constexpr (R == 4 && B == 4) {
+    _mm512_storeu_si512(out, Reduce16(&acc[0][0]));
+  } else {
+    for (int r = 0; r < R; ++r) {
+      for (int b = 0; b < B; ++b) out[r * B + b] = _mm512_reduce_add_epi32(acc[r][b]);
+    }
   }
 }
 
