@@ -273,7 +273,8 @@ void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out
                                   int terms_used, const LinearKernelTable* kernels) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
-  std::vector<float> code(static_cast<size_t>(cols_));
+  thread_local std::vector<float> code;  // decoded codes of one row, reused across calls
+  if (code.size() < static_cast<size_t>(cols_)) code.resize(static_cast<size_t>(cols_));
   for (int64_t o = row_begin; o < row_end; ++o) {
     float* wrow = out + (o - row_begin) * cols_;
     std::fill(wrow, wrow + cols_, 0.0f);

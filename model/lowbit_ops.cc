@@ -77,6 +77,12 @@ void RunPacked(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t
 // LibTorch's intra-op pool.
 void DequantizeInto(const core::LowbitLinear& w, int64_t r0, int64_t r1, float* out, int terms) {
   const int64_t cols = w.in_features();
+  // Small weights decode on the calling thread: a fork/join costs more than they do.
+  constexpr int64_t kSerialElements = int64_t{1} << 16;
+  if ((r1 - r0) * cols * std::max(1, terms) <= kSerialElements) {
+    w.DequantizeRows(r0, r1, out, terms);
+    return;
+  }
   at::parallel_for(r0, r1, 8, [&](int64_t b, int64_t e) {
     w.DequantizeRows(b, e, out + (b - r0) * cols, terms);
   });
