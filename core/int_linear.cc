@@ -107,7 +107,8 @@ absl::StatusOr<IntLinear> IntLinear::FromExpansion(const TensorExpansion& e) {
       return absl::InvalidArgumentError(absl::StrCat("term ", k + 1, ": code buffer size"));
     }
     Term t;
-    t.codes = td.codes;
+    t.owned = td.codes;
+    t.codes = t.owned.data();
     t.scale.resize(static_cast<size_t>(w.rows_));
     t.wsum.resize(static_cast<size_t>(w.rows_));
     for (int64_t o = 0; o < w.rows_; ++o) {
@@ -116,7 +117,7 @@ absl::StatusOr<IntLinear> IntLinear::FromExpansion(const TensorExpansion& e) {
         return absl::InvalidArgumentError(absl::StrCat("term ", k + 1, ": too few scales"));
       }
       t.scale[static_cast<size_t>(o)] = td.scale[si];
-      UnpackCodes(td.codes.data() + o * w.row_bytes_, w.cols_, s.bits, true, q.data());
+      UnpackCodes(t.codes + o * w.row_bytes_, w.cols_, s.bits, true, q.data());
       int64_t sum = 0;
       for (int32_t v : q) sum += v;
       t.wsum[static_cast<size_t>(o)] = static_cast<int32_t>(sum);
@@ -126,9 +127,47 @@ absl::StatusOr<IntLinear> IntLinear::FromExpansion(const TensorExpansion& e) {
   return w;
 }
 
+absl::StatusOr<IntLinear> IntLinear::ViewOf(const LowbitLinear& lw) {
+  if (lw.terms() == 0) return absl::InvalidArgumentError("no terms");
+  const int bits = lw.term(0).bits;
+  if (lw.groups() != 1 || bits < 2 || bits > 8) {
+    return absl::InvalidArgumentError(
+        "integer W×A kernels take one weight scale per row and b in 2..8");
+  }
+  IntLinear w;
+  w.bits_ = bits;
+  w.rows_ = lw.out_features();
+  w.cols_ = lw.in_features();
+  w.row_bytes_ = lw.row_bytes();
+  std::vector<int32_t> q(static_cast<size_t>(w.cols_));
+  for (int k = 0; k < lw.terms(); ++k) {
+    const LowbitLinear::TermView v = lw.term(k);
+    if (!v.is_signed || v.bits != bits) {
+      return absl::InvalidArgumentError("integer W×A kernels take signed (sym) weight codes");
+    }
+    Term t;
+    t.codes = v.codes;
+    t.scale.assign(v.scale, v.scale + w.rows_);
+    t.wsum.resize(static_cast<size_t>(w.rows_));
+    for (int64_t o = 0; o < w.rows_; ++o) {
+      if (v.off[o] != 0.0f) {
+        return absl::InvalidArgumentError("integer W×A kernels take sym-grid weights (offset 0)");
+      }
+      UnpackCodes(t.codes + o * w.row_bytes_, w.cols_, bits, true, q.data());
+      int64_t sum = 0;
+      for (int32_t c : q) sum += c;
+      t.wsum[static_cast<size_t>(o)] = static_cast<int32_t>(sum);
+    }
+    w.terms_.push_back(std::move(t));
+  }
+  return w;
+}
+
 size_t IntLinear::resident_bytes() const {
   size_t n = 0;
-  for (const Term& t : terms_) n += t.codes.size() + t.scale.size() * 4 + t.wsum.size() * 4;
+  for (const Term& t : terms_) {
+    n += t.owned.size() + t.scale.size() * 4 + t.wsum.size() * 4;
+  }
   return n;
 }
 
@@ -153,7 +192,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   as.bits = act.bits;
   as.terms = act.terms;
   as.grid = Grid::kSym;
-  as.scale = batch > 1 ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
+  as.scale = batch > 1 && !act.per_tensor ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
   as.unsigned_first =
       act.unsigned_first && std::all_of(x, x + batch * cols_, [](float v) { return v >= 0; });
   const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
@@ -221,7 +260,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
       const int R = static_cast<int>(std::min<int64_t>(kTile, r1 - o0));
       for (int i = 0; i < K; ++i) {
         for (int r = 0; r < R; ++r) {
-          kt.unpack_row(terms_[static_cast<size_t>(i)].codes.data() + (o0 + r) * row_bytes_, cols_,
+          kt.unpack_row(terms_[static_cast<size_t>(i)].codes + (o0 + r) * row_bytes_, cols_,
                         bits_, wbuf.data() + (i * kTile + r) * npad);
         }
       }

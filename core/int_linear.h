@@ -27,6 +27,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/expansion.h"
+#include "core/lowbit_linear.h"
 #include "core/thread_pool.h"
 
 namespace fpxint::core {
@@ -55,12 +56,20 @@ class IntLinear {
   // From a weight expansion with the sym grid, tensor or channel scales, b ∈ {2, 3, 4, 8}.
   // InvalidArgument otherwise (other grids and group scales run on LowbitLinear).
   static absl::StatusOr<IntLinear> FromExpansion(const TensorExpansion& e);
+  // On the codes of a LowbitLinear without copying them: `w` must outlive the result. The same
+  // conditions (sym: every offset 0, signed codes, one scale per row, b in 2..8).
+  static absl::StatusOr<IntLinear> ViewOf(const LowbitLinear& w);
+  IntLinear(IntLinear&&) = default;
+  IntLinear& operator=(IntLinear&&) = default;
+  IntLinear(const IntLinear&) = delete;
+  IntLinear& operator=(const IntLinear&) = delete;
 
   struct ActSpec {
     int bits = 4;          // 2..8
     int terms = 2;         // K_a'
     bool unsigned_first = true;
     bool truncate = false;  // order truncation of the pairs
+    bool per_tensor = false;  // one activation scale for all of x instead of one per row
   };
 
   int64_t out_features() const { return rows_; }
@@ -75,8 +84,10 @@ class IntLinear {
                        const IntKernelTable* kernels = nullptr) const;
 
  private:
+  IntLinear() = default;
   struct Term {
-    CodeBuffer codes;           // rows × row_bytes, as expanded
+    CodeBuffer owned;           // the codes when this object holds them (FromExpansion)
+    const uint8_t* codes = nullptr;  // rows × row_bytes (owned's data, or a LowbitLinear's)
     std::vector<float> scale;   // per row
     std::vector<int32_t> wsum;  // Σ_c codes per row
   };

@@ -158,6 +158,56 @@ TEST_P(IntVariant, UnpackIsExactForEveryWidthAndLength) {
 
 INSTANTIATE_TEST_SUITE_P(All, IntVariant, ::testing::Values("avx2", "avx512vnni"));
 
+// A view of a LowbitLinear's codes (what the TorchScript op uses) computes exactly what the
+// owning object does; one activation scale per tensor matches the exact sum too.
+TEST(IntLinear, ViewOfLowbitLinearAndPerTensorScales) {
+  const Case c{21, 150, 7, 4, 2, 4, 2, false, false, ScaleGranularity::kChannel};
+  const TensorExpansion w = ExpandW(c, 41);
+  auto owning = IntLinear::FromExpansion(w);
+  auto lowbit = LowbitLinear::FromExpansion(w);
+  ASSERT_TRUE(owning.ok() && lowbit.ok());
+  auto view = IntLinear::ViewOf(*lowbit);
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_LT(view->resident_bytes(), owning->resident_bytes());  // no copy of the codes
+  const std::vector<float> x = Input(c, 42);
+  ThreadPool pool(2);
+  for (bool per_tensor : {false, true}) {
+    IntLinear::ActSpec a{c.abits, c.aterms, true, false, per_tensor};
+    std::vector<float> y1(static_cast<size_t>(c.batch * c.out)), y2(y1.size());
+    ASSERT_TRUE(owning->Forward(x.data(), c.batch, y1.data(), a, 0, &pool).ok());
+    ASSERT_TRUE(view->Forward(x.data(), c.batch, y2.data(), a, 0, &pool).ok());
+    EXPECT_EQ(y1, y2) << "per_tensor " << per_tensor;
+  }
+  // Per tensor against the exact products with one activation scale.
+  ExpansionSpec as;
+  as.bits = c.abits;
+  as.terms = c.aterms;
+  as.scale = ScaleGranularity::kTensor;
+  auto ex = ExpandTensor(DType::kF32, {c.batch, c.in},
+                         absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x.data()), x.size() * 4),
+                         as);
+  ASSERT_TRUE(ex.ok());
+  const std::vector<double> xw = Reconstruct(*ex, c.aterms), ww = Reconstruct(w, c.wterms);
+  std::vector<double> exact(static_cast<size_t>(c.batch * c.out), 0.0);
+  for (int64_t b = 0; b < c.batch; ++b) {
+    for (int64_t o = 0; o < c.out; ++o) {
+      for (int64_t k = 0; k < c.in; ++k) exact[b * c.out + o] += ww[o * c.in + k] * xw[b * c.in + k];
+    }
+  }
+  std::vector<float> y(exact.size());
+  ASSERT_TRUE(view->Forward(x.data(), c.batch, y.data(), {c.abits, c.aterms, true, false, true}).ok());
+  EXPECT_LT(RelErr(y, exact), 1e-5);
+  // Mid-grid weights are refused by the view as by FromExpansion.
+  ExpansionSpec mid;
+  mid.bits = 4;
+  mid.terms = 2;
+  mid.grid = Grid::kMid;
+  auto em = ExpandTensor(RandomValues(Dist::kGaussian, 4 * 32, 1), {4, 32}, mid);
+  auto lm = LowbitLinear::FromExpansion(*em);
+  ASSERT_TRUE(lm.ok());
+  EXPECT_EQ(IntLinear::ViewOf(*lm).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(IntLinear, RejectsWhatItDoesNotTake) {
   Case c{4, 32, 1, 4, 2, 4, 2, false, false, ScaleGranularity::kChannel};
   ExpansionSpec mid;

@@ -78,6 +78,22 @@ class LowbitLinear {
   // Bytes held for the weights: codes, scales and offsets of every term.
   size_t resident_bytes() const;
 
+  // Read access to term k's storage (for kernels that run on the same packed codes, such as
+  // core::IntLinear): codes rows × row_bytes(), scale and off rows × groups().
+  struct TermView {
+    int bits;
+    bool is_signed;
+    const uint8_t* codes;
+    const float* scale;
+    const float* off;
+  };
+  TermView term(int k) const {
+    const Term& t = terms_[static_cast<size_t>(k)];
+    return {t.bits, t.is_signed, t.codes.data(), t.scale.data(), t.off.data()};
+  }
+  int64_t groups() const { return groups_; }
+  int64_t row_bytes() const { return row_bytes_; }
+
   // y[b, o] for b < batch (row-major [batch, out]) from x (row-major [batch, in]). terms_used:
   // 0 or > terms() means all. `pool` may be null (calling thread only).
   void Forward(const float* x, int64_t batch, float* y, int terms_used = 0,

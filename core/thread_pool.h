@@ -22,14 +22,18 @@ class ThreadPool {
   // `threads` participants in each ParallelFor (the caller plus threads-1 workers); 0 means
   // std::thread::hardware_concurrency().
   explicit ThreadPool(int threads);
-  ~ThreadPool();
+  virtual ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Calls fn(i) for every i in [0, n), in chunks claimed dynamically; returns when all are done.
-  void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) ABSL_LOCKS_EXCLUDED(mu_);
+  // Virtual so that code running inside another runtime's pool can lend it instead (model/'s
+  // TorchScript ops run core kernels on LibTorch's intra-op threads: a second set of threads
+  // would compete with OpenMP's spinning ones).
+  virtual void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   void WorkerLoop();

@@ -1,12 +1,17 @@
 // fpxint::linear / conv2d / dequantize and the PackedWeight class (model/lowbit_ops.h).
 #include "model/lowbit_ops.h"
 
+#include "core/int_linear.h"
+#include "model/act_expand_op.h"
+
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
 #include <torch/script.h>
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -20,6 +25,26 @@ struct PackedWeight : torch::CustomClassHolder {
       : w(std::move(w_in)), shape(std::move(shape_in)) {}
   core::LowbitLinear w;
   std::vector<int64_t> shape;  // the dense weight's shape, [out, ...] with prod(...) = in
+
+  // The integer W×A view of w's codes (no copy), built on first use; nullptr with the reason in
+  // int_error when the weights do not qualify (core::IntLinear::ViewOf).
+  const core::IntLinear* Int() const {
+    std::call_once(int_once_, [this] {
+      absl::StatusOr<core::IntLinear> v = core::IntLinear::ViewOf(w);
+      if (v.ok()) {
+        int_ = std::make_unique<core::IntLinear>(*std::move(v));
+      } else {
+        int_error_ = std::string(v.status().message());
+      }
+    });
+    return int_.get();
+  }
+  const std::string& int_error() const { return int_error_; }
+
+ private:
+  mutable std::once_flag int_once_;
+  mutable std::unique_ptr<core::IntLinear> int_;
+  mutable std::string int_error_;
 };
 using PackedPtr = c10::intrusive_ptr<PackedWeight>;
 
@@ -202,6 +227,111 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   return unbatched ? y.squeeze(0) : y;
 }
 
+// ---- W×A: integer products of expanded weights and dynamically expanded activations ----
+
+// core::IntLinear's loops on LibTorch's intra-op pool (OpenMP), the threads every other op of
+// the network runs on: a separate core::ThreadPool made OpenMP's spinning threads and ours
+// compete for the two cores (libgomp spinning was a third of the cycles).
+class AtenThreadPool : public core::ThreadPool {
+ public:
+  AtenThreadPool() : core::ThreadPool(1) {}
+  void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) override {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) fn(i);
+    });
+  }
+};
+
+core::ThreadPool& IntPool() {
+  static AtenThreadPool pool;
+  return pool;
+}
+
+core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t terms,
+                                 bool unsigned_first, bool truncate, int64_t granularity) {
+  TORCH_CHECK(terms >= 1 && terms <= 16, "fpxint: activation terms ", terms, "; accepted 1..16");
+  core::IntLinear::ActSpec a;
+  a.bits = static_cast<int>(bits);
+  a.terms = static_cast<int>(terms);
+  // Decided on the whole input, as fpxint::act_expand does (im2col may not see every element).
+  a.unsigned_first = unsigned_first && x.numel() > 0 && x.min().item<float>() >= 0;
+  a.truncate = truncate;
+  a.per_tensor = static_cast<ActGranularity>(granularity) == ActGranularity::kTensor;
+  return a;
+}
+
+const core::IntLinear& IntOf(const PackedPtr& p, const char* op) {
+  const core::IntLinear* iw = p->Int();
+  TORCH_CHECK(iw != nullptr, op, ": ", p->int_error());
+  return *iw;
+}
+
+at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
+                    const c10::optional<at::Tensor>& bias, int64_t terms, int64_t act_bits,
+                    int64_t act_terms, bool unsigned_first, bool truncate, int64_t granularity) {
+  const core::IntLinear& iw = IntOf(p, "fpxint::linear_wa");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::linear_wa: input must be float32, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == iw.in_features(),
+              "fpxint::linear_wa: input's last dim is ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
+              "; this weight takes ", iw.in_features());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t m = x.numel() / iw.in_features();
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = iw.out_features();
+  at::Tensor y = at::empty(out_shape, x.options());
+  const absl::Status s =
+      iw.Forward(x.data_ptr<float>(), m, y.data_ptr<float>(),
+                 ActArgs(x, act_bits, act_terms, unsigned_first, truncate, granularity),
+                 TermsArg(terms), &IntPool());
+  TORCH_CHECK(s.ok(), "fpxint::linear_wa: ", std::string(s.message()));
+  if (bias && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+// groups == 1; im2col rows are output pixels, so per-pixel scales (1x1) and per-tensor scales
+// (stride 1: every input element is in some patch) are those of the whole input.
+at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
+                    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride_in,
+                    c10::IntArrayRef padding_in, c10::IntArrayRef dilation_in, int64_t groups,
+                    int64_t terms, int64_t act_bits, int64_t act_terms, bool unsigned_first,
+                    bool truncate, int64_t granularity) {
+  const core::IntLinear& iw = IntOf(p, "fpxint::conv2d_wa");
+  const std::vector<int64_t>& ws = p->shape;
+  TORCH_CHECK(ws.size() == 4 && groups == 1,
+              "fpxint::conv2d_wa: takes ungrouped 2-D convolutions");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::conv2d_wa: input must be float32");
+  const bool unbatched = x_in.dim() == 3;
+  const at::Tensor x = (unbatched ? x_in.unsqueeze(0) : x_in).contiguous();
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == ws[1], "fpxint::conv2d_wa: input must be [N, ", ws[1],
+              ", H, W]; got ", x_in.sizes());
+  const auto stride = Pair(stride_in, "stride"), padding = Pair(padding_in, "padding"),
+             dilation = Pair(dilation_in, "dilation");
+  const auto g = static_cast<ActGranularity>(granularity);
+  TORCH_CHECK((g == ActGranularity::kPixel && ws[2] == 1 && ws[3] == 1 && padding[0] == 0 &&
+               padding[1] == 0) ||
+                  (g == ActGranularity::kTensor && stride[0] == 1 && stride[1] == 1),
+              "fpxint::conv2d_wa: activation scales per pixel need a 1x1 convolution without "
+              "padding, per tensor a stride of 1");
+  int64_t out_hw[2];
+  for (int d = 0; d < 2; ++d) {
+    out_hw[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (ws[2 + d] - 1) - 1) / stride[d] + 1;
+    TORCH_CHECK(out_hw[d] >= 1, "fpxint::conv2d_wa: input ", x.sizes(), " is smaller than the kernel");
+  }
+  const int64_t n = x.size(0), out = ws[0], m = n * out_hw[0] * out_hw[1];
+  const at::Tensor cols =
+      at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride).transpose(1, 2).contiguous();
+  at::Tensor flat = at::empty({m, out}, x.options());
+  const absl::Status s =
+      iw.Forward(cols.data_ptr<float>(), m, flat.data_ptr<float>(),
+                 ActArgs(x, act_bits, act_terms, unsigned_first, truncate, granularity),
+                 TermsArg(terms), &IntPool());
+  TORCH_CHECK(s.ok(), "fpxint::conv2d_wa: ", std::string(s.message()));
+  at::Tensor y = flat.view({n, out_hw[0], out_hw[1], out}).permute({0, 3, 1, 2}).contiguous();
+  if (bias && bias->defined()) y.add_(bias->view({1, out, 1, 1}));
+  return unbatched ? y.squeeze(0) : y;
+}
+
 at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
   return Dense(*p, TermsArg(terms)).clone();  // the caller keeps it: not the scratch buffer
 }
@@ -233,6 +363,7 @@ PackedWeightInfo InspectPackedWeight(const c10::IValue& v) {
   info.terms = p->w.terms();
   info.shape = p->shape;
   info.bytes = p->w.resident_bytes();
+  info.integer = p->Int() != nullptr;
   return info;
 }
 
@@ -252,6 +383,14 @@ TORCH_LIBRARY_FRAGMENT(fpxint, m) {
         &Conv2d);
   m.def("dequantize(__torch__.torch.classes.fpxint.PackedWeight w, int terms) -> Tensor",
         &DequantizeOp);
+  m.def("linear_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
+        "int terms, int act_bits, int act_terms, bool unsigned_first, bool truncate, "
+        "int granularity) -> Tensor",
+        &LinearWA);
+  m.def("conv2d_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
+        "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits, "
+        "int act_terms, bool unsigned_first, bool truncate, int granularity) -> Tensor",
+        &Conv2dWA);
 }
 
 void EnsureLowbitOpsRegistered() {}

@@ -16,6 +16,15 @@
 //          conv2d, depthwise and grouped included.
 //   fpxint::dequantize(PackedWeight w, int terms) -> Tensor
 //          Σ_{k<=terms} Ŵ_k in the weight's original shape (for layers of other kinds).
+//   fpxint::linear_wa(x, w, bias, terms, act_bits, act_terms, unsigned_first, truncate,
+//                     granularity) -> Tensor
+//   fpxint::conv2d_wa(x, w, bias, stride, padding, dilation, groups, terms, act_bits, act_terms,
+//                     unsigned_first, truncate, granularity) -> Tensor
+//          W×A (SPEC §3): x is expanded dynamically into act_terms b-bit terms (scales by
+//          `granularity`, an ActGranularity: per row / per pixel / per tensor) and the integer
+//          products with the weight terms run on core::IntLinear (int32, VNNI), all pairs or the
+//          order-truncated ones. Weights must be sym with one scale per row; conv2d_wa takes
+//          groups == 1 with per-pixel scales (1x1, no padding) or per-tensor scales (stride 1).
 //
 // terms <= 0 (or beyond K) means all terms: any precision from one packed model.
 //
@@ -44,6 +53,8 @@ inline constexpr char kPackedWeightClass[] = "__torch__.torch.classes.fpxint.Pac
 inline constexpr char kLinearOp[] = "fpxint::linear";
 inline constexpr char kConv2dOp[] = "fpxint::conv2d";
 inline constexpr char kDequantizeOp[] = "fpxint::dequantize";
+inline constexpr char kLinearWaOp[] = "fpxint::linear_wa";
+inline constexpr char kConv2dWaOp[] = "fpxint::conv2d_wa";
 // Activation rows up to which the packed kernels run (above: transient fp32 + LibTorch).
 // FPXINT_PACKED_MAX_ROWS overrides it (0 forces the dense path, a large value the packed one).
 int64_t PackedMaxRows();
@@ -56,6 +67,7 @@ struct PackedWeightInfo {
   int terms = 0;
   std::vector<int64_t> shape;
   size_t bytes = 0;  // packed codes, scales and offsets
+  bool integer = false;  // the integer W×A ops take it (sym codes, one scale per row)
 };
 PackedWeightInfo InspectPackedWeight(const c10::IValue& v);
 

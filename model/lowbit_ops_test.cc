@@ -155,6 +155,85 @@ TEST(PackedOpsModel, ReleasedModelServesOnlyPackedPrecisionsWithKbOver32Memory) 
   EXPECT_LT(mem.resident_bytes, mem.fp32_bytes * 0.5) << mem.resident_bytes << " / " << mem.fp32_bytes;
 }
 
+ModelExpansionSpec SpecWA(int bits, int terms, int act_bits, int act_terms, bool truncate) {
+  ModelExpansionSpec s = Spec(bits, terms);
+  s.act_bits = act_bits;
+  s.act_terms = act_terms;
+  s.truncate = truncate;
+  return s;
+}
+
+// W×A on the packed network: integer ops (linear_wa on tokens and the matmul, conv2d_wa on the
+// 1x1 convolution) and dequantize + act_expand for the rest, against the dequantized model
+// layer, at every (K_w', K_a').
+TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
+  const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, false);
+  std::unique_ptr<Model> dense = MustLoad(Fixture("conv_zoo.pt"), false);
+  std::unique_ptr<Model> packed = MustLoad(Fixture("conv_zoo.pt"), true);
+  ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
+  ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
+  for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{2, 4, 17, 11}}) {
+    HostTensor x = RandomInput(shape, 11);
+    for (int kw = 1; kw <= 2; ++kw) {
+      for (int ka = 1; ka <= 2; ++ka) {
+        ASSERT_TRUE(dense->SetPrecision(kw, ka).ok());
+        ASSERT_TRUE(packed->SetPrecision(kw, ka).ok());
+        EXPECT_EQ(packed->weight_memory().packed_layers, 6);
+        auto want = dense->Forward(x);
+        auto got = packed->Forward(x);
+        ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+        EXPECT_LT(RelErr(got->f32, want->f32), 1e-4) << "K_w'=" << kw << " K_a'=" << ka;
+      }
+    }
+  }
+  // Weight-only precisions of the same expansion still run packed.
+  ASSERT_TRUE(packed->SetPrecision(2, 0).ok());
+  EXPECT_EQ(packed->weight_memory().packed_layers, 6);
+  // Saved and reloaded: a W×A packed network (forward(x, terms, act_terms)).
+  ASSERT_TRUE(packed->SetPrecision(2, 2).ok());
+  const HostTensor x = RandomInput({1, 4, 7, 7}, 12);
+  auto y22 = packed->Forward(x);
+  ASSERT_TRUE(packed->SetPrecision(2, 1).ok());
+  auto y21 = packed->Forward(x);
+  ScratchDir dir;
+  ASSERT_TRUE(packed->SavePacked(dir.File("wa.pt")).ok());
+  std::unique_ptr<Model> back = MustLoad(dir.File("wa.pt"), true);
+  ASSERT_NE(back, nullptr);
+  EXPECT_EQ(back->spec().act_terms, 2);
+  EXPECT_EQ(back->Forward(x)->f32, y22->f32);  // defaults: all terms
+  ASSERT_TRUE(back->SetPrecision(2, 1).ok());
+  EXPECT_EQ(back->Forward(x)->f32, y21->f32);
+  EXPECT_EQ(back->SetPrecision(2, 0).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// Order truncation: the integer ops run it; a network with layers they do not take (grouped,
+// depthwise, conv1d) falls back to the dequantized network instead of failing.
+TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
+  const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, true);
+  std::unique_ptr<Model> dense = MustLoad(Fixture("c8_mlp.pt"), false);
+  std::unique_ptr<Model> packed = MustLoad(Fixture("c8_mlp.pt"), true);
+  ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
+  ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
+  ASSERT_TRUE(dense->SetPrecision(2, 2).ok());
+  ASSERT_TRUE(packed->SetPrecision(2, 2).ok());
+  EXPECT_EQ(packed->weight_memory().packed_layers, static_cast<int>(packed->layers().size()));
+  const HostTensor x = RandomInput({5, 256}, 13);
+  auto want = dense->Forward(x);
+  auto got = packed->Forward(x);
+  ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+  EXPECT_LT(RelErr(got->f32, want->f32), 1e-4);
+
+  std::unique_ptr<Model> zoo = MustLoad(Fixture("conv_zoo.pt"), true);
+  ASSERT_TRUE(zoo->Expand(spec, nullptr).ok());
+  ASSERT_TRUE(zoo->SetPrecision(2, 2).ok());
+  EXPECT_EQ(zoo->weight_memory().packed_layers, 0);  // the dequantized network
+  EXPECT_TRUE(zoo->Forward(RandomInput({1, 4, 5, 6}, 14)).ok());
+  ScratchDir dir;
+  const absl::Status s = zoo->SavePacked(dir.File("t.pt"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(s.message(), "order-truncated")) << s;
+}
+
 TEST(PackedOpsModel, RealOcrClassifierResidentWeightsAreKbOver32) {
   const char* dir = std::getenv("FPXINT_MODELS_DIR");
   ASSERT_NE(dir, nullptr);

@@ -143,9 +143,11 @@ struct Model::Impl {
   // most K_w × (K_a + 1) entries; cleared when the expansion changes.
   std::map<std::pair<int, int>, torch::jit::Module> built;
   Options opts;
-  // The packed network (built once per expansion; forward(x, terms)), and whether it is current.
-  std::optional<torch::jit::Module> packed;
-  bool current_packed = false;
+  // The packed networks (built once per expansion): weight-only, forward(x, terms), and W×A,
+  // forward(x, terms, act_terms); which one is current.
+  std::optional<torch::jit::Module> packed, packed_wa;
+  absl::Status packed_wa_error;  // why the W×A network cannot be built (then: dense)
+  bool current_packed = false, current_wa = false;
   bool released = false;  // ReleaseAllButPacked: only the packed network is left
   std::vector<OpKind> kinds;
   std::vector<LayerInfo> layers;
@@ -218,10 +220,14 @@ struct Model::Impl {
   }
 
   // Clones the frozen module and swaps every expanded layer for the fpxint ops on its packed
-  // terms: linear and matmul -> fpxint::linear, conv2d -> fpxint::conv2d, other convolutions take
-  // their weight from fpxint::dequantize. The number of terms becomes a forward argument,
-  // forward(x, terms: int = 0).
-  absl::StatusOr<torch::jit::Module> BuildPacked() const {
+  // terms. Weight-only (wa = false): linear and matmul -> fpxint::linear, conv2d ->
+  // fpxint::conv2d, other convolutions take their weight from fpxint::dequantize; forward(x,
+  // terms: int = 0). With expanded activations (wa): linear and matmul -> fpxint::linear_wa,
+  // ungrouped conv2d with per-pixel (1x1) or per-tensor (stride 1) activation scales ->
+  // fpxint::conv2d_wa (integer kernels), other layers fpxint::dequantize + fpxint::act_expand;
+  // forward(x, terms: int = 0, act_terms: int = K_a). Unimplemented when an order-truncated
+  // spec has a layer the integer ops do not take (the dequantized network then serves it).
+  absl::StatusOr<torch::jit::Module> BuildPacked(bool wa) const {
     static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
     torch::jit::Module m = CloneModule(frozen);
     std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
@@ -232,6 +238,14 @@ struct Model::Impl {
     }
     Value* terms = g->addInput("terms");
     terms->setType(c10::IntType::get());
+    Value* act_terms = nullptr;
+    if (wa) {
+      act_terms = g->addInput("act_terms");
+      act_terms->setType(c10::IntType::get());
+    }
+    const bool int_weights = spec.weights.grid == core::Grid::kSym && !spec.weights.unsigned_first &&
+                             spec.weights.scale != core::ScaleGranularity::kGroup &&
+                             spec.weights.bits >= 2 && spec.act_grid == core::Grid::kSym;
     for (size_t i = 0; i < found.size(); ++i) {
       if (!layers[i].expanded) continue;
       Node* n = found[i].node;
@@ -241,20 +255,81 @@ struct Model::Impl {
       if (found[i].kind == OpKind::kMatmul) shape = {w.size(1), w.size(0)};
       torch::jit::WithInsertPoint guard(n);
       Value* pw = g->insertConstant(MakePackedWeight(std::move(lw), shape));
+      const bool is_conv2d = n->kind() == kConv2d && n->inputs().size() == 7 &&
+                             n->input(4)->type()->kind() == c10::TypeKind::ListType;
+      Value* bias = found[i].kind == OpKind::kLinear && n->inputs().size() > 2
+                        ? n->input(2)
+                        : found[i].kind == OpKind::kConv ? n->input(2)
+                                                         : g->insertConstant(c10::IValue());
       Value* y = nullptr;
-      if (found[i].kind != OpKind::kConv) {
-        Value* bias = found[i].kind == OpKind::kLinear && n->inputs().size() > 2
-                          ? n->input(2)
-                          : g->insertConstant(c10::IValue());
-        y = g->insert(c10::Symbol::fromQualString(kLinearOp), {n->input(0), pw, bias, terms});
-      } else if (n->kind() == kConv2d && n->inputs().size() == 7 &&
-                 n->input(4)->type()->kind() == c10::TypeKind::ListType) {
-        y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
-                      {n->input(0), pw, n->input(2), n->input(3), n->input(4), n->input(5),
-                       n->input(6), terms});
+      if (!wa) {
+        if (found[i].kind != OpKind::kConv) {
+          y = g->insert(c10::Symbol::fromQualString(kLinearOp), {n->input(0), pw, bias, terms});
+        } else if (is_conv2d) {
+          y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
+                        {n->input(0), pw, bias, n->input(3), n->input(4), n->input(5),
+                         n->input(6), terms});
+        } else {
+          n->replaceInput(1, g->insert(c10::Symbol::fromQualString(kDequantizeOp), {pw, terms}));
+          continue;
+        }
       } else {
-        n->replaceInput(1, g->insert(c10::Symbol::fromQualString(kDequantizeOp), {pw, terms}));
-        continue;
+        const ActGranularity gran = ActGranularityFor(found[i], spec.act_scale);
+        bool int_conv = false;
+        if (is_conv2d && int_weights) {
+          const c10::optional<c10::IValue> groups = torch::jit::toIValue(n->input(6));
+          const c10::optional<c10::IValue> stride = torch::jit::toIValue(n->input(3));
+          const c10::optional<c10::IValue> padding = torch::jit::toIValue(n->input(4));
+          bool stride1 = stride && stride->isIntList(), pad0 = padding && padding->isIntList();
+          if (stride1) {
+            for (int64_t v : stride->toIntVector()) stride1 = stride1 && v == 1;
+          }
+          if (pad0) {
+            for (int64_t v : padding->toIntVector()) pad0 = pad0 && v == 0;
+          }
+          // k×k kernels: im2col repeats every input value k² times, so expanding the patches
+          // costs k² times expanding x once; they take the integer op only when truncation
+          // needs it, else fpxint::act_expand on x and the packed weight-only convolution.
+          const bool pointwise = found[i].weight.size(2) == 1 && found[i].weight.size(3) == 1;
+          int_conv = groups && groups->isInt() && groups->toInt() == 1 &&
+                     ((gran == ActGranularity::kPixel && pad0) ||
+                      (gran == ActGranularity::kTensor && stride1 && (pointwise || spec.truncate)));
+        }
+        const std::vector<torch::jit::NamedValue> act_args = {
+            static_cast<int64_t>(spec.act_bits), act_terms, spec.unsigned_first, spec.truncate,
+            static_cast<int64_t>(gran)};
+        if (found[i].kind != OpKind::kConv && int_weights) {
+          std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, terms};
+          args.insert(args.end(), act_args.begin(), act_args.end());
+          y = g->insert(c10::Symbol::fromQualString(kLinearWaOp), args);
+        } else if (int_conv) {
+          std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, n->input(3),
+                                                      n->input(4), n->input(5), n->input(6), terms};
+          args.insert(args.end(), act_args.begin(), act_args.end());
+          y = g->insert(c10::Symbol::fromQualString(kConv2dWaOp), args);
+        } else if (!spec.truncate) {
+          // Σ_i W_i ⊛ Σ_j X_j: the weight-only packed op (or the dequantized weight sum) on the
+          // activation's expansion.
+          Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
+                                {n->input(0), static_cast<int64_t>(spec.act_bits), act_terms,
+                                 static_cast<int64_t>(spec.act_grid), static_cast<int64_t>(gran),
+                                 spec.unsigned_first});
+          if (found[i].kind != OpKind::kConv) {
+            y = g->insert(c10::Symbol::fromQualString(kLinearOp), {xq, pw, bias, terms});
+          } else if (is_conv2d) {
+            y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
+                          {xq, pw, bias, n->input(3), n->input(4), n->input(5), n->input(6), terms});
+          } else {
+            n->replaceInput(1, g->insert(c10::Symbol::fromQualString(kDequantizeOp), {pw, terms}));
+            n->replaceInput(0, xq);
+            continue;
+          }
+        } else {
+          return absl::UnimplementedError(absl::StrCat(
+              "layer '", layers[i].name, "': order-truncated W×A products run on the integer "
+              "ops only (sym weights with one scale per row; ungrouped conv2d with per-pixel or "
+              "stride-1 per-tensor activation scales)"));
+        }
       }
       y->setType(n->output()->type());
       n->output()->replaceAllUsesWith(y);
@@ -263,16 +338,21 @@ struct Model::Impl {
     auto& fn = torch::jit::toGraphFunction(m.get_method("forward").function());
     std::vector<c10::Argument> args = fn.getSchema().arguments();
     args.emplace_back("terms", c10::IntType::get(), c10::nullopt, c10::IValue(int64_t{0}));
+    if (wa) {
+      args.emplace_back("act_terms", c10::IntType::get(), c10::nullopt,
+                        c10::IValue(static_cast<int64_t>(spec.act_terms)));
+    }
     fn.setSchema(fn.getSchema().cloneWithArguments(std::move(args)));
     return m;
   }
 
   // A network saved by SavePacked: its PackedWeight constants become the layers, the network
-  // runs as it is (forward(x, terms)), and nothing can be re-expanded. False when the graph
-  // holds no PackedWeight.
+  // runs as it is (forward(x, terms[, act_terms])), and nothing can be re-expanded. False when
+  // the graph holds no PackedWeight.
   bool AdoptPackedNetwork() {
     std::shared_ptr<torch::jit::Graph> g = ForwardGraph(frozen);
-    if (g->inputs().size() != 3) return false;  // self, x, terms
+    const size_t inputs = g->inputs().size();  // self, x, terms[, act_terms]
+    if (inputs != 3 && inputs != 4) return false;
     int max_terms = 0;
     for (Node* n : g->nodes()) {
       if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
@@ -290,11 +370,22 @@ struct Model::Impl {
       max_terms = std::max(max_terms, pw.terms);
     }
     if (layers.empty()) return false;
+    if (inputs == 4) {  // K_a is act_terms' default
+      const c10::FunctionSchema& schema = frozen.get_method("forward").function().getSchema();
+      const c10::Argument& a = schema.arguments().back();
+      if (a.name() != "act_terms" || !a.default_value() || !a.default_value()->isInt()) {
+        return false;
+      }
+      spec.act_terms = static_cast<int>(a.default_value()->toInt());
+      spec.act_bits = 1;  // unknown here; marks the spec as W×A
+      current_wa = true;
+      ka = spec.act_terms;
+    }
     expansions.resize(layers.size());
     original_weights.resize(layers.size());
     original_biases.resize(layers.size());
     spec.weights.terms = max_terms;
-    packed = frozen;
+    (current_wa ? packed_wa : packed) = frozen;
     current = frozen;
     current_packed = true;
     released = true;
@@ -302,11 +393,18 @@ struct Model::Impl {
     return true;
   }
 
-  absl::Status EnsurePacked() {
-    if (packed) return absl::OkStatus();
+  // The packed network of this kind, built on first use.
+  absl::Status EnsurePacked(bool wa) {
+    std::optional<torch::jit::Module>& slot = wa ? packed_wa : packed;
+    if (slot) return absl::OkStatus();
+    if (wa && !packed_wa_error.ok()) return packed_wa_error;
     try {
-      FPX_ASSIGN_OR_RETURN(torch::jit::Module m, BuildPacked());
-      packed = std::move(m);
+      absl::StatusOr<torch::jit::Module> m = BuildPacked(wa);
+      if (!m.ok()) {
+        if (wa) packed_wa_error = m.status();
+        return m.status();
+      }
+      slot = *std::move(m);
     } catch (const c10::Error& e) {
       return absl::InternalError(absl::StrCat("cannot build the packed network: ", Brief(e)));
     }
@@ -422,7 +520,9 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
   im.spec = spec;
   im.built.clear();  // networks of the previous expansion
   im.packed.reset();
-  im.current_packed = false;
+  im.packed_wa.reset();
+  im.packed_wa_error = absl::OkStatus();
+  im.current_packed = im.current_wa = false;
   core::ExpandOptions opts;
   opts.pool = pool;
   opts.cancel = hooks.cancel;
@@ -474,14 +574,27 @@ absl::Status Model::SetPrecision(int kw, int ka) {
     return absl::InvalidArgumentError(
         absl::StrCat("activation terms: ", ka, "; this expansion has 0..", max_ka));
   }
-  const bool use_packed = im.opts.packed && ka == 0 && kw > 0;
-  if (im.released && !use_packed) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "this model keeps only its packed network: weight terms 1..", max_kw, " are served"));
+  const bool wa = ka > 0;
+  bool use_packed = false;
+  if (im.released) {
+    if (kw == 0 || wa != im.current_wa) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "this model keeps only its packed network: weight terms 1..", max_kw,
+          im.current_wa ? absl::StrCat(" with activation terms 1..", max_ka)
+                        : std::string(" without expanded activations"),
+          " are served"));
+    }
+    use_packed = true;
+  } else if (im.opts.packed && kw > 0) {
+    const absl::Status s = im.EnsurePacked(wa);
+    if (s.ok()) {
+      use_packed = true;
+    } else if (!(wa && absl::IsUnimplemented(s))) {  // else: the dense network serves it
+      return s;
+    }
   }
   if (use_packed) {
-    FPX_RETURN_IF_ERROR(im.EnsurePacked());
-    im.current = *im.packed;
+    im.current = wa ? *im.packed_wa : *im.packed;
   } else if (kw == 0 && ka == 0) {
     im.current = im.frozen;
   } else if (auto it = im.built.find({kw, ka}); it != im.built.end()) {
@@ -499,6 +612,7 @@ absl::Status Model::SetPrecision(int kw, int ka) {
     im.built.emplace(std::make_pair(kw, ka), im.current);
   }
   im.current_packed = use_packed;
+  im.current_wa = use_packed && wa;
   im.kw = kw;
   im.ka = ka;
   return absl::OkStatus();
@@ -514,9 +628,10 @@ absl::StatusOr<HostTensor> Model::Forward(const HostTensor& in) {
                        ? at::from_blob(const_cast<float*>(in.f32.data()), in.shape, at::kFloat)
                        : at::from_blob(const_cast<int64_t*>(in.i64.data()), in.shape, at::kLong);
     torch::NoGradGuard no_grad;
-    c10::IValue out = impl_->current_packed
-                          ? impl_->current.forward({x, static_cast<int64_t>(impl_->kw)})
-                          : impl_->current.forward({x});
+    std::vector<c10::IValue> args = {x};
+    if (impl_->current_packed) args.emplace_back(static_cast<int64_t>(impl_->kw));
+    if (impl_->current_wa) args.emplace_back(static_cast<int64_t>(impl_->ka));
+    c10::IValue out = impl_->current.forward(std::move(args));
     if (out.isTuple()) out = out.toTupleRef().elements()[0];
     if (!out.isTensor()) return absl::InternalError("model output is not a tensor");
     at::Tensor y = out.toTensor().contiguous().to(at::kFloat);
@@ -538,10 +653,16 @@ absl::Status Model::SavePacked(const std::string& path) {
 
   bool any = false;
   for (const auto& e : im.expansions) any = any || e.has_value();
-  if (!any && !im.packed) return absl::FailedPreconditionError("nothing is expanded yet");
-  FPX_RETURN_IF_ERROR(im.EnsurePacked());
+  if (!any && !im.packed && !im.packed_wa) {
+    return absl::FailedPreconditionError("nothing is expanded yet");
+  }
+  const bool wa = im.released ? im.current_wa : !im.spec.weight_only();
+  if (absl::Status s = im.EnsurePacked(wa); !s.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("this expansion has no packed network: ", s.message()));
+  }
   try {
-    im.packed->save(path);
+    (wa ? im.packed_wa : im.packed)->save(path);
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("cannot save '", path, "': ", Brief(e)));
   }
@@ -584,6 +705,7 @@ absl::Status Model::ReleaseAllButPacked() {
   }
   im.released = true;
   im.frozen = im.current;  // keeps a valid module; SetPrecision only switches the terms now
+  (im.current_wa ? im.packed : im.packed_wa).reset();
   im.built.clear();
   for (auto& e : im.expansions) e.reset();
   for (auto& w : im.original_weights) w = at::Tensor();

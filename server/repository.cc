@@ -163,22 +163,33 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::D
   const bool series = d.platform() == kPlatformSeries;
   model::Model::Options mo;
   mo.threads = opts_.torch_threads;
-  mo.packed = series && opts_.packed && d.spec().act_terms() == 0;
+  mo.packed = series && opts_.packed;
   if (mo.packed) {
     // Expand and pack once per version; instances (and restarts) load the packed network.
     const std::string packed = (version_dir / "model.packed.pt").string();
     std::error_code ec;
-    if (!fs::exists(packed, ec)) {
+    bool have = fs::exists(packed, ec);
+    if (!have) {
       FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, mo));
       FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(d.spec()), pool_));
       const std::string tmp = (version_dir / ".model.packed.pt.tmp").string();
-      FPX_RETURN_IF_ERROR(net->SavePacked(tmp));
-      FPX_RETURN_IF_ERROR(SyncFile(tmp));
-      fs::rename(tmp, packed, ec);
-      if (ec) return absl::InternalError(absl::StrCat("cannot publish '", packed, "'"));
-      FPX_RETURN_IF_ERROR(SyncDir(version_dir.string()));
+      const absl::Status saved = net->SavePacked(tmp);
+      if (saved.ok()) {
+        FPX_RETURN_IF_ERROR(SyncFile(tmp));
+        fs::rename(tmp, packed, ec);
+        if (ec) return absl::InternalError(absl::StrCat("cannot publish '", packed, "'"));
+        FPX_RETURN_IF_ERROR(SyncDir(version_dir.string()));
+        have = true;
+      } else if (saved.code() == absl::StatusCode::kFailedPrecondition) {
+        // A W×A spec with layers the integer ops do not take: serve the dequantized network.
+        LogInfo(absl::StrCat("'", d.name(), "/", d.version(), "' is served unpacked: ",
+                             saved.message()));
+        mo.packed = false;
+      } else {
+        return saved;
+      }
     }
-    path = packed;
+    if (have) path = packed;
   }
   std::vector<std::unique_ptr<model::Model>> nets;
   for (int i = 0; i < std::max(1, opts_.instances); ++i) {

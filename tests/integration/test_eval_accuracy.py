@@ -75,15 +75,26 @@ class Accuracy(unittest.TestCase):
         again, _ = run_eval("ocr_cls", ["w4x2"], ["--limit", "1"])
         self.assertEqual(again["w4x2"]["weights_sha256"], r["w4x2"]["weights_sha256"])
 
-    def check_packed_matches(self, task, metric, configs, limit):
+    def check_packed_matches(self, task, metric, configs, limit, wa_configs=(), noise=0.0):
         """The packed low-bit ops (issue 6) give the model layer's accuracy at the same b, K: on
         the default schedule (packed kernels for few rows, a transient fp32 copy for convolutions
-        over many pixels) and with the packed kernels forced on every layer."""
+        over many pixels) and with the packed kernels forced on every layer. W×A configs run on
+        the integer ops (exact int32 products, float epilogue): the same accuracy up to `noise`,
+        and an output error of the same size. Not equal: a float-rounding difference in a
+        layer's output moves some values of the next layer's activation expansion across a
+        rounding boundary, which changes them by a quantization step; measured on the classifier,
+        the two implementations' outputs differ by as much as each differs from FP (both
+        ~1e-7 on its saturated outputs). model.lowbit_ops checks the W×A ops within 1e-4 of the
+        model layer on a network where no such flip occurs."""
         extra = ["--limit", str(limit)]
-        ref, _ = run_eval(task, ["fp", *configs], extra)
+        ref, _ = run_eval(task, ["fp", *configs, *wa_configs], extra)
         for forced in ([], ["--packed-max-rows", "1000000000"]):
-            got, table = run_eval(task, ["fp", *configs], ["--packed", *forced, *extra])
+            got, table = run_eval(task, ["fp", *configs, *wa_configs], ["--packed", *forced, *extra])
             print(table, file=sys.stderr)
+            for c in wa_configs:
+                self.assertLessEqual(abs(got[c][metric] - ref[c][metric]), noise, c)
+                self.assertAlmostEqual(got[c]["output_rel_err"], ref[c]["output_rel_err"],
+                                       delta=0.35 * ref[c]["output_rel_err"] + 1e-5)
             for c in configs:
                 self.assertEqual(got[c]["samples"], ref[c]["samples"])
                 self.assertEqual(got[c][metric], ref[c][metric], f"{c} {forced}")
@@ -93,10 +104,12 @@ class Accuracy(unittest.TestCase):
                                        delta=1e-4 * ref[c]["output_rel_err"] + 1e-6)
 
     def test_ocr_rec_packed(self):
-        self.check_packed_matches("ocr_rec", "char_acc", ["w4x1", "w4x2", "w2x4-mid"], 40)
+        self.check_packed_matches("ocr_rec", "char_acc", ["w4x1", "w4x2", "w2x4-mid"], 40,
+                                  wa_configs=["w4a4x2"], noise=2 * 100.0 / 700)
 
     def test_ocr_cls_packed(self):
-        self.check_packed_matches("ocr_cls", "accuracy", ["w4x1", "w4x2"], 200)
+        self.check_packed_matches("ocr_cls", "accuracy", ["w4x1", "w4x2"], 200,
+                                  wa_configs=["w4a4x2"], noise=100.0 / 200)
 
     def test_fmnist(self):
         r, table = run_eval("fmnist", ["fp", "rtn4", "w4x1", "w4a4x2"])
