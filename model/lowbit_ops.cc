@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <cstdlib>
@@ -260,6 +261,40 @@ core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t term
   return a;
 }
 
+// The W×A ops' route for many activation rows, where the integer products (K_w'·K_a' passes of
+// int8 GEMM) lose to one fp32 GEMM on this class of CPU: the activation's expansion
+// (fpxint::act_expand[_terms], the model layer's own) times the packed weight's dequantized sums
+// through the weight-only op `layer(xq, weight_terms, with_bias)`. Truncated: Σ_j
+// (Σ_{i <= min(K_w', K+1-j)} W_i) X_j with K = max(K_w', K_a'), the bias once.
+at::Tensor DenseWA(const at::Tensor& x, int kw, int64_t act_bits, int64_t act_terms,
+                   bool unsigned_first, bool truncate, int64_t granularity,
+                   const std::function<at::Tensor(const at::Tensor&, int, bool)>& layer) {
+  const int64_t sym = static_cast<int64_t>(core::Grid::kSym);
+  if (!truncate) {
+    static const auto expand =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow(kActExpandOp, "")
+            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool)>();
+    return layer(expand.call(x, act_bits, act_terms, sym, granularity, unsigned_first), kw, true);
+  }
+  static const auto expand_terms =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kActExpandTermsOp, "")
+          .typed<std::vector<at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
+                                         bool)>();
+  const std::vector<at::Tensor> xs =
+      expand_terms.call(x, act_bits, act_terms, sym, granularity, unsigned_first);
+  const int k_max = std::max<int>(kw, static_cast<int>(act_terms));
+  at::Tensor y;
+  for (int j = 1; j <= static_cast<int>(xs.size()); ++j) {
+    const int nw = std::min(kw, k_max + 1 - j);
+    if (nw < 1) continue;
+    at::Tensor t = layer(xs[static_cast<size_t>(j - 1)], nw, j == 1);
+    y = y.defined() ? y.add_(t) : t;
+  }
+  return y;
+}
+
 const core::IntLinear& IntOf(const PackedPtr& p, const char* op) {
   const core::IntLinear* iw = p->Int();
   TORCH_CHECK(iw != nullptr, op, ": ", p->int_error());
@@ -277,6 +312,13 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
               "; this weight takes ", iw.in_features());
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.numel() / iw.in_features();
+  if (m > PackedMaxRows()) {
+    const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
+    return DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
+                   [&](const at::Tensor& xq, int nw, bool with_bias) {
+                     return Linear(xq, p, with_bias ? bias : c10::nullopt, nw);
+                   });
+  }
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = iw.out_features();
   at::Tensor y = at::empty(out_shape, x.options());
@@ -319,6 +361,15 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
     TORCH_CHECK(out_hw[d] >= 1, "fpxint::conv2d_wa: input ", x.sizes(), " is smaller than the kernel");
   }
   const int64_t n = x.size(0), out = ws[0], m = n * out_hw[0] * out_hw[1];
+  if (m > PackedMaxRows()) {
+    const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
+    at::Tensor y = DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
+                           [&](const at::Tensor& xq, int nw, bool with_bias) {
+                             return Conv2d(xq, p, with_bias ? bias : c10::nullopt, stride_in,
+                                           padding_in, dilation_in, groups, nw);
+                           });
+    return unbatched ? y.squeeze(0) : y;
+  }
   const at::Tensor cols =
       at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride).transpose(1, 2).contiguous();
   at::Tensor flat = at::empty({m, out}, x.options());

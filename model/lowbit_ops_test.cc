@@ -217,11 +217,21 @@ TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   ASSERT_TRUE(dense->SetPrecision(2, 2).ok());
   ASSERT_TRUE(packed->SetPrecision(2, 2).ok());
   EXPECT_EQ(packed->weight_memory().packed_layers, static_cast<int>(packed->layers().size()));
-  const HostTensor x = RandomInput({5, 256}, 13);
-  auto want = dense->Forward(x);
-  auto got = packed->Forward(x);
-  ASSERT_TRUE(want.ok() && got.ok()) << got.status();
-  EXPECT_LT(RelErr(got->f32, want->f32), 1e-4);
+  // 5 rows: the integer kernels; 40 rows: expansion terms × dequantized weight sums.
+  for (int64_t rows : {5, 40}) {
+    const HostTensor x = RandomInput({rows, 256}, 13);
+    for (int kw = 1; kw <= 2; ++kw) {
+      for (int ka = 1; ka <= 2; ++ka) {
+        ASSERT_TRUE(dense->SetPrecision(kw, ka).ok());
+        ASSERT_TRUE(packed->SetPrecision(kw, ka).ok());
+        auto want = dense->Forward(x);
+        auto got = packed->Forward(x);
+        ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+        EXPECT_LT(RelErr(got->f32, want->f32), 1e-4)
+            << rows << " rows, K_w'=" << kw << " K_a'=" << ka;
+      }
+    }
+  }
 
   std::unique_ptr<Model> zoo = MustLoad(Fixture("conv_zoo.pt"), true);
   ASSERT_TRUE(zoo->Expand(spec, nullptr).ok());
