@@ -452,9 +452,14 @@ absl::StatusOr<TensorExpansion> ExpandTensor(absl::Span<const double> values,
 
 void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& l, const TermData& term, int k,
                     double* acc) {
+  AccumulateTermRows(spec, l, term, k, 0, l.rows, acc);
+}
+
+void AccumulateTermRows(const ExpansionSpec& spec, const TensorLayout& l, const TermData& term,
+                        int k, int64_t row_begin, int64_t row_end, double* acc) {
   std::vector<int32_t> q(l.row_len);
   const int64_t gpr = l.groups_per_row;
-  for (int64_t row = 0; row < l.rows; ++row) {
+  for (int64_t row = row_begin; row < row_end; ++row) {
     UnpackCodes(term.codes.data() + row * l.packed_row_bytes, l.row_len, spec.bits,
                 !spec.term_is_unsigned(k), q.data());
     double* out = acc + row * l.row_len;
@@ -473,11 +478,17 @@ void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& l, const Term
   }
 }
 
-std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms) {
+std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms, ThreadPool* pool) {
   std::vector<double> acc(e.layout.numel(), 0.0);
-  for (int k = 0; k < num_terms && k < static_cast<int>(e.terms.size()); ++k) {
-    AccumulateTerm(e.spec, e.layout, e.terms[k], k + 1, acc.data());
-  }
+  const int K = std::min(num_terms, static_cast<int>(e.terms.size()));
+  ExpandOptions o;
+  o.pool = pool;
+  // Every row sums its terms in order k = 1, 2, ...: the same result for any split.
+  ParallelRows(o, e.layout.rows, e.layout.row_len, [&](int64_t b, int64_t end) {
+    for (int k = 0; k < K; ++k) {
+      AccumulateTermRows(e.spec, e.layout, e.terms[k], k + 1, b, end, acc.data());
+    }
+  });
   return acc;
 }
 

@@ -135,9 +135,14 @@ absl::StatusOr<TensorExpansion> ExpandTensor(absl::Span<const double> values,
 // Adds the dequantized term `term`, which is term k (1-based), to acc[0..numel).
 void AccumulateTerm(const ExpansionSpec& spec, const TensorLayout& layout, const TermData& term,
                     int k, double* acc);
-// Σ_{k=1..num_terms} of the dequantized terms, summed in order k = 1, 2, ... in fp64.
+// Rows [row_begin, row_end) only (acc still indexes the whole tensor).
+void AccumulateTermRows(const ExpansionSpec& spec, const TensorLayout& layout, const TermData& term,
+                        int k, int64_t row_begin, int64_t row_end, double* acc);
+// Σ_{k=1..num_terms} of the dequantized terms, summed in order k = 1, 2, ... in fp64 (rows split
+// over `pool` when given; the same bits either way).
 // REQUIRES: num_terms ≤ e.terms.size().
-std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms);
+std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms,
+                                ThreadPool* pool = nullptr);
 
 }  // namespace fpxint::core
 

@@ -2,9 +2,11 @@
 // expansion (SPEC.md §3).
 #include "model/act_expand_op.h"
 
+#include <ATen/Parallel.h>
 #include <torch/script.h>
 
 #include "core/expansion.h"
+#include "model/aten_pool.h"
 
 namespace fpxint::model {
 namespace {
@@ -19,8 +21,11 @@ core::TensorExpansion ExpandActivation(const at::Tensor& x, int64_t bits, int64_
   TORCH_CHECK(x.is_contiguous(), "fpxint::act_expand: internal: x must be contiguous");
   const int64_t n = x.numel();
   int64_t cols = n;
+  const bool per_tensor = static_cast<ActGranularity>(granularity) == ActGranularity::kTensor;
   switch (static_cast<ActGranularity>(granularity)) {
-    case ActGranularity::kTensor: break;
+    case ActGranularity::kTensor:  // one scale; rows only split the work
+      cols = x.dim() >= 1 && x.size(-1) > 0 ? x.size(-1) : n;
+      break;
     case ActGranularity::kRow:  // x is [..., C]: one scale per row
     case ActGranularity::kPixel:  // x was permuted to [N, H, W, C] by the caller
       cols = x.dim() >= 1 ? x.size(-1) : n;
@@ -36,14 +41,17 @@ core::TensorExpansion ExpandActivation(const at::Tensor& x, int64_t bits, int64_
   spec.bits = static_cast<int>(bits);
   spec.terms = static_cast<int>(terms);
   spec.grid = static_cast<core::Grid>(grid);
-  spec.scale = rows > 1 ? core::ScaleGranularity::kChannel : core::ScaleGranularity::kTensor;
+  spec.scale = rows > 1 && !per_tensor ? core::ScaleGranularity::kChannel
+                                        : core::ScaleGranularity::kTensor;
   spec.unsigned_first =
       unsigned_first && spec.grid == core::Grid::kSym && x.min().item<float>() >= 0;
   const std::vector<int64_t> shape = {rows, cols};
   const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x.data_ptr<float>()),
                                          static_cast<size_t>(n) * 4);
+  core::ExpandOptions options;
+  options.pool = &AtenPool();
   absl::StatusOr<core::TensorExpansion> e =
-      core::ExpandTensor(core::DType::kF32, shape, bytes, spec);
+      core::ExpandTensor(core::DType::kF32, shape, bytes, spec, options);
   TORCH_CHECK(e.ok(), "fpxint::act_expand: ", std::string(e.status().message()));
   return *std::move(e);
 }
@@ -67,7 +75,9 @@ at::Tensor FromGroupView(const at::Tensor& v, int64_t granularity) {
 at::Tensor ToFloat(const std::vector<double>& v, const at::Tensor& like) {
   at::Tensor out = at::empty_like(like);
   float* o = out.data_ptr<float>();
-  for (size_t i = 0; i < v.size(); ++i) o[i] = static_cast<float>(v[i]);
+  at::parallel_for(0, static_cast<int64_t>(v.size()), int64_t{1} << 15, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) o[i] = static_cast<float>(v[static_cast<size_t>(i)]);
+  });
   return out;
 }
 
@@ -77,8 +87,9 @@ at::Tensor ActExpand(const at::Tensor& x_in, int64_t bits, int64_t terms, int64_
   const at::Tensor x = GroupView(x_in, granularity);
   const core::TensorExpansion e =
       ExpandActivation(x, bits, terms, grid, granularity, unsigned_first);
-  return FromGroupView(ToFloat(core::Reconstruct(e, static_cast<int>(e.terms.size())), x),
-                       granularity);
+  return FromGroupView(
+      ToFloat(core::Reconstruct(e, static_cast<int>(e.terms.size()), &AtenPool()), x),
+      granularity);
 }
 
 std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int64_t terms,
@@ -95,7 +106,10 @@ std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int
   for (int64_t j = 0; j < terms; ++j) {
     std::fill(term.begin(), term.end(), 0.0);
     if (j < static_cast<int64_t>(e.terms.size())) {  // fewer terms: the rest are exact zeros
-      core::AccumulateTerm(e.spec, e.layout, e.terms[j], static_cast<int>(j + 1), term.data());
+      at::parallel_for(0, e.layout.rows, 1, [&](int64_t b, int64_t end) {
+        core::AccumulateTermRows(e.spec, e.layout, e.terms[j], static_cast<int>(j + 1), b, end,
+                                 term.data());
+      });
     }
     out.push_back(FromGroupView(ToFloat(term, x), granularity));
   }

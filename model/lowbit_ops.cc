@@ -3,6 +3,7 @@
 
 #include "core/int_linear.h"
 #include "model/act_expand_op.h"
+#include "model/aten_pool.h"
 
 #include <ATen/Parallel.h>
 #include <torch/custom_class.h>
@@ -230,23 +231,7 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
 
 // ---- W×A: integer products of expanded weights and dynamically expanded activations ----
 
-// core::IntLinear's loops on LibTorch's intra-op pool (OpenMP), the threads every other op of
-// the network runs on: a separate core::ThreadPool made OpenMP's spinning threads and ours
-// compete for the two cores (libgomp spinning was a third of the cycles).
-class AtenThreadPool : public core::ThreadPool {
- public:
-  AtenThreadPool() : core::ThreadPool(1) {}
-  void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) override {
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) fn(i);
-    });
-  }
-};
-
-core::ThreadPool& IntPool() {
-  static AtenThreadPool pool;
-  return pool;
-}
+core::ThreadPool& IntPool() { return AtenPool(); }
 
 core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t terms,
                                  bool unsigned_first, bool truncate, int64_t granularity) {
