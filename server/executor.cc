@@ -8,8 +8,10 @@
 #include <regex>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "core/artifact.h"
+#include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "model/model.h"
 #include "server/status_util.h"
@@ -33,6 +35,57 @@ void AddTerms(const std::vector<core::TermError>& errors, v1::LayerResult* l) {
     t->set_rel_max(e.rel_max);
     t->set_sqnr_db(std::isinf(e.sqnr_db) ? 999.0 : e.sqnr_db);
   }
+}
+
+// ---- Memory budget ----
+//
+// What an expansion holds at its peak, from the shapes alone. Tensors are expanded one at a time
+// and their packed terms spilled to disk before the next (core/artifact.h), so a TENSOR job
+// holds the largest tensor's K packed terms and scales, plus an fp64 copy of it when it has one
+// scale per tensor (channel and group scales stream row by row). LAYER and MODEL jobs keep every
+// layer's terms (for the probe and the exports) and the network in LibTorch: counted as three
+// times the TorchScript file (the module, its frozen copy, the layers' FP copies).
+struct MemoryNeed {
+  uint64_t bytes = 0;
+  std::string largest;  // the tensor that decides it (TENSOR) or a summary (network)
+};
+
+uint64_t TermsBytes(const std::vector<int64_t>& shape, const core::ExpansionSpec& ws) {
+  absl::StatusOr<core::TensorLayout> l = core::TensorLayout::Make(shape, ws);
+  if (!l.ok()) return 0;
+  const uint64_t per_term = static_cast<uint64_t>(l->rows * l->packed_row_bytes) +
+                            static_cast<uint64_t>(l->num_scales(ws)) * 8;
+  uint64_t n = per_term * static_cast<uint64_t>(ws.terms);
+  if (ws.scale == core::ScaleGranularity::kTensor) n += static_cast<uint64_t>(l->numel()) * 8;
+  return n;
+}
+
+std::string MiB(uint64_t b) {
+  return b < (uint64_t{1} << 20) ? absl::StrFormat("%.1f KiB", b / 1024.0)
+                                 : absl::StrFormat("%.1f MiB", b / 1048576.0);
+}
+
+absl::Status CheckMemory(const MemoryNeed& need, uint64_t limit) {
+  if (limit == 0 || need.bytes <= limit) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "the job needs about ", MiB(need.bytes), " of memory (", need.largest,
+      "); this server allows ", MiB(limit), " per job (--job-memory-limit): use fewer terms or "
+      "bits, channel or group scales instead of tensor scales, or ask the operator for more"));
+}
+
+absl::StatusOr<MemoryNeed> TensorJobNeed(const std::string& safetensors,
+                                         const core::ExpansionSpec& ws) {
+  FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(safetensors));
+  MemoryNeed need;
+  for (const core::TensorInfo& t : reader->tensors()) {
+    if (t.shape.size() < 2 || !core::IsFloating(t.dtype)) continue;
+    const uint64_t b = TermsBytes(t.shape, ws);
+    if (b > need.bytes) {
+      need.bytes = b;
+      need.largest = absl::StrCat("largest tensor '", t.name, "', ", t.numel(), " values");
+    }
+  }
+  return need;
 }
 
 // Reports progress with phase and fraction; layers as given.
@@ -146,6 +199,10 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
     FPX_RETURN_IF_ERROR(net->SaveFoldedWeights(source));
   }
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  {
+    FPX_ASSIGN_OR_RETURN(MemoryNeed need, TensorJobNeed(source, WeightSpec(spec)));
+    FPX_RETURN_IF_ERROR(CheckMemory(need, ctx.memory_limit));
+  }
   core::ArtifactOptions opts;
   opts.spec = WeightSpec(spec);
   opts.include_regex = spec.include();
@@ -181,6 +238,15 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
   rep->Phase("loading", 0.0);
   FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(ctx.source_path, {ctx.torch_threads}));
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  {
+    FPX_ASSIGN_OR_RETURN(uint64_t file, FileSize(ctx.source_path));
+    MemoryNeed need;
+    need.bytes = 3 * file;
+    const core::ExpansionSpec ws = WeightSpec(spec);
+    for (const model::LayerInfo& li : net->layers()) need.bytes += TermsBytes(li.weight_shape, ws);
+    need.largest = absl::StrCat(net->layers().size(), " layers' terms and the network in LibTorch");
+    FPX_RETURN_IF_ERROR(CheckMemory(need, ctx.memory_limit));
+  }
   model::Model::ExpandHooks hooks;
   hooks.cancel = ctx.cancel;
   hooks.progress = [&](const model::Model::ExpandProgress& p) {

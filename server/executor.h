@@ -26,6 +26,10 @@ struct JobContext {
   std::string scratch_dir;  // empty directory for the outputs
   core::ThreadPool* pool = nullptr;
   int torch_threads = 2;
+  // Memory the job may plan to hold, in bytes (0: no limit). Checked before the expansion starts
+  // against an estimate from the shapes (no data read); a job above it fails RESOURCE_EXHAUSTED
+  // with both figures instead of growing the server.
+  uint64_t memory_limit = 0;
   const std::atomic<bool>* cancel = nullptr;
   std::function<void(const v1::Progress&)> progress;
 };

@@ -299,6 +299,7 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     ctx.scratch_dir = scratch;
     ctx.pool = pool_;
     ctx.torch_threads = opts_.torch_threads;
+    ctx.memory_limit = opts_.job_memory_limit;
     ctx.cancel = &live->cancel;
     ctx.progress = [this, live](const v1::Progress& p) {
       {

@@ -41,6 +41,7 @@ class JobManager {
     int workers = 1;
     int queue_limit = 64;
     int torch_threads = 2;
+    uint64_t job_memory_limit = 0;  // bytes a job may plan to hold (JobContext::memory_limit)
     Metrics* metrics = nullptr;  // null: the manager counts into its own (unexported) Metrics
   };
   JobManager(Options o, Journal* journal, BlobStore* store, Repository* repo,

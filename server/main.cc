@@ -56,6 +56,11 @@ int main(int argc, char** argv) {
       ->envname("FPXINT_QUEUE_LIMIT");
   app.add_option("--max-upload-bytes", c.max_upload_bytes, "largest accepted upload, in bytes")
       ->envname("FPXINT_MAX_UPLOAD_BYTES");
+  app.add_option("--job-memory-limit", c.job_memory_limit,
+                 "memory one job may plan to hold, in bytes (0: no limit); estimated from the "
+                 "shapes before the expansion starts, a job above it fails RESOURCE_EXHAUSTED "
+                 "with both figures. With --workers N, N jobs may hold it at once")
+      ->envname("FPXINT_JOB_MEMORY_LIMIT");
   app.add_option("--threads", c.threads,
                  "compute threads for expansion and inference (0: all cores)")
       ->envname("FPXINT_THREADS");

@@ -101,7 +101,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                           im->journal.get(), im->store.get(), im->pool.get(),
                                           Repository::Options{config.infer_instances, threads, config.packed_weights, &im->metrics});
   im->jobs = std::make_unique<JobManager>(
-      JobManager::Options{config.workers, config.queue_limit, threads, &im->metrics},
+      JobManager::Options{config.workers, config.queue_limit, threads, config.job_memory_limit,
+                          &im->metrics},
       im->journal.get(),
       im->store.get(), im->repo.get(), im->pool.get());
 

@@ -21,6 +21,7 @@ struct ServerConfig {
   int workers = 1;                                // concurrent jobs
   int queue_limit = 64;                           // queued jobs before RESOURCE_EXHAUSTED
   uint64_t max_upload_bytes = uint64_t{4} << 30;  // per upload
+  uint64_t job_memory_limit = 0;                  // bytes a job may plan to hold; 0: no limit
   int threads = 0;                                // compute threads (0: all cores)
   int infer_instances = 1;                        // network copies per served model version
   bool packed_weights = true;                     // serve weight-only quantized models packed

@@ -12,6 +12,7 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
@@ -79,6 +80,7 @@ class ServerTest : public ::testing::Test {
     c.threads = 2;
     c.queue_limit = 8;
     c.shutdown_grace_seconds = 5;
+    c.job_memory_limit = job_memory_limit_;
     auto s = Server::Start(c);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = *std::move(s);
@@ -180,6 +182,7 @@ class ServerTest : public ::testing::Test {
   }
 
   ScratchDir dir_;
+  uint64_t job_memory_limit_ = 0;
   std::unique_ptr<Server> server_;
   std::unique_ptr<v1::Quantizer::Stub> q_;
   std::unique_ptr<inference::GRPCInferenceService::Stub> oip_;
@@ -322,6 +325,32 @@ TEST_F(ServerTest, TensorJobRunsWatchesAndDownloads) {
   while (rd->Read(&c)) {
   }
   EXPECT_EQ(rd->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// --job-memory-limit: a job whose planned memory exceeds it fails with both figures and the
+// flag's name, before it expands anything; under the limit the same job runs.
+TEST_F(ServerTest, JobMemoryLimitRefusesJobsThatWouldExceedIt) {
+  job_memory_limit_ = 1024;
+  Restart();
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(5), &m).ok());
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ReadFileOrDie(TinyDir() + "/tiny_cnn.pt"), &m).ok());
+  for (v1::Granularity g : {v1::TENSOR, v1::LAYER}) {
+    v1::Job job = Submit(Spec(g == v1::TENSOR ? "w" : "tiny", g, 4, 3));
+    const std::vector<v1::Job> events = Watch(job.job_id());
+    ASSERT_FALSE(events.empty());
+    const v1::Job& done = events.back();
+    EXPECT_EQ(done.state(), v1::FAILED) << v1::Granularity_Name(g);
+    EXPECT_TRUE(absl::StrContains(done.error(), "--job-memory-limit")) << done.error();
+    EXPECT_TRUE(absl::StrContains(done.error(), "needs about")) << done.error();
+    EXPECT_EQ(done.artifacts_size(), 0);
+  }
+  job_memory_limit_ = 64 << 20;
+  Restart();
+  v1::Job ok = Submit(Spec("w", v1::TENSOR, 4, 3));
+  const std::vector<v1::Job> events = Watch(ok.job_id());
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().state(), v1::SUCCEEDED) << events.back().error();
 }
 
 TEST_F(ServerTest, SpecValidationNamesTheField) {
