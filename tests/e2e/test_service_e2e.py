@@ -511,8 +511,11 @@ class ServiceE2E(ServerTestCase):
             "with torch.no_grad():\n"
             "    np.save(sys.argv[4], m(x).numpy()); np.save(sys.argv[5], m(x, 1).numpy())\n")
         y_all, y_one = (os.path.join(self.server.root, f) for f in ("y_all.npy", "y_one.npy"))
+        env = dict(os.environ)
+        if os.environ.get("FPXINT_OPS_PRELOAD"):  # an ASan build of the library (make test-asan)
+            env.update(LD_PRELOAD=os.environ["FPXINT_OPS_PRELOAD"], ASAN_OPTIONS="detect_leaks=0")
         p = subprocess.run([sys.executable, "-c", script, lib, packed, img, y_all, y_one],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env=env)
         self.assertEqual(p.returncode, 0, p.stderr[-3000:])
         np.testing.assert_allclose(np.load(y_all), q_outs[0], rtol=1e-4, atol=1e-4)
         one = self.ci.infer_output(self.call(self.ci.infer, "rec-q", self.state["images"][0],
