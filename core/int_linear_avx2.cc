@@ -8,9 +8,9 @@ namespace fpxint::core {
 
 void UnpackIntRowRef(const uint8_t* packed, int64_t n, int bits, int8_t* out);
 
-namespace {
-
-void UnpackRow(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
+// b = 4: per 32 packed bytes, the low nibbles (even codes) then the high ones (odd codes),
+// sign-extended through a 16-entry table; other widths take the reference.
+void UnpackIntRowAvx2(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
   if (bits != 4) {
     UnpackIntRowRef(packed, n, bits, out);
     return;
@@ -28,6 +28,8 @@ void UnpackRow(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
   }
   if (c < n) UnpackIntRowRef(packed + c / 2, n - c, bits, out + c);
 }
+
+namespace {
 
 inline int32_t HSum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -69,7 +71,7 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
   kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
 }
 
-const IntKernelTable kTable = {"avx2", UnpackRow, DotTile};
+const IntKernelTable kTable = {"avx2", UnpackIntRowAvx2, DotTile};
 
 }  // namespace
 

@@ -7,30 +7,10 @@
 
 namespace fpxint::core {
 
-void UnpackIntRowRef(const uint8_t* packed, int64_t n, int bits, int8_t* out);
+// The row unpacking is 256-bit work: the AVX2 variant's (int_linear_avx2.cc).
+void UnpackIntRowAvx2(const uint8_t* packed, int64_t n, int bits, int8_t* out);
 
 namespace {
-
-// b = 4: per 32 packed bytes, the low nibbles (even codes) then the high ones (odd codes),
-// sign-extended through a 16-entry table.
-void UnpackRow(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
-  if (bits != 4) {
-    UnpackIntRowRef(packed, n, bits, out);
-    return;
-  }
-  const __m256i lut = _mm256_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1,
-                                       0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1);
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  int64_t c = 0;
-  for (; c + kIntBlock <= n; c += kIntBlock) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + c / 2));
-    const __m256i lo = _mm256_and_si256(v, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_shuffle_epi8(lut, lo));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 32), _mm256_shuffle_epi8(lut, hi));
-  }
-  if (c < n) UnpackIntRowRef(packed + c / 2, n - c, bits, out + c);
-}
 
 // Lane k of the result = the sum of the 16 lanes of a[k] (a transposing reduction: ~45
 // instructions for 16 sums instead of 16 separate horizontal reductions).
@@ -87,7 +67,7 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
   kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
 }
 
-const IntKernelTable kTable = {"avx512vnni", UnpackRow, DotTile};
+const IntKernelTable kTable = {"avx512vnni", UnpackIntRowAvx2, DotTile};
 
 }  // namespace
 

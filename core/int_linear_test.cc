@@ -13,6 +13,7 @@ namespace fpxint::core {
 namespace {
 
 using ::fpxint::testing::Dist;
+using ::fpxint::testing::MaxRelErr;
 using ::fpxint::testing::RandomValues;
 using ::fpxint::testing::ToFloat;
 
@@ -79,14 +80,6 @@ std::vector<double> Exact(const TensorExpansion& w, const std::vector<float>& x,
   return y;
 }
 
-double RelErr(const std::vector<float>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(a[i] - b[i]));
-    den = std::max(den, std::abs(b[i]));
-  }
-  return den == 0 ? num : num / den;
-}
 
 const Case kCases[] = {
     {17, 130, 5, 4, 2, 4, 2, false, false, ScaleGranularity::kChannel},
@@ -113,7 +106,7 @@ TEST(IntLinear, ReferenceMatchesTheSumOfTermProducts) {
       IntLinear::ActSpec a{c.abits, c.aterms, true, c.truncate};
       ASSERT_TRUE(lin->Forward(x.data(), c.batch, y.data(), a, kw, nullptr,
                                IntKernelsByName("ref")).ok());
-      EXPECT_LT(RelErr(y, Exact(w, x, c, kw)), 1e-5) << Name(c) << " K_w'=" << kw;
+      EXPECT_LT(MaxRelErr(y, Exact(w, x, c, kw)), 1e-5) << Name(c) << " K_w'=" << kw;
     }
   }
 }
@@ -196,7 +189,7 @@ TEST(IntLinear, ViewOfLowbitLinearAndPerTensorScales) {
   }
   std::vector<float> y(exact.size());
   ASSERT_TRUE(view->Forward(x.data(), c.batch, y.data(), {c.abits, c.aterms, true, false, true}).ok());
-  EXPECT_LT(RelErr(y, exact), 1e-5);
+  EXPECT_LT(MaxRelErr(y, exact), 1e-5);
   // Mid-grid weights are refused by the view as by FromExpansion.
   ExpansionSpec mid;
   mid.bits = 4;

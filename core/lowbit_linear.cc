@@ -232,22 +232,9 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
     }
     // Larger batches: dequantize kTile rows (all K' terms summed) into buf, then register tiles
     // of kTile rows × kTile activation rows.
-    std::vector<float> code(static_cast<size_t>(cols_));
     for (int64_t o0 = r0; o0 < r1; o0 += kTile) {
       const int R = static_cast<int>(std::min<int64_t>(kTile, r1 - o0));
-      std::fill(buf.begin(), buf.end(), 0.0f);
-      for (int r = 0; r < R; ++r) {
-        float* wrow = buf.data() + r * cols_;
-        for (int k = 0; k < K; ++k) {
-          const Term& t = terms_[static_cast<size_t>(k)];
-          kt.decode(t.codes.data() + (o0 + r) * row_bytes_, cols_, t.bits, t.is_signed, code.data());
-          for (int64_t g = 0; g < groups_; ++g) {
-            const size_t si = static_cast<size_t>((o0 + r) * groups_ + g);
-            kt.axpby(code.data() + g * group_len_, t.scale[si], t.off[si], wrow + g * group_len_,
-                     glen(g));
-          }
-        }
-      }
+      DequantizeRows(o0, o0 + R, buf.data(), K, &kt);
       float out[kTile * kTile];
       for (int64_t b0 = 0; b0 < batch; b0 += kTile) {
         const int B = static_cast<int>(std::min<int64_t>(kTile, batch - b0));
@@ -396,7 +383,7 @@ absl::StatusOr<LowbitLinear> LowbitLinear::Deserialize(absl::string_view bytes) 
                                                      "; accepted bits 1..8, equal for every term"));
     }
     bits0 = t.bits;
-    const int64_t row_bytes = CodesPerByte(t.bits) > 1 ? (w.cols_ * t.bits + 7) / 8 : w.cols_;
+    const int64_t row_bytes = PackedRowBytes(w.cols_, t.bits);
     w.row_bytes_ = row_bytes;
     const int64_t code_bytes = w.rows_ * row_bytes;
     const int64_t nscale = w.rows_ * w.groups_;

@@ -14,6 +14,7 @@ namespace fpxint::core {
 namespace {
 
 using ::fpxint::testing::Dist;
+using ::fpxint::testing::MaxRelErr;
 using ::fpxint::testing::RandomValues;
 
 struct Case {
@@ -57,15 +58,6 @@ std::vector<double> Exact(const TensorExpansion& e, const std::vector<float>& x,
   return y;
 }
 
-// max |a - b| / max |b|
-double RelErr(const std::vector<float>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(a[i] - b[i]));
-    den = std::max(den, std::abs(b[i]));
-  }
-  return den == 0 ? num : num / den;
-}
 
 const Case kCases[] = {
     {17, 33, 1, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
@@ -100,7 +92,7 @@ TEST(LowbitLinear, ReferenceMatchesTheExactExpansion) {
     for (int k = 1; k <= c.terms; ++k) {
       std::vector<float> y(static_cast<size_t>(c.batch * c.out), -1.0f);
       w->Forward(x.data(), c.batch, y.data(), k, nullptr, LinearKernelsByName("ref"));
-      EXPECT_LT(RelErr(y, Exact(e, x, c.batch, k)), 1e-5) << Name(c) << " K'=" << k;
+      EXPECT_LT(MaxRelErr(y, Exact(e, x, c.batch, k)), 1e-5) << Name(c) << " K'=" << k;
     }
   }
 }
@@ -122,7 +114,7 @@ TEST_P(LowbitVariant, MatchesReferenceWithAndWithoutThreads) {
       w->Forward(x.data(), c.batch, ref.data(), k, nullptr, LinearKernelsByName("ref"));
       w->Forward(x.data(), c.batch, got.data(), k, &pool, fast);
       std::vector<double> refd(ref.begin(), ref.end());
-      EXPECT_LT(RelErr(got, refd), 1e-5) << GetParam() << " " << Name(c) << " K'=" << k;
+      EXPECT_LT(MaxRelErr(got, refd), 1e-5) << GetParam() << " " << Name(c) << " K'=" << k;
     }
   }
 }
@@ -195,7 +187,7 @@ TEST(LowbitLinear, DequantizeIsTheSumOfTheFirstTerms) {
   for (int k = 1; k <= c.terms; ++k) {
     std::vector<float> got(static_cast<size_t>(c.out * c.in));
     w->Dequantize(got.data(), k, &pool);
-    EXPECT_LT(RelErr(got, Reconstruct(e, k)), 1e-6) << "K'=" << k;
+    EXPECT_LT(MaxRelErr(got, Reconstruct(e, k)), 1e-6) << "K'=" << k;
   }
 }
 

@@ -181,57 +181,82 @@ std::vector<int64_t> Pair(c10::IntArrayRef v, const char* what) {
   return {v[0], v.size() == 2 ? v[1] : v[0]};
 }
 
-at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
-                  c10::IntArrayRef stride_in, c10::IntArrayRef padding_in,
-                  c10::IntArrayRef dilation_in, int64_t groups, int64_t terms) {
-  const core::LowbitLinear& w = p->w;
-  const std::vector<int64_t>& ws = p->shape;
-  TORCH_CHECK(ws.size() == 4, "fpxint::conv2d: the packed weight is not a 2-D convolution's");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::conv2d: input must be float32, got ",
+// The geometry of one convolution call, checked: input [N, C, H, W] (an unbatched [C, H, W] gets
+// N = 1), the output size, and the im2col view both the packed and the integer kernels take.
+struct ConvCall {
+  at::Tensor x;  // [N, C, H, W], contiguous
+  bool unbatched = false;
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t n = 0, out = 0, oh = 0, ow = 0;
+  int64_t rows() const { return n * oh * ow; }  // output pixels: the GEMM's activation rows
+
+  // [N·OH·OW, C·kh·kw]: one row per output pixel, columns ordered (c, kh, kw), so group g's
+  // inputs are the columns [g·cpg, (g+1)·cpg).
+  at::Tensor Patches(const std::vector<int64_t>& ws) const {
+    return at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride).transpose(1, 2).contiguous();
+  }
+  // From the GEMM's [N·OH·OW, out] to the convolution's output, bias added.
+  at::Tensor FromRows(const at::Tensor& flat, const c10::optional<at::Tensor>& bias) const {
+    at::Tensor y = flat.view({n, oh, ow, out}).permute({0, 3, 1, 2}).contiguous();
+    if (bias && bias->defined()) y.add_(bias->view({1, out, 1, 1}));
+    return Finish(y);
+  }
+  at::Tensor Finish(const at::Tensor& y) const { return unbatched ? y.squeeze(0) : y; }
+};
+
+ConvCall PrepareConv(const char* op, const at::Tensor& x_in, const std::vector<int64_t>& ws,
+                     int64_t groups, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                     c10::IntArrayRef dilation) {
+  TORCH_CHECK(ws.size() == 4, op, ": the packed weight is not a 2-D convolution's");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, op, ": input must be float32, got ",
               x_in.scalar_type());
-  TORCH_CHECK(groups >= 1 && ws[0] % groups == 0, "fpxint::conv2d: groups ", groups,
-              " does not divide ", ws[0], " output channels");
-  const bool unbatched = x_in.dim() == 3;
-  const at::Tensor x = (unbatched ? x_in.unsqueeze(0) : x_in).contiguous();
-  TORCH_CHECK(x.dim() == 4 && x.size(1) == ws[1] * groups, "fpxint::conv2d: input must be [N, ",
+  TORCH_CHECK(groups >= 1 && ws[0] % groups == 0, op, ": groups ", groups, " does not divide ",
+              ws[0], " output channels");
+  ConvCall c;
+  c.unbatched = x_in.dim() == 3;
+  c.x = (c.unbatched ? x_in.unsqueeze(0) : x_in).contiguous();
+  TORCH_CHECK(c.x.dim() == 4 && c.x.size(1) == ws[1] * groups, op, ": input must be [N, ",
               ws[1] * groups, ", H, W]; got ", x_in.sizes());
-  const int k = TermsArg(terms);
-  const auto stride = Pair(stride_in, "stride"), padding = Pair(padding_in, "padding"),
-             dilation = Pair(dilation_in, "dilation");
+  c.stride = Pair(stride, "stride");
+  c.padding = Pair(padding, "padding");
+  c.dilation = Pair(dilation, "dilation");
   int64_t out_hw[2];
   for (int d = 0; d < 2; ++d) {
-    out_hw[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (ws[2 + d] - 1) - 1) / stride[d] + 1;
-    TORCH_CHECK(out_hw[d] >= 1, "fpxint::conv2d: input ", x.sizes(), " is smaller than the kernel");
+    out_hw[d] = (c.x.size(2 + d) + 2 * c.padding[d] - c.dilation[d] * (ws[2 + d] - 1) - 1) /
+                    c.stride[d] + 1;
+    TORCH_CHECK(out_hw[d] >= 1, op, ": input ", c.x.sizes(), " is smaller than the kernel");
   }
-  const int64_t n = x.size(0), out = ws[0];
-  const int64_t m = n * out_hw[0] * out_hw[1];
-  at::Tensor y;
+  c.n = c.x.size(0);
+  c.out = ws[0];
+  c.oh = out_hw[0];
+  c.ow = out_hw[1];
+  return c;
+}
+
+at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
+                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                  int64_t groups, int64_t terms) {
+  const core::LowbitLinear& w = p->w;
+  const ConvCall c = PrepareConv("fpxint::conv2d", x_in, p->shape, groups, stride, padding,
+                                 dilation);
+  const int k = TermsArg(terms);
   // Dense path: LibTorch's convolution (oneDNN on OpenMP threads like the rest of the network;
   // 1x1 convolutions as OpenBLAS GEMMs measured faster alone but slower in the network, where
   // OpenBLAS's threads compete with OpenMP's spinning ones).
-  if (m > PackedMaxRows()) {
-    y = at::conv2d(x, Dense(*p, k), bias, stride, padding, dilation, groups);
-  } else {
-    // im2col: [N, C·kh·kw, L] with rows ordered (c, kh, kw), so group g's inputs are the rows
-    // [g·cpg, (g+1)·cpg); transposed to one row of C·kh·kw per output pixel.
-    const at::Tensor cols = at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride)
-                                .transpose(1, 2)
-                                .contiguous();
-    const int64_t ldx = cols.size(2), cpg = w.in_features(), opg = out / groups;
-    at::Tensor flat = at::empty({m, out}, x.options());
-    for (int64_t g = 0; g < groups; ++g) {
-      RunPacked(w, cols.data_ptr<float>() + g * cpg, ldx, m, g * opg, (g + 1) * opg,
-                flat.data_ptr<float>() + g * opg, out, k);
-    }
-    y = flat.view({n, out_hw[0], out_hw[1], out}).permute({0, 3, 1, 2}).contiguous();
-    if (bias && bias->defined()) y.add_(bias->view({1, out, 1, 1}));
+  if (c.rows() > PackedMaxRows()) {
+    return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }
-  return unbatched ? y.squeeze(0) : y;
+  const at::Tensor cols = c.Patches(p->shape);
+  const int64_t ldx = cols.size(2), cpg = w.in_features(), opg = c.out / groups;
+  at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
+  for (int64_t g = 0; g < groups; ++g) {
+    RunPacked(w, cols.data_ptr<float>() + g * cpg, ldx, c.rows(), g * opg, (g + 1) * opg,
+              flat.data_ptr<float>() + g * opg, c.out, k);
+  }
+  return c.FromRows(flat, bias);
 }
 
 // ---- W×A: integer products of expanded weights and dynamically expanded activations ----
-
-core::ThreadPool& IntPool() { return AtenPool(); }
 
 core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t terms,
                                  bool unsigned_first, bool truncate, int64_t granularity) {
@@ -310,7 +335,7 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
   const absl::Status s =
       iw.Forward(x.data_ptr<float>(), m, y.data_ptr<float>(),
                  ActArgs(x, act_bits, act_terms, unsigned_first, truncate, granularity),
-                 TermsArg(terms), &IntPool());
+                 TermsArg(terms), &AtenPool());
   TORCH_CHECK(s.ok(), "fpxint::linear_wa: ", std::string(s.message()));
   if (bias && bias->defined()) y.add_(*bias);
   return y;
@@ -319,53 +344,37 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
 // groups == 1; im2col rows are output pixels, so per-pixel scales (1x1) and per-tensor scales
 // (stride 1: every input element is in some patch) are those of the whole input.
 at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
-                    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride_in,
-                    c10::IntArrayRef padding_in, c10::IntArrayRef dilation_in, int64_t groups,
+                    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                     int64_t terms, int64_t act_bits, int64_t act_terms, bool unsigned_first,
                     bool truncate, int64_t granularity) {
   const core::IntLinear& iw = IntOf(p, "fpxint::conv2d_wa");
   const std::vector<int64_t>& ws = p->shape;
-  TORCH_CHECK(ws.size() == 4 && groups == 1,
-              "fpxint::conv2d_wa: takes ungrouped 2-D convolutions");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::conv2d_wa: input must be float32");
-  const bool unbatched = x_in.dim() == 3;
-  const at::Tensor x = (unbatched ? x_in.unsqueeze(0) : x_in).contiguous();
-  TORCH_CHECK(x.dim() == 4 && x.size(1) == ws[1], "fpxint::conv2d_wa: input must be [N, ", ws[1],
-              ", H, W]; got ", x_in.sizes());
-  const auto stride = Pair(stride_in, "stride"), padding = Pair(padding_in, "padding"),
-             dilation = Pair(dilation_in, "dilation");
+  TORCH_CHECK(groups == 1, "fpxint::conv2d_wa: takes ungrouped 2-D convolutions");
+  const ConvCall c = PrepareConv("fpxint::conv2d_wa", x_in, ws, groups, stride, padding,
+                                 dilation);
   const auto g = static_cast<ActGranularity>(granularity);
-  TORCH_CHECK((g == ActGranularity::kPixel && ws[2] == 1 && ws[3] == 1 && padding[0] == 0 &&
-               padding[1] == 0) ||
-                  (g == ActGranularity::kTensor && stride[0] == 1 && stride[1] == 1),
+  TORCH_CHECK((g == ActGranularity::kPixel && ws[2] == 1 && ws[3] == 1 && c.padding[0] == 0 &&
+               c.padding[1] == 0) ||
+                  (g == ActGranularity::kTensor && c.stride[0] == 1 && c.stride[1] == 1),
               "fpxint::conv2d_wa: activation scales per pixel need a 1x1 convolution without "
               "padding, per tensor a stride of 1");
-  int64_t out_hw[2];
-  for (int d = 0; d < 2; ++d) {
-    out_hw[d] = (x.size(2 + d) + 2 * padding[d] - dilation[d] * (ws[2 + d] - 1) - 1) / stride[d] + 1;
-    TORCH_CHECK(out_hw[d] >= 1, "fpxint::conv2d_wa: input ", x.sizes(), " is smaller than the kernel");
-  }
-  const int64_t n = x.size(0), out = ws[0], m = n * out_hw[0] * out_hw[1];
-  if (m > PackedMaxRows()) {
+  if (c.rows() > PackedMaxRows()) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
-    at::Tensor y = DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
-                           [&](const at::Tensor& xq, int nw, bool with_bias) {
-                             return Conv2d(xq, p, with_bias ? bias : c10::nullopt, stride_in,
-                                           padding_in, dilation_in, groups, nw);
-                           });
-    return unbatched ? y.squeeze(0) : y;
+    return c.Finish(DenseWA(c.x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
+                            [&](const at::Tensor& xq, int nw, bool with_bias) {
+                              return Conv2d(xq, p, with_bias ? bias : c10::nullopt, stride,
+                                            padding, dilation, groups, nw);
+                            }));
   }
-  const at::Tensor cols =
-      at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride).transpose(1, 2).contiguous();
-  at::Tensor flat = at::empty({m, out}, x.options());
+  const at::Tensor cols = c.Patches(ws);
+  at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
   const absl::Status s =
-      iw.Forward(cols.data_ptr<float>(), m, flat.data_ptr<float>(),
-                 ActArgs(x, act_bits, act_terms, unsigned_first, truncate, granularity),
-                 TermsArg(terms), &IntPool());
+      iw.Forward(cols.data_ptr<float>(), c.rows(), flat.data_ptr<float>(),
+                 ActArgs(c.x, act_bits, act_terms, unsigned_first, truncate, granularity),
+                 TermsArg(terms), &AtenPool());
   TORCH_CHECK(s.ok(), "fpxint::conv2d_wa: ", std::string(s.message()));
-  at::Tensor y = flat.view({n, out_hw[0], out_hw[1], out}).permute({0, 3, 1, 2}).contiguous();
-  if (bias && bias->defined()) y.add_(bias->view({1, out, 1, 1}));
-  return unbatched ? y.squeeze(0) : y;
+  return c.FromRows(flat, bias);
 }
 
 at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
@@ -399,8 +408,12 @@ PackedWeightInfo InspectPackedWeight(const c10::IValue& v) {
   info.terms = p->w.terms();
   info.shape = p->shape;
   info.bytes = p->w.resident_bytes();
-  info.integer = p->Int() != nullptr;
   return info;
+}
+
+bool TakesIntegerOps(const c10::IValue& v) {
+  return v.isObject() && v.type()->str() == kPackedWeightClass &&
+         v.toCustomClass<PackedWeight>()->Int() != nullptr;
 }
 
 TORCH_LIBRARY_FRAGMENT(fpxint, m) {

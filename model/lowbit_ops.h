@@ -67,9 +67,11 @@ struct PackedWeightInfo {
   int terms = 0;
   std::vector<int64_t> shape;
   size_t bytes = 0;  // packed codes, scales and offsets
-  bool integer = false;  // the integer W×A ops take it (sym codes, one scale per row)
 };
 PackedWeightInfo InspectPackedWeight(const c10::IValue& v);
+// Whether fpxint::linear_wa / conv2d_wa take `v` (core::IntLinear::ViewOf: sym codes, one scale
+// per row, b in 2..8). Builds the integer view it checks, which those ops then use.
+bool TakesIntegerOps(const c10::IValue& v);
 
 // Keeps the registration in binaries that link fpxint_model statically.
 void EnsureLowbitOpsRegistered();

@@ -16,13 +16,10 @@
 namespace fpxint::model {
 namespace {
 
+using ::fpxint::testing::MaxRelErr;
 using ::fpxint::testing::ScratchDir;
+using ::fpxint::testing::TinyModelFile;
 
-std::string Fixture(const std::string& name) {
-  const char* dir = std::getenv("FPXINT_TINY_MODELS_DIR");
-  EXPECT_NE(dir, nullptr) << "run through ctest (fixture.tiny_models)";
-  return std::string(dir ? dir : "") + "/" + name;
-}
 
 HostTensor RandomInput(std::vector<int64_t> shape, uint32_t seed) {
   int64_t n = 1;
@@ -34,15 +31,6 @@ HostTensor RandomInput(std::vector<int64_t> shape, uint32_t seed) {
   return HostTensor::Float(std::move(shape), std::move(v));
 }
 
-// max |a - b| / max |b|
-double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < b.size(); ++i) {
-    num = std::max(num, std::fabs(double{a[i]} - b[i]));
-    den = std::max(den, std::fabs(double{b[i]}));
-  }
-  return den == 0 ? num : num / den;
-}
 
 ModelExpansionSpec Spec(int bits, int terms, core::Grid grid = core::Grid::kSym) {
   ModelExpansionSpec s;
@@ -69,8 +57,8 @@ class PackedOps : public ::testing::TestWithParam<int64_t> {  // PackedMaxRows
 TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
   for (const ModelExpansionSpec& spec :
        {Spec(4, 3), Spec(2, 3, core::Grid::kMid), Spec(3, 2, core::Grid::kAsym)}) {
-    std::unique_ptr<Model> dense = MustLoad(Fixture("conv_zoo.pt"), false);
-    std::unique_ptr<Model> packed = MustLoad(Fixture("conv_zoo.pt"), true);
+    std::unique_ptr<Model> dense = MustLoad(TinyModelFile("conv_zoo.pt"), false);
+    std::unique_ptr<Model> packed = MustLoad(TinyModelFile("conv_zoo.pt"), true);
     ASSERT_NE(packed, nullptr);
     ASSERT_EQ(packed->layers().size(), 6u);
     ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
@@ -85,7 +73,7 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
         ASSERT_TRUE(want.ok()) << want.status();
         ASSERT_TRUE(got.ok()) << got.status();
         EXPECT_EQ(got->shape, want->shape);
-        EXPECT_LT(RelErr(got->f32, want->f32), 1e-5)
+        EXPECT_LT(MaxRelErr(got->f32, want->f32), 1e-5)
             << "b=" << spec.weights.bits << " K'=" << k << " input " << shape[2] << "x" << shape[3];
       }
     }
@@ -99,7 +87,7 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
 INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(16, 0, 1 << 30));
 
 TEST(PackedOpsModel, SavedPackedModelReloadsAndSelectsTermsPerCall) {
-  std::unique_ptr<Model> packed = MustLoad(Fixture("conv_zoo.pt"), true);
+  std::unique_ptr<Model> packed = MustLoad(TinyModelFile("conv_zoo.pt"), true);
   ASSERT_TRUE(packed->Expand(Spec(4, 2), nullptr).ok());
   const HostTensor x = RandomInput({1, 4, 6, 6}, 3);
   ASSERT_TRUE(packed->SetPrecision(2, 0).ok());
@@ -126,12 +114,12 @@ TEST(PackedOpsModel, SavedPackedModelReloadsAndSelectsTermsPerCall) {
   EXPECT_EQ(back->SetPrecision(0, 0).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(back->weight_memory().packed_layers, 6);
   // Saving before anything is expanded says so.
-  std::unique_ptr<Model> fresh = MustLoad(Fixture("conv_zoo.pt"), true);
+  std::unique_ptr<Model> fresh = MustLoad(TinyModelFile("conv_zoo.pt"), true);
   EXPECT_EQ(fresh->SavePacked(dir.File("none.pt")).code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(PackedOpsModel, ReleasedModelServesOnlyPackedPrecisionsWithKbOver32Memory) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("conv_zoo.pt"), true);
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("conv_zoo.pt"), true);
   ASSERT_TRUE(m->Expand(Spec(4, 2), nullptr).ok());
   EXPECT_EQ(m->ReleaseAllButPacked().code(), absl::StatusCode::kFailedPrecondition);
   ASSERT_TRUE(m->SetPrecision(2, 0).ok());
@@ -145,7 +133,7 @@ TEST(PackedOpsModel, ReleasedModelServesOnlyPackedPrecisionsWithKbOver32Memory) 
   EXPECT_TRUE(m->SetPrecision(1, 0).ok());
   EXPECT_TRUE(m->Forward(x).ok());
   EXPECT_EQ(m->SetPrecision(0, 0).code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(m->SaveDequantized(Fixture("x.pt")).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(m->SaveDequantized(TinyModelFile("x.pt")).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(m->Expand(Spec(4, 2), nullptr).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(m->FpParams().layers.empty());
   const Model::WeightMemory mem = m->weight_memory();
@@ -168,8 +156,8 @@ ModelExpansionSpec SpecWA(int bits, int terms, int act_bits, int act_terms, bool
 // layer, at every (K_w', K_a').
 TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
   const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, false);
-  std::unique_ptr<Model> dense = MustLoad(Fixture("conv_zoo.pt"), false);
-  std::unique_ptr<Model> packed = MustLoad(Fixture("conv_zoo.pt"), true);
+  std::unique_ptr<Model> dense = MustLoad(TinyModelFile("conv_zoo.pt"), false);
+  std::unique_ptr<Model> packed = MustLoad(TinyModelFile("conv_zoo.pt"), true);
   ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
   ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
   for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{2, 4, 17, 11}}) {
@@ -182,7 +170,7 @@ TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
         auto want = dense->Forward(x);
         auto got = packed->Forward(x);
         ASSERT_TRUE(want.ok() && got.ok()) << got.status();
-        EXPECT_LT(RelErr(got->f32, want->f32), 1e-4) << "K_w'=" << kw << " K_a'=" << ka;
+        EXPECT_LT(MaxRelErr(got->f32, want->f32), 1e-4) << "K_w'=" << kw << " K_a'=" << ka;
       }
     }
   }
@@ -210,8 +198,8 @@ TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
 // depthwise, conv1d) falls back to the dequantized network instead of failing.
 TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, true);
-  std::unique_ptr<Model> dense = MustLoad(Fixture("c8_mlp.pt"), false);
-  std::unique_ptr<Model> packed = MustLoad(Fixture("c8_mlp.pt"), true);
+  std::unique_ptr<Model> dense = MustLoad(TinyModelFile("c8_mlp.pt"), false);
+  std::unique_ptr<Model> packed = MustLoad(TinyModelFile("c8_mlp.pt"), true);
   ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
   ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
   ASSERT_TRUE(dense->SetPrecision(2, 2).ok());
@@ -227,13 +215,13 @@ TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
         auto want = dense->Forward(x);
         auto got = packed->Forward(x);
         ASSERT_TRUE(want.ok() && got.ok()) << got.status();
-        EXPECT_LT(RelErr(got->f32, want->f32), 1e-4)
+        EXPECT_LT(MaxRelErr(got->f32, want->f32), 1e-4)
             << rows << " rows, K_w'=" << kw << " K_a'=" << ka;
       }
     }
   }
 
-  std::unique_ptr<Model> zoo = MustLoad(Fixture("conv_zoo.pt"), true);
+  std::unique_ptr<Model> zoo = MustLoad(TinyModelFile("conv_zoo.pt"), true);
   ASSERT_TRUE(zoo->Expand(spec, nullptr).ok());
   ASSERT_TRUE(zoo->SetPrecision(2, 2).ok());
   EXPECT_EQ(zoo->weight_memory().packed_layers, 0);  // the dequantized network

@@ -243,9 +243,6 @@ struct Model::Impl {
       act_terms = g->addInput("act_terms");
       act_terms->setType(c10::IntType::get());
     }
-    const bool int_weights = spec.weights.grid == core::Grid::kSym && !spec.weights.unsigned_first &&
-                             spec.weights.scale != core::ScaleGranularity::kGroup &&
-                             spec.weights.bits >= 2 && spec.act_grid == core::Grid::kSym;
     for (size_t i = 0; i < found.size(); ++i) {
       if (!layers[i].expanded) continue;
       Node* n = found[i].node;
@@ -254,7 +251,8 @@ struct Model::Impl {
       std::vector<int64_t> shape = w.sizes().vec();
       if (found[i].kind == OpKind::kMatmul) shape = {w.size(1), w.size(0)};
       torch::jit::WithInsertPoint guard(n);
-      Value* pw = g->insertConstant(MakePackedWeight(std::move(lw), shape));
+      const c10::IValue packed_weight = MakePackedWeight(std::move(lw), shape);
+      Value* pw = g->insertConstant(packed_weight);
       const bool is_conv2d = n->kind() == kConv2d && n->inputs().size() == 7 &&
                              n->input(4)->type()->kind() == c10::TypeKind::ListType;
       Value* bias = found[i].kind == OpKind::kLinear && n->inputs().size() > 2
@@ -275,6 +273,7 @@ struct Model::Impl {
         }
       } else {
         const ActGranularity gran = ActGranularityFor(found[i], spec.act_scale);
+        const bool int_weights = spec.act_grid == core::Grid::kSym && TakesIntegerOps(packed_weight);
         bool int_conv = false;
         if (is_conv2d && int_weights) {
           const c10::optional<c10::IValue> groups = torch::jit::toIValue(n->input(6));

@@ -16,12 +16,8 @@ namespace fpxint::model {
 namespace {
 
 using ::fpxint::testing::ScratchDir;
+using ::fpxint::testing::TinyModelFile;
 
-std::string Fixture(const std::string& name) {
-  const char* dir = std::getenv("FPXINT_TINY_MODELS_DIR");
-  EXPECT_NE(dir, nullptr) << "run through ctest (fixture.tiny_models)";
-  return std::string(dir ? dir : "") + "/" + name;
-}
 
 struct TinyIo {
   HostTensor input;
@@ -29,7 +25,7 @@ struct TinyIo {
 };
 
 TinyIo LoadIo() {
-  auto r = core::SafetensorsReader::Open(Fixture("tiny_io.safetensors"));
+  auto r = core::SafetensorsReader::Open(TinyModelFile("tiny_io.safetensors"));
   EXPECT_TRUE(r.ok()) << r.status();
   TinyIo io;
   auto floats = [&](const char* name, std::vector<int64_t>* shape) {
@@ -79,13 +75,13 @@ TEST(ModelLoad, ClearStructuralErrors) {
   auto junk = Model::Load(dir.File("junk.pt"), {});
   EXPECT_EQ(junk.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(junk.status().message(), "not a loadable TorchScript")) << junk.status();
-  auto none = Model::Load(Fixture("no_layers.pt"), {});
+  auto none = Model::Load(TinyModelFile("no_layers.pt"), {});
   EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(absl::StrContains(none.status().message(), "no layer to expand")) << none.status();
 }
 
 TEST(ModelLoad, FindsLayersFoldsBatchNormAndRunsFp) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   ASSERT_NE(m, nullptr);
   ASSERT_EQ(m->layers().size(), 3u);
   EXPECT_EQ(m->layers()[0].op, "conv");
@@ -107,7 +103,7 @@ TEST(ModelLoad, FindsLayersFoldsBatchNormAndRunsFp) {
 // K=1 is plain round-to-nearest: an independent implementation of the sym per-channel grid
 // (scale m/7 rounded down to a float, as core/expansion.h documents) gives the same bits.
 TEST(ModelExpansion, OneTermIsRoundToNearest) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
   for (size_t i = 0; i < m->layers().size(); ++i) {
     const std::vector<float> w = m->fp_weight(i);
@@ -129,7 +125,7 @@ TEST(ModelExpansion, OneTermIsRoundToNearest) {
 }
 
 TEST(ModelExpansion, AnyPrecisionConvergesAndActivationsExpand) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   TinyIo io = LoadIo();
   ASSERT_TRUE(m->Expand(Spec(4, 4, 4, 3), nullptr).ok());
   ASSERT_TRUE(m->SetPrecision(0, 0).ok());
@@ -155,7 +151,7 @@ TEST(ModelExpansion, AnyPrecisionConvergesAndActivationsExpand) {
 }
 
 TEST(ModelExport, DequantizedTorchScriptReloadsWithTheSameOutput) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   TinyIo io = LoadIo();
   ASSERT_TRUE(m->Expand(Spec(4, 2, 4, 2), nullptr).ok());
   ASSERT_TRUE(m->SetPrecision(2, 0).ok());
@@ -170,7 +166,7 @@ TEST(ModelExport, DequantizedTorchScriptReloadsWithTheSameOutput) {
 }
 
 TEST(ModelAbelian, GroupAxiomsAndSeriesIdentity) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
   const ModelParams fp = m->FpParams();
   const ModelParams b1 = *m->BasisParams(1), b2 = *m->BasisParams(2), b3 = *m->BasisParams(3);
@@ -211,7 +207,7 @@ TEST(ModelAbelian, GroupAxiomsAndSeriesIdentity) {
 
 
 HostTensor LoadInput(const std::string& file) {
-  auto r = core::SafetensorsReader::Open(Fixture(file));
+  auto r = core::SafetensorsReader::Open(TinyModelFile(file));
   EXPECT_TRUE(r.ok()) << r.status();
   const core::TensorInfo* t = (*r)->Find("input");
   auto d = (*r)->Data(*t);
@@ -244,7 +240,7 @@ void ExpectNear5Percent(const std::vector<double>& got, const std::vector<double
 // SPEC C7 on the reference tensors (numpy default_rng(0)): one layer, W per channel, X per
 // tensor, sym b=4 for both, signed first term as the reference computes it.
 TEST(ModelReference, C7LayerExpansion) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("c7_layer.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("c7_layer.pt"));
   ASSERT_NE(m, nullptr);
   const HostTensor x = LoadInput("c7_io.safetensors");
   ModelExpansionSpec s = Spec(4, 4, 4, 4);
@@ -260,7 +256,7 @@ TEST(ModelReference, C7LayerExpansion) {
 
 // SPEC C8: the 4-layer ReLU MLP; activations of every layer expanded per tensor from the input.
 TEST(ModelReference, C8ModelExpansion) {
-  std::unique_ptr<Model> m = MustLoad(Fixture("c8_mlp.pt"));
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("c8_mlp.pt"));
   ASSERT_NE(m, nullptr);
   ASSERT_EQ(m->layers().size(), 4u);
   const HostTensor x = LoadInput("c8_io.safetensors");
@@ -296,7 +292,7 @@ TEST(ModelExport, ArtifactMatchesTheExpansionAndIsDeterministic) {
   ScratchDir dir;
   std::string bytes[2];
   for (int run = 0; run < 2; ++run) {
-    std::unique_ptr<Model> m = MustLoad(Fixture("tiny_cnn.pt"));
+    std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
     ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
     const std::string path = dir.File("a" + std::to_string(run) + ".safetensors");
     auto report = m->SaveArtifact(path, nullptr);

@@ -73,6 +73,15 @@ void WriteFileOrDie(const std::string& path, const std::string& bytes) {
   if (!f) ADD_FAILURE() << "cannot write " << path;
 }
 
+std::string TinyModelFile(const std::string& name) {
+  const char* dir = std::getenv("FPXINT_TINY_MODELS_DIR");
+  if (dir == nullptr || *dir == '\0') {
+    ADD_FAILURE() << "FPXINT_TINY_MODELS_DIR is not set: run through ctest (fixture.tiny_models)";
+    return name;
+  }
+  return std::string(dir) + "/" + name;
+}
+
 std::string RealModelsDir() {
   const char* dir = std::getenv("FPXINT_MODELS_DIR");
   if (dir == nullptr || *dir == '\0') {

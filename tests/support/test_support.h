@@ -5,6 +5,8 @@
 #ifndef FPXINT_TESTS_SUPPORT_TEST_SUPPORT_H_
 #define FPXINT_TESTS_SUPPORT_TEST_SUPPORT_H_
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -38,6 +40,21 @@ void WriteFileOrDie(const std::string& path, const std::string& bytes);
 // Fails the current test loudly (ADD_FAILURE) and returns "" when it is not set or missing:
 // `make test` fetches the models first, so a missing model is a real failure.
 std::string RealModelsDir();
+
+// tests/reference/make_tiny_models.py's file `name` in $FPXINT_TINY_MODELS_DIR (the ctest
+// fixture tiny_models). Fails the current test loudly when the variable is not set.
+std::string TinyModelFile(const std::string& name);
+
+// max |got - want| / max |want| over the elements (the absolute max when want is all zero).
+template <typename A, typename B>
+double MaxRelErr(const std::vector<A>& got, const std::vector<B>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num = std::max(num, std::fabs(static_cast<double>(got[i]) - static_cast<double>(want[i])));
+    den = std::max(den, std::fabs(static_cast<double>(want[i])));
+  }
+  return den == 0 ? num : num / den;
+}
 
 // The 512x512 N(0,1) tensor of SPEC.md §7 (numpy default_rng(0)), written by the ctest fixture
 // tests/reference/make_reference_tensors.py into $FPXINT_REFERENCE_DIR. Fails the test loudly
