@@ -43,6 +43,9 @@ struct ArtifactOptions {
   std::string include_regex;  // ECMAScript, searched in the tensor name; empty selects all
   std::string exclude_regex;  // empty excludes none
   ExpandOptions expand;
+  // The source file's SHA-256 when the caller already knows it (a content-addressed store names
+  // files by it); empty: computed while the tensors expand.
+  std::string source_sha256;
   // Called before each tensor and once at the end (tensor_index == tensor_count).
   std::function<void(const ExpandProgress&)> progress;
 };
@@ -73,6 +76,7 @@ struct CopiedTensor {
 struct ExpandReport {
   ExpansionSpec spec;
   std::string source_sha256;
+  std::string artifact_sha256;  // of the file written
   std::string kernel;
   int threads = 1;
   std::vector<TensorReport> tensors;

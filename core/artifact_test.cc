@@ -84,6 +84,8 @@ TEST(Artifact, FollowsTheContractAndRoundTrips) {
       EXPECT_EQ(r.Metadata("group_size"), "16");
       EXPECT_EQ(r.Metadata("packing"), bits == 3 ? "byte" : "lsb_first");
       EXPECT_EQ(r.Metadata("source_sha256"), *Sha256File(src));
+      // The hash the writer computed while writing is the file's.
+      EXPECT_EQ(rep->artifact_sha256, *Sha256File(out));
       EXPECT_EQ(r.Metadata("conv.weight.shape"), "[8,3,3,3]");
       EXPECT_EQ(r.Metadata("fc.weight.shape"), "[48,70]");
       EXPECT_FALSE(r.Metadata("head.weight.shape").has_value());
@@ -148,7 +150,7 @@ TEST(Artifact, ReportJsonSchema) {
   absl::StatusOr<JsonValue> j = ParseJson(rep->ToJson());
   ASSERT_TRUE(j.ok()) << j.status();
   for (const char* key : {"spec", "tensors", "bytes_in", "bytes_out", "compression_ratio",
-                          "wall_seconds", "copied", "source_sha256"}) {
+                          "wall_seconds", "copied", "source_sha256", "artifact_sha256"}) {
     EXPECT_NE(j->Find(key), nullptr) << key;
   }
   EXPECT_EQ(j->Find("spec")->Find("bits")->AsUint64(), 4u);
@@ -175,6 +177,23 @@ TEST(Artifact, DeterministicBytesAndPrefixOrder) {
   ASSERT_TRUE(ExpandSafetensorsFile(src, dir.File("b"), o).ok());
   EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("a")),
             ::fpxint::testing::ReadFileOrDie(dir.File("b")));
+}
+
+TEST(Artifact, KnownSourceHashIsRecordedAsGiven) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  ArtifactOptions o = Options(4, 2, Grid::kSym, ScaleGranularity::kChannel);
+  absl::StatusOr<ExpandReport> computed = ExpandSafetensorsFile(src, dir.File("a"), o);
+  ASSERT_TRUE(computed.ok()) << computed.status();
+  EXPECT_EQ(computed->source_sha256, *Sha256File(src));
+  // A caller that names the source by its hash (the server's blob store) skips the hashing.
+  o.source_sha256 = std::string(64, 'a');
+  absl::StatusOr<ExpandReport> given = ExpandSafetensorsFile(src, dir.File("b"), o);
+  ASSERT_TRUE(given.ok()) << given.status();
+  EXPECT_EQ(given->source_sha256, o.source_sha256);
+  auto r = SafetensorsReader::Open(dir.File("b"));
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)->Metadata("source_sha256"), o.source_sha256);
 }
 
 TEST(Artifact, ClearErrors) {

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/json.h"
+#include "core/sha256.h"
 #include "core/status_macros.h"
 
 namespace fpxint::core {
@@ -362,7 +363,7 @@ absl::Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& pat
 }
 }  // namespace
 
-absl::Status SafetensorsWriter::WriteFile(const std::string& path) const {
+absl::Status SafetensorsWriter::WriteFile(const std::string& path, std::string* sha256_hex) const {
   const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoToStatus(errno, "cannot create", tmp);
@@ -375,13 +376,18 @@ absl::Status SafetensorsWriter::WriteFile(const std::string& path) const {
   const uint64_t n = h.size();
   uint8_t len[8];
   std::memcpy(len, &n, 8);
-  if (absl::Status s = WriteAll(fd, len, 8, tmp); !s.ok()) return fail(s);
-  if (absl::Status s = WriteAll(fd, reinterpret_cast<const uint8_t*>(h.data()), h.size(), tmp);
-      !s.ok()) {
+  Sha256 hash;
+  // Hashes each piece just before writing it, while it is in cache.
+  auto put = [&](const uint8_t* p, size_t size) {
+    if (sha256_hex) hash.Update(absl::MakeConstSpan(p, size));
+    return WriteAll(fd, p, size, tmp);
+  };
+  if (absl::Status s = put(len, 8); !s.ok()) return fail(s);
+  if (absl::Status s = put(reinterpret_cast<const uint8_t*>(h.data()), h.size()); !s.ok()) {
     return fail(s);
   }
   for (const Entry& e : entries_) {
-    if (absl::Status s = WriteAll(fd, e.data.data(), e.data.size(), tmp); !s.ok()) return fail(s);
+    if (absl::Status s = put(e.data.data(), e.data.size()); !s.ok()) return fail(s);
   }
   if (::fsync(fd) != 0) return fail(ErrnoToStatus(errno, "cannot fsync", tmp));
   if (::close(fd) != 0) {
@@ -402,6 +408,7 @@ absl::Status SafetensorsWriter::WriteFile(const std::string& path) const {
     ::fsync(dfd);
     ::close(dfd);
   }
+  if (sha256_hex) *sha256_hex = hash.HexDigest();
   return absl::OkStatus();
 }
 

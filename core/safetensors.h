@@ -114,7 +114,9 @@ class SafetensorsWriter {
   // Writes atomically: a temporary file in the same directory, fsync, rename over `path`, fsync of
   // the directory. On error nothing is left at `path` that was not there before.
   // ResourceExhausted when the disk is full, PermissionDenied / Internal for other I/O errors.
-  absl::Status WriteFile(const std::string& path) const;
+  // With `sha256_hex`, also the lower-case hex SHA-256 of the bytes written (so a caller that
+  // stores the file content-addressed need not read it back).
+  absl::Status WriteFile(const std::string& path, std::string* sha256_hex = nullptr) const;
 
  private:
   struct Entry {

@@ -209,6 +209,8 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
   opts.exclude_regex = spec.exclude();
   opts.expand.pool = ctx.pool;
   opts.expand.cancel = ctx.cancel;
+  // An uploaded blob is named by its SHA-256, checked when it was stored.
+  if (source == ctx.source_path) opts.source_sha256 = ctx.model.sha256();
   opts.progress = [&](const core::ExpandProgress& p) {
     rep->Layer(p.tensor_index, p.tensor_count, p.name, 0.05, 0.95);
   };
@@ -228,7 +230,8 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
   out.result.set_bytes_out(report.bytes_out);
   out.result.set_compression_ratio(
       report.bytes_out ? static_cast<double>(report.bytes_in) / report.bytes_out : 0);
-  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact});
+  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact,
+                       report.artifact_sha256});
   return out;
 }
 
@@ -266,7 +269,8 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
   const std::string artifact = (fs::path(ctx.scratch_dir) / "artifact.safetensors").string();
   FPX_ASSIGN_OR_RETURN(core::ExpandReport report, net->SaveArtifact(artifact, ctx.pool));
   rep->Written(report.bytes_out);
-  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact});
+  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact,
+                       report.artifact_sha256});
   FPX_ASSIGN_OR_RETURN(uint64_t source_size, FileSize(ctx.source_path));
   out.result.set_bytes_in(source_size);
   out.result.set_bytes_out(report.bytes_out);
@@ -285,7 +289,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
     FPX_RETURN_IF_ERROR(net->SaveDequantized(p));
     FPX_ASSIGN_OR_RETURN(uint64_t n, FileSize(p));
     rep->Written(n);
-    out.files.push_back({"dequantized_torchscript", ctx.model.name() + ".dequantized.pt", p});
+    out.files.push_back({"dequantized_torchscript", ctx.model.name() + ".dequantized.pt", p, ""});
   }
   if (spec.granularity() == v1::MODEL) {
     for (int k = 1; k <= K; ++k) {
@@ -298,7 +302,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
       FPX_ASSIGN_OR_RETURN(uint64_t n, FileSize(p));
       rep->Written(n);
       out.files.push_back(
-          {"basis_torchscript", absl::StrCat(ctx.model.name(), ".basis", k, ".pt"), p});
+          {"basis_torchscript", absl::StrCat(ctx.model.name(), ".basis", k, ".pt"), p, ""});
     }
   }
   return out;
@@ -320,7 +324,7 @@ absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx)
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   const std::string report = (fs::path(ctx.scratch_dir) / "report.json").string();
   FPX_RETURN_IF_ERROR(WriteReport(spec, out->result, report));
-  out->files.push_back({"report_json", ctx.model.name() + ".report.json", report});
+  out->files.push_back({"report_json", ctx.model.name() + ".report.json", report, ""});
   rep.Phase("done", 1.0);
   return out;
 }

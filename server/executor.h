@@ -38,6 +38,7 @@ struct ProducedFile {
   std::string kind;       // Artifact.kind
   std::string file_name;  // as downloaded
   std::string path;       // in scratch_dir
+  std::string sha256;     // when the writer hashed what it wrote; empty: hashed on import
 };
 
 struct JobOutput {

@@ -354,7 +354,7 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
   std::vector<v1::Artifact> artifacts;
   for (const ProducedFile& f : out->files) {
     FPX_ASSIGN_OR_RETURN(uint64_t size, FileSize(f.path));
-    FPX_ASSIGN_OR_RETURN(std::string sha, store_->ImportFile(f.path));
+    FPX_ASSIGN_OR_RETURN(std::string sha, store_->ImportFile(f.path, f.sha256));
     v1::Artifact a;
     a.set_artifact_id(NewId("art"));
     a.set_kind(f.kind);

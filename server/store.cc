@@ -220,7 +220,8 @@ absl::Status BlobStore::Commit(const std::string& tmp, const std::string& sha256
   return SyncDir(dir);
 }
 
-absl::StatusOr<std::string> BlobStore::ImportFile(const std::string& path) {
+absl::StatusOr<std::string> BlobStore::ImportFile(const std::string& path,
+                                                  absl::string_view known_sha256) {
   {
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
@@ -228,8 +229,14 @@ absl::StatusOr<std::string> BlobStore::ImportFile(const std::string& path) {
     ::close(fd);
     if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync", path);
   }
-  auto sha = HashFile(path);
-  if (!sha.ok()) return sha.status();
+  absl::StatusOr<std::string> sha = std::string(known_sha256);
+  if (known_sha256.empty()) {
+    sha = HashFile(path);
+    if (!sha.ok()) return sha.status();
+  } else if (!IsSha256Hex(*sha)) {
+    return absl::InternalError(absl::StrCat("importing '", path, "': '", known_sha256,
+                                            "' is not a SHA-256 hex digest"));
+  }
   bool existed = false;
   absl::Status s = Commit(path, *sha, &existed);
   if (!s.ok()) return s;

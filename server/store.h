@@ -41,8 +41,10 @@ class BlobStore {
   // A streaming writer for one blob of at most `max_bytes` bytes.
   absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter(uint64_t max_bytes);
   // Moves a finished file (written by this process under TempDir()) into the store; returns its
-  // SHA-256. The file is fsynced first.
-  absl::StatusOr<std::string> ImportFile(const std::string& path);
+  // SHA-256. The file is fsynced first. `known_sha256` is the hash its writer computed over the
+  // bytes it wrote (SafetensorsWriter::WriteFile); empty: the file is read back and hashed.
+  absl::StatusOr<std::string> ImportFile(const std::string& path,
+                                         absl::string_view known_sha256 = {});
 
   bool Has(absl::string_view sha256) const;
   std::string PathOf(absl::string_view sha256) const;  // REQUIRES: IsSha256Hex(sha256)

@@ -219,6 +219,7 @@ class ExpandCli(unittest.TestCase):
             self.assertIn(key, report)
         self.assertEqual(report["spec"]["calibration_data"], "none")
         self.assertEqual(report["bytes_out"], os.path.getsize(a))
+        self.assertEqual(report["artifact_sha256"], hashlib.sha256(read_bytes(a)).hexdigest())
         q = run("expand", self.path, "-o", a, "-q", check=0)
         self.assertEqual(q.stdout, "")
         self.assertEqual(q.stderr, "")
