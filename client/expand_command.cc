@@ -121,12 +121,15 @@ void AddExpandCommand(CLI::App& app, const GlobalOptions& global, int* exit_code
   auto flags = std::make_shared<ExpandFlags>();
   CLI::App* cmd = app.add_subcommand(
       "expand",
-      "Expand the weights of a safetensors file offline into a sum of K low-bit terms\n"
+      "Expand the weights of a safetensors file (or a torch.save state dict, read without\n"
+      "running pickle code) offline into a sum of K low-bit terms\n"
       "(FP=xINT tensor expansion; no calibration data, no server needed).\n"
       "Every floating tensor of rank >= 2 that the filters select is replaced by\n"
       "<name>.t{k}.codes / .scale [/ .zero] for k = 1..K; everything else is copied unchanged.\n"
       "The error shrinks by about 1/(2^b-2) (sym) per term: b=4, K=2 is close to 8-bit quality.");
-  cmd->add_option("input", flags->input, "Source weights (.safetensors)")
+  cmd->add_option("input", flags->input,
+                  "Source weights: .safetensors, or a torch.save file of tensors (state dict or\n"
+                  "checkpoint; names join nested keys with '.')")
       ->required()
       ->check(CLI::ExistingFile);
   cmd->add_option("-o,--output", flags->output, "Artifact to write (.safetensors), atomically")

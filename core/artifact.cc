@@ -24,6 +24,7 @@
 #include "core/kernels.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
+#include "core/torch_state_dict.h"
 
 namespace fpxint::core {
 namespace {
@@ -128,6 +129,72 @@ absl::StatusOr<std::regex> CompileRegex(const std::string& pattern, absl::string
 
 }  // namespace
 
+namespace {
+
+// The tensors of an input file: safetensors, or a torch.save state dict (read without running
+// pickle code; strided views are copied out row-major, everything else stays in the mapping).
+struct SourceTensor {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+  absl::Span<const uint8_t> data;
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+struct SourceFile {
+  std::unique_ptr<SafetensorsReader> safetensors;
+  std::unique_ptr<TorchStateDict> state_dict;
+  std::vector<std::vector<uint8_t>> copies;
+  std::vector<SourceTensor> tensors;
+  absl::Span<const uint8_t> bytes;  // the whole file
+
+  static absl::StatusOr<std::unique_ptr<SourceFile>> Open(const std::string& path) {
+    auto f = std::make_unique<SourceFile>();
+    uint8_t magic[9] = {};
+    {
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) return ErrnoToStatus(errno, "cannot open", path);
+      const ssize_t n = ::pread(fd, magic, sizeof(magic), 0);
+      ::close(fd);
+      if (n < 0) return ErrnoToStatus(errno, "cannot read", path);
+    }
+    // A legacy (pre-1.6) torch.save file starts with a protocol-2 pickle of a LONG1 magic number;
+    // the state-dict reader explains that format. (A safetensors header starts with '{'.)
+    const bool legacy_torch = magic[0] == 0x80 && magic[1] == 0x02 && magic[2] == 0x8a &&
+                              magic[8] != '{';
+    if (!LooksLikeZip(magic) && !legacy_torch) {
+      FPX_ASSIGN_OR_RETURN(f->safetensors, SafetensorsReader::Open(path));
+      f->bytes = f->safetensors->bytes();
+      for (const TensorInfo& t : f->safetensors->tensors()) {
+        f->tensors.push_back({t.name, t.dtype, t.shape, f->safetensors->Data(t)});
+      }
+      return f;
+    }
+    FPX_ASSIGN_OR_RETURN(f->state_dict, TorchStateDict::Open(path));
+    f->bytes = f->state_dict->bytes();
+    for (const StateDictTensor& t : f->state_dict->tensors()) {
+      const size_t size = static_cast<size_t>(t.numel()) * DTypeSize(t.dtype);
+      absl::Span<const uint8_t> data;
+      if (size > 0 && t.contiguous()) {
+        data = t.storage.subspan(static_cast<size_t>(t.offset) * DTypeSize(t.dtype), size);
+      } else if (size > 0) {
+        f->copies.emplace_back(size);
+        t.CopyTo(f->copies.back().data());
+        data = f->copies.back();
+      }
+      f->tensors.push_back({t.name, t.dtype, t.shape, data});
+    }
+    return f;
+  }
+};
+
+}  // namespace
+
 absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
                                                    const std::string& out_path,
                                                    const ArtifactOptions& options) {
@@ -145,7 +212,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   if (!options.exclude_regex.empty()) {
     FPX_ASSIGN_OR_RETURN(exclude, CompileRegex(options.exclude_regex, "exclude"));
   }
-  FPX_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> reader, SafetensorsReader::Open(in_path));
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<SourceFile> source, SourceFile::Open(in_path));
 
   ExpandReport report;
   report.spec = spec;
@@ -156,7 +223,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   std::future<std::string> source_hash = std::async(std::launch::async, [&] {
     if (!options.source_sha256.empty()) return options.source_sha256;
     Sha256 h;
-    const absl::Span<const uint8_t> all = reader->bytes();
+    const absl::Span<const uint8_t> all = source->bytes;
     constexpr size_t kChunk = size_t{8} << 20;
     for (size_t at = 0; at < all.size() && !stop_hashing.load(std::memory_order_relaxed);
          at += kChunk) {
@@ -169,14 +236,14 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     std::atomic<bool>* stop;
     ~StopOnExit() { stop->store(true); }
   } stop_on_exit{&stop_hashing};
-  report.bytes_in = reader->bytes().size();
+  report.bytes_in = source->bytes.size();
   const KernelTable& kt =
       options.expand.kernels != nullptr ? *options.expand.kernels : ActiveKernels();
   report.kernel = kt.name;
   report.threads = options.expand.pool == nullptr ? 1 : options.expand.pool->size();
 
-  std::vector<const TensorInfo*> selected;
-  for (const TensorInfo& t : reader->tensors()) {
+  std::vector<const SourceTensor*> selected, copied;
+  for (const SourceTensor& t : source->tensors) {
     const char* reason = nullptr;
     if (t.shape.size() < 2) reason = "rank < 2";
     else if (!IsFloating(t.dtype)) reason = "not floating point";
@@ -185,6 +252,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     else if (exclude && std::regex_search(t.name, *exclude)) reason = "excluded";
     if (reason != nullptr) {
       report.copied.push_back({t.name, reason});
+      copied.push_back(&t);
     } else {
       selected.push_back(&t);
     }
@@ -192,24 +260,24 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
 
   ExpandProgress progress;
   progress.tensor_count = static_cast<int>(selected.size());
-  for (const TensorInfo* t : selected) progress.bytes_total += t->end - t->begin;
+  for (const SourceTensor* t : selected) progress.bytes_total += t->data.size();
 
   const size_t slash = out_path.rfind('/');
   TermSpill spill(slash == std::string::npos ? "." : (slash == 0 ? "/" : out_path.substr(0, slash)));
   std::vector<SpilledTensor> expansions;
   expansions.reserve(selected.size());
   for (size_t i = 0; i < selected.size(); ++i) {
-    const TensorInfo& t = *selected[i];
+    const SourceTensor& t = *selected[i];
     progress.tensor_index = static_cast<int>(i);
     progress.name = t.name;
     if (options.progress) options.progress(progress);
     absl::StatusOr<TensorExpansion> e =
-        ExpandTensor(t.dtype, t.shape, reader->Data(t), spec, options.expand);
+        ExpandTensor(t.dtype, t.shape, t.data, spec, options.expand);
     if (!e.ok()) {
       return absl::Status(e.status().code(),
                           absl::StrCat("tensor '", t.name, "': ", e.status().message()));
     }
-    progress.bytes_done += t.end - t.begin;
+    progress.bytes_done += t.data.size();
     report.tensors.push_back(
         {t.name, std::string(DTypeName(t.dtype)), t.shape, e->source_fro, e->errors});
     SpilledTensor st;
@@ -253,9 +321,8 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     w.SetMetadata(absl::StrCat(selected[i]->name, ".shape"), ShapeJson(selected[i]->shape));
     w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(expansions[i].terms.size()));
   }
-  for (const CopiedTensor& c : report.copied) {
-    const TensorInfo* t = reader->Find(c.name);
-    FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, reader->Data(*t)));
+  for (const SourceTensor* t : copied) {
+    FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, t->data));
   }
   const DType codes_dtype = CodesDType(spec);
   for (int k = 1; k <= spec.terms; ++k) {

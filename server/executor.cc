@@ -13,6 +13,7 @@
 #include "core/artifact.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
+#include "core/torch_state_dict.h"
 #include "model/model.h"
 #include "server/status_util.h"
 #include "server/store.h"
@@ -73,17 +74,25 @@ absl::Status CheckMemory(const MemoryNeed& need, uint64_t limit) {
       "bits, channel or group scales instead of tensor scales, or ask the operator for more"));
 }
 
-absl::StatusOr<MemoryNeed> TensorJobNeed(const std::string& safetensors,
+absl::StatusOr<MemoryNeed> TensorJobNeed(const std::string& source, v1::ModelFormat format,
                                          const core::ExpansionSpec& ws) {
-  FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(safetensors));
   MemoryNeed need;
-  for (const core::TensorInfo& t : reader->tensors()) {
-    if (t.shape.size() < 2 || !core::IsFloating(t.dtype)) continue;
-    const uint64_t b = TermsBytes(t.shape, ws);
+  auto add = [&](const std::string& name, core::DType dtype, const std::vector<int64_t>& shape) {
+    if (shape.size() < 2 || !core::IsFloating(dtype)) return;
+    const uint64_t b = TermsBytes(shape, ws);
     if (b > need.bytes) {
+      int64_t numel = 1;
+      for (int64_t d : shape) numel *= d;
       need.bytes = b;
-      need.largest = absl::StrCat("largest tensor '", t.name, "', ", t.numel(), " values");
+      need.largest = absl::StrCat("largest tensor '", name, "', ", numel, " values");
     }
+  };
+  if (format == v1::TORCH_STATE_DICT) {
+    FPX_ASSIGN_OR_RETURN(auto sd, core::TorchStateDict::Open(source));
+    for (const core::StateDictTensor& t : sd->tensors()) add(t.name, t.dtype, t.shape);
+  } else {
+    FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(source));
+    for (const core::TensorInfo& t : reader->tensors()) add(t.name, t.dtype, t.shape);
   }
   return need;
 }
@@ -200,7 +209,8 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
   }
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   {
-    FPX_ASSIGN_OR_RETURN(MemoryNeed need, TensorJobNeed(source, WeightSpec(spec)));
+    FPX_ASSIGN_OR_RETURN(MemoryNeed need, TensorJobNeed(
+        source, source == ctx.source_path ? ctx.model.format() : v1::SAFETENSORS, WeightSpec(spec)));
     FPX_RETURN_IF_ERROR(CheckMemory(need, ctx.memory_limit));
   }
   core::ArtifactOptions opts;

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "core/safetensors.h"
+#include "core/torch_state_dict.h"
 
 namespace fpxint::server {
 
@@ -59,14 +60,21 @@ absl::StatusOr<BlobWriter::Result> UploadAssembler::Finish(
 
 // The uploaded bytes must be what the header says they are.
 absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format) {
+  // The readers name the file; the client must not learn the server's paths.
+  auto hide_path = [&](const absl::Status& s) {
+    return absl::StrReplaceAll(s.message(), {{path + ": ", ""}, {path, "the upload"}});
+  };
   if (format == v1::SAFETENSORS) {
     auto r = core::SafetensorsReader::Open(path);
     if (!r.ok()) {
-      // The reader names the file; the client must not learn the server's paths.
-      return absl::InvalidArgumentError(absl::StrCat(
-          "data: not a valid safetensors file: ",
-          absl::StrReplaceAll(r.status().message(), {{path + ": ", ""}, {path, "the upload"}})));
+      return absl::InvalidArgumentError(
+          absl::StrCat("data: not a valid safetensors file: ", hide_path(r.status())));
     }
+    return absl::OkStatus();
+  }
+  if (format == v1::TORCH_STATE_DICT) {
+    auto r = core::TorchStateDict::Open(path);
+    if (!r.ok()) return absl::InvalidArgumentError(absl::StrCat("data: ", hide_path(r.status())));
     return absl::OkStatus();
   }
   char magic[4] = {0};

@@ -61,6 +61,7 @@ absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& po
   FPX_RETURN_IF_ERROR(CheckName(h.name(), "header.name"));
   switch (h.format()) {
     case v1::SAFETENSORS:
+    case v1::TORCH_STATE_DICT:  // read without running pickle code (core/torch_state_dict.h)
       break;
     case v1::TORCHSCRIPT:
       if (policy.torchscript == TorchScriptUploads::kNone ||
@@ -70,13 +71,9 @@ absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& po
             "TorchScript archive can run code when loaded; --allow-torchscript-uploads)");
       }
       break;
-    case v1::TORCH_STATE_DICT:
-      return absl::InvalidArgumentError(
-          "header.format: TORCH_STATE_DICT is not supported by this server yet; accepted: "
-          "TORCHSCRIPT, SAFETENSORS");
     default:
       return absl::InvalidArgumentError(
-          "header.format: required; accepted: TORCHSCRIPT, SAFETENSORS");
+          "header.format: required; accepted: TORCHSCRIPT, SAFETENSORS, TORCH_STATE_DICT");
   }
   if (!IsSha256Hex(h.sha256())) {
     return absl::InvalidArgumentError(

@@ -332,6 +332,57 @@ class ServiceE2E(ServerTestCase):
         j3 = self.call(c.submit, spec, key)
         self.assertEqual(j3.job_id, j1.job_id, "key reuse after the job finished gave another job")
 
+    def test_13_torch_state_dict_tensor_job(self):
+        """The recognizer's weights as a torch.save state dict: uploaded as TORCH_STATE_DICT and
+        expanded by a TENSOR job, the artifact equals the one from the safetensors upload (same
+        tensors, same order) except for the recorded source hash. A pickle that would call
+        os.system is refused at upload, and nothing runs."""
+        import pickle
+        import zipfile
+        import torch
+        a10, packed10 = self.need("packed", "test_10_tensor_job")
+        c, q = self.cq, self.protos.q
+        header, start = sc.st_header(self.rec_st)
+        with open(self.rec_st, "rb") as f:
+            raw = f.read()
+        sd = {}
+        for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0]):
+            b, e = info["data_offsets"]
+            arr = np.frombuffer(raw[start + b:start + e], dtype=sc.ST_DTYPES[info["dtype"]])
+            sd[name] = torch.from_numpy(arr.reshape(info["shape"]).copy())
+        pt = os.path.join(self.tmp, "ocr_rec_state_dict.pt")
+        torch.save(sd, pt)
+        m = self.call(c.upload_file, "ocr_rec_state_dict", pt, q.TORCH_STATE_DICT)
+        self.assertEqual(m.format, q.TORCH_STATE_DICT)
+        self.refused(SC.INVALID_ARGUMENT, c.submit, c.job_spec("ocr_rec_state_dict", "LAYER"),
+                     contains=("TORCHSCRIPT",))
+        job = self.call(c.submit, c.job_spec("ocr_rec_state_dict", "TENSOR", weight_bits=4, weight_terms=2,
+                                             grid="SYM", scale="PER_CHANNEL"))
+        done = c.wait_state(job.job_id, ["SUCCEEDED", "FAILED", "CANCELLED"], timeout=180)
+        self.assertEqual(c.state_name(done.state), "SUCCEEDED", done.error)
+        art = [x for x in done.artifacts if x.kind == "packed_safetensors"][0]
+        data, _ = self.call(c.download, art.artifact_id)
+        h_sd, off_sd = sc.st_header(data)
+        h_st, off_st = sc.st_header(packed10)
+        self.assertEqual(h_sd["__metadata__"].pop("source_sha256"), sc.sha256_bytes(open(pt, "rb").read()))
+        h_st["__metadata__"].pop("source_sha256")
+        self.assertEqual(h_sd, h_st)
+        self.assertEqual(data[off_sd:], packed10[off_st:], "tensor bytes differ from the safetensors job")
+
+        marker = os.path.join(self.tmp, "pwned")
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("touch " + marker,))
+
+        evil = os.path.join(self.tmp, "evil.pt")
+        with zipfile.ZipFile(evil, "w") as z:
+            z.writestr("archive/data.pkl", pickle.dumps({"w": Evil()}, protocol=2))
+        self.refused(SC.INVALID_ARGUMENT, c.upload_file, "evil_state_dict", evil, q.TORCH_STATE_DICT,
+                     contains=("refused global",))
+        self.assertFalse(os.path.exists(marker))
+
     # ------------------------------------------------------------------------------------------
     def test_20_layer_job_deploy(self):
         self.need("uploaded", "test_04_upload_models")

@@ -74,11 +74,33 @@ def packed_weight_image(rows, cols, group, bits, terms):
     return out
 
 
+def torch_seeds():
+    """Mode 0: whole torch.save files; mode 1: their data.pkl alone (the fuzzer supplies storages
+    "0" of 64 bytes and "1" of 7 bytes)."""
+    import zipfile
+    import torch
+    torch.manual_seed(0)
+    out = []
+    small = {"w": torch.randn(4, 4), "b": torch.zeros(3, dtype=torch.int64)[:1]}
+    objs = [small, {"model": {"fc.weight": torch.randn(2, 8).t()}, "epoch": 3, "lr": [0.1, (1, 2)]},
+            torch.nn.Linear(3, 2).state_dict(), {"p": torch.nn.Parameter(torch.randn(16))}]
+    for obj in objs:
+        f = io.BytesIO()
+        torch.save(obj, f)
+        data = f.getvalue()
+        out.append(b"\0" + data)
+        z = zipfile.ZipFile(io.BytesIO(data))
+        pkl = z.read([n for n in z.namelist() if n.endswith("/data.pkl")][0])
+        out.append(b"\1" + pkl)
+    return out
+
+
 def main(outdir):
     q, inf = protos()
     rng = np.random.RandomState(0)
     seeds = {t: [] for t in ("fuzz_safetensors", "fuzz_upload", "fuzz_oip_request", "fuzz_job_spec",
-                             "fuzz_client_parsers", "fuzz_packing", "fuzz_packed_weight")}
+                             "fuzz_client_parsers", "fuzz_packing", "fuzz_packed_weight",
+                             "fuzz_torch_state_dict")}
     st = safetensors({"w": rng.randn(4, 6).astype(np.float32), "b": rng.randn(4).astype(np.float16),
                       "codes": rng.randint(0, 255, (2, 3)).astype(np.uint8)}, {"format": "pt"})
     seeds["fuzz_safetensors"] += [st, safetensors({}), safetensors({"x": np.zeros((0, 3), np.float32)})]
@@ -119,6 +141,7 @@ def main(outdir):
     seeds["fuzz_packed_weight"] += [packed_weight_image(rows, cols, group, bits, terms)
                                     for rows, cols, group, bits, terms in
                                     ((3, 8, 8, 4, 2), (2, 10, 4, 2, 1), (4, 5, 5, 3, 3), (1, 16, 8, 8, 1))]
+    seeds["fuzz_torch_state_dict"] += torch_seeds()
     for target, items in seeds.items():
         d = os.path.join(outdir, target)
         os.makedirs(d, exist_ok=True)
