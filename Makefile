@@ -5,7 +5,7 @@ BUILD_DIR ?= build
 JOBS      ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build models test test-asan fuzz-build fuzz demo bench eval clean help
+.PHONY: all setup configure build models test test-asan test-tsan tsan-build fuzz-build fuzz demo bench eval clean help
 
 all: build
 
@@ -16,6 +16,7 @@ help:
 	@echo "make bench   run the Google Benchmark suite (docs/BENCHMARKS.md)"
 	@echo "make eval    full accuracy sweep on the real models (~40 min; docs/RESULTS.md, docs/results/)"
 	@echo "make test-asan  every test under AddressSanitizer + UBSan (build-asan/)"
+	@echo "make test-tsan  worker pool, job manager and service tests under ThreadSanitizer (build-tsan/)"
 	@echo "make fuzz    run every libFuzzer target for FPXINT_FUZZ_SECONDS (default 300) each"
 	@echo "make models  fetch the real models into the cache (scripts/fetch_models.sh)"
 	@echo "make setup   install the Debian packages the project needs"
@@ -43,9 +44,10 @@ fuzz-build: setup
 	  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
 	@cmake --build $(FUZZ_DIR) -j$(JOBS)
 
-test: build models fuzz-build
+test: build models fuzz-build tsan-build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
 	@cd $(FUZZ_DIR) && ctest --output-on-failure -j$(JOBS)
+	@$(MAKE) --no-print-directory test-tsan
 
 fuzz: fuzz-build
 	@cd $(FUZZ_DIR) && FPXINT_FUZZ_SECONDS=$${FPXINT_FUZZ_SECONDS:-300} ctest --output-on-failure -j$(JOBS) -R '^fuzz\.' -V
@@ -57,6 +59,22 @@ test-asan: setup models
 	  -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
 	@cmake --build build-asan -j$(JOBS)
 	@cd build-asan && ctest --output-on-failure -j$(JOBS)
+
+# ThreadSanitizer build (clang) of the worker pool, job manager and service tests, in build-tsan/
+# (tests/tsan/ makes Debian's uninstrumented Abseil visible to TSan). LibTorch's OpenMP runtime is
+# not instrumented either, so its intra-op threads are set to 1; fpxint's own pools stay parallel.
+TSAN_TESTS ?= ^(tsan\.canary_.*|core\.(thread_pool|expansion|artifact|lowbit_linear|int_linear)|server\.in_process)$$
+tsan-build: setup models
+	@models_dir=$$(scripts/fetch_models.sh --print-dir); \
+	cmake -S . -B build-tsan -G Ninja -DFPXINT_TSAN=ON -DFPXINT_BUILD_BENCH=OFF \
+	  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
+	@cmake --build build-tsan -j$(JOBS) --target thread_pool_test expansion_test artifact_test \
+	  lowbit_linear_test int_linear_test server_test tsan_canary
+
+test-tsan: tsan-build
+	@cd build-tsan && OMP_NUM_THREADS=1 \
+	  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$(CURDIR)/tests/tsan/suppressions.txt" \
+	  ctest --output-on-failure -j1 -R '$(TSAN_TESTS)'
 
 demo: build models
 	@scripts/demo.sh $(BUILD_DIR)
@@ -72,4 +90,4 @@ eval: build models
 	@cp $(BUILD_DIR)/eval/results.json docs/results/results.json
 
 clean:
-	rm -rf $(BUILD_DIR) build-asan $(FUZZ_DIR)
+	rm -rf $(BUILD_DIR) build-asan build-tsan $(FUZZ_DIR)
