@@ -492,4 +492,158 @@ std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms, ThreadP
   return acc;
 }
 
+namespace {
+
+// Term k's dequantized value of one code, exactly as AccumulateTermRows computes it.
+inline double Dequantized(Grid grid, uint8_t code, bool is_unsigned, double s, double zero) {
+  const double c = is_unsigned ? static_cast<double>(code)
+                               : static_cast<double>(static_cast<int8_t>(code));
+  switch (grid) {
+    case Grid::kSym: return c * s;
+    case Grid::kAsym: return s * (c - zero);
+    default: return (c + 0.5) * s;
+  }
+}
+
+// Term k of one row: quantizes the residual r in place (updating its statistics), adds the
+// dequantized values to acc (which term 1 starts from 0.0, as Reconstruct's accumulator does;
+// nullptr: not wanted) and writes term k alone to term_out (nullptr: not wanted).
+void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& gp, int k,
+             double* r, uint8_t* codes, int64_t n, SegmentStats* st, double* acc,
+             float* term_out) {
+  if (gp.skip) {
+    std::memset(codes, 0, static_cast<size_t>(n));
+  } else {
+    quantize(gp.p, r, codes, n, st);
+  }
+  const bool is_unsigned = spec.term_is_unsigned(k);
+  const double s = gp.scale, z = gp.zero;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = Dequantized(spec.grid, codes[i], is_unsigned, s, z);
+    if (acc != nullptr) acc[i] = (k == 1 ? 0.0 : acc[i]) + d;
+    if (term_out != nullptr) term_out[i] = static_cast<float>(0.0 + d);
+  }
+}
+
+bool BadRow(const ExpansionSpec& spec, const SegmentStats& st) {
+  return !RowIsFinite(st) || (spec.unsigned_first && st.min < 0);
+}
+
+}  // namespace
+
+absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
+                                  const ExpansionSpec& spec, const ExpandOptions& o,
+                                  float* sum_out, absl::Span<float* const> term_out) {
+  FPX_RETURN_IF_ERROR(spec.Validate());
+  if (spec.eps != 0 ||
+      (spec.scale != ScaleGranularity::kTensor && spec.scale != ScaleGranularity::kChannel)) {
+    return absl::InvalidArgumentError(
+        "ExpandReconstructF32: needs tensor or channel scales and no eps stop");
+  }
+  const int K = spec.terms;
+  if (!term_out.empty() && static_cast<int>(term_out.size()) != K) {
+    return absl::InvalidArgumentError(absl::StrCat("ExpandReconstructF32: ", term_out.size(),
+                                                   " term outputs for ", K, " terms"));
+  }
+  const std::vector<int64_t> shape = {rows, cols};
+  FPX_ASSIGN_OR_RETURN(const TensorLayout l, TensorLayout::Make(shape, spec));
+  if (l.groups_per_row != 1 || l.row_len != cols) {
+    return absl::InternalError("ExpandReconstructF32: unexpected layout");
+  }
+  const KernelTable& kt = o.kernels != nullptr ? *o.kernels : ActiveKernels();
+  const QuantizeFn quantize = QuantizerOf(kt, spec.grid);
+  const auto row_bytes = [&](int64_t row) {
+    return reinterpret_cast<const uint8_t*>(x + row * cols);
+  };
+  auto term_row = [&](int k, int64_t row) {
+    return term_out.empty() ? nullptr : term_out[k - 1] + row * cols;
+  };
+  std::vector<uint8_t> bad(static_cast<size_t>(rows), 0);
+  // A bad value: ExpandTensor on the same input fails with the message that names it.
+  auto bad_value_error = [&]() -> absl::Status {
+    absl::StatusOr<TensorExpansion> e = ExpandTensor(
+        DType::kF32, shape, absl::MakeConstSpan(row_bytes(0), static_cast<size_t>(rows * cols) * 4),
+        spec, o);
+    return e.ok() ? absl::InternalError("ExpandReconstructF32: a row was rejected, the tensor not")
+                  : e.status();
+  };
+  auto cancelled = [&] { return o.cancel != nullptr && o.cancel->load(); };
+
+  if (spec.scale == ScaleGranularity::kChannel) {
+    // Every row on its own: its K terms run while it is in cache.
+    ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
+      std::vector<double> r(static_cast<size_t>(cols)), acc(static_cast<size_t>(cols));
+      std::vector<uint8_t> codes(static_cast<size_t>(cols));
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        kt.f32_to_f64(row_bytes(row), cols, r.data());
+        SegmentStats st;
+        kt.stats(r.data(), cols, &st);
+        if (BadRow(spec, st)) {
+          bad[static_cast<size_t>(row)] = 1;
+          continue;
+        }
+        float prev = 0;
+        for (int k = 1; k <= K; ++k) {
+          const GroupParams gp = ParamsFor(spec, st, prev, k);
+          prev = gp.scale;
+          TermRow(spec, quantize, gp, k, r.data(), codes.data(), cols, &st, acc.data(),
+                  term_row(k, row));
+        }
+        if (sum_out != nullptr) {
+          float* out = sum_out + row * cols;
+          for (int64_t i = 0; i < cols; ++i) out[i] = static_cast<float>(acc[i]);
+        }
+      }
+    });
+    if (cancelled()) return absl::CancelledError("expansion cancelled");
+    for (uint8_t b : bad) {
+      if (b) return bad_value_error();
+    }
+    return absl::OkStatus();
+  }
+
+  // One scale per term for the whole tensor: each term needs the previous residual's global
+  // range, so the residual stays in memory between the terms (fp64, as ExpandWholeTensor).
+  const int64_t n = rows * cols;
+  std::vector<double> r(static_cast<size_t>(n));
+  std::vector<double> acc(sum_out != nullptr ? static_cast<size_t>(n) : 0);
+  std::vector<SegmentStats> row_stats(static_cast<size_t>(rows));
+  ParallelRows(o, rows, cols, [&](int64_t b, int64_t end) {
+    for (int64_t row = b; row < end; ++row) {
+      double* rp = r.data() + row * cols;
+      kt.f32_to_f64(row_bytes(row), cols, rp);
+      kt.stats(rp, cols, &row_stats[static_cast<size_t>(row)]);
+      bad[static_cast<size_t>(row)] = BadRow(spec, row_stats[static_cast<size_t>(row)]);
+    }
+  });
+  if (cancelled()) return absl::CancelledError("expansion cancelled");
+  for (uint8_t b : bad) {
+    if (b) return bad_value_error();
+  }
+  float prev = 0;
+  for (int k = 1; k <= K; ++k) {
+    SegmentStats global{INFINITY, -INFINITY, 0};
+    for (const SegmentStats& st : row_stats) {
+      global.min = std::min(global.min, st.min);
+      global.max = std::max(global.max, st.max);
+    }
+    const GroupParams gp = ParamsFor(spec, global, prev, k);
+    prev = gp.scale;
+    ParallelRows(o, rows, cols, [&](int64_t b, int64_t end) {
+      std::vector<uint8_t> codes(static_cast<size_t>(cols));
+      for (int64_t row = b; row < end; ++row) {
+        double* a = acc.empty() ? nullptr : acc.data() + row * cols;
+        TermRow(spec, quantize, gp, k, r.data() + row * cols, codes.data(), cols,
+                &row_stats[static_cast<size_t>(row)], a, term_row(k, row));
+        if (k == K && a != nullptr) {
+          float* out = sum_out + row * cols;
+          for (int64_t i = 0; i < cols; ++i) out[i] = static_cast<float>(a[i]);
+        }
+      }
+    });
+    if (cancelled()) return absl::CancelledError("expansion cancelled");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace fpxint::core

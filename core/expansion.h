@@ -144,6 +144,18 @@ void AccumulateTermRows(const ExpansionSpec& spec, const TensorLayout& layout, c
 std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms,
                                 ThreadPool* pool = nullptr);
 
+// Dynamic activation expansion at inference: the float32 values of the expansion of x (rows ×
+// cols, float32) without keeping its codes. `sum_out` (rows × cols, or nullptr) receives
+// Σ_{k=1..K} of the dequantized terms and `term_out[k-1]` (each rows × cols, or an empty span)
+// term k alone, bit for bit what Reconstruct / AccumulateTerm give after ExpandTensor with the same
+// spec, shape {rows, cols} and kernels; but codes are neither packed nor unpacked and no error
+// statistics are kept, and every row's K terms run while the row is in cache.
+// spec.scale must be kTensor or kChannel (one scale per row) and spec.eps 0. Errors as
+// ExpandTensor's (the same messages).
+absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
+                                  const ExpansionSpec& spec, const ExpandOptions& options,
+                                  float* sum_out, absl::Span<float* const> term_out);
+
 }  // namespace fpxint::core
 
 #endif  // FPXINT_CORE_EXPANSION_H_

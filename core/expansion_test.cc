@@ -16,6 +16,7 @@ namespace {
 
 using ::fpxint::testing::Dist;
 using ::fpxint::testing::RandomValues;
+using ::fpxint::testing::ToFloat;
 
 ExpansionSpec Spec(int bits, int terms, Grid grid, ScaleGranularity scale, int64_t g = 0,
                    Variant v = Variant::kRescaled) {
@@ -461,6 +462,97 @@ TEST(ExpansionErrors, RejectsBadInputWithClearMessages) {
   ExpansionSpec bad = spec;
   bad.bits = 9;
   EXPECT_NE(ExpandTensor(w, {4, 4}, bad).status().message().find("bits"), std::string::npos);
+}
+
+// ---- the fused activation path: ExpandReconstructF32 == Reconstruct(ExpandTensor) bit for bit ----
+
+TEST(ExpandReconstructF32, EqualsExpandThenReconstructBitForBit) {
+  ThreadPool pool(2);
+  struct Case {
+    int64_t rows, cols;
+  };
+  for (const Case c : {Case{37, 131}, Case{1, 1}, Case{1, 300}, Case{200, 7}, Case{3, 4096}}) {
+    std::vector<float> x = ToFloat(RandomValues(Dist::kStudentT3, c.rows * c.cols, 31));
+    for (int64_t i = 0; i < c.cols && c.rows > 2; ++i) x[2 * c.cols + i] = 0;  // a zero row
+    std::vector<float> relu = x;
+    for (float& v : relu) v = std::max(v, 0.0f);
+    for (ScaleGranularity sc : {ScaleGranularity::kTensor, ScaleGranularity::kChannel}) {
+      for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
+        for (int bits : {2, 4, 8}) {
+          for (Variant v : {Variant::kRescaled, Variant::kDigits}) {
+            if (v == Variant::kDigits && grid != Grid::kMid) continue;
+            for (bool unsigned_first : {false, true}) {
+              if (unsigned_first && grid != Grid::kSym) continue;
+              ExpansionSpec spec = Spec(bits, 3, grid, sc, 0, v);
+              spec.unsigned_first = unsigned_first;
+              const std::vector<float>& in = unsigned_first ? relu : x;
+              const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()),
+                                                     in.size() * 4);
+              absl::StatusOr<TensorExpansion> e =
+                  ExpandTensor(DType::kF32, {c.rows, c.cols}, bytes, spec);
+              ASSERT_TRUE(e.ok()) << e.status();
+              const std::vector<double> sum = Reconstruct(*e, 3);
+              for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+                ExpandOptions o;
+                o.pool = p;
+                std::vector<float> got(in.size(), -1.f);
+                std::vector<std::vector<float>> terms(3, std::vector<float>(in.size(), -1.f));
+                std::vector<float*> term_ptrs = {terms[0].data(), terms[1].data(), terms[2].data()};
+                ASSERT_TRUE(ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, got.data(),
+                                                 term_ptrs)
+                                .ok());
+                for (size_t i = 0; i < in.size(); ++i) {
+                  ASSERT_EQ(got[i], static_cast<float>(sum[i]))
+                      << spec.ToString() << " " << c.rows << "x" << c.cols << " at " << i;
+                }
+                for (int k = 1; k <= 3; ++k) {
+                  std::vector<double> one(in.size(), 0.0);
+                  AccumulateTerm(e->spec, e->layout, e->terms[k - 1], k, one.data());
+                  for (size_t i = 0; i < in.size(); ++i) {
+                    ASSERT_EQ(terms[k - 1][i], static_cast<float>(one[i]))
+                        << spec.ToString() << " term " << k << " at " << i;
+                  }
+                }
+                // The sum alone.
+                std::vector<float> only(in.size());
+                ASSERT_TRUE(
+                    ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, only.data(), {}).ok());
+                EXPECT_EQ(only, got);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ExpandReconstructF32, SameErrorsAsExpandTensor) {
+  std::vector<float> x(4 * 4, 1.0f);
+  x[9] = NAN;
+  std::vector<float> out(16);
+  for (ScaleGranularity sc : {ScaleGranularity::kTensor, ScaleGranularity::kChannel}) {
+    const absl::Status s =
+        ExpandReconstructF32(x.data(), 4, 4, Spec(4, 2, Grid::kSym, sc), {}, out.data(), {});
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find("flat index 9"), std::string::npos) << s;
+  }
+  x[9] = -1.0f;
+  ExpansionSpec u = Spec(4, 2, Grid::kSym, ScaleGranularity::kChannel);
+  u.unsigned_first = true;
+  EXPECT_NE(ExpandReconstructF32(x.data(), 4, 4, u, {}, out.data(), {}).message().find("negative"),
+            std::string::npos);
+  EXPECT_NE(ExpandReconstructF32(x.data(), 4, 4, Spec(4, 2, Grid::kSym, ScaleGranularity::kGroup, 2),
+                                 {}, out.data(), {})
+                .message()
+                .find("tensor or channel"),
+            std::string::npos);
+  float* one[1] = {out.data()};
+  EXPECT_NE(ExpandReconstructF32(x.data(), 4, 4, Spec(4, 2, Grid::kSym, ScaleGranularity::kTensor),
+                                 {}, nullptr, one)
+                .message()
+                .find("1 term outputs for 2 terms"),
+            std::string::npos);
 }
 
 TEST(ExpansionUnsignedFirst, NonNegativeInputsUseTheFullUnsignedRange) {

@@ -11,10 +11,15 @@
 namespace fpxint::model {
 namespace {
 
-// Expands x from its own values, one scale per group of `granularity` (ActGranularity).
-// Returns the expansion over the rows of the 2-D view `rows_view` of x that it used.
-core::TensorExpansion ExpandActivation(const at::Tensor& x, int64_t bits, int64_t terms,
-                                       int64_t grid, int64_t granularity, bool unsigned_first) {
+// The expansion spec and the 2-D [rows, cols] view of x that `granularity` (ActGranularity)
+// means: one scale for the tensor, or one per row of that view.
+struct ActView {
+  core::ExpansionSpec spec;
+  int64_t rows = 0, cols = 0;
+};
+
+ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
+                int64_t granularity, bool unsigned_first) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "fpxint::act_expand: expects float32, got ",
               x.scalar_type());
   TORCH_CHECK(terms >= 1, "fpxint::act_expand: terms must be >= 1");
@@ -36,24 +41,31 @@ core::TensorExpansion ExpandActivation(const at::Tensor& x, int64_t bits, int64_
       break;
     default: TORCH_CHECK(false, "fpxint::act_expand: granularity ", granularity, " unknown");
   }
-  const int64_t rows = cols == 0 ? 0 : n / cols;
-  core::ExpansionSpec spec;
-  spec.bits = static_cast<int>(bits);
-  spec.terms = static_cast<int>(terms);
-  spec.grid = static_cast<core::Grid>(grid);
-  spec.scale = rows > 1 && !per_tensor ? core::ScaleGranularity::kChannel
-                                        : core::ScaleGranularity::kTensor;
-  spec.unsigned_first =
-      unsigned_first && spec.grid == core::Grid::kSym && x.min().item<float>() >= 0;
-  const std::vector<int64_t> shape = {rows, cols};
-  const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x.data_ptr<float>()),
-                                         static_cast<size_t>(n) * 4);
+  ActView v;
+  v.cols = cols;
+  v.rows = cols == 0 ? 0 : n / cols;
+  v.spec.bits = static_cast<int>(bits);
+  v.spec.terms = static_cast<int>(terms);
+  v.spec.grid = static_cast<core::Grid>(grid);
+  v.spec.scale = v.rows > 1 && !per_tensor ? core::ScaleGranularity::kChannel
+                                            : core::ScaleGranularity::kTensor;
+  v.spec.unsigned_first =
+      unsigned_first && v.spec.grid == core::Grid::kSym && x.min().item<float>() >= 0;
+  return v;
+}
+
+// Expands x from its own values (core::ExpandReconstructF32: no codes are stored) into the sum
+// of its terms (`sum`, may be undefined) and/or each term alone (`terms`, may be empty).
+void ExpandInto(const at::Tensor& x, const ActView& v, const at::Tensor& sum,
+                const std::vector<at::Tensor>& terms) {
+  std::vector<float*> term_ptrs;
+  for (const at::Tensor& t : terms) term_ptrs.push_back(t.data_ptr<float>());
   core::ExpandOptions options;
   options.pool = &AtenPool();
-  absl::StatusOr<core::TensorExpansion> e =
-      core::ExpandTensor(core::DType::kF32, shape, bytes, spec, options);
-  TORCH_CHECK(e.ok(), "fpxint::act_expand: ", std::string(e.status().message()));
-  return *std::move(e);
+  const absl::Status s = core::ExpandReconstructF32(
+      x.data_ptr<float>(), v.rows, v.cols, v.spec, options,
+      sum.defined() ? sum.data_ptr<float>() : nullptr, term_ptrs);
+  TORCH_CHECK(s.ok(), "fpxint::act_expand: ", std::string(s.message()));
 }
 
 // Per-pixel scales work on the NHWC view, so that each pixel's channels are one row.
@@ -72,24 +84,14 @@ at::Tensor FromGroupView(const at::Tensor& v, int64_t granularity) {
   return v;
 }
 
-at::Tensor ToFloat(const std::vector<double>& v, const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(v.size()), int64_t{1} << 15, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) o[i] = static_cast<float>(v[static_cast<size_t>(i)]);
-  });
-  return out;
-}
-
 at::Tensor ActExpand(const at::Tensor& x_in, int64_t bits, int64_t terms, int64_t grid,
                      int64_t granularity, bool unsigned_first) {
   if (x_in.numel() == 0) return x_in.clone();
   const at::Tensor x = GroupView(x_in, granularity);
-  const core::TensorExpansion e =
-      ExpandActivation(x, bits, terms, grid, granularity, unsigned_first);
-  return FromGroupView(
-      ToFloat(core::Reconstruct(e, static_cast<int>(e.terms.size()), &AtenPool()), x),
-      granularity);
+  const ActView v = ViewFor(x, bits, terms, grid, granularity, unsigned_first);
+  at::Tensor out = at::empty_like(x);
+  ExpandInto(x, v, out, {});
+  return FromGroupView(out, granularity);
 }
 
 std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int64_t terms,
@@ -100,19 +102,10 @@ std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int
     return out;
   }
   const at::Tensor x = GroupView(x_in, granularity);
-  const core::TensorExpansion e =
-      ExpandActivation(x, bits, terms, grid, granularity, unsigned_first);
-  std::vector<double> term(static_cast<size_t>(x.numel()));
-  for (int64_t j = 0; j < terms; ++j) {
-    std::fill(term.begin(), term.end(), 0.0);
-    if (j < static_cast<int64_t>(e.terms.size())) {  // fewer terms: the rest are exact zeros
-      at::parallel_for(0, e.layout.rows, 1, [&](int64_t b, int64_t end) {
-        core::AccumulateTermRows(e.spec, e.layout, e.terms[j], static_cast<int>(j + 1), b, end,
-                                 term.data());
-      });
-    }
-    out.push_back(FromGroupView(ToFloat(term, x), granularity));
-  }
+  const ActView v = ViewFor(x, bits, terms, grid, granularity, unsigned_first);
+  for (int64_t j = 0; j < terms; ++j) out.push_back(at::empty_like(x));
+  ExpandInto(x, v, at::Tensor(), out);
+  for (at::Tensor& t : out) t = FromGroupView(t, granularity);
   return out;
 }
 
