@@ -428,8 +428,12 @@ absl::StatusOr<Value> Unpickler::Reduce(const Value& fn, const Value& args) {
 }
 
 absl::StatusOr<Value> Unpickler::Run() {
+  uint64_t ops = 0;
   while (at_ < p_.size()) {
     op_at_ = at_;
+    if (++ops > limits_.max_ops) {
+      return Err(absl::StrCat("more than ", limits_.max_ops, " pickle opcodes"));
+    }
     const uint8_t op = p_[at_++];
     switch (op) {
       case 0x80:  // PROTO

@@ -48,7 +48,10 @@ struct StateDictTensor {
 
 struct StateDictLimits {
   uint64_t max_entries = 1u << 20;      // zip entries
-  uint64_t max_pickle_bytes = 256u << 20;
+  uint64_t max_pickle_bytes = 64u << 20;
+  // Pickle opcodes run: each creates at most two values (~80 bytes each), so this bounds the
+  // unpickler's memory (a state dict needs about 30 per tensor).
+  uint64_t max_ops = 1u << 21;
   int max_depth = 64;                   // nesting of containers
   uint64_t max_visits = 1u << 22;       // values walked while collecting tensors
   int max_rank = 16;

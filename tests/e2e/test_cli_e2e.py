@@ -233,6 +233,22 @@ class CliE2E(CliTestCase):
             self.assertTrue(errs[0] > errs[1] > errs[2], f"{l['name']}: {errs}")
         self.state["tensor_job"] = job
 
+    def test_04b_torch_state_dict(self):
+        """A torch.save checkpoint: `upload` detects the format, a TENSOR job expands it."""
+        import torch
+        torch.manual_seed(3)
+        pt = os.path.join(self.work, "checkpoint.pt")
+        torch.save({"model": torch.nn.Linear(64, 32).state_dict(), "epoch": 7}, pt)
+        doc = self.run_cli("--json", "upload", pt, "--name", "ckpt").json()
+        self.assertEqual(doc["format"], "TORCH_STATE_DICT")
+        job = self.run_cli("--json", "quantize", "--model", "ckpt", "--granularity", "tensor",
+                           "--bits", "4", "--terms", "2", "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED", str(job))
+        self.assertEqual([l["name"] for l in job["report"]["layers"]], ["model.weight"])
+        # LAYER needs a TorchScript model: a usage-level refusal from the server (exit 3).
+        r = self.run_cli("quantize", "--model", "ckpt", "--granularity", "layer", expect=3)
+        self.assertIn("TORCHSCRIPT", r.err)
+
     def test_05_quantize_layer_deploy_human(self):
         self.need("uploaded", "test_02_upload")
         r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer", "--bits", "4",

@@ -210,6 +210,9 @@ class StateDictTest(unittest.TestCase):
             [n for n in zipfile.ZipFile(io.BytesIO(good)).namelist() if n.endswith("data.pkl")][0])
         self.refused(self.zip_with(pkl, {"0": b"\0" * 4096}, zipfile.ZIP_DEFLATED), "compressed")
         self.refused(self.zip_with(pkl, {}), "has no data/0 entry")
+        # A DUP bomb: 3 M one-byte opcodes would each push a value; the op budget stops it.
+        bomb = b"\x80\x02]" + b"2" * (3 << 20) + b"."
+        self.refused(self.zip_with(bomb), "pickle opcodes")
         legacy = io.BytesIO()
         torch.save(sd, legacy, _use_new_zipfile_serialization=False)
         self.refused(legacy.getvalue(), "legacy")
