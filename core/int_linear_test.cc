@@ -92,6 +92,10 @@ const Case kCases[] = {
     {8, 200, 7, 8, 2, 4, 2, true, true, ScaleGranularity::kChannel},
     {33, 256, 64, 4, 2, 4, 2, true, true, ScaleGranularity::kChannel},
     {33, 256, 64, 4, 3, 4, 3, false, false, ScaleGranularity::kChannel},
+    // Panels of 16 activation rows (AVX-512 VNNI): a ragged last panel, a weight tile of 7 rows.
+    {23, 130, 17, 4, 2, 4, 2, false, true, ScaleGranularity::kChannel},
+    {40, 300, 37, 2, 2, 8, 2, true, false, ScaleGranularity::kTensor},
+    {16, 64, 16, 8, 1, 4, 1, false, false, ScaleGranularity::kChannel},
 };
 
 TEST(IntLinear, ReferenceMatchesTheSumOfTermProducts) {
