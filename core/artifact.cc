@@ -218,9 +218,11 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   report.spec = spec;
   // The source's hash goes into the header. It is computed on its own thread while the
   // tensors expand: hashing is sequential, so done first it would leave the other core idle for
-  // as long (about half the time of a b=4 K=2 expansion of a large file).
+  // as long (about half the time of a b=4 K=2 expansion of a large file). A hash the caller
+  // already knows is returned without a thread (std::launch::deferred).
   std::atomic<bool> stop_hashing{false};
-  std::future<std::string> source_hash = std::async(std::launch::async, [&] {
+  std::future<std::string> source_hash = std::async(
+      options.source_sha256.empty() ? std::launch::async : std::launch::deferred, [&] {
     if (!options.source_sha256.empty()) return options.source_sha256;
     Sha256 h;
     const absl::Span<const uint8_t> all = source->bytes;
