@@ -81,6 +81,7 @@ class ServerTest : public ::testing::Test {
     c.queue_limit = 8;
     c.shutdown_grace_seconds = 5;
     c.job_memory_limit = job_memory_limit_;
+    c.workers = workers_;
     auto s = Server::Start(c);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = *std::move(s);
@@ -183,6 +184,7 @@ class ServerTest : public ::testing::Test {
 
   ScratchDir dir_;
   uint64_t job_memory_limit_ = 0;
+  int workers_ = 1;
   std::unique_ptr<Server> server_;
   std::unique_ptr<v1::Quantizer::Stub> q_;
   std::unique_ptr<inference::GRPCInferenceService::Stub> oip_;
@@ -476,6 +478,66 @@ TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {
   EXPECT_TRUE(q_->DeleteModel(Ctx().get(), mr, &dr).ok());
   v1::Model gone;
   EXPECT_EQ(q_->GetModel(Ctx().get(), mr, &gone).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// Two workers, three clients submitting, watching, cancelling and listing at once (make test-tsan
+// runs this under ThreadSanitizer): every job ends in a terminal state that its watcher, GetJob
+// and the job list agree on, and the queue is empty afterwards.
+TEST_F(ServerTest, ConcurrentJobsWatchersAndCancels) {
+  workers_ = 2;
+  Restart();
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(8), &m).ok());
+  constexpr int kClients = 3, kJobsPerClient = 3;
+  std::vector<std::vector<v1::Job>> finals(kClients);
+  std::vector<std::thread> clients;
+  for (int t = 0; t < kClients; ++t) {
+    clients.emplace_back([&, t] {
+      for (int i = 0; i < kJobsPerClient; ++i) {
+        const v1::Job j = Submit(Spec("w", v1::TENSOR, 2 + (t + i) % 4, 2));
+        if ((t + i) % 3 == 0) {  // races the worker: the job may finish first
+          v1::JobRef ref;
+          ref.set_job_id(j.job_id());
+          v1::Job c;
+          const grpc::Status s = q_->CancelJob(Ctx().get(), ref, &c);
+          EXPECT_TRUE(s.ok() || s.error_code() == grpc::StatusCode::FAILED_PRECONDITION)
+              << s.error_message();
+        }
+        const std::vector<v1::Job> events = Watch(j.job_id());
+        if (!events.empty()) finals[static_cast<size_t>(t)].push_back(events.back());
+        v1::ListJobsRequest lr;
+        v1::ListJobsResponse lp;
+        EXPECT_TRUE(q_->ListJobs(Ctx().get(), lr, &lp).ok());
+      }
+    });
+  }
+  for (std::thread& c : clients) c.join();
+  int succeeded = 0;
+  for (const std::vector<v1::Job>& jobs : finals) {
+    ASSERT_EQ(jobs.size(), static_cast<size_t>(kJobsPerClient));
+    for (const v1::Job& j : jobs) {
+      ASSERT_TRUE(j.state() == v1::SUCCEEDED || j.state() == v1::CANCELLED)
+          << j.job_id() << " " << v1::JobState_Name(j.state()) << " " << j.error();
+      v1::JobRef ref;
+      ref.set_job_id(j.job_id());
+      v1::Job now;
+      ASSERT_TRUE(q_->GetJob(Ctx().get(), ref, &now).ok());
+      EXPECT_EQ(now.state(), j.state()) << j.job_id();
+      if (j.state() == v1::SUCCEEDED) {
+        ++succeeded;
+        EXPECT_EQ(j.artifacts_size(), 2) << j.job_id();
+      }
+    }
+  }
+  EXPECT_GE(succeeded, kClients * kJobsPerClient - 3);  // at most the 3 cancelled ones are not
+  v1::ListJobsRequest lr;
+  lr.set_page_size(100);
+  v1::ListJobsResponse all;
+  ASSERT_TRUE(q_->ListJobs(Ctx().get(), lr, &all).ok());
+  EXPECT_EQ(all.jobs_size(), kClients * kJobsPerClient);
+  for (const v1::Job& j : all.jobs()) {
+    EXPECT_TRUE(j.state() == v1::SUCCEEDED || j.state() == v1::CANCELLED) << j.job_id();
+  }
 }
 
 TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
