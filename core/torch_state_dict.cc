@@ -418,6 +418,15 @@ absl::StatusOr<Value> Unpickler::Reduce(const Value& fn, const Value& args) {
     if (!empty && last >= static_cast<uint64_t>(st.numel)) {
       return Err(absl::StrCat("tensor view reaches element ", last, " of a storage of ", st.numel));
     }
+    if (empty) t.offset = 0;  // nothing is read; keep the recorded offset inside the storage
+    // A view may repeat its storage's elements (stride 0, overlapping strides), so its size is
+    // not bounded by the file: one larger than its storage must stay small once copied out.
+    const uint64_t item = DTypeSize(st.dtype);
+    if (numel > static_cast<uint64_t>(st.numel) && numel > limits_.max_broadcast_bytes / item) {
+      return Err(absl::StrCat("a tensor view of ", numel, " elements over a storage of ", st.numel,
+                              " (views larger than their storage are accepted up to ",
+                              limits_.max_broadcast_bytes, " bytes; save it with .contiguous())"));
+    }
     tensors.push_back(std::move(t));
     Value v;
     v.kind = Value::kTensor;
@@ -673,6 +682,9 @@ class Collector {
       : u_(u), limits_(limits), out_(out), skipped_(skipped) {}
 
   absl::Status Walk(const Value& v, const std::string& name, int depth) {
+    if (name.size() > limits_.max_name_bytes) {
+      return Bad(absl::StrCat("a tensor name longer than ", limits_.max_name_bytes, " bytes"));
+    }
     if (++visits_ > limits_.max_visits) {
       return Bad(absl::StrCat("more than ", limits_.max_visits, " values (shared containers?)"));
     }
@@ -686,18 +698,34 @@ class Collector {
         const StorageRec& s = u_.storages[static_cast<size_t>(t.storage)];
         const std::string n = name.empty() ? "tensor" : name;
         if (!names_.insert(n).second) return Bad(absl::StrCat("two tensors are named '", n, "'"));
+        // Every reference to a tensor becomes a tensor of its own: bound them all together.
+        int64_t numel = 1;
+        for (int64_t d : t.shape) numel *= d;
+        total_bytes_ += static_cast<uint64_t>(numel) * DTypeSize(s.dtype);
+        if (out_->size() >= limits_.max_tensors || total_bytes_ > limits_.max_total_bytes) {
+          return Bad(absl::StrCat("more than ", limits_.max_tensors, " tensors or ",
+                                  limits_.max_total_bytes, " bytes of tensors"));
+        }
         out_->push_back({n, s.dtype, t.shape, t.stride, t.offset, s.bytes});
         return absl::OkStatus();
       }
-      case Value::kDict:
+      case Value::kDict: {
+        // As in Python, a key set twice keeps its last value.
+        std::vector<std::string> keys;
+        keys.reserve(v.pairs->size());
+        absl::flat_hash_map<absl::string_view, size_t> last;
         for (const auto& [k, x] : *v.pairs) {
-          std::string key;
-          if (k.kind == Value::kString) key = *k.s;
-          else if (k.kind == Value::kInt) key = absl::StrCat(k.i);
+          if (k.kind == Value::kString) keys.push_back(*k.s);
+          else if (k.kind == Value::kInt) keys.push_back(absl::StrCat(k.i));
           else return Bad(absl::StrCat("a dict key of type ", KindName(k.kind), " under '", name, "'"));
-          FPX_RETURN_IF_ERROR(Walk(x, child(key), depth + 1));
+        }
+        for (size_t i = 0; i < keys.size(); ++i) last[keys[i]] = i;
+        for (size_t i = 0; i < keys.size(); ++i) {
+          if (last[keys[i]] != i) continue;
+          FPX_RETURN_IF_ERROR(Walk((*v.pairs)[i].second, child(keys[i]), depth + 1));
         }
         return absl::OkStatus();
+      }
       case Value::kList:
       case Value::kTuple:
         for (size_t k = 0; k < v.items->size(); ++k) {
@@ -716,6 +744,7 @@ class Collector {
   std::vector<StateDictTensor>* out_;
   int64_t* skipped_;
   uint64_t visits_ = 0;
+  uint64_t total_bytes_ = 0;
   absl::flat_hash_set<std::string> names_;
 };
 

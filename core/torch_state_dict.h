@@ -55,6 +55,13 @@ struct StateDictLimits {
   int max_depth = 64;                   // nesting of containers
   uint64_t max_visits = 1u << 22;       // values walked while collecting tensors
   int max_rank = 16;
+  uint64_t max_name_bytes = 4096;          // a tensor's dotted name
+  uint64_t max_tensors = 1u << 20;
+  // Views may repeat their storage's elements (stride 0), and one tensor may be referenced
+  // under many names, so the bytes of the tensors are not bounded by the file's size: a view
+  // larger than its storage may take this many bytes, and all tensors together max_total_bytes.
+  uint64_t max_broadcast_bytes = 64u << 20;
+  uint64_t max_total_bytes = uint64_t{1} << 36;
 };
 
 class TorchStateDict {

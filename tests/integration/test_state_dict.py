@@ -166,8 +166,9 @@ class StateDictTest(unittest.TestCase):
         b = pickle.dumps({"w": collections.Counter(a=1)}, protocol=2)
         self.refused(self.zip_with(b), "refused global", "collections.Counter")
 
-    def crafted_tensor(self, numel, size, stride, offset=0):
-        """A pickle whose tensor is rebuilt from a storage of `numel` floats."""
+    def crafted_tensor(self, numel, size, stride, offset=0, then=None):
+        """A pickle whose tensor "w" is rebuilt from a storage of `numel` floats; `then`: one more
+        entry (key, value) after it."""
         class Storage:
             pass
 
@@ -185,7 +186,7 @@ class StateDictTest(unittest.TestCase):
                 return None
 
         out = io.BytesIO()
-        P(out, protocol=2).dump({"w": T()})
+        P(out, protocol=2).dump(dict([("w", T())] + ([then] if then else [])))
         return self.zip_with(out.getvalue(), {"0": b"\0" * (4 * numel)})
 
     def test_refuses_views_outside_their_storage(self):
@@ -198,6 +199,18 @@ class StateDictTest(unittest.TestCase):
         self.refused(self.crafted_tensor(10, (1000,), (1,)), "reaches element 999 of a storage of 10")
         self.refused(self.crafted_tensor(12, (3, 4), (4, 1), offset=1), "reaches element 12")
         self.refused(self.crafted_tensor(12, (2, 2), (1 << 62, 1)), "overflows")
+        # Stride 0 repeats one element: 2^61+1 doubles would wrap a 64-bit byte count.
+        self.refused(self.crafted_tensor(1, ((1 << 61) + 1,), (0,)), "larger than their storage")
+        # A small broadcast view is fine (copied out row-major).
+        ok = self.crafted_tensor(4, (8, 4), (0, 1))
+        with open(p, "wb") as f:
+            f.write(ok)
+        r = run("expand", p, "-o", self.path("bc.safetensors"), "-q")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        # A key set twice keeps its last value, as in Python: {"w": tensor, "w": 3} has no tensor.
+        twice = self.crafted_tensor(12, (3, 4), (4, 1), then=("v", 3)).replace(
+            b"X\x01\x00\x00\x00v", b"X\x01\x00\x00\x00w")
+        self.refused(twice, "no tensors")
 
     def test_refuses_malformed_archives(self):
         sd = {"w": torch.randn(32, 32)}
