@@ -102,6 +102,16 @@ void ToDouble(const KernelTable& kt, DType dtype, const uint8_t* src, int64_t n,
 
 double MaxAbs(const SegmentStats& s) { return std::max(std::fabs(s.min), std::fabs(s.max)); }
 
+// The range of a whole tensor from its rows' statistics (what a tensor scale is computed from).
+SegmentStats GlobalRange(const std::vector<SegmentStats>& rows) {
+  SegmentStats g{INFINITY, -INFINITY, 0};
+  for (const SegmentStats& s : rows) {
+    g.min = std::min(g.min, s.min);
+    g.max = std::max(g.max, s.max);
+  }
+  return g;
+}
+
 // Values a stored float scale can cover; also keeps sums of squares finite.
 bool RowIsFinite(const SegmentStats& s) { return std::isfinite(s.sumsq) && MaxAbs(s) <= FLT_MAX; }
 
@@ -301,19 +311,11 @@ absl::Status ExpandWholeTensor(DType dtype, absl::Span<const uint8_t> data, cons
   for (int64_t row = 0; row < l.rows; ++row) {
     if (rr.bad[row]) return BadValueError(dtype, data, l, row, spec.unsigned_first);
   }
-  auto global = [&] {
-    SegmentStats g{INFINITY, -INFINITY, 0};
-    for (const SegmentStats& s : row_stats) {
-      g.min = std::min(g.min, s.min);
-      g.max = std::max(g.max, s.max);
-    }
-    return g;
-  };
-  const double m0 = MaxAbs(global());
+  const double m0 = MaxAbs(GlobalRange(row_stats));
   float prev = 0;
   int computed = 0;
   for (int k = 1; k <= K; ++k) {
-    const GroupParams gp = ParamsFor(spec, global(), prev, k);
+    const GroupParams gp = ParamsFor(spec, GlobalRange(row_stats), prev, k);
     prev = gp.scale;
     TermData& term = e->terms[k - 1];
     term.scale[0] = gp.scale;
@@ -342,7 +344,7 @@ absl::Status ExpandWholeTensor(DType dtype, absl::Span<const uint8_t> data, cons
     if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
     computed = k;
     if (spec.eps > 0) {
-      const double mk = MaxAbs(global());
+      const double mk = MaxAbs(GlobalRange(row_stats));
       if (mk == 0 || mk <= spec.eps * m0 || IsTinyScale(gp.scale)) break;
     }
   }
@@ -622,12 +624,7 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
   }
   float prev = 0;
   for (int k = 1; k <= K; ++k) {
-    SegmentStats global{INFINITY, -INFINITY, 0};
-    for (const SegmentStats& st : row_stats) {
-      global.min = std::min(global.min, st.min);
-      global.max = std::max(global.max, st.max);
-    }
-    const GroupParams gp = ParamsFor(spec, global, prev, k);
+    const GroupParams gp = ParamsFor(spec, GlobalRange(row_stats), prev, k);
     prev = gp.scale;
     ParallelRows(o, rows, cols, [&](int64_t b, int64_t end) {
       std::vector<uint8_t> codes(static_cast<size_t>(cols));

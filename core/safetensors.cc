@@ -1,8 +1,6 @@
 #include "core/safetensors.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -63,32 +61,9 @@ absl::Status ErrnoToStatus(int err, absl::string_view op, absl::string_view path
 
 absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::Open(
     const std::string& path, const SafetensorsLimits& limits) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoToStatus(errno, "cannot open", path);
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoToStatus(err, "cannot stat", path);
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is not a regular file"));
-  }
   std::unique_ptr<SafetensorsReader> r(new SafetensorsReader());
-  const size_t len = static_cast<size_t>(st.st_size);
-  if (len > 0) {
-    void* p = ::mmap(nullptr, len, PROT_READ, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd);
-      return ErrnoToStatus(err, "cannot map", path);
-    }
-    r->map_ = p;
-    r->map_len_ = len;
-    r->bytes_ = absl::MakeConstSpan(static_cast<const uint8_t*>(p), len);
-  }
-  ::close(fd);
+  FPX_ASSIGN_OR_RETURN(r->map_, MappedFile::Open(path));
+  r->bytes_ = r->map_->bytes();
   if (absl::Status s = r->Parse(limits); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
   }
@@ -103,9 +78,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsReader>> SafetensorsReader::FromBuffer
   return r;
 }
 
-SafetensorsReader::~SafetensorsReader() {
-  if (map_ != nullptr) ::munmap(map_, map_len_);
-}
+SafetensorsReader::~SafetensorsReader() = default;
 
 absl::Status SafetensorsReader::Parse(const SafetensorsLimits& limits) {
   const uint64_t size = bytes_.size();

@@ -31,6 +31,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "core/dtype.h"
+#include "core/mapped_file.h"
 
 namespace fpxint::core {
 
@@ -82,8 +83,7 @@ class SafetensorsReader {
   SafetensorsReader() = default;
   absl::Status Parse(const SafetensorsLimits& limits);
 
-  void* map_ = nullptr;  // owned mapping (Open) or nullptr (FromBuffer)
-  size_t map_len_ = 0;
+  std::unique_ptr<MappedFile> map_;  // Open; nullptr for FromBuffer
   absl::Span<const uint8_t> bytes_;
   uint64_t header_len_ = 0;
   absl::Span<const uint8_t> data_;

@@ -1,4 +1,5 @@
 #include "core/safetensors.h"
+#include "core/torch_state_dict.h"
 
 #include <cstring>
 #include <random>
@@ -149,6 +150,29 @@ TEST(Safetensors, WriterRejectsBadTensorsAndIoErrors) {
   EXPECT_EQ(SafetensorsReader::Open("/nonexistent-file").status().code(), absl::StatusCode::kNotFound);
   ScratchDir dir;
   EXPECT_EQ(SafetensorsReader::Open(dir.path()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace fpxint::core
+
+namespace fpxint::core {
+namespace {
+
+// Both file readers map through core::MappedFile: the same errors for paths that are not files.
+TEST(MappedFile, ReadersRefuseWhatIsNotARegularFile) {
+  ScratchDir dir;
+  EXPECT_EQ(SafetensorsReader::Open(dir.File("missing")).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(TorchStateDict::Open(dir.File("missing")).status().code(),
+            absl::StatusCode::kNotFound);
+  const absl::Status st = SafetensorsReader::Open(dir.path()).status();
+  const absl::Status sd = TorchStateDict::Open(dir.path()).status();
+  EXPECT_NE(st.message().find("is not a regular file"), std::string::npos) << st;
+  EXPECT_NE(sd.message().find("is not a regular file"), std::string::npos) << sd;
+  ::fpxint::testing::WriteFileOrDie(dir.File("empty"), "");
+  absl::StatusOr<std::unique_ptr<MappedFile>> empty = MappedFile::Open(dir.File("empty"));
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_TRUE((*empty)->bytes().empty());
 }
 
 }  // namespace

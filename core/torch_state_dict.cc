@@ -1,10 +1,5 @@
 #include "core/torch_state_dict.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -14,6 +9,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/mapped_file.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 
@@ -699,14 +695,13 @@ class Collector {
         const std::string n = name.empty() ? "tensor" : name;
         if (!names_.insert(n).second) return Bad(absl::StrCat("two tensors are named '", n, "'"));
         // Every reference to a tensor becomes a tensor of its own: bound them all together.
-        int64_t numel = 1;
-        for (int64_t d : t.shape) numel *= d;
-        total_bytes_ += static_cast<uint64_t>(numel) * DTypeSize(s.dtype);
+        StateDictTensor out{n, s.dtype, t.shape, t.stride, t.offset, s.bytes};
+        total_bytes_ += static_cast<uint64_t>(out.numel()) * DTypeSize(s.dtype);
         if (out_->size() >= limits_.max_tensors || total_bytes_ > limits_.max_total_bytes) {
           return Bad(absl::StrCat("more than ", limits_.max_tensors, " tensors or ",
                                   limits_.max_total_bytes, " bytes of tensors"));
         }
-        out_->push_back({n, s.dtype, t.shape, t.stride, t.offset, s.bytes});
+        out_->push_back(std::move(out));
         return absl::OkStatus();
       }
       case Value::kDict: {
@@ -795,33 +790,13 @@ bool LooksLikeZip(absl::Span<const uint8_t> bytes) {
   return bytes.size() >= 4 && bytes[0] == 'P' && bytes[1] == 'K' && bytes[2] == 3 && bytes[3] == 4;
 }
 
-TorchStateDict::~TorchStateDict() {
-  if (map_ != nullptr) ::munmap(map_, map_len_);
-}
+TorchStateDict::~TorchStateDict() = default;
 
 absl::StatusOr<std::unique_ptr<TorchStateDict>> TorchStateDict::Open(const std::string& path,
                                                                      const StateDictLimits& limits) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoToStatus(errno, "cannot open", path);
-  struct stat st;
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    return ErrnoToStatus(err, "cannot stat", path);
-  }
   std::unique_ptr<TorchStateDict> sd(new TorchStateDict);
-  if (st.st_size > 0) {
-    void* p = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
-    if (p == MAP_FAILED) {
-      const int err = errno;
-      ::close(fd);
-      return ErrnoToStatus(err, "cannot map", path);
-    }
-    sd->map_ = p;
-    sd->map_len_ = static_cast<size_t>(st.st_size);
-    sd->bytes_ = absl::MakeConstSpan(static_cast<const uint8_t*>(p), sd->map_len_);
-  }
-  ::close(fd);
+  FPX_ASSIGN_OR_RETURN(sd->map_, MappedFile::Open(path));
+  sd->bytes_ = sd->map_->bytes();
   if (absl::Status s = sd->Parse(limits); !s.ok()) {
     return absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
   }

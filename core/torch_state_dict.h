@@ -29,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "core/dtype.h"
+#include "core/mapped_file.h"
 
 namespace fpxint::core {
 
@@ -91,8 +92,7 @@ class TorchStateDict {
   TorchStateDict() = default;
   absl::Status Parse(const StateDictLimits& limits);
 
-  void* map_ = nullptr;
-  size_t map_len_ = 0;
+  std::unique_ptr<MappedFile> map_;  // Open; nullptr for FromBuffer
   absl::Span<const uint8_t> bytes_;
   std::vector<StateDictTensor> tensors_;
   int64_t skipped_ = 0;
