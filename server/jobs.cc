@@ -172,7 +172,9 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
   {
     absl::MutexLock l(&mu_);
     auto it = live_.find(job_id);
-    if (it != live_.end()) live = it->second;
+    // A job that has published its terminal state stays in live_ until its worker finishes
+    // the clean-up; it is as finished as one that has left, so a second cancel is refused alike.
+    if (it != live_.end() && !Terminal(it->second->job.state())) live = it->second;
   }
   if (!live) {
     FPX_ASSIGN_OR_RETURN(v1::Job j, Get(job_id));

@@ -474,10 +474,39 @@ TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {
     EXPECT_EQ(cs.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << cs.error_message();
   }
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  // CancelJob returns as soon as the terminal state is published, while the worker may still
+  // be cleaning up; cancelling again right then is refused like any finished job (CI once saw
+  // this second cancel succeed).
+  EXPECT_EQ(q_->CancelJob(Ctx().get(), ref, &j).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
   // Now the model can go.
   EXPECT_TRUE(q_->DeleteModel(Ctx().get(), mr, &dr).ok());
   v1::Model gone;
   EXPECT_EQ(q_->GetModel(Ctx().get(), mr, &gone).error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// A job that GetJob already reports finished cannot be cancelled, even in the moment after its
+// terminal state is published while its worker is still cleaning up (the e2e suite once polled
+// into that moment and saw CancelJob succeed on a CANCELLED job).
+TEST_F(ServerTest, CancelOfAJobSeenFinishedIsRefused) {
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(4), &m).ok());
+  for (int i = 0; i < 20; ++i) {
+    v1::JobRef ref;
+    ref.set_job_id(Submit(Spec("w", v1::TENSOR, 2 + i % 3, 1 + i % 4)).job_id());
+    v1::Job now;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    do {
+      ASSERT_TRUE(q_->GetJob(Ctx().get(), ref, &now).ok());
+    } while (now.state() != v1::SUCCEEDED && now.state() != v1::FAILED &&
+             std::chrono::steady_clock::now() < deadline);
+    ASSERT_EQ(now.state(), v1::SUCCEEDED) << now.error();
+    v1::Job j;
+    const grpc::Status s = q_->CancelJob(Ctx().get(), ref, &j);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION)
+        << "job " << ref.job_id() << " was " << v1::JobState_Name(now.state())
+        << ", CancelJob returned " << v1::JobState_Name(j.state());
+  }
 }
 
 // Two workers, three clients submitting, watching, cancelling and listing at once (make test-tsan
