@@ -1,6 +1,9 @@
 #include "core/thread_pool.h"
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <set>
 #include <thread>
 
@@ -23,10 +26,17 @@ TEST(ThreadPool, UsesSeveralThreadsAndAllowsConcurrentCallers) {
   ThreadPool pool(2);
   std::mutex mu;
   std::set<std::thread::id> ids;
+  // Every item waits (up to 10 s) until two different threads have taken items, so a worker
+  // that wakes late on a loaded machine still gets its share.
+  std::condition_variable cv;
+  bool gave_up = false;
   pool.ParallelFor(64, [&](int64_t) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-    std::lock_guard<std::mutex> l(mu);
+    std::unique_lock<std::mutex> l(mu);
     ids.insert(std::this_thread::get_id());
+    cv.notify_all();
+    if (!cv.wait_for(l, std::chrono::seconds(10), [&] { return ids.size() >= 2 || gave_up; })) {
+      gave_up = true;
+    }
   });
   EXPECT_EQ(ids.size(), 2u);
   std::atomic<int64_t> sum{0};

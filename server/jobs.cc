@@ -3,7 +3,9 @@
 
 #include <google/protobuf/util/message_differencer.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <optional>
 #include <random>
 
 #include "absl/strings/numbers.h"
@@ -109,7 +111,7 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
   {
     absl::MutexLock l(&mu_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
-    if (static_cast<int>(queue_.size()) >= opts_.queue_limit) {
+    if (static_cast<int>(queue_.size()) + leaving_queue_ >= opts_.queue_limit) {
       return absl::ResourceExhaustedError(
           absl::StrCat("the job queue is full (", opts_.queue_limit,
                        " queued, --queue-limit); retry when jobs have finished"));
@@ -160,8 +162,11 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
   v1::ListJobsResponse resp;
   absl::MutexLock l(&mu_);
   for (v1::Job& j : jobs) {
+    // The live copy adds progress; it can trail the journal for a moment (a new state is
+    // written there first), and then the journal's row is the newer one.
     auto it = live_.find(j.job_id());
-    *resp.add_jobs() = it != live_.end() ? it->second->job : j;  // with live progress
+    const bool same = it != live_.end() && it->second->job.state() == j.state();
+    *resp.add_jobs() = same ? it->second->job : j;
   }
   if (next > 0) resp.set_next_page_token(std::to_string(next));
   return resp;
@@ -172,8 +177,6 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
   {
     absl::MutexLock l(&mu_);
     auto it = live_.find(job_id);
-    // A job that has published its terminal state stays in live_ until its worker finishes
-    // the clean-up; it is as finished as one that has left, so a second cancel is refused alike.
     if (it != live_.end() && !Terminal(it->second->job.state())) live = it->second;
   }
   if (!live) {
@@ -182,24 +185,26 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
         "job ", job_id, " is already ", v1::JobState_Name(j.state()), "; nothing to cancel"));
   }
   live->cancel.store(true);
-  bool was_queued = false;
+  // Still in the queue: it never runs, and is CANCELLED at once. Otherwise a worker has taken
+  // it (its state may not say RUNNING yet) and stops at its next poll.
+  std::optional<v1::Job> cancelled;
   {
     absl::MutexLock l(&mu_);
-    if (live->job.state() == v1::QUEUED) {
-      was_queued = true;
-      queue_.erase(std::remove(queue_.begin(), queue_.end(), job_id), queue_.end());
+    auto q = std::find(queue_.begin(), queue_.end(), job_id);
+    if (q != queue_.end()) {
+      queue_.erase(q);
+      ++leaving_queue_;
       metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
-      metrics_->JobFinished(live->job.spec().granularity(), v1::CANCELLED, -1, 0, 0);
-      live->job.set_state(v1::CANCELLED);
-      live->job.set_error("cancelled before it started");
-      live->job.set_finished_unix_ms(NowUnixMs());
+      cancelled = live->job;
     }
   }
-  if (was_queued) {
-    Publish(live, /*persist=*/true);
-    absl::MutexLock l(&mu_);
-    live_.erase(job_id);
-    return live->job;
+  if (cancelled) {
+    cancelled->set_state(v1::CANCELLED);
+    cancelled->set_error("cancelled before it started");
+    cancelled->set_finished_unix_ms(NowUnixMs());
+    metrics_->JobFinished(cancelled->spec().granularity(), v1::CANCELLED, -1, 0, 0);
+    Commit(live, *cancelled, /*finished=*/true, /*left_queue=*/true);
+    return *cancelled;
   }
   absl::MutexLock l(&mu_);
   const absl::Time deadline = absl::Now() + wait;
@@ -237,18 +242,19 @@ absl::StatusOr<v1::Job> JobManager::Wait(const std::string& job_id, uint64_t* se
   return j;
 }
 
-void JobManager::Publish(const std::shared_ptr<Live>& live, bool persist) {
-  // Journal first, then the watchers: whoever sees a state can also read it back (GetJob,
-  // DownloadArtifact) from the journal.
-  if (persist) {
-    v1::Job snapshot;
-    {
-      absl::MutexLock l(&mu_);
-      snapshot = live->job;
-    }
-    absl::Status s = journal_->PutJob(snapshot);
-    if (!s.ok()) LogError(absl::StrCat("job ", snapshot.job_id(), ": ", s.message()));
-  }
+void JobManager::Commit(const std::shared_ptr<Live>& live, v1::Job next, bool finished,
+                        bool left_queue) {
+  absl::Status s = journal_->PutJob(next);
+  if (!s.ok()) LogError(absl::StrCat("job ", next.job_id(), ": ", s.message()));
+  absl::MutexLock l(&mu_);
+  if (left_queue) --leaving_queue_;
+  live->job = std::move(next);
+  ++live->version;
+  if (finished) live_.erase(live->job.job_id());
+  changed_.SignalAll();
+}
+
+void JobManager::Notify(const std::shared_ptr<Live>& live) {
   absl::MutexLock l(&mu_);
   ++live->version;
   changed_.SignalAll();
@@ -257,6 +263,7 @@ void JobManager::Publish(const std::shared_ptr<Live>& live, bool persist) {
 void JobManager::WorkerLoop() {
   for (;;) {
     std::shared_ptr<Live> live;
+    v1::Job running;
     {
       absl::MutexLock l(&mu_);
       mu_.Await(absl::Condition(
@@ -267,17 +274,18 @@ void JobManager::WorkerLoop() {
       live = live_[queue_.front()];
       queue_.pop_front();
       metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
-      live->job.set_state(v1::RUNNING);
-      live->job.set_started_unix_ms(NowUnixMs());
-      live->job.set_attempts(live->job.attempts() + 1);
+      live->taken = true;
+      ++leaving_queue_;
       live->started = absl::Now();
+      running = live->job;
+      busy_.fetch_add(1);
     }
-    busy_.fetch_add(1);
+    running.set_state(v1::RUNNING);
+    running.set_started_unix_ms(NowUnixMs());
+    running.set_attempts(running.attempts() + 1);
     metrics_->WorkersBusyAdd(1);
-    Publish(live, /*persist=*/true);
-    Run(live);
-    metrics_->WorkersBusyAdd(-1);
-    busy_.fetch_sub(1);
+    Commit(live, std::move(running), /*finished=*/false, /*left_queue=*/true);
+    Run(live);  // ends with the job's final Commit
   }
 }
 
@@ -311,45 +319,47 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
         const double elapsed = absl::ToDoubleSeconds(absl::Now() - live->started);
         dst.set_eta_seconds(p.fraction() > 0.02 ? elapsed * (1 - p.fraction()) / p.fraction() : -1);
       }
-      Publish(live, /*persist=*/false);
+      Notify(live);
     };
     out = RunJob(spec, ctx);
   }
   absl::Status final_status = out.ok() ? Finish(live, &*out) : out.status();
+  v1::Job next;
   {
     absl::MutexLock l(&mu_);
-    v1::Job& j = live->job;
-    if (final_status.ok()) {
-      j.set_state(v1::SUCCEEDED);
-    } else if (live->interrupted.load()) {
-      j.set_state(v1::QUEUED);  // runs again after the restart
-      j.clear_progress();
-    } else if (live->cancel.load()) {
-      j.set_state(v1::CANCELLED);
-      j.set_error("cancelled while running");
-    } else {
-      j.set_state(v1::FAILED);
-      j.set_error(std::string(final_status.message()));
-    }
-    if (j.state() != v1::QUEUED) j.set_finished_unix_ms(NowUnixMs());
+    next = live->job;
   }
-  Publish(live, /*persist=*/true);
-  if (live->job.state() != v1::QUEUED) {  // QUEUED: interrupted by shutdown, runs again
-    uint64_t written = 0;
-    for (const v1::Artifact& a : live->job.artifacts()) written += a.size_bytes();
-    metrics_->JobFinished(spec.granularity(), live->job.state(),
-                          absl::ToDoubleSeconds(absl::Now() - live->started),
-                          live->job.result().layers_size(), written);
+  if (final_status.ok()) {
+    next.set_state(v1::SUCCEEDED);
+  } else if (live->interrupted.load()) {
+    next.set_state(v1::QUEUED);  // runs again after the restart
+    next.clear_progress();
+  } else if (live->cancel.load()) {
+    next.set_state(v1::CANCELLED);
+    next.set_error("cancelled while running");
+  } else {
+    next.set_state(v1::FAILED);
+    next.set_error(std::string(final_status.message()));
   }
-  LogInfo(absl::StrCat("job ", id, " ", v1::JobState_Name(live->job.state()),
-                       final_status.ok() ? "" : absl::StrCat(": ", final_status.message())));
+  // Everything a client could check once it sees the final state (scratch gone, metrics
+  // counted, workers gauge) happens before that state becomes visible.
   if (!scratch.empty()) {
     std::error_code ec;
     fs::remove_all(scratch, ec);
   }
-  absl::MutexLock l(&mu_);
-  live_.erase(id);
-  changed_.SignalAll();
+  if (next.state() != v1::QUEUED) {  // QUEUED: interrupted by shutdown, runs again
+    next.set_finished_unix_ms(NowUnixMs());
+    uint64_t written = 0;
+    for (const v1::Artifact& a : next.artifacts()) written += a.size_bytes();
+    metrics_->JobFinished(spec.granularity(), next.state(),
+                          absl::ToDoubleSeconds(absl::Now() - live->started),
+                          next.result().layers_size(), written);
+  }
+  metrics_->WorkersBusyAdd(-1);
+  LogInfo(absl::StrCat("job ", id, " ", v1::JobState_Name(next.state()),
+                       final_status.ok() ? "" : absl::StrCat(": ", final_status.message())));
+  busy_.fetch_sub(1);
+  Commit(live, std::move(next), /*finished=*/true);
 }
 
 absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out) {
@@ -381,7 +391,7 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
       absl::MutexLock l(&mu_);
       live->job.mutable_progress()->set_phase("deploying");
     }
-    Publish(live, /*persist=*/false);
+    Notify(live);
     FPX_ASSIGN_OR_RETURN(v1::Deployment done, repo_->Deploy(d, /*load=*/true));
     out->result.set_deployed_name(done.name());
     out->result.set_deployed_version(done.version());
@@ -404,7 +414,7 @@ void JobManager::Shutdown(absl::Duration grace) {
       if (changed_.WaitWithDeadline(&mu_, deadline)) break;
     }
     for (auto& [id, live] : live_) {
-      if (live->job.state() == v1::RUNNING) {
+      if (live->taken) {
         live->interrupted.store(true);
         live->cancel.store(true);
       }

@@ -77,13 +77,21 @@ class JobManager {
     uint64_t version = 1;
     std::atomic<bool> cancel{false};
     std::atomic<bool> interrupted{false};
+    bool taken = false;  // a worker has it (under mu_; its state says RUNNING a moment later)
     absl::Time started;
   };
 
   void WorkerLoop();
   void Run(const std::shared_ptr<Live>& live);
-  // Persists and publishes live->job (caller holds no lock).
-  void Publish(const std::shared_ptr<Live>& live, bool persist);
+  // Makes `next` the job's state: written to the journal first, then visible in the live map and
+  // to watchers, so whoever sees a state can read it back (ListJobs, DownloadArtifact, DeleteModel's
+  // in-use check read the journal). `finished`: the job leaves the live map in the same step.
+  // `left_queue`: the job was taken out of queue_ for this change (see leaving_queue_).
+  // Caller holds no lock.
+  void Commit(const std::shared_ptr<Live>& live, v1::Job next, bool finished,
+              bool left_queue = false);
+  // Wakes the watchers after an in-memory change (progress); caller holds no lock.
+  void Notify(const std::shared_ptr<Live>& live);
   absl::Status Finish(const std::shared_ptr<Live>& live, struct JobOutput* out);
 
   const Options opts_;
@@ -98,6 +106,10 @@ class JobManager {
   mutable absl::Mutex mu_;
   absl::CondVar changed_;
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
+  // Jobs taken out of queue_ whose journal row still says QUEUED (their next state is being
+  // written): they count against --queue-limit until then, so the journal never holds more
+  // QUEUED jobs than the limit.
+  int leaving_queue_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::shared_ptr<Live>> live_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;

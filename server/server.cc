@@ -171,9 +171,6 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
 
   std::unique_ptr<Server> server(new Server(std::move(im)));
   const std::string addr = server->address();
-  if (!config.port_file.empty()) {
-    FPX_RETURN_IF_ERROR(WriteFileAtomic(config.port_file, addr + "\n"));
-  }
   std::string metrics_note = "; no metrics endpoint";
   if (server->impl_->exposer) {
     const std::string host = config.metrics_listen.substr(0, config.metrics_listen.rfind(':'));
@@ -189,6 +186,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                                       : " (mutual TLS)",
                        "; data in ", config.data_dir, "; ", config.workers, " worker(s), ", threads,
                        " compute threads, kernels ", core::ActiveKernels().name, metrics_note));
+  // The port file last: it tells scripts the server is ready, with its metrics port file in place.
+  if (!config.port_file.empty()) {
+    FPX_RETURN_IF_ERROR(WriteFileAtomic(config.port_file, addr + "\n"));
+  }
   return server;
 }
 

@@ -371,7 +371,8 @@ class CliE2E(CliTestCase):
         t0 = time.monotonic()
         r = self.run_cli("--json", "jobs", "cancel", long_job["id"], "--wait")
         self.assertEqual(r.json()["state"], "CANCELLED", str(r))
-        self.assertLess(time.monotonic() - t0, 8.0, "cancel was not prompt")
+        # Two CLI start-ups plus the job's next cancellation poll; generous for a loaded machine.
+        self.assertLess(time.monotonic() - t0, 20.0, "cancel was not prompt")
         self.run_cli("jobs", "watch", long_job["id"], expect=6)
 
     def test_10_download(self):
