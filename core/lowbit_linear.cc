@@ -1,6 +1,7 @@
 #include "core/lowbit_linear.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -29,10 +30,6 @@ float DotRef(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void AxpbyRef(const float* c, float s, float off, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += s * (c[i] + off);
-}
-
 void DotCodesRef(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx,
                  int B, int64_t n, float* acc) {
   std::vector<float> c(static_cast<size_t>(n));
@@ -47,8 +44,18 @@ void TileDotsRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx
   }
 }
 
-const LinearKernelTable kRef = {"ref",       DecodeRef, DotRef,  AxpbyRef, DotCodesRef,
-                                 TileDotsRef, nullptr,   nullptr, nullptr,  nullptr};
+void DecodeTermsRef(const uint8_t* const* packed, const int* bits, const bool* is_signed,
+                    const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
+  if (!accumulate) std::fill(y, y + n, 0.0f);
+  std::vector<int32_t> q(static_cast<size_t>(n));
+  for (int k = 0; k < K; ++k) {
+    UnpackCodes(packed[k], n, bits[k], is_signed[k], q.data());
+    for (int64_t i = 0; i < n; ++i) y[i] = std::fma(s[k], static_cast<float>(q[i]) + off[k], y[i]);
+  }
+}
+
+const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, TileDotsRef,
+                                nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef};
 constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
@@ -260,6 +267,40 @@ void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out
                                   int terms_used, const LinearKernelTable* kernels) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
+  // Every term's group starts on a byte boundary (always with one group per row): all K terms
+  // of a segment are decoded and summed in one pass over it.
+  bool aligned = true;
+  for (int k = 0; k < K; ++k) {
+    const int b = terms_[static_cast<size_t>(k)].bits;
+    if (groups_ > 1 && CodesPerByte(b) > 1 && (group_len_ * b) % 8 != 0) aligned = false;
+  }
+  if (aligned) {
+    const uint8_t* packed[kMaxDecodeTerms];
+    int bits[kMaxDecodeTerms];
+    bool sg[kMaxDecodeTerms];
+    float s[kMaxDecodeTerms], off[kMaxDecodeTerms];
+    for (int64_t o = row_begin; o < row_end; ++o) {
+      float* wrow = out + (o - row_begin) * cols_;
+      for (int64_t g = 0; g < groups_; ++g) {
+        const int64_t c0 = g * group_len_, n = std::min(group_len_, cols_ - c0);
+        const size_t si = static_cast<size_t>(o * groups_ + g);
+        for (int k0 = 0; k0 < K; k0 += kMaxDecodeTerms) {
+          const int kk = std::min(kMaxDecodeTerms, K - k0);
+          for (int j = 0; j < kk; ++j) {
+            const Term& t = terms_[static_cast<size_t>(k0 + j)];
+            const int64_t byte0 = CodesPerByte(t.bits) > 1 ? c0 * t.bits / 8 : c0;
+            packed[j] = t.codes.data() + o * row_bytes_ + byte0;
+            bits[j] = t.bits;
+            sg[j] = t.is_signed;
+            s[j] = t.scale[si];
+            off[j] = t.off[si];
+          }
+          kt.decode_terms(packed, bits, sg, s, off, kk, n, /*accumulate=*/k0 > 0, wrow + c0);
+        }
+      }
+    }
+    return;
+  }
   thread_local std::vector<float> code;  // decoded codes of one row, reused across calls
   if (code.size() < static_cast<size_t>(cols_)) code.resize(static_cast<size_t>(cols_));
   for (int64_t o = row_begin; o < row_end; ++o) {
@@ -271,7 +312,10 @@ void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out
       for (int64_t g = 0; g < groups_; ++g) {
         const size_t si = static_cast<size_t>(o * groups_ + g);
         const int64_t n = std::min(group_len_, cols_ - g * group_len_);
-        kt.axpby(code.data() + g * group_len_, t.scale[si], t.off[si], wrow + g * group_len_, n);
+        const float sc = t.scale[si], of = t.off[si];
+        const float* c = code.data() + g * group_len_;
+        float* y = wrow + g * group_len_;
+        for (int64_t i = 0; i < n; ++i) y[i] = std::fma(sc, c[i] + of, y[i]);  // as decode_terms
       }
     }
   }

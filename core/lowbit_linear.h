@@ -37,8 +37,6 @@ struct LinearKernelTable {
   void (*decode)(const uint8_t* packed, int64_t n, int bits, bool is_signed, float* out);
   // Σ a[i]·b[i].
   float (*dot)(const float* a, const float* b, int64_t n);
-  // y[i] += s·(c[i] + off).
-  void (*axpby)(const float* c, float s, float off, float* y, int64_t n);
   // acc[b] += Σ_{i<n} C[i]·x[b·ldx + i] for b < B ≤ 4, decoding the n codes on the fly (no
   // buffer): the small-batch inner loop. `packed` starts on a byte boundary.
   void (*dot_codes)(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx,
@@ -59,7 +57,14 @@ struct LinearKernelTable {
   // One activation row, K ≤ 4 terms in one pass over it: acc[k] += Σ C_k[i]·xp[i].
   void (*dot_codes_perm_terms)(const uint8_t* const* packed, const bool* is_signed, int K,
                                int bits, const float* xp, int64_t n, float* acc);
+  // y[i] = Σ_{k<K} s[k]·(C_k[i] + off[k]) for i < n and K ≤ kMaxDecodeTerms (added to y[i]
+  // when `accumulate`): K terms decoded and summed in one pass, one fused multiply-add per term
+  // in term order, so every variant gives the same bits. packed[k] starts on a byte boundary.
+  void (*decode_terms)(const uint8_t* const* packed, const int* bits, const bool* is_signed,
+                       const float* s, const float* off, int K, int64_t n, bool accumulate,
+                       float* y);
 };
+inline constexpr int kMaxDecodeTerms = 8;
 
 // The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).
 const LinearKernelTable& ActiveLinearKernels();

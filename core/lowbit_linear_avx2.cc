@@ -2,6 +2,8 @@
 // only called when the CPU has both).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/lowbit_linear.h"
@@ -81,16 +83,6 @@ float Dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void Axpby(const float* c, float s, float off, float* y, int64_t n) {
-  const __m256 vs = _mm256_set1_ps(s), voff = _mm256_set1_ps(off);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(c + i), voff);
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vs, v, _mm256_loadu_ps(y + i)));
-  }
-  for (; i < n; ++i) y[i] += s * (c[i] + off);
-}
-
 void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx, int B,
               int64_t n, float* acc) {
   __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -140,8 +132,33 @@ void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, i
   }
 }
 
-const LinearKernelTable kAvx2 = {"avx2",   Decode,  Dot,     Axpby,  DotCodes,
-                                  TileDots, nullptr, nullptr, nullptr, nullptr};
+void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_signed,
+                 const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 acc = accumulate ? _mm256_loadu_ps(y + i) : _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      const __m256 c = _mm256_add_ps(_mm256_cvtepi32_ps(Load8(packed[k], i, bits[k], is_signed[k])),
+                                     _mm256_set1_ps(off[k]));
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(s[k]), c, acc);
+    }
+    _mm256_storeu_ps(y + i, acc);
+  }
+  if (i == n) return;
+  // The tail (the segment may end mid-byte) through the scalar reader, same operations.
+  if (!accumulate) std::fill(y + i, y + n, 0.0f);
+  int32_t q[8];
+  for (int k = 0; k < K; ++k) {
+    const int64_t byte0 = CodesPerByte(bits[k]) > 1 ? i * bits[k] / 8 : i;
+    UnpackCodes(packed[k] + byte0, n - i, bits[k], is_signed[k], q);
+    for (int64_t j = i; j < n; ++j) {
+      y[j] = std::fma(s[k], static_cast<float>(q[j - i]) + off[k], y[j]);
+    }
+  }
+}
+
+const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, TileDots,
+                                 nullptr, nullptr, nullptr, nullptr,  DecodeTerms};
 
 }  // namespace
 

@@ -2,6 +2,8 @@
 // called when the CPU has them).
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/lowbit_linear.h"
@@ -72,16 +74,6 @@ float Dot(const float* a, const float* b, int64_t n) {
     acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-}
-
-void Axpby(const float* c, float s, float off, float* y, int64_t n) {
-  const __m512 vs = _mm512_set1_ps(s), voff = _mm512_set1_ps(off);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_add_ps(_mm512_loadu_ps(c + i), voff);
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(vs, v, _mm512_loadu_ps(y + i)));
-  }
-  for (; i < n; ++i) y[i] += s * (c[i] + off);
 }
 
 void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx, int B,
@@ -263,6 +255,31 @@ void DotPackedTerms(const uint8_t* const* packed, const bool* is_signed, int K, 
   }
 }
 
+void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_signed,
+                 const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 acc = accumulate ? _mm512_loadu_ps(y + i) : _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      const __m512 c = _mm512_add_ps(
+          _mm512_cvtepi32_ps(Load16(packed[k], i, bits[k], is_signed[k])), _mm512_set1_ps(off[k]));
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), c, acc);
+    }
+    _mm512_storeu_ps(y + i, acc);
+  }
+  if (i == n) return;
+  // The tail (the segment may end mid-byte) through the scalar reader, same operations.
+  if (!accumulate) std::fill(y + i, y + n, 0.0f);
+  int32_t q[16];
+  for (int k = 0; k < K; ++k) {
+    const int64_t byte0 = CodesPerByte(bits[k]) > 1 ? i * bits[k] / 8 : i;
+    UnpackCodes(packed[k] + byte0, n - i, bits[k], is_signed[k], q);
+    for (int64_t j = i; j < n; ++j) {
+      y[j] = std::fma(s[k], static_cast<float>(q[j - i]) + off[k], y[j]);
+    }
+  }
+}
+
 void DotCodesPermTerms(const uint8_t* const* packed, const bool* is_signed, int K, int bits,
                        const float* xp, int64_t n, float* acc) {
   switch (bits) {
@@ -281,8 +298,9 @@ void DotCodesPerm(const uint8_t* packed, int bits, bool is_signed, const float* 
   }
 }
 
-const LinearKernelTable kAvx512 = {"avx512", Decode,    Dot,      Axpby,        DotCodes,
-                                   TileDots, PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms};
+const LinearKernelTable kAvx512 = {"avx512",          Decode,     Dot,      DotCodes,
+                                   TileDots,          PermBlock,  PermuteX, DotCodesPerm,
+                                   DotCodesPermTerms, DecodeTerms};
 
 }  // namespace
 

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/packing.h"
+
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -137,6 +139,58 @@ TEST_P(LowbitVariant, DecodeIsExactForEveryWidthAndOffset) {
   }
 }
 
+// decode_terms on every variant (ref included) gives exactly the bits of its definition: one
+// fused multiply-add per term in term order, from zero or from y.
+TEST(LowbitLinear, DecodeTermsIsBitForBitItsDefinitionOnEveryVariant) {
+  int variants = 0;
+  for (const std::string name : {"ref", "avx2", "avx512"}) {
+    const LinearKernelTable* kt = LinearKernelsByName(name);
+    if (kt == nullptr) continue;  // not supported on this CPU
+    ++variants;
+    std::vector<std::vector<uint8_t>> codes(kMaxDecodeTerms, std::vector<uint8_t>(300));
+    for (size_t k = 0; k < codes.size(); ++k) {
+      for (size_t i = 0; i < codes[k].size(); ++i)
+        codes[k][i] = static_cast<uint8_t>(i * 37 + 11 * k + 5);
+    }
+    const uint8_t* packed[kMaxDecodeTerms];
+    for (int k = 0; k < kMaxDecodeTerms; ++k) packed[k] = codes[static_cast<size_t>(k)].data();
+    const float s[kMaxDecodeTerms] = {0.37f,    -0.021f, 1.9e-3f, 3.3e-4f,
+                                      -7.7e-5f, 1e-5f,   2.5e-6f, 1e-7f};
+    const float off[kMaxDecodeTerms] = {0.5f, 0.0f, -3.0f, 0.5f, 0.0f, 0.5f, -1.0f, 0.0f};
+    for (int bits : {1, 2, 3, 4, 8}) {
+      for (bool is_signed : {false, true}) {
+        for (int K : {1, 2, 3, kMaxDecodeTerms}) {
+          int bw[kMaxDecodeTerms];
+          bool sg[kMaxDecodeTerms];
+          for (int k = 0; k < K; ++k) {
+            bw[k] = bits;
+            sg[k] = k == 0 ? is_signed : true;  // an unsigned first term, signed residuals
+          }
+          for (int64_t n : {1, 7, 9, 15, 16, 17, 33, 100, 257}) {
+            for (bool accumulate : {false, true}) {
+              std::vector<float> want(static_cast<size_t>(n)), got(want.size());
+              for (int64_t i = 0; i < n; ++i) want[i] = got[i] = accumulate ? 0.1f * i - 3 : 99.0f;
+              if (!accumulate) std::fill(want.begin(), want.end(), 0.0f);
+              std::vector<int32_t> q(static_cast<size_t>(n));
+              for (int k = 0; k < K; ++k) {
+                UnpackCodes(packed[k], n, bw[k], sg[k], q.data());
+                for (int64_t i = 0; i < n; ++i) {
+                  want[i] = std::fma(s[k], static_cast<float>(q[i]) + off[k], want[i]);
+                }
+              }
+              kt->decode_terms(packed, bw, sg, s, off, K, n, accumulate, got.data());
+              ASSERT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+                  << name << " bits " << bits << " signed " << is_signed << " K " << K << " n " << n
+                  << " accumulate " << accumulate;
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GE(variants, 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(All, LowbitVariant, ::testing::Values("avx2", "avx512"));
 
 TEST(LowbitLinear, ResidentBytesAreAboutKBitsOver32OfFp32) {
@@ -178,16 +232,30 @@ TEST(LowbitLinear, ForwardRowsMatchesTheFullProductOnStridedViews) {
   }
 }
 
+// Byte-aligned groups (one pass over all terms), groups that start mid-byte (term by term), and
+// more terms than one pass takes; every kernel table gives the same bits.
 TEST(LowbitLinear, DequantizeIsTheSumOfTheFirstTerms) {
-  const Case c{23, 70, 1, 4, 3, Grid::kAsym, ScaleGranularity::kGroup, 32};
-  const TensorExpansion e = Expand(c, 77);
-  auto w = LowbitLinear::FromExpansion(e);
-  ASSERT_TRUE(w.ok());
   ThreadPool pool(2);
-  for (int k = 1; k <= c.terms; ++k) {
-    std::vector<float> got(static_cast<size_t>(c.out * c.in));
-    w->Dequantize(got.data(), k, &pool);
-    EXPECT_LT(MaxRelErr(got, Reconstruct(e, k)), 1e-6) << "K'=" << k;
+  for (const Case& c : {Case{23, 70, 1, 4, 3, Grid::kAsym, ScaleGranularity::kGroup, 32},
+                        Case{20, 60, 1, 1, 3, Grid::kMid, ScaleGranularity::kGroup, 12},
+                        Case{9, 300, 1, 2, 11, Grid::kMid, ScaleGranularity::kChannel, 0},
+                        Case{5, 9, 1, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0}}) {
+    const TensorExpansion e = Expand(c, 77);
+    auto w = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(w.ok());
+    for (int k = 1; k <= c.terms; ++k) {
+      std::vector<float> got(static_cast<size_t>(c.out * c.in));
+      w->Dequantize(got.data(), k, &pool);
+      EXPECT_LT(MaxRelErr(got, Reconstruct(e, k)), 1e-6) << Name(c) << " K'=" << k;
+      for (const char* name : {"ref", "avx2", "avx512"}) {
+        const LinearKernelTable* kt = LinearKernelsByName(name);
+        if (kt == nullptr) continue;
+        std::vector<float> other(got.size());
+        w->Dequantize(other.data(), k, nullptr, kt);
+        EXPECT_EQ(0, std::memcmp(got.data(), other.data(), got.size() * sizeof(float)))
+            << name << " " << Name(c) << " K'=" << k;
+      }
+    }
   }
 }
 
