@@ -7,6 +7,8 @@
 //   w4a4k2, w4a4k2_trunc   core::IntLinear: W4×2 sym weights, activations expanded per row
 //                          into 2 4-bit terms (unsigned first term for x >= 0), all 4 products
 //                          or the 3 order-truncated ones, int32 accumulation (VNNI where present)
+// Dequantize/<impl>/4096x4096: Σ_k Ŵ_k into a reused fp32 buffer (the dense path's transient).
+// Ratios are fairest with --benchmark_enable_random_interleaving=true on a shared host.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -142,6 +144,19 @@ void BM_Lowbit(benchmark::State& state, std::string impl, int64_t batch) {
   state.SetLabel(fpxint::core::ActiveLinearKernels().name);
 }
 
+// Σ_k Ŵ_k decoded into a reused fp32 buffer (the dense path's transient weight for calls with
+// many activation rows): output bytes per second.
+void BM_Dequantize(benchmark::State& state, std::string impl) {
+  const fpxint::core::LowbitLinear& l = Lowbit(impl);
+  std::vector<float> out(static_cast<size_t>(kN * kN));
+  for (auto _ : state) {
+    l.Dequantize(out.data(), 0, &Pool());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * kN * kN * 4);
+  state.SetLabel(fpxint::core::ActiveLinearKernels().name);
+}
+
 // The machine's streaming read bandwidth with the same 2 threads: the ceiling for batch-1
 // inference, which reads every weight byte once (issue goal: >= 60 % of it).
 void BM_StreamRead(benchmark::State& state) {
@@ -163,6 +178,12 @@ void BM_StreamRead(benchmark::State& state) {
 }
 
 int Register() {
+  for (const char* impl : {"w4k1", "w4k2", "w2k4mid"}) {
+    benchmark::RegisterBenchmark(("Dequantize/" + std::string(impl) + "/4096x4096").c_str(),
+                                 BM_Dequantize, impl)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
+  }
   benchmark::RegisterBenchmark("Memory/stream_read/256MB", BM_StreamRead)
       ->Unit(benchmark::kMillisecond)->UseRealTime();
   for (int64_t b : {1, 8, 64}) {
