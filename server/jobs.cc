@@ -184,6 +184,7 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
     return absl::FailedPreconditionError(absl::StrCat(
         "job ", job_id, " is already ", v1::JobState_Name(j.state()), "; nothing to cancel"));
   }
+  live->user_cancel.store(true);
   live->cancel.store(true);
   // Still in the queue: it never runs, and is CANCELLED at once. Otherwise a worker has taken
   // it (its state may not say RUNNING yet) and stops at its next poll.
@@ -208,7 +209,7 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
   }
   absl::MutexLock l(&mu_);
   const absl::Time deadline = absl::Now() + wait;
-  while (!Terminal(live->job.state())) {
+  while (!Terminal(live->job.state()) && live_.count(job_id) > 0) {
     if (changed_.WaitWithDeadline(&mu_, deadline)) break;
   }
   return live->job;
@@ -238,6 +239,10 @@ absl::StatusOr<v1::Job> JobManager::Wait(const std::string& job_id, uint64_t* se
   if (*seen != UINT64_MAX) {
     *seen = UINT64_MAX;  // a finished job is sent once
     *changed = true;
+  } else {
+    // Not live and already sent: nothing will change it in this process (a job interrupted by
+    // shutdown, or one whose last state could not be journaled). Pace the caller's loop.
+    absl::SleepFor(timeout);
   }
   return j;
 }
@@ -323,20 +328,26 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     };
     out = RunJob(spec, ctx);
   }
-  absl::Status final_status = out.ok() ? Finish(live, &*out) : out.status();
+  std::vector<v1::Artifact> artifacts;
+  absl::Status final_status = out.ok() ? Finish(live, &*out, &artifacts) : out.status();
   v1::Job next;
   {
     absl::MutexLock l(&mu_);
     next = live->job;
   }
+  // The result and artifacts appear with the SUCCEEDED state, never before it (DownloadArtifact
+  // reads the journal). A user's cancel wins over a shutdown's interruption.
   if (final_status.ok()) {
     next.set_state(v1::SUCCEEDED);
+    next.mutable_progress()->set_phase("done");
+    *next.mutable_result() = out->result;
+    for (v1::Artifact& a : artifacts) *next.add_artifacts() = std::move(a);
+  } else if (live->user_cancel.load()) {
+    next.set_state(v1::CANCELLED);
+    next.set_error("cancelled while running");
   } else if (live->interrupted.load()) {
     next.set_state(v1::QUEUED);  // runs again after the restart
     next.clear_progress();
-  } else if (live->cancel.load()) {
-    next.set_state(v1::CANCELLED);
-    next.set_error("cancelled while running");
   } else {
     next.set_state(v1::FAILED);
     next.set_error(std::string(final_status.message()));
@@ -362,8 +373,8 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
   Commit(live, std::move(next), /*finished=*/true);
 }
 
-absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out) {
-  std::vector<v1::Artifact> artifacts;
+absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out,
+                                std::vector<v1::Artifact>* artifacts) {
   for (const ProducedFile& f : out->files) {
     FPX_ASSIGN_OR_RETURN(uint64_t size, FileSize(f.path));
     FPX_ASSIGN_OR_RETURN(std::string sha, store_->ImportFile(f.path, f.sha256));
@@ -373,7 +384,7 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
     a.set_file_name(f.file_name);
     a.set_sha256(sha);
     a.set_size_bytes(size);
-    artifacts.push_back(a);
+    artifacts->push_back(a);
   }
   const v1::JobSpec& spec = live->job.spec();
   if (spec.deploy().enabled()) {
@@ -396,10 +407,11 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
     out->result.set_deployed_name(done.name());
     out->result.set_deployed_version(done.version());
   }
-  absl::MutexLock l(&mu_);
-  live->job.mutable_progress()->set_phase("done");
-  *live->job.mutable_result() = out->result;
-  for (v1::Artifact& a : artifacts) *live->job.add_artifacts() = std::move(a);
+  {
+    absl::MutexLock l(&mu_);
+    live->job.mutable_progress()->set_phase("done");  // outputs in the store; state next
+  }
+  Notify(live);
   return absl::OkStatus();
 }
 

@@ -75,7 +75,8 @@ class JobManager {
   struct Live {
     v1::Job job;
     uint64_t version = 1;
-    std::atomic<bool> cancel{false};
+    std::atomic<bool> cancel{false};       // the worker's poll flag (CancelJob or shutdown)
+    std::atomic<bool> user_cancel{false};  // CancelJob asked: ends CANCELLED, not re-queued
     std::atomic<bool> interrupted{false};
     bool taken = false;  // a worker has it (under mu_; its state says RUNNING a moment later)
     absl::Time started;
@@ -92,7 +93,10 @@ class JobManager {
               bool left_queue = false);
   // Wakes the watchers after an in-memory change (progress); caller holds no lock.
   void Notify(const std::shared_ptr<Live>& live);
-  absl::Status Finish(const std::shared_ptr<Live>& live, struct JobOutput* out);
+  // Imports the outputs into the store and deploys when asked; the artifacts are returned for
+  // the final Commit.
+  absl::Status Finish(const std::shared_ptr<Live>& live, struct JobOutput* out,
+                      std::vector<v1::Artifact>* artifacts);
 
   const Options opts_;
   std::unique_ptr<Metrics> own_metrics_;  // when Options::metrics is null
@@ -107,8 +111,8 @@ class JobManager {
   absl::CondVar changed_;
   std::deque<std::string> queue_ ABSL_GUARDED_BY(mu_);
   // Jobs taken out of queue_ whose journal row still says QUEUED (their next state is being
-  // written): they count against --queue-limit until then, so the journal never holds more
-  // QUEUED jobs than the limit.
+  // written): they count against --queue-limit until then, so that submissions do not push the
+  // journal's QUEUED jobs past the limit (jobs re-queued by a shutdown can still exceed it).
   int leaving_queue_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::shared_ptr<Live>> live_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;

@@ -317,6 +317,10 @@ TEST_F(ServerTest, TensorJobRunsWatchesAndDownloads) {
     if (e.state() == v1::RUNNING && e.progress().layers_total() != 0) {
       EXPECT_EQ(e.progress().layers_total(), 2);
     }
+    // Artifacts are listed only with the state that makes them downloadable.
+    if (e.artifacts_size() > 0 || e.has_result()) {
+      EXPECT_EQ(e.state(), v1::SUCCEEDED);
+    }
   }
   // The same spec twice gives byte-identical artifacts.
   v1::Job again = Watch(Submit(Spec("w", v1::TENSOR, 4, 3)).job_id()).back();

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -73,6 +74,7 @@ class StateDictTest(unittest.TestCase):
     def setUp(self):
         torch.manual_seed(7)
         self.dir = tempfile.mkdtemp(prefix="fpxint-sd-")
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
 
     def path(self, name):
         return os.path.join(self.dir, name)
