@@ -96,6 +96,8 @@ const Case kCases[] = {
     {23, 130, 17, 4, 2, 4, 2, false, true, ScaleGranularity::kChannel},
     {40, 300, 37, 2, 2, 8, 2, true, false, ScaleGranularity::kTensor},
     {16, 64, 16, 8, 1, 4, 1, false, false, ScaleGranularity::kChannel},
+    // Long rows (2500 codes) with several activation tiles.
+    {11, 2500, 9, 4, 2, 4, 2, false, true, ScaleGranularity::kChannel},
 };
 
 TEST(IntLinear, ReferenceMatchesTheSumOfTermProducts) {
