@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/internal/lowbit_linear_inl.h"
 #include "core/kernels.h"
 #include "core/packing.h"
 #include "core/status_macros.h"
@@ -46,12 +47,7 @@ void TileDotsRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx
 
 void DecodeTermsRef(const uint8_t* const* packed, const int* bits, const bool* is_signed,
                     const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
-  if (!accumulate) std::fill(y, y + n, 0.0f);
-  std::vector<int32_t> q(static_cast<size_t>(n));
-  for (int k = 0; k < K; ++k) {
-    UnpackCodes(packed[k], n, bits[k], is_signed[k], q.data());
-    for (int64_t i = 0; i < n; ++i) y[i] = std::fma(s[k], static_cast<float>(q[i]) + off[k], y[i]);
-  }
+  internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, 0, n, accumulate, y);
 }
 
 const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, TileDotsRef,

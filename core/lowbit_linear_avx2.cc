@@ -2,10 +2,9 @@
 // only called when the CPU has both).
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstring>
 
+#include "core/internal/lowbit_linear_inl.h"
 #include "core/lowbit_linear.h"
 #include "core/packing.h"
 
@@ -144,17 +143,8 @@ void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_s
     }
     _mm256_storeu_ps(y + i, acc);
   }
-  if (i == n) return;
   // The tail (the segment may end mid-byte) through the scalar reader, same operations.
-  if (!accumulate) std::fill(y + i, y + n, 0.0f);
-  int32_t q[8];
-  for (int k = 0; k < K; ++k) {
-    const int64_t byte0 = CodesPerByte(bits[k]) > 1 ? i * bits[k] / 8 : i;
-    UnpackCodes(packed[k] + byte0, n - i, bits[k], is_signed[k], q);
-    for (int64_t j = i; j < n; ++j) {
-      y[j] = std::fma(s[k], static_cast<float>(q[j - i]) + off[k], y[j]);
-    }
-  }
+  internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, i, n, accumulate, y);
 }
 
 const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, TileDots,

@@ -2,11 +2,10 @@
 // called when the CPU has them).
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
+#include "core/internal/lowbit_linear_inl.h"
 #include "core/lowbit_linear.h"
 #include "core/packing.h"
 
@@ -283,17 +282,8 @@ void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_s
     }
     _mm512_storeu_ps(y + i, acc);
   }
-  if (i == n) return;
   // The tail (the segment may end mid-byte) through the scalar reader, same operations.
-  if (!accumulate) std::fill(y + i, y + n, 0.0f);
-  int32_t q[16];
-  for (int k = 0; k < K; ++k) {
-    const int64_t byte0 = CodesPerByte(bits[k]) > 1 ? i * bits[k] / 8 : i;
-    UnpackCodes(packed[k] + byte0, n - i, bits[k], is_signed[k], q);
-    for (int64_t j = i; j < n; ++j) {
-      y[j] = std::fma(s[k], static_cast<float>(q[j - i]) + off[k], y[j]);
-    }
-  }
+  internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, i, n, accumulate, y);
 }
 
 void DotCodesPermTerms(const uint8_t* const* packed, const bool* is_signed, int K, int bits,
