@@ -177,7 +177,7 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
   {
     absl::MutexLock l(&mu_);
     auto it = live_.find(job_id);
-    if (it != live_.end() && !Terminal(it->second->job.state())) live = it->second;
+    if (it != live_.end()) live = it->second;  // never terminal: Commit removes finished jobs
   }
   if (!live) {
     FPX_ASSIGN_OR_RETURN(v1::Job j, Get(job_id));
