@@ -38,10 +38,14 @@ void DotCodesRef(const uint8_t* packed, int bits, bool is_signed, const float* x
   for (int b = 0; b < B; ++b) acc[b] += DotRef(c.data(), x + b * ldx, n);
 }
 
-void TileDotsRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B, int64_t n,
-                 float* out) {
+void GemmXtRef(const float* w, int64_t ldw, int R, const float* xt, int64_t ldxt, int64_t B,
+               int64_t n, float* out, int64_t rs, int64_t bs) {
   for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < B; ++b) out[r * B + b] = DotRef(w + r * ldw, x + b * ldx, n);
+    for (int64_t b = 0; b < B; ++b) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < n; ++i) acc = std::fma(w[r * ldw + i], xt[i * ldxt + b], acc);
+      out[r * rs + b * bs] = acc;
+    }
   }
 }
 
@@ -50,14 +54,13 @@ void DecodeTermsRef(const uint8_t* const* packed, const int* bits, const bool* i
   internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, 0, n, accumulate, y);
 }
 
-const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, TileDotsRef,
+const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, GemmXtRef,
                                 nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef};
 constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
 constexpr int64_t kSmallBatch = 4;      // activation rows per dot_codes call
 constexpr int64_t kSmallBatchPerm = 8;  // ... per dot_codes_perm call
-constexpr int kTile = 4;  // rows and activation rows per register tile
 
 }  // namespace
 
@@ -102,9 +105,7 @@ absl::StatusOr<LowbitLinear> LowbitLinear::FromExpansion(const TensorExpansion& 
         return absl::InvalidArgumentError(absl::StrCat("term ", k + 1, ": too few scales"));
       }
       t.scale[i] = td.scale[si];
-      t.off[i] = e.spec.grid == Grid::kSym    ? 0.0f
-                 : e.spec.grid == Grid::kMid ? 0.5f
-                                             : -td.zero[si];
+      t.off[i] = e.spec.grid == Grid::kSym ? 0.0f : e.spec.grid == Grid::kMid ? 0.5f : -td.zero[si];
     }
     if (static_cast<int64_t>(t.codes.size()) != w.rows_ * w.row_bytes_) {
       return absl::InvalidArgumentError(absl::StrCat("term ", k + 1, ": code buffer size"));
@@ -141,11 +142,21 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
   // The last group of a row may be shorter (row length not a multiple of the group size).
   auto glen = [this](int64_t g) { return std::min(group_len_, cols_ - g * group_len_); };
   const bool perm_ok = pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
-  const bool small = batch <= (perm_ok ? kSmallBatchPerm : kSmallBatch);
+  if (batch > (perm_ok ? kSmallBatchPerm : kSmallBatch)) {
+    // Larger batches: the activations transposed once ([in, batch]), then the transposed
+    // schedule, which folds the offsets into the dequantized rows.
+    std::vector<float> xt(static_cast<size_t>(batch * cols_));
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xb = x + b * ldx;
+      for (int64_t i = 0; i < cols_; ++i) xt[static_cast<size_t>(i * batch + b)] = xb[i];
+    }
+    ForwardTransposed(xt.data(), batch, batch, row_begin, row_end, y_out, 1, ldy, K, pool, &kt);
+    return;
+  }
   // Σx per activation row and scale group: the small-batch path applies the offsets after the
-  // dot products (the large-batch path folds them into the dequantized rows).
-  std::vector<float> xsum(small ? static_cast<size_t>(batch * groups_) : 0);
-  for (int64_t b = 0; small && b < batch; ++b) {
+  // dot products.
+  std::vector<float> xsum(static_cast<size_t>(batch * groups_));
+  for (int64_t b = 0; b < batch; ++b) {
     for (int64_t g = 0; g < groups_; ++g) {
       float s = 0;
       const float* xg = x + b * ldx + g * group_len_;
@@ -157,8 +168,10 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
   // scales); otherwise the small-batch path decodes whole rows first.
   const bool packed = CodesPerByte(bits) > 1;
   const bool fused = !packed || groups_ == 1 || (group_len_ * bits) % 8 == 0;
-  auto byte_offset = [&](int64_t code_index) { return packed ? code_index * bits / 8 : code_index; };
-  const bool perm = small && perm_ok;
+  auto byte_offset = [&](int64_t code_index) {
+    return packed ? code_index * bits / 8 : code_index;
+  };
+  const bool perm = perm_ok;
   std::vector<float> xperm;
   if (perm) {
     xperm.resize(static_cast<size_t>(batch * cols_));
@@ -176,76 +189,88 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
   const int64_t tasks = (row_end - row_begin + kRowsPerTask - 1) / kRowsPerTask;
   auto run = [&](int64_t task) {
     const int64_t r0 = row_begin + task * kRowsPerTask, r1 = std::min(row_end, r0 + kRowsPerTask);
-    std::vector<float> buf(static_cast<size_t>(small ? (fused ? 0 : cols_) : kTile * cols_));
-    if (small) {
-      for (int64_t o = r0; o < r1; ++o) {
-        float yb[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (perm && batch == 1 && kt.dot_codes_perm_terms != nullptr) {
-          // All K' terms in one pass over the activations (up to 4 at a time).
-          for (int64_t g = 0; g < groups_; ++g) {
-            for (int k0 = 0; k0 < K; k0 += kTermsPerPass) {
-              const int kn = std::min(kTermsPerPass, K - k0);
-              const uint8_t* rows[kTermsPerPass];
-              bool sign[kTermsPerPass];
-              float d[kTermsPerPass] = {0, 0, 0, 0};
-              for (int j = 0; j < kn; ++j) {
-                const Term& t = terms_[static_cast<size_t>(k0 + j)];
-                rows[j] = t.codes.data() + o * row_bytes_ + byte_offset(g * group_len_);
-                sign[j] = t.is_signed;
-              }
-              kt.dot_codes_perm_terms(rows, sign, kn, bits, xperm.data() + g * group_len_,
-                                      glen(g), d);
-              for (int j = 0; j < kn; ++j) {
-                const Term& t = terms_[static_cast<size_t>(k0 + j)];
-                const size_t si = static_cast<size_t>(o * groups_ + g);
-                yb[0] += t.scale[si] * (d[j] + t.off[si] * xsum[static_cast<size_t>(g)]);
-              }
+    std::vector<float> buf(static_cast<size_t>(fused ? 0 : cols_));
+    for (int64_t o = r0; o < r1; ++o) {
+      float yb[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (perm && batch == 1 && kt.dot_codes_perm_terms != nullptr) {
+        // All K' terms in one pass over the activations (up to 4 at a time).
+        for (int64_t g = 0; g < groups_; ++g) {
+          for (int k0 = 0; k0 < K; k0 += kTermsPerPass) {
+            const int kn = std::min(kTermsPerPass, K - k0);
+            const uint8_t* rows[kTermsPerPass];
+            bool sign[kTermsPerPass];
+            float d[kTermsPerPass] = {0, 0, 0, 0};
+            for (int j = 0; j < kn; ++j) {
+              const Term& t = terms_[static_cast<size_t>(k0 + j)];
+              rows[j] = t.codes.data() + o * row_bytes_ + byte_offset(g * group_len_);
+              sign[j] = t.is_signed;
+            }
+            kt.dot_codes_perm_terms(rows, sign, kn, bits, xperm.data() + g * group_len_, glen(g),
+                                    d);
+            for (int j = 0; j < kn; ++j) {
+              const Term& t = terms_[static_cast<size_t>(k0 + j)];
+              const size_t si = static_cast<size_t>(o * groups_ + g);
+              yb[0] += t.scale[si] * (d[j] + t.off[si] * xsum[static_cast<size_t>(g)]);
             }
           }
-          y[o] = yb[0];  // batch == 1
-          continue;
         }
-        for (int k = 0; k < K; ++k) {
-          const Term& t = terms_[static_cast<size_t>(k)];
-          const uint8_t* row = t.codes.data() + o * row_bytes_;
-          if (!fused) kt.decode(row, cols_, t.bits, t.is_signed, buf.data());
-          for (int64_t g = 0; g < groups_; ++g) {
-            const size_t si = static_cast<size_t>(o * groups_ + g);
-            float d[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
-            if (perm) {
-              kt.dot_codes_perm(row + byte_offset(g * group_len_), t.bits, t.is_signed,
-                                xperm.data() + g * group_len_, cols_, static_cast<int>(batch),
-                                glen(g), d);
-            } else if (fused) {
-              kt.dot_codes(row + byte_offset(g * group_len_), t.bits, t.is_signed,
-                           x + g * group_len_, ldx, static_cast<int>(batch), glen(g), d);
-            } else {
-              for (int64_t b = 0; b < batch; ++b) {
-                d[b] = kt.dot(buf.data() + g * group_len_, x + b * ldx + g * group_len_, glen(g));
-              }
-            }
+        y[o] = yb[0];  // batch == 1
+        continue;
+      }
+      for (int k = 0; k < K; ++k) {
+        const Term& t = terms_[static_cast<size_t>(k)];
+        const uint8_t* row = t.codes.data() + o * row_bytes_;
+        if (!fused) kt.decode(row, cols_, t.bits, t.is_signed, buf.data());
+        for (int64_t g = 0; g < groups_; ++g) {
+          const size_t si = static_cast<size_t>(o * groups_ + g);
+          float d[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
+          if (perm) {
+            kt.dot_codes_perm(row + byte_offset(g * group_len_), t.bits, t.is_signed,
+                              xperm.data() + g * group_len_, cols_, static_cast<int>(batch),
+                              glen(g), d);
+          } else if (fused) {
+            kt.dot_codes(row + byte_offset(g * group_len_), t.bits, t.is_signed, x + g * group_len_,
+                         ldx, static_cast<int>(batch), glen(g), d);
+          } else {
             for (int64_t b = 0; b < batch; ++b) {
-              yb[b] += t.scale[si] * (d[b] + t.off[si] * xsum[static_cast<size_t>(b * groups_ + g)]);
+              d[b] = kt.dot(buf.data() + g * group_len_, x + b * ldx + g * group_len_, glen(g));
             }
           }
+          for (int64_t b = 0; b < batch; ++b) {
+            yb[b] += t.scale[si] * (d[b] + t.off[si] * xsum[static_cast<size_t>(b * groups_ + g)]);
+          }
         }
-        for (int64_t b = 0; b < batch; ++b) y[b * ldy + o] = yb[b];
       }
-      return;
+      for (int64_t b = 0; b < batch; ++b) y[b * ldy + o] = yb[b];
     }
-    // Larger batches: dequantize kTile rows (all K' terms summed) into buf, then register tiles
-    // of kTile rows × kTile activation rows.
-    for (int64_t o0 = r0; o0 < r1; o0 += kTile) {
-      const int R = static_cast<int>(std::min<int64_t>(kTile, r1 - o0));
-      DequantizeRows(o0, o0 + R, buf.data(), K, &kt);
-      float out[kTile * kTile];
-      for (int64_t b0 = 0; b0 < batch; b0 += kTile) {
-        const int B = static_cast<int>(std::min<int64_t>(kTile, batch - b0));
-        kt.tile_dots(buf.data(), cols_, R, x + b0 * ldx, ldx, B, cols_, out);
-        for (int r = 0; r < R; ++r) {
-          for (int b = 0; b < B; ++b) y[(b0 + b) * ldy + o0 + r] = out[r * B + b];
-        }
-      }
+  };
+  if (pool != nullptr && tasks > 1) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  }
+}
+
+void LowbitLinear::ForwardTransposed(const float* xt, int64_t ldxt, int64_t batch,
+                                     int64_t row_begin, int64_t row_end, float* y,
+                                     int64_t y_row_stride, int64_t y_batch_stride, int terms_used,
+                                     ThreadPool* pool, const LinearKernelTable* kernels) const {
+  if (batch <= 0 || row_end <= row_begin) return;
+  const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
+  // Per task, kRowsPerTask rows dequantized (all K' terms summed) into a per-thread buffer
+  // (L1/L2-sized for the layers this serves), then register tiles of kGemmRows rows against
+  // every activation row.
+  const int64_t tasks = (row_end - row_begin + kRowsPerTask - 1) / kRowsPerTask;
+  auto run = [&](int64_t task) {
+    const int64_t r0 = row_begin + task * kRowsPerTask, r1 = std::min(row_end, r0 + kRowsPerTask);
+    thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>((r1 - r0) * cols_);
+    if (buf.size() < need) buf.resize(need);
+    DequantizeRows(r0, r1, buf.data(), terms_used, &kt);
+    for (int64_t o0 = r0; o0 < r1; o0 += kGemmRows) {
+      const int R = static_cast<int>(std::min<int64_t>(kGemmRows, r1 - o0));
+      kt.gemm_xt(buf.data() + (o0 - r0) * cols_, cols_, R, xt, ldxt, batch, cols_,
+                 y + (o0 - row_begin) * y_row_stride, y_row_stride, y_batch_stride);
     }
   };
   if (pool != nullptr && tasks > 1) {
@@ -259,8 +284,8 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
 
 namespace fpxint::core {
 
-void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out,
-                                  int terms_used, const LinearKernelTable* kernels) const {
+void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out, int terms_used,
+                                  const LinearKernelTable* kernels) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
   // Every term's group starts on a byte boundary (always with one group per row): all K terms
@@ -335,7 +360,8 @@ void LowbitLinear::Dequantize(float* out, int terms_used, ThreadPool* pool,
 //   "FPXLL001"                                  8 bytes
 //   rows, cols, group_len, groups, terms        5 × int64
 //   per term: bits int32, signed int32, then rows·row_bytes code bytes, rows·groups f32 scales,
-//             rows·groups f32 offsets, where row_bytes = ⌈cols·bits/8⌉ for bits ∈ {1,2,4}, else cols.
+//             rows·groups f32 offsets, where row_bytes = ⌈cols·bits/8⌉ for bits ∈ {1,2,4}, else
+//             cols.
 namespace {
 
 constexpr char kImageMagic[8] = {'F', 'P', 'X', 'L', 'L', '0', '0', '1'};
@@ -397,14 +423,14 @@ absl::StatusOr<LowbitLinear> LowbitLinear::Deserialize(absl::string_view bytes) 
   const int64_t nterms = head[4];
   if (w.rows_ < 1 || w.rows_ > kMaxImageDim || w.cols_ < 1 || w.cols_ > kMaxImageDim ||
       w.rows_ > kMaxImageDim / w.cols_) {
-    return absl::InvalidArgumentError(absl::StrCat("packed weight image: shape [", w.rows_, ", ",
-                                                   w.cols_, "] out of range"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("packed weight image: shape [", w.rows_, ", ", w.cols_, "] out of range"));
   }
   if (w.group_len_ < 1 || w.group_len_ > w.cols_ ||
       w.groups_ != (w.cols_ + w.group_len_ - 1) / w.group_len_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "packed weight image: group_len ", w.group_len_, " and groups ", w.groups_,
-        " do not tile a row of ", w.cols_));
+    return absl::InvalidArgumentError(absl::StrCat("packed weight image: group_len ", w.group_len_,
+                                                   " and groups ", w.groups_,
+                                                   " do not tile a row of ", w.cols_));
   }
   if (nterms < 1 || nterms > 64) {
     return absl::InvalidArgumentError(
@@ -418,8 +444,8 @@ absl::StatusOr<LowbitLinear> LowbitLinear::Deserialize(absl::string_view bytes) 
     t.bits = ts[0];
     t.is_signed = ts[1] != 0;
     if (t.bits < 1 || t.bits > 8 || (k > 0 && t.bits != bits0) || (ts[1] != 0 && ts[1] != 1)) {
-      return absl::InvalidArgumentError(absl::StrCat("packed weight image: term ", k + 1,
-                                                     " bits ", ts[0], " signed ", ts[1],
+      return absl::InvalidArgumentError(absl::StrCat("packed weight image: term ", k + 1, " bits ",
+                                                     ts[0], " signed ", ts[1],
                                                      "; accepted bits 1..8, equal for every term"));
     }
     bits0 = t.bits;
@@ -428,9 +454,9 @@ absl::StatusOr<LowbitLinear> LowbitLinear::Deserialize(absl::string_view bytes) 
     const int64_t code_bytes = w.rows_ * row_bytes;
     const int64_t nscale = w.rows_ * w.groups_;
     if (static_cast<uint64_t>(code_bytes) + 8 * static_cast<uint64_t>(nscale) > r.left()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "packed weight image truncated in term ", k + 1, " (needs ", code_bytes + 8 * nscale,
-          " bytes, has ", r.left(), ")"));
+      return absl::InvalidArgumentError(absl::StrCat("packed weight image truncated in term ",
+                                                     k + 1, " (needs ", code_bytes + 8 * nscale,
+                                                     " bytes, has ", r.left(), ")"));
     }
     t.codes.resize(static_cast<size_t>(code_bytes));
     FPX_RETURN_IF_ERROR(r.Read(t.codes.data(), t.codes.size(), "codes"));

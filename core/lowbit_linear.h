@@ -9,11 +9,15 @@
 // scales. Activations stay fp32 (weight-only serving). Any-precision: K' ≤ K terms per call.
 //
 // Two schedules, chosen by batch size:
-//   small batch (≤ 4, or ≤ 8 with the AVX-512 table-lookup path): per row and term, decode the codes to floats once and take dot products
+//   small batch (≤ 4, or ≤ 8 with the AVX-512 table-lookup path): per row and term, decode the
+//   codes to floats once and take dot products
 //     with every activation row; the scale and offset are applied per group after the dot
 //     (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K terms make one pass over the activations.
-//   larger batch: per row, decode and sum the K terms into one fp32 row (dequantize on the fly,
-//     in L1), then dot it with every activation row: the FLOPs no longer grow with K.
+//   larger batch: per tile of 8 rows, decode and sum the K terms into fp32 rows (dequantize on
+//     the fly, in L1), then multiply them with the activations transposed ([in, batch]: one
+//     decoded weight broadcast against 16 activation rows per fused multiply-add, no horizontal
+//     sums): the FLOPs no longer grow with K. Convolutions hand their im2col columns, which are
+//     already in that layout, to ForwardTransposed and get the [out, pixels] output directly.
 // Rows are split across the thread pool. Each variant (ref, avx2, avx512, chosen at run time like
 // core/kernels.h) is tested against the scalar reference (fp32, within 1e-5 relative).
 #ifndef FPXINT_CORE_LOWBIT_LINEAR_H_
@@ -41,10 +45,12 @@ struct LinearKernelTable {
   // buffer): the small-batch inner loop. `packed` starts on a byte boundary.
   void (*dot_codes)(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx,
                     int B, int64_t n, float* acc);
-  // out[r·B + b] = Σ_{i<n} w[r·ldw + i]·x[b·ldx + i] for r < R ≤ 4, b < B ≤ 4: a register tile
-  // of dot products, the large-batch inner loop.
-  void (*tile_dots)(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B,
-                    int64_t n, float* out);
+  // out[r·rs + b·bs] = Σ_{i<n} w[r·ldw + i]·xt[i·ldxt + b] for r < R ≤ kGemmRows, b < B: the
+  // large-batch inner loop on transposed activations (xt is [n, B], an im2col layout). Every
+  // output is one chain of fused multiply-adds over i in order from 0, so every variant gives
+  // the same bits.
+  void (*gemm_xt)(const float* w, int64_t ldw, int R, const float* xt, int64_t ldxt, int64_t B,
+                  int64_t n, float* out, int64_t rs, int64_t bs);
   // Optional (nullptr when the ISA has no such path): packed codes decoded through a 16-entry
   // table lookup (one permute per 16 codes), which reads the codes of a block of
   // perm_block(bits) in bit-plane order. The activations are reordered once per call to match
@@ -55,8 +61,8 @@ struct LinearKernelTable {
   void (*dot_codes_perm)(const uint8_t* packed, int bits, bool is_signed, const float* xp,
                          int64_t ldx, int B, int64_t n, float* acc);
   // One activation row, K ≤ 4 terms in one pass over it: acc[k] += Σ C_k[i]·xp[i].
-  void (*dot_codes_perm_terms)(const uint8_t* const* packed, const bool* is_signed, int K,
-                               int bits, const float* xp, int64_t n, float* acc);
+  void (*dot_codes_perm_terms)(const uint8_t* const* packed, const bool* is_signed, int K, int bits,
+                               const float* xp, int64_t n, float* acc);
   // y[i] = Σ_{k<K} s[k]·(C_k[i] + off[k]) for i < n and K ≤ kMaxDecodeTerms (added to y[i]
   // when `accumulate`): K terms decoded and summed in one pass, one fused multiply-add per term
   // in term order, so every variant gives the same bits. packed[k] starts on a byte boundary.
@@ -65,6 +71,7 @@ struct LinearKernelTable {
                        float* y);
 };
 inline constexpr int kMaxDecodeTerms = 8;
+inline constexpr int kGemmRows = 8;
 
 // The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).
 const LinearKernelTable& ActiveLinearKernels();
@@ -106,9 +113,19 @@ class LowbitLinear {
   // The general form: output rows [row_begin, row_end) only, activation row b at x + b·ldx
   // (ldx >= in_features()), y[b·ldy + o - row_begin]. Grouped convolutions run one call per
   // group on that group's rows and im2col patches. Requires 0 <= row_begin <= row_end <= out.
-  void ForwardRows(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
-                   int64_t row_end, float* y, int64_t ldy, int terms_used = 0,
-                   ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
+  void ForwardRows(const float* x, int64_t ldx, int64_t batch, int64_t row_begin, int64_t row_end,
+                   float* y, int64_t ldy, int terms_used = 0, ThreadPool* pool = nullptr,
+                   const LinearKernelTable* kernels = nullptr) const;
+
+  // The large-batch schedule on transposed activations: for b < batch and o in
+  // [row_begin, row_end), y[(o - row_begin)·y_row_stride + b·y_batch_stride] =
+  // Σ_i W[o, i]·xt[i·ldxt + b] (ldxt >= batch). A convolution passes its im2col columns
+  // [in, pixels] and its output [out, pixels] (y_row_stride = pixels, y_batch_stride = 1);
+  // ForwardRows passes its transposed activations and y_row_stride = 1, y_batch_stride = ldy.
+  void ForwardTransposed(const float* xt, int64_t ldxt, int64_t batch, int64_t row_begin,
+                         int64_t row_end, float* y, int64_t y_row_stride, int64_t y_batch_stride,
+                         int terms_used = 0, ThreadPool* pool = nullptr,
+                         const LinearKernelTable* kernels = nullptr) const;
 
   // The weight the first `terms_used` terms stand for, Σ_k Ŵ_k in fp32, row-major [out, in]
   // (out must hold out·in floats): for compute-bound calls (many activation rows) that hand a

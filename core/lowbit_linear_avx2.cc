@@ -2,6 +2,7 @@
 // only called when the CPU has both).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/internal/lowbit_linear_inl.h"
@@ -84,7 +85,8 @@ float Dot(const float* a, const float* b, int64_t n) {
 
 void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx, int B,
               int64_t n, float* acc) {
-  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                 _mm256_setzero_ps()};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 c = _mm256_cvtepi32_ps(Load8(packed, i, bits, is_signed));
@@ -100,34 +102,67 @@ void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, i
   }
 }
 
-template <int R, int B>
-void Tile(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, float* out) {
-  __m256 acc[R][B];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 xv[B];
-    for (int b = 0; b < B; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + i);
+// An R × 16 register tile of outputs (two vectors of 8 activation rows, `lanes` of them valid):
+// per input i, two activation loads and R broadcast weights, 2·R fused multiply-adds.
+template <int R>
+void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t n, int lanes,
+              float* out, int64_t rs, int64_t bs) {
+  alignas(32) static const int32_t kMask[24] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0,
+                                                0,  0,  0,  0,  0,  0,  0,  0,  0, 0, 0, 0};
+  const __m256i m0 =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kMask + 8 - std::min(lanes, 8)));
+  const __m256i m1 = _mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(kMask + 8 - std::max(0, std::min(lanes - 8, 8))));
+  __m256 acc[2 * R];  // unrolled into registers (see the AVX-512 GemmTile)
+#pragma GCC unroll 8
+  for (int j = 0; j < 2 * R; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = xt + i * ldxt;
+    const __m256 x0 = lanes >= 8 ? _mm256_loadu_ps(xi) : _mm256_maskload_ps(xi, m0);
+    const __m256 x1 = lanes >= 16 ? _mm256_loadu_ps(xi + 8) : _mm256_maskload_ps(xi + 8, m1);
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = _mm256_loadu_ps(w + r * ldw + i);
-      for (int b = 0; b < B; ++b) acc[r][b] = _mm256_fmadd_ps(wv, xv[b], acc[r][b]);
+      const __m256 wv = _mm256_set1_ps(w[r * ldw + i]);
+      acc[2 * r] = _mm256_fmadd_ps(wv, x0, acc[2 * r]);
+      acc[2 * r + 1] = _mm256_fmadd_ps(wv, x1, acc[2 * r + 1]);
     }
   }
+  alignas(32) float t[16 * R];
+#pragma GCC unroll 8
+  for (int j = 0; j < 2 * R; ++j) _mm256_store_ps(t + 8 * j, acc[j]);
   for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < B; ++b) {
-      float s = Hsum(acc[r][b]);
-      for (int64_t j = i; j < n; ++j) s += w[r * ldw + j] * x[b * ldx + j];
-      out[r * B + b] = s;
-    }
+    for (int j = 0; j < lanes; ++j) out[r * rs + j * bs] = t[16 * r + j];
   }
 }
 
-void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B, int64_t n,
-              float* out) {
-  if (R == 4 && B == 4) return Tile<4, 4>(w, ldw, x, ldx, n, out);
-  for (int r = 0; r < R; ++r) {  // edge tiles
-    for (int b = 0; b < B; ++b) Tile<1, 1>(w + r * ldw, ldw, x + b * ldx, ldx, n, out + r * B + b);
+template <int R>
+void GemmRowsXt(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t B, int64_t n,
+                float* out, int64_t rs, int64_t bs) {
+  for (int64_t b = 0; b < B; b += 16) {
+    GemmTile<R>(w, ldw, xt + b, ldxt, n, static_cast<int>(std::min<int64_t>(16, B - b)),
+                out + b * bs, rs, bs);
+  }
+}
+
+void GemmXt(const float* w, int64_t ldw, int R, const float* xt, int64_t ldxt, int64_t B, int64_t n,
+            float* out, int64_t rs, int64_t bs) {
+  for (int r = 0; r < R; r += 4) {  // tiles of at most 4 rows: 8 accumulators of 16
+    const float* wr = w + r * ldw;
+    float* o = out + r * rs;
+    switch (std::min(4, R - r)) {
+      case 4:
+        GemmRowsXt<4>(wr, ldw, xt, ldxt, B, n, o, rs, bs);
+        break;
+      case 3:
+        GemmRowsXt<3>(wr, ldw, xt, ldxt, B, n, o, rs, bs);
+        break;
+      case 2:
+        GemmRowsXt<2>(wr, ldw, xt, ldxt, B, n, o, rs, bs);
+        break;
+      default:
+        GemmRowsXt<1>(wr, ldw, xt, ldxt, B, n, o, rs, bs);
+        break;
+    }
   }
 }
 
@@ -147,7 +182,7 @@ void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_s
   internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, i, n, accumulate, y);
 }
 
-const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, TileDots,
+const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, GemmXt,
                                  nullptr, nullptr, nullptr, nullptr,  DecodeTerms};
 
 }  // namespace

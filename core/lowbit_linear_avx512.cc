@@ -5,7 +5,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "core/internal/lowbit_linear_inl.h"
 #include "core/lowbit_linear.h"
 #include "core/packing.h"
 
@@ -78,7 +77,8 @@ float Dot(const float* a, const float* b, int64_t n) {
 
 void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, int64_t ldx, int B,
               int64_t n, float* acc) {
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                 _mm512_setzero_ps()};
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 c = _mm512_cvtepi32_ps(Load16(packed, i, bits, is_signed));
@@ -94,34 +94,84 @@ void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, i
   }
 }
 
-template <int R, int B>
-void Tile(const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t n, float* out) {
-  __m512 acc[R][B];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 xv[B];
-    for (int b = 0; b < B; ++b) xv[b] = _mm512_loadu_ps(x + b * ldx + i);
+// An R × 16·V register tile of outputs: per input i, V vectors of 16 activation rows (the last
+// one masked to `last` lanes) and R broadcast weights, R·V fused multiply-adds.
+template <int R, int V>
+void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t n,
+              __mmask16 last, float* out, int64_t rs, int64_t bs) {
+  // Accumulators as separate values (GCC keeps an array of R·V vectors in memory and stores it
+  // on every iteration).
+  __m512 acc[R * V];
+#pragma GCC unroll 16
+  for (int j = 0; j < R * V; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = xt + i * ldxt;
+    __m512 xv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      xv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, xi + 16 * v) : _mm512_loadu_ps(xi + 16 * v);
+    }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = _mm512_loadu_ps(w + r * ldw + i);
-      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+      const __m512 wv = _mm512_set1_ps(w[r * ldw + i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r * V + v] = _mm512_fmadd_ps(wv, xv[v], acc[r * V + v]);
     }
   }
+  const int tail = __builtin_popcount(last);
+  alignas(64) float t[R * V * 16];
+#pragma GCC unroll 16
+  for (int j = 0; j < R * V; ++j) _mm512_store_ps(t + 16 * j, acc[j]);
   for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < B; ++b) {
-      float s = _mm512_reduce_add_ps(acc[r][b]);
-      for (int64_t j = i; j < n; ++j) s += w[r * ldw + j] * x[b * ldx + j];
-      out[r * B + b] = s;
+    for (int v = 0; v < V; ++v) {
+      const int lanes = v == V - 1 ? tail : 16;
+      const float* src = t + 16 * (r * V + v);
+      float* o = out + r * rs + 16 * v * bs;
+      if (bs == 1) {
+        std::memcpy(o, src, static_cast<size_t>(lanes) * sizeof(float));
+      } else {
+        for (int j = 0; j < lanes; ++j) o[j * bs] = src[j];
+      }
     }
   }
 }
 
-void TileDots(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int B, int64_t n,
-              float* out) {
-  if (R == 4 && B == 4) return Tile<4, 4>(w, ldw, x, ldx, n, out);
-  for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < B; ++b) Tile<1, 1>(w + r * ldw, ldw, x + b * ldx, ldx, n, out + r * B + b);
+template <int R>
+void GemmRowsXt(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t B, int64_t n,
+                float* out, int64_t rs, int64_t bs) {
+  int64_t b = 0;
+  for (; B - b >= 32; b += 32)
+    GemmTile<R, 2>(w, ldw, xt + b, ldxt, n, 0xFFFF, out + b * bs, rs, bs);
+  const int64_t left = B - b;
+  if (left > 16) {
+    GemmTile<R, 2>(w, ldw, xt + b, ldxt, n, static_cast<__mmask16>((1u << (left - 16)) - 1),
+                   out + b * bs, rs, bs);
+  } else if (left > 0) {
+    GemmTile<R, 1>(w, ldw, xt + b, ldxt, n,
+                   static_cast<__mmask16>(left == 16 ? 0xFFFFu : (1u << left) - 1), out + b * bs,
+                   rs, bs);
+  }
+}
+
+void GemmXt(const float* w, int64_t ldw, int R, const float* xt, int64_t ldxt, int64_t B, int64_t n,
+            float* out, int64_t rs, int64_t bs) {
+  switch (R) {
+    case 8:
+      return GemmRowsXt<8>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    case 7:
+      return GemmRowsXt<7>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    case 6:
+      return GemmRowsXt<6>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    case 5:
+      return GemmRowsXt<5>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    case 4:
+      return GemmRowsXt<4>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    case 3:
+      return GemmRowsXt<3>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    case 2:
+      return GemmRowsXt<2>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+    default:
+      return GemmRowsXt<1>(w, ldw, xt, ldxt, B, n, out, rs, bs);
   }
 }
 
@@ -135,7 +185,8 @@ const int64_t kPrefetchBytes = [] {
   return e != nullptr && *e != '\0' ? std::strtoll(e, nullptr, 10) : int64_t{1024};
 }();
 inline void Prefetch(const uint8_t* p) {
-  if (kPrefetchBytes > 0) _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+  if (kPrefetchBytes > 0)
+    _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
 }
 
 // ---- table-lookup decoding of packed codes ---------------------------------------------------
@@ -174,14 +225,16 @@ const Luts kLuts;
 // One activation row: four independent accumulators over two blocks at a time, so that the FMA
 // latency (not its throughput) does not set the pace.
 template <int BITS>
-float DotPackedOne(const uint8_t* packed, const __m512 lut, const float* xp, int64_t n, int64_t* done) {
+float DotPackedOne(const uint8_t* packed, const __m512 lut, const float* xp, int64_t n,
+                   int64_t* done) {
   constexpr int kPer = 8 / BITS, kBlk = 16 * kPer;
-  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                 _mm512_setzero_ps()};
   int64_t i = 0;
   for (; i + 2 * kBlk <= n; i += 2 * kBlk) {
     Prefetch(packed + i / kPer);
-    const __m512i v0 = _mm512_cvtepu8_epi32(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / kPer)));
+    const __m512i v0 =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / kPer)));
     const __m512i v1 = _mm512_cvtepu8_epi32(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (i + kBlk) / kPer)));
 #pragma GCC unroll 8
@@ -198,8 +251,8 @@ float DotPackedOne(const uint8_t* packed, const __m512 lut, const float* xp, int
 }
 
 template <int BITS>
-void DotPacked(const uint8_t* packed, bool is_signed, const float* xp, int64_t ldx, int B, int64_t n,
-               float* acc) {
+void DotPacked(const uint8_t* packed, bool is_signed, const float* xp, int64_t ldx, int B,
+               int64_t n, float* acc) {
   constexpr int kPer = 8 / BITS, kBlk = 16 * kPer;
   const __m512 lut = _mm512_load_ps(kLuts.v[is_signed][BITS]);
   if (B == 1) {  // the latency-bound case: split it
@@ -213,8 +266,8 @@ void DotPacked(const uint8_t* packed, bool is_signed, const float* xp, int64_t l
   for (__m512& v : a) v = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + kBlk <= n; i += kBlk) {
-    const __m512i v = _mm512_cvtepu8_epi32(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / kPer)));
+    const __m512i v =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / kPer)));
 #pragma GCC unroll 8
     for (int s = 0; s < kPer; ++s) {
       const __m512 c = _mm512_permutexvar_ps(_mm512_srli_epi32(v, s * BITS), lut);
@@ -270,43 +323,124 @@ void DotPackedTerms(const uint8_t* const* packed, const bool* is_signed, int K, 
   }
 }
 
-void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_signed,
-                 const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+// 16 codes of BITS ∈ {1, 2, 4} bits from the low 2·BITS bytes of `word`, plus the offset, as
+// floats through the 16-entry table (entry c = the value of code c plus off: the same single
+// rounding as cvt(c) + off). vpermps reads the low 4 bits of each lane, the code and the bits
+// above it, which the table ignores (entry c holds the value of c mod 2^BITS).
+template <int BITS>
+inline __m512 PackedPlusOff(uint64_t word, __m512 lut) {
+  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
+  __m128i idx;
+  __m512i shifts;
+  if (BITS == 4) {
+    idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  } else if (BITS == 2) {
+    idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+  } else {
+    idx = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    shifts = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+  const __m512i v = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, idx)), shifts);
+  return _mm512_permutexvar_ps(v, lut);
+}
+
+// decode_terms when every term has BITS ∈ {1, 2, 4} bits: 2·BITS bytes per 16 codes, the tail
+// masked (only its own bytes are read).
+template <int BITS>
+void DecodeTermsPacked(const uint8_t* const* packed, const bool* is_signed, const float* s,
+                       const float* off, int K, int64_t n, bool accumulate, float* y) {
+  constexpr int kBytes = 2 * BITS;  // per 16 codes
+  __m512 lut[kMaxDecodeTerms], sv[kMaxDecodeTerms];
+  for (int k = 0; k < K; ++k) {
+    lut[k] = _mm512_add_ps(_mm512_load_ps(kLuts.v[is_signed[k]][BITS]), _mm512_set1_ps(off[k]));
+    sv[k] = _mm512_set1_ps(s[k]);
+  }
+  int64_t i = 0, byte = 0;
+  for (; i + 16 <= n; i += 16, byte += kBytes) {
     __m512 acc = accumulate ? _mm512_loadu_ps(y + i) : _mm512_setzero_ps();
     for (int k = 0; k < K; ++k) {
-      const __m512 c = _mm512_add_ps(
-          _mm512_cvtepi32_ps(Load16(packed[k], i, bits[k], is_signed[k])), _mm512_set1_ps(off[k]));
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), c, acc);
+      uint64_t word = 0;
+      std::memcpy(&word, packed[k] + byte, kBytes);
+      acc = _mm512_fmadd_ps(sv[k], PackedPlusOff<BITS>(word, lut[k]), acc);
     }
     _mm512_storeu_ps(y + i, acc);
   }
-  // The tail (the segment may end mid-byte) through the scalar reader, same operations.
-  internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, i, n, accumulate, y);
+  if (i < n) {
+    const int64_t len = n - i;
+    const __mmask16 m = static_cast<__mmask16>((1u << len) - 1);
+    __m512 acc = accumulate ? _mm512_maskz_loadu_ps(m, y + i) : _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      uint64_t word = 0;
+      std::memcpy(&word, packed[k] + byte, static_cast<size_t>((len * BITS + 7) / 8));
+      acc = _mm512_fmadd_ps(sv[k], PackedPlusOff<BITS>(word, lut[k]), acc);
+    }
+    _mm512_mask_storeu_ps(y + i, m, acc);
+  }
+}
+
+void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_signed,
+                 const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
+  bool same = true;
+  for (int k = 1; k < K; ++k) same = same && bits[k] == bits[0];
+  if (same && bits[0] == 4) return DecodeTermsPacked<4>(packed, is_signed, s, off, K, n, accumulate, y);
+  if (same && bits[0] == 2) return DecodeTermsPacked<2>(packed, is_signed, s, off, K, n, accumulate, y);
+  if (same && bits[0] == 1) return DecodeTermsPacked<1>(packed, is_signed, s, off, K, n, accumulate, y);
+  // Byte codes (or mixed widths): one code per byte for b ∉ {1, 2, 4}, the tail masked.
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t len = std::min<int64_t>(16, n - i);
+    const __mmask16 m = static_cast<__mmask16>(len == 16 ? 0xFFFFu : (1u << len) - 1);
+    __m512 acc = accumulate ? _mm512_maskz_loadu_ps(m, y + i) : _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      __m512 c;
+      if (bits[k] == 4 || bits[k] == 2 || bits[k] == 1) {
+        const int64_t nbytes = (len * bits[k] + 7) / 8;
+        uint64_t word = 0;
+        std::memcpy(&word, packed[k] + i * bits[k] / 8, static_cast<size_t>(nbytes));
+        const __m512 lut =
+            _mm512_add_ps(_mm512_load_ps(kLuts.v[is_signed[k]][bits[k]]), _mm512_set1_ps(off[k]));
+        c = bits[k] == 4   ? PackedPlusOff<4>(word, lut)
+            : bits[k] == 2 ? PackedPlusOff<2>(word, lut)
+                           : PackedPlusOff<1>(word, lut);
+      } else {
+        const __m128i b16 = _mm_maskz_loadu_epi8(m, packed[k] + i);
+        const __m512i q = is_signed[k] ? _mm512_cvtepi8_epi32(b16) : _mm512_cvtepu8_epi32(b16);
+        c = _mm512_add_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(off[k]));
+      }
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), c, acc);
+    }
+    _mm512_mask_storeu_ps(y + i, m, acc);
+  }
 }
 
 void DotCodesPermTerms(const uint8_t* const* packed, const bool* is_signed, int K, int bits,
                        const float* xp, int64_t n, float* acc) {
   switch (bits) {
-    case 4: return DotPackedTerms<4>(packed, is_signed, K, xp, n, acc);
-    case 2: return DotPackedTerms<2>(packed, is_signed, K, xp, n, acc);
-    default: return DotPackedTerms<1>(packed, is_signed, K, xp, n, acc);
+    case 4:
+      return DotPackedTerms<4>(packed, is_signed, K, xp, n, acc);
+    case 2:
+      return DotPackedTerms<2>(packed, is_signed, K, xp, n, acc);
+    default:
+      return DotPackedTerms<1>(packed, is_signed, K, xp, n, acc);
   }
 }
 
 void DotCodesPerm(const uint8_t* packed, int bits, bool is_signed, const float* xp, int64_t ldx,
                   int B, int64_t n, float* acc) {
   switch (bits) {
-    case 4: return DotPacked<4>(packed, is_signed, xp, ldx, B, n, acc);
-    case 2: return DotPacked<2>(packed, is_signed, xp, ldx, B, n, acc);
-    default: return DotPacked<1>(packed, is_signed, xp, ldx, B, n, acc);
+    case 4:
+      return DotPacked<4>(packed, is_signed, xp, ldx, B, n, acc);
+    case 2:
+      return DotPacked<2>(packed, is_signed, xp, ldx, B, n, acc);
+    default:
+      return DotPacked<1>(packed, is_signed, xp, ldx, B, n, acc);
   }
 }
 
-const LinearKernelTable kAvx512 = {"avx512",          Decode,     Dot,      DotCodes,
-                                   TileDots,          PermBlock,  PermuteX, DotCodesPerm,
-                                   DotCodesPermTerms, DecodeTerms};
+const LinearKernelTable kAvx512 = {
+    "avx512",  Decode,   Dot,          DotCodes,          GemmXt,
+    PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms, DecodeTerms};
 
 }  // namespace
 

@@ -82,6 +82,9 @@ const Case kCases[] = {
     {11, 70, 1, 4, 2, Grid::kSym, ScaleGranularity::kGroup, 32},   // last group shorter (6)
     {11, 70, 5, 4, 2, Grid::kAsym, ScaleGranularity::kGroup, 32},
     {11, 70, 12, 2, 3, Grid::kMid, ScaleGranularity::kGroup, 16},
+    {45, 120, 40, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},  // masked lane blocks
+    {9, 33, 17, 4, 1, Grid::kMid, ScaleGranularity::kChannel, 0},
+    {7, 25, 33, 2, 2, Grid::kAsym, ScaleGranularity::kGroup, 8},
 };
 
 TEST(LowbitLinear, ReferenceMatchesTheExactExpansion) {
@@ -189,6 +192,93 @@ TEST(LowbitLinear, DecodeTermsIsBitForBitItsDefinitionOnEveryVariant) {
     }
   }
   EXPECT_GE(variants, 1);
+}
+
+// The large-batch inner loop: every output one fused multiply-add chain over i in order, so every
+// variant gives the reference's bits, in both output layouts (rows contiguous as a convolution
+// writes them, or activation rows contiguous as a linear layer does), with nothing written
+// outside the tile.
+TEST(LowbitLinear, GemmXtIsBitForBitItsDefinitionOnEveryVariant) {
+  const LinearKernelTable* ref = LinearKernelsByName("ref");
+  ASSERT_NE(ref, nullptr);
+  int variants = 0;
+  for (const std::string name : {"ref", "avx2", "avx512"}) {
+    const LinearKernelTable* kt = LinearKernelsByName(name);
+    if (kt == nullptr) continue;
+    ++variants;
+    for (int R = 1; R <= kGemmRows; ++R) {
+      for (int64_t n : {1, 3, 16, 37, 120}) {
+        for (int64_t B : {1, 5, 8, 15, 16, 17, 31, 32, 33, 40, 64, 100}) {
+          const int64_t ldw = n + 3, ldxt = B + 2;
+          const std::vector<float> w = ::fpxint::testing::ToFloat(
+              RandomValues(Dist::kGaussian, R * ldw, static_cast<uint64_t>(R * 1000 + n)));
+          const std::vector<float> xt = ::fpxint::testing::ToFloat(
+              RandomValues(Dist::kLaplace, n * ldxt, static_cast<uint64_t>(B * 7 + n)));
+          for (bool rows_contiguous : {true, false}) {
+            const int64_t rs = rows_contiguous ? B + 1 : 1, bs = rows_contiguous ? 1 : R + 2;
+            const size_t size = static_cast<size_t>(R * rs + B * bs + 4);
+            std::vector<float> want(size, -5.0f), got(size, -5.0f);
+            ref->gemm_xt(w.data(), ldw, R, xt.data(), ldxt, B, n, want.data(), rs, bs);
+            kt->gemm_xt(w.data(), ldw, R, xt.data(), ldxt, B, n, got.data(), rs, bs);
+            ASSERT_EQ(0, std::memcmp(want.data(), got.data(), size * sizeof(float)))
+                << name << " R " << R << " n " << n << " B " << B << " rows contiguous "
+                << rows_contiguous;
+            // The definition itself, and the padding untouched.
+            float acc = 0.0f;
+            for (int64_t i = 0; i < n; ++i) {
+              acc = std::fma(w[static_cast<size_t>((R - 1) * ldw + i)],
+                             xt[static_cast<size_t>(i * ldxt + B - 1)], acc);
+            }
+            ASSERT_EQ(got[static_cast<size_t>((R - 1) * rs + (B - 1) * bs)], acc);
+            if (rows_contiguous) {
+              ASSERT_EQ(got[static_cast<size_t>(B)], -5.0f) << "wrote past B";
+            }
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GE(variants, 1);
+}
+
+// The transposed schedule as a convolution calls it: im2col columns [in, pixels] with a row
+// stride, the output [out, pixels] for a row range, against the exact product; and the same bits
+// as the reference table.
+TEST(LowbitLinear, ForwardTransposedWritesTheConvolutionLayout) {
+  ThreadPool pool(2);
+  for (const Case& c : {Case{37, 27, 50, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+                        Case{20, 64, 240, 4, 2, Grid::kMid, ScaleGranularity::kGroup, 32},
+                        Case{9, 30, 3, 2, 3, Grid::kAsym, ScaleGranularity::kChannel, 0}}) {
+    const TensorExpansion e = Expand(c, 41);
+    auto w = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(w.ok());
+    const int64_t px = c.batch, ldxt = px + 7;
+    const std::vector<float> xt =
+        ::fpxint::testing::ToFloat(RandomValues(Dist::kGaussian, c.in * ldxt, 3));
+    std::vector<float> x(static_cast<size_t>(px * c.in));  // the same activations, row-major
+    for (int64_t p = 0; p < px; ++p) {
+      for (int64_t i = 0; i < c.in; ++i) x[p * c.in + i] = xt[i * ldxt + p];
+    }
+    for (int k = 1; k <= c.terms; ++k) {
+      const std::vector<double> exact = Exact(e, x, px, k);
+      const int64_t r0 = 3, r1 = c.out - 2, ldy = px + 1;
+      std::vector<float> y(static_cast<size_t>((r1 - r0) * ldy), -3.0f), y_ref(y);
+      w->ForwardTransposed(xt.data(), ldxt, px, r0, r1, y.data(), ldy, 1, k, &pool);
+      w->ForwardTransposed(xt.data(), ldxt, px, r0, r1, y_ref.data(), ldy, 1, k, nullptr,
+                           LinearKernelsByName("ref"));
+      EXPECT_EQ(0, std::memcmp(y.data(), y_ref.data(), y.size() * sizeof(float))) << Name(c);
+      std::vector<float> got;
+      std::vector<double> want;
+      for (int64_t o = r0; o < r1; ++o) {
+        for (int64_t p = 0; p < px; ++p) {
+          got.push_back(y[static_cast<size_t>((o - r0) * ldy + p)]);
+          want.push_back(exact[static_cast<size_t>(p * c.out + o)]);
+        }
+        EXPECT_EQ(y[static_cast<size_t>((o - r0) * ldy + px)], -3.0f) << "wrote into the padding";
+      }
+      EXPECT_LT(MaxRelErr(got, want), 1e-5) << Name(c) << " K'=" << k;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, LowbitVariant, ::testing::Values("avx2", "avx512"));

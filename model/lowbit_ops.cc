@@ -100,6 +100,20 @@ void RunPacked(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t
   });
 }
 
+// The many-row schedule: y[(o - r0)·rs + b·bs] = Σ_i W[o, i]·xt[i·ldxt + b] for output rows
+// [r0, r1), b < m, on transposed activations (im2col columns), rows split over the intra-op pool.
+void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, int64_t m,
+                   int64_t r0, int64_t r1, float* y, int64_t rs, int64_t bs, int terms) {
+  constexpr int64_t kGrain = 16;
+  at::parallel_for(r0, r1, kGrain, [&](int64_t b, int64_t e) {
+    w.ForwardTransposed(xt, ldxt, m, b, e, y + (b - r0) * rs, rs, bs, terms);
+  });
+}
+
+// Activation rows up to which core::LowbitLinear's small-batch kernels (dot products on the
+// codes) run; more rows go to the transposed schedule (decoded rows × transposed activations).
+constexpr int64_t kFewRows = 8;
+
 // Σ_{k<=terms} Ŵ_k for rows [r0, r1) into `out` (row-major, (r1 - r0) × in), rows split over
 // LibTorch's intra-op pool.
 void DequantizeInto(const core::LowbitLinear& w, int64_t r0, int64_t r1, float* out, int terms) {
@@ -168,6 +182,10 @@ at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   at::Tensor y = at::empty(out_shape, x.options());
   if (m > PackedMaxRows()) {
     DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
+  } else if (m > kFewRows) {  // activations transposed once, for every row task
+    const at::Tensor xt = x.view({m, w.in_features()}).t().contiguous();
+    RunTransposed(w, xt.data_ptr<float>(), m, m, 0, w.out_features(), y.data_ptr<float>(), 1,
+                  w.out_features(), k);
   } else {
     RunPacked(w, x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
               y.data_ptr<float>(), w.out_features(), k);
@@ -193,7 +211,16 @@ struct ConvCall {
   // [N·OH·OW, C·kh·kw]: one row per output pixel, columns ordered (c, kh, kw), so group g's
   // inputs are the columns [g·cpg, (g+1)·cpg).
   at::Tensor Patches(const std::vector<int64_t>& ws) const {
-    return at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride).transpose(1, 2).contiguous();
+    return Columns(ws).transpose(1, 2).contiguous();
+  }
+  // [N, C·kh·kw, OH·OW], contiguous: the transposed schedule's layout (the input itself for a
+  // 1x1 convolution with stride 1 and no padding).
+  at::Tensor Columns(const std::vector<int64_t>& ws) const {
+    if (ws[2] == 1 && ws[3] == 1 && stride[0] == 1 && stride[1] == 1 && padding[0] == 0 &&
+        padding[1] == 0) {
+      return x.view({n, x.size(1), oh * ow});
+    }
+    return at::im2col(x, {ws[2], ws[3]}, dilation, padding, stride).contiguous();
   }
   // From the GEMM's [N·OH·OW, out] to the convolution's output, bias added.
   at::Tensor FromRows(const at::Tensor& flat, const c10::optional<at::Tensor>& bias) const {
@@ -242,12 +269,31 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   const int k = TermsArg(terms);
   // Dense path: LibTorch's convolution (oneDNN on OpenMP threads like the rest of the network;
   // 1x1 convolutions as OpenBLAS GEMMs measured faster alone but slower in the network, where
-  // OpenBLAS's threads compete with OpenMP's spinning ones).
-  if (c.rows() > PackedMaxRows()) {
+  // OpenBLAS's threads compete with OpenMP's spinning ones). Grouped convolutions with more than
+  // a few output pixels too: im2col would copy every input kh·kw times for a handful of weights.
+  if (c.rows() > PackedMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
     return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }
+  const int64_t cpg = w.in_features(), opg = c.out / groups;
+  if (c.rows() > kFewRows) {
+    // Transposed schedule: the im2col columns [N, C·kh·kw, OH·OW] are already [in, pixels] per
+    // image, and the output [N, out, OH·OW] is what the kernel writes: no transposes.
+    const int64_t px = c.oh * c.ow;
+    const at::Tensor cols = c.Columns(p->shape);
+    at::Tensor y = at::empty({c.n, c.out, c.oh, c.ow}, c.x.options());
+    for (int64_t i = 0; i < c.n; ++i) {
+      const float* xi = cols.data_ptr<float>() + i * cols.stride(0);
+      float* yi = y.data_ptr<float>() + i * c.out * px;
+      for (int64_t g = 0; g < groups; ++g) {
+        RunTransposed(w, xi + g * cpg * px, px, px, g * opg, (g + 1) * opg, yi + g * opg * px, px,
+                      1, k);
+      }
+    }
+    if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
+    return c.Finish(y);
+  }
   const at::Tensor cols = c.Patches(p->shape);
-  const int64_t ldx = cols.size(2), cpg = w.in_features(), opg = c.out / groups;
+  const int64_t ldx = cols.size(2);
   at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
   for (int64_t g = 0; g < groups; ++g) {
     RunPacked(w, cols.data_ptr<float>() + g * cpg, ldx, c.rows(), g * opg, (g + 1) * opg,

@@ -29,11 +29,13 @@
 // terms <= 0 (or beyond K) means all terms: any precision from one packed model.
 //
 // Scheduling: few activation rows (M = rows of x, or N·OH·OW output pixels, at most
-// kPackedMaxRows) are memory-bound and run on the packed codes directly (core::LowbitLinear,
-// im2col for convolutions); more rows are compute-bound, so the call decodes a transient fp32
-// copy of Σ Ŵ_k (one layer at a time) and hands it to LibTorch's GEMM / convolution. Either way
-// the resident weights stay packed. Threads: LibTorch's intra-op pool (at::parallel_for), the
-// pool every other op of the same network already uses.
+// kPackedMaxRows) are memory-bound and run on the packed codes directly (core::LowbitLinear: up to
+// 8 rows dot products on the codes; more rows the transposed schedule, which convolutions feed
+// with their im2col columns without a transpose); more rows are compute-bound, so the call
+// decodes a transient fp32 copy of Σ Ŵ_k (one layer at a time) and hands it to LibTorch's GEMM /
+// convolution, as do grouped convolutions beyond 8 pixels. Either way the resident weights stay
+// packed. Threads: LibTorch's intra-op pool (at::parallel_for), the pool every other op of the
+// same network already uses.
 #ifndef FPXINT_MODEL_LOWBIT_OPS_H_
 #define FPXINT_MODEL_LOWBIT_OPS_H_
 
