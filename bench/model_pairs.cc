@@ -1,0 +1,165 @@
+// fpxint-model-pairs: the OCR recognizer at batch 1, FP32 against W4×1 and W4×2 on packed
+// weights, timed in alternating rounds in one process (docs/BENCHMARKS.md "Model").
+//
+// On a shared host whose speed drifts by 2-3× within a minute, back-to-back repetitions (even
+// interleaved ones) compare one side in a quiet minute with the other in a busy one. Here every
+// round runs each model once in rotating order, so each round's ratios compare the models under
+// the same conditions; the report gives per model the minimum (the cost on a quiet machine), the
+// quartile and the median, and the median of the per-round ratios to FP32.
+//   --per-op   also the per-op minimum over rounds, FP32 next to W4×2, aligned by position
+//              (the networks run the same op sequence with conv/linear swapped for fpxint ops).
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "core/safetensors.h"
+#include "model/model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Ms(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+struct OpTime {
+  std::string name;
+  double ms;
+};
+std::vector<OpTime>* g_ops = nullptr;  // set while a profiled forward runs
+thread_local int g_depth = 0;
+thread_local std::vector<Clock::time_point> g_starts;
+
+void InstallOpTimer() {
+  at::addGlobalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction&) -> std::unique_ptr<at::ObserverContext> {
+            ++g_depth;
+            g_starts.push_back(Clock::now());
+            return nullptr;
+          },
+          [](const at::RecordFunction& fn, at::ObserverContext*) {
+            const Clock::time_point t0 = g_starts.back();
+            g_starts.pop_back();
+            if (--g_depth != 0 || g_ops == nullptr) return;  // top-level ops only
+            std::ostringstream key;
+            key << fn.name();
+            for (const c10::IValue& v : fn.inputs()) {
+              if (v.isTensor()) key << " " << v.toTensor().sizes();
+            }
+            g_ops->push_back({key.str(), Ms(t0)});
+          })
+          .needsInputs(true)
+          .scopes({at::RecordScope::FUNCTION}));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"The OCR recognizer at batch 1: FP32 vs W4x1 and W4x2 packed, alternating rounds."};
+  int rounds = 40;
+  bool per_op = false;
+  std::string dir;
+  if (const char* home = std::getenv("HOME")) dir = std::string(home) + "/.cache/fpxint/models";
+  if (const char* d = std::getenv("FPXINT_MODELS_DIR"); d != nullptr && *d != '\0') dir = d;
+  app.add_option("--rounds", rounds, "rounds (each runs every model once)")->check(CLI::Range(3, 100000));
+  app.add_flag("--per-op", per_op, "per-op minimum times, FP32 next to W4x2");
+  app.add_option("--models-dir", dir, "scripts/fetch_models.sh's directory");
+  CLI11_PARSE(app, argc, argv);
+
+  const char* names[] = {"fp32_libtorch", "w4k1", "w4k2"};
+  std::vector<std::unique_ptr<fpxint::model::Model>> models;
+  for (int terms : {0, 1, 2}) {
+    fpxint::model::Model::Options o;
+    o.threads = 2;
+    o.packed = true;
+    auto m = fpxint::model::Model::Load(dir + "/ocr/ocr_rec.pt", o);
+    if (!m.ok()) {
+      std::fprintf(stderr, "run scripts/fetch_models.sh: %s\n", std::string(m.status().message()).c_str());
+      return 3;
+    }
+    if (terms > 0) {
+      fpxint::model::ModelExpansionSpec spec;
+      spec.weights.bits = 4;
+      spec.weights.terms = terms;
+      if (auto s = (*m)->Expand(spec, nullptr); !s.ok()) return 4;
+    }
+    if (!(*m)->SetPrecision(terms, 0).ok()) return 4;
+    if (terms > 0) (*m)->ReleaseAllButPacked().IgnoreError();
+    models.push_back(*std::move(m));
+  }
+  auto reader = fpxint::core::SafetensorsReader::Open(dir + "/ocr/ocr_eval.safetensors");
+  const fpxint::core::TensorInfo* t = reader.ok() ? (*reader)->Find("rec_images") : nullptr;
+  if (t == nullptr || t->dtype != fpxint::core::DType::kF32 || t->shape.size() != 4 ||
+      t->shape[1] != 3 || t->shape[2] != 48 || t->shape[3] != 320) {
+    std::fprintf(stderr, "ocr_eval.safetensors has no F32 rec_images [N, 3, 48, 320]\n");
+    return 3;
+  }
+  const auto bytes = (*reader)->Data(*t);
+  std::vector<float> v(static_cast<size_t>(3 * 48 * 320));
+  std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
+  const auto x = fpxint::model::HostTensor::Float({1, 3, 48, 320}, std::move(v));
+  for (auto& m : models) {
+    for (int i = 0; i < 5; ++i) m->Forward(x).IgnoreError();  // the profiling executor's warm-up
+  }
+
+  std::vector<std::vector<double>> ms(models.size());
+  for (int r = 0; r < rounds; ++r) {
+    for (size_t j = 0; j < models.size(); ++j) {
+      const size_t k = (static_cast<size_t>(r) + j) % models.size();
+      const Clock::time_point t0 = Clock::now();
+      if (!models[k]->Forward(x).ok()) return 4;
+      ms[k].push_back(Ms(t0));
+    }
+  }
+  std::printf("%-14s %9s %9s %9s %22s\n", "model", "min ms", "p25 ms", "median ms",
+              "median ratio to FP32");
+  for (size_t k = 0; k < models.size(); ++k) {
+    std::vector<double> s = ms[k], ratio;
+    for (int r = 0; r < rounds; ++r) ratio.push_back(ms[k][r] / ms[0][r]);
+    std::sort(s.begin(), s.end());
+    std::sort(ratio.begin(), ratio.end());
+    std::printf("%-14s %9.2f %9.2f %9.2f %22.3f\n", names[k], s[0], s[s.size() / 4],
+                s[s.size() / 2], ratio[ratio.size() / 2]);
+  }
+  if (!per_op) return 0;
+
+  InstallOpTimer();
+  std::vector<std::vector<OpTime>> best(2);  // fp32, w4k2
+  for (int r = 0; r < rounds; ++r) {
+    for (int j = 0; j < 2; ++j) {
+      std::vector<OpTime> ops;
+      g_ops = &ops;
+      models[j == 0 ? 0 : 2]->Forward(x).IgnoreError();
+      g_ops = nullptr;
+      if (best[j].empty()) {
+        best[j] = ops;
+      } else {
+        for (size_t i = 0; i < ops.size() && i < best[j].size(); ++i) {
+          best[j][i].ms = std::min(best[j][i].ms, ops[i].ms);
+        }
+      }
+    }
+  }
+  double sum[2] = {0, 0};
+  std::printf("\nper-op minimum over %d rounds (ops over 0.08 ms on either side)\n", rounds);
+  for (size_t i = 0; i < std::max(best[0].size(), best[1].size()); ++i) {
+    const double a = i < best[0].size() ? best[0][i].ms : 0, b = i < best[1].size() ? best[1][i].ms : 0;
+    sum[0] += a;
+    sum[1] += b;
+    if (a > 0.08 || b > 0.08) {
+      std::printf("%4zu %8.3f %8.3f  %s\n", i, a, b, i < best[0].size() ? best[0][i].name.c_str() : "");
+    }
+  }
+  std::printf("sum of per-op minima: fp32 %.2f ms, w4k2 %.2f ms\n", sum[0], sum[1]);
+  return 0;
+}
