@@ -5,13 +5,14 @@ BUILD_DIR ?= build
 JOBS      ?= 2
 CMAKE_FLAGS ?=
 
-.PHONY: all setup configure build models test test-asan test-tsan tsan-build fuzz-build fuzz demo bench eval clean help
+.PHONY: all setup configure build models test test-long test-asan test-tsan tsan-build fuzz-build fuzz demo bench eval clean help
 
 all: build
 
 help:
 	@echo "make demo    end-to-end demo on a real model (sets up, builds, fetches the model)"
 	@echo "make test    build and run every test (what CI runs)"
+	@echo "make test-long  the long fault run: 20 kill -9 trials at random points (docs/RELIABILITY.md)"
 	@echo "make build   configure and build into $(BUILD_DIR)/ (binaries in $(BUILD_DIR)/bin/)"
 	@echo "make bench   run the Google Benchmark suite (docs/BENCHMARKS.md)"
 	@echo "make eval    full accuracy sweep on the real models (~40 min; docs/RESULTS.md, docs/results/)"
@@ -45,9 +46,13 @@ fuzz-build: setup
 	@cmake --build $(FUZZ_DIR) -j$(JOBS)
 
 test: build models fuzz-build tsan-build
-	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
+	@cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS) -LE long
 	@cd $(FUZZ_DIR) && ctest --output-on-failure -j$(JOBS)
 	@$(MAKE) --no-print-directory test-tsan
+
+# The long fault run (20 kill -9 trials at random points; docs/RELIABILITY.md).
+test-long: build models
+	@cd $(BUILD_DIR) && ctest --output-on-failure -L long
 
 fuzz: fuzz-build
 	@cd $(FUZZ_DIR) && FPXINT_FUZZ_SECONDS=$${FPXINT_FUZZ_SECONDS:-300} ctest --output-on-failure -j$(JOBS) -R '^fuzz\.' -V
@@ -58,7 +63,7 @@ test-asan: setup models
 	cmake -S . -B build-asan -G Ninja -DFPXINT_SANITIZE=ON -DFPXINT_BUILD_BENCH=OFF \
 	  -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
 	@cmake --build build-asan -j$(JOBS)
-	@cd build-asan && ctest --output-on-failure -j$(JOBS)
+	@cd build-asan && ctest --output-on-failure -j$(JOBS) -LE long
 
 # ThreadSanitizer build (clang) of the worker pool, job manager and service tests, in build-tsan/
 # (tests/tsan/ makes Debian's uninstrumented Abseil visible to TSan). LibTorch's OpenMP runtime is

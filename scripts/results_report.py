@@ -15,8 +15,8 @@ import os
 import sys
 
 TASK_TITLES = {
-    "ocr_rec": "PaddleOCR PP-OCRv4 recognizer: character accuracy (%) on 320 rendered Brown-corpus lines",
-    "ocr_cls": "PaddleOCR orientation classifier: accuracy (%) on 640 line images (both orientations)",
+    "ocr_rec": "PaddleOCR PP-OCRv4 recognizer: character accuracy (%) on rendered Brown-corpus lines (320 made; the first N evaluated, below)",
+    "ocr_cls": "PaddleOCR orientation classifier: accuracy (%) on line images in both orientations (640 made; the first N evaluated, below)",
     "fmnist": "Fashion-MNIST CNN (conv+BN, trained by the fixture): test accuracy (%), 10 000 images",
     "charlm": "Character-level transformer LM (Brown corpus): held-out perplexity, 512 windows x 64",
 }

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "core/sha256.h"
 #include "core/status_macros.h"
 #include "server/store.h"
 
@@ -22,9 +23,14 @@ const char* RoleName(Role r) {
   }
 }
 
-// Constant-time comparison, so that the time of a failed check says nothing about the token.
-bool SameToken(absl::string_view a, absl::string_view b) {
-  if (a.size() != b.size()) return false;
+std::array<uint8_t, 32> TokenDigest(absl::string_view token) {
+  core::Sha256 h;
+  h.Update(token);
+  return h.Digest();
+}
+
+// Constant-time comparison of two digests (fixed length: no early exit anywhere).
+bool SameDigest(const std::array<uint8_t, 32>& a, const std::array<uint8_t, 32>& b) {
   unsigned char d = 0;
   for (size_t i = 0; i < a.size(); ++i) d |= static_cast<unsigned char>(a[i] ^ b[i]);
   return d == 0;
@@ -64,7 +70,7 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
                                                        "'; accepted: quantize, infer, admin"));
       }
     }
-    a.tokens_[std::string(parts[0])] = roles;
+    a.tokens_[TokenDigest(parts[0])] = roles;
   }
   if (a.tokens_.empty()) {
     return absl::InvalidArgumentError(
@@ -95,8 +101,9 @@ absl::Status Authorizer::Check(const grpc::ServerContext* ctx, Role role, unsign
   }
   unsigned found = 0;
   bool known = false;
-  for (const auto& [token, r] : tokens_) {  // every token compared: constant time overall
-    if (SameToken(token, value)) {
+  const std::array<uint8_t, 32> presented = TokenDigest(value);
+  for (const auto& [digest, r] : tokens_) {  // every token compared: constant time overall
+    if (SameDigest(digest, presented)) {
       found = r;
       known = true;
     }

@@ -13,6 +13,8 @@
 
 #include <grpcpp/server_context.h>
 
+#include <array>
+#include <cstdint>
 #include <map>
 #include <string>
 
@@ -35,7 +37,10 @@ class Authorizer {
   absl::Status Check(const grpc::ServerContext* ctx, Role role, unsigned* roles = nullptr) const;
 
  private:
-  std::map<std::string, unsigned> tokens_;
+  // SHA-256 of each token -> its roles: a presented token is hashed once and compared with every
+  // digest in constant time, so neither the time of a failed check nor its length says anything
+  // about the tokens (which are never kept or logged in clear after loading).
+  std::map<std::array<uint8_t, 32>, unsigned> tokens_;
 };
 
 }  // namespace fpxint::server

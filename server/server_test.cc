@@ -14,6 +14,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "fpxint/v1/quantizer.grpc.pb.h"
@@ -725,6 +726,134 @@ TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
   ASSERT_TRUE(q_->GetJob(Ctx().get(), ref, &after).ok());
   EXPECT_EQ(after.state(), v1::SUCCEEDED);
   EXPECT_EQ(Sha(Download(after.artifacts(0).artifact_id())), after.artifacts(0).sha256());
+}
+
+// Every RPC that names a model, job or service answers NOT_FOUND for one that does not exist,
+// naming the field; and the lookups succeed once it exists.
+TEST_F(ServerTest, UnknownNamesAreNotFoundOnEveryRpc) {
+  auto not_found = [](const grpc::Status& s, const char* field) {
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND) << field << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(field), std::string::npos) << s.error_message();
+  };
+  v1::ModelRef mref;
+  mref.set_name("absent");
+  v1::Model model;
+  not_found(q_->GetModel(Ctx().get(), mref, &model), "name");
+  v1::JobRef jref;
+  jref.set_job_id("no-such-job");
+  v1::Job job;
+  not_found(q_->GetJob(Ctx().get(), jref, &job), "job");
+  not_found(q_->CancelJob(Ctx().get(), jref, &job), "job");
+  {
+    auto ctx = Ctx();
+    auto reader = q_->WatchJob(ctx.get(), jref);
+    v1::JobEvent ev;
+    EXPECT_FALSE(reader->Read(&ev));
+    not_found(reader->Finish(), "job");
+  }
+  {
+    v1::ArtifactRef aref;
+    aref.set_artifact_id("no-such-artifact");
+    auto ctx = Ctx();
+    auto reader = q_->DownloadArtifact(ctx.get(), aref);
+    v1::ArtifactChunk chunk;
+    EXPECT_FALSE(reader->Read(&chunk));
+    not_found(reader->Finish(), "artifact_id");
+  }
+  inference::ModelReadyRequest rr;
+  rr.set_name("absent");
+  inference::ModelReadyResponse ready;
+  not_found(oip_->ModelReady(Ctx(kInfer).get(), rr, &ready), "absent");
+  inference::ModelMetadataRequest mdr;
+  mdr.set_name("absent");
+  inference::ModelMetadataResponse md;
+  not_found(oip_->ModelMetadata(Ctx(kInfer).get(), mdr, &md), "absent");
+  inference::RepositoryModelLoadRequest lr;
+  lr.set_model_name("absent");
+  inference::RepositoryModelLoadResponse lresp;
+  not_found(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp), "absent");
+  inference::RepositoryModelUnloadRequest ur;
+  ur.set_model_name("absent");
+  inference::RepositoryModelUnloadResponse uresp;
+  not_found(oip_->RepositoryModelUnload(Ctx(kInfer).get(), ur, &uresp), "absent");
+  inference::ModelStatisticsRequest sr;
+  sr.set_name("absent");
+  inference::ModelStatisticsResponse st;
+  not_found(oip_->ModelStatistics(Ctx(kInfer).get(), sr, &st), "absent");
+  grpc::health::v1::HealthCheckRequest hr;
+  hr.set_service("no.such.Service");
+  grpc::health::v1::HealthCheckResponse hresp;
+  grpc::ClientContext hctx;
+  EXPECT_EQ(health_->Check(&hctx, hr, &hresp).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // Once the model exists: GetModel returns what UploadModel did, the FP model loads and is ready.
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
+  v1::Model up;
+  ASSERT_TRUE(Upload("present", v1::TORCHSCRIPT, ts, &up).ok());
+  mref.set_name("present");
+  ASSERT_TRUE(q_->GetModel(Ctx().get(), mref, &model).ok());
+  EXPECT_EQ(model.sha256(), up.sha256());
+  EXPECT_EQ(model.size_bytes(), static_cast<int64_t>(ts.size()));
+  lr.set_model_name("present");
+  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).ok());
+  rr.set_name("present");
+  ASSERT_TRUE(oip_->ModelReady(Ctx(kInfer).get(), rr, &ready).ok());
+  EXPECT_TRUE(ready.ready());
+}
+
+// FP16 and UINT8 inputs of a float model are converted on the way in: UINT8 values give exactly
+// the FP32 result of the same values, FP16 that of the rounded halves.
+TEST_F(ServerTest, Fp16AndUint8InputsMatchTheirFp32Values) {
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
+  v1::Model m;
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ts, &m).ok());
+  inference::RepositoryModelLoadRequest lr;
+  lr.set_model_name("tiny");
+  inference::RepositoryModelLoadResponse lresp;
+  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).ok());
+  const int64_t n = 2 * 3 * 8 * 8;
+  auto infer = [&](const char* datatype, const std::string& raw, std::vector<float>* y) {
+    inference::ModelInferRequest req;
+    req.set_model_name("tiny");
+    auto* in = req.add_inputs();
+    in->set_name("input__0");
+    in->set_datatype(datatype);
+    for (int64_t d : {2, 3, 8, 8}) in->add_shape(d);
+    req.add_raw_input_contents(raw);
+    inference::ModelInferResponse resp;
+    grpc::Status s = oip_->ModelInfer(Ctx(kInfer).get(), req, &resp);
+    if (s.ok()) {
+      const std::string& b = resp.raw_output_contents(0);
+      y->assign(reinterpret_cast<const float*>(b.data()),
+                reinterpret_cast<const float*>(b.data() + b.size()));
+    }
+    return s;
+  };
+  std::string u8(static_cast<size_t>(n), '\0'), f32_of_u8(static_cast<size_t>(4 * n), '\0');
+  std::string f16(static_cast<size_t>(2 * n), '\0'), f32_of_f16(static_cast<size_t>(4 * n), '\0');
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t v = static_cast<uint8_t>((i * 37) % 256);
+    u8[static_cast<size_t>(i)] = static_cast<char>(v);
+    const float fv = static_cast<float>(v);
+    std::memcpy(&f32_of_u8[static_cast<size_t>(4 * i)], &fv, 4);
+    const uint16_t h = core::FloatToHalf(std::sin(0.37f * static_cast<float>(i)) * 3.1f);
+    std::memcpy(&f16[static_cast<size_t>(2 * i)], &h, 2);
+    const float hf = core::HalfToFloat(h);
+    std::memcpy(&f32_of_f16[static_cast<size_t>(4 * i)], &hf, 4);
+  }
+  std::vector<float> a, b;
+  ASSERT_TRUE(infer("UINT8", u8, &a).ok());
+  ASSERT_TRUE(infer("FP32", f32_of_u8, &b).ok());
+  ASSERT_FALSE(a.empty());
+  EXPECT_EQ(a, b);
+  ASSERT_TRUE(infer("FP16", f16, &a).ok());
+  ASSERT_TRUE(infer("FP32", f32_of_f16, &b).ok());
+  EXPECT_EQ(a, b);
+  // The wrong byte count for the datatype names the field.
+  grpc::Status s = infer("FP16", f32_of_f16, &a);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("raw_input_contents[0]"), std::string::npos)
+      << s.error_message();
 }
 
 TEST_F(ServerTest, ModelJobWritesBasisModels) {

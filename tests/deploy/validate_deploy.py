@@ -957,6 +957,67 @@ def check_dockerfile(ck, repo):
              " ".join(pkgs))
 
 
+def check_pipeline(ck, repo):
+    """The MLOps step's two wrappers against the script they run: every input a wrapper uses is
+    declared, every declared output is produced, and the script they call exists."""
+    pdir = os.path.join(repo, "deploy", "pipeline")
+    script = "fpxint-quantize-step.sh"
+    problems = []
+    if not os.access(os.path.join(pdir, script), os.X_OK):
+        problems.append(f"deploy/pipeline/{script} is missing or not executable")
+
+    action = load_yaml_docs(os.path.join(pdir, "action.yml"))[0]
+    inputs = set((action.get("inputs") or {}).keys())
+    for req in ("server", "model-file", "name", "max-rel-error"):
+        if req not in inputs:
+            problems.append(f"action.yml: no input '{req}'")
+    runs = action.get("runs") or {}
+    if runs.get("using") != "composite":
+        problems.append(f"action.yml: runs.using is {runs.get('using')!r}, expected 'composite'")
+    steps = runs.get("steps") or []
+    step_ids = {st.get("id") for st in steps if isinstance(st, dict)}
+    text = yaml.safe_dump(steps)
+    for used in sorted(set(re.findall(r"inputs\.([A-Za-z0-9_-]+)", text))):
+        if used not in inputs:
+            problems.append(f"action.yml: steps use undeclared input '{used}'")
+    for name, out in (action.get("outputs") or {}).items():
+        m = re.search(r"steps\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_-]+)", str(out.get("value", "")))
+        if m and m.group(1) not in step_ids:
+            problems.append(f"action.yml: output '{name}' reads step '{m.group(1)}', which does not exist")
+        if m and f"{m.group(2)}=" not in text:
+            problems.append(f"action.yml: output '{name}' reads '{m.group(2)}', which no step writes")
+    if script not in text:
+        problems.append(f"action.yml: the step does not run {script}")
+
+    comp = load_yaml_docs(os.path.join(pdir, "component.yaml"))[0]
+    cin = {i["name"] for i in comp.get("inputs") or []}
+    cout = {o["name"] for o in comp.get("outputs") or []}
+    container = (comp.get("implementation") or {}).get("container") or {}
+    args = container.get("args") or []
+    placeholders = args[1:] if args and isinstance(args[0], str) else args
+    for a in placeholders:
+        if not isinstance(a, dict) or len(a) != 1:
+            problems.append(f"component.yaml: argument {a!r} is not one placeholder")
+            continue
+        (kind, ref), = a.items()
+        if kind == "inputValue" and ref not in cin:
+            problems.append(f"component.yaml: inputValue '{ref}' is not a declared input")
+        if kind in ("outputPath",) and ref not in cout:
+            problems.append(f"component.yaml: outputPath '{ref}' is not a declared output")
+    body = args[0] if args and isinstance(args[0], str) else ""
+    used = [int(n) for n in re.findall(r"\$\{?(\d+)\}?", body)]
+    if used and max(used) >= len(placeholders):
+        problems.append(f"component.yaml: the script reads ${max(used)} but gets "
+                        f"{len(placeholders)} arguments")
+    if len(set(used)) != len(placeholders):
+        problems.append(f"component.yaml: {len(placeholders)} arguments, the script reads "
+                        f"{len(set(used))} of them")
+    if script not in body:
+        problems.append(f"component.yaml: the command does not run {script}")
+    ck.check("pipeline: action.yml and component.yaml match their inputs, outputs and script",
+             problems, f"{len(inputs)} action inputs, {len(cin)} component inputs")
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -993,6 +1054,7 @@ def main():
         check_prometheus(ck, repo, compose, known)
         check_grafana(ck, repo, compose, known)
         check_dockerfile(ck, repo)
+        check_pipeline(ck, repo)
     except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as e:
         ck.fail("validator", f"{type(e).__name__}: {e} (a file is missing or malformed)")
 

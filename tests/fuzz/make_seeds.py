@@ -100,7 +100,7 @@ def main(outdir):
     rng = np.random.RandomState(0)
     seeds = {t: [] for t in ("fuzz_safetensors", "fuzz_upload", "fuzz_oip_request", "fuzz_job_spec",
                              "fuzz_client_parsers", "fuzz_packing", "fuzz_packed_weight",
-                             "fuzz_torch_state_dict")}
+                             "fuzz_torch_state_dict", "fuzz_artifact")}
     st = safetensors({"w": rng.randn(4, 6).astype(np.float32), "b": rng.randn(4).astype(np.float16),
                       "codes": rng.randint(0, 255, (2, 3)).astype(np.uint8)}, {"format": "pt"})
     seeds["fuzz_safetensors"] += [st, safetensors({}), safetensors({"x": np.zeros((0, 3), np.float32)})]
@@ -142,6 +142,14 @@ def main(outdir):
                                     for rows, cols, group, bits, terms in
                                     ((3, 8, 8, 4, 2), (2, 10, 4, 2, 1), (4, 5, 5, 3, 3), (1, 16, 8, 8, 1))]
     seeds["fuzz_torch_state_dict"] += torch_seeds()
+    # Artifacts written by `fpxint expand` (packed 4/2-bit and byte codes; channel, group and
+    # tensor scales; sym, mid, asym; rescaled and digits), kept in tests/fuzz/corpus/.
+    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "fuzz_artifact")
+    for f in sorted(os.listdir(corpus)):
+        with open(os.path.join(corpus, f), "rb") as fh:
+            seeds["fuzz_artifact"].append(fh.read())
+    if not seeds["fuzz_artifact"]:
+        sys.exit(f"no artifact seeds in {corpus}")
     for target, items in seeds.items():
         d = os.path.join(outdir, target)
         os.makedirs(d, exist_ok=True)

@@ -7,8 +7,10 @@
 // Starts its own server on 127.0.0.1:0 (temp data dir, token file, port file), checks health,
 // uploads ocr_rec.safetensors, runs and watches a TENSOR job, downloads the packed artifact and
 // verifies its SHA-256, uploads ocr_rec.pt, serves it in FP (RepositoryModelLoad), runs ModelInfer
-// (raw FP32) on one eval image and checks the output shape, and checks that a call without a token
-// fails with UNAUTHENTICATED. Exits non-zero with a message (and the server's stderr tail) on any
+// (raw FP32) on one eval image and checks the output shape; runs a LAYER job deployed as rec-q and
+// compares its ModelInfer output with FP (relative error, argmax agreement), a MODEL job with its
+// basis TorchScript models, and cancels a running job; and checks that a call without a token
+// fails with UNAUTHENTICATED and one with the wrong role with PERMISSION_DENIED. Exits non-zero with a message (and the server's stderr tail) on any
 // failure; always kills the server it started.
 'use strict';
 
@@ -265,6 +267,28 @@ function readEvalImage(file, index) {
   return buf;
 }
 
+// n tensors "w<i>" of rows × cols F32 from a fixed-seed generator (sums of uniforms: bell-shaped).
+function writeRandomSafetensors(file, n, rows, cols) {
+  const header = {};
+  const bytes = rows * cols * 4;
+  for (let i = 0; i < n; i++) header[`w${i}`] = { dtype: 'F32', shape: [rows, cols], data_offsets: [i * bytes, (i + 1) * bytes] };
+  let hjson = JSON.stringify(header);
+  hjson += ' '.repeat((8 - (hjson.length % 8)) % 8);
+  const fd = fs.openSync(file, 'w');
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(hjson.length));
+  fs.writeSync(fd, len);
+  fs.writeSync(fd, Buffer.from(hjson, 'utf8'));
+  let state = 12345;
+  const next = () => { state = (Math.imul(state, 1103515245) + 12345) >>> 0; return state / 4294967296; };
+  const vals = new Float32Array(rows * cols);
+  for (let i = 0; i < n; i++) {
+    for (let j = 0; j < vals.length; j++) vals[j] = next() + next() + next() - 1.5;
+    fs.writeSync(fd, Buffer.from(vals.buffer));
+  }
+  fs.closeSync(fd);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 async function main() {
@@ -377,6 +401,71 @@ async function main() {
     for (const v of probs) if (!Number.isFinite(v)) { finite = false; break; }
     check(finite, 'non-finite output values');
     step(`ModelInfer: output__0 ${JSON.stringify(shape)}`);
+
+    // LAYER job on the TorchScript model, deployed for serving; quantized vs FP outputs
+    const layerSpec = {
+      model: 'ocr_rec', granularity: 'LAYER', weight_bits: 4, weight_terms: 2, grid: 'SYM', scale: 'PER_CHANNEL',
+      deploy: { enabled: true, name: 'rec-q' },
+    };
+    const ljob = await ok(unary(q, 'SubmitJob', { spec: layerSpec, idempotency_key: 'node-e2e-layer' }, 'quantize'), 'SubmitJob(LAYER)');
+    const levents = await ok(watchJob(q, ljob.job_id, 'quantize', 300), 'WatchJob(LAYER)');
+    const lj = levents[levents.length - 1].job;
+    check(lj.state === 'SUCCEEDED', `LAYER job ended ${lj.state}: ${lj.error}`);
+    check(lj.result && lj.result.deployed_name === 'rec-q', `LAYER job result: ${JSON.stringify(lj.result && lj.result.deployed_name)}`);
+    check(lj.result.layers.length > 0, 'LAYER job: result.layers is empty');
+    check(lj.artifacts.some((a) => a.kind === 'packed_safetensors'), `LAYER artifacts: ${lj.artifacts.map((a) => a.kind)}`);
+    step(`LAYER job ${ljob.job_id}: ${lj.result.layers.length} layers, deployed as rec-q`);
+    const qresp = await ok(unary(inf, 'ModelInfer', { ...req, model_name: 'rec-q', id: 'node-req-q' }, 'infer', 120), 'ModelInfer(rec-q)');
+    const qraw = qresp.raw_output_contents[0];
+    check(qresp.outputs.length === 1 && qresp.outputs[0].shape.map(Number).join(',') === shape.join(','),
+      `rec-q output shape ${JSON.stringify(qresp.outputs[0] && qresp.outputs[0].shape)} vs FP ${shape}`);
+    const qprobs = new Float32Array(qraw.buffer.slice(qraw.byteOffset, qraw.byteOffset + qraw.length));
+    let num = 0, den = 0, agree = 0;
+    for (let i = 0; i < probs.length; i++) { num += (qprobs[i] - probs[i]) ** 2; den += probs[i] ** 2; }
+    const argmax = (a, t) => { let b = 0; for (let c = 1; c < shape[2]; c++) if (a[t * shape[2] + c] > a[t * shape[2] + b]) b = c; return b; };
+    for (let t = 0; t < shape[1]; t++) if (argmax(qprobs, t) === argmax(probs, t)) agree += 1;
+    const rel = Math.sqrt(num / den);
+    check(rel < 0.2, `rec-q (W4x2) vs FP: relative L2 error ${rel}`);  // one line; the Python e2e bounds 8 lines at 0.1
+    check(agree / shape[1] >= 0.95, `rec-q vs FP: argmax agreement ${agree}/${shape[1]}`);
+    check(rel > 0, 'rec-q output equals FP exactly: not quantized?');
+    step(`ModelInfer(rec-q) vs FP: rel L2 ${rel.toPrecision(3)}, argmax agreement ${agree}/${shape[1]}`);
+
+    // MODEL job: K basis TorchScript models
+    const mspec = { model: 'ocr_rec', granularity: 'MODEL', weight_bits: 4, weight_terms: 2, outputs: ['BASIS_TORCHSCRIPT'] };
+    const mjob = await ok(unary(q, 'SubmitJob', { spec: mspec, idempotency_key: 'node-e2e-model' }, 'quantize'), 'SubmitJob(MODEL)');
+    const mevents = await ok(watchJob(q, mjob.job_id, 'quantize', 300), 'WatchJob(MODEL)');
+    const mj = mevents[mevents.length - 1].job;
+    check(mj.state === 'SUCCEEDED', `MODEL job ended ${mj.state}: ${mj.error}`);
+    const basis = mj.artifacts.filter((a) => a.kind === 'basis_torchscript');
+    check(basis.length === 2, `MODEL job: ${basis.length} basis artifacts, expected 2`);
+    const b0 = await ok(download(q, basis[0].artifact_id, 'quantize'), 'DownloadArtifact(basis)');
+    check(crypto.createHash('sha256').update(b0.data).digest('hex') === basis[0].sha256, 'basis artifact SHA-256');
+    check(b0.data.subarray(0, 2).toString('latin1') === 'PK', 'basis artifact is not a TorchScript (zip) archive');
+    step(`MODEL job ${mjob.job_id}: 2 basis models, ${basis[0].file_name} verified`);
+
+    // cancel a running job: a TENSOR job on ~100 MB of random weights at b=2, K=8
+    const bigPath = path.join(server.root, 'big_random.safetensors');
+    writeRandomSafetensors(bigPath, 6, 2048, 2048);
+    await ok(uploadFile(q, 'big_random', bigPath, 'SAFETENSORS', [], 'quantize'), 'UploadModel(big_random)');
+    fs.unlinkSync(bigPath);
+    const bjob = await ok(unary(q, 'SubmitJob', { spec: { model: 'big_random', granularity: 'TENSOR', weight_bits: 2, weight_terms: 8 } }, 'quantize'), 'SubmitJob(big_random)');
+    let bj = bjob;
+    for (const t0 = Date.now(); bj.state !== 'RUNNING' && Date.now() - t0 < 60000;) {
+      check(!['SUCCEEDED', 'FAILED', 'CANCELLED'].includes(bj.state), `slow job ended ${bj.state} before it could be cancelled`);
+      await sleep(20);
+      bj = await ok(unary(q, 'GetJob', { job_id: bjob.job_id }, 'quantize'), 'GetJob');
+    }
+    check(bj.state === 'RUNNING', `slow job never RUNNING: ${bj.state}`);
+    const tCancel = Date.now();
+    await ok(unary(q, 'CancelJob', { job_id: bjob.job_id }, 'quantize'), 'CancelJob');
+    while (!['SUCCEEDED', 'FAILED', 'CANCELLED'].includes(bj.state) && Date.now() - tCancel < 15000) {
+      await sleep(50);
+      bj = await ok(unary(q, 'GetJob', { job_id: bjob.job_id }, 'quantize'), 'GetJob');
+    }
+    check(bj.state === 'CANCELLED', `after CancelJob the job is ${bj.state}`);
+    check(bj.error, 'a CANCELLED job says what happened in Job.error');
+    check(bj.artifacts.length === 0, 'a CANCELLED job lists artifacts');
+    step(`running job cancelled in ${Date.now() - tCancel} ms`);
 
     // unauthenticated inference
     try {
