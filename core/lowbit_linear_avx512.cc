@@ -96,6 +96,14 @@ void DotCodes(const uint8_t* packed, int bits, bool is_signed, const float* x, i
 
 // An R × 16·V register tile of outputs: per input i, V vectors of 16 activation rows (the last
 // one masked to `last` lanes) and R broadcast weights, R·V fused multiply-adds.
+// acc + broadcast(*w) · x with the broadcast folded into the multiply-add's memory operand
+// ({1to16}): a load, not a shuffle, so the FMA pipes are not shared with broadcasts. GCC keeps
+// _mm512_set1_ps(*w) as a separate vbroadcastss when the value is used more than once.
+inline __m512 FmaBroadcast(const float* w, __m512 x, __m512 acc) {
+  asm("vfmadd231ps %[w]%{1to16%}, %[x], %[acc]" : [acc] "+v"(acc) : [x] "v"(x), [w] "m"(*w));
+  return acc;
+}
+
 template <int R, int V>
 void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t n,
               __mmask16 last, float* out, int64_t rs, int64_t bs) {
@@ -113,10 +121,20 @@ void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 wv = _mm512_set1_ps(w[r * ldw + i]);
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r * V + v] = _mm512_fmadd_ps(wv, xv[v], acc[r * V + v]);
+      for (int v = 0; v < V; ++v) acc[r * V + v] = FmaBroadcast(w + r * ldw + i, xv[v], acc[r * V + v]);
     }
+  }
+  if (bs == 1) {  // rows contiguous (the convolution layout): masked stores from registers
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        _mm512_mask_storeu_ps(out + r * rs + 16 * v, v == V - 1 ? last : __mmask16{0xFFFF},
+                              acc[r * V + v]);
+      }
+    }
+    return;
   }
   const int tail = __builtin_popcount(last);
   alignas(64) float t[R * V * 16];
@@ -127,11 +145,7 @@ void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_
       const int lanes = v == V - 1 ? tail : 16;
       const float* src = t + 16 * (r * V + v);
       float* o = out + r * rs + 16 * v * bs;
-      if (bs == 1) {
-        std::memcpy(o, src, static_cast<size_t>(lanes) * sizeof(float));
-      } else {
-        for (int j = 0; j < lanes; ++j) o[j * bs] = src[j];
-      }
+      for (int j = 0; j < lanes; ++j) o[j * bs] = src[j];
     }
   }
 }
