@@ -288,8 +288,10 @@ def cmd_table(a):
         "char acc = 1 - sum(edit distance) / sum(characters) after greedy CTC decoding "
         "(fpxint-eval's ocr_rec metric); lines ok = lines read exactly. "
         "Latency: client wall time of one ModelInfer (batch 1, loopback gRPC), 'vs FP' = ratio of "
-        "the p50s; the quantized models run the expansion through the model layer (weights summed, "
-        "activations expanded; docs/SERVICE.md), not packed low-bit kernels yet.")
+        "the p50s; the quantized models are served on the packed low-bit ops (weights stay packed "
+        "in memory, K*b/32 of FP32; docs/SERVICE.md \"Serving quantized models\"). At batch 1 this "
+        "network is compute-bound, so weight-only terms save memory, not time "
+        "(docs/BENCHMARKS.md).")
     print(textwrap.fill(notes, width=len(head)))
 
     # One line that makes the point: FP and W4x2 read it, W4x1 does not.

@@ -4,6 +4,12 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -81,6 +87,7 @@ class ServerTest : public ::testing::Test {
     c.threads = 2;
     c.queue_limit = 8;
     c.shutdown_grace_seconds = shutdown_grace_;
+    c.metrics_listen = metrics_listen_;
     c.job_memory_limit = job_memory_limit_;
     c.workers = workers_;
     auto s = Server::Start(c);
@@ -187,6 +194,7 @@ class ServerTest : public ::testing::Test {
   uint64_t job_memory_limit_ = 0;
   int workers_ = 1;
   double shutdown_grace_ = 5;
+  std::string metrics_listen_;
   int64_t max_upload_ = 4 << 20;
   std::unique_ptr<Server> server_;
   std::unique_ptr<v1::Quantizer::Stub> q_;
@@ -928,6 +936,63 @@ TEST_F(ServerTest, ShutdownFinishesOrRequeuesARunningJob) {
   for (const v1::Artifact& art : jb.artifacts()) {
     EXPECT_EQ(Sha(Download(art.artifact_id())), art.sha256()) << art.kind();
   }
+}
+
+// TOOLCHAIN.md trap 2: with LibTorch and OpenBLAS in the process, a thread on prometheus-cpp's
+// ~100 KiB stack cannot hold the static TLS and the exposer fails to start. server/stack_size_fix.cc
+// raises such requests to 1 MiB; this process links it, as fpxint-server does.
+TEST(StackSizeFix, SmallThreadStacksAreRaisedToOneMiB) {
+  pthread_attr_t attr;
+  ASSERT_EQ(pthread_attr_init(&attr), 0);
+  ASSERT_EQ(pthread_attr_setstacksize(&attr, 100 * 1024), 0);
+  size_t got = 0;
+  ASSERT_EQ(pthread_attr_getstacksize(&attr, &got), 0);
+  EXPECT_GE(got, size_t{1} << 20);
+  pthread_attr_destroy(&attr);
+}
+
+// The metrics exposer starts and serves in a process that has LibTorch and OpenBLAS loaded (the
+// crash of trap 2), and counts the RPCs made.
+TEST_F(ServerTest, MetricsEndpointServesWithLibTorchLoaded) {
+  std::ifstream maps("/proc/self/maps");
+  const std::string m((std::istreambuf_iterator<char>(maps)), std::istreambuf_iterator<char>());
+  EXPECT_NE(m.find("libtorch_cpu"), std::string::npos) << "LibTorch is not mapped in this process";
+  metrics_listen_ = "127.0.0.1:0";
+  Restart();
+  ASSERT_GT(server_->metrics_port(), 0);
+  auto scrape = [&]() {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    EXPECT_GE(fd, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<uint16_t>(server_->metrics_port()));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    const std::string req = "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    EXPECT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+    std::string body;
+    char buf[4096];
+    for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) body.append(buf, static_cast<size_t>(n));
+    close(fd);
+    return body;
+  };
+  inference::ServerLiveResponse live;
+  for (int i = 0; i < 3; ++i) {
+    grpc::ClientContext c;
+    ASSERT_TRUE(oip_->ServerLive(&c, {}, &live).ok());
+  }
+  // The interceptor counts a call when its status has been sent, which may be just after the
+  // client has it: scrape until the count shows (or 5 s).
+  const std::string series =
+      "fpxint_grpc_requests_total{code=\"OK\",method=\"/inference.GRPCInferenceService/ServerLive\"} 3";
+  std::string text;
+  for (int i = 0; i < 100; ++i) {
+    text = scrape();
+    if (text.find(series) != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE(text.find("200 OK"), std::string::npos) << text.substr(0, 200);
+  EXPECT_NE(text.find(series), std::string::npos) << text.substr(0, 4000);
 }
 
 TEST_F(ServerTest, ModelJobWritesBasisModels) {
