@@ -388,7 +388,7 @@ class ServiceE2E(ServerTestCase):
         self.need("uploaded", "test_04_upload_models")
         c = self.cq
         spec = c.job_spec("ocr_rec", "LAYER", weight_bits=4, weight_terms=2,
-                          deploy={"enabled": True, "name": "rec-q"})
+                          deploy={"enabled": True, "name": "rec-q"}, outputs=["DEQUANTIZED_TORCHSCRIPT"])
         job = self.call(c.submit, spec)
         events = self.call(c.watch, job.job_id, timeout=300)
         check_job_events(self, c, events)
@@ -512,6 +512,36 @@ class ServiceE2E(ServerTestCase):
         self.assertFalse(used_raw)
         np.testing.assert_allclose(out, q_outs[0], rtol=1e-4, atol=1e-5)
         self.state["q_outs"] = (q_outs, rel)
+
+    def test_31b_dequantized_torchscript_runs_in_python(self):
+        """The LAYER job's dequantized_torchscript artifact is plain TorchScript: Debian's Python
+        torch loads it without the fpxint op library and gives the served W4x2 model's outputs."""
+        q_outs, _ = self.need("q_outs", "test_31_quantized_infer")
+        job = self.need("layer_job", "test_20_layer_job_deploy")
+        try:
+            import torch
+        except ImportError as e:  # python3-torch is a declared dependency (scripts/setup.sh)
+            self.fail(f"python3-torch is missing: {e}")
+        art = [a for a in job.artifacts if a.kind == "dequantized_torchscript"]
+        self.assertEqual(len(art), 1, f"artifacts: {[a.kind for a in job.artifacts]}")
+        data, _ = self.call(self.cq.download, art[0].artifact_id)
+        self.assertEqual(sc.sha256_bytes(data), art[0].sha256)
+        path = os.path.join(self.tmp, art[0].file_name)
+        with open(path, "wb") as f:
+            f.write(data)
+        module = torch.jit.load(path)
+        module.eval()
+        with torch.no_grad():
+            for i, img in enumerate(self.state["images"]):
+                x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+                y = module(x)
+                y = y[0] if isinstance(y, (tuple, list)) else y
+                y = y.numpy()
+                self.assertEqual(y.shape, q_outs[i].shape)
+                # Served on packed ops vs the dequantized fp32 weights: the same model up to the
+                # order of the fp32 sums.
+                np.testing.assert_allclose(y, q_outs[i], rtol=1e-3, atol=1e-4,
+                                           err_msg=f"image {i}: Python vs served W4x2")
 
     def test_32_fpxint_terms(self):
         fp_outs = self.need("fp_outs", "test_30_fp_load_and_infer")
