@@ -130,6 +130,31 @@ INSTANTIATE_TEST_SUITE_P(Reference, C1Test,
                                            C1Case{4, Grid::kSym, 0.0714}, C1Case{8, Grid::kSym, 0.00394},
                                            C1Case{4, Grid::kAsym, 0.0667}, C1Case{4, Grid::kMid, 0.0625}));
 
+// C1 beyond the Gaussian: after the first term the residual is roughly uniform within its
+// bound whatever the source, so the per-term ratio is r on Laplace and heavy-tailed (Student-t,
+// 3 degrees of freedom) weights too, per tensor and per channel.
+TEST(C1Distributions, ContractionRatioIsROnLaplaceAndHeavyTails) {
+  int checked = 0;
+  for (Dist d : {Dist::kLaplace, Dist::kStudentT3}) {
+    const std::vector<double> w = FloatValued(RandomValues(d, 512 * 512, 11));
+    for (Grid g : {Grid::kSym, Grid::kMid, Grid::kAsym}) {
+      for (ScaleGranularity sc : {ScaleGranularity::kTensor, ScaleGranularity::kChannel}) {
+        ExpansionSpec spec = Spec(4, 5, g, sc);
+        TensorExpansion e = MustExpand(w, {512, 512}, spec);
+        const double r = spec.contraction();
+        for (int k = 2; k < 5; ++k) {
+          const double fro = e.errors[k].rel_fro / e.errors[k - 1].rel_fro;
+          const double mx = e.errors[k].max_abs / e.errors[k - 1].max_abs;
+          EXPECT_NEAR(fro / r, 1.0, 0.03) << DistName(d) << " " << spec.ToString() << " k=" << k;
+          EXPECT_NEAR(mx / r, 1.0, 0.03) << DistName(d) << " " << spec.ToString() << " k=" << k;
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(checked, 2 * 3 * 2 * 3);
+}
+
 // ---- C2 hard bound and C13 monotonicity, every grid, granularity, distribution and b ----
 
 TEST(ExpansionBounds, HardBoundAndMonotonicEverywhere) {
