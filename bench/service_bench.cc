@@ -1,7 +1,8 @@
 // Service overhead, measured against the same work done in-process, in one run
 // (docs/BENCHMARKS.md "Service"):
 //   - ModelInfer of the OCR recognizer at batch 1 over gRPC (loopback, raw FP32) vs
-//     model::Model::Forward of the same network in-process, both at 2 LibTorch threads;
+//     model::Model::Forward of the same network in-process, both at 2 LibTorch threads, with the
+//     p50/p99 latency of every request and the throughput (counters p50_ms, p99_ms, req_per_s);
 //   - upload and download throughput of a 100 MB file;
 //   - a TENSOR job end to end (submit, run, watch to SUCCEEDED) vs core::ExpandSafetensorsFile on
 //     the same file and spec.
@@ -9,11 +10,14 @@
 #include <benchmark/benchmark.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/artifact.h"
@@ -167,15 +171,46 @@ std::vector<float> RecInput() {
   return x;
 }
 
+// Per-request latency percentiles and throughput over every iteration of the run (Google
+// Benchmark's own figures are means per repetition): p50_ms, p99_ms, req_per_s.
+class Latencies {
+ public:
+  void Start() { t0_ = std::chrono::steady_clock::now(); }
+  void Stop() {
+    ms_.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0_).count());
+  }
+  void Report(benchmark::State& state) {
+    if (ms_.empty()) return;
+    double total = 0;
+    for (double v : ms_) total += v;
+    std::sort(ms_.begin(), ms_.end());
+    auto pct = [&](double p) {
+      return ms_[std::min(ms_.size() - 1, static_cast<size_t>(p * static_cast<double>(ms_.size())))];
+    };
+    state.counters["p50_ms"] = pct(0.50);
+    state.counters["p99_ms"] = pct(0.99);
+    state.counters["req_per_s"] = 1000.0 * static_cast<double>(ms_.size()) / total;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point t0_;
+  std::vector<double> ms_;
+};
+
 void BM_InferInProcess(benchmark::State& state) {
   Env* e = GetEnv();
   auto net = model::Model::Load(e->rec_path, {2});
   if (!net.ok()) return state.SkipWithError("cannot load the recognizer");
   const auto x = model::HostTensor::Float({1, 3, 48, 320}, RecInput());
+  Latencies lat;
   for (auto _ : state) {
+    lat.Start();
     auto y = (*net)->Forward(x);
     benchmark::DoNotOptimize(y);
+    lat.Stop();
   }
+  lat.Report(state);
 }
 
 void BM_InferGrpc(benchmark::State& state) {
@@ -188,11 +223,15 @@ void BM_InferGrpc(benchmark::State& state) {
   in->set_datatype("FP32");
   for (int64_t d : {1, 3, 48, 320}) in->add_shape(d);
   req.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * 4);
+  Latencies lat;
   for (auto _ : state) {
+    lat.Start();
     grpc::ClientContext ctx;
     inference::ModelInferResponse resp;
     if (!e->oip->ModelInfer(&ctx, req, &resp).ok()) return state.SkipWithError("ModelInfer failed");
+    lat.Stop();
   }
+  lat.Report(state);
 }
 
 void BM_Upload100MB(benchmark::State& state) {
