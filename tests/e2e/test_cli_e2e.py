@@ -470,18 +470,32 @@ class CliE2E(CliTestCase):
     def test_12_models(self):
         self.need("layer_job", "test_05_quantize_layer_deploy_human")
         doc = self.run_cli("--json", "models", "list").json()
+        self.assert_keys(doc, {"uploaded", "served"}, "models list")
+        for m in doc["uploaded"]:
+            self.assert_keys(m, {"name", "sha256", "format", "size_bytes"}, "models list: uploaded")
+        for m in doc["served"]:
+            self.assert_keys(m, {"name", "version", "state", "reason"}, "models list: served")
         self.assertIn("fmnist", [m["name"] for m in doc["uploaded"]])
         served = {m["name"]: m for m in doc["served"]}
         self.assertEqual(served["fm_w4x2"]["state"], "READY")
         doc = self.run_cli("--json", "models", "get", "fm_w4x2").json()
+        self.assert_keys(doc, {"uploaded", "served"}, "models get")
+        self.assert_keys(doc["served"], {"name", "versions", "platform", "inputs", "outputs"},
+                         "models get: served")
         self.assertEqual(doc["served"]["inputs"][0]["datatype"], "FP32")
         self.assertIsNone(doc["uploaded"])
-        self.run_cli("models", "unload", "fm_w4x2")
+        doc = self.run_cli("--json", "models", "get", "fmnist").json()
+        self.assertEqual(doc["uploaded"]["name"], "fmnist")
+        self.assert_keys(doc["uploaded"], {"name", "sha256", "format", "size_bytes"}, "models get")
+        doc = self.run_cli("--json", "models", "unload", "fm_w4x2").json()
+        self.assertEqual(doc, {"model": "fm_w4x2", "result": "unloaded"})
         self.run_cli("infer", "fm_w4x2", "-i", "x.npy", expect=3)
-        self.run_cli("models", "load", "fm_w4x2")
+        doc = self.run_cli("--json", "models", "load", "fm_w4x2").json()
+        self.assertEqual(doc, {"model": "fm_w4x2", "result": "loaded"})
         self.run_cli("infer", "fm_w4x2", "-i", "x.npy")
         self.run_cli("models", "unload", "fm_w4x2", token=sc.TOKENS["quantize"], expect=7)
-        self.run_cli("models", "delete", "cls_weights_3")
+        doc = self.run_cli("--json", "models", "delete", "cls_weights_3").json()
+        self.assertEqual(doc, {"model": "cls_weights_3", "result": "deleted"})
         names = [m["name"] for m in self.run_cli("--json", "models", "list").json()["uploaded"]]
         self.assertNotIn("cls_weights_3", names)
         r = self.run_cli("models", "get", "nothing_here", expect=3)
