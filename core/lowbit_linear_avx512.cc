@@ -337,13 +337,12 @@ void DotPackedTerms(const uint8_t* const* packed, const bool* is_signed, int K, 
   }
 }
 
-// 16 codes of BITS ∈ {1, 2, 4} bits from the low 2·BITS bytes of `word`, plus the offset, as
+// 16 codes of BITS ∈ {1, 2, 4} bits from the low 2·BITS bytes of `bytes`, plus the offset, as
 // floats through the 16-entry table (entry c = the value of code c plus off: the same single
 // rounding as cvt(c) + off). vpermps reads the low 4 bits of each lane, the code and the bits
 // above it, which the table ignores (entry c holds the value of c mod 2^BITS).
 template <int BITS>
-inline __m512 PackedPlusOff(uint64_t word, __m512 lut) {
-  const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
+inline __m512 PackedPlusOff(__m128i bytes, __m512 lut) {
   __m128i idx;
   __m512i shifts;
   if (BITS == 4) {
@@ -377,18 +376,20 @@ void DecodeTermsPacked(const uint8_t* const* packed, const bool* is_signed, cons
     for (int k = 0; k < K; ++k) {
       uint64_t word = 0;
       std::memcpy(&word, packed[k] + byte, kBytes);
-      acc = _mm512_fmadd_ps(sv[k], PackedPlusOff<BITS>(word, lut[k]), acc);
+      acc = _mm512_fmadd_ps(
+          sv[k], PackedPlusOff<BITS>(_mm_cvtsi64_si128(static_cast<long long>(word)), lut[k]), acc);
     }
     _mm512_storeu_ps(y + i, acc);
   }
   if (i < n) {
     const int64_t len = n - i;
     const __mmask16 m = static_cast<__mmask16>((1u << len) - 1);
+    // Only the tail's own bytes, by a masked load (no variable-length memcpy call per row).
+    const __mmask16 mb = static_cast<__mmask16>((1u << ((len * BITS + 7) / 8)) - 1);
     __m512 acc = accumulate ? _mm512_maskz_loadu_ps(m, y + i) : _mm512_setzero_ps();
     for (int k = 0; k < K; ++k) {
-      uint64_t word = 0;
-      std::memcpy(&word, packed[k] + byte, static_cast<size_t>((len * BITS + 7) / 8));
-      acc = _mm512_fmadd_ps(sv[k], PackedPlusOff<BITS>(word, lut[k]), acc);
+      acc = _mm512_fmadd_ps(
+          sv[k], PackedPlusOff<BITS>(_mm_maskz_loadu_epi8(mb, packed[k] + byte), lut[k]), acc);
     }
     _mm512_mask_storeu_ps(y + i, m, acc);
   }
@@ -410,13 +411,13 @@ void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_s
       __m512 c;
       if (bits[k] == 4 || bits[k] == 2 || bits[k] == 1) {
         const int64_t nbytes = (len * bits[k] + 7) / 8;
-        uint64_t word = 0;
-        std::memcpy(&word, packed[k] + i * bits[k] / 8, static_cast<size_t>(nbytes));
+        const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nbytes) - 1),
+                                                   packed[k] + i * bits[k] / 8);
         const __m512 lut =
             _mm512_add_ps(_mm512_load_ps(kLuts.v[is_signed[k]][bits[k]]), _mm512_set1_ps(off[k]));
-        c = bits[k] == 4   ? PackedPlusOff<4>(word, lut)
-            : bits[k] == 2 ? PackedPlusOff<2>(word, lut)
-                           : PackedPlusOff<1>(word, lut);
+        c = bits[k] == 4   ? PackedPlusOff<4>(bytes, lut)
+            : bits[k] == 2 ? PackedPlusOff<2>(bytes, lut)
+                           : PackedPlusOff<1>(bytes, lut);
       } else {
         const __m128i b16 = _mm_maskz_loadu_epi8(m, packed[k] + i);
         const __m512i q = is_signed[k] ? _mm512_cvtepi8_epi32(b16) : _mm512_cvtepu8_epi32(b16);
