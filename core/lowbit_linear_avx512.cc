@@ -5,11 +5,30 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/internal/lowbit_linear_inl.h"
 #include "core/lowbit_linear.h"
 #include "core/packing.h"
 
 namespace fpxint::core {
 namespace {
+
+// 16 codes of `bits` ∈ {1, 2, 4} bits from the low 2·bits bytes of `bytes`, code j in lane j's
+// low bits (the bits above it still hold the following codes of the same byte).
+inline __m512i SpreadCodes(__m128i bytes, int bits) {
+  __m128i idx;
+  __m512i shifts;
+  if (bits == 4) {
+    idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  } else if (bits == 2) {
+    idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+  } else {
+    idx = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    shifts = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  }
+  return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, idx)), shifts);
+}
 
 // 16 codes starting at code index i (i % 16 == 0) as int32 lanes.
 inline __m512i Load16(const uint8_t* packed, int64_t i, int bits, bool is_signed) {
@@ -17,21 +36,8 @@ inline __m512i Load16(const uint8_t* packed, int64_t i, int bits, bool is_signed
     const int per = 8 / bits;
     uint64_t word = 0;
     std::memcpy(&word, packed + i / per, static_cast<size_t>(2 * bits));  // 16 codes
-    const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(word));
-    __m128i idx;
-    __m512i shifts;
-    if (bits == 4) {
-      idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-      shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-    } else if (bits == 2) {
-      idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-      shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
-    } else {
-      idx = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-      shifts = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-    }
-    __m512i v = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, idx));
-    v = _mm512_and_si512(_mm512_srlv_epi32(v, shifts), _mm512_set1_epi32((1 << bits) - 1));
+    __m512i v = _mm512_and_si512(SpreadCodes(_mm_cvtsi64_si128(static_cast<long long>(word)), bits),
+                                 _mm512_set1_epi32((1 << bits) - 1));
     if (is_signed) {
       const __m512i sign = _mm512_set1_epi32(1 << (bits - 1));
       v = _mm512_sub_epi32(_mm512_xor_si512(v, sign), sign);
@@ -105,8 +111,8 @@ inline __m512 FmaBroadcast(const float* w, __m512 x, __m512 acc) {
 }
 
 template <int R, int V>
-void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t n,
-              __mmask16 last, float* out, int64_t rs, int64_t bs) {
+void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_t n, __mmask16 last,
+              float* out, int64_t rs, int64_t bs) {
   // Accumulators as separate values (GCC keeps an array of R·V vectors in memory and stores it
   // on every iteration).
   __m512 acc[R * V];
@@ -122,7 +128,8 @@ void GemmTile(const float* w, int64_t ldw, const float* xt, int64_t ldxt, int64_
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r * V + v] = FmaBroadcast(w + r * ldw + i, xv[v], acc[r * V + v]);
+      for (int v = 0; v < V; ++v)
+        acc[r * V + v] = FmaBroadcast(w + r * ldw + i, xv[v], acc[r * V + v]);
     }
   }
   if (bs == 1) {  // rows contiguous (the convolution layout): masked stores from registers
@@ -343,20 +350,7 @@ void DotPackedTerms(const uint8_t* const* packed, const bool* is_signed, int K, 
 // above it, which the table ignores (entry c holds the value of c mod 2^BITS).
 template <int BITS>
 inline __m512 PackedPlusOff(__m128i bytes, __m512 lut) {
-  __m128i idx;
-  __m512i shifts;
-  if (BITS == 4) {
-    idx = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    shifts = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  } else if (BITS == 2) {
-    idx = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    shifts = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
-  } else {
-    idx = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    shifts = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-  }
-  const __m512i v = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(bytes, idx)), shifts);
-  return _mm512_permutexvar_ps(v, lut);
+  return _mm512_permutexvar_ps(SpreadCodes(bytes, BITS), lut);
 }
 
 // decode_terms when every term has BITS ∈ {1, 2, 4} bits: 2·BITS bytes per 16 codes, the tail
@@ -399,30 +393,28 @@ void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_s
                  const float* s, const float* off, int K, int64_t n, bool accumulate, float* y) {
   bool same = true;
   for (int k = 1; k < K; ++k) same = same && bits[k] == bits[0];
-  if (same && bits[0] == 4) return DecodeTermsPacked<4>(packed, is_signed, s, off, K, n, accumulate, y);
-  if (same && bits[0] == 2) return DecodeTermsPacked<2>(packed, is_signed, s, off, K, n, accumulate, y);
-  if (same && bits[0] == 1) return DecodeTermsPacked<1>(packed, is_signed, s, off, K, n, accumulate, y);
-  // Byte codes (or mixed widths): one code per byte for b ∉ {1, 2, 4}, the tail masked.
+  if (same && bits[0] == 4)
+    return DecodeTermsPacked<4>(packed, is_signed, s, off, K, n, accumulate, y);
+  if (same && bits[0] == 2)
+    return DecodeTermsPacked<2>(packed, is_signed, s, off, K, n, accumulate, y);
+  if (same && bits[0] == 1)
+    return DecodeTermsPacked<1>(packed, is_signed, s, off, K, n, accumulate, y);
+  for (int k = 0; k < K; ++k) {
+    if (bits[k] == 4 || bits[k] == 2 || bits[k] == 1) {
+      // Packed codes of mixed widths (no expansion makes them: every term has the same b): the
+      // scalar form, which is the definition.
+      return internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, 0, n, accumulate, y);
+    }
+  }
+  // Byte codes: one code per byte for b ∉ {1, 2, 4}, the tail masked.
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t len = std::min<int64_t>(16, n - i);
     const __mmask16 m = static_cast<__mmask16>(len == 16 ? 0xFFFFu : (1u << len) - 1);
     __m512 acc = accumulate ? _mm512_maskz_loadu_ps(m, y + i) : _mm512_setzero_ps();
     for (int k = 0; k < K; ++k) {
-      __m512 c;
-      if (bits[k] == 4 || bits[k] == 2 || bits[k] == 1) {
-        const int64_t nbytes = (len * bits[k] + 7) / 8;
-        const __m128i bytes = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nbytes) - 1),
-                                                   packed[k] + i * bits[k] / 8);
-        const __m512 lut =
-            _mm512_add_ps(_mm512_load_ps(kLuts.v[is_signed[k]][bits[k]]), _mm512_set1_ps(off[k]));
-        c = bits[k] == 4   ? PackedPlusOff<4>(bytes, lut)
-            : bits[k] == 2 ? PackedPlusOff<2>(bytes, lut)
-                           : PackedPlusOff<1>(bytes, lut);
-      } else {
-        const __m128i b16 = _mm_maskz_loadu_epi8(m, packed[k] + i);
-        const __m512i q = is_signed[k] ? _mm512_cvtepi8_epi32(b16) : _mm512_cvtepu8_epi32(b16);
-        c = _mm512_add_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(off[k]));
-      }
+      const __m128i b16 = _mm_maskz_loadu_epi8(m, packed[k] + i);
+      const __m512i q = is_signed[k] ? _mm512_cvtepi8_epi32(b16) : _mm512_cvtepu8_epi32(b16);
+      const __m512 c = _mm512_add_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(off[k]));
       acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), c, acc);
     }
     _mm512_mask_storeu_ps(y + i, m, acc);

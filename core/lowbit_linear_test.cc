@@ -190,6 +190,26 @@ TEST(LowbitLinear, DecodeTermsIsBitForBitItsDefinitionOnEveryVariant) {
         }
       }
     }
+    // Terms of different widths (the interface allows it; expansions never make it).
+    for (const auto& widths :
+         {std::vector<int>{4, 2}, std::vector<int>{4, 8}, std::vector<int>{3, 1}}) {
+      int bw[kMaxDecodeTerms];
+      bool sg[kMaxDecodeTerms] = {true, true};
+      for (size_t k = 0; k < widths.size(); ++k) bw[k] = widths[k];
+      for (int64_t n : {1, 17, 100}) {
+        std::vector<float> want(static_cast<size_t>(n), 0.0f), got(want.size(), 99.0f);
+        std::vector<int32_t> q(static_cast<size_t>(n));
+        for (int k = 0; k < 2; ++k) {
+          UnpackCodes(packed[k], n, bw[k], sg[k], q.data());
+          for (int64_t i = 0; i < n; ++i) {
+            want[i] = std::fma(s[k], static_cast<float>(q[i]) + off[k], want[i]);
+          }
+        }
+        kt->decode_terms(packed, bw, sg, s, off, 2, n, false, got.data());
+        ASSERT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+            << name << " widths " << widths[0] << "," << widths[1] << " n " << n;
+      }
+    }
   }
   EXPECT_GE(variants, 1);
 }

@@ -1,8 +1,8 @@
 // File: core/internal/lowbit_linear_inl.h
 //
-// The scalar form of LinearKernelTable::decode_terms, shared by the reference table and the tail
-// of the AVX2 variant (AVX-512 masks its tail), so that every variant computes the same
-// operations in the same order (one std::fma per term, term order).
+// The scalar form of LinearKernelTable::decode_terms, shared by the reference table, the tail of
+// the AVX2 variant and the AVX-512 variant's mixed-width case, so that every variant computes the
+// same operations in the same order (one std::fma per term, term order).
 #ifndef FPXINT_CORE_INTERNAL_LOWBIT_LINEAR_INL_H_
 #define FPXINT_CORE_INTERNAL_LOWBIT_LINEAR_INL_H_
 
