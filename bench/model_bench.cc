@@ -17,27 +17,21 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <benchmark/benchmark.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
 
 #include "core/expansion.h"
 #include "core/lowbit_linear.h"
-#include "core/safetensors.h"
 #include "model/lowbit_ops.h"
+#include "bench/ocr_recognizer.h"
 #include "model/model.h"
 
 namespace {
 
 constexpr int kThreads = 2;
 
-std::string ModelsDir() {
-  if (const char* d = std::getenv("FPXINT_MODELS_DIR"); d != nullptr && *d != '\0') return d;
-  const char* home = std::getenv("HOME");
-  return std::string(home ? home : ".") + "/.cache/fpxint/models";
-}
+using fpxint::bench::ModelsDir;
 
 // ---- Conv ----
 
@@ -108,44 +102,16 @@ void BM_Dequantize(benchmark::State& state, int terms) {
 // ---- Model ----
 
 void BM_Model(benchmark::State& state, int terms) {
-  fpxint::model::Model::Options o;
-  o.threads = kThreads;
-  o.packed = true;
-  auto m = fpxint::model::Model::Load(ModelsDir() + "/ocr/ocr_rec.pt", o);
-  if (!m.ok()) {
-    state.SkipWithError(("run scripts/fetch_models.sh: " + std::string(m.status().message())).c_str());
+  auto m = fpxint::bench::LoadRecognizer(ModelsDir(), terms);
+  auto x = m.ok() ? fpxint::bench::FirstRecognizerLine(ModelsDir()) : m.status();
+  if (!x.ok()) {
+    state.SkipWithError(std::string(x.status().message()).c_str());
     return;
   }
-  if (terms > 0) {
-    fpxint::model::ModelExpansionSpec spec;
-    spec.weights.bits = 4;
-    spec.weights.terms = terms;
-    if (auto s = (*m)->Expand(spec, nullptr); !s.ok()) {
-      state.SkipWithError(std::string(s.message()).c_str());
-      return;
-    }
-  }
-  if (auto s = (*m)->SetPrecision(terms, 0); !s.ok()) {
-    state.SkipWithError(std::string(s.message()).c_str());
-    return;
-  }
-  if (terms > 0) (*m)->ReleaseAllButPacked().IgnoreError();  // as the server holds it
-  // The first rendered evaluation line (ocr_eval.safetensors "rec_images" [N, 3, 48, 320]).
-  auto reader = fpxint::core::SafetensorsReader::Open(ModelsDir() + "/ocr/ocr_eval.safetensors");
-  const fpxint::core::TensorInfo* t = reader.ok() ? (*reader)->Find("rec_images") : nullptr;
-  if (t == nullptr || t->dtype != fpxint::core::DType::kF32 || t->shape.size() != 4 ||
-      t->shape[1] != 3 || t->shape[2] != 48 || t->shape[3] != 320) {
-    state.SkipWithError("ocr_eval.safetensors has no F32 rec_images [N, 3, 48, 320]");
-    return;
-  }
-  auto bytes = (*reader)->Data(*t);
-  std::vector<float> v(static_cast<size_t>(3 * 48 * 320));
-  std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
-  const auto x = fpxint::model::HostTensor::Float({1, 3, 48, 320}, std::move(v));
   // TorchScript's profiling executor specialises the graph over the first runs: warm it up.
-  for (int i = 0; i < 3; ++i) (*m)->Forward(x).IgnoreError();
+  for (int i = 0; i < 3; ++i) (*m)->Forward(*x).IgnoreError();
   for (auto _ : state) {
-    auto y = (*m)->Forward(x);
+    auto y = (*m)->Forward(*x);
     if (!y.ok()) {
       state.SkipWithError(std::string(y.status().message()).c_str());
       return;

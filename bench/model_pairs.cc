@@ -14,14 +14,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <memory>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "core/safetensors.h"
+#include "bench/ocr_recognizer.h"
 #include "model/model.h"
 
 namespace {
@@ -68,9 +67,7 @@ int main(int argc, char** argv) {
   CLI::App app{"The OCR recognizer at batch 1: FP32 vs W4x1 and W4x2 packed, alternating rounds."};
   int rounds = 40;
   bool per_op = false;
-  std::string dir;
-  if (const char* home = std::getenv("HOME")) dir = std::string(home) + "/.cache/fpxint/models";
-  if (const char* d = std::getenv("FPXINT_MODELS_DIR"); d != nullptr && *d != '\0') dir = d;
+  std::string dir = fpxint::bench::ModelsDir();
   app.add_option("--rounds", rounds, "rounds (each runs every model once)")->check(CLI::Range(3, 100000));
   app.add_flag("--per-op", per_op, "per-op minimum times, FP32 next to W4x2");
   app.add_option("--models-dir", dir, "scripts/fetch_models.sh's directory");
@@ -79,35 +76,19 @@ int main(int argc, char** argv) {
   const char* names[] = {"fp32_libtorch", "w4k1", "w4k2"};
   std::vector<std::unique_ptr<fpxint::model::Model>> models;
   for (int terms : {0, 1, 2}) {
-    fpxint::model::Model::Options o;
-    o.threads = 2;
-    o.packed = true;
-    auto m = fpxint::model::Model::Load(dir + "/ocr/ocr_rec.pt", o);
+    auto m = fpxint::bench::LoadRecognizer(dir, terms);
     if (!m.ok()) {
-      std::fprintf(stderr, "run scripts/fetch_models.sh: %s\n", std::string(m.status().message()).c_str());
+      std::fprintf(stderr, "%s\n", std::string(m.status().message()).c_str());
       return 3;
     }
-    if (terms > 0) {
-      fpxint::model::ModelExpansionSpec spec;
-      spec.weights.bits = 4;
-      spec.weights.terms = terms;
-      if (auto s = (*m)->Expand(spec, nullptr); !s.ok()) return 4;
-    }
-    if (!(*m)->SetPrecision(terms, 0).ok()) return 4;
-    if (terms > 0) (*m)->ReleaseAllButPacked().IgnoreError();
     models.push_back(*std::move(m));
   }
-  auto reader = fpxint::core::SafetensorsReader::Open(dir + "/ocr/ocr_eval.safetensors");
-  const fpxint::core::TensorInfo* t = reader.ok() ? (*reader)->Find("rec_images") : nullptr;
-  if (t == nullptr || t->dtype != fpxint::core::DType::kF32 || t->shape.size() != 4 ||
-      t->shape[1] != 3 || t->shape[2] != 48 || t->shape[3] != 320) {
-    std::fprintf(stderr, "ocr_eval.safetensors has no F32 rec_images [N, 3, 48, 320]\n");
+  auto line = fpxint::bench::FirstRecognizerLine(dir);
+  if (!line.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(line.status().message()).c_str());
     return 3;
   }
-  const auto bytes = (*reader)->Data(*t);
-  std::vector<float> v(static_cast<size_t>(3 * 48 * 320));
-  std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
-  const auto x = fpxint::model::HostTensor::Float({1, 3, 48, 320}, std::move(v));
+  const fpxint::model::HostTensor& x = *line;
   for (auto& m : models) {
     for (int i = 0; i < 5; ++i) m->Forward(x).IgnoreError();  // the profiling executor's warm-up
   }

@@ -1,0 +1,29 @@
+// File: bench/ocr_recognizer.h
+//
+// The OCR recognizer and its first rendered evaluation line, as the benchmarks time them
+// (fpxint-bench "Model/*" and fpxint-model-pairs). No LibTorch types here.
+#ifndef FPXINT_BENCH_OCR_RECOGNIZER_H_
+#define FPXINT_BENCH_OCR_RECOGNIZER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "model/model.h"
+
+namespace fpxint::bench {
+
+// FPXINT_MODELS_DIR, else scripts/fetch_models.sh's default (~/.cache/fpxint/models).
+std::string ModelsDir();
+
+// ocr/ocr_rec.pt on 2 threads with packed ops: FP32 for terms == 0, otherwise the weight-only
+// expansion b = 4, K = terms, holding only the packed terms as the server does.
+absl::StatusOr<std::unique_ptr<model::Model>> LoadRecognizer(const std::string& models_dir,
+                                                             int terms);
+
+// The first line of ocr/ocr_eval.safetensors "rec_images": [1, 3, 48, 320] F32.
+absl::StatusOr<model::HostTensor> FirstRecognizerLine(const std::string& models_dir);
+
+}  // namespace fpxint::bench
+
+#endif  // FPXINT_BENCH_OCR_RECOGNIZER_H_
