@@ -274,26 +274,22 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   if (c.rows() > PackedMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
     return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }
-  const int64_t cpg = w.in_features(), opg = c.out / groups;
   if (c.rows() > kFewRows) {
-    // Transposed schedule: the im2col columns [N, C·kh·kw, OH·OW] are already [in, pixels] per
-    // image, and the output [N, out, OH·OW] is what the kernel writes: no transposes.
+    // Transposed schedule (groups == 1 here): the im2col columns [N, C·kh·kw, OH·OW] are
+    // already [in, pixels] per image, and the output [N, out, OH·OW] is what the kernel writes:
+    // no transposes.
     const int64_t px = c.oh * c.ow;
     const at::Tensor cols = c.Columns(p->shape);
     at::Tensor y = at::empty({c.n, c.out, c.oh, c.ow}, c.x.options());
     for (int64_t i = 0; i < c.n; ++i) {
-      const float* xi = cols.data_ptr<float>() + i * cols.stride(0);
-      float* yi = y.data_ptr<float>() + i * c.out * px;
-      for (int64_t g = 0; g < groups; ++g) {
-        RunTransposed(w, xi + g * cpg * px, px, px, g * opg, (g + 1) * opg, yi + g * opg * px, px,
-                      1, k);
-      }
+      RunTransposed(w, cols.data_ptr<float>() + i * cols.stride(0), px, px, 0, c.out,
+                    y.data_ptr<float>() + i * c.out * px, px, 1, k);
     }
     if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
     return c.Finish(y);
   }
   const at::Tensor cols = c.Patches(p->shape);
-  const int64_t ldx = cols.size(2);
+  const int64_t ldx = cols.size(2), cpg = w.in_features(), opg = c.out / groups;
   at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
   for (int64_t g = 0; g < groups; ++g) {
     RunPacked(w, cols.data_ptr<float>() + g * cpg, ldx, c.rows(), g * opg, (g + 1) * opg,

@@ -1002,7 +1002,7 @@ def check_pipeline(ck, repo):
         (kind, ref), = a.items()
         if kind == "inputValue" and ref not in cin:
             problems.append(f"component.yaml: inputValue '{ref}' is not a declared input")
-        if kind in ("outputPath",) and ref not in cout:
+        if kind == "outputPath" and ref not in cout:
             problems.append(f"component.yaml: outputPath '{ref}' is not a declared output")
     body = args[0] if args and isinstance(args[0], str) else ""
     used = [int(n) for n in re.findall(r"\$\{?(\d+)\}?", body)]
