@@ -54,8 +54,16 @@ void DecodeTermsRef(const uint8_t* const* packed, const int* bits, const bool* i
   internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, 0, n, accumulate, y);
 }
 
+void DecodeRowsRef(const uint8_t* const* codes, const float* const* scale, const float* const* off,
+                   const bool* is_signed, int K, int bits, int64_t rows, int64_t row_bytes,
+                   int64_t n, float* out, int64_t ldo) {
+  internal::DecodeRowsByRow(DecodeTermsRef, codes, scale, off, is_signed, K, bits, rows, row_bytes,
+                            n, out, ldo);
+}
+
 const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, GemmXtRef,
-                                nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef};
+                                nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef,
+                                DecodeRowsRef};
 constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
@@ -288,6 +296,26 @@ void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out
                                   const LinearKernelTable* kernels) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
+  // One scale group per row and one code width (every expansion with channel or tensor scales):
+  // the whole block of rows in one call.
+  bool one_width = true;
+  for (int k = 1; k < K; ++k) one_width = one_width && terms_[static_cast<size_t>(k)].bits == terms_[0].bits;
+  if (groups_ == 1 && one_width && K <= kMaxDecodeTerms) {
+    const uint8_t* codes[kMaxDecodeTerms];
+    const float* scale[kMaxDecodeTerms];
+    const float* off[kMaxDecodeTerms];
+    bool sg[kMaxDecodeTerms];
+    for (int k = 0; k < K; ++k) {
+      const Term& t = terms_[static_cast<size_t>(k)];
+      codes[k] = t.codes.data() + row_begin * row_bytes_;
+      scale[k] = t.scale.data() + row_begin;
+      off[k] = t.off.data() + row_begin;
+      sg[k] = t.is_signed;
+    }
+    kt.decode_rows(codes, scale, off, sg, K, terms_[0].bits, row_end - row_begin, row_bytes_,
+                   cols_, out, cols_);
+    return;
+  }
   // Every term's group starts on a byte boundary (always with one group per row): all K terms
   // of a segment are decoded and summed in one pass over it.
   bool aligned = true;

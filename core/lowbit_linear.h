@@ -69,6 +69,14 @@ struct LinearKernelTable {
   void (*decode_terms)(const uint8_t* const* packed, const int* bits, const bool* is_signed,
                        const float* s, const float* off, int K, int64_t n, bool accumulate,
                        float* y);
+  // decode_terms over `rows` rows with one scale group per row and every term `bits` bits wide:
+  // out[r·ldo + i] = Σ_{k<K} scale[k][r]·(C_k[r, i] + off[k][r]) for i < n, term k's row r at
+  // codes[k] + r·row_bytes; the same bits as decode_terms row by row. The per-row set-up (code
+  // tables, scales, the call) is what short rows cost (a depthwise 5x5 row has 25 codes), so
+  // the variants hoist it out of the row loop.
+  void (*decode_rows)(const uint8_t* const* codes, const float* const* scale,
+                      const float* const* off, const bool* is_signed, int K, int bits,
+                      int64_t rows, int64_t row_bytes, int64_t n, float* out, int64_t ldo);
 };
 inline constexpr int kMaxDecodeTerms = 8;
 inline constexpr int kGemmRows = 8;

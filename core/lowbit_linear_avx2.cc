@@ -182,8 +182,16 @@ void DecodeTerms(const uint8_t* const* packed, const int* bits, const bool* is_s
   internal::DecodeTermsScalar(packed, bits, is_signed, s, off, K, i, n, accumulate, y);
 }
 
+void DecodeRows(const uint8_t* const* codes, const float* const* scale, const float* const* off,
+                const bool* is_signed, int K, int bits, int64_t rows, int64_t row_bytes, int64_t n,
+                float* out, int64_t ldo) {
+  internal::DecodeRowsByRow(DecodeTerms, codes, scale, off, is_signed, K, bits, rows, row_bytes, n,
+                            out, ldo);
+}
+
 const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, GemmXt,
-                                 nullptr, nullptr, nullptr, nullptr,  DecodeTerms};
+                                 nullptr, nullptr, nullptr, nullptr,  DecodeTerms,
+                                 DecodeRows};
 
 }  // namespace
 

@@ -353,17 +353,13 @@ inline __m512 PackedPlusOff(__m128i bytes, __m512 lut) {
   return _mm512_permutexvar_ps(SpreadCodes(bytes, BITS), lut);
 }
 
-// decode_terms when every term has BITS ∈ {1, 2, 4} bits: 2·BITS bytes per 16 codes, the tail
-// masked (only its own bytes are read).
+// One row of decode_terms when every term has BITS ∈ {1, 2, 4} bits, given each term's table
+// (code value plus offset) and scale: 2·BITS bytes per 16 codes, the tail masked (only its own
+// bytes are read).
 template <int BITS>
-void DecodeTermsPacked(const uint8_t* const* packed, const bool* is_signed, const float* s,
-                       const float* off, int K, int64_t n, bool accumulate, float* y) {
+inline void DecodeRowPacked(const uint8_t* const* packed, const __m512* lut, const __m512* sv,
+                            int K, int64_t n, bool accumulate, float* y) {
   constexpr int kBytes = 2 * BITS;  // per 16 codes
-  __m512 lut[kMaxDecodeTerms], sv[kMaxDecodeTerms];
-  for (int k = 0; k < K; ++k) {
-    lut[k] = _mm512_add_ps(_mm512_load_ps(kLuts.v[is_signed[k]][BITS]), _mm512_set1_ps(off[k]));
-    sv[k] = _mm512_set1_ps(s[k]);
-  }
   int64_t i = 0, byte = 0;
   for (; i + 16 <= n; i += 16, byte += kBytes) {
     __m512 acc = accumulate ? _mm512_loadu_ps(y + i) : _mm512_setzero_ps();
@@ -386,6 +382,36 @@ void DecodeTermsPacked(const uint8_t* const* packed, const bool* is_signed, cons
           sv[k], PackedPlusOff<BITS>(_mm_maskz_loadu_epi8(mb, packed[k] + byte), lut[k]), acc);
     }
     _mm512_mask_storeu_ps(y + i, m, acc);
+  }
+}
+
+template <int BITS>
+void DecodeTermsPacked(const uint8_t* const* packed, const bool* is_signed, const float* s,
+                       const float* off, int K, int64_t n, bool accumulate, float* y) {
+  __m512 lut[kMaxDecodeTerms], sv[kMaxDecodeTerms];
+  for (int k = 0; k < K; ++k) {
+    lut[k] = _mm512_add_ps(_mm512_load_ps(kLuts.v[is_signed[k]][BITS]), _mm512_set1_ps(off[k]));
+    sv[k] = _mm512_set1_ps(s[k]);
+  }
+  DecodeRowPacked<BITS>(packed, lut, sv, K, n, accumulate, y);
+}
+
+// decode_rows: the code tables loaded once, each row's table (plus its offset) and scale set
+// up inline.
+template <int BITS>
+void DecodeRowsPacked(const uint8_t* const* codes, const float* const* scale,
+                      const float* const* off, const bool* is_signed, int K, int64_t rows,
+                      int64_t row_bytes, int64_t n, float* out, int64_t ldo) {
+  __m512 base[kMaxDecodeTerms], lut[kMaxDecodeTerms], sv[kMaxDecodeTerms];
+  const uint8_t* packed[kMaxDecodeTerms];
+  for (int k = 0; k < K; ++k) base[k] = _mm512_load_ps(kLuts.v[is_signed[k]][BITS]);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < K; ++k) {
+      lut[k] = _mm512_add_ps(base[k], _mm512_set1_ps(off[k][r]));
+      sv[k] = _mm512_set1_ps(scale[k][r]);
+      packed[k] = codes[k] + r * row_bytes;
+    }
+    DecodeRowPacked<BITS>(packed, lut, sv, K, n, /*accumulate=*/false, out + r * ldo);
   }
 }
 
@@ -445,9 +471,26 @@ void DotCodesPerm(const uint8_t* packed, int bits, bool is_signed, const float* 
   }
 }
 
+void DecodeRows(const uint8_t* const* codes, const float* const* scale, const float* const* off,
+                const bool* is_signed, int K, int bits, int64_t rows, int64_t row_bytes, int64_t n,
+                float* out, int64_t ldo) {
+  switch (bits) {
+    case 4:
+      return DecodeRowsPacked<4>(codes, scale, off, is_signed, K, rows, row_bytes, n, out, ldo);
+    case 2:
+      return DecodeRowsPacked<2>(codes, scale, off, is_signed, K, rows, row_bytes, n, out, ldo);
+    case 1:
+      return DecodeRowsPacked<1>(codes, scale, off, is_signed, K, rows, row_bytes, n, out, ldo);
+    default:  // byte codes
+      return internal::DecodeRowsByRow(DecodeTerms, codes, scale, off, is_signed, K, bits, rows,
+                                       row_bytes, n, out, ldo);
+  }
+}
+
 const LinearKernelTable kAvx512 = {
     "avx512",  Decode,   Dot,          DotCodes,          GemmXt,
-    PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms, DecodeTerms};
+    PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms, DecodeTerms,
+    DecodeRows};
 
 }  // namespace
 

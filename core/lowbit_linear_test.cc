@@ -214,6 +214,64 @@ TEST(LowbitLinear, DecodeTermsIsBitForBitItsDefinitionOnEveryVariant) {
   EXPECT_GE(variants, 1);
 }
 
+// decode_rows on every variant gives, row by row, the bits of the reference decode_terms on that
+// row (its codes at r·row_bytes, its own scale and offset), for short rows (depthwise kernels)
+// and long, and writes nothing between rows (ldo > n).
+TEST(LowbitLinear, DecodeRowsIsDecodeTermsRowByRowOnEveryVariant) {
+  const LinearKernelTable* ref = LinearKernelsByName("ref");
+  ASSERT_NE(ref, nullptr);
+  int variants = 0;
+  for (const std::string name : {"ref", "avx2", "avx512"}) {
+    const LinearKernelTable* kt = LinearKernelsByName(name);
+    if (kt == nullptr) continue;  // not supported on this CPU
+    ++variants;
+    for (int bits : {1, 2, 3, 4, 8}) {
+      for (int K : {1, 2, 3, kMaxDecodeTerms}) {
+        for (int64_t n : {1, 9, 16, 25, 120, 257}) {
+          const int64_t rows = 7, row_bytes = CodesPerByte(bits) > 1 ? (n * bits + 7) / 8 : n,
+                        ldo = n + 3;
+          std::vector<std::vector<uint8_t>> codes(K);
+          std::vector<std::vector<float>> scale(K), off(K);
+          const uint8_t* cp[kMaxDecodeTerms];
+          const float* sp[kMaxDecodeTerms];
+          const float* op[kMaxDecodeTerms];
+          bool sg[kMaxDecodeTerms];
+          for (int k = 0; k < K; ++k) {
+            codes[k].resize(static_cast<size_t>(rows * row_bytes));
+            for (size_t i = 0; i < codes[k].size(); ++i)
+              codes[k][i] = static_cast<uint8_t>(i * 29 + 13 * k + 3);
+            for (int64_t r = 0; r < rows; ++r) {
+              scale[k].push_back(0.3f / static_cast<float>((k + 1) * (k + 1) * (r + 2)));
+              off[k].push_back(r % 3 == 0 ? 0.5f : r % 3 == 1 ? 0.0f : -2.0f);
+            }
+            cp[k] = codes[k].data();
+            sp[k] = scale[k].data();
+            op[k] = off[k].data();
+            sg[k] = k > 0 || bits != 2;  // an unsigned first term somewhere
+          }
+          std::vector<float> want(static_cast<size_t>(rows * ldo), -7.0f), got(want);
+          for (int64_t r = 0; r < rows; ++r) {
+            const uint8_t* packed[kMaxDecodeTerms];
+            int bw[kMaxDecodeTerms];
+            float s[kMaxDecodeTerms], o[kMaxDecodeTerms];
+            for (int k = 0; k < K; ++k) {
+              packed[k] = cp[k] + r * row_bytes;
+              bw[k] = bits;
+              s[k] = sp[k][r];
+              o[k] = op[k][r];
+            }
+            ref->decode_terms(packed, bw, sg, s, o, K, n, false, want.data() + r * ldo);
+          }
+          kt->decode_rows(cp, sp, op, sg, K, bits, rows, row_bytes, n, got.data(), ldo);
+          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+              << name << " bits " << bits << " K " << K << " n " << n;
+        }
+      }
+    }
+  }
+  EXPECT_GE(variants, 1);
+}
+
 // The large-batch inner loop: every output one fused multiply-add chain over i in order, so every
 // variant gives the reference's bits, in both output layouts (rows contiguous as a convolution
 // writes them, or activation rows contiguous as a linear layer does), with nothing written

@@ -2,7 +2,8 @@
 //
 // The scalar form of LinearKernelTable::decode_terms, shared by the reference table, the tail of
 // the AVX2 variant and the AVX-512 variant's mixed-width case, so that every variant computes the
-// same operations in the same order (one std::fma per term, term order).
+// same operations in the same order (one std::fma per term, term order); and decode_rows as a
+// loop of decode_terms calls.
 #ifndef FPXINT_CORE_INTERNAL_LOWBIT_LINEAR_INL_H_
 #define FPXINT_CORE_INTERNAL_LOWBIT_LINEAR_INL_H_
 
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/lowbit_linear.h"
 #include "core/packing.h"
 
 namespace fpxint::core::internal {
@@ -35,6 +37,26 @@ inline void DecodeTermsScalar(const uint8_t* const* packed, const int* bits, con
         y[c + j] = std::fma(s[k], static_cast<float>(q[j]) + off[k], y[c + j]);
       }
     }
+  }
+}
+
+// decode_rows as one decode_terms call per row (the reference and AVX2 tables).
+template <typename DecodeTermsFn>
+inline void DecodeRowsByRow(DecodeTermsFn decode_terms, const uint8_t* const* codes,
+                            const float* const* scale, const float* const* off,
+                            const bool* is_signed, int K, int bits, int64_t rows,
+                            int64_t row_bytes, int64_t n, float* out, int64_t ldo) {
+  const uint8_t* packed[kMaxDecodeTerms];
+  int b[kMaxDecodeTerms];
+  float s[kMaxDecodeTerms], o[kMaxDecodeTerms];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < K; ++k) {
+      packed[k] = codes[k] + r * row_bytes;
+      b[k] = bits;
+      s[k] = scale[k][r];
+      o[k] = off[k][r];
+    }
+    decode_terms(packed, b, is_signed, s, o, K, n, /*accumulate=*/false, out + r * ldo);
   }
 }
 
