@@ -61,9 +61,20 @@ void DecodeRowsRef(const uint8_t* const* codes, const float* const* scale, const
                             n, out, ldo);
 }
 
+void GemmWrRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int64_t B,
+               int64_t n, float* out, int64_t ldo) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < n; ++i) acc = std::fma(w[r * ldw + i], x[b * ldx + i], acc);
+      out[b * ldo + r] = acc;
+    }
+  }
+}
+
 const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, GemmXtRef,
                                 nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef,
-                                DecodeRowsRef};
+                                DecodeRowsRef, GemmWrRef};
 constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
@@ -280,6 +291,30 @@ void LowbitLinear::ForwardTransposed(const float* xt, int64_t ldxt, int64_t batc
       kt.gemm_xt(buf.data() + (o0 - r0) * cols_, cols_, R, xt, ldxt, batch, cols_,
                  y + (o0 - row_begin) * y_row_stride, y_row_stride, y_batch_stride);
     }
+  };
+  if (pool != nullptr && tasks > 1) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  }
+}
+
+void LowbitLinear::ForwardPanels(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
+                                 int64_t row_end, float* y, int64_t ldy, int terms_used,
+                                 ThreadPool* pool, const LinearKernelTable* kernels) const {
+  if (batch <= 0 || row_end <= row_begin) return;
+  const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
+  // Per task, kPanelRows rows dequantized into a per-thread buffer (kPanelRows·in floats: L1 or
+  // L2), then one gemm_wr against every activation row.
+  const int64_t tasks = (row_end - row_begin + kPanelRows - 1) / kPanelRows;
+  auto run = [&](int64_t task) {
+    const int64_t r0 = row_begin + task * kPanelRows, r1 = std::min(row_end, r0 + kPanelRows);
+    thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>((r1 - r0) * cols_);
+    if (buf.size() < need) buf.resize(need);
+    DequantizeRows(r0, r1, buf.data(), terms_used, &kt);
+    kt.gemm_wr(buf.data(), cols_, static_cast<int>(r1 - r0), x, ldx, batch, cols_,
+               y + (r0 - row_begin), ldy);
   };
   if (pool != nullptr && tasks > 1) {
     pool->ParallelFor(tasks, run);

@@ -77,9 +77,17 @@ struct LinearKernelTable {
   void (*decode_rows)(const uint8_t* const* codes, const float* const* scale,
                       const float* const* off, const bool* is_signed, int K, int bits,
                       int64_t rows, int64_t row_bytes, int64_t n, float* out, int64_t ldo);
+  // out[b·ldo + r] = Σ_{i<n} w[r·ldw + i]·x[b·ldx + i] for r < R ≤ kPanelRows, b < B: the
+  // moderate-batch inner loop on row-major activations and a linear layer's [batch, out] output,
+  // the weight rows in the vector lanes (no transposed activations, no scattered output). Every
+  // output is one chain of fused multiply-adds over i in order from 0, as in gemm_xt. Optional
+  // (nullptr: the transposed schedule serves those batches).
+  void (*gemm_wr)(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int64_t B,
+                  int64_t n, float* out, int64_t ldo);
 };
 inline constexpr int kMaxDecodeTerms = 8;
 inline constexpr int kGemmRows = 8;
+inline constexpr int kPanelRows = 32;
 
 // The table for this CPU (avx512 > avx2 > ref; FPXINT_KERNEL forces one, as in core/kernels.h).
 const LinearKernelTable& ActiveLinearKernels();
@@ -134,6 +142,14 @@ class LowbitLinear {
                          int64_t row_end, float* y, int64_t y_row_stride, int64_t y_batch_stride,
                          int terms_used = 0, ThreadPool* pool = nullptr,
                          const LinearKernelTable* kernels = nullptr) const;
+
+  // The moderate-batch schedule on row-major activations (LinearKernelTable::gemm_wr; requires a
+  // table that has it): per task, kPanelRows output rows dequantized (all K' terms summed) into a
+  // per-thread buffer, then multiplied with every activation row: y[b·ldy + o - row_begin] for
+  // b < batch and o in [row_begin, row_end), activation row b at x + b·ldx.
+  void ForwardPanels(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
+                     int64_t row_end, float* y, int64_t ldy, int terms_used = 0,
+                     ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
 
   // The weight the first `terms_used` terms stand for, Σ_k Ŵ_k in fp32, row-major [out, in]
   // (out must hold out·in floats): for compute-bound calls (many activation rows) that hand a

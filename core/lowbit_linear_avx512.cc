@@ -2,6 +2,7 @@
 // called when the CPU has them).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -193,6 +194,129 @@ void GemmXt(const float* w, int64_t ldw, int R, const float* xt, int64_t ldxt, i
       return GemmRowsXt<2>(w, ldw, xt, ldxt, B, n, out, rs, bs);
     default:
       return GemmRowsXt<1>(w, ldw, xt, ldxt, B, n, out, rs, bs);
+  }
+}
+
+// ---- gemm_wr: weight rows in the lanes, activations row-major ----
+
+// r[c] = column c of the 16×16 block whose row q was r[q].
+inline void Transpose16(__m512* r) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int q = 0; q < 16; q += 2) {  // per 128-bit lane j: rows q, q+1 interleaved
+    t[q] = _mm512_unpacklo_ps(r[q], r[q + 1]);      // q[4j], q+1[4j], q[4j+1], q+1[4j+1]
+    t[q + 1] = _mm512_unpackhi_ps(r[q], r[q + 1]);  // ... [4j+2], [4j+3]
+  }
+  __m512 u[16];  // u[4g + e], lane j: column 4j + e of rows 4g..4g+3
+#pragma GCC unroll 4
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {  // the 4×4 transpose of 128-bit lanes across the row groups
+    const __m512 v0 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[4 + e] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[8 + e] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+// Inputs per transposed chunk: a 32 KiB panel, in L1 while every activation row passes over it.
+constexpr int64_t kPanelChunk = 256;
+
+// Inputs [i0, i0 + len) of R ≤ kPanelRows weight rows, transposed: wt[j·kPanelRows + r] (rows
+// R..31 of the 16-row halves in use are zero).
+void TransposePanel(const float* w, int64_t ldw, int R, int64_t i0, int64_t len, float* wt) {
+  for (int h = 0; h * 16 < R; ++h) {
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+      const int64_t cols = std::min<int64_t>(16, len - j0);
+      const __mmask16 m = static_cast<__mmask16>(cols == 16 ? 0xFFFFu : (1u << cols) - 1);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        const int row = 16 * h + q;
+        r[q] = row < R ? _mm512_maskz_loadu_ps(m, w + row * ldw + i0 + j0) : _mm512_setzero_ps();
+      }
+      Transpose16(r);
+      for (int64_t c = 0; c < cols; ++c) _mm512_store_ps(wt + (j0 + c) * kPanelRows + 16 * h, r[c]);
+    }
+  }
+}
+
+// MR activation rows × 16·V weight rows over one transposed chunk, continuing the chains in
+// `out` when `accumulate`; the last vector's lanes masked by `last`.
+template <int MR, int V>
+void PanelTile(const float* wt, const float* x, int64_t ldx, int64_t len, bool accumulate,
+               __mmask16 last, float* out, int64_t ldo) {
+  __m512 acc[MR * V];
+#pragma GCC unroll 24
+  for (int j = 0; j < MR * V; ++j) {
+    const int r = j / V, v = j % V;
+    const __mmask16 m = v == V - 1 ? last : __mmask16{0xFFFF};
+    acc[j] = accumulate ? _mm512_maskz_loadu_ps(m, out + r * ldo + 16 * v) : _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const __m512 w0 = _mm512_load_ps(wt + i * kPanelRows);
+    const __m512 w1 = V == 2 ? _mm512_load_ps(wt + i * kPanelRows + 16) : w0;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + i]);  // one broadcast for both vectors
+      acc[r * V] = _mm512_fmadd_ps(xb, w0, acc[r * V]);
+      if (V == 2) acc[r * V + 1] = _mm512_fmadd_ps(xb, w1, acc[r * V + 1]);
+    }
+  }
+#pragma GCC unroll 24
+  for (int j = 0; j < MR * V; ++j) {
+    const int r = j / V, v = j % V;
+    _mm512_mask_storeu_ps(out + r * ldo + 16 * v, v == V - 1 ? last : __mmask16{0xFFFF}, acc[j]);
+  }
+}
+
+constexpr int kPanelTileRows = 12;  // 24 accumulators and 2 weight vectors of the 32 registers
+
+template <int V, int MR = kPanelTileRows>
+void PanelTail(int64_t rows, const float* wt, const float* x, int64_t ldx, int64_t len,
+               bool accumulate, __mmask16 last, float* out, int64_t ldo) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return PanelTile<MR, V>(wt, x, ldx, len, accumulate, last, out, ldo);
+    return PanelTail<V, MR - 1>(rows, wt, x, ldx, len, accumulate, last, out, ldo);
+  }
+}
+
+template <int V>
+void PanelRows(const float* wt, const float* x, int64_t ldx, int64_t B, int64_t len,
+               bool accumulate, __mmask16 last, float* out, int64_t ldo) {
+  int64_t b = 0;
+  for (; b + kPanelTileRows <= B; b += kPanelTileRows) {
+    PanelTile<kPanelTileRows, V>(wt, x + b * ldx, ldx, len, accumulate, last, out + b * ldo, ldo);
+  }
+  if (b < B) PanelTail<V>(B - b, wt, x + b * ldx, ldx, len, accumulate, last, out + b * ldo, ldo);
+}
+
+void GemmWr(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int64_t B, int64_t n,
+            float* out, int64_t ldo) {
+  if (n <= 0) {
+    for (int64_t b = 0; b < B; ++b) std::memset(out + b * ldo, 0, sizeof(float) * R);
+    return;
+  }
+  alignas(64) float wt[kPanelChunk * kPanelRows];
+  const int lanes = R > 16 ? R - 16 : R;
+  const __mmask16 last = static_cast<__mmask16>(lanes == 16 ? 0xFFFFu : (1u << lanes) - 1);
+  for (int64_t i0 = 0; i0 < n; i0 += kPanelChunk) {
+    const int64_t len = std::min(kPanelChunk, n - i0);
+    TransposePanel(w, ldw, R, i0, len, wt);
+    if (R > 16) {
+      PanelRows<2>(wt, x + i0, ldx, B, len, i0 > 0, last, out, ldo);
+    } else {
+      PanelRows<1>(wt, x + i0, ldx, B, len, i0 > 0, last, out, ldo);
+    }
   }
 }
 
@@ -490,7 +614,7 @@ void DecodeRows(const uint8_t* const* codes, const float* const* scale, const fl
 const LinearKernelTable kAvx512 = {
     "avx512",  Decode,   Dot,          DotCodes,          GemmXt,
     PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms, DecodeTerms,
-    DecodeRows};
+    DecodeRows, GemmWr};
 
 }  // namespace
 

@@ -319,6 +319,74 @@ TEST(LowbitLinear, GemmXtIsBitForBitItsDefinitionOnEveryVariant) {
   EXPECT_GE(variants, 1);
 }
 
+// The moderate-batch inner loop (weight rows in the lanes): every variant that has it gives the
+// reference's bits (one fused multiply-add chain over i in order, across the kernel's input
+// chunks too), for partial lane counts, row tails and inputs past one chunk, and writes nothing
+// beyond R columns of each output row.
+TEST(LowbitLinear, GemmWrIsBitForBitItsDefinitionOnEveryVariant) {
+  const LinearKernelTable* ref = LinearKernelsByName("ref");
+  ASSERT_NE(ref, nullptr);
+  ASSERT_NE(ref->gemm_wr, nullptr);
+  int variants = 0;
+  for (const std::string name : {"ref", "avx2", "avx512"}) {
+    const LinearKernelTable* kt = LinearKernelsByName(name);
+    if (kt == nullptr || kt->gemm_wr == nullptr) continue;
+    ++variants;
+    for (int R : {1, 5, 15, 16, 17, 31, kPanelRows}) {
+      for (int64_t n : {1, 3, 16, 37, 120, 300, 520}) {
+        for (int64_t B : {1, 5, 11, 12, 13, 24, 40, 64}) {
+          const int64_t ldw = n + 3, ldx = n + 5, ldo = R + 2;
+          const std::vector<float> w = ::fpxint::testing::ToFloat(
+              RandomValues(Dist::kGaussian, R * ldw, static_cast<uint64_t>(R * 1000 + n)));
+          const std::vector<float> x = ::fpxint::testing::ToFloat(
+              RandomValues(Dist::kLaplace, B * ldx, static_cast<uint64_t>(B * 7 + n)));
+          const size_t size = static_cast<size_t>(B * ldo);
+          std::vector<float> want(size, -5.0f), got(size, -5.0f);
+          ref->gemm_wr(w.data(), ldw, R, x.data(), ldx, B, n, want.data(), ldo);
+          kt->gemm_wr(w.data(), ldw, R, x.data(), ldx, B, n, got.data(), ldo);
+          ASSERT_EQ(0, std::memcmp(want.data(), got.data(), size * sizeof(float)))
+              << name << " R " << R << " n " << n << " B " << B;
+          float acc = 0.0f;  // the definition itself, for the last output
+          for (int64_t i = 0; i < n; ++i) {
+            acc = std::fma(w[static_cast<size_t>((R - 1) * ldw + i)],
+                           x[static_cast<size_t>((B - 1) * ldx + i)], acc);
+          }
+          ASSERT_EQ(got[static_cast<size_t>((B - 1) * ldo + R - 1)], acc);
+          ASSERT_EQ(got[static_cast<size_t>(R)], -5.0f) << "wrote past R";
+        }
+      }
+    }
+  }
+  EXPECT_GE(variants, 1);
+}
+
+// ForwardPanels (where the table has gemm_wr) against the exact product and the reference's bits.
+TEST(LowbitLinear, ForwardPanelsMatchesTheReferenceBits) {
+  ThreadPool pool(2);
+  const LinearKernelTable* ref = LinearKernelsByName("ref");
+  for (const Case& c : {Case{70, 300, 40, 4, 2, Grid::kSym, ScaleGranularity::kChannel, 0},
+                        Case{33, 120, 17, 2, 3, Grid::kMid, ScaleGranularity::kChannel, 0},
+                        Case{40, 96, 13, 4, 2, Grid::kAsym, ScaleGranularity::kGroup, 32}}) {
+    const TensorExpansion e = Expand(c, 5);
+    auto w = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(w.ok());
+    const std::vector<float> x = ::fpxint::testing::ToFloat(
+        RandomValues(Dist::kGaussian, c.batch * c.in, 99));
+    std::vector<float> want(static_cast<size_t>(c.batch * c.out));
+    w->ForwardPanels(x.data(), c.in, c.batch, 0, c.out, want.data(), c.out, 0, nullptr, ref);
+    EXPECT_LT(MaxRelErr(want, Exact(e, x, c.batch, c.terms)), 1e-5) << Name(c);
+    for (const char* name : {"avx2", "avx512"}) {
+      const LinearKernelTable* kt = LinearKernelsByName(name);
+      if (kt == nullptr || kt->gemm_wr == nullptr) continue;
+      std::vector<float> got(want.size(), 7.0f);
+      // A row range too, as the op's thread split hands it out.
+      w->ForwardPanels(x.data(), c.in, c.batch, 0, c.out, got.data(), c.out, 0, &pool, kt);
+      EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+          << name << " " << Name(c);
+    }
+  }
+}
+
 // The transposed schedule as a convolution calls it: im2col columns [in, pixels] with a row
 // stride, the output [out, pixels] for a row range, against the exact product; and the same bits
 // as the reference table.

@@ -110,6 +110,20 @@ void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, i
   });
 }
 
+// y = x · Wᵀ for all output rows on the panel schedule (weight rows in the vector lanes), output
+// rows split over the intra-op pool in whole panels.
+void RunPanels(const core::LowbitLinear& w, const float* x, int64_t m, int64_t out, float* y,
+               int terms) {
+  at::parallel_for(0, (out + core::kPanelRows - 1) / core::kPanelRows, 1, [&](int64_t b, int64_t e) {
+    const int64_t r0 = b * core::kPanelRows, r1 = std::min(out, e * core::kPanelRows);
+    w.ForwardPanels(x, w.in_features(), m, r0, r1, y + r0, out, terms);
+  });
+}
+// Activation rows up to which a linear layer beyond PackedMaxRows() runs on the panel schedule
+// rather than a transient fp32 weight and LibTorch's GEMM (measured on the OCR recognizer's
+// 6625x120 classifier at 24 and 40 rows; docs/BENCHMARKS.md).
+constexpr int64_t kPanelMaxRows = 48;
+
 // Activation rows up to which core::LowbitLinear's small-batch kernels (dot products on the
 // codes) run; more rows go to the transposed schedule (decoded rows × transposed activations).
 constexpr int64_t kFewRows = 8;
@@ -180,7 +194,10 @@ at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = w.out_features();
   at::Tensor y = at::empty(out_shape, x.options());
-  if (m > PackedMaxRows()) {
+  if (m > PackedMaxRows() && m <= kPanelMaxRows && PackedMaxRows() > 0 &&
+      core::ActiveLinearKernels().gemm_wr != nullptr) {
+    RunPanels(w, x.data_ptr<float>(), m, w.out_features(), y.data_ptr<float>(), k);
+  } else if (m > PackedMaxRows()) {
     DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
   } else if (m > kFewRows) {  // activations transposed once, for every row task
     const at::Tensor xt = x.view({m, w.in_features()}).t().contiguous();

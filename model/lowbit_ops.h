@@ -33,7 +33,10 @@
 // 8 rows dot products on the codes; more rows the transposed schedule, which convolutions feed
 // with their im2col columns without a transpose); more rows are compute-bound, so the call
 // decodes a transient fp32 copy of Σ Ŵ_k (one layer at a time) and hands it to LibTorch's GEMM /
-// convolution, as do grouped convolutions beyond 8 pixels. Either way the resident weights stay
+// convolution, as do grouped convolutions beyond 8 pixels; linear layers with up to 48 rows
+// beyond that bound run on core::LowbitLinear's panel schedule (each thread dequantizes 32
+// weight rows at a time into L1 and multiplies them with every activation row, the weight rows
+// in the vector lanes) when the CPU has it (AVX-512). Either way the resident weights stay
 // packed. Threads: LibTorch's intra-op pool (at::parallel_for), the pool every other op of the
 // same network already uses.
 #ifndef FPXINT_MODEL_LOWBIT_OPS_H_

@@ -63,7 +63,10 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
     ASSERT_EQ(packed->layers().size(), 6u);
     ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
     ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
-    for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{2, 4, 17, 11}}) {
+    // 9, 36 and 108 tokens for the linear layers: the small-batch kernels, the panel schedule
+    // (beyond max rows, up to 48) and the dense path.
+    for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{1, 4, 11, 11},
+                              std::vector<int64_t>{2, 4, 17, 11}}) {
       const HostTensor x = RandomInput(shape, 7);
       for (int k = 1; k <= spec.weights.terms; ++k) {
         ASSERT_TRUE(dense->SetPrecision(k, 0).ok());
