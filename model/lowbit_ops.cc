@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <cstdlib>
@@ -119,10 +120,28 @@ void RunPanels(const core::LowbitLinear& w, const float* x, int64_t m, int64_t o
     w.ForwardPanels(x, w.in_features(), m, r0, r1, y + r0, out, terms);
   });
 }
-// Activation rows up to which a linear layer beyond PackedMaxRows() runs on the panel schedule
-// rather than a transient fp32 weight and LibTorch's GEMM (measured on the OCR recognizer's
-// 6625x120 classifier at 24 and 40 rows; docs/BENCHMARKS.md).
+// Linear layers with (kPanelMinRows, kPanelMaxRows] activation rows and at most kPanelMaxIn
+// inputs run on the panel schedule, others beyond kFewRows on the transposed one (2 threads,
+// 6625x120: at 40 rows 0.38 vs 0.50 ms, at 12 and 16 rows the transposed schedule is ahead; at
+// 4096x4096 and 40 rows 9.5 vs 8.7 ms: the panel re-reads its output per 256-input chunk).
+constexpr int64_t kPanelMinRows = 16;
 constexpr int64_t kPanelMaxRows = 48;
+constexpr int64_t kPanelMaxIn = 1024;
+
+// The activation rows beyond which a call takes the dense path (a transient fp32 copy of Σ Ŵ_k
+// and LibTorch's GEMM or convolution). Weight-only: none by default, since the packed schedules
+// are ahead of decode + OpenBLAS/oneDNN at every size measured (docs/BENCHMARKS.md); W×A: 16,
+// beyond which the K_w'·K_a' integer products lose to one fp32 GEMM on this class of CPU.
+// FPXINT_PACKED_MAX_ROWS / SetPackedMaxRows set one bound for both.
+constexpr int64_t kIntMaxRows = 16;
+int64_t WeightOnlyMaxRows() {
+  const int64_t v = PackedMaxRows();
+  return v < 0 ? std::numeric_limits<int64_t>::max() : v;
+}
+int64_t IntMaxRows() {
+  const int64_t v = PackedMaxRows();
+  return v < 0 ? kIntMaxRows : v;
+}
 
 // Activation rows up to which core::LowbitLinear's small-batch kernels (dot products on the
 // codes) run; more rows go to the transposed schedule (decoded rows × transposed activations).
@@ -194,11 +213,11 @@ at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = w.out_features();
   at::Tensor y = at::empty(out_shape, x.options());
-  if (m > PackedMaxRows() && m <= kPanelMaxRows && PackedMaxRows() > 0 &&
-      core::ActiveLinearKernels().gemm_wr != nullptr) {
-    RunPanels(w, x.data_ptr<float>(), m, w.out_features(), y.data_ptr<float>(), k);
-  } else if (m > PackedMaxRows()) {
+  if (m > WeightOnlyMaxRows()) {
     DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
+  } else if (m > kPanelMinRows && m <= kPanelMaxRows && w.in_features() <= kPanelMaxIn &&
+             core::ActiveLinearKernels().gemm_wr != nullptr) {
+    RunPanels(w, x.data_ptr<float>(), m, w.out_features(), y.data_ptr<float>(), k);
   } else if (m > kFewRows) {  // activations transposed once, for every row task
     const at::Tensor xt = x.view({m, w.in_features()}).t().contiguous();
     RunTransposed(w, xt.data_ptr<float>(), m, m, 0, w.out_features(), y.data_ptr<float>(), 1,
@@ -288,7 +307,7 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   // 1x1 convolutions as OpenBLAS GEMMs measured faster alone but slower in the network, where
   // OpenBLAS's threads compete with OpenMP's spinning ones). Grouped convolutions with more than
   // a few output pixels too: im2col would copy every input kh·kw times for a handful of weights.
-  if (c.rows() > PackedMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
+  if (c.rows() > WeightOnlyMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
     return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }
   if (c.rows() > kFewRows) {
@@ -381,7 +400,7 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
               "; this weight takes ", iw.in_features());
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.numel() / iw.in_features();
-  if (m > PackedMaxRows()) {
+  if (m > IntMaxRows()) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
     return DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
                    [&](const at::Tensor& xq, int nw, bool with_bias) {
@@ -418,7 +437,7 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
                   (g == ActGranularity::kTensor && c.stride[0] == 1 && c.stride[1] == 1),
               "fpxint::conv2d_wa: activation scales per pixel need a 1x1 convolution without "
               "padding, per tensor a stride of 1");
-  if (c.rows() > PackedMaxRows()) {
+  if (c.rows() > IntMaxRows()) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
     return c.Finish(DenseWA(c.x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
                             [&](const at::Tensor& xq, int nw, bool with_bias) {
@@ -446,7 +465,7 @@ namespace {
 std::atomic<int64_t>& MaxRows() {
   static std::atomic<int64_t> v([] {
     const char* e = std::getenv("FPXINT_PACKED_MAX_ROWS");
-    return e != nullptr && *e != '\0' ? std::strtoll(e, nullptr, 10) : int64_t{16};
+    return e != nullptr && *e != '\0' ? std::strtoll(e, nullptr, 10) : int64_t{-1};
   }());
   return v;
 }

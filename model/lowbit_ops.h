@@ -28,17 +28,18 @@
 //
 // terms <= 0 (or beyond K) means all terms: any precision from one packed model.
 //
-// Scheduling: few activation rows (M = rows of x, or N·OH·OW output pixels, at most
-// kPackedMaxRows) are memory-bound and run on the packed codes directly (core::LowbitLinear: up to
-// 8 rows dot products on the codes; more rows the transposed schedule, which convolutions feed
-// with their im2col columns without a transpose); more rows are compute-bound, so the call
-// decodes a transient fp32 copy of Σ Ŵ_k (one layer at a time) and hands it to LibTorch's GEMM /
-// convolution, as do grouped convolutions beyond 8 pixels; linear layers with up to 48 rows
-// beyond that bound run on core::LowbitLinear's panel schedule (each thread dequantizes 32
-// weight rows at a time into L1 and multiplies them with every activation row, the weight rows
-// in the vector lanes) when the CPU has it (AVX-512). Either way the resident weights stay
-// packed. Threads: LibTorch's intra-op pool (at::parallel_for), the pool every other op of the
-// same network already uses.
+// Scheduling (weight-only), by activation rows M (rows of x, or N·OH·OW output pixels), all on
+// the packed codes (core::LowbitLinear): up to 8 rows, dot products on the codes; linear layers
+// with 17-48 rows and at most 1024 inputs, the panel schedule (32 weight rows dequantized into L1
+// at a time, in the vector lanes against row-major activations; AVX-512); everything else, the
+// transposed schedule (16 rows dequantized at a time, broadcast against the activations
+// transposed, which convolutions hand over as their im2col columns without a copy). Grouped
+// convolutions beyond 8 pixels, and any call beyond FPXINT_PACKED_MAX_ROWS rows when it is set,
+// take the dense path: a transient fp32 copy of Σ Ŵ_k (one layer at a time) for LibTorch's GEMM
+// or convolution. The W×A ops run their integer kernels up to 16 rows (or the variable's value)
+// and the dense path beyond. Either way the resident weights stay packed. Threads: LibTorch's
+// intra-op pool (at::parallel_for, which needs this directory compiled with OpenMP), the pool
+// every other op of the same network already uses.
 #ifndef FPXINT_MODEL_LOWBIT_OPS_H_
 #define FPXINT_MODEL_LOWBIT_OPS_H_
 
@@ -60,8 +61,9 @@ inline constexpr char kConv2dOp[] = "fpxint::conv2d";
 inline constexpr char kDequantizeOp[] = "fpxint::dequantize";
 inline constexpr char kLinearWaOp[] = "fpxint::linear_wa";
 inline constexpr char kConv2dWaOp[] = "fpxint::conv2d_wa";
-// Activation rows up to which the packed kernels run (above: transient fp32 + LibTorch).
-// FPXINT_PACKED_MAX_ROWS overrides it (0 forces the dense path, a large value the packed one).
+// Activation rows up to which the packed kernels run (above: transient fp32 + LibTorch); -1, the
+// default, is automatic (weight-only: no bound; W×A: 16). FPXINT_PACKED_MAX_ROWS sets it (0 forces
+// the dense path, a large value the packed kernels everywhere).
 int64_t PackedMaxRows();
 void SetPackedMaxRows(int64_t rows);  // process-wide; for benchmarks and tests
 

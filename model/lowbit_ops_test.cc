@@ -50,8 +50,12 @@ std::unique_ptr<Model> MustLoad(const std::string& path, bool packed) {
 
 class PackedOps : public ::testing::TestWithParam<int64_t> {  // PackedMaxRows
  protected:
-  void SetUp() override { SetPackedMaxRows(GetParam()); }
-  void TearDown() override { SetPackedMaxRows(16); }
+  void SetUp() override {
+    saved_ = PackedMaxRows();
+    SetPackedMaxRows(GetParam());
+  }
+  void TearDown() override { SetPackedMaxRows(saved_); }
+  int64_t saved_ = -1;
 };
 
 TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
@@ -64,7 +68,7 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
     ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
     ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
     // 9, 36 and 108 tokens for the linear layers: the small-batch kernels, the panel schedule
-    // (beyond max rows, up to 48) and the dense path.
+    // (17-48 rows) and the transposed one, or the dense path beyond max rows.
     for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{1, 4, 11, 11},
                               std::vector<int64_t>{2, 4, 17, 11}}) {
       const HostTensor x = RandomInput(shape, 7);
@@ -86,8 +90,9 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
   }
 }
 
-// The largest max-rows forces the packed kernels on every layer, 0 forces the dense path.
-INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(16, 0, 1 << 30));
+// -1 is the default (automatic), 16 the dense path beyond 16 rows, 0 the dense path everywhere,
+// the largest the packed kernels everywhere.
+INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(-1, 16, 0, 1 << 30));
 
 TEST(PackedOpsModel, SavedPackedModelReloadsAndSelectsTermsPerCall) {
   std::unique_ptr<Model> packed = MustLoad(TinyModelFile("conv_zoo.pt"), true);
