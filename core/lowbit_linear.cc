@@ -211,7 +211,7 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
     std::vector<float> buf(static_cast<size_t>(fused ? 0 : cols_));
     for (int64_t o = r0; o < r1; ++o) {
       float yb[kSmallBatchPerm] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (perm && batch == 1 && kt.dot_codes_perm_terms != nullptr) {
+      if (perm && batch == 1 && K > 1 && kt.dot_codes_perm_terms != nullptr) {
         // All K' terms in one pass over the activations (up to 4 at a time).
         for (int64_t g = 0; g < groups_; ++g) {
           for (int k0 = 0; k0 < K; k0 += kTermsPerPass) {
