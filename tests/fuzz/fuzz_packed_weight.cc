@@ -16,12 +16,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (w->Serialize() != bytes) std::abort();
   // Accepted images are at most as large as the input, so these buffers are bounded too.
   if (w->out_features() * w->in_features() > (int64_t{1} << 22)) return 0;
-  // Batch 3: the small-batch kernels; batch 12: the transposed (large-batch) schedule.
-  std::vector<float> x(static_cast<size_t>(12 * w->in_features()), 0.5f);
-  std::vector<float> y(static_cast<size_t>(12 * w->out_features()));
+  // Batch 3: the small-batch kernels; batch 12: the transposed (large-batch) schedule; batch 20
+  // on the panel schedule where the CPU has it (AVX-512).
+  std::vector<float> x(static_cast<size_t>(20 * w->in_features()), 0.5f);
+  std::vector<float> y(static_cast<size_t>(20 * w->out_features()));
   w->Forward(x.data(), 3, y.data());
   w->Forward(x.data(), 12, y.data());
   w->Forward(x.data(), 1, y.data(), 1);
+  if (fpxint::core::ActiveLinearKernels().gemm_wr != nullptr) {
+    w->ForwardPanels(x.data(), w->in_features(), 20, 0, w->out_features(), y.data(),
+                     w->out_features());
+  }
   std::vector<float> dense(static_cast<size_t>(w->out_features() * w->in_features()));
   w->Dequantize(dense.data());
   return 0;
