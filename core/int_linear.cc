@@ -274,18 +274,21 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
         }
         for (int r = 0; r < R; ++r) {
           const int64_t o = o0 + r;
-          for (int b = 0; b < B; ++b) {
-            float s = 0;
-            for (size_t p = 0; p < pairs.size(); ++p) {
-              const auto [i, j] = pairs[p];
-              const Term& t = terms_[static_cast<size_t>(i)];
-              const int64_t dot = int64_t{acc[p * kTile * kTile + r * B + b]} -
-                                  int64_t{bias[static_cast<size_t>(j)]} * t.wsum[static_cast<size_t>(o)];
-              s += t.scale[static_cast<size_t>(o)] *
-                   sx[static_cast<size_t>(j)][static_cast<size_t>(b0 + b)] * static_cast<float>(dot);
+          // Pairs outside, the tile's activation rows inside: B independent sums (each still
+          // adds its pairs in order, so the same bits) instead of one dependent chain.
+          float s[kTile] = {0, 0, 0, 0};
+          for (size_t p = 0; p < pairs.size(); ++p) {
+            const auto [i, j] = pairs[p];
+            const Term& t = terms_[static_cast<size_t>(i)];
+            const float ws = t.scale[static_cast<size_t>(o)];
+            const int64_t bw = int64_t{bias[static_cast<size_t>(j)]} * t.wsum[static_cast<size_t>(o)];
+            const int32_t* a = acc.data() + p * kTile * kTile + r * B;
+            const float* xs = sx[static_cast<size_t>(j)].data() + b0;
+            for (int b = 0; b < B; ++b) {
+              s[b] += ws * xs[b] * static_cast<float>(int64_t{a[b]} - bw);
             }
-            y[(b0 + b) * rows_ + o] = s;
           }
+          for (int b = 0; b < B; ++b) y[(b0 + b) * rows_ + o] = s[b];
         }
       }
     }
