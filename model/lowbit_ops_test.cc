@@ -3,12 +3,18 @@
 // every kind of layer (grouped, strided, depthwise dilated, 1x1, conv1d, linear on tokens,
 // matmul), on the packed-kernel path (few activation rows) and the dense path (many), for every
 // K' of one packed module; saved and reloaded; released for serving; weight memory.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 #include <random>
+#include <set>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "model/aten_pool.h"
 #include "model/lowbit_ops.h"
 #include "model/model.h"
 #include "tests/support/test_support.h"
@@ -93,6 +99,29 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
 // -1 is the default (automatic), 16 the dense path beyond 16 rows, 0 the dense path everywhere,
 // the largest the packed kernels everywhere.
 INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(-1, 16, 0, 1 << 30));
+
+// The ops' pool is LibTorch's intra-op pool. at::parallel_for is a header template whose OpenMP
+// region is compiled into the caller, so without OpenMP in model/'s build every packed op ran on
+// the calling thread (it did until session 9, silently: the results were right, only slower).
+TEST(AtenPool, ParallelForUsesMoreThanOneThread) {
+  const char* omp = std::getenv("OMP_NUM_THREADS");
+  if (std::thread::hardware_concurrency() < 2 || (omp != nullptr && std::atoi(omp) == 1)) {
+    GTEST_SKIP() << "one intra-op thread here";
+  }
+  // Loading a network sets LibTorch's intra-op threads (Model::Options::threads, 2), as in the
+  // server; LibTorch's own default on this machine is 1.
+  ASSERT_NE(MustLoad(TinyModelFile("conv_zoo.pt"), true), nullptr);
+  std::mutex mu;
+  std::set<std::thread::id> ids;
+  std::vector<int> hits(64, 0);
+  AtenPool().ParallelFor(64, [&](int64_t i) {
+    std::lock_guard<std::mutex> lock(mu);
+    ids.insert(std::this_thread::get_id());
+    ++hits[static_cast<size_t>(i)];
+  });
+  EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), 64);  // every index exactly once
+  EXPECT_GE(ids.size(), 2u) << "at::parallel_for ran serially: is model/ built with OpenMP?";
+}
 
 TEST(PackedOpsModel, SavedPackedModelReloadsAndSelectsTermsPerCall) {
   std::unique_ptr<Model> packed = MustLoad(TinyModelFile("conv_zoo.pt"), true);

@@ -289,9 +289,10 @@ def cmd_table(a):
         "(fpxint-eval's ocr_rec metric); lines ok = lines read exactly. "
         "Latency: client wall time of one ModelInfer (batch 1, loopback gRPC), 'vs FP' = ratio of "
         "the p50s; the quantized models are served on the packed low-bit ops (weights stay packed "
-        "in memory, K*b/32 of FP32; docs/SERVICE.md \"Serving quantized models\"). At batch 1 this "
-        "network is compute-bound, so weight-only terms save memory, not time "
-        "(docs/BENCHMARKS.md).")
+        "in memory, K*b/32 of FP32; docs/SERVICE.md \"Serving quantized models\"): weight-only, "
+        "their fp32 arithmetic on the packed codes runs faster than LibTorch's on FP32 weights; "
+        "with expanded activations (K_a) the run-time activation expansion costs more than the "
+        "integer products save (docs/BENCHMARKS.md).")
     print(textwrap.fill(notes, width=len(head)))
 
     # One line that makes the point: FP and W4x2 read it, W4x1 does not.
