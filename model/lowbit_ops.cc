@@ -106,6 +106,15 @@ void RunPacked(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t
 void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, int64_t m,
                    int64_t r0, int64_t r1, float* y, int64_t rs, int64_t bs, int terms) {
   constexpr int64_t kGrain = 16;
+  if ((r1 - r0 + kGrain - 1) / kGrain < at::get_num_threads() && m >= 64) {
+    // Too few weight rows to give every thread some (a first 3x3 convolution with 16 output
+    // channels over 3840 pixels): split the activation columns instead, every thread decoding
+    // the same few rows.
+    at::parallel_for(0, m, 32, [&](int64_t b, int64_t e) {
+      w.ForwardTransposed(xt + b, ldxt, e - b, r0, r1, y + b * bs, rs, bs, terms);
+    });
+    return;
+  }
   at::parallel_for(r0, r1, kGrain, [&](int64_t b, int64_t e) {
     w.ForwardTransposed(xt, ldxt, m, b, e, y + (b - r0) * rs, rs, bs, terms);
   });

@@ -74,9 +74,11 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
     ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
     ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
     // 9, 36 and 108 tokens for the linear layers: the small-batch kernels, the panel schedule
-    // (17-48 rows) and the transposed one, or the dense path beyond max rows.
+    // (17-48 rows) and the transposed one, or the dense path beyond max rows; 121 pixels for a
+    // 1x1 convolution with 12 output channels: the transposed schedule split over pixels.
     for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{1, 4, 11, 11},
-                              std::vector<int64_t>{2, 4, 17, 11}}) {
+                              std::vector<int64_t>{2, 4, 17, 11},
+                              std::vector<int64_t>{1, 4, 21, 21}}) {
       const HostTensor x = RandomInput(shape, 7);
       for (int k = 1; k <= spec.weights.terms; ++k) {
         ASSERT_TRUE(dense->SetPrecision(k, 0).ok());
