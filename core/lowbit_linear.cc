@@ -72,9 +72,20 @@ void GemmWrRef(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, 
   }
 }
 
+void DepthwiseRowRef(const float* const* rows, const float* w, int kh, int kw, int64_t n,
+                     float* out) {
+  for (int64_t o = 0; o < n; ++o) {
+    float acc = 0.0f;
+    for (int i = 0; i < kh; ++i) {
+      for (int j = 0; j < kw; ++j) acc = std::fma(w[i * kw + j], rows[i][o + j], acc);
+    }
+    out[o] = acc;
+  }
+}
+
 const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, GemmXtRef,
                                 nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef,
-                                DecodeRowsRef, GemmWrRef};
+                                DecodeRowsRef, GemmWrRef, DepthwiseRowRef};
 constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
@@ -315,6 +326,46 @@ void LowbitLinear::ForwardPanels(const float* x, int64_t ldx, int64_t batch, int
     DequantizeRows(r0, r1, buf.data(), terms_used, &kt);
     kt.gemm_wr(buf.data(), cols_, static_cast<int>(r1 - r0), x, ldx, batch, cols_,
                y + (r0 - row_begin), ldy);
+  };
+  if (pool != nullptr && tasks > 1) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    for (int64_t t = 0; t < tasks; ++t) run(t);
+  }
+}
+
+void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh,
+                                   int ph, int pw, int64_t OH, float* y, int terms_used,
+                                   ThreadPool* pool, const LinearKernelTable* kernels) const {
+  const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
+  const int64_t C = rows_, OW = W + 2 * pw - kw + 1, PW = W + 2 * pw;
+  if (C <= 0 || OH <= 0 || OW <= 0) return;
+  constexpr int64_t kChannelsPerTask = 8;
+  const int64_t tasks = (C + kChannelsPerTask - 1) / kChannelsPerTask;
+  auto run = [&](int64_t task) {
+    const int64_t c0 = task * kChannelsPerTask, c1 = std::min(C, c0 + kChannelsPerTask);
+    // The task's kernels, and one channel at a time zero-padded left and right (rows above and
+    // below the image point at a zero row).
+    thread_local std::vector<float> wbuf, pad, zero;
+    wbuf.resize(static_cast<size_t>((c1 - c0) * cols_));
+    DequantizeRows(c0, c1, wbuf.data(), terms_used, &kt);
+    pad.assign(static_cast<size_t>(H * PW), 0.0f);
+    zero.assign(static_cast<size_t>(PW), 0.0f);
+    std::vector<const float*> rows(static_cast<size_t>(kh));
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* xc = x + c * H * W;
+      for (int64_t h = 0; h < H; ++h) {
+        std::copy(xc + h * W, xc + (h + 1) * W, pad.data() + h * PW + pw);
+      }
+      for (int64_t oh = 0; oh < OH; ++oh) {
+        for (int i = 0; i < kh; ++i) {
+          const int64_t ih = oh * sh + i - ph;
+          rows[static_cast<size_t>(i)] = ih >= 0 && ih < H ? pad.data() + ih * PW : zero.data();
+        }
+        kt.depthwise_row(rows.data(), wbuf.data() + (c - c0) * cols_, kh, kw, OW,
+                         y + (c * OH + oh) * OW);
+      }
+    }
   };
   if (pool != nullptr && tasks > 1) {
     pool->ParallelFor(tasks, run);

@@ -84,6 +84,12 @@ struct LinearKernelTable {
   // (nullptr: the transposed schedule serves those batches).
   void (*gemm_wr)(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int64_t B,
                   int64_t n, float* out, int64_t ldo);
+  // One output row of a depthwise convolution: out[o] = Σ_{i<kh} Σ_{j<kw} w[i·kw + j]·rows[i][o + j]
+  // for o < n, rows[i] the (zero-padded) input row under kernel row i. Every output is one chain
+  // of fused multiply-adds in (i, j) order from 0, so every variant gives the same bits. Optional
+  // (nullptr: depthwise convolutions take the dense path).
+  void (*depthwise_row)(const float* const* rows, const float* w, int kh, int kw, int64_t n,
+                        float* out);
 };
 inline constexpr int kMaxDecodeTerms = 8;
 inline constexpr int kGemmRows = 8;
@@ -150,6 +156,16 @@ class LowbitLinear {
   void ForwardPanels(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
                      int64_t row_end, float* y, int64_t ldy, int terms_used = 0,
                      ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
+
+  // A depthwise 2-D convolution of one image on these weights, one row per channel of a
+  // [C, 1, kh, kw] kernel (requires a table with depthwise_row): x [C, H, W] -> y [C, OH, OW]
+  // with OW = W + 2·pw - kw + 1, stride (sh, 1), dilation 1, zero padding (ph, pw):
+  // y[c, oh, ow] = Σ_{i,j} W[c, i·kw + j]·x[c, oh·sh + i - ph, ow + j - pw]. Channels are split
+  // over `pool`.
+  void DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh, int ph,
+                       int pw, int64_t OH, float* y, int terms_used = 0,
+                       ThreadPool* pool = nullptr,
+                       const LinearKernelTable* kernels = nullptr) const;
 
   // The weight the first `terms_used` terms stand for, Σ_k Ŵ_k in fp32, row-major [out, in]
   // (out must hold out·in floats): for compute-bound calls (many activation rows) that hand a

@@ -191,7 +191,7 @@ void DecodeRows(const uint8_t* const* codes, const float* const* scale, const fl
 
 const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, GemmXt,
                                  nullptr, nullptr, nullptr, nullptr,  DecodeTerms,
-                                 DecodeRows,  nullptr};
+                                 DecodeRows,  nullptr, nullptr};
 
 }  // namespace
 

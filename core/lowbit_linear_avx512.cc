@@ -320,6 +320,54 @@ void GemmWr(const float* w, int64_t ldw, int R, const float* x, int64_t ldx, int
   }
 }
 
+// ---- depthwise_row ----
+
+// Up to V·16 outputs from o: the kh·kw taps, each broadcast against V unaligned input vectors,
+// one FMA chain per output in (i, j) order; the last vector masked by `last`.
+template <int V>
+inline void DepthwiseBlock(const float* const* rows, const float* w, int kh, int kw, int64_t o,
+                           __mmask16 last, float* out) {
+  __m512 acc[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
+  for (int i = 0; i < kh; ++i) {
+    const float* r = rows[i] + o;
+    for (int j = 0; j < kw; ++j) {
+      const __m512 wv = _mm512_set1_ps(w[i * kw + j]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        const __m512 xv = v == V - 1 ? _mm512_maskz_loadu_ps(last, r + j + 16 * v)
+                                     : _mm512_loadu_ps(r + j + 16 * v);
+        acc[v] = _mm512_fmadd_ps(wv, xv, acc[v]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    _mm512_mask_storeu_ps(out + o + 16 * v, v == V - 1 ? last : __mmask16{0xFFFF}, acc[v]);
+  }
+}
+
+void DepthwiseRow(const float* const* rows, const float* w, int kh, int kw, int64_t n, float* out) {
+  int64_t o = 0;
+  for (; o + 64 <= n; o += 64) DepthwiseBlock<4>(rows, w, kh, kw, o, 0xFFFF, out);
+  const int64_t left = n - o;
+  if (left == 0) return;
+  const int vectors = static_cast<int>((left + 15) / 16);
+  const int tail = static_cast<int>(left - 16 * (vectors - 1));
+  const __mmask16 last = static_cast<__mmask16>(tail == 16 ? 0xFFFFu : (1u << tail) - 1);
+  switch (vectors) {
+    case 1:
+      return DepthwiseBlock<1>(rows, w, kh, kw, o, last, out);
+    case 2:
+      return DepthwiseBlock<2>(rows, w, kh, kw, o, last, out);
+    case 3:
+      return DepthwiseBlock<3>(rows, w, kh, kw, o, last, out);
+    default:
+      return DepthwiseBlock<4>(rows, w, kh, kw, o, last, out);
+  }
+}
+
 // The batch-1 kernels stream the packed codes from memory once, a row (a few KiB) at a time.
 // The hardware prefetcher restarts at every 4 KiB page and every row task; a software prefetch
 // this many bytes ahead keeps more reads in flight (an interleaved two-thread A/B of this loop
@@ -614,7 +662,7 @@ void DecodeRows(const uint8_t* const* codes, const float* const* scale, const fl
 const LinearKernelTable kAvx512 = {
     "avx512",  Decode,   Dot,          DotCodes,          GemmXt,
     PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms, DecodeTerms,
-    DecodeRows, GemmWr};
+    DecodeRows, GemmWr, DepthwiseRow};
 
 }  // namespace
 

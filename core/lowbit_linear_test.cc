@@ -387,6 +387,83 @@ TEST(LowbitLinear, ForwardPanelsMatchesTheReferenceBits) {
   }
 }
 
+// One depthwise output row: every variant that has it gives the reference's bits (one FMA chain
+// per output in tap order) for row lengths around the 16- and 64-output blocks, and writes
+// nothing past n.
+TEST(LowbitLinear, DepthwiseRowIsBitForBitItsDefinitionOnEveryVariant) {
+  const LinearKernelTable* ref = LinearKernelsByName("ref");
+  ASSERT_NE(ref, nullptr);
+  int variants = 0;
+  for (const std::string name : {"ref", "avx2", "avx512"}) {
+    const LinearKernelTable* kt = LinearKernelsByName(name);
+    if (kt == nullptr || kt->depthwise_row == nullptr) continue;
+    ++variants;
+    for (int k : {1, 3, 5}) {
+      for (int64_t n : {1, 15, 16, 17, 63, 64, 65, 80, 160, 200}) {
+        const std::vector<float> in = ::fpxint::testing::ToFloat(
+            RandomValues(Dist::kLaplace, k * (n + k), static_cast<uint64_t>(n * 10 + k)));
+        const std::vector<float> w = ::fpxint::testing::ToFloat(
+            RandomValues(Dist::kGaussian, k * k, static_cast<uint64_t>(k)));
+        std::vector<const float*> rows;
+        for (int i = 0; i < k; ++i) rows.push_back(in.data() + i * (n + k));
+        std::vector<float> want(static_cast<size_t>(n + 4), -5.0f), got(want);
+        ref->depthwise_row(rows.data(), w.data(), k, k, n, want.data());
+        kt->depthwise_row(rows.data(), w.data(), k, k, n, got.data());
+        ASSERT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+            << name << " k " << k << " n " << n;
+        ASSERT_EQ(got[static_cast<size_t>(n)], -5.0f) << "wrote past n";
+      }
+    }
+  }
+  EXPECT_GE(variants, 1);
+}
+
+// DepthwiseConv2d against the convolution computed from the exact expansion (fp64), with height
+// strides, asymmetric padding, K' < K, and the channel split over a pool (the same bits as one
+// thread).
+TEST(LowbitLinear, DepthwiseConv2dMatchesTheExactConvolution) {
+  ThreadPool pool(2);
+  const LinearKernelTable& kt = ActiveLinearKernels();
+  if (kt.depthwise_row == nullptr) GTEST_SKIP() << kt.name << " has no depthwise path";
+  struct Geo { int64_t C, H, W; int k, sh, ph, pw; };
+  for (const Geo& g : {Geo{24, 12, 80, 5, 1, 2, 2}, Geo{16, 9, 20, 3, 2, 1, 1},
+                       Geo{9, 5, 7, 3, 1, 0, 1}}) {
+    const Case c{g.C, g.k * g.k, 1, 4, 3, Grid::kSym, ScaleGranularity::kChannel, 0};
+    const TensorExpansion e = Expand(c, 31);
+    auto w = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(w.ok());
+    const std::vector<float> x = ::fpxint::testing::ToFloat(
+        RandomValues(Dist::kGaussian, g.C * g.H * g.W, 17));
+    const int64_t OH = (g.H + 2 * g.ph - g.k) / g.sh + 1, OW = g.W + 2 * g.pw - g.k + 1;
+    for (int terms : {1, 3}) {
+      const std::vector<double> wd = Reconstruct(e, terms);
+      std::vector<double> want(static_cast<size_t>(g.C * OH * OW), 0.0);
+      for (int64_t ch = 0; ch < g.C; ++ch) {
+        for (int64_t oh = 0; oh < OH; ++oh) {
+          for (int64_t ow = 0; ow < OW; ++ow) {
+            double acc = 0;
+            for (int i = 0; i < g.k; ++i) {
+              for (int j = 0; j < g.k; ++j) {
+                const int64_t ih = oh * g.sh + i - g.ph, iw = ow + j - g.pw;
+                if (ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
+                acc += wd[static_cast<size_t>(ch * g.k * g.k + i * g.k + j)] *
+                       x[static_cast<size_t>((ch * g.H + ih) * g.W + iw)];
+              }
+            }
+            want[static_cast<size_t>((ch * OH + oh) * OW + ow)] = acc;
+          }
+        }
+      }
+      std::vector<float> one(want.size()), two(want.size());
+      w->DepthwiseConv2d(x.data(), g.H, g.W, g.k, g.k, g.sh, g.ph, g.pw, OH, one.data(), terms);
+      w->DepthwiseConv2d(x.data(), g.H, g.W, g.k, g.k, g.sh, g.ph, g.pw, OH, two.data(), terms,
+                         &pool);
+      EXPECT_LT(MaxRelErr(one, want), 1e-5) << g.C << "x" << g.H << "x" << g.W << " K'=" << terms;
+      EXPECT_EQ(one, two);
+    }
+  }
+}
+
 // The transposed schedule as a convolution calls it: im2col columns [in, pixels] with a row
 // stride, the output [out, pixels] for a row range, against the exact product; and the same bits
 // as the reference table.

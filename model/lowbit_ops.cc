@@ -316,6 +316,22 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   // 1x1 convolutions as OpenBLAS GEMMs measured faster alone but slower in the network, where
   // OpenBLAS's threads compete with OpenMP's spinning ones). Grouped convolutions with more than
   // a few output pixels too: im2col would copy every input kh·kw times for a handful of weights.
+  const std::vector<int64_t>& ws = p->shape;
+  if (groups > 1 && groups == c.out && ws[1] == 1 && c.rows() > kFewRows &&
+      c.rows() <= WeightOnlyMaxRows() && c.dilation[0] == 1 && c.dilation[1] == 1 &&
+      c.stride[1] == 1 && core::ActiveLinearKernels().depthwise_row != nullptr) {
+    // Depthwise (one input channel per output channel): straight on the image, no im2col.
+    const int64_t H = c.x.size(2), W = c.x.size(3);
+    at::Tensor y = at::empty({c.n, c.out, c.oh, c.ow}, c.x.options());
+    for (int64_t i = 0; i < c.n; ++i) {
+      w.DepthwiseConv2d(c.x.data_ptr<float>() + i * c.out * H * W, H, W, static_cast<int>(ws[2]),
+                        static_cast<int>(ws[3]), static_cast<int>(c.stride[0]),
+                        static_cast<int>(c.padding[0]), static_cast<int>(c.padding[1]), c.oh,
+                        y.data_ptr<float>() + i * c.out * c.oh * c.ow, k, &AtenPool());
+    }
+    if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
+    return c.Finish(y);
+  }
   if (c.rows() > WeightOnlyMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
     return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }

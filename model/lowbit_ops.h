@@ -33,8 +33,10 @@
 // with 17-48 rows and at most 1024 inputs, the panel schedule (32 weight rows dequantized into L1
 // at a time, in the vector lanes against row-major activations; AVX-512); everything else, the
 // transposed schedule (16 rows dequantized at a time, broadcast against the activations
-// transposed, which convolutions hand over as their im2col columns without a copy). Grouped
-// convolutions beyond 8 pixels, and any call beyond FPXINT_PACKED_MAX_ROWS rows when it is set,
+// transposed, which convolutions hand over as their im2col columns without a copy); depthwise
+// convolutions (dilation 1, width stride 1) beyond 8 pixels run straight on the image
+// (core::LowbitLinear::DepthwiseConv2d; AVX-512). Other grouped convolutions beyond 8 pixels,
+// and any call beyond FPXINT_PACKED_MAX_ROWS rows when it is set,
 // take the dense path: a transient fp32 copy of Σ Ŵ_k (one layer at a time) for LibTorch's GEMM
 // or convolution. The W×A ops run their integer kernels up to 16 rows (or the variable's value)
 // and the dense path beyond. Either way the resident weights stay packed. Threads: LibTorch's
