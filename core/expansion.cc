@@ -496,17 +496,6 @@ std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms, ThreadP
 
 namespace {
 
-// Term k's dequantized value of one code, exactly as AccumulateTermRows computes it.
-inline double Dequantized(Grid grid, uint8_t code, bool is_unsigned, double s, double zero) {
-  const double c = is_unsigned ? static_cast<double>(code)
-                               : static_cast<double>(static_cast<int8_t>(code));
-  switch (grid) {
-    case Grid::kSym: return c * s;
-    case Grid::kAsym: return s * (c - zero);
-    default: return (c + 0.5) * s;
-  }
-}
-
 // Term k of one row: quantizes the residual r in place (updating its statistics), adds the
 // dequantized values to acc (which term 1 starts from 0.0, as Reconstruct's accumulator does;
 // nullptr: not wanted) and writes term k alone to term_out (nullptr: not wanted).
@@ -520,10 +509,39 @@ void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& 
   }
   const bool is_unsigned = spec.term_is_unsigned(k);
   const double s = gp.scale, z = gp.zero;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = Dequantized(spec.grid, codes[i], is_unsigned, s, z);
-    if (acc != nullptr) acc[i] = (k == 1 ? 0.0 : acc[i]) + d;
-    if (term_out != nullptr) term_out[i] = static_cast<float>(0.0 + d);
+  // Each code's dequantized value exactly as AccumulateTermRows computes it, with the grid and
+  // signedness outside the loops so that they vectorize (the dynamic activation expansion of W×A
+  // serving runs this on every input).
+  auto rows = [&](auto grid, auto is_u) {
+    constexpr Grid G = decltype(grid)::value;
+    constexpr bool U = decltype(is_u)::value;
+    auto deq = [s, z](uint8_t code) {
+      const double c = U ? static_cast<double>(code) : static_cast<double>(static_cast<int8_t>(code));
+      if constexpr (G == Grid::kSym) return c * s;
+      if constexpr (G == Grid::kAsym) return s * (c - z);
+      return (c + 0.5) * s;
+    };
+    if (acc != nullptr && k == 1) {
+      for (int64_t i = 0; i < n; ++i) acc[i] = 0.0 + deq(codes[i]);
+    } else if (acc != nullptr) {
+      for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + deq(codes[i]);
+    }
+    if (term_out != nullptr) {
+      for (int64_t i = 0; i < n; ++i) term_out[i] = static_cast<float>(0.0 + deq(codes[i]));
+    }
+  };
+  using Sym = std::integral_constant<Grid, Grid::kSym>;
+  using Asym = std::integral_constant<Grid, Grid::kAsym>;
+  using Mid = std::integral_constant<Grid, Grid::kMid>;
+  using U = std::true_type;
+  using S = std::false_type;
+  switch (spec.grid) {
+    case Grid::kSym:
+      return is_unsigned ? rows(Sym{}, U{}) : rows(Sym{}, S{});
+    case Grid::kAsym:
+      return is_unsigned ? rows(Asym{}, U{}) : rows(Asym{}, S{});
+    default:
+      return is_unsigned ? rows(Mid{}, U{}) : rows(Mid{}, S{});
   }
 }
 
