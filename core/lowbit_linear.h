@@ -8,16 +8,22 @@
 // memory (b-bit codes, 8/b per byte for b ∈ {1, 2, 4}): resident bytes ≈ K·b/32 of FP32 plus the
 // scales. Activations stay fp32 (weight-only serving). Any-precision: K' ≤ K terms per call.
 //
-// Two schedules, chosen by batch size:
+// Schedules, chosen by batch size:
 //   small batch (≤ 4, or ≤ 8 with the AVX-512 table-lookup path): per row and term, decode the
-//   codes to floats once and take dot products
-//     with every activation row; the scale and offset are applied per group after the dot
-//     (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K terms make one pass over the activations.
-//   larger batch: per tile of 8 rows, decode and sum the K terms into fp32 rows (dequantize on
-//     the fly, in L1), then multiply them with the activations transposed ([in, batch]: one
-//     decoded weight broadcast against 16 activation rows per fused multiply-add, no horizontal
-//     sums): the FLOPs no longer grow with K. Convolutions hand their im2col columns, which are
-//     already in that layout, to ForwardTransposed and get the [out, pixels] output directly.
+//     codes to floats once and take dot products with every activation row; the scale and
+//     offset are applied per group after the dot (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K
+//     terms make one pass over the activations.
+//   larger batch (Forward, ForwardTransposed): per task of 16 rows, decode and sum the K terms
+//     into fp32 rows (dequantize on the fly, in L1), then multiply them with the activations
+//     transposed ([in, batch]: one decoded weight broadcast against 16 or 32 activation rows per
+//     fused multiply-add, no horizontal sums): the FLOPs no longer grow with K. Convolutions
+//     hand their im2col columns, which are already in that layout, to ForwardTransposed and get
+//     the [out, pixels] output directly.
+//   moderate batch, row-major activations (ForwardPanels, AVX-512): 32 decoded rows transposed
+//     in L1 so the weight rows sit in the vector lanes, each activation value broadcast against
+//     them; no transposed activations and no scattered output.
+// DepthwiseConv2d runs a depthwise convolution on these weights (one row per channel) straight
+// on the image.
 // Rows are split across the thread pool. Each variant (ref, avx2, avx512, chosen at run time like
 // core/kernels.h) is tested against the scalar reference (fp32, within 1e-5 relative).
 #ifndef FPXINT_CORE_LOWBIT_LINEAR_H_
