@@ -163,11 +163,7 @@ void ParallelRows(const ExpandOptions& o, int64_t rows, int64_t row_len,
     if (o.cancel != nullptr && o.cancel->load(std::memory_order_relaxed)) return;
     fn(c * chunk, std::min(rows, (c + 1) * chunk));
   };
-  if (o.pool == nullptr || chunks == 1) {
-    for (int64_t c = 0; c < chunks; ++c) body(c);
-  } else {
-    o.pool->ParallelFor(chunks, body);
-  }
+  RunTasks(o.pool, chunks, body);
 }
 
 void FinishErrors(TensorExpansion* e, const RowResults& rr, int computed) {
@@ -516,7 +512,8 @@ void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& 
     constexpr Grid G = decltype(grid)::value;
     constexpr bool U = decltype(is_u)::value;
     auto deq = [s, z](uint8_t code) {
-      const double c = U ? static_cast<double>(code) : static_cast<double>(static_cast<int8_t>(code));
+      const double c =
+          U ? static_cast<double>(code) : static_cast<double>(static_cast<int8_t>(code));
       if constexpr (G == Grid::kSym) return c * s;
       if constexpr (G == Grid::kAsym) return s * (c - z);
       return (c + 0.5) * s;

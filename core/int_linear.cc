@@ -238,11 +238,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
           ex.terms[j].scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
     }
   };
-  if (pool != nullptr && batch > 1) {
-    pool->ParallelFor(batch, prepare_row);
-  } else {
-    for (int64_t b = 0; b < batch; ++b) prepare_row(b);
-  }
+  RunTasks(pool, batch, prepare_row);
   // The products to run, in a fixed order (the epilogue sums them in this order).
   std::vector<std::pair<int, int>> pairs;
   const int k_max = std::max(K, Ka);
@@ -281,7 +277,8 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
             const auto [i, j] = pairs[p];
             const Term& t = terms_[static_cast<size_t>(i)];
             const float ws = t.scale[static_cast<size_t>(o)];
-            const int64_t bw = int64_t{bias[static_cast<size_t>(j)]} * t.wsum[static_cast<size_t>(o)];
+            const int64_t bw =
+                int64_t{bias[static_cast<size_t>(j)]} * t.wsum[static_cast<size_t>(o)];
             const int32_t* a = acc.data() + p * kTile * kTile + r * B;
             const float* xs = sx[static_cast<size_t>(j)].data() + b0;
             for (int b = 0; b < B; ++b) {
@@ -293,11 +290,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
       }
     }
   };
-  if (pool != nullptr && tasks > 1) {
-    pool->ParallelFor(tasks, run);
-  } else {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  }
+  RunTasks(pool, tasks, run);
   return absl::OkStatus();
 }
 

@@ -274,12 +274,30 @@ void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64
       for (int64_t b = 0; b < batch; ++b) y[b * ldy + o] = yb[b];
     }
   };
-  if (pool != nullptr && tasks > 1) {
-    pool->ParallelFor(tasks, run);
-  } else {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  }
+  RunTasks(pool, tasks, run);
 }
+
+namespace {
+
+// fn(r0, r1, w) for the blocks [r0, r1) of `block` rows of [row_begin, row_end), w their first
+// `terms_used` terms dequantized and summed into a per-thread buffer (row-major, in_features()
+// floats per row); the blocks split over `pool`.
+template <typename Fn>
+void ForEachDecodedBlock(const LowbitLinear& lw, int64_t row_begin, int64_t row_end,
+                         int64_t block, int terms_used, const LinearKernelTable& kt,
+                         ThreadPool* pool, const Fn& fn) {
+  const int64_t tasks = (row_end - row_begin + block - 1) / block;
+  RunTasks(pool, tasks, [&](int64_t task) {
+    const int64_t r0 = row_begin + task * block, r1 = std::min(row_end, r0 + block);
+    thread_local std::vector<float> buf;
+    const size_t need = static_cast<size_t>((r1 - r0) * lw.in_features());
+    if (buf.size() < need) buf.resize(need);
+    lw.DequantizeRows(r0, r1, buf.data(), terms_used, &kt);
+    fn(r0, r1, buf.data());
+  });
+}
+
+}  // namespace
 
 void LowbitLinear::ForwardTransposed(const float* xt, int64_t ldxt, int64_t batch,
                                      int64_t row_begin, int64_t row_end, float* y,
@@ -287,27 +305,17 @@ void LowbitLinear::ForwardTransposed(const float* xt, int64_t ldxt, int64_t batc
                                      ThreadPool* pool, const LinearKernelTable* kernels) const {
   if (batch <= 0 || row_end <= row_begin) return;
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
-  // Per task, kRowsPerTask rows dequantized (all K' terms summed) into a per-thread buffer
-  // (L1/L2-sized for the layers this serves), then register tiles of kGemmRows rows against
-  // every activation row.
-  const int64_t tasks = (row_end - row_begin + kRowsPerTask - 1) / kRowsPerTask;
-  auto run = [&](int64_t task) {
-    const int64_t r0 = row_begin + task * kRowsPerTask, r1 = std::min(row_end, r0 + kRowsPerTask);
-    thread_local std::vector<float> buf;
-    const size_t need = static_cast<size_t>((r1 - r0) * cols_);
-    if (buf.size() < need) buf.resize(need);
-    DequantizeRows(r0, r1, buf.data(), terms_used, &kt);
-    for (int64_t o0 = r0; o0 < r1; o0 += kGemmRows) {
-      const int R = static_cast<int>(std::min<int64_t>(kGemmRows, r1 - o0));
-      kt.gemm_xt(buf.data() + (o0 - r0) * cols_, cols_, R, xt, ldxt, batch, cols_,
-                 y + (o0 - row_begin) * y_row_stride, y_row_stride, y_batch_stride);
-    }
-  };
-  if (pool != nullptr && tasks > 1) {
-    pool->ParallelFor(tasks, run);
-  } else {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  }
+  // Per task, kRowsPerTask rows dequantized (L1/L2-sized for the layers this serves), then
+  // register tiles of kGemmRows rows against every activation row.
+  ForEachDecodedBlock(*this, row_begin, row_end, kRowsPerTask, terms_used, kt, pool,
+                      [&](int64_t r0, int64_t r1, const float* w) {
+                        for (int64_t o0 = r0; o0 < r1; o0 += kGemmRows) {
+                          const int R = static_cast<int>(std::min<int64_t>(kGemmRows, r1 - o0));
+                          kt.gemm_xt(w + (o0 - r0) * cols_, cols_, R, xt, ldxt, batch, cols_,
+                                     y + (o0 - row_begin) * y_row_stride, y_row_stride,
+                                     y_batch_stride);
+                        }
+                      });
 }
 
 void LowbitLinear::ForwardPanels(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
@@ -315,40 +323,27 @@ void LowbitLinear::ForwardPanels(const float* x, int64_t ldx, int64_t batch, int
                                  ThreadPool* pool, const LinearKernelTable* kernels) const {
   if (batch <= 0 || row_end <= row_begin) return;
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
-  // Per task, kPanelRows rows dequantized into a per-thread buffer (kPanelRows·in floats: L1 or
-  // L2), then one gemm_wr against every activation row.
-  const int64_t tasks = (row_end - row_begin + kPanelRows - 1) / kPanelRows;
-  auto run = [&](int64_t task) {
-    const int64_t r0 = row_begin + task * kPanelRows, r1 = std::min(row_end, r0 + kPanelRows);
-    thread_local std::vector<float> buf;
-    const size_t need = static_cast<size_t>((r1 - r0) * cols_);
-    if (buf.size() < need) buf.resize(need);
-    DequantizeRows(r0, r1, buf.data(), terms_used, &kt);
-    kt.gemm_wr(buf.data(), cols_, static_cast<int>(r1 - r0), x, ldx, batch, cols_,
-               y + (r0 - row_begin), ldy);
-  };
-  if (pool != nullptr && tasks > 1) {
-    pool->ParallelFor(tasks, run);
-  } else {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  }
+  // Per task, kPanelRows rows dequantized (kPanelRows·in floats: L1 or L2), then one gemm_wr
+  // against every activation row.
+  ForEachDecodedBlock(*this, row_begin, row_end, kPanelRows, terms_used, kt, pool,
+                      [&](int64_t r0, int64_t r1, const float* w) {
+                        kt.gemm_wr(w, cols_, static_cast<int>(r1 - r0), x, ldx, batch, cols_,
+                                   y + (r0 - row_begin), ldy);
+                      });
 }
 
 void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh,
                                    int ph, int pw, int64_t OH, float* y, int terms_used,
                                    ThreadPool* pool, const LinearKernelTable* kernels) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
-  const int64_t C = rows_, OW = W + 2 * pw - kw + 1, PW = W + 2 * pw;
-  if (C <= 0 || OH <= 0 || OW <= 0) return;
+  const int64_t OW = W + 2 * pw - kw + 1, PW = W + 2 * pw;
+  if (rows_ <= 0 || OH <= 0 || OW <= 0) return;
   constexpr int64_t kChannelsPerTask = 8;
-  const int64_t tasks = (C + kChannelsPerTask - 1) / kChannelsPerTask;
-  auto run = [&](int64_t task) {
-    const int64_t c0 = task * kChannelsPerTask, c1 = std::min(C, c0 + kChannelsPerTask);
-    // The task's kernels, and one channel at a time zero-padded left and right (rows above and
-    // below the image point at a zero row).
-    thread_local std::vector<float> wbuf, pad, zero;
-    wbuf.resize(static_cast<size_t>((c1 - c0) * cols_));
-    DequantizeRows(c0, c1, wbuf.data(), terms_used, &kt);
+  ForEachDecodedBlock(*this, 0, rows_, kChannelsPerTask, terms_used, kt, pool,
+                      [&](int64_t c0, int64_t c1, const float* w) {
+    // One channel at a time zero-padded left and right (rows above and below the image point
+    // at a zero row).
+    thread_local std::vector<float> pad, zero;
     pad.assign(static_cast<size_t>(H * PW), 0.0f);
     zero.assign(static_cast<size_t>(PW), 0.0f);
     std::vector<const float*> rows(static_cast<size_t>(kh));
@@ -362,16 +357,10 @@ void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh,
           const int64_t ih = oh * sh + i - ph;
           rows[static_cast<size_t>(i)] = ih >= 0 && ih < H ? pad.data() + ih * PW : zero.data();
         }
-        kt.depthwise_row(rows.data(), wbuf.data() + (c - c0) * cols_, kh, kw, OW,
-                         y + (c * OH + oh) * OW);
+        kt.depthwise_row(rows.data(), w + (c - c0) * cols_, kh, kw, OW, y + (c * OH + oh) * OW);
       }
     }
-  };
-  if (pool != nullptr && tasks > 1) {
-    pool->ParallelFor(tasks, run);
-  } else {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  }
+  });
 }
 
 }  // namespace fpxint::core
@@ -385,7 +374,9 @@ void LowbitLinear::DequantizeRows(int64_t row_begin, int64_t row_end, float* out
   // One scale group per row and one code width (every expansion with channel or tensor scales):
   // the whole block of rows in one call.
   bool one_width = true;
-  for (int k = 1; k < K; ++k) one_width = one_width && terms_[static_cast<size_t>(k)].bits == terms_[0].bits;
+  for (int k = 1; k < K; ++k) {
+    one_width = one_width && terms_[static_cast<size_t>(k)].bits == terms_[0].bits;
+  }
   if (groups_ == 1 && one_width && K <= kMaxDecodeTerms) {
     const uint8_t* codes[kMaxDecodeTerms];
     const float* scale[kMaxDecodeTerms];
@@ -463,11 +454,7 @@ void LowbitLinear::Dequantize(float* out, int terms_used, ThreadPool* pool,
     const int64_t r0 = task * kRowsPerTask, r1 = std::min(rows_, r0 + kRowsPerTask);
     DequantizeRows(r0, r1, out + r0 * cols_, terms_used, kernels);
   };
-  if (pool != nullptr && tasks > 1) {
-    pool->ParallelFor(tasks, run);
-  } else {
-    for (int64_t t = 0; t < tasks; ++t) run(t);
-  }
+  RunTasks(pool, tasks, run);
 }
 
 // Image layout (all integers little-endian):

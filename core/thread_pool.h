@@ -50,6 +50,10 @@ class ThreadPool {
   std::vector<std::thread> workers_;
 };
 
+// fn(i) for every i in [0, n): on `pool` when there is one and more than one task, otherwise on
+// the calling thread in order.
+void RunTasks(ThreadPool* pool, int64_t n, const std::function<void(int64_t)>& fn);
+
 }  // namespace fpxint::core
 
 #endif  // FPXINT_CORE_THREAD_POOL_H_

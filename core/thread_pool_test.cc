@@ -1,6 +1,7 @@
 #include "core/thread_pool.h"
 
 #include <atomic>
+#include <vector>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -53,6 +54,21 @@ TEST(ThreadPool, SingleThreadAndEmptyLoops) {
   pool.ParallelFor(0, [&](int64_t) { ++n; });
   pool.ParallelFor(5, [&](int64_t) { ++n; });
   EXPECT_EQ(n, 5);
+}
+
+// RunTasks: without a pool every index on the calling thread in order; with one, every index
+// exactly once.
+TEST(ThreadPool, RunTasksWithAndWithoutAPool) {
+  std::vector<int64_t> order;
+  RunTasks(nullptr, 4, [&](int64_t i) { order.push_back(i); });
+  EXPECT_EQ(order, (std::vector<int64_t>{0, 1, 2, 3}));
+  ThreadPool pool(2);
+  std::vector<std::atomic<int>> hits(100);
+  RunTasks(&pool, 100, [&](int64_t i) { hits[static_cast<size_t>(i)].fetch_add(1); });
+  for (const auto& h : hits) EXPECT_EQ(h.load(), 1);
+  int n = 0;
+  RunTasks(&pool, 0, [&](int64_t) { ++n; });
+  EXPECT_EQ(n, 0);
 }
 
 }  // namespace

@@ -120,15 +120,6 @@ void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, i
   });
 }
 
-// y = x · Wᵀ for all output rows on the panel schedule (weight rows in the vector lanes), output
-// rows split over the intra-op pool in whole panels.
-void RunPanels(const core::LowbitLinear& w, const float* x, int64_t m, int64_t out, float* y,
-               int terms) {
-  at::parallel_for(0, (out + core::kPanelRows - 1) / core::kPanelRows, 1, [&](int64_t b, int64_t e) {
-    const int64_t r0 = b * core::kPanelRows, r1 = std::min(out, e * core::kPanelRows);
-    w.ForwardPanels(x, w.in_features(), m, r0, r1, y + r0, out, terms);
-  });
-}
 // Linear layers with (kPanelMinRows, kPanelMaxRows] activation rows and at most kPanelMaxIn
 // inputs run on the panel schedule, others beyond kFewRows on the transposed one (2 threads,
 // 6625x120: at 40 rows 0.38 vs 0.50 ms, at 12 and 16 rows the transposed schedule is ahead; at
@@ -226,7 +217,8 @@ at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
     DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
   } else if (m > kPanelMinRows && m <= kPanelMaxRows && w.in_features() <= kPanelMaxIn &&
              core::ActiveLinearKernels().gemm_wr != nullptr) {
-    RunPanels(w, x.data_ptr<float>(), m, w.out_features(), y.data_ptr<float>(), k);
+    w.ForwardPanels(x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
+                    y.data_ptr<float>(), w.out_features(), k, &AtenPool());
   } else if (m > kFewRows) {  // activations transposed once, for every row task
     const at::Tensor xt = x.view({m, w.in_features()}).t().contiguous();
     RunTransposed(w, xt.data_ptr<float>(), m, m, 0, w.out_features(), y.data_ptr<float>(), 1,
@@ -312,10 +304,6 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   const ConvCall c = PrepareConv("fpxint::conv2d", x_in, p->shape, groups, stride, padding,
                                  dilation);
   const int k = TermsArg(terms);
-  // Dense path: LibTorch's convolution (oneDNN on OpenMP threads like the rest of the network;
-  // 1x1 convolutions as OpenBLAS GEMMs measured faster alone but slower in the network, where
-  // OpenBLAS's threads compete with OpenMP's spinning ones). Grouped convolutions with more than
-  // a few output pixels too: im2col would copy every input kh·kw times for a handful of weights.
   const std::vector<int64_t>& ws = p->shape;
   if (groups > 1 && groups == c.out && ws[1] == 1 && c.rows() > kFewRows &&
       c.rows() <= WeightOnlyMaxRows() && c.dilation[0] == 1 && c.dilation[1] == 1 &&
@@ -332,6 +320,9 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
     if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
     return c.Finish(y);
   }
+  // Dense path, LibTorch's convolution (oneDNN on the same OpenMP threads), when forced by
+  // FPXINT_PACKED_MAX_ROWS, and for other grouped convolutions beyond a few output pixels: im2col
+  // would copy every input kh·kw times for a handful of weights.
   if (c.rows() > WeightOnlyMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
     return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }
