@@ -6,7 +6,11 @@
 # state in the volume /var/lib/fpxint. docs/DEPLOY.md explains how to run it.
 #
 #   docker build -t fpxint .
-#   docker run -p 8001:8001 -p 8002:8002 -v fpxint-data:/var/lib/fpxint fpxint
+#   docker run -p 8001:8001 -p 8002:8002 -v fpxint-data:/var/lib/fpxint \
+#     -v $PWD/tokens:/etc/fpxint/tokens:ro -e FPXINT_TOKEN_FILE=/etc/fpxint/tokens fpxint
+#
+# Without a token file the server refuses to listen on 0.0.0.0 unless FPXINT_INSECURE_NO_AUTH=true
+# (then publish the ports on loopback only: -p 127.0.0.1:8001:8001).
 
 # ---------------------------------------------------------------------------------------------
 FROM debian:bookworm AS build
@@ -38,11 +42,13 @@ RUN groupadd --system --gid 10001 fpxint \
 
 COPY --from=build /src/build/bin/fpxint-server /usr/local/bin/fpxint-server
 COPY --from=build /src/build/bin/fpxint /usr/local/bin/fpxint
+# The sandboxed TorchScript vetter; fpxint-server runs it from its own directory.
+COPY --from=build /src/build/bin/fpxint-vet /usr/local/bin/fpxint-vet
 # The MLOps pipeline step (deploy/pipeline/README.md), for the Kubeflow component.
 COPY --from=build /src/deploy/pipeline/fpxint-quantize-step.sh /usr/local/share/fpxint/fpxint-quantize-step.sh
 
 # Fail the image build, not the first start, when runtime-packages.txt misses a library.
-RUN if ldd /usr/local/bin/fpxint-server /usr/local/bin/fpxint | grep 'not found'; then \
+RUN if ldd /usr/local/bin/fpxint-server /usr/local/bin/fpxint /usr/local/bin/fpxint-vet | grep 'not found'; then \
       echo 'missing shared libraries: add their packages to scripts/runtime-packages.txt' >&2; \
       exit 1; \
     fi \

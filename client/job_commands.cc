@@ -18,6 +18,7 @@
 #include "client/job_file.h"
 #include "client/progress.h"
 #include "client/rpc.h"
+#include "proto/job_quality.h"
 #include "fpxint/v1/quantizer.grpc.pb.h"
 
 namespace fpxint::client {
@@ -68,25 +69,7 @@ std::string TimeString(int64_t unix_ms) {
 // The job's error for the quality gate: the probe's output error at the full spec (LAYER/MODEL);
 // without a probe, the worst tensor's relative Frobenius error at its last term. -1 if unknown.
 double GateError(const v1::Job& job, std::string* what) {
-  const v1::JobResult& r = job.result();
-  const v1::ProbeError* best = nullptr;
-  for (const v1::ProbeError& p : r.probe()) {
-    if (best == nullptr || p.weight_terms() > best->weight_terms() ||
-        (p.weight_terms() == best->weight_terms() && p.act_terms() > best->act_terms())) {
-      best = &p;
-    }
-  }
-  if (best != nullptr) {
-    *what = absl::StrFormat("probe output rel. error at K_w=%d K_a=%d", best->weight_terms(),
-                            best->act_terms());
-    return best->rel_fro();
-  }
-  double worst = -1;
-  for (const v1::LayerResult& l : r.layers()) {
-    if (l.terms_size() > 0) worst = std::max(worst, l.terms(l.terms_size() - 1).rel_fro());
-  }
-  *what = "worst tensor rel. Frobenius error at the last term";
-  return worst;
+  return JobQualityError(job.result(), what);
 }
 
 void PrintJob(const v1::Job& job) {
@@ -196,7 +179,9 @@ int FinishJob(const v1::Job& job, const GlobalOptions& g, const std::string& cmd
   nlohmann::json j = JobJson(job);
   int rc = ExitCodeForState(job.state());
   std::string gate_msg;
-  if (max_rel_error >= 0 && job.state() == v1::SUCCEEDED) {
+  // The server enforced the gate (spec.max_rel_error): a job above it is FAILED with its report.
+  if (max_rel_error >= 0 && (job.state() == v1::SUCCEEDED || job.result().probe_size() > 0 ||
+                             job.result().layers_size() > 0)) {
     std::string what;
     const double err = GateError(job, &what);
     const bool pass = err >= 0 && err <= max_rel_error;
@@ -293,6 +278,8 @@ int RunQuantize(const QuantizeFlags& f, const GlobalOptions& g) {
   auto stub = v1::Quantizer::NewStub((*conn)->channel());
   v1::SubmitJobRequest req;
   *req.mutable_spec() = *js;
+  // The gate runs on the server, before anything is stored or deployed.
+  if (f.max_rel_error > 0) req.mutable_spec()->set_max_rel_error(f.max_rel_error);
   req.set_idempotency_key(f.idempotency_key);
   v1::Job job;
   {
@@ -393,6 +380,21 @@ int RunJobsOne(const JobsFlags& f, const GlobalOptions& g, const std::string& ve
   }
   grpc::ClientContext ctx;
   (*conn)->Prepare(&ctx);
+  if (verb == "delete") {
+    v1::DeleteJobResponse del;
+    grpc::Status s = stub->DeleteJob(&ctx, ref, &del);
+    if (!s.ok()) return ReportRpcError(cmd, s, g);
+    if (g.json) {
+      PrintJson({{"job_id", f.id},
+                 {"deleted", true},
+                 {"artifacts_deleted", del.artifacts_deleted()},
+                 {"bytes_freed", del.bytes_freed()}});
+    } else if (!g.quiet) {
+      std::printf("%s: deleted with %u artifact(s); %llu bytes freed\n", f.id.c_str(),
+                  del.artifacts_deleted(), static_cast<unsigned long long>(del.bytes_freed()));
+    }
+    return kExitOk;
+  }
   grpc::Status s = verb == "cancel" ? stub->CancelJob(&ctx, ref, &job) : stub->GetJob(&ctx, ref, &job);
   if (!s.ok()) return ReportRpcError(cmd, s, g);
   if (verb == "cancel" && f.wait && job.state() != v1::CANCELLED) {
@@ -482,7 +484,8 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
       ->check(CLI::NonNegativeNumber);
   c->callback([q, &g, exit_code] { *exit_code = RunQuantize(*q, g); });
 
-  CLI::App* jobs = app.add_subcommand("jobs", "List, inspect, follow and cancel expansion jobs");
+  CLI::App* jobs =
+      app.add_subcommand("jobs", "List, inspect, follow, cancel and delete expansion jobs");
   jobs->require_subcommand(1);
   auto jf = std::make_shared<JobsFlags>();
   CLI::App* list = jobs->add_subcommand("list", "Jobs, newest first");
@@ -490,12 +493,14 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
       ->check(CLI::IsMember({"queued", "running", "succeeded", "failed", "cancelled"}, CLI::ignore_case));
   list->add_option("--limit", jf->limit, "at most this many jobs (default 50)")->check(CLI::Range(1u, 100000u));
   list->callback([jf, &g, exit_code] { *exit_code = RunJobsList(*jf, g); });
-  for (const char* verb : {"get", "watch", "cancel"}) {
+  for (const char* verb : {"get", "watch", "cancel", "delete"}) {
     const std::string v = verb;
     CLI::App* sc = jobs->add_subcommand(
-        v, v == "get"     ? "Show a job: state, progress, errors per term, artifacts"
-           : v == "watch" ? "Follow a job until it ends; exit 0 succeeded, 5 failed, 6 cancelled"
-                          : "Cancel a queued or running job (cooperative; prompt)");
+        v, v == "get"      ? "Show a job: state, progress, errors per term, artifacts"
+           : v == "watch"  ? "Follow a job until it ends; exit 0 succeeded, 5 failed, 6 cancelled"
+           : v == "cancel" ? "Cancel a queued or running job (cooperative; prompt)"
+                           : "Delete a finished job and its artifacts (a deployment it made "
+                             "keeps serving)");
     sc->add_option("JOB_ID", jf->id, "job id (job-...)")->required();
     if (v == "cancel") sc->add_flag("--wait", jf->wait, "wait until the job has stopped");
     sc->callback([jf, &g, exit_code, v] { *exit_code = RunJobsOne(*jf, g, v); });

@@ -84,9 +84,16 @@ absl::StatusOr<Authorizer> Authorizer::FromFile(const std::string& path) {
   return FromText(text);
 }
 
-absl::Status Authorizer::Check(const grpc::ServerContext* ctx, Role role, unsigned* roles) const {
+absl::Status Authorizer::Check(const grpc::ServerContextBase* ctx, Role role,
+                               unsigned* roles) const {
   if (open()) {
-    if (roles) *roles = kRoleAdmin | kRoleQuantize | kRoleInfer;
+    // No tokens, so no caller can be told apart: everyone gets quantize and infer, nobody
+    // admin (what is reserved to admin stays reserved).
+    if (roles) *roles = kRoleQuantize | kRoleInfer;
+    if (role == kRoleAdmin) {
+      return absl::PermissionDeniedError(
+          "this call needs the 'admin' role, and a server without --token-file has no admin");
+    }
     return absl::OkStatus();
   }
   const auto& md = ctx->client_metadata();

@@ -4,10 +4,12 @@
 //
 //   <token> <role>[,<role>...]     # comment
 //
-// Roles: quantize (the Quantizer service), infer (inference, repository and statistics RPCs),
-// admin (everything). Clients send `authorization: Bearer <token>`. Without a token file the
-// server is open (for local use; the server warns at start). Health, reflection and metrics are
-// always open.
+// Roles: quantize (the Quantizer service, and serving an upload through RepositoryModelLoad),
+// infer (inference, repository and statistics RPCs), admin (everything, and what the operator
+// reserves to it, such as TorchScript uploads under --allow-torchscript-uploads admin). Clients
+// send `authorization: Bearer <token>`. Without a token file the server is open: every caller
+// has quantize and infer, nobody has admin (the server binds loopback only unless told
+// --insecure-no-auth). Health, reflection and metrics are always open.
 #ifndef FPXINT_SERVER_AUTH_H_
 #define FPXINT_SERVER_AUTH_H_
 
@@ -34,7 +36,8 @@ class Authorizer {
   bool open() const { return tokens_.empty(); }
   // Unauthenticated (no or unknown token) or PermissionDenied (token lacks `role`). On success
   // *roles (if non-null) receives the caller's roles.
-  absl::Status Check(const grpc::ServerContext* ctx, Role role, unsigned* roles = nullptr) const;
+  absl::Status Check(const grpc::ServerContextBase* ctx, Role role,
+                     unsigned* roles = nullptr) const;
 
  private:
   // SHA-256 of each token -> its roles: a presented token is hashed once and compared with every

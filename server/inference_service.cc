@@ -2,6 +2,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "proto/status_names.h"
 #include "server/log.h"
 #include "server/oip_codec.h"
@@ -57,7 +58,7 @@ grpc::Status InferenceService::ServerMetadata(grpc::ServerContext*,
 grpc::Status InferenceService::ModelMetadata(grpc::ServerContext* c,
                                              const inference::ModelMetadataRequest* req,
                                              inference::ModelMetadataResponse* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   auto m = ctx_.repo->Get(req->name(), req->version());
   if (!m.ok()) return ToGrpcStatus(m.status());
   const v1::Deployment& d = (*m)->deployment();
@@ -95,10 +96,7 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
                                      const inference::ModelInferRequest* req,
                                      inference::ModelInferResponse* resp, std::string* model,
                                      std::string* version, uint64_t* queue_out) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  if (!ctx_.ready->load()) {
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
-  }
+  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   if (req->model_name().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("model_name: required"));
   }
@@ -108,7 +106,8 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
   *model = m.deployment().name();
   *version = m.deployment().version();
   const uint64_t t0 = SteadyNowNs();
-  auto decoded = DecodeInferRequest(*req, m.deployment(), m.max_weight_terms(), m.max_act_terms());
+  auto decoded = DecodeInferRequest(*req, m.deployment(), m.max_weight_terms(), m.max_act_terms(),
+                                    ctx_.max_message_bytes);
   if (!decoded.ok()) {
     m.Record(false, 0, 0, 0, 0, 0, SteadyNowNs() - t0);
     return ToGrpcStatus(decoded.status());
@@ -117,7 +116,7 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
   const int kw = decoded->weight_terms ? decoded->weight_terms : m.max_weight_terms();
   const int ka = decoded->act_terms ? decoded->act_terms : std::min(kw, m.max_act_terms());
   uint64_t queue_ns = 0;
-  auto y = m.Infer(decoded->input, kw, ka, &queue_ns);
+  auto y = m.Infer(decoded->input, kw, ka, &queue_ns, absl::FromChrono(c->deadline()));
   *queue_out = queue_ns;
   const uint64_t t2 = SteadyNowNs();
   if (!y.ok()) {
@@ -142,7 +141,7 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
 grpc::Status InferenceService::ModelStatistics(grpc::ServerContext* c,
                                                const inference::ModelStatisticsRequest* req,
                                                inference::ModelStatisticsResponse* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   bool any = false;
   for (const auto& m : ctx_.repo->Loaded()) {
     const v1::Deployment& d = m->deployment();
@@ -175,7 +174,7 @@ grpc::Status InferenceService::ModelStatistics(grpc::ServerContext* c,
 grpc::Status InferenceService::RepositoryIndex(grpc::ServerContext* c,
                                                const inference::RepositoryIndexRequest* req,
                                                inference::RepositoryIndexResponse* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   for (const auto& e : ctx_.repo->Index()) {
     if (req->ready() && e.state != "READY") continue;
     auto* m = resp->add_models();
@@ -190,7 +189,12 @@ grpc::Status InferenceService::RepositoryIndex(grpc::ServerContext* c,
 grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
                                                    const inference::RepositoryModelLoadRequest* req,
                                                    inference::RepositoryModelLoadResponse*) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
+  // infer loads deployments; quantize (or admin) may also serve a bare upload.
+  unsigned roles = 0;
+  if (auto s = ctx_.Admit(c, kRoleInfer, &roles);
+      !s.ok() && !(absl::IsPermissionDenied(s) && (roles & kRoleQuantize))) {
+    return ToGrpcStatus(s);
+  }
   if (req->model_name().empty()) {
     return ToGrpcStatus(absl::InvalidArgumentError("model_name: required"));
   }
@@ -200,7 +204,9 @@ grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
                      "' is not supported (upload models with fpxint.v1.Quantizer/"
                      "UploadModel; no load parameters are accepted)")));
   }
-  absl::Status s = ctx_.repo->Load(req->model_name());
+  absl::Status s = ctx_.repo->Load(req->model_name(),
+                                   /*may_load_deployments=*/(roles & (kRoleInfer | kRoleAdmin)) != 0,
+                                   /*may_deploy_uploads=*/(roles & (kRoleQuantize | kRoleAdmin)) != 0);
   if (s.ok()) LogInfo(absl::StrCat("model '", req->model_name(), "' loaded for inference"));
   return ToGrpcStatus(s);
 }
@@ -208,7 +214,7 @@ grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
 grpc::Status InferenceService::RepositoryModelUnload(
     grpc::ServerContext* c, const inference::RepositoryModelUnloadRequest* req,
     inference::RepositoryModelUnloadResponse*) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
   absl::Status s = ctx_.repo->Unload(req->model_name());
   if (s.ok()) LogInfo(absl::StrCat("model '", req->model_name(), "' unloaded"));
   return ToGrpcStatus(s);

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/status_macros.h"
+#include "proto/job_quality.h"
 #include "server/executor.h"
 #include "server/log.h"
 #include "server/status_util.h"
@@ -72,6 +73,8 @@ absl::Status JobManager::Start() {
   for (int i = 0; i < std::max(1, opts_.workers); ++i) {
     workers_.emplace_back([this] { WorkerLoop(); });
   }
+  absl::MutexLock l(&mu_);
+  started_ = true;
   return absl::OkStatus();
 }
 
@@ -81,6 +84,12 @@ int JobManager::queued() const {
 }
 
 absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
+  {
+    absl::MutexLock l(&mu_);
+    if (!started_) {
+      return absl::UnavailableError("the server is starting (recovering its jobs); retry");
+    }
+  }
   v1::JobSpec spec = req.spec();
   if (spec.model().empty()) {
     return absl::InvalidArgumentError("spec.model: required (the name of an uploaded model)");
@@ -312,6 +321,11 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     ctx.model = **model;
     ctx.source_path = store_->PathOf(ctx.model.sha256());
     ctx.scratch_dir = scratch;
+    absl::Status vetted = absl::OkStatus();
+    if (ctx.model.format() == v1::TORCHSCRIPT) {
+      vetted = opts_.vetter ? opts_.vetter->Require(ctx.model.sha256(), ctx.source_path)
+                            : absl::InternalError("job manager: no TorchScript vetter");
+    }
     ctx.pool = pool_;
     ctx.torch_threads = opts_.torch_threads;
     ctx.memory_limit = opts_.job_memory_limit;
@@ -326,7 +340,7 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
       }
       Notify(live);
     };
-    out = RunJob(spec, ctx);
+    out = vetted.ok() ? RunJob(spec, ctx) : absl::StatusOr<JobOutput>(vetted);
   }
   std::vector<v1::Artifact> artifacts;
   absl::Status final_status = out.ok() ? Finish(live, &*out, &artifacts) : out.status();
@@ -351,6 +365,9 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
   } else {
     next.set_state(v1::FAILED);
     next.set_error(std::string(final_status.message()));
+    // A job that ran and then failed its quality gate (or its deployment) keeps its report, so
+    // the caller sees what was measured.
+    if (out.ok()) *next.mutable_result() = out->result;
   }
   // Everything a client could check once it sees the final state (scratch gone, metrics
   // counted, workers gauge) happens before that state becomes visible.
@@ -375,6 +392,20 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
 
 absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out,
                                 std::vector<v1::Artifact>* artifacts) {
+  const v1::JobSpec& gate_spec = live->job.spec();
+  if (gate_spec.max_rel_error() > 0) {
+    // The gate comes first: a job above it stores no artifact and deploys nothing.
+    std::string what;
+    const double err = JobQualityError(out->result, &what);
+    if (err < 0 || err > gate_spec.max_rel_error()) {
+      return absl::FailedPreconditionError(
+          err < 0 ? absl::StrCat("quality gate: the job measured no error to compare with "
+                                 "spec.max_rel_error; nothing was stored or deployed")
+                  : absl::StrFormat("quality gate: %s is %.4e, above spec.max_rel_error %.4e; "
+                                    "nothing was stored or deployed",
+                                    what, err, gate_spec.max_rel_error()));
+    }
+  }
   for (const ProducedFile& f : out->files) {
     FPX_ASSIGN_OR_RETURN(uint64_t size, FileSize(f.path));
     FPX_ASSIGN_OR_RETURN(std::string sha, store_->ImportFile(f.path, f.sha256));
@@ -413,6 +444,48 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
   }
   Notify(live);
   return absl::OkStatus();
+}
+
+absl::StatusOr<v1::DeleteJobResponse> JobManager::Delete(const std::string& job_id) {
+  {
+    absl::MutexLock l(&mu_);
+    if (live_.count(job_id)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job ", job_id, " is queued or running; cancel it (CancelJob) before deleting it"));
+    }
+  }
+  FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> j, journal_->GetJob(job_id));
+  if (!j) return absl::NotFoundError(absl::StrCat("job_id: no job '", job_id, "'"));
+  if (!Terminal(j->state())) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "job ", job_id, " is ", v1::JobState_Name(j->state()), "; cancel it before deleting it"));
+  }
+  FPX_RETURN_IF_ERROR(journal_->DeleteJob(job_id));
+  v1::DeleteJobResponse out;
+  for (const v1::Artifact& a : j->artifacts()) {
+    out.set_artifacts_deleted(out.artifacts_deleted() + 1);
+    auto used = journal_->BlobReferenced(a.sha256());
+    if (!used.ok() || *used) continue;
+    auto size = store_->SizeOf(a.sha256());
+    if (store_->Remove(a.sha256()).ok() && size.ok()) {
+      out.set_bytes_freed(out.bytes_freed() + *size);
+    }
+  }
+  LogInfo(absl::StrCat("job ", job_id, " deleted: ", out.artifacts_deleted(), " artifact(s), ",
+                       out.bytes_freed(), " bytes freed"));
+  return out;
+}
+
+int JobManager::DeleteFinishedBefore(absl::Time cutoff) {
+  auto done = journal_->JobsInStates({v1::SUCCEEDED, v1::FAILED, v1::CANCELLED});
+  if (!done.ok()) return 0;
+  const int64_t cutoff_ms = absl::ToUnixMillis(cutoff);
+  int n = 0;
+  for (const v1::Job& j : *done) {
+    const int64_t at = j.finished_unix_ms() > 0 ? j.finished_unix_ms() : j.created_unix_ms();
+    if (at < cutoff_ms && Delete(j.job_id()).ok()) ++n;
+  }
+  return n;
 }
 
 void JobManager::Shutdown(absl::Duration grace) {

@@ -32,6 +32,7 @@
 #include "server/metrics.h"
 #include "server/repository.h"
 #include "server/store.h"
+#include "server/vetting.h"
 
 namespace fpxint::server {
 
@@ -43,12 +44,15 @@ class JobManager {
     int torch_threads = 2;
     uint64_t job_memory_limit = 0;  // bytes a job may plan to hold (JobContext::memory_limit)
     Metrics* metrics = nullptr;  // null: the manager counts into its own (unexported) Metrics
+    // TorchScript sources run only with a passing verdict. Required for TorchScript jobs.
+    TorchScriptVetter* vetter = nullptr;
   };
   JobManager(Options o, Journal* journal, BlobStore* store, Repository* repo,
              core::ThreadPool* pool);
   ~JobManager();  // Shutdown(0) if still running
 
-  // Recovers the journal's unfinished jobs and starts the workers.
+  // Recovers the journal's unfinished jobs and starts the workers. Submit() answers UNAVAILABLE
+  // until this has run.
   absl::Status Start();
 
   absl::StatusOr<v1::Job> Submit(v1::SubmitJobRequest req);
@@ -58,6 +62,12 @@ class JobManager {
   // one tensor); waits up to `wait` for that. FailedPrecondition for a finished job.
   absl::StatusOr<v1::Job> Cancel(const std::string& job_id,
                                  absl::Duration wait = absl::Seconds(10));
+
+  // Removes a finished job, its artifact records and every artifact blob nothing else refers
+  // to. NotFound for an unknown id; FailedPrecondition while it is queued or running.
+  absl::StatusOr<v1::DeleteJobResponse> Delete(const std::string& job_id);
+  // Deletes every finished job that finished before `cutoff` (retention); returns how many.
+  int DeleteFinishedBefore(absl::Time cutoff);
 
   // For WatchJob: returns the job once its version differs from *seen (updating *seen), or after
   // `timeout` with *changed = false. A job that is finished and not live returns once.
@@ -116,6 +126,9 @@ class JobManager {
   int leaving_queue_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::shared_ptr<Live>> live_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // Start() has recovered the journal's jobs: before that, Submit() is UNAVAILABLE (a job it
+  // wrote would be recovered from the journal a second time).
+  bool started_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
   std::atomic<int> busy_{0};
 };

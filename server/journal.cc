@@ -35,6 +35,12 @@ CREATE TABLE IF NOT EXISTS deployments(
   sha256 TEXT NOT NULL,
   record BLOB NOT NULL,
   PRIMARY KEY(name, version));
+CREATE TABLE IF NOT EXISTS torchscript_verdicts(
+  sha256 TEXT NOT NULL,
+  allow_list TEXT NOT NULL,
+  passed INTEGER NOT NULL,
+  summary TEXT NOT NULL,
+  PRIMARY KEY(sha256, allow_list));
 )sql";
 
 // One prepared statement; finalized on destruction.
@@ -289,6 +295,27 @@ absl::StatusOr<std::vector<v1::Job>> Journal::JobsInStates(
   return out;
 }
 
+absl::Status Journal::DeleteJob(const std::string& job_id) {
+  absl::MutexLock l(&mu_);
+  absl::Status s = Exec("BEGIN IMMEDIATE");
+  if (!s.ok()) return s;
+  {
+    Stmt st(db_, "DELETE FROM artifacts WHERE job_id = ?");
+    st.Bind(1, job_id);
+    s = st.Run();
+  }
+  if (s.ok()) {
+    Stmt st(db_, "DELETE FROM jobs WHERE job_id = ?");
+    st.Bind(1, job_id);
+    s = st.Run();
+  }
+  if (!s.ok()) {
+    Exec("ROLLBACK").IgnoreError();
+    return s;
+  }
+  return Exec("COMMIT");
+}
+
 absl::StatusOr<bool> Journal::ModelInUse(const std::string& model) {
   absl::MutexLock l(&mu_);
   Stmt st(db_, "SELECT 1 FROM jobs WHERE model = ? AND state IN (?, ?) LIMIT 1");
@@ -333,6 +360,30 @@ absl::Status Journal::DeleteDeployment(const std::string& name, const std::strin
   Stmt st(db_, "DELETE FROM deployments WHERE name = ? AND version = ?");
   st.Bind(1, name).Bind(2, version);
   return st.Run();
+}
+
+absl::Status Journal::PutVerdict(const std::string& sha256, const std::string& allow_list,
+                                 const TorchScriptVerdict& v) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_,
+          "INSERT OR REPLACE INTO torchscript_verdicts(sha256, allow_list, passed, summary) "
+          "VALUES(?1, ?2, ?3, ?4)");
+  st.Bind(1, sha256).Bind(2, allow_list).Bind(3, int64_t{v.passed ? 1 : 0}).Bind(4, v.summary);
+  return st.Run();
+}
+
+absl::StatusOr<std::optional<TorchScriptVerdict>> Journal::GetVerdict(
+    const std::string& sha256, const std::string& allow_list) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_,
+          "SELECT passed, summary FROM torchscript_verdicts WHERE sha256 = ?1 AND allow_list = ?2");
+  st.Bind(1, sha256).Bind(2, allow_list);
+  absl::Status s = st.status();
+  if (s.ok() && st.Step(&s)) {
+    return std::optional<TorchScriptVerdict>(TorchScriptVerdict{st.Int(0) != 0, st.Blob(1)});
+  }
+  if (!s.ok()) return s;
+  return std::optional<TorchScriptVerdict>();
 }
 
 }  // namespace fpxint::server

@@ -27,6 +27,12 @@ struct sqlite3;
 
 namespace fpxint::server {
 
+// What fpxint-vet decided about an uploaded TorchScript archive (server/vetting.h).
+struct TorchScriptVerdict {
+  bool passed = false;
+  std::string summary;  // what passed, or which operations were refused and where
+};
+
 class Journal {
  public:
   static absl::StatusOr<std::unique_ptr<Journal>> Open(const std::string& path);
@@ -49,6 +55,8 @@ class Journal {
                                                 int64_t* next_seq);
   // Oldest first: for recovery after a restart.
   absl::StatusOr<std::vector<v1::Job>> JobsInStates(const std::vector<v1::JobState>& states);
+  // Removes the job and its artifact records in one transaction (not its blobs).
+  absl::Status DeleteJob(const std::string& job_id);
   // Whether a QUEUED or RUNNING job uses the model.
   absl::StatusOr<bool> ModelInUse(const std::string& model);
   absl::StatusOr<std::optional<v1::Artifact>> GetArtifact(const std::string& artifact_id);
@@ -59,6 +67,13 @@ class Journal {
   absl::Status PutDeployment(const v1::Deployment& d);
   absl::StatusOr<std::vector<v1::Deployment>> ListDeployments();
   absl::Status DeleteDeployment(const std::string& name, const std::string& version);
+
+  // TorchScript verdicts, keyed by (blob SHA-256, allow-list digest): a verdict holds for the
+  // list it was made against.
+  absl::Status PutVerdict(const std::string& sha256, const std::string& allow_list,
+                          const TorchScriptVerdict& v);
+  absl::StatusOr<std::optional<TorchScriptVerdict>> GetVerdict(const std::string& sha256,
+                                                               const std::string& allow_list);
 
  private:
   explicit Journal(sqlite3* db) : db_(db) {}

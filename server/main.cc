@@ -45,7 +45,10 @@ int main(int argc, char** argv) {
       "fpxint-server"};
   app.set_version_flag("--version", FPXINT_VERSION);
   app.option_defaults()->always_capture_default();
-  app.add_option("--listen", c.listen, "gRPC address HOST:PORT (port 0: any free port)")
+  app.add_option("--listen", c.listen,
+                 "gRPC address HOST:PORT (port 0: any free port). Default 0.0.0.0:8001 with "
+                 "--token-file, else 127.0.0.1:8001; a non-loopback address without "
+                 "--token-file needs --insecure-no-auth")
       ->envname("FPXINT_LISTEN");
   app.add_option("--data-dir", c.data_dir, "directory for blobs, journal and model repository")
       ->envname("FPXINT_DATA_DIR");
@@ -56,6 +59,18 @@ int main(int argc, char** argv) {
       ->envname("FPXINT_QUEUE_LIMIT");
   app.add_option("--max-upload-bytes", c.max_upload_bytes, "largest accepted upload, in bytes")
       ->envname("FPXINT_MAX_UPLOAD_BYTES");
+  app.add_option("--min-free-bytes", c.min_free_bytes,
+                 "free bytes the data directory keeps: an upload that would leave less answers "
+                 "RESOURCE_EXHAUSTED with both figures (0: no floor)")
+      ->envname("FPXINT_MIN_FREE_BYTES");
+  app.add_option("--orphan-min-age", c.orphan_min_age_seconds,
+                 "at start, blobs no record references and older than this many seconds are "
+                 "removed")
+      ->envname("FPXINT_ORPHAN_MIN_AGE");
+  app.add_option("--retain-jobs-days", c.retain_jobs_days,
+                 "finished jobs (and their artifacts) older than this many days are deleted, at "
+                 "start and every hour (0: keep every job)")
+      ->envname("FPXINT_RETAIN_JOBS_DAYS");
   app.add_option("--job-memory-limit", c.job_memory_limit,
                  "memory one job may plan to hold, in bytes (0: no limit); estimated from the "
                  "shapes before the expansion starts, a job above it fails RESOURCE_EXHAUSTED "
@@ -76,6 +91,10 @@ int main(int argc, char** argv) {
                  "bearer tokens with roles, one '<token> <role>[,<role>]' per line; roles "
                  "quantize, infer, admin (empty: no authentication)")
       ->envname("FPXINT_TOKEN_FILE");
+  app.add_flag("--insecure-no-auth", c.insecure_no_auth,
+               "allow --listen on a non-loopback address without --token-file: anyone who can "
+               "reach the port may upload, run jobs and serve (warned at every start)")
+      ->envname("FPXINT_INSECURE_NO_AUTH");
   app.add_option("--tls-cert", c.tls_cert, "server certificate chain (PEM); enables TLS")
       ->envname("FPXINT_TLS_CERT");
   app.add_option("--tls-key", c.tls_key, "server private key (PEM)")->envname("FPXINT_TLS_KEY");
@@ -83,9 +102,24 @@ int main(int argc, char** argv) {
                  "CA bundle (PEM) that client certificates must chain to; enables mutual TLS")
       ->envname("FPXINT_TLS_CLIENT_CA");
   app.add_option("--allow-torchscript-uploads", c.allow_torchscript_uploads,
-                 "who may upload TorchScript (it can run code when loaded): all, admin, none")
+                 "who may upload TorchScript: all (callers with the quantize role), admin (admin "
+                 "tokens only; an open server has none, so it refuses them), none. Every "
+                 "TorchScript upload is vetted in a sandboxed process either way")
       ->envname("FPXINT_ALLOW_TORCHSCRIPT_UPLOADS")
       ->check(CLI::IsMember({"all", "admin", "none"}));
+  app.add_option("--torchscript-allow-ops", c.torchscript_allow_ops,
+                 "extra operations a TorchScript upload may use, one node kind (aten::name) per "
+                 "line, on top of the built-in allow-list (fpxint-vet --list-ops); repeatable")
+      ->envname("FPXINT_TORCHSCRIPT_ALLOW_OPS")
+      ->check(CLI::ExistingFile);
+  app.add_option("--vet-binary", c.vet_binary,
+                 "the fpxint-vet program that vets TorchScript uploads in a sandbox (default: "
+                 "next to fpxint-server)")
+      ->envname("FPXINT_VET_BINARY");
+  app.add_option("--vet-timeout", c.vet_timeout_seconds,
+                 "seconds one vetting may take (also its CPU-time limit); beyond, the upload is "
+                 "refused")
+      ->envname("FPXINT_VET_TIMEOUT");
   app.add_option("--port-file", c.port_file, "write HOST:PORT here once serving")
       ->envname("FPXINT_PORT_FILE");
   app.add_option("--metrics-listen", c.metrics_listen,
@@ -102,6 +136,29 @@ int main(int argc, char** argv) {
   app.add_option("--max-message-bytes", c.max_message_bytes,
                  "largest gRPC message (ModelInfer request or response), in bytes")
       ->envname("FPXINT_MAX_MESSAGE_BYTES");
+  app.add_option("--infer-queue-limit", c.infer_queue_limit,
+                 "ModelInfer calls that may wait for a free instance of one served version; "
+                 "beyond, RESOURCE_EXHAUSTED")
+      ->envname("FPXINT_INFER_QUEUE_LIMIT");
+  app.add_option("--infer-queue-timeout", c.infer_queue_timeout_seconds,
+                 "seconds a ModelInfer call waits for a free instance (or less, by the call's "
+                 "deadline); beyond, DEADLINE_EXCEEDED")
+      ->envname("FPXINT_INFER_QUEUE_TIMEOUT");
+  app.add_option("--max-rpc-threads", c.max_rpc_threads,
+                 "gRPC handler threads (the resource quota's thread limit)")
+      ->envname("FPXINT_MAX_RPC_THREADS");
+  app.add_option("--grpc-memory-bytes", c.grpc_memory_bytes,
+                 "memory gRPC may hold for buffers (resource quota; 0: 16 x --max-message-bytes)")
+      ->envname("FPXINT_GRPC_MEMORY_BYTES");
+  app.add_option("--max-concurrent-streams", c.max_concurrent_streams,
+                 "concurrent calls per client connection (HTTP/2 max concurrent streams)")
+      ->envname("FPXINT_MAX_CONCURRENT_STREAMS");
+  app.add_option("--keepalive", c.keepalive_seconds,
+                 "seconds between the server's keepalive pings on a connection")
+      ->envname("FPXINT_KEEPALIVE");
+  app.add_option("--keepalive-timeout", c.keepalive_timeout_seconds,
+                 "seconds an unanswered keepalive ping waits before the connection is closed")
+      ->envname("FPXINT_KEEPALIVE_TIMEOUT");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -47,7 +47,7 @@ v1::TensorSignature InputSignature(const v1::Deployment& d) {
 
 absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferRequest& req,
                                                   const v1::Deployment& d, int max_terms,
-                                                  int max_act_terms) {
+                                                  int max_act_terms, int64_t max_message_bytes) {
   const v1::TensorSignature sig = InputSignature(d);
   if (req.inputs_size() != 1) {
     return Bad("inputs", absl::StrCat(req.inputs_size(), " tensors; this model takes exactly 1 ('",
@@ -65,12 +65,17 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
       (!int_model && (in.datatype() == "INT64" || in.datatype() == "INT32"))) {
     return Bad("inputs[0].datatype", absl::StrCat("'", in.datatype(), "'; accepted: ", accepted));
   }
-  // Shape: non-negative dims, bounded element count, and the signature where it is known.
+  // Shape: non-negative dims, an element count whose bytes fit in one message, and the
+  // signature where it is known.
+  const int64_t max_elements = std::max<int64_t>(0, max_message_bytes) / esize;
   int64_t numel = 1;
   for (int64_t dim : in.shape()) {
     if (dim < 0) return Bad("inputs[0].shape", "dimensions must be >= 0");
-    if (dim > 0 && numel > kMaxInferElements / dim) {
-      return Bad("inputs[0].shape", absl::StrCat("more than ", kMaxInferElements, " elements"));
+    if (dim > 0 && numel > max_elements / dim) {
+      return Bad("inputs[0].shape",
+                 absl::StrCat("[", absl::StrJoin(in.shape(), ","), "] of ", in.datatype(),
+                              " is more than ", max_elements, " elements (", max_message_bytes,
+                              " bytes, --max-message-bytes)"));
     }
     numel *= dim;
   }
@@ -89,11 +94,14 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
   t.shape.assign(in.shape().begin(), in.shape().end());
   t.type = int_model ? model::HostTensor::Type::kInt64 : model::HostTensor::Type::kFloat32;
   const size_t n = static_cast<size_t>(numel);
-  if (int_model) {
-    t.i64.resize(n);
-  } else {
-    t.f32.resize(n);
-  }
+  // Allocates the decoded tensor; called only once the payload is known to hold numel values.
+  auto allocate = [&] {
+    if (int_model) {
+      t.i64.resize(n);
+    } else {
+      t.f32.resize(n);
+    }
+  };
   if (req.raw_input_contents_size() > 0) {
     out.raw = true;
     if (req.raw_input_contents_size() != req.inputs_size()) {
@@ -110,6 +118,7 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
                  absl::StrCat(raw.size(), " bytes; shape [", absl::StrJoin(in.shape(), ","),
                               "] of ", in.datatype(), " needs ", numel * esize));
     }
+    allocate();
     const char* p = raw.data();
     for (size_t i = 0; i < n; ++i, p += esize) {
       if (in.datatype() == "FP32")
@@ -133,13 +142,28 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
     if (in.datatype() == "FP32") {
       got = c.fp32_contents_size();
       field = "fp32_contents";
-      for (int64_t i = 0; i < std::min(got, numel); ++i) t.f32[i] = c.fp32_contents(i);
     } else if (in.datatype() == "FP16") {
       return Bad("inputs[0].datatype", "FP16 can only be sent in raw_input_contents");
     } else if (in.datatype() == "UINT8") {
       got = c.uint_contents_size();
       field = "uint_contents";
-      for (int64_t i = 0; i < std::min(got, numel); ++i) {
+    } else if (in.datatype() == "INT32") {
+      got = c.int_contents_size();
+      field = "int_contents";
+    } else {
+      got = c.int64_contents_size();
+      field = "int64_contents";
+    }
+    if (got != numel) {
+      return Bad(absl::StrCat("inputs[0].contents.", field),
+                 absl::StrCat(got, " values; shape [", absl::StrJoin(in.shape(), ","), "] needs ",
+                              numel, " (or send raw_input_contents)"));
+    }
+    allocate();
+    if (in.datatype() == "FP32") {
+      for (int64_t i = 0; i < numel; ++i) t.f32[i] = c.fp32_contents(i);
+    } else if (in.datatype() == "UINT8") {
+      for (int64_t i = 0; i < numel; ++i) {
         if (c.uint_contents(i) > 255)
           return Bad("inputs[0].contents.uint_contents", "UINT8 values are 0..255");
         if (int_model)
@@ -148,18 +172,9 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
           t.f32[i] = static_cast<float>(c.uint_contents(i));
       }
     } else if (in.datatype() == "INT32") {
-      got = c.int_contents_size();
-      field = "int_contents";
-      for (int64_t i = 0; i < std::min(got, numel); ++i) t.i64[i] = c.int_contents(i);
+      for (int64_t i = 0; i < numel; ++i) t.i64[i] = c.int_contents(i);
     } else {
-      got = c.int64_contents_size();
-      field = "int64_contents";
-      for (int64_t i = 0; i < std::min(got, numel); ++i) t.i64[i] = c.int64_contents(i);
-    }
-    if (got != numel) {
-      return Bad(absl::StrCat("inputs[0].contents.", field),
-                 absl::StrCat(got, " values; shape [", absl::StrJoin(in.shape(), ","), "] needs ",
-                              numel, " (or send raw_input_contents)"));
+      for (int64_t i = 0; i < numel; ++i) t.i64[i] = c.int64_contents(i);
     }
   }
   for (const auto& [key, p] : req.parameters()) {

@@ -17,7 +17,6 @@ namespace fpxint::server {
 
 inline constexpr char kInputName[] = "input__0";
 inline constexpr char kOutputName[] = "output__0";
-inline constexpr int64_t kMaxInferElements = int64_t{1} << 28;
 
 // The input signature served for a deployment: the declared one, or FP32 of unknown rank.
 v1::TensorSignature InputSignature(const v1::Deployment& d);
@@ -31,10 +30,13 @@ struct DecodedRequest {
 
 // InvalidArgument naming the field (inputs[0].shape, raw_input_contents[0], parameters
 // .fpxint_terms, ...) and what is accepted. max_terms / max_act_terms: the deployment's K_w, K_a
-// (0 for FP models, which refuse fpxint_terms).
+// (0 for FP models, which refuse fpxint_terms). max_message_bytes: the server's gRPC message
+// limit; a declared tensor must fit in it (prod(shape) * sizeof(datatype) <= max_message_bytes).
+// Nothing is allocated before the payload has been checked against the declared shape, so
+// memory follows the bytes actually received, never what a shape claims.
 absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferRequest& req,
                                                   const v1::Deployment& d, int max_terms,
-                                                  int max_act_terms);
+                                                  int max_act_terms, int64_t max_message_bytes);
 
 // Fills outputs (FP32, raw when `raw`).
 absl::Status EncodeInferResponse(const inference::ModelInferRequest& req,

@@ -2,9 +2,14 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <regex>
+#include <set>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "server/log.h"
@@ -27,7 +32,7 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
                                            grpc::ServerReader<v1::UploadChunk>* reader,
                                            v1::Model* resp) {
   unsigned roles = 0;
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
   UploadAssembler upload(ctx_.store, ctx_.upload_policy, (roles & kRoleAdmin) != 0);
   v1::UploadChunk chunk;
   while (reader->Read(&chunk)) {
@@ -38,6 +43,21 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   auto blob = upload.Finish([this](const std::string& sha) { DropIfUnreferenced(ctx_, sha); });
   if (!blob.ok()) return ToGrpcStatus(blob.status());
   const v1::UploadHeader& header = upload.header();
+  if (header.format() == v1::TORCHSCRIPT) {
+    // Vetted before anything refers to it; a refused archive is not kept.
+    auto verdict = ctx_.vetter->Vet(blob->sha256, ctx_.store->PathOf(blob->sha256));
+    if (!verdict.ok() || !verdict->passed) {
+      if (!blob->deduplicated) DropIfUnreferenced(ctx_, blob->sha256);
+      if (!verdict.ok()) return ToGrpcStatus(verdict.status());
+      LogWarning(absl::StrCat("TorchScript upload '", header.name(), "' refused: ",
+                              verdict->summary));
+      return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
+          "data: the TorchScript model was refused, and nothing of it was run or kept: ",
+          verdict->summary,
+          ". Accepted: modules whose every function uses only pure tensor operations "
+          "(fpxint-vet --list-ops; operators extend the list with --torchscript-allow-ops)")));
+    }
+  }
   auto existing = ctx_.journal->GetModel(header.name());
   if (!existing.ok()) return ToGrpcStatus(existing.status());
   if (*existing) {
@@ -69,7 +89,7 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
 
 grpc::Status QuantizerService::GetModel(grpc::ServerContext* c, const v1::ModelRef* req,
                                         v1::Model* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto m = ctx_.journal->GetModel(req->name());
   if (!m.ok()) return ToGrpcStatus(m.status());
   if (!*m) {
@@ -81,7 +101,7 @@ grpc::Status QuantizerService::GetModel(grpc::ServerContext* c, const v1::ModelR
 
 grpc::Status QuantizerService::ListModels(grpc::ServerContext* c, const v1::ListModelsRequest*,
                                           v1::ListModelsResponse* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto all = ctx_.journal->ListModels();
   if (!all.ok()) return ToGrpcStatus(all.status());
   for (auto& m : *all) *resp->add_models() = std::move(m);
@@ -90,7 +110,7 @@ grpc::Status QuantizerService::ListModels(grpc::ServerContext* c, const v1::List
 
 grpc::Status QuantizerService::DeleteModel(grpc::ServerContext* c, const v1::ModelRef* req,
                                            v1::DeleteModelResponse*) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto m = ctx_.journal->GetModel(req->name());
   if (!m.ok()) return ToGrpcStatus(m.status());
   if (!*m) {
@@ -110,7 +130,7 @@ grpc::Status QuantizerService::DeleteModel(grpc::ServerContext* c, const v1::Mod
 
 grpc::Status QuantizerService::SubmitJob(grpc::ServerContext* c, const v1::SubmitJobRequest* req,
                                          v1::Job* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto j = ctx_.jobs->Submit(*req);
   if (!j.ok()) return ToGrpcStatus(j.status());
   *resp = *std::move(j);
@@ -119,7 +139,7 @@ grpc::Status QuantizerService::SubmitJob(grpc::ServerContext* c, const v1::Submi
 
 grpc::Status QuantizerService::GetJob(grpc::ServerContext* c, const v1::JobRef* req,
                                       v1::Job* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto j = ctx_.jobs->Get(req->job_id());
   if (!j.ok()) return ToGrpcStatus(j.status());
   *resp = *std::move(j);
@@ -128,7 +148,7 @@ grpc::Status QuantizerService::GetJob(grpc::ServerContext* c, const v1::JobRef* 
 
 grpc::Status QuantizerService::ListJobs(grpc::ServerContext* c, const v1::ListJobsRequest* req,
                                         v1::ListJobsResponse* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto r = ctx_.jobs->List(*req);
   if (!r.ok()) return ToGrpcStatus(r.status());
   *resp = *std::move(r);
@@ -137,39 +157,212 @@ grpc::Status QuantizerService::ListJobs(grpc::ServerContext* c, const v1::ListJo
 
 grpc::Status QuantizerService::CancelJob(grpc::ServerContext* c, const v1::JobRef* req,
                                          v1::Job* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto j = ctx_.jobs->Cancel(req->job_id());
   if (!j.ok()) return ToGrpcStatus(j.status());
   *resp = *std::move(j);
   return grpc::Status::OK;
 }
 
-grpc::Status QuantizerService::WatchJob(grpc::ServerContext* c, const v1::JobRef* req,
-                                        grpc::ServerWriter<v1::JobEvent>* writer) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  uint64_t seen = 0;
-  for (;;) {
-    bool changed = false;
-    auto j = ctx_.jobs->Wait(req->job_id(), &seen, absl::Milliseconds(200), &changed);
-    if (!j.ok()) return ToGrpcStatus(j.status());
-    if (c->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "watcher went away");
-    if (changed) {
-      v1::JobEvent ev;
-      *ev.mutable_job() = *j;
-      if (!writer->Write(ev)) return grpc::Status(grpc::StatusCode::CANCELLED, "watcher went away");
+grpc::Status QuantizerService::DeleteJob(grpc::ServerContext* c, const v1::JobRef* req,
+                                         v1::DeleteJobResponse* resp) {
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  auto r = ctx_.jobs->Delete(req->job_id());
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *resp = *std::move(r);
+  return grpc::Status::OK;
+}
+
+// ---- WatchJob on the callback API ----
+
+// One open WatchJob call. The hub's thread polls it; gRPC's threads deliver its write
+// completions and cancellation. StartWrite and Finish are called outside mu_ (a reaction may run
+// inline), and Finish exactly once.
+class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
+ public:
+  WatchReactor(WatchHub* hub, std::string job_id) : hub_(hub), job_id_(std::move(job_id)) {}
+
+  // Sends the job when it changed; finishes when it is over (or the server stops with it queued).
+  void Poll(JobManager* jobs, bool ready);
+  // Refused before it started (authorization, readiness): finished at once, never polled.
+  void Refuse(const grpc::Status& s) {
+    {
+      absl::MutexLock l(&mu_);
+      finishing_ = true;
     }
-    const v1::JobState st = j->state();
-    if (st == v1::SUCCEEDED || st == v1::FAILED || st == v1::CANCELLED) return grpc::Status::OK;
-    if (!ctx_.ready->load() && st == v1::QUEUED) {
-      return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                          "the server is shutting down; the job stays queued");
+    Finish(s);
+  }
+  void Ref() { refs_.fetch_add(1); }
+  void Unref() {
+    if (refs_.fetch_sub(1) == 1) delete this;
+  }
+
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override {
+    bool finish = false;
+    {
+      absl::MutexLock l(&mu_);
+      if (!finishing_ && !writing_) finishing_ = finish = true;  // else OnWriteDone(false) finishes
+    }
+    if (finish) Finish(grpc::Status(grpc::StatusCode::CANCELLED, "watcher went away"));
+  }
+  void OnDone() override;
+
+ private:
+  WatchHub* const hub_;
+  const std::string job_id_;
+  std::atomic<int> refs_{1};  // gRPC's (until OnDone) and the hub's while it polls
+  absl::Mutex mu_;
+  uint64_t seen_ ABSL_GUARDED_BY(mu_) = 0;
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool terminal_ ABSL_GUARDED_BY(mu_) = false;   // the event being written ends the watch
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;  // Finish called or about to be
+  v1::JobEvent event_;                           // owned by the write in flight
+};
+
+// The thread that polls every open watch, every 100 ms or when a write completes.
+class WatchHub {
+ public:
+  WatchHub(JobManager* jobs, std::atomic<bool>* ready) : jobs_(jobs), ready_(ready) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~WatchHub() {
+    {
+      absl::MutexLock l(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+  void Add(WatchReactor* r) {
+    absl::MutexLock l(&mu_);
+    open_.insert(r);
+    wake_ = true;
+  }
+  void Remove(WatchReactor* r) {
+    absl::MutexLock l(&mu_);
+    open_.erase(r);
+  }
+  void Wake() {
+    absl::MutexLock l(&mu_);
+    wake_ = true;
+  }
+  size_t open() {
+    absl::MutexLock l(&mu_);
+    return open_.size();
+  }
+
+ private:
+  void Loop() {
+    for (;;) {
+      std::vector<WatchReactor*> batch;
+      {
+        absl::MutexLock l(&mu_);
+        mu_.AwaitWithTimeout(absl::Condition(
+                                 +[](WatchHub* h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                                   return h->stop_ || h->wake_;
+                                 },
+                                 this),
+                             absl::Milliseconds(100));
+        if (stop_) return;
+        wake_ = false;
+        for (WatchReactor* r : open_) {
+          r->Ref();  // kept alive while polled outside mu_
+          batch.push_back(r);
+        }
+      }
+      const bool ready = ready_ == nullptr || ready_->load();
+      for (WatchReactor* r : batch) {
+        r->Poll(jobs_, ready);
+        r->Unref();
+      }
     }
   }
+
+  JobManager* const jobs_;
+  std::atomic<bool>* const ready_;
+  absl::Mutex mu_;
+  std::set<WatchReactor*> open_ ABSL_GUARDED_BY(mu_);
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+void WatchReactor::Poll(JobManager* jobs, bool ready) {
+  enum class Act { kNone, kWrite, kFinish } act = Act::kNone;
+  grpc::Status status = grpc::Status::OK;
+  {
+    absl::MutexLock l(&mu_);
+    if (finishing_ || writing_) return;
+    bool changed = false;
+    auto j = jobs->Wait(job_id_, &seen_, absl::ZeroDuration(), &changed);
+    if (!j.ok()) {
+      status = ToGrpcStatus(j.status());
+      finishing_ = true;
+      act = Act::kFinish;
+    } else {
+      const v1::JobState st = j->state();
+      terminal_ = st == v1::SUCCEEDED || st == v1::FAILED || st == v1::CANCELLED;
+      if (changed) {
+        *event_.mutable_job() = *std::move(j);
+        writing_ = true;
+        act = Act::kWrite;
+      } else if (terminal_) {
+        finishing_ = true;
+        act = Act::kFinish;
+      } else if (!ready && st == v1::QUEUED) {
+        status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                              "the server is shutting down; the job stays queued");
+        finishing_ = true;
+        act = Act::kFinish;
+      }
+    }
+  }
+  if (act == Act::kWrite) StartWrite(&event_);
+  if (act == Act::kFinish) Finish(status);
+}
+
+void WatchReactor::OnWriteDone(bool ok) {
+  bool finish = false;
+  grpc::Status status = grpc::Status::OK;
+  {
+    absl::MutexLock l(&mu_);
+    writing_ = false;
+    if (!finishing_ && (!ok || terminal_)) {
+      finishing_ = finish = true;
+      if (!ok) status = grpc::Status(grpc::StatusCode::CANCELLED, "watcher went away");
+    }
+  }
+  if (finish) {
+    Finish(status);
+  } else {
+    hub_->Wake();  // the next change may already be there
+  }
+}
+
+void WatchReactor::OnDone() {
+  hub_->Remove(this);
+  Unref();
+}
+
+QuantizerService::QuantizerService(ServiceContext ctx)
+    : ctx_(ctx), watch_hub_(std::make_unique<WatchHub>(ctx.jobs, ctx.ready)) {}
+
+QuantizerService::~QuantizerService() = default;
+
+grpc::ServerWriteReactor<v1::JobEvent>* QuantizerService::WatchJob(grpc::CallbackServerContext* c,
+                                                                   const v1::JobRef* req) {
+  auto* r = new WatchReactor(watch_hub_.get(), req->job_id());
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) {
+    r->Refuse(ToGrpcStatus(s));
+    return r;
+  }
+  watch_hub_->Add(r);
+  return r;
 }
 
 grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1::ArtifactRef* req,
                                                 grpc::ServerWriter<v1::ArtifactChunk>* writer) {
-  if (auto s = ctx_.auth->Check(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
   auto a = ctx_.journal->GetArtifact(req->artifact_id());
   if (!a.ok()) return ToGrpcStatus(a.status());
   if (!*a) {

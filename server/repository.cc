@@ -76,8 +76,9 @@ class ServedModel::Runner {
 
 // ---- ServedModel ----
 
-ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets)
-    : d_(std::move(d)) {
+ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets,
+                         InferQueueLimits limits)
+    : d_(std::move(d)), limits_(limits) {
   if (!nets.empty()) weights_ = nets.front()->weight_memory();
   absl::MutexLock l(&mu_);
   for (auto& n : nets) {
@@ -96,14 +97,32 @@ int ServedModel::max_act_terms() const {
 }
 
 absl::StatusOr<model::HostTensor> ServedModel::Infer(const model::HostTensor& x, int kw, int ka,
-                                                     uint64_t* queue_ns) {
+                                                     uint64_t* queue_ns, absl::Time deadline) {
   const uint64_t t0 = SteadyNowNs();
   int slot = -1;
   Instance* inst = nullptr;
   {
     absl::MutexLock l(&mu_);
-    mu_.Await(absl::Condition(
-        +[](std::vector<int>* f) { return !f->empty(); }, &free_));
+    if (free_.empty()) {
+      if (waiting_ >= limits_.max_waiting) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "model '", d_.name(), "' version ", d_.version(), " has ", waiting_,
+            " requests waiting for its ", instances_.size(),
+            " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
+      }
+      ++waiting_;
+      const bool got = mu_.AwaitWithDeadline(
+          absl::Condition(+[](std::vector<int>* f) { return !f->empty(); }, &free_),
+          std::min(deadline, absl::Now() + limits_.max_wait));
+      --waiting_;
+      if (!got) {
+        *queue_ns = SteadyNowNs() - t0;
+        return absl::DeadlineExceededError(absl::StrCat(
+            "no instance of model '", d_.name(), "' version ", d_.version(),
+            " became free within the call's deadline or --infer-queue-timeout (",
+            absl::FormatDuration(limits_.max_wait), ")"));
+      }
+    }
     slot = free_.back();
     free_.pop_back();
     inst = &instances_[slot];  // the vector never changes after construction
@@ -158,6 +177,10 @@ Repository::Repository(std::string dir, Journal* journal, BlobStore* store, core
 }
 
 absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::Deployment& d) {
+  // The source is an upload: none of it runs here without a passing verdict.
+  if (opts_.vetter == nullptr) return absl::InternalError("repository: no TorchScript vetter");
+  FPX_RETURN_IF_ERROR(
+      opts_.vetter->Require(d.source_sha256(), store_->PathOf(d.source_sha256())));
   const fs::path version_dir = fs::path(dir_) / d.name() / d.version();
   std::string path = (version_dir / "model.pt").string();
   const bool series = d.platform() == kPlatformSeries;
@@ -202,7 +225,7 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::D
     }
     nets.push_back(std::move(net));
   }
-  return std::make_shared<ServedModel>(d, std::move(nets));
+  return std::make_shared<ServedModel>(d, std::move(nets), opts_.infer_queue);
 }
 
 absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
@@ -233,7 +256,13 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
 absl::Status Repository::LoadDeployment(v1::Deployment d) {
   absl::MutexLock load_lock(&load_mu_);
   FPX_RETURN_IF_ERROR(WriteVersionDir(d));
+  // The marker outlives the process only when the load never returned (a crash in LibTorch, an
+  // abort, a kill): Restore() then quarantines the version instead of loading it again.
+  const std::string marker = LoadingMarker(d);
+  FPX_RETURN_IF_ERROR(WriteFileAtomic(marker, absl::StrCat(NowUnixMs(), "\n")));
   auto served = Instantiate(d);
+  std::error_code marker_ec;
+  fs::remove(marker, marker_ec);
   absl::MutexLock l(&mu_);
   const std::string key = d.name() + "/" + d.version();
   if (!served.ok()) {
@@ -256,11 +285,31 @@ absl::Status Repository::LoadDeployment(v1::Deployment d) {
   return absl::OkStatus();
 }
 
+std::string Repository::LoadingMarker(const v1::Deployment& d) const {
+  return (fs::path(dir_) / d.name() / d.version() / ".loading").string();
+}
+
 void Repository::Restore() {
   auto all = journal_->ListDeployments();
   if (!all.ok()) return;
-  for (const v1::Deployment& d : *all) {
-    if (d.loaded()) LoadDeployment(d).IgnoreError();  // recorded in failures_
+  for (v1::Deployment& d : *all) {
+    if (!d.loaded()) continue;
+    std::error_code ec;
+    if (fs::exists(LoadingMarker(d), ec)) {
+      // The last process died while loading this version: loading it again at every start
+      // could crash-loop the server. It waits for an explicit RepositoryModelLoad.
+      const std::string reason =
+          "quarantined: the server stopped while loading this version (a crash or kill during "
+          "the load), so it is not loaded at start-up; RepositoryModelLoad tries again";
+      LogError(absl::StrCat("deployment '", d.name(), "/", d.version(), "' ", reason));
+      d.set_loaded(false);
+      d.set_quarantine_reason(reason);
+      if (journal_->PutDeployment(d).ok()) fs::remove(LoadingMarker(d), ec);
+      absl::MutexLock l(&mu_);
+      failures_[d.name() + "/" + d.version()] = reason;
+      continue;
+    }
+    LoadDeployment(d).IgnoreError();  // recorded in failures_
   }
 }
 
@@ -291,7 +340,8 @@ absl::StatusOr<v1::Deployment> Repository::Deploy(v1::Deployment d, bool load) {
   return d;
 }
 
-absl::Status Repository::Load(const std::string& name) {
+absl::Status Repository::Load(const std::string& name, bool may_load_deployments,
+                              bool may_deploy_uploads) {
   FPX_ASSIGN_OR_RETURN(std::vector<v1::Deployment> all, journal_->ListDeployments());
   std::vector<v1::Deployment> mine;
   for (const v1::Deployment& d : all) {
@@ -302,6 +352,11 @@ absl::Status Repository::Load(const std::string& name) {
     if (!m) {
       return absl::NotFoundError(absl::StrCat(
           "model_name: '", name, "' is neither a deployed model nor an uploaded model"));
+    }
+    if (!may_deploy_uploads) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "model_name: '", name, "' is an upload with no deployment; serving an upload needs "
+          "the 'quantize' or 'admin' role"));
     }
     if (m->format() != v1::TORCHSCRIPT) {
       return absl::FailedPreconditionError(
@@ -316,8 +371,13 @@ absl::Status Repository::Load(const std::string& name) {
     *d.mutable_inputs() = m->inputs();
     return Deploy(d, true).status();
   }
+  if (!may_load_deployments) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "model_name: '", name, "' is a deployment; loading it needs the 'infer' or 'admin' role"));
+  }
   for (v1::Deployment& d : mine) {
     d.set_loaded(true);
+    d.clear_quarantine_reason();
     FPX_RETURN_IF_ERROR(journal_->PutDeployment(d));
     FPX_RETURN_IF_ERROR(LoadDeployment(d));
   }
@@ -355,6 +415,8 @@ std::vector<Repository::IndexEntry> Repository::Index() {
       e.reason = "";
     } else if (auto f = failures_.find(d.name() + "/" + d.version()); f != failures_.end()) {
       e.reason = f->second;
+    } else if (!d.quarantine_reason().empty()) {
+      e.reason = d.quarantine_reason();
     }
     out.push_back(e);
   }

@@ -25,12 +25,14 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "core/thread_pool.h"
 #include "fpxint/v1/server_state.pb.h"
 #include "model/model.h"
 #include "server/journal.h"
 #include "server/metrics.h"
 #include "server/store.h"
+#include "server/vetting.h"
 
 namespace fpxint::server {
 
@@ -53,9 +55,16 @@ struct ModelStats {
   DurationStat success, fail, queue, compute_input, compute_infer, compute_output;
 };
 
+// How long and how many ModelInfer calls may wait for a free instance of one served version.
+struct InferQueueLimits {
+  int max_waiting = 64;                           // beyond: RESOURCE_EXHAUSTED
+  absl::Duration max_wait = absl::Seconds(10);    // beyond (or the call's deadline): DEADLINE_EXCEEDED
+};
+
 class ServedModel {
  public:
-  ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> instances);
+  ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> instances,
+              InferQueueLimits limits = {});
   ~ServedModel();
 
   const v1::Deployment& deployment() const { return d_; }
@@ -64,9 +73,11 @@ class ServedModel {
   int max_act_terms() const;
 
   // Runs one request with the first kw weight / ka activation terms (ignored for FP models).
-  // queue_ns: time spent waiting for a free instance.
+  // queue_ns: time spent waiting for a free instance. RESOURCE_EXHAUSTED when max_waiting calls
+  // already wait; DEADLINE_EXCEEDED when no instance frees up before `deadline` or max_wait.
   absl::StatusOr<model::HostTensor> Infer(const model::HostTensor& x, int kw, int ka,
-                                          uint64_t* queue_ns);
+                                          uint64_t* queue_ns,
+                                          absl::Time deadline = absl::InfiniteFuture());
 
   void Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns, uint64_t infer_ns,
               uint64_t output_ns, uint64_t total_ns);
@@ -88,6 +99,8 @@ class ServedModel {
   mutable absl::Mutex mu_;
   std::vector<Instance> instances_ ABSL_GUARDED_BY(mu_);
   std::vector<int> free_ ABSL_GUARDED_BY(mu_);
+  const InferQueueLimits limits_;
+  int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   ModelStats stats_ ABSL_GUARDED_BY(mu_);
   model::Model::WeightMemory weights_;
 };
@@ -102,19 +115,26 @@ class Repository {
     // from it holding only the packed weights.
     bool packed = true;
     Metrics* metrics = nullptr;  // fpxint_model_weight_bytes per loaded version (optional)
+    // Every version's source is an upload: it is loaded only with a passing verdict. Required.
+    TorchScriptVetter* vetter = nullptr;
+    InferQueueLimits infer_queue;
   };
   Repository(std::string dir, Journal* journal, BlobStore* store, core::ThreadPool* pool,
              Options o);
 
   // Loads every deployment the journal marks loaded (at start-up). Failures are logged into
   // the index as UNAVAILABLE with the reason, not fatal.
+  // A version whose load never returned in the last process (its .loading marker is still
+  // there) is quarantined instead: marked not loaded, with the reason kept for RepositoryIndex.
   void Restore();
 
   // Writes a new version (d.version() empty: the next number) and loads it when `load`.
   absl::StatusOr<v1::Deployment> Deploy(v1::Deployment d, bool load);
-  // RepositoryModelLoad: the versions of `name`; or, for an uploaded TorchScript model of that
-  // name with no deployment yet, an FP deployment of it as version 1.
-  absl::Status Load(const std::string& name);
+  // RepositoryModelLoad: the versions of `name` (when `may_load_deployments`: the caller has the
+  // infer or admin role); or, for an uploaded TorchScript model of that name with no deployment
+  // yet, an FP deployment of it as version 1 (when `may_deploy_uploads`: quantize or admin).
+  // PermissionDenied naming the role otherwise.
+  absl::Status Load(const std::string& name, bool may_load_deployments, bool may_deploy_uploads);
   absl::Status Unload(const std::string& name);
 
   struct IndexEntry {
@@ -139,6 +159,7 @@ class Repository {
   Journal* journal_;
   BlobStore* store_;
   core::ThreadPool* pool_;
+  std::string LoadingMarker(const v1::Deployment& d) const;
   const Options opts_;
   absl::Mutex load_mu_;  // one load at a time (loads use both cores)
   absl::Mutex mu_;

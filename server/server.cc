@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
@@ -28,14 +29,42 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// The host part of HOST:PORT ("[::1]:80" -> "::1").
+std::string ListenHost(const std::string& listen) {
+  std::string host = listen.substr(0, listen.rfind(':'));
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  return host;
+}
+
+// Addresses only this machine can reach: 127.0.0.0/8, ::1, localhost, and Unix sockets.
+bool IsLoopback(const std::string& listen) {
+  if (absl::StartsWith(listen, "unix:") || absl::StartsWith(listen, "unix-abstract:")) return true;
+  const std::string host = ListenHost(listen);
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
 }  // namespace
+
+std::string ServerConfig::ListenAddress() const {
+  if (!listen.empty()) return listen;
+  return token_file.empty() ? "127.0.0.1:8001" : "0.0.0.0:8001";
+}
 
 absl::Status ServerConfig::Validate() const {
   auto bad = [](absl::string_view flag, absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(flag, ": ", what));
   };
-  if (listen.empty() || listen.find(':') == std::string::npos) {
+  const std::string addr = ListenAddress();
+  if (addr.find(':') == std::string::npos) {
     return bad("--listen", "expected HOST:PORT (port 0 picks a free port)");
+  }
+  if (token_file.empty() && !insecure_no_auth && !IsLoopback(addr)) {
+    return bad("--listen",
+               absl::StrCat(addr, " is reachable from other machines, and without --token-file "
+                                  "every caller could use every RPC; give --token-file, listen on "
+                                  "loopback (127.0.0.1:PORT), or pass --insecure-no-auth"));
   }
   if (data_dir.empty()) return bad("--data-dir", "required");
   if (workers < 1 || workers > 64) return bad("--workers", "accepted 1..64");
@@ -55,6 +84,30 @@ absl::Status ServerConfig::Validate() const {
     return bad("--allow-torchscript-uploads", "accepted: all, admin, none");
   }
   if (shutdown_grace_seconds < 0) return bad("--shutdown-grace", "must be >= 0");
+  if (orphan_min_age_seconds < 0) return bad("--orphan-min-age", "must be >= 0");
+  if (retain_jobs_days < 0) return bad("--retain-jobs-days", "must be >= 0 (0: keep every job)");
+  if (infer_queue_limit < 0 || infer_queue_limit > 100000) {
+    return bad("--infer-queue-limit", "accepted 0..100000");
+  }
+  if (infer_queue_timeout_seconds <= 0 || infer_queue_timeout_seconds > 3600) {
+    return bad("--infer-queue-timeout", "accepted (0, 3600] seconds");
+  }
+  if (max_rpc_threads < 8 || max_rpc_threads > 4096) {
+    return bad("--max-rpc-threads", "accepted 8..4096");
+  }
+  if (grpc_memory_bytes < 0) return bad("--grpc-memory-bytes", "must be >= 0");
+  if (max_concurrent_streams < 1 || max_concurrent_streams > 100000) {
+    return bad("--max-concurrent-streams", "accepted 1..100000");
+  }
+  if (keepalive_seconds < 1 || keepalive_timeout_seconds < 1) {
+    return bad("--keepalive/--keepalive-timeout", "at least 1 second");
+  }
+  if (max_message_bytes < 4096 || max_message_bytes > (int64_t{2} << 30) - 1) {
+    return bad("--max-message-bytes", "accepted 4096..2147483647");
+  }
+  if (vet_timeout_seconds < 1 || vet_timeout_seconds > 3600) {
+    return bad("--vet-timeout", "accepted 1..3600 seconds");
+  }
   return absl::OkStatus();
 }
 
@@ -63,6 +116,7 @@ struct Server::Impl {
   std::unique_ptr<BlobStore> store;
   std::unique_ptr<Journal> journal;
   std::unique_ptr<core::ThreadPool> pool;
+  std::unique_ptr<TorchScriptVetter> vetter;
   std::unique_ptr<Repository> repo;
   std::unique_ptr<JobManager> jobs;
   Authorizer auth;
@@ -76,6 +130,9 @@ struct Server::Impl {
   absl::Mutex mu;
   bool shut_down = false;
   absl::Notification done;
+  // Retention (--retain-jobs-days): deletes old finished jobs at start and every hour.
+  absl::Notification stop_retention;
+  std::thread retention;
 };
 
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -86,23 +143,54 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   FPX_RETURN_IF_ERROR(config.Validate());
   auto im = std::make_unique<Impl>();
   im->config = config;
+  const std::string listen = config.ListenAddress();
   if (!config.token_file.empty()) {
     FPX_ASSIGN_OR_RETURN(im->auth, Authorizer::FromFile(config.token_file));
+  } else if (!IsLoopback(listen)) {
+    LogWarning(absl::StrCat("--insecure-no-auth: listening on ", listen,
+                            " without --token-file; anyone who can reach it may upload, run jobs "
+                            "and serve models"));
   } else {
-    LogWarning("no --token-file: every caller may use every RPC (local use only)");
+    LogWarning("no --token-file: every local caller may use every non-admin RPC (loopback only)");
   }
   FPX_ASSIGN_OR_RETURN(im->store, BlobStore::Open(config.data_dir));
   FPX_ASSIGN_OR_RETURN(im->journal,
                        Journal::Open((fs::path(config.data_dir) / "journal.sqlite").string()));
+  // Blobs no record refers to (an upload refused after its commit, a crash between a commit and
+  // its record) are removed before anything is served.
+  {
+    Journal* j = im->journal.get();
+    const BlobStore::Swept swept = im->store->SweepOrphans(
+        [j](const std::string& sha) { return j->BlobReferenced(sha); },
+        absl::Seconds(config.orphan_min_age_seconds));
+    if (swept.blobs > 0) {
+      LogInfo(absl::StrCat("removed ", swept.blobs, " orphan blob(s), ", swept.bytes,
+                           " bytes, that no model, artifact or deployment referenced"));
+    }
+  }
+  {
+    TorchScriptVetter::Options vo;
+    vo.vet_binary = config.vet_binary;
+    vo.allow_ops_files = config.torchscript_allow_ops;
+    vo.timeout = absl::Seconds(config.vet_timeout_seconds);
+    vo.cpu_seconds = static_cast<int>(config.vet_timeout_seconds);
+    FPX_ASSIGN_OR_RETURN(im->vetter, TorchScriptVetter::Create(vo, im->journal.get()));
+  }
   const int threads =
       config.threads > 0 ? config.threads : static_cast<int>(std::thread::hardware_concurrency());
   im->pool = std::make_unique<core::ThreadPool>(threads);
   im->repo = std::make_unique<Repository>((fs::path(config.data_dir) / "repository").string(),
                                           im->journal.get(), im->store.get(), im->pool.get(),
-                                          Repository::Options{config.infer_instances, threads, config.packed_weights, &im->metrics});
+                                          Repository::Options{config.infer_instances, threads,
+                                                              config.packed_weights, &im->metrics,
+                                                              im->vetter.get(),
+                                                              InferQueueLimits{
+                                                                  config.infer_queue_limit,
+                                                                  absl::Seconds(
+                                                                      config.infer_queue_timeout_seconds)}});
   im->jobs = std::make_unique<JobManager>(
       JobManager::Options{config.workers, config.queue_limit, threads, config.job_memory_limit,
-                          &im->metrics},
+                          &im->metrics, im->vetter.get()},
       im->journal.get(),
       im->store.get(), im->repo.get(), im->pool.get());
 
@@ -112,14 +200,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.jobs = im->jobs.get();
   sc.repo = im->repo.get();
   sc.auth = &im->auth;
+  sc.vetter = im->vetter.get();
   sc.metrics = &im->metrics;
   sc.upload_policy.max_upload_bytes = config.max_upload_bytes;
+  sc.upload_policy.min_free_bytes = config.min_free_bytes;
   sc.upload_policy.torchscript = config.allow_torchscript_uploads == "none" ? TorchScriptUploads::kNone
                            : config.allow_torchscript_uploads == "admin"
                                ? TorchScriptUploads::kAdmin
                                : TorchScriptUploads::kAll;
   sc.ready = &im->ready;
   sc.server_version = FPXINT_VERSION;
+  sc.max_message_bytes = config.max_message_bytes;
   im->quantizer = std::make_unique<QuantizerService>(sc);
   im->inference = std::make_unique<InferenceService>(sc);
 
@@ -141,21 +232,34 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(config.listen, creds, &im->port);
+  builder.AddListeningPort(listen, creds, &im->port);
   builder.RegisterService(im->quantizer.get());
   builder.RegisterService(im->inference.get());
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(config.max_message_bytes));
+  // Bounds on what callers can hold: handler threads and buffer memory (resource quota),
+  // streams per connection, and keepalive pings that close dead connections.
   grpc::ResourceQuota quota("fpxint");
-  quota.SetMaxThreads(256);  // bounds the sync server's request threads
+  quota.SetMaxThreads(config.max_rpc_threads);
+  quota.Resize(static_cast<size_t>(config.grpc_memory_bytes > 0 ? config.grpc_memory_bytes
+                                                                : 16 * config.max_message_bytes));
   builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, config.max_concurrent_streams);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS,
+                             static_cast<int>(config.keepalive_seconds * 1000));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS,
+                             static_cast<int>(config.keepalive_timeout_seconds * 1000));
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // Clients may ping every 10 s without calls in flight (grpcio's keepalive options) before the
+  // server answers with GOAWAY.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(im->metrics.InterceptorFactory());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
   im->grpc_server = builder.BuildAndStart();
   if (!im->grpc_server || im->port == 0) {
     return absl::UnavailableError(
-        absl::StrCat("--listen ", config.listen, ": cannot bind (address in use or invalid?)"));
+        absl::StrCat("--listen ", listen, ": cannot bind (address in use or invalid?)"));
   }
   if (!config.metrics_listen.empty()) {
     FPX_ASSIGN_OR_RETURN(im->exposer, MetricsExposer::Start(config.metrics_listen, &im->metrics));
@@ -163,6 +267,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   // Jobs and served models come back after a restart before the server says it is ready.
   im->repo->Restore();
   FPX_RETURN_IF_ERROR(im->jobs->Start());
+  if (config.retain_jobs_days > 0) {
+    Impl* p = im.get();
+    im->retention = std::thread([p] {
+      do {
+        const int n = p->jobs->DeleteFinishedBefore(
+            absl::Now() - absl::Hours(24) * p->config.retain_jobs_days);
+        if (n > 0) {
+          LogInfo(absl::StrCat("retention: deleted ", n, " job(s) finished more than ",
+                               p->config.retain_jobs_days, " day(s) ago (--retain-jobs-days)"));
+        }
+      } while (!p->stop_retention.WaitForNotificationWithTimeout(absl::Hours(1)));
+    });
+  }
   im->ready.store(true);
   auto* health = im->grpc_server->GetHealthCheckService();
   health->SetServingStatus(true);
@@ -200,7 +317,7 @@ int Server::metrics_port() const { return impl_->exposer ? impl_->exposer->port(
 std::string Server::MetricsText() const { return impl_->metrics.Text(); }
 
 std::string Server::address() const {
-  const std::string& l = impl_->config.listen;
+  const std::string l = impl_->config.ListenAddress();
   const std::string host = l.substr(0, l.rfind(':'));
   return absl::StrCat(host, ":", impl_->port);
 }
@@ -218,6 +335,8 @@ void Server::Shutdown() {
     auto* health = im.grpc_server->GetHealthCheckService();
     health->SetServingStatus(false);
   }
+  im.stop_retention.Notify();
+  if (im.retention.joinable()) im.retention.join();
   im.jobs->Shutdown(absl::Seconds(im.config.shutdown_grace_seconds));
   if (im.grpc_server) {
     im.grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -27,6 +27,12 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "gtest/gtest.h"
 #include "inference/grpc_service.grpc.pb.h"
+#include "server/auth.h"
+#include "server/jobs.h"
+#include "server/journal.h"
+#include "server/oip_codec.h"
+#include "server/repository.h"
+#include "server/store.h"
 #include "tests/support/test_support.h"
 
 namespace fpxint::server {
@@ -607,11 +613,14 @@ TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
   EXPECT_EQ(kinds, (std::set<std::string>{"packed_safetensors", "dequantized_torchscript",
                                           "report_json"}));
 
-  // FP model served too, through the repository extension.
+  // FP model served too, through the repository extension: serving a bare upload needs the
+  // quantize role; an infer token may only load deployments.
   inference::RepositoryModelLoadRequest lr;
   lr.set_model_name("tiny");
   inference::RepositoryModelLoadResponse lresp;
-  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).ok());
+  EXPECT_EQ(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).error_code(),
+            grpc::StatusCode::PERMISSION_DENIED);
+  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kQuantize).get(), lr, &lresp).ok());
   inference::ModelMetadataRequest mdr;
   mdr.set_name("tiny-q");
   inference::ModelMetadataResponse md;
@@ -805,7 +814,7 @@ TEST_F(ServerTest, UnknownNamesAreNotFoundOnEveryRpc) {
   EXPECT_EQ(model.sha256(), up.sha256());
   EXPECT_EQ(model.size_bytes(), static_cast<int64_t>(ts.size()));
   lr.set_model_name("present");
-  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).ok());
+  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kQuantize).get(), lr, &lresp).ok());
   rr.set_name("present");
   ASSERT_TRUE(oip_->ModelReady(Ctx(kInfer).get(), rr, &ready).ok());
   EXPECT_TRUE(ready.ready());
@@ -820,7 +829,7 @@ TEST_F(ServerTest, Fp16AndUint8InputsMatchTheirFp32Values) {
   inference::RepositoryModelLoadRequest lr;
   lr.set_model_name("tiny");
   inference::RepositoryModelLoadResponse lresp;
-  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp).ok());
+  ASSERT_TRUE(oip_->RepositoryModelLoad(Ctx(kQuantize).get(), lr, &lresp).ok());
   const int64_t n = 2 * 3 * 8 * 8;
   auto infer = [&](const char* datatype, const std::string& raw, std::vector<float>* y) {
     inference::ModelInferRequest req;
@@ -1013,6 +1022,107 @@ TEST_F(ServerTest, ModelJobWritesBasisModels) {
   EXPECT_EQ(basis, 2);
   ASSERT_EQ(done.result().probe_size(), 2);
   EXPECT_EQ(done.result().probe(1).act_terms(), 2u);
+}
+
+// ---- the trust boundary: defaults, start-up, request bounds ----
+
+TEST(ServerConfigDefaults, OpenServerStaysOnLoopback) {
+  ServerConfig c;
+  EXPECT_EQ(c.ListenAddress(), "127.0.0.1:8001");
+  c.token_file = "tokens";
+  EXPECT_EQ(c.ListenAddress(), "0.0.0.0:8001");
+}
+
+TEST(ServerConfigDefaults, PublicListenWithoutTokensNeedsInsecureNoAuth) {
+  ServerConfig c;
+  c.listen = "0.0.0.0:8001";
+  absl::Status s = c.Validate();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "--insecure-no-auth")) << s;
+  c.listen = "[::]:8001";
+  EXPECT_FALSE(c.Validate().ok());
+  for (const char* loopback : {"127.0.0.1:0", "localhost:8001", "[::1]:8001", "unix:/tmp/s"}) {
+    c.listen = loopback;
+    EXPECT_TRUE(c.Validate().ok()) << loopback;
+  }
+  c.listen = "0.0.0.0:8001";
+  c.insecure_no_auth = true;
+  EXPECT_TRUE(c.Validate().ok());
+  c.insecure_no_auth = false;
+  c.token_file = "tokens";
+  EXPECT_TRUE(c.Validate().ok());
+}
+
+TEST(Authorizer, OpenServerHasNoAdmin) {
+  Authorizer open;
+  grpc::ServerContext ctx;
+  unsigned roles = 0;
+  EXPECT_TRUE(open.Check(&ctx, kRoleQuantize, &roles).ok());
+  EXPECT_EQ(roles & kRoleAdmin, 0u);
+  EXPECT_EQ(open.Check(&ctx, kRoleAdmin).code(), absl::StatusCode::kPermissionDenied);
+}
+
+TEST(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
+  // Jobs written before Start() would be recovered from the journal a second time by it.
+  ScratchDir dir;
+  auto store = BlobStore::Open(dir.File("data"));
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto journal = Journal::Open(dir.File("journal.sqlite"));
+  ASSERT_TRUE(journal.ok()) << journal.status();
+  const std::string weights = WeightsFile(7);
+  auto sha = (*store)->ImportFile([&] {
+    WriteFileOrDie(dir.File("w.safetensors"), weights);
+    return dir.File("w.safetensors");
+  }());
+  ASSERT_TRUE(sha.ok()) << sha.status();
+  v1::Model m;
+  m.set_name("w");
+  m.set_format(v1::SAFETENSORS);
+  m.set_sha256(*sha);
+  ASSERT_TRUE((*journal)->PutModel(m).ok());
+  core::ThreadPool pool(1);
+  Repository repo(dir.File("repository"), journal->get(), store->get(), &pool, {});
+  JobManager jobs(JobManager::Options{}, journal->get(), store->get(), &repo, &pool);
+  v1::SubmitJobRequest req;
+  req.mutable_spec()->set_model("w");
+  req.mutable_spec()->set_granularity(v1::TENSOR);
+  auto early = jobs.Submit(req);
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable) << early.status();
+  auto pending = (*journal)->JobsInStates({v1::QUEUED, v1::RUNNING});
+  ASSERT_TRUE(pending.ok());
+  EXPECT_TRUE(pending->empty());
+  ASSERT_TRUE(jobs.Start().ok());
+  auto j = jobs.Submit(req);
+  ASSERT_TRUE(j.ok()) << j.status();
+  jobs.Shutdown(absl::Seconds(30));
+}
+
+TEST(DecodeInferRequest, DeclaredShapeIsCheckedAgainstThePayloadBeforeUse) {
+  v1::Deployment d;
+  auto* sig = d.add_inputs();
+  sig->set_name("input__0");
+  sig->set_datatype("FP32");
+  sig->add_shape(-1);
+  sig->add_shape(784);
+  inference::ModelInferRequest req;
+  auto* in = req.add_inputs();
+  in->set_name("input__0");
+  in->set_datatype("FP32");
+  in->add_shape(342000);
+  in->add_shape(784);
+  req.add_raw_input_contents(std::string(60, '\0'));
+  auto r = DecodeInferRequest(req, d, 0, 0, int64_t{2} << 30);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "raw_input_contents[0]")) << r.status();
+  // With the default 64 MiB message limit the same shape is refused for its size alone.
+  r = DecodeInferRequest(req, d, 0, 0, ServerConfig{}.max_message_bytes);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "--max-message-bytes")) << r.status();
+  // Typed contents: the count is checked before the tensor is allocated.
+  req.clear_raw_input_contents();
+  in->mutable_contents()->add_fp32_contents(1.0f);
+  r = DecodeInferRequest(req, d, 0, 0, int64_t{2} << 30);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "fp32_contents")) << r.status();
 }
 
 }  // namespace

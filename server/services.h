@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "fpxint/v1/quantizer.grpc.pb.h"
@@ -20,6 +21,7 @@
 #include "server/repository.h"
 #include "server/store.h"
 #include "server/validation.h"
+#include "server/vetting.h"
 
 namespace fpxint::server {
 
@@ -29,15 +31,34 @@ struct ServiceContext {
   JobManager* jobs = nullptr;
   Repository* repo = nullptr;
   const Authorizer* auth = nullptr;
+  TorchScriptVetter* vetter = nullptr;  // every TorchScript upload is vetted before it is kept
   Metrics* metrics = nullptr;  // always set by Server
   UploadPolicy upload_policy;
   std::atomic<bool>* ready = nullptr;  // false while starting and shutting down
   std::string server_version;
+
+  // The gate of every RPC that reads or changes state: UNAVAILABLE until the server has
+  // recovered its jobs and deployments (and again while it shuts down), then the caller's
+  // token must carry `role` (auth.h). *roles receives the caller's roles.
+  absl::Status Admit(const grpc::ServerContextBase* c, Role role,
+                     unsigned* roles = nullptr) const {
+    if (ready != nullptr && !ready->load()) {
+      return absl::UnavailableError("the server is starting or shutting down; retry shortly");
+    }
+    return auth->Check(c, role, roles);
+  }
+  int64_t max_message_bytes = 64 << 20;  // --max-message-bytes: bounds a declared input tensor
 };
 
-class QuantizerService final : public v1::Quantizer::Service {
+class WatchHub;
+
+// WatchJob is on gRPC's callback API: a watcher holds no thread while it waits. One hub thread
+// polls every open watch (server/quantizer_service.cc); the other RPCs are synchronous.
+class QuantizerService final
+    : public v1::Quantizer::WithCallbackMethod_WatchJob<v1::Quantizer::Service> {
  public:
-  explicit QuantizerService(ServiceContext ctx) : ctx_(ctx) {}
+  explicit QuantizerService(ServiceContext ctx);
+  ~QuantizerService() override;
 
   grpc::Status UploadModel(grpc::ServerContext* c, grpc::ServerReader<v1::UploadChunk>* reader,
                            v1::Model* resp) override;
@@ -52,13 +73,16 @@ class QuantizerService final : public v1::Quantizer::Service {
   grpc::Status ListJobs(grpc::ServerContext* c, const v1::ListJobsRequest* req,
                         v1::ListJobsResponse* resp) override;
   grpc::Status CancelJob(grpc::ServerContext* c, const v1::JobRef* req, v1::Job* resp) override;
-  grpc::Status WatchJob(grpc::ServerContext* c, const v1::JobRef* req,
-                        grpc::ServerWriter<v1::JobEvent>* writer) override;
+  grpc::Status DeleteJob(grpc::ServerContext* c, const v1::JobRef* req,
+                         v1::DeleteJobResponse* resp) override;
+  grpc::ServerWriteReactor<v1::JobEvent>* WatchJob(grpc::CallbackServerContext* c,
+                                                  const v1::JobRef* req) override;
   grpc::Status DownloadArtifact(grpc::ServerContext* c, const v1::ArtifactRef* req,
                                 grpc::ServerWriter<v1::ArtifactChunk>* writer) override;
 
  private:
   ServiceContext ctx_;
+  std::unique_ptr<WatchHub> watch_hub_;
 };
 
 class InferenceService final : public inference::GRPCInferenceService::Service {

@@ -3,6 +3,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/statvfs.h>
 #include <openssl/evp.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -163,6 +164,37 @@ absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& ro
     fs::remove_all(e.path(), ec);
   }
   return std::unique_ptr<BlobStore>(new BlobStore(root));
+}
+
+absl::StatusOr<uint64_t> BlobStore::FreeBytes() const {
+  struct statvfs v;
+  if (::statvfs(root_.c_str(), &v) != 0) return core::ErrnoToStatus(errno, "statvfs", root_);
+  return static_cast<uint64_t>(v.f_bavail) * v.f_frsize;
+}
+
+BlobStore::Swept BlobStore::SweepOrphans(
+    const std::function<absl::StatusOr<bool>(const std::string&)>& referenced,
+    absl::Duration min_age) {
+  Swept out;
+  std::error_code ec;
+  const auto now = fs::file_time_type::clock::now();
+  for (const auto& dir : fs::directory_iterator(fs::path(root_) / "blobs", ec)) {
+    if (!dir.is_directory(ec)) continue;
+    for (const auto& f : fs::directory_iterator(dir.path(), ec)) {
+      const std::string sha = f.path().filename().string();
+      if (!IsSha256Hex(sha) || !f.is_regular_file(ec)) continue;
+      const auto mtime = f.last_write_time(ec);
+      if (ec || now - mtime < absl::ToChronoNanoseconds(min_age)) continue;
+      absl::StatusOr<bool> used = referenced(sha);
+      if (!used.ok() || *used) continue;
+      const uint64_t size = f.file_size(ec);
+      if (fs::remove(f.path(), ec)) {
+        ++out.blobs;
+        out.bytes += ec ? 0 : size;
+      }
+    }
+  }
+  return out;
 }
 
 std::string BlobStore::NewTempName(absl::string_view prefix) {

@@ -13,10 +13,12 @@
 #define FPXINT_SERVER_STORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/strings/string_view.h"
 
 namespace fpxint::server {
@@ -50,6 +52,17 @@ class BlobStore {
   std::string PathOf(absl::string_view sha256) const;  // REQUIRES: IsSha256Hex(sha256)
   absl::StatusOr<uint64_t> SizeOf(absl::string_view sha256) const;
   absl::Status Remove(absl::string_view sha256);
+
+  // Bytes an unprivileged writer can still use on the store's file system.
+  absl::StatusOr<uint64_t> FreeBytes() const;
+  // Removes every blob that `referenced(sha256)` says nothing refers to and whose file is older
+  // than `min_age` (so a blob committed a moment before its record is never taken). A lookup
+  // error keeps the blob. Returns the number of blobs and bytes removed.
+  struct Swept {
+    uint64_t blobs = 0, bytes = 0;
+  };
+  Swept SweepOrphans(const std::function<absl::StatusOr<bool>(const std::string&)>& referenced,
+                     absl::Duration min_age);
 
   // A fresh, empty directory for one job's scratch files (removed by the caller or at Open).
   absl::StatusOr<std::string> NewTempDir(absl::string_view prefix);

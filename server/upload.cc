@@ -25,6 +25,7 @@ absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
     }
     header_ = chunk.header();
     if (absl::Status s = CheckUploadHeader(header_, policy_, is_admin_); !s.ok()) return s;
+    if (absl::Status s = CheckFreeSpace(header_.size_bytes()); !s.ok()) return s;
     auto w = store_->NewWriter(policy_.max_upload_bytes);
     if (!w.ok()) return w.status();
     writer_ = std::move(*w);
@@ -34,7 +35,27 @@ absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
     return absl::InvalidArgumentError(
         absl::StrCat("message ", index, ": `header` is allowed in the first message only"));
   }
-  return writer_->Append(chunk.data());
+  const uint64_t before = writer_->bytes_written();
+  if (absl::Status s = writer_->Append(chunk.data()); !s.ok()) return s;
+  constexpr uint64_t kCheckEvery = 16 << 20;
+  if (policy_.min_free_bytes > 0 && before / kCheckEvery != writer_->bytes_written() / kCheckEvery) {
+    return CheckFreeSpace(0);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status UploadAssembler::CheckFreeSpace(uint64_t still_to_write) const {
+  if (policy_.min_free_bytes == 0) return absl::OkStatus();
+  absl::StatusOr<uint64_t> free = store_->FreeBytes();
+  if (!free.ok()) return free.status();
+  if (*free < policy_.min_free_bytes + still_to_write) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the server's data directory has ", *free, " bytes free",
+        still_to_write ? absl::StrCat(" and this upload declares ", still_to_write) : "",
+        "; it keeps at least ", policy_.min_free_bytes,
+        " free (--min-free-bytes): delete models or ask the operator for space"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<BlobWriter::Result> UploadAssembler::Finish(

@@ -32,6 +32,9 @@ class UploadAssembler {
       const std::function<void(const std::string&)>& drop_unreferenced);
 
   const v1::UploadHeader& header() const { return header_; }
+  // ResourceExhausted with both figures when writing `still_to_write` more bytes would leave
+  // less than policy.min_free_bytes free.
+  absl::Status CheckFreeSpace(uint64_t still_to_write) const;
   uint64_t bytes() const;
 
  private:

@@ -66,9 +66,13 @@ absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& po
     case v1::TORCHSCRIPT:
       if (policy.torchscript == TorchScriptUploads::kNone ||
           (policy.torchscript == TorchScriptUploads::kAdmin && !is_admin)) {
-        return absl::PermissionDeniedError(
-            "header.format: this server refuses TORCHSCRIPT uploads from this caller (a "
-            "TorchScript archive can run code when loaded; --allow-torchscript-uploads)");
+        return absl::PermissionDeniedError(absl::StrCat(
+            "header.format: this server refuses TORCHSCRIPT uploads from this caller "
+            "(--allow-torchscript-uploads ",
+            policy.torchscript == TorchScriptUploads::kNone
+                ? "none"
+                : "admin: admin tokens only, and a server without --token-file has none",
+            "); SAFETENSORS and TORCH_STATE_DICT uploads are accepted"));
       }
       break;
     default:
@@ -135,6 +139,12 @@ model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& s) {
 absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
     return Bad("granularity", "required; one of TENSOR, LAYER, MODEL");
+  }
+  if (!(s->max_rel_error() >= 0 && s->max_rel_error() <= 1e6)) {  // also refuses NaN
+    return Bad("max_rel_error",
+               absl::StrCat(s->max_rel_error(), "; accepted 0 (no gate) or a positive value up "
+                                                "to 1e6 (the largest relative error the job may "
+                                                "reach)"));
   }
   const bool network = s->granularity() != v1::TENSOR;
   if (network && model.format() != v1::TORCHSCRIPT) {

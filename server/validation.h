@@ -26,6 +26,9 @@ enum class TorchScriptUploads { kAll, kAdmin, kNone };
 
 struct UploadPolicy {
   uint64_t max_upload_bytes = 0;
+  // Free bytes the data directory keeps: an upload that would leave less is RESOURCE_EXHAUSTED
+  // (checked at the header, against its declared size, and every 16 MiB). 0: no floor.
+  uint64_t min_free_bytes = 0;
   TorchScriptUploads torchscript = TorchScriptUploads::kAll;
 };
 

@@ -535,6 +535,21 @@ def check_compose(ck, repo):
             p.append(f"port {port} not published")
     ck.check("compose: fpxint health check, restart, ports, stop grace", p)
 
+    # Safe by default: an open server (no token file) must say so explicitly, publish its ports
+    # on loopback only, and cannot reserve TorchScript to an admin it does not have.
+    p = []
+    insecure = str(env.get("FPXINT_INSECURE_NO_AUTH", "")).lower() in ("1", "true", "yes")
+    if not env.get("FPXINT_TOKEN_FILE"):
+        if not insecure:
+            p.append("no FPXINT_TOKEN_FILE and no FPXINT_INSECURE_NO_AUTH: the server would not "
+                     "start on 0.0.0.0")
+        for x in ports:
+            if not x.startswith("127.0.0.1:"):
+                p.append(f"open server (no token file) publishes {x} beyond loopback")
+        if env.get("FPXINT_ALLOW_TORCHSCRIPT_UPLOADS") == "admin":
+            p.append("FPXINT_ALLOW_TORCHSCRIPT_UPLOADS admin without tokens refuses every upload")
+    ck.check("compose: authentication or an explicit, loopback-only open server", p)
+
     exe = shutil.which("docker-compose")
     if exe:
         rc, out = run([exe, "-f", path, "config", "-q"], cwd=repo)
@@ -913,7 +928,7 @@ def check_dockerfile(ck, repo):
     if not ep or "/usr/local/bin/fpxint-server" not in ep[-1]:
         p.append("ENTRYPOINT is not /usr/local/bin/fpxint-server")
     copied = " ".join(a for w, a in instr if w == "COPY" and "--from=" in a)
-    for b in ("build/bin/fpxint-server", "build/bin/fpxint "):
+    for b in ("build/bin/fpxint-server", "build/bin/fpxint ", "build/bin/fpxint-vet"):
         if b not in copied + " ":
             p.append(f"runtime stage does not copy {b.strip()}")
     if not any("runtime-packages.txt" in a for w, a in instr):

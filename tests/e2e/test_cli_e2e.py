@@ -307,10 +307,15 @@ class CliE2E(CliTestCase):
 
     def test_07_quality_gate(self):
         self.need("uploaded", "test_02_upload")
+        # The server checks the gate before storing or deploying anything: the job is FAILED, with
+        # its report and the measured value.
         r = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
-                         "--bits", "2", "--terms", "1", "--max-rel-error", "0.01", expect=5)
+                         "--bits", "2", "--terms", "1", "--max-rel-error", "0.01",
+                         "--deploy-as", "gate-fail", expect=5)
         job = r.json()
-        self.assertEqual(job["state"], "SUCCEEDED")
+        self.assertEqual(job["state"], "FAILED")
+        self.assertIn("quality gate", job["error"])
+        self.assertEqual(job.get("artifacts", []), [])
         gate = job["quality_gate"]
         self.assertFalse(gate["passed"])
         self.assertGreater(gate["rel_error"], 0.01)

@@ -440,8 +440,11 @@ class ServiceE2E(ServerTestCase):
     def test_30_fp_load_and_infer(self):
         self.need("uploaded", "test_04_upload_models")
         inf, ci = self.protos.inf, self.ci
+        # Serving a bare upload needs the quantize role; infer only loads deployments.
+        self.refused(SC.PERMISSION_DENIED, ci.inference.RepositoryModelLoad,
+                     inf.RepositoryModelLoadRequest(model_name="ocr_rec"), metadata=ci.md())
         self.call(ci.inference.RepositoryModelLoad, inf.RepositoryModelLoadRequest(model_name="ocr_rec"),
-                  metadata=ci.md())
+                  metadata=ci.md("quantize"))
         ready = self.call(ci.inference.ModelReady, inf.ModelReadyRequest(name="ocr_rec"), metadata=ci.md())
         self.assertTrue(ready.ready, "ModelReady(ocr_rec) false after RepositoryModelLoad")
         meta = self.call(ci.inference.ModelMetadata, inf.ModelMetadataRequest(name="ocr_rec"), metadata=ci.md())

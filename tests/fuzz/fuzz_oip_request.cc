@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "server/oip_codec.h"
+#include "server/server.h"
 
 namespace {
 
@@ -41,7 +42,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   inference::ModelInferRequest req;
   if (!req.ParseFromArray(data + 1, static_cast<int>(size - 1))) return 0;
   const int max_terms = which == 0 ? 0 : 4;
-  auto dec = fpxint::server::DecodeInferRequest(req, kDeployments[which], max_terms, which == 0 ? 0 : 2);
+  // The server's default message limit: a declared shape may claim up to that many bytes.
+  static const int64_t kMaxMessage = fpxint::server::ServerConfig{}.max_message_bytes;
+  auto dec = fpxint::server::DecodeInferRequest(req, kDeployments[which], max_terms,
+                                                which == 0 ? 0 : 2, kMaxMessage);
   if (!dec.ok()) return 0;
   const fpxint::model::HostTensor& t = dec->input;
   int64_t n = 1;

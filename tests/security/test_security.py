@@ -10,7 +10,8 @@ The access rules are the ones the server implements (server/auth.cc, the Check(.
 server/quantizer_service.cc and server/inference_service.cc, docs/SERVICE.md "Services"):
   * fpxint.v1.Quantizer, every RPC: role `quantize` (or `admin`);
   * inference.GRPCInferenceService: ServerLive, ServerReady, ServerMetadata open; every other RPC
-    role `infer` (or `admin`);
+    role `infer` (or `admin`); RepositoryModelLoad also `quantize`, which may serve a bare upload
+    (an `infer` token may only load existing deployments);
   * grpc.health.v1.Health and server reflection: open.
 No / malformed / unknown token: UNAUTHENTICATED; a valid token without the role: PERMISSION_DENIED.
 The matrix covers every method of the three service descriptors (a new RPC without a rule here
@@ -194,6 +195,7 @@ class AccessMatrix(ServerCase):
                 model="no-such", granularity=q.TENSOR)), metadata=md, timeout=10), NF),
             "fpxint.v1.Quantizer/GetJob": (Q, lambda md: qs.GetJob(q.JobRef(job_id="no-such"), metadata=md, timeout=10), NF),
             "fpxint.v1.Quantizer/ListJobs": (Q, lambda md: qs.ListJobs(q.ListJobsRequest(), metadata=md, timeout=10), OK),
+            "fpxint.v1.Quantizer/DeleteJob": (Q, lambda md: qs.DeleteJob(q.JobRef(job_id="no-such"), metadata=md, timeout=10), NF),
             "fpxint.v1.Quantizer/CancelJob": (Q, lambda md: qs.CancelJob(q.JobRef(job_id="no-such"), metadata=md, timeout=10), NF),
             "fpxint.v1.Quantizer/WatchJob": (Q, lambda md: list(qs.WatchJob(q.JobRef(job_id="no-such"), metadata=md, timeout=10)), NF),
             "fpxint.v1.Quantizer/DownloadArtifact": (Q, lambda md: list(qs.DownloadArtifact(
@@ -206,7 +208,8 @@ class AccessMatrix(ServerCase):
             "inference.GRPCInferenceService/ModelInfer": (INF, lambda md: isv.ModelInfer(inf.ModelInferRequest(model_name="no-such"), metadata=md, timeout=10), NF),
             "inference.GRPCInferenceService/ModelStatistics": (INF, lambda md: isv.ModelStatistics(inf.ModelStatisticsRequest(), metadata=md, timeout=10), OK),
             "inference.GRPCInferenceService/RepositoryIndex": (INF, lambda md: isv.RepositoryIndex(inf.RepositoryIndexRequest(), metadata=md, timeout=10), OK),
-            "inference.GRPCInferenceService/RepositoryModelLoad": (INF, lambda md: isv.RepositoryModelLoad(
+            # infer loads deployments; quantize may serve a bare upload (not an existing deployment)
+            "inference.GRPCInferenceService/RepositoryModelLoad": (INF + "|" + Q, lambda md: isv.RepositoryModelLoad(
                 inf.RepositoryModelLoadRequest(model_name="no-such"), metadata=md, timeout=10), NF),
             "inference.GRPCInferenceService/RepositoryModelUnload": (INF, lambda md: isv.RepositoryModelUnload(
                 inf.RepositoryModelUnloadRequest(model_name="no-such"), metadata=md, timeout=10), NF),
@@ -235,7 +238,7 @@ class AccessMatrix(ServerCase):
                     want = allowed_code
                 elif roles is None:
                     want = SC.UNAUTHENTICATED
-                elif "admin" in roles or rule in roles:
+                elif "admin" in roles or any(r in roles for r in rule.split("|")):
                     want = allowed_code
                 else:
                     want = SC.PERMISSION_DENIED

@@ -370,7 +370,12 @@ async function main() {
     const inputs = [{ name: 'input__0', datatype: 'FP32', shape: ['1', '3', '48', '320'] }];
     const upPt = await ok(uploadFile(q, 'ocr_rec', recPt, 'TORCHSCRIPT', inputs, 'admin'), 'UploadModel(ocr_rec.pt)');
     check(upPt.model.sha256 === upPt.sha, 'ocr_rec.pt sha256');
-    await ok(unary(inf, 'RepositoryModelLoad', { model_name: 'ocr_rec' }, 'infer', 120), 'RepositoryModelLoad(ocr_rec)');
+    // Serving a bare upload needs the quantize role; an infer token may only load deployments.
+    const denied = await unary(inf, 'RepositoryModelLoad', { model_name: 'ocr_rec' }, 'infer', 120).then(
+      () => null, (e) => e);
+    check(denied !== null && denied.code === grpc.status.PERMISSION_DENIED,
+      `RepositoryModelLoad(ocr_rec) with an infer token: ${denied ? denied.code : 'accepted'}, want PERMISSION_DENIED`);
+    await ok(unary(inf, 'RepositoryModelLoad', { model_name: 'ocr_rec' }, 'quantize', 120), 'RepositoryModelLoad(ocr_rec)');
     const ready = await ok(unary(inf, 'ModelReady', { name: 'ocr_rec' }, 'infer'), 'ModelReady');
     check(ready.ready === true, 'ModelReady(ocr_rec) false after RepositoryModelLoad');
     const mm = await ok(unary(inf, 'ModelMetadata', { name: 'ocr_rec' }, 'infer'), 'ModelMetadata');
