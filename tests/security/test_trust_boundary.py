@@ -81,10 +81,13 @@ class Case(sc.RpcAssertions, unittest.TestCase):
         return ("\n" + srv.log_tail(30)) if srv is not None else ""
 
 
-class TorchScriptContainment(Case):
+class ServerCase(Case):
+    """A test class with a server of its own (sc.Server(**server_kw)) and an admin client."""
+    server_kw = {}
+
     @classmethod
     def setUpClass(cls):
-        cls.server = sc.Server()
+        cls.server = sc.Server(**cls.server_kw)
         SERVERS.append(cls.server)
         cls.server.start(timeout=60)
         cls.client = sc.Client(cls.server.address, token="admin")
@@ -92,6 +95,9 @@ class TorchScriptContainment(Case):
     @classmethod
     def tearDownClass(cls):
         cls.client.close()
+
+
+class TorchScriptContainment(ServerCase):
 
     def assert_refused_upload(self, name, path, contains):
         e = self.refused(SC.INVALID_ARGUMENT, self.client.upload_file, name, path,
@@ -205,19 +211,10 @@ class SafeDefaults(Case):
             srv.terminate()
 
 
-class BoundedRequests(Case):
-    @classmethod
-    def setUpClass(cls):
-        # The largest message limit, so that a 1 GiB declared shape passes the size cap and the
-        # payload check alone must stop it.
-        cls.server = sc.Server(extra_args=["--max-message-bytes", str(2**31 - 1)])
-        SERVERS.append(cls.server)
-        cls.server.start(timeout=60)
-        cls.client = sc.Client(cls.server.address, token="admin")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+class BoundedRequests(ServerCase):
+    # The largest message limit, so that a 1 GiB declared shape passes the size cap and the
+    # payload check alone must stop it.
+    server_kw = {"extra_args": ["--max-message-bytes", str(2**31 - 1)]}
 
     def test_declared_gigabyte_input_allocates_nothing(self):
         c = self.client
@@ -266,20 +263,13 @@ class BoundedRequests(Case):
                      len(data), contains=["t7"])
 
 
-class Lifecycle(Case):
+class Lifecycle(ServerCase):
     @classmethod
     def setUpClass(cls):
-        cls.server = sc.Server()
-        SERVERS.append(cls.server)
-        cls.server.start(timeout=60)
-        cls.client = sc.Client(cls.server.address, token="admin")
+        super().setUpClass()
         cls.client.upload_file("benign", attack_file("benign.pt"), cls.client.p.q.TORCHSCRIPT,
                                inputs=[{"name": "input__0", "datatype": "FP32",
                                         "shape": [-1, 1, 8, 8]}])
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
 
     def index(self):
         resp = self.client.inference.RepositoryIndex(self.client.p.inf.RepositoryIndexRequest(),
@@ -447,17 +437,8 @@ class Lifecycle(Case):
         self.call(c.infer, "benign", np.zeros((1, 1, 8, 8), dtype=np.float32))
 
 
-class IdleStreams(Case):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = sc.Server(workers=1)
-        SERVERS.append(cls.server)
-        cls.server.start(timeout=60)
-        cls.client = sc.Client(cls.server.address, token="admin")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
+class IdleStreams(ServerCase):
+    server_kw = {"workers": 1}
 
     def test_idle_watch_streams_do_not_starve_inference(self):
         c = self.client
