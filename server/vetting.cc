@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -154,6 +155,10 @@ absl::StatusOr<TorchScriptVerdict> TorchScriptVetter::Run(const std::string& pat
   // child, and LibTorch runs one thread.
   std::vector<std::string> env = {"PATH=/usr/bin:/bin", "LC_ALL=C", "OMP_NUM_THREADS=1",
                                   "OPENBLAS_NUM_THREADS=1", "MKL_NUM_THREADS=1"};
+  // Sanitizer settings (suppressions, exit codes) apply to the child of a sanitizer build too.
+  for (const char* name : {"ASAN_OPTIONS", "TSAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS"}) {
+    if (const char* v = std::getenv(name)) env.push_back(absl::StrCat(name, "=", v));
+  }
   std::vector<char*> envp;
   for (std::string& e : env) envp.push_back(e.data());
   envp.push_back(nullptr);
