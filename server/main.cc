@@ -153,6 +153,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-concurrent-streams", c.max_concurrent_streams,
                  "concurrent calls per client connection (HTTP/2 max concurrent streams)")
       ->envname("FPXINT_MAX_CONCURRENT_STREAMS");
+  app.add_option("--max-uploads", c.max_uploads,
+                 "UploadModel calls at once; beyond, RESOURCE_EXHAUSTED")
+      ->envname("FPXINT_MAX_UPLOADS");
+  app.add_option("--max-downloads", c.max_downloads,
+                 "DownloadArtifact calls at once; beyond, RESOURCE_EXHAUSTED")
+      ->envname("FPXINT_MAX_DOWNLOADS");
+  app.add_option("--stream-idle-timeout", c.stream_idle_timeout_seconds,
+                 "seconds an upload or download may move no message before it is cancelled "
+                 "(DEADLINE_EXCEEDED), freeing its thread")
+      ->envname("FPXINT_STREAM_IDLE_TIMEOUT");
   app.add_option("--keepalive", c.keepalive_seconds,
                  "seconds between the server's keepalive pings on a connection")
       ->envname("FPXINT_KEEPALIVE");

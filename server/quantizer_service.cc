@@ -33,13 +33,18 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
                                            v1::Model* resp) {
   unsigned roles = 0;
   if (auto s = ctx_.Admit(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
+  auto lease = ctx_.uploads->Open(c);
+  if (!lease.ok()) return ToGrpcStatus(lease.status());
   UploadAssembler upload(ctx_.store, ctx_.upload_policy, (roles & kRoleAdmin) != 0);
   v1::UploadChunk chunk;
   while (reader->Read(&chunk)) {
+    (*lease)->Progress();
     if (auto s = upload.Add(chunk); !s.ok()) return ToGrpcStatus(s);
     ctx_.metrics->BytesUploaded(chunk.data().size());
   }
+  if ((*lease)->timed_out()) return ToGrpcStatus((*lease)->IdleError());
   if (c->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled");
+  lease->reset();  // the stream is over: vetting below does not count against the upload limit
   auto blob = upload.Finish([this](const std::string& sha) { DropIfUnreferenced(ctx_, sha); });
   if (!blob.ok()) return ToGrpcStatus(blob.status());
   const v1::UploadHeader& header = upload.header();
@@ -379,6 +384,8 @@ grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1
   if (chunk > (4u << 20)) {
     return ToGrpcStatus(absl::InvalidArgumentError("chunk_bytes: at most 4194304"));
   }
+  auto lease = ctx_.downloads->Open(c);
+  if (!lease.ok()) return ToGrpcStatus(lease.status());
   const std::string path = ctx_.store->PathOf(art.sha256());
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -402,9 +409,11 @@ grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1
     msg.set_offset(off);
     msg.set_data(buf);
     if (!writer->Write(msg)) {
-      result = grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      result = (*lease)->timed_out() ? ToGrpcStatus((*lease)->IdleError())
+                                     : grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
       break;
     }
+    (*lease)->Progress();
     off += buf.size();
   } while (off < art.size_bytes() && !c->IsCancelled());
   ::close(fd);

@@ -96,6 +96,11 @@ absl::Status ServerConfig::Validate() const {
     return bad("--max-rpc-threads", "accepted 8..4096");
   }
   if (grpc_memory_bytes < 0) return bad("--grpc-memory-bytes", "must be >= 0");
+  if (max_uploads < 1 || max_uploads > 4096) return bad("--max-uploads", "accepted 1..4096");
+  if (max_downloads < 1 || max_downloads > 4096) return bad("--max-downloads", "accepted 1..4096");
+  if (stream_idle_timeout_seconds < 1 || stream_idle_timeout_seconds > 86400) {
+    return bad("--stream-idle-timeout", "accepted 1..86400 seconds");
+  }
   if (max_concurrent_streams < 1 || max_concurrent_streams > 100000) {
     return bad("--max-concurrent-streams", "accepted 1..100000");
   }
@@ -117,6 +122,7 @@ struct Server::Impl {
   std::unique_ptr<Journal> journal;
   std::unique_ptr<core::ThreadPool> pool;
   std::unique_ptr<TorchScriptVetter> vetter;
+  std::unique_ptr<StreamGuard> uploads, downloads;
   std::unique_ptr<Repository> repo;
   std::unique_ptr<JobManager> jobs;
   Authorizer auth;
@@ -201,6 +207,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.repo = im->repo.get();
   sc.auth = &im->auth;
   sc.vetter = im->vetter.get();
+  im->uploads = std::make_unique<StreamGuard>("uploads", "--max-uploads", config.max_uploads,
+                                              absl::Seconds(config.stream_idle_timeout_seconds));
+  im->downloads = std::make_unique<StreamGuard>(
+      "downloads", "--max-downloads", config.max_downloads,
+      absl::Seconds(config.stream_idle_timeout_seconds));
+  sc.uploads = im->uploads.get();
+  sc.downloads = im->downloads.get();
   sc.metrics = &im->metrics;
   sc.upload_policy.max_upload_bytes = config.max_upload_bytes;
   sc.upload_policy.min_free_bytes = config.min_free_bytes;

@@ -49,6 +49,9 @@ struct ServerConfig {
   int max_rpc_threads = 256;                      // gRPC handler threads (resource quota)
   int64_t grpc_memory_bytes = 0;                  // gRPC buffer memory; 0: 16 x max_message_bytes
   int max_concurrent_streams = 200;               // per connection (HTTP/2 SETTINGS)
+  int max_uploads = 16;                           // UploadModel calls at once
+  int max_downloads = 32;                         // DownloadArtifact calls at once
+  double stream_idle_timeout_seconds = 60;        // an upload/download moving nothing is cancelled
   double keepalive_seconds = 60;                  // server pings idle connections this often
   double keepalive_timeout_seconds = 20;          // and closes them when unanswered
 

@@ -20,6 +20,7 @@
 #include "server/metrics.h"
 #include "server/repository.h"
 #include "server/store.h"
+#include "server/stream_guard.h"
 #include "server/validation.h"
 #include "server/vetting.h"
 
@@ -32,6 +33,8 @@ struct ServiceContext {
   Repository* repo = nullptr;
   const Authorizer* auth = nullptr;
   TorchScriptVetter* vetter = nullptr;  // every TorchScript upload is vetted before it is kept
+  StreamGuard* uploads = nullptr;       // concurrent UploadModel calls, idle timeout
+  StreamGuard* downloads = nullptr;     // concurrent DownloadArtifact calls, idle timeout
   Metrics* metrics = nullptr;  // always set by Server
   UploadPolicy upload_policy;
   std::atomic<bool>* ready = nullptr;  // false while starting and shutting down

@@ -15,6 +15,8 @@ r"""The trust boundary of fpxint-server, attacked through the real binary (docs/
     measured value and deploys nothing.
   * A deployment whose load never returned (the marker a crash leaves) is quarantined at the
     next start instead of being loaded again.
+  * An upload that sends its header and then nothing is cancelled after --stream-idle-timeout,
+    and at most --max-uploads run at once.
   * 300 idle WatchJob streams (more than the server's 256 handler threads) do not stop
     ModelInfer from answering: watches are on gRPC's callback API and hold no thread.
 
@@ -24,6 +26,7 @@ Run:
 """
 
 import concurrent.futures
+import threading
 import json
 import os
 import struct
@@ -435,6 +438,46 @@ class Lifecycle(ServerCase):
                   c.p.inf.RepositoryModelLoadRequest(model_name="benign"), metadata=c.md())
         self.assertEqual(self.index()[("benign", "1")][0], "READY")
         self.call(c.infer, "benign", np.zeros((1, 1, 8, 8), dtype=np.float32))
+
+
+class StalledStreams(ServerCase):
+    server_kw = {"extra_args": ["--stream-idle-timeout", "2", "--max-uploads", "2"]}
+
+    def stalled_upload(self, name, release):
+        """Starts an upload that sends its header, then nothing until `release` is set."""
+        c = self.client
+        data = sc.tiny_safetensors_bytes()
+
+        def chunks():
+            yield c.p.q.UploadChunk(header=c.p.q.UploadHeader(
+                name=name, format=c.p.q.SAFETENSORS, sha256=sc.sha256_bytes(data),
+                size_bytes=len(data)))
+            release.wait(60)
+
+        return c.quantizer.UploadModel.future(chunks(), metadata=c.md(), timeout=60)
+
+    def test_stalled_uploads_are_bounded_and_cancelled(self):
+        release = threading.Event()
+        try:
+            stalled = [self.stalled_upload(f"stalled{i}", release) for i in range(2)]
+            time.sleep(0.5)  # both streams are open on the server
+            data = sc.tiny_safetensors_bytes(seed=3)
+            self.refused(SC.RESOURCE_EXHAUSTED, self.client.upload_iter, "third",
+                         self.client.p.q.SAFETENSORS, sc.sha256_bytes(data), [data], len(data),
+                         contains=["--max-uploads"])
+            t0 = time.monotonic()
+            for f in stalled:
+                with self.assertRaises(grpc.RpcError) as cm:
+                    f.result(timeout=30)
+                self.assertIn(cm.exception.code(), (SC.CANCELLED, SC.DEADLINE_EXCEEDED))
+            print(f"\nstalled uploads cancelled after {time.monotonic() - t0:.1f} s",
+                  file=sys.stderr)
+            self.assertIn("--stream-idle-timeout", self.server.log_tail(50))
+            # Their slots are free again.
+            self.call(self.client.upload_iter, "after", self.client.p.q.SAFETENSORS,
+                      sc.sha256_bytes(data), [data], len(data))
+        finally:
+            release.set()
 
 
 class IdleStreams(ServerCase):
