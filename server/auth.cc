@@ -48,9 +48,9 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
     if (line.empty()) continue;
     std::vector<absl::string_view> parts =
         absl::StrSplit(line, absl::ByAnyChar(" \t"), absl::SkipEmpty());
-    if (parts.size() != 2) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("token file line ", line_no, ": expected '<token> <role>[,<role>...]'"));
+    if (parts.size() != 2 && parts.size() != 3) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token file line ", line_no, ": expected '<token> <role>[,<role>...] [name]'"));
     }
     if (parts[0].size() < 16) {
       return absl::InvalidArgumentError(
@@ -70,7 +70,9 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
                                                        "'; accepted: quantize, infer, admin"));
       }
     }
-    a.tokens_[TokenDigest(parts[0])] = roles;
+    const std::array<uint8_t, 32> digest = TokenDigest(parts[0]);
+    a.tokens_[digest] = roles;
+    a.names_[digest] = parts.size() == 3 ? std::string(parts[2]) : absl::StrCat("token#", line_no);
   }
   if (a.tokens_.empty()) {
     return absl::InvalidArgumentError(
@@ -82,6 +84,30 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
 absl::StatusOr<Authorizer> Authorizer::FromFile(const std::string& path) {
   FPX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(path, "--token-file"));
   return FromText(text);
+}
+
+bool Authorizer::Presented(const grpc::ServerContextBase* ctx,
+                           std::array<uint8_t, 32>* digest) const {
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) return false;
+  absl::string_view value(it->second.data(), it->second.size());
+  if (!absl::ConsumePrefix(&value, "Bearer ") && !absl::ConsumePrefix(&value, "bearer ")) {
+    return false;
+  }
+  *digest = TokenDigest(value);
+  return true;
+}
+
+std::string Authorizer::CallerName(const grpc::ServerContextBase* ctx) const {
+  if (open()) return "anonymous";
+  std::array<uint8_t, 32> presented;
+  if (!Presented(ctx, &presented)) return "";
+  std::string name;
+  for (const auto& [digest, n] : names_) {  // every entry compared, as in Check
+    if (SameDigest(digest, presented)) name = n;
+  }
+  return name;
 }
 
 absl::Status Authorizer::Check(const grpc::ServerContextBase* ctx, Role role,

@@ -2,7 +2,10 @@
 //
 // Bearer-token authorization with roles. The token file has one token per line:
 //
-//   <token> <role>[,<role>...]     # comment
+//   <token> <role>[,<role>...] [name]     # comment
+//
+// The optional name identifies the caller in model records and upload quotas (default
+// "token#<line>"; never the token itself).
 //
 // Roles: quantize (the Quantizer service, and serving an upload through RepositoryModelLoad),
 // infer (inference, repository and statistics RPCs), admin (everything, and what the operator
@@ -38,12 +41,18 @@ class Authorizer {
   // *roles (if non-null) receives the caller's roles.
   absl::Status Check(const grpc::ServerContextBase* ctx, Role role,
                      unsigned* roles = nullptr) const;
+  // The caller's name: the token's name, or "anonymous" on an open server ("" when the token is
+  // missing or unknown). Call after Check has succeeded.
+  std::string CallerName(const grpc::ServerContextBase* ctx) const;
 
  private:
   // SHA-256 of each token -> its roles: a presented token is hashed once and compared with every
   // digest in constant time, so neither the time of a failed check nor its length says anything
   // about the tokens (which are never kept or logged in clear after loading).
   std::map<std::array<uint8_t, 32>, unsigned> tokens_;
+  std::map<std::array<uint8_t, 32>, std::string> names_;
+  // The digest of the presented bearer token; false when there is none.
+  bool Presented(const grpc::ServerContextBase* ctx, std::array<uint8_t, 32>* digest) const;
 };
 
 }  // namespace fpxint::server

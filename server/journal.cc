@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 
 namespace fpxint::server {
 namespace {
@@ -195,6 +196,15 @@ absl::StatusOr<std::vector<v1::Model>> Journal::ListModels() {
   absl::MutexLock l(&mu_);
   Stmt st(db_, "SELECT record FROM models ORDER BY name");
   return Collect<v1::Model>(st);
+}
+
+absl::StatusOr<uint64_t> Journal::UploadedBytesBy(const std::string& owner) {
+  FPX_ASSIGN_OR_RETURN(std::vector<v1::Model> all, ListModels());
+  uint64_t total = 0;
+  for (const v1::Model& m : all) {
+    if (m.owner() == owner) total += m.size_bytes();
+  }
+  return total;
 }
 
 absl::Status Journal::DeleteModel(const std::string& name) {

@@ -44,6 +44,8 @@ class Journal {
   absl::Status PutModel(const v1::Model& m);
   absl::StatusOr<std::optional<v1::Model>> GetModel(const std::string& name);
   absl::StatusOr<std::vector<v1::Model>> ListModels();
+  // The bytes of every model whose owner is `owner` (upload quotas).
+  absl::StatusOr<uint64_t> UploadedBytesBy(const std::string& owner);
   absl::Status DeleteModel(const std::string& name);
 
   // Jobs, keyed by job_id; the artifacts of a job are indexed by artifact_id too.

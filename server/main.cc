@@ -63,6 +63,10 @@ int main(int argc, char** argv) {
                  "free bytes the data directory keeps: an upload that would leave less answers "
                  "RESOURCE_EXHAUSTED with both figures (0: no floor)")
       ->envname("FPXINT_MIN_FREE_BYTES");
+  app.add_option("--upload-quota-bytes", c.upload_quota_bytes,
+                 "bytes the uploads of one caller (token; everyone together on a server without "
+                 "tokens) may hold; beyond, RESOURCE_EXHAUSTED with the figures (0: no quota)")
+      ->envname("FPXINT_UPLOAD_QUOTA_BYTES");
   app.add_option("--orphan-min-age", c.orphan_min_age_seconds,
                  "at start, blobs no record references and older than this many seconds are "
                  "removed")

@@ -35,7 +35,14 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   if (auto s = ctx_.Admit(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
   auto lease = ctx_.uploads->Open(c);
   if (!lease.ok()) return ToGrpcStatus(lease.status());
-  UploadAssembler upload(ctx_.store, ctx_.upload_policy, (roles & kRoleAdmin) != 0);
+  const std::string owner = ctx_.auth->CallerName(c);
+  UploadPolicy policy = ctx_.upload_policy;
+  if (policy.quota_bytes > 0) {
+    auto used = ctx_.journal->UploadedBytesBy(owner);
+    if (!used.ok()) return ToGrpcStatus(used.status());
+    policy.quota_used = *used;
+  }
+  UploadAssembler upload(ctx_.store, policy, (roles & kRoleAdmin) != 0);
   v1::UploadChunk chunk;
   while (reader->Read(&chunk)) {
     (*lease)->Progress();
@@ -82,6 +89,7 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   m.set_sha256(blob->sha256);
   m.set_size_bytes(blob->size);
   m.set_created_unix_ms(NowUnixMs());
+  m.set_owner(owner);
   *m.mutable_inputs() = header.inputs();
   if (auto s = ctx_.journal->PutModel(m); !s.ok()) return ToGrpcStatus(s);
   LogInfo(absl::StrCat("model '", m.name(), "' uploaded: ", v1::ModelFormat_Name(m.format()), ", ",

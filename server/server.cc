@@ -217,6 +217,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.metrics = &im->metrics;
   sc.upload_policy.max_upload_bytes = config.max_upload_bytes;
   sc.upload_policy.min_free_bytes = config.min_free_bytes;
+  sc.upload_policy.quota_bytes = config.upload_quota_bytes;
   sc.upload_policy.torchscript = config.allow_torchscript_uploads == "none" ? TorchScriptUploads::kNone
                            : config.allow_torchscript_uploads == "admin"
                                ? TorchScriptUploads::kAdmin

@@ -25,6 +25,7 @@ struct ServerConfig {
   int queue_limit = 64;                           // queued jobs before RESOURCE_EXHAUSTED
   uint64_t max_upload_bytes = uint64_t{4} << 30;  // per upload
   uint64_t min_free_bytes = 0;                    // free space uploads must leave; 0: no floor
+  uint64_t upload_quota_bytes = 0;                // bytes one caller's uploads may hold; 0: none
   double orphan_min_age_seconds = 3600;           // unreferenced blobs older than this are swept
   double retain_jobs_days = 0;                    // finished jobs older than this are deleted; 0: kept
   uint64_t job_memory_limit = 0;                  // bytes a job may plan to hold; 0: no limit

@@ -26,6 +26,7 @@ absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
     header_ = chunk.header();
     if (absl::Status s = CheckUploadHeader(header_, policy_, is_admin_); !s.ok()) return s;
     if (absl::Status s = CheckFreeSpace(header_.size_bytes()); !s.ok()) return s;
+    if (absl::Status s = CheckQuota(header_.size_bytes()); !s.ok()) return s;
     auto w = store_->NewWriter(policy_.max_upload_bytes);
     if (!w.ok()) return w.status();
     writer_ = std::move(*w);
@@ -36,12 +37,23 @@ absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
         absl::StrCat("message ", index, ": `header` is allowed in the first message only"));
   }
   const uint64_t before = writer_->bytes_written();
+  if (absl::Status s = CheckQuota(before + chunk.data().size()); !s.ok()) return s;
   if (absl::Status s = writer_->Append(chunk.data()); !s.ok()) return s;
   constexpr uint64_t kCheckEvery = 16 << 20;
   if (policy_.min_free_bytes > 0 && before / kCheckEvery != writer_->bytes_written() / kCheckEvery) {
     return CheckFreeSpace(0);
   }
   return absl::OkStatus();
+}
+
+absl::Status UploadAssembler::CheckQuota(uint64_t upload_bytes) const {
+  if (policy_.quota_bytes == 0 || policy_.quota_used + upload_bytes <= policy_.quota_bytes) {
+    return absl::OkStatus();
+  }
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "this caller's uploads hold ", policy_.quota_used, " bytes and this one ",
+      upload_bytes, " more; the quota per caller is ", policy_.quota_bytes,
+      " bytes (--upload-quota-bytes): delete models (DeleteModel) or ask the operator"));
 }
 
 absl::Status UploadAssembler::CheckFreeSpace(uint64_t still_to_write) const {

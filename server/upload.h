@@ -35,6 +35,9 @@ class UploadAssembler {
   // ResourceExhausted with both figures when writing `still_to_write` more bytes would leave
   // less than policy.min_free_bytes free.
   absl::Status CheckFreeSpace(uint64_t still_to_write) const;
+  // ResourceExhausted with the figures when an upload of `upload_bytes` would take the caller
+  // past policy.quota_bytes.
+  absl::Status CheckQuota(uint64_t upload_bytes) const;
   uint64_t bytes() const;
 
  private:

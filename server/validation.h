@@ -29,6 +29,10 @@ struct UploadPolicy {
   // Free bytes the data directory keeps: an upload that would leave less is RESOURCE_EXHAUSTED
   // (checked at the header, against its declared size, and every 16 MiB). 0: no floor.
   uint64_t min_free_bytes = 0;
+  // Bytes one caller's uploads may hold together (--upload-quota-bytes; 0: no quota), and what
+  // this caller's uploads already hold (filled per call).
+  uint64_t quota_bytes = 0;
+  uint64_t quota_used = 0;
   TorchScriptUploads torchscript = TorchScriptUploads::kAll;
 };
 

@@ -15,6 +15,7 @@ r"""The trust boundary of fpxint-server, attacked through the real binary (docs/
     measured value and deploys nothing.
   * A deployment whose load never returned (the marker a crash leaves) is quarantined at the
     next start instead of being loaded again.
+  * Uploads count against a per-caller quota (--upload-quota-bytes) and a free-space floor.
   * An upload that sends its header and then nothing is cancelled after --stream-idle-timeout,
     and at most --max-uploads run at once.
   * 300 idle WatchJob streams (more than the server's 256 handler threads) do not stop
@@ -375,6 +376,32 @@ class Lifecycle(ServerCase):
             self.assertIn(str(1 << 60), e.details())
             self.assertIn("bytes free", e.details())
             self.assertEqual(c.list_models(), [])
+        finally:
+            c.close()
+            srv.terminate()
+
+    def test_upload_quota_is_per_caller_with_the_figures(self):
+        one = len(sc.tiny_safetensors_bytes(seed=21))
+        srv = sc.Server(extra_args=["--upload-quota-bytes", str(one + one // 2)])
+        SERVERS.append(srv)
+        srv.start(timeout=60)
+        c = sc.Client(srv.address, token="quantize")
+        try:
+            def up(name, seed, token):
+                data = sc.tiny_safetensors_bytes(seed=seed)
+                return c.upload_iter(name, c.p.q.SAFETENSORS, sc.sha256_bytes(data), [data],
+                                     len(data), token=token)
+            first = self.call(up, "q1", 21, "quantize")
+            self.assertTrue(first.owner.startswith("token#"), first.owner)
+            e = self.refused(SC.RESOURCE_EXHAUSTED, up, "q2", 22, "quantize",
+                             contains=["--upload-quota-bytes"])
+            self.assertIn(f"hold {one} bytes", e.details())
+            # Another token has its own quota.
+            other = self.call(up, "q3", 23, "admin")
+            self.assertNotEqual(other.owner, first.owner)
+            # Deleting frees the quota.
+            self.call(c.delete_model, "q1", token="quantize")
+            self.call(up, "q2", 22, "quantize")
         finally:
             c.close()
             srv.terminate()
