@@ -43,7 +43,10 @@ void AddTerms(const std::vector<core::TermError>& errors, v1::LayerResult* l) {
 // What an expansion holds at its peak, from the shapes alone. Tensors are expanded one at a time
 // and their packed terms spilled to disk before the next (core/artifact.h), so a TENSOR job
 // holds the largest tensor's K packed terms and scales, plus an fp64 copy of it when it has one
-// scale per tensor (channel and group scales stream row by row). LAYER and MODEL jobs keep every
+// scale per tensor (channel and group scales stream row by row). A torch.save file's views that
+// are not contiguous in their storage (transposed, strided, broadcast, or one storage under
+// many names) are copied out together before the expansion starts: their bytes add to it. LAYER
+// and MODEL jobs keep every
 // layer's terms (for the probe and the exports) and the network in LibTorch: counted as three
 // times the TorchScript file (the module, its frozen copy, the layers' FP copies).
 struct MemoryNeed {
@@ -90,6 +93,18 @@ absl::StatusOr<MemoryNeed> TensorJobNeed(const std::string& source, v1::ModelFor
   if (format == v1::TORCH_STATE_DICT) {
     FPX_ASSIGN_OR_RETURN(auto sd, core::TorchStateDict::Open(source));
     for (const core::StateDictTensor& t : sd->tensors()) add(t.name, t.dtype, t.shape);
+    uint64_t copies = 0;
+    int copied = 0;
+    for (const core::StateDictTensor& t : sd->tensors()) {
+      if (t.contiguous()) continue;
+      copies += static_cast<uint64_t>(t.numel()) * core::DTypeSize(t.dtype);
+      ++copied;
+    }
+    if (copies > 0) {
+      need.bytes += copies;
+      need.largest = absl::StrCat(need.largest, need.largest.empty() ? "" : ", and ", copied,
+                                  " non-contiguous view(s) copied out, ", MiB(copies));
+    }
   } else {
     FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(source));
     for (const core::TensorInfo& t : reader->tensors()) add(t.name, t.dtype, t.shape);

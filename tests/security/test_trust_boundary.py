@@ -15,6 +15,8 @@ r"""The trust boundary of fpxint-server, attacked through the real binary (docs/
     measured value and deploys nothing.
   * A deployment whose load never returned (the marker a crash leaves) is quarantined at the
     next start instead of being loaded again.
+  * A torch.save file whose one storage appears under many names is bounded by the reader and
+    counted in full by the job memory estimate.
   * Uploads count against a per-caller quota (--upload-quota-bytes) and a free-space floor.
   * An upload that sends its header and then nothing is cancelled after --stream-idle-timeout,
     and at most --max-uploads run at once.
@@ -402,6 +404,28 @@ class Lifecycle(ServerCase):
             # Deleting frees the quota.
             self.call(c.delete_model, "q1", token="quantize")
             self.call(up, "q2", 22, "quantize")
+        finally:
+            c.close()
+            srv.terminate()
+
+    def test_job_memory_counts_every_view_copied_out(self):
+        # One 256x256 storage under 50 transposed names: 13 MiB once copied out, from a 256 KiB
+        # file. The estimate used to count only the largest tensor's terms.
+        import torch  # Debian's python3-torch
+        path = os.path.join(tempfile.mkdtemp(prefix="fpxint-views-"), "views.pt")
+        w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+        torch.save({f"v{i}": w.t() for i in range(50)}, path)
+        srv = sc.Server(extra_args=["--job-memory-limit", str(8 << 20)])
+        SERVERS.append(srv)
+        srv.start(timeout=60)
+        c = sc.Client(srv.address, token="admin")
+        try:
+            self.call(c.upload_file, "views", path, c.p.q.TORCH_STATE_DICT)
+            job = self.call(c.submit, c.job_spec("views", "TENSOR"))
+            done = c.wait_state(job.job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), timeout=120)
+            self.assertEqual(c.state_name(done.state), "FAILED")
+            self.assertIn("non-contiguous view", done.error)
+            self.assertIn("--job-memory-limit", done.error)
         finally:
             c.close()
             srv.terminate()
