@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdlib>
 
+#include "absl/container/flat_hash_set.h"
+#include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -46,9 +48,52 @@ const char* JsonValue::KindName(Kind k) {
   return "?";
 }
 
+namespace {
+
+using Members = std::vector<std::pair<std::string, JsonValue>>;
+
+// Tells whether the key of an object's newest member repeats an earlier one: a scan while the
+// object is small, then a hash set of member indices (hashed by key, so it needs no copy of the
+// keys and survives the vector growing), in expected O(1) per key.
+class DuplicateKeys {
+ public:
+  explicit DuplicateKeys(const Members* members)
+      : members_(members), set_(0, Hash{members}, Eq{members}) {}
+
+  bool LastIsDuplicate() {
+    const Members& m = *members_;
+    const size_t last = m.size() - 1;
+    if (m.size() <= kScanUpTo) {
+      for (size_t i = 0; i < last; ++i) {
+        if (m[i].first == m[last].first) return true;
+      }
+      return false;
+    }
+    if (set_.empty()) {
+      for (size_t i = 0; i < last; ++i) set_.insert(i);
+    }
+    return !set_.insert(last).second;
+  }
+
+ private:
+  static constexpr size_t kScanUpTo = 8;
+  struct Hash {
+    const Members* m;
+    size_t operator()(size_t i) const { return absl::Hash<absl::string_view>()((*m)[i].first); }
+  };
+  struct Eq {
+    const Members* m;
+    bool operator()(size_t a, size_t b) const { return (*m)[a].first == (*m)[b].first; }
+  };
+  const Members* members_;
+  absl::flat_hash_set<size_t, Hash, Eq> set_;
+};
+
+}  // namespace
+
 class JsonParser {
  public:
-  JsonParser(absl::string_view text, int max_depth) : s_(text), max_depth_(max_depth) {}
+  JsonParser(absl::string_view text, const JsonLimits& limits) : s_(text), limits_(limits) {}
 
   absl::StatusOr<JsonValue> Parse() {
     JsonValue v;
@@ -76,7 +121,7 @@ class JsonParser {
   }
 
   absl::Status ParseValue(JsonValue* v, int depth) {
-    if (depth > max_depth_) return Error("nesting too deep");
+    if (depth > limits_.max_depth) return Error("nesting too deep");
     if (pos_ >= s_.size()) return Error("unexpected end of input");
     const char c = s_[pos_];
     if (c == '{') return ParseObject(v, depth);
@@ -107,21 +152,29 @@ class JsonParser {
       ++pos_;
       return absl::OkStatus();
     }
+    Members& members = v->object_;
+    DuplicateKeys duplicates(&members);
     while (true) {
       SkipWs();
+      // Another member follows (or the document is invalid): stop here when it is one too many.
+      if (members.size() >= limits_.max_members) {
+        return absl::ResourceExhaustedError(absl::StrCat("JSON: an object with more than ",
+                                                         limits_.max_members,
+                                                         " members (the limit) at byte ", pos_));
+      }
       if (pos_ >= s_.size() || s_[pos_] != '"') return Error("expected a string key");
-      std::string key;
+      members.emplace_back();
+      std::string& key = members.back().first;
       if (absl::Status st = ParseString(&key); !st.ok()) return st;
-      for (const auto& member : v->object_) {
-        if (member.first == key) return Error(absl::StrCat("duplicate key \"", key, "\""));
+      if (duplicates.LastIsDuplicate()) {
+        return Error(absl::StrCat("duplicate key \"", key, "\""));
       }
       SkipWs();
       if (pos_ >= s_.size() || s_[pos_] != ':') return Error("expected ':'");
       ++pos_;
       SkipWs();
-      JsonValue child;
-      if (absl::Status st = ParseValue(&child, depth + 1); !st.ok()) return st;
-      v->object_.emplace_back(std::move(key), std::move(child));
+      // (The member's value is parsed in place: nothing else touches `members` meanwhile.)
+      if (absl::Status st = ParseValue(&members.back().second, depth + 1); !st.ok()) return st;
       SkipWs();
       if (pos_ >= s_.size()) return Error("unterminated object");
       if (s_[pos_] == ',') {
@@ -273,11 +326,17 @@ class JsonParser {
 
   absl::string_view s_;
   size_t pos_ = 0;
-  int max_depth_;
+  const JsonLimits& limits_;
 };
 
+absl::StatusOr<JsonValue> ParseJson(absl::string_view text, const JsonLimits& limits) {
+  return JsonParser(text, limits).Parse();
+}
+
 absl::StatusOr<JsonValue> ParseJson(absl::string_view text, int max_depth) {
-  return JsonParser(text, max_depth).Parse();
+  JsonLimits limits;
+  limits.max_depth = max_depth;
+  return ParseJson(text, limits);
 }
 
 void AppendJsonString(std::string* out, absl::string_view s) {

@@ -1,9 +1,10 @@
 // File: core/json.h
 //
 // A small, strict JSON (RFC 8259) parser and writer for untrusted headers (safetensors) and for
-// reports. The parser bounds nesting depth, rejects duplicate object keys, trailing garbage,
-// invalid UTF-8 escapes and control characters, and keeps numbers as their lexemes so that 64-bit
-// integers (tensor offsets) are read exactly.
+// reports. The parser runs in linear time (duplicate keys are found by hashing), bounds nesting
+// depth and, when asked, the members of each object (stopping at the first one past the bound),
+// rejects duplicate object keys, trailing garbage, invalid UTF-8 escapes and control characters,
+// and keeps numbers as their lexemes so that 64-bit integers (tensor offsets) are read exactly.
 //
 // Example:
 //   FPX_ASSIGN_OR_RETURN(JsonValue v, ParseJson(text));
@@ -11,7 +12,9 @@
 #ifndef FPXINT_CORE_JSON_H_
 #define FPXINT_CORE_JSON_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -60,8 +63,19 @@ class JsonValue {
   std::vector<std::pair<std::string, JsonValue>> object_;
 };
 
+// What ParseJson accepts of a document.
+struct JsonLimits {
+  int max_depth = 64;  // nesting of arrays and objects
+  // Members of any one object. Checked where each member begins (after the comma), so a
+  // caller's limit on entries (safetensors: tensors) stops the parser at the first member past it
+  // rather than after the whole document.
+  size_t max_members = std::numeric_limits<size_t>::max();
+};
+
 // Parses a complete document (surrounding whitespace allowed). InvalidArgument names the byte
-// offset and the problem.
+// offset and the problem; ResourceExhausted means an object has more than limits.max_members
+// members (the message names the bound and the offset where reading stopped).
+absl::StatusOr<JsonValue> ParseJson(absl::string_view text, const JsonLimits& limits);
 absl::StatusOr<JsonValue> ParseJson(absl::string_view text, int max_depth = 64);
 
 // Appends `s` as a quoted JSON string to `out` (escapes quotes, backslashes, control chars).

@@ -1,5 +1,8 @@
 #include "core/json.h"
 
+#include <string>
+
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace fpxint::core {
@@ -42,6 +45,49 @@ TEST(Json, DepthIsBounded) {
   EXPECT_FALSE(ParseJson(deep, 64).ok());
   EXPECT_TRUE(ParseJson(deep, 128).ok());
   EXPECT_NE(ParseJson(std::string(100000, '[')).status().message().find("too deep"),
+            std::string::npos);
+}
+
+// Objects past the hash threshold: duplicates are found wherever they are, short keys (stored
+// inline in std::string) and long ones alike, and keys that differ only late are distinct.
+TEST(Json, FindsDuplicateKeysAmongManyMembers) {
+  const std::string long_prefix(40, 'p');
+  std::string doc = "{";
+  for (int i = 0; i < 5000; ++i) {
+    absl::StrAppend(&doc, i ? "," : "", "\"", i % 2 ? long_prefix : "", i, "\":", i);
+  }
+  absl::StatusOr<JsonValue> v = ParseJson(doc + "}");
+  ASSERT_TRUE(v.ok()) << v.status();
+  ASSERT_EQ(v->object().size(), 5000u);
+  EXPECT_EQ(v->Find(absl::StrCat(long_prefix, 4999))->str(), "4999");
+  for (const std::string& dup : {std::string("7"), std::string("0"), long_prefix + "4999"}) {
+    // ("7" is an odd index, so without the prefix it is new; "0" and the long key repeat.)
+    absl::StatusOr<JsonValue> d = ParseJson(absl::StrCat(doc, ",\"", dup, "\":1}"));
+    if (dup == "7") {
+      EXPECT_TRUE(d.ok()) << d.status();
+    } else {
+      EXPECT_NE(d.status().message().find(absl::StrCat("duplicate key \"", dup, "\"")),
+                std::string::npos)
+          << d.status();
+    }
+  }
+  EXPECT_FALSE(ParseJson(R"({"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"g":7,"h":8,"i":9,"a":0})").ok());
+}
+
+// max_members bounds every object and stops the parser at the first key past it.
+TEST(Json, StopsAtTheMemberLimit) {
+  JsonLimits limits;
+  limits.max_members = 3;
+  EXPECT_TRUE(ParseJson(R"({"a":1,"b":{"x":1,"y":2,"z":3},"c":3})", limits).ok());
+  for (const char* doc : {R"({"a":1,"b":2,"c":3,"d":4})", R"({"a":{"w":0,"x":1,"y":2,"z":3}})",
+                          R"({"a":1,"b":2,"c":3,"d" and then anything)",
+                          R"({"a":1,"b":2,"c":3, and then anything)"}) {
+    absl::StatusOr<JsonValue> v = ParseJson(doc, limits);
+    EXPECT_EQ(v.status().code(), absl::StatusCode::kResourceExhausted) << doc << ": " << v.status();
+    EXPECT_NE(v.status().message().find("more than 3 members"), std::string::npos) << v.status();
+  }
+  limits.max_depth = 1;
+  EXPECT_NE(ParseJson(R"({"a":{"b":[]}})", limits).status().message().find("too deep"),
             std::string::npos);
 }
 

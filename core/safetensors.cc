@@ -101,15 +101,27 @@ absl::Status SafetensorsReader::Parse(const SafetensorsLimits& limits) {
   header_len_ = n;
   const absl::string_view header(reinterpret_cast<const char*>(bytes_.data() + 8), n);
   if (header[0] != '{') return Bad("header does not start with '{'");
-  absl::StatusOr<JsonValue> json = ParseJson(header, /*max_depth=*/8);
+  JsonLimits json_limits;
+  json_limits.max_depth = 8;
+  // The tensors and "__metadata__" (whose own entries are bounded alike). The parser stops at the
+  // first entry past the limit, so a header of millions of keys costs no more than the limit.
+  json_limits.max_members =
+      limits.max_tensors < SIZE_MAX ? limits.max_tensors + 1 : limits.max_tensors;
+  absl::StatusOr<JsonValue> json = ParseJson(header, json_limits);
+  if (json.status().code() == absl::StatusCode::kResourceExhausted) {
+    return Bad(absl::StrCat("header lists more than ", limits.max_tensors,
+                            " tensors (or __metadata__ entries); the limit is ",
+                            limits.max_tensors, "; reading stopped there (",
+                            json.status().message(), ")"));
+  }
   if (!json.ok()) return Bad(absl::StrCat("header is not valid JSON: ", json.status().message()));
   if (!json->is_object()) return Bad("header is not a JSON object");
   data_ = bytes_.subspan(8 + n);
   const uint64_t data_len = data_.size();
-
-  if (json->object().size() > limits.max_tensors + 1) {
-    return Bad(absl::StrCat("header lists ", json->object().size(), " entries; limit is ",
-                            limits.max_tensors));
+  const size_t tensors = json->object().size() - (json->Find("__metadata__") != nullptr ? 1 : 0);
+  if (tensors > limits.max_tensors) {
+    return Bad(
+        absl::StrCat("header lists ", tensors, " tensors; the limit is ", limits.max_tensors));
   }
   for (const auto& [name, entry] : json->object()) {
     if (name == "__metadata__") {

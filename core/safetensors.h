@@ -10,9 +10,10 @@
 //   [8+N, EOF)      data section; offsets are relative to its start.
 //
 // The reader trusts nothing: it checks the header length against a limit and the file size,
-// parses the JSON strictly, and checks every dtype, shape (rank, overflow), offset pair
-// (order, bounds, size = numel * itemsize), and that the tensors tile the data section exactly
-// (no overlap, no gap, no trailing bytes), as the reference implementation requires. Every error
+// parses the JSON strictly and in linear time, stopping at the first entry past the tensor limit,
+// and checks every dtype, shape (rank, overflow), offset pair (order, bounds, size = numel *
+// itemsize), and that the tensors tile the data section exactly (no overlap, no gap, no trailing
+// bytes), as the reference implementation requires. Every error
 // is InvalidArgument and names the tensor and field at fault; I/O errors are NotFound /
 // PermissionDenied / Internal.
 #ifndef FPXINT_CORE_SAFETENSORS_H_
@@ -48,6 +49,7 @@ struct TensorInfo {
 struct SafetensorsLimits {
   uint64_t max_header_bytes = 100ull << 20;  // the reference implementation's limit
   int max_rank = 16;
+  // Entries of the header (and of "__metadata__"); reading stops at the first one past it.
   size_t max_tensors = 1u << 20;
 };
 

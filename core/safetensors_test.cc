@@ -23,8 +23,8 @@ std::vector<uint8_t> RawFile(const std::string& header, size_t data_bytes, uint6
   return f;
 }
 
-std::string ErrorOf(const std::vector<uint8_t>& f) {
-  absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = SafetensorsReader::FromBuffer(f);
+std::string ErrorOf(const std::vector<uint8_t>& f, const SafetensorsLimits& limits = {}) {
+  absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = SafetensorsReader::FromBuffer(f, limits);
   if (r.ok()) return "";
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   return std::string(r.status().message());
@@ -135,6 +135,53 @@ TEST(Safetensors, RandomMutationsNeverCrash) {
     }
   }
   EXPECT_GT(rejected, 10000);
+}
+
+constexpr char kEmptyTensor[] = R"({"dtype":"F32","shape":[0],"data_offsets":[0,0]})";
+
+// A header listing `n` empty tensors "t0", "t1", ... (kEmptyTensor), without the closing brace.
+std::string EmptyTensorsHeader(size_t n) {
+  std::string h = "{";
+  for (size_t i = 0; i < n; ++i) absl::StrAppend(&h, i ? "," : "", "\"t", i, "\":", kEmptyTensor);
+  return h;
+}
+
+// The header is read only up to the tensor limit: one tensor too many followed by bytes that are
+// not JSON is refused for the count, so nothing past the limit was parsed.
+TEST(Safetensors, StopsReadingTheHeaderAtTheTensorLimit) {
+  SafetensorsLimits limits;
+  limits.max_tensors = 1000;
+  const std::string at_limit = EmptyTensorsHeader(1000);
+  auto read = [&](const std::string& header) {
+    return SafetensorsReader::FromBuffer(RawFile(header, 0), limits);
+  };
+  absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = read(at_limit + "}");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->tensors().size(), 1000u);
+  r = read(at_limit + ",\"__metadata__\":{\"k\":\"v\"}}");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_NE(ErrorOf(RawFile(EmptyTensorsHeader(1001) + "}", 0), limits)
+                .find("header lists 1001 tensors; the limit is 1000"),
+            std::string::npos);
+  r = read(EmptyTensorsHeader(1001) + ", and then no JSON at all");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  const std::string err(r.status().message());
+  EXPECT_NE(err.find("more than 1000 tensors"), std::string::npos) << err;
+  EXPECT_EQ(err.find("not valid JSON"), std::string::npos) << err;
+}
+
+// Under the production limits a header of 200000 tensors is read (each key checked against the
+// others for duplicates, in linear time), and a duplicate among them is found.
+TEST(Safetensors, ReadsTwoHundredThousandTensorsAndFindsADuplicateAmongThem) {
+  const std::string header = EmptyTensorsHeader(200000);
+  const std::vector<uint8_t> ok = RawFile(header + "}", 0);
+  absl::StatusOr<std::unique_ptr<SafetensorsReader>> r = SafetensorsReader::FromBuffer(ok);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*r)->tensors().size(), 200000u);
+  EXPECT_NE((*r)->Find("t199999"), nullptr);
+  const std::string dup = absl::StrCat(header, ",\"t123456\":", kEmptyTensor, "}");
+  EXPECT_NE(ErrorOf(RawFile(dup, 0)).find("duplicate key \"t123456\""), std::string::npos);
 }
 
 TEST(Safetensors, WriterRejectsBadTensorsAndIoErrors) {

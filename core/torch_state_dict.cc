@@ -120,6 +120,23 @@ absl::StatusOr<std::vector<ZipEntry>> ReadZip(absl::Span<const uint8_t> f,
     out.push_back({std::move(name), f.subspan(begin, csize), stored});
     at += 46 + name_len + extra_len + comment_len;
   }
+  // No two entries may share bytes (torch.save writes them one after the other): the storages'
+  // bytes then add up to at most the file's size, and they bound the tensors (Collector).
+  std::vector<const ZipEntry*> by_begin;
+  by_begin.reserve(out.size());
+  for (const ZipEntry& z : out) {
+    if (!z.data.empty()) by_begin.push_back(&z);
+  }
+  std::sort(by_begin.begin(), by_begin.end(), [](const ZipEntry* a, const ZipEntry* b) {
+    return a->data.data() < b->data.data();
+  });
+  for (size_t i = 1; i < by_begin.size(); ++i) {
+    const ZipEntry& prev = *by_begin[i - 1];
+    if (by_begin[i]->data.data() < prev.data.data() + prev.data.size()) {
+      return Bad(absl::StrCat("'", by_begin[i]->name, "': its bytes overlap those of '", prev.name,
+                              "' (zip entries may not share bytes)"));
+    }
+  }
   return out;
 }
 
@@ -173,6 +190,7 @@ const char* KindName(Value::Kind k) {
 }
 
 struct StorageRec {
+  std::string key;  // the name of its entry under data/
   DType dtype;
   absl::Span<const uint8_t> bytes;
   int64_t numel;
@@ -182,6 +200,7 @@ struct TensorRec {
   int storage;
   int64_t offset;
   std::vector<int64_t> shape, stride;
+  uint64_t numel = 0;  // the product of shape, checked (at most the storage's, or a broadcast)
 };
 
 bool StorageDType(absl::string_view cls, DType* out) {
@@ -351,7 +370,7 @@ absl::StatusOr<Value> Unpickler::PersistentLoad(const Value& pid) {
     return Err(absl::StrCat("storage '", key, "' claims ", numel, " elements of ", item,
                             " bytes but its entry holds ", bytes.size(), " bytes"));
   }
-  storages.push_back({dt, bytes.subspan(0, numel * item), static_cast<int64_t>(numel)});
+  storages.push_back({key, dt, bytes.subspan(0, numel * item), static_cast<int64_t>(numel)});
   storage_by_key_[key] = static_cast<int>(storages.size() - 1);
   Value v;
   v.kind = Value::kStorage;
@@ -423,6 +442,7 @@ absl::StatusOr<Value> Unpickler::Reduce(const Value& fn, const Value& args) {
                               " (views larger than their storage are accepted up to ",
                               limits_.max_broadcast_bytes, " bytes; save it with .contiguous())"));
     }
+    t.numel = numel;
     tensors.push_back(std::move(t));
     Value v;
     v.kind = Value::kTensor;
@@ -670,12 +690,34 @@ absl::StatusOr<Value> Unpickler::Run() {
   return Err("no STOP opcode");
 }
 
+// a * b, or UINT64_MAX when that overflows.
+uint64_t SaturatingMul(uint64_t a, uint64_t b) {
+  return b != 0 && a > UINT64_MAX / b ? UINT64_MAX : a * b;
+}
+uint64_t SaturatingAdd(uint64_t a, uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
+
+// A tensor's name for an error message: long ones (up to 4 KiB) are cut.
+std::string Shown(const std::string& name) {
+  constexpr size_t kShown = 120;
+  if (name.size() <= kShown) return name;
+  return absl::StrCat(name.substr(0, kShown), "... (", name.size(), " bytes)");
+}
+
 // Walks the unpickled value and names every tensor.
 class Collector {
  public:
   Collector(const Unpickler& u, const StateDictLimits& limits,
             std::vector<StateDictTensor>* out, int64_t* skipped)
-      : u_(u), limits_(limits), out_(out), skipped_(skipped) {}
+      : u_(u), limits_(limits), out_(out), skipped_(skipped),
+        tensors_per_storage_(u.storages.size(), 0) {
+    for (const StorageRec& s : u.storages) storage_bytes_ += s.bytes.size();
+    tensor_bytes_budget_ =
+        SaturatingAdd(SaturatingMul(limits.max_alias_factor, storage_bytes_),
+                      limits.max_broadcast_bytes);
+  }
+
+  uint64_t storage_bytes() const { return storage_bytes_; }
+  uint64_t total_bytes() const { return total_bytes_; }
 
   absl::Status Walk(const Value& v, const std::string& name, int depth) {
     if (name.size() > limits_.max_name_bytes) {
@@ -684,6 +726,7 @@ class Collector {
     if (++visits_ > limits_.max_visits) {
       return Bad(absl::StrCat("more than ", limits_.max_visits, " values (shared containers?)"));
     }
+    FPX_RETURN_IF_ERROR(ChargeWalk(name.size()));
     if (depth > limits_.max_depth) {
       return Bad(absl::StrCat("containers nested deeper than ", limits_.max_depth));
     }
@@ -695,13 +738,39 @@ class Collector {
         const std::string n = name.empty() ? "tensor" : name;
         if (!names_.insert(n).second) return Bad(absl::StrCat("two tensors are named '", n, "'"));
         // Every reference to a tensor becomes a tensor of its own: bound them all together.
-        StateDictTensor out{n, s.dtype, t.shape, t.stride, t.offset, s.bytes};
-        total_bytes_ += static_cast<uint64_t>(out.numel()) * DTypeSize(s.dtype);
-        if (out_->size() >= limits_.max_tensors || total_bytes_ > limits_.max_total_bytes) {
-          return Bad(absl::StrCat("more than ", limits_.max_tensors, " tensors or ",
-                                  limits_.max_total_bytes, " bytes of tensors"));
+        auto refuse = [&](absl::string_view what) {
+          return Bad(absl::StrCat("tensor '", Shown(n), "': ", what));
+        };
+        if (out_->size() >= limits_.max_tensors) {
+          return refuse(absl::StrCat("more than ", limits_.max_tensors, " tensors (the limit)"));
         }
-        out_->push_back(std::move(out));
+        if (++tensors_per_storage_[static_cast<size_t>(t.storage)] >
+            limits_.max_tensors_per_storage) {
+          return refuse(absl::StrCat(
+              "storage '", s.key, "' is used by more than ", limits_.max_tensors_per_storage,
+              " tensors (the limit: tied weights share a storage a few times; save tensors that "
+              "are meant to be distinct with .clone())"));
+        }
+        name_bytes_ += n.size();
+        if (name_bytes_ > limits_.max_name_total_bytes) {
+          return refuse(absl::StrCat("the names of the tensors take more than ",
+                                     limits_.max_name_total_bytes, " bytes (the limit)"));
+        }
+        // (A view's bytes are checked at unpickling: within its storage, or a broadcast view of
+        // at most max_broadcast_bytes; neither overflows, nor does this sum below the limits.)
+        total_bytes_ += static_cast<uint64_t>(t.numel) * DTypeSize(s.dtype);
+        if (total_bytes_ > tensor_bytes_budget_) {
+          return refuse(absl::StrCat(
+              total_bytes_, " bytes of tensors in all, more than ", limits_.max_alias_factor,
+              " x the ", storage_bytes_, " bytes of storages in the file + ",
+              limits_.max_broadcast_bytes, " (the limit on tensors that repeat their storages' "
+              "elements: stride-0 views, or one tensor under several names)"));
+        }
+        if (total_bytes_ > limits_.max_total_bytes) {
+          return refuse(absl::StrCat("more than ", limits_.max_total_bytes,
+                                     " bytes of tensors in all (the limit)"));
+        }
+        out_->push_back(StateDictTensor{n, s.dtype, t.shape, t.stride, t.offset, s.bytes});
         return absl::OkStatus();
       }
       case Value::kDict: {
@@ -713,6 +782,7 @@ class Collector {
           if (k.kind == Value::kString) keys.push_back(*k.s);
           else if (k.kind == Value::kInt) keys.push_back(absl::StrCat(k.i));
           else return Bad(absl::StrCat("a dict key of type ", KindName(k.kind), " under '", name, "'"));
+          FPX_RETURN_IF_ERROR(ChargeWalk(keys.back().size()));
         }
         for (size_t i = 0; i < keys.size(); ++i) last[keys[i]] = i;
         for (size_t i = 0; i < keys.size(); ++i) {
@@ -734,11 +804,26 @@ class Collector {
   }
 
  private:
+  // Each value walked builds its name, and each dict walked copies and hashes its keys: shared
+  // containers under long keys would make that quadratic, so it is bounded in bytes.
+  absl::Status ChargeWalk(uint64_t bytes) {
+    walk_bytes_ += bytes;
+    if (walk_bytes_ <= limits_.max_walk_bytes) return absl::OkStatus();
+    return Bad(absl::StrCat("walking the values builds more than ", limits_.max_walk_bytes,
+                            " bytes of names and keys (the limit; containers shared under long "
+                            "keys?)"));
+  }
+
   const Unpickler& u_;
   const StateDictLimits& limits_;
   std::vector<StateDictTensor>* out_;
   int64_t* skipped_;
   uint64_t visits_ = 0;
+  uint64_t walk_bytes_ = 0;
+  std::vector<uint64_t> tensors_per_storage_;
+  uint64_t name_bytes_ = 0;
+  uint64_t storage_bytes_ = 0;
+  uint64_t tensor_bytes_budget_ = 0;
   uint64_t total_bytes_ = 0;
   absl::flat_hash_set<std::string> names_;
 };
@@ -857,6 +942,8 @@ absl::Status TorchStateDict::Parse(const StateDictLimits& limits) {
   Collector c(u, limits, &tensors_, &skipped_);
   FPX_RETURN_IF_ERROR(c.Walk(root, "", 0));
   if (tensors_.empty()) return Bad("no tensors in it");
+  total_tensor_bytes_ = c.total_bytes();
+  storage_bytes_ = c.storage_bytes();
   return absl::OkStatus();
 }
 

@@ -1,6 +1,7 @@
-// libFuzzer target: the safetensors parser (core/safetensors.h) on arbitrary bytes. Every header
-// field, dtype, shape, offset and length must be validated before use: a crash, a sanitizer
-// report or a tensor view outside the buffer is a bug.
+// libFuzzer target: the safetensors parser (core/safetensors.h) on arbitrary bytes, at the
+// limits the server reads uploads with (SafetensorsLimits' defaults). Every header field, dtype,
+// shape, offset and length must be validated before use: a crash, a sanitizer report, a tensor
+// view outside the buffer, or more tensors than the limit is a bug.
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -9,10 +10,10 @@
 #include "core/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  fpxint::core::SafetensorsLimits limits;
-  limits.max_header_bytes = 1 << 20;
+  const fpxint::core::SafetensorsLimits limits;  // the production limits
   auto r = fpxint::core::SafetensorsReader::FromBuffer(absl::MakeConstSpan(data, size), limits);
   if (!r.ok()) return 0;
+  if ((*r)->tensors().size() > limits.max_tensors) std::abort();
   for (const fpxint::core::TensorInfo& t : (*r)->tensors()) {
     absl::Span<const uint8_t> bytes = (*r)->Data(t);
     // The view must lie inside the input.

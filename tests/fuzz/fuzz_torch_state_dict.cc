@@ -1,11 +1,15 @@
 // libFuzzer target: the torch.save reader (core/torch_state_dict.h): its zip reader and its
-// restricted unpickler. The first byte picks the mode:
+// restricted unpickler, at the limits the server reads uploads with (StateDictLimits' defaults).
+// The first byte picks the mode:
 //   0: the rest is a whole file (zip structure, Zip64 fields, entry bounds);
 //   1: the rest is data.pkl, wrapped here in a valid stored zip with storages "0" (64 bytes) and
 //      "1" (7 bytes), so mutations reach the unpickler directly.
-// A crash, a sanitizer report, a leak, or a tensor whose elements lie outside its storage is a bug.
+// A crash, a sanitizer report, a leak, a tensor whose elements lie outside its storage, or
+// accepted tensors beyond a limit (per storage, names' bytes, bytes against the storages') is a
+// bug.
 #include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -56,22 +60,35 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     file.assign(reinterpret_cast<const char*>(data + 1), size - 1);
   }
   const auto* begin = reinterpret_cast<const uint8_t*>(file.data());
-  fpxint::core::StateDictLimits limits;
-  limits.max_visits = 1 << 16;
+  const fpxint::core::StateDictLimits limits;  // the production limits
   auto sd = fpxint::core::TorchStateDict::FromBuffer(absl::MakeConstSpan(begin, file.size()), limits);
   if (!sd.ok()) return 0;
+  if ((*sd)->tensors().size() > limits.max_tensors) std::abort();
+  // Zip entries do not share bytes, so the storages fit in the file and bound the tensors.
+  if ((*sd)->storage_bytes() > file.size()) std::abort();
+  uint64_t total_bytes = 0, name_bytes = 0;
+  std::map<const uint8_t*, uint64_t> per_storage;  // non-empty storages start at distinct bytes
   for (const fpxint::core::StateDictTensor& t : (*sd)->tensors()) {
     if (!t.storage.empty() &&
         (t.storage.data() < begin || t.storage.data() + t.storage.size() > begin + file.size())) {
       std::abort();
     }
+    if (!t.storage.empty() && ++per_storage[t.storage.data()] > limits.max_tensors_per_storage) {
+      std::abort();
+    }
+    name_bytes += t.name.size();
     const int64_t n = t.numel();
     if (n < 0) std::abort();
+    total_bytes += static_cast<uint64_t>(n) * fpxint::core::DTypeSize(t.dtype);
     if (n > 0 && n < (1 << 16)) {
       // Copies every element through the checked strides: ASan reports any read outside.
       std::vector<uint8_t> out(static_cast<size_t>(n) * fpxint::core::DTypeSize(t.dtype));
       t.CopyTo(out.data());
     }
+  }
+  if (name_bytes > limits.max_name_total_bytes || total_bytes != (*sd)->total_tensor_bytes() ||
+      total_bytes > limits.max_alias_factor * (*sd)->storage_bytes() + limits.max_broadcast_bytes) {
+    std::abort();
   }
   return 0;
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/python3
-"""Writes the seed corpus of every fuzz target into OUTDIR/<target>/ (valid inputs the fuzzers
-mutate from): small safetensors files, upload streams of real chunk messages (with and without
-a matching hash), ModelInfer requests (raw and typed contents), job specs and upload headers, .npy /
-JSON tensors and YAML job files, packed codes.
+"""Writes the seed corpus of every fuzz target into OUTDIR/<target>/ (inputs the fuzzers mutate
+from): small safetensors files, upload streams of real chunk messages (with and without a
+matching hash), ModelInfer requests (raw and typed contents), job specs and upload headers, .npy /
+JSON tensors and YAML job files, packed codes, torch.save files, and every file kept in
+tests/fuzz/corpus/<target>/ (artifacts, and inputs shaped like the attacks the parsers bound).
 
 Usage: /usr/bin/python3 tests/fuzz/make_seeds.py OUTDIR
 """
@@ -142,14 +143,18 @@ def main(outdir):
                                     for rows, cols, group, bits, terms in
                                     ((3, 8, 8, 4, 2), (2, 10, 4, 2, 1), (4, 5, 5, 3, 3), (1, 16, 8, 8, 1))]
     seeds["fuzz_torch_state_dict"] += torch_seeds()
-    # Artifacts written by `fpxint expand` (packed 4/2-bit and byte codes; channel, group and
-    # tensor scales; sym, mid, asym; rescaled and digits), kept in tests/fuzz/corpus/.
-    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "fuzz_artifact")
-    for f in sorted(os.listdir(corpus)):
-        with open(os.path.join(corpus, f), "rb") as fh:
-            seeds["fuzz_artifact"].append(fh.read())
+    # Kept in tests/fuzz/corpus/<target>/: artifacts written by `fpxint expand` (packed 4/2-bit and
+    # byte codes; channel, group and tensor scales; sym, mid, asym; rescaled and digits), and
+    # inputs shaped like the attacks the parsers bound (corpus/make_attack_seeds.py).
+    corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+    for target in sorted(os.listdir(corpus)):
+        if target not in seeds:
+            continue
+        for f in sorted(os.listdir(os.path.join(corpus, target))):
+            with open(os.path.join(corpus, target, f), "rb") as fh:
+                seeds[target].append(fh.read())
     if not seeds["fuzz_artifact"]:
-        sys.exit(f"no artifact seeds in {corpus}")
+        sys.exit(f"no artifact seeds in {corpus}/fuzz_artifact")
     for target, items in seeds.items():
         d = os.path.join(outdir, target)
         os.makedirs(d, exist_ok=True)

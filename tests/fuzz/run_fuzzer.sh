@@ -10,7 +10,9 @@ name="$(basename "$fuzzer")"
 seconds="${FPXINT_FUZZ_SECONDS:-10}"
 mkdir -p "$work/corpus" "$work/crashes"
 cp -n "$seeds"/* "$work/corpus/" 2>/dev/null || true
-opts=(-timeout=10 -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1
+# The targets parse at the production limits; an input may not make them allocate more than
+# 2 GiB at once (-malloc_limit_mb) or in all (-rss_limit_mb).
+opts=(-timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 -max_len=65536 -print_final_stats=1
       "-artifact_prefix=$work/crashes/")
 if [[ -d $regressions ]] && compgen -G "$regressions/*" >/dev/null; then
   echo "$name: replaying $(ls "$regressions" | wc -l) regression input(s) from $regressions"
