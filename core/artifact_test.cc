@@ -1,6 +1,6 @@
 // The fpxint artifact contract (core/artifact.h, docs/FORMAT.md): written by
 // ExpandSafetensorsFile, read back by SafetensorsReader + ArtifactView, reconstructed and compared
-// with the in-memory expansion; plus the SPEC bounds on real pretrained weights.
+// with the in-memory expansion; plus the bounds of docs/ALGORITHM.md §7 on real pretrained weights.
 #include "core/artifact.h"
 
 #include <cfloat>
@@ -256,7 +256,7 @@ TEST(Artifact, ViewRejectsTamperedArtifacts) {
   EXPECT_TRUE(absl::StrContains(rewrite("", "fc.weight.terms", "9"), "accepted 1..2"));
 }
 
-// SPEC C2 and C13 on real pretrained weights (the PaddleOCR recognizer, 2.69 M parameters).
+// docs/ALGORITHM.md §7, C2 and C13 on real pretrained weights (the PaddleOCR recognizer, 2.69 M parameters).
 TEST(ArtifactRealWeights, OcrRecognizerBoundsAndConvergence) {
   const std::string models = ::fpxint::testing::RealModelsDir();
   ASSERT_FALSE(models.empty());

@@ -23,7 +23,7 @@ float RoundUpToFloat(double x) {
 }
 
 // The largest float <= x when that is a normal float, else RoundUpToFloat(x). For sym and asym a
-// scale rounded down keeps every element's error within s/2 <= m·r (the hard bound of SPEC C2),
+// scale rounded down keeps every element's error within s/2 <= m·r (the hard bound of docs/ALGORITHM.md §7, C2),
 // and still never clips: x/s <= qmax·(1 + 2^-23) rounds to qmax for qmax < 2^22. Subnormal
 // scales are too coarse for that, so they round up instead.
 float RoundDownToFloat(double x) {

@@ -1,7 +1,7 @@
 // File: core/expansion.h
 //
-// FP=xINT tensor expansion (SPEC.md §2): W = Σ_{k=1..K} s_k·(C_k − z_k) + R_K, each term
-// quantizing the residual the previous terms left.
+// FP=xINT tensor expansion (docs/ALGORITHM.md §2): W = Σ_{k=1..K} s_k·(C_k − z_k) + R_K, each
+// term quantizing the residual the previous terms left.
 //
 // A tensor of rank ≥ 2 is viewed as a matrix: rows = dim 0 (output channels), row_len = the
 // product of the other dims. Scales are per tensor, per row, or per group of g consecutive
@@ -15,9 +15,9 @@
 // scale is used for quantizing and for reconstruction, so a reader of the artifact reproduces the
 // in-memory result bit for bit.
 //
-// Hard bound (SPEC C2): for sym and asym, max|R_k| <= m·r^k in every group. For mid the float
-// scale is rounded up, so the bound carries a factor (1 + 2^-24) per term whenever a group max is
-// not itself a float (fp64 inputs, or residuals of later terms).
+// Hard bound (docs/ALGORITHM.md §7, C2): for sym and asym, max|R_k| <= m·r^k in every group. For
+// mid the float scale is rounded up, so the bound carries a factor (1 + 2^-24) per term whenever a
+// group max is not itself a float (fp64 inputs, or residuals of later terms).
 //
 // Zero groups: sym/asym use s = 1, C = 0 (value 0). mid uses s = 0, C = 0 (value 0); with s = 1
 // the mid-rise grid could not represent 0 (its levels are ±s/2, ...).

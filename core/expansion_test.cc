@@ -1,5 +1,5 @@
-// SPEC.md §7 checks that apply to tensors (C1–C6, C9 at tensor level, C10, C12, C13), on
-// Gaussian, Laplace and heavy-tailed inputs. Real weights are covered in artifact_test.cc.
+// docs/ALGORITHM.md §7 checks that apply to tensors (C1–C6, C9 at tensor level, C10, C12, C13),
+// on Gaussian, Laplace and heavy-tailed inputs. Real weights are covered in artifact_test.cc.
 #include "core/expansion.h"
 
 #include <cfloat>
@@ -52,8 +52,8 @@ std::pair<double, double> MeasuredErrors(const std::vector<double>& w, const Ten
   return {std::sqrt(num / den), mx / wmax};
 }
 
-// SPEC.md's test tensor itself (numpy default_rng(0)), so that per-tensor errors, which follow
-// the sample maximum, are compared on the same samples.
+// The reference test tensor itself (docs/ALGORITHM.md §7, numpy default_rng(0)), so that
+// per-tensor errors, which follow the sample maximum, are compared on the same samples.
 const std::vector<double>& Gaussian512() {
   static const std::vector<double> v = ::fpxint::testing::ReferenceGaussian512();
   return v;

@@ -1,6 +1,7 @@
 // File: core/int_linear.h
 //
-// Integer inference for a linear layer whose weight AND input are expanded (SPEC.md §3, W×A):
+// Integer inference for a linear layer whose weight AND input are expanded (W×A,
+// docs/ALGORITHM.md §3):
 //
 //     y[b, o] = Σ_{(i, j) ∈ P} sw_i[o] · sx_j[b] · Σ_c Cw_i[o, c] · Cx_j[b, c]
 //

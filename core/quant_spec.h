@@ -1,6 +1,6 @@
 // File: core/quant_spec.h
 //
-// The options of one FP=xINT tensor expansion (SPEC.md §1–§2) and their validation.
+// The options of one FP=xINT tensor expansion (docs/ALGORITHM.md §1–§2) and their validation.
 //
 //   grid   codes                          scale s                    value      r (k ≥ 2)
 //   sym    [-(2^(b-1)-1), 2^(b-1)-1]      m / (2^(b-1)-1)            s·C        1/(2^b-2)
@@ -40,9 +40,9 @@ struct ExpansionSpec {
   ScaleGranularity scale = ScaleGranularity::kChannel;
   int64_t group_size = 0;  // g, only for kGroup
   double eps = 0;          // > 0: stop once max|R_k| <= eps * m in every group (or R_k == 0)
-  // Term 1 on the unsigned grid [0, 2^b-1] with s = m/(2^b-1) (SPEC §3: the first term of a
-  // non-negative activation, e.g. after ReLU); later terms are signed residuals. Grid sym only;
-  // the tensor must have no negative value. Not stored in artifacts (weights are signed).
+  // Term 1 on the unsigned grid [0, 2^b-1] with s = m/(2^b-1) (docs/ALGORITHM.md §3: the first
+  // term of a non-negative activation, e.g. after ReLU); later terms are signed residuals. Grid
+  // sym only; the tensor must have no negative value. Not stored in artifacts (weights are signed).
   bool unsigned_first = false;
 
   // InvalidArgument naming the field and the accepted values.
@@ -55,7 +55,7 @@ struct ExpansionSpec {
   int code_max() const;
   // True when term k (1-based) has unsigned codes.
   bool term_is_unsigned(int k) const { return grid == Grid::kAsym || (unsigned_first && k == 1); }
-  // The contraction r of the residual per term (SPEC.md §1 table).
+  // The contraction r of the residual per term (docs/ALGORITHM.md §1 table).
   double contraction() const;
   // "lsb_first" (packed) or "byte".
   absl::string_view packing_name() const { return is_packed() ? "lsb_first" : "byte"; }

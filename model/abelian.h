@@ -1,9 +1,10 @@
 // File: model/abelian.h
 //
-// AbelianAdd / AbelianMul between isomorphic models (SPEC.md §5). The carrier is the vector space
-// of the linear parameters (weights and biases of the expanded layers) of one architecture;
-// everything else (the graph, non-linear ops, normalisation statistics) is shared. A model of the
-// group is ModelParams; Model::WithParams turns one back into a runnable TorchScript network.
+// AbelianAdd / AbelianMul between isomorphic models (docs/ALGORITHM.md §5). The carrier is the
+// vector space of the linear parameters (weights and biases of the expanded layers) of one
+// architecture; everything else (the graph, non-linear ops, normalisation statistics) is shared. A
+// model of the group is ModelParams; Model::WithParams turns one back into a runnable TorchScript
+// network.
 //
 //   abelian_add(a, b) = θa + θb      zero_model(a) = 0      neg(a) = −θa
 //   abelian_scale(s, a) = s·θa (per output channel when s has one entry per channel)

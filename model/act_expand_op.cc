@@ -1,5 +1,5 @@
 // fpxint::act_expand and fpxint::act_expand_terms: dynamic activation expansion for layer
-// expansion (SPEC.md §3).
+// expansion (docs/ALGORITHM.md §3).
 #include "model/act_expand_op.h"
 
 #include <ATen/Parallel.h>

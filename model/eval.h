@@ -1,10 +1,10 @@
 // File: model/eval.h
 //
 // Accuracy of expanded models on the real evaluation sets of scripts/fetch_models.sh
-// (DATA.md): the PaddleOCR recognizer (character accuracy on rendered Brown-corpus lines) and
-// orientation classifier, a Fashion-MNIST CNN, and a character-level language model
-// (perplexity). No calibration data is used anywhere: expansions are built from the weights
-// alone, activation scales come from each input at run time.
+// (docs/ARCHITECTURE.md "Real models and data"): the PaddleOCR recognizer (character accuracy on
+// rendered Brown-corpus lines) and orientation classifier, a Fashion-MNIST CNN, and a
+// character-level language model (perplexity). No calibration data is used anywhere: expansions
+// are built from the weights alone, activation scales come from each input at run time.
 //
 // A configuration is written as text (the `fpxint-eval --config` grammar):
 //   fp                        the FP32 model

@@ -20,7 +20,7 @@
 //                     granularity) -> Tensor
 //   fpxint::conv2d_wa(x, w, bias, stride, padding, dilation, groups, terms, act_bits, act_terms,
 //                     unsigned_first, truncate, granularity) -> Tensor
-//          W×A (SPEC §3): x is expanded dynamically into act_terms b-bit terms (scales by
+//          W×A (docs/ALGORITHM.md §3): x is expanded dynamically into act_terms b-bit terms (scales by
 //          `granularity`, an ActGranularity: per row / per pixel / per tensor) and the integer
 //          products with the weight terms run on core::IntLinear (int32, VNNI), all pairs or the
 //          order-truncated ones. Weights must be sym with one scale per row; conv2d_wa takes

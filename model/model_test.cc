@@ -1,5 +1,5 @@
 // Layer and model expansion on TorchScript networks: loading, BatchNorm folding, K=1 == RTN,
-// any precision, activation expansion, exports, and the Abelian group axioms (SPEC C9).
+// any precision, activation expansion, exports, and the Abelian group axioms (docs/ALGORITHM.md §7, C9).
 #include "model/model.h"
 
 #include <cfloat>
@@ -237,7 +237,7 @@ void ExpectNear5Percent(const std::vector<double>& got, const std::vector<double
   }
 }
 
-// SPEC C7 on the reference tensors (numpy default_rng(0)): one layer, W per channel, X per
+// docs/ALGORITHM.md §7, C7 on the reference tensors (numpy default_rng(0)): one layer, W per channel, X per
 // tensor, sym b=4 for both, signed first term as the reference computes it.
 TEST(ModelReference, C7LayerExpansion) {
   std::unique_ptr<Model> m = MustLoad(TinyModelFile("c7_layer.pt"));
@@ -254,7 +254,7 @@ TEST(ModelReference, C7LayerExpansion) {
   ExpectNear5Percent(ErrorsByK(m.get(), x, false), {1.97e-1, 2.42e-2, 2.21e-3, 1.85e-4}, "trunc");
 }
 
-// SPEC C8: the 4-layer ReLU MLP; activations of every layer expanded per tensor from the input.
+// docs/ALGORITHM.md §7, C8: the 4-layer ReLU MLP; activations of every layer expanded per tensor from the input.
 TEST(ModelReference, C8ModelExpansion) {
   std::unique_ptr<Model> m = MustLoad(TinyModelFile("c8_mlp.pt"));
   ASSERT_NE(m, nullptr);
@@ -313,7 +313,7 @@ TEST(ModelExport, ArtifactMatchesTheExpansionAndIsDeterministic) {
   EXPECT_EQ(bytes[0], bytes[1]);
 }
 
-// SPEC C9 on a real pretrained network (the PaddleOCR orientation classifier).
+// docs/ALGORITHM.md §7, C9 on a real pretrained network (the PaddleOCR orientation classifier).
 TEST(ModelAbelian, GroupAxiomsOnARealModel) {
   const char* dir = std::getenv("FPXINT_MODELS_DIR");
   ASSERT_NE(dir, nullptr);

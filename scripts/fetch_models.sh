@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # scripts/fetch_models.sh — fetch, convert and train the real models and data fpxint is tested
-# on (DATA.md), into the shared cache.
+# on (docs/ARCHITECTURE.md "Real models and data"), into the shared cache.
 #
 # Prints the models directory as the last (and only) line of stdout, so callers can write
 #   dir=$(scripts/fetch_models.sh) || fail "no models"
@@ -15,7 +15,8 @@ readonly CLS_ONNX="ch_ppocr_mobile_v2.0_cls_infer.onnx"
 readonly REC_ONNX="ch_PP-OCRv4_rec_infer.onnx"
 readonly KEYS="ppocr_keys_v1.txt"
 readonly OCR_LINES=320
-# Debian's interpreter: the python3 on PATH may be a pyenv one without python3-onnx (TOOLCHAIN.md).
+# Debian's interpreter: the python3 on PATH may be a pyenv one without python3-onnx
+# (docs/ARCHITECTURE.md, toolchain trap 5).
 readonly PY=/usr/bin/python3
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 readonly SCRIPT_DIR

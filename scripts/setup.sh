@@ -5,7 +5,7 @@
 # Run as root (or with sudo available). Set FPXINT_SETUP_DRY_RUN=1 to only list what is missing.
 set -euo pipefail
 
-# Build toolchain and C++ libraries (TOOLCHAIN.md "Install").
+# Build toolchain and C++ libraries (docs/ARCHITECTURE.md "Toolchain").
 PKGS_BUILD=(
   build-essential cmake ninja-build pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
@@ -15,7 +15,8 @@ PKGS_BUILD=(
 )
 # Fuzzing and sanitizers (libFuzzer ships with clang's runtime).
 PKGS_FUZZ=(clang libclang-rt-14-dev)
-# Python side: model conversion and real gRPC clients. Always call /usr/bin/python3 (TOOLCHAIN.md trap 5).
+# Python side: model conversion and real gRPC clients. Always call /usr/bin/python3
+# (docs/ARCHITECTURE.md, toolchain trap 5).
 PKGS_PY=(python3 python3-numpy python3-torch python3-onnx python3-grpcio python3-grpc-tools python3-protobuf python3-pil python3-matplotlib
          python3-yaml)
 # Data rendering, model download (npm), monitoring tests, compose-file validation (no daemon),

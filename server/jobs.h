@@ -1,6 +1,6 @@
 // File: server/jobs.h
 //
-// The job manager: a bounded queue feeding a fixed pool of workers (DESIGN.md "Jobs").
+// The job manager: a bounded queue feeding a fixed pool of workers (docs/ARCHITECTURE.md "Jobs").
 //
 //   QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
 //

@@ -6,7 +6,7 @@
 // old or the new record, never a mix.
 //
 // The interface is small so that a shared database (PostgreSQL) can replace SQLite when several
-// replicas share one store (DESIGN.md "Scaling out").
+// replicas share one store (docs/ARCHITECTURE.md "Scaling out").
 //
 // Thread-safe (one connection behind a mutex).
 #ifndef FPXINT_SERVER_JOURNAL_H_

@@ -1,10 +1,10 @@
 // File: server/metrics.h
 //
-// The server's Prometheus metrics (DESIGN.md "Metrics"; names and labels are a contract with
-// deploy/prometheus/alerts.yml and deploy/grafana/dashboards/fpxint.json), the gRPC interceptor
-// that counts every RPC by method and status code, process metrics from /proc, and the HTTP
-// exposer on --metrics-listen (prometheus-cpp's civetweb; see stack_size_fix.cc for why it needs
-// bigger thread stacks in this process).
+// The server's Prometheus metrics (docs/ARCHITECTURE.md "Metrics"; names and labels are a
+// contract with deploy/prometheus/alerts.yml and deploy/grafana/dashboards/fpxint.json), the gRPC
+// interceptor that counts every RPC by method and status code, process metrics from /proc, and the
+// HTTP exposer on --metrics-listen (prometheus-cpp's civetweb; see stack_size_fix.cc for why it
+// needs bigger thread stacks in this process).
 //
 // Metrics is always there (a server without --metrics-listen still counts; tests read Text()).
 #ifndef FPXINT_SERVER_METRICS_H_

@@ -947,9 +947,10 @@ TEST_F(ServerTest, ShutdownFinishesOrRequeuesARunningJob) {
   }
 }
 
-// TOOLCHAIN.md trap 2: with LibTorch and OpenBLAS in the process, a thread on prometheus-cpp's
-// ~100 KiB stack cannot hold the static TLS and the exposer fails to start. server/stack_size_fix.cc
-// raises such requests to 1 MiB; this process links it, as fpxint-server does.
+// docs/ARCHITECTURE.md, toolchain trap 2: with LibTorch and OpenBLAS in the process, a thread on
+// prometheus-cpp's ~100 KiB stack cannot hold the static TLS and the exposer fails to start.
+// server/stack_size_fix.cc raises such requests to 1 MiB; this process links it, as fpxint-server
+// does.
 TEST(StackSizeFix, SmallThreadStacksAreRaisedToOneMiB) {
   pthread_attr_t attr;
   ASSERT_EQ(pthread_attr_init(&attr), 0);

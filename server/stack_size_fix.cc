@@ -1,4 +1,5 @@
-// Raises every thread stack this process asks for to at least 1 MiB (TOOLCHAIN.md trap 2).
+// Raises every thread stack this process asks for to at least 1 MiB (docs/ARCHITECTURE.md,
+// toolchain trap 2).
 //
 // prometheus-cpp's civetweb asks pthread_attr_setstacksize for ~100 KiB stacks. With OpenBLAS,
 // glog and LibTorch loaded, the static TLS of this process is ~108 KB, so glibc cannot fit it in

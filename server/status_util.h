@@ -1,8 +1,8 @@
 // File: server/status_util.h
 //
-// The one place where absl::Status becomes grpc::Status (DESIGN.md: errors are absl::Status inside
-// the service and are mapped once, at the service edge), and the server's small shared helpers:
-// clocks and JSON rendering of its protobuf records.
+// The one place where absl::Status becomes grpc::Status (docs/ARCHITECTURE.md "Errors": errors
+// are absl::Status inside the service and are mapped once, at the service edge), and the server's
+// small shared helpers: clocks and JSON rendering of its protobuf records.
 #ifndef FPXINT_SERVER_STATUS_UTIL_H_
 #define FPXINT_SERVER_STATUS_UTIL_H_
 

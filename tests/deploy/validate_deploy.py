@@ -10,7 +10,7 @@ kubectl and apt-cache when they are installed and says so when they are not.
 --metrics-file: a Prometheus text exposition scraped from a real fpxint-server
 (curl -s http://127.0.0.1:8002/metrics > FILE). The PromQL of the alert rules and the dashboard
 may then use only the metric families (and labels) in that file. Without it they are checked
-against EXPECTED below, the names the server promises to export (DESIGN.md "Metrics").
+against EXPECTED below, the names the server promises to export (docs/ARCHITECTURE.md "Metrics").
 """
 
 import argparse

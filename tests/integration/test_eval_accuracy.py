@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The paper's claim on real pretrained networks (SPEC C11, issue "Layer and model expansion"):
+"""The paper's claim on real pretrained networks (docs/ALGORITHM.md §7, C11, issue "Layer and model expansion"):
 a few 4-bit terms give FP accuracy where one 4-bit term (plain round-to-nearest) collapses, with
 no calibration data.
 

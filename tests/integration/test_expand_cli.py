@@ -3,7 +3,7 @@
 
 Everything here is written from the format contract (core/artifact.h, docs/FORMAT.md), not from
 the C++ code: safetensors is read and written with numpy, codes are unpacked bit by bit, and the
-reconstruction is compared with a numpy implementation of SPEC.md's expansion.
+reconstruction is compared with a numpy implementation of the expansion (docs/ALGORITHM.md §1-2).
 
 Environment: FPXINT_BIN (the fpxint binary), FPXINT_MODELS_DIR (scripts/fetch_models.sh output).
 Run with /usr/bin/python3 (Debian numpy).
@@ -98,7 +98,8 @@ def reconstruct(meta, tensors, name, k_max):
 
 
 def numpy_expansion_errors(w, bits, terms, grid, per_channel):
-    """SPEC.md §1-2 with float64 scales (the reference): relative Frobenius error per term."""
+    """docs/ALGORITHM.md §1-2 with float64 scales (the reference): relative Frobenius error per
+    term."""
     r = w.astype(np.float64).reshape(w.shape[0], -1)
     axis = 1 if per_channel else None
     errs = []

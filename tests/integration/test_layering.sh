@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The layering of DESIGN.md, enforced: the core includes nothing of gRPC, protobuf or LibTorch,
-# LibTorch headers appear only in model/*.cc, and the CLI binary does not load LibTorch (it must
-# start fast; it links gRPC and the generated stubs, which is fine).
+# The layering of docs/ARCHITECTURE.md ("Layers"), enforced: the core includes nothing of gRPC,
+# protobuf or LibTorch, LibTorch headers appear only in model/*.cc, and the CLI binary does not
+# load LibTorch (it must start fast; it links gRPC and the generated stubs, which is fine).
 set -euo pipefail
 src="$1"
 cli="$2"

@@ -1,8 +1,9 @@
 #!/usr/bin/python3
-"""Writes the exact test tensors of SPEC.md §7 (numpy default_rng(0)) for the C++ tests.
+"""Writes the exact test tensors of docs/ALGORITHM.md §7 (numpy default_rng(0)) for the C++ tests.
 
-The reference numbers of SPEC.md were computed on these tensors; per-tensor errors depend on the
-sample maximum, so the C++ tests use the very same samples instead of their own generator.
+The reference numbers of docs/ALGORITHM.md §7 were computed on these tensors; per-tensor errors
+depend on the sample maximum, so the C++ tests use the very same samples instead of their own
+generator.
 
   /usr/bin/python3 tests/reference/make_reference_tensors.py OUT_DIR
 writes OUT_DIR/gaussian512_seed0.f64: 512*512 little-endian float64, row-major.

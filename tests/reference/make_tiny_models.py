@@ -10,11 +10,11 @@ writes:
                        dilated conv, 1x1 conv, conv1d over a flattened row, linear on tokens
                        [N, HW, C] and a matmul (every kind of layer the packed ops rewrite)
   no_layers.pt         scripted module without any linear/conv layer (y = 2x + 1)
-  c7_layer.pt, c7_io.safetensors   SPEC C7: Y = X W^T, d=256, W ~ N(0, 1/d), X = ReLU(N(0,1))
-                       64x256 (`input`); c8_mlp.pt, c8_io.safetensors  SPEC C8: the 4-layer ReLU
+  c7_layer.pt, c7_io.safetensors   C7: Y = X W^T, d=256, W ~ N(0, 1/d), X = ReLU(N(0,1))
+                       64x256 (`input`); c8_mlp.pt, c8_io.safetensors  C8: the 4-layer ReLU
                        MLP (d=256, He init, bias N(0, 0.1^2)) and its 128 inputs. Both drawn from
-                       numpy default_rng(0) in the order of reference/fpxint_reference.py, so the
-                       reference numbers of SPEC.md apply to exactly these tensors.
+                       numpy default_rng(0) in the order docs/ALGORITHM.md §7 gives, so the
+                       reference numbers of docs/ALGORITHM.md §7 apply to exactly these tensors.
 """
 import json
 import os
@@ -90,7 +90,7 @@ class NoBiasLinear(nn.Module):
 
 
 def write_reference_models(out):
-    """SPEC C7/C8 tensors, drawn exactly as reference/fpxint_reference.py draws them."""
+    """C7/C8 tensors (docs/ALGORITHM.md §7), drawn in exactly the reference's order."""
     rng = np.random.default_rng(0)
     rng.standard_normal((512, 512))  # the tensor-level table's G
     d = 256

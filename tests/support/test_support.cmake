@@ -8,7 +8,8 @@ target_link_libraries(fpxint_test_support PUBLIC GTest::gtest)
 # Where scripts/fetch_models.sh puts the real models; `make test` passes it in.
 set(FPXINT_MODELS_DIR "" CACHE PATH "Directory of real models fetched by scripts/fetch_models.sh")
 
-# The exact numpy test tensors behind SPEC.md's reference numbers (a ctest fixture).
+# The exact numpy test tensors behind the reference numbers of docs/ALGORITHM.md §7 (a ctest
+# fixture).
 set(FPXINT_REFERENCE_DIR ${CMAKE_BINARY_DIR}/testdata/reference)
 add_test(NAME fixture.reference_tensors
   COMMAND /usr/bin/python3 ${FPXINT_TESTS_DIR}/reference/make_reference_tensors.py

@@ -56,9 +56,9 @@ double MaxRelErr(const std::vector<A>& got, const std::vector<B>& want) {
   return den == 0 ? num : num / den;
 }
 
-// The 512x512 N(0,1) tensor of SPEC.md §7 (numpy default_rng(0)), written by the ctest fixture
-// tests/reference/make_reference_tensors.py into $FPXINT_REFERENCE_DIR. Fails the test loudly
-// (and returns an empty vector) when it is missing.
+// The 512x512 N(0,1) tensor of docs/ALGORITHM.md §7 (numpy default_rng(0)), written by the ctest
+// fixture tests/reference/make_reference_tensors.py into $FPXINT_REFERENCE_DIR. Fails the test
+// loudly (and returns an empty vector) when it is missing.
 std::vector<double> ReferenceGaussian512();
 
 }  // namespace fpxint::testing
