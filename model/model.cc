@@ -598,6 +598,13 @@ absl::Status Model::SetPrecision(int kw, int ka) {
     im.current = im.frozen;
   } else if (auto it = im.built.find({kw, ka}); it != im.built.end()) {
     im.current = it->second;
+  } else if (im.opts.max_built_networks > 0 &&
+             static_cast<int>(im.built.size()) >= im.opts.max_built_networks) {
+    std::vector<std::string> have;
+    for (const auto& [k, m] : im.built) have.push_back(absl::StrCat("(", k.first, ",", k.second, ")"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "this model already holds ", im.built.size(), " precisions (K_w', K_a') = ",
+        absl::StrJoin(have, " "), ", its limit (--max-precisions); ask for one of them"));
   } else {
     auto weight_for = [&](size_t i, int n) {
       const int k = std::min<int>(n, im.expansions[i]->terms.size());

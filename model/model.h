@@ -1,7 +1,7 @@
 // File: model/model.h
 //
-// FP=xINT layer and model expansion of TorchScript networks (SPEC.md §3–§5). LibTorch stays in
-// the .cc files of this directory; this header has none of it.
+// FP=xINT layer and model expansion of TorchScript networks (docs/ALGORITHM.md §3–§5). LibTorch
+// stays in the .cc files of this directory; this header has none of it.
 //
 // Loading freezes the module (parameters become graph constants), folds every BatchNorm into the
 // convolution before it, and finds the layers to expand: aten::_convolution / conv1d/2d/3d and
@@ -70,9 +70,9 @@ struct ModelExpansionSpec {
   bool unsigned_first = true;   // first activation term unsigned when the input is >= 0
   bool truncate = false;        // order truncation: only products W_i X_j with i + j <= K + 1
   // Dynamic activation scales. kAuto: the finest grouping that still factors out of the layer's
-  // integer product (SPEC §3): per row (token) for linear and matmul, per pixel (over channels)
-  // for 1x1 convolutions, per channel (over H x W) for depthwise convolutions, per tensor for
-  // other convolutions. kTensor: per tensor everywhere.
+  // integer product (docs/ALGORITHM.md §3): per row (token) for linear and matmul, per pixel
+  // (over channels) for 1x1 convolutions, per channel (over H x W) for depthwise convolutions, per
+  // tensor for other convolutions. kTensor: per tensor everywhere.
   enum class ActScale { kAuto, kTensor };
   ActScale act_scale = ActScale::kAuto;
   std::string include;          // regex on layer names; empty selects all
@@ -90,6 +90,11 @@ class Model {
     // expanded layers hold their K packed terms, K' chosen per call. Otherwise (and whenever
     // activations are expanded) the expanded layers run with dequantized fp32 weights.
     bool packed = false;
+    // Dense networks SetPrecision keeps built, one per (K_w', K_a') asked for (each holds the
+    // model's weights in fp32). Beyond it, a new pair is ResourceExhausted naming the built
+    // ones: they are not evicted and rebuilt, because every build adds TorchScript class types
+    // that LibTorch never frees. 0: no bound (at most K_w x (K_a + 1) anyway).
+    int max_built_networks = 0;
   };
 
   // InvalidArgument when the file is not a TorchScript archive (or cannot be frozen);
@@ -163,9 +168,9 @@ class Model {
   absl::StatusOr<core::ExpandReport> SaveArtifact(const std::string& path,
                                                   core::ThreadPool* pool) const;
 
-  // Linear parameters of the expanded layers (SPEC.md §4): the FP model, basis model k (term k
-  // of every weight; the bias in basis model 1 only), and the residual model R_K = W − Σ_k D_k
-  // (no bias), so that FP = basis_1 ⊕ … ⊕ basis_K ⊕ residual.
+  // Linear parameters of the expanded layers (docs/ALGORITHM.md §4): the FP model, basis model k
+  // (term k of every weight; the bias in basis model 1 only), and the residual model
+  // R_K = W − Σ_k D_k (no bias), so that FP = basis_1 ⊕ … ⊕ basis_K ⊕ residual.
   ModelParams FpParams() const;
   absl::StatusOr<ModelParams> BasisParams(int k) const;
   ModelParams ResidualParams() const;

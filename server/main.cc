@@ -31,7 +31,7 @@ void OnSignal(int sig) {
 
 int main(int argc, char** argv) {
   fpxint::server::ServerConfig c;
-  c.metrics_listen = "0.0.0.0:8002";  // Triton's metrics port (DESIGN.md "Metrics")
+  c.metrics_listen = "0.0.0.0:8002";  // Triton's metrics port (docs/ARCHITECTURE.md "Metrics")
   CLI::App app{
       "fpxint-server: quantizes neural networks with the FP=xINT low-bit series expansion and "
       "serves them.\n\n"
@@ -140,6 +140,11 @@ int main(int argc, char** argv) {
   app.add_option("--max-message-bytes", c.max_message_bytes,
                  "largest gRPC message (ModelInfer request or response), in bytes")
       ->envname("FPXINT_MAX_MESSAGE_BYTES");
+  app.add_option("--max-precisions", c.max_precisions,
+                 "dense networks one served instance keeps for the (fpxint_terms, "
+                 "fpxint_act_terms) pairs callers ask for (each holds the weights in fp32; the "
+                 "packed weight-only path needs none); a new pair beyond is RESOURCE_EXHAUSTED")
+      ->envname("FPXINT_MAX_PRECISIONS");
   app.add_option("--infer-queue-limit", c.infer_queue_limit,
                  "ModelInfer calls that may wait for a free instance of one served version; "
                  "beyond, RESOURCE_EXHAUSTED")

@@ -186,6 +186,7 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::D
   const bool series = d.platform() == kPlatformSeries;
   model::Model::Options mo;
   mo.threads = opts_.torch_threads;
+  mo.max_built_networks = opts_.max_precisions;
   mo.packed = series && opts_.packed;
   if (mo.packed) {
     // Expand and pack once per version; instances (and restarts) load the packed network.

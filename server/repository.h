@@ -118,6 +118,7 @@ class Repository {
     // Every version's source is an upload: it is loaded only with a passing verdict. Required.
     TorchScriptVetter* vetter = nullptr;
     InferQueueLimits infer_queue;
+    int max_precisions = 8;  // dense networks per instance (model::Model::Options)
   };
   Repository(std::string dir, Journal* journal, BlobStore* store, core::ThreadPool* pool,
              Options o);

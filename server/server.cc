@@ -86,6 +86,9 @@ absl::Status ServerConfig::Validate() const {
   if (shutdown_grace_seconds < 0) return bad("--shutdown-grace", "must be >= 0");
   if (orphan_min_age_seconds < 0) return bad("--orphan-min-age", "must be >= 0");
   if (retain_jobs_days < 0) return bad("--retain-jobs-days", "must be >= 0 (0: keep every job)");
+  if (max_precisions < 1 || max_precisions > 1024) {
+    return bad("--max-precisions", "accepted 1..1024");
+  }
   if (infer_queue_limit < 0 || infer_queue_limit > 100000) {
     return bad("--infer-queue-limit", "accepted 0..100000");
   }
@@ -193,7 +196,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                                               InferQueueLimits{
                                                                   config.infer_queue_limit,
                                                                   absl::Seconds(
-                                                                      config.infer_queue_timeout_seconds)}});
+                                                                      config.infer_queue_timeout_seconds)},
+                                                              config.max_precisions});
   im->jobs = std::make_unique<JobManager>(
       JobManager::Options{config.workers, config.queue_limit, threads, config.job_memory_limit,
                           &im->metrics, im->vetter.get()},

@@ -46,6 +46,7 @@ struct ServerConfig {
   double shutdown_grace_seconds = 20;             // running jobs' time to finish on SIGTERM
   int64_t max_message_bytes = 64 << 20;           // gRPC receive limit (ModelInfer requests)
   int infer_queue_limit = 64;                     // ModelInfer calls waiting per served version
+  int max_precisions = 8;                         // dense (K_w', K_a') networks per instance
   double infer_queue_timeout_seconds = 10;        // longest wait for a free instance
   int max_rpc_threads = 256;                      // gRPC handler threads (resource quota)
   int64_t grpc_memory_bytes = 0;                  // gRPC buffer memory; 0: 16 x max_message_bytes

@@ -13,8 +13,9 @@ Writes into OUT_DIR:
   benign.pt            a small convolution network built from allow-listed operations only
   linear784.pt         Linear(784, 10), input [-1, 784]: the target of oversized declared shapes
 
-Each reader returns the secret as float values of its bytes, so a test that gets the model
-served can compare the output with the file and tell that the attack worked.
+Each reader has a linear layer (so that fpxint serves and quantizes it like any network) and
+returns the secret as float values of its bytes added to that layer's output times zero: a
+server without vetting loads it, serves it, and ModelInfer answers the file's bytes.
 """
 import os
 import sys
@@ -40,28 +41,32 @@ def main() -> int:
         def __init__(self, path: str):
             super().__init__()
             self.path = path
+            self.fc = torch.nn.Linear(64, 16)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.from_file(self.path, size=16, dtype=torch.uint8).float() + 0 * x.sum()
+            y = self.fc(x.flatten(1))
+            return torch.from_file(self.path, size=16, dtype=torch.uint8).float() + 0 * y
 
     class ReaderSetstate(torch.nn.Module):
         def __init__(self, path: str):
             super().__init__()
             self.path = path
             self.leak = torch.zeros(16)
+            self.w = torch.nn.Parameter(torch.randn(16, 64))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.leak + 0 * x.sum()
+            return self.leak + 0 * torch.nn.functional.linear(x.flatten(1), self.w)
 
         @torch.jit.export
-        def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
-            return (self.path, self.leak, self.training)
+        def __getstate__(self) -> Tuple[str, torch.Tensor, torch.Tensor, bool]:
+            return (self.path, self.leak, self.w, self.training)
 
         @torch.jit.export
-        def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+        def __setstate__(self, state: Tuple[str, torch.Tensor, torch.Tensor, bool]) -> None:
             self.path = state[0]
+            self.w = state[2]
             self.leak = torch.from_file(state[0], size=16, dtype=torch.uint8).float()
-            self.training = state[2]
+            self.training = state[3]
 
     @torch.jit.script
     def read_it(path: str) -> torch.Tensor:
@@ -71,9 +76,10 @@ def main() -> int:
         def __init__(self, path: str):
             super().__init__()
             self.path = path
+            self.fc = torch.nn.Linear(64, 16)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return read_it(self.path) + 0 * x.sum()
+            return read_it(self.path) + 0 * self.fc(x.flatten(1))
 
     class Benign(torch.nn.Module):
         def __init__(self):
