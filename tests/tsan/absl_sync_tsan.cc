@@ -109,6 +109,26 @@ void Mutex::Await(const Condition& cond) {
   __tsan_acquire(this);
 }
 
+bool Mutex::AwaitWithDeadline(const Condition& cond, absl::Time deadline) {
+  static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Time)>(
+      "5Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
+  GuardedCondition g{this, &cond};
+  __tsan_release(this);
+  const bool r = real(this, Condition(&GuardedCondition::Eval, &g), deadline);
+  __tsan_acquire(this);
+  return r;
+}
+
+bool Mutex::AwaitWithTimeout(const Condition& cond, absl::Duration timeout) {
+  static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Duration)>(
+      "5Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
+  GuardedCondition g{this, &cond};
+  __tsan_release(this);
+  const bool r = real(this, Condition(&GuardedCondition::Eval, &g), timeout);
+  __tsan_acquire(this);
+  return r;
+}
+
 bool CondVar::WaitWithDeadline(Mutex* mu, absl::Time deadline) {
   static const auto real =
       Real<bool (*)(CondVar*, Mutex*, absl::Time)>("7CondVar16WaitWithDeadlineEPNS0_5MutexENS0_4TimeE");
@@ -129,6 +149,14 @@ void Notification::Notify() {
   static const auto real = Real<void (*)(Notification*)>("12Notification6NotifyEv");
   __tsan_release(this);
   real(this);
+}
+
+bool Notification::WaitForNotificationWithTimeout(absl::Duration timeout) const {
+  static const auto real = Real<bool (*)(const Notification*, absl::Duration)>(
+      "12Notification30WaitForNotificationWithTimeoutENS0_8DurationE", true);
+  const bool notified = real(this, timeout);
+  if (notified) __tsan_acquire(const_cast<Notification*>(this));
+  return notified;
 }
 
 void Notification::WaitForNotification() const {
