@@ -3,7 +3,7 @@
 // AbelianAdd / AbelianMul between isomorphic models (docs/ALGORITHM.md §5). The carrier is the
 // vector space of the linear parameters (weights and biases of the expanded layers) of one
 // architecture; everything else (the graph, non-linear ops, normalisation statistics) is shared. A
-// model of the group is ModelParams; Model::WithParams turns one back into a runnable TorchScript
+// model of the group is ModelParams; Model::UseParams turns one back into a runnable TorchScript
 // network.
 //
 //   abelian_add(a, b) = θa + θb      zero_model(a) = 0      neg(a) = −θa
