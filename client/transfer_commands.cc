@@ -22,6 +22,7 @@
 #include "client/progress.h"
 #include "client/rpc.h"
 #include "core/sha256.h"
+#include "core/unique_fd.h"
 #include "fpxint/v1/quantizer.grpc.pb.h"
 
 namespace fpxint::client {
@@ -29,21 +30,7 @@ namespace {
 
 constexpr size_t kChunk = 1 << 20;
 
-// A file descriptor closed on scope exit.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  int Release() { return std::exchange(fd_, -1); }
-
- private:
-  int fd_;
-};
+using Fd = core::UniqueFd;
 
 std::string Errno(const std::string& what, const std::string& path) {
   return absl::StrCat(what, " '", path, "': ", std::strerror(errno));

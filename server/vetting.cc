@@ -13,16 +13,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/status_macros.h"
+#include "core/unique_fd.h"
 #include "model/vet.h"
 #include "server/log.h"
 #include "server/status_util.h"
+#include "server/store.h"
 
 namespace fpxint::server {
 namespace {
@@ -32,22 +32,7 @@ namespace fs = std::filesystem;
 constexpr size_t kMaxVerdictBytes = 1 << 20;  // stdout kept from the vetting process
 constexpr size_t kMaxStderrBytes = 16 << 10;  // stderr kept, for the log
 
-// A descriptor closed when it goes out of scope.
-class Fd {
- public:
-  explicit Fd(int fd = -1) : fd_(fd) {}
-  ~Fd() { Reset(); }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  void Reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_;
-};
+using Fd = core::UniqueFd;
 
 std::string DefaultVetBinary() {
   std::error_code ec;
@@ -73,14 +58,8 @@ absl::StatusOr<std::unique_ptr<TorchScriptVetter>> TorchScriptVetter::Create(Opt
   }
   model::OpAllowList list = model::OpAllowList::BuiltIn();
   for (const std::string& f : o.allow_ops_files) {
-    std::ifstream in(f, std::ios::binary);
-    if (!in) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--torchscript-allow-ops: cannot read '", f, "'"));
-    }
-    std::stringstream ss;
-    ss << in.rdbuf();
-    FPX_RETURN_IF_ERROR(list.AddText(ss.str(), absl::StrCat("--torchscript-allow-ops ", f)));
+    FPX_ASSIGN_OR_RETURN(std::string text, ReadTextFile(f, "--torchscript-allow-ops"));
+    FPX_RETURN_IF_ERROR(list.AddText(text, absl::StrCat("--torchscript-allow-ops ", f)));
   }
   return std::unique_ptr<TorchScriptVetter>(
       new TorchScriptVetter(std::move(o), journal, list.Digest()));
