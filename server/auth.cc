@@ -70,9 +70,8 @@ absl::StatusOr<Authorizer> Authorizer::FromText(const std::string& text) {
                                                        "'; accepted: quantize, infer, admin"));
       }
     }
-    const std::array<uint8_t, 32> digest = TokenDigest(parts[0]);
-    a.tokens_[digest] = roles;
-    a.names_[digest] = parts.size() == 3 ? std::string(parts[2]) : absl::StrCat("token#", line_no);
+    a.tokens_[TokenDigest(parts[0])] =
+        Token{roles, parts.size() == 3 ? std::string(parts[2]) : absl::StrCat("token#", line_no)};
   }
   if (a.tokens_.empty()) {
     return absl::InvalidArgumentError(
@@ -86,36 +85,13 @@ absl::StatusOr<Authorizer> Authorizer::FromFile(const std::string& path) {
   return FromText(text);
 }
 
-bool Authorizer::Presented(const grpc::ServerContextBase* ctx,
-                           std::array<uint8_t, 32>* digest) const {
-  const auto& md = ctx->client_metadata();
-  auto it = md.find("authorization");
-  if (it == md.end()) return false;
-  absl::string_view value(it->second.data(), it->second.size());
-  if (!absl::ConsumePrefix(&value, "Bearer ") && !absl::ConsumePrefix(&value, "bearer ")) {
-    return false;
-  }
-  *digest = TokenDigest(value);
-  return true;
-}
-
-std::string Authorizer::CallerName(const grpc::ServerContextBase* ctx) const {
-  if (open()) return "anonymous";
-  std::array<uint8_t, 32> presented;
-  if (!Presented(ctx, &presented)) return "";
-  std::string name;
-  for (const auto& [digest, n] : names_) {  // every entry compared, as in Check
-    if (SameDigest(digest, presented)) name = n;
-  }
-  return name;
-}
-
-absl::Status Authorizer::Check(const grpc::ServerContextBase* ctx, Role role,
-                               unsigned* roles) const {
+absl::Status Authorizer::Check(const grpc::ServerContextBase* ctx, Role role, unsigned* roles,
+                               std::string* name) const {
   if (open()) {
     // No tokens, so no caller can be told apart: everyone gets quantize and infer, nobody
     // admin (what is reserved to admin stays reserved).
     if (roles) *roles = kRoleQuantize | kRoleInfer;
+    if (name) *name = "anonymous";
     if (role == kRoleAdmin) {
       return absl::PermissionDeniedError(
           "this call needs the 'admin' role, and a server without --token-file has no admin");
@@ -132,18 +108,17 @@ absl::Status Authorizer::Check(const grpc::ServerContextBase* ctx, Role role,
   if (!absl::ConsumePrefix(&value, "Bearer ") && !absl::ConsumePrefix(&value, "bearer ")) {
     return absl::UnauthenticatedError("metadata 'authorization': expected 'Bearer <token>'");
   }
-  unsigned found = 0;
-  bool known = false;
+  const Token* found = nullptr;
   const std::array<uint8_t, 32> presented = TokenDigest(value);
-  for (const auto& [digest, r] : tokens_) {  // every token compared: constant time overall
-    if (SameDigest(digest, presented)) {
-      found = r;
-      known = true;
-    }
+  for (const auto& [digest, t] : tokens_) {  // every token compared: constant time overall
+    if (SameDigest(digest, presented)) found = &t;
   }
-  if (!known) return absl::UnauthenticatedError("metadata 'authorization': unknown token");
-  if (roles) *roles = found;
-  if ((found & (role | kRoleAdmin)) == 0) {
+  if (found == nullptr) {
+    return absl::UnauthenticatedError("metadata 'authorization': unknown token");
+  }
+  if (roles) *roles = found->roles;
+  if (name) *name = found->name;
+  if ((found->roles & (role | kRoleAdmin)) == 0) {
     return absl::PermissionDeniedError(
         absl::StrCat("this token lacks the '", RoleName(role), "' role needed for this call"));
   }

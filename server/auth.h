@@ -37,22 +37,21 @@ class Authorizer {
   static absl::StatusOr<Authorizer> FromText(const std::string& text);
 
   bool open() const { return tokens_.empty(); }
-  // Unauthenticated (no or unknown token) or PermissionDenied (token lacks `role`). On success
-  // *roles (if non-null) receives the caller's roles.
-  absl::Status Check(const grpc::ServerContextBase* ctx, Role role,
-                     unsigned* roles = nullptr) const;
-  // The caller's name: the token's name, or "anonymous" on an open server ("" when the token is
-  // missing or unknown). Call after Check has succeeded.
-  std::string CallerName(const grpc::ServerContextBase* ctx) const;
+  // Unauthenticated (no or unknown token) or PermissionDenied (token lacks `role`). Once the
+  // token is known, *roles (if non-null) receives the caller's roles and *name (if non-null) its
+  // name: the token's name, or "anonymous" on an open server.
+  absl::Status Check(const grpc::ServerContextBase* ctx, Role role, unsigned* roles = nullptr,
+                     std::string* name = nullptr) const;
 
  private:
-  // SHA-256 of each token -> its roles: a presented token is hashed once and compared with every
-  // digest in constant time, so neither the time of a failed check nor its length says anything
-  // about the tokens (which are never kept or logged in clear after loading).
-  std::map<std::array<uint8_t, 32>, unsigned> tokens_;
-  std::map<std::array<uint8_t, 32>, std::string> names_;
-  // The digest of the presented bearer token; false when there is none.
-  bool Presented(const grpc::ServerContextBase* ctx, std::array<uint8_t, 32>* digest) const;
+  struct Token {
+    unsigned roles = 0;
+    std::string name;  // from the token file, or "token#<line>"
+  };
+  // SHA-256 of each token -> its roles and name: a presented token is hashed once and compared
+  // with every digest in constant time, so neither the time of a failed check nor its length
+  // says anything about the tokens (which are never kept or logged in clear after loading).
+  std::map<std::array<uint8_t, 32>, Token> tokens_;
 };
 
 }  // namespace fpxint::server

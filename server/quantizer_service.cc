@@ -32,10 +32,10 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
                                            grpc::ServerReader<v1::UploadChunk>* reader,
                                            v1::Model* resp) {
   unsigned roles = 0;
-  if (auto s = ctx_.Admit(c, kRoleQuantize, &roles); !s.ok()) return ToGrpcStatus(s);
+  std::string owner;
+  if (auto s = ctx_.Admit(c, kRoleQuantize, &roles, &owner); !s.ok()) return ToGrpcStatus(s);
   auto lease = ctx_.uploads->Open(c);
   if (!lease.ok()) return ToGrpcStatus(lease.status());
-  const std::string owner = ctx_.auth->CallerName(c);
   UploadPolicy policy = ctx_.upload_policy;
   if (policy.quota_bytes > 0) {
     auto used = ctx_.journal->UploadedBytesBy(owner);

@@ -42,13 +42,13 @@ struct ServiceContext {
 
   // The gate of every RPC that reads or changes state: UNAVAILABLE until the server has
   // recovered its jobs and deployments (and again while it shuts down), then the caller's
-  // token must carry `role` (auth.h). *roles receives the caller's roles.
-  absl::Status Admit(const grpc::ServerContextBase* c, Role role,
-                     unsigned* roles = nullptr) const {
+  // token must carry `role` (auth.h). *roles and *name receive the caller's roles and name.
+  absl::Status Admit(const grpc::ServerContextBase* c, Role role, unsigned* roles = nullptr,
+                     std::string* name = nullptr) const {
     if (ready != nullptr && !ready->load()) {
       return absl::UnavailableError("the server is starting or shutting down; retry shortly");
     }
-    return auth->Check(c, role, roles);
+    return auth->Check(c, role, roles, name);
   }
   int64_t max_message_bytes = 64 << 20;  // --max-message-bytes: bounds a declared input tensor
 };
