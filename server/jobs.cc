@@ -460,19 +460,22 @@ absl::StatusOr<v1::DeleteJobResponse> JobManager::Delete(const std::string& job_
     return absl::FailedPreconditionError(absl::StrCat(
         "job ", job_id, " is ", v1::JobState_Name(j->state()), "; cancel it before deleting it"));
   }
-  FPX_RETURN_IF_ERROR(journal_->DeleteJob(job_id));
+  return DeleteFinished(*j);
+}
+
+absl::StatusOr<v1::DeleteJobResponse> JobManager::DeleteFinished(const v1::Job& j) {
+  FPX_RETURN_IF_ERROR(journal_->DeleteJob(j.job_id()));
+  Journal* journal = journal_;
+  auto referenced = [journal](const std::string& sha) { return journal->BlobReferenced(sha); };
   v1::DeleteJobResponse out;
-  for (const v1::Artifact& a : j->artifacts()) {
+  for (const v1::Artifact& a : j.artifacts()) {
     out.set_artifacts_deleted(out.artifacts_deleted() + 1);
-    auto used = journal_->BlobReferenced(a.sha256());
-    if (!used.ok() || *used) continue;
-    auto size = store_->SizeOf(a.sha256());
-    if (store_->Remove(a.sha256()).ok() && size.ok()) {
-      out.set_bytes_freed(out.bytes_freed() + *size);
+    if (std::optional<uint64_t> freed = store_->RemoveIfUnreferenced(a.sha256(), referenced)) {
+      out.set_bytes_freed(out.bytes_freed() + *freed);
     }
   }
-  LogInfo(absl::StrCat("job ", job_id, " deleted: ", out.artifacts_deleted(), " artifact(s), ",
-                       out.bytes_freed(), " bytes freed"));
+  LogInfo(absl::StrCat("job ", j.job_id(), " deleted: ", out.artifacts_deleted(),
+                       " artifact(s), ", out.bytes_freed(), " bytes freed"));
   return out;
 }
 
@@ -483,7 +486,7 @@ int JobManager::DeleteFinishedBefore(absl::Time cutoff) {
   int n = 0;
   for (const v1::Job& j : *done) {
     const int64_t at = j.finished_unix_ms() > 0 ? j.finished_unix_ms() : j.created_unix_ms();
-    if (at < cutoff_ms && Delete(j.job_id()).ok()) ++n;
+    if (at < cutoff_ms && DeleteFinished(j).ok()) ++n;
   }
   return n;
 }

@@ -99,6 +99,9 @@ class JobManager {
   // in-use check read the journal). `finished`: the job leaves the live map in the same step.
   // `left_queue`: the job was taken out of queue_ for this change (see leaving_queue_).
   // Caller holds no lock.
+  // Removes a job the journal has in a terminal state (not live), its artifact records and the
+  // artifact blobs nothing else refers to.
+  absl::StatusOr<v1::DeleteJobResponse> DeleteFinished(const v1::Job& j);
   void Commit(const std::shared_ptr<Live>& live, v1::Job next, bool finished,
               bool left_queue = false);
   // Wakes the watchers after an in-memory change (progress); caller holds no lock.

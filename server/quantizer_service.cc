@@ -22,8 +22,8 @@ namespace {
 
 // Removes a blob that no record references (after a refused or replaced upload).
 void DropIfUnreferenced(const ServiceContext& ctx, const std::string& sha) {
-  auto used = ctx.journal->BlobReferenced(sha);
-  if (used.ok() && !*used) ctx.store->Remove(sha).IgnoreError();
+  Journal* j = ctx.journal;
+  ctx.store->RemoveIfUnreferenced(sha, [j](const std::string& s) { return j->BlobReferenced(s); });
 }
 
 }  // namespace

@@ -172,9 +172,16 @@ absl::StatusOr<uint64_t> BlobStore::FreeBytes() const {
   return static_cast<uint64_t>(v.f_bavail) * v.f_frsize;
 }
 
-BlobStore::Swept BlobStore::SweepOrphans(
-    const std::function<absl::StatusOr<bool>(const std::string&)>& referenced,
-    absl::Duration min_age) {
+std::optional<uint64_t> BlobStore::RemoveIfUnreferenced(const std::string& sha256,
+                                                        const ReferencedFn& referenced) {
+  absl::StatusOr<bool> used = referenced(sha256);
+  if (!used.ok() || *used) return std::nullopt;
+  const absl::StatusOr<uint64_t> size = SizeOf(sha256);
+  if (!Remove(sha256).ok()) return std::nullopt;
+  return size.ok() ? *size : 0;
+}
+
+BlobStore::Swept BlobStore::SweepOrphans(const ReferencedFn& referenced, absl::Duration min_age) {
   Swept out;
   std::error_code ec;
   const auto now = fs::file_time_type::clock::now();
@@ -185,12 +192,9 @@ BlobStore::Swept BlobStore::SweepOrphans(
       if (!IsSha256Hex(sha) || !f.is_regular_file(ec)) continue;
       const auto mtime = f.last_write_time(ec);
       if (ec || now - mtime < absl::ToChronoNanoseconds(min_age)) continue;
-      absl::StatusOr<bool> used = referenced(sha);
-      if (!used.ok() || *used) continue;
-      const uint64_t size = f.file_size(ec);
-      if (fs::remove(f.path(), ec)) {
+      if (std::optional<uint64_t> freed = RemoveIfUnreferenced(sha, referenced)) {
         ++out.blobs;
-        out.bytes += ec ? 0 : size;
+        out.bytes += *freed;
       }
     }
   }

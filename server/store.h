@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <memory>
 #include <string>
 
@@ -55,14 +56,18 @@ class BlobStore {
 
   // Bytes an unprivileged writer can still use on the store's file system.
   absl::StatusOr<uint64_t> FreeBytes() const;
-  // Removes every blob that `referenced(sha256)` says nothing refers to and whose file is older
-  // than `min_age` (so a blob committed a moment before its record is never taken). A lookup
-  // error keeps the blob. Returns the number of blobs and bytes removed.
+  // Whether any record refers to a blob (the journal answers; Journal::BlobReferenced).
+  using ReferencedFn = std::function<absl::StatusOr<bool>(const std::string&)>;
+  // Removes the blob unless `referenced` says something uses it or cannot tell. Returns the
+  // bytes freed, or nullopt when the blob was kept.
+  std::optional<uint64_t> RemoveIfUnreferenced(const std::string& sha256,
+                                               const ReferencedFn& referenced);
+  // Removes every blob nothing refers to whose file is older than `min_age` (so a blob
+  // committed a moment before its record is never taken). Returns the blobs and bytes removed.
   struct Swept {
     uint64_t blobs = 0, bytes = 0;
   };
-  Swept SweepOrphans(const std::function<absl::StatusOr<bool>(const std::string&)>& referenced,
-                     absl::Duration min_age);
+  Swept SweepOrphans(const ReferencedFn& referenced, absl::Duration min_age);
 
   // A fresh, empty directory for one job's scratch files (removed by the caller or at Open).
   absl::StatusOr<std::string> NewTempDir(absl::string_view prefix);
