@@ -304,10 +304,8 @@ void Repository::Restore() {
           "the load), so it is not loaded at start-up; RepositoryModelLoad tries again";
       LogError(absl::StrCat("deployment '", d.name(), "/", d.version(), "' ", reason));
       d.set_loaded(false);
-      d.set_quarantine_reason(reason);
+      d.set_quarantine_reason(reason);  // what Index() shows for it
       if (journal_->PutDeployment(d).ok()) fs::remove(LoadingMarker(d), ec);
-      absl::MutexLock l(&mu_);
-      failures_[d.name() + "/" + d.version()] = reason;
       continue;
     }
     LoadDeployment(d).IgnoreError();  // recorded in failures_
