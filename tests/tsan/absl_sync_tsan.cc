@@ -99,6 +99,18 @@ struct GuardedCondition {
     return r;
   }
 };
+
+// Calls one of the library's AwaitWith* members (`real`, with `args` after the condition) on a
+// guarded copy of `cond`, the mutex released to TSan while it waits.
+template <typename R, typename... Args>
+R GuardedAwait(R (*real)(Mutex*, const Condition&, Args...), Mutex* mu, const Condition& cond,
+               Args... args) {
+  GuardedCondition g{mu, &cond};
+  __tsan_release(mu);
+  R r = real(mu, Condition(&GuardedCondition::Eval, &g), args...);
+  __tsan_acquire(mu);
+  return r;
+}
 }  // namespace
 
 void Mutex::Await(const Condition& cond) {
@@ -112,21 +124,13 @@ void Mutex::Await(const Condition& cond) {
 bool Mutex::AwaitWithDeadline(const Condition& cond, absl::Time deadline) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Time)>(
       "5Mutex17AwaitWithDeadlineERKNS0_9ConditionENS0_4TimeE");
-  GuardedCondition g{this, &cond};
-  __tsan_release(this);
-  const bool r = real(this, Condition(&GuardedCondition::Eval, &g), deadline);
-  __tsan_acquire(this);
-  return r;
+  return GuardedAwait(real, this, cond, deadline);
 }
 
 bool Mutex::AwaitWithTimeout(const Condition& cond, absl::Duration timeout) {
   static const auto real = Real<bool (*)(Mutex*, const Condition&, absl::Duration)>(
       "5Mutex16AwaitWithTimeoutERKNS0_9ConditionENS0_8DurationE");
-  GuardedCondition g{this, &cond};
-  __tsan_release(this);
-  const bool r = real(this, Condition(&GuardedCondition::Eval, &g), timeout);
-  __tsan_acquire(this);
-  return r;
+  return GuardedAwait(real, this, cond, timeout);
 }
 
 bool CondVar::WaitWithDeadline(Mutex* mu, absl::Time deadline) {
