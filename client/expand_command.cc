@@ -159,7 +159,7 @@ void AddExpandCommand(CLI::App& app, const GlobalOptions& global, int* exit_code
                   "Stop a tensor early once max|residual| <= eps * max|group| (0 = off)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--include", flags->include,
-                  "Only expand tensors whose name matches this regex (ECMAScript, searched)");
+                  "Only expand tensors whose name matches this regex (RE2 syntax, searched)");
   cmd->add_option("--exclude", flags->exclude, "Do not expand tensors whose name matches this regex");
   cmd->add_option("--report", flags->report,
                   "Also write the JSON report (per tensor and term: rel_fro, rel_max, sqnr_db)");

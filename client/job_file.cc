@@ -2,6 +2,7 @@
 
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/util/json_util.h>
+#include <yaml-cpp/yaml.h>
 
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "client/tensor_io.h"
+#include "core/status_macros.h"
 
 namespace fpxint::client {
 namespace {
@@ -21,193 +23,111 @@ using google::protobuf::Descriptor;
 using google::protobuf::EnumDescriptor;
 using google::protobuf::FieldDescriptor;
 
-struct Line {
-  int number;  // 1-based
-  int indent;
-  std::string text;  // without indentation and comment
-};
+constexpr int kMaxDepth = 16;        // nesting of mappings and lists
+constexpr size_t kMaxBytes = 1 << 20;  // a job file is a few hundred bytes
+constexpr size_t kMaxIndent = 64;
+constexpr int kMaxNodes = 10000;  // aliases can make a small file a huge tree
 
-absl::Status LineError(const Line& l, absl::string_view what) {
-  return absl::InvalidArgumentError(absl::StrCat("line ", l.number, ": ", what));
-}
-
-// Removes a '#' comment that is outside quotes and at the start or after whitespace.
-std::string StripComment(absl::string_view s) {
-  char quote = 0;
-  for (size_t i = 0; i < s.size(); ++i) {
-    const char c = s[i];
-    if (quote) {
-      if (c == quote) quote = 0;
-    } else if (c == '"' || c == '\'') {
-      quote = c;
-    } else if (c == '#' && (i == 0 || s[i - 1] == ' ' || s[i - 1] == '\t')) {
-      return std::string(absl::StripTrailingAsciiWhitespace(s.substr(0, i)));
-    }
-  }
-  return std::string(absl::StripTrailingAsciiWhitespace(s));
-}
-
-// Splits "a, [b, c], {d: e}" at top-level commas.
-std::vector<std::string> SplitFlow(absl::string_view s) {
-  std::vector<std::string> out;
+// Flow collections nest by brackets, which yaml-cpp parses recursively: bound the depth before
+// the parser sees the text, so no file can exhaust the stack.
+absl::Status CheckFlowDepth(absl::string_view text) {
   int depth = 0;
   char quote = 0;
-  std::string cur;
-  for (char c : s) {
-    if (quote) {
+  for (char c : text) {
+    if (quote != 0) {
       if (c == quote) quote = 0;
     } else if (c == '"' || c == '\'') {
       quote = c;
     } else if (c == '[' || c == '{') {
-      ++depth;
+      if (++depth > kMaxDepth) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("nested too deeply (more than ", kMaxDepth, " levels)"));
+      }
     } else if (c == ']' || c == '}') {
-      --depth;
-    } else if (c == ',' && depth == 0) {
-      out.push_back(std::string(absl::StripAsciiWhitespace(cur)));
-      cur.clear();
-      continue;
-    }
-    cur.push_back(c);
-  }
-  if (!absl::StripAsciiWhitespace(cur).empty() || !out.empty()) {
-    out.push_back(std::string(absl::StripAsciiWhitespace(cur)));
-  }
-  return out;
-}
-
-// Finds "key: value" (the colon followed by space or end, outside quotes). npos if none.
-size_t KeyColon(absl::string_view s) {
-  char quote = 0;
-  for (size_t i = 0; i < s.size(); ++i) {
-    const char c = s[i];
-    if (quote) {
-      if (c == quote) quote = 0;
-    } else if (c == '"' || c == '\'') {
-      quote = c;
-    } else if (c == ':' && (i + 1 == s.size() || s[i + 1] == ' ')) {
-      return i;
-    } else if (c == '[' || c == '{') {
-      return absl::string_view::npos;
+      depth = depth > 0 ? depth - 1 : 0;
+    } else if (c == '\n') {
+      quote = 0;  // a quote does not span lines in a job file
     }
   }
-  return absl::string_view::npos;
-}
-
-absl::StatusOr<nlohmann::json> Scalar(absl::string_view s, const Line& l, int depth = 0);
-
-absl::StatusOr<nlohmann::json> FlowValue(absl::string_view s, const Line& l, int depth) {
-  if (depth > 16) return LineError(l, "nested too deeply");
-  const bool list = s.front() == '[';
-  if (s.back() != (list ? ']' : '}')) return LineError(l, "unterminated flow collection");
-  std::vector<std::string> parts = SplitFlow(s.substr(1, s.size() - 2));
-  nlohmann::json out = list ? nlohmann::json::array() : nlohmann::json::object();
-  for (const std::string& p : parts) {
-    if (p.empty()) return LineError(l, "empty entry in a flow collection");
-    if (list) {
-      auto v = Scalar(p, l, depth + 1);
-      if (!v.ok()) return v.status();
-      out.push_back(*v);
-    } else {
-      const size_t c = KeyColon(p);
-      if (c == absl::string_view::npos) return LineError(l, absl::StrCat("expected 'key: value' in '", p, "'"));
-      auto v = Scalar(absl::StripAsciiWhitespace(absl::string_view(p).substr(c + 1)), l, depth + 1);
-      if (!v.ok()) return v.status();
-      auto k = Scalar(absl::StripAsciiWhitespace(absl::string_view(p).substr(0, c)), l, depth + 1);
-      if (!k.ok()) return k.status();
-      out[k->is_string() ? k->get<std::string>() : k->dump()] = *v;
+  // Block collections nest by indentation and by "- - -" on one line.
+  int number = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++number;
+    const size_t indent = line.find_first_not_of(' ');
+    if (indent == absl::string_view::npos) continue;
+    if (indent > kMaxIndent) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("line ", number, ": indented more than ", kMaxIndent, " columns"));
+    }
+    absl::string_view rest = line.substr(indent);
+    int dashes = 0;
+    while (absl::ConsumePrefix(&rest, "- ") || absl::ConsumePrefix(&rest, "? ")) {
+      rest = absl::StripLeadingAsciiWhitespace(rest);
+      if (++dashes > kMaxDepth) {
+        return absl::InvalidArgumentError(absl::StrCat("line ", number, ": nested too deeply"));
+      }
     }
   }
-  return out;
+  return absl::OkStatus();
 }
 
-absl::StatusOr<nlohmann::json> Scalar(absl::string_view s, const Line& l, int depth) {
-  if (s.empty() || s == "~" || s == "null") return nlohmann::json(nullptr);
-  if (s.front() == '[' || s.front() == '{') return FlowValue(s, l, depth);
-  if (s.front() == '"') {
-    nlohmann::json j = nlohmann::json::parse(s.begin(), s.end(), nullptr, false);
-    if (j.is_discarded() || !j.is_string()) return LineError(l, "bad double-quoted string");
-    return j;
-  }
-  if (s.front() == '\'') {
-    if (s.size() < 2 || s.back() != '\'') return LineError(l, "unterminated single-quoted string");
-    return nlohmann::json(absl::StrReplaceAll(s.substr(1, s.size() - 2), {{"''", "'"}}));
-  }
-  if (s == "true" || s == "True") return nlohmann::json(true);
-  if (s == "false" || s == "False") return nlohmann::json(false);
+absl::Status NodeError(const YAML::Node& n, absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("line ", n.Mark().line + 1, ": ", what));
+}
+
+// A plain scalar as YAML 1.2's core schema types it; quoted scalars stay strings.
+nlohmann::json ScalarValue(const YAML::Node& n) {
+  const std::string& s = n.Scalar();
+  if (n.Tag() == "!") return nlohmann::json(s);  // quoted: a string
+  if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return nullptr;
+  if (s == "true" || s == "True" || s == "TRUE") return true;
+  if (s == "false" || s == "False" || s == "FALSE") return false;
   int64_t i;
-  if (absl::SimpleAtoi(s, &i)) return nlohmann::json(i);
+  if (absl::SimpleAtoi(s, &i)) return i;
   double d;
-  if ((absl::ascii_isdigit(s.front()) || s.front() == '-' || s.front() == '.') &&
+  if ((absl::ascii_isdigit(static_cast<unsigned char>(s.front())) || s.front() == '-' ||
+       s.front() == '.') &&
       absl::SimpleAtod(s, &d)) {
-    return nlohmann::json(d);
+    return d;
   }
-  return nlohmann::json(std::string(s));
+  return nlohmann::json(s);
 }
 
-class BlockParser {
- public:
-  explicit BlockParser(std::vector<Line> lines) : lines_(std::move(lines)) {}
-
-  absl::StatusOr<nlohmann::json> Parse() {
-    if (lines_.empty()) return nlohmann::json::object();
-    auto v = Node(lines_[0].indent, 0);
-    if (!v.ok()) return v;
-    if (pos_ < lines_.size()) return LineError(lines_[pos_], "unexpected indentation");
-    return v;
+absl::StatusOr<nlohmann::json> ToJson(const YAML::Node& n, int depth, int* nodes) {
+  if (depth > kMaxDepth) return NodeError(n, "nested too deeply");
+  if (++*nodes > kMaxNodes) {
+    return NodeError(n, absl::StrCat("more than ", kMaxNodes, " values (aliases included)"));
   }
-
- private:
-  absl::StatusOr<nlohmann::json> Node(int indent, int depth) {
-    if (depth > 16) return LineError(lines_[pos_], "nested too deeply");
-    const bool list = absl::StartsWith(lines_[pos_].text, "- ") || lines_[pos_].text == "-";
-    nlohmann::json out = list ? nlohmann::json::array() : nlohmann::json::object();
-    while (pos_ < lines_.size() && lines_[pos_].indent == indent) {
-      const Line& l = lines_[pos_];
-      const bool item = absl::StartsWith(l.text, "- ") || l.text == "-";
-      if (item != list) return LineError(l, "mixes list items and mapping keys at one level");
-      absl::string_view body = l.text;
-      std::string key;
-      if (list) {
-        body = absl::StripLeadingAsciiWhitespace(body.substr(1));
-        if (KeyColon(body) != absl::string_view::npos) {
-          return LineError(l, "mappings inside block lists are not supported; use {k: v}");
-        }
-      } else {
-        const size_t c = KeyColon(body);
-        if (c == absl::string_view::npos) return LineError(l, absl::StrCat("expected 'key: value', got '", l.text, "'"));
-        auto k = Scalar(absl::StripAsciiWhitespace(body.substr(0, c)), l);
-        if (!k.ok()) return k.status();
-        key = k->is_string() ? k->get<std::string>() : k->dump();
-        if (out.contains(key)) return LineError(l, absl::StrCat("duplicate key '", key, "'"));
-        body = absl::StripLeadingAsciiWhitespace(body.substr(c + 1));
-      }
-      ++pos_;
-      nlohmann::json value;
-      if (body.empty() && pos_ < lines_.size() && lines_[pos_].indent > indent) {
-        auto v = Node(lines_[pos_].indent, depth + 1);
+  switch (n.Type()) {
+    case YAML::NodeType::Null:
+    case YAML::NodeType::Undefined:
+      return nlohmann::json(nullptr);
+    case YAML::NodeType::Scalar:
+      return ScalarValue(n);
+    case YAML::NodeType::Sequence: {
+      nlohmann::json out = nlohmann::json::array();
+      for (const YAML::Node& item : n) {
+        auto v = ToJson(item, depth + 1, nodes);
         if (!v.ok()) return v;
-        value = std::move(*v);
-      } else {
-        if (body == "|" || body == ">") return LineError(l, "block scalars are not supported");
-        auto v = Scalar(body, l);
+        out.push_back(*std::move(v));
+      }
+      return out;
+    }
+    case YAML::NodeType::Map: {
+      nlohmann::json out = nlohmann::json::object();
+      for (const auto& kv : n) {
+        if (!kv.first.IsScalar()) return NodeError(kv.first, "keys must be plain names");
+        const std::string key = kv.first.Scalar();
+        if (out.contains(key)) return NodeError(kv.first, absl::StrCat("duplicate key '", key, "'"));
+        auto v = ToJson(kv.second, depth + 1, nodes);
         if (!v.ok()) return v;
-        value = std::move(*v);
+        out[key] = *std::move(v);
       }
-      if (list) {
-        out.push_back(std::move(value));
-      } else {
-        out[key] = std::move(value);
-      }
+      return out;
     }
-    if (pos_ < lines_.size() && lines_[pos_].indent > indent) {
-      return LineError(lines_[pos_], "unexpected indentation");
-    }
-    return out;
   }
-
-  std::vector<Line> lines_;
-  size_t pos_ = 0;
-};
+  return nlohmann::json(nullptr);
+}
 
 // Offset of the first byte that is not part of a valid UTF-8 sequence, or npos.
 size_t FirstInvalidUtf8(absl::string_view s) {
@@ -361,25 +281,20 @@ absl::StatusOr<nlohmann::json> ParseYamlOrJson(absl::string_view text) {
     if (j.is_discarded()) return absl::InvalidArgumentError("not valid JSON");
     return j;
   }
-  std::vector<Line> lines;
-  int number = 0;
-  for (absl::string_view raw : absl::StrSplit(text, '\n')) {
-    ++number;
-    absl::ConsumeSuffix(&raw, "\r");
-    if (number == 1 || raw == "---") {
-      if (raw == "---") continue;
-    }
-    if (raw.find('\t') != absl::string_view::npos &&
-        raw.find_first_not_of(" \t") != absl::string_view::npos &&
-        raw.substr(0, raw.find_first_not_of(" \t")).find('\t') != absl::string_view::npos) {
-      return absl::InvalidArgumentError(absl::StrCat("line ", number, ": tabs are not allowed for indentation"));
-    }
-    std::string s = StripComment(raw);
-    const size_t ind = s.find_first_not_of(' ');
-    if (ind == std::string::npos) continue;
-    lines.push_back(Line{number, static_cast<int>(ind), s.substr(ind)});
+  if (text.size() > kMaxBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a job file is at most ", kMaxBytes, " bytes; this one has ", text.size()));
   }
-  return BlockParser(std::move(lines)).Parse();
+  FPX_RETURN_IF_ERROR(CheckFlowDepth(text));
+  YAML::Node root;
+  try {
+    root = YAML::Load(std::string(text));
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("line ", e.mark.line + 1, ": ", e.msg));
+  }
+  if (root.IsNull()) return nlohmann::json::object();
+  int nodes = 0;
+  return ToJson(root, 0, &nodes);
 }
 
 absl::StatusOr<v1::JobSpec> JobSpecFromJson(const nlohmann::json& j) {

@@ -25,9 +25,9 @@
 
 namespace fpxint::client {
 
-// A small YAML subset -> JSON: block mappings by indentation, block lists ("- item"), flow lists
-// and flow mappings on one line, quoted or plain scalars, booleans, numbers, null, '#' comments.
-// Text that starts with '{' is parsed as JSON. Errors carry the line number.
+// YAML (yaml-cpp; JSON is YAML too) -> JSON, with YAML 1.2 core-schema scalars: plain true/false,
+// integers, floats and null are typed, quoted scalars stay strings. At most 1 MiB and 16 levels
+// of nesting (checked before parsing); duplicate keys are refused. Errors carry the line number.
 absl::StatusOr<nlohmann::json> ParseYamlOrJson(absl::string_view text);
 
 // Canonicalizes keys and enum spellings and converts to a JobSpec. Errors name the key.

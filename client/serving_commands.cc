@@ -33,6 +33,31 @@ std::string ShapeString(const google::protobuf::RepeatedField<int64_t>& s) {
 
 // ---- models ----------------------------------------------------------------------------------
 
+void PrintDeployment(const v1::DeploymentStatus& d) {
+  std::printf("deployment: %s version %s  %s%s%s\n", d.name().c_str(), d.version().c_str(),
+              d.state().c_str(), d.reason().empty() ? "" : ": ", d.reason().c_str());
+  if (!d.job_id().empty()) {
+    const v1::JobSpec& s = d.spec();
+    std::printf("  made by job %s  (%s, W%u x%u%s)\n", d.job_id().c_str(),
+                absl::AsciiStrToLower(v1::Granularity_Name(s.granularity())).c_str(),
+                s.weight_bits(), s.weight_terms(),
+                s.act_terms() ? absl::StrCat(" A", s.act_bits(), " x", s.act_terms()).c_str() : "");
+  }
+  std::printf("  runs       %s\n", d.composition().c_str());
+  if (!d.artifact_sha256().empty()) {
+    std::printf("  artifact   sha256 %s (the job's packed_safetensors)\n", d.artifact_sha256().c_str());
+  }
+  if (!d.served_terms_sha256().empty()) {
+    std::printf("  terms      sha256 %s (of the packed terms the loaded network runs)\n",
+                d.served_terms_sha256().c_str());
+  }
+  if (d.fp32_weight_bytes() > 0) {
+    std::printf("  weights    %s resident per instance for %s in FP32 (%d layers packed)\n",
+                HumanBytes(d.resident_weight_bytes()).c_str(),
+                HumanBytes(d.fp32_weight_bytes()).c_str(), d.packed_layers());
+  }
+}
+
 struct ModelsFlags {
   std::string name;
   std::string version;
@@ -96,13 +121,26 @@ int RunModels(const ModelsFlags& f, const GlobalOptions& g, const std::string& v
         s2.error_code() != grpc::StatusCode::FAILED_PRECONDITION) {
       return ReportRpcError(cmd, s2, g);
     }
-    if (!uploaded && !served) {
+    grpc::ClientContext ctx3;
+    (*conn)->Prepare(&ctx3);
+    v1::DeploymentRef dref;
+    dref.set_name(f.name);
+    dref.set_version(f.version);
+    v1::DeploymentStatus dep;
+    grpc::Status s3 = q->GetDeployment(&ctx3, dref, &dep);
+    const bool deployed = s3.ok();
+    if (!s3.ok() && s3.error_code() != grpc::StatusCode::NOT_FOUND &&
+        s3.error_code() != grpc::StatusCode::PERMISSION_DENIED) {
+      return ReportRpcError(cmd, s3, g);
+    }
+    if (!uploaded && !served && !deployed) {
       return ReportError(cmd, absl::StrCat("no uploaded or served model named '", f.name, "'"),
                          kExitBadInput, g);
     }
     if (g.json) {
       PrintJson({{"uploaded", uploaded ? ProtoToJson(m) : nlohmann::json(nullptr)},
-                 {"served", served ? ProtoToJson(md) : nlohmann::json(nullptr)}});
+                 {"served", served ? ProtoToJson(md) : nlohmann::json(nullptr)},
+                 {"deployment", deployed ? ProtoToJson(dep) : nlohmann::json(nullptr)}});
     } else if (!g.quiet) {
       if (uploaded) {
         std::printf("uploaded: %s  %s  %s  sha256 %s\n", m.name().c_str(),
@@ -121,6 +159,7 @@ int RunModels(const ModelsFlags& f, const GlobalOptions& g, const std::string& v
                       ShapeString(t.shape()).c_str());
         }
       }
+      if (deployed) PrintDeployment(dep);
     }
     return kExitOk;
   }
@@ -427,7 +466,7 @@ void AddServingCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
     const char* name;
     const char* help;
   };
-  for (Verb v : {Verb{"get", "Show an uploaded model and/or a served model's inputs and outputs"},
+  for (Verb v : {Verb{"get", "Show an uploaded model, a served model's inputs and outputs, and its deployment (job, artifact, how its terms combine)"},
                  Verb{"load", "Load a served model from the repository (RepositoryModelLoad)"},
                  Verb{"unload", "Unload a served model (RepositoryModelUnload); it stays on disk"},
                  Verb{"delete", "Delete an uploaded model (its blob goes when nothing uses it)"}}) {

@@ -10,6 +10,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/atomic_file.h"
+#include "core/dtype.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 
@@ -29,39 +31,9 @@ constexpr NpyType kNpyTypes[] = {
     {"i2", "INT16"}, {"i1", "INT8"}, {"u1", "UINT8"}, {"b1", "BOOL"},
 };
 
-float HalfToFloat(uint16_t h) {
-  const uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-  float v;
-  if (exp == 0) {
-    v = std::ldexp(static_cast<float>(man), -24);
-  } else if (exp == 31) {
-    v = man ? NAN : INFINITY;
-  } else {
-    v = std::ldexp(static_cast<float>(man | 0x400), static_cast<int>(exp) - 25);
-  }
-  return sign ? -v : v;
-}
-
-uint16_t FloatToHalf(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = (x >> 16) & 0x8000;
-  const int exp = static_cast<int>((x >> 23) & 0xff) - 127 + 15;
-  uint32_t man = x & 0x7fffff;
-  if (((x >> 23) & 0xff) == 0xff) return sign | 0x7c00 | (man ? 0x200 : 0);
-  if (exp >= 31) return sign | 0x7c00;
-  if (exp <= 0) {
-    if (exp < -10) return sign;
-    man |= 0x800000;
-    const int shift = 14 - exp;
-    uint32_t h = man >> shift;
-    if ((man >> (shift - 1)) & 1) ++h;  // round half up (good enough for inputs)
-    return sign | static_cast<uint16_t>(h);
-  }
-  uint32_t h = (static_cast<uint32_t>(exp) << 10) | (man >> 13);
-  if (man & 0x1000) ++h;
-  return sign | static_cast<uint16_t>(h);
-}
+// FP16 in both directions through core (exact decoding, round-to-nearest-even encoding).
+using core::FloatToHalf;
+using core::HalfToFloat;
 
 // The value of `key` in a Python dict literal like {'descr': '<f4', 'fortran_order': False,
 // 'shape': (2, 3), }. Returns the raw text of the value.
@@ -365,21 +337,7 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
 }
 
 absl::Status WriteWholeFile(const std::string& path, absl::string_view data) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    out.close();
-    if (!out) {
-      std::remove(tmp.c_str());
-      return absl::UnavailableError(absl::StrCat("cannot write '", tmp, "'"));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    return absl::UnavailableError(absl::StrCat("cannot rename '", tmp, "' to '", path, "'"));
-  }
-  return absl::OkStatus();
+  return core::WriteFileAtomic(path, data);
 }
 
 }  // namespace fpxint::client

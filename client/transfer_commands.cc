@@ -21,6 +21,7 @@
 #include "client/exit_codes.h"
 #include "client/progress.h"
 #include "client/rpc.h"
+#include "core/atomic_file.h"
 #include "core/sha256.h"
 #include "core/unique_fd.h"
 #include "fpxint/v1/quantizer.grpc.pb.h"
@@ -274,8 +275,9 @@ int DownloadOne(const Connection& conn, v1::Quantizer::Stub& stub, const std::st
                                            " bytes); the partial file was removed, run again"),
                          kExitIoError, g);
     }
-    if (::fsync(fd.get()) != 0 || std::rename(part.c_str(), path.c_str()) != 0) {
-      return ReportError(cmd, Errno("cannot finish", path), kExitIoError, g);
+    if (absl::Status done = core::PublishFile(part, path); !done.ok()) {
+      return ReportError(cmd, absl::StrCat("cannot finish ", path, ": ", done.message()),
+                         kExitIoError, g);
     }
     r->sha256 = got;
     r->size = total;

@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstring>
 #include <future>
-#include <regex>
 
 #include "core/name_pattern.h"
 
@@ -123,10 +122,6 @@ struct SpilledTensor {
   std::vector<SpilledTerm> terms;
 };
 
-absl::StatusOr<std::regex> CompileRegex(const std::string& pattern, absl::string_view flag) {
-  return CompileNamePattern(pattern, flag);
-}
-
 }  // namespace
 
 namespace {
@@ -205,12 +200,12 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     return absl::InvalidArgumentError(
         "unsigned_first is for activations; weight artifacts store signed terms");
   }
-  std::optional<std::regex> include, exclude;
+  std::optional<NamePattern> include, exclude;
   if (!options.include_regex.empty()) {
-    FPX_ASSIGN_OR_RETURN(include, CompileRegex(options.include_regex, "include"));
+    FPX_ASSIGN_OR_RETURN(include, NamePattern::Compile(options.include_regex, "include"));
   }
   if (!options.exclude_regex.empty()) {
-    FPX_ASSIGN_OR_RETURN(exclude, CompileRegex(options.exclude_regex, "exclude"));
+    FPX_ASSIGN_OR_RETURN(exclude, NamePattern::Compile(options.exclude_regex, "exclude"));
   }
   FPX_ASSIGN_OR_RETURN(std::unique_ptr<SourceFile> source, SourceFile::Open(in_path));
 
@@ -250,8 +245,8 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     if (t.shape.size() < 2) reason = "rank < 2";
     else if (!IsFloating(t.dtype)) reason = "not floating point";
     else if (t.numel() == 0) reason = "empty";
-    else if (include && !std::regex_search(t.name, *include)) reason = "not included";
-    else if (exclude && std::regex_search(t.name, *exclude)) reason = "excluded";
+    else if (include && !include->Matches(t.name)) reason = "not included";
+    else if (exclude && exclude->Matches(t.name)) reason = "excluded";
     if (reason != nullptr) {
       report.copied.push_back({t.name, reason});
       copied.push_back(&t);

@@ -40,7 +40,7 @@ struct ExpandProgress {
 
 struct ArtifactOptions {
   ExpansionSpec spec;
-  std::string include_regex;  // ECMAScript, searched in the tensor name; empty selects all
+  std::string include_regex;  // RE2 (core/name_pattern.h), searched in the tensor name; empty: all
   std::string exclude_regex;  // empty excludes none
   ExpandOptions expand;
   // The source file's SHA-256 when the caller already knows it (a content-addressed store names

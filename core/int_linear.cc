@@ -1,5 +1,7 @@
 #include "core/int_linear.h"
 
+#include "core/runtime.h"
+
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -54,7 +56,14 @@ void DotTileRef(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t l
   }
 }
 
-const IntKernelTable kRef = {"ref", UnpackIntRowRef, DotTileRef};
+constexpr IntKernelTable kRef = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  IntKernelTable t{};
+  t.name = "ref";
+  t.unpack_row = UnpackIntRowRef;
+  t.dot_tile = DotTileRef;
+  return t;
+}();
 
 constexpr int kTile = 4;
 constexpr int64_t kRowsPerTask = 16;
@@ -65,21 +74,19 @@ const IntKernelTable* IntKernelsByName(absl::string_view name) {
   if (name == "ref") return &kRef;
   if (name == "avx2") return KernelsByName("avx2") != nullptr ? &IntKernelsAvx2() : nullptr;
   if (name == "avx512vnni") {
-    return KernelsByName("avx512") != nullptr && __builtin_cpu_supports("avx512vnni")
-               ? &IntKernelsAvx512Vnni()
-               : nullptr;
+    return Cpu().avx512vnni ? &IntKernelsAvx512Vnni() : nullptr;
   }
   return nullptr;
 }
 
 const IntKernelTable& ActiveIntKernels() {
   static const IntKernelTable* t = [] {
-    // FPXINT_KERNEL (core/kernels.h) picks the ISA family for every kernel set.
-    const std::string isa = ActiveKernels().name;
-    if (isa == "avx512") {
+    // The ISA family core::Runtime() chose for every kernel set.
+    const Isa isa = Runtime().isa;
+    if (isa == Isa::kAvx512) {
       if (const IntKernelTable* k = IntKernelsByName("avx512vnni")) return k;
     }
-    if (isa == "avx512" || isa == "avx2") {
+    if (isa == Isa::kAvx512 || isa == Isa::kAvx2) {
       if (const IntKernelTable* k = IntKernelsByName("avx2")) return k;
     }
     return &kRef;

@@ -71,7 +71,14 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
   kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
 }
 
-const IntKernelTable kTable = {"avx2", UnpackIntRowAvx2, DotTile};
+constexpr IntKernelTable kTable = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  IntKernelTable t{};
+  t.name = "avx2";
+  t.unpack_row = UnpackIntRowAvx2;
+  t.dot_tile = DotTile;
+  return t;
+}();
 
 }  // namespace
 

@@ -1,35 +1,20 @@
 #include "core/kernels.h"
 
-#include <cstdlib>
-
 #include "core/internal/kernels_inl.h"
+#include "core/runtime.h"
 
 namespace fpxint::core {
 namespace {
 
 bool Supported(const KernelTable* t) {
   if (t == &internal::kRefKernels) return true;
-  __builtin_cpu_init();
-  if (t == &internal::kAvx2Kernels) return __builtin_cpu_supports("avx2");
-  if (t == &internal::kAvx512Kernels) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  }
+  if (t == &internal::kAvx2Kernels) return IsaSupported(Isa::kAvx2);
+  if (t == &internal::kAvx512Kernels) return IsaSupported(Isa::kAvx512);
   return false;
 }
 
 const KernelTable* const kAll[] = {&internal::kRefKernels, &internal::kAvx2Kernels,
                                    &internal::kAvx512Kernels};
-
-const KernelTable& Choose() {
-  if (const char* forced = std::getenv("FPXINT_KERNEL"); forced != nullptr && *forced != '\0') {
-    if (const KernelTable* t = KernelsByName(forced); t != nullptr) return *t;
-  }
-  for (int i = 2; i >= 0; --i) {
-    if (Supported(kAll[i])) return *kAll[i];
-  }
-  return internal::kRefKernels;
-}
 
 }  // namespace
 
@@ -41,7 +26,7 @@ const KernelTable* KernelsByName(absl::string_view name) {
 }
 
 const KernelTable& ActiveKernels() {
-  static const KernelTable& table = Choose();
+  static const KernelTable& table = *KernelsByName(IsaName(Runtime().isa));
   return table;
 }
 

@@ -52,8 +52,8 @@ struct KernelTable {
   void (*f32_to_f64)(const uint8_t* src, int64_t n, double* dst);
 };
 
-// The table chosen once from the CPU (__builtin_cpu_supports): avx512 > avx2 > ref. The
-// environment variable FPXINT_KERNEL=ref|avx2|avx512 forces one (ignored when unsupported).
+// The table of the ISA core::Runtime() chose once (core/runtime.h): avx512 > avx2 > ref, or
+// FPXINT_KERNEL=ref|avx2|avx512 when this CPU supports it.
 const KernelTable& ActiveKernels();
 // A specific table; nullptr when unknown or not supported by this CPU.
 const KernelTable* KernelsByName(absl::string_view name);

@@ -85,8 +85,17 @@ void StatsAvx2(const double* r, int64_t n, SegmentStats* out) {
 
 }  // namespace
 
-const KernelTable kAvx2Kernels = {"avx2", QuantizeAvx2<GridOp::kSym>, QuantizeAvx2<GridOp::kAsym>,
-                                  QuantizeAvx2<GridOp::kMid>, StatsAvx2,
-    PackImpl, F32ToF64Impl};
+constexpr KernelTable kAvx2Kernels = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  KernelTable t{};
+  t.name = "avx2";
+  t.quantize_sym = QuantizeAvx2<GridOp::kSym>;
+  t.quantize_asym = QuantizeAvx2<GridOp::kAsym>;
+  t.quantize_mid = QuantizeAvx2<GridOp::kMid>;
+  t.stats = StatsAvx2;
+  t.pack = PackImpl;
+  t.f32_to_f64 = F32ToF64Impl;
+  return t;
+}();
 
 }  // namespace fpxint::core::internal

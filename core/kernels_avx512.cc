@@ -73,9 +73,17 @@ void StatsAvx512(const double* r, int64_t n, SegmentStats* out) {
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", QuantizeAvx512<GridOp::kSym>,
-                                    QuantizeAvx512<GridOp::kAsym>, QuantizeAvx512<GridOp::kMid>,
-                                    StatsAvx512,
-    PackImpl, F32ToF64Impl};
+constexpr KernelTable kAvx512Kernels = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  KernelTable t{};
+  t.name = "avx512";
+  t.quantize_sym = QuantizeAvx512<GridOp::kSym>;
+  t.quantize_asym = QuantizeAvx512<GridOp::kAsym>;
+  t.quantize_mid = QuantizeAvx512<GridOp::kMid>;
+  t.stats = StatsAvx512;
+  t.pack = PackImpl;
+  t.f32_to_f64 = F32ToF64Impl;
+  return t;
+}();
 
 }  // namespace fpxint::core::internal

@@ -17,8 +17,17 @@ void StatsRef(const double* r, int64_t n, SegmentStats* out) {
 
 }  // namespace
 
-const KernelTable kRefKernels = {"ref", QuantizeRef<GridOp::kSym>, QuantizeRef<GridOp::kAsym>,
-                                 QuantizeRef<GridOp::kMid>, StatsRef,
-    PackImpl, F32ToF64Impl};
+constexpr KernelTable kRefKernels = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  KernelTable t{};
+  t.name = "ref";
+  t.quantize_sym = QuantizeRef<GridOp::kSym>;
+  t.quantize_asym = QuantizeRef<GridOp::kAsym>;
+  t.quantize_mid = QuantizeRef<GridOp::kMid>;
+  t.stats = StatsRef;
+  t.pack = PackImpl;
+  t.f32_to_f64 = F32ToF64Impl;
+  return t;
+}();
 
 }  // namespace fpxint::core::internal

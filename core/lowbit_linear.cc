@@ -4,11 +4,15 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cstdio>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "core/internal/lowbit_linear_inl.h"
 #include "core/kernels.h"
 #include "core/packing.h"
+#include "core/runtime.h"
+#include "core/sha256.h"
 #include "core/status_macros.h"
 
 namespace fpxint::core {
@@ -83,14 +87,24 @@ void DepthwiseRowRef(const float* const* rows, const float* w, int kh, int kw, i
   }
 }
 
-const LinearKernelTable kRef = {"ref",   DecodeRef, DotRef,  DotCodesRef, GemmXtRef,
-                                nullptr, nullptr,   nullptr, nullptr,     DecodeTermsRef,
-                                DecodeRowsRef, GemmWrRef, DepthwiseRowRef};
+constexpr LinearKernelTable kRef = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  LinearKernelTable t{};
+  t.name = "ref";
+  t.decode = DecodeRef;
+  t.dot = DotRef;
+  t.dot_codes = DotCodesRef;
+  t.gemm_xt = GemmXtRef;
+  t.decode_terms = DecodeTermsRef;
+  t.decode_rows = DecodeRowsRef;
+  t.gemm_wr = GemmWrRef;
+  t.depthwise_row = DepthwiseRowRef;
+  return t;
+}();
 constexpr int kTermsPerPass = 4;
 
 constexpr int64_t kRowsPerTask = 16;
-constexpr int64_t kSmallBatch = 4;      // activation rows per dot_codes call
-constexpr int64_t kSmallBatchPerm = 8;  // ... per dot_codes_perm call
+constexpr int64_t kSmallBatchPerm = kCodesMaxRowsTableLookup;  // the codes schedule's buffers
 
 }  // namespace
 
@@ -105,7 +119,7 @@ const LinearKernelTable* LinearKernelsByName(absl::string_view name) {
 
 const LinearKernelTable& ActiveLinearKernels() {
   static const LinearKernelTable* t = [] {
-    const LinearKernelTable* k = LinearKernelsByName(ActiveKernels().name);
+    const LinearKernelTable* k = LinearKernelsByName(IsaName(Runtime().isa));
     return k != nullptr ? k : &kRef;
   }();
   return *t;
@@ -145,6 +159,23 @@ absl::StatusOr<LowbitLinear> LowbitLinear::FromExpansion(const TensorExpansion& 
   return w;
 }
 
+std::string PackedTermsSha256(absl::Span<const LowbitLinear* const> layers) {
+  Sha256 h;
+  int max_terms = 0;
+  for (const LowbitLinear* l : layers) max_terms = std::max(max_terms, l->terms());
+  for (int k = 0; k < max_terms; ++k) {
+    for (const LowbitLinear* l : layers) {
+      if (k >= l->terms()) continue;
+      const LowbitLinear::TermView t = l->term(k);
+      const size_t n = static_cast<size_t>(l->out_features() * l->groups());
+      h.Update(absl::MakeConstSpan(t.codes, static_cast<size_t>(l->out_features() * l->row_bytes())));
+      h.Update(absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(t.scale), n * sizeof(float)));
+      h.Update(absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(t.off), n * sizeof(float)));
+    }
+  }
+  return h.HexDigest();
+}
+
 size_t LowbitLinear::resident_bytes() const {
   size_t n = 0;
   for (const Term& t : terms_) {
@@ -158,30 +189,70 @@ void LowbitLinear::Forward(const float* x, int64_t batch, float* y, int terms_us
   ForwardRows(x, cols_, batch, 0, rows_, y, rows_, terms_used, pool, kernels);
 }
 
+Schedule LowbitLinear::ChooseSchedule(int64_t rows, LayerShape shape, int64_t max_packed_rows,
+                                      const LinearKernelTable* kernels,
+                                      bool depthwise_geometry) const {
+  const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
+  ScheduleQuery q;
+  q.shape = shape;
+  q.rows = rows;
+  q.in_features = cols_;
+  q.table_lookup = TableLookupFits(kt);
+  q.panels = kt.gemm_wr != nullptr;
+  q.depthwise = depthwise_geometry && kt.depthwise_row != nullptr;
+  q.max_packed_rows = max_packed_rows;
+  return core::ChooseSchedule(q);
+}
+
+bool LowbitLinear::TableLookupFits(const LinearKernelTable& kt) const {
+  if (terms_.empty() || kt.perm_block == nullptr) return false;
+  // The table-lookup path needs every scale group to start on a block boundary.
+  const int64_t pb = kt.perm_block(terms_[0].bits);
+  return pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
+}
+
 void LowbitLinear::ForwardRows(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
                                int64_t row_end, float* y_out, int64_t ldy, int terms_used,
                                ThreadPool* pool, const LinearKernelTable* kernels) const {
+  if (batch <= 0 || row_end <= row_begin) return;
+  const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
+  switch (ChooseSchedule(batch, LayerShape::kLinear, std::numeric_limits<int64_t>::max(), &kt)) {
+    case Schedule::kCodes:
+      ForwardCodes(x, ldx, batch, row_begin, row_end, y_out, ldy, terms_used, pool, &kt);
+      return;
+    case Schedule::kPanels:
+      ForwardPanels(x, ldx, batch, row_begin, row_end, y_out, ldy, terms_used, pool, &kt);
+      return;
+    default: {
+      // The activations transposed once ([in, batch]), then the transposed schedule, which
+      // folds the offsets into the dequantized rows.
+      std::vector<float> xt(static_cast<size_t>(batch * cols_));
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* xb = x + b * ldx;
+        for (int64_t i = 0; i < cols_; ++i) xt[static_cast<size_t>(i * batch + b)] = xb[i];
+      }
+      ForwardTransposed(xt.data(), batch, batch, row_begin, row_end, y_out, 1, ldy, terms_used,
+                        pool, &kt);
+    }
+  }
+}
+
+void LowbitLinear::ForwardCodes(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
+                                int64_t row_end, float* y_out, int64_t ldy, int terms_used,
+                                ThreadPool* pool, const LinearKernelTable* kernels) const {
   if (batch <= 0 || row_end <= row_begin) return;
   // y[b * ldy + o] for absolute row o.
   float* y = y_out - row_begin;
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int K = terms_used <= 0 || terms_used > terms() ? terms() : terms_used;
   const int bits = terms_[0].bits;
-  const int64_t pb = kt.perm_block != nullptr ? kt.perm_block(bits) : 0;
-  // The table-lookup path needs every scale group to start on a block boundary.
   // The last group of a row may be shorter (row length not a multiple of the group size).
   auto glen = [this](int64_t g) { return std::min(group_len_, cols_ - g * group_len_); };
-  const bool perm_ok = pb > 0 && (groups_ == 1 || group_len_ % pb == 0);
-  if (batch > (perm_ok ? kSmallBatchPerm : kSmallBatch)) {
-    // Larger batches: the activations transposed once ([in, batch]), then the transposed
-    // schedule, which folds the offsets into the dequantized rows.
-    std::vector<float> xt(static_cast<size_t>(batch * cols_));
-    for (int64_t b = 0; b < batch; ++b) {
-      const float* xb = x + b * ldx;
-      for (int64_t i = 0; i < cols_; ++i) xt[static_cast<size_t>(i * batch + b)] = xb[i];
-    }
-    ForwardTransposed(xt.data(), batch, batch, row_begin, row_end, y_out, 1, ldy, K, pool, &kt);
-    return;
+  const bool perm_ok = TableLookupFits(kt);
+  if (batch > (perm_ok ? kCodesMaxRowsTableLookup : kCodesMaxRows)) {
+    std::fprintf(stderr, "fpxint: LowbitLinear::ForwardCodes called with %lld rows\n",
+                 static_cast<long long>(batch));
+    std::abort();  // a caller bug: the buffers below hold at most 8 rows
   }
   // Σx per activation row and scale group: the small-batch path applies the offsets after the
   // dot products.

@@ -8,18 +8,18 @@
 // memory (b-bit codes, 8/b per byte for b ∈ {1, 2, 4}): resident bytes ≈ K·b/32 of FP32 plus the
 // scales. Activations stay fp32 (weight-only serving). Any-precision: K' ≤ K terms per call.
 //
-// Schedules, chosen by batch size:
-//   small batch (≤ 4, or ≤ 8 with the AVX-512 table-lookup path): per row and term, decode the
-//     codes to floats once and take dot products with every activation row; the scale and
-//     offset are applied per group after the dot (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K
-//     terms make one pass over the activations.
-//   larger batch (Forward, ForwardTransposed): per task of 16 rows, decode and sum the K terms
+// Schedules (chosen by core::ChooseSchedule, core/schedule.h, for every caller):
+//   codes (≤ 4 activation rows, or ≤ 8 with the AVX-512 table-lookup path): per row and term,
+//     dot products straight on the codes with every activation row; the scale and offset are
+//     applied per group after the dot (Σ s·(C + off)·x = s·(C·x + off·Σx)), so all K terms make
+//     one pass over the activations.
+//   transposed (more rows; ForwardTransposed): per task of 16 rows, decode and sum the K terms
 //     into fp32 rows (dequantize on the fly, in L1), then multiply them with the activations
 //     transposed ([in, batch]: one decoded weight broadcast against 16 or 32 activation rows per
 //     fused multiply-add, no horizontal sums): the FLOPs no longer grow with K. Convolutions
 //     hand their im2col columns, which are already in that layout, to ForwardTransposed and get
 //     the [out, pixels] output directly.
-//   moderate batch, row-major activations (ForwardPanels, AVX-512): 32 decoded rows transposed
+//   panels (17–48 rows of a linear layer, AVX-512; ForwardPanels): 32 decoded rows transposed
 //     in L1 so the weight rows sit in the vector lanes, each activation value broadcast against
 //     them; no transposed activations and no scattered output.
 // DepthwiseConv2d runs a depthwise convolution on these weights (one row per channel) straight
@@ -35,7 +35,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "core/expansion.h"
+#include "core/schedule.h"
 #include "core/thread_pool.h"
 
 namespace fpxint::core {
@@ -138,12 +140,27 @@ class LowbitLinear {
   // 0 or > terms() means all. `pool` may be null (calling thread only).
   void Forward(const float* x, int64_t batch, float* y, int terms_used = 0,
                ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
+  // The schedule core::ChooseSchedule picks for a call of `rows` activation rows on this weight
+  // with `kernels` (nullptr: the active table). `depthwise_geometry`: the call is a depthwise
+  // convolution the table's depthwise_row can run (dilation 1, horizontal stride 1).
+  Schedule ChooseSchedule(int64_t rows, LayerShape shape, int64_t max_packed_rows,
+                          const LinearKernelTable* kernels = nullptr,
+                          bool depthwise_geometry = false) const;
+
   // The general form: output rows [row_begin, row_end) only, activation row b at x + b·ldx
   // (ldx >= in_features()), y[b·ldy + o - row_begin]. Grouped convolutions run one call per
   // group on that group's rows and im2col patches. Requires 0 <= row_begin <= row_end <= out.
+  // Runs the schedule ChooseSchedule gives for a linear layer (codes, panels or transposed).
   void ForwardRows(const float* x, int64_t ldx, int64_t batch, int64_t row_begin, int64_t row_end,
                    float* y, int64_t ldy, int terms_used = 0, ThreadPool* pool = nullptr,
                    const LinearKernelTable* kernels = nullptr) const;
+
+  // Schedule::kCodes, as ForwardRows but requiring batch ≤ the schedule's bound (4, or 8 when
+  // the table-lookup path fits): dot products on the packed codes, the offsets applied after the
+  // dots, all K' terms in one pass over the activations.
+  void ForwardCodes(const float* x, int64_t ldx, int64_t batch, int64_t row_begin,
+                    int64_t row_end, float* y, int64_t ldy, int terms_used = 0,
+                    ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr) const;
 
   // The large-batch schedule on transposed activations: for b < batch and o in
   // [row_begin, row_end), y[(o - row_begin)·y_row_stride + b·y_batch_stride] =
@@ -196,9 +213,18 @@ class LowbitLinear {
     std::vector<float> scale;  // rows × groups (tensor scales broadcast to every row)
     std::vector<float> off;    // rows × groups: 0 (sym), 0.5 (mid) or -zero (asym)
   };
+  // Whether the table's table-lookup code path (perm_block) fits this weight's groups.
+  bool TableLookupFits(const LinearKernelTable& kt) const;
   int64_t rows_ = 0, cols_ = 0, group_len_ = 0, groups_ = 0, row_bytes_ = 0;
   std::vector<Term> terms_;
 };
+
+// SHA-256 (lower-case hex) of the packed terms `layers` hold, in the artifact's data order
+// (docs/FORMAT.md: term-major, then layer order): for k = 1..max terms, for each layer with a
+// term k, its codes (rows × row_bytes bytes as stored), then rows × groups scales and the same
+// number of offsets (0 sym, 0.5 mid, −zero asym) as little-endian float32. A reader recomputes it
+// from an artifact's tensors, so it shows that a served network holds exactly an artifact's terms.
+std::string PackedTermsSha256(absl::Span<const LowbitLinear* const> layers);
 
 }  // namespace fpxint::core
 

@@ -189,9 +189,18 @@ void DecodeRows(const uint8_t* const* codes, const float* const* scale, const fl
                             out, ldo);
 }
 
-const LinearKernelTable kAvx2 = {"avx2",  Decode,  Dot,     DotCodes, GemmXt,
-                                 nullptr, nullptr, nullptr, nullptr,  DecodeTerms,
-                                 DecodeRows,  nullptr, nullptr};
+constexpr LinearKernelTable kAvx2 = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  LinearKernelTable t{};
+  t.name = "avx2";
+  t.decode = Decode;
+  t.dot = Dot;
+  t.dot_codes = DotCodes;
+  t.gemm_xt = GemmXt;
+  t.decode_terms = DecodeTerms;
+  t.decode_rows = DecodeRows;
+  return t;
+}();
 
 }  // namespace
 

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "core/runtime.h"
 #include "core/internal/lowbit_linear_inl.h"
 #include "core/lowbit_linear.h"
 #include "core/packing.h"
@@ -372,11 +373,8 @@ void DepthwiseRow(const float* const* rows, const float* w, int kh, int kw, int6
 // The hardware prefetcher restarts at every 4 KiB page and every row task; a software prefetch
 // this many bytes ahead keeps more reads in flight (an interleaved two-thread A/B of this loop
 // over 8 MiB of 4-bit codes: 1.2-1.3x at 1024 bytes, less at 128-512). FPXINT_PREFETCH_BYTES
-// overrides it (0 turns it off).
-const int64_t kPrefetchBytes = [] {
-  const char* e = std::getenv("FPXINT_PREFETCH_BYTES");
-  return e != nullptr && *e != '\0' ? std::strtoll(e, nullptr, 10) : int64_t{1024};
-}();
+// overrides it (0 turns it off; core/runtime.h).
+const int64_t kPrefetchBytes = Runtime().prefetch_bytes;
 inline void Prefetch(const uint8_t* p) {
   if (kPrefetchBytes > 0)
     _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
@@ -659,10 +657,24 @@ void DecodeRows(const uint8_t* const* codes, const float* const* scale, const fl
   }
 }
 
-const LinearKernelTable kAvx512 = {
-    "avx512",  Decode,   Dot,          DotCodes,          GemmXt,
-    PermBlock, PermuteX, DotCodesPerm, DotCodesPermTerms, DecodeTerms,
-    DecodeRows, GemmWr, DepthwiseRow};
+constexpr LinearKernelTable kAvx512 = [] {
+  // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
+  LinearKernelTable t{};
+  t.name = "avx512";
+  t.decode = Decode;
+  t.dot = Dot;
+  t.dot_codes = DotCodes;
+  t.gemm_xt = GemmXt;
+  t.perm_block = PermBlock;
+  t.permute_x = PermuteX;
+  t.dot_codes_perm = DotCodesPerm;
+  t.dot_codes_perm_terms = DotCodesPermTerms;
+  t.decode_terms = DecodeTerms;
+  t.decode_rows = DecodeRows;
+  t.gemm_wr = GemmWr;
+  t.depthwise_row = DepthwiseRow;
+  return t;
+}();
 
 }  // namespace
 

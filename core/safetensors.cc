@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/atomic_file.h"
 #include "core/json.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
@@ -333,30 +334,9 @@ std::vector<uint8_t> SafetensorsWriter::Serialize() const {
   return out;
 }
 
-namespace {
-absl::Status WriteAll(int fd, const uint8_t* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, std::min<size_t>(n, 1u << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoToStatus(errno, "cannot write", path);
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return absl::OkStatus();
-}
-}  // namespace
 
 absl::Status SafetensorsWriter::WriteFile(const std::string& path, std::string* sha256_hex) const {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return ErrnoToStatus(errno, "cannot create", tmp);
-  auto fail = [&](absl::Status s) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return s;
-  };
+  FPX_ASSIGN_OR_RETURN(AtomicFile f, AtomicFile::Create(path));
   const std::string h = PaddedHeader();
   const uint64_t n = h.size();
   uint8_t len[8];
@@ -365,34 +345,12 @@ absl::Status SafetensorsWriter::WriteFile(const std::string& path, std::string* 
   // Hashes each piece just before writing it, while it is in cache.
   auto put = [&](const uint8_t* p, size_t size) {
     if (sha256_hex) hash.Update(absl::MakeConstSpan(p, size));
-    return WriteAll(fd, p, size, tmp);
+    return f.Write(p, size);
   };
-  if (absl::Status s = put(len, 8); !s.ok()) return fail(s);
-  if (absl::Status s = put(reinterpret_cast<const uint8_t*>(h.data()), h.size()); !s.ok()) {
-    return fail(s);
-  }
-  for (const Entry& e : entries_) {
-    if (absl::Status s = put(e.data.data(), e.data.size()); !s.ok()) return fail(s);
-  }
-  if (::fsync(fd) != 0) return fail(ErrnoToStatus(errno, "cannot fsync", tmp));
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoToStatus(err, "cannot close", tmp);
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoToStatus(err, "cannot rename into", path);
-  }
-  // Make the rename durable.
-  const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  FPX_RETURN_IF_ERROR(put(len, 8));
+  FPX_RETURN_IF_ERROR(put(reinterpret_cast<const uint8_t*>(h.data()), h.size()));
+  for (const Entry& e : entries_) FPX_RETURN_IF_ERROR(put(e.data.data(), e.data.size()));
+  FPX_RETURN_IF_ERROR(f.Commit());
   if (sha256_hex) *sha256_hex = hash.HexDigest();
   return absl::OkStatus();
 }

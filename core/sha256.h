@@ -1,6 +1,7 @@
 // File: core/sha256.h
 //
-// SHA-256 (FIPS 180-4), incremental. The core depends on Abseil only, so it carries its own.
+// SHA-256, incremental, on OpenSSL's EVP interface (SHA-NI or AVX2 where the CPU has them). The
+// one hash of the project: uploads, artifacts, the store and the CLI all use it.
 //
 // Example:
 //   Sha256 h; h.Update(bytes); std::string hex = h.HexDigest();
@@ -15,11 +16,17 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 
+struct evp_md_ctx_st;  // OpenSSL's EVP_MD_CTX
+
 namespace fpxint::core {
 
 class Sha256 {
  public:
   Sha256();
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+
   void Update(absl::Span<const uint8_t> data);
   void Update(absl::string_view data) {
     Update(absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(data.data()), data.size()));
@@ -30,11 +37,7 @@ class Sha256 {
   std::string HexDigest();
 
  private:
-  void Block(const uint8_t* p);
-  uint32_t h_[8];
-  uint8_t buf_[64];
-  size_t buf_len_ = 0;
-  uint64_t total_ = 0;
+  evp_md_ctx_st* ctx_;
 };
 
 // Hex SHA-256 of a whole byte range.

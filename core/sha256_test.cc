@@ -28,8 +28,7 @@ TEST(Sha256, KnownVectors) {
   EXPECT_EQ(million.HexDigest(), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
-// Lengths around the block and padding boundaries, hashed in one piece and in uneven pieces:
-// the bulk path (SHA extensions when the CPU has them, see sha256.cc) and the buffered path
+// Lengths around the block and padding boundaries, hashed in one piece and in uneven pieces,
 // must agree with Python's hashlib (the expected values were computed with it).
 TEST(Sha256, BoundaryLengthsMatchHashlib) {
   std::string data(200003, '\0');

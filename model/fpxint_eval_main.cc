@@ -85,7 +85,7 @@ int Main(int argc, char** argv) {
       ->check(CLI::Range(1, 256))
       ->capture_default_str();
   app.add_option("--include", include,
-                 "expand only the layers whose name matches this regex (ECMAScript, searched)");
+                 "expand only the layers whose name matches this regex (RE2 syntax, searched)");
   app.add_option("--exclude", exclude, "do not expand the layers whose name matches this regex");
   app.add_flag("--packed", packed,
                "run weight-only configs on the packed low-bit ops (fpxint::linear/conv2d on "

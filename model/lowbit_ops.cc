@@ -1,6 +1,8 @@
 // fpxint::linear / conv2d / dequantize and the PackedWeight class (model/lowbit_ops.h).
 #include "model/lowbit_ops.h"
 
+#include "core/runtime.h"
+
 #include "core/int_linear.h"
 #include "model/act_expand_op.h"
 #include "model/aten_pool.h"
@@ -92,12 +94,13 @@ int TermsArg(int64_t terms) {
   return terms <= 0 || terms > 64 ? 0 : static_cast<int>(terms);
 }
 
-// Output rows [r0, r1) of y = x · Wᵀ on the packed codes, split over LibTorch's intra-op pool.
-void RunPacked(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t m, int64_t r0,
-               int64_t r1, float* y, int64_t ldy, int terms) {
+// Schedule::kCodes: output rows [r0, r1) of y = x · Wᵀ on the packed codes, split over
+// LibTorch's intra-op pool.
+void RunCodes(const core::LowbitLinear& w, const float* x, int64_t ldx, int64_t m, int64_t r0,
+              int64_t r1, float* y, int64_t ldy, int terms) {
   constexpr int64_t kGrain = 16;
   at::parallel_for(r0, r1, kGrain, [&](int64_t b, int64_t e) {
-    w.ForwardRows(x, ldx, m, b, e, y + (b - r0), ldy, terms);
+    w.ForwardCodes(x, ldx, m, b, e, y + (b - r0), ldy, terms);
   });
 }
 
@@ -120,14 +123,6 @@ void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, i
   });
 }
 
-// Linear layers with (kPanelMinRows, kPanelMaxRows] activation rows and at most kPanelMaxIn
-// inputs run on the panel schedule, others beyond kFewRows on the transposed one (2 threads,
-// 6625x120: at 40 rows 0.38 vs 0.50 ms, at 12 and 16 rows the transposed schedule is ahead; at
-// 4096x4096 and 40 rows 9.5 vs 8.7 ms: the panel re-reads its output per 256-input chunk).
-constexpr int64_t kPanelMinRows = 16;
-constexpr int64_t kPanelMaxRows = 48;
-constexpr int64_t kPanelMaxIn = 1024;
-
 // The activation rows beyond which a call takes the dense path (a transient fp32 copy of Σ Ŵ_k
 // and LibTorch's GEMM or convolution). Weight-only: none by default, since the packed schedules
 // are ahead of decode + OpenBLAS/oneDNN at every size measured (docs/BENCHMARKS.md); W×A: 16,
@@ -142,10 +137,6 @@ int64_t IntMaxRows() {
   const int64_t v = PackedMaxRows();
   return v < 0 ? kIntMaxRows : v;
 }
-
-// Activation rows up to which core::LowbitLinear's small-batch kernels (dot products on the
-// codes) run; more rows go to the transposed schedule (decoded rows × transposed activations).
-constexpr int64_t kFewRows = 8;
 
 // Σ_{k<=terms} Ŵ_k for rows [r0, r1) into `out` (row-major, (r1 - r0) × in), rows split over
 // LibTorch's intra-op pool.
@@ -213,19 +204,23 @@ at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = w.out_features();
   at::Tensor y = at::empty(out_shape, x.options());
-  if (m > WeightOnlyMaxRows()) {
-    DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
-  } else if (m > kPanelMinRows && m <= kPanelMaxRows && w.in_features() <= kPanelMaxIn &&
-             core::ActiveLinearKernels().gemm_wr != nullptr) {
-    w.ForwardPanels(x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
-                    y.data_ptr<float>(), w.out_features(), k, &AtenPool());
-  } else if (m > kFewRows) {  // activations transposed once, for every row task
-    const at::Tensor xt = x.view({m, w.in_features()}).t().contiguous();
-    RunTransposed(w, xt.data_ptr<float>(), m, m, 0, w.out_features(), y.data_ptr<float>(), 1,
-                  w.out_features(), k);
-  } else {
-    RunPacked(w, x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
-              y.data_ptr<float>(), w.out_features(), k);
+  switch (w.ChooseSchedule(m, core::LayerShape::kLinear, WeightOnlyMaxRows())) {
+    case core::Schedule::kDense:
+      DenseLinear(w, x.view({m, w.in_features()}), y.view({m, w.out_features()}), k);
+      break;
+    case core::Schedule::kPanels:
+      w.ForwardPanels(x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
+                      y.data_ptr<float>(), w.out_features(), k, &AtenPool());
+      break;
+    case core::Schedule::kCodes:
+      RunCodes(w, x.data_ptr<float>(), w.in_features(), m, 0, w.out_features(),
+               y.data_ptr<float>(), w.out_features(), k);
+      break;
+    default: {  // transposed: the activations transposed once, for every row task
+      const at::Tensor xt = x.view({m, w.in_features()}).t().contiguous();
+      RunTransposed(w, xt.data_ptr<float>(), m, m, 0, w.out_features(), y.data_ptr<float>(), 1,
+                    w.out_features(), k);
+    }
   }
   if (bias && bias->defined()) y.add_(*bias);
   return y;
@@ -305,9 +300,14 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
                                  dilation);
   const int k = TermsArg(terms);
   const std::vector<int64_t>& ws = p->shape;
-  if (groups > 1 && groups == c.out && ws[1] == 1 && c.rows() > kFewRows &&
-      c.rows() <= WeightOnlyMaxRows() && c.dilation[0] == 1 && c.dilation[1] == 1 &&
-      c.stride[1] == 1 && core::ActiveLinearKernels().depthwise_row != nullptr) {
+  const bool depthwise = groups > 1 && groups == c.out && ws[1] == 1;
+  const core::Schedule schedule = w.ChooseSchedule(
+      c.rows(),
+      depthwise ? core::LayerShape::kDepthwiseConv
+                : groups > 1 ? core::LayerShape::kGroupedConv : core::LayerShape::kConv,
+      WeightOnlyMaxRows(), nullptr,
+      /*depthwise_geometry=*/c.dilation[0] == 1 && c.dilation[1] == 1 && c.stride[1] == 1);
+  if (schedule == core::Schedule::kDepthwise) {
     // Depthwise (one input channel per output channel): straight on the image, no im2col.
     const int64_t H = c.x.size(2), W = c.x.size(3);
     at::Tensor y = at::empty({c.n, c.out, c.oh, c.ow}, c.x.options());
@@ -320,13 +320,11 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
     if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
     return c.Finish(y);
   }
-  // Dense path, LibTorch's convolution (oneDNN on the same OpenMP threads), when forced by
-  // FPXINT_PACKED_MAX_ROWS, and for other grouped convolutions beyond a few output pixels: im2col
-  // would copy every input kh·kw times for a handful of weights.
-  if (c.rows() > WeightOnlyMaxRows() || (groups > 1 && c.rows() > kFewRows)) {
+  // Dense path, LibTorch's convolution (oneDNN on the same OpenMP threads).
+  if (schedule == core::Schedule::kDense) {
     return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
   }
-  if (c.rows() > kFewRows) {
+  if (schedule == core::Schedule::kTransposed) {
     // Transposed schedule (groups == 1 here): the im2col columns [N, C·kh·kw, OH·OW] are
     // already [in, pixels] per image, and the output [N, out, OH·OW] is what the kernel writes:
     // no transposes.
@@ -344,8 +342,8 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   const int64_t ldx = cols.size(2), cpg = w.in_features(), opg = c.out / groups;
   at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
   for (int64_t g = 0; g < groups; ++g) {
-    RunPacked(w, cols.data_ptr<float>() + g * cpg, ldx, c.rows(), g * opg, (g + 1) * opg,
-              flat.data_ptr<float>() + g * opg, c.out, k);
+    RunCodes(w, cols.data_ptr<float>() + g * cpg, ldx, c.rows(), g * opg, (g + 1) * opg,
+             flat.data_ptr<float>() + g * opg, c.out, k);
   }
   return c.FromRows(flat, bias);
 }
@@ -479,10 +477,7 @@ at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
 
 namespace {
 std::atomic<int64_t>& MaxRows() {
-  static std::atomic<int64_t> v([] {
-    const char* e = std::getenv("FPXINT_PACKED_MAX_ROWS");
-    return e != nullptr && *e != '\0' ? std::strtoll(e, nullptr, 10) : int64_t{-1};
-  }());
+  static std::atomic<int64_t> v(core::Runtime().packed_max_rows);
   return v;
 }
 }  // namespace
@@ -502,6 +497,7 @@ PackedWeightInfo InspectPackedWeight(const c10::IValue& v) {
   info.terms = p->w.terms();
   info.shape = p->shape;
   info.bytes = p->w.resident_bytes();
+  info.linear = &p->w;
   return info;
 }
 

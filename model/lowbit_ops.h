@@ -76,6 +76,7 @@ struct PackedWeightInfo {
   int terms = 0;
   std::vector<int64_t> shape;
   size_t bytes = 0;  // packed codes, scales and offsets
+  const core::LowbitLinear* linear = nullptr;  // the packed terms; valid while `v` lives
 };
 PackedWeightInfo InspectPackedWeight(const c10::IValue& v);
 // Whether fpxint::linear_wa / conv2d_wa take `v` (core::IntLinear::ViewOf: sym codes, one scale

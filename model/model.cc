@@ -12,7 +12,6 @@
 #include <cstdio>
 #include <map>
 #include <cstring>
-#include <regex>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -392,6 +391,41 @@ struct Model::Impl {
     return true;
   }
 
+  // Forgets the current expansion and the networks built from it; `spec` becomes the model's.
+  absl::Status ResetExpansion(const ModelExpansionSpec& s) {
+    if (released) {
+      return absl::FailedPreconditionError("this model keeps only its packed network (released)");
+    }
+    spec = s;
+    built.clear();  // networks of the previous expansion
+    packed.reset();
+    packed_wa.reset();
+    packed_wa_error = absl::OkStatus();
+    current_packed = current_wa = false;
+    for (LayerInfo& l : layers) l.errors.clear();
+    for (auto& e : expansions) e.reset();
+    return absl::OkStatus();
+  }
+
+  // The PackedWeight constants of the current network, in graph order (= layer order: each is
+  // inserted just before its layer).
+  std::vector<PackedWeightInfo> CurrentPackedWeights() const {
+    std::vector<PackedWeightInfo> out;
+    if (!current_packed) return out;
+    torch::jit::Module cur = current;
+    std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
+      for (Node* n : b->nodes()) {
+        for (torch::jit::Block* sub : n->blocks()) walk(sub);
+        if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
+        const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+        if (!v) continue;
+        if (PackedWeightInfo pw = InspectPackedWeight(*v); pw.terms > 0) out.push_back(pw);
+      }
+    };
+    walk(ForwardGraph(cur)->block());
+    return out;
+  }
+
   // The packed network of this kind, built on first use.
   absl::Status EnsurePacked(bool wa) {
     std::optional<torch::jit::Module>& slot = wa ? packed_wa : packed;
@@ -505,37 +539,26 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
 absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool,
                            const ExpandHooks& hooks) {
   FPX_RETURN_IF_ERROR(spec.Validate());
-  std::optional<std::regex> include, exclude;
+  std::optional<core::NamePattern> include, exclude;
   if (!spec.include.empty()) {
-    FPX_ASSIGN_OR_RETURN(include, core::CompileNamePattern(spec.include, "include"));
+    FPX_ASSIGN_OR_RETURN(include, core::NamePattern::Compile(spec.include, "include"));
   }
   if (!spec.exclude.empty()) {
-    FPX_ASSIGN_OR_RETURN(exclude, core::CompileNamePattern(spec.exclude, "exclude"));
+    FPX_ASSIGN_OR_RETURN(exclude, core::NamePattern::Compile(spec.exclude, "exclude"));
   }
   Impl& im = *impl_;
-  if (im.released) {
-    return absl::FailedPreconditionError("this model keeps only its packed network (released)");
-  }
-  im.spec = spec;
-  im.built.clear();  // networks of the previous expansion
-  im.packed.reset();
-  im.packed_wa.reset();
-  im.packed_wa_error = absl::OkStatus();
-  im.current_packed = im.current_wa = false;
+  FPX_RETURN_IF_ERROR(im.ResetExpansion(spec));
   core::ExpandOptions opts;
   opts.pool = pool;
   opts.cancel = hooks.cancel;
   int selected = 0;
   for (LayerInfo& l : im.layers) {
-    l.expanded = (!include || std::regex_search(l.name, *include)) &&
-                 !(exclude && std::regex_search(l.name, *exclude));
+    l.expanded = (!include || include->Matches(l.name)) && !(exclude && exclude->Matches(l.name));
     selected += l.expanded ? 1 : 0;
   }
   int done = 0;
   for (size_t i = 0; i < im.layers.size(); ++i) {
     LayerInfo& l = im.layers[i];
-    l.errors.clear();
-    im.expansions[i].reset();
     if (!l.expanded) continue;
     if (hooks.progress) hooks.progress({done++, selected, l.name});
     const at::Tensor w = ExpansionLayout(im.original_weights[i], im.kinds[i]);
@@ -555,6 +578,46 @@ absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* poo
                                                    im.layers.size(), " layers"));
   }
   if (hooks.progress) hooks.progress({selected, selected, ""});
+  im.kw = im.ka = 0;
+  im.current = im.frozen;
+  return absl::OkStatus();
+}
+
+absl::Status Model::UseArtifact(const ModelExpansionSpec& spec,
+                               const core::ArtifactView& artifact) {
+  Impl& im = *impl_;
+  ModelExpansionSpec s = spec;
+  s.weights = artifact.spec();
+  s.include.clear();
+  s.exclude.clear();
+  FPX_RETURN_IF_ERROR(s.Validate());
+  FPX_RETURN_IF_ERROR(im.ResetExpansion(s));
+  std::map<std::string, size_t> by_name;
+  for (size_t i = 0; i < im.layers.size(); ++i) {
+    im.layers[i].expanded = false;
+    by_name.emplace(im.layers[i].name, i);
+  }
+  for (const core::ArtifactView::Entry& e : artifact.tensors()) {
+    auto it = by_name.find(e.name);
+    if (it == by_name.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "artifact tensor '", e.name, "' is no layer of this model (it has ", im.layers.size(),
+          " layers, such as '", im.layers.front().name, "'): the artifact is of another model"));
+    }
+    const size_t i = it->second;
+    const std::vector<int64_t> want = ExpansionLayout(im.original_weights[i], im.kinds[i]).sizes().vec();
+    if (e.layout.shape != want) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "artifact tensor '", e.name, "' has shape [", absl::StrJoin(e.layout.shape, ", "),
+          "]; the model's layer needs [", absl::StrJoin(want, ", "), "]"));
+    }
+    FPX_ASSIGN_OR_RETURN(core::TensorExpansion x, artifact.Load(e.name));
+    im.layers[i].expanded = true;
+    im.expansions[i] = std::move(x);
+  }
+  if (artifact.tensors().empty()) {
+    return absl::InvalidArgumentError("the artifact holds no expanded tensor");
+  }
   im.kw = im.ka = 0;
   im.current = im.frozen;
   return absl::OkStatus();
@@ -685,23 +748,20 @@ Model::WeightMemory Model::weight_memory() const {
     // FP32 unless the layer runs packed (added from the graph below).
     if (!im.current_packed || !l.expanded) m.resident_bytes += static_cast<size_t>(n) * sizeof(float);
   }
-  if (!im.current_packed) return m;
-  // The PackedWeight constants of the packed network.
-  torch::jit::Module cur = im.current;
-  std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
-    for (Node* n : b->nodes()) {
-      for (torch::jit::Block* sub : n->blocks()) walk(sub);
-      if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
-      const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
-      if (!v) continue;
-      if (const PackedWeightInfo pw = InspectPackedWeight(*v); pw.terms > 0) {
-        m.resident_bytes += pw.bytes;
-        ++m.packed_layers;
-      }
-    }
-  };
-  walk(ForwardGraph(cur)->block());
+  for (const PackedWeightInfo& pw : im.CurrentPackedWeights()) {
+    m.resident_bytes += pw.bytes;
+    ++m.packed_layers;
+  }
   return m;
+}
+
+std::string Model::packed_terms_sha256() const {
+  if (!impl_->current_packed) return "";
+  // The current network's graph constants own the PackedWeight objects the pointers name.
+  const std::vector<PackedWeightInfo> weights = impl_->CurrentPackedWeights();
+  std::vector<const core::LowbitLinear*> layers;
+  for (const PackedWeightInfo& pw : weights) layers.push_back(pw.linear);
+  return core::PackedTermsSha256(layers);
 }
 
 absl::Status Model::ReleaseAllButPacked() {

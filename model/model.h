@@ -122,6 +122,14 @@ class Model {
   absl::Status Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool,
                       const ExpandHooks& hooks);
   absl::Status Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool);
+  // Takes the weight expansion from a packed artifact of this model (SaveArtifact, or a LAYER or
+  // MODEL job) instead of computing it: the layers the artifact holds are the expanded ones, each
+  // with exactly the artifact's terms, so the network runs the artifact's bytes. The weight part
+  // of the result's spec is the artifact's; the activation part comes from `spec` (its weight
+  // part, include and exclude are not used). Replaces an earlier expansion. InvalidArgument
+  // naming the tensor when the artifact has a tensor the model has no layer for, or a layer's
+  // terms of another shape; InvalidArgument when it holds none of the layers.
+  absl::Status UseArtifact(const ModelExpansionSpec& spec, const core::ArtifactView& artifact);
   const ModelExpansionSpec& spec() const;
 
   // Runs with the first kw weight terms and ka activation terms (any precision). kw = 0 runs the
@@ -147,6 +155,9 @@ class Model {
     int packed_layers = 0;
   };
   WeightMemory weight_memory() const;
+  // core::PackedTermsSha256 of the packed terms the current network runs, in layer order; empty
+  // when it is not a packed network (dense FP32 weights).
+  std::string packed_terms_sha256() const;
 
   // For serving a packed weight-only precision: frees everything but the packed network (FP
   // weights, expansions, other precisions). Afterwards only SetPrecision(kw >= 1, 0) and Forward

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "absl/strings/match.h"
+#include "core/artifact.h"
 #include "core/safetensors.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
@@ -311,6 +312,65 @@ TEST(ModelExport, ArtifactMatchesTheExpansionAndIsDeterministic) {
     EXPECT_NE((*reader)->Find(m->layers()[0].name + ".bias"), nullptr);
   }
   EXPECT_EQ(bytes[0], bytes[1]);
+}
+
+// A model takes its expansion from an artifact as it is: the same layers, the same terms bit for
+// bit and the same outputs as the model that wrote it, and packed networks that hold exactly the
+// artifact's terms. The artifact's spec wins over the caller's.
+TEST(ModelArtifact, UseArtifactRunsTheArtifactsTerms) {
+  ScratchDir dir;
+  const TinyIo io = LoadIo();
+  for (const ModelExpansionSpec& spec : {Spec(4, 3), Spec(4, 2, 8, 2)}) {
+    Model::Options packed;
+    packed.packed = true;
+    auto m = Model::Load(TinyModelFile("tiny_cnn.pt"), packed);
+    ASSERT_TRUE(m.ok()) << m.status();
+    ModelExpansionSpec s = spec;
+    s.exclude = "fc";  // the artifact holds the selection
+    ASSERT_TRUE((*m)->Expand(s, nullptr).ok());
+    const std::string path = dir.File("a.safetensors");
+    ASSERT_TRUE((*m)->SaveArtifact(path, nullptr).ok());
+    auto reader = core::SafetensorsReader::Open(path);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    auto view = core::ArtifactView::Parse(**reader);
+    ASSERT_TRUE(view.ok()) << view.status();
+
+    auto back = Model::Load(TinyModelFile("tiny_cnn.pt"), packed);
+    ASSERT_TRUE(back.ok()) << back.status();
+    ModelExpansionSpec other = spec;
+    other.weights.bits = 2;  // ignored: the artifact's weight spec is used
+    ASSERT_TRUE((*back)->UseArtifact(other, *view).ok());
+    EXPECT_EQ((*back)->spec().weights.bits, 4);
+    EXPECT_EQ((*back)->spec().act_terms, spec.act_terms);
+    int expanded = 0;
+    for (size_t i = 0; i < (*m)->layers().size(); ++i) {
+      EXPECT_EQ((*back)->layers()[i].expanded, (*m)->layers()[i].expanded) << i;
+      if (!(*m)->layers()[i].expanded) continue;
+      ++expanded;
+      const int K = spec.weights.terms;
+      EXPECT_EQ(core::Reconstruct(*(*back)->expansion(i), K),
+                core::Reconstruct(*(*m)->expansion(i), K));
+    }
+    EXPECT_EQ(expanded, 2);
+    const int ka = spec.act_terms;
+    ASSERT_TRUE((*m)->SetPrecision(spec.weights.terms, ka).ok());
+    ASSERT_TRUE((*back)->SetPrecision(spec.weights.terms, ka).ok());
+    auto y0 = (*m)->Forward(io.input);
+    auto y1 = (*back)->Forward(io.input);
+    ASSERT_TRUE(y0.ok() && y1.ok());
+    EXPECT_EQ(y0->f32, y1->f32);
+    EXPECT_FALSE((*back)->packed_terms_sha256().empty());
+    EXPECT_EQ((*back)->packed_terms_sha256(), (*m)->packed_terms_sha256());
+    ASSERT_TRUE((*back)->ReleaseAllButPacked().ok());
+    EXPECT_EQ((*back)->packed_terms_sha256(), (*m)->packed_terms_sha256());
+
+    // An artifact of another network names the first tensor this one has no layer for.
+    auto zoo = Model::Load(TinyModelFile("conv_zoo.pt"), packed);
+    ASSERT_TRUE(zoo.ok()) << zoo.status();
+    absl::Status wrong = (*zoo)->UseArtifact(spec, *view);
+    EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(wrong.message(), "artifact tensor")) << wrong;
+  }
 }
 
 // docs/ALGORITHM.md §7, C9 on a real pretrained network (the PaddleOCR orientation classifier).

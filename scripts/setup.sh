@@ -11,7 +11,7 @@ PKGS_BUILD=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libtorch-dev libopenblas0-pthread
   libgtest-dev libgmock-dev libbenchmark-dev libsqlite3-dev libcli11-dev nlohmann-json3-dev libssl-dev
-  libseccomp-dev
+  libseccomp-dev libre2-dev libyaml-cpp-dev
 )
 # Fuzzing and sanitizers (libFuzzer ships with clang's runtime).
 PKGS_FUZZ=(clang libclang-rt-14-dev)

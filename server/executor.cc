@@ -5,11 +5,11 @@
 #include <cmath>
 #include <filesystem>
 #include <random>
-#include <regex>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "core/atomic_file.h"
 #include "core/artifact.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
@@ -153,7 +153,7 @@ absl::Status WriteReport(const v1::JobSpec& spec, const v1::JobResult& result,
   *j.mutable_spec() = spec;
   *j.mutable_result() = result;
   FPX_ASSIGN_OR_RETURN(std::string json, ProtoToJson(j));
-  return WriteFileAtomic(path, json);
+  return core::WriteFileAtomic(path, json);
 }
 
 // The data-free probe: a fixed pseudo-random N(0,1) input of the model's signature, run through
@@ -255,7 +255,7 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
   out.result.set_bytes_out(report.bytes_out);
   out.result.set_compression_ratio(
       report.bytes_out ? static_cast<double>(report.bytes_in) / report.bytes_out : 0);
-  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact,
+  out.files.push_back({kPackedArtifactKind, ctx.model.name() + ".fpxint.safetensors", artifact,
                        report.artifact_sha256});
   return out;
 }
@@ -294,7 +294,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
   const std::string artifact = (fs::path(ctx.scratch_dir) / "artifact.safetensors").string();
   FPX_ASSIGN_OR_RETURN(core::ExpandReport report, net->SaveArtifact(artifact, ctx.pool));
   rep->Written(report.bytes_out);
-  out.files.push_back({"packed_safetensors", ctx.model.name() + ".fpxint.safetensors", artifact,
+  out.files.push_back({kPackedArtifactKind, ctx.model.name() + ".fpxint.safetensors", artifact,
                        report.artifact_sha256});
   FPX_ASSIGN_OR_RETURN(uint64_t source_size, FileSize(ctx.source_path));
   out.result.set_bytes_in(source_size);

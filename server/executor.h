@@ -34,6 +34,9 @@ struct JobContext {
   std::function<void(const v1::Progress&)> progress;
 };
 
+// The kind of every job's packed artifact (docs/FORMAT.md); a quantized deployment serves it.
+inline constexpr char kPackedArtifactKind[] = "packed_safetensors";
+
 struct ProducedFile {
   std::string kind;       // Artifact.kind
   std::string file_name;  // as downloaded

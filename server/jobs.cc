@@ -429,6 +429,10 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
     *d.mutable_spec() = spec;
     *d.mutable_inputs() = m->inputs();
     d.set_job_id(live->job.job_id());
+    // The version serves this job's packed artifact.
+    for (const v1::Artifact& a : *artifacts) {
+      if (a.kind() == kPackedArtifactKind) d.set_artifact_sha256(a.sha256());
+    }
     {
       absl::MutexLock l(&mu_);
       live->job.mutable_progress()->set_phase("deploying");

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS deployments(
   version TEXT NOT NULL,
   sha256 TEXT NOT NULL,
   record BLOB NOT NULL,
+  artifact_sha256 TEXT NOT NULL DEFAULT '',
   PRIMARY KEY(name, version));
 CREATE TABLE IF NOT EXISTS torchscript_verdicts(
   sha256 TEXT NOT NULL,
@@ -161,6 +162,12 @@ absl::StatusOr<std::unique_ptr<Journal>> Journal::Open(const std::string& path) 
   absl::Status s = j->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;");
   if (s.ok()) s = j->Exec(kSchema);
   if (!s.ok()) return s;
+  // Journals written before deployments were built from their job's artifact lack the column.
+  if (sqlite3_exec(db, "SELECT artifact_sha256 FROM deployments LIMIT 0", nullptr, nullptr,
+                   nullptr) != SQLITE_OK) {
+    FPX_RETURN_IF_ERROR(j->Exec(
+        "ALTER TABLE deployments ADD COLUMN artifact_sha256 TEXT NOT NULL DEFAULT ''"));
+  }
   return j;
 }
 
@@ -344,7 +351,8 @@ absl::StatusOr<bool> Journal::BlobReferenced(const std::string& sha256) {
   absl::MutexLock l(&mu_);
   Stmt st(db_,
           "SELECT 1 FROM models WHERE sha256 = ?1 UNION ALL SELECT 1 FROM artifacts WHERE "
-          "sha256 = ?1 UNION ALL SELECT 1 FROM deployments WHERE sha256 = ?1 LIMIT 1");
+          "sha256 = ?1 UNION ALL SELECT 1 FROM deployments WHERE sha256 = ?1 OR artifact_sha256 = ?1 "
+          "LIMIT 1");
   st.Bind(1, sha256);
   return HasRow(st);
 }
@@ -352,10 +360,11 @@ absl::StatusOr<bool> Journal::BlobReferenced(const std::string& sha256) {
 absl::Status Journal::PutDeployment(const v1::Deployment& d) {
   absl::MutexLock l(&mu_);
   Stmt st(db_,
-          "INSERT OR REPLACE INTO deployments(name, version, sha256, record) "
-          "VALUES(?, ?, ?, ?)");
+          "INSERT OR REPLACE INTO deployments(name, version, sha256, record, artifact_sha256) "
+          "VALUES(?, ?, ?, ?, ?)");
   st.Bind(1, d.name()).Bind(2, d.version()).Bind(3, d.source_sha256());
   st.BindBlob(4, d.SerializeAsString());
+  st.Bind(5, d.artifact_sha256());
   return st.Run();
 }
 

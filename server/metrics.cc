@@ -198,7 +198,7 @@ Metrics::Metrics() : impl_(std::make_unique<Impl>()) {
 
 Metrics::~Metrics() = default;
 
-void Metrics::Inference(const std::string& model, const std::string& version, const char* status,
+void Metrics::Inference(const std::string& model, const std::string& version, const std::string& status,
                         double seconds, double queue_seconds) {
   impl_->infer_requests.Add({{"model", model}, {"version", version}, {"status", status}})
       .Increment();
@@ -248,7 +248,7 @@ void Metrics::SetWorkers(int n) { impl_->workers.Set(n); }
 void Metrics::WorkersBusyAdd(int delta) { impl_->workers_busy.Increment(delta); }
 void Metrics::BytesUploaded(uint64_t n) { impl_->bytes_uploaded.Increment(static_cast<double>(n)); }
 
-void Metrics::Rpc(const std::string& method, const char* code, double seconds) {
+void Metrics::Rpc(const std::string& method, const std::string& code, double seconds) {
   impl_->rpcs.Add({{"method", method}, {"code", code}}).Increment();
   impl_->rpc_duration.Add({{"method", method}}, LatencyBuckets()).Observe(seconds);
 }

@@ -30,7 +30,7 @@ class Metrics {
 
   // One ModelInfer: `status` is the gRPC code name; `model` is "" for requests that named no
   // deployed model (so that arbitrary names cannot create series).
-  void Inference(const std::string& model, const std::string& version, const char* status,
+  void Inference(const std::string& model, const std::string& version, const std::string& status,
                  double seconds, double queue_seconds);
   void PendingAdd(int delta);
 
@@ -49,7 +49,7 @@ class Metrics {
   void SetModelWeights(const std::string& model, const std::string& version, uint64_t fp32_bytes,
                        uint64_t resident_bytes);
   void ClearModelWeights(const std::string& model, const std::string& version);
-  void Rpc(const std::string& method, const char* code, double seconds);
+  void Rpc(const std::string& method, const std::string& code, double seconds);
 
   // The text exposition format of everything (what /metrics serves).
   std::string Text() const;

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <regex>
 #include <set>
 #include <thread>
 #include <vector>
@@ -426,6 +425,19 @@ grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1
   } while (off < art.size_bytes() && !c->IsCancelled());
   ::close(fd);
   return result;
+}
+
+grpc::Status QuantizerService::GetDeployment(grpc::ServerContext* c, const v1::DeploymentRef* req,
+                                             v1::DeploymentStatus* resp) {
+  // Who serves a model (infer) and who deployed it (quantize) may both look at it.
+  unsigned roles = 0;
+  absl::Status admitted = ctx_.Admit(c, kRoleInfer, &roles);
+  if (absl::IsPermissionDenied(admitted) && (roles & kRoleQuantize) != 0) admitted = absl::OkStatus();
+  if (!admitted.ok()) return ToGrpcStatus(admitted);
+  auto d = ctx_.repo->Describe(req->name(), req->version());
+  if (!d.ok()) return ToGrpcStatus(d.status());
+  *resp = *std::move(d);
+  return grpc::Status::OK;
 }
 
 }  // namespace fpxint::server

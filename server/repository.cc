@@ -12,6 +12,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/notification.h"
+#include "core/atomic_file.h"
+#include "core/artifact.h"
+#include "core/safetensors.h"
+#include "core/sha256.h"
 #include "core/status_macros.h"
 #include "server/executor.h"
 #include "server/log.h"
@@ -79,7 +83,10 @@ class ServedModel::Runner {
 ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets,
                          InferQueueLimits limits)
     : d_(std::move(d)), limits_(limits) {
-  if (!nets.empty()) weights_ = nets.front()->weight_memory();
+  if (!nets.empty()) {
+    weights_ = nets.front()->weight_memory();
+    served_terms_sha256_ = nets.front()->packed_terms_sha256();
+  }
   absl::MutexLock l(&mu_);
   for (auto& n : nets) {
     free_.push_back(static_cast<int>(instances_.size()));
@@ -182,51 +189,74 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Instantiate(const v1::D
   FPX_RETURN_IF_ERROR(
       opts_.vetter->Require(d.source_sha256(), store_->PathOf(d.source_sha256())));
   const fs::path version_dir = fs::path(dir_) / d.name() / d.version();
-  std::string path = (version_dir / "model.pt").string();
+  const std::string source = (version_dir / kSourceFile).string();
   const bool series = d.platform() == kPlatformSeries;
   model::Model::Options mo;
   mo.threads = opts_.torch_threads;
   mo.max_built_networks = opts_.max_precisions;
   mo.packed = series && opts_.packed;
-  if (mo.packed) {
-    // Expand and pack once per version; instances (and restarts) load the packed network.
-    const std::string packed = (version_dir / "model.packed.pt").string();
-    std::error_code ec;
-    bool have = fs::exists(packed, ec);
-    if (!have) {
-      FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, mo));
-      FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(d.spec()), pool_));
-      const std::string tmp = (version_dir / ".model.packed.pt.tmp").string();
-      const absl::Status saved = net->SavePacked(tmp);
-      if (saved.ok()) {
-        FPX_RETURN_IF_ERROR(SyncFile(tmp));
-        fs::rename(tmp, packed, ec);
-        if (ec) return absl::InternalError(absl::StrCat("cannot publish '", packed, "'"));
-        FPX_RETURN_IF_ERROR(SyncDir(version_dir.string()));
-        have = true;
-      } else if (saved.code() == absl::StatusCode::kFailedPrecondition) {
-        // A W×A spec with layers the integer ops do not take: serve the dequantized network.
-        LogInfo(absl::StrCat("'", d.name(), "/", d.version(), "' is served unpacked: ",
-                             saved.message()));
-        mo.packed = false;
-      } else {
-        return saved;
-      }
+  // A quantized version runs its job's artifact: the terms are read from it, never computed
+  // again, and the file must be the one the job wrote.
+  std::unique_ptr<core::SafetensorsReader> reader;
+  std::optional<core::ArtifactView> artifact;
+  if (series) {
+    const std::string path = (version_dir / kArtifactFile).string();
+    FPX_ASSIGN_OR_RETURN(reader, core::SafetensorsReader::Open(path));
+    const std::string sha = core::Sha256Hex(reader->bytes());
+    if (sha != d.artifact_sha256()) {
+      return absl::DataLossError(absl::StrCat(
+          "the version's artifact '", path, "' has SHA-256 ", sha, ", its deployment record ",
+          d.artifact_sha256(), ": it changed after the job wrote it"));
     }
-    if (have) path = packed;
+    FPX_ASSIGN_OR_RETURN(artifact, core::ArtifactView::Parse(*reader));
   }
   std::vector<std::unique_ptr<model::Model>> nets;
   for (int i = 0; i < std::max(1, opts_.instances); ++i) {
-    FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(path, mo));
-    if (series && !mo.packed) {
-      FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(d.spec()), pool_));
-    }
+    FPX_ASSIGN_OR_RETURN(auto net, model::Model::Load(source, mo));
     if (series) {
+      FPX_RETURN_IF_ERROR(net->UseArtifact(ToModelExpansionSpec(d.spec()), *artifact));
       FPX_RETURN_IF_ERROR(net->SetPrecision(d.spec().weight_terms(), d.spec().act_terms()));
+      if (!net->packed_terms_sha256().empty()) {
+        if (i == 0) FPX_RETURN_IF_ERROR(ExportPacked(d, net.get()));
+        // Serving needs only the packed terms: the FP weights and expansions go.
+        FPX_RETURN_IF_ERROR(net->ReleaseAllButPacked());
+      } else if (i == 0 && mo.packed) {
+        LogInfo(absl::StrCat("'", d.name(), "/", d.version(), "' is served unpacked: its W×A "
+                             "spec has layers the integer ops do not take"));
+      }
     }
     nets.push_back(std::move(net));
   }
   return std::make_shared<ServedModel>(d, std::move(nets), opts_.infer_queue);
+}
+
+absl::Status Repository::ExportPacked(const v1::Deployment& d, model::Model* net) {
+  const fs::path version_dir = fs::path(dir_) / d.name() / d.version();
+  const fs::path packed = version_dir / kPackedExportFile;
+  std::error_code ec;
+  if (fs::exists(packed, ec)) return absl::OkStatus();
+  const std::string tmp = core::TempPathFor(packed.string());
+  absl::Status s = net->SavePacked(tmp);
+  if (s.ok()) s = core::PublishFile(tmp, packed.string());
+  if (!s.ok()) fs::remove(tmp, ec);
+  return s;
+}
+
+absl::Status Repository::ResolveArtifact(v1::Deployment* d) {
+  if (d->platform() != kPlatformSeries || !d->artifact_sha256().empty()) return absl::OkStatus();
+  // A record written before versions were built from their job's artifact: find that artifact.
+  FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> job, journal_->GetJob(d->job_id()));
+  if (job) {
+    for (const v1::Artifact& a : job->artifacts()) {
+      if (a.kind() == kPackedArtifactKind) {
+        d->set_artifact_sha256(a.sha256());
+        return journal_->PutDeployment(*d);
+      }
+    }
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "deployment '", d->name(), "/", d->version(), "' has no packed artifact to serve (its job '",
+      d->job_id(), "' and its artifacts are gone); run the job again with a deploy"));
 }
 
 absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
@@ -234,33 +264,45 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
   FPX_RETURN_IF_ERROR(CheckName(d.name(), "deployment name"));
   FPX_RETURN_IF_ERROR(CheckVersion(d.version(), "deployment version"));
   const fs::path final_dir = fs::path(dir_) / d.name() / d.version();
+  const bool series = d.platform() == kPlatformSeries;
   std::error_code ec;
-  if (fs::exists(final_dir / "config.json", ec)) return absl::OkStatus();
+  if (fs::exists(final_dir / "config.json", ec) &&
+      (!series || fs::exists(final_dir / kArtifactFile, ec))) {
+    return absl::OkStatus();
+  }
   const fs::path tmp = fs::path(dir_) / d.name() / ("." + d.version() + ".tmp");
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create '", tmp.string(), "'"));
-  const std::string blob = store_->PathOf(d.source_sha256());
-  const std::string model_path = (tmp / "model.pt").string();
-  if (::link(blob.c_str(), model_path.c_str()) != 0) {
-    fs::copy_file(blob, model_path, ec);  // another file system: copy
-    if (ec) return absl::InternalError(absl::StrCat("cannot place the model: ", ec.message()));
-  }
+  // Hard links to the blobs (copies across file systems): the version stays servable whatever
+  // happens to the job that made it.
+  auto place = [&](const std::string& sha, const char* file) -> absl::Status {
+    const std::string blob = store_->PathOf(sha);
+    const std::string path = (tmp / file).string();
+    if (::link(blob.c_str(), path.c_str()) != 0) {
+      fs::copy_file(blob, path, ec);
+      if (ec) return absl::InternalError(absl::StrCat("cannot place '", file, "': ", ec.message()));
+    }
+    return absl::OkStatus();
+  };
+  FPX_RETURN_IF_ERROR(place(d.source_sha256(), kSourceFile));
+  if (series) FPX_RETURN_IF_ERROR(place(d.artifact_sha256(), kArtifactFile));
   FPX_ASSIGN_OR_RETURN(std::string json, ProtoToJson(d));
-  FPX_RETURN_IF_ERROR(WriteFileAtomic((tmp / "config.json").string(), json));
+  FPX_RETURN_IF_ERROR(core::WriteFileAtomic((tmp / "config.json").string(), json));
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot publish '", final_dir.string(), "'"));
-  return SyncDir((fs::path(dir_) / d.name()).string());
+  return core::SyncDir((fs::path(dir_) / d.name()).string());
 }
 
 absl::Status Repository::LoadDeployment(v1::Deployment d) {
   absl::MutexLock load_lock(&load_mu_);
+  FPX_RETURN_IF_ERROR(ResolveArtifact(&d));
   FPX_RETURN_IF_ERROR(WriteVersionDir(d));
   // The marker outlives the process only when the load never returned (a crash in LibTorch, an
   // abort, a kill): Restore() then quarantines the version instead of loading it again.
   const std::string marker = LoadingMarker(d);
-  FPX_RETURN_IF_ERROR(WriteFileAtomic(marker, absl::StrCat(NowUnixMs(), "\n")));
+  FPX_RETURN_IF_ERROR(core::WriteFileAtomic(marker, absl::StrCat(NowUnixMs(), "\n")));
   auto served = Instantiate(d);
   std::error_code marker_ec;
   fs::remove(marker, marker_ec);
@@ -333,6 +375,10 @@ absl::StatusOr<v1::Deployment> Repository::Deploy(v1::Deployment d, bool load) {
   }
   d.set_created_unix_ms(NowUnixMs());
   d.set_loaded(load);
+  if (d.platform() == kPlatformSeries && !IsSha256Hex(d.artifact_sha256())) {
+    return absl::InvalidArgumentError(
+        "a quantized deployment needs its job's packed artifact (artifact_sha256)");
+  }
   FPX_RETURN_IF_ERROR(WriteVersionDir(d));
   FPX_RETURN_IF_ERROR(journal_->PutDeployment(d));
   if (load) FPX_RETURN_IF_ERROR(LoadDeployment(d));
@@ -456,6 +502,63 @@ absl::StatusOr<std::shared_ptr<ServedModel>> Repository::Get(const std::string& 
   }
   return absl::FailedPreconditionError(
       absl::StrCat("model '", name, "' is not loaded (RepositoryModelLoad loads it)"));
+}
+
+absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& name,
+                                                          const std::string& version) {
+  FPX_ASSIGN_OR_RETURN(std::vector<v1::Deployment> all, journal_->ListDeployments());
+  const v1::Deployment* d = nullptr;
+  for (const v1::Deployment& x : all) {  // ascending versions: the last match is the highest
+    if (x.name() == name && (version.empty() || x.version() == version)) d = &x;
+  }
+  if (d == nullptr) {
+    return absl::NotFoundError(
+        version.empty() || Versions(name).empty()
+            ? absl::StrCat("name: no model '", name, "' is deployed")
+            : absl::StrCat("version: model '", name, "' has no version '", version, "'"));
+  }
+  v1::DeploymentStatus out;
+  out.set_name(d->name());
+  out.set_version(d->version());
+  out.set_platform(d->platform());
+  out.set_job_id(d->job_id());
+  out.set_source_sha256(d->source_sha256());
+  out.set_artifact_sha256(d->artifact_sha256());
+  out.set_created_unix_ms(d->created_unix_ms());
+  const bool series = d->platform() == kPlatformSeries;
+  if (series) {
+    *out.mutable_spec() = d->spec();
+    const int64_t k = d->spec().weight_terms();
+    out.set_composition(
+        d->spec().granularity() == v1::MODEL
+            ? absl::StrCat("Abelian sum of ", k, " basis models (term k of every expanded layer "
+                           "is basis model k), summed inside each layer before its nonlinearity")
+            : absl::StrCat("each expanded layer runs the sum of its first K' <= ", k,
+                           " terms (fpxint_terms)"));
+  } else {
+    out.set_composition("the uploaded TorchScript as it is (FP)");
+  }
+  std::shared_ptr<ServedModel> served;
+  {
+    absl::MutexLock l(&mu_);
+    if (auto it = loaded_.find(d->name()); it != loaded_.end()) {
+      if (auto v = it->second.find(d->version()); v != it->second.end()) served = v->second;
+    }
+    if (served == nullptr) {
+      const auto f = failures_.find(d->name() + "/" + d->version());
+      out.set_reason(f != failures_.end()              ? f->second
+                     : !d->quarantine_reason().empty() ? d->quarantine_reason()
+                                                       : "unloaded");
+    }
+  }
+  out.set_state(served != nullptr ? "READY" : "UNAVAILABLE");
+  if (served != nullptr) {
+    out.set_served_terms_sha256(served->served_terms_sha256());
+    out.set_fp32_weight_bytes(served->weights().fp32_bytes);
+    out.set_resident_weight_bytes(served->weights().resident_bytes);
+    out.set_packed_layers(served->weights().packed_layers);
+  }
+  return out;
 }
 
 std::vector<std::shared_ptr<ServedModel>> Repository::Loaded() {

@@ -1,14 +1,20 @@
 // File: server/repository.h
 //
 // The inference model repository, Triton-like on disk: <data>/repository/<name>/<version>/ holds
-// model.pt (the TorchScript source, a hard link to its blob) and config.json (the Deployment
-// record). A version directory appears by rename, complete. The journal remembers which versions
-// are loaded, so a restart serves the same models.
+// model.pt (the TorchScript source, a hard link to its blob), for quantized versions
+// model.fpxint.safetensors (the job's packed artifact, a hard link to its blob) and
+// model.packed.pt (the packed network, exported once for use outside the server), and
+// config.json (the Deployment record). A version directory appears by rename, complete. The
+// journal remembers which versions are loaded, so a restart serves the same models.
 //
-// FP deployments (platform "pytorch_torchscript") run the TorchScript as it is; quantized ones
-// ("fpxint_series") load the same source and expand it with the deployment's spec — the
-// expansion is deterministic and reads no data, so this is the job's result — and run with the
-// first K_w' ≤ K_w weight terms (request parameter fpxint_terms).
+// FP deployments (platform "pytorch_torchscript") run the TorchScript as it is. Quantized ones
+// ("fpxint_series") are built from the job's artifact: the source gives the network, the
+// artifact every expanded layer's terms (model::Model::UseArtifact), checked against the
+// artifact's SHA-256 in the record; nothing is expanded again, so what a user downloads is what
+// is served (ServedModel::served_terms_sha256 shows it). They run with the first K_w' ≤ K_w
+// weight terms (request parameter fpxint_terms). A MODEL-granularity job's K basis models are
+// served as their Abelian sum: term k of every layer is basis model k, summed inside each layer
+// before its nonlinearity, which equals running the basis models in lock-step and adding them.
 //
 // Each loaded version keeps `instances` copies of the network (a Model runs one request at a
 // time); requests beyond that wait their turn (the queue time is in the statistics).
@@ -38,6 +44,11 @@ namespace fpxint::server {
 
 inline constexpr char kPlatformFp[] = "pytorch_torchscript";
 inline constexpr char kPlatformSeries[] = "fpxint_series";
+// Files of a version directory: the uploaded TorchScript, the job's packed artifact, and the
+// packed network exported for use outside the server (torch.jit.load with the fpxint op library).
+inline constexpr char kSourceFile[] = "model.pt";
+inline constexpr char kArtifactFile[] = "model.fpxint.safetensors";
+inline constexpr char kPackedExportFile[] = "model.packed.pt";
 
 struct DurationStat {
   uint64_t count = 0;
@@ -84,6 +95,9 @@ class ServedModel {
   ModelStats stats() const;
   // One instance's weight memory (model::Model::weight_memory at load).
   const model::Model::WeightMemory& weights() const { return weights_; }
+  // model::Model::packed_terms_sha256 of the loaded network: equal to the same digest of the
+  // artifact it was built from (empty for FP and dense-served versions).
+  const std::string& served_terms_sha256() const { return served_terms_sha256_; }
 
  private:
   // One thread per instance runs its forward passes: LibTorch's OpenMP keeps a thread team per
@@ -103,6 +117,7 @@ class ServedModel {
   int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   ModelStats stats_ ABSL_GUARDED_BY(mu_);
   model::Model::WeightMemory weights_;
+  std::string served_terms_sha256_;
 };
 
 class Repository {
@@ -147,12 +162,20 @@ class Repository {
   // model, FailedPrecondition (UNAVAILABLE state) for one that is not loaded.
   absl::StatusOr<std::shared_ptr<ServedModel>> Get(const std::string& name,
                                                    const std::string& version);
+  // GetDeployment: version `version` of `name` (empty: the highest number), loaded or not.
+  // NotFound naming the field.
+  absl::StatusOr<v1::DeploymentStatus> Describe(const std::string& name,
+                                                const std::string& version);
   // Versions known for `name` (loaded or not), ascending.
   std::vector<std::string> Versions(const std::string& name);
   std::vector<std::shared_ptr<ServedModel>> Loaded();
 
  private:
   absl::StatusOr<std::shared_ptr<ServedModel>> Instantiate(const v1::Deployment& d);
+  // Writes the packed network of a version's first instance as kPackedExportFile, once.
+  absl::Status ExportPacked(const v1::Deployment& d, model::Model* net);
+  // Fills artifact_sha256 of a quantized record that predates it from its job's artifacts.
+  absl::Status ResolveArtifact(v1::Deployment* d);
   absl::Status WriteVersionDir(const v1::Deployment& d);
   absl::Status LoadDeployment(v1::Deployment d);
 

@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "core/atomic_file.h"
 #include "core/kernels.h"
 #include "core/status_macros.h"
 #include "server/auth.h"
@@ -312,7 +313,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     const std::string maddr = absl::StrCat(host, ":", server->metrics_port());
     metrics_note = absl::StrCat("; metrics on http://", maddr, "/metrics");
     if (!config.metrics_port_file.empty()) {
-      FPX_RETURN_IF_ERROR(WriteFileAtomic(config.metrics_port_file, maddr + "\n"));
+      FPX_RETURN_IF_ERROR(core::WriteFileAtomic(config.metrics_port_file, maddr + "\n"));
     }
   }
   LogInfo(absl::StrCat("fpxint-server ", FPXINT_VERSION, " listening on ", addr,
@@ -323,7 +324,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                        " compute threads, kernels ", core::ActiveKernels().name, metrics_note));
   // The port file last: it tells scripts the server is ready, with its metrics port file in place.
   if (!config.port_file.empty()) {
-    FPX_RETURN_IF_ERROR(WriteFileAtomic(config.port_file, addr + "\n"));
+    FPX_RETURN_IF_ERROR(core::WriteFileAtomic(config.port_file, addr + "\n"));
   }
   return server;
 }

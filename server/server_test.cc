@@ -20,6 +20,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/artifact.h"
 #include "core/dtype.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
@@ -1023,6 +1024,104 @@ TEST_F(ServerTest, ModelJobWritesBasisModels) {
   EXPECT_EQ(basis, 2);
   ASSERT_EQ(done.result().probe_size(), 2);
   EXPECT_EQ(done.result().probe(1).act_terms(), 2u);
+}
+
+// The packed-terms digest of docs/FORMAT.md computed straight from an artifact's tensors: for k,
+// for each expanded tensor in data order, codes as stored, then per (row, group) a float32 scale
+// and a float32 offset (0 sym, 0.5 mid, -zero asym).
+std::string ArtifactTermsSha256(const std::string& bytes) {
+  auto r = core::SafetensorsReader::FromBuffer(
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  EXPECT_TRUE(r.ok()) << r.status();
+  if (!r.ok()) return "";
+  auto view = core::ArtifactView::Parse(**r);
+  EXPECT_TRUE(view.ok()) << view.status();
+  if (!view.ok()) return "";
+  const core::ExpansionSpec& spec = view->spec();
+  core::Sha256 h;
+  for (int k = 1; k <= spec.terms; ++k) {
+    for (const core::ArtifactView::Entry& e : view->tensors()) {
+      if (k > e.terms) continue;
+      const std::string prefix = absl::StrCat(e.name, ".t", k);
+      h.Update((*r)->Data(*(*r)->Find(prefix + ".codes")));
+      auto floats = [&](const std::string& name) {
+        auto d = (*r)->Data(*(*r)->Find(name));
+        std::vector<float> v(d.size() / 4);
+        std::memcpy(v.data(), d.data(), d.size());
+        return v;
+      };
+      const std::vector<float> scale = floats(prefix + ".scale");
+      const std::vector<float> zero =
+          spec.grid == core::Grid::kAsym ? floats(prefix + ".zero") : std::vector<float>();
+      const int64_t n = e.layout.rows * (spec.scale == core::ScaleGranularity::kGroup
+                                             ? e.layout.groups_per_row : 1);
+      std::vector<float> s(n), off(n);
+      for (int64_t i = 0; i < n; ++i) {
+        const size_t j = spec.scale == core::ScaleGranularity::kTensor ? 0 : i;
+        s[i] = scale[j];
+        off[i] = spec.grid == core::Grid::kSym ? 0.0f : spec.grid == core::Grid::kMid ? 0.5f : -zero[j];
+      }
+      h.Update(absl::string_view(reinterpret_cast<const char*>(s.data()), s.size() * 4));
+      h.Update(absl::string_view(reinterpret_cast<const char*>(off.data()), off.size() * 4));
+    }
+  }
+  return h.HexDigest();
+}
+
+// A quantized deployment is built from its job's packed artifact: the artifact a user downloads
+// is the one the version serves, term for term, and a changed artifact is refused at load.
+TEST_F(ServerTest, DeploymentServesTheDownloadedArtifact) {
+  v1::Model m;
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ReadFileOrDie(TinyDir() + "/tiny_cnn.pt"), &m).ok());
+  v1::JobSpec spec = Spec("tiny", v1::MODEL, 4, 2);
+  spec.set_grid(v1::ASYM);
+  spec.mutable_deploy()->set_enabled(true);
+  spec.mutable_deploy()->set_name("tiny-m");
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  std::string artifact;
+  for (const auto& a : done.artifacts()) {
+    if (a.kind() == "packed_safetensors") artifact = Download(a.artifact_id());
+  }
+  ASSERT_FALSE(artifact.empty());
+
+  v1::DeploymentRef ref;
+  ref.set_name("tiny-m");
+  v1::DeploymentStatus st;
+  ASSERT_TRUE(q_->GetDeployment(Ctx(kInfer).get(), ref, &st).ok());
+  EXPECT_EQ(st.state(), "READY");
+  EXPECT_EQ(st.version(), "1");
+  EXPECT_EQ(st.job_id(), done.job_id());
+  EXPECT_EQ(st.artifact_sha256(), Sha(artifact));
+  EXPECT_EQ(st.served_terms_sha256(), ArtifactTermsSha256(artifact));
+  EXPECT_EQ(st.packed_layers(), 3);
+  EXPECT_LT(st.resident_weight_bytes(), st.fp32_weight_bytes());
+  EXPECT_TRUE(absl::StrContains(st.composition(), "Abelian sum of 2 basis models"))
+      << st.composition();
+  ref.set_version("9");
+  grpc::Status missing = q_->GetDeployment(Ctx(kQuantize).get(), ref, &st);
+  EXPECT_EQ(missing.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(absl::StrContains(missing.error_message(), "version")) << missing.error_message();
+
+  // The version directory holds its own copy of the artifact. Change one byte of it: the next
+  // load refuses the version rather than serve terms no job wrote.
+  const std::string served = dir_.File("data") + "/repository/tiny-m/1/model.fpxint.safetensors";
+  std::string bytes = ReadFileOrDie(served);
+  ASSERT_EQ(Sha(bytes), Sha(artifact));
+  bytes[bytes.size() - 1] ^= 1;
+  std::filesystem::remove(served);  // a hard link: the store's blob keeps its bytes
+  WriteFileOrDie(served, bytes);
+  inference::RepositoryModelUnloadRequest ur;
+  ur.set_model_name("tiny-m");
+  inference::RepositoryModelUnloadResponse uresp;
+  ASSERT_TRUE(oip_->RepositoryModelUnload(Ctx(kInfer).get(), ur, &uresp).ok());
+  inference::RepositoryModelLoadRequest lr;
+  lr.set_model_name("tiny-m");
+  inference::RepositoryModelLoadResponse lresp;
+  grpc::Status load = oip_->RepositoryModelLoad(Ctx(kInfer).get(), lr, &lresp);
+  EXPECT_EQ(load.error_code(), grpc::StatusCode::DATA_LOSS);
+  EXPECT_TRUE(absl::StrContains(load.error_message(), "changed after the job wrote it"))
+      << load.error_message();
 }
 
 // ---- the trust boundary: defaults, start-up, request bounds ----

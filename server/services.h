@@ -82,6 +82,8 @@ class QuantizerService final
                                                   const v1::JobRef* req) override;
   grpc::Status DownloadArtifact(grpc::ServerContext* c, const v1::ArtifactRef* req,
                                 grpc::ServerWriter<v1::ArtifactChunk>* writer) override;
+  grpc::Status GetDeployment(grpc::ServerContext* c, const v1::DeploymentRef* req,
+                             v1::DeploymentStatus* resp) override;
 
  private:
   ServiceContext ctx_;

@@ -4,7 +4,6 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/statvfs.h>
-#include <openssl/evp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -18,93 +17,19 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/atomic_file.h"
+#include "core/sha256.h"
 #include "core/safetensors.h"
+#include "core/status_macros.h"
 
 namespace fpxint::server {
 namespace {
 
 namespace fs = std::filesystem;
 
-absl::Status WriteAll(int fd, const char* p, size_t n, const std::string& path) {
-  while (n > 0) {
-    ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return core::ErrnoToStatus(errno, "cannot write", path);
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return absl::OkStatus();
-}
-
-// Streaming SHA-256 through OpenSSL (SHA-NI where the CPU has it).
-class Sha256Stream {
- public:
-  Sha256Stream() { EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr); }
-  ~Sha256Stream() { EVP_MD_CTX_free(ctx_); }
-  Sha256Stream(const Sha256Stream&) = delete;
-  Sha256Stream& operator=(const Sha256Stream&) = delete;
-
-  void Update(const void* p, size_t n) { EVP_DigestUpdate(ctx_, p, n); }
-  // Lower-case hex of the digest; call once.
-  std::string HexDigest() {
-    unsigned char d[EVP_MAX_MD_SIZE];
-    unsigned n = 0;
-    EVP_DigestFinal_ex(ctx_, d, &n);
-    std::string s;
-    s.reserve(2 * n);
-    for (unsigned i = 0; i < n; ++i) absl::StrAppendFormat(&s, "%02x", d[i]);
-    return s;
-  }
-
- private:
-  EVP_MD_CTX* ctx_ = EVP_MD_CTX_new();
-};
-
-std::string UniqueSuffix() {
-  static std::atomic<uint64_t> counter{0};
-  static const uint64_t seed = std::random_device{}();
-  return absl::StrFormat("%d-%x-%d", ::getpid(), seed & 0xffffff, counter.fetch_add(1));
-}
+using core::WriteAll;
 
 }  // namespace
-
-absl::Status SyncFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
-  int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync", path);
-  return absl::OkStatus();
-}
-
-absl::Status SyncDir(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return core::ErrnoToStatus(errno, "cannot open directory", dir);
-  int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync directory", dir);
-  return absl::OkStatus();
-}
-
-absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents) {
-  const fs::path p(path);
-  const std::string tmp =
-      (p.parent_path() / ("." + p.filename().string() + ".tmp-" + UniqueSuffix())).string();
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd < 0) return core::ErrnoToStatus(errno, "cannot create", tmp);
-  absl::Status s = WriteAll(fd, contents.data(), contents.size(), tmp);
-  if (s.ok() && ::fsync(fd) != 0) s = core::ErrnoToStatus(errno, "cannot fsync", tmp);
-  ::close(fd);
-  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0)
-    s = core::ErrnoToStatus(errno, "cannot rename to", path);
-  if (!s.ok()) {
-    ::unlink(tmp.c_str());
-    return s;
-  }
-  return SyncDir(p.parent_path().empty() ? "." : p.parent_path().string());
-}
 
 bool IsSha256Hex(absl::string_view s) {
   if (s.size() != 64) return false;
@@ -114,26 +39,6 @@ bool IsSha256Hex(absl::string_view s) {
   return true;
 }
 
-absl::StatusOr<std::string> HashFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
-  Sha256Stream hash;
-  std::vector<char> buf(1 << 20);
-  absl::Status s;
-  for (;;) {
-    ssize_t n = ::read(fd, buf.data(), buf.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      s = core::ErrnoToStatus(errno, "cannot read", path);
-      break;
-    }
-    if (n == 0) break;
-    hash.Update(buf.data(), static_cast<size_t>(n));
-  }
-  ::close(fd);
-  if (!s.ok()) return s;
-  return hash.HexDigest();
-}
 
 absl::StatusOr<uint64_t> FileSize(const std::string& path) {
   struct stat st;
@@ -202,7 +107,7 @@ BlobStore::Swept BlobStore::SweepOrphans(const ReferencedFn& referenced, absl::D
 }
 
 std::string BlobStore::NewTempName(absl::string_view prefix) {
-  return (fs::path(root_) / "tmp" / absl::StrCat(prefix, "-", UniqueSuffix())).string();
+  return (fs::path(root_) / "tmp" / absl::StrCat(prefix, "-", core::UniqueSuffix())).string();
 }
 
 absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_bytes) {
@@ -253,21 +158,15 @@ absl::Status BlobStore::Commit(const std::string& tmp, const std::string& sha256
   if (ec) return absl::InternalError(absl::StrCat("cannot create '", dir, "': ", ec.message()));
   if (::rename(tmp.c_str(), dst.c_str()) != 0)
     return core::ErrnoToStatus(errno, "cannot rename to", dst);
-  return SyncDir(dir);
+  return core::SyncDir(dir);
 }
 
 absl::StatusOr<std::string> BlobStore::ImportFile(const std::string& path,
                                                   absl::string_view known_sha256) {
-  {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return core::ErrnoToStatus(errno, "cannot open", path);
-    int rc = ::fsync(fd);
-    ::close(fd);
-    if (rc != 0) return core::ErrnoToStatus(errno, "cannot fsync", path);
-  }
+  FPX_RETURN_IF_ERROR(core::SyncFile(path));
   absl::StatusOr<std::string> sha = std::string(known_sha256);
   if (known_sha256.empty()) {
-    sha = HashFile(path);
+    sha = core::Sha256File(path);
     if (!sha.ok()) return sha.status();
   } else if (!IsSha256Hex(*sha)) {
     return absl::InternalError(absl::StrCat("importing '", path, "': '", known_sha256,
@@ -290,7 +189,7 @@ absl::StatusOr<std::string> BlobStore::NewTempDir(absl::string_view prefix) {
 
 // ---- BlobWriter ----
 
-struct BlobWriter::Hash : Sha256Stream {};
+struct BlobWriter::Hash : core::Sha256 {};
 
 BlobWriter::BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_bytes)
     : store_(store),
@@ -310,7 +209,7 @@ absl::Status BlobWriter::Append(absl::string_view bytes) {
     return absl::ResourceExhaustedError(absl::StrCat("upload exceeds the server's limit of ",
                                                      max_bytes_, " bytes (--max-upload-bytes)"));
   }
-  hash_->Update(bytes.data(), bytes.size());
+  hash_->Update(bytes);
   absl::Status s = WriteAll(fd_, bytes.data(), bytes.size(), tmp_);
   if (s.ok()) written_ += bytes.size();
   return s;

@@ -24,13 +24,6 @@
 
 namespace fpxint::server {
 
-// Writes `contents` to `path` atomically: temp file in the same directory, fsync, rename, fsync
-// of the directory.
-absl::Status WriteFileAtomic(const std::string& path, absl::string_view contents);
-// fsyncs a file written by someone else (before renaming it into place).
-absl::Status SyncFile(const std::string& path);
-// fsyncs a directory (after a rename into it).
-absl::Status SyncDir(const std::string& dir);
 // True for 64 lower-case hex digits.
 bool IsSha256Hex(absl::string_view s);
 
@@ -121,9 +114,6 @@ absl::StatusOr<uint64_t> FileSize(const std::string& path);
 // A whole (small) file: token files, PEM certificates. InvalidArgument naming `flag` when it
 // cannot be read.
 absl::StatusOr<std::string> ReadTextFile(const std::string& path, absl::string_view flag);
-
-// Streams a file's SHA-256 (OpenSSL, SHA-NI where the CPU has it).
-absl::StatusOr<std::string> HashFile(const std::string& path);
 
 }  // namespace fpxint::server
 

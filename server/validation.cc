@@ -1,6 +1,5 @@
 #include "server/validation.h"
 
-#include <regex>
 
 #include "absl/strings/str_cat.h"
 #include "core/name_pattern.h"
@@ -212,7 +211,7 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   for (const auto& [field, pattern] :
        {std::pair<const char*, const std::string*>{"include", &s->include()},
         {"exclude", &s->exclude()}}) {
-    if (absl::Status st = core::CompileNamePattern(*pattern, absl::StrCat("spec.", field)).status();
+    if (absl::Status st = core::NamePattern::Compile(*pattern, absl::StrCat("spec.", field)).status();
         !st.ok()) {
       return st;
     }

@@ -7,7 +7,7 @@ src="$1"
 cli="$2"
 fail=0
 if grep -rnE '#include\s*[<"](grpc|grpcpp|google/protobuf|torch|ATen|c10)/' "$src/core"; then
-  echo "FAIL: core/ must depend on Abseil only" >&2
+  echo "FAIL: core/ must not include gRPC, protobuf or LibTorch" >&2
   fail=1
 fi
 # LibTorch headers stay in the model layer's .cc files: never in a header, never in server/.

@@ -8,7 +8,7 @@ Run:
 
 The access rules are the ones the server implements (server/auth.cc, the Check(...) calls in
 server/quantizer_service.cc and server/inference_service.cc, docs/SERVICE.md "Services"):
-  * fpxint.v1.Quantizer, every RPC: role `quantize` (or `admin`);
+  * fpxint.v1.Quantizer, every RPC: role `quantize` (or `admin`); GetDeployment also `infer`;
   * inference.GRPCInferenceService: ServerLive, ServerReady, ServerMetadata open; every other RPC
     role `infer` (or `admin`); RepositoryModelLoad also `quantize`, which may serve a bare upload
     (an `infer` token may only load existing deployments);
@@ -200,6 +200,9 @@ class AccessMatrix(ServerCase):
             "fpxint.v1.Quantizer/WatchJob": (Q, lambda md: list(qs.WatchJob(q.JobRef(job_id="no-such"), metadata=md, timeout=10)), NF),
             "fpxint.v1.Quantizer/DownloadArtifact": (Q, lambda md: list(qs.DownloadArtifact(
                 q.ArtifactRef(artifact_id="no-such"), metadata=md, timeout=10)), NF),
+            # who serves a model (infer) and who deployed it (quantize) may both describe it
+            "fpxint.v1.Quantizer/GetDeployment": (INF + "|" + Q, lambda md: qs.GetDeployment(
+                q.DeploymentRef(name="no-such"), metadata=md, timeout=10), NF),
             "inference.GRPCInferenceService/ServerLive": (OPEN, lambda md: isv.ServerLive(inf.ServerLiveRequest(), metadata=md, timeout=10), OK),
             "inference.GRPCInferenceService/ServerReady": (OPEN, lambda md: isv.ServerReady(inf.ServerReadyRequest(), metadata=md, timeout=10), OK),
             "inference.GRPCInferenceService/ServerMetadata": (OPEN, lambda md: isv.ServerMetadata(inf.ServerMetadataRequest(), metadata=md, timeout=10), OK),
