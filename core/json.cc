@@ -4,6 +4,8 @@
 #include <cstdlib>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/escaping.h"
+#include "nlohmann/json.hpp"
 #include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -48,289 +50,121 @@ const char* JsonValue::KindName(Kind k) {
   return "?";
 }
 
-namespace {
-
-using Members = std::vector<std::pair<std::string, JsonValue>>;
-
-// Tells whether the key of an object's newest member repeats an earlier one: a scan while the
-// object is small, then a hash set of member indices (hashed by key, so it needs no copy of the
-// keys and survives the vector growing), in expected O(1) per key.
-class DuplicateKeys {
+// Builds JsonValues from nlohmann's SAX events, which come in document order while nlohmann's
+// lexer does the RFC 8259 work (iteratively: no recursion whatever the nesting). Adds what the
+// DOM does not give: a depth bound checked as each container opens, a member bound checked at
+// each key, duplicate keys found through a per-object hash set (linear overall), and numbers kept
+// as lexemes.
+class JsonParser final : public nlohmann::json_sax<nlohmann::json> {
  public:
-  explicit DuplicateKeys(const Members* members)
-      : members_(members), set_(0, Hash{members}, Eq{members}) {}
+  explicit JsonParser(const JsonLimits& limits) : limits_(limits) {}
 
-  bool LastIsDuplicate() {
-    const Members& m = *members_;
-    const size_t last = m.size() - 1;
-    if (m.size() <= kScanUpTo) {
-      for (size_t i = 0; i < last; ++i) {
-        if (m[i].first == m[last].first) return true;
-      }
-      return false;
+  bool null() override { return Put(JsonValue::Kind::kNull); }
+  bool boolean(bool v) override {
+    JsonValue* x = Put(JsonValue::Kind::kBool);
+    if (x != nullptr) x->bool_ = v;
+    return x != nullptr;
+  }
+  bool number_integer(number_integer_t v) override { return Number(std::to_string(v)); }
+  bool number_unsigned(number_unsigned_t v) override { return Number(std::to_string(v)); }
+  bool number_float(number_float_t, const string_t& lexeme) override { return Number(lexeme); }
+  bool string(string_t& v) override {
+    JsonValue* x = Put(JsonValue::Kind::kString);
+    if (x != nullptr) x->str_ = std::move(v);
+    return x != nullptr;
+  }
+  bool binary(binary_t&) override { return Fail(absl::InvalidArgumentError("binary value")); }
+  bool start_object(std::size_t) override { return Open(JsonValue::Kind::kObject); }
+  bool end_object() override { return Close(); }
+  bool start_array(std::size_t) override { return Open(JsonValue::Kind::kArray); }
+  bool end_array() override { return Close(); }
+  bool key(string_t& k) override {
+    Frame& f = stack_.back();
+    if (f.value->object_.size() >= limits_.max_members) {
+      return Fail(absl::ResourceExhaustedError(absl::StrCat(
+          "JSON object with more than ", limits_.max_members, " members (stopped at key \"",
+          absl::CEscape(k.substr(0, 64)), "\")")));
     }
-    if (set_.empty()) {
-      for (size_t i = 0; i < last; ++i) set_.insert(i);
+    if (!f.keys.insert(k).second) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("duplicate key \"", absl::CEscape(k.substr(0, 64)), "\" in an object")));
     }
-    return !set_.insert(last).second;
+    f.value->object_.emplace_back(std::move(k), JsonValue());
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&,
+                   const nlohmann::detail::exception& e) override {
+    // nlohmann's message: "[json.exception.parse_error.101] parse error at line 1, column 5: ...".
+    std::string what = e.what();
+    if (const size_t colon = what.find(": "); colon != std::string::npos) what = what.substr(colon + 2);
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("invalid JSON at byte ", position > 0 ? position - 1 : 0, ": ", what)));
+  }
+
+  absl::StatusOr<JsonValue> Result(bool ok) {
+    if (!error_.ok()) return error_;
+    if (!ok || !done_) return absl::InvalidArgumentError("invalid JSON: incomplete document");
+    return std::move(root_);
   }
 
  private:
-  static constexpr size_t kScanUpTo = 8;
-  struct Hash {
-    const Members* m;
-    size_t operator()(size_t i) const { return absl::Hash<absl::string_view>()((*m)[i].first); }
+  struct Frame {
+    JsonValue* value;
+    absl::flat_hash_set<std::string> keys;  // objects only
   };
-  struct Eq {
-    const Members* m;
-    bool operator()(size_t a, size_t b) const { return (*m)[a].first == (*m)[b].first; }
-  };
-  const Members* members_;
-  absl::flat_hash_set<size_t, Hash, Eq> set_;
-};
 
-}  // namespace
-
-class JsonParser {
- public:
-  JsonParser(absl::string_view text, const JsonLimits& limits) : s_(text), limits_(limits) {}
-
-  absl::StatusOr<JsonValue> Parse() {
-    JsonValue v;
-    SkipWs();
-    if (absl::Status st = ParseValue(&v, 0); !st.ok()) return st;
-    SkipWs();
-    if (pos_ != s_.size()) return Error("unexpected trailing characters");
-    return v;
+  bool Fail(absl::Status s) {
+    if (error_.ok()) error_ = std::move(s);
+    return false;
   }
-
- private:
-  absl::Status Error(absl::string_view what) const {
-    return absl::InvalidArgumentError(absl::StrCat("JSON: ", what, " at byte ", pos_));
-  }
-  void SkipWs() {
-    while (pos_ < s_.size() && (s_[pos_] == ' ' || s_[pos_] == '\t' || s_[pos_] == '\n' ||
-                                s_[pos_] == '\r')) {
-      ++pos_;
+  // The slot the next value goes to: the root, the next array element, or the member whose key
+  // came last.
+  JsonValue* Put(JsonValue::Kind kind) {
+    JsonValue* slot = nullptr;
+    if (stack_.empty()) {
+      slot = &root_;
+      done_ = true;
+    } else if (JsonValue* parent = stack_.back().value; parent->kind_ == JsonValue::Kind::kArray) {
+      parent->array_.emplace_back();
+      slot = &parent->array_.back();
+    } else {
+      slot = &parent->object_.back().second;
     }
+    slot->kind_ = kind;
+    return slot;
   }
-  bool Consume(absl::string_view lit) {
-    if (s_.substr(pos_, lit.size()) != lit) return false;
-    pos_ += lit.size();
+  bool Number(std::string lexeme) {
+    JsonValue* x = Put(JsonValue::Kind::kNumber);
+    x->str_ = std::move(lexeme);
+    return true;
+  }
+  bool Open(JsonValue::Kind kind) {
+    if (static_cast<int>(stack_.size()) >= limits_.max_depth) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("JSON nested too deep (more than ", limits_.max_depth, " levels)")));
+    }
+    stack_.push_back(Frame{Put(kind), {}});
+    return true;
+  }
+  bool Close() {
+    stack_.pop_back();
     return true;
   }
 
-  absl::Status ParseValue(JsonValue* v, int depth) {
-    if (depth > limits_.max_depth) return Error("nesting too deep");
-    if (pos_ >= s_.size()) return Error("unexpected end of input");
-    const char c = s_[pos_];
-    if (c == '{') return ParseObject(v, depth);
-    if (c == '[') return ParseArray(v, depth);
-    if (c == '"') {
-      v->kind_ = JsonValue::Kind::kString;
-      return ParseString(&v->str_);
-    }
-    if (c == '-' || (c >= '0' && c <= '9')) return ParseNumber(v);
-    if (Consume("true")) {
-      v->kind_ = JsonValue::Kind::kBool;
-      v->bool_ = true;
-      return absl::OkStatus();
-    }
-    if (Consume("false")) {
-      v->kind_ = JsonValue::Kind::kBool;
-      return absl::OkStatus();
-    }
-    if (Consume("null")) return absl::OkStatus();
-    return Error("invalid value");
-  }
-
-  absl::Status ParseObject(JsonValue* v, int depth) {
-    v->kind_ = JsonValue::Kind::kObject;
-    ++pos_;  // '{'
-    SkipWs();
-    if (pos_ < s_.size() && s_[pos_] == '}') {
-      ++pos_;
-      return absl::OkStatus();
-    }
-    Members& members = v->object_;
-    DuplicateKeys duplicates(&members);
-    while (true) {
-      SkipWs();
-      // Another member follows (or the document is invalid): stop here when it is one too many.
-      if (members.size() >= limits_.max_members) {
-        return absl::ResourceExhaustedError(absl::StrCat("JSON: an object with more than ",
-                                                         limits_.max_members,
-                                                         " members (the limit) at byte ", pos_));
-      }
-      if (pos_ >= s_.size() || s_[pos_] != '"') return Error("expected a string key");
-      members.emplace_back();
-      std::string& key = members.back().first;
-      if (absl::Status st = ParseString(&key); !st.ok()) return st;
-      if (duplicates.LastIsDuplicate()) {
-        return Error(absl::StrCat("duplicate key \"", key, "\""));
-      }
-      SkipWs();
-      if (pos_ >= s_.size() || s_[pos_] != ':') return Error("expected ':'");
-      ++pos_;
-      SkipWs();
-      // (The member's value is parsed in place: nothing else touches `members` meanwhile.)
-      if (absl::Status st = ParseValue(&members.back().second, depth + 1); !st.ok()) return st;
-      SkipWs();
-      if (pos_ >= s_.size()) return Error("unterminated object");
-      if (s_[pos_] == ',') {
-        ++pos_;
-        continue;
-      }
-      if (s_[pos_] == '}') {
-        ++pos_;
-        return absl::OkStatus();
-      }
-      return Error("expected ',' or '}'");
-    }
-  }
-
-  absl::Status ParseArray(JsonValue* v, int depth) {
-    v->kind_ = JsonValue::Kind::kArray;
-    ++pos_;  // '['
-    SkipWs();
-    if (pos_ < s_.size() && s_[pos_] == ']') {
-      ++pos_;
-      return absl::OkStatus();
-    }
-    while (true) {
-      SkipWs();
-      JsonValue child;
-      if (absl::Status st = ParseValue(&child, depth + 1); !st.ok()) return st;
-      v->array_.push_back(std::move(child));
-      SkipWs();
-      if (pos_ >= s_.size()) return Error("unterminated array");
-      if (s_[pos_] == ',') {
-        ++pos_;
-        continue;
-      }
-      if (s_[pos_] == ']') {
-        ++pos_;
-        return absl::OkStatus();
-      }
-      return Error("expected ',' or ']'");
-    }
-  }
-
-  absl::Status ParseNumber(JsonValue* v) {
-    const size_t start = pos_;
-    auto digits = [&] {
-      size_t n = 0;
-      while (pos_ < s_.size() && s_[pos_] >= '0' && s_[pos_] <= '9') ++pos_, ++n;
-      return n;
-    };
-    if (s_[pos_] == '-') ++pos_;
-    if (pos_ < s_.size() && s_[pos_] == '0') {
-      ++pos_;
-    } else if (digits() == 0) {
-      return Error("invalid number");
-    }
-    if (pos_ < s_.size() && s_[pos_] == '.') {
-      ++pos_;
-      if (digits() == 0) return Error("invalid number fraction");
-    }
-    if (pos_ < s_.size() && (s_[pos_] == 'e' || s_[pos_] == 'E')) {
-      ++pos_;
-      if (pos_ < s_.size() && (s_[pos_] == '+' || s_[pos_] == '-')) ++pos_;
-      if (digits() == 0) return Error("invalid number exponent");
-    }
-    v->kind_ = JsonValue::Kind::kNumber;
-    v->str_ = std::string(s_.substr(start, pos_ - start));
-    return absl::OkStatus();
-  }
-
-  static void AppendUtf8(std::string* out, uint32_t cp) {
-    if (cp < 0x80) {
-      out->push_back(static_cast<char>(cp));
-    } else if (cp < 0x800) {
-      out->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else if (cp < 0x10000) {
-      out->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
-      out->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-  }
-
-  absl::Status ParseHex4(uint32_t* cp) {
-    if (s_.size() - pos_ < 4) return Error("truncated \\u escape");
-    uint32_t v = 0;
-    for (int i = 0; i < 4; ++i) {
-      const char c = s_[pos_++];
-      v <<= 4;
-      if (c >= '0' && c <= '9') v |= c - '0';
-      else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
-      else return Error("invalid \\u escape");
-    }
-    *cp = v;
-    return absl::OkStatus();
-  }
-
-  absl::Status ParseString(std::string* out) {
-    ++pos_;  // opening quote
-    while (true) {
-      if (pos_ >= s_.size()) return Error("unterminated string");
-      const unsigned char c = static_cast<unsigned char>(s_[pos_]);
-      if (c == '"') {
-        ++pos_;
-        return absl::OkStatus();
-      }
-      if (c < 0x20) return Error("control character in string");
-      if (c != '\\') {
-        out->push_back(static_cast<char>(c));
-        ++pos_;
-        continue;
-      }
-      ++pos_;
-      if (pos_ >= s_.size()) return Error("unterminated escape");
-      const char e = s_[pos_++];
-      switch (e) {
-        case '"': out->push_back('"'); break;
-        case '\\': out->push_back('\\'); break;
-        case '/': out->push_back('/'); break;
-        case 'b': out->push_back('\b'); break;
-        case 'f': out->push_back('\f'); break;
-        case 'n': out->push_back('\n'); break;
-        case 'r': out->push_back('\r'); break;
-        case 't': out->push_back('\t'); break;
-        case 'u': {
-          uint32_t cp = 0;
-          if (absl::Status st = ParseHex4(&cp); !st.ok()) return st;
-          if (cp >= 0xD800 && cp <= 0xDBFF) {  // high surrogate: a low one must follow
-            uint32_t lo = 0;
-            if (!Consume("\\u")) return Error("unpaired surrogate");
-            if (absl::Status st = ParseHex4(&lo); !st.ok()) return st;
-            if (lo < 0xDC00 || lo > 0xDFFF) return Error("unpaired surrogate");
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          } else if (cp >= 0xDC00 && cp <= 0xDFFF) {
-            return Error("unpaired surrogate");
-          }
-          AppendUtf8(out, cp);
-          break;
-        }
-        default:
-          return Error("invalid escape");
-      }
-    }
-  }
-
-  absl::string_view s_;
-  size_t pos_ = 0;
-  const JsonLimits& limits_;
+  const JsonLimits limits_;
+  JsonValue root_;
+  bool done_ = false;
+  // The open containers, innermost last. Their pointers stay valid: a container grows only while
+  // it is the innermost one, and growing moves only its closed elements, which no frame names.
+  std::vector<Frame> stack_;
+  absl::Status error_;
 };
 
 absl::StatusOr<JsonValue> ParseJson(absl::string_view text, const JsonLimits& limits) {
-  return JsonParser(text, limits).Parse();
+  JsonParser b(limits);
+  const bool ok = nlohmann::json::sax_parse(text.begin(), text.end(), &b,
+                                            nlohmann::json::input_format_t::json, /*strict=*/true);
+  return b.Result(ok);
 }
 
 absl::StatusOr<JsonValue> ParseJson(absl::string_view text, int max_depth) {
@@ -340,24 +174,9 @@ absl::StatusOr<JsonValue> ParseJson(absl::string_view text, int max_depth) {
 }
 
 void AppendJsonString(std::string* out, absl::string_view s) {
-  out->push_back('"');
-  for (const char ch : s) {
-    const unsigned char c = static_cast<unsigned char>(ch);
-    switch (c) {
-      case '"': out->append("\\\""); break;
-      case '\\': out->append("\\\\"); break;
-      case '\n': out->append("\\n"); break;
-      case '\r': out->append("\\r"); break;
-      case '\t': out->append("\\t"); break;
-      default:
-        if (c < 0x20) {
-          absl::StrAppend(out, absl::StrFormat("\\u%04x", c));
-        } else {
-          out->push_back(ch);
-        }
-    }
-  }
-  out->push_back('"');
+  // Invalid UTF-8 becomes U+FFFD rather than an exception: the text stays valid JSON.
+  out->append(nlohmann::json(std::string(s)).dump(-1, ' ', false,
+                                                  nlohmann::json::error_handler_t::replace));
 }
 
 void JsonWriter::Sep() {
@@ -405,17 +224,8 @@ JsonWriter& JsonWriter::Int(int64_t v) {
 }
 JsonWriter& JsonWriter::Double(double v) {
   Sep();
-  if (!std::isfinite(v)) {
-    out_.append("null");
-  } else {
-    // Shortest of 15..17 significant digits that reads back to the same double.
-    std::string text;
-    for (int digits = 15; digits <= 17; ++digits) {
-      text = absl::StrFormat("%.*g", digits, v);
-      if (std::strtod(text.c_str(), nullptr) == v) break;
-    }
-    out_.append(text);
-  }
+  // The shortest text that reads back to the same double; non-finite values are null.
+  out_.append(std::isfinite(v) ? nlohmann::json(v).dump() : "null");
   return *this;
 }
 JsonWriter& JsonWriter::Bool(bool v) {

@@ -1,10 +1,11 @@
 // File: core/json.h
 //
-// A small, strict JSON (RFC 8259) parser and writer for untrusted headers (safetensors) and for
-// reports. The parser runs in linear time (duplicate keys are found by hashing), bounds nesting
-// depth and, when asked, the members of each object (stopping at the first one past the bound),
-// rejects duplicate object keys, trailing garbage, invalid UTF-8 escapes and control characters,
-// and keeps numbers as their lexemes so that 64-bit integers (tensor offsets) are read exactly.
+// Strict JSON (RFC 8259) for untrusted headers (safetensors) and for reports, on nlohmann/json
+// (its SAX parser, which is iterative, and its serializer). On top of it: linear time (duplicate
+// keys are found by hashing), a bound on nesting depth and, when asked, on the members of each
+// object (stopping at the key of the first one past the bound), duplicate object keys refused,
+// and numbers kept as their lexemes so that 64-bit integers (tensor offsets) are read exactly.
+// Trailing garbage, invalid UTF-8 and control characters are refused by nlohmann.
 //
 // Example:
 //   FPX_ASSIGN_OR_RETURN(JsonValue v, ParseJson(text));
@@ -73,8 +74,9 @@ struct JsonLimits {
 };
 
 // Parses a complete document (surrounding whitespace allowed). InvalidArgument names the byte
-// offset and the problem; ResourceExhausted means an object has more than limits.max_members
-// members (the message names the bound and the offset where reading stopped).
+// offset and the problem for syntax errors, the key for duplicates; ResourceExhausted means an
+// object has more than limits.max_members members (the message names the bound and the key where
+// reading stopped).
 absl::StatusOr<JsonValue> ParseJson(absl::string_view text, const JsonLimits& limits);
 absl::StatusOr<JsonValue> ParseJson(absl::string_view text, int max_depth = 64);
 

@@ -1153,15 +1153,6 @@ TEST(ServerConfigDefaults, PublicListenWithoutTokensNeedsInsecureNoAuth) {
   EXPECT_TRUE(c.Validate().ok());
 }
 
-TEST(Authorizer, OpenServerHasNoAdmin) {
-  Authorizer open;
-  grpc::ServerContext ctx;
-  unsigned roles = 0;
-  EXPECT_TRUE(open.Check(&ctx, kRoleQuantize, &roles).ok());
-  EXPECT_EQ(roles & kRoleAdmin, 0u);
-  EXPECT_EQ(open.Check(&ctx, kRoleAdmin).code(), absl::StatusCode::kPermissionDenied);
-}
-
 TEST(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
   // Jobs written before Start() would be recovered from the journal a second time by it.
   ScratchDir dir;
@@ -1195,34 +1186,6 @@ TEST(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
   auto j = jobs.Submit(req);
   ASSERT_TRUE(j.ok()) << j.status();
   jobs.Shutdown(absl::Seconds(30));
-}
-
-TEST(DecodeInferRequest, DeclaredShapeIsCheckedAgainstThePayloadBeforeUse) {
-  v1::Deployment d;
-  auto* sig = d.add_inputs();
-  sig->set_name("input__0");
-  sig->set_datatype("FP32");
-  sig->add_shape(-1);
-  sig->add_shape(784);
-  inference::ModelInferRequest req;
-  auto* in = req.add_inputs();
-  in->set_name("input__0");
-  in->set_datatype("FP32");
-  in->add_shape(342000);
-  in->add_shape(784);
-  req.add_raw_input_contents(std::string(60, '\0'));
-  auto r = DecodeInferRequest(req, d, 0, 0, int64_t{2} << 30);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "raw_input_contents[0]")) << r.status();
-  // With the default 64 MiB message limit the same shape is refused for its size alone.
-  r = DecodeInferRequest(req, d, 0, 0, ServerConfig{}.max_message_bytes);
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "--max-message-bytes")) << r.status();
-  // Typed contents: the count is checked before the tensor is allocated.
-  req.clear_raw_input_contents();
-  in->mutable_contents()->add_fp32_contents(1.0f);
-  r = DecodeInferRequest(req, d, 0, 0, int64_t{2} << 30);
-  EXPECT_TRUE(absl::StrContains(r.status().message(), "fp32_contents")) << r.status();
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The layering of docs/ARCHITECTURE.md ("Layers"), enforced: the core includes nothing of gRPC,
-# protobuf or LibTorch, LibTorch headers appear only in model/*.cc, and the CLI binary does not
+# protobuf or LibTorch, LibTorch headers appear only in model/*.cc and model/internal/, and the CLI binary does not
 # load LibTorch (it must start fast; it links gRPC and the generated stubs, which is fine).
 set -euo pipefail
 src="$1"
@@ -10,10 +10,17 @@ if grep -rnE '#include\s*[<"](grpc|grpcpp|google/protobuf|torch|ATen|c10)/' "$sr
   echo "FAIL: core/ must not include gRPC, protobuf or LibTorch" >&2
   fail=1
 fi
-# LibTorch headers stay in the model layer's .cc files: never in a header, never in server/.
+# LibTorch headers stay in the model layer's implementation: its .cc files and its private
+# headers under model/internal/, which nothing outside model/*.cc includes. Never in a public
+# header, never in server/.
 if grep -rnE '#include\s*[<"](torch|ATen|c10)/' "$src/server" "$src/client" "$src/proto" \
-     $(find "$src/model" -name '*.h'); then
-  echo "FAIL: LibTorch headers outside model/*.cc" >&2
+     $(find "$src/model" -name '*.h' -not -path '*/internal/*'); then
+  echo "FAIL: LibTorch headers outside model/*.cc and model/internal/" >&2
+  fail=1
+fi
+if grep -rln 'model/internal/' "$src/server" "$src/client" "$src/proto" "$src/core" "$src/bench" \
+     $(find "$src/model" -name '*.h' -not -path '*/internal/*'); then
+  echo "FAIL: model/internal/ included outside model/*.cc" >&2
   fail=1
 fi
 # Match library names only (the first field of ldd): load addresses are random hex and once

@@ -1,0 +1,382 @@
+// File: model/model_graph.cc
+//
+// The graph rewrites of the model layer: layer discovery, the expanded networks (dense weights
+// with activation expansion) and the packed networks on the fpxint ops, and adopting a saved one.
+#include "model/model.h"
+
+#include <torch/csrc/jit/api/function_impl.h>
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+#include <torch/csrc/jit/passes/frozen_conv_folding.h>
+#include <torch/csrc/jit/passes/graph_rewrite_helper.h>
+#include <ATen/Parallel.h>
+#include <torch/script.h>
+
+#include <cstdio>
+#include <map>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/name_pattern.h"
+#include "core/safetensors.h"
+#include "core/status_macros.h"
+#include "model/act_expand_op.h"
+#include "model/lowbit_ops.h"
+#include "model/internal/model_impl.h"
+
+namespace fpxint::model {
+
+using internal::ActGranularityFor;
+using internal::Brief;
+using internal::BriefText;
+using internal::CloneModule;
+using internal::CollectLayers;
+using internal::ConstTensor;
+using internal::ExpansionLayout;
+using internal::ForwardGraph;
+using internal::FoundLayer;
+using internal::FromExpansionLayout;
+using internal::KindName;
+using internal::kReleasedMessage;
+using internal::OpKind;
+using torch::jit::Node;
+using torch::jit::Value;
+
+namespace internal {
+
+// The line of an exception's message that says what went wrong: TorchScript interpreter errors
+// carry a traceback and end in "RuntimeError: ..."; c10::Errors may append a C++ backtrace.
+std::string BriefText(const std::string& msg) {
+  std::vector<std::string> lines = absl::StrSplit(msg, '\n', absl::SkipWhitespace());
+  for (const std::string& l : lines) {
+    if (absl::StrContains(l, "Error: ")) return l;
+  }
+  return lines.empty() ? msg : lines.front();
+}
+std::string Brief(const c10::Error& e) { return BriefText(e.what_without_backtrace()); }
+
+
+bool IsConv(Node* n) {
+  static const c10::Symbol kinds[] = {
+      c10::Symbol::fromQualString("aten::_convolution"), c10::Symbol::fromQualString("aten::conv1d"),
+      c10::Symbol::fromQualString("aten::conv2d"), c10::Symbol::fromQualString("aten::conv3d")};
+  for (const c10::Symbol& k : kinds) {
+    if (n->kind() == k) return true;
+  }
+  return false;
+}
+
+std::optional<at::Tensor> ConstTensor(Value* v) {
+  if (v->node()->kind() != c10::prim::Constant) return std::nullopt;
+  c10::optional<c10::IValue> iv = torch::jit::toIValue(v);
+  if (!iv || !iv->isTensor()) return std::nullopt;
+  return iv->toTensor();
+}
+
+void CollectLayers(torch::jit::Block* block, std::vector<FoundLayer>* out) {
+  static const c10::Symbol kLinear = c10::Symbol::fromQualString("aten::linear");
+  static const c10::Symbol kMatmul = c10::Symbol::fromQualString("aten::matmul");
+  for (Node* n : block->nodes()) {
+    for (torch::jit::Block* b : n->blocks()) CollectLayers(b, out);
+    std::optional<OpKind> kind;
+    if (IsConv(n)) kind = OpKind::kConv;
+    else if (n->kind() == kLinear) kind = OpKind::kLinear;
+    else if (n->kind() == kMatmul) kind = OpKind::kMatmul;
+    if (!kind || n->inputs().size() < 2) continue;
+    std::optional<at::Tensor> w = ConstTensor(n->input(1));
+    if (!w || w->scalar_type() != at::kFloat || w->dim() < 2) continue;
+    if (*kind == OpKind::kMatmul && w->dim() != 2) continue;
+    out->push_back({n, *kind, *w});
+  }
+}
+
+const char* KindName(OpKind k) {
+  switch (k) {
+    case OpKind::kConv: return "conv";
+    case OpKind::kLinear: return "linear";
+    case OpKind::kMatmul: return "matmul";
+  }
+  return "?";
+}
+
+// The weight in expansion layout: output channel first. matmul's [in, out] is transposed.
+at::Tensor ExpansionLayout(const at::Tensor& w, OpKind k) {
+  at::Tensor t = k == OpKind::kMatmul ? w.t() : w;
+  return t.contiguous().to(at::kFloat);
+}
+
+at::Tensor FromExpansionLayout(const std::vector<double>& v, const at::Tensor& like, OpKind k) {
+  at::Tensor flat = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);
+  float* p = flat.data_ptr<float>();
+  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<float>(v[i]);
+  if (k == OpKind::kMatmul) return flat.reshape({like.size(1), like.size(0)}).t().contiguous();
+  return flat.reshape(like.sizes());
+}
+
+// The finest dynamic activation scale that still factors out of the layer's integer product.
+ActGranularity ActGranularityFor(const FoundLayer& f, ModelExpansionSpec::ActScale scale) {
+  if (scale == ModelExpansionSpec::ActScale::kTensor) return ActGranularity::kTensor;
+  if (f.kind != OpKind::kConv) return ActGranularity::kRow;
+  static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
+  if (f.node->kind() != kConv2d || f.weight.dim() != 4 || f.node->inputs().size() < 7) {
+    return ActGranularity::kTensor;
+  }
+  const c10::optional<c10::IValue> groups = torch::jit::toIValue(f.node->input(6));
+  const int64_t g = groups && groups->isInt() ? groups->toInt() : 1;
+  if (g > 1 && g == f.weight.size(0) && f.weight.size(1) == 1) return ActGranularity::kChannel;
+  if (g == 1 && f.weight.size(2) == 1 && f.weight.size(3) == 1) return ActGranularity::kPixel;
+  return ActGranularity::kTensor;
+}
+
+torch::jit::Module CloneModule(const torch::jit::Module& m) { return m.clone(); }
+
+std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
+  return m.get_method("forward").graph();
+}
+
+}  // namespace internal
+
+
+absl::StatusOr<torch::jit::Module> Model::Impl::Build(
+    const std::function<at::Tensor(size_t, int)>& weight_for, int kw, int ka,
+    bool truncate) const {
+  torch::jit::Module m = CloneModule(frozen);
+  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
+  std::vector<FoundLayer> found;
+  CollectLayers(g->block(), &found);
+  if (found.size() != layers.size()) {
+    return absl::InternalError("layer discovery differs between the frozen model and its clone");
+  }
+  static const c10::Symbol kAdd = c10::Symbol::fromQualString("aten::add");
+  for (size_t i = 0; i < found.size(); ++i) {
+    if (!layers[i].expanded) continue;
+    Node* n = found[i].node;
+    torch::jit::WithInsertPoint guard(n);
+    const auto granularity = static_cast<int64_t>(ActGranularityFor(found[i], spec.act_scale));
+    if (ka > 0 && truncate) {
+      Value* list = g->insert(c10::Symbol::fromQualString(kActExpandTermsOp),
+                              {n->input(0), static_cast<int64_t>(spec.act_bits),
+                               static_cast<int64_t>(ka), static_cast<int64_t>(spec.act_grid),
+                               granularity, spec.unsigned_first});
+      Node* unpack = g->insertNode(g->createListUnpack(list, static_cast<size_t>(ka)));
+      const int k_max = std::max(kw, ka);
+      Value* sum = nullptr;
+      for (int j = 1; j <= ka; ++j) {
+        const int nw = std::min(kw, k_max + 1 - j);
+        // Operands first: nodes are inserted in order just before n.
+        Value* w = g->insertConstant(weight_for(i, nw));
+        Value* no_bias = j > 1 && found[i].kind != OpKind::kMatmul && n->inputs().size() > 2
+                             ? g->insertConstant(c10::IValue())
+                             : nullptr;
+        Node* c = g->createClone(n, [](Value* v) { return v; });
+        c->replaceInput(0, unpack->output(static_cast<size_t>(j - 1)));
+        c->replaceInput(1, w);
+        if (no_bias != nullptr) c->replaceInput(2, no_bias);
+        g->insertNode(c);
+        if (sum == nullptr) {
+          sum = c->output();
+        } else {  // aten::add.Tensor(self, other, alpha=1), created explicitly (no overload search)
+          Node* add = g->create(kAdd, {sum, c->output(), g->insertConstant(1)});
+          add->output()->setType(c->output()->type());
+          sum = g->insertNode(add)->output();
+        }
+      }
+      n->output()->replaceAllUsesWith(sum);
+      continue;
+    }
+    n->replaceInput(1, g->insertConstant(weight_for(i, kw)));
+    if (ka > 0) {
+      Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
+                            {n->input(0), static_cast<int64_t>(spec.act_bits),
+                             static_cast<int64_t>(ka), static_cast<int64_t>(spec.act_grid),
+                             granularity, spec.unsigned_first});
+      n->replaceInput(0, xq);
+    }
+  }
+  torch::jit::EliminateDeadCode(g);
+  return m;
+}
+
+absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
+  static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
+  torch::jit::Module m = CloneModule(frozen);
+  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
+  std::vector<FoundLayer> found;
+  CollectLayers(g->block(), &found);
+  if (found.size() != layers.size()) {
+    return absl::InternalError("layer discovery differs between the frozen model and its clone");
+  }
+  Value* terms = g->addInput("terms");
+  terms->setType(c10::IntType::get());
+  Value* act_terms = nullptr;
+  if (wa) {
+    act_terms = g->addInput("act_terms");
+    act_terms->setType(c10::IntType::get());
+  }
+  for (size_t i = 0; i < found.size(); ++i) {
+    if (!layers[i].expanded) continue;
+    Node* n = found[i].node;
+    FPX_ASSIGN_OR_RETURN(core::LowbitLinear lw, core::LowbitLinear::FromExpansion(*expansions[i]));
+    const at::Tensor& w = found[i].weight;
+    std::vector<int64_t> shape = w.sizes().vec();
+    if (found[i].kind == OpKind::kMatmul) shape = {w.size(1), w.size(0)};
+    torch::jit::WithInsertPoint guard(n);
+    const c10::IValue packed_weight = MakePackedWeight(std::move(lw), shape);
+    Value* pw = g->insertConstant(packed_weight);
+    const bool is_conv2d = n->kind() == kConv2d && n->inputs().size() == 7 &&
+                           n->input(4)->type()->kind() == c10::TypeKind::ListType;
+    Value* bias = found[i].kind == OpKind::kLinear && n->inputs().size() > 2
+                      ? n->input(2)
+                      : found[i].kind == OpKind::kConv ? n->input(2)
+                                                       : g->insertConstant(c10::IValue());
+    Value* y = nullptr;
+    if (!wa) {
+      if (found[i].kind != OpKind::kConv) {
+        y = g->insert(c10::Symbol::fromQualString(kLinearOp), {n->input(0), pw, bias, terms});
+      } else if (is_conv2d) {
+        y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
+                      {n->input(0), pw, bias, n->input(3), n->input(4), n->input(5),
+                       n->input(6), terms});
+      } else {
+        n->replaceInput(1, g->insert(c10::Symbol::fromQualString(kDequantizeOp), {pw, terms}));
+        continue;
+      }
+    } else {
+      const ActGranularity gran = ActGranularityFor(found[i], spec.act_scale);
+      const bool int_weights = spec.act_grid == core::Grid::kSym && TakesIntegerOps(packed_weight);
+      bool int_conv = false;
+      if (is_conv2d && int_weights) {
+        const c10::optional<c10::IValue> groups = torch::jit::toIValue(n->input(6));
+        const c10::optional<c10::IValue> stride = torch::jit::toIValue(n->input(3));
+        const c10::optional<c10::IValue> padding = torch::jit::toIValue(n->input(4));
+        bool stride1 = stride && stride->isIntList(), pad0 = padding && padding->isIntList();
+        if (stride1) {
+          for (int64_t v : stride->toIntVector()) stride1 = stride1 && v == 1;
+        }
+        if (pad0) {
+          for (int64_t v : padding->toIntVector()) pad0 = pad0 && v == 0;
+        }
+        // k×k kernels: im2col repeats every input value k² times, so expanding the patches
+        // costs k² times expanding x once; they take the integer op only when truncation
+        // needs it, else fpxint::act_expand on x and the packed weight-only convolution.
+        const bool pointwise = found[i].weight.size(2) == 1 && found[i].weight.size(3) == 1;
+        int_conv = groups && groups->isInt() && groups->toInt() == 1 &&
+                   ((gran == ActGranularity::kPixel && pad0) ||
+                    (gran == ActGranularity::kTensor && stride1 && (pointwise || spec.truncate)));
+      }
+      const std::vector<torch::jit::NamedValue> act_args = {
+          static_cast<int64_t>(spec.act_bits), act_terms, spec.unsigned_first, spec.truncate,
+          static_cast<int64_t>(gran)};
+      if (found[i].kind != OpKind::kConv && int_weights) {
+        std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, terms};
+        args.insert(args.end(), act_args.begin(), act_args.end());
+        y = g->insert(c10::Symbol::fromQualString(kLinearWaOp), args);
+      } else if (int_conv) {
+        std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, n->input(3),
+                                                    n->input(4), n->input(5), n->input(6), terms};
+        args.insert(args.end(), act_args.begin(), act_args.end());
+        y = g->insert(c10::Symbol::fromQualString(kConv2dWaOp), args);
+      } else if (!spec.truncate) {
+        // Σ_i W_i ⊛ Σ_j X_j: the weight-only packed op (or the dequantized weight sum) on the
+        // activation's expansion.
+        Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
+                              {n->input(0), static_cast<int64_t>(spec.act_bits), act_terms,
+                               static_cast<int64_t>(spec.act_grid), static_cast<int64_t>(gran),
+                               spec.unsigned_first});
+        if (found[i].kind != OpKind::kConv) {
+          y = g->insert(c10::Symbol::fromQualString(kLinearOp), {xq, pw, bias, terms});
+        } else if (is_conv2d) {
+          y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
+                        {xq, pw, bias, n->input(3), n->input(4), n->input(5), n->input(6), terms});
+        } else {
+          n->replaceInput(1, g->insert(c10::Symbol::fromQualString(kDequantizeOp), {pw, terms}));
+          n->replaceInput(0, xq);
+          continue;
+        }
+      } else {
+        return absl::UnimplementedError(absl::StrCat(
+            "layer '", layers[i].name, "': order-truncated W×A products run on the integer "
+            "ops only (sym weights with one scale per row; ungrouped conv2d with per-pixel or "
+            "stride-1 per-tensor activation scales)"));
+      }
+    }
+    y->setType(n->output()->type());
+    n->output()->replaceAllUsesWith(y);
+  }
+  torch::jit::EliminateDeadCode(g);
+  auto& fn = torch::jit::toGraphFunction(m.get_method("forward").function());
+  std::vector<c10::Argument> args = fn.getSchema().arguments();
+  args.emplace_back("terms", c10::IntType::get(), c10::nullopt, c10::IValue(int64_t{0}));
+  if (wa) {
+    args.emplace_back("act_terms", c10::IntType::get(), c10::nullopt,
+                      c10::IValue(static_cast<int64_t>(spec.act_terms)));
+  }
+  fn.setSchema(fn.getSchema().cloneWithArguments(std::move(args)));
+  return m;
+}
+
+bool Model::Impl::AdoptPackedNetwork() {
+  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(frozen);
+  const size_t inputs = g->inputs().size();  // self, x, terms[, act_terms]
+  if (inputs != 3 && inputs != 4) return false;
+  int max_terms = 0;
+  for (Node* n : g->nodes()) {
+    if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
+    const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+    if (!v) continue;
+    const PackedWeightInfo pw = InspectPackedWeight(*v);
+    if (pw.terms == 0) continue;
+    LayerInfo info;
+    info.name = n->output()->debugName();
+    info.op = "packed";
+    info.weight_shape = pw.shape;
+    info.expanded = true;
+    layers.push_back(std::move(info));
+    kinds.push_back(OpKind::kLinear);
+    max_terms = std::max(max_terms, pw.terms);
+  }
+  if (layers.empty()) return false;
+  if (inputs == 4) {  // K_a is act_terms' default
+    const c10::FunctionSchema& schema = frozen.get_method("forward").function().getSchema();
+    const c10::Argument& a = schema.arguments().back();
+    if (a.name() != "act_terms" || !a.default_value() || !a.default_value()->isInt()) {
+      return false;
+    }
+    spec.act_terms = static_cast<int>(a.default_value()->toInt());
+    spec.act_bits = 1;  // unknown here; marks the spec as W×A
+    current_wa = true;
+    ka = spec.act_terms;
+  }
+  expansions.resize(layers.size());
+  original_weights.resize(layers.size());
+  original_biases.resize(layers.size());
+  spec.weights.terms = max_terms;
+  (current_wa ? packed_wa : packed) = frozen;
+  current = frozen;
+  current_packed = true;
+  released = true;
+  kw = max_terms;
+  return true;
+}
+
+std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights() const {
+  std::vector<PackedWeightInfo> out;
+  if (!current_packed) return out;
+  torch::jit::Module cur = current;
+  std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
+    for (Node* n : b->nodes()) {
+      for (torch::jit::Block* sub : n->blocks()) walk(sub);
+      if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
+      const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+      if (!v) continue;
+      if (PackedWeightInfo pw = InspectPackedWeight(*v); pw.terms > 0) out.push_back(pw);
+    }
+  };
+  walk(ForwardGraph(cur)->block());
+  return out;
+}
+
+}  // namespace fpxint::model

@@ -1,0 +1,111 @@
+// The content-addressed store (server/store.h) on a real directory: streamed blobs are hashed
+// and bounded, identical content is stored once, and removal asks who refers to a blob.
+#include "server/store.h"
+
+#include <filesystem>
+#include <set>
+#include <string>
+
+#include "core/sha256.h"
+#include "gtest/gtest.h"
+#include "tests/support/test_support.h"
+
+namespace fpxint::server {
+namespace {
+
+using ::fpxint::testing::ReadFileOrDie;
+using ::fpxint::testing::ScratchDir;
+using ::fpxint::testing::WriteFileOrDie;
+
+std::string Sha(const std::string& s) {
+  return core::Sha256Hex(absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
+}
+
+std::unique_ptr<BlobStore> MustOpen(const std::string& root) {
+  auto s = BlobStore::Open(root);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? *std::move(s) : nullptr;
+}
+
+absl::StatusOr<BlobWriter::Result> Put(BlobStore* store, const std::string& bytes,
+                                       const std::string& expected, uint64_t max = 1 << 20) {
+  auto w = store->NewWriter(max);
+  if (!w.ok()) return w.status();
+  for (size_t off = 0; off < bytes.size(); off += 7) {
+    if (absl::Status s = (*w)->Append(bytes.substr(off, 7)); !s.ok()) return s;
+  }
+  return (*w)->Commit(expected);
+}
+
+TEST(BlobStore, StreamsHashesAndDeduplicates) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  const std::string bytes = "the quick brown fox jumps over the lazy dog";
+  auto r = Put(store.get(), bytes, Sha(bytes));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->sha256, Sha(bytes));
+  EXPECT_EQ(r->size, bytes.size());
+  EXPECT_FALSE(r->deduplicated);
+  EXPECT_EQ(ReadFileOrDie(store->PathOf(r->sha256)), bytes);
+  auto again = Put(store.get(), bytes, "");
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->deduplicated);
+  EXPECT_EQ(*store->SizeOf(r->sha256), bytes.size());
+}
+
+TEST(BlobStore, RefusesOversizeAndWrongHashStoringNothing) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  const std::string bytes(100, 'x');
+  auto big = Put(store.get(), bytes, "", /*max=*/99);
+  EXPECT_EQ(big.status().code(), absl::StatusCode::kResourceExhausted) << big.status();
+  auto wrong = Put(store.get(), bytes, std::string(64, '0'));
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kInvalidArgument) << wrong.status();
+  EXPECT_FALSE(store->Has(Sha(bytes)));
+  // Nothing half-written is left under tmp/ either.
+  std::set<std::string> left;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir.File("data") + "/tmp")) {
+    if (e.is_regular_file()) left.insert(e.path().string());
+  }
+  EXPECT_TRUE(left.empty()) << *left.begin();
+}
+
+TEST(BlobStore, RemovesOnlyWhatNothingRefersTo) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  WriteFileOrDie(dir.File("a"), "blob a");
+  WriteFileOrDie(dir.File("b"), "blob b");
+  auto a = store->ImportFile(dir.File("a"));
+  auto b = store->ImportFile(dir.File("b"));
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto referenced = [&](const std::string& sha) -> absl::StatusOr<bool> { return sha == *a; };
+  EXPECT_FALSE(store->RemoveIfUnreferenced(*a, referenced).has_value());
+  EXPECT_TRUE(store->Has(*a));
+  EXPECT_EQ(store->RemoveIfUnreferenced(*b, referenced), std::optional<uint64_t>(6));
+  EXPECT_FALSE(store->Has(*b));
+  // A journal that cannot answer keeps the blob.
+  auto broken = [](const std::string&) -> absl::StatusOr<bool> {
+    return absl::InternalError("journal unavailable");
+  };
+  EXPECT_FALSE(store->RemoveIfUnreferenced(*a, broken).has_value());
+  EXPECT_TRUE(store->Has(*a));
+}
+
+TEST(BlobStore, SweepTakesOldOrphansOnly) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  WriteFileOrDie(dir.File("a"), "orphan");
+  auto a = store->ImportFile(dir.File("a"));
+  ASSERT_TRUE(a.ok());
+  auto none = [](const std::string&) -> absl::StatusOr<bool> { return false; };
+  // Younger than the bound: a blob committed a moment before its record is never taken.
+  EXPECT_EQ(store->SweepOrphans(none, absl::Hours(1)).blobs, 0u);
+  EXPECT_TRUE(store->Has(*a));
+  const BlobStore::Swept swept = store->SweepOrphans(none, absl::ZeroDuration());
+  EXPECT_EQ(swept.blobs, 1u);
+  EXPECT_EQ(swept.bytes, 6u);
+  EXPECT_FALSE(store->Has(*a));
+}
+
+}  // namespace
+}  // namespace fpxint::server
