@@ -3,6 +3,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "core/sha256.h"
@@ -12,15 +13,13 @@
 namespace fpxint::server {
 namespace {
 
-const char* RoleName(Role r) {
-  switch (r) {
-    case kRoleQuantize:
-      return "quantize";
-    case kRoleInfer:
-      return "infer";
-    default:
-      return "admin";
-  }
+// "'quantize'", "'infer' or 'quantize'", ...: the roles any of which a call accepts.
+std::string RoleNames(unsigned roles) {
+  std::vector<std::string> names;
+  if (roles & kRoleInfer) names.push_back("'infer'");
+  if (roles & kRoleQuantize) names.push_back("'quantize'");
+  if (names.empty() || (roles & kRoleAdmin)) names.push_back("'admin'");
+  return absl::StrJoin(names, " or ");
 }
 
 std::array<uint8_t, 32> TokenDigest(absl::string_view token) {
@@ -120,7 +119,7 @@ absl::Status Authorizer::Check(const grpc::ServerContextBase* ctx, Role role, un
   if (name) *name = found->name;
   if ((found->roles & (role | kRoleAdmin)) == 0) {
     return absl::PermissionDeniedError(
-        absl::StrCat("this token lacks the '", RoleName(role), "' role needed for this call"));
+        absl::StrCat("this token lacks the ", RoleNames(role), " role needed for this call"));
   }
   return absl::OkStatus();
 }

@@ -37,7 +37,8 @@ class Authorizer {
   static absl::StatusOr<Authorizer> FromText(const std::string& text);
 
   bool open() const { return tokens_.empty(); }
-  // Unauthenticated (no or unknown token) or PermissionDenied (token lacks `role`). Once the
+  // Unauthenticated (no or unknown token) or PermissionDenied (token lacks `role`; a mask such as
+  // kRoleInfer | kRoleQuantize accepts any of its roles; admin passes every check). Once the
   // token is known, *roles (if non-null) receives the caller's roles and *name (if non-null) its
   // name: the token's name, or "anonymous" on an open server.
   absl::Status Check(const grpc::ServerContextBase* ctx, Role role, unsigned* roles = nullptr,

@@ -3,6 +3,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "core/status_macros.h"
 #include "proto/status_names.h"
 #include "server/log.h"
 #include "server/oip_codec.h"
@@ -21,60 +22,66 @@ void FillDuration(const DurationStat& d, inference::StatisticDuration* out) {
 
 grpc::Status InferenceService::ServerLive(grpc::ServerContext*, const inference::ServerLiveRequest*,
                                           inference::ServerLiveResponse* resp) {
-  resp->set_live(true);
-  return grpc::Status::OK;
+  return ServeOpen([&] {
+    resp->set_live(true);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::ServerReady(grpc::ServerContext*,
                                            const inference::ServerReadyRequest*,
                                            inference::ServerReadyResponse* resp) {
-  resp->set_ready(ctx_.ready->load());
-  return grpc::Status::OK;
+  return ServeOpen([&] {
+    resp->set_ready(ctx_.ready->load());
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::ModelReady(grpc::ServerContext* c,
                                           const inference::ModelReadyRequest* req,
                                           inference::ModelReadyResponse* resp) {
-  if (auto s = ctx_.auth->Check(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  auto m = ctx_.repo->Get(req->name(), req->version());
-  if (!m.ok() && m.status().code() == absl::StatusCode::kNotFound) {
-    return ToGrpcStatus(m.status());
-  }
-  resp->set_ready(m.ok() && ctx_.ready->load());
-  return grpc::Status::OK;
+  return ServeAnytime(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+    auto m = ctx_.repo->Get(req->name(), req->version());
+    if (absl::IsNotFound(m.status())) return m.status();
+    resp->set_ready(m.ok() && ctx_.ready->load());
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::ServerMetadata(grpc::ServerContext*,
                                               const inference::ServerMetadataRequest*,
                                               inference::ServerMetadataResponse* resp) {
-  resp->set_name("fpxint");
-  resp->set_version(ctx_.server_version);
-  for (const char* e : {"binary_tensor_data", "model_repository", "statistics"}) {
-    resp->add_extensions(e);
-  }
-  return grpc::Status::OK;
+  return ServeOpen([&] {
+    resp->set_name("fpxint");
+    resp->set_version(ctx_.server_version);
+    for (const char* e : {"binary_tensor_data", "model_repository", "statistics"}) {
+      resp->add_extensions(e);
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::ModelMetadata(grpc::ServerContext* c,
                                              const inference::ModelMetadataRequest* req,
                                              inference::ModelMetadataResponse* resp) {
-  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  auto m = ctx_.repo->Get(req->name(), req->version());
-  if (!m.ok()) return ToGrpcStatus(m.status());
-  const v1::Deployment& d = (*m)->deployment();
-  resp->set_name(d.name());
-  for (const std::string& v : ctx_.repo->Versions(d.name())) resp->add_versions(v);
-  resp->set_platform(d.platform());
-  const v1::TensorSignature sig = InputSignature(d);
-  auto* in = resp->add_inputs();
-  in->set_name(sig.name());
-  in->set_datatype(sig.datatype());
-  for (int64_t x : sig.shape()) in->add_shape(x);
-  auto* out = resp->add_outputs();
-  out->set_name(kOutputName);
-  out->set_datatype("FP32");
-  out->add_shape(-1);
-  return grpc::Status::OK;
+  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::shared_ptr<ServedModel> m,
+                         ctx_.repo->Get(req->name(), req->version()));
+    const v1::Deployment& d = m->deployment();
+    resp->set_name(d.name());
+    for (const std::string& v : ctx_.repo->Versions(d.name())) resp->add_versions(v);
+    resp->set_platform(d.platform());
+    const v1::TensorSignature sig = InputSignature(d);
+    auto* in = resp->add_inputs();
+    in->set_name(sig.name());
+    in->set_datatype(sig.datatype());
+    for (int64_t x : sig.shape()) in->add_shape(x);
+    auto* out = resp->add_outputs();
+    out->set_name(kOutputName);
+    out->set_datatype("FP32");
+    out->add_shape(-1);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
@@ -84,7 +91,9 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
   const uint64_t t0 = SteadyNowNs();
   std::string model, version;
   uint64_t queue_ns = ~uint64_t{0};
-  grpc::Status s = Infer(c, req, resp, &model, &version, &queue_ns);
+  const grpc::Status s = Serve(ctx_, c, kRoleInfer, [&](const Caller&) {
+    return Infer(c, req, resp, &model, &version, &queue_ns);
+  });
   ctx_.metrics->PendingAdd(-1);
   ctx_.metrics->Inference(model, version, GrpcCodeName(s.error_code()),
                           static_cast<double>(SteadyNowNs() - t0) * 1e-9,
@@ -92,17 +101,14 @@ grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
   return s;
 }
 
-grpc::Status InferenceService::Infer(grpc::ServerContext* c,
+absl::Status InferenceService::Infer(grpc::ServerContext* c,
                                      const inference::ModelInferRequest* req,
                                      inference::ModelInferResponse* resp, std::string* model,
                                      std::string* version, uint64_t* queue_out) {
-  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  if (req->model_name().empty()) {
-    return ToGrpcStatus(absl::InvalidArgumentError("model_name: required"));
-  }
-  auto served = ctx_.repo->Get(req->model_name(), req->model_version());
-  if (!served.ok()) return ToGrpcStatus(served.status());
-  ServedModel& m = **served;
+  if (req->model_name().empty()) return absl::InvalidArgumentError("model_name: required");
+  FPX_ASSIGN_OR_RETURN(std::shared_ptr<ServedModel> served,
+                       ctx_.repo->Get(req->model_name(), req->model_version()));
+  ServedModel& m = *served;
   *model = m.deployment().name();
   *version = m.deployment().version();
   const uint64_t t0 = SteadyNowNs();
@@ -110,7 +116,7 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
                                     ctx_.max_message_bytes);
   if (!decoded.ok()) {
     m.Record(false, 0, 0, 0, 0, 0, SteadyNowNs() - t0);
-    return ToGrpcStatus(decoded.status());
+    return decoded.status();
   }
   const uint64_t t1 = SteadyNowNs();
   const int kw = decoded->weight_terms ? decoded->weight_terms : m.max_weight_terms();
@@ -121,7 +127,7 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
   const uint64_t t2 = SteadyNowNs();
   if (!y.ok()) {
     m.Record(false, 0, 0, 0, 0, 0, t2 - t0);
-    return ToGrpcStatus(y.status());
+    return y.status();
   }
   resp->set_model_name(m.deployment().name());
   resp->set_model_version(m.deployment().version());
@@ -131,93 +137,92 @@ grpc::Status InferenceService::Infer(grpc::ServerContext* c,
     if (m.max_act_terms() > 0)
       (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
   }
-  if (auto s = EncodeInferResponse(*req, *y, decoded->raw, resp); !s.ok()) return ToGrpcStatus(s);
+  FPX_RETURN_IF_ERROR(EncodeInferResponse(*req, *y, decoded->raw, resp));
   const uint64_t t3 = SteadyNowNs();
   const uint64_t batch = decoded->input.shape.empty() ? 1 : decoded->input.shape[0];
   m.Record(true, batch, queue_ns, t1 - t0, t2 - t1 - queue_ns, t3 - t2, t3 - t0);
-  return grpc::Status::OK;
+  return absl::OkStatus();
 }
 
 grpc::Status InferenceService::ModelStatistics(grpc::ServerContext* c,
                                                const inference::ModelStatisticsRequest* req,
                                                inference::ModelStatisticsResponse* resp) {
-  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  bool any = false;
-  for (const auto& m : ctx_.repo->Loaded()) {
-    const v1::Deployment& d = m->deployment();
-    if (!req->name().empty() && d.name() != req->name()) continue;
-    if (!req->version().empty() && d.version() != req->version()) continue;
-    any = true;
-    const ModelStats st = m->stats();
-    auto* out = resp->add_model_stats();
-    out->set_name(d.name());
-    out->set_version(d.version());
-    out->set_last_inference(st.last_inference_ms);
-    out->set_inference_count(st.inference_count);
-    out->set_execution_count(st.execution_count);
-    auto* is = out->mutable_inference_stats();
-    FillDuration(st.success, is->mutable_success());
-    FillDuration(st.fail, is->mutable_fail());
-    FillDuration(st.queue, is->mutable_queue());
-    FillDuration(st.compute_input, is->mutable_compute_input());
-    FillDuration(st.compute_infer, is->mutable_compute_infer());
-    FillDuration(st.compute_output, is->mutable_compute_output());
-  }
-  if (!any && !req->name().empty()) {
-    return ToGrpcStatus(absl::NotFoundError(absl::StrCat(
-        "name: no loaded model '", req->name(), "'",
-        req->version().empty() ? "" : absl::StrCat(" version '", req->version(), "'"))));
-  }
-  return grpc::Status::OK;
+  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+    bool any = false;
+    for (const auto& m : ctx_.repo->Loaded()) {
+      const v1::Deployment& d = m->deployment();
+      if (!req->name().empty() && d.name() != req->name()) continue;
+      if (!req->version().empty() && d.version() != req->version()) continue;
+      any = true;
+      const ModelStats st = m->stats();
+      auto* out = resp->add_model_stats();
+      out->set_name(d.name());
+      out->set_version(d.version());
+      out->set_last_inference(st.last_inference_ms);
+      out->set_inference_count(st.inference_count);
+      out->set_execution_count(st.execution_count);
+      auto* is = out->mutable_inference_stats();
+      FillDuration(st.success, is->mutable_success());
+      FillDuration(st.fail, is->mutable_fail());
+      FillDuration(st.queue, is->mutable_queue());
+      FillDuration(st.compute_input, is->mutable_compute_input());
+      FillDuration(st.compute_infer, is->mutable_compute_infer());
+      FillDuration(st.compute_output, is->mutable_compute_output());
+    }
+    if (!any && !req->name().empty()) {
+      return absl::NotFoundError(absl::StrCat(
+          "name: no loaded model '", req->name(), "'",
+          req->version().empty() ? "" : absl::StrCat(" version '", req->version(), "'")));
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::RepositoryIndex(grpc::ServerContext* c,
                                                const inference::RepositoryIndexRequest* req,
                                                inference::RepositoryIndexResponse* resp) {
-  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  for (const auto& e : ctx_.repo->Index()) {
-    if (req->ready() && e.state != "READY") continue;
-    auto* m = resp->add_models();
-    m->set_name(e.name);
-    m->set_version(e.version);
-    m->set_state(e.state);
-    m->set_reason(e.reason);
-  }
-  return grpc::Status::OK;
+  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+    for (const auto& e : ctx_.repo->Index()) {
+      if (req->ready() && e.state != "READY") continue;
+      auto* m = resp->add_models();
+      m->set_name(e.name);
+      m->set_version(e.version);
+      m->set_state(e.state);
+      m->set_reason(e.reason);
+    }
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
                                                    const inference::RepositoryModelLoadRequest* req,
                                                    inference::RepositoryModelLoadResponse*) {
   // infer loads deployments; quantize (or admin) may also serve a bare upload.
-  unsigned roles = 0;
-  if (auto s = ctx_.Admit(c, kRoleInfer, &roles);
-      !s.ok() && !(absl::IsPermissionDenied(s) && (roles & kRoleQuantize))) {
-    return ToGrpcStatus(s);
-  }
-  if (req->model_name().empty()) {
-    return ToGrpcStatus(absl::InvalidArgumentError("model_name: required"));
-  }
-  for (const auto& [key, value] : req->parameters()) {
-    return ToGrpcStatus(absl::InvalidArgumentError(
-        absl::StrCat("parameters: '", key,
-                     "' is not supported (upload models with fpxint.v1.Quantizer/"
-                     "UploadModel; no load parameters are accepted)")));
-  }
-  absl::Status s = ctx_.repo->Load(req->model_name(),
-                                   /*may_load_deployments=*/(roles & (kRoleInfer | kRoleAdmin)) != 0,
-                                   /*may_deploy_uploads=*/(roles & (kRoleQuantize | kRoleAdmin)) != 0);
-  if (s.ok()) LogInfo(absl::StrCat("model '", req->model_name(), "' loaded for inference"));
-  return ToGrpcStatus(s);
+  return Serve(ctx_, c, kRoleInfer | kRoleQuantize, [&](const Caller& caller) -> absl::Status {
+    if (req->model_name().empty()) return absl::InvalidArgumentError("model_name: required");
+    for (const auto& [key, value] : req->parameters()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("parameters: '", key,
+                       "' is not supported (upload models with fpxint.v1.Quantizer/"
+                       "UploadModel; no load parameters are accepted)"));
+    }
+    FPX_RETURN_IF_ERROR(
+        ctx_.repo->Load(req->model_name(),
+                        /*may_load_deployments=*/(caller.roles & (kRoleInfer | kRoleAdmin)) != 0,
+                        /*may_deploy_uploads=*/(caller.roles & (kRoleQuantize | kRoleAdmin)) != 0));
+    LogInfo(absl::StrCat("model '", req->model_name(), "' loaded for inference"));
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status InferenceService::RepositoryModelUnload(
     grpc::ServerContext* c, const inference::RepositoryModelUnloadRequest* req,
     inference::RepositoryModelUnloadResponse*) {
-  if (auto s = ctx_.Admit(c, kRoleInfer); !s.ok()) return ToGrpcStatus(s);
-  absl::Status s = ctx_.repo->Unload(req->model_name());
-  if (s.ok()) LogInfo(absl::StrCat("model '", req->model_name(), "' unloaded"));
-  return ToGrpcStatus(s);
+  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+    FPX_RETURN_IF_ERROR(ctx_.repo->Unload(req->model_name()));
+    LogInfo(absl::StrCat("model '", req->model_name(), "' unloaded"));
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace fpxint::server

@@ -260,18 +260,33 @@ void JobManager::Commit(const std::shared_ptr<Live>& live, v1::Job next, bool fi
                         bool left_queue) {
   absl::Status s = journal_->PutJob(next);
   if (!s.ok()) LogError(absl::StrCat("job ", next.job_id(), ": ", s.message()));
-  absl::MutexLock l(&mu_);
+  absl::ReleasableMutexLock l(&mu_);
   if (left_queue) --leaving_queue_;
   live->job = std::move(next);
   ++live->version;
   if (finished) live_.erase(live->job.job_id());
   changed_.SignalAll();
+  l.Release();
+  Announce();
 }
 
 void JobManager::Notify(const std::shared_ptr<Live>& live) {
-  absl::MutexLock l(&mu_);
-  ++live->version;
-  changed_.SignalAll();
+  {
+    absl::MutexLock l(&mu_);
+    ++live->version;
+    changed_.SignalAll();
+  }
+  Announce();
+}
+
+void JobManager::SetChangeListener(std::function<void()> fn) {
+  absl::MutexLock l(&listener_mu_);
+  listener_ = std::move(fn);
+}
+
+void JobManager::Announce() {
+  absl::MutexLock l(&listener_mu_);
+  if (listener_) listener_();
 }
 
 void JobManager::WorkerLoop() {

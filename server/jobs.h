@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -69,6 +70,11 @@ class JobManager {
   // Deletes every finished job that finished before `cutoff` (retention); returns how many.
   int DeleteFinishedBefore(absl::Time cutoff);
 
+  // Called after every change of any job (state or progress), on the thread that made it and
+  // with no lock of the manager held: how WatchJob's streams learn of changes without polling.
+  // One listener; nullptr removes it, waiting for a call in progress to return.
+  void SetChangeListener(std::function<void()> fn);
+
   // For WatchJob: returns the job once its version differs from *seen (updating *seen), or after
   // `timeout` with *changed = false. A job that is finished and not live returns once.
   absl::StatusOr<v1::Job> Wait(const std::string& job_id, uint64_t* seen, absl::Duration timeout,
@@ -119,6 +125,11 @@ class JobManager {
   Repository* repo_;
   core::ThreadPool* pool_;
 
+  // Tells the change listener; caller holds no lock.
+  void Announce();
+
+  absl::Mutex listener_mu_;
+  std::function<void()> listener_ ABSL_GUARDED_BY(listener_mu_);
   absl::Mutex submit_mu_;  // serialises idempotency checks
   mutable absl::Mutex mu_;
   absl::CondVar changed_;

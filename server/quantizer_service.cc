@@ -11,10 +11,11 @@
 #include "absl/synchronization/mutex.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
+#include "core/unique_fd.h"
 #include "server/log.h"
 #include "server/services.h"
-#include "server/upload.h"
 #include "server/status_util.h"
+#include "server/upload.h"
 
 namespace fpxint::server {
 namespace {
@@ -30,160 +31,122 @@ void DropIfUnreferenced(const ServiceContext& ctx, const std::string& sha) {
 grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
                                            grpc::ServerReader<v1::UploadChunk>* reader,
                                            v1::Model* resp) {
-  unsigned roles = 0;
-  std::string owner;
-  if (auto s = ctx_.Admit(c, kRoleQuantize, &roles, &owner); !s.ok()) return ToGrpcStatus(s);
-  auto lease = ctx_.uploads->Open(c);
-  if (!lease.ok()) return ToGrpcStatus(lease.status());
-  UploadPolicy policy = ctx_.upload_policy;
-  if (policy.quota_bytes > 0) {
-    auto used = ctx_.journal->UploadedBytesBy(owner);
-    if (!used.ok()) return ToGrpcStatus(used.status());
-    policy.quota_used = *used;
-  }
-  UploadAssembler upload(ctx_.store, policy, (roles & kRoleAdmin) != 0);
-  v1::UploadChunk chunk;
-  while (reader->Read(&chunk)) {
-    (*lease)->Progress();
-    if (auto s = upload.Add(chunk); !s.ok()) return ToGrpcStatus(s);
-    ctx_.metrics->BytesUploaded(chunk.data().size());
-  }
-  if ((*lease)->timed_out()) return ToGrpcStatus((*lease)->IdleError());
-  if (c->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled");
-  lease->reset();  // the stream is over: vetting below does not count against the upload limit
-  auto blob = upload.Finish([this](const std::string& sha) { DropIfUnreferenced(ctx_, sha); });
-  if (!blob.ok()) return ToGrpcStatus(blob.status());
-  const v1::UploadHeader& header = upload.header();
-  if (header.format() == v1::TORCHSCRIPT) {
-    // Vetted before anything refers to it; a refused archive is not kept.
-    auto verdict = ctx_.vetter->Vet(blob->sha256, ctx_.store->PathOf(blob->sha256));
-    if (!verdict.ok() || !verdict->passed) {
-      if (!blob->deduplicated) DropIfUnreferenced(ctx_, blob->sha256);
-      if (!verdict.ok()) return ToGrpcStatus(verdict.status());
-      LogWarning(absl::StrCat("TorchScript upload '", header.name(), "' refused: ",
-                              verdict->summary));
-      return ToGrpcStatus(absl::InvalidArgumentError(absl::StrCat(
-          "data: the TorchScript model was refused, and nothing of it was run or kept: ",
-          verdict->summary,
-          ". Accepted: modules whose every function uses only pure tensor operations "
-          "(fpxint-vet --list-ops; operators extend the list with --torchscript-allow-ops)")));
+  return Serve(ctx_, c, kRoleQuantize, [&](const Caller& caller) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::unique_ptr<StreamGuard::Lease> lease, ctx_.uploads->Open(c));
+    UploadPolicy policy = ctx_.upload_policy;
+    if (policy.quota_bytes > 0) {
+      FPX_ASSIGN_OR_RETURN(policy.quota_used, ctx_.journal->UploadedBytesBy(caller.name));
     }
-  }
-  auto existing = ctx_.journal->GetModel(header.name());
-  if (!existing.ok()) return ToGrpcStatus(existing.status());
-  if (*existing) {
-    if ((*existing)->sha256() != blob->sha256 || (*existing)->format() != header.format()) {
-      if (!blob->deduplicated) DropIfUnreferenced(ctx_, blob->sha256);
-      return ToGrpcStatus(absl::AlreadyExistsError(
-          absl::StrCat("header.name: a different model is already named '", header.name(),
-                       "' (DeleteModel it first, or choose another name)")));
+    UploadAssembler upload(ctx_.store, policy, (caller.roles & kRoleAdmin) != 0);
+    v1::UploadChunk chunk;
+    while (reader->Read(&chunk)) {
+      lease->Progress();
+      FPX_RETURN_IF_ERROR(upload.Add(chunk));
+      ctx_.metrics->BytesUploaded(chunk.data().size());
     }
-    *resp = **existing;
-    resp->set_deduplicated(true);
-    return grpc::Status::OK;
-  }
-  v1::Model m;
-  m.set_name(header.name());
-  m.set_format(header.format());
-  m.set_sha256(blob->sha256);
-  m.set_size_bytes(blob->size);
-  m.set_created_unix_ms(NowUnixMs());
-  m.set_owner(owner);
-  *m.mutable_inputs() = header.inputs();
-  if (auto s = ctx_.journal->PutModel(m); !s.ok()) return ToGrpcStatus(s);
-  LogInfo(absl::StrCat("model '", m.name(), "' uploaded: ", v1::ModelFormat_Name(m.format()), ", ",
-                       m.size_bytes(), " bytes, sha256 ", m.sha256(),
-                       blob->deduplicated ? " (deduplicated)" : ""));
-  *resp = m;
-  resp->set_deduplicated(blob->deduplicated);
-  return grpc::Status::OK;
+    if (lease->timed_out()) return lease->IdleError();
+    if (c->IsCancelled()) return absl::CancelledError("client cancelled");
+    lease.reset();  // the stream is over: vetting below does not count against the upload limit
+    FPX_ASSIGN_OR_RETURN(BlobWriter::Result blob, upload.Finish([this](const std::string& sha) {
+      DropIfUnreferenced(ctx_, sha);
+    }));
+    const v1::UploadHeader& header = upload.header();
+    if (header.format() == v1::TORCHSCRIPT) {
+      // Vetted before anything refers to it; a refused archive is not kept.
+      auto verdict = ctx_.vetter->Vet(blob.sha256, ctx_.store->PathOf(blob.sha256));
+      if (!verdict.ok() || !verdict->passed) {
+        if (!blob.deduplicated) DropIfUnreferenced(ctx_, blob.sha256);
+        if (!verdict.ok()) return verdict.status();
+        LogWarning(
+            absl::StrCat("TorchScript upload '", header.name(), "' refused: ", verdict->summary));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "data: the TorchScript model was refused, and nothing of it was run or kept: ",
+            verdict->summary,
+            ". Accepted: modules whose every function uses only pure tensor operations "
+            "(fpxint-vet --list-ops; operators extend the list with --torchscript-allow-ops)"));
+      }
+    }
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> existing, ctx_.journal->GetModel(header.name()));
+    if (existing) {
+      if (existing->sha256() != blob.sha256 || existing->format() != header.format()) {
+        if (!blob.deduplicated) DropIfUnreferenced(ctx_, blob.sha256);
+        return absl::AlreadyExistsError(
+            absl::StrCat("header.name: a different model is already named '", header.name(),
+                         "' (DeleteModel it first, or choose another name)"));
+      }
+      *resp = *std::move(existing);
+      resp->set_deduplicated(true);
+      return absl::OkStatus();
+    }
+    v1::Model m;
+    m.set_name(header.name());
+    m.set_format(header.format());
+    m.set_sha256(blob.sha256);
+    m.set_size_bytes(blob.size);
+    m.set_created_unix_ms(NowUnixMs());
+    m.set_owner(caller.name);
+    *m.mutable_inputs() = header.inputs();
+    FPX_RETURN_IF_ERROR(ctx_.journal->PutModel(m));
+    LogInfo(absl::StrCat("model '", m.name(), "' uploaded: ", v1::ModelFormat_Name(m.format()),
+                         ", ", m.size_bytes(), " bytes, sha256 ", m.sha256(),
+                         blob.deduplicated ? " (deduplicated)" : ""));
+    *resp = m;
+    resp->set_deduplicated(blob.deduplicated);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status QuantizerService::GetModel(grpc::ServerContext* c, const v1::ModelRef* req,
                                         v1::Model* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto m = ctx_.journal->GetModel(req->name());
-  if (!m.ok()) return ToGrpcStatus(m.status());
-  if (!*m) {
-    return ToGrpcStatus(absl::NotFoundError(absl::StrCat("name: no model '", req->name(), "'")));
-  }
-  *resp = **m;
-  return grpc::Status::OK;
+  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> m, ctx_.journal->GetModel(req->name()));
+    if (!m) return absl::NotFoundError(absl::StrCat("name: no model '", req->name(), "'"));
+    *resp = *std::move(m);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status QuantizerService::ListModels(grpc::ServerContext* c, const v1::ListModelsRequest*,
                                           v1::ListModelsResponse* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto all = ctx_.journal->ListModels();
-  if (!all.ok()) return ToGrpcStatus(all.status());
-  for (auto& m : *all) *resp->add_models() = std::move(m);
-  return grpc::Status::OK;
+  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::vector<v1::Model> all, ctx_.journal->ListModels());
+    for (auto& m : all) *resp->add_models() = std::move(m);
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status QuantizerService::DeleteModel(grpc::ServerContext* c, const v1::ModelRef* req,
                                            v1::DeleteModelResponse*) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto m = ctx_.journal->GetModel(req->name());
-  if (!m.ok()) return ToGrpcStatus(m.status());
-  if (!*m) {
-    return ToGrpcStatus(absl::NotFoundError(absl::StrCat("name: no model '", req->name(), "'")));
+  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> m, ctx_.journal->GetModel(req->name()));
+    if (!m) return absl::NotFoundError(absl::StrCat("name: no model '", req->name(), "'"));
+    FPX_ASSIGN_OR_RETURN(bool busy, ctx_.journal->ModelInUse(req->name()));
+    if (busy) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "model '", req->name(), "' is used by a queued or running job; cancel it first"));
+    }
+    FPX_RETURN_IF_ERROR(ctx_.journal->DeleteModel(req->name()));
+    DropIfUnreferenced(ctx_, m->sha256());
+    LogInfo(absl::StrCat("model '", req->name(), "' deleted"));
+    return absl::OkStatus();
+  });
+}
+
+// The handlers that hand one request to the job manager and return its answer.
+#define FPX_JOB_RPC(Method, Request, Response, call)                                \
+  grpc::Status QuantizerService::Method(grpc::ServerContext* c, const Request* req, \
+                                        Response* resp) {                           \
+    return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {       \
+      FPX_ASSIGN_OR_RETURN(*resp, ctx_.jobs->call);                                 \
+      return absl::OkStatus();                                                      \
+    });                                                                             \
   }
-  auto busy = ctx_.journal->ModelInUse(req->name());
-  if (!busy.ok()) return ToGrpcStatus(busy.status());
-  if (*busy) {
-    return ToGrpcStatus(absl::FailedPreconditionError(absl::StrCat(
-        "model '", req->name(), "' is used by a queued or running job; cancel it first")));
-  }
-  if (auto s = ctx_.journal->DeleteModel(req->name()); !s.ok()) return ToGrpcStatus(s);
-  DropIfUnreferenced(ctx_, (*m)->sha256());
-  LogInfo(absl::StrCat("model '", req->name(), "' deleted"));
-  return grpc::Status::OK;
-}
-
-grpc::Status QuantizerService::SubmitJob(grpc::ServerContext* c, const v1::SubmitJobRequest* req,
-                                         v1::Job* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto j = ctx_.jobs->Submit(*req);
-  if (!j.ok()) return ToGrpcStatus(j.status());
-  *resp = *std::move(j);
-  return grpc::Status::OK;
-}
-
-grpc::Status QuantizerService::GetJob(grpc::ServerContext* c, const v1::JobRef* req,
-                                      v1::Job* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto j = ctx_.jobs->Get(req->job_id());
-  if (!j.ok()) return ToGrpcStatus(j.status());
-  *resp = *std::move(j);
-  return grpc::Status::OK;
-}
-
-grpc::Status QuantizerService::ListJobs(grpc::ServerContext* c, const v1::ListJobsRequest* req,
-                                        v1::ListJobsResponse* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto r = ctx_.jobs->List(*req);
-  if (!r.ok()) return ToGrpcStatus(r.status());
-  *resp = *std::move(r);
-  return grpc::Status::OK;
-}
-
-grpc::Status QuantizerService::CancelJob(grpc::ServerContext* c, const v1::JobRef* req,
-                                         v1::Job* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto j = ctx_.jobs->Cancel(req->job_id());
-  if (!j.ok()) return ToGrpcStatus(j.status());
-  *resp = *std::move(j);
-  return grpc::Status::OK;
-}
-
-grpc::Status QuantizerService::DeleteJob(grpc::ServerContext* c, const v1::JobRef* req,
-                                         v1::DeleteJobResponse* resp) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto r = ctx_.jobs->Delete(req->job_id());
-  if (!r.ok()) return ToGrpcStatus(r.status());
-  *resp = *std::move(r);
-  return grpc::Status::OK;
-}
+FPX_JOB_RPC(SubmitJob, v1::SubmitJobRequest, v1::Job, Submit(*req))
+FPX_JOB_RPC(GetJob, v1::JobRef, v1::Job, Get(req->job_id()))
+FPX_JOB_RPC(ListJobs, v1::ListJobsRequest, v1::ListJobsResponse, List(*req))
+FPX_JOB_RPC(CancelJob, v1::JobRef, v1::Job, Cancel(req->job_id()))
+FPX_JOB_RPC(DeleteJob, v1::JobRef, v1::DeleteJobResponse, Delete(req->job_id()))
+#undef FPX_JOB_RPC
 
 // ---- WatchJob on the callback API ----
 
@@ -232,13 +195,16 @@ class WatchReactor final : public grpc::ServerWriteReactor<v1::JobEvent> {
   v1::JobEvent event_;                           // owned by the write in flight
 };
 
-// The thread that polls every open watch, every 100 ms or when a write completes.
+// The thread that serves every open watch when a job changes, a watch opens or a write completes.
 class WatchHub {
  public:
   WatchHub(JobManager* jobs, std::atomic<bool>* ready) : jobs_(jobs), ready_(ready) {
     thread_ = std::thread([this] { Loop(); });
+    // Every job change wakes the hub: watchers are pushed to, not polled.
+    jobs_->SetChangeListener([this] { Wake(); });
   }
   ~WatchHub() {
+    jobs_->SetChangeListener(nullptr);  // waits for a call in progress
     {
       absl::MutexLock l(&mu_);
       stop_ = true;
@@ -269,12 +235,13 @@ class WatchHub {
       std::vector<WatchReactor*> batch;
       {
         absl::MutexLock l(&mu_);
-        mu_.AwaitWithTimeout(absl::Condition(
-                                 +[](WatchHub* h) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-                                   return h->stop_ || h->wake_;
-                                 },
-                                 this),
-                             absl::Milliseconds(100));
+        // Woken by every job change (JobManager::SetChangeListener), a new watcher or a finished
+        // write; the timeout only catches the server's readiness turning off at shutdown.
+        mu_.AwaitWithTimeout(
+            absl::Condition(
+                +[](WatchHub* h) ABSL_NO_THREAD_SAFETY_ANALYSIS { return h->stop_ || h->wake_; },
+                this),
+            absl::Seconds(1));
         if (stop_) return;
         wake_ = false;
         for (WatchReactor* r : open_) {
@@ -374,70 +341,60 @@ grpc::ServerWriteReactor<v1::JobEvent>* QuantizerService::WatchJob(grpc::Callbac
 
 grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1::ArtifactRef* req,
                                                 grpc::ServerWriter<v1::ArtifactChunk>* writer) {
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) return ToGrpcStatus(s);
-  auto a = ctx_.journal->GetArtifact(req->artifact_id());
-  if (!a.ok()) return ToGrpcStatus(a.status());
-  if (!*a) {
-    return ToGrpcStatus(absl::NotFoundError(
-        absl::StrCat("artifact_id: no artifact '", req->artifact_id(), "' (see Job.artifacts)")));
-  }
-  const v1::Artifact& art = **a;
-  if (req->offset() > art.size_bytes()) {
-    return ToGrpcStatus(absl::OutOfRangeError(absl::StrCat("offset: ", req->offset(),
-                                                           " is past the end of the artifact (",
-                                                           art.size_bytes(), " bytes)")));
-  }
-  uint32_t chunk = req->chunk_bytes() == 0 ? (1u << 20) : req->chunk_bytes();
-  if (chunk > (4u << 20)) {
-    return ToGrpcStatus(absl::InvalidArgumentError("chunk_bytes: at most 4194304"));
-  }
-  auto lease = ctx_.downloads->Open(c);
-  if (!lease.ok()) return ToGrpcStatus(lease.status());
-  const std::string path = ctx_.store->PathOf(art.sha256());
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    return ToGrpcStatus(absl::DataLossError(
-        absl::StrCat("artifact ", art.artifact_id(), ": its blob is missing from the store")));
-  }
-  uint64_t off = req->offset();
-  v1::ArtifactChunk msg;
-  msg.set_total_size(art.size_bytes());
-  msg.set_sha256(art.sha256());
-  msg.set_file_name(art.file_name());
-  std::string buf;
-  grpc::Status result = grpc::Status::OK;
-  do {
-    buf.resize(std::min<uint64_t>(chunk, art.size_bytes() - off));
-    ssize_t n = buf.empty() ? 0 : ::pread(fd, buf.data(), buf.size(), static_cast<off_t>(off));
-    if (n < 0 || static_cast<size_t>(n) != buf.size()) {
-      result = ToGrpcStatus(absl::DataLossError("artifact blob is shorter than recorded"));
-      break;
+  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Artifact> a,
+                         ctx_.journal->GetArtifact(req->artifact_id()));
+    if (!a) {
+      return absl::NotFoundError(
+          absl::StrCat("artifact_id: no artifact '", req->artifact_id(), "' (see Job.artifacts)"));
     }
-    msg.set_offset(off);
-    msg.set_data(buf);
-    if (!writer->Write(msg)) {
-      result = (*lease)->timed_out() ? ToGrpcStatus((*lease)->IdleError())
-                                     : grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-      break;
+    const v1::Artifact& art = *a;
+    if (req->offset() > art.size_bytes()) {
+      return absl::OutOfRangeError(absl::StrCat("offset: ", req->offset(),
+                                                " is past the end of the artifact (",
+                                                art.size_bytes(), " bytes)"));
     }
-    (*lease)->Progress();
-    off += buf.size();
-  } while (off < art.size_bytes() && !c->IsCancelled());
-  ::close(fd);
-  return result;
+    const uint32_t chunk = req->chunk_bytes() == 0 ? (1u << 20) : req->chunk_bytes();
+    if (chunk > (4u << 20)) return absl::InvalidArgumentError("chunk_bytes: at most 4194304");
+    FPX_ASSIGN_OR_RETURN(std::unique_ptr<StreamGuard::Lease> lease, ctx_.downloads->Open(c));
+    const std::string path = ctx_.store->PathOf(art.sha256());
+    core::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) {
+      return absl::DataLossError(
+          absl::StrCat("artifact ", art.artifact_id(), ": its blob is missing from the store"));
+    }
+    uint64_t off = req->offset();
+    v1::ArtifactChunk msg;
+    msg.set_total_size(art.size_bytes());
+    msg.set_sha256(art.sha256());
+    msg.set_file_name(art.file_name());
+    std::string buf;
+    do {
+      buf.resize(std::min<uint64_t>(chunk, art.size_bytes() - off));
+      const ssize_t n =
+          buf.empty() ? 0 : ::pread(fd.get(), buf.data(), buf.size(), static_cast<off_t>(off));
+      if (n < 0 || static_cast<size_t>(n) != buf.size()) {
+        return absl::DataLossError("artifact blob is shorter than recorded");
+      }
+      msg.set_offset(off);
+      msg.set_data(buf);
+      if (!writer->Write(msg)) {
+        return lease->timed_out() ? lease->IdleError() : absl::CancelledError("client went away");
+      }
+      lease->Progress();
+      off += buf.size();
+    } while (off < art.size_bytes() && !c->IsCancelled());
+    return absl::OkStatus();
+  });
 }
 
 grpc::Status QuantizerService::GetDeployment(grpc::ServerContext* c, const v1::DeploymentRef* req,
                                              v1::DeploymentStatus* resp) {
   // Who serves a model (infer) and who deployed it (quantize) may both look at it.
-  unsigned roles = 0;
-  absl::Status admitted = ctx_.Admit(c, kRoleInfer, &roles);
-  if (absl::IsPermissionDenied(admitted) && (roles & kRoleQuantize) != 0) admitted = absl::OkStatus();
-  if (!admitted.ok()) return ToGrpcStatus(admitted);
-  auto d = ctx_.repo->Describe(req->name(), req->version());
-  if (!d.ok()) return ToGrpcStatus(d.status());
-  *resp = *std::move(d);
-  return grpc::Status::OK;
+  return Serve(ctx_, c, kRoleInfer | kRoleQuantize, [&](const Caller&) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(*resp, ctx_.repo->Describe(req->name(), req->version()));
+    return absl::OkStatus();
+  });
 }
 
 }  // namespace fpxint::server

@@ -2,8 +2,8 @@
 //
 // The gRPC service implementations: fpxint.v1.Quantizer and inference.GRPCInferenceService
 // (KServe v2 / OIP with Triton's repository and statistics extensions). They translate between
-// the wire and the job manager / repository, check authorization, and map absl::Status to
-// grpc::Status (status_util.h) — nothing else.
+// the wire and the job manager / repository — nothing else: every handler runs inside Serve,
+// which admits the caller and maps absl::Status to grpc::Status (status_util.h) once.
 #ifndef FPXINT_SERVER_SERVICES_H_
 #define FPXINT_SERVER_SERVICES_H_
 
@@ -19,6 +19,7 @@
 #include "server/journal.h"
 #include "server/metrics.h"
 #include "server/repository.h"
+#include "server/status_util.h"
 #include "server/store.h"
 #include "server/stream_guard.h"
 #include "server/validation.h"
@@ -53,10 +54,44 @@ struct ServiceContext {
   int64_t max_message_bytes = 64 << 20;  // --max-message-bytes: bounds a declared input tensor
 };
 
+// Who is calling: the token's roles and name (ServiceContext::Admit).
+struct Caller {
+  unsigned roles = 0;
+  std::string name;
+};
+
+// The edge every handler goes through: admits the caller for `roles` (any of them; readiness
+// first, then the token), runs `fn(caller)`, and converts its absl::Status to grpc::Status, the
+// one conversion of the service. Handlers return absl::Status and never build grpc::Status.
+template <typename Fn>
+grpc::Status Serve(const ServiceContext& ctx, const grpc::ServerContextBase* c, unsigned roles,
+                   Fn&& fn) {
+  Caller caller;
+  absl::Status s = ctx.Admit(c, static_cast<Role>(roles), &caller.roles, &caller.name);
+  if (s.ok()) s = fn(static_cast<const Caller&>(caller));
+  return ToGrpcStatus(s);
+}
+// Serve without the readiness gate, for calls that answer while the server starts or stops
+// (ModelReady says "not ready" then rather than UNAVAILABLE).
+template <typename Fn>
+grpc::Status ServeAnytime(const ServiceContext& ctx, const grpc::ServerContextBase* c,
+                          unsigned roles, Fn&& fn) {
+  Caller caller;
+  absl::Status s = ctx.auth->Check(c, static_cast<Role>(roles), &caller.roles, &caller.name);
+  if (s.ok()) s = fn(static_cast<const Caller&>(caller));
+  return ToGrpcStatus(s);
+}
+// For RPCs open to every caller (health, server metadata): no token, same conversion.
+template <typename Fn>
+grpc::Status ServeOpen(Fn&& fn) {
+  return ToGrpcStatus(fn());
+}
+
 class WatchHub;
 
 // WatchJob is on gRPC's callback API: a watcher holds no thread while it waits. One hub thread
-// polls every open watch (server/quantizer_service.cc); the other RPCs are synchronous.
+// writes to every open watch when the job manager announces a change (JobManager::
+// SetChangeListener; server/quantizer_service.cc); the other RPCs are synchronous.
 class QuantizerService final
     : public v1::Quantizer::WithCallbackMethod_WatchJob<v1::Quantizer::Service> {
  public:
@@ -119,7 +154,7 @@ class InferenceService final : public inference::GRPCInferenceService::Service {
 
  private:
   // ModelInfer's work; fills the model/version labels and the instance wait for the metrics.
-  grpc::Status Infer(grpc::ServerContext* c, const inference::ModelInferRequest* req,
+  absl::Status Infer(grpc::ServerContext* c, const inference::ModelInferRequest* req,
                      inference::ModelInferResponse* resp, std::string* model, std::string* version,
                      uint64_t* queue_ns);
 
