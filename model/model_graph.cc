@@ -5,45 +5,15 @@
 #include "model/model.h"
 
 #include <torch/csrc/jit/api/function_impl.h>
-#include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
-#include <torch/csrc/jit/passes/frozen_conv_folding.h>
-#include <torch/csrc/jit/passes/graph_rewrite_helper.h>
-#include <ATen/Parallel.h>
-#include <torch/script.h>
-
-#include <cstdio>
-#include <map>
-#include <cstring>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "core/name_pattern.h"
-#include "core/safetensors.h"
 #include "core/status_macros.h"
-#include "model/act_expand_op.h"
-#include "model/lowbit_ops.h"
 #include "model/internal/model_impl.h"
 
 namespace fpxint::model {
-
-using internal::ActGranularityFor;
-using internal::Brief;
-using internal::BriefText;
-using internal::CloneModule;
-using internal::CollectLayers;
-using internal::ConstTensor;
-using internal::ExpansionLayout;
-using internal::ForwardGraph;
-using internal::FoundLayer;
-using internal::FromExpansionLayout;
-using internal::KindName;
-using internal::kReleasedMessage;
-using internal::OpKind;
-using torch::jit::Node;
-using torch::jit::Value;
 
 namespace internal {
 

@@ -57,8 +57,24 @@ inline constexpr char kReleasedMessage[] =
 
 }  // namespace internal
 
+// The model layer's .cc files use the helpers unqualified.
+using internal::ActGranularityFor;
+using internal::Brief;
+using internal::BriefText;
+using internal::CloneModule;
+using internal::CollectLayers;
+using internal::ConstTensor;
+using internal::ExpansionLayout;
+using internal::ForwardGraph;
+using internal::FoundLayer;
+using internal::FromExpansionLayout;
+using internal::KindName;
+using internal::kReleasedMessage;
+using internal::OpKind;
+using torch::jit::Node;
+using torch::jit::Value;
+
 struct Model::Impl {
-  using OpKind = internal::OpKind;
   torch::jit::Module frozen;   // frozen, BatchNorm folded; never modified after Load
   torch::jit::Module current;  // what Forward runs
   // Networks already built by SetPrecision, by (kw, ka). Building clones the module, and every
