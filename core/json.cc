@@ -1,15 +1,12 @@
 #include "core/json.h"
 
 #include <cmath>
-#include <cstdlib>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/escaping.h"
-#include "nlohmann/json.hpp"
-#include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
 
 namespace fpxint::core {
 

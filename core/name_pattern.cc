@@ -31,6 +31,4 @@ bool NamePattern::Matches(absl::string_view name) const {
   return RE2::PartialMatch(re2::StringPiece(name.data(), name.size()), *re_);
 }
 
-const std::string& NamePattern::pattern() const { return re_->pattern(); }
-
 }  // namespace fpxint::core

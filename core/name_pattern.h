@@ -31,7 +31,6 @@ class NamePattern {
 
   // True when the pattern occurs somewhere in `name`.
   bool Matches(absl::string_view name) const;
-  const std::string& pattern() const;
 
  private:
   explicit NamePattern(std::shared_ptr<const re2::RE2> re) : re_(std::move(re)) {}

@@ -109,17 +109,24 @@ std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
 
 }  // namespace internal
 
+absl::StatusOr<Model::Impl::Clone> Model::Impl::CloneLayers() const {
+  Clone c;
+  c.module = CloneModule(frozen);
+  c.graph = ForwardGraph(c.module);
+  CollectLayers(c.graph->block(), &c.found);
+  if (c.found.size() != layers.size()) {
+    return absl::InternalError("layer discovery differs between the frozen model and its clone");
+  }
+  return c;
+}
 
 absl::StatusOr<torch::jit::Module> Model::Impl::Build(
     const std::function<at::Tensor(size_t, int)>& weight_for, int kw, int ka,
     bool truncate) const {
-  torch::jit::Module m = CloneModule(frozen);
-  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
-  std::vector<FoundLayer> found;
-  CollectLayers(g->block(), &found);
-  if (found.size() != layers.size()) {
-    return absl::InternalError("layer discovery differs between the frozen model and its clone");
-  }
+  FPX_ASSIGN_OR_RETURN(Clone c, CloneLayers());
+  torch::jit::Module& m = c.module;
+  const std::shared_ptr<torch::jit::Graph>& g = c.graph;
+  const std::vector<FoundLayer>& found = c.found;
   static const c10::Symbol kAdd = c10::Symbol::fromQualString("aten::add");
   for (size_t i = 0; i < found.size(); ++i) {
     if (!layers[i].expanded) continue;
@@ -172,13 +179,10 @@ absl::StatusOr<torch::jit::Module> Model::Impl::Build(
 
 absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
   static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
-  torch::jit::Module m = CloneModule(frozen);
-  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(m);
-  std::vector<FoundLayer> found;
-  CollectLayers(g->block(), &found);
-  if (found.size() != layers.size()) {
-    return absl::InternalError("layer discovery differs between the frozen model and its clone");
-  }
+  FPX_ASSIGN_OR_RETURN(Clone c, CloneLayers());
+  torch::jit::Module& m = c.module;
+  const std::shared_ptr<torch::jit::Graph>& g = c.graph;
+  const std::vector<FoundLayer>& found = c.found;
   Value* terms = g->addInput("terms");
   terms->setType(c10::IntType::get());
   Value* act_terms = nullptr;

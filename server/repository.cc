@@ -447,22 +447,28 @@ absl::Status Repository::Unload(const std::string& name) {
   return absl::OkStatus();
 }
 
+std::shared_ptr<ServedModel> Repository::StateOf(const v1::Deployment& d, std::string* reason) {
+  if (auto it = loaded_.find(d.name()); it != loaded_.end()) {
+    if (auto v = it->second.find(d.version()); v != it->second.end()) {
+      reason->clear();
+      return v->second;
+    }
+  }
+  const auto f = failures_.find(d.name() + "/" + d.version());
+  *reason = f != failures_.end()              ? f->second
+            : !d.quarantine_reason().empty() ? d.quarantine_reason()
+                                              : "unloaded";
+  return nullptr;
+}
+
 std::vector<Repository::IndexEntry> Repository::Index() {
   std::vector<IndexEntry> out;
   auto all = journal_->ListDeployments();
   if (!all.ok()) return out;
   absl::MutexLock l(&mu_);
   for (const v1::Deployment& d : *all) {
-    IndexEntry e{d.name(), d.version(), "UNAVAILABLE", "unloaded"};
-    auto it = loaded_.find(d.name());
-    if (it != loaded_.end() && it->second.count(d.version())) {
-      e.state = "READY";
-      e.reason = "";
-    } else if (auto f = failures_.find(d.name() + "/" + d.version()); f != failures_.end()) {
-      e.reason = f->second;
-    } else if (!d.quarantine_reason().empty()) {
-      e.reason = d.quarantine_reason();
-    }
+    IndexEntry e{d.name(), d.version(), "UNAVAILABLE", ""};
+    if (StateOf(d, &e.reason) != nullptr) e.state = "READY";
     out.push_back(e);
   }
   return out;
@@ -508,14 +514,16 @@ absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& nam
                                                           const std::string& version) {
   FPX_ASSIGN_OR_RETURN(std::vector<v1::Deployment> all, journal_->ListDeployments());
   const v1::Deployment* d = nullptr;
+  bool any_version = false;
   for (const v1::Deployment& x : all) {  // ascending versions: the last match is the highest
-    if (x.name() == name && (version.empty() || x.version() == version)) d = &x;
+    if (x.name() != name) continue;
+    any_version = true;
+    if (version.empty() || x.version() == version) d = &x;
   }
   if (d == nullptr) {
     return absl::NotFoundError(
-        version.empty() || Versions(name).empty()
-            ? absl::StrCat("name: no model '", name, "' is deployed")
-            : absl::StrCat("version: model '", name, "' has no version '", version, "'"));
+        any_version ? absl::StrCat("version: model '", name, "' has no version '", version, "'")
+                    : absl::StrCat("name: no model '", name, "' is deployed"));
   }
   v1::DeploymentStatus out;
   out.set_name(d->name());
@@ -541,15 +549,7 @@ absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& nam
   std::shared_ptr<ServedModel> served;
   {
     absl::MutexLock l(&mu_);
-    if (auto it = loaded_.find(d->name()); it != loaded_.end()) {
-      if (auto v = it->second.find(d->version()); v != it->second.end()) served = v->second;
-    }
-    if (served == nullptr) {
-      const auto f = failures_.find(d->name() + "/" + d->version());
-      out.set_reason(f != failures_.end()              ? f->second
-                     : !d->quarantine_reason().empty() ? d->quarantine_reason()
-                                                       : "unloaded");
-    }
+    served = StateOf(*d, out.mutable_reason());
   }
   out.set_state(served != nullptr ? "READY" : "UNAVAILABLE");
   if (served != nullptr) {

@@ -174,6 +174,10 @@ class Repository {
   absl::StatusOr<std::shared_ptr<ServedModel>> Instantiate(const v1::Deployment& d);
   // Writes the packed network of a version's first instance as kPackedExportFile, once.
   absl::Status ExportPacked(const v1::Deployment& d, model::Model* net);
+  // The loaded model of version `d` (nullptr when it is not loaded, *reason then saying why:
+  // its load failure, its quarantine, or "unloaded"). What Index and Describe report.
+  std::shared_ptr<ServedModel> StateOf(const v1::Deployment& d, std::string* reason)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Fills artifact_sha256 of a quantized record that predates it from its job's artifacts.
   absl::Status ResolveArtifact(v1::Deployment* d);
   absl::Status WriteVersionDir(const v1::Deployment& d);

@@ -97,6 +97,15 @@ struct Model::Impl {
   std::vector<at::Tensor> original_biases;  // undefined when the layer has none
   int kw = 0, ka = 0;
 
+  // A clone of the frozen module, its forward graph and its layers (the same as `layers`, in
+  // order; Internal when discovery differs), for the rewrites below to change.
+  struct Clone {
+    torch::jit::Module module;
+    std::shared_ptr<torch::jit::Graph> graph;
+    std::vector<FoundLayer> found;
+  };
+  absl::StatusOr<Clone> CloneLayers() const;
+
   // Clones the frozen module and rewrites every expanded layer with `weight_for(i, n)` (layer i's
   // weight from its first n terms; n = kw) and, when ka > 0, an activation expansion of its input:
   // one product with Σ_j X_j, or, order-truncated, Σ_j (Σ_{i <= min(kw, K+1-j)} W_i) X_j with
