@@ -99,10 +99,24 @@ absl::StatusOr<HostTensor> Model::Forward(const HostTensor& in) {
                                                                                : in.i64.size())) {
     return absl::InvalidArgumentError("input: shape does not match the number of values");
   }
+  HostTensor r;
+  FPX_RETURN_IF_ERROR(Forward(HostTensorRef::Of(in), [&](absl::Span<const int64_t> shape,
+                                                          absl::Span<const float> values) {
+    r.shape.assign(shape.begin(), shape.end());
+    r.f32.assign(values.begin(), values.end());
+    return absl::OkStatus();
+  }));
+  return r;
+}
+
+absl::Status Model::Forward(const HostTensorRef& in, OutputSink sink) {
+  const std::vector<int64_t> shape(in.shape.begin(), in.shape.end());
+  at::Tensor y;
   try {
-    at::Tensor x = in.type == HostTensor::Type::kFloat32
-                       ? at::from_blob(const_cast<float*>(in.f32.data()), in.shape, at::kFloat)
-                       : at::from_blob(const_cast<int64_t*>(in.i64.data()), in.shape, at::kLong);
+    // from_blob borrows the caller's bytes (a graph that works in place on its input writes
+    // into them; no caller reads them again).
+    at::Tensor x = at::from_blob(const_cast<void*>(in.data), shape,
+                                 in.type == HostTensor::Type::kFloat32 ? at::kFloat : at::kLong);
     torch::NoGradGuard no_grad;
     std::vector<c10::IValue> args = {x};
     if (impl_->current_packed) args.emplace_back(static_cast<int64_t>(impl_->kw));
@@ -110,18 +124,16 @@ absl::StatusOr<HostTensor> Model::Forward(const HostTensor& in) {
     c10::IValue out = impl_->current.forward(std::move(args));
     if (out.isTuple()) out = out.toTupleRef().elements()[0];
     if (!out.isTensor()) return absl::InternalError("model output is not a tensor");
-    at::Tensor y = out.toTensor().contiguous().to(at::kFloat);
-    HostTensor r;
-    r.shape = y.sizes().vec();
-    r.f32.assign(y.data_ptr<float>(), y.data_ptr<float>() + y.numel());
-    return r;
+    y = out.toTensor().contiguous().to(at::kFloat);
   } catch (const std::exception& e) {  // c10::Error and the interpreter's own errors
     const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
     return absl::InvalidArgumentError(absl::StrCat(
-        "input of shape [", absl::StrJoin(in.shape, ","), "] was rejected by the model (a traced "
+        "input of shape [", absl::StrJoin(shape, ","), "] was rejected by the model (a traced "
         "model keeps the input size it was traced with where it reshapes): ",
         ce ? Brief(*ce) : BriefText(e.what())));
   }
+  return sink(y.sizes().vec(),
+              absl::Span<const float>(y.data_ptr<float>(), static_cast<size_t>(y.numel())));
 }
 
 

@@ -32,7 +32,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "core/artifact.h"
 #include "core/expansion.h"
 #include "core/thread_pool.h"
@@ -52,6 +54,22 @@ struct HostTensor {
   static HostTensor Float(std::vector<int64_t> shape, std::vector<float> data);
   static HostTensor Int64(std::vector<int64_t> shape, std::vector<int64_t> data);
 };
+
+// A tensor borrowed from its owner (a HostTensor, or a request's raw bytes): Forward reads it in
+// place. `data` holds numel() values of `type`, aligned for it, and outlives the call.
+struct HostTensorRef {
+  HostTensor::Type type = HostTensor::Type::kFloat32;
+  absl::Span<const int64_t> shape;
+  const void* data = nullptr;
+
+  int64_t numel() const;
+  static HostTensorRef Of(const HostTensor& t);
+};
+
+// Receives a forward pass's FP32 output while the network still holds it (no copy in between):
+// the server writes it straight into the response.
+using OutputSink =
+    absl::FunctionRef<absl::Status(absl::Span<const int64_t> shape, absl::Span<const float> values)>;
 
 struct LayerInfo {
   std::string name;  // the weight's name in the frozen graph, e.g. "self.c1.weight_fused_bn"
@@ -139,6 +157,8 @@ class Model {
   // Runs the current network. InvalidArgument for a wrong dtype or rank, with the expected shape
   // when the graph was traced at a fixed size.
   absl::StatusOr<HostTensor> Forward(const HostTensor& input);
+  // The same on a borrowed input; the output goes to `sink` (its status is returned).
+  absl::Status Forward(const HostTensorRef& input, OutputSink sink);
 
   // Saves the packed network (every expanded layer as fpxint ops on its packed terms; forward(x,
   // terms: int = 0), 0 meaning all K terms). Loading it needs the fpxint op library: linked into

@@ -12,6 +12,21 @@ int64_t HostTensor::numel() const {
   return n;
 }
 
+int64_t HostTensorRef::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+HostTensorRef HostTensorRef::Of(const HostTensor& t) {
+  HostTensorRef r;
+  r.type = t.type;
+  r.shape = t.shape;
+  r.data = t.type == HostTensor::Type::kFloat32 ? static_cast<const void*>(t.f32.data())
+                                                : static_cast<const void*>(t.i64.data());
+  return r;
+}
+
 HostTensor HostTensor::Float(std::vector<int64_t> shape, std::vector<float> data) {
   HostTensor t;
   t.type = Type::kFloat32;

@@ -20,27 +20,29 @@ void FillDuration(const DurationStat& d, inference::StatisticDuration* out) {
 
 }  // namespace
 
-grpc::Status InferenceService::ServerLive(grpc::ServerContext*, const inference::ServerLiveRequest*,
-                                          inference::ServerLiveResponse* resp) {
-  return ServeOpen([&] {
+grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* c,
+                                                       const inference::ServerLiveRequest*,
+                                                       inference::ServerLiveResponse* resp) {
+  return ServeInline<Gate::kOpen>(ctx_, c, 0, [&](const Caller&) {
     resp->set_live(true);
     return absl::OkStatus();
   });
 }
 
-grpc::Status InferenceService::ServerReady(grpc::ServerContext*,
-                                           const inference::ServerReadyRequest*,
-                                           inference::ServerReadyResponse* resp) {
-  return ServeOpen([&] {
+grpc::ServerUnaryReactor* InferenceService::ServerReady(grpc::CallbackServerContext* c,
+                                                        const inference::ServerReadyRequest*,
+                                                        inference::ServerReadyResponse* resp) {
+  return ServeInline<Gate::kOpen>(ctx_, c, 0, [&](const Caller&) {
     resp->set_ready(ctx_.ready->load());
     return absl::OkStatus();
   });
 }
 
-grpc::Status InferenceService::ModelReady(grpc::ServerContext* c,
-                                          const inference::ModelReadyRequest* req,
-                                          inference::ModelReadyResponse* resp) {
-  return ServeAnytime(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+grpc::ServerUnaryReactor* InferenceService::ModelReady(grpc::CallbackServerContext* c,
+                                                       const inference::ModelReadyRequest* req,
+                                                       inference::ModelReadyResponse* resp) {
+  // Answers while the server starts or stops: "not ready" then, rather than UNAVAILABLE.
+  return ServeInline<Gate::kToken>(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
     auto m = ctx_.repo->Get(req->name(), req->version());
     if (absl::IsNotFound(m.status())) return m.status();
     resp->set_ready(m.ok() && ctx_.ready->load());
@@ -48,10 +50,10 @@ grpc::Status InferenceService::ModelReady(grpc::ServerContext* c,
   });
 }
 
-grpc::Status InferenceService::ServerMetadata(grpc::ServerContext*,
-                                              const inference::ServerMetadataRequest*,
-                                              inference::ServerMetadataResponse* resp) {
-  return ServeOpen([&] {
+grpc::ServerUnaryReactor* InferenceService::ServerMetadata(
+    grpc::CallbackServerContext* c, const inference::ServerMetadataRequest*,
+    inference::ServerMetadataResponse* resp) {
+  return ServeInline<Gate::kOpen>(ctx_, c, 0, [&](const Caller&) {
     resp->set_name("fpxint");
     resp->set_version(ctx_.server_version);
     for (const char* e : {"binary_tensor_data", "model_repository", "statistics"}) {
@@ -61,10 +63,11 @@ grpc::Status InferenceService::ServerMetadata(grpc::ServerContext*,
   });
 }
 
-grpc::Status InferenceService::ModelMetadata(grpc::ServerContext* c,
-                                             const inference::ModelMetadataRequest* req,
-                                             inference::ModelMetadataResponse* resp) {
-  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+grpc::ServerUnaryReactor* InferenceService::ModelMetadata(
+    grpc::CallbackServerContext* c, const inference::ModelMetadataRequest* req,
+    inference::ModelMetadataResponse* resp) {
+  // Queued: the versions come from the journal.
+  return ServeQueued(ctx_, c, kRoleInfer, [this, req, resp](const Caller&) -> absl::Status {
     FPX_ASSIGN_OR_RETURN(std::shared_ptr<ServedModel> m,
                          ctx_.repo->Get(req->name(), req->version()));
     const v1::Deployment& d = m->deployment();
@@ -84,70 +87,91 @@ grpc::Status InferenceService::ModelMetadata(grpc::ServerContext* c,
   });
 }
 
-grpc::Status InferenceService::ModelInfer(grpc::ServerContext* c,
-                                          const inference::ModelInferRequest* req,
-                                          inference::ModelInferResponse* resp) {
+// ModelInfer: admission, model lookup and decoding run here, on gRPC's thread (they only read
+// the request); the served model runs the call on the instance that takes it, which then
+// encodes the response into place and finishes the call. The request and response stay valid
+// until Finish, so the decoded input may borrow the request's bytes.
+grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerContext* c,
+                                                       const inference::ModelInferRequest* req,
+                                                       inference::ModelInferResponse* resp) {
+  grpc::ServerUnaryReactor* r = c->DefaultReactor();
   ctx_.metrics->PendingAdd(1);
   const uint64_t t0 = SteadyNowNs();
-  std::string model, version;
-  uint64_t queue_ns = ~uint64_t{0};
-  const grpc::Status s = Serve(ctx_, c, kRoleInfer, [&](const Caller&) {
-    return Infer(c, req, resp, &model, &version, &queue_ns);
-  });
-  ctx_.metrics->PendingAdd(-1);
-  ctx_.metrics->Inference(model, version, GrpcCodeName(s.error_code()),
-                          static_cast<double>(SteadyNowNs() - t0) * 1e-9,
-                          queue_ns == ~uint64_t{0} ? -1.0 : static_cast<double>(queue_ns) * 1e-9);
-  return s;
-}
-
-absl::Status InferenceService::Infer(grpc::ServerContext* c,
-                                     const inference::ModelInferRequest* req,
-                                     inference::ModelInferResponse* resp, std::string* model,
-                                     std::string* version, uint64_t* queue_out) {
-  if (req->model_name().empty()) return absl::InvalidArgumentError("model_name: required");
-  FPX_ASSIGN_OR_RETURN(std::shared_ptr<ServedModel> served,
-                       ctx_.repo->Get(req->model_name(), req->model_version()));
-  ServedModel& m = *served;
-  *model = m.deployment().name();
-  *version = m.deployment().version();
-  const uint64_t t0 = SteadyNowNs();
-  auto decoded = DecodeInferRequest(*req, m.deployment(), m.max_weight_terms(), m.max_act_terms(),
-                                    ctx_.max_message_bytes);
+  absl::Status s = ctx_.Admit(c, kRoleInfer);
+  if (s.ok() && req->model_name().empty()) {
+    s = absl::InvalidArgumentError("model_name: required");
+  }
+  absl::StatusOr<std::shared_ptr<ServedModel>> served =
+      s.ok() ? ctx_.repo->Get(req->model_name(), req->model_version()) : s;
+  if (!served.ok()) {
+    FinishInfer(r, nullptr, served.status(), t0, -1);
+    return r;
+  }
+  // The repository keeps the model until its destructor has ended every call it holds, so the
+  // call may keep a plain pointer.
+  ServedModel* m = served->get();
+  auto decoded = DecodeInferRequest(*req, m->deployment(), m->max_weight_terms(),
+                                    m->max_act_terms(), ctx_.max_message_bytes);
   if (!decoded.ok()) {
-    m.Record(false, 0, 0, 0, 0, 0, SteadyNowNs() - t0);
-    return decoded.status();
+    FinishInfer(r, m, decoded.status(), t0, -1);
+    return r;
   }
   const uint64_t t1 = SteadyNowNs();
-  const int kw = decoded->weight_terms ? decoded->weight_terms : m.max_weight_terms();
-  const int ka = decoded->act_terms ? decoded->act_terms : std::min(kw, m.max_act_terms());
-  uint64_t queue_ns = 0;
-  auto y = m.Infer(decoded->input, kw, ka, &queue_ns, absl::FromChrono(c->deadline()));
-  *queue_out = queue_ns;
-  const uint64_t t2 = SteadyNowNs();
-  if (!y.ok()) {
-    m.Record(false, 0, 0, 0, 0, 0, t2 - t0);
-    return y.status();
-  }
-  resp->set_model_name(m.deployment().name());
-  resp->set_model_version(m.deployment().version());
-  resp->set_id(req->id());
-  if (m.quantized()) {
-    (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
-    if (m.max_act_terms() > 0)
-      (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
-  }
-  FPX_RETURN_IF_ERROR(EncodeInferResponse(*req, *y, decoded->raw, resp));
-  const uint64_t t3 = SteadyNowNs();
-  const uint64_t batch = decoded->input.shape.empty() ? 1 : decoded->input.shape[0];
-  m.Record(true, batch, queue_ns, t1 - t0, t2 - t1 - queue_ns, t3 - t2, t3 - t0);
-  return absl::OkStatus();
+  const int kw = decoded->weight_terms ? decoded->weight_terms : m->max_weight_terms();
+  const int ka = decoded->act_terms ? decoded->act_terms : std::min(kw, m->max_act_terms());
+  m->Submit(
+      kw, ka, absl::FromChrono(c->deadline()),
+      [this, c, r, req, resp, m, kw, ka, t0, t1, in = *std::move(decoded)](
+          absl::StatusOr<model::Model*> net, uint64_t queue_ns) mutable {
+        if (!net.ok()) {
+          FinishInfer(r, m, net.status(), t0, static_cast<int64_t>(queue_ns));
+          return;
+        }
+        if (c->IsCancelled()) {
+          FinishInfer(r, m, absl::CancelledError("the client went away before the call ran"), t0,
+                      static_cast<int64_t>(queue_ns));
+          return;
+        }
+        resp->set_model_name(m->deployment().name());
+        resp->set_model_version(m->deployment().version());
+        resp->set_id(req->id());
+        if (m->quantized()) {
+          (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
+          if (m->max_act_terms() > 0)
+            (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
+        }
+        uint64_t t2 = 0;
+        const absl::Status st = (*net)->Forward(
+            in.input(), [&](absl::Span<const int64_t> shape, absl::Span<const float> values) {
+              t2 = SteadyNowNs();
+              return EncodeInferResponse(shape, values, in.raw, resp);
+            });
+        if (st.ok()) {
+          const uint64_t t3 = SteadyNowNs();
+          m->Record(true, static_cast<uint64_t>(in.batch()), queue_ns, t1 - t0,
+                    t2 - t1 - std::min(queue_ns, t2 - t1), t3 - t2, t3 - t0);
+        }
+        FinishInfer(r, m, st, t0, static_cast<int64_t>(queue_ns));
+      });
+  return r;
 }
 
-grpc::Status InferenceService::ModelStatistics(grpc::ServerContext* c,
-                                               const inference::ModelStatisticsRequest* req,
-                                               inference::ModelStatisticsResponse* resp) {
-  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+void InferenceService::FinishInfer(grpc::ServerUnaryReactor* r, ServedModel* m,
+                                   const absl::Status& s, uint64_t t0, int64_t queue_ns) {
+  const uint64_t total = SteadyNowNs() - t0;
+  if (m != nullptr && !s.ok()) m->Record(false, 0, 0, 0, 0, 0, total);
+  const grpc::Status g = ToGrpcStatus(s);
+  ctx_.metrics->PendingAdd(-1);
+  ctx_.metrics->Inference(m ? m->deployment().name() : "", m ? m->deployment().version() : "",
+                          GrpcCodeName(g.error_code()), static_cast<double>(total) * 1e-9,
+                          queue_ns < 0 ? -1.0 : static_cast<double>(queue_ns) * 1e-9);
+  r->Finish(g);
+}
+
+grpc::ServerUnaryReactor* InferenceService::ModelStatistics(
+    grpc::CallbackServerContext* c, const inference::ModelStatisticsRequest* req,
+    inference::ModelStatisticsResponse* resp) {
+  return ServeInline(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
     bool any = false;
     for (const auto& m : ctx_.repo->Loaded()) {
       const v1::Deployment& d = m->deployment();
@@ -178,10 +202,10 @@ grpc::Status InferenceService::ModelStatistics(grpc::ServerContext* c,
   });
 }
 
-grpc::Status InferenceService::RepositoryIndex(grpc::ServerContext* c,
-                                               const inference::RepositoryIndexRequest* req,
-                                               inference::RepositoryIndexResponse* resp) {
-  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+grpc::ServerUnaryReactor* InferenceService::RepositoryIndex(
+    grpc::CallbackServerContext* c, const inference::RepositoryIndexRequest* req,
+    inference::RepositoryIndexResponse* resp) {
+  return ServeQueued(ctx_, c, kRoleInfer, [this, req, resp](const Caller&) -> absl::Status {
     for (const auto& e : ctx_.repo->Index()) {
       if (req->ready() && e.state != "READY") continue;
       auto* m = resp->add_models();
@@ -194,11 +218,12 @@ grpc::Status InferenceService::RepositoryIndex(grpc::ServerContext* c,
   });
 }
 
-grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
-                                                   const inference::RepositoryModelLoadRequest* req,
-                                                   inference::RepositoryModelLoadResponse*) {
+grpc::ServerUnaryReactor* InferenceService::RepositoryModelLoad(
+    grpc::CallbackServerContext* c, const inference::RepositoryModelLoadRequest* req,
+    inference::RepositoryModelLoadResponse*) {
   // infer loads deployments; quantize (or admin) may also serve a bare upload.
-  return Serve(ctx_, c, kRoleInfer | kRoleQuantize, [&](const Caller& caller) -> absl::Status {
+  return ServeQueued(ctx_, c, kRoleInfer | kRoleQuantize,
+                     [this, req](const Caller& caller) -> absl::Status {
     if (req->model_name().empty()) return absl::InvalidArgumentError("model_name: required");
     for (const auto& [key, value] : req->parameters()) {
       return absl::InvalidArgumentError(
@@ -215,10 +240,10 @@ grpc::Status InferenceService::RepositoryModelLoad(grpc::ServerContext* c,
   });
 }
 
-grpc::Status InferenceService::RepositoryModelUnload(
-    grpc::ServerContext* c, const inference::RepositoryModelUnloadRequest* req,
+grpc::ServerUnaryReactor* InferenceService::RepositoryModelUnload(
+    grpc::CallbackServerContext* c, const inference::RepositoryModelUnloadRequest* req,
     inference::RepositoryModelUnloadResponse*) {
-  return Serve(ctx_, c, kRoleInfer, [&](const Caller&) -> absl::Status {
+  return ServeQueued(ctx_, c, kRoleInfer, [this, req](const Caller&) -> absl::Status {
     FPX_RETURN_IF_ERROR(ctx_.repo->Unload(req->model_name()));
     LogInfo(absl::StrCat("model '", req->model_name(), "' unloaded"));
     return absl::OkStatus();

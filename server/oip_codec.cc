@@ -31,6 +31,12 @@ T LoadLE(const char* p) {
 
 }  // namespace
 
+model::HostTensorRef DecodedRequest::input() const {
+  model::HostTensorRef r = model::HostTensorRef::Of(owned);
+  if (borrowed != nullptr) r.data = borrowed;
+  return r;
+}
+
 v1::TensorSignature InputSignature(const v1::Deployment& d) {
   if (d.inputs_size() == 1) {
     v1::TensorSignature s = d.inputs(0);
@@ -90,7 +96,7 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
                             absl::StrJoin(sig.shape(), ","), "] (-1: any size)"));
   }
   DecodedRequest out;
-  model::HostTensor& t = out.input;
+  model::HostTensor& t = out.owned;
   t.shape.assign(in.shape().begin(), in.shape().end());
   t.type = int_model ? model::HostTensor::Type::kInt64 : model::HostTensor::Type::kFloat32;
   const size_t n = static_cast<size_t>(numel);
@@ -118,22 +124,29 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
                  absl::StrCat(raw.size(), " bytes; shape [", absl::StrJoin(in.shape(), ","),
                               "] of ", in.datatype(), " needs ", numel * esize));
     }
-    allocate();
-    const char* p = raw.data();
-    for (size_t i = 0; i < n; ++i, p += esize) {
-      if (in.datatype() == "FP32")
-        t.f32[i] = LoadLE<float>(p);
-      else if (in.datatype() == "FP16")
-        t.f32[i] = core::HalfToFloat(LoadLE<uint16_t>(p));
-      else if (in.datatype() == "UINT8") {
-        if (int_model)
-          t.i64[i] = static_cast<uint8_t>(*p);
+    // The bytes are the tensor already: borrow them when aligned for the type (heap strings
+    // are), copy them otherwise.
+    const bool same_type = in.datatype() == (int_model ? "INT64" : "FP32");
+    if (same_type && reinterpret_cast<uintptr_t>(raw.data()) % esize == 0) {
+      out.borrowed = raw.data();
+    } else {
+      allocate();
+      const char* p = raw.data();
+      for (size_t i = 0; i < n; ++i, p += esize) {
+        if (in.datatype() == "FP32")
+          t.f32[i] = LoadLE<float>(p);
+        else if (in.datatype() == "FP16")
+          t.f32[i] = core::HalfToFloat(LoadLE<uint16_t>(p));
+        else if (in.datatype() == "UINT8") {
+          if (int_model)
+            t.i64[i] = static_cast<uint8_t>(*p);
+          else
+            t.f32[i] = static_cast<uint8_t>(*p);
+        } else if (in.datatype() == "INT32")
+          t.i64[i] = LoadLE<int32_t>(p);
         else
-          t.f32[i] = static_cast<uint8_t>(*p);
-      } else if (in.datatype() == "INT32")
-        t.i64[i] = LoadLE<int32_t>(p);
-      else
-        t.i64[i] = LoadLE<int64_t>(p);
+          t.i64[i] = LoadLE<int64_t>(p);
+      }
     }
   } else {
     const auto& c = in.contents();
@@ -205,20 +218,19 @@ absl::StatusOr<DecodedRequest> DecodeInferRequest(const inference::ModelInferReq
   return out;
 }
 
-absl::Status EncodeInferResponse(const inference::ModelInferRequest& req,
-                                 const model::HostTensor& y, bool raw,
-                                 inference::ModelInferResponse* resp) {
+absl::Status EncodeInferResponse(absl::Span<const int64_t> shape, absl::Span<const float> values,
+                                 bool raw, inference::ModelInferResponse* resp) {
   auto* o = resp->add_outputs();
   o->set_name(kOutputName);
   o->set_datatype("FP32");
-  for (int64_t d : y.shape) o->add_shape(d);
+  for (int64_t d : shape) o->add_shape(d);
   if (raw) {
-    resp->add_raw_output_contents()->assign(reinterpret_cast<const char*>(y.f32.data()),
-                                            y.f32.size() * sizeof(float));
+    resp->add_raw_output_contents()->assign(reinterpret_cast<const char*>(values.data()),
+                                            values.size() * sizeof(float));
   } else {
     auto* c = o->mutable_contents()->mutable_fp32_contents();
-    c->Reserve(static_cast<int>(y.f32.size()));
-    for (float v : y.f32) c->AddAlreadyReserved(v);
+    c->Reserve(static_cast<int>(values.size()));
+    for (float v : values) c->AddAlreadyReserved(v);
   }
   return absl::OkStatus();
 }

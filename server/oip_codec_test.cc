@@ -63,13 +63,14 @@ TEST(DecodeInferRequest, Fp16AndUint8DecodeToTheirValues) {
   auto r = DecodeInferRequest(req, d, 0, 0, kTwoGiB);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(r->raw);
-  EXPECT_EQ(r->input.shape, (std::vector<int64_t>{1, 784}));
-  EXPECT_EQ(r->input.f32[100], 12.5f);  // exact in FP16
+  EXPECT_EQ(r->owned.shape, (std::vector<int64_t>{1, 784}));
+  EXPECT_EQ(r->owned.f32[100], 12.5f);
+  EXPECT_EQ(r->input().data, r->owned.f32.data());  // converted, not borrowed  // exact in FP16
   inference::ModelInferRequest u8 = Request("UINT8", {1, 784});
   for (int i = 0; i < 784; ++i) u8.mutable_inputs(0)->mutable_contents()->add_uint_contents(i % 256);
   r = DecodeInferRequest(u8, d, 0, 0, kTwoGiB);
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->input.f32[300], 44.0f);
+  EXPECT_EQ(r->owned.f32[300], 44.0f);
   u8.mutable_inputs(0)->mutable_contents()->set_uint_contents(3, 256);
   r = DecodeInferRequest(u8, d, 0, 0, kTwoGiB);
   EXPECT_TRUE(absl::StrContains(r.status().message(), "UINT8 values are 0..255")) << r.status();
@@ -98,16 +99,33 @@ TEST(DecodeInferRequest, TermParametersAreBoundedByTheDeployment) {
   EXPECT_TRUE(absl::StrContains(r.status().message(), "does not expand activations")) << r.status();
 }
 
+TEST(DecodeInferRequest, RawBytesOfTheModelsTypeAreReadInPlace) {
+  const v1::Deployment d = Mnist();
+  inference::ModelInferRequest req = Request("FP32", {2, 784});
+  std::string raw(2 * 784 * 4, '\0');
+  const float v = 0.75f;
+  std::memcpy(&raw[4 * 785], &v, 4);
+  req.add_raw_input_contents(raw);
+  auto r = DecodeInferRequest(req, d, 0, 0, kTwoGiB);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const model::HostTensorRef in = r->input();
+  EXPECT_EQ(in.data, static_cast<const void*>(req.raw_input_contents(0).data()));
+  EXPECT_TRUE(r->owned.f32.empty());  // nothing allocated for the values
+  EXPECT_EQ(std::vector<int64_t>(in.shape.begin(), in.shape.end()),
+            (std::vector<int64_t>{2, 784}));
+  EXPECT_EQ(static_cast<const float*>(in.data)[785], 0.75f);
+  EXPECT_EQ(r->batch(), 2);
+}
+
 TEST(EncodeInferResponse, AnswersInTheRequestsKind) {
-  inference::ModelInferRequest req = Request("FP32", {1, 784});
   const model::HostTensor y = model::HostTensor::Float({1, 3}, {1.5f, -2.0f, 0.25f});
   inference::ModelInferResponse raw, typed;
-  ASSERT_TRUE(EncodeInferResponse(req, y, /*raw=*/true, &raw).ok());
+  ASSERT_TRUE(EncodeInferResponse(y.shape, y.f32, /*raw=*/true, &raw).ok());
   ASSERT_EQ(raw.raw_output_contents_size(), 1);
   float back[3];
   std::memcpy(back, raw.raw_output_contents(0).data(), sizeof(back));
   EXPECT_EQ(back[1], -2.0f);
-  ASSERT_TRUE(EncodeInferResponse(req, y, /*raw=*/false, &typed).ok());
+  ASSERT_TRUE(EncodeInferResponse(y.shape, y.f32, /*raw=*/false, &typed).ok());
   ASSERT_EQ(typed.outputs_size(), 1);
   EXPECT_EQ(typed.outputs(0).datatype(), "FP32");
   EXPECT_EQ(typed.outputs(0).contents().fp32_contents(2), 0.25f);

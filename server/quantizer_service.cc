@@ -96,9 +96,9 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   });
 }
 
-grpc::Status QuantizerService::GetModel(grpc::ServerContext* c, const v1::ModelRef* req,
-                                        v1::Model* resp) {
-  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+grpc::ServerUnaryReactor* QuantizerService::GetModel(grpc::CallbackServerContext* c,
+                                                     const v1::ModelRef* req, v1::Model* resp) {
+  return ServeQueued(ctx_, c, kRoleQuantize, [this, req, resp](const Caller&) -> absl::Status {
     FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> m, ctx_.journal->GetModel(req->name()));
     if (!m) return absl::NotFoundError(absl::StrCat("name: no model '", req->name(), "'"));
     *resp = *std::move(m);
@@ -106,18 +106,20 @@ grpc::Status QuantizerService::GetModel(grpc::ServerContext* c, const v1::ModelR
   });
 }
 
-grpc::Status QuantizerService::ListModels(grpc::ServerContext* c, const v1::ListModelsRequest*,
-                                          v1::ListModelsResponse* resp) {
-  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+grpc::ServerUnaryReactor* QuantizerService::ListModels(grpc::CallbackServerContext* c,
+                                                       const v1::ListModelsRequest*,
+                                                       v1::ListModelsResponse* resp) {
+  return ServeQueued(ctx_, c, kRoleQuantize, [this, resp](const Caller&) -> absl::Status {
     FPX_ASSIGN_OR_RETURN(std::vector<v1::Model> all, ctx_.journal->ListModels());
     for (auto& m : all) *resp->add_models() = std::move(m);
     return absl::OkStatus();
   });
 }
 
-grpc::Status QuantizerService::DeleteModel(grpc::ServerContext* c, const v1::ModelRef* req,
-                                           v1::DeleteModelResponse*) {
-  return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {
+grpc::ServerUnaryReactor* QuantizerService::DeleteModel(grpc::CallbackServerContext* c,
+                                                        const v1::ModelRef* req,
+                                                        v1::DeleteModelResponse*) {
+  return ServeQueued(ctx_, c, kRoleQuantize, [this, req](const Caller&) -> absl::Status {
     FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> m, ctx_.journal->GetModel(req->name()));
     if (!m) return absl::NotFoundError(absl::StrCat("name: no model '", req->name(), "'"));
     FPX_ASSIGN_OR_RETURN(bool busy, ctx_.journal->ModelInUse(req->name()));
@@ -133,13 +135,14 @@ grpc::Status QuantizerService::DeleteModel(grpc::ServerContext* c, const v1::Mod
 }
 
 // The handlers that hand one request to the job manager and return its answer.
-#define FPX_JOB_RPC(Method, Request, Response, call)                                \
-  grpc::Status QuantizerService::Method(grpc::ServerContext* c, const Request* req, \
-                                        Response* resp) {                           \
-    return Serve(ctx_, c, kRoleQuantize, [&](const Caller&) -> absl::Status {       \
-      FPX_ASSIGN_OR_RETURN(*resp, ctx_.jobs->call);                                 \
-      return absl::OkStatus();                                                      \
-    });                                                                             \
+#define FPX_JOB_RPC(Method, Request, Response, call)                                       \
+  grpc::ServerUnaryReactor* QuantizerService::Method(grpc::CallbackServerContext* c,       \
+                                                     const Request* req, Response* resp) { \
+    return ServeQueued(ctx_, c, kRoleQuantize,                                             \
+                       [this, req, resp](const Caller&) -> absl::Status {                  \
+                         FPX_ASSIGN_OR_RETURN(*resp, ctx_.jobs->call);                     \
+                         return absl::OkStatus();                                          \
+                       });                                                                 \
   }
 FPX_JOB_RPC(SubmitJob, v1::SubmitJobRequest, v1::Job, Submit(*req))
 FPX_JOB_RPC(GetJob, v1::JobRef, v1::Job, Get(req->job_id()))
@@ -331,7 +334,7 @@ QuantizerService::~QuantizerService() = default;
 grpc::ServerWriteReactor<v1::JobEvent>* QuantizerService::WatchJob(grpc::CallbackServerContext* c,
                                                                    const v1::JobRef* req) {
   auto* r = new WatchReactor(watch_hub_.get(), req->job_id());
-  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) {
+  if (auto s = ctx_.Admit(c, kRoleQuantize); !s.ok()) {  // the stream's one conversion
     r->Refuse(ToGrpcStatus(s));
     return r;
   }
@@ -388,10 +391,12 @@ grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1
   });
 }
 
-grpc::Status QuantizerService::GetDeployment(grpc::ServerContext* c, const v1::DeploymentRef* req,
-                                             v1::DeploymentStatus* resp) {
+grpc::ServerUnaryReactor* QuantizerService::GetDeployment(grpc::CallbackServerContext* c,
+                                                          const v1::DeploymentRef* req,
+                                                          v1::DeploymentStatus* resp) {
   // Who serves a model (infer) and who deployed it (quantize) may both look at it.
-  return Serve(ctx_, c, kRoleInfer | kRoleQuantize, [&](const Caller&) -> absl::Status {
+  return ServeQueued(ctx_, c, kRoleInfer | kRoleQuantize,
+                     [this, req, resp](const Caller&) -> absl::Status {
     FPX_ASSIGN_OR_RETURN(*resp, ctx_.repo->Describe(req->name(), req->version()));
     return absl::OkStatus();
   });

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <deque>
 #include <filesystem>
 #include <functional>
 #include <thread>
@@ -11,7 +12,6 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/synchronization/notification.h"
 #include "core/atomic_file.h"
 #include "core/artifact.h"
 #include "core/safetensors.h"
@@ -29,55 +29,6 @@ namespace fs = std::filesystem;
 
 }  // namespace
 
-class ServedModel::Runner {
- public:
-  Runner() : thread_([this] { Loop(); }) {}
-  ~Runner() {
-    {
-      absl::MutexLock l(&mu_);
-      stop_ = true;
-    }
-    thread_.join();
-  }
-  Runner(const Runner&) = delete;
-  Runner& operator=(const Runner&) = delete;
-
-  // Runs fn on this runner's thread and waits for it. One caller at a time (the instance's).
-  void Run(const std::function<void()>& fn) {
-    absl::Notification done;
-    {
-      absl::MutexLock l(&mu_);
-      job_ = [&fn, &done] {
-        fn();
-        done.Notify();
-      };
-    }
-    done.WaitForNotification();
-  }
-
- private:
-  void Loop() {
-    for (;;) {
-      std::function<void()> job;
-      {
-        absl::MutexLock l(&mu_);
-        mu_.Await(absl::Condition(
-            +[](Runner* r) ABSL_NO_THREAD_SAFETY_ANALYSIS { return r->stop_ || r->job_ != nullptr; },
-            this));
-        if (job_ == nullptr) return;  // stopping
-        job = std::move(job_);
-        job_ = nullptr;
-      }
-      job();
-    }
-  }
-
-  absl::Mutex mu_;
-  bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  std::function<void()> job_ ABSL_GUARDED_BY(mu_);
-  std::thread thread_;  // last: starts after the members above exist
-};
-
 // ---- ServedModel ----
 
 ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets,
@@ -90,11 +41,29 @@ ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Mo
   absl::MutexLock l(&mu_);
   for (auto& n : nets) {
     free_.push_back(static_cast<int>(instances_.size()));
-    instances_.push_back({std::move(n), -1, -1, std::make_shared<Runner>()});
+    instances_.push_back({std::move(n), -1, -1, std::make_unique<WorkQueue>(1)});
   }
+  timer_ = std::thread([this] { ExpireLoop(); });
 }
 
-ServedModel::~ServedModel() = default;
+ServedModel::~ServedModel() {
+  std::deque<Call> left;
+  {
+    absl::MutexLock l(&mu_);
+    stopping_ = true;
+    timer_wake_ = true;
+    left.swap(pending_);
+  }
+  for (Call& c : left) {
+    std::move(c.work)(absl::UnavailableError(absl::StrCat(
+                          "model '", d_.name(), "' version ", d_.version(),
+                          " was unloaded while the call waited for an instance")),
+                      SteadyNowNs() - c.t0);
+  }
+  timer_.join();
+  // Each runner finishes the call it holds (stopping_ keeps it from taking another), then joins.
+  for (Instance& inst : instances_) inst.runner.reset();
+}
 
 int ServedModel::max_weight_terms() const {
   return quantized() ? static_cast<int>(d_.spec().weight_terms()) : 0;
@@ -103,53 +72,97 @@ int ServedModel::max_act_terms() const {
   return quantized() ? static_cast<int>(d_.spec().act_terms()) : 0;
 }
 
-absl::StatusOr<model::HostTensor> ServedModel::Infer(const model::HostTensor& x, int kw, int ka,
-                                                     uint64_t* queue_ns, absl::Time deadline) {
-  const uint64_t t0 = SteadyNowNs();
+void ServedModel::Submit(int kw, int ka, absl::Time deadline, Work work) {
+  Call call{kw, ka, deadline, SteadyNowNs(), std::move(work)};
+  absl::Status refused;
   int slot = -1;
-  Instance* inst = nullptr;
   {
     absl::MutexLock l(&mu_);
-    if (free_.empty()) {
-      if (waiting_ >= limits_.max_waiting) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "model '", d_.name(), "' version ", d_.version(), " has ", waiting_,
-            " requests waiting for its ", instances_.size(),
-            " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
-      }
-      ++waiting_;
-      const bool got = mu_.AwaitWithDeadline(
-          absl::Condition(+[](std::vector<int>* f) { return !f->empty(); }, &free_),
-          std::min(deadline, absl::Now() + limits_.max_wait));
-      --waiting_;
-      if (!got) {
-        *queue_ns = SteadyNowNs() - t0;
-        return absl::DeadlineExceededError(absl::StrCat(
-            "no instance of model '", d_.name(), "' version ", d_.version(),
-            " became free within the call's deadline or --infer-queue-timeout (",
-            absl::FormatDuration(limits_.max_wait), ")"));
-      }
+    if (stopping_) {
+      refused = absl::UnavailableError(
+          absl::StrCat("model '", d_.name(), "' version ", d_.version(), " is being unloaded"));
+    } else if (!free_.empty()) {
+      slot = free_.back();
+      free_.pop_back();
+    } else if (static_cast<int>(pending_.size()) >= limits_.max_waiting) {
+      refused = absl::ResourceExhaustedError(absl::StrCat(
+          "model '", d_.name(), "' version ", d_.version(), " has ", pending_.size(),
+          " requests waiting for its ", instances_.size(),
+          " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
+    } else {
+      call.deadline = std::min(deadline, absl::Now() + limits_.max_wait);
+      pending_.push_back(std::move(call));
+      timer_wake_ = true;
+      return;
     }
-    slot = free_.back();
-    free_.pop_back();
-    inst = &instances_[slot];  // the vector never changes after construction
   }
-  *queue_ns = SteadyNowNs() - t0;
-  absl::StatusOr<model::HostTensor> y = absl::InternalError("not run");
-  inst->runner->Run([&] {
+  if (slot < 0) {
+    std::move(call.work)(refused, 0);
+    return;
+  }
+  instances_[slot].runner->Post(
+      [this, slot, c = std::move(call)]() mutable { RunOn(slot, std::move(c)); });
+}
+
+// On instance `slot`'s runner: runs `call`, then every call waiting for an instance, until none
+// waits; then the instance is free again.
+void ServedModel::RunOn(int slot, Call call) {
+  Instance& inst = instances_[slot];
+  for (;;) {
+    const uint64_t queue_ns = SteadyNowNs() - call.t0;
     absl::Status s;
-    if (quantized() && (inst->kw != kw || inst->ka != ka)) {
-      s = inst->net->SetPrecision(kw, ka);
+    if (quantized() && (inst.kw != call.kw || inst.ka != call.ka)) {
+      s = inst.net->SetPrecision(call.kw, call.ka);
       if (s.ok()) {
-        inst->kw = kw;
-        inst->ka = ka;
+        inst.kw = call.kw;
+        inst.ka = call.ka;
       }
     }
-    y = s.ok() ? inst->net->Forward(x) : absl::StatusOr<model::HostTensor>(s);
-  });
+    std::move(call.work)(s.ok() ? absl::StatusOr<model::Model*>(inst.net.get())
+                                : absl::StatusOr<model::Model*>(s),
+                         queue_ns);
+    absl::MutexLock l(&mu_);
+    if (pending_.empty() || stopping_) {
+      free_.push_back(slot);
+      return;
+    }
+    call = std::move(pending_.front());
+    pending_.pop_front();
+  }
+}
+
+// The model's timer: ends every waiting call whose deadline (the client's, or --infer-queue-
+// timeout) passes before an instance takes it.
+void ServedModel::ExpireLoop() {
   absl::MutexLock l(&mu_);
-  free_.push_back(slot);
-  return y;
+  while (!stopping_) {
+    absl::Time earliest = absl::InfiniteFuture();
+    for (const Call& c : pending_) earliest = std::min(earliest, c.deadline);
+    timer_wake_ = false;
+    mu_.AwaitWithDeadline(absl::Condition(&timer_wake_), earliest);
+    if (stopping_) break;
+    const absl::Time now = absl::Now();
+    std::vector<Call> expired;
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->deadline <= now) {
+        expired.push_back(std::move(*it));
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (expired.empty()) continue;
+    mu_.Unlock();
+    for (Call& c : expired) {
+      std::move(c.work)(
+          absl::DeadlineExceededError(absl::StrCat(
+              "no instance of model '", d_.name(), "' version ", d_.version(),
+              " became free within the call's deadline or --infer-queue-timeout (",
+              absl::FormatDuration(limits_.max_wait), ")")),
+          SteadyNowNs() - c.t0);
+    }
+    mu_.Lock();
+  }
 }
 
 void ServedModel::Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns,

@@ -17,18 +17,22 @@
 // before its nonlinearity, which equals running the basis models in lock-step and adding them.
 //
 // Each loaded version keeps `instances` copies of the network (a Model runs one request at a
-// time); requests beyond that wait their turn (the queue time is in the statistics).
+// time), each with its own thread; requests beyond that wait in the version's queue, without a
+// thread, until an instance takes them (the queue time is in the statistics).
 //
 // Thread-safe.
 #ifndef FPXINT_SERVER_REPOSITORY_H_
 #define FPXINT_SERVER_REPOSITORY_H_
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -39,6 +43,7 @@
 #include "server/metrics.h"
 #include "server/store.h"
 #include "server/vetting.h"
+#include "server/work_queue.h"
 
 namespace fpxint::server {
 
@@ -83,12 +88,18 @@ class ServedModel {
   int max_weight_terms() const;
   int max_act_terms() const;
 
-  // Runs one request with the first kw weight / ka activation terms (ignored for FP models).
-  // queue_ns: time spent waiting for a free instance. RESOURCE_EXHAUSTED when max_waiting calls
-  // already wait; DEADLINE_EXCEEDED when no instance frees up before `deadline` or max_wait.
-  absl::StatusOr<model::HostTensor> Infer(const model::HostTensor& x, int kw, int ka,
-                                          uint64_t* queue_ns,
-                                          absl::Time deadline = absl::InfiniteFuture());
+  // What runs a call: on an instance's own thread with its network set to the call's precision,
+  // or with the status that ended the call before it ran. queue_ns: time spent waiting for an
+  // instance.
+  using Work = absl::AnyInvocable<void(absl::StatusOr<model::Model*> net, uint64_t queue_ns) &&>;
+
+  // Runs `work` exactly once with the first kw weight / ka activation terms (ignored for FP
+  // models): on a free instance's thread, or after the calls before it, on the first instance
+  // that frees up. Never blocks. Ends it instead with RESOURCE_EXHAUSTED when max_waiting calls
+  // already wait (inline), DEADLINE_EXCEEDED when no instance takes it before `deadline` or
+  // max_wait (on the model's timer thread), UNAVAILABLE when the model is unloaded first, or
+  // SetPrecision's error.
+  void Submit(int kw, int ka, absl::Time deadline, Work work);
 
   void Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns, uint64_t infer_ns,
               uint64_t output_ns, uint64_t total_ns);
@@ -101,23 +112,35 @@ class ServedModel {
 
  private:
   // One thread per instance runs its forward passes: LibTorch's OpenMP keeps a thread team per
-  // calling thread, so running them on gRPC's many handler threads would create team after team
-  // and oversubscribe the cores.
-  class Runner;
+  // calling thread, so running them on gRPC's many threads would create team after team and
+  // oversubscribe the cores. A call runs on the thread of the instance that takes it; a freed
+  // instance takes the oldest waiting call itself, so no thread waits for another.
   struct Instance {
     std::unique_ptr<model::Model> net;
-    int kw = -1, ka = -1;
-    std::shared_ptr<Runner> runner;
+    int kw = -1, ka = -1;  // the network's current precision (its runner's thread only)
+    std::unique_ptr<WorkQueue> runner;
   };
+  struct Call {
+    int kw = 0, ka = 0;
+    absl::Time deadline;
+    uint64_t t0 = 0;  // SteadyNowNs at Submit
+    Work work;
+  };
+  void RunOn(int slot, Call call);
+  void ExpireLoop();
+
   v1::Deployment d_;
   mutable absl::Mutex mu_;
-  std::vector<Instance> instances_ ABSL_GUARDED_BY(mu_);
+  std::vector<Instance> instances_;  // fixed after construction
   std::vector<int> free_ ABSL_GUARDED_BY(mu_);
+  std::deque<Call> pending_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool timer_wake_ ABSL_GUARDED_BY(mu_) = false;
   const InferQueueLimits limits_;
-  int waiting_ ABSL_GUARDED_BY(mu_) = 0;
   ModelStats stats_ ABSL_GUARDED_BY(mu_);
   model::Model::WeightMemory weights_;
   std::string served_terms_sha256_;
+  std::thread timer_;  // ExpireLoop
 };
 
 class Repository {

@@ -30,6 +30,11 @@ namespace {
 
 namespace fs = std::filesystem;
 
+// The control queue (services.h ServeQueued): threads for handlers that may block, and how many
+// such calls may wait for one before new ones are refused RESOURCE_EXHAUSTED.
+constexpr int kControlThreads = 4;
+constexpr size_t kControlQueueLimit = 1024;
+
 // The host part of HOST:PORT ("[::1]:80" -> "::1").
 std::string ListenHost(const std::string& listen) {
   std::string host = listen.substr(0, listen.rfind(':'));
@@ -133,6 +138,9 @@ struct Server::Impl {
   Metrics metrics;
   std::unique_ptr<MetricsExposer> exposer;
   std::atomic<bool> ready{false};
+  // The handlers that may block (journal, store, model loads); outlives grpc_server, whose
+  // Wait() returns once every call these hold has finished.
+  std::unique_ptr<WorkQueue> control;
   std::unique_ptr<QuantizerService> quantizer;
   std::unique_ptr<InferenceService> inference;
   std::unique_ptr<grpc::Server> grpc_server;
@@ -230,6 +238,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   sc.ready = &im->ready;
   sc.server_version = FPXINT_VERSION;
   sc.max_message_bytes = config.max_message_bytes;
+  im->control = std::make_unique<WorkQueue>(kControlThreads, kControlQueueLimit);
+  sc.control = im->control.get();
   im->quantizer = std::make_unique<QuantizerService>(sc);
   im->inference = std::make_unique<InferenceService>(sc);
 

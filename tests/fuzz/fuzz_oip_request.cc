@@ -1,7 +1,8 @@
 // libFuzzer target: OIP ModelInfer request decoding (server/oip_codec.h) — names, datatypes,
 // shapes, typed and raw contents, parameters — against three deployments: an FP model with a
 // fixed FP32 signature, a series model with a variable batch, and an INT64 token model.
-// Invariant: a decoded input's element count matches its shape.
+// Invariants: a decoded input's element count matches its shape; one read in place points into
+// the request at exactly the shape's bytes, aligned.
 #include <cstdint>
 #include <cstdlib>
 
@@ -47,19 +48,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto dec = fpxint::server::DecodeInferRequest(req, kDeployments[which], max_terms,
                                                 which == 0 ? 0 : 2, kMaxMessage);
   if (!dec.ok()) return 0;
-  const fpxint::model::HostTensor& t = dec->input;
+  const fpxint::model::HostTensorRef t = dec->input();
   int64_t n = 1;
   for (int64_t d : t.shape) {
     if (d < 0) std::abort();
     n *= d;
   }
-  const size_t have = t.type == fpxint::model::HostTensor::Type::kInt64 ? t.i64.size() : t.f32.size();
-  if (static_cast<size_t>(n) != have) std::abort();
+  const bool i64 = t.type == fpxint::model::HostTensor::Type::kInt64;
+  const size_t esize = i64 ? sizeof(int64_t) : sizeof(float);
+  if (dec->borrowed != nullptr) {
+    // Read in place: the raw payload holds exactly the shape's values, aligned for them.
+    if (t.data != req.raw_input_contents(0).data()) std::abort();
+    if (req.raw_input_contents(0).size() != static_cast<size_t>(n) * esize) std::abort();
+    if (reinterpret_cast<uintptr_t>(t.data) % esize != 0) std::abort();
+  } else {
+    const size_t have = i64 ? dec->owned.i64.size() : dec->owned.f32.size();
+    if (static_cast<size_t>(n) != have) std::abort();
+  }
   if (dec->weight_terms < 0 || dec->weight_terms > max_terms) std::abort();
   // Encoding an output of the same shape back must work.
   inference::ModelInferResponse resp;
-  if (t.type == fpxint::model::HostTensor::Type::kFloat32) {
-    (void)fpxint::server::EncodeInferResponse(req, t, dec->raw, &resp);
+  if (!i64) {
+    (void)fpxint::server::EncodeInferResponse(
+        t.shape, absl::MakeConstSpan(static_cast<const float*>(t.data), static_cast<size_t>(n)),
+        dec->raw, &resp);
   }
   return 0;
 }
