@@ -137,10 +137,10 @@ TEST(ServedModel, AWaitingCallExpiresAtItsDeadlineWhileTheInstanceIsBusy) {
   EXPECT_EQ(by_timeout.status.code(), absl::StatusCode::kDeadlineExceeded) << by_timeout.status;
   EXPECT_NE(by_timeout.status.message().find("--infer-queue-timeout"), std::string::npos);
   EXPECT_EQ(by_deadline.status.code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_NE(by_timeout.thread, busy.thread);  // the timer ended it, not the instance
   release.Notify();
   busy.done.WaitForNotification();
   EXPECT_TRUE(busy.status.ok());
+  EXPECT_NE(by_timeout.thread, busy.thread);  // the timer ended it, not the instance
 }
 
 TEST(ServedModel, UnloadEndsWaitingCallsAndLetsTheRunningOneFinish) {
