@@ -11,7 +11,7 @@ PKGS_BUILD=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   prometheus-cpp-dev libtorch-dev libopenblas0-pthread
   libgtest-dev libgmock-dev libbenchmark-dev libsqlite3-dev libcli11-dev nlohmann-json3-dev libssl-dev
-  libseccomp-dev libre2-dev libyaml-cpp-dev
+  libseccomp-dev libre2-dev libyaml-cpp-dev libpq-dev
 )
 # Fuzzing and sanitizers (libFuzzer ships with clang's runtime).
 PKGS_FUZZ=(clang libclang-rt-14-dev)
@@ -19,10 +19,11 @@ PKGS_FUZZ=(clang libclang-rt-14-dev)
 # (docs/ARCHITECTURE.md, toolchain trap 5).
 PKGS_PY=(python3 python3-numpy python3-torch python3-onnx python3-grpcio python3-grpc-tools python3-protobuf python3-pil python3-matplotlib
          python3-yaml)
-# Data rendering, model download (npm), monitoring tests, compose-file validation (no daemon),
+# Data rendering, model download (npm), monitoring tests, PostgreSQL for the journal tests (each
+# starts its own server in a temporary directory), compose-file validation (no daemon),
 # `script` for the CLI's pseudo-terminal test, openssl for the TLS tests' certificates.
 PKGS_MISC=(fonts-dejavu-core nodejs npm ca-certificates curl prometheus dataset-fashion-mnist
-           docker-compose bsdutils openssl)
+           docker-compose bsdutils openssl postgresql-15)
 
 missing=()
 for p in "${PKGS_BUILD[@]}" "${PKGS_FUZZ[@]}" "${PKGS_PY[@]}" "${PKGS_MISC[@]}"; do

@@ -56,6 +56,22 @@ absl::Status JobManager::Start() {
   FPX_ASSIGN_OR_RETURN(std::vector<v1::Job> pending,
                        journal_->JobsInStates({v1::QUEUED, v1::RUNNING}));
   for (v1::Job& j : pending) {
+    // Found RUNNING: the server died during this run (a clean shutdown re-queues its jobs).
+    if (j.state() == v1::RUNNING) j.set_crashed_attempts(j.crashed_attempts() + 1);
+    if (opts_.max_attempts > 0 && static_cast<int>(j.crashed_attempts()) >= opts_.max_attempts) {
+      // Running it again would likely take the server down again.
+      j.set_state(v1::FAILED);
+      j.set_error(absl::StrCat(
+          "the server died during ", j.crashed_attempts(), " of this job's ", j.attempts(),
+          " runs (a crash, kill or out-of-memory during the run; --max-job-attempts ",
+          opts_.max_attempts, "); not run again"));
+      j.clear_progress();
+      j.set_finished_unix_ms(NowUnixMs());
+      FPX_RETURN_IF_ERROR(journal_->PutJob(j));
+      metrics_->JobFinished(j.spec().granularity(), v1::FAILED, -1, 0, 0);
+      LogWarning(absl::StrCat("job ", j.job_id(), " FAILED: ", j.error()));
+      continue;
+    }
     if (j.state() == v1::RUNNING) {
       LogInfo(absl::StrCat("job ", j.job_id(), " was interrupted (attempt ", j.attempts(),
                            "); queued to run again"));

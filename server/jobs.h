@@ -8,7 +8,8 @@
 // current layer, bytes written, ETA) is kept in memory and streamed to watchers. Finished outputs
 // move into the content-addressed store (atomic renames) and only then is the job SUCCEEDED, so
 // no half-written artifact is ever listed. After a crash, Start() re-queues every job the journal
-// has as QUEUED or RUNNING (attempts counts the runs). Shutdown lets running jobs finish within a
+// has as QUEUED or RUNNING (attempts counts the runs), except one the server has now died during
+// Options::max_attempts times, which ends FAILED. Shutdown lets running jobs finish within a
 // grace period and otherwise interrupts them back to QUEUED, to run again after the restart.
 //
 // Thread-safe.
@@ -47,6 +48,10 @@ class JobManager {
     Metrics* metrics = nullptr;  // null: the manager counts into its own (unexported) Metrics
     // TorchScript sources run only with a passing verdict. Required for TorchScript jobs.
     TorchScriptVetter* vetter = nullptr;
+    // A job the server died during this many times (found RUNNING in the journal at start;
+    // Job.crashed_attempts) ends FAILED with the reason instead of running again: a job that
+    // crashes the server would otherwise crash it at every restart.
+    int max_attempts = 3;
   };
   JobManager(Options o, Journal* journal, BlobStore* store, Repository* repo,
              core::ThreadPool* pool);

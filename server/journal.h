@@ -1,14 +1,17 @@
 // File: server/journal.h
 //
-// The job/model journal: an embedded SQLite database in WAL mode next to the artifact store.
-// Records are the API's own protobuf messages, stored serialized, with the columns needed for
-// lookups and paging. Every write is one transaction, so a crash (even kill -9) leaves either the
-// old or the new record, never a mix.
+// The job/model journal: models, jobs, artifacts, deployments and TorchScript verdicts. Records
+// are the API's own protobuf messages, stored serialized, with the columns needed for lookups and
+// paging. Every write is one transaction, so a crash (even kill -9) leaves either the old or the
+// new record, never a mix.
 //
-// The interface is small so that a shared database (PostgreSQL) can replace SQLite when several
-// replicas share one store (docs/ARCHITECTURE.md "Scaling out").
+// Two backends behind one interface, checked by one conformance suite (server/journal_test.cc):
+//   - SQLite (server/journal_sqlite.cc), the embedded default: one file in WAL mode next to the
+//     artifact store, for a single replica;
+//   - PostgreSQL (server/journal_postgres.cc, libpq), selected by a postgresql:// URL, shared by
+//     every replica of a scaled-out deployment (docs/ARCHITECTURE.md "Scaling out").
 //
-// Thread-safe (one connection behind a mutex).
+// Thread-safe.
 #ifndef FPXINT_SERVER_JOURNAL_H_
 #define FPXINT_SERVER_JOURNAL_H_
 
@@ -19,11 +22,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "fpxint/v1/quantizer.pb.h"
 #include "fpxint/v1/server_state.pb.h"
-
-struct sqlite3;
 
 namespace fpxint::server {
 
@@ -35,55 +35,65 @@ struct TorchScriptVerdict {
 
 class Journal {
  public:
-  static absl::StatusOr<std::unique_ptr<Journal>> Open(const std::string& path);
-  ~Journal();
-  Journal(const Journal&) = delete;
-  Journal& operator=(const Journal&) = delete;
+  // `where`: a libpq URI (postgresql://... or postgres://...) selects PostgreSQL; anything else is
+  // the path of a SQLite file, created when missing. Creates or migrates the schema.
+  static absl::StatusOr<std::unique_ptr<Journal>> Open(const std::string& where);
+  static bool IsDatabaseUrl(const std::string& where);
+
+  virtual ~Journal() = default;
+  // "sqlite" or "postgresql".
+  virtual const char* backend() const = 0;
+
+  // Makes this journal the only server on its store while it lives: false when another process
+  // already holds it. The job manager recovers RUNNING jobs at start as its own, so one server
+  // per store. SQLite: an exclusive lock on <file>.lock; PostgreSQL: a session advisory lock,
+  // released with the connection (a crashed server's is released by the database).
+  virtual absl::StatusOr<bool> LockExclusive() = 0;
 
   // Models, keyed by name.
-  absl::Status PutModel(const v1::Model& m);
-  absl::StatusOr<std::optional<v1::Model>> GetModel(const std::string& name);
-  absl::StatusOr<std::vector<v1::Model>> ListModels();
+  virtual absl::Status PutModel(const v1::Model& m) = 0;
+  virtual absl::StatusOr<std::optional<v1::Model>> GetModel(const std::string& name) = 0;
+  virtual absl::StatusOr<std::vector<v1::Model>> ListModels() = 0;
   // The bytes of every model whose owner is `owner` (upload quotas).
   absl::StatusOr<uint64_t> UploadedBytesBy(const std::string& owner);
-  absl::Status DeleteModel(const std::string& name);
+  virtual absl::Status DeleteModel(const std::string& name) = 0;
 
   // Jobs, keyed by job_id; the artifacts of a job are indexed by artifact_id too.
-  absl::Status PutJob(const v1::Job& job);
-  absl::StatusOr<std::optional<v1::Job>> GetJob(const std::string& job_id);
-  absl::StatusOr<std::optional<v1::Job>> FindJobByIdempotencyKey(const std::string& key);
+  virtual absl::Status PutJob(const v1::Job& job) = 0;
+  virtual absl::StatusOr<std::optional<v1::Job>> GetJob(const std::string& job_id) = 0;
+  virtual absl::StatusOr<std::optional<v1::Job>> FindJobByIdempotencyKey(
+      const std::string& key) = 0;
   // Newest first. `before_seq` = 0 starts at the newest; *next_seq is 0 on the last page.
-  absl::StatusOr<std::vector<v1::Job>> ListJobs(v1::JobState state, int64_t before_seq, int limit,
-                                                int64_t* next_seq);
+  virtual absl::StatusOr<std::vector<v1::Job>> ListJobs(v1::JobState state, int64_t before_seq,
+                                                        int limit, int64_t* next_seq) = 0;
   // Oldest first: for recovery after a restart.
-  absl::StatusOr<std::vector<v1::Job>> JobsInStates(const std::vector<v1::JobState>& states);
+  virtual absl::StatusOr<std::vector<v1::Job>> JobsInStates(
+      const std::vector<v1::JobState>& states) = 0;
   // Removes the job and its artifact records in one transaction (not its blobs).
-  absl::Status DeleteJob(const std::string& job_id);
+  virtual absl::Status DeleteJob(const std::string& job_id) = 0;
   // Whether a QUEUED or RUNNING job uses the model.
-  absl::StatusOr<bool> ModelInUse(const std::string& model);
-  absl::StatusOr<std::optional<v1::Artifact>> GetArtifact(const std::string& artifact_id);
+  virtual absl::StatusOr<bool> ModelInUse(const std::string& model) = 0;
+  virtual absl::StatusOr<std::optional<v1::Artifact>> GetArtifact(
+      const std::string& artifact_id) = 0;
   // Whether any model, artifact or deployment references the blob.
-  absl::StatusOr<bool> BlobReferenced(const std::string& sha256);
+  virtual absl::StatusOr<bool> BlobReferenced(const std::string& sha256) = 0;
 
-  // Deployments, keyed by (name, version).
-  absl::Status PutDeployment(const v1::Deployment& d);
-  absl::StatusOr<std::vector<v1::Deployment>> ListDeployments();
-  absl::Status DeleteDeployment(const std::string& name, const std::string& version);
+  // Deployments, keyed by (name, version); listed by name, then numeric version.
+  virtual absl::Status PutDeployment(const v1::Deployment& d) = 0;
+  virtual absl::StatusOr<std::vector<v1::Deployment>> ListDeployments() = 0;
+  virtual absl::Status DeleteDeployment(const std::string& name, const std::string& version) = 0;
 
   // TorchScript verdicts, keyed by (blob SHA-256, allow-list digest): a verdict holds for the
   // list it was made against.
-  absl::Status PutVerdict(const std::string& sha256, const std::string& allow_list,
-                          const TorchScriptVerdict& v);
-  absl::StatusOr<std::optional<TorchScriptVerdict>> GetVerdict(const std::string& sha256,
-                                                               const std::string& allow_list);
-
- private:
-  explicit Journal(sqlite3* db) : db_(db) {}
-  absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-
-  absl::Mutex mu_;
-  sqlite3* db_ ABSL_GUARDED_BY(mu_);
+  virtual absl::Status PutVerdict(const std::string& sha256, const std::string& allow_list,
+                                  const TorchScriptVerdict& v) = 0;
+  virtual absl::StatusOr<std::optional<TorchScriptVerdict>> GetVerdict(
+      const std::string& sha256, const std::string& allow_list) = 0;
 };
+
+// The backends (Journal::Open chooses).
+absl::StatusOr<std::unique_ptr<Journal>> OpenSqliteJournal(const std::string& path);
+absl::StatusOr<std::unique_ptr<Journal>> OpenPostgresJournal(const std::string& url);
 
 }  // namespace fpxint::server
 

@@ -38,8 +38,9 @@ int main(int argc, char** argv) {
       "gRPC services on --listen: fpxint.v1.Quantizer (upload, expansion jobs, artifacts), "
       "inference.GRPCInferenceService (KServe v2 / Open Inference Protocol, Triton repository and "
       "statistics extensions), grpc.health.v1.Health and server reflection.\n"
-      "State lives in --data-dir: content-addressed blobs, the SQLite journal and the model "
-      "repository; a restart on the same directory runs interrupted jobs again.\n"
+      "State lives in --data-dir: content-addressed blobs, the journal (SQLite, or PostgreSQL "
+      "with --database-url) and the model repository; a restart on the same state runs "
+      "interrupted jobs again. One server per data directory and per database.\n"
       "SIGTERM or SIGINT: stop accepting, let running jobs finish for --shutdown-grace seconds "
       "(then re-queue them), exit 0.",
       "fpxint-server"};
@@ -52,8 +53,23 @@ int main(int argc, char** argv) {
       ->envname("FPXINT_LISTEN");
   app.add_option("--data-dir", c.data_dir, "directory for blobs, journal and model repository")
       ->envname("FPXINT_DATA_DIR");
+  app.add_option("--database-url", c.database_url,
+                 "keep the journal (models, jobs, artifacts, deployments) in PostgreSQL: a libpq "
+                 "URI, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=...] or "
+                 "postgresql:///DB?host=/socket/dir; empty: SQLite in --data-dir")
+      ->envname("FPXINT_DATABASE_URL");
+  app.add_option("--replica-id", c.replica_id,
+                 "this server's name in logs and in the store's temp directory "
+                 "(<data-dir>/tmp/<replica-id>/); 1-128 of A-Z a-z 0-9 . _ : - "
+                 "(default: hostname:pid)")
+      ->envname("FPXINT_REPLICA_ID");
   app.add_option("--workers", c.workers, "expansion jobs that run at the same time")
       ->envname("FPXINT_WORKERS");
+  app.add_option("--max-job-attempts", c.max_job_attempts,
+                 "a job the server died during this many times (crash, kill, OOM) ends FAILED "
+                 "with the reason at the next start instead of running again; a job interrupted "
+                 "by a clean shutdown is not counted against it")
+      ->envname("FPXINT_MAX_JOB_ATTEMPTS");
   app.add_option("--queue-limit", c.queue_limit,
                  "queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
       ->envname("FPXINT_QUEUE_LIMIT");

@@ -1,11 +1,14 @@
 // File: server/server.cc
 #include "server/server.h"
 
+#include <unistd.h>
+
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/resource_quota.h>
 
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -62,6 +65,10 @@ absl::Status ServerConfig::Validate() const {
   auto bad = [](absl::string_view flag, absl::string_view what) {
     return absl::InvalidArgumentError(absl::StrCat(flag, ": ", what));
   };
+  if (max_job_attempts < 1) return bad("--max-job-attempts", "must be at least 1");
+  if (!database_url.empty() && !Journal::IsDatabaseUrl(database_url)) {
+    return bad("--database-url", "must be a libpq URI starting postgresql:// or postgres://");
+  }
   const std::string addr = ListenAddress();
   if (addr.find(':') == std::string::npos) {
     return bad("--listen", "expected HOST:PORT (port 0 picks a free port)");
@@ -161,6 +168,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   FPX_RETURN_IF_ERROR(config.Validate());
   auto im = std::make_unique<Impl>();
   im->config = config;
+  if (im->config.replica_id.empty()) {
+    char host[256] = {};
+    if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0') std::strcpy(host, "fpxint");
+    im->config.replica_id = absl::StrCat(host, ":", getpid());
+  }
   const std::string listen = config.ListenAddress();
   if (!config.token_file.empty()) {
     FPX_ASSIGN_OR_RETURN(im->auth, Authorizer::FromFile(config.token_file));
@@ -171,9 +183,37 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   } else {
     LogWarning("no --token-file: every local caller may use every non-admin RPC (loopback only)");
   }
-  FPX_ASSIGN_OR_RETURN(im->store, BlobStore::Open(config.data_dir));
+  // The journal first, and this server the only one on it: another server's jobs and temp
+  // files are not this one's to recover or remove.
+  {
+    std::error_code ec;
+    fs::create_directories(config.data_dir, ec);
+    if (ec) {
+      return absl::InvalidArgumentError(absl::StrCat("--data-dir '", config.data_dir,
+                                                     "': cannot create it: ", ec.message()));
+    }
+  }
   FPX_ASSIGN_OR_RETURN(im->journal,
-                       Journal::Open((fs::path(config.data_dir) / "journal.sqlite").string()));
+                       Journal::Open(config.database_url.empty()
+                                         ? (fs::path(config.data_dir) / "journal.sqlite").string()
+                                         : config.database_url));
+  FPX_ASSIGN_OR_RETURN(bool alone, im->journal->LockExclusive());
+  if (!alone) {
+    return absl::FailedPreconditionError(
+        config.database_url.empty()
+            ? absl::StrCat("--data-dir '", config.data_dir,
+                           "': another fpxint-server is using this data directory; stop it or "
+                           "choose another directory")
+            : "--database-url: another fpxint-server is using this database; run one server "
+              "per database");
+  }
+  FPX_ASSIGN_OR_RETURN(im->store, BlobStore::Open(config.data_dir, im->config.replica_id));
+  // This server holds the store alone (above), so every other replica's temp files are from a
+  // run that died.
+  if (int n = im->store->RemoveTempOfGoneReplicas([](const std::string&) { return false; })) {
+    LogInfo(absl::StrCat("removed the temp files of ", n, " earlier run(s) from ",
+                         config.data_dir, "/tmp"));
+  }
   // Blobs no record refers to (an upload refused after its commit, a crash between a commit and
   // its record) are removed before anything is served.
   {
@@ -209,9 +249,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                                               config.max_precisions});
   im->jobs = std::make_unique<JobManager>(
       JobManager::Options{config.workers, config.queue_limit, threads, config.job_memory_limit,
-                          &im->metrics, im->vetter.get()},
-      im->journal.get(),
-      im->store.get(), im->repo.get(), im->pool.get());
+                          &im->metrics, im->vetter.get(), config.max_job_attempts},
+      im->journal.get(), im->store.get(), im->repo.get(), im->pool.get());
 
   ServiceContext sc;
   sc.journal = im->journal.get();
@@ -330,7 +369,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                        config.tls_cert.empty()        ? " (plaintext)"
                        : config.tls_client_ca.empty() ? " (TLS)"
                                                       : " (mutual TLS)",
-                       "; data in ", config.data_dir, "; ", config.workers, " worker(s), ", threads,
+                       "; replica ", server->replica_id(), ", data in ", config.data_dir,
+                       config.database_url.empty() ? " (SQLite journal)" : " (PostgreSQL journal)",
+                       "; ", config.workers, " worker(s), ", threads,
                        " compute threads, kernels ", core::ActiveKernels().name, metrics_note));
   // The port file last: it tells scripts the server is ready, with its metrics port file in place.
   if (!config.port_file.empty()) {
@@ -340,6 +381,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
 }
 
 int Server::port() const { return impl_->port; }
+
+const std::string& Server::replica_id() const { return impl_->config.replica_id; }
 
 int Server::metrics_port() const { return impl_->exposer ? impl_->exposer->port() : 0; }
 

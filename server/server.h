@@ -21,7 +21,11 @@ struct ServerConfig {
   // loopback unless insecure_no_auth says otherwise).
   std::string listen;
   std::string data_dir = "fpxint-data";
+  // postgresql://... (a libpq URI): the journal lives in PostgreSQL; empty: SQLite in data_dir.
+  std::string database_url;
+  std::string replica_id;                         // empty: hostname:pid
   int workers = 1;                                // concurrent jobs
+  int max_job_attempts = 3;                       // runs the server may die during before FAILED
   int queue_limit = 64;                           // queued jobs before RESOURCE_EXHAUSTED
   uint64_t max_upload_bytes = uint64_t{4} << 30;  // per upload
   uint64_t min_free_bytes = 0;                    // free space uploads must leave; 0: no floor
@@ -73,6 +77,7 @@ class Server {
   // The metrics text exposition (what GET /metrics serves).
   std::string MetricsText() const;
   std::string address() const;  // host:port actually bound
+  const std::string& replica_id() const;  // --replica-id, or the hostname:pid default
   // Stops accepting, lets jobs finish for the grace period (then re-queues them), drains RPCs.
   void Shutdown();
   // Blocks until Shutdown() has finished.

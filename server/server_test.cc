@@ -34,6 +34,8 @@
 #include "server/oip_codec.h"
 #include "server/repository.h"
 #include "server/store.h"
+#include "server/validation.h"
+#include "tests/support/postgres.h"
 #include "tests/support/test_support.h"
 
 namespace fpxint::server {
@@ -97,6 +99,7 @@ class ServerTest : public ::testing::Test {
     c.metrics_listen = metrics_listen_;
     c.job_memory_limit = job_memory_limit_;
     c.workers = workers_;
+    c.database_url = database_url_;
     auto s = Server::Start(c);
     ASSERT_TRUE(s.ok()) << s.status();
     server_ = *std::move(s);
@@ -200,6 +203,7 @@ class ServerTest : public ::testing::Test {
   ScratchDir dir_;
   uint64_t job_memory_limit_ = 0;
   int workers_ = 1;
+  std::string database_url_;  // empty: SQLite in the data directory
   double shutdown_grace_ = 5;
   std::string metrics_listen_;
   int64_t max_upload_ = 4 << 20;
@@ -277,7 +281,7 @@ TEST_F(ServerTest, UploadVerifiesDeduplicatesAndRejectsBadInput) {
   EXPECT_EQ(list.models(0).name(), "w1");
   EXPECT_EQ(list.models(1).name(), "w1-copy");
   // And the temp directory holds no leftovers.
-  EXPECT_TRUE(std::filesystem::is_empty(dir_.File("data") + "/tmp"));
+  EXPECT_TRUE(std::filesystem::is_empty(dir_.File("data") + "/tmp/" + server_->replica_id()));
 }
 
 TEST_F(ServerTest, AuthenticationAndRoles) {
@@ -353,6 +357,65 @@ TEST_F(ServerTest, TensorJobRunsWatchesAndDownloads) {
   while (rd->Read(&c)) {
   }
   EXPECT_EQ(rd->Finish().error_code(), grpc::StatusCode::NOT_FOUND);
+}
+
+// A second server on the same data directory would recover the first one's running jobs as its
+// own and empty its temp directory: it is refused, and the first one goes on untouched.
+TEST_F(ServerTest, ASecondServerOnTheSameDataDirectoryIsRefused) {
+  const std::string in_flight =
+      dir_.File("data") + "/tmp/" + server_->replica_id() + "/upload-in-flight";
+  WriteFileOrDie(in_flight, "partial upload");
+  ServerConfig c;
+  c.listen = "127.0.0.1:0";
+  c.data_dir = dir_.File("data");
+  c.token_file = dir_.File("tokens");
+  c.replica_id = "second";
+  auto second = Server::Start(c);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StrContains(second.status().message(), "--data-dir")) << second.status();
+  EXPECT_TRUE(std::filesystem::exists(in_flight));
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(3), &m).ok());  // the first still serves
+  // Once the first has stopped, the directory is free again.
+  server_.reset();
+  auto third = Server::Start(c);
+  ASSERT_TRUE(third.ok()) << third.status();
+}
+
+// The same job path with the journal in PostgreSQL (a real server on a Unix socket): a TENSOR
+// job runs, its artifact downloads, and a restart on the database finds it; a second server on
+// the same database is refused.
+TEST_F(ServerTest, RunsOnAPostgresJournal) {
+  std::string error;
+  auto pg = fpxint::testing::TempPostgres::Start(&error);
+  ASSERT_NE(pg, nullptr) << error;
+  server_.reset();
+  database_url_ = pg->NewDatabase();
+  StartServer();
+  v1::Model m;
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(4), &m).ok());
+  v1::Job done = Watch(Submit(Spec("w", v1::TENSOR, 4, 2)).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  const std::string bytes = Download(done.artifacts(0).artifact_id(), 0);
+  EXPECT_EQ(Sha(bytes), done.artifacts(0).sha256());
+  ServerConfig c;
+  c.listen = "127.0.0.1:0";
+  c.data_dir = dir_.File("other-data");
+  c.token_file = dir_.File("tokens");
+  c.database_url = database_url_;
+  auto second = Server::Start(c);
+  ASSERT_FALSE(second.ok());
+  EXPECT_TRUE(absl::StrContains(second.status().message(), "--database-url")) << second.status();
+  Restart();
+  v1::JobRef ref;
+  ref.set_job_id(done.job_id());
+  v1::Job again;
+  auto ctx = Ctx();
+  ASSERT_TRUE(q_->GetJob(ctx.get(), ref, &again).ok());
+  EXPECT_EQ(again.state(), v1::SUCCEEDED);
+  EXPECT_EQ(again.artifacts(0).sha256(), done.artifacts(0).sha256());
+  server_.reset();  // before the database goes
 }
 
 // --job-memory-limit: a job whose planned memory exceeds it fails with both figures and the
@@ -1126,6 +1189,16 @@ TEST_F(ServerTest, DeploymentServesTheDownloadedArtifact) {
 
 // ---- the trust boundary: defaults, start-up, request bounds ----
 
+TEST(ServerConfigDefaults, DatabaseUrlMustBePostgres) {
+  ServerConfig c;
+  c.database_url = "mysql://db/fpxint";
+  absl::Status s = c.Validate();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "--database-url")) << s;
+  c.database_url = "postgresql://fpxint@db:5432/fpxint";
+  EXPECT_TRUE(c.Validate().ok());
+}
+
 TEST(ServerConfigDefaults, OpenServerStaysOnLoopback) {
   ServerConfig c;
   EXPECT_EQ(c.ListenAddress(), "127.0.0.1:8001");
@@ -1185,6 +1258,65 @@ TEST(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
   ASSERT_TRUE(jobs.Start().ok());
   auto j = jobs.Submit(req);
   ASSERT_TRUE(j.ok()) << j.status();
+  jobs.Shutdown(absl::Seconds(30));
+}
+
+// A job the server died during --max-job-attempts times is not run again (it would take the
+// server down at every restart): it ends FAILED with the reason. One it died during fewer times
+// runs again, and a clean shutdown's re-queue is not counted.
+TEST(JobManagerStartup, AJobTheServerKeepsDyingDuringEndsFailed) {
+  ScratchDir dir;
+  auto store = BlobStore::Open(dir.File("data"));
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto journal = Journal::Open(dir.File("journal.sqlite"));
+  ASSERT_TRUE(journal.ok()) << journal.status();
+  WriteFileOrDie(dir.File("w.safetensors"), WeightsFile(8));
+  auto sha = (*store)->ImportFile(dir.File("w.safetensors"));
+  ASSERT_TRUE(sha.ok()) << sha.status();
+  v1::Model m;
+  m.set_name("w");
+  m.set_format(v1::SAFETENSORS);
+  m.set_sha256(*sha);
+  ASSERT_TRUE((*journal)->PutModel(m).ok());
+  // As a server that died during them left them: RUNNING in the journal.
+  auto running = [&](const std::string& id, uint32_t attempts, uint32_t crashed) {
+    v1::Job j;
+    j.set_job_id(id);
+    j.set_state(v1::RUNNING);
+    j.mutable_spec()->set_model("w");
+    j.mutable_spec()->set_granularity(v1::TENSOR);
+    j.mutable_spec()->set_weight_bits(4);
+    j.mutable_spec()->set_weight_terms(2);
+    ASSERT_TRUE(NormalizeJobSpec(m, j.mutable_spec()).ok());
+    j.set_attempts(attempts);
+    j.set_crashed_attempts(crashed);
+    ASSERT_TRUE((*journal)->PutJob(j).ok());
+  };
+  running("job-crashy", 3, 2);  // the third death now
+  running("job-once", 2, 0);    // died once; a clean shutdown had re-queued it before
+  core::ThreadPool pool(1);
+  Repository repo(dir.File("repository"), journal->get(), store->get(), &pool, {});
+  JobManager::Options o;
+  o.max_attempts = 3;
+  JobManager jobs(o, journal->get(), store->get(), &repo, &pool);
+  ASSERT_TRUE(jobs.Start().ok());
+  auto crashy = jobs.Get("job-crashy");
+  ASSERT_TRUE(crashy.ok()) << crashy.status();
+  EXPECT_EQ(crashy->state(), v1::FAILED);
+  EXPECT_EQ(crashy->crashed_attempts(), 3u);
+  EXPECT_TRUE(absl::StrContains(crashy->error(), "--max-job-attempts 3")) << crashy->error();
+  uint64_t seen = 0;
+  bool changed = false;
+  v1::Job once;
+  for (int i = 0; i < 600; ++i) {
+    auto j = jobs.Wait("job-once", &seen, absl::Seconds(1), &changed);
+    ASSERT_TRUE(j.ok()) << j.status();
+    once = *j;
+    if (once.state() == v1::SUCCEEDED || once.state() == v1::FAILED) break;
+  }
+  EXPECT_EQ(once.state(), v1::SUCCEEDED) << once.error();
+  EXPECT_EQ(once.crashed_attempts(), 1u);
+  EXPECT_EQ(once.attempts(), 3u);
   jobs.Shutdown(absl::Seconds(30));
 }
 

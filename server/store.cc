@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include <random>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/atomic_file.h"
@@ -56,19 +58,46 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path, absl::string_v
 
 // ---- BlobStore ----
 
-absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root) {
+absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root,
+                                                          const std::string& replica_id) {
+  const bool id_ok =
+      !replica_id.empty() && replica_id.size() <= 128 && replica_id != "." &&
+      replica_id != ".." &&
+      std::all_of(replica_id.begin(), replica_id.end(), [](char c) {
+        return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
+               c == ':' || c == '-';
+      });
+  if (!id_ok) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--replica-id '", replica_id, "': use 1 to 128 of A-Z a-z 0-9 . _ : -"));
+  }
+  const fs::path tmp_root = fs::path(root) / "tmp";
+  const fs::path tmp = tmp_root / replica_id;
   std::error_code ec;
   fs::create_directories(fs::path(root) / "blobs", ec);
-  if (!ec) fs::create_directories(fs::path(root) / "tmp", ec);
+  if (!ec) fs::create_directories(tmp, ec);
   if (ec) {
     return absl::InvalidArgumentError(
         absl::StrCat("--data-dir '", root, "': cannot create directories: ", ec.message()));
   }
-  // Anything under tmp/ belongs to a process that died: it never became visible.
-  for (const auto& e : fs::directory_iterator(fs::path(root) / "tmp", ec)) {
+  // Anything in our own temp directory belongs to a run of ours that died: it never became
+  // visible.
+  for (const auto& e : fs::directory_iterator(tmp, ec)) fs::remove_all(e.path(), ec);
+  return std::unique_ptr<BlobStore>(new BlobStore(root, tmp.string()));
+}
+
+int BlobStore::RemoveTempOfGoneReplicas(const std::function<bool(const std::string&)>& alive) {
+  int removed = 0;
+  std::error_code ec;
+  const fs::path own(tmp_);
+  for (const auto& e : fs::directory_iterator(own.parent_path(), ec)) {
+    if (e.path() == own) continue;
+    // A loose file is from the layout before per-replica directories: its server is gone.
+    if (e.is_directory(ec) && alive(e.path().filename().string())) continue;
     fs::remove_all(e.path(), ec);
+    ++removed;
   }
-  return std::unique_ptr<BlobStore>(new BlobStore(root));
+  return removed;
 }
 
 absl::StatusOr<uint64_t> BlobStore::FreeBytes() const {
@@ -107,7 +136,7 @@ BlobStore::Swept BlobStore::SweepOrphans(const ReferencedFn& referenced, absl::D
 }
 
 std::string BlobStore::NewTempName(absl::string_view prefix) {
-  return (fs::path(root_) / "tmp" / absl::StrCat(prefix, "-", core::UniqueSuffix())).string();
+  return (fs::path(tmp_) / absl::StrCat(prefix, "-", core::UniqueSuffix())).string();
 }
 
 absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_bytes) {

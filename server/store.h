@@ -31,8 +31,15 @@ class BlobWriter;
 
 class BlobStore {
  public:
-  // Creates <root>/blobs and <root>/tmp; removes temp files left by a crash.
-  static absl::StatusOr<std::unique_ptr<BlobStore>> Open(const std::string& root);
+  // Creates <root>/blobs and this replica's temp directory <root>/tmp/<replica_id>, emptied of
+  // what a crash left there. Other replicas' temp directories (the store may be shared) are left
+  // alone. InvalidArgument naming --replica-id for an id that is not [A-Za-z0-9._:-]{1,128}.
+  static absl::StatusOr<std::unique_ptr<BlobStore>> Open(const std::string& root,
+                                                         const std::string& replica_id = "local");
+  // Removes the temp directories (and loose temp files) of every other replica for which
+  // `alive(replica_id)` is false: their uploads and job scratch never became visible. Returns
+  // how many it removed.
+  int RemoveTempOfGoneReplicas(const std::function<bool(const std::string&)>& alive);
 
   // A streaming writer for one blob of at most `max_bytes` bytes.
   absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter(uint64_t max_bytes);
@@ -65,16 +72,18 @@ class BlobStore {
   // A fresh, empty directory for one job's scratch files (removed by the caller or at Open).
   absl::StatusOr<std::string> NewTempDir(absl::string_view prefix);
   const std::string& root() const { return root_; }
+  const std::string& temp_dir() const { return tmp_; }  // <root>/tmp/<replica_id>
 
  private:
   friend class BlobWriter;
-  explicit BlobStore(std::string root) : root_(std::move(root)) {}
+  BlobStore(std::string root, std::string tmp) : root_(std::move(root)), tmp_(std::move(tmp)) {}
   // Renames `tmp` (fsynced) to the blob path of `sha256`, or drops it when the blob exists.
   // Sets *existed accordingly.
   absl::Status Commit(const std::string& tmp, const std::string& sha256, bool* existed);
   std::string NewTempName(absl::string_view prefix);
 
   std::string root_;
+  std::string tmp_;  // this replica's temp directory
 };
 
 class BlobWriter {

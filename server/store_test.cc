@@ -107,5 +107,38 @@ TEST(BlobStore, SweepTakesOldOrphansOnly) {
   EXPECT_FALSE(store->Has(*a));
 }
 
+// Replicas sharing one store: each empties only its own temp directory at start; another's
+// goes only when that replica is gone.
+TEST(BlobStore, ReplicasKeepTheirTempFilesApart) {
+  ScratchDir dir;
+  const std::string root = dir.File("data");
+  auto a = BlobStore::Open(root, "host-a:1");
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto a_job = (*a)->NewTempDir("job");
+  ASSERT_TRUE(a_job.ok());
+  EXPECT_NE(a_job->find("/tmp/host-a:1/"), std::string::npos) << *a_job;
+  WriteFileOrDie(*a_job + "/partial", "in flight");
+  // Replica b left a file behind when it crashed; replica c is gone for good.
+  std::filesystem::create_directories(root + "/tmp/host-b:2");
+  WriteFileOrDie(root + "/tmp/host-b:2/upload-x", "b's leftover");
+  std::filesystem::create_directories(root + "/tmp/host-c:3");
+  WriteFileOrDie(root + "/tmp/host-c:3/upload-y", "c's leftover");
+  auto b = BlobStore::Open(root, "host-b:2");  // b restarts on the shared store
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE(std::filesystem::exists(*a_job + "/partial"));  // a's work in flight is untouched
+  EXPECT_FALSE(std::filesystem::exists(root + "/tmp/host-b:2/upload-x"));
+  EXPECT_TRUE(std::filesystem::exists(root + "/tmp/host-c:3/upload-y"));
+  EXPECT_EQ((*b)->RemoveTempOfGoneReplicas(
+                [](const std::string& id) { return id == "host-a:1"; }),
+            1);
+  EXPECT_FALSE(std::filesystem::exists(root + "/tmp/host-c:3"));
+  EXPECT_TRUE(std::filesystem::exists(*a_job + "/partial"));
+  for (const char* bad : {"", "..", "a/b", "x y"}) {
+    auto s = BlobStore::Open(root, bad);
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(s.status().message().find("--replica-id"), std::string::npos);
+  }
+}
+
 }  // namespace
 }  // namespace fpxint::server

@@ -711,6 +711,20 @@ def scan_blob_store(data_dir):
     return problems, count, total
 
 
+def tmp_entries(tmp):
+    """What the server keeps under its data directory's tmp/: every file and directory inside the
+    per-replica directories tmp/<replica-id>/ (which themselves do not count), as relative paths."""
+    return [e for e in dir_entries(tmp) if os.sep in e or not os.path.isdir(os.path.join(tmp, e))]
+
+
+def replica_tmp(data_dir):
+    """The temp directory of the one server running on `data_dir` (tmp/<replica-id>/)."""
+    tmp = os.path.join(data_dir, "tmp")
+    dirs = [d for d in os.listdir(tmp) if os.path.isdir(os.path.join(tmp, d))] if os.path.isdir(tmp) else []
+    assert len(dirs) == 1, f"expected one replica directory in {tmp}, found {dirs}"
+    return os.path.join(tmp, dirs[0])
+
+
 def dir_entries(path):
     """Relative paths of every file and directory under `path` (sorted; [] when missing)."""
     out = []

@@ -125,7 +125,11 @@ class KillNineTrials(FaultCase):
     def setUp(self):
         self.protos = sc.Protos.load()
         self.cls_st = sc.model_file("ocr", "ocr_cls.safetensors")
-        self.server = sc.Server(workers=1, queue_limit=64, max_upload_bytes=256 << 20)
+        # Every trial kills the server, sometimes during a job that an earlier kill interrupted
+        # already: these trials test recovery, so no job runs out of attempts here
+        # (--max-job-attempts has its own test, JobManagerStartup.* in server/server_test.cc).
+        self.server = sc.Server(workers=1, queue_limit=64, max_upload_bytes=256 << 20,
+                                extra_args=["--max-job-attempts", "1000"])
         self.client_ = None
         # what the server acknowledged: it must survive every crash
         self.models = {}  # name -> (sha256, size)
@@ -170,14 +174,14 @@ class KillNineTrials(FaultCase):
         """The dead server's journal and tmp/; returns the tmp/ entries."""
         rows = sc.journal_integrity(os.path.join(self.server.data_dir, "journal.sqlite"), copy_first=True)
         self.assertEqual(rows, ["ok"], f"{label}: PRAGMA integrity_check of the journal after kill -9: {rows}")
-        return sc.dir_entries(os.path.join(self.server.data_dir, "tmp"))
+        return sc.tmp_entries(os.path.join(self.server.data_dir, "tmp"))
 
     def verify(self, c, label, tmp_before=(), final=False):
         """The invariants after a restart (see the module doc)."""
         srv = self.server
         self.assertEqual(c.serving_status_name(self.call(c.health)), "SERVING", label)
         # tmp/: nothing from before the kill, never an upload in flight now
-        tmp_now = sc.dir_entries(os.path.join(srv.data_dir, "tmp"))
+        tmp_now = sc.tmp_entries(os.path.join(srv.data_dir, "tmp"))
         survivors = sorted(set(tmp_before) & set(tmp_now))
         self.assertFalse(survivors, f"{label}: tmp/ entries survived the restart: {survivors}")
         # models
@@ -336,7 +340,7 @@ class KillNineTrials(FaultCase):
         frac = rng.uniform(0.05, 0.95)
         delay = rng.uniform(0.0, 0.03)
         j = self.submit(c, "base", terms)
-        tmp = os.path.join(self.server.data_dir, "tmp")
+        tmp = sc.replica_tmp(self.server.data_dir)
         deadline = time.monotonic() + 60
         seen = {"phase": ""}
         what = None
@@ -458,9 +462,9 @@ class KillNineTrials(FaultCase):
         jobs = self.verify(c, label, final=True)
         deadline = time.monotonic() + 10
         tmp = os.path.join(srv.data_dir, "tmp")
-        while sc.dir_entries(tmp) and time.monotonic() < deadline:
+        while sc.tmp_entries(tmp) and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertEqual(sc.dir_entries(tmp), [], f"{label}: tmp/ not empty with every job finished")
+        self.assertEqual(sc.tmp_entries(tmp), [], f"{label}: tmp/ not empty with every job finished")
         c.close()
         self.client_ = None
         rc, dt = srv.terminate(timeout=60)
@@ -602,9 +606,9 @@ class DiskFull(FaultCase):
         self.assertIn("space", err.details().lower(), f"the error does not say the disk is full: {err.details()!r}")
         self.assertIn(self.data, err.details(), f"the error does not name the data directory: {err.details()!r}")
         deadline = time.monotonic() + 10
-        while sc.dir_entries(tmp) and time.monotonic() < deadline:
+        while sc.tmp_entries(tmp) and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertEqual(sc.dir_entries(tmp), [], "the refused upload left files in tmp/")
+        self.assertEqual(sc.tmp_entries(tmp), [], "the refused upload left files in tmp/")
         self.assertGreaterEqual(free_bytes(self.mnt), free0 - (256 << 10), "the refused upload's space was not freed")
         self.assertNotIn("too-big", [m.name for m in self.call(c.list_models)])
 
@@ -633,9 +637,9 @@ class DiskFull(FaultCase):
         # 3. earlier data intact, the server works again once there is room
         os.unlink(filler)
         deadline = time.monotonic() + 10
-        while sc.dir_entries(tmp) and time.monotonic() < deadline:
+        while sc.tmp_entries(tmp) and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertEqual(sc.dir_entries(tmp), [], "tmp/ not empty after the failed job")
+        self.assertEqual(sc.tmp_entries(tmp), [], "tmp/ not empty after the failed job")
         self.verify_artifacts(c, self.call(c.get_job, j1.job_id), "after the disk was full")
         models = {m.name: (m.sha256, m.size_bytes) for m in self.call(c.list_models)}
         self.assertEqual(models, {"cls": (m_cls.sha256, m_cls.size_bytes), "rec": (m_rec.sha256, m_rec.size_bytes)})
@@ -773,7 +777,7 @@ class ClientDisconnect(FaultCase):
         self.server.cleanup()
 
     def tmp_uploads(self):
-        return [e for e in sc.dir_entries(os.path.join(self.server.data_dir, "tmp")) if e.startswith("upload")]
+        return [e for e in sc.tmp_entries(os.path.join(self.server.data_dir, "tmp")) if os.path.basename(e).startswith("upload")]
 
     def wait_until(self, cond, what, timeout=15):
         deadline = time.monotonic() + timeout
@@ -873,7 +877,7 @@ class ClientDisconnect(FaultCase):
             tiny = sc.tiny_safetensors_bytes(seed=3)
             self.call(c.upload_iter, "after", q.SAFETENSORS, sc.sha256_bytes(tiny), iter([tiny]), len(tiny))
             self.assertEqual(c.serving_status_name(self.call(c.health)), "SERVING")
-            self.assertEqual(sc.dir_entries(os.path.join(srv.data_dir, "tmp")), [])
+            self.assertEqual(sc.tmp_entries(os.path.join(srv.data_dir, "tmp")), [])
             problems, _, _ = sc.scan_blob_store(srv.data_dir)
             self.assertFalse(problems, problems)
             time.sleep(0.5)

@@ -90,6 +90,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
   // Refused or finished, the assembler leaves no temp file behind.
-  if (CountTempFiles(store->root() + "/tmp") != 0) std::abort();
+  if (CountTempFiles(store->temp_dir()) != 0) std::abort();
   return 0;
 }

@@ -491,9 +491,9 @@ def main(argv=None):
             # tmp/ empties once the last job's scratch directory is removed
             tmp = os.path.join(server.data_dir, "tmp")
             deadline = time.monotonic() + 10
-            while sc.dir_entries(tmp) and time.monotonic() < deadline:
+            while sc.tmp_entries(tmp) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            left = sc.dir_entries(tmp)
+            left = sc.tmp_entries(tmp)
             if left:
                 failures.append(f"the server's tmp/ still holds {left[:10]} after the load")
             h = c.health()

@@ -499,9 +499,9 @@ class Limits(ServerCase):
     def tmp_empty(self):
         tmp = os.path.join(self.server.data_dir, "tmp")
         deadline = time.monotonic() + 10
-        while sc.dir_entries(tmp) and time.monotonic() < deadline:
+        while sc.tmp_entries(tmp) and time.monotonic() < deadline:
             time.sleep(0.05)
-        return sc.dir_entries(tmp)
+        return sc.tmp_entries(tmp)
 
     def test_upload_limit(self):
         q = self.protos.q
