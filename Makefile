@@ -68,13 +68,13 @@ test-asan: setup models
 # ThreadSanitizer build (clang) of the worker pool, job manager and service tests, in build-tsan/
 # (tests/tsan/ makes Debian's uninstrumented Abseil visible to TSan). LibTorch's OpenMP runtime is
 # not instrumented either, so its intra-op threads are set to 1; fpxint's own pools stay parallel.
-TSAN_TESTS ?= ^(tsan\.canary_.*|core\.(thread_pool|expansion|artifact|lowbit_linear|int_linear)|server\.(in_process|served_model))$$
+TSAN_TESTS ?= ^(tsan\.canary_.*|core\.(thread_pool|expansion|artifact|lowbit_linear|int_linear)|server\.(in_process|repository|jobs))$$
 tsan-build: setup models
 	@models_dir=$$(scripts/fetch_models.sh --print-dir); \
 	cmake -S . -B build-tsan -G Ninja -DFPXINT_TSAN=ON -DFPXINT_BUILD_BENCH=OFF \
 	  -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ -DFPXINT_MODELS_DIR="$$models_dir" >/dev/null
 	@cmake --build build-tsan -j$(JOBS) --target thread_pool_test expansion_test artifact_test \
-	  lowbit_linear_test int_linear_test server_test served_model_test tsan_canary
+	  lowbit_linear_test int_linear_test server_test repository_test jobs_test tsan_canary
 
 test-tsan: tsan-build
 	@cd build-tsan && OMP_NUM_THREADS=1 \

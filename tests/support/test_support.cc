@@ -11,6 +11,7 @@
 #include <random>
 #include <sstream>
 
+#include "core/safetensors.h"
 #include "gtest/gtest.h"
 
 namespace fpxint::testing {
@@ -110,6 +111,23 @@ std::vector<double> ReferenceGaussian512() {
   std::vector<double> v(512 * 512);
   std::memcpy(v.data(), bytes.data(), bytes.size());
   return v;
+}
+
+std::string SmallWeightsSafetensors(uint32_t seed) {
+  core::SafetensorsWriter w;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, uint64_t s) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const std::vector<float> v = ToFloat(RandomValues(Dist::kGaussian, n, s));
+    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+    w.AddOwned(name, core::DType::kF32, shape, std::vector<uint8_t>(p, p + v.size() * 4))
+        .IgnoreError();
+  };
+  add("fc1.weight", {64, 32}, seed);
+  add("fc1.bias", {64}, seed + 1);
+  add("fc2.weight", {16, 64}, seed + 2);
+  auto bytes = w.Serialize();
+  return std::string(bytes.begin(), bytes.end());
 }
 
 }  // namespace fpxint::testing

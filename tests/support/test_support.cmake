@@ -3,7 +3,7 @@
 set(FPXINT_TESTS_DIR ${PROJECT_SOURCE_DIR}/tests)
 add_library(fpxint_test_support STATIC ${FPXINT_TESTS_DIR}/support/test_support.cc)
 target_include_directories(fpxint_test_support PUBLIC ${PROJECT_SOURCE_DIR})
-target_link_libraries(fpxint_test_support PUBLIC GTest::gtest)
+target_link_libraries(fpxint_test_support PUBLIC GTest::gtest fpxint_core)
 
 # Where scripts/fetch_models.sh puts the real models; `make test` passes it in.
 set(FPXINT_MODELS_DIR "" CACHE PATH "Directory of real models fetched by scripts/fetch_models.sh")

@@ -45,6 +45,10 @@ std::string RealModelsDir();
 // fixture tiny_models). Fails the current test loudly when the variable is not set.
 std::string TinyModelFile(const std::string& name);
 
+// A small safetensors file (F32 fc1.weight [64,32], fc1.bias [64], fc2.weight [16,64]) of
+// N(0,1) values from `seed`: an upload for job and service tests.
+std::string SmallWeightsSafetensors(uint32_t seed);
+
 // max |got - want| / max |want| over the elements (the absolute max when want is all zero).
 template <typename A, typename B>
 double MaxRelErr(const std::vector<A>& got, const std::vector<B>& want) {

@@ -1,6 +1,7 @@
-// ServedModel's request path (server/repository.h): calls run on the instances' own threads,
-// waiting calls are taken in order by the instance that frees up, and every call ends exactly
-// once: run, refused (queue full), expired (deadline) or ended by an unload.
+// The served models of the repository (server/repository.h, ServedModel): calls run on the
+// instances' own threads, waiting calls are taken in order by the instance that frees up, and
+// every call ends exactly once: run, refused (queue full), expired (deadline) or ended by an
+// unload.
 #include <memory>
 #include <string>
 #include <thread>
