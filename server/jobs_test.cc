@@ -4,6 +4,7 @@
 // server_test.cc.
 #include "server/jobs.h"
 
+#include <memory>
 #include <string>
 
 #include "absl/strings/match.h"
@@ -22,33 +23,43 @@ using ::fpxint::testing::ScratchDir;
 using ::fpxint::testing::SmallWeightsSafetensors;
 using ::fpxint::testing::WriteFileOrDie;
 
-TEST(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
+// A store and a journal holding one uploaded safetensors model "w", and a repository on them.
+class JobManagerStartup : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto store = BlobStore::Open(dir_.File("data"));
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+    auto journal = Journal::Open(dir_.File("journal.sqlite"));
+    ASSERT_TRUE(journal.ok()) << journal.status();
+    journal_ = *std::move(journal);
+    WriteFileOrDie(dir_.File("w.safetensors"), SmallWeightsSafetensors(7));
+    auto sha = store_->ImportFile(dir_.File("w.safetensors"));
+    ASSERT_TRUE(sha.ok()) << sha.status();
+    model_.set_name("w");
+    model_.set_format(v1::SAFETENSORS);
+    model_.set_sha256(*sha);
+    ASSERT_TRUE(journal_->PutModel(model_).ok());
+    repo_ = std::make_unique<Repository>(dir_.File("repository"), journal_.get(), store_.get(),
+                                         &pool_, Repository::Options{});
+  }
+  ScratchDir dir_;
+  core::ThreadPool pool_{1};
+  std::unique_ptr<BlobStore> store_;
+  std::unique_ptr<Journal> journal_;
+  std::unique_ptr<Repository> repo_;
+  v1::Model model_;
+};
+
+TEST_F(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
   // Jobs written before Start() would be recovered from the journal a second time by it.
-  ScratchDir dir;
-  auto store = BlobStore::Open(dir.File("data"));
-  ASSERT_TRUE(store.ok()) << store.status();
-  auto journal = Journal::Open(dir.File("journal.sqlite"));
-  ASSERT_TRUE(journal.ok()) << journal.status();
-  const std::string weights = SmallWeightsSafetensors(7);
-  auto sha = (*store)->ImportFile([&] {
-    WriteFileOrDie(dir.File("w.safetensors"), weights);
-    return dir.File("w.safetensors");
-  }());
-  ASSERT_TRUE(sha.ok()) << sha.status();
-  v1::Model m;
-  m.set_name("w");
-  m.set_format(v1::SAFETENSORS);
-  m.set_sha256(*sha);
-  ASSERT_TRUE((*journal)->PutModel(m).ok());
-  core::ThreadPool pool(1);
-  Repository repo(dir.File("repository"), journal->get(), store->get(), &pool, {});
-  JobManager jobs(JobManager::Options{}, journal->get(), store->get(), &repo, &pool);
+  JobManager jobs(JobManager::Options{}, journal_.get(), store_.get(), repo_.get(), &pool_);
   v1::SubmitJobRequest req;
   req.mutable_spec()->set_model("w");
   req.mutable_spec()->set_granularity(v1::TENSOR);
   auto early = jobs.Submit(req);
   EXPECT_EQ(early.status().code(), absl::StatusCode::kUnavailable) << early.status();
-  auto pending = (*journal)->JobsInStates({v1::QUEUED, v1::RUNNING});
+  auto pending = journal_->JobsInStates({v1::QUEUED, v1::RUNNING});
   ASSERT_TRUE(pending.ok());
   EXPECT_TRUE(pending->empty());
   ASSERT_TRUE(jobs.Start().ok());
@@ -60,20 +71,7 @@ TEST(JobManagerStartup, SubmitBeforeStartIsUnavailable) {
 // A job the server died during --max-job-attempts times is not run again (it would take the
 // server down at every restart): it ends FAILED with the reason. One it died during fewer times
 // runs again, and a clean shutdown's re-queue is not counted.
-TEST(JobManagerStartup, AJobTheServerKeepsDyingDuringEndsFailed) {
-  ScratchDir dir;
-  auto store = BlobStore::Open(dir.File("data"));
-  ASSERT_TRUE(store.ok()) << store.status();
-  auto journal = Journal::Open(dir.File("journal.sqlite"));
-  ASSERT_TRUE(journal.ok()) << journal.status();
-  WriteFileOrDie(dir.File("w.safetensors"), SmallWeightsSafetensors(8));
-  auto sha = (*store)->ImportFile(dir.File("w.safetensors"));
-  ASSERT_TRUE(sha.ok()) << sha.status();
-  v1::Model m;
-  m.set_name("w");
-  m.set_format(v1::SAFETENSORS);
-  m.set_sha256(*sha);
-  ASSERT_TRUE((*journal)->PutModel(m).ok());
+TEST_F(JobManagerStartup, AJobTheServerKeepsDyingDuringEndsFailed) {
   // As a server that died during them left them: RUNNING in the journal.
   auto running = [&](const std::string& id, uint32_t attempts, uint32_t crashed) {
     v1::Job j;
@@ -83,18 +81,16 @@ TEST(JobManagerStartup, AJobTheServerKeepsDyingDuringEndsFailed) {
     j.mutable_spec()->set_granularity(v1::TENSOR);
     j.mutable_spec()->set_weight_bits(4);
     j.mutable_spec()->set_weight_terms(2);
-    ASSERT_TRUE(NormalizeJobSpec(m, j.mutable_spec()).ok());
+    ASSERT_TRUE(NormalizeJobSpec(model_, j.mutable_spec()).ok());
     j.set_attempts(attempts);
     j.set_crashed_attempts(crashed);
-    ASSERT_TRUE((*journal)->PutJob(j).ok());
+    ASSERT_TRUE(journal_->PutJob(j).ok());
   };
   running("job-crashy", 3, 2);  // the third death now
   running("job-once", 2, 0);    // died once; a clean shutdown had re-queued it before
-  core::ThreadPool pool(1);
-  Repository repo(dir.File("repository"), journal->get(), store->get(), &pool, {});
   JobManager::Options o;
   o.max_attempts = 3;
-  JobManager jobs(o, journal->get(), store->get(), &repo, &pool);
+  JobManager jobs(o, journal_.get(), store_.get(), repo_.get(), &pool_);
   ASSERT_TRUE(jobs.Start().ok());
   auto crashy = jobs.Get("job-crashy");
   ASSERT_TRUE(crashy.ok()) << crashy.status();
