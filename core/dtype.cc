@@ -19,8 +19,33 @@ constexpr DTypeInfo kDTypes[] = {
     {DType::kI16, "I16", 2},   {DType::kU16, "U16", 2},   {DType::kF16, "F16", 2},
     {DType::kBF16, "BF16", 2}, {DType::kI32, "I32", 4},   {DType::kU32, "U32", 4},
     {DType::kF32, "F32", 4},   {DType::kF64, "F64", 8},   {DType::kI64, "I64", 8},
-    {DType::kU64, "U64", 8},
+    {DType::kU64, "U64", 8},   {DType::kF8E4M3, "F8_E4M3", 1}, {DType::kF8E5M2, "F8_E5M2", 1},
 };
+
+// FP8 E4M3 (bias 7, 3 mantissa bits, no infinities; S.1111.111 is NaN) as float bits, computed
+// once from the definition: every code is exact in float.
+constexpr uint32_t E4M3Bits(uint8_t c) {
+  const uint32_t sign = static_cast<uint32_t>(c & 0x80u) << 24;
+  const uint32_t exp = (c >> 3) & 0xFu;
+  uint32_t man = c & 0x7u;
+  if (exp == 0xF && man == 0x7) return sign | 0x7FC00000u;  // NaN
+  if (exp != 0) return sign | ((exp + 120) << 23) | (man << 20);
+  if (man == 0) return sign;  // signed zero
+  // Subnormal: man * 2^-9, normalised.
+  uint32_t e = 121;  // 2^-6 as a float exponent, before normalising
+  while ((man & 0x8u) == 0) {
+    man <<= 1;
+    --e;
+  }
+  return sign | (e << 23) | ((man & 0x7u) << 20);
+}
+struct E4M3Table {
+  uint32_t bits[256];
+  constexpr E4M3Table() : bits() {
+    for (int c = 0; c < 256; ++c) bits[c] = E4M3Bits(static_cast<uint8_t>(c));
+  }
+};
+constexpr E4M3Table kE4M3;
 }  // namespace
 
 int DTypeSize(DType t) { return kDTypes[static_cast<int>(t)].size; }
@@ -34,12 +59,16 @@ std::optional<DType> ParseDType(absl::string_view name) {
 }
 
 absl::string_view AcceptedDTypeNames() {
-  return "BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64";
+  return "BOOL, U8, I8, I16, U16, F16, BF16, I32, U32, F32, F64, I64, U64, F8_E4M3, F8_E5M2";
 }
 
 bool IsFloating(DType t) {
-  return t == DType::kF16 || t == DType::kBF16 || t == DType::kF32 || t == DType::kF64;
+  return t == DType::kF16 || t == DType::kBF16 || t == DType::kF32 || t == DType::kF64 ||
+         t == DType::kF8E4M3 || t == DType::kF8E5M2;
 }
+
+float Fp8E4M3ToFloat(uint8_t c) { return absl::bit_cast<float>(kE4M3.bits[c]); }
+float Fp8E5M2ToFloat(uint8_t c) { return HalfToFloat(static_cast<uint16_t>(c << 8)); }
 
 float HalfToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -114,6 +143,12 @@ void ConvertToDouble(DType t, const uint8_t* src, int64_t n, double* dst) {
         std::memcpy(&v, src + 2 * i, 2);
         dst[i] = BFloat16ToFloat(v);
       }
+      return;
+    case DType::kF8E4M3:
+      for (int64_t i = 0; i < n; ++i) dst[i] = Fp8E4M3ToFloat(src[i]);
+      return;
+    case DType::kF8E5M2:
+      for (int64_t i = 0; i < n; ++i) dst[i] = Fp8E5M2ToFloat(src[i]);
       return;
     default:
       return;  // REQUIRES violated; callers check IsFloating first.

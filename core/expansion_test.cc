@@ -429,11 +429,23 @@ TEST(ExpansionEdges, OddShapesAndInputDTypes) {
     auto [fro, mx] = MeasuredErrors(w, e, 2);
     EXPECT_LT(fro, 0.1);
   }
-  // F16, BF16, F32 inputs expand to the same result as the same values given in F64.
+  // F16, BF16, F32, F8 inputs expand to the same result as the same values given in F64.
   const std::vector<double> src = RandomValues(Dist::kGaussian, 16 * 16, 4);
   std::vector<uint16_t> h(src.size()), bf(src.size());
   std::vector<float> f(src.size());
   std::vector<double> hd(src.size()), bfd(src.size()), fd(src.size());
+  // FP8: codes spread over each format's finite range (E4M3 skips its NaN codes 0x7F, 0xFF;
+  // E5M2 its inf/NaN codes, exponent 31).
+  std::vector<uint8_t> e4(src.size()), e5(src.size());
+  std::vector<double> e4d(src.size()), e5d(src.size());
+  for (size_t i = 0; i < src.size(); ++i) {
+    e4[i] = static_cast<uint8_t>((i * 37) % 256);
+    if ((e4[i] & 0x7F) == 0x7F) e4[i] ^= 1;
+    e5[i] = static_cast<uint8_t>((i * 53) % 256);
+    if (((e5[i] >> 2) & 0x1F) == 0x1F) e5[i] &= 0xF3;
+    e4d[i] = Fp8E4M3ToFloat(e4[i]);
+    e5d[i] = Fp8E5M2ToFloat(e5[i]);
+  }
   for (size_t i = 0; i < src.size(); ++i) {
     h[i] = FloatToHalf(static_cast<float>(src[i]));
     bf[i] = FloatToBFloat16(static_cast<float>(src[i]));
@@ -452,7 +464,9 @@ TEST(ExpansionEdges, OddShapesAndInputDTypes) {
     DType t;
     absl::Span<const uint8_t> data;
     const std::vector<double>* same;
-  } cases[] = {{DType::kF16, bytes(h), &hd}, {DType::kBF16, bytes(bf), &bfd}, {DType::kF32, bytes(f), &fd}};
+  } cases[] = {{DType::kF16, bytes(h), &hd},      {DType::kBF16, bytes(bf), &bfd},
+               {DType::kF32, bytes(f), &fd},      {DType::kF8E4M3, bytes(e4), &e4d},
+               {DType::kF8E5M2, bytes(e5), &e5d}};
   for (const auto& c : cases) {
     absl::StatusOr<TensorExpansion> a = ExpandTensor(c.t, shape, c.data, spec);
     ASSERT_TRUE(a.ok()) << a.status();
