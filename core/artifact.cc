@@ -133,6 +133,7 @@ struct SourceTensor {
   DType dtype;
   std::vector<int64_t> shape;
   absl::Span<const uint8_t> data;
+  std::string other_dtype_name;  // kOther: the file's spelling, written back unchanged
 
   int64_t numel() const {
     int64_t n = 1;
@@ -166,7 +167,8 @@ struct SourceFile {
       FPX_ASSIGN_OR_RETURN(f->safetensors, SafetensorsReader::Open(path));
       f->bytes = f->safetensors->bytes();
       for (const TensorInfo& t : f->safetensors->tensors()) {
-        f->tensors.push_back({t.name, t.dtype, t.shape, f->safetensors->Data(t)});
+        f->tensors.push_back({t.name, t.dtype, t.shape, f->safetensors->Data(t),
+                              t.dtype == DType::kOther ? t.dtype_name : ""});
       }
       return f;
     }
@@ -241,14 +243,23 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
 
   std::vector<const SourceTensor*> selected, copied;
   for (const SourceTensor& t : source->tensors) {
-    const char* reason = nullptr;
-    if (t.shape.size() < 2) reason = "rank < 2";
-    else if (!IsFloating(t.dtype)) reason = "not floating point";
-    else if (t.numel() == 0) reason = "empty";
-    else if (include && !include->Matches(t.name)) reason = "not included";
-    else if (exclude && exclude->Matches(t.name)) reason = "excluded";
-    if (reason != nullptr) {
-      report.copied.push_back({t.name, reason});
+    std::string reason;
+    if (t.dtype == DType::kOther) {
+      reason = absl::StrCat("dtype ", t.other_dtype_name, " is not read by fpxint (accepted: ",
+                            AcceptedDTypeNames(), "); its bytes are copied unchanged");
+    } else if (t.shape.size() < 2) {
+      reason = "rank < 2";
+    } else if (!IsFloating(t.dtype)) {
+      reason = "not floating point";
+    } else if (t.numel() == 0) {
+      reason = "empty";
+    } else if (include && !include->Matches(t.name)) {
+      reason = "not included";
+    } else if (exclude && exclude->Matches(t.name)) {
+      reason = "excluded";
+    }
+    if (!reason.empty()) {
+      report.copied.push_back({t.name, std::move(reason)});
       copied.push_back(&t);
     } else {
       selected.push_back(&t);
@@ -319,7 +330,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(expansions[i].terms.size()));
   }
   for (const SourceTensor* t : copied) {
-    FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, t->data));
+    FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, t->data, t->other_dtype_name));
   }
   const DType codes_dtype = CodesDType(spec);
   for (int k = 1; k <= spec.terms; ++k) {

@@ -70,7 +70,10 @@ struct TermSummary {
 
 struct CopiedTensor {
   std::string name;
-  std::string reason;  // "rank < 2", "not floating point", "excluded", "not included", "empty"
+  // "rank < 2", "not floating point", "excluded", "not included", "empty", or for an
+  // unsupported dtype "dtype X is not read by fpxint (accepted: ...); its bytes are copied
+  // unchanged".
+  std::string reason;
 };
 
 struct ExpandReport {

@@ -196,6 +196,40 @@ TEST(Artifact, KnownSourceHashIsRecordedAsGiven) {
   EXPECT_EQ((*r)->Metadata("source_sha256"), o.source_sha256);
 }
 
+// A tensor of a dtype fpxint does not read is copied into the artifact unchanged, with the
+// reason naming its dtype, and the rest of the file expands as usual.
+TEST(Artifact, UnsupportedDTypesAreCopiedUnchangedWithTheReason) {
+  ScratchDir dir;
+  auto src = SafetensorsReader::Open(WriteSource(dir));
+  ASSERT_TRUE(src.ok()) << src.status();
+  SafetensorsWriter w;
+  for (const TensorInfo& t : (*src)->tensors()) {
+    ASSERT_TRUE(w.Add(t.name, t.dtype, t.shape, (*src)->Data(t)).ok());
+  }
+  const std::vector<uint8_t> q = {1, 2, 3, 4, 5, 6, 7, 8};
+  ASSERT_TRUE(w.Add("q.weight", DType::kOther, {2, 4}, q, "F8_E4M3FNUZ").ok());
+  ASSERT_TRUE(w.WriteFile(dir.File("with_q.safetensors")).ok());
+  absl::StatusOr<ExpandReport> rep =
+      ExpandSafetensorsFile(dir.File("with_q.safetensors"), dir.File("out.safetensors"),
+                            Options(4, 2, Grid::kSym, ScaleGranularity::kChannel));
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  bool listed = false;
+  for (const CopiedTensor& c : rep->copied) {
+    if (c.name != "q.weight") continue;
+    listed = true;
+    EXPECT_NE(c.reason.find("F8_E4M3FNUZ is not read by fpxint"), std::string::npos) << c.reason;
+  }
+  EXPECT_TRUE(listed);
+  EXPECT_EQ(rep->tensors.size(), 2u);  // conv.weight and fc.weight still expand
+  auto out = SafetensorsReader::Open(dir.File("out.safetensors"));
+  ASSERT_TRUE(out.ok()) << out.status();
+  const TensorInfo* t = (*out)->Find("q.weight");
+  ASSERT_NE(t, nullptr);
+  EXPECT_EQ(t->dtype_name, "F8_E4M3FNUZ");
+  const auto d = (*out)->Data(*t);
+  EXPECT_EQ(std::vector<uint8_t>(d.begin(), d.end()), q);
+}
+
 TEST(Artifact, ClearErrors) {
   ScratchDir dir;
   const std::string src = WriteSource(dir);

@@ -20,6 +20,7 @@ constexpr DTypeInfo kDTypes[] = {
     {DType::kBF16, "BF16", 2}, {DType::kI32, "I32", 4},   {DType::kU32, "U32", 4},
     {DType::kF32, "F32", 4},   {DType::kF64, "F64", 8},   {DType::kI64, "I64", 8},
     {DType::kU64, "U64", 8},   {DType::kF8E4M3, "F8_E4M3", 1}, {DType::kF8E5M2, "F8_E5M2", 1},
+    {DType::kOther, "(unsupported dtype)", 0},
 };
 
 // FP8 E4M3 (bias 7, 3 mantissa bits, no infinities; S.1111.111 is NaN) as float bits, computed
@@ -53,7 +54,7 @@ absl::string_view DTypeName(DType t) { return kDTypes[static_cast<int>(t)].name;
 
 std::optional<DType> ParseDType(absl::string_view name) {
   for (const DTypeInfo& d : kDTypes) {
-    if (name == d.name) return d.type;
+    if (name == d.name && d.type != DType::kOther) return d.type;
   }
   return std::nullopt;
 }

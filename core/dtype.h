@@ -17,13 +17,17 @@ enum class DType : uint8_t {
   kBool, kU8, kI8, kI16, kU16, kF16, kBF16, kI32, kU32, kF32, kF64, kI64, kU64,
   kF8E4M3,  // "F8_E4M3": OCP FP8 E4M3 (PyTorch float8_e4m3fn): bias 7, no infinities, max 448
   kF8E5M2,  // "F8_E5M2": OCP FP8 E5M2 (float8_e5m2): bias 15, IEEE-style inf and NaN
+  // A dtype this library does not read (e.g. F8_E4M3FNUZ, F4): a safetensors reader keeps the
+  // tensor with its own spelling (TensorInfo::dtype_name), never converts it, and a writer
+  // carries its bytes through unchanged. DTypeSize is 0 (unknown), and it is not floating.
+  kOther,
 };
 
 // Bytes per element.
 int DTypeSize(DType t);
 // The safetensors spelling, e.g. "F32".
 absl::string_view DTypeName(DType t);
-// Parses a safetensors dtype name; nullopt when unknown.
+// Parses a safetensors dtype name; nullopt when unknown (never kOther).
 std::optional<DType> ParseDType(absl::string_view name);
 // The comma-separated list of accepted names, for error messages.
 absl::string_view AcceptedDTypeNames();

@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/atomic_file.h"
@@ -155,10 +157,25 @@ absl::Status SafetensorsReader::Parse(const SafetensorsLimits& limits) {
     }
     std::optional<DType> dt = ParseDType(dtype->str());
     if (!dt) {
-      return BadTensor(name, absl::StrCat("unknown dtype '", dtype->str(),
-                                          "'; accepted: ", AcceptedDTypeNames()));
+      // A dtype this library does not read: the tensor stays listed, as raw bytes, so that the
+      // rest of the file is readable. Only names of the format's shape are kept.
+      const std::string& dn = dtype->str();
+      const bool plausible = !dn.empty() && dn.size() <= 32 &&
+                             std::all_of(dn.begin(), dn.end(), [](char c) {
+                               return absl::ascii_isalnum(static_cast<unsigned char>(c)) ||
+                                      c == '_';
+                             });
+      if (!plausible) {
+        return BadTensor(name, absl::StrCat("dtype '", absl::CHexEscape(dn.substr(0, 40)),
+                                            "' is not a dtype name; accepted: ",
+                                            AcceptedDTypeNames()));
+      }
+      t.dtype = DType::kOther;
+      t.dtype_name = dn;
+    } else {
+      t.dtype = *dt;
+      t.dtype_name = std::string(DTypeName(*dt));
     }
-    t.dtype = *dt;
     const JsonValue* shape = entry.Find("shape");
     if (shape == nullptr || !shape->is_array()) return BadTensor(name, "missing or non-array 'shape'");
     if (static_cast<int>(shape->array().size()) > limits.max_rank) {
@@ -190,7 +207,8 @@ absl::Status SafetensorsReader::Parse(const SafetensorsLimits& limits) {
     }
     std::optional<uint64_t> want = ByteSize(t.shape, DTypeSize(t.dtype));
     if (!want) return BadTensor(name, absl::StrCat("shape ", ShapeString(t.shape), " overflows"));
-    if (*e - *b != *want) {
+    // An unsupported dtype's element size is unknown: its bytes are only checked to tile.
+    if (t.dtype != DType::kOther && *e - *b != *want) {
       return BadTensor(name, absl::StrCat("shape ", ShapeString(t.shape), " of ",
                                           DTypeName(t.dtype), " needs ", *want,
                                           " bytes but data_offsets [", *b, ",", *e, "] hold ",
@@ -254,7 +272,8 @@ void SafetensorsWriter::SetMetadata(absl::string_view key, absl::string_view val
 }
 
 absl::Status SafetensorsWriter::Add(absl::string_view name, DType dtype, std::vector<int64_t> shape,
-                                    absl::Span<const uint8_t> data) {
+                                    absl::Span<const uint8_t> data,
+                                    absl::string_view other_dtype_name) {
   if (name.empty() || name == "__metadata__") {
     return absl::InvalidArgumentError(
         absl::StrCat("safetensors writer: invalid tensor name '", name, "'"));
@@ -266,14 +285,20 @@ absl::Status SafetensorsWriter::Add(absl::string_view name, DType dtype, std::ve
   for (int64_t d : shape) {
     if (d < 0) return BadTensor(name, "negative dimension");
   }
+  if (dtype == DType::kOther && other_dtype_name.empty()) {
+    return BadTensor(name, "an unsupported dtype needs its name (TensorInfo::dtype_name)");
+  }
   std::optional<uint64_t> want = ByteSize(shape, DTypeSize(dtype));
-  if (!want || *want != data.size()) {
+  if (!want) return BadTensor(name, absl::StrCat("shape ", ShapeString(shape), " overflows"));
+  if (dtype != DType::kOther && *want != data.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "safetensors writer: tensor '", name, "' shape ", ShapeString(shape), " of ",
         DTypeName(dtype), " does not match ", data.size(), " bytes"));
   }
   names_.emplace(std::string(name), entries_.size());
-  entries_.push_back(Entry{std::string(name), dtype, std::move(shape), data, nullptr});
+  entries_.push_back(Entry{std::string(name), dtype,
+                           dtype == DType::kOther ? std::string(other_dtype_name) : "",
+                           std::move(shape), data, nullptr});
   return absl::OkStatus();
 }
 
@@ -296,7 +321,8 @@ std::string SafetensorsWriter::HeaderJson() const {
   uint64_t offset = 0;
   for (const Entry& e : entries_) {
     w.Key(e.name).BeginObject();
-    w.Key("dtype").String(DTypeName(e.dtype));
+    w.Key("dtype").String(e.dtype == DType::kOther ? absl::string_view(e.other_dtype_name)
+                                                   : DTypeName(e.dtype));
     w.Key("shape").BeginArray();
     for (int64_t d : e.shape) w.Int(d);
     w.EndArray();

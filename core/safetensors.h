@@ -39,6 +39,9 @@ namespace fpxint::core {
 struct TensorInfo {
   std::string name;
   DType dtype = DType::kF32;
+  // The header's spelling of the dtype: DTypeName(dtype), or for kOther the unsupported name
+  // (e.g. "F8_E4M3FNUZ"), whose bytes are readable only as raw bytes.
+  std::string dtype_name;
   std::vector<int64_t> shape;
   uint64_t begin = 0;  // offsets into the data section
   uint64_t end = 0;
@@ -100,9 +103,11 @@ class SafetensorsWriter {
  public:
   void SetMetadata(absl::string_view key, absl::string_view value);
   // Borrows `data` until Write*/Serialize returns. InvalidArgument when the name is empty,
-  // "__metadata__" or already added, or when data.size() != numel * itemsize.
+  // "__metadata__" or already added, or when data.size() != numel * itemsize. A kOther tensor
+  // (copied from a reader) needs `other_dtype_name`, its TensorInfo::dtype_name; its bytes are
+  // not checked against the shape.
   absl::Status Add(absl::string_view name, DType dtype, std::vector<int64_t> shape,
-                   absl::Span<const uint8_t> data);
+                   absl::Span<const uint8_t> data, absl::string_view other_dtype_name = {});
   // As Add, but the writer keeps `data`.
   absl::Status AddOwned(absl::string_view name, DType dtype, std::vector<int64_t> shape,
                         std::vector<uint8_t> data);
@@ -124,6 +129,7 @@ class SafetensorsWriter {
   struct Entry {
     std::string name;
     DType dtype;
+    std::string other_dtype_name;  // for kOther
     std::vector<int64_t> shape;
     absl::Span<const uint8_t> data;
     std::shared_ptr<std::vector<uint8_t>> owned;

@@ -2,6 +2,7 @@
 // limits the server reads uploads with (SafetensorsLimits' defaults). Every header field, dtype,
 // shape, offset and length must be validated before use: a crash, a sanitizer report, a tensor
 // view outside the buffer, or more tensors than the limit is a bug.
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
@@ -27,5 +28,25 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
   }
   (void)(*r)->Metadata("format");
+  // Written back, the tensors read as themselves: names, dtypes (an unsupported one keeps its
+  // spelling), shapes and bytes.
+  if (size < (1 << 16)) {
+    fpxint::core::SafetensorsWriter w;
+    for (const fpxint::core::TensorInfo& t : (*r)->tensors()) {
+      if (!w.Add(t.name, t.dtype, t.shape, (*r)->Data(t), t.dtype_name).ok()) std::abort();
+    }
+    const std::vector<uint8_t> again = w.Serialize();
+    auto r2 = fpxint::core::SafetensorsReader::FromBuffer(again, limits);
+    if (!r2.ok() || (*r2)->tensors().size() != (*r)->tensors().size()) std::abort();
+    for (const fpxint::core::TensorInfo& t : (*r)->tensors()) {
+      const fpxint::core::TensorInfo* u = (*r2)->Find(t.name);
+      if (u == nullptr || u->dtype != t.dtype || u->dtype_name != t.dtype_name ||
+          u->shape != t.shape) {
+        std::abort();
+      }
+      const auto a = (*r)->Data(t), b = (*r2)->Data(*u);
+      if (a.size() != b.size() || !std::equal(a.begin(), a.end(), b.begin())) std::abort();
+    }
+  }
   return 0;
 }
