@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
       ->envname("FPXINT_DATABASE_URL");
   app.add_option("--replica-id", c.replica_id,
                  "this server's name in logs and in the store's temp directory "
-                 "(<data-dir>/tmp/<replica-id>/); 1-128 of A-Z a-z 0-9 . _ : - "
+                 "(<data-dir>/tmp/<replica-id>/); 1-128 of A-Z a-z 0-9 . _ : -, starting with a "
+                 "letter or digit "
                  "(default: hostname:pid)")
       ->envname("FPXINT_REPLICA_ID");
   app.add_option("--workers", c.workers, "expansion jobs that run at the same time")

@@ -27,6 +27,7 @@
 #include "server/repository.h"
 #include "server/services.h"
 #include "server/store.h"
+#include "server/validation.h"
 
 namespace fpxint::server {
 namespace {
@@ -66,6 +67,7 @@ absl::Status ServerConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(flag, ": ", what));
   };
   if (max_job_attempts < 1) return bad("--max-job-attempts", "must be at least 1");
+  if (!replica_id.empty()) FPX_RETURN_IF_ERROR(CheckReplicaId(replica_id, "--replica-id"));
   if (!database_url.empty() && !Journal::IsDatabaseUrl(database_url)) {
     return bad("--database-url", "must be a libpq URI starting postgresql:// or postgres://");
   }

@@ -43,6 +43,7 @@ namespace {
 
 using ::fpxint::testing::ReadFileOrDie;
 using ::fpxint::testing::ScratchDir;
+using ::fpxint::testing::SmallWeightsSafetensors;
 using ::fpxint::testing::WriteFileOrDie;
 
 constexpr char kAdmin[] = "admin-token-0123456789";
@@ -53,8 +54,6 @@ std::string TinyDir() {
   const char* d = std::getenv("FPXINT_TINY_MODELS_DIR");
   return d ? d : "";
 }
-
-std::string WeightsFile(uint32_t seed) { return fpxint::testing::SmallWeightsSafetensors(seed); }
 
 std::string Sha(const std::string& s) {
   return core::Sha256Hex(absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(s.data()), s.size()));
@@ -220,7 +219,7 @@ TEST_F(ServerTest, HealthAndServerMetadataNeedNoToken) {
 }
 
 TEST_F(ServerTest, UploadVerifiesDeduplicatesAndRejectsBadInput) {
-  const std::string w = WeightsFile(1);
+  const std::string w = SmallWeightsSafetensors(1);
   v1::Model m;
   ASSERT_TRUE(Upload("w1", v1::SAFETENSORS, w, &m).ok());
   EXPECT_EQ(m.sha256(), Sha(w));
@@ -232,7 +231,7 @@ TEST_F(ServerTest, UploadVerifiesDeduplicatesAndRejectsBadInput) {
   ASSERT_TRUE(Upload("w1-copy", v1::SAFETENSORS, w, &m).ok());
   EXPECT_TRUE(m.deduplicated());
   // Same name, other bytes.
-  grpc::Status s = Upload("w1", v1::SAFETENSORS, WeightsFile(7), &m);
+  grpc::Status s = Upload("w1", v1::SAFETENSORS, SmallWeightsSafetensors(7), &m);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS) << s.error_message();
 
   s = Upload("bad-sha", v1::SAFETENSORS, w, &m, std::string(64, 'a'));
@@ -283,7 +282,7 @@ TEST_F(ServerTest, AuthenticationAndRoles) {
 }
 
 TEST_F(ServerTest, TensorJobRunsWatchesAndDownloads) {
-  const std::string w = WeightsFile(2);
+  const std::string w = SmallWeightsSafetensors(2);
   v1::Model m;
   ASSERT_TRUE(Upload("w", v1::SAFETENSORS, w, &m).ok());
   v1::Job job = Submit(Spec("w", v1::TENSOR, 4, 3));
@@ -359,7 +358,7 @@ TEST_F(ServerTest, ASecondServerOnTheSameDataDirectoryIsRefused) {
   EXPECT_TRUE(absl::StrContains(second.status().message(), "--data-dir")) << second.status();
   EXPECT_TRUE(std::filesystem::exists(in_flight));
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(3), &m).ok());  // the first still serves
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(3), &m).ok());  // the first still serves
   // Once the first has stopped, the directory is free again.
   server_.reset();
   auto third = Server::Start(c);
@@ -377,7 +376,7 @@ TEST_F(ServerTest, RunsOnAPostgresJournal) {
   database_url_ = pg->NewDatabase();
   StartServer();
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(4), &m).ok());
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(4), &m).ok());
   v1::Job done = Watch(Submit(Spec("w", v1::TENSOR, 4, 2)).job_id()).back();
   ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
   const std::string bytes = Download(done.artifacts(0).artifact_id(), 0);
@@ -407,7 +406,7 @@ TEST_F(ServerTest, JobMemoryLimitRefusesJobsThatWouldExceedIt) {
   job_memory_limit_ = 1024;
   Restart();
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(5), &m).ok());
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(5), &m).ok());
   ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ReadFileOrDie(TinyDir() + "/tiny_cnn.pt"), &m).ok());
   for (v1::Granularity g : {v1::TENSOR, v1::LAYER}) {
     v1::Job job = Submit(Spec(g == v1::TENSOR ? "w" : "tiny", g, 4, 3));
@@ -429,7 +428,7 @@ TEST_F(ServerTest, JobMemoryLimitRefusesJobsThatWouldExceedIt) {
 
 TEST_F(ServerTest, SpecValidationNamesTheField) {
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(3), &m).ok());
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(3), &m).ok());
   struct Case {
     v1::JobSpec spec;
     grpc::StatusCode code;
@@ -468,7 +467,7 @@ TEST_F(ServerTest, SpecValidationNamesTheField) {
 
 TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(4), &m).ok());
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(4), &m).ok());
   v1::Job a = Submit(Spec("w", v1::TENSOR), "key-1");
   v1::Job b = Submit(Spec("w", v1::TENSOR), "key-1");
   EXPECT_EQ(a.job_id(), b.job_id());
@@ -562,7 +561,7 @@ TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {
 // into that moment and saw CancelJob succeed on a CANCELLED job).
 TEST_F(ServerTest, CancelOfAJobSeenFinishedIsRefused) {
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(4), &m).ok());
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(4), &m).ok());
   for (int i = 0; i < 20; ++i) {
     v1::JobRef ref;
     ref.set_job_id(Submit(Spec("w", v1::TENSOR, 2 + i % 3, 1 + i % 4)).job_id());
@@ -588,7 +587,7 @@ TEST_F(ServerTest, ConcurrentJobsWatchersAndCancels) {
   workers_ = 2;
   Restart();
   v1::Model m;
-  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, WeightsFile(8), &m).ok());
+  ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(8), &m).ok());
   constexpr int kClients = 3, kJobsPerClient = 3;
   std::vector<std::vector<v1::Job>> finals(kClients);
   std::vector<std::thread> clients;
@@ -1172,13 +1171,24 @@ TEST_F(ServerTest, DeploymentServesTheDownloadedArtifact) {
 
 // ---- the trust boundary: defaults, start-up, request bounds ----
 
-TEST(ServerConfigDefaults, DatabaseUrlMustBePostgres) {
+TEST(ServerConfigDefaults, DatabaseUrlAndJobAttemptsAreChecked) {
   ServerConfig c;
   c.database_url = "mysql://db/fpxint";
   absl::Status s = c.Validate();
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(s.message(), "--database-url")) << s;
   c.database_url = "postgresql://fpxint@db:5432/fpxint";
+  EXPECT_TRUE(c.Validate().ok());
+  c.max_job_attempts = 0;
+  s = c.Validate();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "--max-job-attempts")) << s;
+  c.max_job_attempts = 3;
+  c.replica_id = "../other";
+  s = c.Validate();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "--replica-id")) << s;
+  c.replica_id = "pod-7:1234";
   EXPECT_TRUE(c.Validate().ok());
 }
 

@@ -7,7 +7,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -16,13 +15,13 @@
 #include <random>
 #include <sstream>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/atomic_file.h"
 #include "core/sha256.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
+#include "server/validation.h"
 
 namespace fpxint::server {
 namespace {
@@ -60,17 +59,7 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path, absl::string_v
 
 absl::StatusOr<std::unique_ptr<BlobStore>> BlobStore::Open(const std::string& root,
                                                           const std::string& replica_id) {
-  const bool id_ok =
-      !replica_id.empty() && replica_id.size() <= 128 && replica_id != "." &&
-      replica_id != ".." &&
-      std::all_of(replica_id.begin(), replica_id.end(), [](char c) {
-        return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
-               c == ':' || c == '-';
-      });
-  if (!id_ok) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--replica-id '", replica_id, "': use 1 to 128 of A-Z a-z 0-9 . _ : -"));
-  }
+  FPX_RETURN_IF_ERROR(CheckReplicaId(replica_id, "--replica-id"));
   const fs::path tmp_root = fs::path(root) / "tmp";
   const fs::path tmp = tmp_root / replica_id;
   std::error_code ec;

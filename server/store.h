@@ -33,7 +33,7 @@ class BlobStore {
  public:
   // Creates <root>/blobs and this replica's temp directory <root>/tmp/<replica_id>, emptied of
   // what a crash left there. Other replicas' temp directories (the store may be shared) are left
-  // alone. InvalidArgument naming --replica-id for an id that is not [A-Za-z0-9._:-]{1,128}.
+  // alone. InvalidArgument naming --replica-id for an id CheckReplicaId refuses (validation.h).
   static absl::StatusOr<std::unique_ptr<BlobStore>> Open(const std::string& root,
                                                          const std::string& replica_id = "local");
   // Removes the temp directories (and loose temp files) of every other replica for which

@@ -28,21 +28,36 @@ core::Grid ToCore(v1::Grid g) {
 
 }  // namespace
 
-absl::Status CheckName(const std::string& name, absl::string_view field) {
-  // A plain loop, not std::regex: names arrive from the network and may be megabytes long.
+namespace {
+
+// 1-128 of [A-Za-z0-9._-] (and ':' when `colon`), starting with a letter or digit. A plain loop,
+// not std::regex: names arrive from the network and may be megabytes long.
+absl::Status CheckNameChars(const std::string& name, absl::string_view field, bool colon) {
   auto alnum = [](char c) {
     return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
   };
   bool ok = !name.empty() && name.size() <= 128 && alnum(name[0]);
   for (size_t i = 1; ok && i < name.size(); ++i) {
-    ok = alnum(name[i]) || name[i] == '.' || name[i] == '_' || name[i] == '-';
+    ok = alnum(name[i]) || name[i] == '.' || name[i] == '_' || name[i] == '-' ||
+         (colon && name[i] == ':');
   }
   if (!ok) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, ": '", name.substr(0, 64),
-        "'; accepted: 1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": '", name.substr(0, 64), "'; accepted: 1-128 characters of ",
+                     colon ? "A-Z a-z 0-9 . _ - :" : "A-Z a-z 0-9 . _ -",
+                     ", starting with a letter or digit"));
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CheckName(const std::string& name, absl::string_view field) {
+  return CheckNameChars(name, field, /*colon=*/false);
+}
+
+absl::Status CheckReplicaId(const std::string& id, absl::string_view field) {
+  return CheckNameChars(id, field, /*colon=*/true);
 }
 
 absl::Status CheckVersion(const std::string& version, absl::string_view field) {

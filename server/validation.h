@@ -21,6 +21,8 @@ namespace fpxint::server {
 // Model and tensor names: 1-128 of [A-Za-z0-9._-], starting with a letter or digit (so never
 // "..", never a path).
 absl::Status CheckName(const std::string& name, absl::string_view field);
+// A replica id (a directory name under the store's tmp/): the same, and ':' (hostname:pid).
+absl::Status CheckReplicaId(const std::string& id, absl::string_view field);
 
 enum class TorchScriptUploads { kAll, kAdmin, kNone };
 
