@@ -124,6 +124,10 @@ class PostgresJournal final : public Journal {
   explicit PostgresJournal(PGconn* c) : conn_(c) {}
   ~PostgresJournal() override {
     absl::MutexLock l(&mu_);
+    // Release the server lock before disconnecting: the database drops a closed session's locks
+    // only once its backend has exited, after PQfinish returns, so a server started right after
+    // this one stops could otherwise still find the lock taken.
+    if (exclusive_) PQclear(PQexec(conn_, "SELECT pg_advisory_unlock_all()"));
     PQfinish(conn_);
   }
   const char* backend() const override { return "postgresql"; }
