@@ -5,9 +5,12 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <iterator>
 #include <optional>
+#include <set>
 #include <random>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -52,52 +55,67 @@ JobManager::~JobManager() {
   if (!workers_.empty()) Shutdown(absl::ZeroDuration());
 }
 
-absl::Status JobManager::Start() {
-  FPX_ASSIGN_OR_RETURN(std::vector<v1::Job> pending,
-                       journal_->JobsInStates({v1::QUEUED, v1::RUNNING}));
-  for (v1::Job& j : pending) {
-    // Found RUNNING: the server died during this run (a clean shutdown re-queues its jobs).
-    if (j.state() == v1::RUNNING) j.set_crashed_attempts(j.crashed_attempts() + 1);
-    if (opts_.max_attempts > 0 && static_cast<int>(j.crashed_attempts()) >= opts_.max_attempts) {
-      // Running it again would likely take the server down again.
-      j.set_state(v1::FAILED);
-      j.set_error(absl::StrCat(
-          "the server died during ", j.crashed_attempts(), " of this job's ", j.attempts(),
-          " runs (a crash, kill or out-of-memory during the run; --max-job-attempts ",
-          opts_.max_attempts, "); not run again"));
-      j.clear_progress();
-      j.set_finished_unix_ms(NowUnixMs());
-      FPX_RETURN_IF_ERROR(journal_->PutJob(j));
+void JobManager::TakeBack(v1::Job* j) const {
+  j->set_crashed_attempts(j->crashed_attempts() + 1);
+  j->clear_progress();
+  if (opts_.max_attempts > 0 && static_cast<int>(j->crashed_attempts()) >= opts_.max_attempts) {
+    // Running it again would likely take a server down again.
+    j->set_state(v1::FAILED);
+    j->set_error(absl::StrCat(
+        "the replica running it went away during ", j->crashed_attempts(), " of this job's ",
+        j->attempts(), " runs (last ", j->replica().empty() ? "unknown" : j->replica(),
+        "; a crash, kill, out-of-memory or a stall past its lease; --max-job-attempts ",
+        opts_.max_attempts, "); not run again"));
+    j->set_finished_unix_ms(NowUnixMs());
+  } else {
+    j->set_state(v1::QUEUED);
+  }
+}
+
+absl::Status JobManager::Reap(bool at_start) {
+  // At start, this replica id's own leases are from an earlier life (the same --replica-id
+  // after a restart); later they are the jobs running here.
+  FPX_ASSIGN_OR_RETURN(
+      std::vector<v1::Job> back,
+      journal_->ReapLeases(at_start && opts_.journal_exclusive,
+                           at_start ? opts_.replica_id : std::string(),
+                           [this](v1::Job* j) { TakeBack(j); }));
+  for (const v1::Job& j : back) {
+    if (j.state() == v1::FAILED) {
       metrics_->JobFinished(j.spec().granularity(), v1::FAILED, -1, 0, 0);
       LogWarning(absl::StrCat("job ", j.job_id(), " FAILED: ", j.error()));
-      continue;
+    } else {
+      LogInfo(absl::StrCat("job ", j.job_id(), " lost its runner (", j.replica(), ", attempt ",
+                           j.attempts(), "); queued to run again"));
     }
-    if (j.state() == v1::RUNNING) {
-      LogInfo(absl::StrCat("job ", j.job_id(), " was interrupted (attempt ", j.attempts(),
-                           "); queued to run again"));
-    }
-    j.set_state(v1::QUEUED);
-    j.clear_progress();
-    FPX_RETURN_IF_ERROR(journal_->PutJob(j));
-    auto live = std::make_shared<Live>();
-    live->job = j;
-    absl::MutexLock l(&mu_);
-    live_[j.job_id()] = live;
-    queue_.push_back(j.job_id());
-    metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
   }
+  if (!back.empty()) {
+    {
+      absl::MutexLock l(&mu_);
+      ++submitted_;  // re-queued work for the idle workers
+    }
+    Announce();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::Start() {
+  // A journal held alone has no other runner: whatever RUNNING it finds is from a run that died.
+  // A shared one: expired leases, and this replica id's own from an earlier life.
+  FPX_RETURN_IF_ERROR(Reap(/*at_start=*/true));
+  FPX_RETURN_IF_ERROR(journal_->ReplicaHeartbeat(opts_.replica_id));
+  if (auto n = journal_->CountJobs(v1::QUEUED); n.ok()) queued_.store(static_cast<int>(*n));
+  metrics_->SetJobsQueued(queued_.load());
   for (int i = 0; i < std::max(1, opts_.workers); ++i) {
     workers_.emplace_back([this] { WorkerLoop(); });
   }
+  keeper_ = std::thread([this] { KeeperLoop(); });
   absl::MutexLock l(&mu_);
   started_ = true;
   return absl::OkStatus();
 }
 
-int JobManager::queued() const {
-  absl::MutexLock l(&mu_);
-  return static_cast<int>(queue_.size());
-}
+int JobManager::queued() const { return queued_.load(); }
 
 absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
   {
@@ -119,43 +137,58 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
   if (req.idempotency_key().size() > 128) {
     return absl::InvalidArgumentError("idempotency_key: at most 128 characters");
   }
-  absl::MutexLock submit_lock(&submit_mu_);
-  if (!req.idempotency_key().empty()) {
+  // The job an idempotency key already names: the same spec is answered with it, another spec
+  // refused.
+  auto previous = [&]() -> absl::StatusOr<std::optional<v1::Job>> {
     FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> prev,
                          journal_->FindJobByIdempotencyKey(req.idempotency_key()));
-    if (prev) {
-      if (!google::protobuf::util::MessageDifferencer::Equals(prev->spec(), spec)) {
-        return absl::AlreadyExistsError(absl::StrCat("idempotency_key: '", req.idempotency_key(),
-                                                     "' was used for job ", prev->job_id(),
-                                                     " with a different spec"));
-      }
-      return Get(prev->job_id());
+    if (!prev) return prev;
+    if (!google::protobuf::util::MessageDifferencer::Equals(prev->spec(), spec)) {
+      return absl::AlreadyExistsError(absl::StrCat("idempotency_key: '", req.idempotency_key(),
+                                                   "' was used for job ", prev->job_id(),
+                                                   " with a different spec"));
     }
+    FPX_ASSIGN_OR_RETURN(v1::Job now, Get(prev->job_id()));
+    return std::optional<v1::Job>(std::move(now));
+  };
+  absl::MutexLock submit_lock(&submit_mu_);
+  if (!req.idempotency_key().empty()) {
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> prev, previous());
+    if (prev) return *prev;
   }
-  auto live = std::make_shared<Live>();
   {
     absl::MutexLock l(&mu_);
     if (stopping_) return absl::UnavailableError("the server is shutting down");
-    if (static_cast<int>(queue_.size()) + leaving_queue_ >= opts_.queue_limit) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("the job queue is full (", opts_.queue_limit,
-                       " queued, --queue-limit); retry when jobs have finished"));
-    }
   }
-  v1::Job& j = live->job;
+  FPX_ASSIGN_OR_RETURN(int64_t queued, journal_->CountJobs(v1::QUEUED));
+  if (queued >= opts_.queue_limit) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the job queue is full (", queued, " queued, --queue-limit ",
+                     opts_.queue_limit, "); retry when jobs have finished"));
+  }
+  v1::Job j;
   j.set_job_id(NewId("job"));
   *j.mutable_spec() = spec;
   j.set_state(v1::QUEUED);
   j.set_idempotency_key(req.idempotency_key());
   j.set_created_unix_ms(NowUnixMs());
   j.mutable_progress()->set_eta_seconds(-1);
-  FPX_RETURN_IF_ERROR(journal_->PutJob(j));
-  absl::MutexLock l(&mu_);
-  live_[j.job_id()] = live;
-  queue_.push_back(j.job_id());
+  if (absl::Status s = journal_->InsertJob(j); !s.ok()) {
+    // Another replica took the same idempotency key a moment ago: answer with its job.
+    if (s.code() == absl::StatusCode::kAlreadyExists && !req.idempotency_key().empty()) {
+      FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> prev, previous());
+      if (prev) return *prev;
+    }
+    return s;
+  }
+  queued_.store(static_cast<int>(queued + 1));
   metrics_->JobSubmitted(spec.granularity());
-  metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
-  changed_.SignalAll();
+  metrics_->SetJobsQueued(queued_.load());
+  {
+    absl::MutexLock l(&mu_);
+    ++submitted_;
+  }
+  Announce();
   return j;
 }
 
@@ -187,8 +220,8 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
   v1::ListJobsResponse resp;
   absl::MutexLock l(&mu_);
   for (v1::Job& j : jobs) {
-    // The live copy adds progress; it can trail the journal for a moment (a new state is
-    // written there first), and then the journal's row is the newer one.
+    // A job running here has fresher progress in memory; the journal's row is the newer one
+    // when the two states differ (a new state is written there first).
     auto it = live_.find(j.job_id());
     const bool same = it != live_.end() && it->second->job.state() == j.state();
     *resp.add_jobs() = same ? it->second->job : j;
@@ -198,89 +231,165 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
 }
 
 absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Duration wait) {
-  std::shared_ptr<Live> live;
-  {
+  auto flag_local = [&] {
     absl::MutexLock l(&mu_);
     auto it = live_.find(job_id);
-    if (it != live_.end()) live = it->second;  // never terminal: Commit removes finished jobs
-  }
-  if (!live) {
-    FPX_ASSIGN_OR_RETURN(v1::Job j, Get(job_id));
-    return absl::FailedPreconditionError(absl::StrCat(
-        "job ", job_id, " is already ", v1::JobState_Name(j.state()), "; nothing to cancel"));
-  }
-  live->user_cancel.store(true);
-  live->cancel.store(true);
-  // Still in the queue: it never runs, and is CANCELLED at once. Otherwise a worker has taken
-  // it (its state may not say RUNNING yet) and stops at its next poll.
-  std::optional<v1::Job> cancelled;
-  {
-    absl::MutexLock l(&mu_);
-    auto q = std::find(queue_.begin(), queue_.end(), job_id);
-    if (q != queue_.end()) {
-      queue_.erase(q);
-      ++leaving_queue_;
-      metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
-      cancelled = live->job;
+    if (it == live_.end()) return false;
+    it->second->user_cancel.store(true);
+    it->second->cancel.store(true);
+    return true;
+  };
+  if (!flag_local()) {
+    // Queued (cancelled in the journal at once) or running on another replica (asked through
+    // the journal: its runner stops after its next lease renewal).
+    const int64_t now = NowUnixMs();
+    bool cancelled_here = false;
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> j,
+                         journal_->CancelJob(job_id, [now, &cancelled_here](v1::Job* q) {
+                           q->set_state(v1::CANCELLED);
+                           q->set_error("cancelled before it started");
+                           q->set_finished_unix_ms(now);
+                           cancelled_here = true;
+                         }));
+    if (!j) return absl::NotFoundError(absl::StrCat("job_id: no job '", job_id, "'"));
+    if (cancelled_here) {
+      ForgetCached(job_id);
+      metrics_->JobFinished(j->spec().granularity(), v1::CANCELLED, -1, 0, 0);
+      if (auto n = journal_->CountJobs(v1::QUEUED); n.ok()) {
+        queued_.store(static_cast<int>(*n));
+        metrics_->SetJobsQueued(queued_.load());
+      }
+      Announce();
+      return *j;
     }
+    if (j->state() != v1::RUNNING) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "job ", job_id, " is already ", v1::JobState_Name(j->state()), "; nothing to cancel"));
+    }
+    flag_local();  // claimed here a moment ago
   }
-  if (cancelled) {
-    cancelled->set_state(v1::CANCELLED);
-    cancelled->set_error("cancelled before it started");
-    cancelled->set_finished_unix_ms(NowUnixMs());
-    metrics_->JobFinished(cancelled->spec().granularity(), v1::CANCELLED, -1, 0, 0);
-    Commit(live, *cancelled, /*finished=*/true, /*left_queue=*/true);
-    return *cancelled;
-  }
-  absl::MutexLock l(&mu_);
   const absl::Time deadline = absl::Now() + wait;
-  while (!Terminal(live->job.state()) && live_.count(job_id) > 0) {
-    if (changed_.WaitWithDeadline(&mu_, deadline)) break;
+  for (;;) {
+    FPX_ASSIGN_OR_RETURN(v1::Job j, Get(job_id));
+    if (Terminal(j.state()) || absl::Now() >= deadline) return j;
+    absl::MutexLock l(&mu_);
+    changed_.WaitWithDeadline(&mu_, std::min(deadline, absl::Now() + absl::Milliseconds(100)));
   }
-  return live->job;
 }
 
 absl::StatusOr<v1::Job> JobManager::Wait(const std::string& job_id, uint64_t* seen,
                                          absl::Duration timeout, bool* changed) {
   *changed = false;
-  std::shared_ptr<Live> live;
-  {
-    absl::MutexLock l(&mu_);
-    auto it = live_.find(job_id);
-    if (it != live_.end()) live = it->second;
-    if (live) {
-      const absl::Time deadline = absl::Now() + timeout;
-      while (live->version == *seen) {
-        if (changed_.WaitWithDeadline(&mu_, deadline)) break;
+  const absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    std::shared_ptr<Live> live;
+    {
+      absl::MutexLock l(&mu_);
+      auto it = live_.find(job_id);
+      if (it != live_.end()) live = it->second;
+      if (live) {
+        while (live->version == *seen) {
+          if (changed_.WaitWithDeadline(&mu_, deadline)) break;
+        }
+        if (live->version != *seen) {
+          *seen = live->version;
+          *changed = true;
+        }
+        return live->job;
       }
-      if (live->version != *seen) {
-        *seen = live->version;
-        *changed = true;
-      }
-      return live->job;
     }
+    // Not running here: the journal's record, told apart by a digest of its bytes (the top bit
+    // set keeps it apart from the small versions of a live job).
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> j, ReadForWatch(job_id));
+    if (!j) return absl::NotFoundError(absl::StrCat("job_id: no job '", job_id, "'"));
+    const uint64_t digest =
+        absl::HashOf(j->SerializeAsString()) | (uint64_t{1} << 63);
+    if (digest != *seen) {
+      *seen = digest;
+      *changed = true;
+      return *j;
+    }
+    if (absl::Now() >= deadline) return *j;
+    absl::MutexLock l(&mu_);
+    changed_.WaitWithDeadline(&mu_, std::min(deadline, absl::Now() + absl::Milliseconds(250)));
   }
-  FPX_ASSIGN_OR_RETURN(v1::Job j, Get(job_id));
-  if (*seen != UINT64_MAX) {
-    *seen = UINT64_MAX;  // a finished job is sent once
-    *changed = true;
-  } else {
-    // Not live and already sent: nothing will change it in this process (a job interrupted by
-    // shutdown, or one whose last state could not be journaled). Pace the caller's loop.
-    absl::SleepFor(timeout);
+}
+
+absl::StatusOr<std::optional<v1::Job>> JobManager::ReadForWatch(const std::string& job_id) {
+  constexpr absl::Duration kReuse = absl::Milliseconds(200);
+  uint64_t gen;
+  {
+    absl::MutexLock l(&cache_mu_);
+    auto it = cache_.find(job_id);
+    if (it != cache_.end() && absl::Now() - it->second.read < kReuse) return it->second.job;
+    gen = cache_gen_;
+  }
+  const absl::Time read = absl::Now();
+  FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> j, journal_->GetJob(job_id));
+  absl::MutexLock l(&cache_mu_);
+  if (gen == cache_gen_) {
+    if (cache_.size() >= 4096) {
+      for (auto it = cache_.begin(); it != cache_.end();) {
+        it = read - it->second.read >= kReuse ? cache_.erase(it) : std::next(it);
+      }
+    }
+    cache_[job_id] = CachedJob{read, j};
   }
   return j;
 }
 
-void JobManager::Commit(const std::shared_ptr<Live>& live, v1::Job next, bool finished,
-                        bool left_queue) {
-  absl::Status s = journal_->PutJob(next);
-  if (!s.ok()) LogError(absl::StrCat("job ", next.job_id(), ": ", s.message()));
+void JobManager::ForgetCached(const std::string& job_id) {
+  absl::MutexLock l(&cache_mu_);
+  ++cache_gen_;
+  cache_.erase(job_id);
+}
+
+bool JobManager::FencedWrite(const std::shared_ptr<Live>& live, const v1::Job& next,
+                             bool final_write) {
+  if (live->lease_lost.load()) return false;
+  absl::StatusOr<bool> held = true;
+  if (final_write) {
+    held = journal_->FinishLeased(next, opts_.replica_id);
+  } else {
+    auto check = journal_->RenewLease(next, opts_.replica_id, opts_.lease);
+    if (check.ok()) {
+      held = check->held;
+      if (check->cancel_requested && !live->user_cancel.load()) {
+        LogInfo(absl::StrCat("job ", next.job_id(), ": cancel asked on another replica"));
+        live->user_cancel.store(true);
+        live->cancel.store(true);
+      }
+    } else {
+      held = check.status();
+    }
+  }
+  if (!held.ok()) {
+    // The journal is unreachable: the lease may lapse, and then the fence refuses later writes.
+    LogError(absl::StrCat("job ", next.job_id(), ": ", held.status().message()));
+    return false;
+  }
+  if (!*held) {
+    live->lease_lost.store(true);
+    live->cancel.store(true);
+    fenced_.fetch_add(1);
+    metrics_->JobWriteFenced();
+    LogWarning(absl::StrCat("job ", next.job_id(), " attempt ", next.attempts(),
+                            ": this replica's lease was lost (it expired, or the job was taken "
+                            "over or deleted); its ",
+                            final_write ? v1::JobState_Name(next.state()) : "progress",
+                            " write was refused and the job is left to its new runner"));
+    return false;
+  }
+  return true;
+}
+
+void JobManager::Commit(const std::shared_ptr<Live>& live, v1::Job next) {
+  FencedWrite(live, next, /*final_write=*/true);
+  ForgetCached(next.job_id());
   absl::ReleasableMutexLock l(&mu_);
-  if (left_queue) --leaving_queue_;
   live->job = std::move(next);
   ++live->version;
-  if (finished) live_.erase(live->job.job_id());
+  live_.erase(live->job.job_id());
   changed_.SignalAll();
   l.Release();
   Announce();
@@ -306,32 +415,130 @@ void JobManager::Announce() {
 }
 
 void JobManager::WorkerLoop() {
+  uint64_t seen = 0;
+  bool idle = false;
   for (;;) {
-    std::shared_ptr<Live> live;
-    v1::Job running;
     {
       absl::MutexLock l(&mu_);
-      mu_.Await(absl::Condition(
-          +[](JobManager* m)
-               ABSL_NO_THREAD_SAFETY_ANALYSIS { return m->stopping_ || !m->queue_.empty(); },
-          this));
+      if (idle) {
+        // Woken by a local submission at once; other replicas' submissions are found by polling.
+        struct Arg {
+          JobManager* m;
+          uint64_t seen;
+        } arg{this, seen};
+        mu_.AwaitWithTimeout(
+            absl::Condition(
+                +[](Arg* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+                  return a->m->stopping_ || a->m->submitted_ != a->seen;
+                },
+                &arg),
+            opts_.poll);
+      }
       if (stopping_) return;
-      live = live_[queue_.front()];
-      queue_.pop_front();
-      metrics_->SetJobsQueued(static_cast<int>(queue_.size()));
-      live->taken = true;
-      ++leaving_queue_;
-      live->started = absl::Now();
-      running = live->job;
-      busy_.fetch_add(1);
+      seen = submitted_;
     }
-    running.set_state(v1::RUNNING);
-    running.set_started_unix_ms(NowUnixMs());
-    running.set_attempts(running.attempts() + 1);
+    const std::string replica = opts_.replica_id;
+    auto claimed = journal_->ClaimJob(replica, opts_.lease, [&replica](v1::Job* j) {
+      j->set_state(v1::RUNNING);
+      j->set_started_unix_ms(NowUnixMs());
+      j->set_attempts(j->attempts() + 1);
+      j->set_replica(replica);
+      j->clear_error();
+    });
+    if (!claimed.ok()) LogError(absl::StrCat("job queue: ", claimed.status().message()));
+    idle = !claimed.ok() || !*claimed;
+    if (idle) continue;
+    ForgetCached((*claimed)->job_id());
+    auto live = std::make_shared<Live>();
+    live->job = **claimed;
+    live->started = absl::Now();
+    live->renewed = live->started;
+    {
+      absl::MutexLock l(&mu_);
+      live_[live->job.job_id()] = live;
+      busy_.fetch_add(1);
+      if (stopping_) {  // claimed as Shutdown began: back to the queue at the first poll
+        live->interrupted.store(true);
+        live->cancel.store(true);
+      }
+      changed_.SignalAll();
+    }
+    queued_.store(std::max(0, queued_.load() - 1));
+    metrics_->SetJobsQueued(queued_.load());
     metrics_->WorkersBusyAdd(1);
-    Commit(live, std::move(running), /*finished=*/false, /*left_queue=*/true);
+    Announce();
     Run(live);  // ends with the job's final Commit
   }
+}
+
+void JobManager::KeeperLoop() {
+  const absl::Duration tick = std::min(absl::Seconds(1), opts_.lease / 3);
+  absl::Time last_reap = absl::Now();
+  for (;;) {
+    {
+      absl::MutexLock l(&mu_);
+      mu_.AwaitWithTimeout(
+          absl::Condition(
+              +[](JobManager* m) ABSL_NO_THREAD_SAFETY_ANALYSIS { return m->stopping_; }, this),
+          tick);
+      if (stopping_) return;
+    }
+    KeepLeases();
+    // The journal's reachability, every tick: a cheap read (which also reconnects to a
+    // PostgreSQL server that came back) that keeps the queue gauge current.
+    auto n = journal_->CountJobs(v1::QUEUED);
+    if (n.ok()) {
+      queued_.store(static_cast<int>(*n));
+      metrics_->SetJobsQueued(queued_.load());
+    }
+    if (n.ok() != journal_ok_.load()) {
+      journal_ok_.store(n.ok());
+      if (n.ok()) {
+        LogInfo("the journal is reachable again");
+      } else {
+        LogError(absl::StrCat("the journal is unreachable: ", n.status().message()));
+      }
+      if (journal_health_) journal_health_(n.ok());
+    }
+    if (absl::Now() - last_reap >= opts_.lease / 3) {
+      last_reap = absl::Now();
+      if (absl::Status s = Reap(/*at_start=*/false); !s.ok()) {
+        LogError(absl::StrCat("job lease reaper: ", s.message()));
+      }
+      if (absl::Status s = journal_->ReplicaHeartbeat(opts_.replica_id); !s.ok()) {
+        LogError(absl::StrCat("replica heartbeat: ", s.message()));
+      }
+      if (!opts_.journal_exclusive) RemoveTempOfGoneReplicas();
+    }
+  }
+}
+
+void JobManager::RemoveTempOfGoneReplicas() {
+  auto live = journal_->LiveReplicas(2 * opts_.lease);
+  if (!live.ok()) return;
+  const std::set<std::string> alive(live->begin(), live->end());
+  if (int n = store_->RemoveTempOfGoneReplicas(
+          [&alive](const std::string& r) { return alive.count(r) > 0; })) {
+    LogInfo(absl::StrCat("removed the temp files of ", n,
+                         " replica(s) not heard from for two leases"));
+  }
+}
+
+void JobManager::KeepLeases() {
+  std::vector<std::pair<std::shared_ptr<Live>, v1::Job>> due;
+  const absl::Time now = absl::Now();
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [id, live] : live_) {
+      if (live->job.state() != v1::RUNNING || live->lease_lost.load()) continue;
+      if (live->version != live->persisted || now - live->renewed >= opts_.lease / 3) {
+        due.emplace_back(live, live->job);
+        live->persisted = live->version;
+        live->renewed = now;
+      }
+    }
+  }
+  for (auto& [live, job] : due) FencedWrite(live, job, /*final_write=*/false);
 }
 
 void JobManager::Run(const std::shared_ptr<Live>& live) {
@@ -406,7 +613,8 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     std::error_code ec;
     fs::remove_all(scratch, ec);
   }
-  if (next.state() != v1::QUEUED) {  // QUEUED: interrupted by shutdown, runs again
+  if (next.state() != v1::QUEUED && !live->lease_lost.load()) {
+    // QUEUED: interrupted by shutdown, runs again; a lost lease: the job's new runner counts it.
     next.set_finished_unix_ms(NowUnixMs());
     uint64_t written = 0;
     for (const v1::Artifact& a : next.artifacts()) written += a.size_bytes();
@@ -418,7 +626,7 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
   LogInfo(absl::StrCat("job ", id, " ", v1::JobState_Name(next.state()),
                        final_status.ok() ? "" : absl::StrCat(": ", final_status.message())));
   busy_.fetch_sub(1);
-  Commit(live, std::move(next), /*finished=*/true);
+  Commit(live, std::move(next));
 }
 
 absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out,
@@ -469,6 +677,15 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
       live->job.mutable_progress()->set_phase("deploying");
     }
     Notify(live);
+    // Deploying is visible to every replica: only while this replica still holds the job.
+    v1::Job holding;
+    {
+      absl::MutexLock l(&mu_);
+      holding = live->job;
+    }
+    if (!FencedWrite(live, holding, /*final_write=*/false)) {
+      return absl::AbortedError("this replica lost the job's lease; not deployed");
+    }
     FPX_ASSIGN_OR_RETURN(v1::Deployment done, repo_->Deploy(d, /*load=*/true));
     out->result.set_deployed_name(done.name());
     out->result.set_deployed_version(done.version());
@@ -537,14 +754,13 @@ void JobManager::Shutdown(absl::Duration grace) {
       if (changed_.WaitWithDeadline(&mu_, deadline)) break;
     }
     for (auto& [id, live] : live_) {
-      if (live->taken) {
-        live->interrupted.store(true);
-        live->cancel.store(true);
-      }
+      live->interrupted.store(true);
+      live->cancel.store(true);
     }
   }
   for (std::thread& t : workers_) t.join();
   workers_.clear();
+  if (keeper_.joinable()) keeper_.join();
 }
 
 }  // namespace fpxint::server

@@ -9,19 +9,21 @@
 //   - SQLite (server/journal_sqlite.cc), the embedded default: one file in WAL mode next to the
 //     artifact store, for a single replica;
 //   - PostgreSQL (server/journal_postgres.cc, libpq), selected by a postgresql:// URL, shared by
-//     every replica of a scaled-out deployment (docs/ARCHITECTURE.md "Scaling out").
+//     every replica of a scaled-out deployment (docs/SCALING.md).
 //
 // Thread-safe.
 #ifndef FPXINT_SERVER_JOURNAL_H_
 #define FPXINT_SERVER_JOURNAL_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "fpxint/v1/quantizer.pb.h"
 #include "fpxint/v1/server_state.pb.h"
 
@@ -32,6 +34,13 @@ struct TorchScriptVerdict {
   bool passed = false;
   std::string summary;  // what passed, or which operations were refused and where
 };
+
+// The journal's schema version, kept in its schema_version table. Each server migrates older
+// journals to it at start (under a lock, so replicas starting together migrate once) and refuses
+// a journal whose version is newer: 1 the first tables, 2 job leases and replica heartbeats.
+inline constexpr int64_t kJournalSchemaVersion = 2;
+// FailedPrecondition for a journal written by a newer server.
+absl::Status CheckJournalSchemaVersion(int64_t found, const std::string& where);
 
 class Journal {
  public:
@@ -45,9 +54,10 @@ class Journal {
   virtual const char* backend() const = 0;
 
   // Makes this journal the only server on its store while it lives: false when another process
-  // already holds it. The job manager recovers RUNNING jobs at start as its own, so one server
-  // per store. SQLite: an exclusive lock on <file>.lock; PostgreSQL: a session advisory lock,
-  // released with the connection (a crashed server's is released by the database).
+  // already holds it. The SQLite journal is for one server: it takes every RUNNING job it finds
+  // at start as its own run that died. SQLite: an exclusive lock on <file>.lock; PostgreSQL (for
+  // tests and single-server tools; replicas do not call it): a session advisory lock, released
+  // with the connection (a crashed server's is released by the database).
   virtual absl::StatusOr<bool> LockExclusive() = 0;
 
   // Models, keyed by name.
@@ -71,6 +81,57 @@ class Journal {
       const std::vector<v1::JobState>& states) = 0;
   // Removes the job and its artifact records in one transaction (not its blobs).
   virtual absl::Status DeleteJob(const std::string& job_id) = 0;
+  virtual absl::StatusOr<int64_t> CountJobs(v1::JobState state) = 0;
+
+  // ---- The job queue, shared by every replica on the journal ----
+  //
+  // QUEUED jobs are claimed oldest first. A RUNNING job is leased: its runner (lease owner)
+  // runs attempt Job.attempts until the lease expires, and renews it while it works. Every write
+  // the runner makes is fenced on (owner, attempt, RUNNING): once the lease is lost (it expired
+  // and was reaped, or the job was taken over) the runner's writes are refused, so a replica
+  // that wakes from a long pause cannot overwrite the job. Lease times come from the journal's
+  // clock (the database server's for PostgreSQL), never from a replica's.
+  //
+  // The callbacks below edit a record inside the journal's transaction; they must not call the
+  // journal.
+
+  // Inserts a new job. AlreadyExists when its job_id or idempotency key is taken (by any
+  // replica): the caller looks the key up again.
+  virtual absl::Status InsertJob(const v1::Job& job) = 0;
+  // Takes the oldest QUEUED job for `owner`. `start` turns its record into the RUNNING one
+  // (state, attempts + 1, replica); the lease lasts `lease`. Concurrent claims, from any replica,
+  // never take the same job. nullopt when nothing is queued.
+  virtual absl::StatusOr<std::optional<v1::Job>> ClaimJob(
+      const std::string& owner, absl::Duration lease,
+      const std::function<void(v1::Job*)>& start) = 0;
+  struct LeaseCheck {
+    bool held = false;              // false: the lease is lost; stop and write nothing more
+    bool cancel_requested = false;  // CancelJob asked for it (possibly on another replica)
+  };
+  // Writes the running job's record (its progress) and extends the lease by `lease`, if `owner`
+  // still holds attempt job.attempts().
+  virtual absl::StatusOr<LeaseCheck> RenewLease(const v1::Job& job, const std::string& owner,
+                                                absl::Duration lease) = 0;
+  // The runner's last write, fenced like RenewLease: the job's new state with its artifact
+  // records, in one transaction. false: refused (the lease was lost; nothing was written).
+  virtual absl::StatusOr<bool> FinishLeased(const v1::Job& job, const std::string& owner) = 0;
+  // Takes back RUNNING jobs whose runner is gone: those whose lease expired, those leased by
+  // `owner` (non-empty: this replica in an earlier life, same --replica-id), or, with `all`,
+  // every one (a journal held by one server alone: whatever RUNNING it finds is from a run that
+  // died). `decide` makes each record QUEUED or FAILED; they are written and returned.
+  virtual absl::StatusOr<std::vector<v1::Job>> ReapLeases(
+      bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) = 0;
+  // Cancels a job from any replica. QUEUED: `cancel_queued` makes the record CANCELLED and it is
+  // written (a claim cannot take it meanwhile). RUNNING: the runner is asked to stop (its next
+  // RenewLease says cancel_requested). Returns the record as it is now; nullopt: no such job.
+  virtual absl::StatusOr<std::optional<v1::Job>> CancelJob(
+      const std::string& job_id, const std::function<void(v1::Job*)>& cancel_queued) = 0;
+
+  // ---- Replicas ----
+  // Records that `replica` is alive now (every replica calls it while it runs).
+  virtual absl::Status ReplicaHeartbeat(const std::string& replica) = 0;
+  // Replicas heard from within `within` (by the journal's clock).
+  virtual absl::StatusOr<std::vector<std::string>> LiveReplicas(absl::Duration within) = 0;
   // Whether a QUEUED or RUNNING job uses the model.
   virtual absl::StatusOr<bool> ModelInUse(const std::string& model) = 0;
   virtual absl::StatusOr<std::optional<v1::Artifact>> GetArtifact(

@@ -7,11 +7,13 @@
 #include <libpq-fe.h>
 
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "core/status_macros.h"
 #include "server/journal.h"
 
@@ -53,7 +55,19 @@ CREATE TABLE IF NOT EXISTS torchscript_verdicts(
   passed BOOLEAN NOT NULL,
   summary TEXT NOT NULL,
   PRIMARY KEY(sha256, allow_list));
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS lease_expires_ms BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS attempt BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cancel_requested BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS replicas(
+  replica_id TEXT PRIMARY KEY,
+  seen_ms BIGINT NOT NULL);
 )sql";
+// The database server's clock in Unix milliseconds: every replica's leases on one clock.
+#define FPX_PG_NOW_MS "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+// Fences a runner's write: the row is RUNNING, leased by $3 for attempt $4.
+#define FPX_PG_FENCE "job_id = $5 AND lease_owner = $3 AND attempt = $4 AND state = $6"
+
 constexpr int64_t kSchemaLock = 0x66707869;  // "fpxi"
 constexpr int64_t kServerLock = 0x6670786a;  // LockExclusive
 
@@ -82,6 +96,7 @@ absl::Status PgError(const PGresult* r, PGconn* c, absl::string_view what) {
     return absl::UnavailableError(text);
   }
   if (cls == "53") return absl::ResourceExhaustedError(text);
+  if (state && std::strcmp(state, "23505") == 0) return absl::AlreadyExistsError(text);
   return absl::InternalError(text);
 }
 
@@ -144,7 +159,21 @@ class PostgresJournal final : public Journal {
     absl::MutexLock l(&mu_);
     FPX_RETURN_IF_ERROR(Exec("BEGIN").status());
     absl::Status s = Exec("SELECT pg_advisory_xact_lock($1)", {Int(kSchemaLock)}).status();
+    int64_t found = 0;
+    if (s.ok()) s = Script("CREATE TABLE IF NOT EXISTS schema_version(version BIGINT NOT NULL)");
+    if (s.ok()) {
+      auto r = Exec("SELECT coalesce(max(version), 0)::bigint FROM schema_version");
+      s = r.status();
+      if (s.ok()) found = ColInt(r->get(), 0, 0);
+    }
+    if (s.ok()) s = CheckJournalSchemaVersion(found, "--database-url");
     if (s.ok()) s = Script(kSchema);
+    if (s.ok() && found != kJournalSchemaVersion) {
+      const std::string set =
+          absl::StrCat("DELETE FROM schema_version; INSERT INTO schema_version VALUES(",
+                       kJournalSchemaVersion, ")");
+      s = Script(set.c_str());
+    }
     if (!s.ok()) {
       Exec("ROLLBACK").status().IgnoreError();
       return s;
@@ -174,24 +203,18 @@ class PostgresJournal final : public Journal {
 
   absl::Status PutJob(const v1::Job& job) override {
     absl::MutexLock l(&mu_);
-    std::vector<std::pair<const char*, std::vector<Param>>> steps;
-    // Upsert that keeps seq (the submission order) stable.
-    steps.push_back(
-        {"INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
-         "VALUES($1, $2, $3, $4, $5) "
-         "ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record",
-         {Text(job.job_id()),
-          job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
-          Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())}});
-    for (const v1::Artifact& a : job.artifacts()) {
-      steps.push_back({"INSERT INTO artifacts(artifact_id, job_id, sha256, record) "
-                       "VALUES($1, $2, $3, $4) ON CONFLICT(artifact_id) DO UPDATE SET "
-                       "job_id = excluded.job_id, sha256 = excluded.sha256, "
-                       "record = excluded.record",
-                       {Text(a.artifact_id()), Text(job.job_id()), Text(a.sha256()),
-                        Bytes(a.SerializeAsString())}});
-    }
-    return Transaction(steps);
+    return Interactive([&]() -> absl::Status {
+      // Upsert that keeps seq (the submission order) stable.
+      FPX_RETURN_IF_ERROR(
+          Exec("INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
+               "VALUES($1, $2, $3, $4, $5) "
+               "ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record",
+               {Text(job.job_id()),
+                job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
+                Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())})
+              .status());
+      return PutArtifacts(job);
+    });
   }
   absl::StatusOr<std::optional<v1::Job>> GetJob(const std::string& job_id) override {
     absl::MutexLock l(&mu_);
@@ -233,9 +256,145 @@ class PostgresJournal final : public Journal {
   }
   absl::Status DeleteJob(const std::string& job_id) override {
     absl::MutexLock l(&mu_);
-    return Transaction({{"DELETE FROM artifacts WHERE job_id = $1", {Text(job_id)}},
-                        {"DELETE FROM jobs WHERE job_id = $1", {Text(job_id)}}});
+    return Interactive([&]() -> absl::Status {
+      FPX_RETURN_IF_ERROR(Exec("DELETE FROM artifacts WHERE job_id = $1", {Text(job_id)}).status());
+      return Exec("DELETE FROM jobs WHERE job_id = $1", {Text(job_id)}).status();
+    });
   }
+  absl::StatusOr<int64_t> CountJobs(v1::JobState state) override {
+    absl::MutexLock l(&mu_);
+    FPX_ASSIGN_OR_RETURN(Result r,
+                         Exec("SELECT count(*) FROM jobs WHERE state = $1", {Int(state)}));
+    return ColInt(r.get(), 0, 0);
+  }
+
+  absl::Status InsertJob(const v1::Job& job) override {
+    return Run(
+        "INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
+        "VALUES($1, $2, $3, $4, $5)",
+        {Text(job.job_id()), job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
+         Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())});
+  }
+
+  absl::StatusOr<std::optional<v1::Job>> ClaimJob(
+      const std::string& owner, absl::Duration lease,
+      const std::function<void(v1::Job*)>& start) override {
+    absl::MutexLock l(&mu_);
+    std::optional<v1::Job> out;
+    FPX_RETURN_IF_ERROR(Interactive([&]() -> absl::Status {
+      // SKIP LOCKED: a row another replica is claiming right now is passed over, not waited for.
+      FPX_ASSIGN_OR_RETURN(
+          Result r, Exec("SELECT record FROM jobs WHERE state = $1 ORDER BY seq LIMIT 1 "
+                         "FOR UPDATE SKIP LOCKED",
+                         {Int(v1::QUEUED)}));
+      FPX_ASSIGN_OR_RETURN(out, FirstRecord<v1::Job>(r.get()));
+      if (!out) return absl::OkStatus();
+      start(&*out);
+      return Exec("UPDATE jobs SET state = $1, record = $2, lease_owner = $3, attempt = $4, "
+                  "lease_expires_ms = " FPX_PG_NOW_MS " + $6, cancel_requested = false "
+                  "WHERE job_id = $5",
+                  {Int(out->state()), Bytes(out->SerializeAsString()), Text(owner),
+                   Int(out->attempts()), Text(out->job_id()),
+                   Int(absl::ToInt64Milliseconds(lease))})
+          .status();
+    }));
+    return out;
+  }
+
+  absl::StatusOr<LeaseCheck> RenewLease(const v1::Job& job, const std::string& owner,
+                                        absl::Duration lease) override {
+    absl::MutexLock l(&mu_);
+    FPX_ASSIGN_OR_RETURN(
+        Result r,
+        Exec("UPDATE jobs SET state = $1, record = $2, lease_expires_ms = " FPX_PG_NOW_MS
+             " + $7 WHERE " FPX_PG_FENCE " RETURNING cancel_requested",
+             {Int(job.state()), Bytes(job.SerializeAsString()), Text(owner), Int(job.attempts()),
+              Text(job.job_id()), Int(v1::RUNNING), Int(absl::ToInt64Milliseconds(lease))}));
+    LeaseCheck out;
+    out.held = PQntuples(r.get()) == 1;
+    out.cancel_requested = out.held && Col(r.get(), 0, 0) == std::string(1, '\1');
+    return out;
+  }
+
+  absl::StatusOr<bool> FinishLeased(const v1::Job& job, const std::string& owner) override {
+    absl::MutexLock l(&mu_);
+    bool held = false;
+    absl::Status s = Interactive([&]() -> absl::Status {
+      FPX_ASSIGN_OR_RETURN(
+          Result r, Exec("UPDATE jobs SET state = $1, record = $2 WHERE " FPX_PG_FENCE
+                         " RETURNING job_id",
+                         {Int(job.state()), Bytes(job.SerializeAsString()), Text(owner),
+                          Int(job.attempts()), Text(job.job_id()), Int(v1::RUNNING)}));
+      held = PQntuples(r.get()) == 1;
+      if (!held) return absl::AbortedError("lease lost");  // rolls back; nothing written
+      return PutArtifacts(job);
+    });
+    if (!held) return false;
+    FPX_RETURN_IF_ERROR(s);
+    return true;
+  }
+
+  absl::StatusOr<std::vector<v1::Job>> ReapLeases(
+      bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) override {
+    absl::MutexLock l(&mu_);
+    std::vector<v1::Job> out;
+    FPX_RETURN_IF_ERROR(Interactive([&]() -> absl::Status {
+      FPX_ASSIGN_OR_RETURN(
+          Result r, Exec("SELECT record FROM jobs WHERE state = $1 AND ($2 OR lease_expires_ms < "
+                         FPX_PG_NOW_MS " OR lease_owner = $3) ORDER BY seq FOR UPDATE SKIP LOCKED",
+                         {Int(v1::RUNNING), Text(all ? "true" : "false"),
+                          owner.empty() ? Null() : Text(owner)}));
+      FPX_ASSIGN_OR_RETURN(out, Records<v1::Job>(r.get()));
+      for (v1::Job& j : out) {
+        decide(&j);
+        FPX_RETURN_IF_ERROR(Exec("UPDATE jobs SET state = $1, record = $2, lease_owner = NULL "
+                                 "WHERE job_id = $3",
+                                 {Int(j.state()), Bytes(j.SerializeAsString()), Text(j.job_id())})
+                                .status());
+      }
+      return absl::OkStatus();
+    }));
+    return out;
+  }
+
+  absl::StatusOr<std::optional<v1::Job>> CancelJob(
+      const std::string& job_id, const std::function<void(v1::Job*)>& cancel_queued) override {
+    absl::MutexLock l(&mu_);
+    std::optional<v1::Job> out;
+    FPX_RETURN_IF_ERROR(Interactive([&]() -> absl::Status {
+      FPX_ASSIGN_OR_RETURN(
+          Result r, Exec("SELECT record FROM jobs WHERE job_id = $1 FOR UPDATE", {Text(job_id)}));
+      FPX_ASSIGN_OR_RETURN(out, FirstRecord<v1::Job>(r.get()));
+      if (!out) return absl::OkStatus();
+      if (out->state() == v1::QUEUED) {
+        cancel_queued(&*out);
+        return Exec("UPDATE jobs SET state = $1, record = $2 WHERE job_id = $3",
+                    {Int(out->state()), Bytes(out->SerializeAsString()), Text(job_id)})
+            .status();
+      }
+      if (out->state() != v1::RUNNING) return absl::OkStatus();
+      return Exec("UPDATE jobs SET cancel_requested = true WHERE job_id = $1", {Text(job_id)})
+          .status();
+    }));
+    return out;
+  }
+
+  absl::Status ReplicaHeartbeat(const std::string& replica) override {
+    return Run("INSERT INTO replicas(replica_id, seen_ms) VALUES($1, " FPX_PG_NOW_MS
+               ") ON CONFLICT(replica_id) DO UPDATE SET seen_ms = excluded.seen_ms",
+               {Text(replica)});
+  }
+  absl::StatusOr<std::vector<std::string>> LiveReplicas(absl::Duration within) override {
+    absl::MutexLock l(&mu_);
+    FPX_ASSIGN_OR_RETURN(
+        Result r, Exec("SELECT replica_id FROM replicas WHERE seen_ms >= " FPX_PG_NOW_MS
+                       " - $1 ORDER BY replica_id",
+                       {Int(absl::ToInt64Milliseconds(within))}));
+    std::vector<std::string> out;
+    for (int i = 0; i < PQntuples(r.get()); ++i) out.push_back(Col(r.get(), i, 0));
+    return out;
+  }
+
   absl::StatusOr<bool> ModelInUse(const std::string& model) override {
     absl::MutexLock l(&mu_);
     FPX_ASSIGN_OR_RETURN(
@@ -346,20 +505,29 @@ class PostgresJournal final : public Journal {
     absl::MutexLock l(&mu_);
     return Exec(sql, params).status();
   }
-  // Runs the statements as one transaction (all or none).
-  absl::Status Transaction(const std::vector<std::pair<const char*, std::vector<Param>>>& steps)
+  // Runs `body` as one transaction: committed when it returns OK, rolled back otherwise.
+  absl::Status Interactive(const std::function<absl::Status()>& body)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     FPX_RETURN_IF_ERROR(Exec("BEGIN").status());
     in_transaction_ = true;
-    absl::Status s;
-    for (const auto& [sql, params] : steps) {
-      s = Exec(sql, params).status();
-      if (!s.ok()) break;
-    }
+    absl::Status s = body();
     if (s.ok()) s = Exec("COMMIT").status();
     if (!s.ok()) Exec("ROLLBACK").status().IgnoreError();
     in_transaction_ = false;
     return s;
+  }
+  // The job's artifact records (inside a transaction).
+  absl::Status PutArtifacts(const v1::Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (const v1::Artifact& a : job.artifacts()) {
+      FPX_RETURN_IF_ERROR(Exec("INSERT INTO artifacts(artifact_id, job_id, sha256, record) "
+                               "VALUES($1, $2, $3, $4) ON CONFLICT(artifact_id) DO UPDATE SET "
+                               "job_id = excluded.job_id, sha256 = excluded.sha256, "
+                               "record = excluded.record",
+                               {Text(a.artifact_id()), Text(job.job_id()), Text(a.sha256()),
+                                Bytes(a.SerializeAsString())})
+                              .status());
+    }
+    return absl::OkStatus();
   }
 
   absl::Mutex mu_;

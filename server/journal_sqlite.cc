@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <functional>
 #include <utility>
 
 #include "absl/synchronization/mutex.h"
@@ -32,7 +33,11 @@ CREATE TABLE IF NOT EXISTS jobs(
   idempotency_key TEXT UNIQUE,
   model TEXT NOT NULL,
   state INTEGER NOT NULL,
-  record BLOB NOT NULL);
+  record BLOB NOT NULL,
+  lease_owner TEXT,
+  lease_expires_ms INTEGER NOT NULL DEFAULT 0,
+  attempt INTEGER NOT NULL DEFAULT 0,
+  cancel_requested INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS artifacts(
   artifact_id TEXT PRIMARY KEY,
@@ -53,7 +58,20 @@ CREATE TABLE IF NOT EXISTS torchscript_verdicts(
   passed INTEGER NOT NULL,
   summary TEXT NOT NULL,
   PRIMARY KEY(sha256, allow_list));
+CREATE TABLE IF NOT EXISTS replicas(
+  replica_id TEXT PRIMARY KEY,
+  seen_ms INTEGER NOT NULL);
 )sql";
+
+// The lease columns of the jobs table, added to journals written before jobs were leased.
+constexpr char kLeaseColumns[] = R"sql(
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+)sql";
+
+int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 // One prepared statement; finalized on destruction.
 // SQLite failures as statuses a client can act on: a full disk is RESOURCE_EXHAUSTED naming the
@@ -65,6 +83,7 @@ absl::Status SqliteError(sqlite3* db, absl::string_view what) {
       absl::StrCat("journal ", file ? file : "", " ", what, ": ", sqlite3_errmsg(db));
   switch (rc) {
     case SQLITE_FULL: return absl::ResourceExhaustedError(absl::StrCat(msg, " (free disk space)"));
+    case SQLITE_CONSTRAINT: return absl::AlreadyExistsError(msg);
     case SQLITE_IOERR:
     case SQLITE_CANTOPEN:
     case SQLITE_BUSY:
@@ -173,6 +192,20 @@ class SqliteJournal final : public Journal {
   absl::StatusOr<std::vector<v1::Job>> JobsInStates(
       const std::vector<v1::JobState>& states) override;
   absl::Status DeleteJob(const std::string& job_id) override;
+  absl::StatusOr<int64_t> CountJobs(v1::JobState state) override;
+  absl::Status InsertJob(const v1::Job& job) override;
+  absl::StatusOr<std::optional<v1::Job>> ClaimJob(
+      const std::string& owner, absl::Duration lease,
+      const std::function<void(v1::Job*)>& start) override;
+  absl::StatusOr<LeaseCheck> RenewLease(const v1::Job& job, const std::string& owner,
+                                        absl::Duration lease) override;
+  absl::StatusOr<bool> FinishLeased(const v1::Job& job, const std::string& owner) override;
+  absl::StatusOr<std::vector<v1::Job>> ReapLeases(
+      bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) override;
+  absl::StatusOr<std::optional<v1::Job>> CancelJob(
+      const std::string& job_id, const std::function<void(v1::Job*)>& cancel_queued) override;
+  absl::Status ReplicaHeartbeat(const std::string& replica) override;
+  absl::StatusOr<std::vector<std::string>> LiveReplicas(absl::Duration within) override;
   absl::StatusOr<bool> ModelInUse(const std::string& model) override;
   absl::StatusOr<std::optional<v1::Artifact>> GetArtifact(const std::string& artifact_id) override;
   absl::StatusOr<bool> BlobReferenced(const std::string& sha256) override;
@@ -186,6 +219,15 @@ class SqliteJournal final : public Journal {
 
  private:
   absl::Status Exec(const char* sql) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs `body` in one write transaction: committed when it returns OK, rolled back otherwise.
+  absl::Status Transaction(const std::function<absl::Status()>& body)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the job row's state (?1) and record (?2); `set_and_fence` adds assignments and the
+  // WHERE clause, over ?3 = owner, ?4 = the job's attempts and ?5 = its id. False: no row
+  // matched.
+  absl::StatusOr<bool> UpdateJob(const v1::Job& job, const char* set_and_fence,
+                                 const std::string& owner) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status PutArtifacts(const v1::Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::string path_;
   core::UniqueFd lock_fd_;  // flock'ed <path>.lock while LockExclusive holds it
@@ -215,14 +257,31 @@ absl::Status SqliteJournal::Init() {
   // WAL: readers never block the writer; synchronous=FULL: a committed transaction survives a
   // power cut, not only a process crash.
   FPX_RETURN_IF_ERROR(Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"));
-  FPX_RETURN_IF_ERROR(Exec(kSchema));
-  // Journals written before deployments were built from their job's artifact lack the column.
-  if (sqlite3_exec(db_, "SELECT artifact_sha256 FROM deployments LIMIT 0", nullptr, nullptr,
-                   nullptr) != SQLITE_OK) {
-    FPX_RETURN_IF_ERROR(
-        Exec("ALTER TABLE deployments ADD COLUMN artifact_sha256 TEXT NOT NULL DEFAULT ''"));
-  }
-  return absl::OkStatus();
+  // One write transaction: a second server opening the file at the same time waits for it.
+  return Transaction([&]() -> absl::Status {
+    FPX_RETURN_IF_ERROR(Exec("CREATE TABLE IF NOT EXISTS schema_version(version INTEGER NOT NULL)"));
+    Stmt st(db_, "SELECT coalesce(max(version), 0) FROM schema_version");
+    absl::Status s = st.status();
+    const int64_t found = s.ok() && st.Step(&s) ? st.Int(0) : 0;
+    FPX_RETURN_IF_ERROR(s);
+    FPX_RETURN_IF_ERROR(CheckJournalSchemaVersion(found, path_));
+    FPX_RETURN_IF_ERROR(Exec(kSchema));
+    // Journals written before deployments were built from their job's artifact lack the column.
+    if (sqlite3_exec(db_, "SELECT artifact_sha256 FROM deployments LIMIT 0", nullptr, nullptr,
+                     nullptr) != SQLITE_OK) {
+      FPX_RETURN_IF_ERROR(
+          Exec("ALTER TABLE deployments ADD COLUMN artifact_sha256 TEXT NOT NULL DEFAULT ''"));
+    }
+    // Version 2: job leases.
+    if (sqlite3_exec(db_, "SELECT lease_owner FROM jobs LIMIT 0", nullptr, nullptr, nullptr) !=
+        SQLITE_OK) {
+      FPX_RETURN_IF_ERROR(Exec(kLeaseColumns));
+    }
+    if (found == kJournalSchemaVersion) return absl::OkStatus();
+    const std::string set = absl::StrCat("DELETE FROM schema_version; INSERT INTO schema_version "
+                                         "VALUES(", kJournalSchemaVersion, ");");
+    return Exec(set.c_str());
+  });
 }
 
 absl::StatusOr<bool> SqliteJournal::LockExclusive() {
@@ -280,9 +339,7 @@ absl::Status SqliteJournal::DeleteModel(const std::string& name) {
 
 absl::Status SqliteJournal::PutJob(const v1::Job& job) {
   absl::MutexLock l(&mu_);
-  absl::Status s = Exec("BEGIN IMMEDIATE");
-  if (!s.ok()) return s;
-  {
+  return Transaction([&]() -> absl::Status {
     // Upsert that keeps seq (the submission order) stable.
     Stmt st(db_,
             "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES(?, ?, ?, ?, ?) "
@@ -295,22 +352,190 @@ absl::Status SqliteJournal::PutJob(const v1::Job& job) {
     }
     st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
     st.BindBlob(5, job.SerializeAsString());
-    s = st.Run();
-  }
+    FPX_RETURN_IF_ERROR(st.Run());
+    return PutArtifacts(job);
+  });
+}
+
+absl::Status SqliteJournal::PutArtifacts(const v1::Job& job) {
   for (const v1::Artifact& a : job.artifacts()) {
-    if (!s.ok()) break;
     Stmt st(db_,
             "INSERT OR REPLACE INTO artifacts(artifact_id, job_id, sha256, record) "
             "VALUES(?, ?, ?, ?)");
     st.Bind(1, a.artifact_id()).Bind(2, job.job_id()).Bind(3, a.sha256());
     st.BindBlob(4, a.SerializeAsString());
-    s = st.Run();
+    FPX_RETURN_IF_ERROR(st.Run());
   }
+  return absl::OkStatus();
+}
+
+absl::Status SqliteJournal::Transaction(const std::function<absl::Status()>& body) {
+  FPX_RETURN_IF_ERROR(Exec("BEGIN IMMEDIATE"));
+  absl::Status s = body();
   if (!s.ok()) {
     Exec("ROLLBACK").IgnoreError();
     return s;
   }
   return Exec("COMMIT");
+}
+
+absl::StatusOr<bool> SqliteJournal::UpdateJob(const v1::Job& job, const char* set_and_fence,
+                                              const std::string& owner) {
+  const std::string sql =
+      absl::StrCat("UPDATE jobs SET state = ?1, record = ?2", set_and_fence);
+  Stmt st(db_, sql.c_str());
+  st.Bind(1, static_cast<int64_t>(job.state())).BindBlob(2, job.SerializeAsString());
+  st.Bind(3, owner).Bind(4, static_cast<int64_t>(job.attempts())).Bind(5, job.job_id());
+  FPX_RETURN_IF_ERROR(st.Run());
+  return sqlite3_changes(db_) > 0;
+}
+
+absl::StatusOr<int64_t> SqliteJournal::CountJobs(v1::JobState state) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT count(*) FROM jobs WHERE state = ?");
+  st.Bind(1, static_cast<int64_t>(state));
+  absl::Status s = st.status();
+  const int64_t n = s.ok() && st.Step(&s) ? st.Int(0) : 0;
+  if (!s.ok()) return s;
+  return n;
+}
+
+absl::Status SqliteJournal::InsertJob(const v1::Job& job) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
+               "VALUES(?, ?, ?, ?, ?)");
+  st.Bind(1, job.job_id());
+  if (job.idempotency_key().empty()) {
+    st.BindNull(2);
+  } else {
+    st.Bind(2, job.idempotency_key());
+  }
+  st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
+  st.BindBlob(5, job.SerializeAsString());
+  return st.Run();
+}
+
+absl::StatusOr<std::optional<v1::Job>> SqliteJournal::ClaimJob(
+    const std::string& owner, absl::Duration lease,
+    const std::function<void(v1::Job*)>& start) {
+  absl::MutexLock l(&mu_);
+  std::optional<v1::Job> out;
+  FPX_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
+    Stmt st(db_, "SELECT record FROM jobs WHERE state = ? ORDER BY seq LIMIT 1");
+    st.Bind(1, int64_t{v1::QUEUED});
+    FPX_ASSIGN_OR_RETURN(out, CollectOne<v1::Job>(st));
+    if (!out) return absl::OkStatus();
+    start(&*out);
+    Stmt up(db_,
+            "UPDATE jobs SET state = ?1, record = ?2, lease_owner = ?3, attempt = ?4, "
+            "lease_expires_ms = ?6, cancel_requested = 0 WHERE job_id = ?5");
+    up.Bind(1, static_cast<int64_t>(out->state())).BindBlob(2, out->SerializeAsString());
+    up.Bind(3, owner).Bind(4, static_cast<int64_t>(out->attempts())).Bind(5, out->job_id());
+    up.Bind(6, NowMs() + absl::ToInt64Milliseconds(lease));
+    return up.Run();
+  }));
+  return out;
+}
+
+absl::StatusOr<Journal::LeaseCheck> SqliteJournal::RenewLease(const v1::Job& job,
+                                                              const std::string& owner,
+                                                              absl::Duration lease) {
+  absl::MutexLock l(&mu_);
+  LeaseCheck out;
+  FPX_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
+    const std::string set = absl::StrCat(
+        ", lease_expires_ms = ", NowMs() + absl::ToInt64Milliseconds(lease),
+        " WHERE job_id = ?5 AND lease_owner = ?3 AND attempt = ?4 AND state = ", v1::RUNNING);
+    FPX_ASSIGN_OR_RETURN(out.held, UpdateJob(job, set.c_str(), owner));
+    if (!out.held) return absl::OkStatus();
+    Stmt st(db_, "SELECT cancel_requested FROM jobs WHERE job_id = ?");
+    st.Bind(1, job.job_id());
+    absl::Status s = st.status();
+    out.cancel_requested = s.ok() && st.Step(&s) && st.Int(0) != 0;
+    return s;
+  }));
+  return out;
+}
+
+absl::StatusOr<bool> SqliteJournal::FinishLeased(const v1::Job& job, const std::string& owner) {
+  absl::MutexLock l(&mu_);
+  bool held = false;
+  absl::Status s = Transaction([&]() -> absl::Status {
+    const std::string fence = absl::StrCat(
+        " WHERE job_id = ?5 AND lease_owner = ?3 AND attempt = ?4 AND state = ", v1::RUNNING);
+    FPX_ASSIGN_OR_RETURN(held, UpdateJob(job, fence.c_str(), owner));
+    if (!held) return absl::AbortedError("lease lost");  // rolls back; nothing written
+    return PutArtifacts(job);
+  });
+  if (!held) return false;
+  FPX_RETURN_IF_ERROR(s);
+  return true;
+}
+
+absl::StatusOr<std::vector<v1::Job>> SqliteJournal::ReapLeases(
+    bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) {
+  absl::MutexLock l(&mu_);
+  std::vector<v1::Job> out;
+  FPX_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
+    Stmt st(db_,
+            "SELECT record FROM jobs WHERE state = ?1 AND (?2 OR lease_expires_ms < ?3 OR "
+            "lease_owner = ?4) ORDER BY seq");
+    st.Bind(1, int64_t{v1::RUNNING}).Bind(2, int64_t{all ? 1 : 0}).Bind(3, NowMs());
+    if (owner.empty()) {
+      st.BindNull(4);
+    } else {
+      st.Bind(4, owner);
+    }
+    FPX_ASSIGN_OR_RETURN(out, Collect<v1::Job>(st));
+    for (v1::Job& j : out) {
+      decide(&j);
+      Stmt up(db_, "UPDATE jobs SET state = ?1, record = ?2, lease_owner = NULL WHERE job_id = ?3");
+      up.Bind(1, static_cast<int64_t>(j.state())).BindBlob(2, j.SerializeAsString());
+      up.Bind(3, j.job_id());
+      FPX_RETURN_IF_ERROR(up.Run());
+    }
+    return absl::OkStatus();
+  }));
+  return out;
+}
+
+absl::StatusOr<std::optional<v1::Job>> SqliteJournal::CancelJob(
+    const std::string& job_id, const std::function<void(v1::Job*)>& cancel_queued) {
+  absl::MutexLock l(&mu_);
+  std::optional<v1::Job> out;
+  FPX_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
+    Stmt st(db_, "SELECT record FROM jobs WHERE job_id = ?");
+    st.Bind(1, job_id);
+    FPX_ASSIGN_OR_RETURN(out, CollectOne<v1::Job>(st));
+    if (!out) return absl::OkStatus();
+    if (out->state() == v1::QUEUED) {
+      cancel_queued(&*out);
+      return UpdateJob(*out, " WHERE job_id = ?5", "").status();
+    }
+    if (out->state() != v1::RUNNING) return absl::OkStatus();
+    Stmt up(db_, "UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?");
+    up.Bind(1, job_id);
+    return up.Run();
+  }));
+  return out;
+}
+
+absl::Status SqliteJournal::ReplicaHeartbeat(const std::string& replica) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "INSERT OR REPLACE INTO replicas(replica_id, seen_ms) VALUES(?, ?)");
+  st.Bind(1, replica).Bind(2, NowMs());
+  return st.Run();
+}
+
+absl::StatusOr<std::vector<std::string>> SqliteJournal::LiveReplicas(absl::Duration within) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT replica_id FROM replicas WHERE seen_ms >= ? ORDER BY replica_id");
+  st.Bind(1, NowMs() - absl::ToInt64Milliseconds(within));
+  std::vector<std::string> out;
+  absl::Status s = st.status();
+  while (s.ok() && st.Step(&s)) out.push_back(st.Blob(0));
+  if (!s.ok()) return s;
+  return out;
 }
 
 absl::StatusOr<std::optional<v1::Job>> SqliteJournal::GetJob(const std::string& job_id) {
@@ -371,23 +596,15 @@ absl::StatusOr<std::vector<v1::Job>> SqliteJournal::JobsInStates(
 
 absl::Status SqliteJournal::DeleteJob(const std::string& job_id) {
   absl::MutexLock l(&mu_);
-  absl::Status s = Exec("BEGIN IMMEDIATE");
-  if (!s.ok()) return s;
-  {
-    Stmt st(db_, "DELETE FROM artifacts WHERE job_id = ?");
-    st.Bind(1, job_id);
-    s = st.Run();
-  }
-  if (s.ok()) {
-    Stmt st(db_, "DELETE FROM jobs WHERE job_id = ?");
-    st.Bind(1, job_id);
-    s = st.Run();
-  }
-  if (!s.ok()) {
-    Exec("ROLLBACK").IgnoreError();
-    return s;
-  }
-  return Exec("COMMIT");
+  return Transaction([&]() -> absl::Status {
+    for (const char* sql : {"DELETE FROM artifacts WHERE job_id = ?",
+                            "DELETE FROM jobs WHERE job_id = ?"}) {
+      Stmt st(db_, sql);
+      st.Bind(1, job_id);
+      FPX_RETURN_IF_ERROR(st.Run());
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<bool> SqliteJournal::ModelInUse(const std::string& model) {

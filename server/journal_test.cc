@@ -2,13 +2,25 @@
 // real SQLite file and a real PostgreSQL 15 server started for this binary on a Unix socket
 // (tests/support/postgres.h): records round-trip, queries answer from the records, blob
 // references cover every table, deployments list in numeric version order, and two journals on
-// one database (two replicas) see each other's writes. SQLite only: a journal written before
+// one database (two replicas) see each other's writes, and the job queue: concurrent claims take
+// each job once, a lost lease fences the old runner's writes, reaping, cancel from any replica,
+// idempotency keys unique across replicas, replica heartbeats. SQLite only: a journal written before
 // deployments recorded their artifact opens and gains the column.
 #include "server/journal.h"
 
+#include <libpq-fe.h>
 #include <sqlite3.h>
 
+#include <functional>
+#include <map>
 #include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 
 #include "gtest/gtest.h"
 #include "tests/support/postgres.h"
@@ -51,7 +63,10 @@ class JournalConformance : public ::testing::TestWithParam<std::string> {
       ADD_FAILURE() << "no PostgreSQL server";
       return "";
     }
-    return g_pg->NewDatabase();
+    std::string error;
+    const std::string url = g_pg->NewDatabase(&error);
+    if (url.empty()) ADD_FAILURE() << error;
+    return url;
   }
   std::unique_ptr<Journal> OpenNew() { return MustOpen(NewLocation()); }
 
@@ -257,6 +272,271 @@ TEST_P(JournalConformance, OneServerPerStore) {
   EXPECT_TRUE(*got);
 }
 
+// ---- The job queue ----
+
+v1::Job QueuedJob(const std::string& id, const std::string& key = "") {
+  v1::Job j;
+  j.set_job_id(id);
+  j.set_state(v1::QUEUED);
+  j.set_idempotency_key(key);
+  j.mutable_spec()->set_model("m");
+  return j;
+}
+
+// What a worker's claim does to the record (server/jobs.cc).
+std::function<void(v1::Job*)> Starts(const std::string& owner) {
+  return [owner](v1::Job* j) {
+    j->set_state(v1::RUNNING);
+    j->set_attempts(j->attempts() + 1);
+    j->set_replica(owner);
+  };
+}
+
+// Two replicas' journals, two claiming threads each: every job is claimed exactly once, oldest
+// first within each claimer, and the claimed record is RUNNING under its claimer.
+TEST_P(JournalConformance, ConcurrentClaimsTakeEachJobOnce) {
+  const std::string where = NewLocation();
+  auto a = MustOpen(where);
+  auto b = MustOpen(where);
+  ASSERT_TRUE(a && b);
+  constexpr int kJobs = 40;
+  for (int i = 0; i < kJobs; ++i) {
+    ASSERT_TRUE(a->InsertJob(QueuedJob(absl::StrCat("job-", 1000 + i))).ok());
+  }
+  EXPECT_EQ(*b->CountJobs(v1::QUEUED), kJobs);
+  absl::Mutex mu;
+  std::map<std::string, int> claimed;
+  std::vector<std::string> errors;
+  auto claimer = [&](Journal* j, const std::string& owner) {
+    std::string last;
+    for (;;) {
+      auto got = j->ClaimJob(owner, absl::Minutes(5), Starts(owner));
+      absl::MutexLock l(&mu);
+      if (!got.ok()) {
+        errors.push_back(std::string(got.status().message()));
+        return;
+      }
+      if (!*got) return;
+      if ((*got)->state() != v1::RUNNING || (*got)->replica() != owner ||
+          (*got)->job_id() <= last) {
+        errors.push_back("bad claim " + (*got)->ShortDebugString());
+      }
+      last = (*got)->job_id();
+      ++claimed[last];
+    }
+  };
+  {
+    std::vector<std::thread> threads;
+    threads.emplace_back(claimer, a.get(), "a1");
+    threads.emplace_back(claimer, a.get(), "a2");
+    threads.emplace_back(claimer, b.get(), "b1");
+    threads.emplace_back(claimer, b.get(), "b2");
+    for (std::thread& t : threads) t.join();
+  }
+  EXPECT_TRUE(errors.empty()) << errors.front();
+  EXPECT_EQ(claimed.size(), static_cast<size_t>(kJobs));
+  for (const auto& [id, n] : claimed) EXPECT_EQ(n, 1) << id << " claimed " << n << " times";
+  EXPECT_EQ(*a->CountJobs(v1::QUEUED), 0);
+  EXPECT_EQ(*a->CountJobs(v1::RUNNING), kJobs);
+}
+
+// A runner's writes are fenced on its lease: once the lease expired and another replica took
+// the job, the first runner's renewal and its final write (with an artifact) are refused and
+// leave nothing behind; the new runner's go through.
+TEST_P(JournalConformance, ALostLeaseFencesTheOldRunnersWrites) {
+  const std::string where = NewLocation();
+  auto a = MustOpen(where);
+  auto b = MustOpen(where);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->InsertJob(QueuedJob("job-1")).ok());
+  auto mine = a->ClaimJob("a", absl::ZeroDuration(), Starts("a"));  // expires at once
+  ASSERT_TRUE(mine.ok() && mine->has_value()) << mine.status();
+  absl::SleepFor(absl::Milliseconds(20));
+  // A lease of another owner that has not expired is not reaped.
+  ASSERT_TRUE(b->InsertJob(QueuedJob("job-2")).ok());
+  ASSERT_TRUE(b->ClaimJob("c", absl::Hours(1), Starts("c")).ok());
+  auto back = b->ReapLeases(/*all=*/false, "b", [](v1::Job* j) {
+    j->set_state(v1::QUEUED);
+    j->set_crashed_attempts(j->crashed_attempts() + 1);
+  });
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->size(), 1u);
+  EXPECT_EQ((*back)[0].job_id(), "job-1");
+  auto theirs = b->ClaimJob("b", absl::Hours(1), Starts("b"));
+  ASSERT_TRUE(theirs.ok() && theirs->has_value());
+  EXPECT_EQ((*theirs)->job_id(), "job-1");
+  EXPECT_EQ((*theirs)->attempts(), 2u);
+  EXPECT_EQ((*theirs)->crashed_attempts(), 1u);
+
+  // The old runner wakes up: its progress and its result are refused.
+  v1::Job late = **mine;
+  late.mutable_progress()->set_fraction(0.5);
+  auto renew = a->RenewLease(late, "a", absl::Hours(1));
+  ASSERT_TRUE(renew.ok()) << renew.status();
+  EXPECT_FALSE(renew->held);
+  late.set_state(v1::SUCCEEDED);
+  v1::Artifact* art = late.add_artifacts();
+  art->set_artifact_id("art-late");
+  art->set_sha256(kShaD);
+  auto fin = a->FinishLeased(late, "a");
+  ASSERT_TRUE(fin.ok()) << fin.status();
+  EXPECT_FALSE(*fin);
+  EXPECT_FALSE(b->GetArtifact("art-late")->has_value());
+  EXPECT_FALSE(*b->BlobReferenced(kShaD));
+  auto now = b->GetJob("job-1");
+  ASSERT_TRUE(now.ok() && now->has_value());
+  EXPECT_EQ((*now)->state(), v1::RUNNING);
+  EXPECT_EQ((*now)->replica(), "b");
+
+  // The new runner's renewal and result go through.
+  v1::Job done = **theirs;
+  renew = b->RenewLease(done, "b", absl::Hours(1));
+  ASSERT_TRUE(renew.ok() && renew->held);
+  EXPECT_FALSE(renew->cancel_requested);
+  done.set_state(v1::SUCCEEDED);
+  *done.add_artifacts() = *art;
+  done.mutable_artifacts(0)->set_artifact_id("art-ok");
+  fin = b->FinishLeased(done, "b");
+  ASSERT_TRUE(fin.ok() && *fin) << fin.status();
+  EXPECT_TRUE(a->GetArtifact("art-ok")->has_value());
+  EXPECT_EQ((*a->GetJob("job-1"))->state(), v1::SUCCEEDED);
+  // Finished: even its own runner cannot write it again.
+  EXPECT_FALSE(*b->FinishLeased(done, "b"));
+}
+
+// Reaping by owner (a restarted replica with the same id) and `all` (a journal held alone).
+TEST_P(JournalConformance, ReapTakesBackAnOwnersJobsOrAll) {
+  auto j = OpenNew();
+  ASSERT_NE(j, nullptr);
+  for (const char* id : {"job-1", "job-2"}) ASSERT_TRUE(j->InsertJob(QueuedJob(id)).ok());
+  ASSERT_TRUE(j->ClaimJob("pod-0:1", absl::Hours(1), Starts("pod-0:1")).ok());
+  ASSERT_TRUE(j->ClaimJob("pod-1:1", absl::Hours(1), Starts("pod-1:1")).ok());
+  auto requeue = [](v1::Job* r) { r->set_state(v1::QUEUED); };
+  auto none = j->ReapLeases(false, "", requeue);
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty());
+  auto own = j->ReapLeases(false, "pod-0:1", requeue);
+  ASSERT_TRUE(own.ok());
+  ASSERT_EQ(own->size(), 1u);
+  EXPECT_EQ((*own)[0].job_id(), "job-1");
+  auto all = j->ReapLeases(true, "", requeue);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ((*all)[0].job_id(), "job-2");
+  EXPECT_EQ(*j->CountJobs(v1::QUEUED), 2);
+}
+
+// CancelJob from any replica: a queued job is cancelled at once (no claim takes it after), a
+// running one's runner is told at its next renewal, a finished one is left as it is.
+TEST_P(JournalConformance, CancelReachesQueuedAndRunningJobs) {
+  const std::string where = NewLocation();
+  auto a = MustOpen(where);
+  auto b = MustOpen(where);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->InsertJob(QueuedJob("job-1")).ok());
+  ASSERT_TRUE(a->InsertJob(QueuedJob("job-2")).ok());
+  auto cancel = [](v1::Job* j) { j->set_state(v1::CANCELLED); };
+  auto q = b->CancelJob("job-1", cancel);
+  ASSERT_TRUE(q.ok() && q->has_value()) << q.status();
+  EXPECT_EQ((*q)->state(), v1::CANCELLED);
+  auto running = a->ClaimJob("a", absl::Hours(1), Starts("a"));
+  ASSERT_TRUE(running.ok() && running->has_value());
+  EXPECT_EQ((*running)->job_id(), "job-2");  // the cancelled one is not claimable
+  auto renew = a->RenewLease(**running, "a", absl::Hours(1));
+  ASSERT_TRUE(renew.ok() && renew->held);
+  EXPECT_FALSE(renew->cancel_requested);
+  auto r = b->CancelJob("job-2", cancel);
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ((*r)->state(), v1::RUNNING);  // its runner decides how it ends
+  renew = a->RenewLease(**running, "a", absl::Hours(1));
+  ASSERT_TRUE(renew.ok() && renew->held);
+  EXPECT_TRUE(renew->cancel_requested);
+  auto missing = b->CancelJob("job-404", cancel);
+  ASSERT_TRUE(missing.ok());
+  EXPECT_FALSE(missing->has_value());
+  auto again = b->CancelJob("job-1", cancel);
+  ASSERT_TRUE(again.ok() && again->has_value());
+  EXPECT_EQ((*again)->state(), v1::CANCELLED);
+}
+
+// An idempotency key names one job across replicas: the second insert is AlreadyExists.
+TEST_P(JournalConformance, IdempotencyKeysAreUniqueAcrossReplicas) {
+  const std::string where = NewLocation();
+  auto a = MustOpen(where);
+  auto b = MustOpen(where);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->InsertJob(QueuedJob("job-1", "key-1")).ok());
+  absl::Status dup = b->InsertJob(QueuedJob("job-2", "key-1"));
+  EXPECT_EQ(dup.code(), absl::StatusCode::kAlreadyExists) << dup;
+  EXPECT_EQ((*b->FindJobByIdempotencyKey("key-1"))->job_id(), "job-1");
+  EXPECT_FALSE(b->GetJob("job-2")->has_value());
+}
+
+TEST_P(JournalConformance, ReplicasAreLiveWhileTheyBeat) {
+  const std::string where = NewLocation();
+  auto a = MustOpen(where);
+  auto b = MustOpen(where);
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(a->ReplicaHeartbeat("a:1").ok());
+  ASSERT_TRUE(b->ReplicaHeartbeat("b:2").ok());
+  auto live = a->LiveReplicas(absl::Minutes(1));
+  ASSERT_TRUE(live.ok()) << live.status();
+  EXPECT_EQ(*live, (std::vector<std::string>{"a:1", "b:2"}));
+  absl::SleepFor(absl::Milliseconds(1500));
+  ASSERT_TRUE(b->ReplicaHeartbeat("b:2").ok());
+  live = a->LiveReplicas(absl::Seconds(1));
+  ASSERT_TRUE(live.ok());
+  EXPECT_EQ(*live, (std::vector<std::string>{"b:2"}));
+}
+
+// Runs one SQL statement on the backend's database directly (not through the journal); returns
+// the first column of the first row, or "" with a test failure.
+std::string RawSql(const std::string& backend, const std::string& where, const std::string& sql) {
+  std::string out;
+  if (backend == "sqlite") {
+    sqlite3* db = nullptr;
+    EXPECT_EQ(sqlite3_open(where.c_str(), &db), SQLITE_OK);
+    sqlite3_stmt* st = nullptr;
+    EXPECT_EQ(sqlite3_prepare_v2(db, sql.c_str(), -1, &st, nullptr), SQLITE_OK) << sql;
+    if (sqlite3_step(st) == SQLITE_ROW) {
+      const unsigned char* t = sqlite3_column_text(st, 0);
+      out = t ? reinterpret_cast<const char*>(t) : "";
+    }
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    return out;
+  }
+  PGconn* c = PQconnectdb(where.c_str());
+  EXPECT_EQ(PQstatus(c), CONNECTION_OK) << PQerrorMessage(c);
+  PGresult* r = PQexec(c, sql.c_str());
+  const ExecStatusType st = PQresultStatus(r);
+  EXPECT_TRUE(st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) << sql << ": "
+                                                               << PQresultErrorMessage(r);
+  if (st == PGRES_TUPLES_OK && PQntuples(r) > 0) out = PQgetvalue(r, 0, 0);
+  PQclear(r);
+  PQfinish(c);
+  return out;
+}
+
+// The schema version is recorded; a journal written by a newer server is refused with both
+// versions named, and nothing in it is changed.
+TEST_P(JournalConformance, AJournalOfANewerSchemaIsRefused) {
+  const std::string where = NewLocation();
+  ASSERT_NE(MustOpen(where), nullptr);
+  EXPECT_EQ(RawSql(GetParam(), where, "SELECT max(version) FROM schema_version"),
+            std::to_string(kJournalSchemaVersion));
+  ASSERT_NE(MustOpen(where), nullptr);  // reopening the current version
+  RawSql(GetParam(), where, "UPDATE schema_version SET version = 99");
+  auto newer = Journal::Open(where);
+  ASSERT_FALSE(newer.ok());
+  EXPECT_EQ(newer.status().code(), absl::StatusCode::kFailedPrecondition) << newer.status();
+  EXPECT_TRUE(absl::StrContains(newer.status().message(), "version 99")) << newer.status();
+  EXPECT_TRUE(absl::StrContains(newer.status().message(),
+                                absl::StrCat("(", kJournalSchemaVersion, ")")))
+      << newer.status();
+  EXPECT_EQ(RawSql(GetParam(), where, "SELECT max(version) FROM schema_version"), "99");
+}
+
 // A journal whose deployments table predates artifact_sha256 opens, gains the column, and its
 // deployments keep their records.
 TEST(SqliteJournal, OldDeploymentsTableGainsTheArtifactColumn) {
@@ -295,6 +575,31 @@ TEST(SqliteJournal, OldDeploymentsTableGainsTheArtifactColumn) {
   d.set_artifact_sha256(kShaB);
   ASSERT_TRUE(j->PutDeployment(d).ok());
   EXPECT_TRUE(*j->BlobReferenced(kShaB));
+}
+
+// A journal written before jobs were leased (no lease columns) opens, gains them, and its queued
+// job is claimable.
+TEST(SqliteJournal, OldJobsTableGainsTheLeaseColumns) {
+  ScratchDir dir;
+  const std::string path = dir.File("journal.sqlite");
+  {
+    sqlite3* db = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &db), SQLITE_OK);
+    ASSERT_EQ(sqlite3_exec(db,
+                           "CREATE TABLE jobs(seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT "
+                           "UNIQUE NOT NULL, idempotency_key TEXT UNIQUE, model TEXT NOT NULL, "
+                           "state INTEGER NOT NULL, record BLOB NOT NULL)",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+    sqlite3_close(db);
+  }
+  auto j = MustOpen(path);
+  ASSERT_NE(j, nullptr);
+  ASSERT_TRUE(j->InsertJob(QueuedJob("job-old")).ok());
+  auto got = j->ClaimJob("a", absl::Minutes(1), Starts("a"));
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->job_id(), "job-old");
 }
 
 }  // namespace

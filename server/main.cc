@@ -67,10 +67,15 @@ int main(int argc, char** argv) {
   app.add_option("--workers", c.workers, "expansion jobs that run at the same time")
       ->envname("FPXINT_WORKERS");
   app.add_option("--max-job-attempts", c.max_job_attempts,
-                 "a job the server died during this many times (crash, kill, OOM) ends FAILED "
-                 "with the reason at the next start instead of running again; a job interrupted "
-                 "by a clean shutdown is not counted against it")
+                 "a job whose replica went away during this many of its runs (crash, kill, OOM, "
+                 "a stall past its lease) ends FAILED with the reason instead of running again; "
+                 "a job interrupted by a clean shutdown is not counted against it")
       ->envname("FPXINT_MAX_JOB_ATTEMPTS");
+  app.add_option("--job-lease-seconds", c.job_lease_seconds,
+                 "a running job's lease (3-3600 s): its replica renews it every third of this; "
+                 "a job whose lease expires goes back to the queue for any replica, and the "
+                 "replica that lost it can no longer write it")
+      ->envname("FPXINT_JOB_LEASE_SECONDS");
   app.add_option("--queue-limit", c.queue_limit,
                  "queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
       ->envname("FPXINT_QUEUE_LIMIT");

@@ -133,9 +133,19 @@ struct Metrics::Impl {
       .Name("fpxint_jobs_total")
       .Help("Expansion jobs by granularity and state (QUEUED counts submissions)")
       .Register(*registry);
+  Counter& job_writes_fenced = BuildCounter()
+      .Name("fpxint_job_writes_fenced_total")
+      .Help("Writes of a job refused because this replica had lost its lease (another replica "
+            "runs it now)")
+      .Register(*registry)
+      .Add({});
+  Family<Gauge>& replica = BuildGauge()
+      .Name("fpxint_replica_info")
+      .Help("This replica's --replica-id and journal backend (value 1)")
+      .Register(*registry);
   Gauge& jobs_queued = BuildGauge()
       .Name("fpxint_jobs_queued")
-      .Help("Jobs waiting for a worker")
+      .Help("Jobs waiting for a worker, on every replica of the journal")
       .Register(*registry)
       .Add({});
   Gauge& queue_limit = BuildGauge()
@@ -243,6 +253,10 @@ void Metrics::JobFinished(v1::Granularity g, v1::JobState state, double seconds,
 }
 
 void Metrics::SetJobsQueued(int n) { impl_->jobs_queued.Set(n); }
+void Metrics::JobWriteFenced() { impl_->job_writes_fenced.Increment(); }
+void Metrics::SetReplica(const std::string& replica_id, const std::string& journal) {
+  impl_->replica.Add({{"replica", replica_id}, {"journal", journal}}).Set(1);
+}
 void Metrics::SetQueueLimit(int n) { impl_->queue_limit.Set(n); }
 void Metrics::SetWorkers(int n) { impl_->workers.Set(n); }
 void Metrics::WorkersBusyAdd(int delta) { impl_->workers_busy.Increment(delta); }

@@ -39,6 +39,10 @@ class Metrics {
   void JobFinished(v1::Granularity g, v1::JobState state, double seconds, int layers,
                    uint64_t bytes_written);
   void SetJobsQueued(int n);
+  // A runner's write refused by the journal's lease fence (server/jobs.h).
+  void JobWriteFenced();
+  // fpxint_replica_info{replica, journal}: which replica this is, on which journal backend.
+  void SetReplica(const std::string& replica_id, const std::string& journal);
   void SetQueueLimit(int n);
   void SetWorkers(int n);
   void WorkersBusyAdd(int delta);

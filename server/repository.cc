@@ -7,6 +7,8 @@
 #include <deque>
 #include <filesystem>
 #include <functional>
+#include <iterator>
+#include <set>
 #include <thread>
 
 #include "absl/strings/numbers.h"
@@ -283,7 +285,9 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
       (!series || fs::exists(final_dir / kArtifactFile, ec))) {
     return absl::OkStatus();
   }
-  const fs::path tmp = fs::path(dir_) / d.name() / ("." + d.version() + ".tmp");
+  // Replicas may publish the same version at once: each writes its own temporary directory.
+  const fs::path tmp =
+      fs::path(dir_) / d.name() / absl::StrCat(".", d.version(), ".", ::getpid(), ".tmp");
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create '", tmp.string(), "'"));
@@ -304,12 +308,26 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
   FPX_RETURN_IF_ERROR(core::WriteFileAtomic((tmp / "config.json").string(), json));
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot publish '", final_dir.string(), "'"));
+  if (ec) {
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);
+    // Another replica published the same version a moment before.
+    if (!fs::exists(final_dir / "config.json", ignored)) {
+      return absl::InternalError(absl::StrCat("cannot publish '", final_dir.string(), "'"));
+    }
+  }
   return core::SyncDir((fs::path(dir_) / d.name()).string());
 }
 
-absl::Status Repository::LoadDeployment(v1::Deployment d) {
+absl::Status Repository::LoadDeployment(v1::Deployment d, bool if_not_loaded) {
   absl::MutexLock load_lock(&load_mu_);
+  if (if_not_loaded) {
+    absl::MutexLock l(&mu_);
+    if (auto it = loaded_.find(d.name());
+        it != loaded_.end() && it->second.count(d.version()) > 0) {
+      return absl::OkStatus();
+    }
+  }
   FPX_RETURN_IF_ERROR(ResolveArtifact(&d));
   FPX_RETURN_IF_ERROR(WriteVersionDir(d));
   // The marker outlives the process only when the load never returned (a crash in LibTorch, an
@@ -342,7 +360,52 @@ absl::Status Repository::LoadDeployment(v1::Deployment d) {
 }
 
 std::string Repository::LoadingMarker(const v1::Deployment& d) const {
-  return (fs::path(dir_) / d.name() / d.version() / ".loading").string();
+  return (fs::path(dir_) / d.name() / d.version() /
+          (opts_.replica_id.empty() ? std::string(".loading")
+                                    : absl::StrCat(".loading.", opts_.replica_id)))
+      .string();
+}
+
+int Repository::Sync() {
+  auto all = journal_->ListDeployments();
+  if (!all.ok()) {
+    LogError(absl::StrCat("deployment sync: ", all.status().message()));
+    return 0;
+  }
+  std::set<std::string> wanted;
+  for (const v1::Deployment& d : *all) {
+    if (d.loaded()) wanted.insert(d.name() + "/" + d.version());
+  }
+  int changed = 0;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto it = loaded_.begin(); it != loaded_.end();) {
+      for (auto v = it->second.begin(); v != it->second.end();) {
+        if (wanted.count(it->first + "/" + v->first) > 0) {
+          ++v;
+          continue;
+        }
+        LogInfo(absl::StrCat("unloaded '", it->first, "/", v->first,
+                             "' (unloaded or deleted on another replica)"));
+        if (opts_.metrics != nullptr) opts_.metrics->ClearModelWeights(it->first, v->first);
+        v = it->second.erase(v);  // requests in flight keep their shared_ptr
+        ++changed;
+      }
+      it = it->second.empty() ? loaded_.erase(it) : std::next(it);
+    }
+  }
+  for (const v1::Deployment& d : *all) {
+    if (!d.loaded()) continue;
+    {
+      absl::MutexLock l(&mu_);
+      const std::string key = d.name() + "/" + d.version();
+      auto it = loaded_.find(d.name());
+      if (it != loaded_.end() && it->second.count(d.version()) > 0) continue;
+      if (failures_.count(key) > 0) continue;
+    }
+    if (LoadDeployment(d, /*if_not_loaded=*/true).ok()) ++changed;  // failures go to failures_
+  }
+  return changed;
 }
 
 void Repository::Restore() {

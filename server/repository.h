@@ -157,6 +157,9 @@ class Repository {
     TorchScriptVetter* vetter = nullptr;
     InferQueueLimits infer_queue;
     int max_precisions = 8;  // dense networks per instance (model::Model::Options)
+    // Replicas share the repository directory: each marks its own loads in progress
+    // (.loading.<replica_id>). Empty: one server alone (.loading).
+    std::string replica_id;
   };
   Repository(std::string dir, Journal* journal, BlobStore* store, core::ThreadPool* pool,
              Options o);
@@ -166,6 +169,12 @@ class Repository {
   // A version whose load never returned in the last process (its .loading marker is still
   // there) is quarantined instead: marked not loaded, with the reason kept for RepositoryIndex.
   void Restore();
+
+  // Converges to the journal's deployments, which other replicas change too: loads the versions
+  // marked loaded that are not loaded here, unloads those no longer marked loaded (or deleted).
+  // A version that failed to load here is not retried by it (RepositoryModelLoad retries).
+  // Returns how many versions it loaded or unloaded.
+  int Sync();
 
   // Writes a new version (d.version() empty: the next number) and loads it when `load`.
   absl::StatusOr<v1::Deployment> Deploy(v1::Deployment d, bool load);
@@ -204,7 +213,8 @@ class Repository {
   // Fills artifact_sha256 of a quantized record that predates it from its job's artifacts.
   absl::Status ResolveArtifact(v1::Deployment* d);
   absl::Status WriteVersionDir(const v1::Deployment& d);
-  absl::Status LoadDeployment(v1::Deployment d);
+  // `if_not_loaded`: a version already loaded here is left as it is (Sync).
+  absl::Status LoadDeployment(v1::Deployment d, bool if_not_loaded = false);
 
   const std::string dir_;
   Journal* journal_;

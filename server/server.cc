@@ -10,6 +10,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -38,6 +39,8 @@ namespace fs = std::filesystem;
 // such calls may wait for one before new ones are refused RESOURCE_EXHAUSTED.
 constexpr int kControlThreads = 4;
 constexpr size_t kControlQueueLimit = 1024;
+// How often a replica converges to the journal's deployments (Repository::Sync).
+constexpr absl::Duration kDeploymentSyncPeriod = absl::Seconds(2);
 
 // The host part of HOST:PORT ("[::1]:80" -> "::1").
 std::string ListenHost(const std::string& listen) {
@@ -67,6 +70,9 @@ absl::Status ServerConfig::Validate() const {
     return absl::InvalidArgumentError(absl::StrCat(flag, ": ", what));
   };
   if (max_job_attempts < 1) return bad("--max-job-attempts", "must be at least 1");
+  if (!(job_lease_seconds >= 3 && job_lease_seconds <= 3600)) {
+    return bad("--job-lease-seconds", "accepted 3 .. 3600");
+  }
   if (!replica_id.empty()) FPX_RETURN_IF_ERROR(CheckReplicaId(replica_id, "--replica-id"));
   if (!database_url.empty() && !Journal::IsDatabaseUrl(database_url)) {
     return bad("--database-url", "must be a libpq URI starting postgresql:// or postgres://");
@@ -160,6 +166,9 @@ struct Server::Impl {
   // Retention (--retain-jobs-days): deletes old finished jobs at start and every hour.
   absl::Notification stop_retention;
   std::thread retention;
+  // Replicas (a shared journal): Repository::Sync every kDeploymentSyncPeriod.
+  absl::Notification stop_sync;
+  std::thread deployment_sync;
 };
 
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -199,23 +208,38 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                        Journal::Open(config.database_url.empty()
                                          ? (fs::path(config.data_dir) / "journal.sqlite").string()
                                          : config.database_url));
-  FPX_ASSIGN_OR_RETURN(bool alone, im->journal->LockExclusive());
-  if (!alone) {
-    return absl::FailedPreconditionError(
-        config.database_url.empty()
-            ? absl::StrCat("--data-dir '", config.data_dir,
-                           "': another fpxint-server is using this data directory; stop it or "
-                           "choose another directory")
-            : "--database-url: another fpxint-server is using this database; run one server "
-              "per database");
+  // SQLite is one server's journal: this server must be the only one on it. PostgreSQL is shared
+  // by every replica; each says it is alive before it creates its temp directory, so that no
+  // other replica takes that directory for a dead one's.
+  const bool shared = !config.database_url.empty();
+  if (!shared) {
+    FPX_ASSIGN_OR_RETURN(bool alone, im->journal->LockExclusive());
+    if (!alone) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--data-dir '", config.data_dir,
+                       "': another fpxint-server is using this data directory; stop it, choose "
+                       "another directory, or share a PostgreSQL journal (--database-url) to run "
+                       "replicas"));
+    }
   }
+  FPX_RETURN_IF_ERROR(im->journal->ReplicaHeartbeat(im->config.replica_id));
   FPX_ASSIGN_OR_RETURN(im->store, BlobStore::Open(config.data_dir, im->config.replica_id));
-  // This server holds the store alone (above), so every other replica's temp files are from a
-  // run that died.
-  if (int n = im->store->RemoveTempOfGoneReplicas([](const std::string&) { return false; })) {
-    LogInfo(absl::StrCat("removed the temp files of ", n, " earlier run(s) from ",
-                         config.data_dir, "/tmp"));
+  // The temp files of replicas that are gone (not heard from within two leases; with SQLite,
+  // every other: this server holds the store alone) never became visible: they go.
+  {
+    std::set<std::string> alive;
+    if (shared) {
+      FPX_ASSIGN_OR_RETURN(std::vector<std::string> live, im->journal->LiveReplicas(
+                                                              absl::Seconds(2 * config.job_lease_seconds)));
+      alive.insert(live.begin(), live.end());
+    }
+    if (int n = im->store->RemoveTempOfGoneReplicas(
+            [&alive](const std::string& r) { return alive.count(r) > 0; })) {
+      LogInfo(absl::StrCat("removed the temp files of ", n, " replica run(s) that are gone from ",
+                           config.data_dir, "/tmp"));
+    }
   }
+  im->metrics.SetReplica(im->config.replica_id, im->journal->backend());
   // Blobs no record refers to (an upload refused after its commit, a crash between a commit and
   // its record) are removed before anything is served.
   {
@@ -248,10 +272,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                                                   config.infer_queue_limit,
                                                                   absl::Seconds(
                                                                       config.infer_queue_timeout_seconds)},
-                                                              config.max_precisions});
+                                                              config.max_precisions,
+                                                              shared ? im->config.replica_id
+                                                                     : std::string()});
   im->jobs = std::make_unique<JobManager>(
       JobManager::Options{config.workers, config.queue_limit, threads, config.job_memory_limit,
-                          &im->metrics, im->vetter.get(), config.max_job_attempts},
+                          &im->metrics, im->vetter.get(), config.max_job_attempts,
+                          im->config.replica_id, absl::Seconds(config.job_lease_seconds),
+                          /*journal_exclusive=*/!shared},
       im->journal.get(), im->store.get(), im->repo.get(), im->pool.get());
 
   ServiceContext sc;
@@ -336,6 +364,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   }
   // Jobs and served models come back after a restart before the server says it is ready.
   im->repo->Restore();
+  {
+    // Readiness follows the journal: while it is unreachable the server as a whole and the job
+    // service say NOT_SERVING; the inference service goes on serving the models it has loaded.
+    Impl* p = im.get();
+    im->jobs->SetJournalHealthListener([p](bool reachable) {
+      if (!p->ready.load()) return;
+      auto* health = p->grpc_server->GetHealthCheckService();
+      health->SetServingStatus("", reachable);
+      health->SetServingStatus("fpxint.v1.Quantizer", reachable);
+    });
+  }
   FPX_RETURN_IF_ERROR(im->jobs->Start());
   if (config.retain_jobs_days > 0) {
     Impl* p = im.get();
@@ -348,6 +387,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                                p->config.retain_jobs_days, " day(s) ago (--retain-jobs-days)"));
         }
       } while (!p->stop_retention.WaitForNotificationWithTimeout(absl::Hours(1)));
+    });
+  }
+  if (shared) {
+    // Every replica serves what the journal says is loaded: deploys, loads and unloads made on
+    // another replica reach this one within kDeploymentSyncPeriod.
+    Impl* p = im.get();
+    im->deployment_sync = std::thread([p] {
+      while (!p->stop_sync.WaitForNotificationWithTimeout(kDeploymentSyncPeriod)) {
+        p->repo->Sync();
+      }
     });
   }
   im->ready.store(true);
@@ -411,6 +460,8 @@ void Server::Shutdown() {
   }
   im.stop_retention.Notify();
   if (im.retention.joinable()) im.retention.join();
+  im.stop_sync.Notify();
+  if (im.deployment_sync.joinable()) im.deployment_sync.join();
   im.jobs->Shutdown(absl::Seconds(im.config.shutdown_grace_seconds));
   if (im.grpc_server) {
     im.grpc_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));

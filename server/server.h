@@ -25,7 +25,8 @@ struct ServerConfig {
   std::string database_url;
   std::string replica_id;                         // empty: hostname:pid
   int workers = 1;                                // concurrent jobs
-  int max_job_attempts = 3;                       // runs the server may die during before FAILED
+  int max_job_attempts = 3;                       // runs whose replica went away before FAILED
+  double job_lease_seconds = 30;                  // a running job's lease, renewed every third
   int queue_limit = 64;                           // queued jobs before RESOURCE_EXHAUSTED
   uint64_t max_upload_bytes = uint64_t{4} << 30;  // per upload
   uint64_t min_free_bytes = 0;                    // free space uploads must leave; 0: no floor

@@ -366,14 +366,15 @@ TEST_F(ServerTest, ASecondServerOnTheSameDataDirectoryIsRefused) {
 }
 
 // The same job path with the journal in PostgreSQL (a real server on a Unix socket): a TENSOR
-// job runs, its artifact downloads, and a restart on the database finds it; a second server on
-// the same database is refused.
+// job runs, its artifact downloads, a second replica on the same database and store serves the
+// job and its artifact, and a restart on the database finds it.
 TEST_F(ServerTest, RunsOnAPostgresJournal) {
   std::string error;
   auto pg = fpxint::testing::TempPostgres::Start(&error);
   ASSERT_NE(pg, nullptr) << error;
   server_.reset();
-  database_url_ = pg->NewDatabase();
+  database_url_ = pg->NewDatabase(&error);
+  ASSERT_FALSE(database_url_.empty()) << error;
   StartServer();
   v1::Model m;
   ASSERT_TRUE(Upload("w", v1::SAFETENSORS, SmallWeightsSafetensors(4), &m).ok());
@@ -381,14 +382,34 @@ TEST_F(ServerTest, RunsOnAPostgresJournal) {
   ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
   const std::string bytes = Download(done.artifacts(0).artifact_id(), 0);
   EXPECT_EQ(Sha(bytes), done.artifacts(0).sha256());
-  ServerConfig c;
-  c.listen = "127.0.0.1:0";
-  c.data_dir = dir_.File("other-data");
-  c.token_file = dir_.File("tokens");
-  c.database_url = database_url_;
-  auto second = Server::Start(c);
-  ASSERT_FALSE(second.ok());
-  EXPECT_TRUE(absl::StrContains(second.status().message(), "--database-url")) << second.status();
+  {
+    ServerConfig c;
+    c.listen = "127.0.0.1:0";
+    c.data_dir = dir_.File("data");
+    c.token_file = dir_.File("tokens");
+    c.database_url = database_url_;
+    c.replica_id = "second";
+    auto second = Server::Start(c);
+    ASSERT_TRUE(second.ok()) << second.status();
+    auto ch = grpc::CreateChannel((*second)->address(), grpc::InsecureChannelCredentials());
+    auto q2 = v1::Quantizer::NewStub(ch);
+    v1::JobRef ref;
+    ref.set_job_id(done.job_id());
+    v1::Job there;
+    auto ctx = Ctx();
+    ASSERT_TRUE(q2->GetJob(ctx.get(), ref, &there).ok());
+    EXPECT_EQ(there.state(), v1::SUCCEEDED);
+    EXPECT_EQ(there.replica(), server_->replica_id());
+    v1::ArtifactRef aref;
+    aref.set_artifact_id(done.artifacts(0).artifact_id());
+    auto dctx = Ctx();
+    auto reader = q2->DownloadArtifact(dctx.get(), aref);
+    std::string got;
+    v1::ArtifactChunk chunk;
+    while (reader->Read(&chunk)) got += chunk.data();
+    ASSERT_TRUE(reader->Finish().ok());
+    EXPECT_EQ(Sha(got), done.artifacts(0).sha256());
+  }
   Restart();
   v1::JobRef ref;
   ref.set_job_id(done.job_id());

@@ -460,6 +460,125 @@ def check_k8s(ck, repo, configmap_env):
         ck.note("kubectl not installed: kustomize build not run")
 
 
+def merge_patch(base, patch):
+    """A strategic-merge patch as kustomize applies it to the fields these manifests use: maps
+    merge; lists of named items (containers, env) merge by name; other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = merge_patch(base.get(k), v) if k in base else v
+        return out
+    if (isinstance(base, list) and isinstance(patch, list) and patch
+            and all(isinstance(x, dict) and "name" in x for x in base + patch)):
+        out = list(base)
+        for item in patch:
+            idx = next((i for i, b in enumerate(out) if b["name"] == item["name"]), None)
+            if idx is None:
+                out.append(item)
+            else:
+                out[idx] = merge_patch(out[idx], item)
+        return out
+    return patch
+
+
+def check_k8s_replicas(ck, repo):
+    """deploy/k8s-replicas: the base (deploy/k8s) with its patches applied, checked as a scaled-out
+    deployment (PostgreSQL journal, shared volume, rolling updates, a real HPA range)."""
+    k8s_dir = os.path.join(repo, "deploy", "k8s")
+    odir = os.path.join(repo, "deploy", "k8s-replicas")
+    kpath = os.path.join(odir, "kustomization.yaml")
+    if not os.path.isfile(kpath):
+        ck.fail("k8s replicas overlay", "deploy/k8s-replicas/kustomization.yaml is missing")
+        return
+    k = load_yaml_docs(kpath)[0]
+    p = []
+    objs = {}
+    for f, d in k8s_objects(k8s_dir):
+        if isinstance(d, dict):
+            objs[(d.get("kind"), (d.get("metadata") or {}).get("name"))] = d
+    for r in k.get("resources") or []:
+        if r == "../k8s":
+            continue
+        path = os.path.join(odir, r)
+        if not os.path.isfile(path):
+            p.append(f"resource {r} is missing")
+            continue
+        for d in load_yaml_docs(path):
+            objs[(d.get("kind"), (d.get("metadata") or {}).get("name"))] = d
+    if "../k8s" not in (k.get("resources") or []):
+        p.append("the overlay does not build on the base (resources: ../k8s)")
+    for patch in k.get("patches") or []:
+        path = os.path.join(odir, patch.get("path", ""))
+        if not os.path.isfile(path):
+            p.append(f"patch {patch.get('path')} is missing")
+            continue
+        for d in load_yaml_docs(path):
+            key = (d.get("kind"), (d.get("metadata") or {}).get("name"))
+            if key not in objs:
+                p.append(f"patch {patch.get('path')}: no {key[0]} {key[1]} in the base")
+                continue
+            objs[key] = merge_patch(objs[key], d)
+    listed = {pt.get("path") for pt in k.get("patches") or []} | set(k.get("resources") or [])
+    present = {f for f in os.listdir(odir)
+               if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml"}
+    if present - listed:
+        p.append(f"files not used by the kustomization: {sorted(present - listed)}")
+    ck.check("k8s replicas: the overlay's resources and patches apply to the base", p)
+
+    p = []
+    dep = objs.get(("Deployment", "fpxint")) or {}
+    spec = dep.get("spec") or {}
+    if not spec.get("replicas", 1) > 1:
+        p.append(f"replicas {spec.get('replicas')}: expected more than one")
+    if (spec.get("strategy") or {}).get("type") != "RollingUpdate":
+        p.append("strategy is not RollingUpdate")
+    pod = (spec.get("template") or {}).get("spec") or {}
+    c = next((c for c in pod.get("containers") or [] if c.get("name") == "fpxint"), {})
+    env = {e.get("name"): e for e in c.get("env") or []}
+    rid = ((env.get("FPXINT_REPLICA_ID") or {}).get("valueFrom") or {}).get("fieldRef") or {}
+    if rid.get("fieldPath") != "metadata.name":
+        p.append("FPXINT_REPLICA_ID is not the pod's name (fieldRef metadata.name)")
+    refs = c.get("envFrom") or []
+    if not any((r.get("configMapRef") or {}).get("name") == "fpxint-config" for r in refs):
+        p.append("envFrom lost the fpxint-config ConfigMap")
+    sec_names = [(r.get("secretRef") or {}).get("name") for r in refs if "secretRef" in r]
+    url = ""
+    for name in sec_names:
+        sec = objs.get(("Secret", name))
+        if sec is None:
+            p.append(f"envFrom Secret {name} is not among the manifests")
+            continue
+        url = (sec.get("stringData") or {}).get("FPXINT_DATABASE_URL", url)
+    if not re.match(r"postgres(ql)?://", url or ""):
+        p.append("no Secret in envFrom gives FPXINT_DATABASE_URL=postgresql://...")
+    if configmap_env(repo).get("FPXINT_DATABASE_URL"):
+        p.append("configmap.yaml sets FPXINT_DATABASE_URL, which would override the Secret")
+    pvc = objs.get(("PersistentVolumeClaim", "fpxint-data")) or {}
+    if (pvc.get("spec") or {}).get("accessModes") != ["ReadWriteMany"]:
+        p.append("the data PVC is not ReadWriteMany")
+    probe = ((c.get("readinessProbe") or {}).get("grpc") or {})
+    if probe.get("service", None) != "":
+        p.append("readiness does not follow the journal (grpc probe of the overall service \"\")")
+    pdb = (objs.get(("PodDisruptionBudget", "fpxint")) or {}).get("spec") or {}
+    pod_labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    sel = (pdb.get("selector") or {}).get("matchLabels") or {}
+    if not sel or any(pod_labels.get(k) != v for k, v in sel.items()):
+        p.append("no PodDisruptionBudget selecting the server's pods")
+    hpa = (objs.get(("HorizontalPodAutoscaler", "fpxint")) or {}).get("spec") or {}
+    lo, hi = hpa.get("minReplicas", 1), hpa.get("maxReplicas", 1)
+    if not 1 < lo <= hi:
+        p.append(f"HPA range {lo}..{hi}: expected 1 < min <= max")
+    ck.check("k8s replicas: PostgreSQL journal, shared volume, rolling update, pod-name replica "
+             "ids, readiness on the journal, PDB, HPA range", p,
+             f"replicas {spec.get('replicas')}, HPA {lo}..{hi}")
+
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        rc, out = run([kubectl, "kustomize", odir])
+        ck.check("k8s: kubectl kustomize deploy/k8s-replicas",
+                 [] if rc == 0 else [first_line(out)])
+
+
 def configmap_env(repo):
     path = os.path.join(repo, "deploy", "k8s", "configmap.yaml")
     env = {}
@@ -558,6 +677,54 @@ def check_compose(ck, repo):
         ck.note("docker-compose not installed: `docker-compose config` not run "
                 "(apt-get install docker-compose)")
     return c
+
+
+def check_compose_replicas(ck, repo):
+    """deploy/docker-compose.replicas.yml: two or more fpxint replicas on one PostgreSQL service
+    and one shared data volume, each with its own replica id."""
+    path = os.path.join(repo, "deploy", "docker-compose.replicas.yml")
+    if not os.path.isfile(path):
+        ck.fail("compose replicas: deploy/docker-compose.replicas.yml", "missing")
+        return
+    c = load_yaml_docs(path)[0]  # PyYAML resolves the anchors and merge keys
+    services = c.get("services") or {}
+    p = []
+    pg = [n for n, sv in services.items() if str(sv.get("image", "")).startswith("postgres:15")]
+    if len(pg) != 1:
+        p.append(f"expected one postgres:15 service, found {pg}")
+    replicas = {n: sv for n, sv in services.items() if "FPXINT_DATABASE_URL" in
+                (sv.get("environment") or {})}
+    if len(replicas) < 2:
+        p.append(f"expected at least two fpxint replicas, found {sorted(replicas)}")
+    ids, urls, data_mounts = set(), set(), set()
+    for n, sv in replicas.items():
+        env = sv.get("environment") or {}
+        ids.add(env.get("FPXINT_REPLICA_ID"))
+        urls.add(env.get("FPXINT_DATABASE_URL"))
+        mounts = [v for v in sv.get("volumes") or [] if isinstance(v, str)
+                  and v.split(":")[1:2] == [env.get("FPXINT_DATA_DIR")]]
+        if not mounts:
+            p.append(f"{n}: FPXINT_DATA_DIR {env.get('FPXINT_DATA_DIR')} is not a mounted volume")
+        data_mounts.update(m.split(":")[0] for m in mounts)
+        if pg and pg[0] not in (sv.get("depends_on") or {}):
+            p.append(f"{n}: does not depend on {pg[0]}")
+        if env.get("FPXINT_INSECURE_NO_AUTH") and not all(
+                str(x).startswith("127.0.0.1:") for x in sv.get("ports") or []):
+            p.append(f"{n}: open server publishes ports beyond loopback")
+    if None in ids or len(ids) != len(replicas):
+        p.append(f"replica ids not distinct: {sorted(map(str, ids))}")
+    if len(urls) != 1 or not all(re.match(rf"postgres(ql)?://[^@]*@{re.escape(pg[0] if pg else '')}[:/]",
+                                           u or "") for u in urls):
+        p.append(f"the replicas do not share one URL of the postgres service: {sorted(map(str, urls))}")
+    if len(data_mounts) != 1:
+        p.append(f"the replicas do not share one data volume: {sorted(data_mounts)}")
+    ck.check("compose replicas: one PostgreSQL, one shared data volume, distinct replica ids", p,
+             f"{len(replicas)} replicas")
+    exe = shutil.which("docker-compose")
+    if exe:
+        rc, out = run([exe, "-f", path, "config", "-q"], cwd=repo)
+        ck.check("compose replicas: docker-compose config -q",
+                 [] if rc == 0 else [first_line(out)])
 
 
 def check_prometheus(ck, repo, compose, known):
@@ -1065,7 +1232,9 @@ def main():
     try:
         check_yaml_parses(ck, os.path.join(repo, "deploy"))
         check_k8s(ck, repo, configmap_env(repo))
+        check_k8s_replicas(ck, repo)
         compose = check_compose(ck, repo)
+        check_compose_replicas(ck, repo)
         check_prometheus(ck, repo, compose, known)
         check_grafana(ck, repo, compose, known)
         check_dockerfile(ck, repo)

@@ -774,3 +774,53 @@ def percentile(values, q):
     if not values:
         return None
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+# ----------------------------------------------------------------------------------------------
+# PostgreSQL
+# ----------------------------------------------------------------------------------------------
+
+class TempPostgres:
+    """A real PostgreSQL 15 server (Debian postgresql-15) in a temporary directory, on a Unix
+    socket only; stop() removes it. As root, the server runs as the `postgres` user."""
+
+    def __init__(self):
+        self.bin = os.environ.get("FPXINT_PG_BIN", "/usr/lib/postgresql/15/bin")
+        self.dir = tempfile.mkdtemp(prefix="fpxint-pg-")
+        self.prefix = []
+        if os.geteuid() == 0:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self.prefix = ["/usr/sbin/runuser", "-u", "postgres", "--"]
+        data = os.path.join(self.dir, "data")
+        self._run([f"{self.bin}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync",
+                   "-E", "UTF8"], "initdb")
+        self.pg_ctl("start")
+
+    def _run(self, argv, what):
+        r = subprocess.run(self.prefix + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise AssertionError(f"{what} failed ({r.returncode}):\n"
+                                 f"{r.stdout.decode('utf-8', 'replace')}")
+
+    def pg_ctl(self, action):
+        """Stops (fast) or starts the database server, keeping its data."""
+        data = os.path.join(self.dir, "data")
+        opts = (f"-k {self.dir} -c listen_addresses= -c fsync=off -c synchronous_commit=off "
+                "-c full_page_writes=off")
+        extra = ["-m", "fast"] if action == "stop" else ["-l", os.path.join(self.dir, "server.log"),
+                                                          "-o", opts]
+        self._run([f"{self.bin}/pg_ctl", "-D", data, "-w", "-t", "60"] + extra + [action],
+                  f"pg_ctl {action}")
+
+    def url(self, db="postgres"):
+        return f"postgresql:///{db}?host={self.dir}&user=postgres"
+
+    def stop(self):
+        data = os.path.join(self.dir, "data")
+        if os.path.exists(os.path.join(data, "postmaster.pid")):
+            subprocess.run(self.prefix + [f"{self.bin}/pg_ctl", "-D", data, "-m", "immediate",
+                                          "-w", "stop"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,6 +1,6 @@
 // File: tests/support/postgres.h
 //
-// A throwaway PostgreSQL server for tests: `initdb` into a scratch directory, listening on a Unix
+// A throwaway PostgreSQL server for tests and benchmarks: `initdb` into a scratch directory, listening on a Unix
 // socket in that directory only (no TCP port), stopped and removed by the destructor. It runs
 // Debian's postgresql-15 binaries (/usr/lib/postgresql/15/bin, or $FPXINT_PG_BIN); as root it
 // runs them as the `postgres` user, since PostgreSQL refuses to run as root.
@@ -26,8 +26,9 @@ class TempPostgres {
 
   // A libpq URI of database `db` on this server.
   std::string Url(const std::string& db = "postgres") const;
-  // Creates a fresh empty database and returns its URI ("" and a test failure on error).
-  std::string NewDatabase();
+  // Creates a fresh empty database and returns its URI; "" on error, with the reason in *error
+  // (or on stderr when error is null).
+  std::string NewDatabase(std::string* error = nullptr);
   // The socket directory (libpq's host).
   const std::string& socket_dir() const { return dir_; }
 

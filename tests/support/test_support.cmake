@@ -17,10 +17,10 @@ add_test(NAME fixture.reference_tensors
 set_tests_properties(fixture.reference_tensors PROPERTIES FIXTURES_SETUP reference_tensors)
 
 # A throwaway PostgreSQL server (tests/support/postgres.h) for the journal conformance suite and
-# the replica tests; product build only.
+# the replica tests and benchmarks; product build only.
 if(NOT FPXINT_FUZZ)
   find_package(PostgreSQL REQUIRED)
   add_library(fpxint_test_postgres STATIC ${FPXINT_TESTS_DIR}/support/postgres.cc)
   target_include_directories(fpxint_test_postgres PUBLIC ${PROJECT_SOURCE_DIR})
-  target_link_libraries(fpxint_test_postgres PUBLIC GTest::gtest PostgreSQL::PostgreSQL)
+  target_link_libraries(fpxint_test_postgres PUBLIC PostgreSQL::PostgreSQL)
 endif()
