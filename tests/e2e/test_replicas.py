@@ -4,8 +4,9 @@ data directory, as a scaled-out deployment runs them.
   * a job submitted on one replica is followed (WatchJob, GetJob, ListJobs) and downloaded from
     the other;
   * CancelJob on one replica stops the job where it runs, on the other;
-  * a model loaded for serving on one replica becomes ready on the other, and unloading it on
-    the other unloads it everywhere;
+  * a job's deployment made on one replica is served by the other with the same outputs; a
+    model loaded on one becomes ready on the other, and unloading it on the other unloads it
+    everywhere;
   * PostgreSQL stopped and started again under running replicas: they say NOT_SERVING while it
     is gone and come back without a restart;
   * a replica killed with SIGKILL in the middle of a job: the other one runs the job again to
@@ -172,30 +173,45 @@ class Replicas(unittest.TestCase):
         b = self.client("b", token="admin")
         a.upload_file("rec", sc.model_file("ocr", "ocr_rec.pt"), self.protos.q.TORCHSCRIPT,
                       inputs=sc.OCR_REC_INPUTS)
-        a.inference.RepositoryModelLoad(inf.RepositoryModelLoadRequest(model_name="rec"),
-                                        metadata=a.md(), timeout=300)
+        # A quantized deployment made by a job submitted on a (whichever replica runs it).
+        job = a.submit(a.job_spec("rec", self.protos.q.LAYER, weight_bits=4, weight_terms=2,
+                                  deploy={"enabled": True, "name": "rec-q"}))
+        done = a.wait_state(job.job_id, ["SUCCEEDED", "FAILED", "CANCELLED"], timeout=300)
+        self.assertEqual(a.state_name(done.state), "SUCCEEDED", done.error + self.tail())
 
-        def ready(c):
+        def ready(c, name):
             try:
-                return c.inference.ModelReady(inf.ModelReadyRequest(name="rec"), metadata=c.md(),
+                return c.inference.ModelReady(inf.ModelReadyRequest(name=name), metadata=c.md(),
                                               timeout=10).ready
             except grpc.RpcError:
                 return False
 
-        def wait_ready(c, want, what):
+        def wait_ready(c, name, want, what):
             t0 = time.monotonic()
-            while ready(c) != want:
+            while ready(c, name) != want:
                 if time.monotonic() - t0 > 120:
                     self.fail(f"{what}: ModelReady still {not want} after 120 s" + self.tail())
                 time.sleep(0.1)
             sys.stderr.write(f"[replicas] {what}: {time.monotonic() - t0:.1f} s\n")
 
-        self.assertTrue(ready(a))
-        wait_ready(b, True, "loaded on a, ready on b")
+        runner = a if done.replica == "a" else b
+        other = b if runner is a else a
+        self.assertTrue(ready(runner, "rec-q"))
+        wait_ready(other, "rec-q", True, f"deployed on {done.replica}, ready on the other")
+        # Both replicas serve the job's artifact: the same outputs for the same images.
+        for image in sc.ocr_eval_images(2):
+            out_a, _ = a.infer_output(a.infer("rec-q", image))
+            out_b, _ = b.infer_output(b.infer("rec-q", image))
+            self.assertEqual(out_a.tobytes(), out_b.tobytes())
+        # Loaded (FP) on a, ready on b; unloaded on b, unloaded on a.
+        a.inference.RepositoryModelLoad(inf.RepositoryModelLoadRequest(model_name="rec"),
+                                        metadata=a.md(), timeout=300)
+        self.assertTrue(ready(a, "rec"))
+        wait_ready(b, "rec", True, "loaded on a, ready on b")
         b.inference.RepositoryModelUnload(inf.RepositoryModelUnloadRequest(model_name="rec"),
                                           metadata=b.md(), timeout=60)
-        self.assertFalse(ready(b))
-        wait_ready(a, False, "unloaded on b, unloaded on a")
+        self.assertFalse(ready(b, "rec"))
+        wait_ready(a, "rec", False, "unloaded on b, unloaded on a")
 
     def test_5_the_replicas_ride_out_a_database_restart(self):
         a = self.client("a")
