@@ -75,13 +75,28 @@ void JobManager::TakeBack(v1::Job* j) const {
 absl::Status JobManager::Reap(bool at_start) {
   // At start, this replica id's own leases are from an earlier life (the same --replica-id
   // after a restart); later they are the jobs running here.
+  // Later, this replica's own expired leases are left to it (its renewals failed for a while;
+  // it renews them when it can), and only other replicas take them over.
   FPX_ASSIGN_OR_RETURN(
       std::vector<v1::Job> back,
-      journal_->ReapLeases(at_start && opts_.journal_exclusive,
-                           at_start ? opts_.replica_id : std::string(),
-                           [this](v1::Job* j) { TakeBack(j); }));
+      journal_->ReapLeases(at_start && opts_.journal_exclusive, opts_.replica_id,
+                           /*take_mine=*/at_start,
+                           [this](v1::Job* j, bool cancel_requested) {
+                             if (cancel_requested) {
+                               // Its runner is gone: the cancel it was asked for ends it.
+                               j->set_state(v1::CANCELLED);
+                               j->set_error("cancelled while running (its replica went away)");
+                               j->clear_progress();
+                               j->set_finished_unix_ms(NowUnixMs());
+                               return;
+                             }
+                             TakeBack(j);
+                           }));
   for (const v1::Job& j : back) {
-    if (j.state() == v1::FAILED) {
+    if (j.state() == v1::CANCELLED) {
+      metrics_->JobFinished(j.spec().granularity(), v1::CANCELLED, -1, 0, 0);
+      LogInfo(absl::StrCat("job ", j.job_id(), " CANCELLED: ", j.error()));
+    } else if (j.state() == v1::FAILED) {
       metrics_->JobFinished(j.spec().granularity(), v1::FAILED, -1, 0, 0);
       LogWarning(absl::StrCat("job ", j.job_id(), " FAILED: ", j.error()));
     } else {
@@ -174,12 +189,19 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
   j.set_created_unix_ms(NowUnixMs());
   j.mutable_progress()->set_eta_seconds(-1);
   if (absl::Status s = journal_->InsertJob(j); !s.ok()) {
-    // Another replica took the same idempotency key a moment ago: answer with its job.
-    if (s.code() == absl::StatusCode::kAlreadyExists && !req.idempotency_key().empty()) {
+    if (s.code() != absl::StatusCode::kAlreadyExists) return s;
+    // The insert was sent again after a lost connection and had committed the first time.
+    auto mine = journal_->GetJob(j.job_id());
+    if (mine.ok() && *mine && (*mine)->created_unix_ms() == j.created_unix_ms()) {
+      j = **mine;
+    } else if (!req.idempotency_key().empty()) {
+      // Another replica took the same idempotency key a moment ago: answer with its job.
       FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> prev, previous());
       if (prev) return *prev;
+      return s;
+    } else {
+      return s;
     }
-    return s;
   }
   queued_.store(static_cast<int>(queued + 1));
   metrics_->JobSubmitted(spec.granularity());
@@ -369,6 +391,8 @@ bool JobManager::FencedWrite(const std::shared_ptr<Live>& live, const v1::Job& n
     return false;
   }
   if (!*held) {
+    // A renewal that lost the race with this runner's own final write is no lost lease.
+    if (!final_write && live->finishing.load()) return false;
     live->lease_lost.store(true);
     live->cancel.store(true);
     fenced_.fetch_add(1);
@@ -384,12 +408,33 @@ bool JobManager::FencedWrite(const std::shared_ptr<Live>& live, const v1::Job& n
 }
 
 void JobManager::Commit(const std::shared_ptr<Live>& live, v1::Job next) {
-  FencedWrite(live, next, /*final_write=*/true);
+  live->finishing.store(true);
+  // A journal error (not a refusal) is retried while the lease can still be valid: giving up
+  // leaves the job RUNNING in the journal, to be reaped and run again after its lease.
+  bool written = false;
+  const absl::Time give_up = absl::Now() + opts_.lease;
+  for (;;) {
+    written = FencedWrite(live, next, /*final_write=*/true);
+    if (written || live->lease_lost.load() || absl::Now() >= give_up) break;
+    absl::SleepFor(absl::Milliseconds(500));
+  }
+  if (!written) {
+    // What watchers see next is the journal's record (the new runner's, or RUNNING until the
+    // lease is reaped), not a state this replica could not write.
+    auto now = journal_->GetJob(next.job_id());
+    if (now.ok() && now->has_value()) {
+      next = **now;
+    } else {
+      next = live->job;
+    }
+  }
   ForgetCached(next.job_id());
   absl::ReleasableMutexLock l(&mu_);
   live->job = std::move(next);
   ++live->version;
-  live_.erase(live->job.job_id());
+  if (auto it = live_.find(live->job.job_id()); it != live_.end() && it->second == live) {
+    live_.erase(it);
+  }
   changed_.SignalAll();
   l.Release();
   Announce();
@@ -479,9 +524,10 @@ void JobManager::KeeperLoop() {
       absl::MutexLock l(&mu_);
       mu_.AwaitWithTimeout(
           absl::Condition(
-              +[](JobManager* m) ABSL_NO_THREAD_SAFETY_ANALYSIS { return m->stopping_; }, this),
+              +[](JobManager* m) ABSL_NO_THREAD_SAFETY_ANALYSIS { return m->keeper_stop_; },
+              this),
           tick);
-      if (stopping_) return;
+      if (keeper_stop_) return;
     }
     KeepLeases();
     // The journal's reachability, every tick: a cheap read (which also reconnects to a
@@ -525,20 +571,32 @@ void JobManager::RemoveTempOfGoneReplicas() {
 }
 
 void JobManager::KeepLeases() {
-  std::vector<std::pair<std::shared_ptr<Live>, v1::Job>> due;
+  struct Due {
+    std::shared_ptr<Live> live;
+    v1::Job job;
+    uint64_t version;
+  };
+  std::vector<Due> due;
   const absl::Time now = absl::Now();
   {
     absl::MutexLock l(&mu_);
     for (auto& [id, live] : live_) {
-      if (live->job.state() != v1::RUNNING || live->lease_lost.load()) continue;
+      if (live->job.state() != v1::RUNNING || live->lease_lost.load() ||
+          live->finishing.load()) {
+        continue;
+      }
       if (live->version != live->persisted || now - live->renewed >= opts_.lease / 3) {
-        due.emplace_back(live, live->job);
-        live->persisted = live->version;
-        live->renewed = now;
+        due.push_back({live, live->job, live->version});
       }
     }
   }
-  for (auto& [live, job] : due) FencedWrite(live, job, /*final_write=*/false);
+  for (Due& d : due) {
+    // Marked renewed only once the journal has it: a failed renewal is tried again next tick.
+    if (!FencedWrite(d.live, d.job, /*final_write=*/false)) continue;
+    absl::MutexLock l(&mu_);
+    d.live->persisted = d.version;
+    d.live->renewed = now;
+  }
 }
 
 void JobManager::Run(const std::shared_ptr<Live>& live) {
@@ -586,6 +644,11 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
   {
     absl::MutexLock l(&mu_);
     next = live->job;
+  }
+  if (!final_status.ok() && live->interrupted.load() && !live->user_cancel.load()) {
+    // Going back to the queue: a cancel asked on another replica since the last renewal ends
+    // the job instead (the renewal reads it).
+    FencedWrite(live, next, /*final_write=*/false);
   }
   // The result and artifacts appear with the SUCCEEDED state, never before it (DownloadArtifact
   // reads the journal). A user's cancel wins over a shutdown's interruption.
@@ -760,6 +823,10 @@ void JobManager::Shutdown(absl::Duration grace) {
   }
   for (std::thread& t : workers_) t.join();
   workers_.clear();
+  {
+    absl::MutexLock l(&mu_);
+    keeper_stop_ = true;
+  }
   if (keeper_.joinable()) keeper_.join();
 }
 

@@ -127,6 +127,7 @@ class JobManager {
     std::atomic<bool> user_cancel{false};  // CancelJob asked: ends CANCELLED, not re-queued
     std::atomic<bool> interrupted{false};
     std::atomic<bool> lease_lost{false};   // another replica may run it now: write nothing
+    std::atomic<bool> finishing{false};    // its final write is under way: no more renewals
     absl::Time started;
   };
 
@@ -191,6 +192,9 @@ class JobManager {
   uint64_t submitted_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::shared_ptr<Live>> live_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  // The lease keeper runs until the workers have stopped: running jobs keep their leases (and
+  // hear of cancels) through Shutdown's grace period.
+  bool keeper_stop_ ABSL_GUARDED_BY(mu_) = false;
   // Start() has taken back the jobs of runs that died: before that, Submit() is UNAVAILABLE.
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;

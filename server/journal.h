@@ -59,6 +59,9 @@ class Journal {
   // tests and single-server tools; replicas do not call it): a session advisory lock, released
   // with the connection (a crashed server's is released by the database).
   virtual absl::StatusOr<bool> LockExclusive() = 0;
+  // Whether a server holds the journal through LockExclusive now (PostgreSQL: a server of a
+  // version before replicas, which runs jobs unfenced); replicas refuse to start beside it.
+  virtual absl::StatusOr<bool> HeldExclusively() = 0;
 
   // Models, keyed by name.
   virtual absl::Status PutModel(const v1::Model& m) = 0;
@@ -115,12 +118,15 @@ class Journal {
   // The runner's last write, fenced like RenewLease: the job's new state with its artifact
   // records, in one transaction. false: refused (the lease was lost; nothing was written).
   virtual absl::StatusOr<bool> FinishLeased(const v1::Job& job, const std::string& owner) = 0;
-  // Takes back RUNNING jobs whose runner is gone: those whose lease expired, those leased by
-  // `owner` (non-empty: this replica in an earlier life, same --replica-id), or, with `all`,
-  // every one (a journal held by one server alone: whatever RUNNING it finds is from a run that
-  // died). `decide` makes each record QUEUED or FAILED; they are written and returned.
+  // Takes back RUNNING jobs whose runner is gone. With `take_mine` (at start): those whose lease
+  // expired and every one leased by `owner` (this replica in an earlier life, same
+  // --replica-id). Without (while running): those whose lease expired, except `owner`'s own,
+  // which it renews when it can. With `all`: every RUNNING job (a journal held by one server
+  // alone: whatever RUNNING it finds is from a run that died). `decide` makes each record
+  // QUEUED, FAILED or (when a cancel was asked for it) CANCELLED; they are written and returned.
   virtual absl::StatusOr<std::vector<v1::Job>> ReapLeases(
-      bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) = 0;
+      bool all, const std::string& owner, bool take_mine,
+      const std::function<void(v1::Job*, bool cancel_requested)>& decide) = 0;
   // Cancels a job from any replica. QUEUED: `cancel_queued` makes the record CANCELLED and it is
   // written (a claim cannot take it meanwhile). RUNNING: the runner is asked to stop (its next
   // RenewLease says cancel_requested). Returns the record as it is now; nullopt: no such job.

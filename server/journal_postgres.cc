@@ -155,6 +155,17 @@ class PostgresJournal final : public Journal {
     return exclusive_;
   }
 
+  absl::StatusOr<bool> HeldExclusively() override {
+    absl::MutexLock l(&mu_);
+    FPX_ASSIGN_OR_RETURN(Result r,
+                         Exec("SELECT pg_try_advisory_lock($1)", {Int(kServerLock)}));
+    const bool got = PQntuples(r.get()) == 1 && Col(r.get(), 0, 0) == std::string(1, '\1');
+    if (got && !exclusive_) {
+      FPX_RETURN_IF_ERROR(Exec("SELECT pg_advisory_unlock($1)", {Int(kServerLock)}).status());
+    }
+    return !got;
+  }
+
   absl::Status Init() {
     absl::MutexLock l(&mu_);
     FPX_RETURN_IF_ERROR(Exec("BEGIN").status());
@@ -335,18 +346,23 @@ class PostgresJournal final : public Journal {
   }
 
   absl::StatusOr<std::vector<v1::Job>> ReapLeases(
-      bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) override {
+      bool all, const std::string& owner, bool take_mine,
+      const std::function<void(v1::Job*, bool)>& decide) override {
     absl::MutexLock l(&mu_);
     std::vector<v1::Job> out;
     FPX_RETURN_IF_ERROR(Interactive([&]() -> absl::Status {
       FPX_ASSIGN_OR_RETURN(
-          Result r, Exec("SELECT record FROM jobs WHERE state = $1 AND ($2 OR lease_expires_ms < "
-                         FPX_PG_NOW_MS " OR lease_owner = $3) ORDER BY seq FOR UPDATE SKIP LOCKED",
-                         {Int(v1::RUNNING), Text(all ? "true" : "false"),
-                          owner.empty() ? Null() : Text(owner)}));
+          Result r,
+          Exec("SELECT record, cancel_requested FROM jobs WHERE state = $1 AND ($2 OR "
+               "($4 AND lease_owner = $3) OR (lease_expires_ms < " FPX_PG_NOW_MS
+               " AND ($4 OR lease_owner IS DISTINCT FROM $3))) ORDER BY seq "
+               "FOR UPDATE SKIP LOCKED",
+               {Int(v1::RUNNING), Text(all ? "true" : "false"), Text(owner),
+                Text(take_mine ? "true" : "false")}));
       FPX_ASSIGN_OR_RETURN(out, Records<v1::Job>(r.get()));
-      for (v1::Job& j : out) {
-        decide(&j);
+      for (size_t i = 0; i < out.size(); ++i) {
+        v1::Job& j = out[i];
+        decide(&j, Col(r.get(), static_cast<int>(i), 1) == std::string(1, '\1'));
         FPX_RETURN_IF_ERROR(Exec("UPDATE jobs SET state = $1, record = $2, lease_owner = NULL "
                                  "WHERE job_id = $3",
                                  {Int(j.state()), Bytes(j.SerializeAsString()), Text(j.job_id())})

@@ -179,6 +179,7 @@ class SqliteJournal final : public Journal {
   const char* backend() const override { return "sqlite"; }
   absl::Status Init();
   absl::StatusOr<bool> LockExclusive() override;
+  absl::StatusOr<bool> HeldExclusively() override { return false; }  // SQLite has no replicas
 
   absl::Status PutModel(const v1::Model& m) override;
   absl::StatusOr<std::optional<v1::Model>> GetModel(const std::string& name) override;
@@ -201,7 +202,8 @@ class SqliteJournal final : public Journal {
                                         absl::Duration lease) override;
   absl::StatusOr<bool> FinishLeased(const v1::Job& job, const std::string& owner) override;
   absl::StatusOr<std::vector<v1::Job>> ReapLeases(
-      bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) override;
+      bool all, const std::string& owner, bool take_mine,
+      const std::function<void(v1::Job*, bool)>& decide) override;
   absl::StatusOr<std::optional<v1::Job>> CancelJob(
       const std::string& job_id, const std::function<void(v1::Job*)>& cancel_queued) override;
   absl::Status ReplicaHeartbeat(const std::string& replica) override;
@@ -473,22 +475,29 @@ absl::StatusOr<bool> SqliteJournal::FinishLeased(const v1::Job& job, const std::
 }
 
 absl::StatusOr<std::vector<v1::Job>> SqliteJournal::ReapLeases(
-    bool all, const std::string& owner, const std::function<void(v1::Job*)>& decide) {
+    bool all, const std::string& owner, bool take_mine,
+    const std::function<void(v1::Job*, bool)>& decide) {
   absl::MutexLock l(&mu_);
   std::vector<v1::Job> out;
   FPX_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
     Stmt st(db_,
-            "SELECT record FROM jobs WHERE state = ?1 AND (?2 OR lease_expires_ms < ?3 OR "
-            "lease_owner = ?4) ORDER BY seq");
+            "SELECT record, cancel_requested FROM jobs WHERE state = ?1 AND (?2 OR "
+            "(?5 AND lease_owner = ?4) OR (lease_expires_ms < ?3 AND (?5 OR lease_owner IS NOT ?4))) "
+            "ORDER BY seq");
     st.Bind(1, int64_t{v1::RUNNING}).Bind(2, int64_t{all ? 1 : 0}).Bind(3, NowMs());
-    if (owner.empty()) {
-      st.BindNull(4);
-    } else {
-      st.Bind(4, owner);
+    st.Bind(4, owner).Bind(5, int64_t{take_mine ? 1 : 0});
+    std::vector<bool> cancel;
+    absl::Status s = st.status();
+    while (s.ok() && st.Step(&s)) {
+      v1::Job j;
+      if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+      out.push_back(std::move(j));
+      cancel.push_back(st.Int(1) != 0);
     }
-    FPX_ASSIGN_OR_RETURN(out, Collect<v1::Job>(st));
-    for (v1::Job& j : out) {
-      decide(&j);
+    FPX_RETURN_IF_ERROR(s);
+    for (size_t i = 0; i < out.size(); ++i) {
+      v1::Job& j = out[i];
+      decide(&j, cancel[i]);
       Stmt up(db_, "UPDATE jobs SET state = ?1, record = ?2, lease_owner = NULL WHERE job_id = ?3");
       up.Bind(1, static_cast<int64_t>(j.state())).BindBlob(2, j.SerializeAsString());
       up.Bind(3, j.job_id());

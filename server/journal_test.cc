@@ -266,7 +266,14 @@ TEST_P(JournalConformance, OneServerPerStore) {
   got = b->LockExclusive();
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_FALSE(*got);  // a second server on the same store
-  a.reset();           // the first one stops (or dies): the lock goes with it
+  // What a replica asks before starting beside an older single server (PostgreSQL only).
+  auto held = b->HeldExclusively();
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(*held, GetParam() == "postgresql");
+  a.reset();  // the first one stops (or dies): the lock goes with it
+  held = b->HeldExclusively();
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_FALSE(*held);  // and asking did not take it
   got = b->LockExclusive();
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_TRUE(*got);
@@ -355,7 +362,7 @@ TEST_P(JournalConformance, ALostLeaseFencesTheOldRunnersWrites) {
   // A lease of another owner that has not expired is not reaped.
   ASSERT_TRUE(b->InsertJob(QueuedJob("job-2")).ok());
   ASSERT_TRUE(b->ClaimJob("c", absl::Hours(1), Starts("c")).ok());
-  auto back = b->ReapLeases(/*all=*/false, "b", [](v1::Job* j) {
+  auto back = b->ReapLeases(/*all=*/false, "b", /*take_mine=*/false, [](v1::Job* j, bool) {
     j->set_state(v1::QUEUED);
     j->set_crashed_attempts(j->crashed_attempts() + 1);
   });
@@ -404,26 +411,41 @@ TEST_P(JournalConformance, ALostLeaseFencesTheOldRunnersWrites) {
   EXPECT_FALSE(*b->FinishLeased(done, "b"));
 }
 
-// Reaping by owner (a restarted replica with the same id) and `all` (a journal held alone).
+// Reaping by owner (a restarted replica with the same id, at start), sparing an owner's own
+// expired leases while it runs, `all` (a journal held alone), and a cancel asked of a job whose
+// runner is gone.
 TEST_P(JournalConformance, ReapTakesBackAnOwnersJobsOrAll) {
   auto j = OpenNew();
   ASSERT_NE(j, nullptr);
-  for (const char* id : {"job-1", "job-2"}) ASSERT_TRUE(j->InsertJob(QueuedJob(id)).ok());
+  for (const char* id : {"job-1", "job-2", "job-3"}) ASSERT_TRUE(j->InsertJob(QueuedJob(id)).ok());
   ASSERT_TRUE(j->ClaimJob("pod-0:1", absl::Hours(1), Starts("pod-0:1")).ok());
   ASSERT_TRUE(j->ClaimJob("pod-1:1", absl::Hours(1), Starts("pod-1:1")).ok());
-  auto requeue = [](v1::Job* r) { r->set_state(v1::QUEUED); };
-  auto none = j->ReapLeases(false, "", requeue);
-  ASSERT_TRUE(none.ok());
-  EXPECT_TRUE(none->empty());
-  auto own = j->ReapLeases(false, "pod-0:1", requeue);
-  ASSERT_TRUE(own.ok());
-  ASSERT_EQ(own->size(), 1u);
+  ASSERT_TRUE(j->ClaimJob("pod-2:1", absl::ZeroDuration(), Starts("pod-2:1")).ok());
+  absl::SleepFor(absl::Milliseconds(20));  // pod-2's lease has expired
+  std::vector<bool> cancels;
+  auto requeue = [&cancels](v1::Job* r, bool cancel) {
+    cancels.push_back(cancel);
+    r->set_state(cancel ? v1::CANCELLED : v1::QUEUED);
+  };
+  // pod-2 itself, running: its own expired lease is left to it.
+  auto spared = j->ReapLeases(false, "pod-2:1", /*take_mine=*/false, requeue);
+  ASSERT_TRUE(spared.ok()) << spared.status();
+  EXPECT_TRUE(spared->empty());
+  // pod-0 restarting with its id: its own job, and pod-2's expired one.
+  ASSERT_TRUE(j->CancelJob("job-3", [](v1::Job*) {}).ok());  // asked while pod-2 was away
+  auto own = j->ReapLeases(false, "pod-0:1", /*take_mine=*/true, requeue);
+  ASSERT_TRUE(own.ok()) << own.status();
+  ASSERT_EQ(own->size(), 2u);
   EXPECT_EQ((*own)[0].job_id(), "job-1");
-  auto all = j->ReapLeases(true, "", requeue);
+  EXPECT_EQ((*own)[1].job_id(), "job-3");
+  EXPECT_EQ(cancels, (std::vector<bool>{false, true}));
+  // A journal held alone: everything RUNNING.
+  auto all = j->ReapLeases(true, "x", /*take_mine=*/true, requeue);
   ASSERT_TRUE(all.ok());
   ASSERT_EQ(all->size(), 1u);
   EXPECT_EQ((*all)[0].job_id(), "job-2");
   EXPECT_EQ(*j->CountJobs(v1::QUEUED), 2);
+  EXPECT_EQ(*j->CountJobs(v1::CANCELLED), 1);
 }
 
 // CancelJob from any replica: a queued job is cancelled at once (no claim takes it after), a

@@ -360,12 +360,13 @@ grpc::Status QuantizerService::DownloadArtifact(grpc::ServerContext* c, const v1
     const uint32_t chunk = req->chunk_bytes() == 0 ? (1u << 20) : req->chunk_bytes();
     if (chunk > (4u << 20)) return absl::InvalidArgumentError("chunk_bytes: at most 4194304");
     FPX_ASSIGN_OR_RETURN(std::unique_ptr<StreamGuard::Lease> lease, ctx_.downloads->Open(c));
-    const std::string path = ctx_.store->PathOf(art.sha256());
-    core::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (fd.get() < 0) {
-      return absl::DataLossError(
-          absl::StrCat("artifact ", art.artifact_id(), ": its blob is missing from the store"));
+    absl::StatusOr<core::UniqueFd> opened = ctx_.store->OpenRead(art.sha256());
+    if (!opened.ok()) {
+      return absl::DataLossError(absl::StrCat("artifact ", art.artifact_id(),
+                                              ": its blob cannot be read from the store: ",
+                                              opened.status().message()));
     }
+    const core::UniqueFd fd = *std::move(opened);
     uint64_t off = req->offset();
     v1::ArtifactChunk msg;
     msg.set_total_size(art.size_bytes());

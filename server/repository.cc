@@ -287,7 +287,9 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
   }
   // Replicas may publish the same version at once: each writes its own temporary directory.
   const fs::path tmp =
-      fs::path(dir_) / d.name() / absl::StrCat(".", d.version(), ".", ::getpid(), ".tmp");
+      fs::path(dir_) / d.name() /
+      absl::StrCat(".", d.version(), ".",
+                   opts_.replica_id.empty() ? absl::StrCat(::getpid()) : opts_.replica_id, ".tmp");
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create '", tmp.string(), "'"));
@@ -306,6 +308,11 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
   if (series) FPX_RETURN_IF_ERROR(place(d.artifact_sha256(), kArtifactFile));
   FPX_ASSIGN_OR_RETURN(std::string json, ProtoToJson(d));
   FPX_RETURN_IF_ERROR(core::WriteFileAtomic((tmp / "config.json").string(), json));
+  if (fs::exists(final_dir / "config.json", ec) &&
+      (!series || fs::exists(final_dir / kArtifactFile, ec))) {
+    fs::remove_all(tmp, ec);  // another replica published the same version meanwhile
+    return absl::OkStatus();
+  }
   fs::remove_all(final_dir, ec);
   fs::rename(tmp, final_dir, ec);
   if (ec) {
@@ -320,7 +327,6 @@ absl::Status Repository::WriteVersionDir(const v1::Deployment& d) {
 }
 
 absl::Status Repository::LoadDeployment(v1::Deployment d, bool if_not_loaded) {
-  absl::MutexLock load_lock(&load_mu_);
   if (if_not_loaded) {
     absl::MutexLock l(&mu_);
     if (auto it = loaded_.find(d.name());
@@ -367,6 +373,7 @@ std::string Repository::LoadingMarker(const v1::Deployment& d) const {
 }
 
 int Repository::Sync() {
+  absl::MutexLock load_lock(&load_mu_);
   auto all = journal_->ListDeployments();
   if (!all.ok()) {
     LogError(absl::StrCat("deployment sync: ", all.status().message()));
@@ -426,6 +433,7 @@ void Repository::Restore() {
       if (journal_->PutDeployment(d).ok()) fs::remove(LoadingMarker(d), ec);
       continue;
     }
+    absl::MutexLock load_lock(&load_mu_);
     LoadDeployment(d).IgnoreError();  // recorded in failures_
   }
 }
@@ -456,6 +464,7 @@ absl::StatusOr<v1::Deployment> Repository::Deploy(v1::Deployment d, bool load) {
         "a quantized deployment needs its job's packed artifact (artifact_sha256)");
   }
   FPX_RETURN_IF_ERROR(WriteVersionDir(d));
+  absl::MutexLock load_lock(&load_mu_);
   FPX_RETURN_IF_ERROR(journal_->PutDeployment(d));
   if (load) FPX_RETURN_IF_ERROR(LoadDeployment(d));
   return d;
@@ -496,6 +505,7 @@ absl::Status Repository::Load(const std::string& name, bool may_load_deployments
     return absl::PermissionDeniedError(absl::StrCat(
         "model_name: '", name, "' is a deployment; loading it needs the 'infer' or 'admin' role"));
   }
+  absl::MutexLock load_lock(&load_mu_);
   for (v1::Deployment& d : mine) {
     d.set_loaded(true);
     d.clear_quarantine_reason();
@@ -506,6 +516,7 @@ absl::Status Repository::Load(const std::string& name, bool may_load_deployments
 }
 
 absl::Status Repository::Unload(const std::string& name) {
+  absl::MutexLock load_lock(&load_mu_);
   FPX_ASSIGN_OR_RETURN(std::vector<v1::Deployment> all, journal_->ListDeployments());
   bool found = false;
   for (v1::Deployment& d : all) {

@@ -214,7 +214,8 @@ class Repository {
   absl::Status ResolveArtifact(v1::Deployment* d);
   absl::Status WriteVersionDir(const v1::Deployment& d);
   // `if_not_loaded`: a version already loaded here is left as it is (Sync).
-  absl::Status LoadDeployment(v1::Deployment d, bool if_not_loaded = false);
+  absl::Status LoadDeployment(v1::Deployment d, bool if_not_loaded = false)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(load_mu_);
 
   const std::string dir_;
   Journal* journal_;
@@ -222,7 +223,10 @@ class Repository {
   core::ThreadPool* pool_;
   std::string LoadingMarker(const v1::Deployment& d) const;
   const Options opts_;
-  absl::Mutex load_mu_;  // one load at a time (loads use both cores)
+  // One load at a time (loads use both cores). Also held across every change of what is loaded
+  // (Deploy, Load, Unload, Sync: the journal write and the map update together), so that Sync
+  // never acts on a deployment list older than a local change.
+  absl::Mutex load_mu_;
   absl::Mutex mu_;
   // name -> version -> loaded model
   std::map<std::string, std::map<std::string, std::shared_ptr<ServedModel>>> loaded_

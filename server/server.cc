@@ -169,6 +169,8 @@ struct Server::Impl {
   // Replicas (a shared journal): Repository::Sync every kDeploymentSyncPeriod.
   absl::Notification stop_sync;
   std::thread deployment_sync;
+  // Orders readiness changes: start, shutdown, and the journal's reachability.
+  absl::Mutex health_mu;
 };
 
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -220,6 +222,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
                        "': another fpxint-server is using this data directory; stop it, choose "
                        "another directory, or share a PostgreSQL journal (--database-url) to run "
                        "replicas"));
+    }
+  }
+  if (shared) {
+    FPX_ASSIGN_OR_RETURN(bool old_server, im->journal->HeldExclusively());
+    if (old_server) {
+      return absl::FailedPreconditionError(
+          "--database-url: an fpxint-server of a version before replicas holds this database "
+          "alone and runs its jobs unfenced; stop it before starting replicas");
     }
   }
   FPX_RETURN_IF_ERROR(im->journal->ReplicaHeartbeat(im->config.replica_id));
@@ -369,7 +379,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     // service say NOT_SERVING; the inference service goes on serving the models it has loaded.
     Impl* p = im.get();
     im->jobs->SetJournalHealthListener([p](bool reachable) {
-      if (!p->ready.load()) return;
+      absl::MutexLock l(&p->health_mu);
+      if (!p->ready.load()) return;  // not serving yet, or shutting down
       auto* health = p->grpc_server->GetHealthCheckService();
       health->SetServingStatus("", reachable);
       health->SetServingStatus("fpxint.v1.Quantizer", reachable);
@@ -399,11 +410,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
       }
     });
   }
-  im->ready.store(true);
-  auto* health = im->grpc_server->GetHealthCheckService();
-  health->SetServingStatus(true);
-  health->SetServingStatus("inference.GRPCInferenceService", true);
-  health->SetServingStatus("fpxint.v1.Quantizer", true);
+  {
+    absl::MutexLock l(&im->health_mu);
+    im->ready.store(true);
+    auto* health = im->grpc_server->GetHealthCheckService();
+    health->SetServingStatus(true);
+    health->SetServingStatus("inference.GRPCInferenceService", true);
+    // The journal may have become unreachable since the job manager started.
+    const bool reachable = im->jobs->journal_reachable();
+    health->SetServingStatus("", reachable);
+    health->SetServingStatus("fpxint.v1.Quantizer", reachable);
+  }
 
   std::unique_ptr<Server> server(new Server(std::move(im)));
   const std::string addr = server->address();
@@ -453,10 +470,13 @@ void Server::Shutdown() {
   }
   Impl& im = *impl_;
   LogInfo("shutting down: not ready, finishing running jobs");
-  im.ready.store(false);
-  if (im.grpc_server) {
-    auto* health = im.grpc_server->GetHealthCheckService();
-    health->SetServingStatus(false);
+  {
+    absl::MutexLock l(&im.health_mu);
+    im.ready.store(false);
+    if (im.grpc_server) {
+      auto* health = im.grpc_server->GetHealthCheckService();
+      health->SetServingStatus(false);
+    }
   }
   im.stop_retention.Notify();
   if (im.retention.joinable()) im.retention.join();

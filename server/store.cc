@@ -155,6 +155,18 @@ absl::StatusOr<uint64_t> BlobStore::SizeOf(absl::string_view sha256) const {
   return static_cast<uint64_t>(st.st_size);
 }
 
+absl::StatusOr<core::UniqueFd> BlobStore::OpenRead(absl::string_view sha256) const {
+  if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256 hex digest");
+  core::UniqueFd fd(::open(PathOf(sha256).c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    if (errno == ENOENT) {
+      return absl::NotFoundError(absl::StrCat("blob ", sha256, " is not in the store"));
+    }
+    return core::ErrnoToStatus(errno, "cannot open blob", std::string(sha256));
+  }
+  return fd;
+}
+
 absl::Status BlobStore::Remove(absl::string_view sha256) {
   if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256 hex digest");
   const std::string p = PathOf(sha256);

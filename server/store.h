@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "absl/strings/string_view.h"
+#include "core/unique_fd.h"
 
 namespace fpxint::server {
 
@@ -52,6 +53,9 @@ class BlobStore {
   bool Has(absl::string_view sha256) const;
   std::string PathOf(absl::string_view sha256) const;  // REQUIRES: IsSha256Hex(sha256)
   absl::StatusOr<uint64_t> SizeOf(absl::string_view sha256) const;
+  // The blob opened for reading (what handlers use; no path leaves the store). NotFound when it
+  // is not in the store.
+  absl::StatusOr<core::UniqueFd> OpenRead(absl::string_view sha256) const;
   absl::Status Remove(absl::string_view sha256);
 
   // Bytes an unprivileged writer can still use on the store's file system.

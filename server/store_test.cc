@@ -2,6 +2,8 @@
 // and bounded, identical content is stored once, and removal asks who refers to a blob.
 #include "server/store.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <set>
 #include <string>
@@ -51,6 +53,14 @@ TEST(BlobStore, StreamsHashesAndDeduplicates) {
   ASSERT_TRUE(again.ok());
   EXPECT_TRUE(again->deduplicated);
   EXPECT_EQ(*store->SizeOf(r->sha256), bytes.size());
+  // Handlers read blobs through the store: an open descriptor, or NotFound.
+  auto fd = store->OpenRead(r->sha256);
+  ASSERT_TRUE(fd.ok()) << fd.status();
+  std::string back(bytes.size(), '\0');
+  ASSERT_EQ(::pread(fd->get(), back.data(), back.size(), 0),
+            static_cast<ssize_t>(bytes.size()));
+  EXPECT_EQ(back, bytes);
+  EXPECT_EQ(store->OpenRead(std::string(64, 'e')).status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(BlobStore, RefusesOversizeAndWrongHashStoringNothing) {
