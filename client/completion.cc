@@ -27,8 +27,8 @@ _fpxint() {
     --variant) COMPREPLY=($(compgen -W "rescaled digits" -- "$cur")); return ;;
     --format) COMPREPLY=($(compgen -W "auto safetensors torchscript torch_state_dict" -- "$cur")); return ;;
     --state) COMPREPLY=($(compgen -W "queued running succeeded failed cancelled" -- "$cur")); return ;;
-    --kind) COMPREPLY=($(compgen -W "packed_safetensors report_json dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
-    --output-format) COMPREPLY=($(compgen -W "dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
+    --kind) COMPREPLY=($(compgen -W "packed_safetensors report_json dequantized_safetensors dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
+    --output-format) COMPREPLY=($(compgen -W "dequantized_safetensors dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
     --datatype) COMPREPLY=($(compgen -W "FP32 FP16 FP64 INT64 INT32 INT16 INT8 UINT8 BOOL" -- "$cur")); return ;;
     -f|--job-file|-i|--input|-o|--output|--tls-ca|--tls-cert|--tls-key|--report)
       COMPREPLY=($(compgen -f -- "$cur")); return ;;

@@ -466,10 +466,13 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
                            "stop adding terms once the relative error is below eps (0 < eps < 1)"))
       ->check(CLI::Range(0.0, 0.999999999));
   opt("outputs", c->add_option("--output-format", q->outputs,
-                               "extra artifacts (repeatable): dequantized_torchscript, "
-                               "basis_torchscript (packed safetensors and report are always written)"))
-      ->check(CLI::IsMember({"packed_safetensors", "dequantized_torchscript", "basis_torchscript",
-                             "report_json"}));
+                               "extra artifacts (repeatable): dequantized_safetensors (TENSOR: "
+                               "the source's layout and dtypes, weights as the sum of their "
+                               "terms), dequantized_torchscript (weight-only LAYER/MODEL), "
+                               "basis_torchscript (MODEL); packed safetensors and report are "
+                               "always written"))
+      ->check(CLI::IsMember({"packed_safetensors", "dequantized_safetensors",
+                             "dequantized_torchscript", "basis_torchscript", "report_json"}));
   opt("deploy", c->add_flag("--deploy", q->deploy, "deploy the result for inference (default name: MODEL-fpxint)"));
   opt("deploy_as", c->add_option("--deploy-as", q->deploy_as, "deploy the result for inference under this name"));
   opt("deploy_version", c->add_option("--deploy-version", q->deploy_version,

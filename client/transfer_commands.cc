@@ -409,7 +409,7 @@ void AddTransferCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) 
                 "file or directory to write (default: the artifact's file name in .)");
   d->add_option("--kind", down->kind,
                 "with a job id: which artifact (packed_safetensors, report_json, "
-                "dequantized_torchscript, basis_torchscript)");
+                "dequantized_safetensors, dequantized_torchscript, basis_torchscript)");
   d->add_flag("--all", down->all, "with a job id: every artifact of the job, into -o DIR");
   d->add_flag("--no-resume", down->no_resume, "discard an existing .part file and start over");
   d->add_option("--chunk-bytes", down->chunk_bytes, "bytes per streamed message (server default 1 MiB)")

@@ -604,4 +604,76 @@ absl::StatusOr<TensorExpansion> ArtifactView::Load(absl::string_view name, int n
   return out;
 }
 
+absl::StatusOr<std::string> WriteDequantizedSafetensors(const std::string& source_path,
+                                                        const std::string& artifact_path,
+                                                        const std::string& out_path,
+                                                        absl::string_view source_sha256,
+                                                        ThreadPool* pool) {
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> src, SafetensorsReader::Open(source_path));
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsReader> art,
+                       SafetensorsReader::Open(artifact_path));
+  FPX_ASSIGN_OR_RETURN(ArtifactView view, ArtifactView::Parse(*art));
+  if (!source_sha256.empty() && !view.source_sha256().empty() &&
+      view.source_sha256() != source_sha256) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the artifact was made from source ", view.source_sha256(), ", not from ", source_sha256));
+  }
+  absl::flat_hash_map<std::string, const ArtifactView::Entry*> expanded;
+  for (const ArtifactView::Entry& e : view.tensors()) expanded[e.name] = &e;
+  SafetensorsWriter w;
+  for (const auto& [key, value] : src->metadata()) w.SetMetadata(key, value);
+  const ExpansionSpec& spec = view.spec();
+  w.SetMetadata("fpxint.dequantized",
+                absl::StrCat("sum of ", spec.terms, " terms of ", spec.bits, " bits (grid ",
+                             GridName(spec.grid), ", variant ", VariantName(spec.variant),
+                             ", scale ", ScaleName(spec.scale), ")"));
+  for (const TensorInfo& t : src->tensors()) {
+    auto it = expanded.find(t.name);
+    if (it == expanded.end()) {
+      // Borrowed from the source's mapping, which outlives the write below.
+      FPX_RETURN_IF_ERROR(w.Add(t.name, t.dtype, t.shape, src->Data(t), t.dtype_name));
+      continue;
+    }
+    FPX_ASSIGN_OR_RETURN(TensorExpansion e, view.Load(t.name));
+    int64_t numel = 1;
+    for (int64_t d : t.shape) numel *= d;
+    if (e.layout.numel() != numel) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor '", t.name, "': the artifact holds ", e.layout.numel(),
+          " values, the source ", numel, " (an artifact of another source?)"));
+    }
+    const std::vector<double> v = Reconstruct(e, static_cast<int>(e.terms.size()), pool);
+    DType out = t.dtype;
+    std::vector<uint8_t> bytes;
+    switch (t.dtype) {
+      case DType::kF64:
+        bytes.resize(numel * 8);
+        std::memcpy(bytes.data(), v.data(), bytes.size());
+        break;
+      case DType::kF32: {
+        bytes.resize(numel * 4);
+        float* f = reinterpret_cast<float*>(bytes.data());
+        for (int64_t i = 0; i < numel; ++i) f[i] = static_cast<float>(v[i]);
+        break;
+      }
+      case DType::kF16:
+      case DType::kBF16:
+      default: {  // FP8 sources come out as BF16
+        out = t.dtype == DType::kF16 ? DType::kF16 : DType::kBF16;
+        bytes.resize(numel * 2);
+        for (int64_t i = 0; i < numel; ++i) {
+          const float f = static_cast<float>(v[i]);
+          const uint16_t h = out == DType::kF16 ? FloatToHalf(f) : FloatToBFloat16(f);
+          std::memcpy(bytes.data() + 2 * i, &h, 2);
+        }
+        break;
+      }
+    }
+    FPX_RETURN_IF_ERROR(w.AddOwned(t.name, out, t.shape, std::move(bytes)));
+  }
+  std::string sha;
+  FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &sha));
+  return sha;
+}
+
 }  // namespace fpxint::core

@@ -101,6 +101,20 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
                                                    const std::string& out_path,
                                                    const ArtifactOptions& options);
 
+// The dequantized counterpart of a source file: the source's tensors in its order and under its
+// names, each expanded one replaced by the sum of all its terms in the artifact (summed in fp64,
+// rounded once), in the source's dtype (F32, F64, F16, BF16; an FP8 source as BF16, which holds
+// its dequantized values exactly enough to load anywhere the source loaded), every other tensor
+// copied byte for byte; the source's metadata plus "fpxint.dequantized" naming the spec. Written
+// atomically to `out_path`; returns its SHA-256. InvalidArgument when the artifact's recorded
+// source SHA-256 differs from `source_sha256` (when given), or a tensor's shape differs. Memory:
+// the output is assembled in memory before it is written (the source's size in its dtype).
+absl::StatusOr<std::string> WriteDequantizedSafetensors(const std::string& source_path,
+                                                        const std::string& artifact_path,
+                                                        const std::string& out_path,
+                                                        absl::string_view source_sha256 = {},
+                                                        ThreadPool* pool = nullptr);
+
 // A parsed, validated artifact over a SafetensorsReader (which must outlive it).
 class ArtifactView {
  public:

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -20,6 +21,7 @@ namespace {
 
 using ::fpxint::testing::Dist;
 using ::fpxint::testing::RandomValues;
+using ::fpxint::testing::ReadFileOrDie;
 using ::fpxint::testing::ScratchDir;
 
 template <typename T>
@@ -228,6 +230,84 @@ TEST(Artifact, UnsupportedDTypesAreCopiedUnchangedWithTheReason) {
   EXPECT_EQ(t->dtype_name, "F8_E4M3FNUZ");
   const auto d = (*out)->Data(*t);
   EXPECT_EQ(std::vector<uint8_t>(d.begin(), d.end()), q);
+}
+
+// The dequantized file: the source's names, order, shapes and dtypes; every expanded tensor is
+// the artifact's Σ terms (fp64, rounded once to its dtype); every other tensor (a bias, an
+// integer buffer, an excluded weight, a dtype fpxint does not read) is the source's bytes; an FP8
+// weight comes out as BF16.
+TEST(Artifact, DequantizedSafetensorsKeepsTheSourceLayout) {
+  ScratchDir dir;
+  auto base = SafetensorsReader::Open(WriteSource(dir));
+  ASSERT_TRUE(base.ok()) << base.status();
+  SafetensorsWriter w;
+  w.SetMetadata("format", "pt");
+  for (const TensorInfo& t : (*base)->tensors()) {
+    ASSERT_TRUE(w.Add(t.name, t.dtype, t.shape, (*base)->Data(t)).ok());
+  }
+  std::vector<uint8_t> f8(16 * 24);
+  for (size_t i = 0; i < f8.size(); ++i) f8[i] = static_cast<uint8_t>((i * 37) % 120);
+  ASSERT_TRUE(w.Add("f8.weight", DType::kF8E4M3, {16, 24}, f8).ok());
+  std::vector<uint16_t> bf(20 * 10);
+  for (size_t i = 0; i < bf.size(); ++i) bf[i] = FloatToBFloat16(std::sin(0.3f * i));
+  ASSERT_TRUE(w.AddOwned("bf.weight", DType::kBF16, {20, 10}, AsBytes(bf)).ok());
+  const std::vector<uint8_t> q = {1, 2, 3, 4, 5, 6, 7, 8};
+  ASSERT_TRUE(w.Add("q.weight", DType::kOther, {2, 4}, q, "F8_E4M3FNUZ").ok());
+  const std::string src_path = dir.File("src2.safetensors");
+  ASSERT_TRUE(w.WriteFile(src_path).ok());
+  const std::string art_path = dir.File("art.safetensors");
+  ASSERT_TRUE(ExpandSafetensorsFile(src_path, art_path,
+                                    Options(4, 2, Grid::kSym, ScaleGranularity::kChannel))
+                  .ok());
+  auto sha = WriteDequantizedSafetensors(src_path, art_path, dir.File("deq.safetensors"));
+  ASSERT_TRUE(sha.ok()) << sha.status();
+  const std::string written = ReadFileOrDie(dir.File("deq.safetensors"));
+  EXPECT_EQ(*sha, Sha256Hex(absl::MakeConstSpan(
+                      reinterpret_cast<const uint8_t*>(written.data()), written.size())));
+  auto src = SafetensorsReader::Open(src_path);
+  auto deq = SafetensorsReader::Open(dir.File("deq.safetensors"));
+  auto art = SafetensorsReader::Open(art_path);
+  ASSERT_TRUE(src.ok() && deq.ok() && art.ok());
+  auto view = ArtifactView::Parse(**art);
+  ASSERT_TRUE(view.ok()) << view.status();
+  ASSERT_EQ((*deq)->tensors().size(), (*src)->tensors().size());
+  EXPECT_EQ((*deq)->Metadata("format"), std::optional<std::string>("pt"));
+  EXPECT_TRUE((*deq)->Metadata("fpxint.dequantized").has_value());
+  int expanded = 0;
+  for (size_t i = 0; i < (*src)->tensors().size(); ++i) {
+    const TensorInfo& s = (*src)->tensors()[i];
+    const TensorInfo& d = (*deq)->tensors()[i];
+    EXPECT_EQ(d.name, s.name);
+    EXPECT_EQ(d.shape, s.shape);
+    const auto sd = (*src)->Data(s);
+    const auto dd = (*deq)->Data(d);
+    auto e = view->Load(s.name);
+    if (!e.ok()) {  // not expanded: the source's bytes
+      EXPECT_EQ(d.dtype_name, s.dtype_name) << s.name;
+      EXPECT_EQ(std::vector<uint8_t>(dd.begin(), dd.end()),
+                std::vector<uint8_t>(sd.begin(), sd.end()))
+          << s.name;
+      continue;
+    }
+    ++expanded;
+    EXPECT_EQ(d.dtype, s.dtype == DType::kF8E4M3 ? DType::kBF16 : s.dtype) << s.name;
+    const std::vector<double> want = Reconstruct(*e, static_cast<int>(e->terms.size()));
+    ASSERT_EQ(want.size() * DTypeSize(d.dtype), dd.size()) << s.name;
+    std::vector<double> got(want.size());
+    ConvertToDouble(d.dtype, dd.data(), static_cast<int64_t>(got.size()), got.data());
+    for (size_t j = 0; j < want.size(); ++j) {
+      const float f = static_cast<float>(want[j]);
+      const double rounded = d.dtype == DType::kF32   ? double{f}
+                             : d.dtype == DType::kF16 ? double{HalfToFloat(FloatToHalf(f))}
+                                                      : double{BFloat16ToFloat(FloatToBFloat16(f))};
+      ASSERT_EQ(got[j], rounded) << s.name << "[" << j << "]";
+    }
+  }
+  EXPECT_EQ(expanded, 4);  // conv, fc, f8, bf (head is excluded, q unread)
+  // An artifact of another source is refused.
+  auto other = WriteDequantizedSafetensors(src_path, art_path, dir.File("x.safetensors"),
+                                           std::string(64, '0'));
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kInvalidArgument) << other.status();
 }
 
 TEST(Artifact, ClearErrors) {

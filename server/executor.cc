@@ -257,6 +257,16 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
       report.bytes_out ? static_cast<double>(report.bytes_in) / report.bytes_out : 0);
   out.files.push_back({kPackedArtifactKind, ctx.model.name() + ".fpxint.safetensors", artifact,
                        report.artifact_sha256});
+  if (Wants(spec, v1::DEQUANTIZED_SAFETENSORS)) {
+    FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+    rep->Phase("dequantizing", 0.95);
+    const std::string p = (fs::path(ctx.scratch_dir) / "dequantized.safetensors").string();
+    FPX_ASSIGN_OR_RETURN(std::string sha,
+                         core::WriteDequantizedSafetensors(source, artifact, p,
+                                                           opts.source_sha256, ctx.pool));
+    out.files.push_back({"dequantized_safetensors",
+                         ctx.model.name() + ".dequantized.safetensors", p, sha});
+  }
   return out;
 }
 

@@ -209,6 +209,10 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
     if (f == v1::DEQUANTIZED_TORCHSCRIPT && (!network || s->act_terms() > 0)) {
       return Bad("outputs", "DEQUANTIZED_TORCHSCRIPT needs a weight-only LAYER or MODEL job");
     }
+    if (f == v1::DEQUANTIZED_SAFETENSORS && s->granularity() != v1::TENSOR) {
+      return Bad("outputs", "DEQUANTIZED_SAFETENSORS needs a TENSOR job (LAYER and MODEL jobs "
+                            "write DEQUANTIZED_TORCHSCRIPT)");
+    }
     if (f == v1::BASIS_TORCHSCRIPT && s->granularity() != v1::MODEL) {
       return Bad("outputs", "BASIS_TORCHSCRIPT needs a MODEL job");
     }

@@ -296,6 +296,82 @@ class ServiceE2E(ServerTestCase):
         self.state["tensor_job"] = job
         self.state["packed"] = (a, packed)
 
+    def test_10b_dequantized_safetensors(self):
+        """A TENSOR job's dequantized_safetensors output, read with numpy (not fpxint's reader):
+        the source's names, order, shapes and dtypes; every expanded weight equal to a float64
+        reference of the expansion (docs/ALGORITHM.md §1-2: sym grid, per-channel, b=4, K=2,
+        scales rounded down to F32, up when that would be subnormal) rounded once to F32; every
+        other tensor byte for byte."""
+        self.need("uploaded", "test_04_upload_models")
+        c = self.cq
+        spec = c.job_spec("ocr_rec_weights", "TENSOR", weight_bits=4, weight_terms=2, grid="SYM",
+                          scale="PER_CHANNEL", outputs=["DEQUANTIZED_SAFETENSORS"])
+        job = self.call(c.submit, spec)
+        done = c.wait_state(job.job_id, ["SUCCEEDED", "FAILED", "CANCELLED"], timeout=180)
+        self.assertEqual(c.state_name(done.state), "SUCCEEDED", done.error)
+        arts = {a.kind: a for a in done.artifacts}
+        self.assertIn("dequantized_safetensors", arts)
+        art = arts["dequantized_safetensors"]
+        self.assertEqual(art.file_name, "ocr_rec_weights.dequantized.safetensors")
+        data, _ = self.call(c.download, art.artifact_id)
+        self.assertEqual(sc.sha256_bytes(data), art.sha256)
+        with open(self.rec_st, "rb") as f:
+            source = f.read()
+        src_h, src_off = sc.st_header(source)
+        deq_h, deq_off = sc.st_header(data)
+        src_names = [k for k in src_h if k != "__metadata__"]
+        deq_names = [k for k in deq_h if k != "__metadata__"]
+        self.assertEqual(sorted(deq_names), sorted(src_names))
+        self.assertIn("fpxint.dequantized", deq_h.get("__metadata__", {}))
+        expanded = {l.name for l in done.result.layers}
+        self.assertTrue(expanded)
+        np_dtypes = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4"}
+        checked = 0
+        for name in src_names:
+            s, d = src_h[name], deq_h[name]
+            self.assertEqual(d["shape"], s["shape"], name)
+            sb = source[src_off + s["data_offsets"][0]:src_off + s["data_offsets"][1]]
+            db = data[deq_off + d["data_offsets"][0]:deq_off + d["data_offsets"][1]]
+            if name not in expanded:
+                self.assertEqual(d["dtype"], s["dtype"], name)
+                self.assertEqual(db, sb, f"{name}: a copied tensor changed")
+                continue
+            self.assertEqual(d["dtype"], s["dtype"], name)
+            self.assertEqual(s["dtype"], "F32", name)
+            w = np.frombuffer(sb, dtype="<f4").astype(np.float64).reshape(s["shape"][0], -1)
+            r = w.copy()
+            total = np.zeros_like(r)
+            for _ in range(2):
+                m = np.abs(r).max(axis=1)
+                exact = m / 7.0
+                # Round down to a float; one that would be subnormal rounds up instead.
+                scale = exact.astype(np.float32)
+                over = scale.astype(np.float64) > exact
+                scale[over] = np.nextafter(scale[over], np.float32(0))
+                tiny = scale < np.finfo(np.float32).tiny
+                up = exact.astype(np.float32)
+                under = up.astype(np.float64) < exact
+                up[under] = np.nextafter(up[under], np.float32(np.inf))
+                scale[tiny] = up[tiny]
+                scale = np.where(m == 0, np.float32(1), scale).astype(np.float64)[:, None]
+                codes = np.clip(np.rint(r / scale), -7, 7)
+                term = scale * codes
+                total += term
+                r -= term
+            want = total.astype(np.float32).reshape(-1)
+            got = np.frombuffer(db, dtype="<f4")
+            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+            self.assertTrue(np.array_equal(got, want),
+                            f"{name}: {int((diff > 0).sum())} of {got.size} values differ from the "
+                            f"reference (max {diff.max():.3g})")
+            # The job's report states the same error (its K=2 rel_fro, from fp64 residuals).
+            rel = np.linalg.norm(w.reshape(-1) - total.reshape(-1)) / max(np.linalg.norm(w), 1e-30)
+            reported = [l for l in done.result.layers if l.name == name][0].terms[1].rel_fro
+            self.assertAlmostEqual(rel, reported, delta=1e-9 + 1e-6 * reported,
+                                   msg=f"{name}: relative error {rel:.6g}, reported {reported:.6g}")
+            checked += 1
+        self.assertEqual(checked, len(expanded))
+
     def test_11_resumed_download(self):
         a, full = self.need("packed", "test_10_tensor_job")
         c = self.cq
