@@ -28,6 +28,7 @@ _fpxint() {
     --format) COMPREPLY=($(compgen -W "auto safetensors torchscript torch_state_dict" -- "$cur")); return ;;
     --state) COMPREPLY=($(compgen -W "queued running succeeded failed cancelled" -- "$cur")); return ;;
     --kind) COMPREPLY=($(compgen -W "packed_safetensors report_json dequantized_safetensors dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
+    --preset) COMPREPLY=($(compgen -W "transformer" -- "$cur")); return ;;
     --output-format) COMPREPLY=($(compgen -W "dequantized_safetensors dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
     --datatype) COMPREPLY=($(compgen -W "FP32 FP16 FP64 INT64 INT32 INT16 INT8 UINT8 BOOL" -- "$cur")); return ;;
     -f|--job-file|-i|--input|-o|--output|--tls-ca|--tls-cert|--tls-key|--report)
@@ -44,7 +45,7 @@ _fpxint() {
   case "$cmd" in
     "") COMPREPLY=($(compgen -W "$cmds $global" -- "$cur")); return ;;
     upload) opts="--name --format --input" ;;
-    quantize) opts="--model --granularity --bits --terms --grid --scale --group-size --variant --act-bits --act-terms --act-grid --truncate --include --exclude --eps --output-format --deploy --deploy-as --deploy-version --idempotency-key --wait -w --max-rel-error --job-file -f" ;;
+    quantize) opts="--model --granularity --bits --terms --grid --scale --group-size --variant --act-bits --act-terms --act-grid --truncate --include --exclude --preset --eps --output-format --deploy --deploy-as --deploy-version --idempotency-key --wait -w --max-rel-error --job-file -f" ;;
     jobs) [[ -z $sub ]] && { COMPREPLY=($(compgen -W "list get watch cancel delete" -- "$cur")); return; }
           opts="--state --limit --wait" ;;
     download) opts="--output -o --kind --all --no-resume --chunk-bytes" ;;
@@ -52,7 +53,7 @@ _fpxint() {
             opts="--version" ;;
     infer) opts="--version --input -i --shape --datatype --input-name --terms --act-terms --output -o --repeat --max-values" ;;
     health) opts="--service --wait" ;;
-    expand) opts="--output -o --bits --terms --grid --scale --group-size --variant --eps --include --exclude --report --threads --kernel" ;;
+    expand) opts="--output -o --bits --terms --grid --scale --group-size --variant --eps --include --exclude --preset --report --threads --kernel" ;;
     completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return ;;
   esac
   if [[ $cur == -* ]]; then

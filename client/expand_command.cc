@@ -28,6 +28,7 @@ struct ExpandFlags {
   double eps = 0;
   std::string include;
   std::string exclude;
+  std::string preset;
   std::string report;
   int threads = 0;
   std::string kernel = "auto";
@@ -80,6 +81,10 @@ int Run(const ExpandFlags& f, const GlobalOptions& g) {
   }
   o.include_regex = f.include;
   o.exclude_regex = f.exclude;
+  if (f.preset == "transformer") {
+    o.keep_regex = core::kTransformerPresetKeep;
+    o.keep_reason = "kept by --preset transformer";
+  }
   std::unique_ptr<core::ThreadPool> pool;
   if (f.threads != 1) {
     pool = std::make_unique<core::ThreadPool>(f.threads);
@@ -161,6 +166,10 @@ void AddExpandCommand(CLI::App& app, const GlobalOptions& global, int* exit_code
   cmd->add_option("--include", flags->include,
                   "Only expand tensors whose name matches this regex (RE2 syntax, searched)");
   cmd->add_option("--exclude", flags->exclude, "Do not expand tensors whose name matches this regex");
+  cmd->add_option("--preset", flags->preset,
+                  "transformer: keep embeddings, norms, biases and lm_head as they are (an "
+                  "--include naming them expands them)")
+      ->check(CLI::IsMember({"transformer"}));
   cmd->add_option("--report", flags->report,
                   "Also write the JSON report (per tensor and term: rel_fro, rel_max, sqnr_db)");
   cmd->add_option("-j,--threads", flags->threads, "Threads (0 = all cores)")
@@ -174,6 +183,7 @@ void AddExpandCommand(CLI::App& app, const GlobalOptions& global, int* exit_code
       "  fpxint expand model.safetensors -o model.w4x2.safetensors --bits 4 --terms 2\n"
       "  fpxint expand model.safetensors -o q.safetensors -b 2 -k 4 --grid mid --scale group -g 64 \\\n"
       "      --exclude 'embed|lm_head' --report report.json\n"
+      "  fpxint expand model.safetensors -o model.w4x2.safetensors --preset transformer\n"
       "\nExit codes: 0 ok, 2 usage error, 3 bad input file, 4 I/O error.");
   cmd->callback([flags, &global, exit_code] { *exit_code = Run(*flags, global); });
 }

@@ -217,7 +217,7 @@ int FinishJob(const v1::Job& job, const GlobalOptions& g, const std::string& cmd
 
 struct QuantizeFlags {
   std::string job_file;
-  std::string model, granularity, grid, scale, variant, act_grid, include, exclude;
+  std::string model, granularity, grid, scale, variant, act_grid, include, exclude, preset;
   std::string deploy_as, deploy_version, idempotency_key;
   uint32_t bits = 0, terms = 0, group_size = 0, act_bits = 0, act_terms = 0;
   double eps = 0;
@@ -255,6 +255,7 @@ int RunQuantize(const QuantizeFlags& f, const GlobalOptions& g) {
     else if (key == "truncate") spec["truncate"] = f.truncate;
     else if (key == "include") spec["include"] = f.include;
     else if (key == "exclude") spec["exclude"] = f.exclude;
+    else if (key == "preset") spec["preset"] = f.preset;
     else if (key == "eps") spec["eps"] = f.eps;
     else if (key == "outputs") spec["outputs"] = f.outputs;
     else if (key == "deploy") spec["deploy"]["enabled"] = f.deploy;
@@ -462,6 +463,11 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
                               "order truncation: only products W_i X_j with i + j <= K + 1"));
   opt("include", c->add_option("--include", q->include, "regex: expand only matching tensors/layers"));
   opt("exclude", c->add_option("--exclude", q->exclude, "regex: leave matching tensors/layers in FP"));
+  opt("preset", c->add_option("--preset", q->preset,
+                              "TENSOR jobs: 'transformer' keeps embeddings, norms, biases and "
+                              "lm_head in their original dtype (an --include naming them expands "
+                              "them)"))
+      ->check(CLI::IsMember({"transformer"}));
   opt("eps", c->add_option("--eps", q->eps,
                            "stop adding terms once the relative error is below eps (0 < eps < 1)"))
       ->check(CLI::Range(0.0, 0.999999999));

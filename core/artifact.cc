@@ -209,6 +209,10 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   if (!options.exclude_regex.empty()) {
     FPX_ASSIGN_OR_RETURN(exclude, NamePattern::Compile(options.exclude_regex, "exclude"));
   }
+  std::optional<NamePattern> keep;
+  if (!options.keep_regex.empty()) {
+    FPX_ASSIGN_OR_RETURN(keep, NamePattern::Compile(options.keep_regex, "preset"));
+  }
   FPX_ASSIGN_OR_RETURN(std::unique_ptr<SourceFile> source, SourceFile::Open(in_path));
 
   ExpandReport report;
@@ -257,6 +261,8 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
       reason = "not included";
     } else if (exclude && exclude->Matches(t.name)) {
       reason = "excluded";
+    } else if (keep && keep->Matches(t.name) && !include) {
+      reason = options.keep_reason;
     }
     if (!reason.empty()) {
       report.copied.push_back({t.name, std::move(reason)});

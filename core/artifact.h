@@ -38,10 +38,20 @@ struct ExpandProgress {
   uint64_t bytes_total = 0;
 };
 
+// The tensors a transformer checkpoint keeps unexpanded (`--preset transformer`): token and
+// position embeddings (embed_tokens, word_embeddings, wte, wpe, ...), every norm (input_layernorm,
+// ln_f, LayerNorm, ...), biases and the output head (lm_head). RE2, searched in the tensor name.
+inline constexpr char kTransformerPresetKeep[] =
+    "(?i)(embed|norm|(^|[._])(wte|wpe|lm_head|ln_[a-z0-9]+)([._]|$)|[._]bias$)";
+
 struct ArtifactOptions {
   ExpansionSpec spec;
   std::string include_regex;  // RE2 (core/name_pattern.h), searched in the tensor name; empty: all
   std::string exclude_regex;  // empty excludes none
+  // A preset's selection (kTransformerPresetKeep): matching tensors are copied unchanged unless
+  // include_regex (non-empty) matches them too. Empty: none.
+  std::string keep_regex;
+  std::string keep_reason = "kept by the preset";
   ExpandOptions expand;
   // The source file's SHA-256 when the caller already knows it (a content-addressed store names
   // files by it); empty: computed while the tensors expand.

@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/json.h"
+#include "core/name_pattern.h"
 #include "core/sha256.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
@@ -308,6 +309,28 @@ TEST(Artifact, DequantizedSafetensorsKeepsTheSourceLayout) {
   auto other = WriteDequantizedSafetensors(src_path, art_path, dir.File("x.safetensors"),
                                            std::string(64, '0'));
   EXPECT_EQ(other.status().code(), absl::StatusCode::kInvalidArgument) << other.status();
+}
+
+// The transformer preset's names, from Llama, GPT-2, BERT and Falcon checkpoints.
+TEST(Artifact, TransformerPresetKeepsEmbeddingsNormsBiasesAndTheHead) {
+  auto keep = NamePattern::Compile(kTransformerPresetKeep, "preset");
+  ASSERT_TRUE(keep.ok()) << keep.status();
+  for (const char* kept :
+       {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+        "model.layers.3.input_layernorm.weight", "model.layers.3.post_attention_layernorm.weight",
+        "transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+        "transformer.ln_f.weight", "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.output.LayerNorm.weight", "model.layers.0.mlp.down_proj.bias",
+        "transformer.word_embeddings.weight"}) {
+    EXPECT_TRUE(keep->Matches(kept)) << kept;
+  }
+  for (const char* expanded :
+       {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_proj.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "transformer.h.0.self_attention.query_key_value.weight"}) {
+    EXPECT_FALSE(keep->Matches(expanded)) << expanded;
+  }
 }
 
 TEST(Artifact, ClearErrors) {

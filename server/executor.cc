@@ -232,6 +232,11 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
   opts.spec = WeightSpec(spec);
   opts.include_regex = spec.include();
   opts.exclude_regex = spec.exclude();
+  if (spec.preset() == "transformer") {
+    opts.keep_regex = core::kTransformerPresetKeep;
+    opts.keep_reason = "kept by --preset transformer (an embedding, norm, bias or lm_head; "
+                       "--include naming it expands it)";
+  }
   opts.expand.pool = ctx.pool;
   opts.expand.cancel = ctx.cancel;
   // An uploaded blob is named by its SHA-256, checked when it was stored.

@@ -217,6 +217,15 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
       return Bad("outputs", "BASIS_TORCHSCRIPT needs a MODEL job");
     }
   }
+  if (!s->preset().empty()) {
+    if (s->preset() != "transformer") {
+      return Bad("preset", absl::StrCat("'", s->preset(), "'; accepted: transformer (or empty)"));
+    }
+    if (network) {
+      return Bad("preset", "transformer is a TENSOR-job selection of checkpoint tensors; LAYER "
+                           "and MODEL jobs select layers with include/exclude");
+    }
+  }
   if (s->deploy().enabled() && !network) {
     return Bad("deploy", "only LAYER and MODEL jobs produce a servable model");
   }

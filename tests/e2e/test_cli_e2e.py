@@ -249,6 +249,69 @@ class CliE2E(CliTestCase):
         r = self.run_cli("quantize", "--model", "ckpt", "--granularity", "layer", expect=3)
         self.assertIn("TORCHSCRIPT", r.err)
 
+    def test_04c_transformer_checkpoint_preset(self):
+        """A generated Llama-layout BF16 checkpoint (scripts/make_checkpoint.py): `--preset
+        transformer` expands the projections only; the dequantized_safetensors download keeps
+        every name, shape and dtype, the kept tensors' bytes, and the projections within the
+        series' error; an --include naming lm_head expands it as well."""
+        ck = os.path.join(self.work, "llama")
+        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
+                                                               "make_checkpoint.py"),
+                              ck, "--dtype", "BF16", "--layers", "2", "--hidden", "128",
+                              "--intermediate", "344", "--vocab", "500", "--seed", "3"],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(gen.returncode, 0, gen.stderr)
+        src = os.path.join(ck, "model.safetensors")
+        self.run_cli("--json", "upload", src, "--name", "llama_bf16")
+        job = self.run_cli("--json", "quantize", "--model", "llama_bf16", "--granularity",
+                           "tensor", "--bits", "4", "--terms", "2", "--preset", "transformer",
+                           "--output-format", "dequantized_safetensors", "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED", json.dumps(job)[:2000])
+        self.assertEqual(job["spec"].get("preset"), "transformer")
+        expanded = {l["name"] for l in job["report"]["layers"]}
+        projections = {f"model.layers.{i}.{p}.weight" for i in range(2)
+                       for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                 "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                 "mlp.down_proj")}
+        self.assertEqual(expanded, projections)
+        out = os.path.join(self.work, "llama.dequantized.safetensors")
+        self.run_cli("--json", "download", job["id"], "--kind", "dequantized_safetensors",
+                     "-o", out)
+        source, deq = read_bytes(src), read_bytes(out)
+        sh, so = sc.st_header(source)
+        dh, do = sc.st_header(deq)
+        self.assertEqual(sorted(k for k in dh if k != "__metadata__"),
+                         sorted(k for k in sh if k != "__metadata__"))
+
+        def bf16(buf, h, off, name):
+            a, b = h[name]["data_offsets"]
+            u = np.frombuffer(buf[off + a:off + b], dtype="<u2").astype(np.uint32) << 16
+            return u.view(np.float32).astype(np.float64)
+
+        for name in (k for k in sh if k != "__metadata__"):
+            self.assertEqual((dh[name]["dtype"], dh[name]["shape"]),
+                             (sh[name]["dtype"], sh[name]["shape"]), name)
+            a, b = sh[name]["data_offsets"]
+            c, d = dh[name]["data_offsets"]
+            if name not in expanded:
+                self.assertEqual(deq[do + c:do + d], source[so + a:so + b], f"{name} changed")
+                continue
+            w, q = bf16(source, sh, so, name), bf16(deq, dh, do, name)
+            rel = np.linalg.norm(w - q) / np.linalg.norm(w)
+            self.assertLess(rel, 0.02, f"{name}: relative error {rel:.4f}")
+            self.assertGreater(rel, 0, f"{name}: unchanged although expanded")
+        # Asked for by name, lm_head is expanded despite the preset.
+        job2 = self.run_cli("--json", "quantize", "--model", "llama_bf16", "--granularity",
+                            "tensor", "--preset", "transformer", "--include", "proj|lm_head",
+                            "--wait").json()
+        self.assertEqual({l["name"] for l in job2["report"]["layers"]},
+                         projections | {"lm_head.weight"})
+        # The preset is for TENSOR jobs; a LAYER job names the field.
+        self.need("uploaded", "test_02_upload")
+        r = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--preset", "transformer", expect=3)
+        self.assertIn("preset", r.err + r.out)
+
     def test_05_quantize_layer_deploy_human(self):
         self.need("uploaded", "test_02_upload")
         r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer", "--bits", "4",
