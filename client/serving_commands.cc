@@ -146,6 +146,15 @@ int RunModels(const ModelsFlags& f, const GlobalOptions& g, const std::string& v
         std::printf("uploaded: %s  %s  %s  sha256 %s\n", m.name().c_str(),
                     absl::AsciiStrToLower(v1::ModelFormat_Name(m.format())).c_str(),
                     HumanBytes(m.size_bytes()).c_str(), m.sha256().c_str());
+        if (m.tensor_count() > 0) {
+          std::vector<std::string> dt;
+          for (const auto& [dtype, n] : m.dtypes()) dt.push_back(absl::StrCat(dtype, " ", n));
+          std::sort(dt.begin(), dt.end());
+          std::printf("  %llu tensors, %llu parameters (%s)\n",
+                      static_cast<unsigned long long>(m.tensor_count()),
+                      static_cast<unsigned long long>(m.parameter_count()),
+                      absl::StrJoin(dt, ", ").c_str());
+        }
       }
       if (served) {
         std::printf("served: %s  versions %s  platform %s\n", md.name().c_str(),

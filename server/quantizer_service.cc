@@ -86,6 +86,9 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
     m.set_created_unix_ms(NowUnixMs());
     m.set_owner(caller.name);
     *m.mutable_inputs() = header.inputs();
+    m.set_tensor_count(upload.content().tensors);
+    m.set_parameter_count(upload.content().parameters);
+    for (const auto& [dtype, n] : upload.content().dtypes) (*m.mutable_dtypes())[dtype] = n;
     FPX_RETURN_IF_ERROR(ctx_.journal->PutModel(m));
     LogInfo(absl::StrCat("model '", m.name(), "' uploaded: ", v1::ModelFormat_Name(m.format()),
                          ", ", m.size_bytes(), " bytes, sha256 ", m.sha256(),

@@ -84,15 +84,19 @@ absl::StatusOr<BlobWriter::Result> UploadAssembler::Finish(
   }
   auto blob = writer_->Commit(header_.sha256());
   if (!blob.ok()) return blob.status();
-  if (absl::Status s = CheckUploadContent(store_->PathOf(blob->sha256), header_.format()); !s.ok()) {
+  absl::StatusOr<UploadContent> content =
+      CheckUploadContent(store_->PathOf(blob->sha256), header_.format());
+  if (!content.ok()) {
     if (!blob->deduplicated) drop_unreferenced(blob->sha256);
-    return s;
+    return content.status();
   }
+  content_ = *std::move(content);
   return blob;
 }
 
 // The uploaded bytes must be what the header says they are.
-absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format) {
+absl::StatusOr<UploadContent> CheckUploadContent(const std::string& path,
+                                                 v1::ModelFormat format) {
   // The readers name the file; the client must not learn the server's paths.
   auto hide_path = [&](const absl::Status& s) {
     return absl::StrReplaceAll(s.message(), {{path + ": ", ""}, {path, "the upload"}});
@@ -103,12 +107,25 @@ absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format)
       return absl::InvalidArgumentError(
           absl::StrCat("data: not a valid safetensors file: ", hide_path(r.status())));
     }
-    return absl::OkStatus();
+    UploadContent c;
+    for (const core::TensorInfo& t : (*r)->tensors()) {
+      ++c.tensors;
+      c.parameters += static_cast<uint64_t>(t.numel());
+      ++c.dtypes[t.dtype == core::DType::kOther ? t.dtype_name
+                                                : std::string(core::DTypeName(t.dtype))];
+    }
+    return c;
   }
   if (format == v1::TORCH_STATE_DICT) {
     auto r = core::TorchStateDict::Open(path);
     if (!r.ok()) return absl::InvalidArgumentError(absl::StrCat("data: ", hide_path(r.status())));
-    return absl::OkStatus();
+    UploadContent c;
+    for (const core::StateDictTensor& t : (*r)->tensors()) {
+      ++c.tensors;
+      c.parameters += static_cast<uint64_t>(t.numel());
+      ++c.dtypes[std::string(core::DTypeName(t.dtype))];
+    }
+    return c;
   }
   char magic[4] = {0};
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -119,7 +136,7 @@ absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format)
     return absl::InvalidArgumentError(
         "data: not a TorchScript archive (a zip file written by torch.jit.save)");
   }
-  return absl::OkStatus();
+  return UploadContent{};
 }
 
 }  // namespace fpxint::server

@@ -9,6 +9,7 @@
 #define FPXINT_SERVER_UPLOAD_H_
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -18,6 +19,14 @@
 #include "server/validation.h"
 
 namespace fpxint::server {
+
+// What a weights upload holds (Model.tensor_count, parameter_count, dtypes); empty for
+// TorchScript.
+struct UploadContent {
+  uint64_t tensors = 0;
+  uint64_t parameters = 0;
+  std::map<std::string, uint64_t> dtypes;  // tensors per dtype name
+};
 
 class UploadAssembler {
  public:
@@ -32,6 +41,8 @@ class UploadAssembler {
       const std::function<void(const std::string&)>& drop_unreferenced);
 
   const v1::UploadHeader& header() const { return header_; }
+  // After a successful Finish: what the file holds.
+  const UploadContent& content() const { return content_; }
   // ResourceExhausted with both figures when writing `still_to_write` more bytes would leave
   // less than policy.min_free_bytes free.
   absl::Status CheckFreeSpace(uint64_t still_to_write) const;
@@ -47,11 +58,13 @@ class UploadAssembler {
   int index_ = 0;
   v1::UploadHeader header_;
   std::unique_ptr<BlobWriter> writer_;
+  UploadContent content_;
 };
 
 // The stored bytes must be what the header says they are (safetensors parses; TorchScript is a
-// zip archive).
-absl::Status CheckUploadContent(const std::string& path, v1::ModelFormat format);
+// zip archive). Returns what a weights file holds.
+absl::StatusOr<UploadContent> CheckUploadContent(const std::string& path,
+                                                 v1::ModelFormat format);
 
 }  // namespace fpxint::server
 

@@ -263,6 +263,15 @@ class CliE2E(CliTestCase):
         self.assertEqual(gen.returncode, 0, gen.stderr)
         src = os.path.join(ck, "model.safetensors")
         self.run_cli("--json", "upload", src, "--name", "llama_bf16")
+        # What the upload holds, as the generator reported it.
+        summary = json.loads(gen.stdout)
+        got = self.run_cli("--json", "models", "get", "llama_bf16").json()["uploaded"]
+        self.assertEqual(int(got["tensor_count"]), summary["tensors"])
+        self.assertEqual(int(got["parameter_count"]), summary["parameters"])
+        self.assertEqual({k: int(v) for k, v in got["dtypes"].items()}, {"BF16": summary["tensors"]})
+        human = self.run_cli("models", "get", "llama_bf16").out
+        self.assertIn(f"{summary['tensors']} tensors, {summary['parameters']} parameters (BF16 "
+                      f"{summary['tensors']})", human)
         job = self.run_cli("--json", "quantize", "--model", "llama_bf16", "--granularity",
                            "tensor", "--bits", "4", "--terms", "2", "--preset", "transformer",
                            "--output-format", "dequantized_safetensors", "--wait").json()
