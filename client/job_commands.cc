@@ -82,6 +82,7 @@ void PrintJob(const v1::Job& job) {
     std::printf(", ran %.1f s", (job.finished_unix_ms() - job.started_unix_ms()) / 1000.0);
   }
   if (job.attempts() > 1) std::printf(", attempt %d", job.attempts());
+  if (!job.replica().empty()) std::printf(", on replica %s", job.replica().c_str());
   std::printf("\n");
   if (!job.error().empty()) std::printf("  error: %s\n", job.error().c_str());
   if (job.state() == v1::RUNNING || job.state() == v1::QUEUED) {

@@ -416,6 +416,9 @@ class CliE2E(CliTestCase):
         self.assertIn(tjob["id"], r.out)
         r = self.run_cli("jobs", "get", tjob["id"])
         self.assertIn("SUCCEEDED", r.out)
+        # The replica that ran it (the server's default id, hostname:pid).
+        self.assertRegex(got["replica"], r"^[^:]+:\d+$")
+        self.assertIn(f"on replica {got['replica']}", r.out)
         r = self.run_cli("--json", "jobs", "get", "job-doesnotexist", expect=3)
         self.assert_error_doc(r, 3)
         self.assertIn("NOT_FOUND", r.err)
