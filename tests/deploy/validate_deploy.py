@@ -41,6 +41,8 @@ EXPECTED = {
     "fpxint_workers": ("gauge", set()),
     "fpxint_job_duration_seconds": ("histogram", {"granularity"}),
     "fpxint_layers_expanded_total": ("counter", set()),
+    "fpxint_job_writes_fenced_total": ("counter", set()),
+    "fpxint_replica_info": ("gauge", {"replica", "journal"}),
     "fpxint_bytes_uploaded_total": ("counter", set()),
     "fpxint_bytes_written_total": ("counter", set()),
     "fpxint_grpc_requests_total": ("counter", {"method", "code"}),
@@ -819,6 +821,17 @@ tests:
         values: '64x10'
     alert_rule_test:
       - {eval_time: 8m, alertname: FpxintQueueSaturated, exp_alerts: []}
+  - interval: 1m
+    input_series:
+      - series: 'fpxint_job_writes_fenced_total{job="fpxint", instance="b"}'
+        values: '0x5 1x40'
+    alert_rule_test:
+      - {eval_time: 4m, alertname: FpxintJobLeaseLost, exp_alerts: []}
+      - eval_time: 7m
+        alertname: FpxintJobLeaseLost
+        exp_alerts:
+          - exp_labels: {severity: warning, job: fpxint, instance: b}
+      - {eval_time: 40m, alertname: FpxintJobLeaseLost, exp_alerts: []}
   - interval: 1m
     input_series:
       # first sample already 1 (the series appears with the first failure), then constant
