@@ -637,6 +637,9 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
       Notify(live);
     };
     out = vetted.ok() ? RunJob(spec, ctx) : absl::StatusOr<JobOutput>(vetted);
+    // A cancel that arrived after the expansion's last poll (while it wrote its outputs) still
+    // wins: nothing has been stored or deployed yet.
+    if (out.ok() && live->user_cancel.load()) out = absl::CancelledError("cancelled");
   }
   std::vector<v1::Artifact> artifacts;
   absl::Status final_status = out.ok() ? Finish(live, &*out, &artifacts) : out.status();

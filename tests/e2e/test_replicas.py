@@ -32,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import service_client as sc  # noqa: E402
 
 LEASE_SECONDS = 3
-# The slow job: 12 random F32 [2048, 2048] tensors (201 MB), b=4, K=8: several seconds on 2 cores,
-# long enough to be caught running.
+# The slow job: 12 random F32 [2048, 2048] tensors (201 MB), b=4, K=16 (a service job's most):
+# about 5 s on 2 cores, long enough to be caught running and for a cancel made on the other
+# replica to reach it (the runner reads it at its next lease renewal, within a second).
 N_TENSORS = 12
-SLOW_TERMS = 8
+SLOW_TERMS = 16
 
 
 class Replicas(unittest.TestCase):
