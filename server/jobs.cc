@@ -119,8 +119,7 @@ absl::Status JobManager::Start() {
   // A shared one: expired leases, and this replica id's own from an earlier life.
   FPX_RETURN_IF_ERROR(Reap(/*at_start=*/true));
   FPX_RETURN_IF_ERROR(journal_->ReplicaHeartbeat(opts_.replica_id));
-  if (auto n = journal_->CountJobs(v1::QUEUED); n.ok()) queued_.store(static_cast<int>(*n));
-  metrics_->SetJobsQueued(queued_.load());
+  RefreshQueued().IgnoreError();  // the keeper retries every second
   for (int i = 0; i < std::max(1, opts_.workers); ++i) {
     workers_.emplace_back([this] { WorkerLoop(); });
   }
@@ -131,6 +130,17 @@ absl::Status JobManager::Start() {
 }
 
 int JobManager::queued() const { return queued_.load(); }
+
+void JobManager::SetQueued(int64_t n) {
+  queued_.store(static_cast<int>(n));
+  metrics_->SetJobsQueued(static_cast<int>(n));
+}
+
+absl::Status JobManager::RefreshQueued() {
+  absl::StatusOr<int64_t> n = journal_->CountJobs(v1::QUEUED);
+  if (n.ok()) SetQueued(*n);
+  return n.status();
+}
 
 absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
   {
@@ -203,9 +213,8 @@ absl::StatusOr<v1::Job> JobManager::Submit(v1::SubmitJobRequest req) {
       return s;
     }
   }
-  queued_.store(static_cast<int>(queued + 1));
+  SetQueued(queued + 1);
   metrics_->JobSubmitted(spec.granularity());
-  metrics_->SetJobsQueued(queued_.load());
   {
     absl::MutexLock l(&mu_);
     ++submitted_;
@@ -277,10 +286,7 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Dura
     if (cancelled_here) {
       ForgetCached(job_id);
       metrics_->JobFinished(j->spec().granularity(), v1::CANCELLED, -1, 0, 0);
-      if (auto n = journal_->CountJobs(v1::QUEUED); n.ok()) {
-        queued_.store(static_cast<int>(*n));
-        metrics_->SetJobsQueued(queued_.load());
-      }
+      RefreshQueued().IgnoreError();
       Announce();
       return *j;
     }
@@ -508,8 +514,7 @@ void JobManager::WorkerLoop() {
       }
       changed_.SignalAll();
     }
-    queued_.store(std::max(0, queued_.load() - 1));
-    metrics_->SetJobsQueued(queued_.load());
+    SetQueued(std::max(0, queued_.load() - 1));
     metrics_->WorkersBusyAdd(1);
     Announce();
     Run(live);  // ends with the job's final Commit
@@ -532,19 +537,15 @@ void JobManager::KeeperLoop() {
     KeepLeases();
     // The journal's reachability, every tick: a cheap read (which also reconnects to a
     // PostgreSQL server that came back) that keeps the queue gauge current.
-    auto n = journal_->CountJobs(v1::QUEUED);
-    if (n.ok()) {
-      queued_.store(static_cast<int>(*n));
-      metrics_->SetJobsQueued(queued_.load());
-    }
-    if (n.ok() != journal_ok_.load()) {
-      journal_ok_.store(n.ok());
-      if (n.ok()) {
+    const absl::Status reached = RefreshQueued();
+    if (reached.ok() != journal_ok_.load()) {
+      journal_ok_.store(reached.ok());
+      if (reached.ok()) {
         LogInfo("the journal is reachable again");
       } else {
-        LogError(absl::StrCat("the journal is unreachable: ", n.status().message()));
+        LogError(absl::StrCat("the journal is unreachable: ", reached.message()));
       }
-      if (journal_health_) journal_health_(n.ok());
+      if (journal_health_) journal_health_(reached.ok());
     }
     if (absl::Now() - last_reap >= opts_.lease / 3) {
       last_reap = absl::Now();
@@ -554,20 +555,28 @@ void JobManager::KeeperLoop() {
       if (absl::Status s = journal_->ReplicaHeartbeat(opts_.replica_id); !s.ok()) {
         LogError(absl::StrCat("replica heartbeat: ", s.message()));
       }
-      if (!opts_.journal_exclusive) RemoveTempOfGoneReplicas();
+      if (!opts_.journal_exclusive) {
+        RemoveTempOfGoneReplicas(journal_, store_, opts_.lease, /*journal_exclusive=*/false)
+            .IgnoreError();  // tried again at the next reap
+      }
     }
   }
 }
 
-void JobManager::RemoveTempOfGoneReplicas() {
-  auto live = journal_->LiveReplicas(2 * opts_.lease);
-  if (!live.ok()) return;
-  const std::set<std::string> alive(live->begin(), live->end());
-  if (int n = store_->RemoveTempOfGoneReplicas(
-          [&alive](const std::string& r) { return alive.count(r) > 0; })) {
-    LogInfo(absl::StrCat("removed the temp files of ", n,
-                         " replica(s) not heard from for two leases"));
+absl::StatusOr<int> RemoveTempOfGoneReplicas(Journal* journal, BlobStore* store,
+                                             absl::Duration lease, bool journal_exclusive) {
+  std::set<std::string> alive;
+  if (!journal_exclusive) {
+    FPX_ASSIGN_OR_RETURN(std::vector<std::string> live, journal->LiveReplicas(2 * lease));
+    alive.insert(live.begin(), live.end());
   }
+  const int n = store->RemoveTempOfGoneReplicas(
+      [&alive](const std::string& r) { return alive.count(r) > 0; });
+  if (n > 0) {
+    LogInfo(absl::StrCat("removed the temp files of ", n, " replica run(s) that are gone from ",
+                         store->root(), "/tmp"));
+  }
+  return n;
 }
 
 void JobManager::KeepLeases() {

@@ -40,6 +40,12 @@
 
 namespace fpxint::server {
 
+// Removes the temp directories (uploads in flight, job scratch) of replicas that are gone: not
+// heard from (Journal::LiveReplicas) within two leases, or, on a journal held alone, every other
+// replica's. Logs and returns how many went.
+absl::StatusOr<int> RemoveTempOfGoneReplicas(Journal* journal, BlobStore* store,
+                                             absl::Duration lease, bool journal_exclusive);
+
 class JobManager {
  public:
   struct Options {
@@ -136,11 +142,12 @@ class JobManager {
   // other replicas to them, reaps expired leases and keeps this replica's heartbeat.
   void KeeperLoop();
   void KeepLeases();
-  // Shared journal: the temp directories of replicas not heard from within two leases go (their
-  // uploads and job scratch never became visible).
-  void RemoveTempOfGoneReplicas();
   // Re-queues (or, at max_attempts, fails) a job whose runner went away.
   void TakeBack(v1::Job* j) const;
+  // The journal's QUEUED count into queued() and the gauge; returns the read's status (the
+  // keeper uses it as the journal's reachability).
+  absl::Status RefreshQueued();
+  void SetQueued(int64_t n);
   // Expired leases; `at_start` also this replica id's own (and, with a journal held alone,
   // every RUNNING job).
   absl::Status Reap(bool at_start);

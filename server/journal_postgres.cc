@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS replicas(
   replica_id TEXT PRIMARY KEY,
   seen_ms BIGINT NOT NULL);
 )sql";
+// A new job row ($1..$5: JobRow); PutJob adds its upsert clause.
+#define FPX_PG_INSERT_JOB \
+  "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES($1, $2, $3, $4, $5)"
 // The database server's clock in Unix milliseconds: every replica's leases on one clock.
 #define FPX_PG_NOW_MS "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 // Fences a runner's write: the row is RUNNING, leased by $3 for attempt $4.
@@ -112,6 +115,13 @@ int64_t ColInt(const PGresult* r, int row, int col) {
   const int bits = 8 * PQgetlength(r, row, col);
   if (bits > 0 && bits < 64 && (v >> (bits - 1)) & 1) v |= ~uint64_t{0} << bits;
   return static_cast<int64_t>(v);
+}
+
+// FPX_PG_INSERT_JOB's parameters for `job`.
+std::vector<Param> JobRow(const v1::Job& job) {
+  return {Text(job.job_id()),
+          job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
+          Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())};
 }
 
 template <typename Msg>
@@ -217,12 +227,9 @@ class PostgresJournal final : public Journal {
     return Interactive([&]() -> absl::Status {
       // Upsert that keeps seq (the submission order) stable.
       FPX_RETURN_IF_ERROR(
-          Exec("INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
-               "VALUES($1, $2, $3, $4, $5) "
-               "ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record",
-               {Text(job.job_id()),
-                job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
-                Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())})
+          Exec(FPX_PG_INSERT_JOB
+               " ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record",
+               JobRow(job))
               .status());
       return PutArtifacts(job);
     });
@@ -280,11 +287,7 @@ class PostgresJournal final : public Journal {
   }
 
   absl::Status InsertJob(const v1::Job& job) override {
-    return Run(
-        "INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
-        "VALUES($1, $2, $3, $4, $5)",
-        {Text(job.job_id()), job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
-         Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())});
+    return Run(FPX_PG_INSERT_JOB, JobRow(job));
   }
 
   absl::StatusOr<std::optional<v1::Job>> ClaimJob(

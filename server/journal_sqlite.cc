@@ -73,6 +73,10 @@ ALTER TABLE jobs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
 
 int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
+// A new job row; PutJob adds its upsert clause.
+constexpr char kInsertJob[] =
+    "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES(?, ?, ?, ?, ?)";
+
 // One prepared statement; finalized on destruction.
 // SQLite failures as statuses a client can act on: a full disk is RESOURCE_EXHAUSTED naming the
 // journal file, I/O errors UNAVAILABLE, everything else INTERNAL.
@@ -149,6 +153,25 @@ absl::StatusOr<bool> HasRow(Stmt& st) {
   const bool found = s.ok() && st.Step(&s);
   if (!s.ok()) return s;
   return found;
+}
+
+// Binds a job's row (kInsertJob's parameters).
+void BindJobRow(Stmt& st, const v1::Job& job) {
+  st.Bind(1, job.job_id());
+  if (job.idempotency_key().empty()) {
+    st.BindNull(2);
+  } else {
+    st.Bind(2, job.idempotency_key());
+  }
+  st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
+  st.BindBlob(5, job.SerializeAsString());
+}
+
+// The job record in column 0 of the current row.
+absl::StatusOr<v1::Job> JobRecord(const Stmt& st) {
+  v1::Job j;
+  if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+  return j;
 }
 
 template <typename Msg>
@@ -343,17 +366,11 @@ absl::Status SqliteJournal::PutJob(const v1::Job& job) {
   absl::MutexLock l(&mu_);
   return Transaction([&]() -> absl::Status {
     // Upsert that keeps seq (the submission order) stable.
-    Stmt st(db_,
-            "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES(?, ?, ?, ?, ?) "
-            "ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record");
-    st.Bind(1, job.job_id());
-    if (job.idempotency_key().empty()) {
-      st.BindNull(2);
-    } else {
-      st.Bind(2, job.idempotency_key());
-    }
-    st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
-    st.BindBlob(5, job.SerializeAsString());
+    static const std::string kUpsert = absl::StrCat(
+        kInsertJob,
+        " ON CONFLICT(job_id) DO UPDATE SET state = excluded.state, record = excluded.record");
+    Stmt st(db_, kUpsert.c_str());
+    BindJobRow(st, job);
     FPX_RETURN_IF_ERROR(st.Run());
     return PutArtifacts(job);
   });
@@ -404,16 +421,8 @@ absl::StatusOr<int64_t> SqliteJournal::CountJobs(v1::JobState state) {
 
 absl::Status SqliteJournal::InsertJob(const v1::Job& job) {
   absl::MutexLock l(&mu_);
-  Stmt st(db_, "INSERT INTO jobs(job_id, idempotency_key, model, state, record) "
-               "VALUES(?, ?, ?, ?, ?)");
-  st.Bind(1, job.job_id());
-  if (job.idempotency_key().empty()) {
-    st.BindNull(2);
-  } else {
-    st.Bind(2, job.idempotency_key());
-  }
-  st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
-  st.BindBlob(5, job.SerializeAsString());
+  Stmt st(db_, kInsertJob);
+  BindJobRow(st, job);
   return st.Run();
 }
 
@@ -489,8 +498,7 @@ absl::StatusOr<std::vector<v1::Job>> SqliteJournal::ReapLeases(
     std::vector<bool> cancel;
     absl::Status s = st.status();
     while (s.ok() && st.Step(&s)) {
-      v1::Job j;
-      if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+      FPX_ASSIGN_OR_RETURN(v1::Job j, JobRecord(st));
       out.push_back(std::move(j));
       cancel.push_back(st.Int(1) != 0);
     }
@@ -572,8 +580,7 @@ absl::StatusOr<std::vector<v1::Job>> SqliteJournal::ListJobs(v1::JobState state,
   std::vector<int64_t> seqs;
   absl::Status s = st.status();
   while (s.ok() && st.Step(&s)) {
-    v1::Job j;
-    if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+    FPX_ASSIGN_OR_RETURN(v1::Job j, JobRecord(st));
     out.push_back(std::move(j));
     seqs.push_back(st.Int(1));
   }
@@ -595,8 +602,7 @@ absl::StatusOr<std::vector<v1::Job>> SqliteJournal::JobsInStates(
   while (s.ok() && st.Step(&s)) {
     const auto state = static_cast<v1::JobState>(st.Int(1));
     if (std::find(states.begin(), states.end(), state) == states.end()) continue;
-    v1::Job j;
-    if (!j.ParseFromString(st.Blob(0))) return absl::DataLossError("journal: corrupt job record");
+    FPX_ASSIGN_OR_RETURN(v1::Job j, JobRecord(st));
     out.push_back(std::move(j));
   }
   if (!s.ok()) return s;

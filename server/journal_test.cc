@@ -15,6 +15,7 @@
 #include <map>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -69,6 +70,12 @@ class JournalConformance : public ::testing::TestWithParam<std::string> {
     return url;
   }
   std::unique_ptr<Journal> OpenNew() { return MustOpen(NewLocation()); }
+  // Two journals on one fresh location: two replicas (SQLite: two connections to the file).
+  std::pair<std::unique_ptr<Journal>, std::unique_ptr<Journal>> OpenTwo() {
+    const std::string where = NewLocation();
+    auto a = MustOpen(where);
+    return {std::move(a), MustOpen(where)};
+  }
 
   ScratchDir dir_;
   int n_ = 0;
@@ -235,9 +242,7 @@ TEST_P(JournalConformance, VerdictsAreKeyedByBlobAndAllowList) {
 }
 
 TEST_P(JournalConformance, TwoJournalsOnOneStoreSeeEachOthersWrites) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);  // a second replica (SQLite: a second connection to the file)
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   v1::Model m;
   m.set_name("shared");
@@ -256,9 +261,7 @@ TEST_P(JournalConformance, TwoJournalsOnOneStoreSeeEachOthersWrites) {
 }
 
 TEST_P(JournalConformance, OneServerPerStore) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   auto got = a->LockExclusive();
   ASSERT_TRUE(got.ok()) << got.status();
@@ -302,9 +305,7 @@ std::function<void(v1::Job*)> Starts(const std::string& owner) {
 // Two replicas' journals, two claiming threads each: every job is claimed exactly once, oldest
 // first within each claimer, and the claimed record is RUNNING under its claimer.
 TEST_P(JournalConformance, ConcurrentClaimsTakeEachJobOnce) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   constexpr int kJobs = 40;
   for (int i = 0; i < kJobs; ++i) {
@@ -351,9 +352,7 @@ TEST_P(JournalConformance, ConcurrentClaimsTakeEachJobOnce) {
 // the job, the first runner's renewal and its final write (with an artifact) are refused and
 // leave nothing behind; the new runner's go through.
 TEST_P(JournalConformance, ALostLeaseFencesTheOldRunnersWrites) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   ASSERT_TRUE(a->InsertJob(QueuedJob("job-1")).ok());
   auto mine = a->ClaimJob("a", absl::ZeroDuration(), Starts("a"));  // expires at once
@@ -451,9 +450,7 @@ TEST_P(JournalConformance, ReapTakesBackAnOwnersJobsOrAll) {
 // CancelJob from any replica: a queued job is cancelled at once (no claim takes it after), a
 // running one's runner is told at its next renewal, a finished one is left as it is.
 TEST_P(JournalConformance, CancelReachesQueuedAndRunningJobs) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   ASSERT_TRUE(a->InsertJob(QueuedJob("job-1")).ok());
   ASSERT_TRUE(a->InsertJob(QueuedJob("job-2")).ok());
@@ -483,9 +480,7 @@ TEST_P(JournalConformance, CancelReachesQueuedAndRunningJobs) {
 
 // An idempotency key names one job across replicas: the second insert is AlreadyExists.
 TEST_P(JournalConformance, IdempotencyKeysAreUniqueAcrossReplicas) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   ASSERT_TRUE(a->InsertJob(QueuedJob("job-1", "key-1")).ok());
   absl::Status dup = b->InsertJob(QueuedJob("job-2", "key-1"));
@@ -495,9 +490,7 @@ TEST_P(JournalConformance, IdempotencyKeysAreUniqueAcrossReplicas) {
 }
 
 TEST_P(JournalConformance, ReplicasAreLiveWhileTheyBeat) {
-  const std::string where = NewLocation();
-  auto a = MustOpen(where);
-  auto b = MustOpen(where);
+  auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);
   ASSERT_TRUE(a->ReplicaHeartbeat("a:1").ok());
   ASSERT_TRUE(b->ReplicaHeartbeat("b:2").ok());

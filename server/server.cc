@@ -10,7 +10,6 @@
 
 #include <cstring>
 #include <filesystem>
-#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -236,19 +235,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   FPX_ASSIGN_OR_RETURN(im->store, BlobStore::Open(config.data_dir, im->config.replica_id));
   // The temp files of replicas that are gone (not heard from within two leases; with SQLite,
   // every other: this server holds the store alone) never became visible: they go.
-  {
-    std::set<std::string> alive;
-    if (shared) {
-      FPX_ASSIGN_OR_RETURN(std::vector<std::string> live, im->journal->LiveReplicas(
-                                                              absl::Seconds(2 * config.job_lease_seconds)));
-      alive.insert(live.begin(), live.end());
-    }
-    if (int n = im->store->RemoveTempOfGoneReplicas(
-            [&alive](const std::string& r) { return alive.count(r) > 0; })) {
-      LogInfo(absl::StrCat("removed the temp files of ", n, " replica run(s) that are gone from ",
-                           config.data_dir, "/tmp"));
-    }
-  }
+  FPX_RETURN_IF_ERROR(RemoveTempOfGoneReplicas(im->journal.get(), im->store.get(),
+                                               absl::Seconds(config.job_lease_seconds),
+                                               /*journal_exclusive=*/!shared)
+                          .status());
   im->metrics.SetReplica(im->config.replica_id, im->journal->backend());
   // Blobs no record refers to (an upload refused after its commit, a crash between a commit and
   // its record) are removed before anything is served.

@@ -153,14 +153,15 @@ class ServerTest : public ::testing::Test {
     return events;
   }
 
+  // `via`: another server's stub (a second replica); null: this fixture's server.
   std::string Download(const std::string& artifact_id, uint64_t offset = 0,
-                       std::string* sha = nullptr) {
+                       std::string* sha = nullptr, v1::Quantizer::Stub* via = nullptr) {
     v1::ArtifactRef ref;
     ref.set_artifact_id(artifact_id);
     ref.set_offset(offset);
     ref.set_chunk_bytes(4096);
     auto ctx = Ctx();
-    auto r = q_->DownloadArtifact(ctx.get(), ref);
+    auto r = (via ? via : q_.get())->DownloadArtifact(ctx.get(), ref);
     std::string out;
     v1::ArtifactChunk c;
     while (r->Read(&c)) {
@@ -171,6 +172,16 @@ class ServerTest : public ::testing::Test {
     grpc::Status s = r->Finish();
     EXPECT_TRUE(s.ok()) << s.error_message();
     return out;
+  }
+
+  v1::Job GetJob(const std::string& job_id, v1::Quantizer::Stub* via = nullptr) {
+    v1::JobRef ref;
+    ref.set_job_id(job_id);
+    v1::Job job;
+    auto ctx = Ctx();
+    grpc::Status s = (via ? via : q_.get())->GetJob(ctx.get(), ref, &job);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return job;
   }
 
   v1::JobSpec Spec(const std::string& model, v1::Granularity g, int bits = 4, int terms = 2) {
@@ -393,29 +404,14 @@ TEST_F(ServerTest, RunsOnAPostgresJournal) {
     ASSERT_TRUE(second.ok()) << second.status();
     auto ch = grpc::CreateChannel((*second)->address(), grpc::InsecureChannelCredentials());
     auto q2 = v1::Quantizer::NewStub(ch);
-    v1::JobRef ref;
-    ref.set_job_id(done.job_id());
-    v1::Job there;
-    auto ctx = Ctx();
-    ASSERT_TRUE(q2->GetJob(ctx.get(), ref, &there).ok());
+    const v1::Job there = GetJob(done.job_id(), q2.get());
     EXPECT_EQ(there.state(), v1::SUCCEEDED);
     EXPECT_EQ(there.replica(), server_->replica_id());
-    v1::ArtifactRef aref;
-    aref.set_artifact_id(done.artifacts(0).artifact_id());
-    auto dctx = Ctx();
-    auto reader = q2->DownloadArtifact(dctx.get(), aref);
-    std::string got;
-    v1::ArtifactChunk chunk;
-    while (reader->Read(&chunk)) got += chunk.data();
-    ASSERT_TRUE(reader->Finish().ok());
+    const std::string got = Download(done.artifacts(0).artifact_id(), 0, nullptr, q2.get());
     EXPECT_EQ(Sha(got), done.artifacts(0).sha256());
   }
   Restart();
-  v1::JobRef ref;
-  ref.set_job_id(done.job_id());
-  v1::Job again;
-  auto ctx = Ctx();
-  ASSERT_TRUE(q_->GetJob(ctx.get(), ref, &again).ok());
+  const v1::Job again = GetJob(done.job_id());
   EXPECT_EQ(again.state(), v1::SUCCEEDED);
   EXPECT_EQ(again.artifacts(0).sha256(), done.artifacts(0).sha256());
   server_.reset();  // before the database goes
