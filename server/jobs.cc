@@ -487,6 +487,9 @@ void JobManager::WorkerLoop() {
       }
       if (stopping_) return;
       seen = submitted_;
+      // A claim in flight counts as busy, so Shutdown's grace covers a job claimed just as it
+      // began (else the job, already RUNNING in the journal, went back to the queue).
+      busy_.fetch_add(1);
     }
     const std::string replica = opts_.replica_id;
     auto claimed = journal_->ClaimJob(replica, opts_.lease, [&replica](v1::Job* j) {
@@ -498,7 +501,12 @@ void JobManager::WorkerLoop() {
     });
     if (!claimed.ok()) LogError(absl::StrCat("job queue: ", claimed.status().message()));
     idle = !claimed.ok() || !*claimed;
-    if (idle) continue;
+    if (idle) {
+      absl::MutexLock l(&mu_);
+      busy_.fetch_sub(1);
+      changed_.SignalAll();
+      continue;
+    }
     ForgetCached((*claimed)->job_id());
     auto live = std::make_shared<Live>();
     live->job = **claimed;
@@ -507,8 +515,7 @@ void JobManager::WorkerLoop() {
     {
       absl::MutexLock l(&mu_);
       live_[live->job.job_id()] = live;
-      busy_.fetch_add(1);
-      if (stopping_) {  // claimed as Shutdown began: back to the queue at the first poll
+      if (interrupting_) {  // claimed as Shutdown's grace ran out: back to the queue at once
         live->interrupted.store(true);
         live->cancel.store(true);
       }
@@ -828,6 +835,7 @@ void JobManager::Shutdown(absl::Duration grace) {
     while (busy_.load() > 0) {
       if (changed_.WaitWithDeadline(&mu_, deadline)) break;
     }
+    interrupting_ = true;
     for (auto& [id, live] : live_) {
       live->interrupted.store(true);
       live->cancel.store(true);

@@ -199,6 +199,7 @@ class JobManager {
   uint64_t submitted_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<std::string, std::shared_ptr<Live>> live_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool interrupting_ ABSL_GUARDED_BY(mu_) = false;  // Shutdown's grace is over
   // The lease keeper runs until the workers have stopped: running jobs keep their leases (and
   // hear of cancels) through Shutdown's grace period.
   bool keeper_stop_ ABSL_GUARDED_BY(mu_) = false;
@@ -206,7 +207,7 @@ class JobManager {
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> workers_;
   std::thread keeper_;
-  std::atomic<int> busy_{0};
+  std::atomic<int> busy_{0};  // workers claiming or running a job
   std::atomic<int> queued_{0};  // the journal's QUEUED count, as last read
   std::atomic<int> fenced_{0};
   std::function<void(bool)> journal_health_;  // set before Start(); called by the keeper only
