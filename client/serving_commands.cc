@@ -155,6 +155,18 @@ int RunModels(const ModelsFlags& f, const GlobalOptions& g, const std::string& v
                       static_cast<unsigned long long>(m.parameter_count()),
                       absl::StrJoin(dt, ", ").c_str());
         }
+        if (m.files_size() > 0) {
+          int shards = 0;
+          for (const v1::ModelFile& mf : m.files()) shards += mf.role() == "shard";
+          std::printf("  %d files, %d shard%s:\n", m.files_size(), shards, shards == 1 ? "" : "s");
+          for (const v1::ModelFile& mf : m.files()) {
+            std::printf("    %-7s %-44s %10s%s\n", mf.role().c_str(), mf.path().c_str(),
+                        HumanBytes(mf.size_bytes()).c_str(),
+                        mf.role() == "shard"
+                            ? absl::StrCat("  ", mf.tensor_count(), " tensors").c_str()
+                            : "");
+          }
+        }
       }
       if (served) {
         std::printf("served: %s  versions %s  platform %s\n", md.name().c_str(),

@@ -11,12 +11,14 @@
 #include "absl/strings/str_join.h"
 #include "core/atomic_file.h"
 #include "core/artifact.h"
+#include "core/hf_checkpoint.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "core/torch_state_dict.h"
 #include "model/model.h"
 #include "server/status_util.h"
 #include "server/store.h"
+#include "server/upload.h"
 #include "server/validation.h"
 
 namespace fpxint::server {
@@ -212,8 +214,160 @@ void RunProbe(const v1::JobSpec& spec, const v1::Model& m, model::Model* net,
   net->SetPrecision(0, 0).IgnoreError();
 }
 
+core::ArtifactOptions TensorOptions(const v1::JobSpec& spec, const JobContext& ctx) {
+  core::ArtifactOptions opts;
+  opts.spec = WeightSpec(spec);
+  opts.include_regex = spec.include();
+  opts.exclude_regex = spec.exclude();
+  if (spec.preset() == "transformer") {
+    opts.keep_regex = core::kTransformerPresetKeep;
+    opts.keep_reason = "kept by --preset transformer (an embedding, norm, bias or lm_head; "
+                       "--include naming it expands it)";
+  }
+  opts.expand.pool = ctx.pool;
+  opts.expand.cancel = ctx.cancel;
+  return opts;
+}
+
+void AddTensorResults(const core::ExpandReport& report, v1::JobResult* result) {
+  for (const core::TensorReport& t : report.tensors) {
+    v1::LayerResult* l = result->add_layers();
+    l->set_name(t.name);
+    l->set_op("tensor");
+    for (int64_t d : t.shape) l->add_shape(d);
+    AddTerms(t.terms, l);
+  }
+}
+
+void SetTotals(uint64_t bytes_in, uint64_t bytes_out, double seconds, v1::JobResult* result) {
+  result->set_bytes_in(bytes_in);
+  result->set_bytes_out(bytes_out);
+  result->set_compression_ratio(bytes_out ? static_cast<double>(bytes_in) / bytes_out : 0);
+  if (seconds > 0) result->set_read_gb_per_second(bytes_in / seconds / 1e9);
+}
+
+// A TENSOR job over a directory model: shard by shard (the memory of one tensor at a time, as
+// for one file), each shard's packed artifact under packed/ with model.fpxint.index.json mapping
+// every packed tensor to its shard, and with DEQUANTIZED_SAFETENSORS the source's layout under
+// dequantized/: its shards dequantized, its index (total_size recomputed) and its sidecars.
+absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const JobContext& ctx,
+                                                Reporter* rep) {
+  JobOutput out;
+  std::vector<const SourceFile*> shards;
+  const SourceFile* index_file = nullptr;
+  for (const SourceFile& f : ctx.files) {
+    if (f.role == "shard") shards.push_back(&f);
+    if (f.role == "index") index_file = &f;
+  }
+  if (shards.empty()) return absl::FailedPreconditionError("the model lists no shard");
+  {
+    MemoryNeed need;
+    for (const SourceFile* f : shards) {
+      FPX_ASSIGN_OR_RETURN(MemoryNeed n, TensorJobNeed(f->blob_path, v1::SAFETENSORS,
+                                                       WeightSpec(spec)));
+      if (n.bytes > need.bytes) need = n;
+    }
+    FPX_RETURN_IF_ERROR(CheckMemory(need, ctx.memory_limit));
+  }
+  const bool dequantize = Wants(spec, v1::DEQUANTIZED_SAFETENSORS);
+  std::error_code ec;
+  fs::create_directories(fs::path(ctx.scratch_dir) / "packed", ec);
+  if (!ec) fs::create_directories(fs::path(ctx.scratch_dir) / "dequantized", ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create the job's directories: ", ec.message()));
+  const uint64_t total_tensors = std::max<uint64_t>(1, ctx.model.tensor_count());
+  uint64_t tensors_before = 0, bytes_in = 0, bytes_out = 0, dequantized_data = 0;
+  double seconds = 0;
+  core::HfIndex packed_index;
+  packed_index.metadata.emplace_back("format", "fpxint");
+  packed_index.metadata.emplace_back("fpxint.source_model", ctx.model.name());
+  core::HfIndex dequantized_index;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    const SourceFile& src = *shards[i];
+    FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+    core::ArtifactOptions opts = TensorOptions(spec, ctx);
+    opts.source_sha256 = src.sha256;
+    opts.progress = [&, base = tensors_before](const core::ExpandProgress& p) {
+      rep->Layer(static_cast<int>(base + p.tensor_index), static_cast<int>(total_tensors),
+                 p.name, 0.02, dequantize ? 0.8 : 0.97);
+    };
+    rep->Phase("expanding", 0.02 + 0.95 * tensors_before / total_tensors);
+    const std::string packed = (fs::path(ctx.scratch_dir) / "packed" / absl::StrCat("shard", i)).string();
+    FPX_ASSIGN_OR_RETURN(core::ExpandReport report,
+                         core::ExpandSafetensorsFile(src.blob_path, packed, opts));
+    rep->Written(report.bytes_out);
+    AddTensorResults(report, &out.result);
+    v1::ShardResult* sr = out.result.add_shards();
+    sr->set_file(src.path);
+    sr->set_tensors(static_cast<uint32_t>(report.tensors.size()));
+    sr->set_copied(static_cast<uint32_t>(report.copied.size()));
+    sr->set_bytes_in(report.bytes_in);
+    sr->set_bytes_out(report.bytes_out);
+    sr->set_wall_seconds(report.wall_seconds);
+    for (const core::TermSummary& t : report.Summary()) sr->set_max_rel_fro(t.worst_rel_fro);
+    bytes_in += report.bytes_in;
+    bytes_out += report.bytes_out;
+    seconds += report.wall_seconds;
+    tensors_before += report.tensors.size() + report.copied.size();
+    // Every packed tensor of this shard, for model.fpxint.index.json.
+    {
+      FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(packed));
+      for (const core::TensorInfo& t : reader->tensors()) {
+        packed_index.weight_map.emplace_back(t.name, src.path);
+      }
+    }
+    out.files.push_back({kPackedArtifactKind, absl::StrCat("packed/", src.path), packed,
+                         report.artifact_sha256});
+    if (dequantize) {
+      FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+      rep->Phase("dequantizing", 0.8 + 0.17 * (i + 1) / shards.size());
+      const std::string d =
+          (fs::path(ctx.scratch_dir) / "dequantized" / absl::StrCat("shard", i)).string();
+      FPX_ASSIGN_OR_RETURN(std::string sha, core::WriteDequantizedSafetensors(
+                                                src.blob_path, packed, d, src.sha256, ctx.pool));
+      FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(d));
+      for (const core::TensorInfo& t : reader->tensors()) {
+        dequantized_data += t.end - t.begin;
+        dequantized_index.weight_map.emplace_back(t.name, src.path);
+      }
+      out.files.push_back({"dequantized_safetensors", absl::StrCat("dequantized/", src.path), d, sha});
+    }
+  }
+  packed_index.total_size = 0;
+  for (const ProducedFile& f : out.files) {
+    if (f.kind == kPackedArtifactKind) {
+      FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(f.path));
+      for (const core::TensorInfo& t : reader->tensors()) *packed_index.total_size += t.end - t.begin;
+    }
+  }
+  const std::string packed_index_path = (fs::path(ctx.scratch_dir) / "packed" / "index.json").string();
+  FPX_RETURN_IF_ERROR(core::WriteFileAtomic(packed_index_path, core::HfIndexToJson(packed_index)));
+  out.files.push_back({"packed_index_json", absl::StrCat("packed/", core::kFpxintIndexFile),
+                       packed_index_path, ""});
+  if (dequantize) {
+    // The source's index with its metadata, the same weight_map, and the new total_size (FP8
+    // tensors come back as BF16); or none when the source was one model.safetensors.
+    if (index_file != nullptr) {
+      FPX_ASSIGN_OR_RETURN(std::string text,
+                           ReadSmallFile(index_file->blob_path, core::HfIndexLimits{}.max_bytes));
+      FPX_ASSIGN_OR_RETURN(core::HfIndex source_index, core::ParseHfIndex(text));
+      source_index.total_size = dequantized_data;
+      const std::string p = (fs::path(ctx.scratch_dir) / "dequantized" / "index.json").string();
+      FPX_RETURN_IF_ERROR(core::WriteFileAtomic(p, core::HfIndexToJson(source_index)));
+      out.files.push_back({"dequantized_index_json", absl::StrCat("dequantized/", index_file->path),
+                           p, ""});
+    }
+    for (const SourceFile& f : ctx.files) {
+      if (f.role != "sidecar") continue;
+      out.files.push_back({"sidecar", absl::StrCat("dequantized/", f.path), "", f.sha256});
+    }
+  }
+  SetTotals(bytes_in, bytes_out, seconds, &out.result);
+  return out;
+}
+
 absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext& ctx,
                                        Reporter* rep) {
+  if (ctx.model.format() == v1::HF_DIRECTORY) return RunDirectoryTensorJob(spec, ctx, rep);
   JobOutput out;
   std::string source = ctx.source_path;
   if (ctx.model.format() == v1::TORCHSCRIPT) {
@@ -228,17 +382,7 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
         source, source == ctx.source_path ? ctx.model.format() : v1::SAFETENSORS, WeightSpec(spec)));
     FPX_RETURN_IF_ERROR(CheckMemory(need, ctx.memory_limit));
   }
-  core::ArtifactOptions opts;
-  opts.spec = WeightSpec(spec);
-  opts.include_regex = spec.include();
-  opts.exclude_regex = spec.exclude();
-  if (spec.preset() == "transformer") {
-    opts.keep_regex = core::kTransformerPresetKeep;
-    opts.keep_reason = "kept by --preset transformer (an embedding, norm, bias or lm_head; "
-                       "--include naming it expands it)";
-  }
-  opts.expand.pool = ctx.pool;
-  opts.expand.cancel = ctx.cancel;
+  core::ArtifactOptions opts = TensorOptions(spec, ctx);
   // An uploaded blob is named by its SHA-256, checked when it was stored.
   if (source == ctx.source_path) opts.source_sha256 = ctx.model.sha256();
   opts.progress = [&](const core::ExpandProgress& p) {
@@ -249,17 +393,8 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
   FPX_ASSIGN_OR_RETURN(core::ExpandReport report,
                        core::ExpandSafetensorsFile(source, artifact, opts));
   rep->Written(report.bytes_out);
-  for (const core::TensorReport& t : report.tensors) {
-    v1::LayerResult* l = out.result.add_layers();
-    l->set_name(t.name);
-    l->set_op("tensor");
-    for (int64_t d : t.shape) l->add_shape(d);
-    AddTerms(t.terms, l);
-  }
-  out.result.set_bytes_in(report.bytes_in);
-  out.result.set_bytes_out(report.bytes_out);
-  out.result.set_compression_ratio(
-      report.bytes_out ? static_cast<double>(report.bytes_in) / report.bytes_out : 0);
+  AddTensorResults(report, &out.result);
+  SetTotals(report.bytes_in, report.bytes_out, report.wall_seconds, &out.result);
   out.files.push_back({kPackedArtifactKind, ctx.model.name() + ".fpxint.safetensors", artifact,
                        report.artifact_sha256});
   if (Wants(spec, v1::DEQUANTIZED_SAFETENSORS)) {

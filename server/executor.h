@@ -20,8 +20,17 @@
 
 namespace fpxint::server {
 
+// One file of a directory model (HF_DIRECTORY), as the job reads it.
+struct SourceFile {
+  std::string path;       // in the model directory (ModelFile.path)
+  std::string blob_path;  // the stored bytes
+  std::string sha256;
+  std::string role;  // "shard", "index", "sidecar"
+};
+
 struct JobContext {
-  std::string source_path;  // the model's blob
+  std::string source_path;  // the model's blob (empty for HF_DIRECTORY)
+  std::vector<SourceFile> files;  // HF_DIRECTORY: every file, shards first in the index's order
   v1::Model model;
   std::string scratch_dir;  // empty directory for the outputs
   core::ThreadPool* pool = nullptr;
@@ -39,9 +48,10 @@ inline constexpr char kPackedArtifactKind[] = "packed_safetensors";
 
 struct ProducedFile {
   std::string kind;       // Artifact.kind
-  std::string file_name;  // as downloaded
-  std::string path;       // in scratch_dir
-  std::string sha256;     // when the writer hashed what it wrote; empty: hashed on import
+  std::string file_name;  // as downloaded: a safe relative path ("packed/model-00001-of-00002...")
+  std::string path;       // in scratch_dir; empty for a file already stored (a copied sidecar)
+  std::string sha256;     // when the writer hashed what it wrote (or the stored file's); empty:
+                          // hashed on import
 };
 
 struct JobOutput {

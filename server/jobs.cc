@@ -631,7 +631,13 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     scratch = *dir;
     JobContext ctx;
     ctx.model = **model;
-    ctx.source_path = store_->PathOf(ctx.model.sha256());
+    if (ctx.model.format() == v1::HF_DIRECTORY) {
+      for (const v1::ModelFile& f : ctx.model.files()) {
+        ctx.files.push_back({f.path(), store_->PathOf(f.sha256()), f.sha256(), f.role()});
+      }
+    } else {
+      ctx.source_path = store_->PathOf(ctx.model.sha256());
+    }
     ctx.scratch_dir = scratch;
     absl::Status vetted = absl::OkStatus();
     if (ctx.model.format() == v1::TORCHSCRIPT) {
@@ -728,8 +734,14 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
     }
   }
   for (const ProducedFile& f : out->files) {
-    FPX_ASSIGN_OR_RETURN(uint64_t size, FileSize(f.path));
-    FPX_ASSIGN_OR_RETURN(std::string sha, store_->ImportFile(f.path, f.sha256));
+    uint64_t size = 0;
+    std::string sha = f.sha256;
+    if (f.path.empty()) {  // already stored (a directory model's sidecar, copied as it is)
+      FPX_ASSIGN_OR_RETURN(size, store_->SizeOf(f.sha256));
+    } else {
+      FPX_ASSIGN_OR_RETURN(size, FileSize(f.path));
+      FPX_ASSIGN_OR_RETURN(sha, store_->ImportFile(f.path, f.sha256));
+    }
     v1::Artifact a;
     a.set_artifact_id(NewId("art"));
     a.set_kind(f.kind);

@@ -37,8 +37,9 @@ struct TorchScriptVerdict {
 
 // The journal's schema version, kept in its schema_version table. Each server migrates older
 // journals to it at start (under a lock, so replicas starting together migrate once) and refuses
-// a journal whose version is newer: 1 the first tables, 2 job leases and replica heartbeats.
-inline constexpr int64_t kJournalSchemaVersion = 2;
+// a journal whose version is newer: 1 the first tables, 2 job leases and replica heartbeats, 3
+// the files of directory models (model_files, which BlobReferenced counts).
+inline constexpr int64_t kJournalSchemaVersion = 3;
 // FailedPrecondition for a journal written by a newer server.
 absl::Status CheckJournalSchemaVersion(int64_t found, const std::string& where);
 
@@ -63,7 +64,8 @@ class Journal {
   // version before replicas, which runs jobs unfenced); replicas refuse to start beside it.
   virtual absl::StatusOr<bool> HeldExclusively() = 0;
 
-  // Models, keyed by name.
+  // Models, keyed by name. A directory model's files (Model.files) are kept with it, one
+  // transaction, and their blobs count as referenced while the model exists.
   virtual absl::Status PutModel(const v1::Model& m) = 0;
   virtual absl::StatusOr<std::optional<v1::Model>> GetModel(const std::string& name) = 0;
   virtual absl::StatusOr<std::vector<v1::Model>> ListModels() = 0;
@@ -142,7 +144,7 @@ class Journal {
   virtual absl::StatusOr<bool> ModelInUse(const std::string& model) = 0;
   virtual absl::StatusOr<std::optional<v1::Artifact>> GetArtifact(
       const std::string& artifact_id) = 0;
-  // Whether any model, artifact or deployment references the blob.
+  // Whether any model (or a directory model's file), artifact or deployment references the blob.
   virtual absl::StatusOr<bool> BlobReferenced(const std::string& sha256) = 0;
 
   // Deployments, keyed by (name, version); listed by name, then numeric version.

@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS models(
   name TEXT PRIMARY KEY,
   sha256 TEXT NOT NULL,
   record BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS model_files(
+  model TEXT NOT NULL,
+  path TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  PRIMARY KEY(model, path));
+CREATE INDEX IF NOT EXISTS model_files_sha ON model_files(sha256);
 CREATE TABLE IF NOT EXISTS jobs(
   seq BIGSERIAL PRIMARY KEY,
   job_id TEXT UNIQUE NOT NULL,
@@ -203,10 +209,22 @@ class PostgresJournal final : public Journal {
   }
 
   absl::Status PutModel(const v1::Model& m) override {
-    return Run(
-        "INSERT INTO models(name, sha256, record) VALUES($1, $2, $3) "
-        "ON CONFLICT(name) DO UPDATE SET sha256 = excluded.sha256, record = excluded.record",
-        {Text(m.name()), Text(m.sha256()), Bytes(m.SerializeAsString())});
+    absl::MutexLock l(&mu_);
+    return Interactive([&]() -> absl::Status {
+      FPX_RETURN_IF_ERROR(
+          Exec("INSERT INTO models(name, sha256, record) VALUES($1, $2, $3) ON CONFLICT(name) DO "
+               "UPDATE SET sha256 = excluded.sha256, record = excluded.record",
+               {Text(m.name()), Text(m.sha256()), Bytes(m.SerializeAsString())})
+              .status());
+      FPX_RETURN_IF_ERROR(
+          Exec("DELETE FROM model_files WHERE model = $1", {Text(m.name())}).status());
+      for (const v1::ModelFile& f : m.files()) {
+        FPX_RETURN_IF_ERROR(Exec("INSERT INTO model_files(model, path, sha256) VALUES($1, $2, $3)",
+                                 {Text(m.name()), Text(f.path()), Text(f.sha256())})
+                                .status());
+      }
+      return absl::OkStatus();
+    });
   }
   absl::StatusOr<std::optional<v1::Model>> GetModel(const std::string& name) override {
     absl::MutexLock l(&mu_);
@@ -219,7 +237,11 @@ class PostgresJournal final : public Journal {
     return Records<v1::Model>(r.get());
   }
   absl::Status DeleteModel(const std::string& name) override {
-    return Run("DELETE FROM models WHERE name = $1", {Text(name)});
+    absl::MutexLock l(&mu_);
+    return Interactive([&]() -> absl::Status {
+      FPX_RETURN_IF_ERROR(Exec("DELETE FROM model_files WHERE model = $1", {Text(name)}).status());
+      return Exec("DELETE FROM models WHERE name = $1", {Text(name)}).status();
+    });
   }
 
   absl::Status PutJob(const v1::Job& job) override {
@@ -431,7 +453,8 @@ class PostgresJournal final : public Journal {
     absl::MutexLock l(&mu_);
     FPX_ASSIGN_OR_RETURN(
         Result r,
-        Exec("SELECT 1 FROM models WHERE sha256 = $1 UNION ALL SELECT 1 FROM artifacts WHERE "
+        Exec("SELECT 1 FROM models WHERE sha256 = $1 UNION ALL SELECT 1 FROM model_files WHERE "
+             "sha256 = $1 UNION ALL SELECT 1 FROM artifacts WHERE "
              "sha256 = $1 UNION ALL SELECT 1 FROM deployments WHERE sha256 = $1 OR "
              "artifact_sha256 = $1 LIMIT 1",
              {Text(sha256)}));

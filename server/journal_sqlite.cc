@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS models(
   name TEXT PRIMARY KEY,
   sha256 TEXT NOT NULL,
   record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS model_files(
+  model TEXT NOT NULL,
+  path TEXT NOT NULL,
+  sha256 TEXT NOT NULL,
+  PRIMARY KEY(model, path));
+CREATE INDEX IF NOT EXISTS model_files_sha ON model_files(sha256);
 CREATE TABLE IF NOT EXISTS jobs(
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   job_id TEXT UNIQUE NOT NULL,
@@ -337,9 +343,20 @@ absl::Status SqliteJournal::Exec(const char* sql) {
 
 absl::Status SqliteJournal::PutModel(const v1::Model& m) {
   absl::MutexLock l(&mu_);
-  Stmt st(db_, "INSERT OR REPLACE INTO models(name, sha256, record) VALUES(?, ?, ?)");
-  st.Bind(1, m.name()).Bind(2, m.sha256()).BindBlob(3, m.SerializeAsString());
-  return st.Run();
+  return Transaction([&]() -> absl::Status {
+    Stmt st(db_, "INSERT OR REPLACE INTO models(name, sha256, record) VALUES(?, ?, ?)");
+    st.Bind(1, m.name()).Bind(2, m.sha256()).BindBlob(3, m.SerializeAsString());
+    FPX_RETURN_IF_ERROR(st.Run());
+    Stmt del(db_, "DELETE FROM model_files WHERE model = ?");
+    del.Bind(1, m.name());
+    FPX_RETURN_IF_ERROR(del.Run());
+    for (const v1::ModelFile& f : m.files()) {
+      Stmt ins(db_, "INSERT INTO model_files(model, path, sha256) VALUES(?, ?, ?)");
+      ins.Bind(1, m.name()).Bind(2, f.path()).Bind(3, f.sha256());
+      FPX_RETURN_IF_ERROR(ins.Run());
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<std::optional<v1::Model>> SqliteJournal::GetModel(const std::string& name) {
@@ -357,9 +374,14 @@ absl::StatusOr<std::vector<v1::Model>> SqliteJournal::ListModels() {
 
 absl::Status SqliteJournal::DeleteModel(const std::string& name) {
   absl::MutexLock l(&mu_);
-  Stmt st(db_, "DELETE FROM models WHERE name = ?");
-  st.Bind(1, name);
-  return st.Run();
+  return Transaction([&]() -> absl::Status {
+    Stmt files(db_, "DELETE FROM model_files WHERE model = ?");
+    files.Bind(1, name);
+    FPX_RETURN_IF_ERROR(files.Run());
+    Stmt st(db_, "DELETE FROM models WHERE name = ?");
+    st.Bind(1, name);
+    return st.Run();
+  });
 }
 
 absl::Status SqliteJournal::PutJob(const v1::Job& job) {
@@ -639,7 +661,8 @@ absl::StatusOr<std::optional<v1::Artifact>> SqliteJournal::GetArtifact(const std
 absl::StatusOr<bool> SqliteJournal::BlobReferenced(const std::string& sha256) {
   absl::MutexLock l(&mu_);
   Stmt st(db_,
-          "SELECT 1 FROM models WHERE sha256 = ?1 UNION ALL SELECT 1 FROM artifacts WHERE "
+          "SELECT 1 FROM models WHERE sha256 = ?1 UNION ALL SELECT 1 FROM model_files WHERE "
+          "sha256 = ?1 UNION ALL SELECT 1 FROM artifacts WHERE "
           "sha256 = ?1 UNION ALL SELECT 1 FROM deployments WHERE sha256 = ?1 OR artifact_sha256 = ?1 "
           "LIMIT 1");
   st.Bind(1, sha256);

@@ -162,6 +162,34 @@ TEST_P(JournalConformance, EveryRecordKindKeepsItsBlobsReferenced) {
   EXPECT_FALSE(*j->BlobReferenced(kShaC));
 }
 
+// A directory model's files keep their blobs referenced while the model exists; putting the
+// model again with other files replaces the set.
+TEST_P(JournalConformance, ADirectoryModelsFilesAreReferencedWithIt) {
+  auto j = OpenNew();
+  ASSERT_NE(j, nullptr);
+  v1::Model m;
+  m.set_name("dir");
+  m.set_format(v1::HF_DIRECTORY);
+  m.set_sha256(kShaA);  // the manifest's hash: not a stored blob, but harmless to count
+  for (const auto& [path, sha] : {std::pair{"model.safetensors", kShaB}, {"config.json", kShaC}}) {
+    v1::ModelFile* f = m.add_files();
+    f->set_path(path);
+    f->set_sha256(sha);
+  }
+  ASSERT_TRUE(j->PutModel(m).ok());
+  EXPECT_TRUE(*j->BlobReferenced(kShaB));
+  EXPECT_TRUE(*j->BlobReferenced(kShaC));
+  m.mutable_files(1)->set_sha256(kShaD);
+  ASSERT_TRUE(j->PutModel(m).ok());
+  EXPECT_FALSE(*j->BlobReferenced(kShaC));
+  EXPECT_TRUE(*j->BlobReferenced(kShaD));
+  auto back = j->GetModel("dir");
+  ASSERT_TRUE(back.ok() && back->has_value());
+  EXPECT_EQ((*back)->files_size(), 2);
+  ASSERT_TRUE(j->DeleteModel("dir").ok());
+  for (const std::string& sha : {kShaA, kShaB, kShaD}) EXPECT_FALSE(*j->BlobReferenced(sha));
+}
+
 TEST_P(JournalConformance, DeploymentsListInVersionOrder) {
   auto j = OpenNew();
   ASSERT_NE(j, nullptr);

@@ -2,17 +2,20 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <set>
 #include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "core/unique_fd.h"
 #include "server/log.h"
+#include "server/model_files.h"
 #include "server/services.h"
 #include "server/status_util.h"
 #include "server/upload.h"
@@ -51,6 +54,25 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
       DropIfUnreferenced(ctx_, sha);
     }));
     const v1::UploadHeader& header = upload.header();
+    if (header.format() == v1::HF_DIRECTORY) {
+      // One file of a directory: staged for this caller's CommitModelFiles, not a model yet.
+      FPX_RETURN_IF_ERROR(ctx_.store->MarkStaged(caller.name, blob.sha256));
+      resp->set_name(header.name());
+      resp->set_format(v1::HF_DIRECTORY);
+      resp->set_sha256(blob.sha256);
+      resp->set_size_bytes(blob.size);
+      resp->set_owner(caller.name);
+      resp->set_deduplicated(blob.deduplicated);
+      resp->set_tensor_count(upload.content().tensors);
+      resp->set_parameter_count(upload.content().parameters);
+      for (const auto& [dtype, n] : upload.content().dtypes) (*resp->mutable_dtypes())[dtype] = n;
+      v1::ModelFile* f = resp->add_files();
+      f->set_path(header.file_path());
+      f->set_sha256(blob.sha256);
+      f->set_size_bytes(blob.size);
+      f->set_tensor_count(upload.content().tensors);
+      return absl::OkStatus();
+    }
     if (header.format() == v1::TORCHSCRIPT) {
       // Vetted before anything refers to it; a refused archive is not kept.
       auto verdict = ctx_.vetter->Vet(blob.sha256, ctx_.store->PathOf(blob.sha256));
@@ -99,6 +121,58 @@ grpc::Status QuantizerService::UploadModel(grpc::ServerContext* c,
   });
 }
 
+grpc::ServerUnaryReactor* QuantizerService::CommitModelFiles(
+    grpc::CallbackServerContext* c, const v1::CommitModelFilesRequest* req,
+    v1::CommitModelFilesResponse* resp) {
+  return ServeQueued(ctx_, c, kRoleQuantize, [this, req, resp](const Caller& caller) -> absl::Status {
+    FPX_ASSIGN_OR_RETURN(std::vector<std::string> missing,
+                         MissingModelFiles(*req, caller.name, *ctx_.store));
+    for (const std::string& p : missing) resp->add_missing(p);
+    if (req->dry_run()) return absl::OkStatus();
+    if (!missing.empty()) {
+      const size_t shown = std::min<size_t>(missing.size(), 5);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "files: ", missing.size(), " of ", req->files_size(),
+          " file(s) were not uploaded by this caller (", 
+          absl::StrJoin(missing.begin(), missing.begin() + static_cast<long>(shown), ", "),
+          missing.size() > shown ? ", ..." : "",
+          "); upload each with header.file_path, then commit again"));
+    }
+    FPX_ASSIGN_OR_RETURN(v1::Model m, BuildDirectoryModel(*req, *ctx_.store));
+    FPX_ASSIGN_OR_RETURN(std::optional<v1::Model> existing, ctx_.journal->GetModel(req->name()));
+    if (existing) {
+      if (existing->sha256() != m.sha256() || existing->format() != m.format()) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("name: a different model is already named '", req->name(),
+                         "' (DeleteModel it first, or choose another name)"));
+      }
+      *resp->mutable_model() = *std::move(existing);
+      resp->mutable_model()->set_deduplicated(true);
+      return absl::OkStatus();
+    }
+    const UploadPolicy& policy = ctx_.upload_policy;
+    if (policy.quota_bytes > 0) {
+      FPX_ASSIGN_OR_RETURN(uint64_t used, ctx_.journal->UploadedBytesBy(caller.name));
+      if (used + m.size_bytes() > policy.quota_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "this caller's uploads hold ", used, " bytes and this model ", m.size_bytes(),
+            " more; the quota per caller is ", policy.quota_bytes,
+            " bytes (--upload-quota-bytes): delete models (DeleteModel) or ask the operator"));
+      }
+    }
+    m.set_created_unix_ms(NowUnixMs());
+    m.set_owner(caller.name);
+    FPX_RETURN_IF_ERROR(ctx_.journal->PutModel(m));
+    int shards = 0;
+    for (const v1::ModelFile& f : m.files()) shards += f.role() == "shard";
+    LogInfo(absl::StrCat("model '", m.name(), "' committed: HF_DIRECTORY, ", m.files_size(),
+                         " files (", shards, " shards, ", m.tensor_count(), " tensors), ",
+                         m.size_bytes(), " bytes"));
+    *resp->mutable_model() = std::move(m);
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* QuantizerService::GetModel(grpc::CallbackServerContext* c,
                                                      const v1::ModelRef* req, v1::Model* resp) {
   return ServeQueued(ctx_, c, kRoleQuantize, [this, req, resp](const Caller&) -> absl::Status {
@@ -132,6 +206,7 @@ grpc::ServerUnaryReactor* QuantizerService::DeleteModel(grpc::CallbackServerCont
     }
     FPX_RETURN_IF_ERROR(ctx_.journal->DeleteModel(req->name()));
     DropIfUnreferenced(ctx_, m->sha256());
+    for (const v1::ModelFile& f : m->files()) DropIfUnreferenced(ctx_, f.sha256());
     LogInfo(absl::StrCat("model '", req->name(), "' deleted"));
     return absl::OkStatus();
   });

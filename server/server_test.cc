@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/artifact.h"
 #include "core/dtype.h"
+#include "core/hf_checkpoint.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "fpxint/v1/quantizer.grpc.pb.h"
@@ -106,8 +107,6 @@ class ServerTest : public ::testing::Test {
   grpc::Status Upload(const std::string& name, v1::ModelFormat fmt, const std::string& bytes,
                       v1::Model* out, std::string sha = "", uint64_t size = 0,
                       const char* token = kAdmin) {
-    auto ctx = Ctx(token);
-    auto w = q_->UploadModel(ctx.get(), out);
     v1::UploadChunk h;
     h.mutable_header()->set_name(name);
     h.mutable_header()->set_format(fmt);
@@ -119,6 +118,23 @@ class ServerTest : public ::testing::Test {
       in->set_datatype("FP32");
       for (int64_t d : {2, 3, 8, 8}) in->add_shape(d);
     }
+    return Send(h, bytes, out, token);
+  }
+  // Uploads one file of a directory model (HF_DIRECTORY, header.file_path).
+  grpc::Status Stage(const std::string& name, const std::string& path, const std::string& bytes,
+                     const char* token = kAdmin) {
+    v1::UploadChunk h;
+    h.mutable_header()->set_name(name);
+    h.mutable_header()->set_format(v1::HF_DIRECTORY);
+    h.mutable_header()->set_file_path(path);
+    h.mutable_header()->set_sha256(Sha(bytes));
+    v1::Model staged;
+    return Send(h, bytes, &staged, token);
+  }
+  grpc::Status Send(const v1::UploadChunk& h, const std::string& bytes, v1::Model* out,
+                    const char* token) {
+    auto ctx = Ctx(token);
+    auto w = q_->UploadModel(ctx.get(), out);
     w->Write(h);
     for (size_t off = 0; off < bytes.size(); off += 65536) {
       v1::UploadChunk c;
@@ -419,6 +435,208 @@ TEST_F(ServerTest, RunsOnAPostgresJournal) {
 
 // --job-memory-limit: a job whose planned memory exceeds it fails with both figures and the
 // flag's name, before it expands anything; under the limit the same job runs.
+// A Hugging Face model directory: files uploaded one by one with their paths, then committed as
+// one model. A dry run lists what this caller has not uploaded (so a resumed upload sends only
+// that; another caller's copy of the same bytes does not count), the commit checks the layout
+// (an index naming a shard that is not there, a tensor in two shards), and a TENSOR job over it
+// writes packed shards with model.fpxint.index.json and the dequantized layout with the sidecars.
+TEST_F(ServerTest, DirectoryModelCommitsAndRunsShardByShard) {
+  auto shard = [](std::vector<std::pair<std::string, std::vector<int64_t>>> tensors, uint64_t seed) {
+    core::SafetensorsWriter w;
+    for (const auto& [name, shape] : tensors) {
+      int64_t n = 1;
+      for (int64_t d : shape) n *= d;
+      auto v = fpxint::testing::ToFloat(fpxint::testing::RandomValues(
+          fpxint::testing::Dist::kGaussian, static_cast<size_t>(n), seed++));
+      std::vector<uint8_t> bytes(v.size() * 4);
+      std::memcpy(bytes.data(), v.data(), bytes.size());
+      EXPECT_TRUE(w.AddOwned(name, core::DType::kF32, shape, std::move(bytes)).ok());
+    }
+    auto b = w.Serialize();
+    return std::string(b.begin(), b.end());
+  };
+  const std::string s1 = shard({{"a.weight", {64, 128}}, {"a.bias", {64}}}, 1);
+  const std::string s2 = shard({{"b.weight", {32, 64}}}, 9);
+  const std::string index = R"({"metadata": {"total_size": 42},
+      "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                     "a.bias": "model-00001-of-00002.safetensors",
+                     "b.weight": "model-00002-of-00002.safetensors"}})";
+  const std::string config = R"({"architectures": ["Toy"]})";
+  const std::map<std::string, std::string> files = {
+      {"model-00001-of-00002.safetensors", s1}, {"model-00002-of-00002.safetensors", s2},
+      {"model.safetensors.index.json", index}, {"config.json", config}};
+  v1::CommitModelFilesRequest commit;
+  commit.set_name("toy");
+  for (const auto& [path, bytes] : files) {
+    v1::ModelFile* f = commit.add_files();
+    f->set_path(path);
+    f->set_sha256(Sha(bytes));
+    f->set_size_bytes(bytes.size());
+  }
+  auto run_commit = [&](bool dry, v1::CommitModelFilesResponse* r, const char* token = kAdmin) {
+    v1::CommitModelFilesRequest c = commit;
+    c.set_dry_run(dry);
+    return q_->CommitModelFiles(Ctx(token).get(), c, r);
+  };
+  // Nothing uploaded: every file is missing; a commit names them.
+  v1::CommitModelFilesResponse r;
+  ASSERT_TRUE(run_commit(true, &r).ok());
+  EXPECT_EQ(r.missing_size(), 4);
+  grpc::Status s = run_commit(false, &r);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("not uploaded"), std::string::npos) << s.error_message();
+
+  // The first shard and the index, as an interrupted upload leaves them; another caller's
+  // upload of the second shard does not count for this one.
+  ASSERT_TRUE(Stage("toy", "model-00001-of-00002.safetensors", s1).ok());
+  ASSERT_TRUE(Stage("toy", "model.safetensors.index.json", index).ok());
+  ASSERT_TRUE(Stage("toy", "model-00002-of-00002.safetensors", s2, kQuantize).ok());
+  r.Clear();
+  ASSERT_TRUE(run_commit(true, &r).ok());
+  EXPECT_EQ(std::vector<std::string>(r.missing().begin(), r.missing().end()),
+            (std::vector<std::string>{"config.json", "model-00002-of-00002.safetensors"}));
+  // Bad files are refused at upload, naming the field.
+  s = Stage("toy", "../escape.json", config);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("header.file_path"), std::string::npos) << s.error_message();
+  s = Stage("toy", "model-00002-of-00002.safetensors", s2.substr(0, s2.size() - 10));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << "a truncated shard";
+  s = Stage("toy", "model.safetensors.index.json", "{\"weight_map\": 3}");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("weight_map"), std::string::npos) << s.error_message();
+
+  // An index naming a shard the manifest lacks.
+  {
+    v1::CommitModelFilesRequest c;
+    c.set_name("toy-partial");
+    for (const v1::ModelFile& f : commit.files()) {
+      if (f.path() != "model-00002-of-00002.safetensors" && f.path() != "config.json") {
+        *c.add_files() = f;
+      }
+    }
+    v1::CommitModelFilesResponse pr;
+    s = q_->CommitModelFiles(Ctx().get(), c, &pr);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("model-00002-of-00002.safetensors"), std::string::npos)
+        << s.error_message();
+  }
+  // Resume: the rest, then the commit records one model.
+  ASSERT_TRUE(Stage("toy", "model-00002-of-00002.safetensors", s2).ok());
+  ASSERT_TRUE(Stage("toy", "config.json", config).ok());
+  r.Clear();
+  ASSERT_TRUE(run_commit(true, &r).ok());
+  EXPECT_EQ(r.missing_size(), 0);
+  r.Clear();
+  s = run_commit(false, &r);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  const v1::Model& m = r.model();
+  EXPECT_EQ(m.format(), v1::HF_DIRECTORY);
+  EXPECT_EQ(m.tensor_count(), 3u);
+  EXPECT_EQ(m.parameter_count(), 64u * 128 + 64 + 32 * 64);
+  EXPECT_EQ(m.dtypes().at("F32"), 3u);
+  ASSERT_EQ(m.files_size(), 4);
+  EXPECT_EQ(m.files(0).path(), "model-00001-of-00002.safetensors");
+  EXPECT_EQ(m.files(0).role(), "shard");
+  EXPECT_EQ(m.files(0).tensor_count(), 2u);
+  EXPECT_EQ(m.files(1).role(), "shard");
+  uint64_t total = 0;
+  for (const auto& [path, bytes] : files) total += bytes.size();
+  EXPECT_EQ(m.size_bytes(), total);
+  v1::ModelRef mr;
+  mr.set_name("toy");
+  v1::Model got;
+  ASSERT_TRUE(q_->GetModel(Ctx().get(), mr, &got).ok());
+  EXPECT_EQ(got.sha256(), m.sha256());
+  // The same commit again returns the model; the same name with other files is refused.
+  r.Clear();
+  ASSERT_TRUE(run_commit(false, &r).ok());
+  EXPECT_TRUE(r.model().deduplicated());
+
+  // A tensor in two shards.
+  {
+    const std::string dup = shard({{"a.weight", {64, 128}}}, 3);
+    ASSERT_TRUE(Stage("dup", "model.safetensors", dup).ok());
+    v1::CommitModelFilesRequest c = commit;
+    c.set_name("toy-dup");
+    c.clear_files();
+    for (const auto& [path, bytes] : std::map<std::string, std::string>{
+             {"model-00001-of-00002.safetensors", s1}, {"model-00002-of-00002.safetensors", dup},
+             {"model.safetensors.index.json", index}}) {
+      v1::ModelFile* f = c.add_files();
+      f->set_path(path);
+      f->set_sha256(Sha(bytes));
+      f->set_size_bytes(bytes.size());
+    }
+    v1::CommitModelFilesResponse dr;
+    s = q_->CommitModelFiles(Ctx().get(), c, &dr);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("'a.weight' is in both"), std::string::npos)
+        << s.error_message();
+  }
+
+  // A TENSOR job, group scales, packed and dequantized.
+  v1::JobSpec spec = Spec("toy", v1::TENSOR, 4, 2);
+  spec.set_scale(v1::PER_GROUP);
+  spec.set_group_size(32);
+  spec.add_outputs(v1::DEQUANTIZED_SAFETENSORS);
+  const std::vector<v1::Job> events = Watch(Submit(spec).job_id());
+  ASSERT_FALSE(events.empty());
+  const v1::Job job = events.back();
+  ASSERT_EQ(job.state(), v1::SUCCEEDED) << job.error();
+  ASSERT_EQ(job.result().shards_size(), 2);
+  EXPECT_EQ(job.result().shards(0).file(), "model-00001-of-00002.safetensors");
+  EXPECT_EQ(job.result().shards(0).tensors(), 1u);  // a.bias is rank 1: copied
+  EXPECT_EQ(job.result().shards(0).copied(), 1u);
+  EXPECT_GT(job.result().shards(1).max_rel_fro(), 0);
+  EXPECT_LT(job.result().shards(1).max_rel_fro(), 0.05);
+  EXPECT_EQ(job.result().layers_size(), 2);
+  std::map<std::string, v1::Artifact> by_name;
+  for (const v1::Artifact& a : job.artifacts()) by_name[a.file_name()] = a;
+  for (const char* name :
+       {"packed/model-00001-of-00002.safetensors", "packed/model-00002-of-00002.safetensors",
+        "packed/model.fpxint.index.json", "dequantized/model-00001-of-00002.safetensors",
+        "dequantized/model-00002-of-00002.safetensors", "dequantized/model.safetensors.index.json",
+        "dequantized/config.json", "toy.report.json"}) {
+    ASSERT_TRUE(by_name.count(name)) << name;
+    EXPECT_EQ(Sha(Download(by_name[name].artifact_id())), by_name[name].sha256()) << name;
+  }
+  EXPECT_EQ(Download(by_name["dequantized/config.json"].artifact_id()), config);
+  // The packed index maps every packed tensor to its shard.
+  absl::StatusOr<core::HfIndex> pidx =
+      core::ParseHfIndex(Download(by_name["packed/model.fpxint.index.json"].artifact_id()));
+  ASSERT_TRUE(pidx.ok()) << pidx.status();
+  for (const char* shard_name : {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}) {
+    const std::string bytes = Download(by_name[absl::StrCat("packed/", shard_name)].artifact_id());
+    auto reader = core::SafetensorsReader::FromBuffer(absl::MakeConstSpan(
+        reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    for (const core::TensorInfo& t : (*reader)->tensors()) {
+      EXPECT_NE(std::find(pidx->weight_map.begin(), pidx->weight_map.end(),
+                          std::make_pair(t.name, std::string(shard_name))),
+                pidx->weight_map.end())
+          << t.name;
+    }
+  }
+  // The dequantized index keeps the weight_map and states the new total size.
+  absl::StatusOr<core::HfIndex> didx = core::ParseHfIndex(
+      Download(by_name["dequantized/model.safetensors.index.json"].artifact_id()));
+  ASSERT_TRUE(didx.ok()) << didx.status();
+  absl::StatusOr<core::HfIndex> sidx = core::ParseHfIndex(index);
+  EXPECT_EQ(didx->weight_map, sidx->weight_map);
+  EXPECT_EQ(*didx->total_size, (64u * 128 + 64 + 32 * 64) * 4);
+
+  // Deleting the job keeps the sidecar the model still uses; deleting both frees every file.
+  v1::JobRef jr;
+  jr.set_job_id(job.job_id());
+  v1::DeleteJobResponse djr;
+  ASSERT_TRUE(q_->DeleteJob(Ctx().get(), jr, &djr).ok());
+  v1::DeleteModelResponse dmr;
+  ASSERT_TRUE(q_->DeleteModel(Ctx().get(), mr, &dmr).ok());
+  r.Clear();
+  ASSERT_TRUE(run_commit(true, &r).ok());
+  EXPECT_EQ(r.missing_size(), 4) << "a deleted model's files leave the store";
+}
+
 TEST_F(ServerTest, JobMemoryLimitRefusesJobsThatWouldExceedIt) {
   job_memory_limit_ = 1024;
   Restart();

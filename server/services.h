@@ -124,14 +124,15 @@ class WatchHub;
 // SetChangeListener; server/quantizer_service.cc). The two bulk streams, UploadModel and
 // DownloadArtifact, stay synchronous: each holds one thread that writes or reads the store chunk
 // by chunk, and --max-uploads / --max-downloads (StreamGuard) bound how many there are.
-using QuantizerBase = v1::Quantizer::WithCallbackMethod_GetModel<
+using QuantizerBase = v1::Quantizer::WithCallbackMethod_CommitModelFiles<
+    v1::Quantizer::WithCallbackMethod_GetModel<
     v1::Quantizer::WithCallbackMethod_ListModels<v1::Quantizer::WithCallbackMethod_DeleteModel<
         v1::Quantizer::WithCallbackMethod_SubmitJob<v1::Quantizer::WithCallbackMethod_GetJob<
             v1::Quantizer::WithCallbackMethod_ListJobs<v1::Quantizer::WithCallbackMethod_CancelJob<
                 v1::Quantizer::WithCallbackMethod_DeleteJob<
                     v1::Quantizer::WithCallbackMethod_WatchJob<
                         v1::Quantizer::WithCallbackMethod_GetDeployment<
-                            v1::Quantizer::Service>>>>>>>>>>;
+                            v1::Quantizer::Service>>>>>>>>>>>;
 
 class QuantizerService final : public QuantizerBase {
  public:
@@ -140,6 +141,9 @@ class QuantizerService final : public QuantizerBase {
 
   grpc::Status UploadModel(grpc::ServerContext* c, grpc::ServerReader<v1::UploadChunk>* reader,
                            v1::Model* resp) override;
+  grpc::ServerUnaryReactor* CommitModelFiles(grpc::CallbackServerContext* c,
+                                             const v1::CommitModelFilesRequest* req,
+                                             v1::CommitModelFilesResponse* resp) override;
   grpc::ServerUnaryReactor* GetModel(grpc::CallbackServerContext* c, const v1::ModelRef* req,
                                      v1::Model* resp) override;
   grpc::ServerUnaryReactor* ListModels(grpc::CallbackServerContext* c,

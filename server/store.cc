@@ -15,6 +15,7 @@
 #include <random>
 #include <sstream>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/atomic_file.h"
@@ -104,17 +105,54 @@ std::optional<uint64_t> BlobStore::RemoveIfUnreferenced(const std::string& sha25
   return size.ok() ? *size : 0;
 }
 
+std::string BlobStore::StagedPath(absl::string_view owner, absl::string_view sha256) const {
+  const std::string who = core::Sha256Hex(
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(owner.data()), owner.size()));
+  return (fs::path(root_) / "staged" / who.substr(0, 32) / std::string(sha256)).string();
+}
+
+absl::Status BlobStore::MarkStaged(absl::string_view owner, absl::string_view sha256) {
+  if (!IsSha256Hex(sha256)) return absl::InvalidArgumentError("not a SHA-256");
+  const std::string path = StagedPath(owner, sha256);
+  std::error_code ec;
+  fs::create_directories(fs::path(path).parent_path(), ec);
+  core::UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+  if (fd.get() < 0 || ::futimens(fd.get(), nullptr) != 0) {
+    return core::ErrnoToStatus(errno, "cannot mark staged", path);
+  }
+  return absl::OkStatus();
+}
+
+bool BlobStore::IsStaged(absl::string_view owner, absl::string_view sha256) const {
+  if (!IsSha256Hex(sha256)) return false;
+  struct stat st {};
+  return ::stat(StagedPath(owner, sha256).c_str(), &st) == 0;
+}
+
 BlobStore::Swept BlobStore::SweepOrphans(const ReferencedFn& referenced, absl::Duration min_age) {
   Swept out;
   std::error_code ec;
   const auto now = fs::file_time_type::clock::now();
+  absl::flat_hash_set<std::string> staged;  // marked within min_age: kept
+  for (const auto& who : fs::directory_iterator(fs::path(root_) / "staged", ec)) {
+    for (const auto& f : fs::directory_iterator(who.path(), ec)) {
+      const auto mtime = f.last_write_time(ec);
+      if (!ec && now - mtime < absl::ToChronoNanoseconds(min_age)) {
+        staged.insert(f.path().filename().string());
+      } else {
+        fs::remove(f.path(), ec);
+      }
+    }
+    fs::remove(who.path(), ec);  // only when empty
+  }
+  ec.clear();
   for (const auto& dir : fs::directory_iterator(fs::path(root_) / "blobs", ec)) {
     if (!dir.is_directory(ec)) continue;
     for (const auto& f : fs::directory_iterator(dir.path(), ec)) {
       const std::string sha = f.path().filename().string();
       if (!IsSha256Hex(sha) || !f.is_regular_file(ec)) continue;
       const auto mtime = f.last_write_time(ec);
-      if (ec || now - mtime < absl::ToChronoNanoseconds(min_age)) continue;
+      if (ec || now - mtime < absl::ToChronoNanoseconds(min_age) || staged.contains(sha)) continue;
       if (std::optional<uint64_t> freed = RemoveIfUnreferenced(sha, referenced)) {
         ++out.blobs;
         out.bytes += *freed;

@@ -67,11 +67,19 @@ class BlobStore {
   std::optional<uint64_t> RemoveIfUnreferenced(const std::string& sha256,
                                                const ReferencedFn& referenced);
   // Removes every blob nothing refers to whose file is older than `min_age` (so a blob
-  // committed a moment before its record is never taken). Returns the blobs and bytes removed.
+  // committed a moment before its record is never taken), and staging marks older than it;
+  // a blob with a younger mark stays. Returns the blobs and bytes removed.
   struct Swept {
     uint64_t blobs = 0, bytes = 0;
   };
   Swept SweepOrphans(const ReferencedFn& referenced, absl::Duration min_age);
+
+  // Staging of directory uploads: a file uploaded for a later CommitModelFiles is marked as
+  // uploaded by `owner` (<root>/staged/<hash of owner>/<sha256>), and only a model of its
+  // uploader may name it by hash, so knowing a file's SHA-256 never gives access to it. A mark
+  // lasts until SweepOrphans finds it older than its min_age; the blob it marks is kept as long.
+  absl::Status MarkStaged(absl::string_view owner, absl::string_view sha256);
+  bool IsStaged(absl::string_view owner, absl::string_view sha256) const;
 
   // A fresh, empty directory for one job's scratch files (removed by the caller or at Open).
   absl::StatusOr<std::string> NewTempDir(absl::string_view prefix);
@@ -85,6 +93,7 @@ class BlobStore {
   // Sets *existed accordingly.
   absl::Status Commit(const std::string& tmp, const std::string& sha256, bool* existed);
   std::string NewTempName(absl::string_view prefix);
+  std::string StagedPath(absl::string_view owner, absl::string_view sha256) const;
 
   std::string root_;
   std::string tmp_;  // this replica's temp directory

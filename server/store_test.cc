@@ -2,8 +2,10 @@
 // and bounded, identical content is stored once, and removal asks who refers to a blob.
 #include "server/store.h"
 
+#include <sys/time.h>
 #include <unistd.h>
 
+#include <ctime>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -151,4 +153,29 @@ TEST(BlobStore, ReplicasKeepTheirTempFilesApart) {
 }
 
 }  // namespace
+// Staging marks: per owner, and a blob with a young mark outlives an orphan sweep however old
+// the blob is (a directory upload may reuse a stored file); an old mark goes, and its blob too.
+TEST(BlobStore, StagingMarksAreOwnedAndKeepTheirBlobs) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  WriteFileOrDie(dir.File("a"), "a staged shard");
+  auto a = store->ImportFile(dir.File("a"));
+  ASSERT_TRUE(a.ok());
+  EXPECT_FALSE(store->IsStaged("alice", *a));
+  ASSERT_TRUE(store->MarkStaged("alice", *a).ok());
+  EXPECT_TRUE(store->IsStaged("alice", *a));
+  EXPECT_FALSE(store->IsStaged("bob", *a));
+  EXPECT_FALSE(store->MarkStaged("alice", "../../x").ok());
+  // The blob is a day old; its mark is new.
+  const struct timeval old[2] = {{::time(nullptr) - 86400, 0}, {::time(nullptr) - 86400, 0}};
+  ASSERT_EQ(::utimes(store->PathOf(*a).c_str(), old), 0);
+  auto none = [](const std::string&) -> absl::StatusOr<bool> { return false; };
+  EXPECT_EQ(store->SweepOrphans(none, absl::Hours(1)).blobs, 0u);
+  EXPECT_TRUE(store->IsStaged("alice", *a));
+  EXPECT_TRUE(store->Has(*a));
+  EXPECT_EQ(store->SweepOrphans(none, absl::ZeroDuration()).blobs, 1u);
+  EXPECT_FALSE(store->IsStaged("alice", *a));
+  EXPECT_FALSE(store->Has(*a));
+}
+
 }  // namespace fpxint::server

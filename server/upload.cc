@@ -1,12 +1,19 @@
 #include "server/upload.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "core/hf_checkpoint.h"
 #include "core/safetensors.h"
+#include "core/status_macros.h"
 #include "core/torch_state_dict.h"
+#include "core/unique_fd.h"
 
 namespace fpxint::server {
 
@@ -85,7 +92,7 @@ absl::StatusOr<BlobWriter::Result> UploadAssembler::Finish(
   auto blob = writer_->Commit(header_.sha256());
   if (!blob.ok()) return blob.status();
   absl::StatusOr<UploadContent> content =
-      CheckUploadContent(store_->PathOf(blob->sha256), header_.format());
+      CheckUploadContent(store_->PathOf(blob->sha256), header_.format(), header_.file_path());
   if (!content.ok()) {
     if (!blob->deduplicated) drop_unreferenced(blob->sha256);
     return content.status();
@@ -96,11 +103,27 @@ absl::StatusOr<BlobWriter::Result> UploadAssembler::Finish(
 
 // The uploaded bytes must be what the header says they are.
 absl::StatusOr<UploadContent> CheckUploadContent(const std::string& path,
-                                                 v1::ModelFormat format) {
+                                                 v1::ModelFormat format,
+                                                 const std::string& file_path) {
   // The readers name the file; the client must not learn the server's paths.
   auto hide_path = [&](const absl::Status& s) {
     return absl::StrReplaceAll(s.message(), {{path + ": ", ""}, {path, "the upload"}});
   };
+  if (format == v1::HF_DIRECTORY) {
+    // A directory's shards are checked as safetensors files, its index as an index; sidecars
+    // (config, tokenizer) are kept as bytes.
+    if (absl::EndsWith(file_path, ".safetensors")) {
+      return CheckUploadContent(path, v1::SAFETENSORS, "");
+    }
+    if (file_path == core::kHfIndexFile) {
+      absl::StatusOr<std::string> text = ReadSmallFile(path, core::HfIndexLimits{}.max_bytes);
+      if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat("data: ", hide_path(text.status())));
+      if (absl::StatusOr<core::HfIndex> idx = core::ParseHfIndex(*text); !idx.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("data: ", idx.status().message()));
+      }
+    }
+    return UploadContent{};
+  }
   if (format == v1::SAFETENSORS) {
     auto r = core::SafetensorsReader::Open(path);
     if (!r.ok()) {
@@ -137,6 +160,26 @@ absl::StatusOr<UploadContent> CheckUploadContent(const std::string& path,
         "data: not a TorchScript archive (a zip file written by torch.jit.save)");
   }
   return UploadContent{};
+}
+
+absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_bytes) {
+  core::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  struct stat st {};
+  if (fd.get() < 0 || ::fstat(fd.get(), &st) != 0) {
+    return core::ErrnoToStatus(errno, "cannot read", path);
+  }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(path, ": ", st.st_size, " bytes; at most ", max_bytes, " are read"));
+  }
+  std::string out(static_cast<size_t>(st.st_size), '\0');
+  size_t got = 0;
+  while (got < out.size()) {
+    const ssize_t n = ::pread(fd.get(), out.data() + got, out.size() - got, static_cast<off_t>(got));
+    if (n <= 0) return core::ErrnoToStatus(n < 0 ? errno : EIO, "cannot read", path);
+    got += static_cast<size_t>(n);
+  }
+  return out;
 }
 
 }  // namespace fpxint::server

@@ -62,9 +62,13 @@ class UploadAssembler {
 };
 
 // The stored bytes must be what the header says they are (safetensors parses; TorchScript is a
-// zip archive). Returns what a weights file holds.
+// zip archive; an HF_DIRECTORY file by its `file_path`: a .safetensors shard parses, the index
+// parses as one). Returns what a weights file holds.
 absl::StatusOr<UploadContent> CheckUploadContent(const std::string& path,
-                                                 v1::ModelFormat format);
+                                                 v1::ModelFormat format,
+                                                 const std::string& file_path = "");
+// A file of at most `max_bytes` bytes, read whole. ResourceExhausted above it.
+absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_bytes);
 
 }  // namespace fpxint::server
 

@@ -1,7 +1,7 @@
 #include "server/validation.h"
 
-
 #include "absl/strings/str_cat.h"
+#include "core/hf_checkpoint.h"
 #include "core/name_pattern.h"
 #include "core/status_macros.h"
 #include "server/store.h"
@@ -89,9 +89,24 @@ absl::Status CheckUploadHeader(const v1::UploadHeader& h, const UploadPolicy& po
             "); SAFETENSORS and TORCH_STATE_DICT uploads are accepted"));
       }
       break;
+    case v1::HF_DIRECTORY:
+      if (!core::IsSafeRelativePath(h.file_path())) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "header.file_path: '", h.file_path(), "'; HF_DIRECTORY uploads name the file's path "
+            "in the model directory: at most 4 '/'-separated segments of [A-Za-z0-9_][A-Za-z0-9._-]*"));
+      }
+      if (h.inputs_size() > 0) {
+        return absl::InvalidArgumentError("header.inputs: not used for HF_DIRECTORY files");
+      }
+      break;
     default:
       return absl::InvalidArgumentError(
-          "header.format: required; accepted: TORCHSCRIPT, SAFETENSORS, TORCH_STATE_DICT");
+          "header.format: required; accepted: TORCHSCRIPT, SAFETENSORS, TORCH_STATE_DICT, "
+          "HF_DIRECTORY (with header.file_path)");
+  }
+  if (h.format() != v1::HF_DIRECTORY && !h.file_path().empty()) {
+    return absl::InvalidArgumentError(
+        "header.file_path: only for HF_DIRECTORY uploads (one file of a model directory)");
   }
   if (!IsSha256Hex(h.sha256())) {
     return absl::InvalidArgumentError(

@@ -321,6 +321,117 @@ class CliE2E(CliTestCase):
                          "--preset", "transformer", expect=3)
         self.assertIn("preset", r.err + r.out)
 
+    def test_04d_model_directory(self):
+        """A Hugging Face directory (2 BF16 shards, index, config and tokenizer files) uploads as
+        one model; an upload cut short (the second shard not there yet) fails naming that shard,
+        and running it again sends only what is missing. A group-128 W4x2 TENSOR job writes
+        packed shards with model.fpxint.index.json and the dequantized directory, which
+        `download --all` lays out as packed/ and dequantized/: sidecars and index as in the
+        source, kept tensors byte for byte, and every expanded tensor equal to the BF16 rounding
+        of the independent decoder's sum of the packed terms."""
+        ck = os.path.join(self.work, "llama_dir")
+        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
+                                                               "make_checkpoint.py"),
+                              ck, "--dtype", "BF16", "--shards", "2", "--layers", "2",
+                              "--hidden", "128", "--intermediate", "344", "--vocab", "500",
+                              "--seed", "5"], capture_output=True, text=True, timeout=120)
+        self.assertEqual(gen.returncode, 0, gen.stderr)
+        summary = json.loads(gen.stdout)
+        index = load_json(os.path.join(ck, "model.safetensors.index.json"))
+        shards = sorted(set(index["weight_map"].values()))
+        self.assertEqual(len(shards), 2)
+        # An interrupted upload: the second shard is not there yet.
+        partial = os.path.join(self.work, "llama_dir_partial")
+        shutil.copytree(ck, partial)
+        os.remove(os.path.join(partial, shards[1]))
+        r = self.run_cli("--json", "upload", partial, "--name", "llama_dir", expect=3)
+        self.assertIn(shards[1], r.out + r.err)
+        up = self.run_cli("--json", "upload", ck, "--name", "llama_dir").json()
+        self.assertEqual(up["format"], "HF_DIRECTORY")
+        self.assertEqual(up["files_sent"], 1, "only the missing shard is sent again")
+        self.assertEqual(up["files_already_stored"], len(os.listdir(ck)) - 1)
+        self.assertEqual(int(up["tensor_count"]), summary["tensors"])
+        self.assertEqual(int(up["parameter_count"]), summary["parameters"])
+        roles = {f["path"]: f.get("role") for f in up["files"]}
+        self.assertEqual(roles, {**{s: "shard" for s in shards},
+                                 "model.safetensors.index.json": "index",
+                                 "config.json": "sidecar", "generation_config.json": "sidecar",
+                                 "tokenizer_config.json": "sidecar"})
+        again = self.run_cli("--json", "upload", ck, "--name", "llama_dir").json()
+        self.assertEqual(again["files_sent"], 0)
+        human = self.run_cli("models", "get", "llama_dir").out
+        self.assertIn(f"{len(os.listdir(ck))} files, 2 shards", human)
+        self.assertIn(shards[0], human)
+
+        job = self.run_cli("--json", "quantize", "--model", "llama_dir", "--granularity",
+                           "tensor", "--bits", "4", "--terms", "2", "--scale", "group",
+                           "--group-size", "128", "--preset", "transformer",
+                           "--output-format", "dequantized_safetensors", "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED", json.dumps(job)[:2000])
+        self.assertEqual([s["file"] for s in job["report"]["shards"]], shards)
+        self.assertGreater(job["report"]["read_gb_per_second"], 0)
+        out = os.path.join(self.work, "llama_dir_out")
+        self.run_cli("--json", "download", job["id"], "--all", "-o", out)
+        self.assertEqual(sorted(os.listdir(os.path.join(out, "packed"))),
+                         sorted(shards + ["model.fpxint.index.json"]))
+        self.assertEqual(sorted(os.listdir(os.path.join(out, "dequantized"))),
+                         sorted(os.listdir(ck)))
+        for side in ("config.json", "generation_config.json", "tokenizer_config.json"):
+            self.assertEqual(read_bytes(os.path.join(out, "dequantized", side)),
+                             read_bytes(os.path.join(ck, side)), side)
+        dindex = load_json(os.path.join(out, "dequantized", "model.safetensors.index.json"))
+        self.assertEqual(dindex["weight_map"], index["weight_map"])
+        pindex = load_json(os.path.join(out, "packed", "model.fpxint.index.json"))
+
+        def tensors_of(path):
+            buf = read_bytes(path)
+            h, off = sc.st_header(buf)
+            meta = h.pop("__metadata__", {})
+            return buf, h, off, meta
+
+        def bf16(buf, info, off):
+            a, b = info["data_offsets"]
+            u = np.frombuffer(buf[off + a:off + b], dtype="<u2").astype(np.uint32) << 16
+            return u.view(np.float32).reshape(info["shape"])
+
+        def to_bf16(x):  # round to nearest even, as the writer does
+            u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            return (u.astype(np.uint32) << 16).view(np.float32)
+
+        sys.path.insert(0, os.path.join(sc.REPO_ROOT, "tests", "integration"))
+        from test_expand_cli import reconstruct  # the independent decoder  # noqa: E402
+        np_types = {"U8": "u1", "I8": "i1", "F32": "<f4", "F64": "<f8"}
+        expanded = {l["name"] for l in job["report"]["layers"]}
+        self.assertEqual(len(expanded), 14)  # 2 layers x 7 projections
+        for shard in shards:
+            sbuf, sh, soff, _ = tensors_of(os.path.join(ck, shard))
+            dbuf, dh, doff, _ = tensors_of(os.path.join(out, "dequantized", shard))
+            pbuf, ph, poff, pmeta = tensors_of(os.path.join(out, "packed", shard))
+            self.assertEqual(sorted(dh), sorted(sh))
+            for name in ph:
+                self.assertEqual(pindex["weight_map"].get(name), shard, name)
+            packed = {}
+            for name, info in ph.items():
+                if info["dtype"] in np_types:
+                    a, b = info["data_offsets"]
+                    arr = np.frombuffer(pbuf[poff + a:poff + b], dtype=np_types[info["dtype"]])
+                    packed[name] = (info["dtype"], arr.reshape(info["shape"]), a)
+            for name, info in sh.items():
+                self.assertEqual((dh[name]["dtype"], dh[name]["shape"]),
+                                 (info["dtype"], info["shape"]), name)
+                if name not in expanded:
+                    a, b = info["data_offsets"]
+                    c, d = dh[name]["data_offsets"]
+                    self.assertEqual(dbuf[doff + c:doff + d], sbuf[soff + a:soff + b], name)
+                    continue
+                want = to_bf16(reconstruct(pmeta, packed, name, 2))
+                got = bf16(dbuf, dh[name], doff)
+                np.testing.assert_array_equal(got, want, err_msg=name)
+                w = bf16(sbuf, info, soff).astype(np.float64)
+                rel = np.linalg.norm(w - got) / np.linalg.norm(w)
+                self.assertLess(rel, 0.02, name)
+
     def test_05_quantize_layer_deploy_human(self):
         self.need("uploaded", "test_02_upload")
         r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer", "--bits", "4",

@@ -101,7 +101,7 @@ def main(outdir):
     rng = np.random.RandomState(0)
     seeds = {t: [] for t in ("fuzz_safetensors", "fuzz_upload", "fuzz_oip_request", "fuzz_job_spec",
                              "fuzz_client_parsers", "fuzz_packing", "fuzz_packed_weight",
-                             "fuzz_torch_state_dict", "fuzz_artifact")}
+                             "fuzz_torch_state_dict", "fuzz_artifact", "fuzz_hf_index")}
     st = safetensors({"w": rng.randn(4, 6).astype(np.float32), "b": rng.randn(4).astype(np.float16),
                       "codes": rng.randint(0, 255, (2, 3)).astype(np.uint8)}, {"format": "pt"})
     seeds["fuzz_safetensors"] += [st, safetensors({}), safetensors({"x": np.zeros((0, 3), np.float32)})]
@@ -143,6 +143,15 @@ def main(outdir):
                                     for rows, cols, group, bits, terms in
                                     ((3, 8, 8, 4, 2), (2, 10, 4, 2, 1), (4, 5, 5, 3, 3), (1, 16, 8, 8, 1))]
     seeds["fuzz_torch_state_dict"] += torch_seeds()
+    index = json.dumps({"metadata": {"total_size": 1234, "format": "pt"},
+                        "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                                       "model.layers.0.mlp.up_proj.weight": "model-00002-of-00002.safetensors",
+                                       "lm_head.weight": "sub/dir/model-00002-of-00002.safetensors"}}).encode()
+    seeds["fuzz_hf_index"] += [index, b'{"weight_map": {"a": "../x"}}', b'{"weight_map": {}}']
+    hdr = q.UploadChunk(header=q.UploadHeader(name="m", format=q.HF_DIRECTORY, sha256="0" * 64,
+                                              file_path="model.safetensors.index.json",
+                                              size_bytes=len(index)))
+    seeds["fuzz_upload"].append(bytes([1]) + frame([hdr, q.UploadChunk(data=index)]))
     # Kept in tests/fuzz/corpus/<target>/: artifacts written by `fpxint expand` (packed 4/2-bit and
     # byte codes; channel, group and tensor scales; sym, mid, asym; rescaled and digits), and
     # inputs shaped like the attacks the parsers bound (corpus/make_attack_seeds.py).
