@@ -344,19 +344,28 @@ class Client:
         return self.p.health.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     # quantizer --------------------------------------------------------------------------------
-    def upload_chunks(self, name, fmt, sha256, data_iter, size_bytes=0, inputs=()):
+    def upload_chunks(self, name, fmt, sha256, data_iter, size_bytes=0, inputs=(), file_path=""):
         q = self.p.q
-        header = q.UploadHeader(name=name, format=fmt, sha256=sha256, size_bytes=size_bytes)
+        header = q.UploadHeader(name=name, format=fmt, sha256=sha256, size_bytes=size_bytes,
+                                file_path=file_path)
         for sig in inputs:
             header.inputs.add(name=sig["name"], datatype=sig["datatype"], shape=list(sig["shape"]))
         yield q.UploadChunk(header=header)
         for block in data_iter:
             yield q.UploadChunk(data=block)
 
-    def upload_iter(self, name, fmt, sha256, data_iter, size_bytes=0, inputs=(), token=..., timeout=300):
+    def upload_iter(self, name, fmt, sha256, data_iter, size_bytes=0, inputs=(), token=..., timeout=300,
+                    file_path=""):
         return self.quantizer.UploadModel(
-            self.upload_chunks(name, fmt, sha256, data_iter, size_bytes, inputs),
+            self.upload_chunks(name, fmt, sha256, data_iter, size_bytes, inputs, file_path),
             metadata=self.md(token), timeout=timeout)
+
+    def commit_model_files(self, name, files, dry_run=False, token=...):
+        """files: [(path, sha256, size_bytes)]."""
+        q = self.p.q
+        req = q.CommitModelFilesRequest(name=name, dry_run=dry_run, files=[
+            q.ModelFile(path=p, sha256=sha, size_bytes=n) for p, sha, n in files])
+        return self.quantizer.CommitModelFiles(req, metadata=self.md(token), timeout=60)
 
     def upload_file(self, name, path, fmt, inputs=(), token=..., sha256=None, with_size=True, timeout=300):
         sha = sha256 or sha256_file(path)

@@ -188,6 +188,9 @@ class AccessMatrix(ServerCase):
         NF, OK = SC.NOT_FOUND, SC.OK
         return {
             "fpxint.v1.Quantizer/UploadModel": (Q, upload, OK),
+            "fpxint.v1.Quantizer/CommitModelFiles": (Q, lambda md: qs.CommitModelFiles(q.CommitModelFilesRequest(
+                name="acl-dir", dry_run=True, files=[q.ModelFile(path="model.safetensors", sha256=tiny_sha,
+                                                                 size_bytes=len(tiny))]), metadata=md, timeout=10), OK),
             "fpxint.v1.Quantizer/GetModel": (Q, lambda md: qs.GetModel(q.ModelRef(name="no-such"), metadata=md, timeout=10), NF),
             "fpxint.v1.Quantizer/ListModels": (Q, lambda md: qs.ListModels(q.ListModelsRequest(), metadata=md, timeout=10), OK),
             "fpxint.v1.Quantizer/DeleteModel": (Q, lambda md: qs.DeleteModel(q.ModelRef(name="no-such"), metadata=md, timeout=10), NF),
@@ -359,6 +362,16 @@ class AccessMatrix(ServerCase):
             expect(f"ModelInfer {r}", denied, c.infer, name, np.zeros((1, 1, 28, 28), np.float32))
             expect(f"ModelInfer version {r}", denied + (SC.FAILED_PRECONDITION,), c.infer, "no-such",
                    np.zeros((1, 1, 28, 28), np.float32), version=name)
+            expect(f"CommitModelFiles name {r}", (SC.INVALID_ARGUMENT,), c.commit_model_files, name,
+                   [("model.safetensors", tsha, len(tiny))], dry_run=True)
+        # A directory model's file paths: relative, no "..", no hidden or odd names; neither an
+        # upload nor a commit may name one.
+        for path in [n for n in bad_names if n != "a/b"] + ["a/b/c/d/e", "a//b", "dir/"]:
+            r = repr(path[:40])
+            expect(f"UploadModel file_path {r}", (SC.INVALID_ARGUMENT,), c.upload_iter, "dir-probe",
+                   q.HF_DIRECTORY, tsha, iter([tiny]), len(tiny), file_path=path)
+            expect(f"CommitModelFiles files[0].path {r}", (SC.INVALID_ARGUMENT,), c.commit_model_files,
+                   "dir-probe", [(path, tsha, len(tiny))], dry_run=True)
         bad_ids = ["../journal.sqlite", "../../journal.sqlite", "../../../etc/passwd", "/etc/passwd", "..", ".",
                    "a/b", "\x00", "x" * 5000, "art-" + "../" * 8 + "etc/passwd", "*", "%", "' OR '1'='1",
                    "art-1' OR '1'='1' --", "blobs", "tmp"]
