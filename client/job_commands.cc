@@ -97,6 +97,14 @@ void PrintJob(const v1::Job& job) {
               r.layers_size(),
               HumanBytes(static_cast<uint64_t>(r.bytes_out() * r.compression_ratio())).c_str(),
               HumanBytes(r.bytes_out()).c_str(), r.compression_ratio());
+  if (r.shards_size() > 0) {
+    std::printf("  %d shards, source read at %.2f GB/s:\n", r.shards_size(), r.read_gb_per_second());
+    for (const v1::ShardResult& sh : r.shards()) {
+      std::printf("    %-40s %4u expanded %4u kept  %9s -> %-9s  worst rel. error %.3e\n",
+                  sh.file().c_str(), sh.tensors(), sh.copied(), HumanBytes(sh.bytes_in()).c_str(),
+                  HumanBytes(sh.bytes_out()).c_str(), sh.max_rel_fro());
+    }
+  }
   if (r.probe_size() > 0) {
     std::printf("  output error on a data-free probe input (relative Frobenius):\n");
     for (const v1::ProbeError& p : r.probe()) {

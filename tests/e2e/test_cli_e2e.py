@@ -370,6 +370,11 @@ class CliE2E(CliTestCase):
         self.assertEqual(job["state"], "SUCCEEDED", json.dumps(job)[:2000])
         self.assertEqual([s["file"] for s in job["report"]["shards"]], shards)
         self.assertGreater(job["report"]["read_gb_per_second"], 0)
+        shown = self.run_cli("jobs", "get", job["id"]).out
+        self.assertIn("2 shards, source read at", shown)
+        for s in job["report"]["shards"]:
+            self.assertRegex(shown, re.escape(s["file"]) + r"\s+%d expanded\s+%d kept" %
+                             (s.get("tensors", 0), s.get("copied", 0)))
         out = os.path.join(self.work, "llama_dir_out")
         self.run_cli("--json", "download", job["id"], "--all", "-o", out)
         self.assertEqual(sorted(os.listdir(os.path.join(out, "packed"))),
