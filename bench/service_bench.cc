@@ -6,7 +6,9 @@
 //     and the same with 1, 8 and 64 concurrent clients;
 //   - upload and download throughput of a 100 MB file;
 //   - a TENSOR job end to end (submit, run, watch to SUCCEEDED) vs core::ExpandSafetensorsFile on
-//     the same file and spec.
+//     the same file and spec;
+//   - a Hugging Face checkpoint directory: its upload, and a TENSOR job over it (source read
+//     rate and peak resident set) vs core::ExpandTensor of one of its tensors in memory.
 // Needs FPXINT_MODELS_DIR (scripts/fetch_models.sh --print-dir).
 #include <benchmark/benchmark.h>
 #include <grpcpp/grpcpp.h>
@@ -22,8 +24,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/artifact.h"
+#include "core/dtype.h"
+#include "core/expansion.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
+#include "core/thread_pool.h"
 #include "fpxint/v1/quantizer.grpc.pb.h"
 #include "inference/grpc_service.grpc.pb.h"
 #include "model/model.h"
@@ -298,6 +303,185 @@ void BM_TensorExpandDirect(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * e->big_bytes.size());
 }
 
+// ---- A Hugging Face checkpoint directory (docs/BENCHMARKS.md "Checkpoint directories") ----
+//
+// A generated BF16 checkpoint of FPXINT_BENCH_CHECKPOINT_MB (default 1024) in two shards of
+// [4096, 4096] tensors (32 MiB each), an index and a config.json, uploaded file by file and
+// committed (CommitModelFiles), then expanded by a TENSOR job W4x2 with group-128 scales, packed
+// output. The baseline is core::ExpandTensor of one such tensor in memory, same spec and threads.
+
+struct CheckpointDir {
+  std::vector<std::string> paths, abs, shas;  // shards first
+  std::vector<uint64_t> sizes;
+  uint64_t shard_bytes = 0;
+  std::vector<uint8_t> tensor;  // one BF16 tensor, for the in-memory baseline
+};
+
+constexpr int64_t kDirRows = 4096, kDirCols = 4096;
+
+CheckpointDir* GetCheckpointDir() {
+  static CheckpointDir* d = [] {
+    Env* e = GetEnv();
+    auto* c = new CheckpointDir;
+    const char* mb_env = std::getenv("FPXINT_BENCH_CHECKPOINT_MB");
+    const int64_t mb = mb_env ? std::max<int64_t>(64, std::atoll(mb_env)) : 1024;
+    const int64_t tensor_bytes = kDirRows * kDirCols * 2;
+    const int tensors = static_cast<int>(std::max<int64_t>(2, (mb << 20) / tensor_bytes));
+    // Four different tensors, cycled: each shard holds its tensors' bytes once in memory.
+    std::vector<std::vector<uint8_t>> bufs(4, std::vector<uint8_t>(tensor_bytes));
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd(0.f, 0.02f);
+    for (auto& b : bufs) {
+      uint16_t* h = reinterpret_cast<uint16_t*>(b.data());
+      for (int64_t i = 0; i < kDirRows * kDirCols; ++i) h[i] = core::FloatToBFloat16(nd(rng));
+    }
+    c->tensor = bufs[0];
+    std::string weight_map;
+    for (int s = 0; s < 2; ++s) {
+      const std::string name = absl::StrCat("model-0000", s + 1, "-of-00002.safetensors");
+      core::SafetensorsWriter w;
+      for (int t = s; t < tensors; t += 2) {
+        const std::string tn = absl::StrCat("model.layers.", t, ".mlp.up_proj.weight");
+        w.Add(tn, core::DType::kBF16, {kDirRows, kDirCols}, bufs[static_cast<size_t>(t) % 4])
+            .IgnoreError();
+        absl::StrAppend(&weight_map, weight_map.empty() ? "" : ",", "\"", tn, "\":\"", name, "\"");
+      }
+      std::string sha;
+      const std::string path = e->dir + "/" + name;
+      if (!w.WriteFile(path, &sha).ok()) std::exit(4);
+      c->paths.push_back(name);
+      c->abs.push_back(path);
+      c->shas.push_back(sha);
+      c->sizes.push_back(std::filesystem::file_size(path));
+      c->shard_bytes += c->sizes.back();
+    }
+    for (const auto& [name, text] :
+         {std::pair<std::string, std::string>{"model.safetensors.index.json",
+                                              "{\"metadata\":{},\"weight_map\":{" + weight_map + "}}"},
+          {"config.json", "{\"architectures\": [\"LlamaForCausalLM\"]}"}}) {
+      const std::string path = e->dir + "/" + name;
+      std::ofstream(path, std::ios::binary) << text;
+      c->paths.push_back(name);
+      c->abs.push_back(path);
+      c->shas.push_back(core::Sha256Hex(
+          absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(text.data()), text.size())));
+      c->sizes.push_back(text.size());
+    }
+    return c;
+  }();
+  return d;
+}
+
+// Uploads every file of the directory (streamed from disk in 1 MiB chunks, hashes known, as the
+// CLI has them) and commits them as `name`.
+absl::Status UploadDirectory(Env& e, const CheckpointDir& d, const std::string& name) {
+  std::vector<char> buf(1 << 20);
+  v1::CommitModelFilesRequest commit;
+  commit.set_name(name);
+  for (size_t i = 0; i < d.paths.size(); ++i) {
+    grpc::ClientContext ctx;
+    v1::Model m;
+    auto w = e.q->UploadModel(&ctx, &m);
+    v1::UploadChunk h;
+    h.mutable_header()->set_name(name);
+    h.mutable_header()->set_format(v1::HF_DIRECTORY);
+    h.mutable_header()->set_file_path(d.paths[i]);
+    h.mutable_header()->set_sha256(d.shas[i]);
+    h.mutable_header()->set_size_bytes(d.sizes[i]);
+    w->Write(h);
+    std::ifstream in(d.abs[i], std::ios::binary);
+    v1::UploadChunk c;
+    while (in.read(buf.data(), static_cast<std::streamsize>(buf.size())) || in.gcount() > 0) {
+      c.set_data(buf.data(), static_cast<size_t>(in.gcount()));
+      if (!w->Write(c)) break;
+    }
+    w->WritesDone();
+    if (grpc::Status s = w->Finish(); !s.ok()) return absl::InternalError(s.error_message());
+    v1::ModelFile* f = commit.add_files();
+    f->set_path(d.paths[i]);
+    f->set_sha256(d.shas[i]);
+    f->set_size_bytes(d.sizes[i]);
+  }
+  grpc::ClientContext ctx;
+  v1::CommitModelFilesResponse r;
+  grpc::Status s = e.q->CommitModelFiles(&ctx, commit, &r);
+  return s.ok() ? absl::OkStatus() : absl::InternalError(s.error_message());
+}
+
+v1::JobSpec DirectorySpec() {
+  v1::JobSpec s = TensorSpec();
+  s.set_model("ckpt");
+  s.set_scale(v1::PER_GROUP);
+  s.set_group_size(128);
+  return s;
+}
+
+// The process's peak resident set since the last reset (VmHWM), in MiB; ResetPeakRss starts a
+// new window (Linux: 5 > /proc/self/clear_refs).
+void ResetPeakRss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+double PeakRssMiB() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::atof(line.c_str() + 6) / 1024.0;
+  }
+  return 0;
+}
+
+void BM_DirectoryUpload(benchmark::State& state) {
+  Env* e = GetEnv();
+  CheckpointDir* d = GetCheckpointDir();
+  int i = 0;
+  uint64_t bytes = 0;
+  for (uint64_t n : d->sizes) bytes += n;
+  for (auto _ : state) {
+    // A new name each time: every file is streamed, hashed by the server, written and
+    // deduplicated, then the commit validates the shards.
+    if (!UploadDirectory(*e, *d, absl::StrCat("ckpt-up", i++)).ok()) {
+      return state.SkipWithError("directory upload failed");
+    }
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(bytes));
+}
+
+void BM_DirectoryJob(benchmark::State& state) {
+  Env* e = GetEnv();
+  CheckpointDir* d = GetCheckpointDir();
+  static const bool uploaded = UploadDirectory(*e, *d, "ckpt").ok();
+  if (!uploaded) return state.SkipWithError("directory upload failed");
+  double peak = 0, before = 0;
+  for (auto _ : state) {
+    ResetPeakRss();
+    before = std::max(before, PeakRssMiB());
+    if (RunJob(*e, DirectorySpec()).state() != v1::SUCCEEDED) {
+      return state.SkipWithError("job failed");
+    }
+    peak = std::max(peak, PeakRssMiB());
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(d->shard_bytes));
+  state.counters["rss_before_mib"] = before;
+  state.counters["peak_rss_mib"] = peak;
+}
+
+void BM_ExpandInMemoryBf16(benchmark::State& state) {
+  CheckpointDir* d = GetCheckpointDir();
+  core::ThreadPool pool(2);
+  core::ExpansionSpec spec;
+  spec.bits = 4;
+  spec.terms = 2;
+  spec.scale = core::ScaleGranularity::kGroup;
+  spec.group_size = 128;
+  core::ExpandOptions o;
+  o.pool = &pool;
+  const std::vector<int64_t> shape = {kDirRows, kDirCols};
+  for (auto _ : state) {
+    auto r = core::ExpandTensor(core::DType::kBF16, shape, d->tensor, spec, o);
+    if (!r.ok()) return state.SkipWithError("expand failed");
+    benchmark::DoNotOptimize(r);
+  }
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(d->tensor.size()));
+}
+
 BENCHMARK(BM_InferInProcess)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
 BENCHMARK(BM_InferGrpc)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
 BENCHMARK(BM_InferGrpcClients)
@@ -311,6 +495,9 @@ BENCHMARK(BM_Upload100MB)->Unit(benchmark::kMillisecond)->MinTime(2)->UseRealTim
 BENCHMARK(BM_DownloadArtifact)->Unit(benchmark::kMillisecond)->MinTime(2)->UseRealTime();
 BENCHMARK(BM_TensorJobEndToEnd)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
 BENCHMARK(BM_TensorExpandDirect)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
+BENCHMARK(BM_DirectoryUpload)->Unit(benchmark::kMillisecond)->Iterations(2)->UseRealTime();
+BENCHMARK(BM_DirectoryJob)->Unit(benchmark::kMillisecond)->Iterations(2)->UseRealTime();
+BENCHMARK(BM_ExpandInMemoryBf16)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
 
 }  // namespace
 

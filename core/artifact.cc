@@ -21,6 +21,7 @@
 #include "absl/time/clock.h"
 #include "core/json.h"
 #include "core/kernels.h"
+#include "core/mapped_file.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
 #include "core/torch_state_dict.h"
@@ -97,6 +98,13 @@ class TermSpill {
   }
   absl::Span<const uint8_t> Data(int k, uint64_t offset, uint64_t n) const {
     return absl::MakeConstSpan(files_[static_cast<size_t>(k - 1)].map + offset, n);
+  }
+  // Whether `s` lies in one of the mapped files.
+  bool Holds(absl::Span<const uint8_t> s) const {
+    for (const File& f : files_) {
+      if (f.map != nullptr && s.data() >= f.map && s.data() + s.size() <= f.map + f.size) return true;
+    }
+    return false;
   }
 
  private:
@@ -272,6 +280,15 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     }
   }
 
+  // The source is read once, front to back: with no hashing thread still reading it, each
+  // tensor's pages are released once it is expanded (and the copied ones once written), so the
+  // resident set holds one tensor at a time, not the file.
+  const bool release_source = !options.source_sha256.empty();
+  auto in_source = [&](absl::Span<const uint8_t> s) {
+    return !s.empty() && s.data() >= source->bytes.data() &&
+           s.data() + s.size() <= source->bytes.data() + source->bytes.size();
+  };
+
   ExpandProgress progress;
   progress.tensor_count = static_cast<int>(selected.size());
   for (const SourceTensor* t : selected) progress.bytes_total += t->data.size();
@@ -292,6 +309,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
                           absl::StrCat("tensor '", t.name, "': ", e.status().message()));
     }
     progress.bytes_done += t.data.size();
+    if (release_source && in_source(t.data)) ReleaseMappedPages(t.data);
     report.tensors.push_back(
         {t.name, std::string(DTypeName(t.dtype)), t.shape, e->source_fro, e->errors});
     SpilledTensor st;
@@ -359,7 +377,13 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
       }
     }
   }
-  FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &report.artifact_sha256));
+  FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &report.artifact_sha256,
+                                  [&](absl::Span<const uint8_t> written) {
+                                    if (spill.Holds(written) ||
+                                        (release_source && in_source(written))) {
+                                      ReleaseMappedPages(written);
+                                    }
+                                  }));
   report.bytes_out = w.FileSize();
   report.wall_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   return report;

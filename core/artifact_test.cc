@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/json.h"
+#include "core/mapped_file.h"
 #include "core/name_pattern.h"
 #include "core/sha256.h"
 #include "gtest/gtest.h"
@@ -197,6 +198,25 @@ TEST(Artifact, KnownSourceHashIsRecordedAsGiven) {
   auto r = SafetensorsReader::Open(dir.File("b"));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ((*r)->Metadata("source_sha256"), o.source_sha256);
+  // With the hash known, the source's pages are released as it is read (ReleaseMappedPages),
+  // and the copied tensors' and spilled terms' once written: the artifact is the same bytes.
+  o.source_sha256 = computed->source_sha256;
+  ASSERT_TRUE(ExpandSafetensorsFile(src, dir.File("c"), o).ok());
+  EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("a")),
+            ::fpxint::testing::ReadFileOrDie(dir.File("c")));
+}
+
+TEST(MappedFile, ReleasedPagesReadBackFromTheFile) {
+  ScratchDir dir;
+  std::string text(3 * 4096 + 100, '\0');
+  for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<char>(i * 7 + 1);
+  ::fpxint::testing::WriteFileOrDie(dir.File("f"), text);
+  auto m = MappedFile::Open(dir.File("f"));
+  ASSERT_TRUE(m.ok()) << m.status();
+  const absl::Span<const uint8_t> all = (*m)->bytes();
+  ReleaseMappedPages(all.subspan(10, 2 * 4096));  // an unaligned span: whole pages inside it
+  ReleaseMappedPages(all);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(all.data()), all.size()), text);
 }
 
 // A tensor of a dtype fpxint does not read is copied into the artifact unchanged, with the

@@ -41,6 +41,13 @@ class MappedFile {
   size_t len_ = 0;
 };
 
+// Drops the whole pages inside `bytes` from this process's memory (madvise MADV_DONTNEED); the
+// next access reads them again from the page cache or the file. Only for spans of a read-only
+// file mapping (MappedFile, a spill file): on anonymous or heap memory it would zero the data.
+// Large files are read once, front to back: releasing what was read keeps the resident set at
+// one tensor instead of the whole file.
+void ReleaseMappedPages(absl::Span<const uint8_t> bytes);
+
 }  // namespace fpxint::core
 
 #endif  // FPXINT_CORE_MAPPED_FILE_H_

@@ -361,7 +361,9 @@ std::vector<uint8_t> SafetensorsWriter::Serialize() const {
 }
 
 
-absl::Status SafetensorsWriter::WriteFile(const std::string& path, std::string* sha256_hex) const {
+absl::Status SafetensorsWriter::WriteFile(
+    const std::string& path, std::string* sha256_hex,
+    const std::function<void(absl::Span<const uint8_t>)>& written) const {
   FPX_ASSIGN_OR_RETURN(AtomicFile f, AtomicFile::Create(path));
   const std::string h = PaddedHeader();
   const uint64_t n = h.size();
@@ -375,7 +377,10 @@ absl::Status SafetensorsWriter::WriteFile(const std::string& path, std::string* 
   };
   FPX_RETURN_IF_ERROR(put(len, 8));
   FPX_RETURN_IF_ERROR(put(reinterpret_cast<const uint8_t*>(h.data()), h.size()));
-  for (const Entry& e : entries_) FPX_RETURN_IF_ERROR(put(e.data.data(), e.data.size()));
+  for (const Entry& e : entries_) {
+    FPX_RETURN_IF_ERROR(put(e.data.data(), e.data.size()));
+    if (written) written(e.data);
+  }
   FPX_RETURN_IF_ERROR(f.Commit());
   if (sha256_hex) *sha256_hex = hash.HexDigest();
   return absl::OkStatus();

@@ -20,6 +20,7 @@
 #define FPXINT_CORE_SAFETENSORS_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -123,7 +124,10 @@ class SafetensorsWriter {
   // ResourceExhausted when the disk is full, PermissionDenied / Internal for other I/O errors.
   // With `sha256_hex`, also the lower-case hex SHA-256 of the bytes written (so a caller that
   // stores the file content-addressed need not read it back).
-  absl::Status WriteFile(const std::string& path, std::string* sha256_hex = nullptr) const;
+  // `written`, when set, is called with each tensor's bytes once they are written (a caller
+  // whose tensors are mapped files releases their pages; ReleaseMappedPages).
+  absl::Status WriteFile(const std::string& path, std::string* sha256_hex = nullptr,
+                         const std::function<void(absl::Span<const uint8_t>)>& written = {}) const;
 
  private:
   struct Entry {
