@@ -117,12 +117,16 @@ class Model {
 
   // InvalidArgument when the file is not a TorchScript archive (or cannot be frozen);
   // FailedPrecondition when it has no linear or convolution layer with a constant weight.
+  // A model whose parameters are FP16 or BF16 is converted to float32 as it loads: it is
+  // expanded from its weights in fp32 and runs (and exports) in fp32 (source_dtype() names it).
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& path, const Options& o);
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
 
   const std::vector<LayerInfo>& layers() const;
+  // "Half" or "BFloat16" for a model loaded from FP16 or BF16 weights; empty for float32.
+  const std::string& source_dtype() const;
 
   // Called before each selected layer (done = layers finished so far) and once at the end
   // (done == total, name empty).

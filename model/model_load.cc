@@ -29,6 +29,24 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, cons
   try {
     torch::jit::Module m = torch::jit::load(path);
     m.eval();
+    // An FP16 or BF16 model is expanded from its weights in fp32, and runs in fp32 (LibTorch's
+    // CPU kernels do not cover half precision, and fp32 only adds precision to the layers that
+    // are not expanded).
+    for (const at::Tensor& p : m.parameters()) {
+      if (p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16) {
+        impl->source_dtype = std::string(c10::toString(p.scalar_type()));
+        break;
+      }
+    }
+    if (impl->source_dtype.empty()) {
+      for (const at::Tensor& b : m.buffers()) {
+        if (b.scalar_type() == at::kHalf || b.scalar_type() == at::kBFloat16) {
+          impl->source_dtype = std::string(c10::toString(b.scalar_type()));
+          break;
+        }
+      }
+    }
+    if (!impl->source_dtype.empty()) m.to(at::kFloat);
     impl->frozen = torch::jit::freeze(m);
   } catch (const c10::Error& e) {
     std::string msg = Brief(e);
@@ -83,6 +101,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, cons
 
 
 const std::vector<LayerInfo>& Model::layers() const { return impl_->layers; }
+const std::string& Model::source_dtype() const { return impl_->source_dtype; }
 const ModelExpansionSpec& Model::spec() const { return impl_->spec; }
 
 absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool) {

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "core/artifact.h"
@@ -99,6 +100,37 @@ TEST(ModelLoad, FindsLayersFoldsBatchNormAndRunsFp) {
   auto bad = m->Forward(HostTensor::Float({1, 5}, std::vector<float>(5, 0)));
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(bad.status().message(), "[1,5]")) << bad.status();
+}
+
+// FP16 and BF16 models load in fp32: the same layers, outputs within the half weights' rounding
+// of the fp32 model's, and an expansion of them converges as the fp32 one does.
+TEST(ModelLoad, HalfPrecisionModelsRunAndExpandInFp32) {
+  TinyIo io = LoadIo();
+  for (const auto& [file, dtype, tol] : {std::tuple{"tiny_cnn_fp16.pt", "Half", 5e-3},
+                                         std::tuple{"tiny_cnn_bf16.pt", "BFloat16", 4e-2}}) {
+    std::unique_ptr<Model> m = MustLoad(TinyModelFile(file));
+    ASSERT_NE(m, nullptr) << file;
+    EXPECT_EQ(m->source_dtype(), dtype);
+    ASSERT_EQ(m->layers().size(), 3u) << file;
+    auto y = m->Forward(io.input);
+    ASSERT_TRUE(y.ok()) << y.status();
+    const double fp = RelErr(y->f32, io.output);
+    EXPECT_GT(fp, 0) << file << ": the half weights should round";
+    EXPECT_LT(fp, tol) << file;
+    ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok()) << file;
+    double last = 1e9;
+    for (int k = 1; k <= 3; ++k) {
+      ASSERT_TRUE(m->SetPrecision(k, 0).ok());
+      auto yk = m->Forward(io.input);
+      ASSERT_TRUE(yk.ok()) << yk.status();
+      const double e = RelErr(yk->f32, y->f32);
+      EXPECT_LT(e, last) << file << " K=" << k;
+      last = e;
+    }
+    EXPECT_LT(last, 1e-2) << file;
+  }
+  std::unique_ptr<Model> fp32 = MustLoad(TinyModelFile("tiny_cnn.pt"));
+  EXPECT_EQ(fp32->source_dtype(), "");
 }
 
 // K=1 is plain round-to-nearest: an independent implementation of the sym per-channel grid

@@ -20,6 +20,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "core/artifact.h"
 #include "core/dtype.h"
 #include "core/hf_checkpoint.h"
@@ -698,6 +699,24 @@ TEST_F(ServerTest, SpecValidationNamesTheField) {
   v1::Job failed = Watch(Submit(none).job_id()).back();
   EXPECT_EQ(failed.state(), v1::FAILED);
   EXPECT_NE(failed.error().find("select none"), std::string::npos) << failed.error();
+}
+
+// FP16 and BF16 TorchScript models pass the vetting and take LAYER jobs: expanded from their
+// weights in fp32, with the probe's error falling with K as for an fp32 model.
+TEST_F(ServerTest, HalfPrecisionTorchScriptTakesLayerJobs) {
+  for (const char* file : {"tiny_cnn_fp16.pt", "tiny_cnn_bf16.pt"}) {
+    v1::Model m;
+    const std::string name = absl::StrReplaceAll(file, {{".pt", ""}, {"_", "-"}});
+    grpc::Status s = Upload(name, v1::TORCHSCRIPT, ReadFileOrDie(TinyDir() + "/" + file), &m);
+    ASSERT_TRUE(s.ok()) << file << ": " << s.error_message();
+    v1::JobSpec spec = Spec(name, v1::LAYER, 4, 3);
+    spec.add_outputs(v1::DEQUANTIZED_TORCHSCRIPT);
+    const v1::Job job = Watch(Submit(spec).job_id()).back();
+    ASSERT_EQ(job.state(), v1::SUCCEEDED) << file << ": " << job.error();
+    EXPECT_EQ(job.result().layers_size(), 3) << file;
+    ASSERT_EQ(job.result().probe_size(), 3) << file;
+    EXPECT_LT(job.result().probe(2).rel_fro(), job.result().probe(0).rel_fro()) << file;
+  }
 }
 
 TEST_F(ServerTest, IdempotencyPagingCancelAndDelete) {

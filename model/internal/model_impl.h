@@ -96,6 +96,9 @@ struct Model::Impl {
   std::vector<at::Tensor> original_weights;
   std::vector<at::Tensor> original_biases;  // undefined when the layer has none
   int kw = 0, ka = 0;
+  // The dtype of the archive's floating parameters when it was not float32 ("Half",
+  // "BFloat16"): such a model is converted to float32 at load, expanded and run in it.
+  std::string source_dtype;
 
   // A clone of the frozen module, its forward graph and its layers (the same as `layers`, in
   // order; Internal when discovery differs), for the rewrites below to change.

@@ -6,6 +6,7 @@ writes:
   tiny_cnn.pt          traced: conv(3->8) + BatchNorm + ReLU, flatten, linear(512->10), ReLU,
                        matmul with a constant [10, 6] weight
   tiny_io.safetensors  `input` F32 [2,3,8,8] and the FP output `output` F32 [2,6]
+  tiny_cnn_fp16.pt, tiny_cnn_bf16.pt   tiny_cnn.pt with its weights in FP16 / BF16
   conv_zoo.pt          scripted, any input size [N, 4, H, W]: grouped strided conv, depthwise
                        dilated conv, 1x1 conv, conv1d over a flattened row, linear on tokens
                        [N, HW, C] and a matmul (every kind of layer the packed ops rewrite)
@@ -16,6 +17,7 @@ writes:
                        numpy default_rng(0) in the order docs/ALGORITHM.md §7 gives, so the
                        reference numbers of docs/ALGORITHM.md §7 apply to exactly these tensors.
 """
+import copy
 import json
 import os
 import struct
@@ -138,6 +140,12 @@ def main():
     x = torch.randn(2, 3, 8, 8)
     traced = torch.jit.trace(m, x)
     traced.save(os.path.join(out, "tiny_cnn.pt"))
+    # The same network with FP16 and BF16 weights (traced in fp32, then converted, as a half
+    # checkpoint exported from a GPU would hold them).
+    for dtype, name in ((torch.float16, "tiny_cnn_fp16.pt"), (torch.bfloat16, "tiny_cnn_bf16.pt")):
+        half = torch.jit.trace(copy.deepcopy(m), x)  # the trace shares the module's parameters
+        half.to(dtype)
+        half.save(os.path.join(out, name))
     with torch.no_grad():
         y = m(x)
     write_safetensors(os.path.join(out, "tiny_io.safetensors"), {"input": x, "output": y})
