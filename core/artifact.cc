@@ -664,45 +664,47 @@ absl::StatusOr<std::string> WriteDequantizedSafetensors(const std::string& sourc
       FPX_RETURN_IF_ERROR(w.Add(t.name, t.dtype, t.shape, src->Data(t), t.dtype_name));
       continue;
     }
-    FPX_ASSIGN_OR_RETURN(TensorExpansion e, view.Load(t.name));
     int64_t numel = 1;
     for (int64_t d : t.shape) numel *= d;
-    if (e.layout.numel() != numel) {
+    if (it->second->layout.numel() != numel) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "tensor '", t.name, "': the artifact holds ", e.layout.numel(),
+          "tensor '", t.name, "': the artifact holds ", it->second->layout.numel(),
           " values, the source ", numel, " (an artifact of another source?)"));
     }
-    const std::vector<double> v = Reconstruct(e, static_cast<int>(e.terms.size()), pool);
-    DType out = t.dtype;
-    std::vector<uint8_t> bytes;
-    switch (t.dtype) {
-      case DType::kF64:
-        bytes.resize(numel * 8);
-        std::memcpy(bytes.data(), v.data(), bytes.size());
-        break;
-      case DType::kF32: {
-        bytes.resize(numel * 4);
-        float* f = reinterpret_cast<float*>(bytes.data());
-        for (int64_t i = 0; i < numel; ++i) f[i] = static_cast<float>(v[i]);
-        break;
-      }
-      case DType::kF16:
-      case DType::kBF16:
-      default: {  // FP8 sources come out as BF16
-        out = t.dtype == DType::kF16 ? DType::kF16 : DType::kBF16;
-        bytes.resize(numel * 2);
-        for (int64_t i = 0; i < numel; ++i) {
-          const float f = static_cast<float>(v[i]);
-          const uint16_t h = out == DType::kF16 ? FloatToHalf(f) : FloatToBFloat16(f);
-          std::memcpy(bytes.data() + 2 * i, &h, 2);
-        }
-        break;
-      }
-    }
-    FPX_RETURN_IF_ERROR(w.AddOwned(t.name, out, t.shape, std::move(bytes)));
+    // F32 and F64 keep their dtype; F16 too; BF16 and FP8 sources come out as BF16.
+    const DType out = t.dtype == DType::kF64 || t.dtype == DType::kF32 || t.dtype == DType::kF16
+                          ? t.dtype
+                          : DType::kBF16;
+    // Made when written, one tensor at a time: the output is never whole in memory.
+    FPX_RETURN_IF_ERROR(w.AddLazy(
+        t.name, out, t.shape,
+        [&view, name = t.name, numel, out, pool]() -> absl::StatusOr<std::vector<uint8_t>> {
+          FPX_ASSIGN_OR_RETURN(TensorExpansion e, view.Load(name));
+          const std::vector<double> v = Reconstruct(e, static_cast<int>(e.terms.size()), pool);
+          std::vector<uint8_t> bytes(static_cast<size_t>(numel) * DTypeSize(out));
+          if (out == DType::kF64) {
+            std::memcpy(bytes.data(), v.data(), bytes.size());
+          } else if (out == DType::kF32) {
+            float* f = reinterpret_cast<float*>(bytes.data());
+            for (int64_t i = 0; i < numel; ++i) f[i] = static_cast<float>(v[i]);
+          } else {
+            for (int64_t i = 0; i < numel; ++i) {
+              const float f = static_cast<float>(v[i]);
+              const uint16_t h = out == DType::kF16 ? FloatToHalf(f) : FloatToBFloat16(f);
+              std::memcpy(bytes.data() + 2 * i, &h, 2);
+            }
+          }
+          return bytes;
+        }));
   }
   std::string sha;
-  FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &sha));
+  const absl::Span<const uint8_t> source = src->bytes();
+  FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &sha, [&](absl::Span<const uint8_t> written) {
+    // A copied tensor's pages: read once, released once written.
+    if (written.data() >= source.data() && written.data() + written.size() <= source.data() + source.size()) {
+      ReleaseMappedPages(written);
+    }
+  }));
   return sha;
 }
 

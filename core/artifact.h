@@ -118,7 +118,8 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
 // copied byte for byte; the source's metadata plus "fpxint.dequantized" naming the spec. Written
 // atomically to `out_path`; returns its SHA-256. InvalidArgument when the artifact's recorded
 // source SHA-256 differs from `source_sha256` (when given), or a tensor's shape differs. Memory:
-// the output is assembled in memory before it is written (the source's size in its dtype).
+// one expanded tensor at a time: each is reconstructed as it is written (SafetensorsWriter::
+// AddLazy), and the copied tensors' source pages are released once written.
 absl::StatusOr<std::string> WriteDequantizedSafetensors(const std::string& source_path,
                                                         const std::string& artifact_path,
                                                         const std::string& out_path,

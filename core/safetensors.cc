@@ -298,7 +298,26 @@ absl::Status SafetensorsWriter::Add(absl::string_view name, DType dtype, std::ve
   names_.emplace(std::string(name), entries_.size());
   entries_.push_back(Entry{std::string(name), dtype,
                            dtype == DType::kOther ? std::string(other_dtype_name) : "",
-                           std::move(shape), data, nullptr});
+                           std::move(shape), data, nullptr, data.size(), nullptr});
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsWriter::AddLazy(absl::string_view name, DType dtype,
+                                        std::vector<int64_t> shape, Producer produce) {
+  if (dtype == DType::kOther) return BadTensor(name, "a lazy tensor needs a known dtype");
+  std::optional<uint64_t> size = ByteSize(shape, DTypeSize(dtype));
+  if (!size) return BadTensor(name, absl::StrCat("shape ", ShapeString(shape), " overflows"));
+  // Registered with an empty span of the right size check skipped: validated as Add does.
+  if (name.empty() || name == "__metadata__" || names_.contains(name)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("safetensors writer: invalid or duplicate tensor name '", name, "'"));
+  }
+  for (int64_t d : shape) {
+    if (d < 0) return BadTensor(name, "negative dimension");
+  }
+  names_.emplace(std::string(name), entries_.size());
+  entries_.push_back(Entry{std::string(name), dtype, "", std::move(shape), {}, nullptr, *size,
+                           std::move(produce)});
   return absl::OkStatus();
 }
 
@@ -327,7 +346,7 @@ std::string SafetensorsWriter::HeaderJson() const {
     for (int64_t d : e.shape) w.Int(d);
     w.EndArray();
     w.Key("data_offsets").BeginArray().Int(static_cast<int64_t>(offset));
-    offset += e.data.size();
+    offset += e.size;
     w.Int(static_cast<int64_t>(offset)).EndArray();
     w.EndObject();
   }
@@ -343,20 +362,27 @@ std::string SafetensorsWriter::PaddedHeader() const {
 
 uint64_t SafetensorsWriter::FileSize() const {
   uint64_t n = 8 + PaddedHeader().size();
-  for (const Entry& e : entries_) n += e.data.size();
+  for (const Entry& e : entries_) n += e.size;
   return n;
 }
 
 std::vector<uint8_t> SafetensorsWriter::Serialize() const {
   const std::string h = PaddedHeader();
   size_t total = 8 + h.size();
-  for (const Entry& e : entries_) total += e.data.size();
+  for (const Entry& e : entries_) total += e.size;
   std::vector<uint8_t> out;
   out.reserve(total);
   const uint64_t n = h.size();
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(n >> (8 * i)));  // little-endian
   out.insert(out.end(), h.begin(), h.end());
-  for (const Entry& e : entries_) out.insert(out.end(), e.data.begin(), e.data.end());
+  for (const Entry& e : entries_) {
+    if (e.produce) {
+      absl::StatusOr<std::vector<uint8_t>> made = e.produce();
+      if (made.ok() && made->size() == e.size) out.insert(out.end(), made->begin(), made->end());
+      continue;
+    }
+    out.insert(out.end(), e.data.begin(), e.data.end());
+  }
   return out;
 }
 
@@ -378,6 +404,15 @@ absl::Status SafetensorsWriter::WriteFile(
   FPX_RETURN_IF_ERROR(put(len, 8));
   FPX_RETURN_IF_ERROR(put(reinterpret_cast<const uint8_t*>(h.data()), h.size()));
   for (const Entry& e : entries_) {
+    if (e.produce) {
+      FPX_ASSIGN_OR_RETURN(std::vector<uint8_t> made, e.produce());
+      if (made.size() != e.size) {
+        return absl::InternalError(absl::StrCat("safetensors writer: tensor '", e.name, "' made ",
+                                                made.size(), " bytes, not ", e.size));
+      }
+      FPX_RETURN_IF_ERROR(put(made.data(), made.size()));
+      continue;
+    }
     FPX_RETURN_IF_ERROR(put(e.data.data(), e.data.size()));
     if (written) written(e.data);
   }

@@ -112,12 +112,19 @@ class SafetensorsWriter {
   // As Add, but the writer keeps `data`.
   absl::Status AddOwned(absl::string_view name, DType dtype, std::vector<int64_t> shape,
                         std::vector<uint8_t> data);
+  // A tensor whose bytes are made only when they are written (and freed right after), so a
+  // file larger than memory can be written one tensor at a time. `produce` must return exactly
+  // numel * itemsize bytes; an error from it aborts the write.
+  using Producer = std::function<absl::StatusOr<std::vector<uint8_t>>()>;
+  absl::Status AddLazy(absl::string_view name, DType dtype, std::vector<int64_t> shape,
+                       Producer produce);
 
   // The header JSON, before padding.
   std::string HeaderJson() const;
   // Total file size Serialize/WriteFile produce.
   uint64_t FileSize() const;
   // The whole file in memory.
+  // (Lazy tensors are produced for it; a producer's error leaves them empty.)
   std::vector<uint8_t> Serialize() const;
   // Writes atomically: a temporary file in the same directory, fsync, rename over `path`, fsync of
   // the directory. On error nothing is left at `path` that was not there before.
@@ -137,6 +144,8 @@ class SafetensorsWriter {
     std::vector<int64_t> shape;
     absl::Span<const uint8_t> data;
     std::shared_ptr<std::vector<uint8_t>> owned;
+    uint64_t size = 0;  // data.size(), or what `produce` will make
+    Producer produce;   // lazy tensors
   };
   std::string PaddedHeader() const;
   std::vector<Entry> entries_;

@@ -2,6 +2,7 @@
 #include "core/torch_state_dict.h"
 
 #include <cstring>
+#include <filesystem>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -250,6 +251,42 @@ namespace fpxint::core {
 namespace {
 
 // Both file readers map through core::MappedFile: the same errors for paths that are not files.
+// Lazy tensors are made as they are written: the file is the same as with the bytes given up
+// front, and a producer's error (or a wrong size) aborts the write and leaves nothing behind.
+TEST(Safetensors, LazyTensorsWriteTheSameFile) {
+  ScratchDir dir;
+  const std::vector<uint8_t> a(6 * 4, 7), b(3 * 2, 9);
+  SafetensorsWriter eager, lazy;
+  ASSERT_TRUE(eager.Add("a", DType::kF32, {2, 3}, a).ok());
+  ASSERT_TRUE(eager.Add("b", DType::kBF16, {3}, b).ok());
+  int made = 0;
+  ASSERT_TRUE(lazy.Add("a", DType::kF32, {2, 3}, a).ok());
+  ASSERT_TRUE(lazy.AddLazy("b", DType::kBF16, {3}, [&]() -> absl::StatusOr<std::vector<uint8_t>> {
+                    ++made;
+                    return b;
+                  }).ok());
+  EXPECT_EQ(lazy.FileSize(), eager.FileSize());
+  EXPECT_EQ(lazy.HeaderJson(), eager.HeaderJson());
+  ASSERT_TRUE(lazy.WriteFile(dir.File("lazy")).ok());
+  EXPECT_EQ(made, 1);
+  const std::vector<uint8_t> want = eager.Serialize();
+  EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("lazy")), std::string(want.begin(), want.end()));
+  EXPECT_FALSE(lazy.AddLazy("b", DType::kF32, {1}, nullptr).ok()) << "a duplicate name";
+
+  SafetensorsWriter failing;
+  ASSERT_TRUE(failing.AddLazy("x", DType::kF32, {4}, []() -> absl::StatusOr<std::vector<uint8_t>> {
+                       return absl::CancelledError("stopped");
+                     }).ok());
+  EXPECT_EQ(failing.WriteFile(dir.File("failing")).code(), absl::StatusCode::kCancelled);
+  SafetensorsWriter short_one;
+  ASSERT_TRUE(short_one.AddLazy("x", DType::kF32, {4}, []() -> absl::StatusOr<std::vector<uint8_t>> {
+                         return std::vector<uint8_t>(3);
+                       }).ok());
+  EXPECT_FALSE(short_one.WriteFile(dir.File("short")).ok());
+  EXPECT_FALSE(std::filesystem::exists(dir.File("failing")));
+  EXPECT_FALSE(std::filesystem::exists(dir.File("short")));
+}
+
 TEST(MappedFile, ReadersRefuseWhatIsNotARegularFile) {
   ScratchDir dir;
   EXPECT_EQ(SafetensorsReader::Open(dir.File("missing")).status().code(),
