@@ -521,6 +521,24 @@ TEST_F(ServerTest, DirectoryModelCommitsAndRunsShardByShard) {
     EXPECT_NE(s.error_message().find("model-00002-of-00002.safetensors"), std::string::npos)
         << s.error_message();
   }
+  // A manifest naming bytes that were never uploaded (its SHA-256 differs from the file's) is
+  // refused, and so is an upload whose bytes differ from its declared SHA-256.
+  {
+    v1::CommitModelFilesRequest c = commit;
+    c.set_name("toy-wrong-sha");
+    c.mutable_files(0)->set_sha256(std::string(64, 'e'));
+    v1::CommitModelFilesResponse wr;
+    s = q_->CommitModelFiles(Ctx().get(), c, &wr);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+    v1::UploadChunk h;
+    h.mutable_header()->set_name("toy");
+    h.mutable_header()->set_format(v1::HF_DIRECTORY);
+    h.mutable_header()->set_file_path("config.json");
+    h.mutable_header()->set_sha256(Sha(config + " "));
+    v1::Model staged;
+    s = Send(h, config, &staged, kAdmin);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  }
   // Resume: the rest, then the commit records one model.
   ASSERT_TRUE(Stage("toy", "model-00002-of-00002.safetensors", s2).ok());
   ASSERT_TRUE(Stage("toy", "config.json", config).ok());
@@ -573,6 +591,14 @@ TEST_F(ServerTest, DirectoryModelCommitsAndRunsShardByShard) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(s.error_message().find("'a.weight' is in both"), std::string::npos)
         << s.error_message();
+  }
+  // Nothing of a refused commit was recorded.
+  for (const char* refused : {"toy-partial", "toy-dup", "toy-wrong-sha"}) {
+    v1::ModelRef ref;
+    ref.set_name(refused);
+    v1::Model none;
+    EXPECT_EQ(q_->GetModel(Ctx().get(), ref, &none).error_code(), grpc::StatusCode::NOT_FOUND)
+        << refused;
   }
 
   // A TENSOR job, group scales, packed and dequantized.

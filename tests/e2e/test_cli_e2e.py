@@ -437,6 +437,50 @@ class CliE2E(CliTestCase):
                 rel = np.linalg.norm(w - got) / np.linalg.norm(w)
                 self.assertLess(rel, 0.02, name)
 
+    def test_04e_fp8_directory_reads_exactly(self):
+        """An F8_E4M3 checkpoint directory: the server reads each code as its exact value. A
+        W8x3 expansion's independent reconstruction matches the codes decoded with the format's
+        own table to about 1e-6, where any misread code would show as an O(1) error."""
+        ck = os.path.join(self.work, "fp8_dir")
+        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
+                                                               "make_checkpoint.py"),
+                              ck, "--dtype", "F8_E4M3", "--layers", "1", "--hidden", "64",
+                              "--intermediate", "128", "--vocab", "100", "--seed", "2"],
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(gen.returncode, 0, gen.stderr)
+        up = self.run_cli("--json", "upload", ck, "--name", "fp8_dir").json()
+        self.assertEqual({k: int(v) for k, v in up["dtypes"].items()}, {"F8_E4M3": int(up["tensor_count"])})
+        job = self.run_cli("--json", "quantize", "--model", "fp8_dir", "--granularity", "tensor",
+                           "--bits", "8", "--terms", "3", "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED", json.dumps(job)[:2000])
+        out = os.path.join(self.work, "fp8_out")
+        self.run_cli("--json", "download", job["id"], "--all", "-o", out)
+        sys.path.insert(0, os.path.join(sc.REPO_ROOT, "scripts"))
+        sys.path.insert(0, os.path.join(sc.REPO_ROOT, "tests", "integration"))
+        from make_checkpoint import e4m3_table  # noqa: E402
+        from test_expand_cli import reconstruct  # noqa: E402
+        table = e4m3_table()
+        src = read_bytes(os.path.join(ck, "model.safetensors"))
+        sh, so = sc.st_header(src)
+        pk = read_bytes(os.path.join(out, "packed", "model.safetensors"))
+        ph, po = sc.st_header(pk)
+        meta = ph.pop("__metadata__")
+        np_types = {"U8": "u1", "I8": "i1", "F32": "<f4"}
+        packed = {}
+        for name, info in ph.items():
+            if info["dtype"] in np_types:
+                a, b = info["data_offsets"]
+                packed[name] = (info["dtype"], np.frombuffer(pk[po + a:po + b], dtype=np_types[
+                    info["dtype"]]).reshape(info["shape"]), a)
+        expanded = [l["name"] for l in job["report"]["layers"]]
+        self.assertGreater(len(expanded), 5)
+        for name in expanded:
+            a, b = sh[name]["data_offsets"]
+            exact = table[np.frombuffer(src[so + a:so + b], dtype=np.uint8)].reshape(sh[name]["shape"])
+            rec = reconstruct(meta, packed, name, 3)
+            rel = np.linalg.norm(rec - exact) / np.linalg.norm(exact)
+            self.assertLess(rel, 1e-5, name)
+
     def test_05_quantize_layer_deploy_human(self):
         self.need("uploaded", "test_02_upload")
         r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer", "--bits", "4",
