@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
   app.add_option("--queue-limit", c.queue_limit,
                  "queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
       ->envname("FPXINT_QUEUE_LIMIT");
-  app.add_option("--max-upload-bytes", c.max_upload_bytes, "largest accepted upload, in bytes")
+  app.add_option("--max-upload-bytes", c.max_upload_bytes, "largest accepted upload, in bytes (a model directory: each of its files)")
       ->envname("FPXINT_MAX_UPLOAD_BYTES");
   app.add_option("--min-free-bytes", c.min_free_bytes,
                  "free bytes the data directory keeps: an upload that would leave less answers "
@@ -91,7 +91,7 @@ int main(int argc, char** argv) {
       ->envname("FPXINT_UPLOAD_QUOTA_BYTES");
   app.add_option("--orphan-min-age", c.orphan_min_age_seconds,
                  "at start, blobs no record references and older than this many seconds are "
-                 "removed")
+                 "removed, and so are older staging marks of uncommitted directory uploads")
       ->envname("FPXINT_ORPHAN_MIN_AGE");
   app.add_option("--retain-jobs-days", c.retain_jobs_days,
                  "finished jobs (and their artifacts) older than this many days are deleted, at "
