@@ -166,7 +166,11 @@ std::string BlobStore::NewTempName(absl::string_view prefix) {
   return (fs::path(tmp_) / absl::StrCat(prefix, "-", core::UniqueSuffix())).string();
 }
 
-absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_bytes) {
+absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_bytes,
+                                                                  absl::string_view expected_sha256) {
+  if (!expected_sha256.empty() && Has(expected_sha256)) {
+    return std::unique_ptr<BlobWriter>(new BlobWriter(this, "", -1, max_bytes));
+  }
   std::string tmp = NewTempName("upload");
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return core::ErrnoToStatus(errno, "cannot create", tmp);
@@ -268,23 +272,28 @@ BlobWriter::BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_b
 
 BlobWriter::~BlobWriter() {
   if (fd_ >= 0) ::close(fd_);
-  if (!done_) ::unlink(tmp_.c_str());
+  if (!done_ && !verify_only()) ::unlink(tmp_.c_str());
 }
 
 absl::Status BlobWriter::Append(absl::string_view bytes) {
-  if (done_ || fd_ < 0) return absl::FailedPreconditionError("blob writer already finished");
+  if (done_ || (fd_ < 0 && !verify_only())) {
+    return absl::FailedPreconditionError("blob writer already finished");
+  }
   if (written_ + bytes.size() > max_bytes_) {
     return absl::ResourceExhaustedError(absl::StrCat("upload exceeds the server's limit of ",
                                                      max_bytes_, " bytes (--max-upload-bytes)"));
   }
   hash_->Update(bytes);
-  absl::Status s = WriteAll(fd_, bytes.data(), bytes.size(), tmp_);
+  absl::Status s =
+      verify_only() ? absl::OkStatus() : WriteAll(fd_, bytes.data(), bytes.size(), tmp_);
   if (s.ok()) written_ += bytes.size();
   return s;
 }
 
 absl::StatusOr<BlobWriter::Result> BlobWriter::Commit(absl::string_view expected_sha256) {
-  if (done_ || fd_ < 0) return absl::FailedPreconditionError("blob writer already finished");
+  if (done_ || (fd_ < 0 && !verify_only())) {
+    return absl::FailedPreconditionError("blob writer already finished");
+  }
   Result r;
   r.sha256 = hash_->HexDigest();
   r.size = written_;
@@ -292,6 +301,15 @@ absl::StatusOr<BlobWriter::Result> BlobWriter::Commit(absl::string_view expected
     return absl::InvalidArgumentError(absl::StrCat("header.sha256: the uploaded ", written_,
                                                    " bytes hash to ", r.sha256, ", not ",
                                                    expected_sha256, "; nothing was stored"));
+  }
+  if (verify_only()) {  // the bytes are a blob the store holds (checked again: it may have gone)
+    done_ = true;
+    if (!store_->Has(r.sha256)) {
+      return absl::UnavailableError(
+          "the stored copy of these bytes was removed while they streamed; upload them again");
+    }
+    r.deduplicated = true;
+    return r;
   }
   if (::fsync(fd_) != 0) return core::ErrnoToStatus(errno, "cannot fsync", tmp_);
   ::close(fd_);

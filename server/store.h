@@ -42,8 +42,12 @@ class BlobStore {
   // how many it removed.
   int RemoveTempOfGoneReplicas(const std::function<bool(const std::string&)>& alive);
 
-  // A streaming writer for one blob of at most `max_bytes` bytes.
-  absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter(uint64_t max_bytes);
+  // A streaming writer for one blob of at most `max_bytes` bytes. When `expected_sha256` names a
+  // blob the store already holds, the writer only hashes what it is given (nothing reaches the
+  // disk) and its Commit checks the bytes against that blob's name: a repeated or resumed upload
+  // costs no disk space or writes.
+  absl::StatusOr<std::unique_ptr<BlobWriter>> NewWriter(uint64_t max_bytes,
+                                                        absl::string_view expected_sha256 = {});
   // Moves a finished file (written by this process under TempDir()) into the store; returns its
   // SHA-256. The file is fsynced first. `known_sha256` is the hash its writer computed over the
   // bytes it wrote (SafetensorsWriter::WriteFile); empty: the file is read back and hashed.
@@ -107,7 +111,9 @@ class BlobWriter {
 
   // ResourceExhausted once more than max_bytes were written (the message gives the limit).
   absl::Status Append(absl::string_view bytes);
-  uint64_t bytes_written() const { return written_; }
+  uint64_t bytes_written() const { return written_; }  // (or hashed, verifying a stored blob)
+  // False when the writer only verifies bytes the store already holds (NewWriter).
+  bool writes_to_disk() const { return !tmp_.empty(); }
 
   struct Result {
     std::string sha256;
@@ -121,6 +127,7 @@ class BlobWriter {
  private:
   friend class BlobStore;
   BlobWriter(BlobStore* store, std::string tmp, int fd, uint64_t max_bytes);
+  bool verify_only() const { return tmp_.empty(); }
   struct Hash;
   BlobStore* store_;
   std::string tmp_;

@@ -82,6 +82,43 @@ TEST(BlobStore, RefusesOversizeAndWrongHashStoringNothing) {
   EXPECT_TRUE(left.empty()) << *left.begin();
 }
 
+// Bytes the store already holds are only verified when the writer is told their hash: nothing
+// reaches the temp directory, wrong bytes are refused, and a blob removed meanwhile is noticed.
+TEST(BlobStore, KnownBytesAreVerifiedWithoutWritingThem) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  const std::string bytes = "stored once, verified after that";
+  ASSERT_TRUE(Put(store.get(), bytes, Sha(bytes)).ok());
+  auto w = store->NewWriter(1 << 20, Sha(bytes));
+  ASSERT_TRUE(w.ok());
+  EXPECT_FALSE((*w)->writes_to_disk());
+  ASSERT_TRUE((*w)->Append(bytes).ok());
+  EXPECT_TRUE(std::filesystem::is_empty(store->temp_dir()));
+  auto r = (*w)->Commit(Sha(bytes));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->deduplicated);
+  EXPECT_EQ(r->size, bytes.size());
+  // Other bytes under the stored blob's name: refused.
+  auto liar = store->NewWriter(1 << 20, Sha(bytes));
+  ASSERT_TRUE(liar.ok());
+  ASSERT_TRUE((*liar)->Append("something else").ok());
+  EXPECT_EQ((*liar)->Commit(Sha(bytes)).status().code(), absl::StatusCode::kInvalidArgument);
+  // The size limit holds as for a written blob.
+  auto big = store->NewWriter(4, Sha(bytes));
+  ASSERT_TRUE(big.ok());
+  EXPECT_EQ((*big)->Append(bytes).code(), absl::StatusCode::kResourceExhausted);
+  // The blob goes while the bytes stream: the commit says so instead of claiming it is stored.
+  auto late = store->NewWriter(1 << 20, Sha(bytes));
+  ASSERT_TRUE(late.ok());
+  ASSERT_TRUE((*late)->Append(bytes).ok());
+  ASSERT_TRUE(store->Remove(Sha(bytes)).ok());
+  EXPECT_EQ((*late)->Commit(Sha(bytes)).status().code(), absl::StatusCode::kUnavailable);
+  // Unknown bytes are written as usual.
+  auto fresh = store->NewWriter(1 << 20, Sha(bytes));
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_TRUE((*fresh)->writes_to_disk());
+}
+
 TEST(BlobStore, RemovesOnlyWhatNothingRefersTo) {
   ScratchDir dir;
   auto store = MustOpen(dir.File("data"));

@@ -32,11 +32,17 @@ absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
     }
     header_ = chunk.header();
     if (absl::Status s = CheckUploadHeader(header_, policy_, is_admin_); !s.ok()) return s;
-    if (absl::Status s = CheckFreeSpace(header_.size_bytes()); !s.ok()) return s;
     if (absl::Status s = CheckQuota(header_.size_bytes()); !s.ok()) return s;
-    auto w = store_->NewWriter(policy_.max_upload_bytes);
+    // Bytes the store already holds (a repeated or resumed upload) are only verified.
+    auto w = store_->NewWriter(policy_.max_upload_bytes, header_.sha256());
     if (!w.ok()) return w.status();
     writer_ = std::move(*w);
+    if (writer_->writes_to_disk()) {
+      if (absl::Status s = CheckFreeSpace(header_.size_bytes()); !s.ok()) {
+        writer_.reset();
+        return s;
+      }
+    }
     return absl::OkStatus();
   }
   if (chunk.has_header()) {
@@ -47,7 +53,8 @@ absl::Status UploadAssembler::Add(const v1::UploadChunk& chunk) {
   if (absl::Status s = CheckQuota(before + chunk.data().size()); !s.ok()) return s;
   if (absl::Status s = writer_->Append(chunk.data()); !s.ok()) return s;
   constexpr uint64_t kCheckEvery = 16 << 20;
-  if (policy_.min_free_bytes > 0 && before / kCheckEvery != writer_->bytes_written() / kCheckEvery) {
+  if (policy_.min_free_bytes > 0 && writer_->writes_to_disk() &&
+      before / kCheckEvery != writer_->bytes_written() / kCheckEvery) {
     return CheckFreeSpace(0);
   }
   return absl::OkStatus();
