@@ -227,7 +227,9 @@ absl::StatusOr<v1::Job> JobManager::Get(const std::string& job_id) {
   {
     absl::MutexLock l(&mu_);
     auto it = live_.find(job_id);
-    if (it != live_.end()) return it->second->job;
+    // A run that lost its lease (this replica stalled, another took the job) holds a stale copy
+    // until it stops: the journal has the job.
+    if (it != live_.end() && !it->second->lease_lost.load()) return it->second->job;
   }
   FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> j, journal_->GetJob(job_id));
   if (!j) return absl::NotFoundError(absl::StrCat("job_id: no job '", job_id, "'"));

@@ -173,6 +173,13 @@ absl::StatusOr<std::unique_ptr<BlobWriter>> BlobStore::NewWriter(uint64_t max_by
   }
   std::string tmp = NewTempName("upload");
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd < 0 && errno == ENOENT) {
+    // Another replica took this one for gone (a pause longer than twice the lease) and removed
+    // its temp directory: make it again.
+    std::error_code ec;
+    fs::create_directories(tmp_, ec);
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  }
   if (fd < 0) return core::ErrnoToStatus(errno, "cannot create", tmp);
   return std::unique_ptr<BlobWriter>(new BlobWriter(this, tmp, fd, max_bytes));
 }

@@ -119,6 +119,21 @@ TEST(BlobStore, KnownBytesAreVerifiedWithoutWritingThem) {
   EXPECT_TRUE((*fresh)->writes_to_disk());
 }
 
+// A replica paused past twice its lease has its temp directory removed by the others; once it
+// resumes, its next upload makes the directory again instead of failing until a restart.
+TEST(BlobStore, ATempDirectoryRemovedByAnotherReplicaIsMadeAgain) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  std::filesystem::remove_all(store->temp_dir());
+  const std::string bytes = "after the pause";
+  auto r = Put(store.get(), bytes, Sha(bytes));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(store->Has(Sha(bytes)));
+  std::filesystem::remove_all(store->temp_dir());
+  auto scratch = store->NewTempDir("job");
+  ASSERT_TRUE(scratch.ok()) << scratch.status();
+}
+
 TEST(BlobStore, RemovesOnlyWhatNothingRefersTo) {
   ScratchDir dir;
   auto store = MustOpen(dir.File("data"));
