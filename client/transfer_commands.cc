@@ -256,18 +256,16 @@ int RunUploadDirectory(const UploadFlags& f, const GlobalOptions& g) {
     mf->set_sha256(l.sha256);
     mf->set_size_bytes(l.size);
   }
-  // 2. Which files the server lacks: after an interruption, only those are sent again.
-  commit.set_dry_run(true);
-  v1::CommitModelFilesResponse plan;
-  {
+  auto commit_files = [&](bool dry_run, v1::CommitModelFilesResponse* resp) {
+    commit.set_dry_run(dry_run);
     grpc::ClientContext ctx;
     (*conn)->Prepare(&ctx);
-    grpc::Status s = stub->CommitModelFiles(&ctx, commit, &plan);
-    if (!s.ok()) return ReportRpcError(cmd, s, g);
-  }
+    return stub->CommitModelFiles(&ctx, commit, resp);
+  };
+  // 2. Which files the server lacks: after an interruption, only those are sent again.
+  v1::CommitModelFilesResponse plan;
+  if (grpc::Status s = commit_files(true, &plan); !s.ok()) return ReportRpcError(cmd, s, g);
   std::set<std::string> missing(plan.missing().begin(), plan.missing().end());
-  uint64_t to_send = 0;
-  for (const LocalFile& l : *files) to_send += missing.count(l.rel) ? l.size : 0;
 
   // 3. Upload them, each as one UploadModel stream.
   uint64_t sent = 0;
@@ -301,14 +299,8 @@ int RunUploadDirectory(const UploadFlags& f, const GlobalOptions& g) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   // 4. Record the model.
-  commit.set_dry_run(false);
   v1::CommitModelFilesResponse done;
-  {
-    grpc::ClientContext ctx;
-    (*conn)->Prepare(&ctx);
-    grpc::Status s = stub->CommitModelFiles(&ctx, commit, &done);
-    if (!s.ok()) return ReportRpcError(cmd, s, g);
-  }
+  if (grpc::Status s = commit_files(false, &done); !s.ok()) return ReportRpcError(cmd, s, g);
   const v1::Model& m = done.model();
   int shards = 0;
   for (const v1::ModelFile& mf : m.files()) shards += mf.role() == "shard";
