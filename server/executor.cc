@@ -275,7 +275,7 @@ absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const J
   if (!ec) fs::create_directories(fs::path(ctx.scratch_dir) / "dequantized", ec);
   if (ec) return absl::InternalError(absl::StrCat("cannot create the job's directories: ", ec.message()));
   const uint64_t total_tensors = std::max<uint64_t>(1, ctx.model.tensor_count());
-  uint64_t tensors_before = 0, bytes_in = 0, bytes_out = 0, dequantized_data = 0;
+  uint64_t tensors_before = 0, bytes_in = 0, bytes_out = 0, packed_data = 0, dequantized_data = 0;
   double seconds = 0;
   core::HfIndex packed_index;
   packed_index.metadata.emplace_back("format", "fpxint");
@@ -313,6 +313,7 @@ absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const J
       FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(packed));
       for (const core::TensorInfo& t : reader->tensors()) {
         packed_index.weight_map.emplace_back(t.name, src.path);
+        packed_data += t.end - t.begin;
       }
     }
     out.files.push_back({kPackedArtifactKind, absl::StrCat("packed/", src.path), packed,
@@ -332,13 +333,7 @@ absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const J
       out.files.push_back({"dequantized_safetensors", absl::StrCat("dequantized/", src.path), d, sha});
     }
   }
-  packed_index.total_size = 0;
-  for (const ProducedFile& f : out.files) {
-    if (f.kind == kPackedArtifactKind) {
-      FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(f.path));
-      for (const core::TensorInfo& t : reader->tensors()) *packed_index.total_size += t.end - t.begin;
-    }
-  }
+  packed_index.total_size = packed_data;
   const std::string packed_index_path = (fs::path(ctx.scratch_dir) / "packed" / "index.json").string();
   FPX_RETURN_IF_ERROR(core::WriteFileAtomic(packed_index_path, core::HfIndexToJson(packed_index)));
   out.files.push_back({"packed_index_json", absl::StrCat("packed/", core::kFpxintIndexFile),
