@@ -4,7 +4,9 @@
 //     one PostgreSQL server and one store (counter jobs_per_s);
 //   - one small TENSOR job, submit to SUCCEEDED, on the SQLite journal and on the PostgreSQL one;
 //   - the queue's own statements on PostgreSQL over its Unix socket: a claim, and a fenced final
-//     write with one artifact record (counters p50_ms, p99_ms).
+//     write with one artifact record (counters p50_ms, p99_ms);
+//   - one TENSOR job over a 4-shard directory model (4 x 8 F32 tensors of 2048 x 2048, 512 MiB,
+//     b=4, K=8), split into shard tasks, run by 1 replica and by 2 (counter source_mb_per_s).
 // A replica here is what a server process adds: its own journal connection, job manager and
 // compute pool, sharing the store (in-process, so the figures leave out gRPC).
 // Needs the postgresql-15 binaries (scripts/setup.sh installs them); runs as root or not.
@@ -73,18 +75,36 @@ void WriteModel(const std::string& path, int tensors, int rows, int cols) {
   if (!w.WriteFile(path).ok()) std::exit(4);
 }
 
-// One store with one uploaded model, and N replicas on one journal.
+// One store with one uploaded model, and N replicas on one journal. `shards` > 0: a directory
+// model (HF_DIRECTORY) of that many shards of `tensors` tensors each.
 class Cluster {
  public:
-  Cluster(const std::string& where, int replicas, int tensors, int rows, int cols) {
+  Cluster(const std::string& where, int replicas, int tensors, int rows, int cols,
+          int shards = 0) {
     dir_ = (fs::temp_directory_path() / absl::StrCat("fpxint-replicas-bench-", getpid())).string();
     fs::remove_all(dir_);
     fs::create_directories(dir_);
     store_ = *server::BlobStore::Open(dir_ + "/data", "bench");
-    WriteModel(dir_ + "/m.safetensors", tensors, rows, cols);
     model_.set_name("m");
-    model_.set_format(v1::SAFETENSORS);
-    model_.set_sha256(*store_->ImportFile(dir_ + "/m.safetensors"));
+    if (shards == 0) {
+      WriteModel(dir_ + "/m.safetensors", tensors, rows, cols);
+      model_.set_format(v1::SAFETENSORS);
+      model_.set_sha256(*store_->ImportFile(dir_ + "/m.safetensors"));
+    } else {
+      model_.set_format(v1::HF_DIRECTORY);
+      model_.set_sha256(std::string(64, '0'));
+      for (int i = 0; i < shards; ++i) {
+        const std::string path = absl::StrCat(dir_, "/shard", i, ".safetensors");
+        WriteModel(path, tensors, rows, cols);
+        v1::ModelFile* f = model_.add_files();
+        f->set_path(absl::StrCat("model-", i, ".safetensors"));
+        f->set_size_bytes(fs::file_size(path));
+        f->set_sha256(*store_->ImportFile(path));
+        f->set_role("shard");
+        f->set_tensor_count(tensors);
+      }
+      model_.set_tensor_count(static_cast<uint64_t>(shards) * tensors);
+    }
     for (int i = 0; i < replicas; ++i) {
       Replica& r = replicas_.emplace_back();
       r.journal = *server::Journal::Open(where);
@@ -112,14 +132,14 @@ class Cluster {
   }
 
   // Submits `n` jobs to the replicas in turn and waits until the journal has them SUCCEEDED.
-  void RunJobs(int n, benchmark::State& state) {
+  void RunJobs(int n, benchmark::State& state, int terms = 2) {
     const int64_t before = *replicas_[0].journal->CountJobs(v1::SUCCEEDED);
     for (int i = 0; i < n; ++i) {
       v1::SubmitJobRequest req;
       req.mutable_spec()->set_model("m");
       req.mutable_spec()->set_granularity(v1::TENSOR);
       req.mutable_spec()->set_weight_bits(4);
-      req.mutable_spec()->set_weight_terms(2);
+      req.mutable_spec()->set_weight_terms(terms);
       if (!replicas_[i % replicas_.size()].jobs->Submit(req).ok()) {
         state.SkipWithError("submit failed");
         return;
@@ -157,6 +177,19 @@ void BM_JobThroughput(benchmark::State& state) {
       kJobs * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_JobThroughput)->Arg(1)->Arg(2)->Unit(benchmark::kSecond)->UseRealTime()
+    ->Iterations(3);
+
+// One TENSOR job over a 4-shard directory model, split into shard tasks; arg: replicas.
+void BM_ShardedJob(benchmark::State& state) {
+  const int replicas = static_cast<int>(state.range(0));
+  constexpr int kShards = 4, kTensors = 8, kRows = 2048, kCols = 2048;
+  Cluster c(NewDatabase(), replicas, kTensors, kRows, kCols, kShards);
+  for (auto _ : state) c.RunJobs(1, state, /*terms=*/8);
+  state.counters["source_mb_per_s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * kShards * kTensors * kRows * kCols * 4 / 1e6,
+      benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_ShardedJob)->Arg(1)->Arg(2)->Unit(benchmark::kSecond)->UseRealTime()
     ->Iterations(3);
 
 // One small job end to end; arg 0: SQLite, 1: PostgreSQL.

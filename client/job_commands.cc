@@ -72,6 +72,13 @@ double GateError(const v1::Job& job, std::string* what) {
   return JobQualityError(job.result(), what);
 }
 
+// A job run as shard tasks: ", shards 2/4 done, 2 running" (empty otherwise).
+std::string TasksText(const v1::Progress& p) {
+  if (p.tasks_total() == 0) return "";
+  return absl::StrFormat(", shards %d/%d done, %d running", p.tasks_done(), p.tasks_total(),
+                         p.tasks_running());
+}
+
 void PrintJob(const v1::Job& job) {
   const v1::JobSpec& s = job.spec();
   std::printf("job %s  %s  %s  model %s\n", job.job_id().c_str(),
@@ -87,9 +94,10 @@ void PrintJob(const v1::Job& job) {
   if (!job.error().empty()) std::printf("  error: %s\n", job.error().c_str());
   if (job.state() == v1::RUNNING || job.state() == v1::QUEUED) {
     const v1::Progress& p = job.progress();
-    std::printf("  progress: %s %d/%d layers %.0f%%%s\n", p.phase().c_str(), p.layers_done(),
+    std::printf("  progress: %s %d/%d layers %.0f%%%s%s\n", p.phase().c_str(), p.layers_done(),
                 p.layers_total(), p.fraction() * 100,
-                p.eta_seconds() >= 0 ? absl::StrFormat(", ETA %.0f s", p.eta_seconds()).c_str() : "");
+                p.eta_seconds() >= 0 ? absl::StrFormat(", ETA %.0f s", p.eta_seconds()).c_str() : "",
+                TasksText(p).c_str());
   }
   if (job.state() != v1::SUCCEEDED) return;
   // compression_ratio compares with the FP32 weights (the uploaded file may hold more).
@@ -145,10 +153,11 @@ int FollowJob(const Connection& conn, v1::Quantizer::Stub& stub, const std::stri
   while (reader->Read(&ev)) {
     const v1::Job& j = ev.job();
     const v1::Progress& p = j.progress();
-    const std::string where = p.layers_total() > 0
-                                  ? absl::StrFormat("%d/%d %s", p.layers_done(), p.layers_total(),
-                                                    p.current_layer())
-                                  : p.current_layer();
+    const std::string where = absl::StrCat(
+        p.layers_total() > 0
+            ? absl::StrFormat("%d/%d %s", p.layers_done(), p.layers_total(), p.current_layer())
+            : p.current_layer(),
+        TasksText(p));
     if (bar.active()) {
       bar.Update(static_cast<uint64_t>(std::lround(p.fraction() * 1000)), 1000,
                  absl::StrCat(Lower(v1::JobState_Name(j.state())), " ", p.phase(), " ", where));

@@ -149,13 +149,16 @@ absl::Status CheckCancel(const JobContext& ctx) {
   return absl::OkStatus();
 }
 
-absl::Status WriteReport(const v1::JobSpec& spec, const v1::JobResult& result,
-                         const std::string& path) {
-  v1::Job j;  // the report is the job's spec and result, as JSON
+// The job's report (its spec and result, as JSON), <model>.report.json among its outputs.
+absl::Status AddReport(const v1::JobSpec& spec, const JobContext& ctx, JobOutput* out) {
+  v1::Job j;
   *j.mutable_spec() = spec;
-  *j.mutable_result() = result;
+  *j.mutable_result() = out->result;
   FPX_ASSIGN_OR_RETURN(std::string json, ProtoToJson(j));
-  return core::WriteFileAtomic(path, json);
+  const std::string path = (fs::path(ctx.scratch_dir) / "report.json").string();
+  FPX_RETURN_IF_ERROR(core::WriteFileAtomic(path, json));
+  out->files.push_back({"report_json", ctx.model.name() + ".report.json", path, ""});
+  return absl::OkStatus();
 }
 
 // The data-free probe: a fixed pseudo-random N(0,1) input of the model's signature, run through
@@ -246,95 +249,118 @@ void SetTotals(uint64_t bytes_in, uint64_t bytes_out, double seconds, v1::JobRes
   if (seconds > 0) result->set_read_gb_per_second(bytes_in / seconds / 1e9);
 }
 
-// A TENSOR job over a directory model: shard by shard (the memory of one tensor at a time, as
-// for one file), each shard's packed artifact under packed/ with model.fpxint.index.json mapping
-// every packed tensor to its shard, and with DEQUANTIZED_SAFETENSORS the source's layout under
-// dequantized/: its shards dequantized, its index (total_size recomputed) and its sidecars.
-absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const JobContext& ctx,
-                                                Reporter* rep) {
-  JobOutput out;
-  std::vector<const SourceFile*> shards;
-  const SourceFile* index_file = nullptr;
+// One shard task of a TENSOR job over a directory model (JobContext::shard): the shard's packed
+// artifact as packed/<shard>, and with DEQUANTIZED_SAFETENSORS the shard dequantized as
+// dequantized/<shard>, with the memory of one tensor at a time (as for one file). The job's
+// indexes and sidecars come from AssembleDirectoryJob once every shard is done.
+absl::StatusOr<JobOutput> RunShardTask(const v1::JobSpec& spec, const JobContext& ctx,
+                                       Reporter* rep) {
+  const SourceFile* src = nullptr;
   for (const SourceFile& f : ctx.files) {
-    if (f.role == "shard") shards.push_back(&f);
-    if (f.role == "index") index_file = &f;
+    if (f.role == "shard" && f.path == ctx.shard) src = &f;
   }
-  if (shards.empty()) return absl::FailedPreconditionError("the model lists no shard");
+  if (src == nullptr) {
+    return absl::FailedPreconditionError(
+        ctx.shard.empty() ? "a directory model's TENSOR job runs as shard tasks; this run names "
+                            "no shard"
+                          : absl::StrCat("the model lists no shard '", ctx.shard, "'"));
+  }
   {
-    MemoryNeed need;
-    for (const SourceFile* f : shards) {
-      FPX_ASSIGN_OR_RETURN(MemoryNeed n, TensorJobNeed(f->blob_path, v1::SAFETENSORS,
-                                                       WeightSpec(spec)));
-      if (n.bytes > need.bytes) need = n;
-    }
+    FPX_ASSIGN_OR_RETURN(MemoryNeed need,
+                         TensorJobNeed(src->blob_path, v1::SAFETENSORS, WeightSpec(spec)));
     FPX_RETURN_IF_ERROR(CheckMemory(need, ctx.memory_limit));
   }
+  FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   const bool dequantize = Wants(spec, v1::DEQUANTIZED_SAFETENSORS);
-  std::error_code ec;
-  fs::create_directories(fs::path(ctx.scratch_dir) / "packed", ec);
-  if (!ec) fs::create_directories(fs::path(ctx.scratch_dir) / "dequantized", ec);
-  if (ec) return absl::InternalError(absl::StrCat("cannot create the job's directories: ", ec.message()));
-  const uint64_t total_tensors = std::max<uint64_t>(1, ctx.model.tensor_count());
-  uint64_t tensors_before = 0, bytes_in = 0, bytes_out = 0, packed_data = 0, dequantized_data = 0;
-  double seconds = 0;
+  JobOutput out;
+  core::ArtifactOptions opts = TensorOptions(spec, ctx);
+  opts.source_sha256 = src->sha256;
+  opts.progress = [&](const core::ExpandProgress& p) {
+    rep->Layer(static_cast<int>(p.tensor_index), static_cast<int>(p.tensor_count), p.name, 0.02,
+               dequantize ? 0.8 : 0.97);
+  };
+  rep->Phase("expanding", 0.02);
+  const std::string packed = (fs::path(ctx.scratch_dir) / "packed.safetensors").string();
+  FPX_ASSIGN_OR_RETURN(core::ExpandReport report,
+                       core::ExpandSafetensorsFile(src->blob_path, packed, opts));
+  rep->Written(report.bytes_out);
+  AddTensorResults(report, &out.result);
+  v1::ShardResult* sr = out.result.add_shards();
+  sr->set_file(src->path);
+  sr->set_tensors(static_cast<uint32_t>(report.tensors.size()));
+  sr->set_copied(static_cast<uint32_t>(report.copied.size()));
+  sr->set_bytes_in(report.bytes_in);
+  sr->set_bytes_out(report.bytes_out);
+  sr->set_wall_seconds(report.wall_seconds);
+  for (const core::TermSummary& t : report.Summary()) sr->set_max_rel_fro(t.worst_rel_fro);
+  out.files.push_back({kPackedArtifactKind, absl::StrCat("packed/", src->path), packed,
+                       report.artifact_sha256});
+  if (dequantize) {
+    FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+    rep->Phase("dequantizing", 0.8);
+    const std::string d = (fs::path(ctx.scratch_dir) / "dequantized.safetensors").string();
+    FPX_ASSIGN_OR_RETURN(std::string sha, core::WriteDequantizedSafetensors(
+                                              src->blob_path, packed, d, src->sha256, ctx.pool));
+    out.files.push_back({kDequantizedArtifactKind, absl::StrCat("dequantized/", src->path), d, sha});
+  }
+  SetTotals(report.bytes_in, report.bytes_out, report.wall_seconds, &out.result);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<JobOutput> AssembleDirectoryJob(
+    const v1::JobSpec& spec, const JobContext& ctx, const std::vector<ShardTaskOutput>& tasks,
+    const std::function<std::string(const std::string& sha256)>& blob_path, double wall_seconds) {
+  JobOutput out;
+  const SourceFile* index_file = nullptr;
+  for (const SourceFile& f : ctx.files) {
+    if (f.role == "index") index_file = &f;
+  }
+  const bool dequantize = Wants(spec, v1::DEQUANTIZED_SAFETENSORS);
   core::HfIndex packed_index;
   packed_index.metadata.emplace_back("format", "fpxint");
   packed_index.metadata.emplace_back("fpxint.source_model", ctx.model.name());
-  core::HfIndex dequantized_index;
-  for (size_t i = 0; i < shards.size(); ++i) {
-    const SourceFile& src = *shards[i];
+  uint64_t bytes_in = 0, bytes_out = 0, dequantized_data = 0;
+  // Adds the tensors of a stored shard output to an index's weight_map; returns its data bytes.
+  auto index_shard = [&](const v1::Artifact& a, const std::string& shard,
+                         core::HfIndex* index) -> absl::StatusOr<uint64_t> {
+    FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(blob_path(a.sha256())));
+    uint64_t data = 0;
+    for (const core::TensorInfo& t : reader->tensors()) {
+      if (index) index->weight_map.emplace_back(t.name, shard);
+      data += t.end - t.begin;
+    }
+    return data;
+  };
+  for (const ShardTaskOutput& t : tasks) {
     FPX_RETURN_IF_ERROR(CheckCancel(ctx));
-    core::ArtifactOptions opts = TensorOptions(spec, ctx);
-    opts.source_sha256 = src.sha256;
-    opts.progress = [&, base = tensors_before](const core::ExpandProgress& p) {
-      rep->Layer(static_cast<int>(base + p.tensor_index), static_cast<int>(total_tensors),
-                 p.name, 0.02, dequantize ? 0.8 : 0.97);
-    };
-    rep->Phase("expanding", 0.02 + 0.95 * tensors_before / total_tensors);
-    const std::string packed = (fs::path(ctx.scratch_dir) / "packed" / absl::StrCat("shard", i)).string();
-    FPX_ASSIGN_OR_RETURN(core::ExpandReport report,
-                         core::ExpandSafetensorsFile(src.blob_path, packed, opts));
-    rep->Written(report.bytes_out);
-    AddTensorResults(report, &out.result);
-    v1::ShardResult* sr = out.result.add_shards();
-    sr->set_file(src.path);
-    sr->set_tensors(static_cast<uint32_t>(report.tensors.size()));
-    sr->set_copied(static_cast<uint32_t>(report.copied.size()));
-    sr->set_bytes_in(report.bytes_in);
-    sr->set_bytes_out(report.bytes_out);
-    sr->set_wall_seconds(report.wall_seconds);
-    for (const core::TermSummary& t : report.Summary()) sr->set_max_rel_fro(t.worst_rel_fro);
-    bytes_in += report.bytes_in;
-    bytes_out += report.bytes_out;
-    seconds += report.wall_seconds;
-    tensors_before += report.tensors.size() + report.copied.size();
-    // Every packed tensor of this shard, for model.fpxint.index.json.
-    {
-      FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(packed));
-      for (const core::TensorInfo& t : reader->tensors()) {
-        packed_index.weight_map.emplace_back(t.name, src.path);
-        packed_data += t.end - t.begin;
+    bool packed_seen = false;
+    for (const v1::Artifact& a : t.artifacts) {
+      if (a.kind() == kPackedArtifactKind) {
+        FPX_ASSIGN_OR_RETURN(uint64_t data, index_shard(a, t.shard, &packed_index));
+        packed_index.total_size = packed_index.total_size.value_or(0) + data;
+        packed_seen = true;
+      } else if (a.kind() == kDequantizedArtifactKind) {
+        FPX_ASSIGN_OR_RETURN(uint64_t data, index_shard(a, t.shard, nullptr));
+        dequantized_data += data;
+      } else {
+        continue;
       }
+      out.files.push_back({a.kind(), a.file_name(), "", a.sha256()});
     }
-    out.files.push_back({kPackedArtifactKind, absl::StrCat("packed/", src.path), packed,
-                         report.artifact_sha256});
-    if (dequantize) {
-      FPX_RETURN_IF_ERROR(CheckCancel(ctx));
-      rep->Phase("dequantizing", 0.8 + 0.17 * (i + 1) / shards.size());
-      const std::string d =
-          (fs::path(ctx.scratch_dir) / "dequantized" / absl::StrCat("shard", i)).string();
-      FPX_ASSIGN_OR_RETURN(std::string sha, core::WriteDequantizedSafetensors(
-                                                src.blob_path, packed, d, src.sha256, ctx.pool));
-      FPX_ASSIGN_OR_RETURN(auto reader, core::SafetensorsReader::Open(d));
-      for (const core::TensorInfo& t : reader->tensors()) {
-        dequantized_data += t.end - t.begin;
-        dequantized_index.weight_map.emplace_back(t.name, src.path);
-      }
-      out.files.push_back({"dequantized_safetensors", absl::StrCat("dequantized/", src.path), d, sha});
+    if (!packed_seen) {
+      return absl::InternalError(absl::StrCat("shard task for '", t.shard, "' stored no packed "
+                                              "artifact"));
     }
+    for (const v1::LayerResult& l : t.result.layers()) *out.result.add_layers() = l;
+    for (const v1::ShardResult& s : t.result.shards()) *out.result.add_shards() = s;
+    bytes_in += t.result.bytes_in();
+    bytes_out += t.result.bytes_out();
   }
-  packed_index.total_size = packed_data;
-  const std::string packed_index_path = (fs::path(ctx.scratch_dir) / "packed" / "index.json").string();
+  std::error_code ec;
+  fs::create_directories(fs::path(ctx.scratch_dir), ec);
+  const std::string packed_index_path = (fs::path(ctx.scratch_dir) / "packed.index.json").string();
   FPX_RETURN_IF_ERROR(core::WriteFileAtomic(packed_index_path, core::HfIndexToJson(packed_index)));
   out.files.push_back({"packed_index_json", absl::StrCat("packed/", core::kFpxintIndexFile),
                        packed_index_path, ""});
@@ -346,7 +372,7 @@ absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const J
                            ReadSmallFile(index_file->blob_path, core::HfIndexLimits{}.max_bytes));
       FPX_ASSIGN_OR_RETURN(core::HfIndex source_index, core::ParseHfIndex(text));
       source_index.total_size = dequantized_data;
-      const std::string p = (fs::path(ctx.scratch_dir) / "dequantized" / "index.json").string();
+      const std::string p = (fs::path(ctx.scratch_dir) / "dequantized.index.json").string();
       FPX_RETURN_IF_ERROR(core::WriteFileAtomic(p, core::HfIndexToJson(source_index)));
       out.files.push_back({"dequantized_index_json", absl::StrCat("dequantized/", index_file->path),
                            p, ""});
@@ -356,13 +382,17 @@ absl::StatusOr<JobOutput> RunDirectoryTensorJob(const v1::JobSpec& spec, const J
       out.files.push_back({"sidecar", absl::StrCat("dequantized/", f.path), "", f.sha256});
     }
   }
-  SetTotals(bytes_in, bytes_out, seconds, &out.result);
+  SetTotals(bytes_in, bytes_out, wall_seconds, &out.result);
+  out.result.set_wall_seconds(wall_seconds);
+  FPX_RETURN_IF_ERROR(AddReport(spec, ctx, &out));
   return out;
 }
 
+namespace {
+
 absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext& ctx,
                                        Reporter* rep) {
-  if (ctx.model.format() == v1::HF_DIRECTORY) return RunDirectoryTensorJob(spec, ctx, rep);
+  if (ctx.model.format() == v1::HF_DIRECTORY) return RunShardTask(spec, ctx, rep);
   JobOutput out;
   std::string source = ctx.source_path;
   if (ctx.model.format() == v1::TORCHSCRIPT) {
@@ -399,7 +429,7 @@ absl::StatusOr<JobOutput> RunTensorJob(const v1::JobSpec& spec, const JobContext
     FPX_ASSIGN_OR_RETURN(std::string sha,
                          core::WriteDequantizedSafetensors(source, artifact, p,
                                                            opts.source_sha256, ctx.pool));
-    out.files.push_back({"dequantized_safetensors",
+    out.files.push_back({kDequantizedArtifactKind,
                          ctx.model.name() + ".dequantized.safetensors", p, sha});
   }
   return out;
@@ -492,9 +522,8 @@ absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx)
   }
   out->result.set_wall_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  const std::string report = (fs::path(ctx.scratch_dir) / "report.json").string();
-  FPX_RETURN_IF_ERROR(WriteReport(spec, out->result, report));
-  out->files.push_back({"report_json", ctx.model.name() + ".report.json", report, ""});
+  // A shard task's report is part of its job's, written when the job is assembled.
+  if (ctx.shard.empty()) FPX_RETURN_IF_ERROR(AddReport(spec, ctx, &*out));
   rep.Phase("done", 1.0);
   return out;
 }

@@ -31,6 +31,9 @@ struct SourceFile {
 struct JobContext {
   std::string source_path;  // the model's blob (empty for HF_DIRECTORY)
   std::vector<SourceFile> files;  // HF_DIRECTORY: every file, shards first in the index's order
+  // HF_DIRECTORY TENSOR jobs run as shard tasks, one per shard: the shard (SourceFile::path) this
+  // run expands.
+  std::string shard;
   v1::Model model;
   std::string scratch_dir;  // empty directory for the outputs
   core::ThreadPool* pool = nullptr;
@@ -45,6 +48,7 @@ struct JobContext {
 
 // The kind of every job's packed artifact (docs/FORMAT.md); a quantized deployment serves it.
 inline constexpr char kPackedArtifactKind[] = "packed_safetensors";
+inline constexpr char kDequantizedArtifactKind[] = "dequantized_safetensors";
 
 struct ProducedFile {
   std::string kind;       // Artifact.kind
@@ -59,8 +63,26 @@ struct JobOutput {
   std::vector<ProducedFile> files;
 };
 
-// Runs a normalized spec. Cancelled when *cancel turns true (promptly: polled between rows).
+// Runs a normalized spec (for a directory model's TENSOR job: the shard task ctx.shard).
+// Cancelled when *cancel turns true (promptly: polled between rows).
 absl::StatusOr<JobOutput> RunJob(const v1::JobSpec& spec, const JobContext& ctx);
+
+// A directory model's shard task that has succeeded: its shard, report and stored outputs.
+struct ShardTaskOutput {
+  std::string shard;
+  v1::JobResult result;
+  std::vector<v1::Artifact> artifacts;
+};
+
+// The last step of a directory model's TENSOR job, once every shard task has succeeded (given in
+// the index's shard order): writes packed/model.fpxint.index.json (every packed tensor mapped to
+// its shard) and, with DEQUANTIZED_SAFETENSORS, the source's index with total_size recomputed,
+// into ctx.scratch_dir, reading the tasks' stored outputs through `blob_path`. The output lists
+// the tasks' artifacts and the sidecars as already stored, and the tasks' reports merged;
+// `wall_seconds` (the job's, end to end) gives read_gb_per_second.
+absl::StatusOr<JobOutput> AssembleDirectoryJob(
+    const v1::JobSpec& spec, const JobContext& ctx, const std::vector<ShardTaskOutput>& tasks,
+    const std::function<std::string(const std::string& sha256)>& blob_path, double wall_seconds);
 
 }  // namespace fpxint::server
 

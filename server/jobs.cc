@@ -265,11 +265,14 @@ absl::StatusOr<v1::ListJobsResponse> JobManager::List(const v1::ListJobsRequest&
 
 absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& job_id, absl::Duration wait) {
   auto flag_local = [&] {
-    absl::MutexLock l(&mu_);
-    auto it = live_.find(job_id);
-    if (it == live_.end()) return false;
-    it->second->user_cancel.store(true);
-    it->second->cancel.store(true);
+    std::shared_ptr<Live> live;
+    {
+      absl::MutexLock l(&mu_);
+      auto it = live_.find(job_id);
+      if (it == live_.end()) return false;
+      live = it->second;
+    }
+    FlagCancel(live);
     return true;
   };
   if (!flag_local()) {
@@ -386,8 +389,7 @@ bool JobManager::FencedWrite(const std::shared_ptr<Live>& live, const v1::Job& n
       held = check->held;
       if (check->cancel_requested && !live->user_cancel.load()) {
         LogInfo(absl::StrCat("job ", next.job_id(), ": cancel asked on another replica"));
-        live->user_cancel.store(true);
-        live->cancel.store(true);
+        FlagCancel(live);
       }
     } else {
       held = check.status();
@@ -509,24 +511,11 @@ void JobManager::WorkerLoop() {
       changed_.SignalAll();
       continue;
     }
-    ForgetCached((*claimed)->job_id());
-    auto live = std::make_shared<Live>();
-    live->job = **claimed;
-    live->started = absl::Now();
-    live->renewed = live->started;
-    {
-      absl::MutexLock l(&mu_);
-      live_[live->job.job_id()] = live;
-      if (interrupting_) {  // claimed as Shutdown's grace ran out: back to the queue at once
-        live->interrupted.store(true);
-        live->cancel.store(true);
-      }
-      changed_.SignalAll();
-    }
-    SetQueued(std::max(0, queued_.load() - 1));
+    auto live = Adopt(**std::move(claimed));
+    if (live->job.parent_job_id().empty()) SetQueued(std::max(0, queued_.load() - 1));
     metrics_->WorkersBusyAdd(1);
     Announce();
-    Run(live);  // ends with the job's final Commit
+    Run(live, /*inline_task=*/false);  // ends with the job's final Commit
   }
 }
 
@@ -617,11 +606,16 @@ void JobManager::KeepLeases() {
   }
 }
 
-void JobManager::Run(const std::shared_ptr<Live>& live) {
+void JobManager::Run(const std::shared_ptr<Live>& live, bool inline_task) {
   const std::string id = live->job.job_id();
   const v1::JobSpec spec = live->job.spec();
+  const bool task = !live->job.parent_job_id().empty();
+  bool sharded = false;  // runs as shard tasks (this run coordinates them)
   LogInfo(absl::StrCat("job ", id, " running: ", v1::Granularity_Name(spec.granularity()), " of '",
-                       spec.model(), "' b=", spec.weight_bits(), " K=", spec.weight_terms()));
+                       spec.model(), "' b=", spec.weight_bits(), " K=", spec.weight_terms(),
+                       task ? absl::StrCat(", shard '", live->job.shard(), "' of job ",
+                                           live->job.parent_job_id())
+                            : ""));
   absl::StatusOr<JobOutput> out = absl::InternalError("not run");
   std::string scratch;
   if (auto model = journal_->GetModel(spec.model()); !model.ok() || !*model) {
@@ -650,6 +644,8 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     ctx.torch_threads = opts_.torch_threads;
     ctx.memory_limit = opts_.job_memory_limit;
     ctx.cancel = &live->cancel;
+    ctx.shard = live->job.shard();
+    sharded = !task && IsSharded(spec, ctx.model);
     ctx.progress = [this, live](const v1::Progress& p) {
       {
         absl::MutexLock l(&mu_);
@@ -660,7 +656,13 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
       }
       Notify(live);
     };
-    out = vetted.ok() ? RunJob(spec, ctx) : absl::StatusOr<JobOutput>(vetted);
+    if (!vetted.ok()) {
+      out = vetted;
+    } else if (sharded) {
+      out = Coordinate(live, ctx);
+    } else {
+      out = RunJob(spec, ctx);
+    }
     // A cancel that arrived after the expansion's last poll (while it wrote its outputs) still
     // wins: nothing has been stored or deployed yet.
     if (out.ok() && live->user_cancel.load()) out = absl::CancelledError("cancelled");
@@ -703,8 +705,9 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
     std::error_code ec;
     fs::remove_all(scratch, ec);
   }
-  if (next.state() != v1::QUEUED && !live->lease_lost.load()) {
+  if (next.state() != v1::QUEUED && !live->lease_lost.load() && !task) {
     // QUEUED: interrupted by shutdown, runs again; a lost lease: the job's new runner counts it.
+    // A shard task is counted with its job.
     next.set_finished_unix_ms(NowUnixMs());
     uint64_t written = 0;
     for (const v1::Artifact& a : next.artifacts()) written += a.size_bytes();
@@ -712,11 +715,223 @@ void JobManager::Run(const std::shared_ptr<Live>& live) {
                           absl::ToDoubleSeconds(absl::Now() - live->started),
                           next.result().layers_size(), written);
   }
-  metrics_->WorkersBusyAdd(-1);
+  if (!inline_task) metrics_->WorkersBusyAdd(-1);
   LogInfo(absl::StrCat("job ", id, " ", v1::JobState_Name(next.state()),
                        final_status.ok() ? "" : absl::StrCat(": ", final_status.message())));
-  busy_.fetch_sub(1);
+  if (!inline_task) busy_.fetch_sub(1);
+  const v1::JobState final_state = next.state();
   Commit(live, std::move(next));
+  if (sharded && !live->lease_lost.load()) EndTasks(id, final_state);
+}
+
+bool JobManager::IsSharded(const v1::JobSpec& spec, const v1::Model& model) {
+  return spec.granularity() == v1::TENSOR && model.format() == v1::HF_DIRECTORY;
+}
+
+std::shared_ptr<JobManager::Live> JobManager::Adopt(v1::Job claimed) {
+  ForgetCached(claimed.job_id());
+  auto live = std::make_shared<Live>();
+  live->job = std::move(claimed);
+  live->started = absl::Now();
+  live->renewed = live->started;
+  {
+    absl::MutexLock l(&mu_);
+    live_[live->job.job_id()] = live;
+    if (interrupting_) {  // claimed as Shutdown's grace ran out: back to the queue at once
+      live->interrupted.store(true);
+      live->cancel.store(true);
+    }
+    changed_.SignalAll();
+  }
+  return live;
+}
+
+void JobManager::FlagCancel(const std::shared_ptr<Live>& live) {
+  live->user_cancel.store(true);
+  live->cancel.store(true);
+  // The job's shard tasks running here stop with it (their runs poll their own flags).
+  StopTasksHere(live->job.job_id());
+}
+
+void JobManager::StopTasksHere(const std::string& job_id) {
+  absl::MutexLock l(&mu_);
+  for (auto& [id, other] : live_) {
+    if (other->job.parent_job_id() == job_id) {
+      other->user_cancel.store(true);
+      other->cancel.store(true);
+    }
+  }
+}
+
+absl::StatusOr<JobOutput> JobManager::Coordinate(const std::shared_ptr<Live>& live,
+                                                 const JobContext& ctx) {
+  v1::Job job;
+  {
+    absl::MutexLock l(&mu_);
+    job = live->job;
+  }
+  const std::string& id = job.job_id();
+  // One task per shard, in the index's order; a run after a lost runner keeps the tasks it finds
+  // (those done stay done, those running keep their runners).
+  std::vector<const v1::ModelFile*> shards;
+  uint64_t total_bytes = 0;
+  for (const v1::ModelFile& f : ctx.model.files()) {
+    if (f.role() != "shard") continue;
+    shards.push_back(&f);
+    total_bytes += f.size_bytes();
+  }
+  if (shards.empty()) return absl::FailedPreconditionError("the model lists no shard");
+  FPX_ASSIGN_OR_RETURN(std::vector<v1::Job> existing, journal_->TasksOf(id));
+  std::set<std::string> have;
+  for (const v1::Job& t : existing) have.insert(t.shard());
+  int created = 0;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    if (have.count(shards[i]->path())) continue;
+    v1::Job t;
+    t.set_job_id(absl::StrFormat("%s.shard-%05d", id, i));
+    *t.mutable_spec() = job.spec();
+    // The job's gate and deployment apply to the whole model, once, when it is assembled.
+    t.mutable_spec()->clear_deploy();
+    t.mutable_spec()->set_max_rel_error(0);
+    t.set_state(v1::QUEUED);
+    t.set_parent_job_id(id);
+    t.set_shard(shards[i]->path());
+    t.set_created_unix_ms(NowUnixMs());
+    t.mutable_progress()->set_eta_seconds(-1);
+    absl::Status s = journal_->InsertJob(t);
+    if (!s.ok() && s.code() != absl::StatusCode::kAlreadyExists) return s;
+    ++created;
+  }
+  if (created > 0) {
+    LogInfo(absl::StrCat("job ", id, ": ", created, " of ", shards.size(),
+                         " shard task(s) queued for any replica"));
+    absl::MutexLock l(&mu_);
+    ++submitted_;  // idle local workers take tasks too
+  }
+  Announce();
+  const std::string replica = opts_.replica_id;
+  auto start = [&replica](v1::Job* j) {
+    j->set_state(v1::RUNNING);
+    j->set_started_unix_ms(NowUnixMs());
+    j->set_attempts(j->attempts() + 1);
+    j->set_replica(replica);
+    j->clear_error();
+  };
+  // This replica runs the job's queued tasks itself, one at a time on a thread of its own, while
+  // this one follows every task (on any replica) into the job's progress.
+  std::thread runner;
+  std::atomic<bool> running_here{false};
+  auto join_runner = [&] {
+    if (runner.joinable()) runner.join();
+  };
+  struct Joiner {
+    std::function<void()> fn;
+    ~Joiner() { fn(); }
+  } joiner{[&] {
+    if (!runner.joinable()) return;
+    // The job failed or was cancelled: its task here stops too. Interrupted (shutdown), the task
+    // is interrupted with it and queued again; with the job's lease lost, the task (leased on
+    // its own) finishes for the job's new runner.
+    if (!live->interrupted.load() && !live->lease_lost.load()) StopTasksHere(id);
+    runner.join();
+  }};
+  std::vector<v1::Job> tasks;
+  for (;;) {
+    if (live->cancel.load()) {
+      if (live->user_cancel.load()) return absl::CancelledError("cancelled");
+      return absl::AbortedError("interrupted; its shard tasks are kept for the next run");
+    }
+    if (!running_here.load()) {
+      FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> claimed,
+                           journal_->ClaimTask(id, replica, opts_.lease, start));
+      if (claimed) {
+        join_runner();
+        running_here.store(true);
+        runner = std::thread([this, &running_here, t = Adopt(*std::move(claimed))] {
+          Run(t, /*inline_task=*/true);
+          running_here.store(false);
+          absl::MutexLock l(&mu_);
+          changed_.SignalAll();
+        });
+      }
+    }
+    FPX_ASSIGN_OR_RETURN(tasks, journal_->TasksOf(id));
+    std::map<std::string, const v1::Job*> by_shard;
+    for (const v1::Job& t : tasks) by_shard[t.shard()] = &t;
+    v1::Progress p;
+    p.set_phase("expanding");
+    p.set_tasks_total(static_cast<uint32_t>(shards.size()));
+    p.set_layers_total(static_cast<uint32_t>(ctx.model.tensor_count()));
+    p.set_terms(job.spec().weight_terms());
+    double fraction = 0;
+    for (const v1::ModelFile* f : shards) {
+      auto it = by_shard.find(f->path());
+      if (it == by_shard.end()) {
+        return absl::InternalError(absl::StrCat("shard task for '", f->path(), "' is missing"));
+      }
+      const v1::Job& t = *it->second;
+      const double w = total_bytes > 0 ? static_cast<double>(f->size_bytes()) / total_bytes
+                                       : 1.0 / shards.size();
+      if (t.state() == v1::FAILED || t.state() == v1::CANCELLED) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("shard '", t.shard(), "' (task ", t.job_id(), ") ",
+                         v1::JobState_Name(t.state()), ": ", t.error()));
+      }
+      p.set_layers_done(p.layers_done() + t.progress().layers_done());
+      p.set_bytes_written(p.bytes_written() + t.progress().bytes_written());
+      if (t.state() == v1::SUCCEEDED) {
+        p.set_tasks_done(p.tasks_done() + 1);
+        fraction += w;
+      } else if (t.state() == v1::RUNNING) {
+        p.set_tasks_running(p.tasks_running() + 1);
+        fraction += w * t.progress().fraction();
+        if (p.current_layer().empty()) p.set_current_layer(t.progress().current_layer());
+      }
+    }
+    p.set_fraction(0.98 * fraction);
+    ctx.progress(p);
+    if (p.tasks_done() == shards.size()) break;
+    absl::MutexLock l(&mu_);
+    changed_.WaitWithTimeout(&mu_, absl::Milliseconds(100));
+  }
+  join_runner();
+  std::vector<ShardTaskOutput> outputs;
+  for (const v1::ModelFile* f : shards) {
+    for (const v1::Job& t : tasks) {
+      if (t.shard() != f->path()) continue;
+      outputs.push_back({t.shard(), t.result(),
+                         std::vector<v1::Artifact>(t.artifacts().begin(), t.artifacts().end())});
+    }
+  }
+  {
+    absl::MutexLock l(&mu_);
+    live->job.mutable_progress()->set_phase("indexing");
+  }
+  Notify(live);
+  BlobStore* store = store_;
+  return AssembleDirectoryJob(
+      job.spec(), ctx, outputs, [store](const std::string& sha) { return store->PathOf(sha); },
+      absl::ToDoubleSeconds(absl::Now() - live->started));
+}
+
+void JobManager::EndTasks(const std::string& job_id, v1::JobState state) {
+  if (state == v1::QUEUED) return;  // interrupted: the next run goes on with them
+  auto tasks = journal_->TasksOf(job_id);
+  if (!tasks.ok()) {
+    LogWarning(absl::StrCat("job ", job_id, ": its shard tasks stay until retention: ",
+                            tasks.status().message()));
+    return;
+  }
+  for (const v1::Job& t : *tasks) {
+    if (state == v1::SUCCEEDED) {
+      // The job's artifacts now reference the tasks' outputs: only the records go.
+      journal_->DeleteJob(t.job_id()).IgnoreError();
+    } else if (Terminal(t.state())) {
+      DeleteFinished(t).IgnoreError();  // outputs nothing else references go with them
+    } else {
+      Cancel(t.job_id(), absl::ZeroDuration()).IgnoreError();  // retention removes it later
+    }
+  }
 }
 
 absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* out,

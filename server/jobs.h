@@ -32,6 +32,7 @@
 #include "absl/time/time.h"
 #include "core/thread_pool.h"
 #include "fpxint/v1/quantizer.pb.h"
+#include "server/executor.h"
 #include "server/journal.h"
 #include "server/metrics.h"
 #include "server/repository.h"
@@ -153,7 +154,26 @@ class JobManager {
   absl::Status Reap(bool at_start);
   // The runner's write of `next` through the journal's fence; false when refused (logged).
   bool FencedWrite(const std::shared_ptr<Live>& live, const v1::Job& next, bool final_write);
-  void Run(const std::shared_ptr<Live>& live);
+  // Runs a claimed job to its final Commit. `inline_task`: a shard task its job's coordinator
+  // runs on its own worker (the worker is counted busy once, for the job).
+  void Run(const std::shared_ptr<Live>& live, bool inline_task);
+  // A claimed job, made live here.
+  std::shared_ptr<Live> Adopt(v1::Job claimed);
+  // Whether the job runs as shard tasks: a TENSOR job over a directory model.
+  static bool IsSharded(const v1::JobSpec& spec, const v1::Model& model);
+  // A sharded job's run: queues the shard tasks it does not have yet, runs queued ones here one
+  // at a time (on a thread of its own) until none is left, follows every task (on any replica)
+  // into the job's progress, and once every task has succeeded assembles the job's outputs
+  // (AssembleDirectoryJob). A failed task fails the job.
+  absl::StatusOr<JobOutput> Coordinate(const std::shared_ptr<Live>& live, const JobContext& ctx);
+  // After a sharded job's final state: SUCCEEDED removes its tasks' records (its artifacts hold
+  // their outputs); FAILED and CANCELLED remove finished tasks with their outputs and cancel the
+  // rest; QUEUED (interrupted) keeps them for the next run.
+  void EndTasks(const std::string& job_id, v1::JobState state);
+  // CancelJob's flags on a job running here, and on its shard tasks running here.
+  void FlagCancel(const std::shared_ptr<Live>& live);
+  // Cancels the job's shard tasks running here (they end CANCELLED).
+  void StopTasksHere(const std::string& job_id);
   // Removes a job the journal has in a terminal state (not live), its artifact records and the
   // artifact blobs nothing else refers to.
   absl::StatusOr<v1::DeleteJobResponse> DeleteFinished(const v1::Job& j);
@@ -164,7 +184,7 @@ class JobManager {
   void Notify(const std::shared_ptr<Live>& live);
   // Imports the outputs into the store and deploys when asked; the artifacts are returned for
   // the final Commit.
-  absl::Status Finish(const std::shared_ptr<Live>& live, struct JobOutput* out,
+  absl::Status Finish(const std::shared_ptr<Live>& live, JobOutput* out,
                       std::vector<v1::Artifact>* artifacts);
 
   const Options opts_;

@@ -38,8 +38,9 @@ struct TorchScriptVerdict {
 // The journal's schema version, kept in its schema_version table. Each server migrates older
 // journals to it at start (under a lock, so replicas starting together migrate once) and refuses
 // a journal whose version is newer: 1 the first tables, 2 job leases and replica heartbeats, 3
-// the files of directory models (model_files, which BlobReferenced counts).
-inline constexpr int64_t kJournalSchemaVersion = 3;
+// the files of directory models (model_files, which BlobReferenced counts), 4 shard tasks (the
+// jobs column `parent`).
+inline constexpr int64_t kJournalSchemaVersion = 4;
 // FailedPrecondition for a journal written by a newer server.
 absl::Status CheckJournalSchemaVersion(int64_t found, const std::string& where);
 
@@ -73,7 +74,9 @@ class Journal {
   absl::StatusOr<uint64_t> UploadedBytesBy(const std::string& owner);
   virtual absl::Status DeleteModel(const std::string& name) = 0;
 
-  // Jobs, keyed by job_id; the artifacts of a job are indexed by artifact_id too.
+  // Jobs, keyed by job_id; the artifacts of a job are indexed by artifact_id too. A shard task
+  // (a job whose Job.parent_job_id names the job it is part of) is a job like any other, except
+  // that ListJobs and CountJobs leave it out: they see the jobs users submitted.
   virtual absl::Status PutJob(const v1::Job& job) = 0;
   virtual absl::StatusOr<std::optional<v1::Job>> GetJob(const std::string& job_id) = 0;
   virtual absl::StatusOr<std::optional<v1::Job>> FindJobByIdempotencyKey(
@@ -103,12 +106,18 @@ class Journal {
   // Inserts a new job. AlreadyExists when its job_id or idempotency key is taken (by any
   // replica): the caller looks the key up again.
   virtual absl::Status InsertJob(const v1::Job& job) = 0;
-  // Takes the oldest QUEUED job for `owner`. `start` turns its record into the RUNNING one
-  // (state, attempts + 1, replica); the lease lasts `lease`. Concurrent claims, from any replica,
-  // never take the same job. nullopt when nothing is queued.
+  // Takes the oldest QUEUED job (a submitted job or a shard task) for `owner`. `start` turns its
+  // record into the RUNNING one (state, attempts + 1, replica); the lease lasts `lease`.
+  // Concurrent claims, from any replica, never take the same job. nullopt when nothing is queued.
   virtual absl::StatusOr<std::optional<v1::Job>> ClaimJob(
       const std::string& owner, absl::Duration lease,
       const std::function<void(v1::Job*)>& start) = 0;
+  // Like ClaimJob, among the QUEUED shard tasks of `parent_job_id` only.
+  virtual absl::StatusOr<std::optional<v1::Job>> ClaimTask(
+      const std::string& parent_job_id, const std::string& owner, absl::Duration lease,
+      const std::function<void(v1::Job*)>& start) = 0;
+  // The shard tasks of a job, in the order they were inserted.
+  virtual absl::StatusOr<std::vector<v1::Job>> TasksOf(const std::string& parent_job_id) = 0;
   struct LeaseCheck {
     bool held = false;              // false: the lease is lost; stop and write nothing more
     bool cancel_requested = false;  // CancelJob asked for it (possibly on another replica)

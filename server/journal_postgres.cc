@@ -65,13 +65,16 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS lease_owner TEXT;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS lease_expires_ms BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS attempt BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS cancel_requested BOOLEAN NOT NULL DEFAULT false;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS parent TEXT NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent, seq);
 CREATE TABLE IF NOT EXISTS replicas(
   replica_id TEXT PRIMARY KEY,
   seen_ms BIGINT NOT NULL);
 )sql";
-// A new job row ($1..$5: JobRow); PutJob adds its upsert clause.
-#define FPX_PG_INSERT_JOB \
-  "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES($1, $2, $3, $4, $5)"
+// A new job row ($1..$6: JobRow); PutJob adds its upsert clause.
+#define FPX_PG_INSERT_JOB                                                       \
+  "INSERT INTO jobs(job_id, idempotency_key, model, state, record, parent) " \
+  "VALUES($1, $2, $3, $4, $5, $6)"
 // The database server's clock in Unix milliseconds: every replica's leases on one clock.
 #define FPX_PG_NOW_MS "(extract(epoch from clock_timestamp()) * 1000)::bigint"
 // Fences a runner's write: the row is RUNNING, leased by $3 for attempt $4.
@@ -127,7 +130,8 @@ int64_t ColInt(const PGresult* r, int row, int col) {
 std::vector<Param> JobRow(const v1::Job& job) {
   return {Text(job.job_id()),
           job.idempotency_key().empty() ? Null() : Text(job.idempotency_key()),
-          Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString())};
+          Text(job.spec().model()), Int(job.state()), Bytes(job.SerializeAsString()),
+          Text(job.parent_job_id())};
 }
 
 template <typename Msg>
@@ -274,7 +278,7 @@ class PostgresJournal final : public Journal {
     FPX_ASSIGN_OR_RETURN(
         Result r,
         Exec("SELECT record, seq FROM jobs WHERE ($1 = 0 OR state = $1) AND ($2 = 0 OR seq < $2) "
-             "ORDER BY seq DESC LIMIT $3",
+             "AND parent = '' ORDER BY seq DESC LIMIT $3",
              {Int(state), Int(before_seq), Int(int64_t{limit} + 1)}));
     FPX_ASSIGN_OR_RETURN(std::vector<v1::Job> out, Records<v1::Job>(r.get()));
     *next_seq = 0;
@@ -304,7 +308,8 @@ class PostgresJournal final : public Journal {
   absl::StatusOr<int64_t> CountJobs(v1::JobState state) override {
     absl::MutexLock l(&mu_);
     FPX_ASSIGN_OR_RETURN(Result r,
-                         Exec("SELECT count(*) FROM jobs WHERE state = $1", {Int(state)}));
+                         Exec("SELECT count(*) FROM jobs WHERE state = $1 AND parent = ''",
+                              {Int(state)}));
     return ColInt(r.get(), 0, 0);
   }
 
@@ -315,14 +320,35 @@ class PostgresJournal final : public Journal {
   absl::StatusOr<std::optional<v1::Job>> ClaimJob(
       const std::string& owner, absl::Duration lease,
       const std::function<void(v1::Job*)>& start) override {
+    return Claim(nullptr, owner, lease, start);
+  }
+  absl::StatusOr<std::optional<v1::Job>> ClaimTask(
+      const std::string& parent_job_id, const std::string& owner, absl::Duration lease,
+      const std::function<void(v1::Job*)>& start) override {
+    return Claim(&parent_job_id, owner, lease, start);
+  }
+  absl::StatusOr<std::vector<v1::Job>> TasksOf(const std::string& parent_job_id) override {
+    absl::MutexLock l(&mu_);
+    FPX_ASSIGN_OR_RETURN(Result r, Exec("SELECT record FROM jobs WHERE parent = $1 ORDER BY seq",
+                                        {Text(parent_job_id)}));
+    return Records<v1::Job>(r.get());
+  }
+  // ClaimJob (`parent` null) and ClaimTask.
+  absl::StatusOr<std::optional<v1::Job>> Claim(const std::string* parent,
+                                               const std::string& owner, absl::Duration lease,
+                                               const std::function<void(v1::Job*)>& start) {
     absl::MutexLock l(&mu_);
     std::optional<v1::Job> out;
     FPX_RETURN_IF_ERROR(Interactive([&]() -> absl::Status {
       // SKIP LOCKED: a row another replica is claiming right now is passed over, not waited for.
       FPX_ASSIGN_OR_RETURN(
-          Result r, Exec("SELECT record FROM jobs WHERE state = $1 ORDER BY seq LIMIT 1 "
-                         "FOR UPDATE SKIP LOCKED",
-                         {Int(v1::QUEUED)}));
+          Result r,
+          parent ? Exec("SELECT record FROM jobs WHERE state = $1 AND parent = $2 ORDER BY seq "
+                        "LIMIT 1 FOR UPDATE SKIP LOCKED",
+                        {Int(v1::QUEUED), Text(*parent)})
+                 : Exec("SELECT record FROM jobs WHERE state = $1 ORDER BY seq LIMIT 1 "
+                        "FOR UPDATE SKIP LOCKED",
+                        {Int(v1::QUEUED)}));
       FPX_ASSIGN_OR_RETURN(out, FirstRecord<v1::Job>(r.get()));
       if (!out) return absl::OkStatus();
       start(&*out);

@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs(
   lease_owner TEXT,
   lease_expires_ms INTEGER NOT NULL DEFAULT 0,
   attempt INTEGER NOT NULL DEFAULT 0,
-  cancel_requested INTEGER NOT NULL DEFAULT 0);
+  cancel_requested INTEGER NOT NULL DEFAULT 0,
+  parent TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS artifacts(
   artifact_id TEXT PRIMARY KEY,
@@ -81,7 +82,8 @@ int64_t NowMs() { return absl::ToUnixMillis(absl::Now()); }
 
 // A new job row; PutJob adds its upsert clause.
 constexpr char kInsertJob[] =
-    "INSERT INTO jobs(job_id, idempotency_key, model, state, record) VALUES(?, ?, ?, ?, ?)";
+    "INSERT INTO jobs(job_id, idempotency_key, model, state, record, parent) "
+    "VALUES(?, ?, ?, ?, ?, ?)";
 
 // One prepared statement; finalized on destruction.
 // SQLite failures as statuses a client can act on: a full disk is RESOURCE_EXHAUSTED naming the
@@ -171,6 +173,7 @@ void BindJobRow(Stmt& st, const v1::Job& job) {
   }
   st.Bind(3, job.spec().model()).Bind(4, static_cast<int64_t>(job.state()));
   st.BindBlob(5, job.SerializeAsString());
+  st.Bind(6, job.parent_job_id());
 }
 
 // The job record in column 0 of the current row.
@@ -227,6 +230,10 @@ class SqliteJournal final : public Journal {
   absl::StatusOr<std::optional<v1::Job>> ClaimJob(
       const std::string& owner, absl::Duration lease,
       const std::function<void(v1::Job*)>& start) override;
+  absl::StatusOr<std::optional<v1::Job>> ClaimTask(
+      const std::string& parent_job_id, const std::string& owner, absl::Duration lease,
+      const std::function<void(v1::Job*)>& start) override;
+  absl::StatusOr<std::vector<v1::Job>> TasksOf(const std::string& parent_job_id) override;
   absl::StatusOr<LeaseCheck> RenewLease(const v1::Job& job, const std::string& owner,
                                         absl::Duration lease) override;
   absl::StatusOr<bool> FinishLeased(const v1::Job& job, const std::string& owner) override;
@@ -259,6 +266,10 @@ class SqliteJournal final : public Journal {
   absl::StatusOr<bool> UpdateJob(const v1::Job& job, const char* set_and_fence,
                                  const std::string& owner) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status PutArtifacts(const v1::Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // ClaimJob (`parent` null) and ClaimTask.
+  absl::StatusOr<std::optional<v1::Job>> Claim(const std::string* parent, const std::string& owner,
+                                               absl::Duration lease,
+                                               const std::function<void(v1::Job*)>& start);
 
   const std::string path_;
   core::UniqueFd lock_fd_;  // flock'ed <path>.lock while LockExclusive holds it
@@ -308,6 +319,12 @@ absl::Status SqliteJournal::Init() {
         SQLITE_OK) {
       FPX_RETURN_IF_ERROR(Exec(kLeaseColumns));
     }
+    // Version 4: shard tasks.
+    if (sqlite3_exec(db_, "SELECT parent FROM jobs LIMIT 0", nullptr, nullptr, nullptr) !=
+        SQLITE_OK) {
+      FPX_RETURN_IF_ERROR(Exec("ALTER TABLE jobs ADD COLUMN parent TEXT NOT NULL DEFAULT ''"));
+    }
+    FPX_RETURN_IF_ERROR(Exec("CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent, seq)"));
     if (found == kJournalSchemaVersion) return absl::OkStatus();
     const std::string set = absl::StrCat("DELETE FROM schema_version; INSERT INTO schema_version "
                                          "VALUES(", kJournalSchemaVersion, ");");
@@ -433,7 +450,7 @@ absl::StatusOr<bool> SqliteJournal::UpdateJob(const v1::Job& job, const char* se
 
 absl::StatusOr<int64_t> SqliteJournal::CountJobs(v1::JobState state) {
   absl::MutexLock l(&mu_);
-  Stmt st(db_, "SELECT count(*) FROM jobs WHERE state = ?");
+  Stmt st(db_, "SELECT count(*) FROM jobs WHERE state = ? AND parent = ''");
   st.Bind(1, static_cast<int64_t>(state));
   absl::Status s = st.status();
   const int64_t n = s.ok() && st.Step(&s) ? st.Int(0) : 0;
@@ -451,11 +468,33 @@ absl::Status SqliteJournal::InsertJob(const v1::Job& job) {
 absl::StatusOr<std::optional<v1::Job>> SqliteJournal::ClaimJob(
     const std::string& owner, absl::Duration lease,
     const std::function<void(v1::Job*)>& start) {
+  return Claim(nullptr, owner, lease, start);
+}
+
+absl::StatusOr<std::optional<v1::Job>> SqliteJournal::ClaimTask(
+    const std::string& parent_job_id, const std::string& owner, absl::Duration lease,
+    const std::function<void(v1::Job*)>& start) {
+  return Claim(&parent_job_id, owner, lease, start);
+}
+
+absl::StatusOr<std::vector<v1::Job>> SqliteJournal::TasksOf(const std::string& parent_job_id) {
+  absl::MutexLock l(&mu_);
+  Stmt st(db_, "SELECT record FROM jobs WHERE parent = ? ORDER BY seq");
+  st.Bind(1, parent_job_id);
+  return Collect<v1::Job>(st);
+}
+
+absl::StatusOr<std::optional<v1::Job>> SqliteJournal::Claim(
+    const std::string* parent, const std::string& owner, absl::Duration lease,
+    const std::function<void(v1::Job*)>& start) {
   absl::MutexLock l(&mu_);
   std::optional<v1::Job> out;
   FPX_RETURN_IF_ERROR(Transaction([&]() -> absl::Status {
-    Stmt st(db_, "SELECT record FROM jobs WHERE state = ? ORDER BY seq LIMIT 1");
+    Stmt st(db_, parent ? "SELECT record FROM jobs WHERE state = ?1 AND parent = ?2 "
+                          "ORDER BY seq LIMIT 1"
+                        : "SELECT record FROM jobs WHERE state = ?1 ORDER BY seq LIMIT 1");
     st.Bind(1, int64_t{v1::QUEUED});
+    if (parent) st.Bind(2, *parent);
     FPX_ASSIGN_OR_RETURN(out, CollectOne<v1::Job>(st));
     if (!out) return absl::OkStatus();
     start(&*out);
@@ -596,7 +635,7 @@ absl::StatusOr<std::vector<v1::Job>> SqliteJournal::ListJobs(v1::JobState state,
   absl::MutexLock l(&mu_);
   Stmt st(db_,
           "SELECT record, seq FROM jobs WHERE (?1 = 0 OR state = ?1) AND (?2 = 0 OR seq < ?2) "
-          "ORDER BY seq DESC LIMIT ?3");
+          "AND parent = '' ORDER BY seq DESC LIMIT ?3");
   st.Bind(1, static_cast<int64_t>(state)).Bind(2, before_seq).Bind(3, int64_t{limit} + 1);
   std::vector<v1::Job> out;
   std::vector<int64_t> seqs;

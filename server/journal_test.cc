@@ -379,6 +379,62 @@ TEST_P(JournalConformance, ConcurrentClaimsTakeEachJobOnce) {
 // A runner's writes are fenced on its lease: once the lease expired and another replica took
 // the job, the first runner's renewal and its final write (with an artifact) are refused and
 // leave nothing behind; the new runner's go through.
+// Shard tasks are jobs with a parent: claimable by any claimer (ClaimJob) or only among their
+// job's (ClaimTask), listed with their job (TasksOf), and left out of ListJobs and CountJobs.
+TEST_P(JournalConformance, ShardTasksAreClaimedWithTheirJobAndNotListed) {
+  auto j = OpenNew();
+  ASSERT_NE(j, nullptr);
+  ASSERT_TRUE(j->InsertJob(QueuedJob("job-p")).ok());
+  ASSERT_TRUE(j->InsertJob(QueuedJob("job-q")).ok());
+  for (const char* parent : {"job-p", "job-q"}) {
+    for (int i = 0; i < 2; ++i) {
+      v1::Job t = QueuedJob(absl::StrCat(parent, ".shard-", i));
+      t.set_parent_job_id(parent);
+      t.set_shard(absl::StrCat("model-", i, ".safetensors"));
+      ASSERT_TRUE(j->InsertJob(t).ok());
+    }
+  }
+  EXPECT_EQ(*j->CountJobs(v1::QUEUED), 2);
+  int64_t next = 0;
+  auto listed = j->ListJobs(v1::JOB_STATE_UNSPECIFIED, 0, 10, &next);
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->size(), 2u);
+  EXPECT_EQ((*listed)[0].job_id(), "job-q");
+  auto tasks = j->TasksOf("job-q");
+  ASSERT_TRUE(tasks.ok()) << tasks.status();
+  ASSERT_EQ(tasks->size(), 2u);
+  EXPECT_EQ((*tasks)[0].job_id(), "job-q.shard-0");
+  EXPECT_EQ((*tasks)[1].shard(), "model-1.safetensors");
+  // ClaimTask takes only the named job's tasks, oldest first, and nothing once they are taken.
+  for (int i = 0; i < 2; ++i) {
+    auto got = j->ClaimTask("job-q", "a", absl::Minutes(1), Starts("a"));
+    ASSERT_TRUE(got.ok() && got->has_value()) << got.status();
+    EXPECT_EQ((*got)->job_id(), absl::StrCat("job-q.shard-", i));
+    EXPECT_EQ((*got)->parent_job_id(), "job-q");
+  }
+  auto none = j->ClaimTask("job-q", "a", absl::Minutes(1), Starts("a"));
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
+  // A task is leased and fenced like a job.
+  v1::Job t = *(*j->GetJob("job-q.shard-0"));
+  EXPECT_EQ(t.state(), v1::RUNNING);
+  t.set_state(v1::SUCCEEDED);
+  EXPECT_FALSE(*j->FinishLeased(t, "b"));
+  EXPECT_TRUE(*j->FinishLeased(t, "a"));
+  // ClaimJob takes any queued job, a task included, oldest first.
+  std::vector<std::string> order;
+  for (;;) {
+    auto got = j->ClaimJob("b", absl::Minutes(1), Starts("b"));
+    ASSERT_TRUE(got.ok()) << got.status();
+    if (!got->has_value()) break;
+    order.push_back((*got)->job_id());
+  }
+  EXPECT_EQ(order, (std::vector<std::string>{"job-p", "job-q", "job-p.shard-0", "job-p.shard-1"}));
+  EXPECT_EQ(*j->CountJobs(v1::RUNNING), 2);
+  ASSERT_TRUE(j->DeleteJob("job-q.shard-0").ok());
+  EXPECT_EQ(j->TasksOf("job-q")->size(), 1u);
+}
+
 TEST_P(JournalConformance, ALostLeaseFencesTheOldRunnersWrites) {
   auto [a, b] = OpenTwo();
   ASSERT_TRUE(a && b);

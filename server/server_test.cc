@@ -20,6 +20,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_replace.h"
 #include "core/artifact.h"
 #include "core/dtype.h"
@@ -617,6 +618,33 @@ TEST_F(ServerTest, DirectoryModelCommitsAndRunsShardByShard) {
   EXPECT_GT(job.result().shards(1).max_rel_fro(), 0);
   EXPECT_LT(job.result().shards(1).max_rel_fro(), 0.05);
   EXPECT_EQ(job.result().layers_size(), 2);
+  // It ran as one shard task per shard; the tasks are gone once the job has their outputs, and
+  // only the job is listed.
+  EXPECT_EQ(job.progress().tasks_total(), 2u);
+  EXPECT_EQ(job.progress().tasks_done(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    v1::JobRef tr;
+    tr.set_job_id(absl::StrFormat("%s.shard-%05d", job.job_id(), i));
+    grpc::Status ts;
+    for (int tries = 0; tries < 100; ++tries) {
+      v1::Job task;
+      ts = q_->GetJob(Ctx().get(), tr, &task);
+      if (!ts.ok()) break;
+      EXPECT_EQ(task.parent_job_id(), job.job_id());
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    EXPECT_EQ(ts.error_code(), grpc::StatusCode::NOT_FOUND) << tr.job_id();
+  }
+  {
+    v1::ListJobsRequest lr;
+    v1::ListJobsResponse listed;
+    ASSERT_TRUE(q_->ListJobs(Ctx().get(), lr, &listed).ok());
+    ASSERT_EQ(listed.jobs_size(), 1);
+    EXPECT_EQ(listed.jobs(0).job_id(), job.job_id());
+  }
+  // One artifact per file: 2 packed shards and their index, 2 dequantized shards, their index
+  // and the sidecar, and the job's one report.
+  EXPECT_EQ(job.artifacts_size(), 8);
   std::map<std::string, v1::Artifact> by_name;
   for (const v1::Artifact& a : job.artifacts()) by_name[a.file_name()] = a;
   for (const char* name :

@@ -13,14 +13,20 @@ data directory, as a scaled-out deployment runs them.
     the end, and removes the dead replica's temp files;
   * a replica frozen with SIGSTOP in the middle of a job loses it: after its lease the other
     replica runs the job to the end, and when the frozen one resumes its late write is refused
-    (logged, counted in fpxint_job_writes_fenced_total) and changes nothing.
+    (logged, counted in fpxint_job_writes_fenced_total) and changes nothing;
+  * a TENSOR job over a 4-shard model directory runs as shard tasks on both replicas, its
+    progress summed over them and seen from both; the replica coordinating it is killed while it
+    expands a shard: the other takes the job over, runs that one shard again (and no shard that
+    was done), and writes every shard exactly once into the artifact and its index.
 
 Run:  FPXINT_SERVER_BIN=build/bin/fpxint-server /usr/bin/python3 -m unittest -v tests/e2e/test_replicas.py
 """
 
+import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -275,6 +281,111 @@ class Replicas(unittest.TestCase):
         while os.path.exists(dead_tmp) and time.monotonic() < deadline:
             time.sleep(0.5)
         self.assertFalse(os.path.exists(dead_tmp), f"{dead_tmp} left behind" + self.tail())
+
+    def test_7_shard_tasks_split_across_replicas_and_survive_a_killed_one(self):
+        for rid, srv in self.servers.items():
+            if not srv.alive():
+                srv.start()
+        a = self.client("a")
+        b = self.client("b")
+        ck = os.path.join(self.root, "llama4")
+        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
+                                                               "make_checkpoint.py"),
+                              ck, "--dtype", "BF16", "--shards", "4", "--layers", "8",
+                              "--hidden", "1024", "--intermediate", "2816", "--vocab", "2000",
+                              "--seed", "7"], capture_output=True, text=True, timeout=300)
+        self.assertEqual(gen.returncode, 0, gen.stderr)
+        with open(os.path.join(ck, "model.safetensors.index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        shards = sorted(set(index["weight_map"].values()))
+        self.assertEqual(len(shards), 4)
+        cli = os.environ.get("FPXINT_CLI_BIN") or os.path.join(sc.REPO_ROOT, "build", "bin",
+                                                                "fpxint")
+        env = dict(os.environ, FPXINT_TOKEN=sc.TOKENS["quantize"])
+        up = subprocess.run([cli, "--server", self.servers["a"].address, "--json", "upload", ck,
+                             "--name", "llama4"], capture_output=True, text=True, env=env,
+                            timeout=600)
+        self.assertEqual(up.returncode, 0, up.stdout + up.stderr + self.tail())
+        logs = {rid: srv.stderr_path for rid, srv in self.servers.items()}
+        job = a.submit(a.job_spec("llama4", self.protos.q.TENSOR, weight_bits=4,
+                                  weight_terms=SLOW_TERMS, preset="transformer"))
+        task_ids = [f"{job.job_id}.shard-{i:05d}" for i in range(4)]
+
+        def task(c, tid):
+            try:
+                return c.get_job(tid)
+            except grpc.RpcError:
+                return None
+
+        # Both replicas expanding a shard of it: one as the job's coordinator, one as a helper.
+        deadline = time.monotonic() + 120
+        while True:
+            running = {t.replica for t in (task(a, tid) for tid in task_ids)
+                       if t is not None and a.state_name(t.state) == "RUNNING"}
+            if running == {"a", "b"}:
+                break
+            self.assertLess(time.monotonic(), deadline,
+                            "the shard tasks never ran on both replicas at once" + self.tail())
+            time.sleep(0.05)
+        parent = a.get_job(job.job_id)
+        self.assertEqual(a.state_name(parent.state), "RUNNING")
+        # Its progress sums over the tasks, seen from both replicas (the coordinator writes it
+        # with its lease renewals, within a second).
+        for c in (a, b):
+            deadline = time.monotonic() + 10
+            while c.get_job(job.job_id).progress.tasks_running < 1:
+                self.assertLess(time.monotonic(), deadline,
+                                f"no task progress: {c.get_job(job.job_id).progress}")
+                time.sleep(0.05)
+            p = c.get_job(job.job_id).progress
+            self.assertEqual(p.tasks_total, 4, str(p))
+            self.assertGreater(p.layers_total, 0, str(p))
+        self.assertEqual([j.job_id for j in b.list_jobs().jobs].count(task_ids[0]), 0,
+                         "a shard task is listed")
+        dead, alive = parent.replica, ("b" if parent.replica == "a" else "a")
+        survivor = a if alive == "a" else b
+        self.servers[dead].kill()
+        done = survivor.wait_state(job.job_id, ["SUCCEEDED", "FAILED", "CANCELLED"],
+                                   timeout=LEASE_SECONDS + 300, poll=0.2)
+        self.assertEqual(survivor.state_name(done.state), "SUCCEEDED", done.error + self.tail())
+        self.assertEqual(done.replica, alive)
+        self.assertEqual(done.crashed_attempts, 1)
+        # Shard runs, from both replicas' logs: the shard the killed replica was expanding runs
+        # again; no shard that was done does.
+        runs = {tid: 0 for tid in task_ids}
+        for path in logs.values():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for m in re.finditer(r"job (\S+\.shard-\d+) running:", f.read()):
+                    runs[m.group(1)] += 1
+        sys.stderr.write(f"[replicas] shard task runs {runs} (killed {dead})\n")
+        self.assertTrue(all(n >= 1 for n in runs.values()), runs)
+        self.assertLessEqual(sum(runs.values()), 5, f"more than one shard ran again: {runs}")
+        # Every shard exactly once in the artifact, every tensor in exactly one packed shard.
+        packed = [x for x in done.artifacts if x.kind == "packed_safetensors"]
+        self.assertEqual(sorted(x.file_name for x in packed), [f"packed/{s}" for s in shards])
+        idx_art = [x for x in done.artifacts if x.file_name == "packed/model.fpxint.index.json"]
+        self.assertEqual(len(idx_art), 1)
+        data, _ = survivor.download(idx_art[0].artifact_id)
+        packed_index = json.loads(data)
+        seen = {}
+        for x in packed:
+            data, _ = survivor.download(x.artifact_id)
+            self.assertEqual(sc.sha256_bytes(data), x.sha256)
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n])
+            shard = x.file_name[len("packed/"):]
+            for name in header:
+                if name == "__metadata__":
+                    continue
+                self.assertNotIn(name, seen, f"{name} in {seen.get(name)} and {shard}")
+                seen[name] = shard
+        self.assertEqual(seen, packed_index["weight_map"])
+        self.assertEqual(len(done.result.shards), 4)
+        # The tasks are gone with their job's success.
+        deadline = time.monotonic() + 30
+        while any(task(survivor, tid) is not None for tid in task_ids):
+            self.assertLess(time.monotonic(), deadline, "shard tasks left behind" + self.tail())
+            time.sleep(0.2)
 
 
 if __name__ == "__main__":
