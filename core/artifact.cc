@@ -125,8 +125,6 @@ struct SpilledTerm {
   SpilledPart codes, scale, zero;
 };
 struct SpilledTensor {
-  int64_t rows = 0, packed_row_bytes = 0;
-  std::vector<int64_t> scale_shape;
   std::vector<SpilledTerm> terms;
 };
 
@@ -293,11 +291,57 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   progress.tensor_count = static_cast<int>(selected.size());
   for (const SourceTensor* t : selected) progress.bytes_total += t->data.size();
 
-  const size_t slash = out_path.rfind('/');
-  TermSpill spill(slash == std::string::npos ? "." : (slash == 0 ? "/" : out_path.substr(0, slash)));
-  std::vector<SpilledTensor> expansions;
-  expansions.reserve(selected.size());
-  for (size_t i = 0; i < selected.size(); ++i) {
+  // The artifact's header, the same for both ways of writing it: metadata, the copied tensors
+  // and every term of every expanded tensor, term-major. `add_term` adds one term part.
+  SafetensorsWriter w;
+  const DType codes_dtype = CodesDType(spec);
+  auto build = [&](const std::vector<int>& terms_of,
+                   const std::function<absl::Status(size_t i, int k, const std::string& name,
+                                                    DType dtype, std::vector<int64_t> shape,
+                                                    int part)>& add_term) -> absl::Status {
+    w.SetMetadata("format", kArtifactFormat);
+    w.SetMetadata("format_version", kArtifactVersion);
+    w.SetMetadata("bits", absl::StrCat(spec.bits));
+    w.SetMetadata("terms", absl::StrCat(spec.terms));
+    w.SetMetadata("grid", GridName(spec.grid));
+    w.SetMetadata("variant", VariantName(spec.variant));
+    w.SetMetadata("scale", ScaleName(spec.scale));
+    w.SetMetadata("group_size", absl::StrCat(spec.group_size));
+    w.SetMetadata("packing", spec.packing_name());
+    w.SetMetadata("source_sha256", report.source_sha256);
+    if (spec.eps > 0) w.SetMetadata("eps", absl::StrCat(spec.eps));
+    for (size_t i = 0; i < selected.size(); ++i) {
+      w.SetMetadata(absl::StrCat(selected[i]->name, ".shape"), ShapeJson(selected[i]->shape));
+      w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(terms_of[i]));
+    }
+    for (const SourceTensor* t : copied) {
+      FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, t->data, t->other_dtype_name));
+    }
+    for (int k = 1; k <= spec.terms; ++k) {
+      for (size_t i = 0; i < selected.size(); ++i) {
+        if (k > terms_of[i]) continue;
+        FPX_ASSIGN_OR_RETURN(TensorLayout l, TensorLayout::Make(selected[i]->shape, spec));
+        const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
+        absl::Status s = add_term(i, k, absl::StrCat(prefix, ".codes"), codes_dtype,
+                                  {l.rows, l.packed_row_bytes}, 0);
+        if (s.ok()) {
+          s = add_term(i, k, absl::StrCat(prefix, ".scale"), DType::kF32, l.scale_shape(spec), 1);
+        }
+        if (s.ok() && spec.grid == Grid::kAsym) {
+          s = add_term(i, k, absl::StrCat(prefix, ".zero"), DType::kF32, l.scale_shape(spec), 2);
+        }
+        if (!s.ok()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "output name clash: ", s.message(), "; rename the source tensor or exclude it"));
+        }
+      }
+    }
+    return absl::OkStatus();
+  };
+  auto part_bytes = [](const TermData& term, int part) {
+    return part == 0 ? Bytes(term.codes) : part == 1 ? Bytes(term.scale) : Bytes(term.zero);
+  };
+  auto expand = [&](size_t i) -> absl::StatusOr<TensorExpansion> {
     const SourceTensor& t = *selected[i];
     progress.tensor_index = static_cast<int>(i);
     progress.name = t.name;
@@ -312,78 +356,92 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     if (release_source && in_source(t.data)) ReleaseMappedPages(t.data);
     report.tensors.push_back(
         {t.name, std::string(DTypeName(t.dtype)), t.shape, e->source_fro, e->errors});
-    SpilledTensor st;
-    st.rows = e->layout.rows;
-    st.packed_row_bytes = e->layout.packed_row_bytes;
-    st.scale_shape = e->layout.scale_shape(spec);
-    for (size_t k = 1; k <= e->terms.size(); ++k) {
-      const TermData& term = e->terms[k - 1];
-      SpilledTerm sp;
-      auto put = [&](absl::Span<const uint8_t> b, SpilledPart* part) -> absl::Status {
-        FPX_ASSIGN_OR_RETURN(part->offset, spill.Append(static_cast<int>(k), b));
-        part->size = b.size();
-        return absl::OkStatus();
-      };
-      FPX_RETURN_IF_ERROR(put(Bytes(term.codes), &sp.codes));
-      FPX_RETURN_IF_ERROR(put(Bytes(term.scale), &sp.scale));
-      if (spec.grid == Grid::kAsym) FPX_RETURN_IF_ERROR(put(Bytes(term.zero), &sp.zero));
-      st.terms.push_back(sp);
-    }
-    expansions.push_back(std::move(st));  // the expansion itself is freed here
-  }
-  progress.tensor_index = progress.tensor_count;
-  progress.name.clear();
-  if (options.progress) options.progress(progress);
+    return e;
+  };
+  auto done_expanding = [&] {
+    progress.tensor_index = progress.tensor_count;
+    progress.name.clear();
+    if (options.progress) options.progress(progress);
+  };
 
-  FPX_RETURN_IF_ERROR(spill.Map());
-  SafetensorsWriter w;
-  w.SetMetadata("format", kArtifactFormat);
-  w.SetMetadata("format_version", kArtifactVersion);
-  w.SetMetadata("bits", absl::StrCat(spec.bits));
-  w.SetMetadata("terms", absl::StrCat(spec.terms));
-  w.SetMetadata("grid", GridName(spec.grid));
-  w.SetMetadata("variant", VariantName(spec.variant));
-  w.SetMetadata("scale", ScaleName(spec.scale));
-  w.SetMetadata("group_size", absl::StrCat(spec.group_size));
-  w.SetMetadata("packing", spec.packing_name());
-  report.source_sha256 = source_hash.get();
-  w.SetMetadata("source_sha256", report.source_sha256);
-  if (spec.eps > 0) w.SetMetadata("eps", absl::StrCat(spec.eps));
-  for (size_t i = 0; i < selected.size(); ++i) {
-    w.SetMetadata(absl::StrCat(selected[i]->name, ".shape"), ShapeJson(selected[i]->shape));
-    w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(expansions[i].terms.size()));
-  }
-  for (const SourceTensor* t : copied) {
-    FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, t->data, t->other_dtype_name));
-  }
-  const DType codes_dtype = CodesDType(spec);
-  for (int k = 1; k <= spec.terms; ++k) {
-    for (size_t i = 0; i < selected.size(); ++i) {
-      const SpilledTensor& e = expansions[i];
-      if (k > static_cast<int>(e.terms.size())) continue;
-      const SpilledTerm& term = e.terms[k - 1];
-      auto data = [&](const SpilledPart& p) { return spill.Data(k, p.offset, p.size); };
-      const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
-      absl::Status s = w.Add(absl::StrCat(prefix, ".codes"), codes_dtype,
-                             {e.rows, e.packed_row_bytes}, data(term.codes));
-      if (s.ok()) s = w.Add(absl::StrCat(prefix, ".scale"), DType::kF32, e.scale_shape,
-                            data(term.scale));
-      if (s.ok() && spec.grid == Grid::kAsym) {
-        s = w.Add(absl::StrCat(prefix, ".zero"), DType::kF32, e.scale_shape, data(term.zero));
-      }
-      if (!s.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "output name clash: ", s.message(), "; rename the source tensor or exclude it"));
+  if (spec.eps == 0 && !options.source_sha256.empty()) {
+    // Every tensor gets spec.terms terms, so the file's layout is known from the shapes: each
+    // term goes straight to its place in the artifact as its tensor is expanded, written once,
+    // and its disk writes start at once (they overlap the next tensor's expansion).
+    report.source_sha256 = source_hash.get();
+    FPX_RETURN_IF_ERROR(build(std::vector<int>(selected.size(), spec.terms),
+                              [&](size_t, int, const std::string& name, DType dtype,
+                                  std::vector<int64_t> shape, int) {
+                                return w.Reserve(name, dtype, std::move(shape));
+                              }));
+    FPX_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsWriter::PlacedFile> file,
+                         w.BeginPlaced(out_path));
+    if (release_source) {
+      for (const SourceTensor* t : copied) {
+        if (in_source(t->data)) ReleaseMappedPages(t->data);
       }
     }
+    for (size_t i = 0; i < selected.size(); ++i) {
+      FPX_ASSIGN_OR_RETURN(TensorExpansion e, expand(i));
+      if (e.terms.size() != static_cast<size_t>(spec.terms)) {
+        return absl::InternalError(absl::StrCat("tensor '", selected[i]->name, "': ",
+                                                e.terms.size(), " terms, not ", spec.terms));
+      }
+      for (int k = 1; k <= spec.terms; ++k) {
+        const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
+        const TermData& term = e.terms[static_cast<size_t>(k - 1)];
+        FPX_RETURN_IF_ERROR(file->Write(absl::StrCat(prefix, ".codes"), part_bytes(term, 0)));
+        FPX_RETURN_IF_ERROR(file->Write(absl::StrCat(prefix, ".scale"), part_bytes(term, 1)));
+        if (spec.grid == Grid::kAsym) {
+          FPX_RETURN_IF_ERROR(file->Write(absl::StrCat(prefix, ".zero"), part_bytes(term, 2)));
+        }
+      }
+      file->StartWriteback();
+    }
+    done_expanding();
+    FPX_RETURN_IF_ERROR(file->Commit(&report.artifact_sha256));
+  } else {
+    // With eps a tensor may stop early, so the layout is known only at the end: the terms are
+    // spilled (one file per k) and the artifact written from them.
+    const size_t slash = out_path.rfind('/');
+    TermSpill spill(slash == std::string::npos ? "."
+                                               : (slash == 0 ? "/" : out_path.substr(0, slash)));
+    std::vector<SpilledTensor> expansions;
+    expansions.reserve(selected.size());
+    for (size_t i = 0; i < selected.size(); ++i) {
+      FPX_ASSIGN_OR_RETURN(TensorExpansion e, expand(i));
+      SpilledTensor st;
+      for (size_t k = 1; k <= e.terms.size(); ++k) {
+        SpilledTerm sp;
+        SpilledPart* parts[3] = {&sp.codes, &sp.scale, &sp.zero};
+        for (int part = 0; part < (spec.grid == Grid::kAsym ? 3 : 2); ++part) {
+          const absl::Span<const uint8_t> b = part_bytes(e.terms[k - 1], part);
+          FPX_ASSIGN_OR_RETURN(parts[part]->offset, spill.Append(static_cast<int>(k), b));
+          parts[part]->size = b.size();
+        }
+        st.terms.push_back(sp);
+      }
+      expansions.push_back(std::move(st));  // the expansion itself is freed here
+    }
+    done_expanding();
+    FPX_RETURN_IF_ERROR(spill.Map());
+    report.source_sha256 = source_hash.get();
+    std::vector<int> terms_of;
+    for (const SpilledTensor& e : expansions) terms_of.push_back(static_cast<int>(e.terms.size()));
+    FPX_RETURN_IF_ERROR(build(terms_of, [&](size_t i, int k, const std::string& name, DType dtype,
+                                            std::vector<int64_t> shape, int part) {
+      const SpilledTerm& term = expansions[i].terms[static_cast<size_t>(k - 1)];
+      const SpilledPart& p = part == 0 ? term.codes : part == 1 ? term.scale : term.zero;
+      return w.Add(name, dtype, std::move(shape), spill.Data(k, p.offset, p.size));
+    }));
+    FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &report.artifact_sha256,
+                                    [&](absl::Span<const uint8_t> written) {
+                                      if (spill.Holds(written) ||
+                                          (release_source && in_source(written))) {
+                                        ReleaseMappedPages(written);
+                                      }
+                                    }));
   }
-  FPX_RETURN_IF_ERROR(w.WriteFile(out_path, &report.artifact_sha256,
-                                  [&](absl::Span<const uint8_t> written) {
-                                    if (spill.Holds(written) ||
-                                        (release_source && in_source(written))) {
-                                      ReleaseMappedPages(written);
-                                    }
-                                  }));
   report.bytes_out = w.FileSize();
   report.wall_seconds = absl::ToDoubleSeconds(absl::Now() - start);
   return report;

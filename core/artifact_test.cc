@@ -206,6 +206,33 @@ TEST(Artifact, KnownSourceHashIsRecordedAsGiven) {
             ::fpxint::testing::ReadFileOrDie(dir.File("c")));
 }
 
+// With the source's hash known and no eps, every term is written straight to its place in the
+// artifact; otherwise terms are spilled and the file written from them. Both make the same bytes,
+// for every grid (asym adds zero points) and scale granularity.
+TEST(Artifact, WrittenInPlaceOrFromSpilledTermsTheBytesAreTheSame) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  const std::string sha = *Sha256File(src);
+  for (Grid g : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
+    for (ScaleGranularity sc :
+         {ScaleGranularity::kTensor, ScaleGranularity::kChannel, ScaleGranularity::kGroup}) {
+      ArtifactOptions o = Options(4, 3, g, sc);
+      if (sc == ScaleGranularity::kGroup) o.spec.group_size = 16;
+      absl::StatusOr<ExpandReport> spilled = ExpandSafetensorsFile(src, dir.File("spilled"), o);
+      ASSERT_TRUE(spilled.ok()) << spilled.status();
+      o.source_sha256 = sha;
+      absl::StatusOr<ExpandReport> placed = ExpandSafetensorsFile(src, dir.File("placed"), o);
+      ASSERT_TRUE(placed.ok()) << placed.status();
+      EXPECT_EQ(placed->artifact_sha256, spilled->artifact_sha256);
+      EXPECT_EQ(placed->artifact_sha256, *Sha256File(dir.File("placed")));
+      EXPECT_EQ(placed->bytes_out, spilled->bytes_out);
+      EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("placed")),
+                ::fpxint::testing::ReadFileOrDie(dir.File("spilled")))
+          << GridName(g) << " " << ScaleName(sc);
+    }
+  }
+}
+
 TEST(MappedFile, ReleasedPagesReadBackFromTheFile) {
   ScratchDir dir;
   std::string text(3 * 4096 + 100, '\0');

@@ -321,6 +321,133 @@ absl::Status SafetensorsWriter::AddLazy(absl::string_view name, DType dtype,
   return absl::OkStatus();
 }
 
+absl::Status SafetensorsWriter::Reserve(absl::string_view name, DType dtype,
+                                        std::vector<int64_t> shape) {
+  FPX_RETURN_IF_ERROR(AddLazy(name, dtype, std::move(shape), nullptr));
+  entries_.back().reserved = true;
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsWriter::CheckNoReserved() const {
+  for (const Entry& e : entries_) {
+    if (e.reserved) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "safetensors writer: tensor '", e.name, "' is reserved; write the file with BeginPlaced"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsWriter::PlacedFile>> SafetensorsWriter::BeginPlaced(
+    const std::string& path) const {
+  FPX_ASSIGN_OR_RETURN(AtomicFile f, AtomicFile::Create(path));
+  const uint64_t size = FileSize();
+  const int fd = f.fd();
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+    return ErrnoToStatus(errno, "cannot size", f.temp_path());
+  }
+  std::unique_ptr<PlacedFile> out(new PlacedFile(std::move(f), size));
+  const std::string h = PaddedHeader();
+  std::string head(8, '\0');
+  const uint64_t n = h.size();
+  std::memcpy(head.data(), &n, 8);
+  head += h;
+  auto put = [&](uint64_t at, const uint8_t* p, size_t len) -> absl::Status {
+    size_t done = 0;
+    while (done < len) {
+      const ssize_t w = ::pwrite(fd, p + done, len - done, static_cast<off_t>(at + done));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return ErrnoToStatus(errno, "cannot write", out->file_.temp_path());
+      }
+      done += static_cast<size_t>(w);
+    }
+    return absl::OkStatus();
+  };
+  FPX_RETURN_IF_ERROR(put(0, reinterpret_cast<const uint8_t*>(head.data()), head.size()));
+  uint64_t at = head.size();
+  for (const Entry& e : entries_) {
+    if (e.reserved) {
+      out->places_[e.name] = PlacedFile::Place{at, e.size, false};
+    } else if (e.produce) {
+      FPX_ASSIGN_OR_RETURN(std::vector<uint8_t> made, e.produce());
+      if (made.size() != e.size) {
+        return absl::InternalError(absl::StrCat("safetensors writer: tensor '", e.name, "' made ",
+                                                made.size(), " bytes, not ", e.size));
+      }
+      FPX_RETURN_IF_ERROR(put(at, made.data(), made.size()));
+    } else {
+      FPX_RETURN_IF_ERROR(put(at, e.data.data(), e.data.size()));
+    }
+    at += e.size;
+  }
+  out->written_max_ = head.size();
+  return out;
+}
+
+absl::Status SafetensorsWriter::PlacedFile::Write(absl::string_view name,
+                                                  absl::Span<const uint8_t> bytes) {
+  auto it = places_.find(name);
+  if (it == places_.end()) {
+    return absl::InternalError(absl::StrCat("safetensors writer: '", name, "' is not reserved"));
+  }
+  Place& p = it->second;
+  if (p.written || bytes.size() != p.size) {
+    return absl::InternalError(absl::StrCat("safetensors writer: '", name, "' written ",
+                                            p.written ? "twice" : "with the wrong size", " (",
+                                            bytes.size(), " bytes, reserved ", p.size, ")"));
+  }
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t w = ::pwrite(file_.fd(), bytes.data() + done, bytes.size() - done,
+                               static_cast<off_t>(p.offset + done));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoToStatus(errno, "cannot write", file_.temp_path());
+    }
+    done += static_cast<size_t>(w);
+  }
+  p.written = true;
+  written_max_ = std::max(written_max_, p.offset + p.size);
+  return absl::OkStatus();
+}
+
+void SafetensorsWriter::PlacedFile::StartWriteback() {
+  // Only a hint: the writes are made durable by Commit's fsync whatever happens here. The whole
+  // range written so far is handed over (the kernel skips clean pages).
+  if (written_max_ > flushed_) {
+    ::sync_file_range(file_.fd(), 0, static_cast<off64_t>(written_max_), SYNC_FILE_RANGE_WRITE);
+    flushed_ = written_max_;
+  }
+}
+
+absl::Status SafetensorsWriter::PlacedFile::Commit(std::string* sha256_hex) {
+  for (const auto& [name, p] : places_) {
+    if (!p.written) {
+      return absl::InternalError(
+          absl::StrCat("safetensors writer: reserved tensor '", name, "' was never written"));
+    }
+  }
+  ::sync_file_range(file_.fd(), 0, 0, SYNC_FILE_RANGE_WRITE);  // the disk works while we hash
+  if (sha256_hex) {
+    UniqueFd in(::open(file_.temp_path().c_str(), O_RDONLY | O_CLOEXEC));
+    if (in.get() < 0) return ErrnoToStatus(errno, "cannot read back", file_.temp_path());
+    Sha256 hash;
+    std::vector<uint8_t> buf(size_t{4} << 20);
+    for (uint64_t at = 0; at < size_;) {
+      const ssize_t n = ::pread(in.get(), buf.data(),
+                                static_cast<size_t>(std::min<uint64_t>(buf.size(), size_ - at)),
+                                static_cast<off_t>(at));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return ErrnoToStatus(n < 0 ? errno : EIO, "cannot read back", file_.temp_path());
+      hash.Update(absl::MakeConstSpan(buf.data(), static_cast<size_t>(n)));
+      at += static_cast<uint64_t>(n);
+    }
+    *sha256_hex = hash.HexDigest();
+  }
+  return file_.Commit();
+}
+
 absl::Status SafetensorsWriter::AddOwned(absl::string_view name, DType dtype,
                                          std::vector<int64_t> shape, std::vector<uint8_t> data) {
   auto owned = std::make_shared<std::vector<uint8_t>>(std::move(data));
@@ -367,6 +494,7 @@ uint64_t SafetensorsWriter::FileSize() const {
 }
 
 std::vector<uint8_t> SafetensorsWriter::Serialize() const {
+  if (!CheckNoReserved().ok()) return {};
   const std::string h = PaddedHeader();
   size_t total = 8 + h.size();
   for (const Entry& e : entries_) total += e.size;
@@ -390,6 +518,7 @@ std::vector<uint8_t> SafetensorsWriter::Serialize() const {
 absl::Status SafetensorsWriter::WriteFile(
     const std::string& path, std::string* sha256_hex,
     const std::function<void(absl::Span<const uint8_t>)>& written) const {
+  FPX_RETURN_IF_ERROR(CheckNoReserved());
   FPX_ASSIGN_OR_RETURN(AtomicFile f, AtomicFile::Create(path));
   const std::string h = PaddedHeader();
   const uint64_t n = h.size();

@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "core/atomic_file.h"
 #include "core/dtype.h"
 #include "core/mapped_file.h"
 
@@ -119,6 +120,41 @@ class SafetensorsWriter {
   absl::Status AddLazy(absl::string_view name, DType dtype, std::vector<int64_t> shape,
                        Producer produce);
 
+  // A tensor whose bytes are written later, straight to their place in the file, through the
+  // PlacedFile that BeginPlaced returns: for outputs made in another order than the file's and
+  // larger than memory (the term-major artifact), written once, with no staging copy.
+  absl::Status Reserve(absl::string_view name, DType dtype, std::vector<int64_t> shape);
+
+  // A file being written in place: created at its full size beside its target, with the header
+  // and every tensor that has its bytes already written. Removed unless committed.
+  class PlacedFile {
+   public:
+    // Writes a reserved tensor's bytes (exactly its size, once) at its offset.
+    absl::Status Write(absl::string_view name, absl::Span<const uint8_t> bytes);
+    // Starts the disk writes of what has been written since the last call, without waiting, so
+    // that the final flush overlaps with the work that makes the rest.
+    void StartWriteback();
+    // Checks that every reserved tensor was written, hashes the file (lower-case hex SHA-256,
+    // read back from the page cache through a small buffer), then publishes it as WriteFile
+    // does (fsync, rename, fsync of the directory).
+    absl::Status Commit(std::string* sha256_hex);
+
+   private:
+    friend class SafetensorsWriter;
+    struct Place {
+      uint64_t offset = 0, size = 0;
+      bool written = false;
+    };
+    PlacedFile(AtomicFile file, uint64_t size) : file_(std::move(file)), size_(size) {}
+    AtomicFile file_;
+    uint64_t size_;
+    uint64_t flushed_ = 0;  // StartWriteback covered [0, flushed_) of the writes so far
+    uint64_t written_max_ = 0;
+    absl::flat_hash_map<std::string, Place> places_;
+  };
+  // The file for `path`; WriteFile and Serialize refuse a writer with reserved tensors.
+  absl::StatusOr<std::unique_ptr<PlacedFile>> BeginPlaced(const std::string& path) const;
+
   // The header JSON, before padding.
   std::string HeaderJson() const;
   // Total file size Serialize/WriteFile produce.
@@ -146,7 +182,9 @@ class SafetensorsWriter {
     std::shared_ptr<std::vector<uint8_t>> owned;
     uint64_t size = 0;  // data.size(), or what `produce` will make
     Producer produce;   // lazy tensors
+    bool reserved = false;  // written through a PlacedFile
   };
+  absl::Status CheckNoReserved() const;
   std::string PaddedHeader() const;
   std::vector<Entry> entries_;
   absl::flat_hash_map<std::string, size_t> names_;

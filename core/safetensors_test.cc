@@ -1,4 +1,5 @@
 #include "core/safetensors.h"
+#include "core/sha256.h"
 #include "core/torch_state_dict.h"
 
 #include <cstring>
@@ -285,6 +286,49 @@ TEST(Safetensors, LazyTensorsWriteTheSameFile) {
   EXPECT_FALSE(short_one.WriteFile(dir.File("short")).ok());
   EXPECT_FALSE(std::filesystem::exists(dir.File("failing")));
   EXPECT_FALSE(std::filesystem::exists(dir.File("short")));
+}
+
+// Reserved tensors written in any order through a PlacedFile make the file WriteFile makes; an
+// unwritten, repeated or wrongly sized one is refused and nothing appears at the path.
+TEST(Safetensors, PlacedTensorsWriteTheSameFileInAnyOrder) {
+  ScratchDir dir;
+  const std::vector<uint8_t> a(6 * 4, 7), b(3 * 2, 9), c(5, 3);
+  SafetensorsWriter eager, placed;
+  for (SafetensorsWriter* w : {&eager, &placed}) w->SetMetadata("k", "v");
+  ASSERT_TRUE(eager.Add("a", DType::kF32, {2, 3}, a).ok());
+  ASSERT_TRUE(eager.Add("b", DType::kBF16, {3}, b).ok());
+  ASSERT_TRUE(eager.Add("c", DType::kU8, {5}, c).ok());
+  ASSERT_TRUE(placed.Add("a", DType::kF32, {2, 3}, a).ok());
+  ASSERT_TRUE(placed.Reserve("b", DType::kBF16, {3}).ok());
+  ASSERT_TRUE(placed.Reserve("c", DType::kU8, {5}).ok());
+  EXPECT_EQ(placed.HeaderJson(), eager.HeaderJson());
+  EXPECT_EQ(placed.WriteFile(dir.File("refused")).code(), absl::StatusCode::kFailedPrecondition);
+  auto f = placed.BeginPlaced(dir.File("placed"));
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_TRUE((*f)->Write("c", c).ok());
+  (*f)->StartWriteback();
+  EXPECT_FALSE((*f)->Write("c", c).ok()) << "written twice";
+  EXPECT_FALSE((*f)->Write("b", c).ok()) << "the wrong size";
+  EXPECT_FALSE((*f)->Write("a", a).ok()) << "not reserved";
+  ASSERT_TRUE((*f)->Write("b", b).ok());
+  std::string sha;
+  ASSERT_TRUE((*f)->Commit(&sha).ok());
+  const std::vector<uint8_t> want = eager.Serialize();
+  const std::string got = ::fpxint::testing::ReadFileOrDie(dir.File("placed"));
+  EXPECT_EQ(got, std::string(want.begin(), want.end()));
+  Sha256 h;
+  h.Update(absl::MakeConstSpan(want));
+  EXPECT_EQ(sha, h.HexDigest());
+
+  auto unfinished = placed.BeginPlaced(dir.File("unfinished"));
+  ASSERT_TRUE(unfinished.ok());
+  ASSERT_TRUE((*unfinished)->Write("b", b).ok());
+  EXPECT_FALSE((*unfinished)->Commit(nullptr).ok()) << "'c' was never written";
+  unfinished->reset();
+  EXPECT_FALSE(std::filesystem::exists(dir.File("unfinished")));
+  for (const auto& e : std::filesystem::directory_iterator(dir.path())) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  }
 }
 
 TEST(MappedFile, ReadersRefuseWhatIsNotARegularFile) {
