@@ -90,8 +90,9 @@ int main(int argc, char** argv) {
                  "tokens) may hold; beyond, RESOURCE_EXHAUSTED with the figures (0: no quota)")
       ->envname("FPXINT_UPLOAD_QUOTA_BYTES");
   app.add_option("--orphan-min-age", c.orphan_min_age_seconds,
-                 "at start, blobs no record references and older than this many seconds are "
-                 "removed, and so are older staging marks of uncommitted directory uploads")
+                 "blobs no record references and older than this many seconds are removed, and "
+                 "so are older staging marks of uncommitted directory uploads: at start, and "
+                 "every hour (then at least an hour old)")
       ->envname("FPXINT_ORPHAN_MIN_AGE");
   app.add_option("--retain-jobs-days", c.retain_jobs_days,
                  "finished jobs (and their artifacts) older than this many days are deleted, at "

@@ -172,6 +172,21 @@ struct Server::Impl {
   absl::Mutex health_mu;
 };
 
+namespace {
+
+// Removes the blobs no record references (and the staging marks of uploads never committed)
+// that are older than `min_age`; logs what went.
+void SweepUnreferenced(BlobStore* store, Journal* j, absl::Duration min_age) {
+  const BlobStore::Swept swept = store->SweepOrphans(
+      [j](const std::string& sha) { return j->BlobReferenced(sha); }, min_age);
+  if (swept.blobs > 0) {
+    LogInfo(absl::StrCat("removed ", swept.blobs, " orphan blob(s), ", swept.bytes,
+                         " bytes, that no model, artifact or deployment referenced"));
+  }
+}
+
+}  // namespace
+
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Server::~Server() { Shutdown(); }
@@ -242,16 +257,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
   im->metrics.SetReplica(im->config.replica_id, im->journal->backend());
   // Blobs no record refers to (an upload refused after its commit, a crash between a commit and
   // its record) are removed before anything is served.
-  {
-    Journal* j = im->journal.get();
-    const BlobStore::Swept swept = im->store->SweepOrphans(
-        [j](const std::string& sha) { return j->BlobReferenced(sha); },
-        absl::Seconds(config.orphan_min_age_seconds));
-    if (swept.blobs > 0) {
-      LogInfo(absl::StrCat("removed ", swept.blobs, " orphan blob(s), ", swept.bytes,
-                           " bytes, that no model, artifact or deployment referenced"));
-    }
-  }
+  SweepUnreferenced(im->store.get(), im->journal.get(),
+                    absl::Seconds(config.orphan_min_age_seconds));
   {
     TorchScriptVetter::Options vo;
     vo.vet_binary = config.vet_binary;
@@ -377,16 +384,28 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerConfig& config
     });
   }
   FPX_RETURN_IF_ERROR(im->jobs->Start());
-  if (config.retain_jobs_days > 0) {
+  {
+    // Housekeeping, at start and every hour: retention, then the blobs and staging marks that
+    // nothing references any more (uploads never committed, outputs of jobs that lost their
+    // lease). While jobs and uploads run, a blob is given at least an hour to be recorded.
     Impl* p = im.get();
     im->retention = std::thread([p] {
+      bool first = true;
       do {
-        const int n = p->jobs->DeleteFinishedBefore(
-            absl::Now() - absl::Hours(24) * p->config.retain_jobs_days);
-        if (n > 0) {
-          LogInfo(absl::StrCat("retention: deleted ", n, " job(s) finished more than ",
-                               p->config.retain_jobs_days, " day(s) ago (--retain-jobs-days)"));
+        if (p->config.retain_jobs_days > 0) {
+          const int n = p->jobs->DeleteFinishedBefore(
+              absl::Now() - absl::Hours(24) * p->config.retain_jobs_days);
+          if (n > 0) {
+            LogInfo(absl::StrCat("retention: deleted ", n, " job(s) finished more than ",
+                                 p->config.retain_jobs_days, " day(s) ago (--retain-jobs-days)"));
+          }
         }
+        if (!first) {
+          SweepUnreferenced(p->store.get(), p->journal.get(),
+                            std::max(absl::Seconds(p->config.orphan_min_age_seconds),
+                                     absl::Hours(1)));
+        }
+        first = false;
       } while (!p->stop_retention.WaitForNotificationWithTimeout(absl::Hours(1)));
     });
   }

@@ -224,11 +224,16 @@ absl::Status BlobStore::Remove(absl::string_view sha256) {
   return absl::OkStatus();
 }
 
+bool BlobStore::Refresh(const std::string& sha256) {
+  return ::utimensat(AT_FDCWD, PathOf(sha256).c_str(), nullptr, 0) == 0;
+}
+
 absl::Status BlobStore::Commit(const std::string& tmp, const std::string& sha256, bool* existed) {
   const std::string dst = PathOf(sha256);
   *existed = Has(sha256);
   if (*existed) {
     ::unlink(tmp.c_str());
+    Refresh(sha256);
     return absl::OkStatus();
   }
   const std::string dir = fs::path(dst).parent_path().string();
@@ -311,7 +316,7 @@ absl::StatusOr<BlobWriter::Result> BlobWriter::Commit(absl::string_view expected
   }
   if (verify_only()) {  // the bytes are a blob the store holds (checked again: it may have gone)
     done_ = true;
-    if (!store_->Has(r.sha256)) {
+    if (!store_->Refresh(r.sha256)) {
       return absl::UnavailableError(
           "the stored copy of these bytes was removed while they streamed; upload them again");
     }

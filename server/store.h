@@ -55,6 +55,10 @@ class BlobStore {
                                          absl::string_view known_sha256 = {});
 
   bool Has(absl::string_view sha256) const;
+  // Makes a stored blob young again (its mtime now), so that the orphan sweep, which spares
+  // blobs younger than its min age, leaves it to the record about to reference it. False when
+  // it is not stored.
+  bool Refresh(const std::string& sha256);
   std::string PathOf(absl::string_view sha256) const;  // REQUIRES: IsSha256Hex(sha256)
   absl::StatusOr<uint64_t> SizeOf(absl::string_view sha256) const;
   // The blob opened for reading (what handlers use; no path leaves the store). NotFound when it

@@ -171,6 +171,23 @@ TEST(BlobStore, SweepTakesOldOrphansOnly) {
   EXPECT_FALSE(store->Has(*a));
 }
 
+// An old unreferenced blob stored again is young again: the sweep that runs while the server
+// works (every hour) leaves it to the record about to reference it.
+TEST(BlobStore, AnOldBlobStoredAgainIsSpared) {
+  ScratchDir dir;
+  auto store = MustOpen(dir.File("data"));
+  WriteFileOrDie(dir.File("a"), "again");
+  auto a = store->ImportFile(dir.File("a"));
+  ASSERT_TRUE(a.ok());
+  const struct timeval old[2] = {{std::time(nullptr) - 7200, 0}, {std::time(nullptr) - 7200, 0}};
+  ASSERT_EQ(::utimes(store->PathOf(*a).c_str(), old), 0);
+  WriteFileOrDie(dir.File("b"), "again");
+  ASSERT_TRUE(store->ImportFile(dir.File("b")).ok());
+  auto none = [](const std::string&) -> absl::StatusOr<bool> { return false; };
+  EXPECT_EQ(store->SweepOrphans(none, absl::Hours(1)).blobs, 0u);
+  EXPECT_TRUE(store->Has(*a));
+}
+
 // Replicas sharing one store: each empties only its own temp directory at start; another's
 // goes only when that replica is gone.
 TEST(BlobStore, ReplicasKeepTheirTempFilesApart) {
