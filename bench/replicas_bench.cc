@@ -5,7 +5,7 @@
 //   - one small TENSOR job, submit to SUCCEEDED, on the SQLite journal and on the PostgreSQL one;
 //   - the queue's own statements on PostgreSQL over its Unix socket: a claim, and a fenced final
 //     write with one artifact record (counters p50_ms, p99_ms);
-//   - one TENSOR job over a 4-shard directory model (4 x 8 F32 tensors of 2048 x 2048, 512 MiB,
+//   - one TENSOR job over a 4-shard directory model (4 x 16 F32 tensors of 2048 x 2048, 1 GiB,
 //     b=4, K=8), split into shard tasks, run by 1 replica and by 2 (counter source_mb_per_s).
 // A replica here is what a server process adds: its own journal connection, job manager and
 // compute pool, sharing the store (in-process, so the figures leave out gRPC).
@@ -182,7 +182,7 @@ BENCHMARK(BM_JobThroughput)->Arg(1)->Arg(2)->Unit(benchmark::kSecond)->UseRealTi
 // One TENSOR job over a 4-shard directory model, split into shard tasks; arg: replicas.
 void BM_ShardedJob(benchmark::State& state) {
   const int replicas = static_cast<int>(state.range(0));
-  constexpr int kShards = 4, kTensors = 8, kRows = 2048, kCols = 2048;
+  constexpr int kShards = 4, kTensors = 16, kRows = 2048, kCols = 2048;
   Cluster c(NewDatabase(), replicas, kTensors, kRows, kCols, kShards);
   for (auto _ : state) c.RunJobs(1, state, /*terms=*/8);
   state.counters["source_mb_per_s"] = benchmark::Counter(
