@@ -123,6 +123,25 @@ void PrintJob(const v1::Job& job) {
   } else if (!r.probe_note().empty()) {
     std::printf("  no probe: %s\n", r.probe_note().c_str());
   }
+  if (r.sensitivity_size() > 0) {
+    // The top of the ranking; --json has every layer.
+    constexpr int kShown = 5;
+    std::printf("  most sensitive layers per byte (probe output error with only that layer "
+                "quantized):\n");
+    for (int i = 0; i < std::min(kShown, r.sensitivity_size()); ++i) {
+      const v1::LayerSensitivity& l = r.sensitivity(i);
+      std::string errors;
+      for (int k = 0; k < l.rel_fro_size(); ++k) {
+        absl::StrAppend(&errors, k ? "  " : "", absl::StrFormat("K=%d %.2e", k + 1, l.rel_fro(k)));
+      }
+      std::printf("    %-36s %s  (%.2e per MiB of a term)\n", l.name().c_str(), errors.c_str(),
+                  l.error_per_mib());
+    }
+    if (r.sensitivity_size() > kShown) {
+      std::printf("    ... and %d more layers (--json lists them all)\n",
+                  r.sensitivity_size() - kShown);
+    }
+  }
   std::printf("  artifacts:\n");
   for (const v1::Artifact& a : job.artifacts()) {
     std::printf("    %-22s %-24s %-36s %s\n", a.artifact_id().c_str(), a.kind().c_str(),

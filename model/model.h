@@ -164,6 +164,20 @@ class Model {
   // The same on a borrowed input; the output goes to `sink` (its status is returned).
   absl::Status Forward(const HostTensorRef& input, OutputSink sink);
 
+  // The data-free sensitivity of the expanded layers (docs/ALGORITHM.md §6a): for each, the
+  // relative Frobenius error of the output for `input` when only that layer runs with its first
+  // K weight terms (K = 1 .. min(max_terms, its terms)) and every other layer is FP. One network
+  // is built for all of it and the layers' weights are swapped into it in place, so it costs one
+  // forward pass per (layer, K) and no network per layer. The current precision is kept.
+  // Cancelled when *cancel turns true (polled between passes).
+  struct LayerSensitivity {
+    size_t layer = 0;  // index into layers()
+    std::string name;
+    std::vector<double> rel_fro;  // rel_fro[K - 1]
+  };
+  absl::StatusOr<std::vector<LayerSensitivity>> Sensitivity(
+      const HostTensor& input, int max_terms, const std::atomic<bool>* cancel = nullptr);
+
   // Saves the packed network (every expanded layer as fpxint ops on its packed terms; forward(x,
   // terms: int = 0), 0 meaning all K terms). Loading it needs the fpxint op library: linked into
   // fpxint_model, or libfpxint_ops.so for Python (torch.ops.load_library). FailedPrecondition

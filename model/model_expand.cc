@@ -236,6 +236,56 @@ ModelParams Model::ResidualParams() const {
 }
 
 
+absl::StatusOr<std::vector<Model::LayerSensitivity>> Model::Sensitivity(
+    const HostTensor& input, int max_terms, const std::atomic<bool>* cancel) {
+  if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
+  Impl& im = *impl_;
+  if (input.type != HostTensor::Type::kFloat32 ||
+      input.numel() != static_cast<int64_t>(input.f32.size())) {
+    return absl::InvalidArgumentError("input: FP32 values matching its shape");
+  }
+  std::vector<LayerSensitivity> out;
+  try {
+    torch::NoGradGuard no_grad;
+    // Every expanded layer's weight is a constant of its own (a copy of the FP weight) that the
+    // passes below overwrite in place.
+    std::vector<at::Tensor> slots(im.layers.size());
+    auto weight_for = [&](size_t i, int) {
+      slots[i] = im.original_weights[i].clone();
+      return slots[i];
+    };
+    FPX_ASSIGN_OR_RETURN(torch::jit::Module net, im.Build(weight_for, 1, 0, /*truncate=*/false));
+    const at::Tensor x = at::from_blob(const_cast<float*>(input.f32.data()), input.shape, at::kFloat);
+    auto run = [&]() -> at::Tensor {
+      c10::IValue y = net.forward({x.clone()});
+      if (y.isTuple()) y = y.toTupleRef().elements()[0];
+      return y.toTensor().contiguous().to(at::kDouble);
+    };
+    const at::Tensor ref = run();
+    const double ref_norm = ref.norm().item<double>();
+    for (size_t i = 0; i < im.layers.size(); ++i) {
+      if (!im.layers[i].expanded || !im.expansions[i]) continue;
+      LayerSensitivity ls;
+      ls.layer = i;
+      ls.name = im.layers[i].name;
+      const int k_max = std::min<int>(max_terms, static_cast<int>(im.expansions[i]->terms.size()));
+      for (int k = 1; k <= k_max; ++k) {
+        if (cancel != nullptr && cancel->load()) return absl::CancelledError("cancelled");
+        slots[i].copy_(im.PartialSum(i, k));
+        const double d = (run() - ref).norm().item<double>();
+        ls.rel_fro.push_back(ref_norm > 0 ? d / ref_norm : d);
+      }
+      slots[i].copy_(im.original_weights[i]);
+      out.push_back(std::move(ls));
+    }
+  } catch (const std::exception& e) {
+    const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+    return absl::InvalidArgumentError(absl::StrCat("sensitivity: the model rejected the probe "
+                                                   "input: ", ce ? Brief(*ce) : BriefText(e.what())));
+  }
+  return out;
+}
+
 absl::Status Model::UseParams(const ModelParams& params) {
   if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   Impl& im = *impl_;

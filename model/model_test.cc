@@ -198,6 +198,47 @@ TEST(ModelExport, DequantizedTorchScriptReloadsWithTheSameOutput) {
   EXPECT_EQ(m->SaveDequantized(dir.File("qa.pt")).code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// A layer's sensitivity at K is the output error of the network whose only quantized layer is
+// that one, at K terms: the same as building that network from the basis models' weights. It
+// falls with K, and computing it leaves the current precision as it was.
+TEST(ModelSensitivity, OneLayerAtATimeMatchesTheBuiltNetwork) {
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
+  ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
+  TinyIo io = LoadIo();
+  ASSERT_TRUE(m->SetPrecision(2, 0).ok());
+  const std::vector<float> before = m->Forward(io.input)->f32;
+  auto sens = m->Sensitivity(io.input, 4);
+  ASSERT_TRUE(sens.ok()) << sens.status();
+  ASSERT_EQ(sens->size(), 3u);
+  EXPECT_EQ(m->Forward(io.input)->f32, before);
+  ASSERT_TRUE(m->SetPrecision(0, 0).ok());
+  const std::vector<float> fp = m->Forward(io.input)->f32;
+  const ModelParams fp_params = m->FpParams();
+  std::vector<ModelParams> basis;
+  for (int k = 1; k <= 3; ++k) basis.push_back(*m->BasisParams(k));
+  for (size_t j = 0; j < sens->size(); ++j) {
+    const Model::LayerSensitivity& s = (*sens)[j];
+    EXPECT_EQ(s.name, m->layers()[s.layer].name);
+    ASSERT_EQ(s.rel_fro.size(), 3u) << "capped at the layer's 3 terms";
+    for (int k = 1; k <= 3; ++k) {
+      ModelParams p = fp_params;
+      std::vector<double>& w = p.layers[j].weight;
+      for (size_t e = 0; e < w.size(); ++e) {
+        double sum = 0;
+        for (int t = 0; t < k; ++t) sum += basis[t].layers[j].weight[e];
+        w[e] = sum;
+      }
+      ASSERT_TRUE(m->UseParams(p).ok());
+      const double want = RelErr(m->Forward(io.input)->f32, fp);
+      EXPECT_NEAR(s.rel_fro[k - 1], want, 1e-4 * want + 1e-7) << s.name << " K=" << k;
+      if (k > 1) EXPECT_LT(s.rel_fro[k - 1], s.rel_fro[k - 2]) << s.name;
+    }
+    EXPECT_GT(s.rel_fro[0], 0);
+  }
+  std::atomic<bool> cancel{true};
+  EXPECT_EQ(m->Sensitivity(io.input, 2, &cancel).status().code(), absl::StatusCode::kCancelled);
+}
+
 TEST(ModelAbelian, GroupAxiomsAndSeriesIdentity) {
   std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());

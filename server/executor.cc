@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -163,12 +164,13 @@ absl::Status AddReport(const v1::JobSpec& spec, const JobContext& ctx, JobOutput
 
 // The data-free probe: a fixed pseudo-random N(0,1) input of the model's signature, run through
 // FP and through every precision k = 1..K of the expansion.
-void RunProbe(const v1::JobSpec& spec, const v1::Model& m, model::Model* net,
-              v1::JobResult* result) {
+// The probe input: fixed-seed N(0,1) values of the model's declared input shape (variable
+// dimensions 1). nullopt, with the reason in result->probe_note, when there is none.
+std::optional<model::HostTensor> ProbeInput(const v1::Model& m, v1::JobResult* result) {
   if (m.inputs_size() != 1 || m.inputs(0).datatype() != "FP32") {
     result->set_probe_note(
         "no probe: the upload declared no single FP32 input signature (UploadHeader.inputs)");
-    return;
+    return std::nullopt;
   }
   std::vector<int64_t> shape;
   int64_t n = 1;
@@ -178,13 +180,44 @@ void RunProbe(const v1::JobSpec& spec, const v1::Model& m, model::Model* net,
   }
   if (shape.empty() || n <= 0 || n > (int64_t{1} << 26)) {
     result->set_probe_note("no probe: the input signature has no usable shape");
-    return;
+    return std::nullopt;
   }
   std::mt19937 rng(20261123);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<float> x(static_cast<size_t>(n));
   for (float& v : x) v = nd(rng);
-  const auto input = model::HostTensor::Float(shape, x);
+  return model::HostTensor::Float(shape, x);
+}
+
+// Every expanded layer's sensitivity on the probe input (docs/ALGORITHM.md §6a), ranked.
+absl::Status RunSensitivity(const v1::JobSpec& spec, const model::HostTensor& input,
+                            const JobContext& ctx, model::Model* net, v1::JobResult* result) {
+  constexpr int kMaxSensitivityTerms = 4;
+  FPX_ASSIGN_OR_RETURN(
+      std::vector<model::Model::LayerSensitivity> sens,
+      net->Sensitivity(input, std::min<int>(kMaxSensitivityTerms, spec.weight_terms()),
+                       ctx.cancel));
+  const core::ExpansionSpec ws = WeightSpec(spec);
+  std::vector<v1::LayerSensitivity> out;
+  for (const model::Model::LayerSensitivity& s : sens) {
+    v1::LayerSensitivity l;
+    l.set_name(s.name);
+    for (double e : s.rel_fro) l.add_rel_fro(e);
+    const uint64_t bytes = TermsBytes(net->layers()[s.layer].weight_shape, ws) /
+                           std::max<uint64_t>(1, ws.terms);
+    l.set_bytes_per_term(bytes);
+    l.set_error_per_mib(bytes > 0 && !s.rel_fro.empty() ? s.rel_fro[0] / (bytes / 1048576.0) : 0);
+    out.push_back(std::move(l));
+  }
+  std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+    return a.error_per_mib() > b.error_per_mib();
+  });
+  for (v1::LayerSensitivity& l : out) *result->add_sensitivity() = std::move(l);
+  return absl::OkStatus();
+}
+
+void RunProbe(const v1::JobSpec& spec, const model::HostTensor& input, model::Model* net,
+              v1::JobResult* result) {
   if (!net->SetPrecision(0, 0).ok()) return;
   auto ref = net->Forward(input);
   if (!ref.ok()) {
@@ -480,7 +513,16 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
 
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   rep->Phase("probing", 0.8);
-  RunProbe(spec, ctx.model, net.get(), &out.result);
+  if (std::optional<model::HostTensor> input = ProbeInput(ctx.model, &out.result)) {
+    RunProbe(spec, *input, net.get(), &out.result);
+    FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+    if (out.result.probe_size() > 0) {
+      rep->Phase("probing layers", 0.82);
+      absl::Status s = RunSensitivity(spec, *input, ctx, net.get(), &out.result);
+      if (absl::IsCancelled(s)) return s;
+      if (!s.ok()) out.result.set_probe_note(absl::StrCat("no layer sensitivity: ", s.message()));
+    }
+  }
 
   const int K = static_cast<int>(spec.weight_terms());
   if (Wants(spec, v1::DEQUANTIZED_TORCHSCRIPT)) {

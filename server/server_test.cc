@@ -962,6 +962,25 @@ TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
   EXPECT_EQ(done.result().deployed_version(), "1");
   ASSERT_EQ(done.result().probe_size(), 3);
   EXPECT_LT(done.result().probe(2).rel_fro(), done.result().probe(0).rel_fro());
+  // Every expanded layer's data-free sensitivity, K = 1..3, ranked by error per MiB.
+  ASSERT_EQ(done.result().sensitivity_size(), 3);
+  std::set<std::string> sensitive;
+  for (int i = 0; i < 3; ++i) {
+    const v1::LayerSensitivity& l = done.result().sensitivity(i);
+    sensitive.insert(l.name());
+    ASSERT_EQ(l.rel_fro_size(), 3) << l.name();
+    EXPECT_GT(l.rel_fro(0), l.rel_fro(1)) << l.name();
+    EXPECT_GT(l.rel_fro(1), l.rel_fro(2)) << l.name();
+    EXPECT_GT(l.bytes_per_term(), 0u);
+    EXPECT_NEAR(l.error_per_mib(), l.rel_fro(0) / (l.bytes_per_term() / 1048576.0),
+                1e-9 * l.error_per_mib());
+    if (i > 0) {
+      EXPECT_GE(done.result().sensitivity(i - 1).error_per_mib(), l.error_per_mib());
+    }
+  }
+  std::set<std::string> layers;
+  for (const v1::LayerResult& l : done.result().layers()) layers.insert(l.name());
+  EXPECT_EQ(sensitive, layers);
   std::set<std::string> kinds;
   for (const auto& a : done.artifacts()) kinds.insert(a.kind());
   EXPECT_EQ(kinds, (std::set<std::string>{"packed_safetensors", "dequantized_torchscript",

@@ -488,11 +488,21 @@ class CliE2E(CliTestCase):
         self.assertIn("SUCCEEDED", r.out)
         self.assertIn("deployed for inference as fm_w4x2 version 1", r.out)
         self.assertRegex(r.out, r"K_w=2\s+\d\.\d+e-0[2-4]")  # output error of 2 terms: 1e-2..1e-4
+        # The layers' data-free sensitivity: the top of the ranking here, all of it in --json.
+        self.assertIn("most sensitive layers per byte", r.out)
+        self.assertRegex(r.out, r"K=1 \d\.\d\de-\d\d  K=2 \d\.\d\de-\d\d  \(\d\.\d\de[-+]\d\d per MiB")
         # Plain progress lines on a pipe (stderr is not a terminal here).
         self.assertRegex(r.err, r"job-\w+ RUNNING .*%")
         self.assertNotIn("\r", r.err)
         jid = re.search(r"job (job-\w+)", r.out).group(1)
         self.state["layer_job"] = jid
+        doc = self.run_cli("--json", "jobs", "get", jid).json()
+        sens = doc["report"]["sensitivity"]
+        self.assertEqual({l["name"] for l in sens}, {l["name"] for l in doc["report"]["layers"]})
+        per_mib = [l["error_per_mib"] for l in sens]
+        self.assertEqual(per_mib, sorted(per_mib, reverse=True))
+        for l in sens:
+            self.assertEqual(len(l["rel_fro"]), 2, l)
 
     def test_06_quantize_job_file(self):
         self.need("uploaded", "test_02_upload")
