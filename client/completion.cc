@@ -45,7 +45,7 @@ _fpxint() {
   case "$cmd" in
     "") COMPREPLY=($(compgen -W "$cmds $global" -- "$cur")); return ;;
     upload) opts="--name --format --input" ;;
-    quantize) opts="--model --granularity --bits --terms --grid --scale --group-size --variant --act-bits --act-terms --act-grid --truncate --include --exclude --preset --eps --output-format --deploy --deploy-as --deploy-version --idempotency-key --wait -w --max-rel-error --job-file -f" ;;
+    quantize) opts="--model --granularity --bits --terms --grid --scale --group-size --variant --act-bits --act-terms --act-grid --truncate --include --exclude --preset --eps --target-rel-error --min-terms --max-terms --weight-terms-for --output-format --deploy --deploy-as --deploy-version --idempotency-key --wait -w --max-rel-error --job-file -f" ;;
     jobs) [[ -z $sub ]] && { COMPREPLY=($(compgen -W "list get watch cancel delete" -- "$cur")); return; }
           opts="--state --limit --wait" ;;
     download) opts="--output -o --kind --all --no-resume --chunk-bytes" ;;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -122,6 +123,26 @@ void PrintJob(const v1::Job& job) {
     }
   } else if (!r.probe_note().empty()) {
     std::printf("  no probe: %s\n", r.probe_note().c_str());
+  }
+  if (r.has_allocation()) {
+    const v1::TermAllocation& a = r.allocation();
+    std::map<uint32_t, int> per_k;
+    for (const v1::LayerResult& l : r.layers()) ++per_k[l.weight_terms()];
+    std::string ks;
+    for (const auto& [k, n] : per_k) absl::StrAppend(&ks, ks.empty() ? "" : ", ", n, " at K=", k);
+    std::printf("  error budget: target %.3e, measured %.3e (estimated %.3e) with %s; terms %s\n",
+                a.target_rel_error(), a.measured_rel_error(), a.estimated_rel_error(), ks.c_str(),
+                HumanBytes(a.weight_bytes()).c_str());
+    for (const v1::UniformTerms& u : a.uniform()) {
+      if (u.rel_error() <= a.target_rel_error()) {
+        std::printf("    uniform K=%u meets it too with %s of terms: the budget saves %.0f%%\n",
+                    u.weight_terms(), HumanBytes(u.weight_bytes()).c_str(),
+                    u.weight_bytes() ? 100.0 * (1.0 - static_cast<double>(a.weight_bytes()) /
+                                                           u.weight_bytes())
+                                     : 0.0);
+        break;
+      }
+    }
   }
   if (r.sensitivity_size() > 0) {
     // The top of the ranking; --json has every layer.
@@ -257,7 +278,9 @@ struct QuantizeFlags {
   std::string model, granularity, grid, scale, variant, act_grid, include, exclude, preset;
   std::string deploy_as, deploy_version, idempotency_key;
   uint32_t bits = 0, terms = 0, group_size = 0, act_bits = 0, act_terms = 0;
-  double eps = 0;
+  double eps = 0, target_rel_error = 0;
+  uint32_t min_terms = 0, max_terms = 0;
+  std::vector<std::string> weight_terms_for;
   bool truncate = false, deploy = false, wait = false;
   std::vector<std::string> outputs;
   double max_rel_error = -1;
@@ -294,6 +317,10 @@ int RunQuantize(const QuantizeFlags& f, const GlobalOptions& g) {
     else if (key == "exclude") spec["exclude"] = f.exclude;
     else if (key == "preset") spec["preset"] = f.preset;
     else if (key == "eps") spec["eps"] = f.eps;
+    else if (key == "target_rel_error") spec["target_rel_error"] = f.target_rel_error;
+    else if (key == "min_terms") spec["min_terms"] = f.min_terms;
+    else if (key == "max_terms") spec["max_terms"] = f.max_terms;
+    else if (key == "weight_terms_for") spec["weight_terms_for"] = f.weight_terms_for;
     else if (key == "outputs") spec["outputs"] = f.outputs;
     else if (key == "deploy") spec["deploy"]["enabled"] = f.deploy;
     else if (key == "deploy_as") spec["deploy"] = {{"enabled", true}, {"name", f.deploy_as}};
@@ -465,6 +492,7 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
       "  fpxint quantize --model ocr_rec --granularity layer --bits 4 --terms 2 \\\n"
       "      --act-bits 4 --act-terms 2 --deploy-as ocr_rec_w4a4 --wait\n"
       "  fpxint quantize -f job.yaml --wait --max-rel-error 0.01 --json\n"
+      "  fpxint quantize --model ocr_rec --granularity layer --target-rel-error 0.01 --wait\n"
       "Exit: 0 submitted/succeeded, 5 job failed or quality gate failed, 6 cancelled.");
   c->add_option("-f,--job-file", q->job_file, "YAML or JSON job spec (keys as in fpxint.v1.JobSpec)")
       ->check(CLI::ExistingFile);
@@ -508,6 +536,23 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
   opt("eps", c->add_option("--eps", q->eps,
                            "stop adding terms once the relative error is below eps (0 < eps < 1)"))
       ->check(CLI::Range(0.0, 0.999999999));
+  opt("target_rel_error",
+      c->add_option("--target-rel-error", q->target_rel_error,
+                    "error budget (weight-only layer/model jobs): each layer gets its own K, "
+                    "chosen from its data-free sensitivity, so that the probe output error is at "
+                    "most this at the fewest weight bytes; the job fails with the best error "
+                    "reached when --max-terms cannot meet it"))
+      ->check(CLI::PositiveNumber);
+  opt("min_terms", c->add_option("--min-terms", q->min_terms,
+                                 "with --target-rel-error: the fewest terms a layer gets (default 1)"))
+      ->check(CLI::Range(1u, 16u));
+  opt("max_terms", c->add_option("--max-terms", q->max_terms,
+                                 "with --target-rel-error: the most terms a layer gets (default 4)"))
+      ->check(CLI::Range(1u, 16u));
+  opt("weight_terms_for",
+      c->add_option("--weight-terms-for", q->weight_terms_for,
+                    "with --target-rel-error: PATTERN=K pins the layers whose name the regex "
+                    "finds to K terms (repeatable; the first match wins)"));
   opt("outputs", c->add_option("--output-format", q->outputs,
                                "extra artifacts (repeatable): dequantized_safetensors (TENSOR: "
                                "the source's layout and dtypes, weights as the sum of their "

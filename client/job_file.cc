@@ -246,6 +246,18 @@ absl::StatusOr<nlohmann::json> Canonicalize(const nlohmann::json& in, const Desc
       }
       continue;
     }
+    if (f->is_repeated() && f->cpp_type() == FieldDescriptor::CPPTYPE_STRING) {
+      // weight_terms_for: one string or a list of them.
+      nlohmann::json list = nlohmann::json::array();
+      for (const auto& e : (v.is_array() ? v : nlohmann::json::array({v}))) {
+        if (!e.is_string()) {
+          return absl::InvalidArgumentError(absl::StrCat(path, ": expected strings"));
+        }
+        list.push_back(e);
+      }
+      out[key] = list;
+      continue;
+    }
     switch (f->cpp_type()) {
       case FieldDescriptor::CPPTYPE_STRING:
         if (!v.is_string()) return absl::InvalidArgumentError(absl::StrCat(path, ": expected a string"));

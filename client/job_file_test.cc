@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 
 namespace fpxint::client {
@@ -36,6 +37,25 @@ TEST(JobFile, YamlAndJsonGiveTheSameSpec) {
   EXPECT_EQ(spec->weight_terms(), 2u);
   EXPECT_TRUE(spec->deploy().enabled());
   EXPECT_EQ(spec->deploy().name(), "ocr_rec_w4x2");
+}
+
+// An error budget in a job file: the target, the bounds, and pins as one string or a list.
+TEST(JobFile, ErrorBudgetFieldsAndPinLists) {
+  for (const char* pins : {"'conv.*=3'", "['conv.*=3', 'fc=1']"}) {
+    auto y = ParseYamlOrJson(absl::StrCat("model: m\ngranularity: layer\n"
+                                          "target_rel_error: 0.01\nmax_terms: 3\n"
+                                          "weight_terms_for: ", pins, "\n"));
+    ASSERT_TRUE(y.ok()) << y.status();
+    auto spec = JobSpecFromJson(*y);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_EQ(spec->target_rel_error(), 0.01);
+    EXPECT_EQ(spec->max_terms(), 3u);
+    ASSERT_GE(spec->weight_terms_for_size(), 1);
+    EXPECT_EQ(spec->weight_terms_for(0), "conv.*=3");
+  }
+  auto bad = ParseYamlOrJson("model: m\nweight_terms_for: [3]\n");
+  ASSERT_TRUE(bad.ok());
+  EXPECT_NE(JobSpecFromJson(*bad).status().message().find("weight_terms_for"), std::string::npos);
 }
 
 TEST(JobFile, PlainScalarsAreTypedQuotedOnesAreStrings) {

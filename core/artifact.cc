@@ -287,6 +287,25 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
            s.data() + s.size() <= source->bytes.data() + source->bytes.size();
   };
 
+  // Each tensor's term count: spec.terms, or what terms_for gives it.
+  std::vector<int> terms_of(selected.size(), spec.terms);
+  {
+    absl::flat_hash_map<std::string, int> left = options.terms_for;
+    for (size_t i = 0; i < selected.size(); ++i) {
+      auto it = left.find(selected[i]->name);
+      if (it == left.end()) continue;
+      if (it->second < 1 || it->second > spec.terms) {
+        return absl::InvalidArgumentError(absl::StrCat("terms for '", it->first, "': ", it->second,
+                                                       "; accepted 1..", spec.terms));
+      }
+      terms_of[i] = it->second;
+      left.erase(it);
+    }
+    if (!left.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("terms for '", left.begin()->first,
+                                                     "': no such expanded tensor"));
+    }
+  }
   ExpandProgress progress;
   progress.tensor_count = static_cast<int>(selected.size());
   for (const SourceTensor* t : selected) progress.bytes_total += t->data.size();
@@ -295,7 +314,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   // and every term of every expanded tensor, term-major. `add_term` adds one term part.
   SafetensorsWriter w;
   const DType codes_dtype = CodesDType(spec);
-  auto build = [&](const std::vector<int>& terms_of,
+  auto build = [&](const std::vector<int>& tensor_terms,
                    const std::function<absl::Status(size_t i, int k, const std::string& name,
                                                     DType dtype, std::vector<int64_t> shape,
                                                     int part)>& add_term) -> absl::Status {
@@ -312,14 +331,14 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     if (spec.eps > 0) w.SetMetadata("eps", absl::StrCat(spec.eps));
     for (size_t i = 0; i < selected.size(); ++i) {
       w.SetMetadata(absl::StrCat(selected[i]->name, ".shape"), ShapeJson(selected[i]->shape));
-      w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(terms_of[i]));
+      w.SetMetadata(absl::StrCat(selected[i]->name, ".terms"), absl::StrCat(tensor_terms[i]));
     }
     for (const SourceTensor* t : copied) {
       FPX_RETURN_IF_ERROR(w.Add(t->name, t->dtype, t->shape, t->data, t->other_dtype_name));
     }
     for (int k = 1; k <= spec.terms; ++k) {
       for (size_t i = 0; i < selected.size(); ++i) {
-        if (k > terms_of[i]) continue;
+        if (k > tensor_terms[i]) continue;
         FPX_ASSIGN_OR_RETURN(TensorLayout l, TensorLayout::Make(selected[i]->shape, spec));
         const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
         absl::Status s = add_term(i, k, absl::StrCat(prefix, ".codes"), codes_dtype,
@@ -346,8 +365,10 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     progress.tensor_index = static_cast<int>(i);
     progress.name = t.name;
     if (options.progress) options.progress(progress);
+    ExpansionSpec tensor_spec = spec;
+    tensor_spec.terms = terms_of[i];
     absl::StatusOr<TensorExpansion> e =
-        ExpandTensor(t.dtype, t.shape, t.data, spec, options.expand);
+        ExpandTensor(t.dtype, t.shape, t.data, tensor_spec, options.expand);
     if (!e.ok()) {
       return absl::Status(e.status().code(),
                           absl::StrCat("tensor '", t.name, "': ", e.status().message()));
@@ -369,7 +390,7 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     // term goes straight to its place in the artifact as its tensor is expanded, written once,
     // and its disk writes start at once (they overlap the next tensor's expansion).
     report.source_sha256 = source_hash.get();
-    FPX_RETURN_IF_ERROR(build(std::vector<int>(selected.size(), spec.terms),
+    FPX_RETURN_IF_ERROR(build(terms_of,
                               [&](size_t, int, const std::string& name, DType dtype,
                                   std::vector<int64_t> shape, int) {
                                 return w.Reserve(name, dtype, std::move(shape));
@@ -383,11 +404,11 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     }
     for (size_t i = 0; i < selected.size(); ++i) {
       FPX_ASSIGN_OR_RETURN(TensorExpansion e, expand(i));
-      if (e.terms.size() != static_cast<size_t>(spec.terms)) {
+      if (e.terms.size() != static_cast<size_t>(terms_of[i])) {
         return absl::InternalError(absl::StrCat("tensor '", selected[i]->name, "': ",
-                                                e.terms.size(), " terms, not ", spec.terms));
+                                                e.terms.size(), " terms, not ", terms_of[i]));
       }
-      for (int k = 1; k <= spec.terms; ++k) {
+      for (int k = 1; k <= terms_of[i]; ++k) {
         const std::string prefix = absl::StrCat(selected[i]->name, ".t", k);
         const TermData& term = e.terms[static_cast<size_t>(k - 1)];
         FPX_RETURN_IF_ERROR(file->Write(absl::StrCat(prefix, ".codes"), part_bytes(term, 0)));
@@ -426,9 +447,11 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     done_expanding();
     FPX_RETURN_IF_ERROR(spill.Map());
     report.source_sha256 = source_hash.get();
-    std::vector<int> terms_of;
-    for (const SpilledTensor& e : expansions) terms_of.push_back(static_cast<int>(e.terms.size()));
-    FPX_RETURN_IF_ERROR(build(terms_of, [&](size_t i, int k, const std::string& name, DType dtype,
+    std::vector<int> spilled_terms;
+    for (const SpilledTensor& e : expansions) {
+      spilled_terms.push_back(static_cast<int>(e.terms.size()));
+    }
+    FPX_RETURN_IF_ERROR(build(spilled_terms, [&](size_t i, int k, const std::string& name, DType dtype,
                                             std::vector<int64_t> shape, int part) {
       const SpilledTerm& term = expansions[i].terms[static_cast<size_t>(k - 1)];
       const SpilledPart& p = part == 0 ? term.codes : part == 1 ? term.scale : term.zero;

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "core/expansion.h"
 #include "core/safetensors.h"
@@ -58,6 +59,10 @@ struct ArtifactOptions {
   std::string source_sha256;
   // Called before each tensor and once at the end (tensor_index == tensor_count).
   std::function<void(const ExpandProgress&)> progress;
+  // Per-tensor term counts (an error-budgeted expansion, docs/ALGORITHM.md §6a): a tensor named
+  // here gets this many terms, 1 .. spec.terms, recorded as its `.terms`; the others get
+  // spec.terms. Naming a tensor that is not expanded is an error.
+  absl::flat_hash_map<std::string, int> terms_for;
 };
 
 struct TensorReport {

@@ -4,6 +4,7 @@
 #include "core/artifact.h"
 
 #include <cfloat>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -231,6 +232,49 @@ TEST(Artifact, WrittenInPlaceOrFromSpilledTermsTheBytesAreTheSame) {
           << GridName(g) << " " << ScaleName(sc);
     }
   }
+}
+
+// Per-tensor term counts (an error-budgeted expansion): the named tensor keeps its own K,
+// recorded as its `.terms`, and its terms equal the first K of the uniform expansion; written in
+// place or from spilled terms, the bytes are the same. Bad counts and names are refused.
+TEST(Artifact, PerTensorTermsAreKeptAndRecorded) {
+  ScratchDir dir;
+  const std::string src = WriteSource(dir);
+  ArtifactOptions o = Options(4, 3, Grid::kSym, ScaleGranularity::kChannel);
+  absl::StatusOr<ExpandReport> all = ExpandSafetensorsFile(src, dir.File("uniform"), o);
+  ASSERT_TRUE(all.ok() && all->tensors.size() >= 2) << all.status();
+  const std::string two_d = all->tensors[0].name;  // an expanded tensor
+  o.terms_for[two_d] = 1;
+  absl::StatusOr<ExpandReport> spilled = ExpandSafetensorsFile(src, dir.File("spilled"), o);
+  ASSERT_TRUE(spilled.ok()) << spilled.status();
+  o.source_sha256 = *Sha256File(src);
+  absl::StatusOr<ExpandReport> placed = ExpandSafetensorsFile(src, dir.File("placed"), o);
+  ASSERT_TRUE(placed.ok()) << placed.status();
+  EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("placed")),
+            ::fpxint::testing::ReadFileOrDie(dir.File("spilled")));
+  auto mixed = SafetensorsReader::Open(dir.File("placed"));
+  auto uniform = SafetensorsReader::Open(dir.File("uniform"));
+  ASSERT_TRUE(mixed.ok() && uniform.ok());
+  EXPECT_EQ((*mixed)->Metadata(two_d + ".terms"), "1");
+  EXPECT_EQ((*mixed)->Metadata("terms"), "3");
+  EXPECT_EQ((*mixed)->Find(two_d + ".t2.codes"), nullptr);
+  for (const char* part : {".t1.codes", ".t1.scale"}) {
+    const TensorInfo* a = (*mixed)->Find(two_d + part);
+    const TensorInfo* b = (*uniform)->Find(two_d + part);
+    ASSERT_TRUE(a != nullptr && b != nullptr) << part;
+    auto da = (*mixed)->Data(*a), db = (*uniform)->Data(*b);
+    EXPECT_TRUE(std::equal(da.begin(), da.end(), db.begin(), db.end())) << part;
+  }
+  // The reader takes it: the tensor's one term.
+  auto view = ArtifactView::Parse(**mixed);
+  ASSERT_TRUE(view.ok()) << view.status();
+  o.terms_for[two_d] = 4;
+  EXPECT_EQ(ExpandSafetensorsFile(src, dir.File("bad"), o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  o.terms_for.clear();
+  o.terms_for["no.such.tensor"] = 1;
+  EXPECT_NE(ExpandSafetensorsFile(src, dir.File("bad"), o).status().message().find("no.such.tensor"),
+            std::string::npos);
 }
 
 TEST(MappedFile, ReleasedPagesReadBackFromTheFile) {

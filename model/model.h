@@ -178,6 +178,32 @@ class Model {
   absl::StatusOr<std::vector<LayerSensitivity>> Sensitivity(
       const HostTensor& input, int max_terms, const std::atomic<bool>* cancel = nullptr);
 
+  // The probes behind Sensitivity, on one network built once for `input`: each expanded layer's
+  // weight is a constant of its own that takes any of the layer's partial sums in place. The
+  // model must outlive it and keep its expansion meanwhile.
+  class Prober {
+   public:
+    ~Prober();
+    // Relative Frobenius error of the output against FP when layer i (indexed as layers())
+    // runs its first terms[i] terms (0, or a layer not expanded: FP).
+    absl::StatusOr<double> OutputError(const std::vector<int>& terms);
+    absl::StatusOr<std::vector<LayerSensitivity>> Sensitivity(int max_terms,
+                                                              const std::atomic<bool>* cancel);
+
+   private:
+    friend class Model;
+    struct State;
+    explicit Prober(std::unique_ptr<State> s);
+    std::unique_ptr<State> s_;
+  };
+  absl::StatusOr<std::unique_ptr<Prober>> NewProber(const HostTensor& input);
+
+  // Keeps the first terms[i] terms of expanded layer i (indexed as layers(); 1 .. its terms):
+  // an error-budgeted expansion with its own K per layer. Networks built for the old expansion
+  // are dropped; the model runs FP until SetPrecision. SaveArtifact then writes each layer's
+  // terms (its `.terms`), and SetPrecision(k) runs min(k, K_i) terms of layer i.
+  absl::Status KeepTerms(const std::vector<int>& terms);
+
   // Saves the packed network (every expanded layer as fpxint ops on its packed terms; forward(x,
   // terms: int = 0), 0 meaning all K terms). Loading it needs the fpxint op library: linked into
   // fpxint_model, or libfpxint_ops.so for Python (torch.ops.load_library). FailedPrecondition

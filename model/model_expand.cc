@@ -180,6 +180,13 @@ absl::StatusOr<core::ExpandReport> Model::SaveArtifact(const std::string& path,
   core::ArtifactOptions o;
   o.spec = impl_->spec.weights;
   o.expand.pool = pool;
+  // An error-budgeted expansion keeps fewer terms in some layers (KeepTerms).
+  for (size_t i = 0; i < impl_->layers.size(); ++i) {
+    const auto& e = impl_->expansions[i];
+    if (e && static_cast<int>(e->terms.size()) < o.spec.terms) {
+      o.terms_for[impl_->layers[i].name] = static_cast<int>(e->terms.size());
+    }
+  }
   absl::StatusOr<core::ExpandReport> r = core::ExpandSafetensorsFile(folded, path, o);
   std::remove(folded.c_str());
   return r;
@@ -236,54 +243,149 @@ ModelParams Model::ResidualParams() const {
 }
 
 
-absl::StatusOr<std::vector<Model::LayerSensitivity>> Model::Sensitivity(
-    const HostTensor& input, int max_terms, const std::atomic<bool>* cancel) {
+struct Model::Prober::State {
+  Impl* im = nullptr;
+  torch::jit::Module net;
+  std::vector<at::Tensor> slots;  // the expanded layers' weight constants, in layer order
+  std::vector<int> in_slot;       // terms each slot holds now (0: FP)
+  at::Tensor x;
+  at::Tensor ref;  // the FP output, double
+  double ref_norm = 0;
+
+  at::Tensor Run() {
+    torch::NoGradGuard no_grad;
+    c10::IValue y = net.forward({x.clone()});
+    if (y.isTuple()) y = y.toTupleRef().elements()[0];
+    return y.toTensor().contiguous().to(at::kDouble);
+  }
+  void Set(size_t i, int k) {
+    if (in_slot[i] == k) return;
+    torch::NoGradGuard no_grad;
+    slots[i].copy_(k == 0 ? im->original_weights[i] : im->PartialSum(i, k));
+    in_slot[i] = k;
+  }
+  double ErrorNow() {
+    const double d = (Run() - ref).norm().item<double>();
+    return ref_norm > 0 ? d / ref_norm : d;
+  }
+};
+
+Model::Prober::Prober(std::unique_ptr<State> s) : s_(std::move(s)) {}
+Model::Prober::~Prober() = default;
+
+absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor& input) {
   if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   Impl& im = *impl_;
   if (input.type != HostTensor::Type::kFloat32 ||
       input.numel() != static_cast<int64_t>(input.f32.size())) {
     return absl::InvalidArgumentError("input: FP32 values matching its shape");
   }
+  auto st = std::make_unique<Prober::State>();
+  st->im = &im;
+  st->slots.resize(im.layers.size());
+  st->in_slot.assign(im.layers.size(), 0);
+  try {
+    auto weight_for = [&](size_t i, int) {
+      st->slots[i] = im.original_weights[i].clone();
+      return st->slots[i];
+    };
+    FPX_ASSIGN_OR_RETURN(st->net, im.Build(weight_for, 1, 0, /*truncate=*/false));
+    st->x = at::from_blob(const_cast<float*>(input.f32.data()), input.shape, at::kFloat).clone();
+    st->ref = st->Run();
+    st->ref_norm = st->ref.norm().item<double>();
+  } catch (const std::exception& e) {
+    const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "probe: the model rejected the probe input: ", ce ? Brief(*ce) : BriefText(e.what())));
+  }
+  return std::unique_ptr<Prober>(new Prober(std::move(st)));
+}
+
+absl::StatusOr<double> Model::Prober::OutputError(const std::vector<int>& terms) {
+  Impl& im = *s_->im;
+  if (terms.size() != im.layers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("terms for ", terms.size(), " layers; the "
+                                                   "model has ", im.layers.size()));
+  }
+  try {
+    for (size_t i = 0; i < terms.size(); ++i) {
+      if (!s_->slots[i].defined() || !im.expansions[i]) continue;
+      const int have = static_cast<int>(im.expansions[i]->terms.size());
+      if (terms[i] < 0 || terms[i] > have) {
+        return absl::InvalidArgumentError(absl::StrCat("layer '", im.layers[i].name, "': ",
+                                                       terms[i], " terms; it has ", have));
+      }
+      s_->Set(i, terms[i]);
+    }
+    return s_->ErrorNow();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("probe: ", BriefText(e.what())));
+  }
+}
+
+absl::StatusOr<std::vector<Model::LayerSensitivity>> Model::Prober::Sensitivity(
+    int max_terms, const std::atomic<bool>* cancel) {
+  Impl& im = *s_->im;
   std::vector<LayerSensitivity> out;
   try {
-    torch::NoGradGuard no_grad;
-    // Every expanded layer's weight is a constant of its own (a copy of the FP weight) that the
-    // passes below overwrite in place.
-    std::vector<at::Tensor> slots(im.layers.size());
-    auto weight_for = [&](size_t i, int) {
-      slots[i] = im.original_weights[i].clone();
-      return slots[i];
-    };
-    FPX_ASSIGN_OR_RETURN(torch::jit::Module net, im.Build(weight_for, 1, 0, /*truncate=*/false));
-    const at::Tensor x = at::from_blob(const_cast<float*>(input.f32.data()), input.shape, at::kFloat);
-    auto run = [&]() -> at::Tensor {
-      c10::IValue y = net.forward({x.clone()});
-      if (y.isTuple()) y = y.toTupleRef().elements()[0];
-      return y.toTensor().contiguous().to(at::kDouble);
-    };
-    const at::Tensor ref = run();
-    const double ref_norm = ref.norm().item<double>();
+    for (size_t i = 0; i < im.layers.size(); ++i) s_->Set(i, 0);
     for (size_t i = 0; i < im.layers.size(); ++i) {
-      if (!im.layers[i].expanded || !im.expansions[i]) continue;
+      if (!im.layers[i].expanded || !im.expansions[i] || !s_->slots[i].defined()) continue;
       LayerSensitivity ls;
       ls.layer = i;
       ls.name = im.layers[i].name;
       const int k_max = std::min<int>(max_terms, static_cast<int>(im.expansions[i]->terms.size()));
       for (int k = 1; k <= k_max; ++k) {
         if (cancel != nullptr && cancel->load()) return absl::CancelledError("cancelled");
-        slots[i].copy_(im.PartialSum(i, k));
-        const double d = (run() - ref).norm().item<double>();
-        ls.rel_fro.push_back(ref_norm > 0 ? d / ref_norm : d);
+        s_->Set(i, k);
+        ls.rel_fro.push_back(s_->ErrorNow());
       }
-      slots[i].copy_(im.original_weights[i]);
+      s_->Set(i, 0);
       out.push_back(std::move(ls));
     }
   } catch (const std::exception& e) {
-    const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
-    return absl::InvalidArgumentError(absl::StrCat("sensitivity: the model rejected the probe "
-                                                   "input: ", ce ? Brief(*ce) : BriefText(e.what())));
+    return absl::InternalError(absl::StrCat("sensitivity: ", BriefText(e.what())));
   }
   return out;
+}
+
+absl::StatusOr<std::vector<Model::LayerSensitivity>> Model::Sensitivity(
+    const HostTensor& input, int max_terms, const std::atomic<bool>* cancel) {
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<Prober> p, NewProber(input));
+  return p->Sensitivity(max_terms, cancel);
+}
+
+absl::Status Model::KeepTerms(const std::vector<int>& terms) {
+  Impl& im = *impl_;
+  if (im.released) return absl::FailedPreconditionError(kReleasedMessage);
+  if (terms.size() != im.layers.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("terms for ", terms.size(), " layers; the "
+                                                   "model has ", im.layers.size()));
+  }
+  for (size_t i = 0; i < terms.size(); ++i) {
+    if (!im.expansions[i]) continue;
+    const int have = static_cast<int>(im.expansions[i]->terms.size());
+    if (terms[i] < 1 || terms[i] > have) {
+      return absl::InvalidArgumentError(absl::StrCat("layer '", im.layers[i].name, "': keep ",
+                                                     terms[i], " terms; accepted 1..", have));
+    }
+  }
+  for (size_t i = 0; i < terms.size(); ++i) {
+    if (!im.expansions[i]) continue;
+    core::TensorExpansion& e = *im.expansions[i];
+    const size_t k = static_cast<size_t>(terms[i]);
+    e.terms.resize(k);
+    if (e.errors.size() > k) e.errors.resize(k);
+    if (im.layers[i].errors.size() > k) im.layers[i].errors.resize(k);
+  }
+  im.built.clear();
+  im.packed.reset();
+  im.packed_wa.reset();
+  im.packed_wa_error = absl::OkStatus();
+  im.current = im.frozen;
+  im.current_packed = im.current_wa = false;
+  im.kw = im.ka = 0;
+  return absl::OkStatus();
 }
 
 absl::Status Model::UseParams(const ModelParams& params) {

@@ -387,6 +387,57 @@ TEST(ModelExport, ArtifactMatchesTheExpansionAndIsDeterministic) {
   EXPECT_EQ(bytes[0], bytes[1]);
 }
 
+// An error-budgeted expansion: KeepTerms leaves each layer its own K; the prober's error for
+// that allocation is the network's at the full precision; the artifact records each layer's
+// terms, and a packed model built from it serves the same outputs at any precision.
+TEST(ModelArtifact, PerLayerTermsRoundTripThroughTheArtifact) {
+  ScratchDir dir;
+  const TinyIo io = LoadIo();
+  std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
+  ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());
+  const std::vector<int> keep = {1, 3, 2};
+  auto prober = m->NewProber(io.input);
+  ASSERT_TRUE(prober.ok()) << prober.status();
+  auto predicted = (*prober)->OutputError(keep);
+  ASSERT_TRUE(predicted.ok()) << predicted.status();
+  prober->reset();
+  ASSERT_TRUE(m->SetPrecision(0, 0).ok());
+  const std::vector<float> fp = m->Forward(io.input)->f32;
+  EXPECT_EQ(m->KeepTerms({0, 3, 2}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m->KeepTerms({1, 4, 2}).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(m->KeepTerms(keep).ok());
+  for (size_t i = 0; i < keep.size(); ++i) {
+    EXPECT_EQ(m->expansion(i)->terms.size(), static_cast<size_t>(keep[i]));
+    EXPECT_EQ(m->layers()[i].errors.size(), static_cast<size_t>(keep[i]));
+  }
+  ASSERT_TRUE(m->SetPrecision(3, 0).ok());
+  const std::vector<float> y3 = m->Forward(io.input)->f32;
+  EXPECT_NEAR(RelErr(y3, fp), *predicted, 1e-4 * *predicted);
+  const std::string path = dir.File("mixed.safetensors");
+  ASSERT_TRUE(m->SaveArtifact(path, nullptr).ok());
+  auto reader = core::SafetensorsReader::Open(path);
+  ASSERT_TRUE(reader.ok());
+  auto view = core::ArtifactView::Parse(**reader);
+  ASSERT_TRUE(view.ok()) << view.status();
+  for (size_t i = 0; i < keep.size(); ++i) {
+    auto e = view->Load(m->layers()[i].name);
+    ASSERT_TRUE(e.ok()) << e.status();
+    ASSERT_EQ(e->terms.size(), static_cast<size_t>(keep[i]));
+    EXPECT_EQ(core::Reconstruct(*e, keep[i]), core::Reconstruct(*m->expansion(i), keep[i]));
+  }
+  Model::Options packed;
+  packed.packed = true;
+  auto served = Model::Load(TinyModelFile("tiny_cnn.pt"), packed);
+  ASSERT_TRUE(served.ok());
+  ASSERT_TRUE((*served)->UseArtifact(Spec(4, 3), *view).ok());
+  for (int k = 1; k <= 3; ++k) {
+    ASSERT_TRUE(m->SetPrecision(k, 0).ok());
+    ASSERT_TRUE((*served)->SetPrecision(k, 0).ok());
+    EXPECT_LT(RelErr((*served)->Forward(io.input)->f32, m->Forward(io.input)->f32), 1e-5)
+        << "k=" << k;
+  }
+}
+
 // A model takes its expansion from an artifact as it is: the same layers, the same terms bit for
 // bit and the same outputs as the model that wrote it, and packed networks that hold exactly the
 // artifact's terms. The artifact's spec wins over the caller's.

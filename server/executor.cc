@@ -15,6 +15,8 @@
 #include "core/hf_checkpoint.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
+#include "core/term_budget.h"
+#include "core/name_pattern.h"
 #include "core/torch_state_dict.h"
 #include "model/model.h"
 #include "server/status_util.h"
@@ -189,22 +191,26 @@ std::optional<model::HostTensor> ProbeInput(const v1::Model& m, v1::JobResult* r
   return model::HostTensor::Float(shape, x);
 }
 
-// Every expanded layer's sensitivity on the probe input (docs/ALGORITHM.md §6a), ranked.
-absl::Status RunSensitivity(const v1::JobSpec& spec, const model::HostTensor& input,
-                            const JobContext& ctx, model::Model* net, v1::JobResult* result) {
-  constexpr int kMaxSensitivityTerms = 4;
-  FPX_ASSIGN_OR_RETURN(
-      std::vector<model::Model::LayerSensitivity> sens,
-      net->Sensitivity(input, std::min<int>(kMaxSensitivityTerms, spec.weight_terms()),
-                       ctx.cancel));
+// The packed bytes one term of a layer of this shape costs: its codes and scales (and zero
+// points on the asym grid).
+uint64_t PackedTermBytes(const std::vector<int64_t>& shape, const core::ExpansionSpec& ws) {
+  absl::StatusOr<core::TensorLayout> l = core::TensorLayout::Make(shape, ws);
+  if (!l.ok()) return 0;
+  const uint64_t scales = static_cast<uint64_t>(l->num_scales(ws)) * 4;
+  return static_cast<uint64_t>(l->rows * l->packed_row_bytes) +
+         (ws.grid == core::Grid::kAsym ? 2 : 1) * scales;
+}
+
+// The layers' sensitivity into the report, ranked by error per MiB of a term.
+void AddSensitivity(const v1::JobSpec& spec, const std::vector<model::Model::LayerSensitivity>& sens,
+                    const model::Model& net, v1::JobResult* result) {
   const core::ExpansionSpec ws = WeightSpec(spec);
   std::vector<v1::LayerSensitivity> out;
   for (const model::Model::LayerSensitivity& s : sens) {
     v1::LayerSensitivity l;
     l.set_name(s.name);
     for (double e : s.rel_fro) l.add_rel_fro(e);
-    const uint64_t bytes = TermsBytes(net->layers()[s.layer].weight_shape, ws) /
-                           std::max<uint64_t>(1, ws.terms);
+    const uint64_t bytes = PackedTermBytes(net.layers()[s.layer].weight_shape, ws);
     l.set_bytes_per_term(bytes);
     l.set_error_per_mib(bytes > 0 && !s.rel_fro.empty() ? s.rel_fro[0] / (bytes / 1048576.0) : 0);
     out.push_back(std::move(l));
@@ -213,7 +219,88 @@ absl::Status RunSensitivity(const v1::JobSpec& spec, const model::HostTensor& in
     return a.error_per_mib() > b.error_per_mib();
   });
   for (v1::LayerSensitivity& l : out) *result->add_sensitivity() = std::move(l);
-  return absl::OkStatus();
+}
+
+// An error-budgeted job (spec.target_rel_error; docs/ALGORITHM.md §6a): chooses each layer's K
+// from the sensitivity, checks it on the whole model (growing it while the measurement is above
+// the target), reports it, and keeps those terms in the model. FailedPrecondition with the best
+// error when the target cannot be met at max_terms.
+absl::Status AllocateLayerTerms(const v1::JobSpec& spec,
+                           const std::vector<model::Model::LayerSensitivity>& sens,
+                           model::Model::Prober* prober, model::Model* net,
+                           v1::JobResult* result) {
+  const core::ExpansionSpec ws = WeightSpec(spec);
+  core::BudgetOptions o;
+  o.target = spec.target_rel_error();
+  o.min_terms = static_cast<int>(spec.min_terms());
+  o.max_terms = static_cast<int>(spec.max_terms());
+  std::vector<std::pair<core::NamePattern, int>> pins;
+  for (const std::string& e : spec.weight_terms_for()) {
+    const size_t eq = e.rfind('=');
+    FPX_ASSIGN_OR_RETURN(core::NamePattern p,
+                         core::NamePattern::Compile(e.substr(0, eq), "spec.weight_terms_for"));
+    pins.emplace_back(std::move(p), std::stoi(e.substr(eq + 1)));
+  }
+  std::vector<core::LayerBudget> layers;
+  for (const model::Model::LayerSensitivity& s : sens) {
+    core::LayerBudget l;
+    l.name = s.name;
+    l.bytes_per_term = PackedTermBytes(net->layers()[s.layer].weight_shape, ws);
+    l.error = s.rel_fro;
+    for (const auto& [pattern, k] : pins) {
+      if (pattern.Matches(s.name)) {
+        l.pinned = k;
+        break;
+      }
+    }
+    layers.push_back(std::move(l));
+  }
+  // Per-layer K for the prober and KeepTerms, indexed as net->layers().
+  auto by_layer = [&](const std::vector<int>& k) {
+    std::vector<int> t(net->layers().size(), 0);
+    for (size_t j = 0; j < sens.size(); ++j) t[sens[j].layer] = k[j];
+    return t;
+  };
+  auto bytes_of = [&](const std::vector<int>& k) {
+    uint64_t b = 0;
+    for (size_t j = 0; j < layers.size(); ++j) b += static_cast<uint64_t>(k[j]) * layers[j].bytes_per_term;
+    return b;
+  };
+  FPX_ASSIGN_OR_RETURN(core::BudgetResult r, core::AllocateTerms(layers, o));
+  FPX_ASSIGN_OR_RETURN(double measured, prober->OutputError(by_layer(r.terms)));
+  int rounds = 1;
+  constexpr int kMaxRounds = 8;
+  while (measured > o.target && rounds < kMaxRounds) {
+    FPX_ASSIGN_OR_RETURN(core::BudgetResult next, core::Tighten(layers, o, r, measured));
+    if (next.terms == r.terms) break;  // nothing can grow
+    r = std::move(next);
+    FPX_ASSIGN_OR_RETURN(measured, prober->OutputError(by_layer(r.terms)));
+    ++rounds;
+  }
+  v1::TermAllocation* a = result->mutable_allocation();
+  a->set_target_rel_error(o.target);
+  a->set_estimated_rel_error(r.estimated_error);
+  a->set_measured_rel_error(measured);
+  a->set_weight_bytes(bytes_of(r.terms));
+  a->set_rounds(static_cast<uint32_t>(rounds));
+  double best = measured;
+  for (int k = 1; k <= o.max_terms; ++k) {
+    const std::vector<int> uniform(layers.size(), k);
+    FPX_ASSIGN_OR_RETURN(double e, prober->OutputError(by_layer(uniform)));
+    v1::UniformTerms* u = a->add_uniform();
+    u->set_weight_terms(static_cast<uint32_t>(k));
+    u->set_weight_bytes(bytes_of(uniform));
+    u->set_rel_error(e);
+    best = std::min(best, e);
+  }
+  if (measured > o.target) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "target_rel_error %.4e not reached: the chosen terms per layer measured %.4e on the "
+        "probe, and the best error reached (max_terms %d in every layer) is %.4e; raise "
+        "max_terms or the target",
+        o.target, measured, o.max_terms, best));
+  }
+  return net->KeepTerms(by_layer(r.terms));
 }
 
 void RunProbe(const v1::JobSpec& spec, const model::HostTensor& input, model::Model* net,
@@ -489,6 +576,41 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
     rep->Layer(p.done, p.total, p.name, 0.05, 0.7);
   };
   FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(spec), ctx.pool, hooks));
+  FPX_RETURN_IF_ERROR(CheckCancel(ctx));
+  // The data-free probes: every layer's sensitivity, and an error budget's allocation.
+  const bool budget = spec.target_rel_error() > 0;
+  std::optional<model::HostTensor> probe_input = ProbeInput(ctx.model, &out.result);
+  if (budget && !probe_input) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "target_rel_error needs the data-free probe, and there is none: ",
+        out.result.probe_note()));
+  }
+  if (probe_input) {
+    rep->Phase("probing layers", 0.7);
+    absl::StatusOr<std::unique_ptr<model::Model::Prober>> prober = net->NewProber(*probe_input);
+    absl::StatusOr<std::vector<model::Model::LayerSensitivity>> sens =
+        prober.ok() ? absl::InternalError("no sensitivity") : prober.status();
+    if (prober.ok()) {
+      constexpr int kReportedTerms = 4;
+      sens = (*prober)->Sensitivity(
+          budget ? static_cast<int>(spec.max_terms())
+                 : std::min<int>(kReportedTerms, spec.weight_terms()),
+          ctx.cancel);
+    }
+    if (!sens.ok() && absl::IsCancelled(sens.status())) return sens.status();
+    if (sens.ok()) {
+      AddSensitivity(spec, *sens, *net, &out.result);
+      if (budget) {
+        rep->Phase("allocating terms", 0.72);
+        FPX_RETURN_IF_ERROR(AllocateLayerTerms(spec, *sens, prober->get(), net.get(), &out.result));
+      }
+    } else if (budget) {
+      return sens.status();
+    } else {
+      out.result.set_probe_note(
+          absl::StrCat("no layer sensitivity: ", sens.status().message()));
+    }
+  }
   for (const model::LayerInfo& li : net->layers()) {
     if (!li.expanded) continue;
     v1::LayerResult* l = out.result.add_layers();
@@ -496,6 +618,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
     l->set_op(li.op);
     for (int64_t d : li.weight_shape) l->add_shape(d);
     AddTerms(li.errors, l);
+    l->set_weight_terms(static_cast<uint32_t>(li.errors.size()));
   }
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   rep->Phase("writing", 0.72);
@@ -513,16 +636,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
 
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   rep->Phase("probing", 0.8);
-  if (std::optional<model::HostTensor> input = ProbeInput(ctx.model, &out.result)) {
-    RunProbe(spec, *input, net.get(), &out.result);
-    FPX_RETURN_IF_ERROR(CheckCancel(ctx));
-    if (out.result.probe_size() > 0) {
-      rep->Phase("probing layers", 0.82);
-      absl::Status s = RunSensitivity(spec, *input, ctx, net.get(), &out.result);
-      if (absl::IsCancelled(s)) return s;
-      if (!s.ok()) out.result.set_probe_note(absl::StrCat("no layer sensitivity: ", s.message()));
-    }
-  }
+  if (probe_input) RunProbe(spec, *probe_input, net.get(), &out.result);
 
   const int K = static_cast<int>(spec.weight_terms());
   if (Wants(spec, v1::DEQUANTIZED_TORCHSCRIPT)) {

@@ -15,6 +15,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <set>
 #include <thread>
 
@@ -945,6 +947,121 @@ TEST_F(ServerTest, ConcurrentJobsWatchersAndCancels) {
   EXPECT_EQ(all.jobs_size(), kClients * kJobsPerClient);
   for (const v1::Job& j : all.jobs()) {
     EXPECT_TRUE(j.state() == v1::SUCCEEDED || j.state() == v1::CANCELLED) << j.job_id();
+  }
+}
+
+// An error-budgeted LAYER job: each layer's K comes from its sensitivity, the whole model meets
+// the target on the probe, the artifact keeps each layer's own terms and serves them; a pinned
+// layer keeps its K; a target out of reach fails with the best error; bad budgets are refused.
+TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
+  v1::Model m;
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ts, &m).ok());
+  v1::JobSpec spec = Spec("tiny", v1::LAYER, 4, 0);
+  spec.set_weight_terms(0);
+  spec.set_target_rel_error(0.02);
+  spec.mutable_deploy()->set_enabled(true);
+  spec.mutable_deploy()->set_name("tiny-budget");
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  EXPECT_EQ(done.spec().weight_terms(), 4u) << "the expansion has max_terms";
+  const v1::TermAllocation& a = done.result().allocation();
+  EXPECT_EQ(a.target_rel_error(), 0.02);
+  EXPECT_LE(a.measured_rel_error(), 0.02);
+  EXPECT_GT(a.measured_rel_error(), 0);
+  ASSERT_EQ(a.uniform_size(), 4);
+  uint64_t bytes = 0;
+  std::map<std::string, uint32_t> k_of;
+  for (const v1::LayerResult& l : done.result().layers()) {
+    EXPECT_GE(l.weight_terms(), 1u);
+    EXPECT_LE(l.weight_terms(), 4u);
+    EXPECT_EQ(l.terms_size(), static_cast<int>(l.weight_terms())) << l.name();
+    k_of[l.name()] = l.weight_terms();
+  }
+  for (const v1::LayerSensitivity& s : done.result().sensitivity()) {
+    ASSERT_EQ(s.rel_fro_size(), 4);
+    bytes += k_of[s.name()] * s.bytes_per_term();
+  }
+  EXPECT_EQ(a.weight_bytes(), bytes);
+  // No uniform K that meets the target is cheaper.
+  for (const v1::UniformTerms& u : a.uniform()) {
+    if (u.rel_error() <= 0.02) {
+      EXPECT_GE(u.weight_bytes(), a.weight_bytes()) << u.weight_terms();
+    }
+  }
+  // The probe at the full K is the allocation's network.
+  ASSERT_EQ(done.result().probe_size(), 4);
+  EXPECT_NEAR(done.result().probe(3).rel_fro(), a.measured_rel_error(),
+              1e-4 * a.measured_rel_error());
+  // The artifact records each layer's terms.
+  std::string packed;
+  for (const v1::Artifact& art : done.artifacts()) {
+    if (art.kind() == "packed_safetensors") packed = Download(art.artifact_id());
+  }
+  auto reader = core::SafetensorsReader::FromBuffer(absl::MakeConstSpan(
+      reinterpret_cast<const uint8_t*>(packed.data()), packed.size()));
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  for (const auto& [name, k] : k_of) {
+    EXPECT_EQ((*reader)->Metadata(name + ".terms").value_or("4"), std::to_string(k)) << name;
+    EXPECT_EQ((*reader)->Find(absl::StrCat(name, ".t", k + 1, ".codes")), nullptr) << name;
+  }
+  // Served with any precision: K' above a layer's own K runs that layer's K.
+  auto io = core::SafetensorsReader::Open(TinyDir() + "/tiny_io.safetensors");
+  ASSERT_TRUE(io.ok());
+  auto x = (*io)->Data(*(*io)->Find("input"));
+  for (int k : {1, 4}) {
+    inference::ModelInferRequest ir;
+    ir.set_model_name("tiny-budget");
+    auto* in = ir.add_inputs();
+    in->set_name("input__0");
+    in->set_datatype("FP32");
+    for (int64_t d : {2, 3, 8, 8}) in->add_shape(d);
+    ir.add_raw_input_contents(std::string(reinterpret_cast<const char*>(x.data()), x.size()));
+    (*ir.mutable_parameters())["fpxint_terms"].set_int64_param(k);
+    inference::ModelInferResponse resp;
+    grpc::Status st = oip_->ModelInfer(Ctx(kInfer).get(), ir, &resp);
+    EXPECT_TRUE(st.ok()) << k << " " << st.error_message();
+    EXPECT_EQ(resp.raw_output_contents_size(), 1) << k;
+  }
+
+  // A pinned layer keeps its K.
+  const std::string first = done.result().layers(0).name();
+  v1::JobSpec pinned = spec;
+  pinned.clear_deploy();
+  pinned.add_weight_terms_for(absl::StrCat(first, "=3"));
+  v1::Job p = Watch(Submit(pinned).job_id()).back();
+  ASSERT_EQ(p.state(), v1::SUCCEEDED) << p.error();
+  EXPECT_EQ(p.result().layers(0).weight_terms(), 3u);
+
+  // Out of reach at max_terms 1: FAILED with the best error reached, nothing stored.
+  v1::JobSpec tight = spec;
+  tight.clear_deploy();
+  tight.set_target_rel_error(1e-9);
+  tight.set_max_terms(1);
+  v1::Job f = Watch(Submit(tight).job_id()).back();
+  ASSERT_EQ(f.state(), v1::FAILED);
+  EXPECT_NE(f.error().find("target_rel_error 1.0000e-09 not reached"), std::string::npos)
+      << f.error();
+  EXPECT_NE(f.error().find("best error reached"), std::string::npos) << f.error();
+  EXPECT_EQ(f.artifacts_size(), 0);
+
+  // Bad budgets name the field.
+  for (auto [field, edit] :
+       std::vector<std::pair<std::string, std::function<void(v1::JobSpec*)>>>{
+           {"max_terms", [](v1::JobSpec* x) { x->set_min_terms(3); x->set_max_terms(2); }},
+           {"weight_terms_for", [](v1::JobSpec* x) { x->add_weight_terms_for("conv=9"); }},
+           {"target_rel_error", [](v1::JobSpec* x) { x->set_granularity(v1::TENSOR); }},
+           {"target_rel_error", [](v1::JobSpec* x) { x->set_act_bits(4); x->set_act_terms(2); }},
+           {"min_terms", [](v1::JobSpec* x) { x->set_target_rel_error(0); x->set_min_terms(2); }}}) {
+    v1::JobSpec bad = spec;
+    bad.clear_deploy();
+    edit(&bad);
+    v1::SubmitJobRequest req;
+    *req.mutable_spec() = bad;
+    v1::Job out;
+    grpc::Status st = q_->SubmitJob(Ctx().get(), req, &out);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << field;
+    EXPECT_NE(st.error_message().find(field), std::string::npos) << st.error_message();
   }
 }
 

@@ -1,5 +1,6 @@
 #include "server/validation.h"
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/hf_checkpoint.h"
 #include "core/name_pattern.h"
@@ -165,6 +166,60 @@ model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& s) {
   return m;
 }
 
+namespace {
+
+// The error-budget fields (target_rel_error, min_terms, max_terms, weight_terms_for).
+absl::Status NormalizeBudget(v1::JobSpec* s) {
+  if (s->target_rel_error() == 0) {
+    if (s->min_terms() || s->max_terms() || s->weight_terms_for_size()) {
+      return Bad(s->min_terms() ? "min_terms" : s->max_terms() ? "max_terms" : "weight_terms_for",
+                 "only with target_rel_error (an error-budgeted job); otherwise weight_terms "
+                 "applies to every layer");
+    }
+    return absl::OkStatus();
+  }
+  if (!(s->target_rel_error() > 0 && s->target_rel_error() <= 1e6)) {  // also refuses NaN
+    return Bad("target_rel_error", absl::StrCat(s->target_rel_error(), "; accepted 0 (one K for "
+                                                "every layer) or a positive value up to 1e6"));
+  }
+  if (s->granularity() == v1::TENSOR) {
+    return Bad("target_rel_error", "needs a LAYER or MODEL job (the budget is on the model's "
+                                   "output); TENSOR jobs take one K");
+  }
+  if (s->act_bits() || s->act_terms()) {
+    return Bad("target_rel_error", "weight-only jobs only (act_bits 0): W×A jobs take one K");
+  }
+  if (s->eps() != 0) return Bad("eps", "not with target_rel_error (it chooses the terms itself)");
+  if (s->min_terms() == 0) s->set_min_terms(1);
+  if (s->max_terms() == 0) s->set_max_terms(4);
+  if (s->min_terms() > s->max_terms() || s->max_terms() > 16) {
+    return Bad("max_terms", absl::StrCat("min_terms ", s->min_terms(), ", max_terms ",
+                                         s->max_terms(), "; accepted 1 <= min_terms <= "
+                                         "max_terms <= 16"));
+  }
+  if (s->weight_terms() != 0 && s->weight_terms() != s->max_terms()) {
+    return Bad("weight_terms", "with target_rel_error the expansion has max_terms terms; set "
+                               "max_terms (and min_terms) instead");
+  }
+  s->set_weight_terms(s->max_terms());
+  if (s->weight_terms_for_size() > 64) return Bad("weight_terms_for", "at most 64 entries");
+  for (const std::string& e : s->weight_terms_for()) {
+    const size_t eq = e.rfind('=');
+    int k = 0;
+    if (eq == std::string::npos || eq == 0 || !absl::SimpleAtoi(e.substr(eq + 1), &k) || k < 1 ||
+        k > static_cast<int>(s->max_terms())) {
+      return Bad("weight_terms_for",
+                 absl::StrCat("'", e, "'; accepted PATTERN=K with K in 1..max_terms (",
+                              s->max_terms(), ")"));
+    }
+    FPX_RETURN_IF_ERROR(
+        core::NamePattern::Compile(e.substr(0, eq), "spec.weight_terms_for").status());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
     return Bad("granularity", "required; one of TENSOR, LAYER, MODEL");
@@ -182,6 +237,7 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
                             model.name(), "' is ", v1::ModelFormat_Name(model.format()),
                             " (use TENSOR for weights files)"));
   }
+  FPX_RETURN_IF_ERROR(NormalizeBudget(s));
   if (s->weight_bits() == 0) s->set_weight_bits(4);
   if (s->weight_terms() == 0) s->set_weight_terms(2);
   if (s->grid() == v1::GRID_UNSPECIFIED) s->set_grid(v1::SYM);

@@ -5,12 +5,14 @@
 #
 # Usage:
 #   fpxint-quantize-step.sh --model-file FILE --name NAME --out DIR [--max-rel-error X]
-#                           [--job-file SPEC.yaml | quantize flags...] [-- more quantize flags]
+#                           [--target-rel-error T] [--job-file SPEC.yaml | quantize flags...]
+#                           [-- more quantize flags]
 # Inputs (flags, or environment for CI systems):
 #   --model-file FILE      model to quantize (.safetensors or TorchScript .pt)     MODEL_FILE
 #   --name NAME            name to upload it under                                 MODEL_NAME
 #   --out DIR              where job.json, upload.json and the artifacts go        OUTPUT_DIR
 #   --max-rel-error X      quality gate (default 0.05)                             MAX_REL_ERROR
+#   --target-rel-error T   error budget: K per layer chosen to meet T (layer/model) TARGET_REL_ERROR
 #   --job-file SPEC        YAML/JSON job spec (the model key is set from --name)   JOB_FILE
 #   --input SIG            TorchScript input signature, e.g. x:FP32:1,3,48,320     MODEL_INPUT
 #   anything else          passed to `fpxint quantize` (e.g. --granularity layer --bits 4 --terms 2)
@@ -27,6 +29,7 @@ model_file="${MODEL_FILE:-}"
 name="${MODEL_NAME:-}"
 out="${OUTPUT_DIR:-}"
 max_rel_error="${MAX_REL_ERROR:-0.05}"
+target_rel_error="${TARGET_REL_ERROR:-}"
 job_file="${JOB_FILE:-}"
 input_sig="${MODEL_INPUT:-}"
 quantize_args=()
@@ -36,10 +39,11 @@ while [[ $# -gt 0 ]]; do
     --name) name="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --max-rel-error) max_rel_error="$2"; shift 2 ;;
+    --target-rel-error) target_rel_error="$2"; shift 2 ;;
     --job-file) job_file="$2"; shift 2 ;;
     --input) input_sig="$2"; shift 2 ;;
     --) shift; quantize_args+=("$@"); break ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) quantize_args+=("$1"); shift ;;
   esac
 done
@@ -63,6 +67,7 @@ upload_args=(upload "$model_file" --name "$name")
 log "quantizing (gate: relative error <= $max_rel_error)"
 q=(quantize --model "$name" --max-rel-error "$max_rel_error")
 [[ -n $job_file ]] && q+=(--job-file "$job_file")
+[[ -n $target_rel_error ]] && q+=(--target-rel-error "$target_rel_error")
 set +e
 "$fpxint" --json "${q[@]}" "${quantize_args[@]}" > "$out/job.json"
 rc=$?

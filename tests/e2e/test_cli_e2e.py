@@ -504,6 +504,36 @@ class CliE2E(CliTestCase):
         for l in sens:
             self.assertEqual(len(l["rel_fro"]), 2, l)
 
+    def test_05b_quantize_with_an_error_budget(self):
+        """--target-rel-error: each layer gets its own K (between --min-terms and --max-terms,
+        pins by --weight-terms-for); the probe output error meets the target, and the report
+        compares the bytes with uniform K."""
+        self.need("uploaded", "test_02_upload")
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--target-rel-error", "0.01", "--max-terms", "3", "--wait")
+        self.assertIn("SUCCEEDED", r.out)
+        m = re.search(r"error budget: target 1\.000e-02, measured (\S+) \(estimated \S+\) "
+                      r"with (.*); terms", r.out)
+        self.assertIsNotNone(m, r.out)
+        self.assertLessEqual(float(m.group(1)), 0.01)
+        self.assertRegex(m.group(2), r"\d+ at K=\d")
+        jid = re.search(r"job (job-\w+)", r.out).group(1)
+        doc = self.run_cli("--json", "jobs", "get", jid).json()
+        alloc = doc["report"]["allocation"]
+        self.assertLessEqual(alloc["measured_rel_error"], 0.01)
+        self.assertEqual([u["weight_terms"] for u in alloc["uniform"]], [1, 2, 3])
+        ks = [l["weight_terms"] for l in doc["report"]["layers"]]
+        self.assertTrue(all(1 <= k <= 3 for k in ks), ks)
+        # A pin, and a budget on a TENSOR job named as the mistake it is.
+        first = doc["report"]["layers"][0]["name"]
+        pinned = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
+                              "--target-rel-error", "0.01", "--max-terms", "3",
+                              "--weight-terms-for", re.escape(first) + "=3", "--wait").json()
+        self.assertEqual(pinned["report"]["layers"][0]["weight_terms"], 3)
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "tensor",
+                         "--target-rel-error", "0.01", expect=3)
+        self.assertIn("target_rel_error", r.err + r.out)
+
     def test_06_quantize_job_file(self):
         self.need("uploaded", "test_02_upload")
         spec = os.path.join(self.work, "w4a4.yaml")
@@ -831,6 +861,13 @@ class CliE2E(CliTestCase):
         job = load_json(os.path.join(bad_dir, "job.json"))
         self.assertFalse(job["quality_gate"]["passed"])
         self.assertGreater(float(read_text(os.path.join(bad_dir, "rel_error"))), 0.0001)
+        # An error budget: the layers' K chosen to meet the target, checked by the same gate.
+        budget_dir = os.path.join(self.work, "step_budget")
+        p = run(budget_dir, "0.02", "--target-rel-error", "0.01")
+        self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+        job = load_json(os.path.join(budget_dir, "job.json"))
+        self.assertLessEqual(job["report"]["allocation"]["measured_rel_error"], 0.01)
+        self.assertTrue(job["quality_gate"]["passed"])
         # Missing inputs are usage errors.
         p = subprocess.run([step, "--name", "x", "--out", bad_dir], capture_output=True, text=True, env=env)
         self.assertEqual(p.returncode, 2)
