@@ -13,6 +13,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/expansion.h"
@@ -20,13 +21,15 @@
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
+#include "model/budget.h"
 
 namespace fpxint::model {
 namespace {
 
 constexpr char kGrammar[] =
     "accepted: fp | rtn<B> | w<B>x<K>[-opts] | w<B>a<A>x<K>[,<Ka>][-opts] with opts "
-    "sym|mid|asym, digits, trunc, atensor, tensor|channel|g<G> (e.g. w4x2, w2x4-mid, w4a4x2-trunc)";
+    "sym|mid|asym, digits, trunc, atensor, tensor|channel|g<G>, t<X> (an error budget: K per "
+    "layer up to K, probe output error <= X) (e.g. w4x2, w2x4-mid, w4a4x2-trunc, w4x4-t0.01)";
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -52,6 +55,7 @@ std::string CanonicalLabel(const EvalConfig& c) {
   if (!c.spec.weight_only() && c.ka != c.kw) absl::StrAppend(&s, ",", c.ka);
   if (w.grid != core::Grid::kSym) absl::StrAppend(&s, "-", core::GridName(w.grid));
   if (w.variant == core::Variant::kDigits) absl::StrAppend(&s, "-digits");
+  if (c.target > 0) absl::StrAppend(&s, "-t", absl::StrFormat("%g", c.target));
   if (c.spec.truncate) absl::StrAppend(&s, "-trunc");
   if (!c.spec.weight_only() && c.spec.act_scale == ModelExpansionSpec::ActScale::kTensor) {
     absl::StrAppend(&s, "-atensor");
@@ -64,8 +68,10 @@ std::string CanonicalLabel(const EvalConfig& c) {
 // Configs with the same key differ only in K and share one expansion.
 std::string GroupKey(const EvalConfig& c) {
   EvalConfig k = c;
-  k.kw = 0;
-  k.ka = 0;
+  if (c.target == 0) {  // a budget's expansion has exactly its K (and is cut down by it)
+    k.kw = 0;
+    k.ka = 0;
+  }
   return CanonicalLabel(k);
 }
 
@@ -249,6 +255,11 @@ absl::StatusOr<EvalConfig> ParseEvalConfig(absl::string_view text_in) {
       w.variant = core::Variant::kDigits;
     } else if (o == "trunc") {
       c.spec.truncate = true;
+    } else if (o.size() > 1 && o[0] == 't') {
+      if (!absl::SimpleAtod(absl::string_view(o).substr(1), &c.target) || !(c.target > 0) ||
+          c.target > 1e6) {
+        return bad("bad error budget (t<X>, X > 0)");
+      }
     } else if (o == "atensor") {
       c.spec.act_scale = ModelExpansionSpec::ActScale::kTensor;
     } else if (o == "tensor") {
@@ -268,6 +279,9 @@ absl::StatusOr<EvalConfig> ParseEvalConfig(absl::string_view text_in) {
   c.spec.act_grid = w.grid == core::Grid::kMid ? core::Grid::kMid : core::Grid::kSym;
   if (c.spec.weight_only() && c.spec.act_scale != ModelExpansionSpec::ActScale::kAuto) {
     return bad("atensor needs activation bits (w<B>a<A>x<K>)");
+  }
+  if (c.target > 0 && !c.spec.weight_only()) {
+    return bad("an error budget (t<X>) is for weight-only configs (w<B>x<K>-t<X>)");
   }
   if (absl::Status s = c.spec.Validate(); !s.ok()) return bad(s.message());
   c.label = CanonicalLabel(c);
@@ -319,6 +333,36 @@ struct Evaluator::Impl {
   int samples = 0;
 
   std::vector<std::vector<float>> fp_outputs;    // per batch, for output_rel_err
+
+  // An error budget (c.target): allocates each layer's K on the data-free probe (one sample of
+  // the task's input shape, N(0,1); no data is read) and keeps those terms.
+  absl::Status Budget(const EvalConfig& c, EvalResult* r) {
+    if (batches.empty() || batches[0].type != HostTensor::Type::kFloat32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          c.label, ": an error budget needs a float input for its data-free probe; this task's "
+          "input is token ids"));
+    }
+    std::vector<int64_t> shape = batches[0].shape;
+    shape[0] = 1;
+    BudgetSpec b;
+    b.target = c.target;
+    b.min_terms = 1;
+    b.max_terms = c.kw;
+    FPX_ASSIGN_OR_RETURN(BudgetOutcome o, AllocateModelTerms(model.get(), ProbeInput(shape), b));
+    FPX_RETURN_IF_ERROR(model->KeepTerms(o.terms));
+    double bits = 0, weights = 0;
+    for (size_t i = 0; i < o.terms.size(); ++i) {
+      if (o.terms[i] == 0) continue;
+      double n = 1;
+      for (int64_t d : model->layers()[i].weight_shape) n *= static_cast<double>(d);
+      bits += n * o.terms[i] * c.spec.weights.bits;
+      weights += n;
+      ++r->budget_layers_per_k[o.terms[i]];
+    }
+    r->budget_weight_bits = weights > 0 ? bits / weights : 0;
+    r->budget_probe_error = o.measured_error;
+    return absl::OkStatus();
+  }
 
   // Runs the whole set with the model's current configuration.
   absl::Status Score(EvalResult* r, bool record_fp) {
@@ -586,6 +630,10 @@ absl::StatusOr<std::vector<EvalResult>> Evaluator::Run(
           current_expand_seconds = Seconds(t0);
           current_group = key;
         }
+        if (c.target > 0) {
+          FPX_RETURN_IF_ERROR(im.Budget(c, &r));
+          current_group.clear();  // the expansion was cut to the budget's terms
+        }
         FPX_RETURN_IF_ERROR(im.model->SetPrecision(c.kw, c.ka));
         FPX_RETURN_IF_ERROR(im.Score(&r, false));
         r.expand_seconds = current_expand_seconds;
@@ -642,7 +690,14 @@ std::string EvalResultsJson(EvalTask task, const std::vector<EvalResult>& result
                                       : "auto");
       }
     }
-    w.Key("weight_bits_effective").Double(c.weight_bits());
+    w.Key("weight_bits_effective").Double(c.target > 0 ? r.budget_weight_bits : c.weight_bits());
+    if (c.target > 0) {
+      w.Key("target_rel_error").Double(c.target);
+      w.Key("probe_rel_error").Double(r.budget_probe_error);
+      w.Key("layers_per_weight_terms").BeginObject();
+      for (const auto& [k, n] : r.budget_layers_per_k) w.Key(absl::StrCat(k)).Int(n);
+      w.EndObject();
+    }
     w.Key("act_bits_effective").Double(c.act_bits());
     w.Key(r.metric_name).Double(r.metric);
     if (r.line_acc >= 0) w.Key("line_acc").Double(r.line_acc);

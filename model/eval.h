@@ -13,6 +13,8 @@
 //   w<B>x<K>[-opts]           series expansion of the weights, K terms of B bits
 //   w<B>a<A>x<K>[,<Ka>][-opts]  weights and activations expanded (K_w = K, K_a = Ka or K)
 //   opts: sym | mid | asym (grid; default sym), digits (variant D), trunc (order truncation),
+//         t<X> (an error budget, weight-only: each layer's K in 1..K chosen on the data-free
+//         probe so that the output error is at most X),
 //         atensor (activation scales per tensor instead of the finest factorable grouping),
 //         tensor | channel | g<G> (weight scale granularity; default channel)
 // e.g. "w4x2", "w2x4-mid", "w4a4x2", "w4a4x3-trunc", "w4x2-g128".
@@ -25,6 +27,7 @@
 
 #include <functional>
 #include <memory>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -47,6 +50,9 @@ struct EvalConfig {
   ModelExpansionSpec spec;  // kSeries: the expansion (terms = kw, act_terms = ka); kRtn: bits
   int kw = 0;
   int ka = 0;
+  // "-t<X>": an error budget (docs/ALGORITHM.md §6a): each layer gets its own K in 1..kw,
+  // chosen on the data-free probe so that its output error is at most X. Weight-only.
+  double target = 0;
   std::string label;  // canonical text form (ParseEvalConfig(label) gives this config back)
 
   // Bits per weight (K_w·b) and per activation (K_a·b_a; 32 when FP).
@@ -72,6 +78,11 @@ struct EvalResult {
   int samples = 0;
   double expand_seconds = 0;      // building the expansion (at the largest K of its group)
   double eval_seconds = 0;
+  // An error budget's row: the bits per weight its terms average (K_i·b weighted by the layers'
+  // sizes), the probe error it measured, and how many layers got each K.
+  double budget_weight_bits = 0;
+  double budget_probe_error = 0;
+  std::map<int, int> budget_layers_per_k;
 };
 
 class Evaluator {

@@ -37,7 +37,9 @@ std::string Row(const EvalResult& r, double fp_metric) {
                             : ppl ? absl::StrFormat("%+.2f%%", 100.0 * (r.metric / fp_metric - 1))
                                   : absl::StrFormat("%+.2f", r.metric - fp_metric);
   return absl::StrFormat("%-16s %5s %5s %9.3f %9s %10.3e %10.3e %7.2f %7.1f",
-                         c.label, absl::StrFormat("%g", c.weight_bits()),
+                         c.label,
+                         absl::StrFormat("%.3g", c.target > 0 ? r.budget_weight_bits
+                                                              : c.weight_bits()),
                          absl::StrFormat("%g", c.act_bits()), r.metric, delta, r.output_rel_err,
                          r.weight_rel_fro, r.expand_seconds, r.eval_seconds);
 }
@@ -55,9 +57,11 @@ int Main(int argc, char** argv) {
       "classifier, accuracy %), fmnist (Fashion-MNIST CNN, accuracy %), charlm (character LM,\n"
       "perplexity), or all.\n\n"
       "Config grammar: fp | rtn<B> | w<B>x<K>[-opts] | w<B>a<A>x<K>[,<Ka>][-opts], opts: sym|mid|asym,\n"
-      "digits, trunc, atensor (per-tensor activation scales), tensor|channel|g<G>. Examples: rtn4 (plain per-channel round-to-nearest),\n"
-      "w4x2 (2 weight terms of 4 bits), w2x4-mid, w4a4x2 (weights and activations, 2 terms each),\n"
-      "w4a4x3-trunc (order-truncated products).\n\n"
+      "digits, trunc, atensor (per-tensor activation scales), tensor|channel|g<G>, t<X> (an error\n"
+      "budget: each layer's K in 1..K chosen on the data-free probe so that the output error is at\n"
+      "most X; the W bit column is then the bits per weight it averages). Examples: rtn4 (plain\n"
+      "per-channel round-to-nearest), w4x2 (2 weight terms of 4 bits), w2x4-mid, w4a4x2 (weights\n"
+      "and activations, 2 terms each), w4a4x3-trunc (order-truncated products), w4x4-t0.01.\n\n"
       "Exit codes: 0 ok, 2 usage, 3 bad input or missing models, 4 other errors.",
       "fpxint-eval"};
   std::vector<std::string> tasks;

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <filesystem>
 #include <optional>
-#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -15,9 +14,8 @@
 #include "core/hf_checkpoint.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
-#include "core/term_budget.h"
-#include "core/name_pattern.h"
 #include "core/torch_state_dict.h"
+#include "model/budget.h"
 #include "model/model.h"
 #include "server/status_util.h"
 #include "server/store.h"
@@ -184,21 +182,7 @@ std::optional<model::HostTensor> ProbeInput(const v1::Model& m, v1::JobResult* r
     result->set_probe_note("no probe: the input signature has no usable shape");
     return std::nullopt;
   }
-  std::mt19937 rng(20261123);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> x(static_cast<size_t>(n));
-  for (float& v : x) v = nd(rng);
-  return model::HostTensor::Float(shape, x);
-}
-
-// The packed bytes one term of a layer of this shape costs: its codes and scales (and zero
-// points on the asym grid).
-uint64_t PackedTermBytes(const std::vector<int64_t>& shape, const core::ExpansionSpec& ws) {
-  absl::StatusOr<core::TensorLayout> l = core::TensorLayout::Make(shape, ws);
-  if (!l.ok()) return 0;
-  const uint64_t scales = static_cast<uint64_t>(l->num_scales(ws)) * 4;
-  return static_cast<uint64_t>(l->rows * l->packed_row_bytes) +
-         (ws.grid == core::Grid::kAsym ? 2 : 1) * scales;
+  return model::ProbeInput(shape);
 }
 
 // The layers' sensitivity into the report, ranked by error per MiB of a term.
@@ -210,7 +194,7 @@ void AddSensitivity(const v1::JobSpec& spec, const std::vector<model::Model::Lay
     v1::LayerSensitivity l;
     l.set_name(s.name);
     for (double e : s.rel_fro) l.add_rel_fro(e);
-    const uint64_t bytes = PackedTermBytes(net.layers()[s.layer].weight_shape, ws);
+    const uint64_t bytes = model::PackedTermBytes(net.layers()[s.layer].weight_shape, ws);
     l.set_bytes_per_term(bytes);
     l.set_error_per_mib(bytes > 0 && !s.rel_fro.empty() ? s.rel_fro[0] / (bytes / 1048576.0) : 0);
     out.push_back(std::move(l));
@@ -222,85 +206,42 @@ void AddSensitivity(const v1::JobSpec& spec, const std::vector<model::Model::Lay
 }
 
 // An error-budgeted job (spec.target_rel_error; docs/ALGORITHM.md §6a): chooses each layer's K
-// from the sensitivity, checks it on the whole model (growing it while the measurement is above
-// the target), reports it, and keeps those terms in the model. FailedPrecondition with the best
-// error when the target cannot be met at max_terms.
-absl::Status AllocateLayerTerms(const v1::JobSpec& spec,
-                           const std::vector<model::Model::LayerSensitivity>& sens,
-                           model::Model::Prober* prober, model::Model* net,
-                           v1::JobResult* result) {
-  const core::ExpansionSpec ws = WeightSpec(spec);
-  core::BudgetOptions o;
-  o.target = spec.target_rel_error();
-  o.min_terms = static_cast<int>(spec.min_terms());
-  o.max_terms = static_cast<int>(spec.max_terms());
-  std::vector<std::pair<core::NamePattern, int>> pins;
+// (model::AllocateModelTerms), reports it with the layers' sensitivity, and keeps those terms in
+// the model. FailedPrecondition with the best error when the target cannot be met at max_terms.
+absl::Status AllocateLayerTerms(const v1::JobSpec& spec, const model::HostTensor& probe,
+                                const JobContext& ctx, model::Model* net, v1::JobResult* result) {
+  model::BudgetSpec b;
+  b.target = spec.target_rel_error();
+  b.min_terms = static_cast<int>(spec.min_terms());
+  b.max_terms = static_cast<int>(spec.max_terms());
   for (const std::string& e : spec.weight_terms_for()) {
     const size_t eq = e.rfind('=');
-    FPX_ASSIGN_OR_RETURN(core::NamePattern p,
-                         core::NamePattern::Compile(e.substr(0, eq), "spec.weight_terms_for"));
-    pins.emplace_back(std::move(p), std::stoi(e.substr(eq + 1)));
+    b.pins.emplace_back(e.substr(0, eq), std::stoi(e.substr(eq + 1)));
   }
-  std::vector<core::LayerBudget> layers;
-  for (const model::Model::LayerSensitivity& s : sens) {
-    core::LayerBudget l;
-    l.name = s.name;
-    l.bytes_per_term = PackedTermBytes(net->layers()[s.layer].weight_shape, ws);
-    l.error = s.rel_fro;
-    for (const auto& [pattern, k] : pins) {
-      if (pattern.Matches(s.name)) {
-        l.pinned = k;
-        break;
-      }
-    }
-    layers.push_back(std::move(l));
-  }
-  // Per-layer K for the prober and KeepTerms, indexed as net->layers().
-  auto by_layer = [&](const std::vector<int>& k) {
-    std::vector<int> t(net->layers().size(), 0);
-    for (size_t j = 0; j < sens.size(); ++j) t[sens[j].layer] = k[j];
-    return t;
-  };
-  auto bytes_of = [&](const std::vector<int>& k) {
-    uint64_t b = 0;
-    for (size_t j = 0; j < layers.size(); ++j) b += static_cast<uint64_t>(k[j]) * layers[j].bytes_per_term;
-    return b;
-  };
-  FPX_ASSIGN_OR_RETURN(core::BudgetResult r, core::AllocateTerms(layers, o));
-  FPX_ASSIGN_OR_RETURN(double measured, prober->OutputError(by_layer(r.terms)));
-  int rounds = 1;
-  constexpr int kMaxRounds = 8;
-  while (measured > o.target && rounds < kMaxRounds) {
-    FPX_ASSIGN_OR_RETURN(core::BudgetResult next, core::Tighten(layers, o, r, measured));
-    if (next.terms == r.terms) break;  // nothing can grow
-    r = std::move(next);
-    FPX_ASSIGN_OR_RETURN(measured, prober->OutputError(by_layer(r.terms)));
-    ++rounds;
-  }
+  FPX_ASSIGN_OR_RETURN(model::BudgetOutcome o, model::AllocateModelTerms(net, probe, b, ctx.cancel));
+  AddSensitivity(spec, o.sensitivity, *net, result);
   v1::TermAllocation* a = result->mutable_allocation();
-  a->set_target_rel_error(o.target);
-  a->set_estimated_rel_error(r.estimated_error);
-  a->set_measured_rel_error(measured);
-  a->set_weight_bytes(bytes_of(r.terms));
-  a->set_rounds(static_cast<uint32_t>(rounds));
-  double best = measured;
-  for (int k = 1; k <= o.max_terms; ++k) {
-    const std::vector<int> uniform(layers.size(), k);
-    FPX_ASSIGN_OR_RETURN(double e, prober->OutputError(by_layer(uniform)));
-    v1::UniformTerms* u = a->add_uniform();
-    u->set_weight_terms(static_cast<uint32_t>(k));
-    u->set_weight_bytes(bytes_of(uniform));
-    u->set_rel_error(e);
-    best = std::min(best, e);
+  a->set_target_rel_error(b.target);
+  a->set_estimated_rel_error(o.estimated_error);
+  a->set_measured_rel_error(o.measured_error);
+  a->set_weight_bytes(o.weight_bytes);
+  a->set_rounds(static_cast<uint32_t>(o.rounds));
+  double best = o.measured_error;
+  for (const model::BudgetOutcome::Uniform& u : o.uniform) {
+    v1::UniformTerms* x = a->add_uniform();
+    x->set_weight_terms(static_cast<uint32_t>(u.terms));
+    x->set_weight_bytes(u.weight_bytes);
+    x->set_rel_error(u.rel_error);
+    best = std::min(best, u.rel_error);
   }
-  if (measured > o.target) {
+  if (!o.met) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "target_rel_error %.4e not reached: the chosen terms per layer measured %.4e on the "
         "probe, and the best error reached (max_terms %d in every layer) is %.4e; raise "
         "max_terms or the target",
-        o.target, measured, o.max_terms, best));
+        b.target, o.measured_error, b.max_terms, best));
   }
-  return net->KeepTerms(by_layer(r.terms));
+  return net->KeepTerms(o.terms);
 }
 
 void RunProbe(const v1::JobSpec& spec, const model::HostTensor& input, model::Model* net,
@@ -585,30 +526,21 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
         "target_rel_error needs the data-free probe, and there is none: ",
         out.result.probe_note()));
   }
-  if (probe_input) {
+  if (probe_input && budget) {
+    rep->Phase("allocating terms", 0.7);
+    FPX_RETURN_IF_ERROR(AllocateLayerTerms(spec, *probe_input, ctx, net.get(), &out.result));
+  } else if (probe_input) {
     rep->Phase("probing layers", 0.7);
-    absl::StatusOr<std::unique_ptr<model::Model::Prober>> prober = net->NewProber(*probe_input);
+    constexpr int kReportedTerms = 4;
     absl::StatusOr<std::vector<model::Model::LayerSensitivity>> sens =
-        prober.ok() ? absl::InternalError("no sensitivity") : prober.status();
-    if (prober.ok()) {
-      constexpr int kReportedTerms = 4;
-      sens = (*prober)->Sensitivity(
-          budget ? static_cast<int>(spec.max_terms())
-                 : std::min<int>(kReportedTerms, spec.weight_terms()),
-          ctx.cancel);
-    }
-    if (!sens.ok() && absl::IsCancelled(sens.status())) return sens.status();
+        net->Sensitivity(*probe_input, std::min<int>(kReportedTerms, spec.weight_terms()),
+                         ctx.cancel);
     if (sens.ok()) {
       AddSensitivity(spec, *sens, *net, &out.result);
-      if (budget) {
-        rep->Phase("allocating terms", 0.72);
-        FPX_RETURN_IF_ERROR(AllocateLayerTerms(spec, *sens, prober->get(), net.get(), &out.result));
-      }
-    } else if (budget) {
+    } else if (absl::IsCancelled(sens.status())) {
       return sens.status();
     } else {
-      out.result.set_probe_note(
-          absl::StrCat("no layer sensitivity: ", sens.status().message()));
+      out.result.set_probe_note(absl::StrCat("no layer sensitivity: ", sens.status().message()));
     }
   }
   for (const model::LayerInfo& li : net->layers()) {

@@ -1,0 +1,104 @@
+// File: model/budget.cc
+#include "model/budget.h"
+
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "core/expansion.h"
+#include "core/name_pattern.h"
+#include "core/status_macros.h"
+#include "core/term_budget.h"
+
+namespace fpxint::model {
+
+HostTensor ProbeInput(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::mt19937 rng(20261123);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> x(static_cast<size_t>(std::max<int64_t>(0, n)));
+  for (float& v : x) v = nd(rng);
+  return HostTensor::Float(shape, x);
+}
+
+uint64_t PackedTermBytes(const std::vector<int64_t>& shape, const core::ExpansionSpec& spec) {
+  absl::StatusOr<core::TensorLayout> l = core::TensorLayout::Make(shape, spec);
+  if (!l.ok()) return 0;
+  const uint64_t scales = static_cast<uint64_t>(l->num_scales(spec)) * 4;
+  return static_cast<uint64_t>(l->rows * l->packed_row_bytes) +
+         (spec.grid == core::Grid::kAsym ? 2 : 1) * scales;
+}
+
+absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& probe,
+                                                 const BudgetSpec& spec,
+                                                 const std::atomic<bool>* cancel) {
+  if (!net->spec().weight_only()) {
+    return absl::InvalidArgumentError("an error budget is for weight-only expansions");
+  }
+  const core::ExpansionSpec& ws = net->spec().weights;
+  BudgetOutcome out;
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<Model::Prober> prober, net->NewProber(probe));
+  FPX_ASSIGN_OR_RETURN(out.sensitivity, prober->Sensitivity(spec.max_terms, cancel));
+  std::vector<std::pair<core::NamePattern, int>> pins;
+  for (const auto& [pattern, k] : spec.pins) {
+    FPX_ASSIGN_OR_RETURN(core::NamePattern p, core::NamePattern::Compile(pattern, "pin"));
+    pins.emplace_back(std::move(p), k);
+  }
+  std::vector<core::LayerBudget> layers;
+  for (const Model::LayerSensitivity& s : out.sensitivity) {
+    core::LayerBudget l;
+    l.name = s.name;
+    l.bytes_per_term = PackedTermBytes(net->layers()[s.layer].weight_shape, ws);
+    l.error = s.rel_fro;
+    for (const auto& [pattern, k] : pins) {
+      if (pattern.Matches(s.name)) {
+        l.pinned = k;
+        break;
+      }
+    }
+    out.bytes_per_term.push_back(l.bytes_per_term);
+    layers.push_back(std::move(l));
+  }
+  const std::vector<Model::LayerSensitivity>& sens = out.sensitivity;
+  auto by_layer = [&](const std::vector<int>& k) {
+    std::vector<int> t(net->layers().size(), 0);
+    for (size_t j = 0; j < sens.size(); ++j) t[sens[j].layer] = k[j];
+    return t;
+  };
+  auto bytes_of = [&](const std::vector<int>& k) {
+    uint64_t b = 0;
+    for (size_t j = 0; j < layers.size(); ++j) {
+      b += static_cast<uint64_t>(k[j]) * layers[j].bytes_per_term;
+    }
+    return b;
+  };
+  core::BudgetOptions o;
+  o.target = spec.target;
+  o.min_terms = spec.min_terms;
+  o.max_terms = spec.max_terms;
+  FPX_ASSIGN_OR_RETURN(core::BudgetResult r, core::AllocateTerms(layers, o));
+  FPX_ASSIGN_OR_RETURN(out.measured_error, prober->OutputError(by_layer(r.terms)));
+  out.rounds = 1;
+  constexpr int kMaxRounds = 8;
+  while (out.measured_error > o.target && out.rounds < kMaxRounds) {
+    if (cancel != nullptr && cancel->load()) return absl::CancelledError("cancelled");
+    FPX_ASSIGN_OR_RETURN(core::BudgetResult next,
+                         core::Tighten(layers, o, r, out.measured_error));
+    if (next.terms == r.terms) break;  // nothing can grow
+    r = std::move(next);
+    FPX_ASSIGN_OR_RETURN(out.measured_error, prober->OutputError(by_layer(r.terms)));
+    ++out.rounds;
+  }
+  out.terms = by_layer(r.terms);
+  out.estimated_error = r.estimated_error;
+  out.weight_bytes = bytes_of(r.terms);
+  out.met = out.measured_error <= o.target;
+  for (int k = 1; k <= o.max_terms; ++k) {
+    const std::vector<int> uniform(layers.size(), k);
+    FPX_ASSIGN_OR_RETURN(double e, prober->OutputError(by_layer(uniform)));
+    out.uniform.push_back({k, bytes_of(uniform), e});
+  }
+  return out;
+}
+
+}  // namespace fpxint::model
