@@ -90,6 +90,23 @@ absl::Status WriteAll(int fd, const void* data, size_t n, const std::string& pat
   return absl::OkStatus();
 }
 
+absl::Status PwriteAll(int fd, const void* data, size_t n, uint64_t offset,
+                       const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd, p, std::min<size_t>(n, size_t{1} << 30),
+                               static_cast<off_t>(offset));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoToStatus(errno, "cannot write", path);
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+    offset += static_cast<uint64_t>(w);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AtomicFile::Write(const void* data, size_t n) {
   return WriteAll(fd_.get(), data, n, tmp_);
 }

@@ -14,6 +14,7 @@
 #define FPXINT_CORE_ATOMIC_FILE_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -57,6 +58,9 @@ absl::Status SyncFile(const std::string& path);
 absl::Status SyncDir(const std::string& dir);
 // Writes all n bytes to `fd`, retrying short writes and EINTR; errors name `path`.
 absl::Status WriteAll(int fd, const void* data, size_t n, const std::string& path);
+// The same at `offset` (pwrite), leaving the file position alone.
+absl::Status PwriteAll(int fd, const void* data, size_t n, uint64_t offset,
+                       const std::string& path);
 // "<pid>-<random>-<counter>": unique per process and call, for temporary names.
 std::string UniqueSuffix();
 // "." + the file name + ".tmp-" + UniqueSuffix(), beside `path`.

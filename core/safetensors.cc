@@ -352,17 +352,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsWriter::PlacedFile>> SafetensorsWriter
   const uint64_t n = h.size();
   std::memcpy(head.data(), &n, 8);
   head += h;
-  auto put = [&](uint64_t at, const uint8_t* p, size_t len) -> absl::Status {
-    size_t done = 0;
-    while (done < len) {
-      const ssize_t w = ::pwrite(fd, p + done, len - done, static_cast<off_t>(at + done));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return ErrnoToStatus(errno, "cannot write", out->file_.temp_path());
-      }
-      done += static_cast<size_t>(w);
-    }
-    return absl::OkStatus();
+  auto put = [&](uint64_t at, const uint8_t* p, size_t len) {
+    return PwriteAll(fd, p, len, at, out->file_.temp_path());
   };
   FPX_RETURN_IF_ERROR(put(0, reinterpret_cast<const uint8_t*>(head.data()), head.size()));
   uint64_t at = head.size();
@@ -397,16 +388,8 @@ absl::Status SafetensorsWriter::PlacedFile::Write(absl::string_view name,
                                             p.written ? "twice" : "with the wrong size", " (",
                                             bytes.size(), " bytes, reserved ", p.size, ")"));
   }
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t w = ::pwrite(file_.fd(), bytes.data() + done, bytes.size() - done,
-                               static_cast<off_t>(p.offset + done));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoToStatus(errno, "cannot write", file_.temp_path());
-    }
-    done += static_cast<size_t>(w);
-  }
+  FPX_RETURN_IF_ERROR(
+      PwriteAll(file_.fd(), bytes.data(), bytes.size(), p.offset, file_.temp_path()));
   p.written = true;
   written_max_ = std::max(written_max_, p.offset + p.size);
   return absl::OkStatus();
