@@ -19,16 +19,20 @@
 
 namespace fpxint::model {
 
+void Model::Impl::DropNetworks() {
+  built.clear();
+  packed.reset();
+  packed_wa.reset();
+  packed_wa_error = absl::OkStatus();
+  current_packed = current_wa = false;
+}
+
 absl::Status Model::Impl::ResetExpansion(const ModelExpansionSpec& s) {
   if (released) {
     return absl::FailedPreconditionError("this model keeps only its packed network (released)");
   }
   spec = s;
-  built.clear();  // networks of the previous expansion
-  packed.reset();
-  packed_wa.reset();
-  packed_wa_error = absl::OkStatus();
-  current_packed = current_wa = false;
+  DropNetworks();  // those of the previous expansion
   for (LayerInfo& l : layers) l.errors.clear();
   for (auto& e : expansions) e.reset();
   return absl::OkStatus();
@@ -378,12 +382,8 @@ absl::Status Model::KeepTerms(const std::vector<int>& terms) {
     if (e.errors.size() > k) e.errors.resize(k);
     if (im.layers[i].errors.size() > k) im.layers[i].errors.resize(k);
   }
-  im.built.clear();
-  im.packed.reset();
-  im.packed_wa.reset();
-  im.packed_wa_error = absl::OkStatus();
+  im.DropNetworks();
   im.current = im.frozen;
-  im.current_packed = im.current_wa = false;
   im.kw = im.ka = 0;
   return absl::OkStatus();
 }

@@ -231,7 +231,9 @@ TEST(ModelSensitivity, OneLayerAtATimeMatchesTheBuiltNetwork) {
       ASSERT_TRUE(m->UseParams(p).ok());
       const double want = RelErr(m->Forward(io.input)->f32, fp);
       EXPECT_NEAR(s.rel_fro[k - 1], want, 1e-4 * want + 1e-7) << s.name << " K=" << k;
-      if (k > 1) EXPECT_LT(s.rel_fro[k - 1], s.rel_fro[k - 2]) << s.name;
+      if (k > 1) {
+        EXPECT_LT(s.rel_fro[k - 1], s.rel_fro[k - 2]) << s.name;
+      }
     }
     EXPECT_GT(s.rel_fro[0], 0);
   }

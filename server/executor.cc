@@ -162,8 +162,6 @@ absl::Status AddReport(const v1::JobSpec& spec, const JobContext& ctx, JobOutput
   return absl::OkStatus();
 }
 
-// The data-free probe: a fixed pseudo-random N(0,1) input of the model's signature, run through
-// FP and through every precision k = 1..K of the expansion.
 // The probe input: fixed-seed N(0,1) values of the model's declared input shape (variable
 // dimensions 1). nullopt, with the reason in result->probe_note, when there is none.
 std::optional<model::HostTensor> ProbeInput(const v1::Model& m, v1::JobResult* result) {
@@ -214,10 +212,7 @@ absl::Status AllocateLayerTerms(const v1::JobSpec& spec, const model::HostTensor
   b.target = spec.target_rel_error();
   b.min_terms = static_cast<int>(spec.min_terms());
   b.max_terms = static_cast<int>(spec.max_terms());
-  for (const std::string& e : spec.weight_terms_for()) {
-    const size_t eq = e.rfind('=');
-    b.pins.emplace_back(e.substr(0, eq), std::stoi(e.substr(eq + 1)));
-  }
+  FPX_ASSIGN_OR_RETURN(b.pins, WeightTermPins(spec));
   FPX_ASSIGN_OR_RETURN(model::BudgetOutcome o, model::AllocateModelTerms(net, probe, b, ctx.cancel));
   AddSensitivity(spec, o.sensitivity, *net, result);
   v1::TermAllocation* a = result->mutable_allocation();
@@ -244,6 +239,8 @@ absl::Status AllocateLayerTerms(const v1::JobSpec& spec, const model::HostTensor
   return net->KeepTerms(o.terms);
 }
 
+// The data-free probe: the probe input run through FP and through every precision k = 1..K of
+// the expansion.
 void RunProbe(const v1::JobSpec& spec, const model::HostTensor& input, model::Model* net,
               v1::JobResult* result) {
   if (!net->SetPrecision(0, 0).ok()) return;
@@ -419,8 +416,6 @@ absl::StatusOr<JobOutput> AssembleDirectoryJob(
     bytes_in += t.result.bytes_in();
     bytes_out += t.result.bytes_out();
   }
-  std::error_code ec;
-  fs::create_directories(fs::path(ctx.scratch_dir), ec);
   const std::string packed_index_path = (fs::path(ctx.scratch_dir) / "packed.index.json").string();
   FPX_RETURN_IF_ERROR(core::WriteFileAtomic(packed_index_path, core::HfIndexToJson(packed_index)));
   out.files.push_back({"packed_index_json", absl::StrCat("packed/", core::kFpxintIndexFile),

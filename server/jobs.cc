@@ -10,6 +10,7 @@
 #include <set>
 #include <random>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/hash/hash.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -34,6 +35,18 @@ std::string NewId(absl::string_view prefix) {
 
 bool Terminal(v1::JobState s) {
   return s == v1::SUCCEEDED || s == v1::FAILED || s == v1::CANCELLED;
+}
+
+// What a claim (ClaimJob, ClaimTask) makes of a QUEUED record: the RUNNING one of `replica`'s
+// next attempt.
+std::function<void(v1::Job*)> StartOn(const std::string& replica) {
+  return [replica](v1::Job* j) {
+    j->set_state(v1::RUNNING);
+    j->set_started_unix_ms(NowUnixMs());
+    j->set_attempts(j->attempts() + 1);
+    j->set_replica(replica);
+    j->clear_error();
+  };
 }
 
 }  // namespace
@@ -495,14 +508,8 @@ void JobManager::WorkerLoop() {
       // began (else the job, already RUNNING in the journal, went back to the queue).
       busy_.fetch_add(1);
     }
-    const std::string replica = opts_.replica_id;
-    auto claimed = journal_->ClaimJob(replica, opts_.lease, [&replica](v1::Job* j) {
-      j->set_state(v1::RUNNING);
-      j->set_started_unix_ms(NowUnixMs());
-      j->set_attempts(j->attempts() + 1);
-      j->set_replica(replica);
-      j->clear_error();
-    });
+    auto claimed =
+        journal_->ClaimJob(opts_.replica_id, opts_.lease, StartOn(opts_.replica_id));
     if (!claimed.ok()) LogError(absl::StrCat("job queue: ", claimed.status().message()));
     idle = !claimed.ok() || !*claimed;
     if (idle) {
@@ -809,14 +816,7 @@ absl::StatusOr<JobOutput> JobManager::Coordinate(const std::shared_ptr<Live>& li
     ++submitted_;  // idle local workers take tasks too
   }
   Announce();
-  const std::string replica = opts_.replica_id;
-  auto start = [&replica](v1::Job* j) {
-    j->set_state(v1::RUNNING);
-    j->set_started_unix_ms(NowUnixMs());
-    j->set_attempts(j->attempts() + 1);
-    j->set_replica(replica);
-    j->clear_error();
-  };
+  const auto start = StartOn(opts_.replica_id);
   // This replica runs the job's queued tasks itself, one at a time on a thread of its own, while
   // this one follows every task (on any replica) into the job's progress.
   std::thread runner;
@@ -824,17 +824,14 @@ absl::StatusOr<JobOutput> JobManager::Coordinate(const std::shared_ptr<Live>& li
   auto join_runner = [&] {
     if (runner.joinable()) runner.join();
   };
-  struct Joiner {
-    std::function<void()> fn;
-    ~Joiner() { fn(); }
-  } joiner{[&] {
+  absl::Cleanup stop_runner = [&] {
     if (!runner.joinable()) return;
     // The job failed or was cancelled: its task here stops too. Interrupted (shutdown), the task
     // is interrupted with it and queued again; with the job's lease lost, the task (leased on
     // its own) finishes for the job's new runner.
     if (!live->interrupted.load() && !live->lease_lost.load()) StopTasksHere(id);
     runner.join();
-  }};
+  };
   std::vector<v1::Job> tasks;
   for (;;) {
     if (live->cancel.load()) {
@@ -843,7 +840,7 @@ absl::StatusOr<JobOutput> JobManager::Coordinate(const std::shared_ptr<Live>& li
     }
     if (!running_here.load()) {
       FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> claimed,
-                           journal_->ClaimTask(id, replica, opts_.lease, start));
+                           journal_->ClaimTask(id, opts_.replica_id, opts_.lease, start));
       if (claimed) {
         join_runner();
         running_here.store(true);

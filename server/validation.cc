@@ -203,22 +203,28 @@ absl::Status NormalizeBudget(v1::JobSpec* s) {
   }
   s->set_weight_terms(s->max_terms());
   if (s->weight_terms_for_size() > 64) return Bad("weight_terms_for", "at most 64 entries");
-  for (const std::string& e : s->weight_terms_for()) {
-    const size_t eq = e.rfind('=');
-    int k = 0;
-    if (eq == std::string::npos || eq == 0 || !absl::SimpleAtoi(e.substr(eq + 1), &k) || k < 1 ||
-        k > static_cast<int>(s->max_terms())) {
-      return Bad("weight_terms_for",
-                 absl::StrCat("'", e, "'; accepted PATTERN=K with K in 1..max_terms (",
-                              s->max_terms(), ")"));
-    }
-    FPX_RETURN_IF_ERROR(
-        core::NamePattern::Compile(e.substr(0, eq), "spec.weight_terms_for").status());
-  }
-  return absl::OkStatus();
+  return WeightTermPins(*s).status();
 }
 
 }  // namespace
+
+absl::StatusOr<std::vector<std::pair<std::string, int>>> WeightTermPins(const v1::JobSpec& s) {
+  std::vector<std::pair<std::string, int>> pins;
+  for (const std::string& e : s.weight_terms_for()) {
+    const size_t eq = e.rfind('=');
+    int k = 0;
+    if (eq == std::string::npos || eq == 0 || !absl::SimpleAtoi(e.substr(eq + 1), &k) || k < 1 ||
+        k > static_cast<int>(s.max_terms())) {
+      return Bad("weight_terms_for",
+                 absl::StrCat("'", e, "'; accepted PATTERN=K with K in 1..max_terms (",
+                              s.max_terms(), ")"));
+    }
+    FPX_RETURN_IF_ERROR(
+        core::NamePattern::Compile(e.substr(0, eq), "spec.weight_terms_for").status());
+    pins.emplace_back(e.substr(0, eq), k);
+  }
+  return pins;
+}
 
 absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {

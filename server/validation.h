@@ -9,8 +9,11 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "core/quant_spec.h"
 #include "fpxint/v1/quantizer.pb.h"
@@ -52,6 +55,10 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* spec);
 // The core spec of a normalized spec's weight terms, and the model layer's spec (LAYER/MODEL).
 core::ExpansionSpec WeightSpec(const v1::JobSpec& spec);
 model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& spec);
+
+// spec.weight_terms_for as (RE2 pattern, K) pairs; InvalidArgument naming the entry that is not
+// PATTERN=K with K in 1..max_terms or whose pattern does not compile.
+absl::StatusOr<std::vector<std::pair<std::string, int>>> WeightTermPins(const v1::JobSpec& spec);
 
 }  // namespace fpxint::server
 

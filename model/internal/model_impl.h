@@ -134,6 +134,8 @@ struct Model::Impl {
 
   // Forgets the current expansion and the networks built from it; `spec` becomes the model's.
   absl::Status ResetExpansion(const ModelExpansionSpec& s);
+  // Drops the networks built from the expansion (dense precisions, packed networks).
+  void DropNetworks();
 
   // The PackedWeight constants of the current network, in graph order (= layer order: each is
   // inserted just before its layer).
