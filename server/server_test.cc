@@ -204,6 +204,20 @@ class ServerTest : public ::testing::Test {
     return job;
   }
 
+  // A ModelInfer request with one FP32 input "input__0" of `shape`, its bytes raw.
+  static inference::ModelInferRequest RawInfer(const std::string& model,
+                                               const std::vector<int64_t>& shape,
+                                               std::string bytes) {
+    inference::ModelInferRequest req;
+    req.set_model_name(model);
+    auto* in = req.add_inputs();
+    in->set_name("input__0");
+    in->set_datatype("FP32");
+    for (int64_t d : shape) in->add_shape(d);
+    req.add_raw_input_contents(std::move(bytes));
+    return req;
+  }
+
   v1::JobSpec Spec(const std::string& model, v1::Granularity g, int bits = 4, int terms = 2) {
     v1::JobSpec s;
     s.set_model(model);
@@ -1010,13 +1024,9 @@ TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
   ASSERT_TRUE(io.ok());
   auto x = (*io)->Data(*(*io)->Find("input"));
   for (int k : {1, 4}) {
-    inference::ModelInferRequest ir;
-    ir.set_model_name("tiny-budget");
-    auto* in = ir.add_inputs();
-    in->set_name("input__0");
-    in->set_datatype("FP32");
-    for (int64_t d : {2, 3, 8, 8}) in->add_shape(d);
-    ir.add_raw_input_contents(std::string(reinterpret_cast<const char*>(x.data()), x.size()));
+    inference::ModelInferRequest ir = RawInfer(
+        "tiny-budget", {2, 3, 8, 8},
+        std::string(reinterpret_cast<const char*>(x.data()), x.size()));
     (*ir.mutable_parameters())["fpxint_terms"].set_int64_param(k);
     inference::ModelInferResponse resp;
     grpc::Status st = oip_->ModelInfer(Ctx(kInfer).get(), ir, &resp);
@@ -1172,13 +1182,9 @@ TEST_F(ServerTest, LayerJobDeploysAndServesAnyPrecision) {
   EXPECT_GT(rel(q1), rel(q3));
 
   // Bad requests name the field.
-  inference::ModelInferRequest bad;
-  bad.set_model_name("tiny-q");
-  auto* in = bad.add_inputs();
-  in->set_name("input__0");
-  in->set_datatype("FP32");
-  for (int64_t d : {2, 3, 8, 9}) in->add_shape(d);
-  bad.add_raw_input_contents(std::string(2 * 3 * 8 * 9 * 4, '\0'));
+  inference::ModelInferRequest bad =
+      RawInfer("tiny-q", {2, 3, 8, 9}, std::string(2 * 3 * 8 * 9 * 4, '\0'));
+  auto* in = bad.mutable_inputs(0);
   inference::ModelInferResponse resp;
   grpc::Status s = oip_->ModelInfer(Ctx(kInfer).get(), bad, &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);

@@ -570,6 +570,19 @@ def write_random_safetensors(path, n_tensors, rows, cols, seed=0):
     return os.path.getsize(path), h.hexdigest()
 
 
+def make_checkpoint(out, dtype, layers, hidden, intermediate, vocab, seed, shards=1, timeout=300):
+    """Writes a synthetic Hugging Face-layout checkpoint into `out` (scripts/make_checkpoint.py,
+    seeded and deterministic) and returns the summary it prints (tensors, parameters, ...)."""
+    cmd = ["/usr/bin/python3", os.path.join(REPO_ROOT, "scripts", "make_checkpoint.py"), out,
+           "--dtype", dtype, "--shards", str(shards), "--layers", str(layers),
+           "--hidden", str(hidden), "--intermediate", str(intermediate), "--vocab", str(vocab),
+           "--seed", str(seed)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr}")
+    return json.loads(p.stdout)
+
+
 def tiny_safetensors_bytes(seed=0, rows=8, cols=16):
     """A small valid F32 safetensors file (one [rows, cols] tensor) as bytes."""
     rng = np.random.default_rng(seed)

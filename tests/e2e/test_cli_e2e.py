@@ -255,16 +255,11 @@ class CliE2E(CliTestCase):
         every name, shape and dtype, the kept tensors' bytes, and the projections within the
         series' error; an --include naming lm_head expands it as well."""
         ck = os.path.join(self.work, "llama")
-        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
-                                                               "make_checkpoint.py"),
-                              ck, "--dtype", "BF16", "--layers", "2", "--hidden", "128",
-                              "--intermediate", "344", "--vocab", "500", "--seed", "3"],
-                             capture_output=True, text=True, timeout=120)
-        self.assertEqual(gen.returncode, 0, gen.stderr)
+        summary = sc.make_checkpoint(ck, "BF16", layers=2, hidden=128, intermediate=344,
+                                     vocab=500, seed=3)
         src = os.path.join(ck, "model.safetensors")
         self.run_cli("--json", "upload", src, "--name", "llama_bf16")
         # What the upload holds, as the generator reported it.
-        summary = json.loads(gen.stdout)
         got = self.run_cli("--json", "models", "get", "llama_bf16").json()["uploaded"]
         self.assertEqual(int(got["tensor_count"]), summary["tensors"])
         self.assertEqual(int(got["parameter_count"]), summary["parameters"])
@@ -330,13 +325,8 @@ class CliE2E(CliTestCase):
         source, kept tensors byte for byte, and every expanded tensor equal to the BF16 rounding
         of the independent decoder's sum of the packed terms."""
         ck = os.path.join(self.work, "llama_dir")
-        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
-                                                               "make_checkpoint.py"),
-                              ck, "--dtype", "BF16", "--shards", "2", "--layers", "2",
-                              "--hidden", "128", "--intermediate", "344", "--vocab", "500",
-                              "--seed", "5"], capture_output=True, text=True, timeout=120)
-        self.assertEqual(gen.returncode, 0, gen.stderr)
-        summary = json.loads(gen.stdout)
+        summary = sc.make_checkpoint(ck, "BF16", shards=2, layers=2, hidden=128, intermediate=344,
+                                     vocab=500, seed=5)
         index = load_json(os.path.join(ck, "model.safetensors.index.json"))
         shards = sorted(set(index["weight_map"].values()))
         self.assertEqual(len(shards), 2)
@@ -442,12 +432,7 @@ class CliE2E(CliTestCase):
         W8x3 expansion's independent reconstruction matches the codes decoded with the format's
         own table to about 1e-6, where any misread code would show as an O(1) error."""
         ck = os.path.join(self.work, "fp8_dir")
-        gen = subprocess.run(["/usr/bin/python3", os.path.join(sc.REPO_ROOT, "scripts",
-                                                               "make_checkpoint.py"),
-                              ck, "--dtype", "F8_E4M3", "--layers", "1", "--hidden", "64",
-                              "--intermediate", "128", "--vocab", "100", "--seed", "2"],
-                             capture_output=True, text=True, timeout=120)
-        self.assertEqual(gen.returncode, 0, gen.stderr)
+        sc.make_checkpoint(ck, "F8_E4M3", layers=1, hidden=64, intermediate=128, vocab=100, seed=2)
         up = self.run_cli("--json", "upload", ck, "--name", "fp8_dir").json()
         self.assertEqual({k: int(v) for k, v in up["dtypes"].items()}, {"F8_E4M3": int(up["tensor_count"])})
         job = self.run_cli("--json", "quantize", "--model", "fp8_dir", "--granularity", "tensor",
