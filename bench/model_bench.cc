@@ -5,10 +5,11 @@
 //       fpxint::conv2d on packed terms (default schedule: 480 output pixels are compute-bound,
 //       so a transient fp32 copy goes to LibTorch); w4k2_packed_kernels = the packed kernels
 //       forced (im2col + core::LowbitLinear).
-//   Model/<impl>/ocr_rec/batch:1   the whole recognizer on the first rendered evaluation line
-//       [1, 3, 48, 320] (ocr_eval.safetensors):
+//   Model/<impl>/ocr_rec/batch:<B>   the whole recognizer on the first B rendered evaluation
+//       lines [B, 3, 48, 320] (ocr_eval.safetensors):
 //       fp32_libtorch = the frozen FP model; w4k1, w4k2 = model::Model with packed weights (every
-//       conv and matmul on fpxint ops, K' = K).
+//       conv and matmul on fpxint ops, K' = K); w4a4k2 = W4×2 with 4-bit activations ×2 (all
+//       pairs, integer ops where the layer takes them).
 // Counters: weight_MB = resident weight bytes (packed: codes + scales + offsets).
 // The models come from scripts/fetch_models.sh (FPXINT_MODELS_DIR or ~/.cache/fpxint/models);
 // a missing model is reported as an error, not skipped silently.
@@ -101,9 +102,9 @@ void BM_Dequantize(benchmark::State& state, int terms) {
 
 // ---- Model ----
 
-void BM_Model(benchmark::State& state, int terms) {
-  auto m = fpxint::bench::LoadRecognizer(ModelsDir(), terms);
-  auto x = m.ok() ? fpxint::bench::FirstRecognizerLine(ModelsDir()) : m.status();
+void BM_Model(benchmark::State& state, int terms, int act_terms, int64_t batch) {
+  auto m = fpxint::bench::LoadRecognizer(ModelsDir(), terms, act_terms);
+  auto x = m.ok() ? fpxint::bench::FirstRecognizerLine(ModelsDir(), batch) : m.status();
   if (!x.ok()) {
     state.SkipWithError(std::string(x.status().message()).c_str());
     return;
@@ -135,10 +136,18 @@ int Register() {
       ->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark(("Conv/w4k2_dequantize_only" + conv).c_str(), BM_Dequantize, 2)
       ->Unit(benchmark::kMillisecond)->UseRealTime();
-  for (auto [impl, terms] : {std::pair<const char*, int>{"fp32_libtorch", 0}, {"w4k1", 1}, {"w4k2", 2}}) {
-    benchmark::RegisterBenchmark(("Model/" + std::string(impl) + "/ocr_rec/batch:1").c_str(),
-                                 BM_Model, terms)
-        ->Unit(benchmark::kMillisecond)->UseRealTime();
+  struct Impl {
+    const char* name;
+    int terms, act_terms;
+  };
+  for (int64_t batch : {1}) {  // the traced recognizer takes one line per call
+    for (const Impl& i : {Impl{"fp32_libtorch", 0, 0}, Impl{"w4k1", 1, 0}, Impl{"w4k2", 2, 0},
+                          Impl{"w4a4k2", 2, 2}}) {
+      benchmark::RegisterBenchmark(
+          ("Model/" + std::string(i.name) + "/ocr_rec/batch:" + std::to_string(batch)).c_str(),
+          BM_Model, i.terms, i.act_terms, batch)
+          ->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
   }
   return 0;
 }

@@ -18,7 +18,7 @@ std::string ModelsDir() {
 }
 
 absl::StatusOr<std::unique_ptr<model::Model>> LoadRecognizer(const std::string& models_dir,
-                                                             int terms) {
+                                                             int terms, int act_terms) {
   model::Model::Options o;
   o.threads = 2;
   o.packed = true;
@@ -31,25 +31,30 @@ absl::StatusOr<std::unique_ptr<model::Model>> LoadRecognizer(const std::string& 
     model::ModelExpansionSpec spec;
     spec.weights.bits = 4;
     spec.weights.terms = terms;
+    if (act_terms > 0) {
+      spec.act_bits = 4;
+      spec.act_terms = act_terms;
+    }
     FPX_RETURN_IF_ERROR((*m)->Expand(spec, nullptr));
   }
-  FPX_RETURN_IF_ERROR((*m)->SetPrecision(terms, 0));
+  FPX_RETURN_IF_ERROR((*m)->SetPrecision(terms, act_terms));
   if (terms > 0) (*m)->ReleaseAllButPacked().IgnoreError();  // as the server holds it
   return m;
 }
 
-absl::StatusOr<model::HostTensor> FirstRecognizerLine(const std::string& models_dir) {
+absl::StatusOr<model::HostTensor> FirstRecognizerLine(const std::string& models_dir,
+                                                      int64_t lines) {
   auto reader = core::SafetensorsReader::Open(models_dir + "/ocr/ocr_eval.safetensors");
   const core::TensorInfo* t = reader.ok() ? (*reader)->Find("rec_images") : nullptr;
   if (t == nullptr || t->dtype != core::DType::kF32 || t->shape.size() != 4 || t->shape[1] != 3 ||
-      t->shape[2] != 48 || t->shape[3] != 320) {
+      t->shape[2] != 48 || t->shape[3] != 320 || t->shape[0] < lines) {
     return absl::FailedPreconditionError(
         "ocr_eval.safetensors has no F32 rec_images [N, 3, 48, 320] (run scripts/fetch_models.sh)");
   }
   const auto bytes = (*reader)->Data(*t);
-  std::vector<float> v(static_cast<size_t>(3 * 48 * 320));
+  std::vector<float> v(static_cast<size_t>(lines * 3 * 48 * 320));
   std::memcpy(v.data(), bytes.data(), v.size() * sizeof(float));
-  return model::HostTensor::Float({1, 3, 48, 320}, std::move(v));
+  return model::HostTensor::Float({lines, 3, 48, 320}, std::move(v));
 }
 
 }  // namespace fpxint::bench

@@ -16,13 +16,15 @@ namespace fpxint::bench {
 // FPXINT_MODELS_DIR, else scripts/fetch_models.sh's default (~/.cache/fpxint/models).
 std::string ModelsDir();
 
-// ocr/ocr_rec.pt on 2 threads with packed ops: FP32 for terms == 0, otherwise the weight-only
-// expansion b = 4, K = terms, holding only the packed terms as the server does.
+// ocr/ocr_rec.pt on 2 threads with packed ops: FP32 for terms == 0, otherwise the expansion
+// b = 4, K = terms, weight-only (act_terms == 0) or W×A with 4-bit activation terms, holding
+// only the packed terms as the server does.
 absl::StatusOr<std::unique_ptr<model::Model>> LoadRecognizer(const std::string& models_dir,
-                                                             int terms);
+                                                             int terms, int act_terms = 0);
 
-// The first line of ocr/ocr_eval.safetensors "rec_images": [1, 3, 48, 320] F32.
-absl::StatusOr<model::HostTensor> FirstRecognizerLine(const std::string& models_dir);
+// The first `lines` lines of ocr/ocr_eval.safetensors "rec_images": [lines, 3, 48, 320] F32.
+absl::StatusOr<model::HostTensor> FirstRecognizerLine(const std::string& models_dir,
+                                                      int64_t lines = 1);
 
 }  // namespace fpxint::bench
 

@@ -29,6 +29,15 @@ inline int64_t PlaneCode(int64_t q, int bits) {
   return (q % bytes) * per + q / bytes;
 }
 
+// Position q of a block in group order (the many-row schedule's activations) -> the code index:
+// per 8 codes, the even ones then the odd ones.
+inline int64_t GroupCode(int64_t q) {
+  const int64_t t = q & 7;
+  return (q & ~int64_t{7}) + (t < 4 ? 2 * t : 2 * (t - 4) + 1);
+}
+
+inline int32_t Nibble(uint8_t v) { return v < 8 ? v : int32_t{v} - 16; }
+
 }  // namespace
 
 void UnpackIntRowRef(const uint8_t* packed, int64_t n, int bits, int8_t* out) {
@@ -56,12 +65,30 @@ void DotTileRef(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t l
   }
 }
 
+void GemmPanelRef(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx, int B,
+                  int32_t* out) {
+  for (int b = 0; b < B; ++b) {
+    for (int r = 0; r < kIntPanelRows; ++r) {
+      int32_t s = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* w = panel + (g * kIntPanelRows + r) * 4;
+        const uint8_t* xg = x + b * ldx + 8 * g;
+        for (int q = 0; q < 4; ++q) {
+          s += Nibble(w[q] & 0x0F) * int32_t{xg[q]} + Nibble(w[q] >> 4) * int32_t{xg[4 + q]};
+        }
+      }
+      out[b * kIntPanelRows + r] = s;
+    }
+  }
+}
+
 constexpr IntKernelTable kRef = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
   t.name = "ref";
   t.unpack_row = UnpackIntRowRef;
   t.dot_tile = DotTileRef;
+  t.gemm_panel = GemmPanelRef;
   return t;
 }();
 
@@ -175,7 +202,97 @@ size_t IntLinear::resident_bytes() const {
   for (const Term& t : terms_) {
     n += t.owned.size() + t.scale.size() * 4 + t.wsum.size() * 4;
   }
+  for (const std::vector<uint8_t>& p : panels_->term) n += p.size();
   return n;
+}
+
+bool IntLinear::UsesGemm(int64_t batch, const IntKernelTable* kernels) const {
+  const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
+  return bits_ == 4 && kt.gemm_panel != nullptr && batch >= kIntGemmMinRows;
+}
+
+const IntLinear::Panels& IntLinear::PanelsBuilt() const {
+  absl::call_once(panels_->once, [this] {
+    Panels& p = *panels_;
+    p.groups = RoundUp(cols_) / 8;
+    const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
+    const size_t bytes = static_cast<size_t>(panels * p.groups * kIntPanelRows * 4);
+    p.term.resize(terms_.size());
+    for (size_t k = 0; k < terms_.size(); ++k) {
+      std::vector<uint8_t>& out = p.term[k];
+      out.assign(bytes, 0);  // rows past the last and codes past the row stay 0
+      for (int64_t o = 0; o < rows_; ++o) {
+        const uint8_t* row = terms_[k].codes + o * row_bytes_;
+        uint8_t* dst = out.data() + (o / kIntPanelRows) * p.groups * kIntPanelRows * 4 +
+                       (o % kIntPanelRows) * 4;
+        for (int64_t g = 0; 4 * g < row_bytes_; ++g) {
+          std::memcpy(dst + g * kIntPanelRows * 4, row + 4 * g,
+                      static_cast<size_t>(std::min<int64_t>(4, row_bytes_ - 4 * g)));
+        }
+      }
+      // A packed row of odd length ends on a high nibble that is not a code: clear it, so the
+      // panels hold codes only (its activation is 0 anyway).
+      if (cols_ % 2 != 0) {
+        const int64_t g = (cols_ - 1) / 8, q = ((cols_ - 1) % 8) / 2;
+        for (int64_t o = 0; o < rows_; ++o) {
+          out[static_cast<size_t>(((o / kIntPanelRows) * p.groups + g) * kIntPanelRows * 4 +
+                                  (o % kIntPanelRows) * 4 + q)] &= 0x0F;
+        }
+      }
+    }
+  });
+  return *panels_;
+}
+
+void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npad,
+                            const std::vector<std::pair<int, int>>& pairs,
+                            const std::vector<std::vector<uint8_t>>& xu,
+                            const std::vector<std::vector<float>>& sx,
+                            const std::vector<int32_t>& bias, float* y, ThreadPool* pool) const {
+  const Panels& pn = PanelsBuilt();
+  const int64_t panel_bytes = pn.groups * kIntPanelRows * 4;
+  const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
+  auto run = [&](int64_t q) {
+    const int64_t o0 = q * kIntPanelRows;
+    const int R = static_cast<int>(std::min<int64_t>(kIntPanelRows, rows_ - o0));
+    std::vector<int32_t> acc(pairs.size() * kIntGemmRows * kIntPanelRows);
+    // Per pair, the weight-side epilogue terms of this panel: scale and bias · Σ codes.
+    std::vector<float> ws(pairs.size() * kIntPanelRows, 0.0f);
+    std::vector<int32_t> bw(pairs.size() * kIntPanelRows, 0);
+    for (size_t p = 0; p < pairs.size(); ++p) {
+      const auto [i, j] = pairs[p];
+      const Term& t = terms_[static_cast<size_t>(i)];
+      for (int r = 0; r < R; ++r) {
+        ws[p * kIntPanelRows + r] = t.scale[static_cast<size_t>(o0 + r)];
+        bw[p * kIntPanelRows + r] = bias[static_cast<size_t>(j)] * t.wsum[static_cast<size_t>(o0 + r)];
+      }
+    }
+    for (int64_t b0 = 0; b0 < batch; b0 += kIntGemmRows) {
+      const int B = static_cast<int>(std::min<int64_t>(kIntGemmRows, batch - b0));
+      for (size_t p = 0; p < pairs.size(); ++p) {
+        const auto [i, j] = pairs[p];
+        kt.gemm_panel(pn.term[static_cast<size_t>(i)].data() + q * panel_bytes, pn.groups,
+                      xu[static_cast<size_t>(j)].data() + b0 * npad, npad, B,
+                      acc.data() + p * kIntGemmRows * kIntPanelRows);
+      }
+      // The dot schedule's epilogue, element for element: Σ_p (sw·sx)·(acc − bias·Σw) in pair
+      // order, so both schedules give the same bits.
+      for (int b = 0; b < B; ++b) {
+        float s[kIntPanelRows] = {};
+        for (size_t p = 0; p < pairs.size(); ++p) {
+          const float xs = sx[static_cast<size_t>(pairs[p].second)][static_cast<size_t>(b0 + b)];
+          const int32_t* a = acc.data() + (p * kIntGemmRows + b) * kIntPanelRows;
+          const float* w = ws.data() + p * kIntPanelRows;
+          const int32_t* c = bw.data() + p * kIntPanelRows;
+          for (int r = 0; r < kIntPanelRows; ++r) {
+            s[r] += w[r] * xs * static_cast<float>(a[r] - c[r]);
+          }
+        }
+        std::memcpy(y + (b0 + b) * rows_ + o0, s, static_cast<size_t>(R) * sizeof(float));
+      }
+    }
+  };
+  RunTasks(pool, panels, run);
 }
 
 absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
@@ -213,9 +330,11 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   std::vector<std::vector<uint8_t>> xu(static_cast<size_t>(Ka));
   std::vector<std::vector<float>> sx(static_cast<size_t>(Ka));
   std::vector<int32_t> bias(static_cast<size_t>(Ka));
-  // Plane position -> code index within a block, for this weight width.
+  // Block position -> code index: plane order for the dot schedule (this weight width), group
+  // order for the panel product.
+  const bool gemm = UsesGemm(batch, &kt);
   int64_t plane[kIntBlock];
-  for (int64_t p = 0; p < kIntBlock; ++p) plane[p] = PlaneCode(p, bits_);
+  for (int64_t p = 0; p < kIntBlock; ++p) plane[p] = gemm ? GroupCode(p) : PlaneCode(p, bits_);
   for (int j = 0; j < Ka; ++j) {
     const bool is_unsigned = as.term_is_unsigned(j + 1);
     bias[static_cast<size_t>(j)] = is_unsigned ? 0 : 1 << (act.bits - 1);
@@ -224,6 +343,32 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   }
   // One activation row per task: all its terms' codes, biased, in plane order.
   auto prepare_row = [&](int64_t b) {
+    if (gemm && act.bits == 4) {
+      // Group order straight from the packed row: the 4 bytes of codes 8g..8g+7 give their low
+      // nibbles (even codes) then their high ones (odd codes); a signed nibble plus its bias 8
+      // is the nibble with bit 3 flipped.
+      for (int j = 0; j < Ka; ++j) {
+        const uint8_t* src = ex.terms[j].codes.data() + b * ex.layout.packed_row_bytes;
+        uint8_t* row = xu[static_cast<size_t>(j)].data() + b * npad;
+        const uint32_t flip = bias[static_cast<size_t>(j)] == 0 ? 0 : 0x08080808u;
+        const int64_t full = cols_ / 8;
+        for (int64_t g = 0; g < full; ++g) {
+          uint32_t v;
+          std::memcpy(&v, src + 4 * g, 4);
+          const uint32_t lo = (v & 0x0F0F0F0Fu) ^ flip, hi = ((v >> 4) & 0x0F0F0F0Fu) ^ flip;
+          std::memcpy(row + 8 * g, &lo, 4);
+          std::memcpy(row + 8 * g + 4, &hi, 4);
+        }
+        for (int64_t c = 8 * full; c < cols_; ++c) {
+          const uint32_t nib = (src[c / 2] >> (4 * (c % 2))) & 0x0Fu;
+          const int64_t t = c - 8 * full;
+          row[8 * full + (t % 2 != 0 ? 4 + t / 2 : t / 2)] = static_cast<uint8_t>(nib ^ (flip & 0x0F));
+        }
+        sx[static_cast<size_t>(j)][static_cast<size_t>(b)] =
+            ex.terms[j].scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
+      }
+      return;
+    }
     std::vector<int32_t> q(static_cast<size_t>(cols_));
     for (int j = 0; j < Ka; ++j) {
       const bool is_unsigned = bias[static_cast<size_t>(j)] == 0;
@@ -253,6 +398,10 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
     for (int j = 0; j < Ka; ++j) {
       if (!act.truncate || (i + 1) + (j + 1) <= k_max + 1) pairs.emplace_back(i, j);
     }
+  }
+  if (gemm) {
+    ForwardGemm(kt, batch, npad, pairs, xu, sx, bias, y, pool);
+    return absl::OkStatus();
   }
   const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
   auto run = [&](int64_t task) {

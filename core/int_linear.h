@@ -16,14 +16,24 @@
 // avx2, avx512-VNNI) computes the same integers and shares the float epilogue, so the outputs are
 // bit-for-bit equal to the scalar reference.
 //
-// Schedule: per tile of 4 output rows, the K_w' packed weight terms are unpacked once into s8
-// (in L1), then every 4-row tile of activations runs all pairs against them; the weights are
-// read from memory once per call, the activation codes from cache.
+// Two schedules, chosen per call:
+// - few activation rows (below kIntGemmMinRows, or weights other than b = 4, or kernels without a
+//   panel product): per tile of 4 output rows, the K_w' packed weight terms are unpacked once
+//   into s8 (in L1), then every 4-row tile of activations runs all pairs against them as dot
+//   products; the weights are read from memory once per call, the activation codes from cache.
+// - many rows (b = 4): a register-blocked GEMM. The weights are repacked once, on the first such
+//   call, into panels of kIntPanelRows output rows where each 32-bit word holds 8 packed codes of
+//   one row (still 4 bits per code, unpacked in registers); each product broadcasts 4
+//   activation codes against 16 rows × 4 codes (vpdpbusd), kIntGemmRows activation rows at a time.
 #ifndef FPXINT_CORE_INT_LINEAR_H_
 #define FPXINT_CORE_INT_LINEAR_H_
 
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
+
+#include "absl/base/call_once.h"
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -39,6 +49,12 @@ namespace fpxint::core {
 // 32 bytes; activations are written in it once per call.
 inline constexpr int64_t kIntBlock = 64;
 
+// The many-row schedule (b = 4 weights): output rows per weight panel, activation rows per panel
+// product, and the activation rows from which a call takes it.
+inline constexpr int kIntPanelRows = 32;
+inline constexpr int kIntGemmRows = 8;
+inline constexpr int64_t kIntGemmMinRows = 8;
+
 struct IntKernelTable {
   const char* name;  // "ref" | "avx2" | "avx512vnni"
   // The first n codes of one packed row (core/packing.h layout, b-bit two's complement), as s8 in
@@ -47,6 +63,15 @@ struct IntKernelTable {
   // out[r·B + b] = Σ_{c<n} w[r·ldw + c] · x[b·ldx + c] for r < R ≤ 4, b < B ≤ 4; n % 64 == 0.
   void (*dot_tile)(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx, int B,
                    int64_t n, int32_t* out);
+  // The panel product (nullptr: the variant has none and takes the dot schedule at every size).
+  // `panel` holds `groups` blocks of kIntPanelRows 32-bit words: word r of block g is the 4 packed
+  // bytes of output row r for input codes 8g..8g+7 (b = 4, lsb_first, two's complement). The
+  // activation rows are u8 in "group order": per 8 codes, the even ones then the odd ones, so
+  // byte 8g+q pairs with the low nibble of byte q and byte 8g+4+q with its high nibble.
+  //   out[b·kIntPanelRows + r] = Σ_g Σ_q lo(g,r,q)·x[b·ldx + 8g + q] + hi(g,r,q)·x[b·ldx + 8g+4+q]
+  // for b < B ≤ kIntGemmRows.
+  void (*gemm_panel)(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx, int B,
+                     int32_t* out);
 };
 
 const IntKernelTable& ActiveIntKernels();                 // avx512vnni > avx2 > ref
@@ -76,7 +101,11 @@ class IntLinear {
   int64_t out_features() const { return rows_; }
   int64_t in_features() const { return cols_; }
   int terms() const { return static_cast<int>(terms_.size()); }
+  // The codes plus, once a call has taken the many-row schedule, the repacked panels.
   size_t resident_bytes() const;
+  // Whether `batch` activation rows take the register-blocked GEMM with these kernels (default:
+  // the active ones). Callers that would otherwise prefer a dense fp32 route for many rows ask.
+  bool UsesGemm(int64_t batch, const IntKernelTable* kernels = nullptr) const;
 
   // y [batch, out] from x [batch, in]; weight_terms 0 (or > terms()) = all. InvalidArgument for
   // a bad ActSpec, or when the int32 sums could overflow (in · 2^(b_x) · 2^(b_w - 1) >= 2^31).
@@ -86,6 +115,18 @@ class IntLinear {
 
  private:
   IntLinear() = default;
+  // The b = 4 panels of every term, built on the first many-row call (const, thread-safe).
+  struct Panels {
+    absl::once_flag once;
+    int64_t groups = 0;                     // input codes / 8, padded like the activations
+    std::vector<std::vector<uint8_t>> term;  // per term: ⌈rows/kIntPanelRows⌉ × groups × 128 bytes
+  };
+  const Panels& PanelsBuilt() const;
+  void ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npad,
+                   const std::vector<std::pair<int, int>>& pairs,
+                   const std::vector<std::vector<uint8_t>>& xu,
+                   const std::vector<std::vector<float>>& sx, const std::vector<int32_t>& bias,
+                   float* y, ThreadPool* pool) const;
   struct Term {
     CodeBuffer owned;           // the codes when this object holds them (FromExpansion)
     const uint8_t* codes = nullptr;  // rows × row_bytes (owned's data, or a LowbitLinear's)
@@ -95,6 +136,7 @@ class IntLinear {
   int bits_ = 4;
   int64_t rows_ = 0, cols_ = 0, row_bytes_ = 0;
   std::vector<Term> terms_;
+  std::unique_ptr<Panels> panels_ = std::make_unique<Panels>();
 };
 
 }  // namespace fpxint::core

@@ -3,6 +3,10 @@
 // of four products into 16 int32 lanes, exactly.
 #include <immintrin.h>
 
+#include <array>
+#include <cstring>
+#include <utility>
+
 #include "core/int_linear.h"
 
 namespace fpxint::core {
@@ -67,12 +71,59 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
   kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
 }
 
+// The panel product: per group of 8 input codes, the two 64-byte halves of the panel (16 rows ×
+// 4 packed bytes each) become four s8 vectors in registers (low nibbles: the even codes, high:
+// the odd ones, sign-extended through a 16-entry table); each activation row broadcasts its 4
+// even and 4 odd codes against them. B rows × 32 outputs stay in 2·B accumulators.
+template <int B>
+void GemmPanelT(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx,
+                int32_t* out) {
+  const __m512i lut = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1));
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  __m512i acc[B][2];
+  for (int b = 0; b < B; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i w0 = _mm512_loadu_si512(panel + g * 128);
+    const __m512i w1 = _mm512_loadu_si512(panel + g * 128 + 64);
+    const __m512i l0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(w0, mask));
+    const __m512i h0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask));
+    const __m512i l1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(w1, mask));
+    const __m512i h1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask));
+    for (int b = 0; b < B; ++b) {
+      int32_t e, o;
+      std::memcpy(&e, x + b * ldx + 8 * g, 4);
+      std::memcpy(&o, x + b * ldx + 8 * g + 4, 4);
+      const __m512i xe = _mm512_set1_epi32(e), xo = _mm512_set1_epi32(o);
+      acc[b][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b][0], xe, l0), xo, h0);
+      acc[b][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b][1], xe, l1), xo, h1);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    _mm512_storeu_si512(out + b * kIntPanelRows, acc[b][0]);
+    _mm512_storeu_si512(out + b * kIntPanelRows + 16, acc[b][1]);
+  }
+}
+
+using PanelFn = void (*)(const uint8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
+template <size_t... I>
+constexpr std::array<PanelFn, sizeof...(I)> PanelTable(std::index_sequence<I...>) {
+  return {GemmPanelT<static_cast<int>(I) + 1>...};
+}
+constexpr auto kPanels = PanelTable(std::make_index_sequence<kIntGemmRows>());
+
+void GemmPanel(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx, int B,
+               int32_t* out) {
+  kPanels[B - 1](panel, groups, x, ldx, out);
+}
+
 constexpr IntKernelTable kTable = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
   t.name = "avx512vnni";
   t.unpack_row = UnpackIntRowAvx2;
   t.dot_tile = DotTile;
+  t.gemm_panel = GemmPanel;
   return t;
 }();
 

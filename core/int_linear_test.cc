@@ -96,6 +96,12 @@ const Case kCases[] = {
     {23, 130, 17, 4, 2, 4, 2, false, true, ScaleGranularity::kChannel},
     {40, 300, 37, 2, 2, 8, 2, true, false, ScaleGranularity::kTensor},
     {16, 64, 16, 8, 1, 4, 1, false, false, ScaleGranularity::kChannel},
+    // The many-row schedule (b = 4 weights, >= 8 rows): weight panels of 32 rows with a ragged
+    // last one, odd and 8-indivisible row lengths (the packed activations' tail codes), a
+    // ragged last tile of activation rows, signed and unsigned first activation terms.
+    {70, 77, 11, 4, 2, 4, 2, true, false, ScaleGranularity::kChannel},
+    {31, 203, 8, 4, 3, 4, 2, false, true, ScaleGranularity::kTensor},
+    {64, 64, 21, 4, 2, 3, 2, false, false, ScaleGranularity::kChannel},
     // Long rows (2500 codes) with several activation tiles.
     {11, 2500, 9, 4, 2, 4, 2, false, true, ScaleGranularity::kChannel},
 };

@@ -125,17 +125,19 @@ void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, i
 
 // The activation rows beyond which a call takes the dense path (a transient fp32 copy of Σ Ŵ_k
 // and LibTorch's GEMM or convolution). Weight-only: none by default, since the packed schedules
-// are ahead of decode + OpenBLAS/oneDNN at every size measured (docs/BENCHMARKS.md); W×A: 16,
-// beyond which the K_w'·K_a' integer products lose to one fp32 GEMM on this class of CPU.
+// are ahead of decode + OpenBLAS/oneDNN at every size measured (docs/BENCHMARKS.md). W×A: none
+// either where core::IntLinear takes its register-blocked GEMM (b = 4 weights, VNNI); other
+// widths and kernels beyond 16 rows, where K_w'·K_a' dot-product passes lose to one fp32 GEMM.
 // FPXINT_PACKED_MAX_ROWS / SetPackedMaxRows set one bound for both.
-constexpr int64_t kIntMaxRows = 16;
+constexpr int64_t kIntDotMaxRows = 16;
 int64_t WeightOnlyMaxRows() {
   const int64_t v = PackedMaxRows();
   return v < 0 ? std::numeric_limits<int64_t>::max() : v;
 }
-int64_t IntMaxRows() {
+bool IntTakesDense(const core::IntLinear& iw, int64_t rows) {
   const int64_t v = PackedMaxRows();
-  return v < 0 ? kIntMaxRows : v;
+  if (v >= 0) return rows > v;
+  return rows > kIntDotMaxRows && !iw.UsesGemm(rows);
 }
 
 // Σ_{k<=terms} Ŵ_k for rows [r0, r1) into `out` (row-major, (r1 - r0) × in), rows split over
@@ -363,10 +365,9 @@ core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t term
   return a;
 }
 
-// The W×A ops' route for many activation rows, where the integer products (K_w'·K_a' passes of
-// int8 GEMM) lose to one fp32 GEMM on this class of CPU: the activation's expansion
-// (fpxint::act_expand[_terms], the model layer's own) times the packed weight's dequantized sums
-// through the weight-only op `layer(xq, weight_terms, with_bias)`. Truncated: Σ_j
+// The W×A ops' route for many activation rows when the integer products run as dot products
+// (IntTakesDense): the activation's expansion (fpxint::act_expand[_terms], the model layer's
+// own) times the packed weight's dequantized sums through the weight-only op `layer(xq, weight_terms, with_bias)`. Truncated: Σ_j
 // (Σ_{i <= min(K_w', K+1-j)} W_i) X_j with K = max(K_w', K_a'), the bias once.
 at::Tensor DenseWA(const at::Tensor& x, int kw, int64_t act_bits, int64_t act_terms,
                    bool unsigned_first, bool truncate, int64_t granularity,
@@ -414,7 +415,7 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
               "; this weight takes ", iw.in_features());
   const at::Tensor x = x_in.contiguous();
   const int64_t m = x.numel() / iw.in_features();
-  if (m > IntMaxRows()) {
+  if (IntTakesDense(iw, m)) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
     return DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
                    [&](const at::Tensor& xq, int nw, bool with_bias) {
@@ -451,7 +452,7 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
                   (g == ActGranularity::kTensor && c.stride[0] == 1 && c.stride[1] == 1),
               "fpxint::conv2d_wa: activation scales per pixel need a 1x1 convolution without "
               "padding, per tensor a stride of 1");
-  if (c.rows() > IntMaxRows()) {
+  if (IntTakesDense(iw, c.rows())) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
     return c.Finish(DenseWA(c.x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
                             [&](const at::Tensor& xq, int nw, bool with_bias) {
