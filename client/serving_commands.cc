@@ -56,6 +56,14 @@ void PrintDeployment(const v1::DeploymentStatus& d) {
                 HumanBytes(d.resident_weight_bytes()).c_str(),
                 HumanBytes(d.fp32_weight_bytes()).c_str(), d.packed_layers());
   }
+  if (d.layer_terms_size() > 0) {
+    const v1::TermAllocation& a = d.allocation();
+    std::printf("  terms      per layer, error budget %g (probe error %.4g, %s of packed terms):\n",
+                a.target_rel_error(), a.measured_rel_error(), HumanBytes(a.weight_bytes()).c_str());
+    for (const v1::LayerTerms& t : d.layer_terms()) {
+      std::printf("    K=%-2u %s\n", t.weight_terms(), t.name().c_str());
+    }
+  }
 }
 
 struct ModelsFlags {

@@ -202,8 +202,7 @@ size_t IntLinear::resident_bytes() const {
   for (const Term& t : terms_) {
     n += t.owned.size() + t.scale.size() * 4 + t.wsum.size() * 4;
   }
-  for (const std::vector<uint8_t>& p : panels_->term) n += p.size();
-  return n;
+  return n + panels_->bytes.load(std::memory_order_acquire);
 }
 
 bool IntLinear::UsesGemm(int64_t batch, const IntKernelTable* kernels) const {
@@ -240,6 +239,7 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
         }
       }
     }
+    p.bytes.store(bytes * p.term.size(), std::memory_order_release);
   });
   return *panels_;
 }

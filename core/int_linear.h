@@ -28,6 +28,7 @@
 #ifndef FPXINT_CORE_INT_LINEAR_H_
 #define FPXINT_CORE_INT_LINEAR_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <utility>
@@ -120,6 +121,7 @@ class IntLinear {
     absl::once_flag once;
     int64_t groups = 0;                     // input codes / 8, padded like the activations
     std::vector<std::vector<uint8_t>> term;  // per term: ⌈rows/kIntPanelRows⌉ × groups × 128 bytes
+    std::atomic<size_t> bytes{0};            // their total, once built (read without the once)
   };
   const Panels& PanelsBuilt() const;
   void ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npad,

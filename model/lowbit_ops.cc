@@ -38,6 +38,7 @@ struct PackedWeight : torch::CustomClassHolder {
       absl::StatusOr<core::IntLinear> v = core::IntLinear::ViewOf(w);
       if (v.ok()) {
         int_ = std::make_unique<core::IntLinear>(*std::move(v));
+        int_ready_.store(int_.get(), std::memory_order_release);
       } else {
         int_error_ = std::string(v.status().message());
       }
@@ -45,8 +46,15 @@ struct PackedWeight : torch::CustomClassHolder {
     return int_.get();
   }
   const std::string& int_error() const { return int_error_; }
+  // What the W×A view holds beside w's codes (per-row scales and sums, and its GEMM panels once a
+  // many-row call has built them); 0 before the first W×A call.
+  size_t int_bytes() const {
+    const core::IntLinear* i = int_ready_.load(std::memory_order_acquire);
+    return i != nullptr ? i->resident_bytes() : 0;
+  }
 
  private:
+  mutable std::atomic<const core::IntLinear*> int_ready_{nullptr};
   mutable std::once_flag int_once_;
   mutable std::unique_ptr<core::IntLinear> int_;
   mutable std::string int_error_;
@@ -497,7 +505,7 @@ PackedWeightInfo InspectPackedWeight(const c10::IValue& v) {
   const PackedPtr p = v.toCustomClass<PackedWeight>();
   info.terms = p->w.terms();
   info.shape = p->shape;
-  info.bytes = p->w.resident_bytes();
+  info.bytes = p->w.resident_bytes() + p->int_bytes();
   info.linear = &p->w;
   return info;
 }

@@ -75,7 +75,7 @@ c10::IValue MakePackedWeight(core::LowbitLinear w, std::vector<int64_t> shape);
 struct PackedWeightInfo {
   int terms = 0;
   std::vector<int64_t> shape;
-  size_t bytes = 0;  // packed codes, scales and offsets
+  size_t bytes = 0;  // packed codes, scales and offsets (+ the W×A view's, once used)
   const core::LowbitLinear* linear = nullptr;  // the packed terms; valid while `v` lives
 };
 PackedWeightInfo InspectPackedWeight(const c10::IValue& v);

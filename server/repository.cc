@@ -630,6 +630,20 @@ absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& nam
                            "is basis model k), summed inside each layer before its nonlinearity")
             : absl::StrCat("each expanded layer runs the sum of its first K' <= ", k,
                            " terms (fpxint_terms)"));
+    if (d->spec().target_rel_error() > 0 && !d->job_id().empty()) {
+      // The per-layer K of an error budget. A deleted job leaves the deployment without it.
+      FPX_ASSIGN_OR_RETURN(std::optional<v1::Job> job, journal_->GetJob(d->job_id()));
+      if (job.has_value()) {
+        for (const v1::LayerResult& l : job->result().layers()) {
+          v1::LayerTerms* t = out.add_layer_terms();
+          t->set_name(l.name());
+          t->set_weight_terms(l.weight_terms());
+        }
+        if (job->result().has_allocation()) {
+          *out.mutable_allocation() = job->result().allocation();
+        }
+      }
+    }
   } else {
     out.set_composition("the uploaded TorchScript as it is (FP)");
   }

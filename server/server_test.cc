@@ -1033,6 +1033,16 @@ TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
     EXPECT_TRUE(st.ok()) << k << " " << st.error_message();
     EXPECT_EQ(resp.raw_output_contents_size(), 1) << k;
   }
+  // The deployment shows every layer's K and the allocation.
+  v1::DeploymentRef dref;
+  dref.set_name("tiny-budget");
+  v1::DeploymentStatus dep;
+  ASSERT_TRUE(q_->GetDeployment(Ctx(kInfer).get(), dref, &dep).ok());
+  ASSERT_EQ(dep.layer_terms_size(), done.result().layers_size());
+  for (const v1::LayerTerms& t : dep.layer_terms()) {
+    EXPECT_EQ(t.weight_terms(), k_of[t.name()]) << t.name();
+  }
+  EXPECT_EQ(dep.allocation().weight_bytes(), a.weight_bytes());
 
   // A pinned layer keeps its K.
   const std::string first = done.result().layers(0).name();

@@ -495,7 +495,8 @@ class CliE2E(CliTestCase):
         compares the bytes with uniform K."""
         self.need("uploaded", "test_02_upload")
         r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer",
-                         "--target-rel-error", "0.01", "--max-terms", "3", "--wait")
+                         "--target-rel-error", "0.01", "--max-terms", "3", "--wait",
+                         "--deploy-as", "fm_budget")
         self.assertIn("SUCCEEDED", r.out)
         m = re.search(r"error budget: target 1\.000e-02, measured (\S+) \(estimated \S+\) "
                       r"with (.*); terms", r.out)
@@ -509,6 +510,13 @@ class CliE2E(CliTestCase):
         self.assertEqual([u["weight_terms"] for u in alloc["uniform"]], [1, 2, 3])
         ks = [l["weight_terms"] for l in doc["report"]["layers"]]
         self.assertTrue(all(1 <= k <= 3 for k in ks), ks)
+        # `models get` shows each layer's K, as text and as JSON.
+        got = self.run_cli("models", "get", "fm_budget")
+        self.assertIn("terms      per layer, error budget 0.01", got.out)
+        for l in doc["report"]["layers"]:
+            self.assertIn(f"K={l['weight_terms']:<2} {l['name']}\n", got.out)
+        dep = self.run_cli("--json", "models", "get", "fm_budget").json()["deployment"]
+        self.assertEqual([t["weight_terms"] for t in dep["layer_terms"]], ks)
         # A pin, and a budget on a TENSOR job named as the mistake it is.
         first = doc["report"]["layers"][0]["name"]
         pinned = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
