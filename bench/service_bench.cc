@@ -4,6 +4,8 @@
 //     model::Model::Forward of the same network in-process, both at 2 LibTorch threads, with the
 //     p50/p99 latency of every request and the throughput (counters p50_ms, p99_ms, req_per_s);
 //     and the same with 1, 8 and 64 concurrent clients;
+//   - 32 concurrent clients sending batch-1 requests to the character LM at W4×2, with and
+//     without dynamic batching (InferLmClients/batched, /unbatched);
 //   - upload and download throughput of a 100 MB file;
 //   - a TENSOR job end to end (submit, run, watch to SUCCEEDED) vs core::ExpandSafetensorsFile on
 //     the same file and spec;
@@ -246,6 +248,92 @@ void BM_InferGrpc(benchmark::State& state) {
 // instance (--infer-instances 1): queueing and the edge's overhead under load.
 void BM_InferGrpcClients(benchmark::State& state) {
   BM_InferGrpc(state);
+}
+
+// Dynamic batching: state.threads() clients each send batch-1 requests ([1, 64] token ids) back
+// to back to the character LM at W4×2, one instance; `batched` deploys it with
+// max_batch_size 32 and a 2 ms queue delay, the other without batching. req_per_s is the
+// server's throughput, p99_ms each request's latency.
+struct LmVersions {
+  bool ok = false;
+};
+
+const LmVersions& DeployLm() {
+  static const LmVersions v = [] {
+    LmVersions out;
+    Env* e = GetEnv();
+    const char* models = std::getenv("FPXINT_MODELS_DIR");
+    const std::string bytes = ReadAll(std::string(models) + "/charlm/char_lm.pt");
+    grpc::ClientContext ctx;
+    v1::Model m;
+    auto w = e->q->UploadModel(&ctx, &m);
+    v1::UploadChunk h;
+    h.mutable_header()->set_name("lm");
+    h.mutable_header()->set_format(v1::TORCHSCRIPT);
+    h.mutable_header()->set_sha256(core::Sha256Hex(
+        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
+    auto* in = h.mutable_header()->add_inputs();
+    in->set_name("tokens");
+    in->set_datatype("INT64");
+    for (int64_t d : {-1, 64}) in->add_shape(d);
+    w->Write(h);
+    v1::UploadChunk c;
+    c.set_data(bytes);
+    w->Write(c);
+    w->WritesDone();
+    if (!w->Finish().ok()) return out;
+    for (const bool batched : {false, true}) {
+      v1::JobSpec spec;
+      spec.set_model("lm");
+      spec.set_granularity(v1::LAYER);
+      spec.set_weight_bits(4);
+      spec.set_weight_terms(2);
+      spec.mutable_deploy()->set_enabled(true);
+      spec.mutable_deploy()->set_name(batched ? "lm-batched" : "lm-alone");
+      if (batched) {
+        spec.mutable_deploy()->mutable_batching()->set_max_batch_size(32);
+        spec.mutable_deploy()->mutable_batching()->set_max_queue_delay_microseconds(2000);
+      }
+      if (RunJob(*e, spec).state() != v1::SUCCEEDED) return out;
+    }
+    out.ok = true;
+    return out;
+  }();
+  return v;
+}
+
+void BM_InferLmClients(benchmark::State& state, bool batched) {
+  Env* e = GetEnv();
+  if (!DeployLm().ok) return state.SkipWithError("cannot deploy the character LM");
+  inference::ModelInferRequest req;
+  req.set_model_name(batched ? "lm-batched" : "lm-alone");
+  auto* in = req.add_inputs();
+  in->set_name("tokens");
+  in->set_datatype("INT64");
+  in->add_shape(1);
+  in->add_shape(64);
+  std::vector<int64_t> tokens(64);
+  std::mt19937 rng(static_cast<uint32_t>(3 + state.thread_index()));
+  for (int64_t& t : tokens) t = static_cast<int64_t>(rng() % 55);
+  req.add_raw_input_contents(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 8);
+  Latencies lat;
+  int64_t rows = 0, calls = 0;
+  for (auto _ : state) {
+    lat.Start();
+    grpc::ClientContext ctx;
+    inference::ModelInferResponse resp;
+    if (!e->oip->ModelInfer(&ctx, req, &resp).ok()) return state.SkipWithError("ModelInfer failed");
+    lat.Stop();
+    if (auto it = resp.parameters().find("fpxint_batch_rows"); it != resp.parameters().end()) {
+      rows += it->second.int64_param();
+      ++calls;
+    }
+  }
+  lat.Report(state);
+  if (calls > 0) {
+    state.counters["mean_pass_rows"] = benchmark::Counter(
+        static_cast<double>(rows) / static_cast<double>(calls), benchmark::Counter::kAvgThreads);
+  }
 }
 
 void BM_Upload100MB(benchmark::State& state) {
@@ -513,6 +601,16 @@ BENCHMARK(BM_InferGrpcClients)
     ->Threads(1)
     ->Threads(8)
     ->Threads(64)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(3)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(BM_InferLmClients, unbatched, false)
+    ->Threads(32)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(3)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(BM_InferLmClients, batched, true)
+    ->Threads(32)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(3)
     ->UseRealTime();

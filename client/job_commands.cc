@@ -282,6 +282,9 @@ struct QuantizeFlags {
   uint32_t min_terms = 0, max_terms = 0;
   std::vector<std::string> weight_terms_for;
   bool truncate = false, deploy = false, wait = false;
+  uint32_t max_batch_size = 0;
+  std::vector<uint32_t> preferred_batch_sizes;
+  uint64_t max_queue_delay_us = 0;
   std::vector<std::string> outputs;
   double max_rel_error = -1;
   std::vector<std::pair<std::string, CLI::Option*>> opts;  // spec key -> its flag
@@ -323,8 +326,15 @@ int RunQuantize(const QuantizeFlags& f, const GlobalOptions& g) {
     else if (key == "weight_terms_for") spec["weight_terms_for"] = f.weight_terms_for;
     else if (key == "outputs") spec["outputs"] = f.outputs;
     else if (key == "deploy") spec["deploy"]["enabled"] = f.deploy;
-    else if (key == "deploy_as") spec["deploy"] = {{"enabled", true}, {"name", f.deploy_as}};
-    else if (key == "deploy_version") spec["deploy"]["version"] = f.deploy_version;
+    else if (key == "deploy_as") {
+      spec["deploy"]["enabled"] = true;
+      spec["deploy"]["name"] = f.deploy_as;
+    } else if (key == "deploy_version") spec["deploy"]["version"] = f.deploy_version;
+    else if (key == "max_batch_size") spec["deploy"]["batching"]["max_batch_size"] = f.max_batch_size;
+    else if (key == "preferred_batch_size")
+      spec["deploy"]["batching"]["preferred_batch_size"] = f.preferred_batch_sizes;
+    else if (key == "max_queue_delay_us")
+      spec["deploy"]["batching"]["max_queue_delay_microseconds"] = f.max_queue_delay_us;
   }
   // Canonical spellings are resolved by JobSpecFromJson; keep "deploy_as" from a job file too.
   auto js = JobSpecFromJson(spec);
@@ -337,6 +347,10 @@ int RunQuantize(const QuantizeFlags& f, const GlobalOptions& g) {
   }
   if (!f.deploy_version.empty() && !js->deploy().enabled()) {
     return ReportError(cmd, "--deploy-version needs --deploy or --deploy-as", kExitUsage, g);
+  }
+  if (js->deploy().has_batching() && !js->deploy().enabled()) {
+    return ReportError(cmd, "--max-batch-size, --preferred-batch-size and --max-queue-delay-us "
+                            "need --deploy or --deploy-as", kExitUsage, g);
   }
   auto conn = Connection::Open(g);
   if (!conn.ok()) return ReportError(cmd, std::string(conn.status().message()), kExitUsage, g);
@@ -565,6 +579,23 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
   opt("deploy_as", c->add_option("--deploy-as", q->deploy_as, "deploy the result for inference under this name"));
   opt("deploy_version", c->add_option("--deploy-version", q->deploy_version,
                                       "version to deploy as (default: the next free number)"));
+  opt("max_batch_size",
+      c->add_option("--max-batch-size", q->max_batch_size,
+                    "dynamic batching of the deployed version: concurrent requests are "
+                    "concatenated along their first dimension (which the model's input must "
+                    "leave variable, -1) into passes of at most this many rows; larger requests "
+                    "are refused (default 0: every request runs alone)"))
+      ->check(CLI::Range(0u, 1024u));
+  opt("preferred_batch_size",
+      c->add_option("--preferred-batch-size", q->preferred_batch_sizes,
+                    "with --max-batch-size: a pass runs as soon as it reaches the largest of "
+                    "these, and is cut to the largest one it exceeds (repeatable)"))
+      ->check(CLI::Range(1u, 1024u));
+  opt("max_queue_delay_us",
+      c->add_option("--max-queue-delay-us", q->max_queue_delay_us,
+                    "with --max-batch-size: how long a request may wait for others, in "
+                    "microseconds (default 0: a pass takes whatever is waiting)"))
+      ->check(CLI::Range(uint64_t{0}, uint64_t{10000000}));
   c->add_option("--idempotency-key", q->idempotency_key,
                 "submitting twice with one key returns the first job instead of a second one");
   c->add_flag("-w,--wait", q->wait, "follow the job to its end (progress bar on a terminal)");

@@ -258,6 +258,19 @@ absl::StatusOr<nlohmann::json> Canonicalize(const nlohmann::json& in, const Desc
       out[key] = list;
       continue;
     }
+    if (f->is_repeated()) {
+      // deploy.batching.preferred_batch_size: one integer or a list of them.
+      nlohmann::json list = nlohmann::json::array();
+      for (const auto& e : (v.is_array() ? v : nlohmann::json::array({v}))) {
+        if (!e.is_number_integer() || e.get<int64_t>() < 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(path, ": expected non-negative integers"));
+        }
+        list.push_back(e);
+      }
+      out[key] = list;
+      continue;
+    }
     switch (f->cpp_type()) {
       case FieldDescriptor::CPPTYPE_STRING:
         if (!v.is_string()) return absl::InvalidArgumentError(absl::StrCat(path, ": expected a string"));

@@ -58,6 +58,30 @@ TEST(JobFile, ErrorBudgetFieldsAndPinLists) {
   EXPECT_NE(JobSpecFromJson(*bad).status().message().find("weight_terms_for"), std::string::npos);
 }
 
+TEST(JobFile, DeploymentBatchingTakesAListOrOneSize) {
+  for (const char* sizes : {"4", "[4, 8]"}) {
+    auto y = ParseYamlOrJson(absl::StrCat("model: m\ngranularity: layer\ndeploy_as: m-b\n"
+                                          "deploy:\n  batching:\n    max_batch_size: 8\n"
+                                          "    preferred_batch_size: ", sizes, "\n"
+                                          "    max_queue_delay_microseconds: 500\n"));
+    ASSERT_TRUE(y.ok()) << y.status();
+    auto spec = JobSpecFromJson(*y);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    EXPECT_TRUE(spec->deploy().enabled());
+    EXPECT_EQ(spec->deploy().name(), "m-b");
+    EXPECT_EQ(spec->deploy().batching().max_batch_size(), 8u);
+    ASSERT_GE(spec->deploy().batching().preferred_batch_size_size(), 1);
+    EXPECT_EQ(spec->deploy().batching().preferred_batch_size(0), 4u);
+    EXPECT_EQ(spec->deploy().batching().max_queue_delay_microseconds(), 500u);
+  }
+  auto bad = ParseYamlOrJson("model: m\ndeploy:\n  batching:\n    preferred_batch_size: [x]\n");
+  ASSERT_TRUE(bad.ok());
+  EXPECT_NE(JobSpecFromJson(*bad).status().message().find(
+                "deploy.batching.preferred_batch_size: expected non-negative integers"),
+            std::string::npos)
+      << JobSpecFromJson(*bad).status();
+}
+
 TEST(JobFile, PlainScalarsAreTypedQuotedOnesAreStrings) {
   auto v = ParseYamlOrJson("a: 4\nb: '4'\nc: true\nd: \"true\"\ne: 1.5e-3\nf: ~\ng: conv.*\n");
   ASSERT_TRUE(v.ok()) << v.status();

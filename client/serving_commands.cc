@@ -56,6 +56,18 @@ void PrintDeployment(const v1::DeploymentStatus& d) {
                 HumanBytes(d.resident_weight_bytes()).c_str(),
                 HumanBytes(d.fp32_weight_bytes()).c_str(), d.packed_layers());
   }
+  if (d.batching().max_batch_size() > 0) {
+    const v1::DynamicBatching& b = d.batching();
+    std::printf("  batching   up to %u rows per pass%s, waiting at most %llu µs for others\n",
+                b.max_batch_size(),
+                b.preferred_batch_size_size() > 0
+                    ? absl::StrCat(", preferred ", absl::StrJoin(b.preferred_batch_size(), ","))
+                          .c_str()
+                    : "",
+                static_cast<unsigned long long>(b.max_queue_delay_microseconds()));
+  } else {
+    std::printf("  batching   off (each request runs alone)\n");
+  }
   if (d.layer_terms_size() > 0) {
     const v1::TermAllocation& a = d.allocation();
     std::printf("  terms      per layer, error budget %g (probe error %.4g, %s of packed terms):\n",

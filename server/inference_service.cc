@@ -2,6 +2,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/time.h"
 #include "core/status_macros.h"
 #include "proto/status_names.h"
@@ -119,6 +120,10 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
   const uint64_t t1 = SteadyNowNs();
   const int kw = decoded->weight_terms ? decoded->weight_terms : m->max_weight_terms();
   const int ka = decoded->act_terms ? decoded->act_terms : std::min(kw, m->max_act_terms());
+  if (m->batching()) {
+    SubmitBatched(c, r, req, resp, m, kw, ka, t0, t1, *std::move(decoded));
+    return r;
+  }
   m->Submit(
       kw, ka, absl::FromChrono(c->deadline()),
       [this, c, r, req, resp, m, kw, ka, t0, t1, in = *std::move(decoded)](
@@ -154,6 +159,64 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
         FinishInfer(r, m, st, t0, static_cast<int64_t>(queue_ns));
       });
   return r;
+}
+
+// A model with dynamic batching: the call is refused up front when its first dimension exceeds
+// max_batch_size; otherwise it runs in a pass with others, and its share of the output is
+// encoded into its own response on the instance's thread.
+void InferenceService::SubmitBatched(grpc::CallbackServerContext* c, grpc::ServerUnaryReactor* r,
+                                     const inference::ModelInferRequest* req,
+                                     inference::ModelInferResponse* resp, ServedModel* m, int kw,
+                                     int ka, uint64_t t0, uint64_t t1, DecodedRequest in) {
+  const int64_t max = m->deployment().batching().max_batch_size();
+  const model::HostTensorRef x = in.input();
+  if (x.shape.empty() || x.shape[0] < 1 || x.shape[0] > max) {
+    FinishInfer(r, m,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "inputs[0].shape: [", absl::StrJoin(x.shape, ","), "]; model '",
+                    m->deployment().name(), "' batches requests along the first dimension and "
+                    "takes 1..", max, " rows in one request (its max_batch_size)")),
+                t0, -1);
+    return;
+  }
+  auto owned = std::make_shared<DecodedRequest>(std::move(in));
+  m->SubmitBatched(
+      kw, ka, absl::FromChrono(c->deadline()), owned->input(),
+      [this, c, r, req, resp, m, kw, ka, t0, t1, owned](const absl::Status& s,
+                                                        const ServedModel::Share& share) {
+        const int64_t queue = static_cast<int64_t>(share.queue_ns);
+        if (!s.ok()) {
+          FinishInfer(r, m, s, t0, queue);
+          return;
+        }
+        if (c->IsCancelled()) {
+          FinishInfer(r, m, absl::CancelledError("the client went away before the call ran"), t0,
+                      queue);
+          return;
+        }
+        if (share.first) {
+          ctx_.metrics->InferenceBatch(m->deployment().name(), m->deployment().version(),
+                                       share.pass_rows, share.pass_calls);
+        }
+        const uint64_t t2 = SteadyNowNs();
+        resp->set_model_name(m->deployment().name());
+        resp->set_model_version(m->deployment().version());
+        resp->set_id(req->id());
+        if (m->quantized()) {
+          (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
+          if (m->max_act_terms() > 0)
+            (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
+        }
+        (*resp->mutable_parameters())["fpxint_batch_rows"].set_int64_param(share.pass_rows);
+        const absl::Status st = EncodeInferResponse(share.shape, share.values, owned->raw, resp);
+        if (st.ok()) {
+          const uint64_t t3 = SteadyNowNs();
+          m->Record(true, static_cast<uint64_t>(owned->batch()), share.queue_ns, t1 - t0,
+                    t2 - t1 - std::min(share.queue_ns, t2 - t1), t3 - t2, t3 - t0,
+                    share.first ? 1 : 0);
+        }
+        FinishInfer(r, m, st, t0, queue);
+      });
 }
 
 void InferenceService::FinishInfer(grpc::ServerUnaryReactor* r, ServedModel* m,

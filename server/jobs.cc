@@ -975,6 +975,7 @@ absl::Status JobManager::Finish(const std::shared_ptr<Live>& live, JobOutput* ou
     d.set_source_sha256(m->sha256());
     *d.mutable_spec() = spec;
     *d.mutable_inputs() = m->inputs();
+    *d.mutable_batching() = spec.deploy().batching();
     d.set_job_id(live->job.job_id());
     // The version serves this job's packed artifact.
     for (const v1::Artifact& a : *artifacts) {

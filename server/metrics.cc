@@ -120,6 +120,14 @@ struct Metrics::Impl {
       .Name("fpxint_inference_request_duration_seconds")
       .Help("ModelInfer time from arrival to response, in seconds")
       .Register(*registry);
+  Family<Histogram>& infer_batch_rows = BuildHistogram()
+      .Name("fpxint_inference_batch_rows")
+      .Help("First-dimension rows per forward pass of a model with dynamic batching")
+      .Register(*registry);
+  Family<Histogram>& infer_batch_calls = BuildHistogram()
+      .Name("fpxint_inference_batch_requests")
+      .Help("ModelInfer requests per forward pass of a model with dynamic batching")
+      .Register(*registry);
   Family<Histogram>& infer_queue = BuildHistogram()
       .Name("fpxint_inference_queue_duration_seconds")
       .Help("Time a ModelInfer request waited for a free model instance, in seconds")
@@ -218,6 +226,21 @@ void Metrics::Inference(const std::string& model, const std::string& version, co
     impl_->infer_queue.Add({{"model", model}, {"version", version}}, LatencyBuckets())
         .Observe(queue_seconds);
   }
+}
+
+namespace {
+const Histogram::BucketBoundaries& BatchBuckets() {
+  static const Histogram::BucketBoundaries b = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024};
+  return b;
+}
+}  // namespace
+
+void Metrics::InferenceBatch(const std::string& model, const std::string& version, int64_t rows,
+                             int calls) {
+  impl_->infer_batch_rows.Add({{"model", model}, {"version", version}}, BatchBuckets())
+      .Observe(static_cast<double>(rows));
+  impl_->infer_batch_calls.Add({{"model", model}, {"version", version}}, BatchBuckets())
+      .Observe(static_cast<double>(calls));
 }
 
 void Metrics::SetModelWeights(const std::string& model, const std::string& version,

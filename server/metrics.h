@@ -33,6 +33,9 @@ class Metrics {
   void Inference(const std::string& model, const std::string& version, const std::string& status,
                  double seconds, double queue_seconds);
   void PendingAdd(int delta);
+  // One forward pass of a model with dynamic batching: its first-dimension rows and calls.
+  void InferenceBatch(const std::string& model, const std::string& version, int64_t rows,
+                      int calls);
 
   void JobSubmitted(v1::Granularity g);
   // `seconds` < 0: the job never ran (cancelled in the queue); no duration is observed.

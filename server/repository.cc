@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <functional>
@@ -36,6 +37,11 @@ namespace fs = std::filesystem;
 ServedModel::ServedModel(v1::Deployment d, std::vector<std::unique_ptr<model::Model>> nets,
                          InferQueueLimits limits)
     : d_(std::move(d)), limits_(limits) {
+  const v1::DynamicBatching& b = d_.batching();
+  pass_target_ = b.preferred_batch_size_size() > 0
+                     ? *std::max_element(b.preferred_batch_size().begin(),
+                                         b.preferred_batch_size().end())
+                     : b.max_batch_size();
   if (!nets.empty()) {
     weights_ = nets.front()->weight_memory();
     served_terms_sha256_ = nets.front()->packed_terms_sha256();
@@ -57,10 +63,9 @@ ServedModel::~ServedModel() {
     left.swap(pending_);
   }
   for (Call& c : left) {
-    std::move(c.work)(absl::UnavailableError(absl::StrCat(
-                          "model '", d_.name(), "' version ", d_.version(),
-                          " was unloaded while the call waited for an instance")),
-                      SteadyNowNs() - c.t0);
+    Fail(c, absl::UnavailableError(absl::StrCat("model '", d_.name(), "' version ", d_.version(),
+                                                " was unloaded while the call waited for an "
+                                                "instance")));
   }
   timer_.join();
   // Each runner finishes the call it holds (stopping_ keeps it from taking another), then joins.
@@ -112,14 +117,7 @@ void ServedModel::RunOn(int slot, Call call) {
   Instance& inst = instances_[slot];
   for (;;) {
     const uint64_t queue_ns = SteadyNowNs() - call.t0;
-    absl::Status s;
-    if (quantized() && (inst.kw != call.kw || inst.ka != call.ka)) {
-      s = inst.net->SetPrecision(call.kw, call.ka);
-      if (s.ok()) {
-        inst.kw = call.kw;
-        inst.ka = call.ka;
-      }
-    }
+    const absl::Status s = Prepare(inst, call.kw, call.ka);
     std::move(call.work)(s.ok() ? absl::StatusOr<model::Model*>(inst.net.get())
                                 : absl::StatusOr<model::Model*>(s),
                          queue_ns);
@@ -131,6 +129,229 @@ void ServedModel::RunOn(int slot, Call call) {
     call = std::move(pending_.front());
     pending_.pop_front();
   }
+}
+
+absl::Status ServedModel::Prepare(Instance& inst, int kw, int ka) {
+  if (!quantized() || (inst.kw == kw && inst.ka == ka)) return absl::OkStatus();
+  FPX_RETURN_IF_ERROR(inst.net->SetPrecision(kw, ka));
+  inst.kw = kw;
+  inst.ka = ka;
+  return absl::OkStatus();
+}
+
+void ServedModel::Fail(Call& c, const absl::Status& s) {
+  const uint64_t queue_ns = SteadyNowNs() - c.t0;
+  if (c.batched) {
+    Share share;
+    share.queue_ns = queue_ns;
+    std::move(c.batched)(s, share);
+  } else {
+    std::move(c.work)(s, queue_ns);
+  }
+}
+
+// ---- Dynamic batching ----
+
+namespace {
+
+// Whether two inputs can be concatenated along the first dimension.
+bool SameTrailing(const model::HostTensorRef& a, const model::HostTensorRef& b) {
+  return a.type == b.type && a.shape.size() == b.shape.size() &&
+         std::equal(a.shape.begin() + 1, a.shape.end(), b.shape.begin() + 1);
+}
+
+}  // namespace
+
+void ServedModel::SubmitBatched(int kw, int ka, absl::Time deadline, model::HostTensorRef input,
+                                BatchedWork work) {
+  Call call;
+  call.kw = kw;
+  call.ka = ka;
+  call.t0 = SteadyNowNs();
+  call.arrived = absl::Now();
+  call.batched = std::move(work);
+  call.input = input;
+  absl::Status refused;
+  int slot = -1;
+  {
+    absl::MutexLock l(&mu_);
+    if (stopping_) {
+      refused = absl::UnavailableError(
+          absl::StrCat("model '", d_.name(), "' version ", d_.version(), " is being unloaded"));
+    } else if (static_cast<int>(pending_.size()) >= limits_.max_waiting) {
+      refused = absl::ResourceExhaustedError(absl::StrCat(
+          "model '", d_.name(), "' version ", d_.version(), " has ", pending_.size(),
+          " requests waiting for its ", instances_.size(),
+          " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
+    } else {
+      call.deadline = std::min(deadline, call.arrived + limits_.max_wait);
+      pending_.push_back(std::move(call));
+      timer_wake_ = true;
+      if (!free_.empty()) {
+        slot = free_.back();
+        free_.pop_back();
+      }
+    }
+  }
+  if (!refused.ok()) {
+    Fail(call, refused);
+    return;
+  }
+  if (slot >= 0) instances_[slot].runner->Post([this, slot] { RunPasses(slot); });
+}
+
+int64_t ServedModel::PassRows() const {
+  if (pending_.empty()) return 0;
+  const Call& first = pending_.front();
+  const int64_t max = d_.batching().max_batch_size();
+  int64_t rows = 0;
+  for (const Call& c : pending_) {
+    if (c.kw != first.kw || c.ka != first.ka || !SameTrailing(c.input, first.input)) continue;
+    if (rows + c.input.shape[0] > max) break;
+    rows += c.input.shape[0];
+  }
+  return rows;
+}
+
+bool ServedModel::PassReady() const {
+  return stopping_ || pending_.empty() || PassRows() >= pass_target_;
+}
+
+std::vector<ServedModel::Call> ServedModel::TakePass() {
+  std::vector<Call> pass;
+  if (pending_.empty()) return pass;
+  const int64_t max = d_.batching().max_batch_size();
+  // Cut to the largest preferred size the waiting rows reach, if any.
+  int64_t limit = max;
+  const int64_t rows = PassRows();
+  int64_t best = 0;
+  for (uint32_t p : d_.batching().preferred_batch_size()) {
+    if (static_cast<int64_t>(p) <= rows) best = std::max<int64_t>(best, p);
+  }
+  if (best > 0) limit = best;
+  const int kw = pending_.front().kw, ka = pending_.front().ka;
+  const model::HostTensorRef first = pending_.front().input;
+  int64_t taken = 0;
+  for (auto it = pending_.begin(); it != pending_.end();) {
+    if (it->kw != kw || it->ka != ka || !SameTrailing(it->input, first)) {
+      ++it;  // waits for a pass of its own kind
+      continue;
+    }
+    // The oldest call always goes; the first one that would overflow ends the pass, so that
+    // calls of one kind run in their order.
+    if (!pass.empty() && taken + it->input.shape[0] > limit) break;
+    taken += it->input.shape[0];
+    pass.push_back(std::move(*it));
+    it = pending_.erase(it);
+  }
+  return pass;
+}
+
+void ServedModel::RunPasses(int slot) {
+  Instance& inst = instances_[slot];
+  const absl::Duration delay =
+      absl::Microseconds(static_cast<int64_t>(d_.batching().max_queue_delay_microseconds()));
+  mu_.Lock();
+  for (;;) {
+    if (stopping_ || pending_.empty()) break;
+    // Wait for the pass to fill, at most until its oldest call has waited the queue delay.
+    const absl::Time flush = pending_.front().arrived + delay;
+    if (delay > absl::ZeroDuration()) {
+      mu_.AwaitWithDeadline(absl::Condition(this, &ServedModel::PassReady), flush);
+    }
+    if (stopping_ || pending_.empty()) break;
+    std::vector<Call> pass = TakePass();
+    mu_.Unlock();
+    RunPass(inst, std::move(pass));
+    mu_.Lock();
+  }
+  free_.push_back(slot);
+  mu_.Unlock();
+}
+
+void ServedModel::RunPass(Instance& inst, std::vector<Call> calls) {
+  const uint64_t start = SteadyNowNs();
+  const absl::Status prepared = Prepare(inst, calls.front().kw, calls.front().ka);
+  if (!prepared.ok()) {
+    for (Call& c : calls) Fail(c, prepared);
+    return;
+  }
+  int64_t rows = 0;
+  for (const Call& c : calls) rows += c.input.shape[0];
+  auto run_alone = [&](Call& c) {
+    Share share;
+    share.queue_ns = SteadyNowNs() - c.t0;
+    share.pass_rows = c.input.shape[0];
+    share.pass_calls = 1;
+    share.first = true;
+    bool delivered = false;
+    const absl::Status st = inst.net->Forward(
+        c.input, [&](absl::Span<const int64_t> shape, absl::Span<const float> values) {
+          share.shape = shape;
+          share.values = values;
+          delivered = true;
+          std::move(c.batched)(absl::OkStatus(), share);
+          return absl::OkStatus();
+        });
+    if (!delivered) std::move(c.batched)(st.ok() ? absl::InternalError("no output") : st, share);
+  };
+  if (calls.size() == 1) {
+    run_alone(calls.front());
+    return;
+  }
+  // One input: the calls' rows one after another.
+  const model::HostTensorRef& first = calls.front().input;
+  model::HostTensor in;
+  in.type = first.type;
+  in.shape.assign(first.shape.begin(), first.shape.end());
+  in.shape[0] = rows;
+  const bool f32 = first.type == model::HostTensor::Type::kFloat32;
+  const size_t elem = f32 ? sizeof(float) : sizeof(int64_t);
+  (f32 ? in.f32.resize(static_cast<size_t>(in.numel())) : in.i64.resize(static_cast<size_t>(in.numel())));
+  uint8_t* dst = f32 ? reinterpret_cast<uint8_t*>(in.f32.data()) : reinterpret_cast<uint8_t*>(in.i64.data());
+  for (const Call& c : calls) {
+    const size_t n = static_cast<size_t>(c.input.numel()) * elem;
+    std::memcpy(dst, c.input.data, n);
+    dst += n;
+  }
+  bool delivered = false;
+  const absl::Status st = inst.net->Forward(
+      model::HostTensorRef::Of(in),
+      [&](absl::Span<const int64_t> shape, absl::Span<const float> values) -> absl::Status {
+        if (shape.empty() || shape[0] % rows != 0) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "the output's first dimension (", shape.empty() ? 0 : shape[0],
+              ") is not a multiple of the pass's ", rows, " input rows"));
+        }
+        const int64_t ratio = shape[0] / rows;
+        const size_t per_row = shape[0] == 0 ? 0 : values.size() / static_cast<size_t>(shape[0]);
+        std::vector<int64_t> part(shape.begin(), shape.end());
+        int64_t off = 0;
+        delivered = true;
+        for (size_t i = 0; i < calls.size(); ++i) {
+          Call& c = calls[i];
+          const int64_t n = c.input.shape[0] * ratio;
+          part[0] = n;
+          Share share;
+          share.shape = part;
+          share.values = values.subspan(static_cast<size_t>(off) * per_row,
+                                        static_cast<size_t>(n) * per_row);
+          share.queue_ns = start - c.t0;
+          share.pass_rows = rows;
+          share.pass_calls = static_cast<int>(calls.size());
+          share.first = i == 0;
+          std::move(c.batched)(absl::OkStatus(), share);
+          off += n;
+        }
+        return absl::OkStatus();
+      });
+  if (delivered) return;
+  // The pass failed before any call had its share: each call runs alone, so that one call's
+  // input (or a model that cannot batch) fails only that call.
+  LogWarning(absl::StrCat("model '", d_.name(), "' version ", d_.version(), ": a pass of ",
+                          calls.size(), " calls (", rows, " rows) failed (", st.message(),
+                          "); running them one by one"));
+  for (Call& c : calls) run_alone(c);
 }
 
 // The model's timer: ends every waiting call whose deadline (the client's, or --infer-queue-
@@ -156,19 +377,18 @@ void ServedModel::ExpireLoop() {
     if (expired.empty()) continue;
     mu_.Unlock();
     for (Call& c : expired) {
-      std::move(c.work)(
-          absl::DeadlineExceededError(absl::StrCat(
-              "no instance of model '", d_.name(), "' version ", d_.version(),
-              " became free within the call's deadline or --infer-queue-timeout (",
-              absl::FormatDuration(limits_.max_wait), ")")),
-          SteadyNowNs() - c.t0);
+      Fail(c, absl::DeadlineExceededError(absl::StrCat(
+                  "no instance of model '", d_.name(), "' version ", d_.version(),
+                  " became free within the call's deadline or --infer-queue-timeout (",
+                  absl::FormatDuration(limits_.max_wait), ")")));
     }
     mu_.Lock();
   }
 }
 
 void ServedModel::Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns,
-                         uint64_t infer_ns, uint64_t output_ns, uint64_t total_ns) {
+                         uint64_t infer_ns, uint64_t output_ns, uint64_t total_ns,
+                         uint64_t executions) {
   absl::MutexLock l(&mu_);
   if (!ok) {
     stats_.fail.Add(total_ns);
@@ -180,7 +400,7 @@ void ServedModel::Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t in
   stats_.compute_infer.Add(infer_ns);
   stats_.compute_output.Add(output_ns);
   stats_.inference_count += batch;
-  stats_.execution_count += 1;
+  stats_.execution_count += executions;
   stats_.last_inference_ms = static_cast<uint64_t>(NowUnixMs());
 }
 
@@ -620,6 +840,7 @@ absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& nam
   out.set_source_sha256(d->source_sha256());
   out.set_artifact_sha256(d->artifact_sha256());
   out.set_created_unix_ms(d->created_unix_ms());
+  *out.mutable_batching() = d->batching();
   const bool series = d->platform() == kPlatformSeries;
   if (series) {
     *out.mutable_spec() = d->spec();

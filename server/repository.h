@@ -18,7 +18,9 @@
 //
 // Each loaded version keeps `instances` copies of the network (a Model runs one request at a
 // time), each with its own thread; requests beyond that wait in the version's queue, without a
-// thread, until an instance takes them (the queue time is in the statistics).
+// thread, until an instance takes them (the queue time is in the statistics). A version deployed
+// with dynamic batching (Deployment.batching) runs waiting requests of the same precision and
+// trailing shape as one forward pass over their concatenated first dimensions (SubmitBatched).
 //
 // Thread-safe.
 #ifndef FPXINT_SERVER_REPOSITORY_H_
@@ -101,8 +103,31 @@ class ServedModel {
   // SetPrecision's error.
   void Submit(int kw, int ka, absl::Time deadline, Work work);
 
+  // Dynamic batching (deployment().batching().max_batch_size() > 0).
+  bool batching() const { return d_.batching().max_batch_size() > 0; }
+  // A batched call's share of a forward pass's output, valid during the callback.
+  struct Share {
+    absl::Span<const int64_t> shape;  // first dimension: the call's rows × the pass's ratio
+    absl::Span<const float> values;
+    uint64_t queue_ns = 0;     // from Submit until its pass started
+    int64_t pass_rows = 0;     // first-dimension rows of the pass it ran in
+    int pass_calls = 0;        // calls in that pass
+    bool first = false;        // the first call of its pass (records the execution once)
+  };
+  using BatchedWork = absl::AnyInvocable<void(const absl::Status& s, const Share& share) &&>;
+  // Runs `input` (rank >= 1, borrowed until `work` has run; its first dimension ≤
+  // max_batch_size) in a pass with other waiting calls of the same kw, ka, type and trailing
+  // shape: a pass starts once its rows reach the largest preferred size (or max_batch_size), or
+  // once its oldest call has waited max_queue_delay_microseconds, and is cut to the largest
+  // preferred size it exceeds. `work` runs exactly once, with its share, or with the status that
+  // ended the call (the same refusals as Submit; a pass that fails runs its calls again one by
+  // one, so one call cannot fail another).
+  void SubmitBatched(int kw, int ka, absl::Time deadline, model::HostTensorRef input,
+                     BatchedWork work);
+
+  // executions: forward passes to count (a batched pass counts once, at its first call).
   void Record(bool ok, uint64_t batch, uint64_t queue_ns, uint64_t input_ns, uint64_t infer_ns,
-              uint64_t output_ns, uint64_t total_ns);
+              uint64_t output_ns, uint64_t total_ns, uint64_t executions = 1);
   ModelStats stats() const;
   // One instance's weight memory (model::Model::weight_memory at load).
   const model::Model::WeightMemory& weights() const { return weights_; }
@@ -124,9 +149,24 @@ class ServedModel {
     int kw = 0, ka = 0;
     absl::Time deadline;
     uint64_t t0 = 0;  // SteadyNowNs at Submit
-    Work work;
+    Work work;        // Submit's calls
+    // SubmitBatched's calls.
+    BatchedWork batched;
+    model::HostTensorRef input;
+    absl::Time arrived;
   };
+  // Ends a call that never ran with `s`.
+  void Fail(Call& c, const absl::Status& s);
   void RunOn(int slot, Call call);
+  // Batching: on instance `slot`'s runner, forms and runs passes until no call waits.
+  void RunPasses(int slot);
+  // Rows of the calls the oldest waiting call could share a pass with (up to max_batch_size).
+  int64_t PassRows() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool PassReady() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<Call> TakePass() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RunPass(Instance& inst, std::vector<Call> calls);
+  // Sets the network's precision for a call; the error ends the calls instead.
+  absl::Status Prepare(Instance& inst, int kw, int ka);
   void ExpireLoop();
 
   v1::Deployment d_;
@@ -135,6 +175,7 @@ class ServedModel {
   std::vector<int> free_ ABSL_GUARDED_BY(mu_);
   std::deque<Call> pending_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t pass_target_ = 0;  // rows at which a pass starts without waiting (batching)
   bool timer_wake_ ABSL_GUARDED_BY(mu_) = false;
   const InferQueueLimits limits_;
   ModelStats stats_ ABSL_GUARDED_BY(mu_);

@@ -2,6 +2,7 @@
 // instances' own threads, waiting calls are taken in order by the instance that frees up, and
 // every call ends exactly once: run, refused (queue full), expired (deadline) or ended by an
 // unload.
+#include <deque>
 #include <memory>
 #include <string>
 #include <thread>
@@ -16,12 +17,14 @@
 namespace fpxint::server {
 namespace {
 
-std::unique_ptr<ServedModel> Serve(int instances, InferQueueLimits limits) {
+std::unique_ptr<ServedModel> Serve(int instances, InferQueueLimits limits,
+                                   const v1::DynamicBatching& batching = {},
+                                   const std::string& file = "tiny_cnn.pt") {
   std::vector<std::unique_ptr<model::Model>> nets;
   for (int i = 0; i < instances; ++i) {
     model::Model::Options o;
     o.threads = 1;
-    auto m = model::Model::Load(testing::TinyModelFile("tiny_cnn.pt"), o);
+    auto m = model::Model::Load(testing::TinyModelFile(file), o);
     EXPECT_TRUE(m.ok()) << m.status();
     if (m.ok()) nets.push_back(*std::move(m));
   }
@@ -29,7 +32,46 @@ std::unique_ptr<ServedModel> Serve(int instances, InferQueueLimits limits) {
   d.set_name("tiny");
   d.set_version("1");
   d.set_platform(kPlatformFp);
+  *d.mutable_batching() = batching;
   return std::make_unique<ServedModel>(d, std::move(nets), limits);
+}
+
+v1::DynamicBatching Batching(uint32_t max, std::vector<uint32_t> preferred, uint64_t delay_us) {
+  v1::DynamicBatching b;
+  b.set_max_batch_size(max);
+  for (uint32_t p : preferred) b.add_preferred_batch_size(p);
+  b.set_max_queue_delay_microseconds(delay_us);
+  return b;
+}
+
+// What one batched call saw.
+struct Shared {
+  absl::Notification done;
+  absl::Status status;
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+  int64_t pass_rows = 0;
+  int pass_calls = 0;
+  bool first = false;
+};
+
+ServedModel::BatchedWork Keep(Shared* o) {
+  return [o](const absl::Status& s, const ServedModel::Share& share) {
+    o->status = s;
+    o->shape.assign(share.shape.begin(), share.shape.end());
+    o->values.assign(share.values.begin(), share.values.end());
+    o->pass_rows = share.pass_rows;
+    o->pass_calls = share.pass_calls;
+    o->first = share.first;
+    o->done.Notify();
+  };
+}
+
+// Distinct inputs [rows, 3, 8, 8] for tiny_cnn.
+model::HostTensor CnnInput(int64_t rows, uint64_t seed) {
+  return model::HostTensor::Float({rows, 3, 8, 8},
+                                  testing::ToFloat(testing::RandomValues(
+                                      testing::Dist::kGaussian, rows * 192, seed)));
 }
 
 // What one call saw.
@@ -187,6 +229,107 @@ TEST(ServedModel, TwoInstancesRunTwoCallsAtOnce) {
   release.Notify();
   a.done.WaitForNotification();
   b.done.WaitForNotification();
+}
+
+// Dynamic batching: concurrent calls run as one pass over their concatenated rows, and each
+// gets exactly its own rows of the output (against the same network run on each input alone).
+TEST(ServedModel, BatchedCallsShareAPassAndGetTheirOwnRows) {
+  // One instance; a pass waits (up to 10 s) until max_batch_size rows wait.
+  auto m = Serve(1, {}, Batching(8, {}, 10'000'000));
+  auto alone = Serve(1, {});
+  const std::vector<int64_t> rows = {1, 2, 1, 2};
+  std::vector<model::HostTensor> in;
+  for (size_t i = 0; i < rows.size(); ++i) in.push_back(CnnInput(rows[i], 40 + i));
+  // A pass needs max_batch_size (8) rows or the delay: add a 2-row call to reach 8.
+  in.push_back(CnnInput(2, 50));
+  std::deque<Shared> got(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    m->SubmitBatched(0, 0, absl::InfiniteFuture(), model::HostTensorRef::Of(in[i]), Keep(&got[i]));
+  }
+  int firsts = 0;
+  for (size_t i = 0; i < in.size(); ++i) {
+    got[i].done.WaitForNotification();
+    ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status;
+    EXPECT_EQ(got[i].pass_rows, 8) << i;
+    EXPECT_EQ(got[i].pass_calls, 5) << i;
+    firsts += got[i].first;
+    EXPECT_EQ(got[i].shape, (std::vector<int64_t>{in[i].shape[0], 6})) << i;
+    // The same rows run alone.
+    absl::Notification done;
+    std::vector<float> want;
+    alone->Submit(0, 0, absl::InfiniteFuture(), [&](absl::StatusOr<model::Model*> net, uint64_t) {
+      ASSERT_TRUE(net.ok());
+      auto y = (*net)->Forward(in[i]);
+      ASSERT_TRUE(y.ok()) << y.status();
+      want = y->f32;
+      done.Notify();
+    });
+    done.WaitForNotification();
+    EXPECT_LT(testing::MaxRelErr(got[i].values, want), 1e-5) << i;
+  }
+  EXPECT_EQ(firsts, 1);
+}
+
+// Preferred sizes cut a pass; the delay lets a lone call run; max_batch_size bounds every pass.
+TEST(ServedModel, APassIsCutToTheLargestPreferredSizeItReaches) {
+  auto m = Serve(1, {}, Batching(8, {2, 3}, 50'000));
+  std::vector<model::HostTensor> in;
+  for (int i = 0; i < 7; ++i) in.push_back(CnnInput(1, 60 + i));
+  std::deque<Shared> got(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    m->SubmitBatched(0, 0, absl::InfiniteFuture(), model::HostTensorRef::Of(in[i]), Keep(&got[i]));
+  }
+  int calls = 0;
+  for (Shared& g : got) {
+    g.done.WaitForNotification();
+    ASSERT_TRUE(g.status.ok()) << g.status;
+    EXPECT_LE(g.pass_rows, 3);
+    EXPECT_NE(g.pass_rows, 0);
+    calls += g.first ? g.pass_calls : 0;
+  }
+  EXPECT_EQ(calls, 7);  // every call in exactly one pass
+}
+
+// A model that cannot batch (its output has one row whatever the input's) still answers every
+// call: the failed pass runs its calls one by one.
+TEST(ServedModel, APassThatCannotBeSplitRunsItsCallsAlone) {
+  auto m = Serve(1, {}, Batching(4, {}, 10'000'000), "fixed_batch.pt");
+  std::vector<model::HostTensor> in;
+  for (int i = 0; i < 4; ++i) {
+    in.push_back(model::HostTensor::Float({1, 5}, std::vector<float>(5, static_cast<float>(i))));
+  }
+  std::deque<Shared> got(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    m->SubmitBatched(0, 0, absl::InfiniteFuture(), model::HostTensorRef::Of(in[i]), Keep(&got[i]));
+  }
+  model::Model::Options o;
+  o.threads = 1;
+  auto alone = model::Model::Load(testing::TinyModelFile("fixed_batch.pt"), o);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  for (size_t i = 0; i < in.size(); ++i) {
+    got[i].done.WaitForNotification();
+    ASSERT_TRUE(got[i].status.ok()) << got[i].status;
+    EXPECT_EQ(got[i].pass_calls, 1);
+    EXPECT_EQ(got[i].shape, (std::vector<int64_t>{1, 5}));
+    auto want = (*alone)->Forward(in[i]);
+    ASSERT_TRUE(want.ok()) << want.status();
+    EXPECT_EQ(got[i].values, want->f32) << i;
+  }
+}
+
+// Waiting batched calls end like any other: at their deadline, or when the model is unloaded.
+TEST(ServedModel, WaitingBatchedCallsExpireOrEndAtUnload) {
+  auto m = Serve(1, {}, Batching(8, {}, 10'000'000));
+  const model::HostTensor x = CnnInput(1, 70);
+  Shared expiring, unloaded;
+  m->SubmitBatched(0, 0, absl::Now() + absl::Milliseconds(50), model::HostTensorRef::Of(x),
+                   Keep(&expiring));
+  expiring.done.WaitForNotification();
+  EXPECT_EQ(expiring.status.code(), absl::StatusCode::kDeadlineExceeded) << expiring.status;
+  m->SubmitBatched(0, 0, absl::InfiniteFuture(), model::HostTensorRef::Of(x), Keep(&unloaded));
+  m.reset();
+  ASSERT_TRUE(unloaded.done.HasBeenNotified());
+  EXPECT_EQ(unloaded.status.code(), absl::StatusCode::kUnavailable) << unloaded.status;
 }
 
 }  // namespace

@@ -46,7 +46,11 @@
 namespace fpxint::server {
 namespace {
 
+using ::fpxint::testing::Dist;
+using ::fpxint::testing::MaxRelErr;
+using ::fpxint::testing::RandomValues;
 using ::fpxint::testing::ReadFileOrDie;
+using ::fpxint::testing::ToFloat;
 using ::fpxint::testing::ScratchDir;
 using ::fpxint::testing::SmallWeightsSafetensors;
 using ::fpxint::testing::WriteFileOrDie;
@@ -967,6 +971,123 @@ TEST_F(ServerTest, ConcurrentJobsWatchersAndCancels) {
 // An error-budgeted LAYER job: each layer's K comes from its sensitivity, the whole model meets
 // the target on the probe, the artifact keeps each layer's own terms and serves them; a pinned
 // layer keeps its K; a target out of reach fails with the best error; bad budgets are refused.
+// Dynamic batching end to end: refused where the input's first dimension is fixed, shown by
+// GetDeployment, concurrent batch-1 requests answered with their own rows (as the same version
+// answers each alone), a request above max_batch_size refused up front, and the passes counted.
+TEST_F(ServerTest, DynamicBatchingRunsConcurrentRequestsAsOnePass) {
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
+  v1::Model fixed;
+  ASSERT_TRUE(Upload("tiny-fixed", v1::TORCHSCRIPT, ts, &fixed).ok());  // input [2, 3, 8, 8]
+  v1::JobSpec spec = Spec("tiny-fixed", v1::LAYER, 4, 2);
+  spec.mutable_deploy()->set_enabled(true);
+  spec.mutable_deploy()->mutable_batching()->set_max_batch_size(8);
+  v1::SubmitJobRequest req;
+  *req.mutable_spec() = spec;
+  v1::Job refused;
+  grpc::Status st = q_->SubmitJob(Ctx().get(), req, &refused);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("spec.deploy.batching.max_batch_size"), std::string::npos)
+      << st.error_message();
+  EXPECT_NE(st.error_message().find("--input input__0:FP32:-1,3,8,8"), std::string::npos)
+      << st.error_message();
+  spec.mutable_deploy()->mutable_batching()->add_preferred_batch_size(9);
+  *req.mutable_spec() = spec;
+  st = q_->SubmitJob(Ctx().get(), req, &refused);
+  EXPECT_NE(st.error_message().find("preferred_batch_size: 9; accepted 1..max_batch_size"),
+            std::string::npos)
+      << st.error_message();
+
+  // The same network with a variable first dimension.
+  v1::UploadChunk h;
+  h.mutable_header()->set_name("tiny-var");
+  h.mutable_header()->set_format(v1::TORCHSCRIPT);
+  h.mutable_header()->set_sha256(Sha(ts));
+  auto* in = h.mutable_header()->add_inputs();
+  in->set_name("input__0");
+  in->set_datatype("FP32");
+  for (int64_t d : {-1, 3, 8, 8}) in->add_shape(d);
+  v1::Model var;
+  ASSERT_TRUE(Send(h, ts, &var, kAdmin).ok());
+  spec.set_model("tiny-var");
+  spec.mutable_deploy()->set_name("tiny-batched");
+  v1::DynamicBatching* b = spec.mutable_deploy()->mutable_batching();
+  b->clear_preferred_batch_size();
+  b->add_preferred_batch_size(4);
+  b->set_max_queue_delay_microseconds(10'000'000);  // a pass waits for 4 rows (or 10 s)
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  spec.mutable_deploy()->set_name("tiny-alone");
+  spec.mutable_deploy()->clear_batching();
+  ASSERT_EQ(Watch(Submit(spec).job_id()).back().state(), v1::SUCCEEDED);
+
+  v1::DeploymentRef dref;
+  dref.set_name("tiny-batched");
+  v1::DeploymentStatus dep;
+  ASSERT_TRUE(q_->GetDeployment(Ctx(kInfer).get(), dref, &dep).ok());
+  EXPECT_EQ(dep.batching().max_batch_size(), 8u);
+  EXPECT_EQ(dep.batching().max_queue_delay_microseconds(), 10'000'000u);
+
+  // Four concurrent batch-1 requests: one pass of 4 rows, each answered with its own row.
+  std::vector<std::string> xs;
+  for (int i = 0; i < 4; ++i) {
+    const std::vector<float> v =
+        ToFloat(RandomValues(Dist::kGaussian, 192, static_cast<uint64_t>(80 + i)));
+    xs.emplace_back(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+  }
+  std::vector<inference::ModelInferResponse> batched(4);
+  std::vector<grpc::Status> status(4);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 4; ++i) {
+    clients.emplace_back([&, i] {
+      status[i] = oip_->ModelInfer(Ctx(kInfer).get(), RawInfer("tiny-batched", {1, 3, 8, 8}, xs[i]),
+                                   &batched[i]);
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(status[i].ok()) << i << ": " << status[i].error_message();
+    EXPECT_EQ(batched[i].parameters().at("fpxint_batch_rows").int64_param(), 4) << i;
+    ASSERT_EQ(batched[i].outputs(0).shape_size(), 2);
+    EXPECT_EQ(batched[i].outputs(0).shape(0), 1);
+    inference::ModelInferResponse alone;
+    ASSERT_TRUE(oip_->ModelInfer(Ctx(kInfer).get(), RawInfer("tiny-alone", {1, 3, 8, 8}, xs[i]),
+                                 &alone)
+                    .ok());
+    EXPECT_FALSE(alone.parameters().contains("fpxint_batch_rows"));
+    const std::string& got = batched[i].raw_output_contents(0);
+    const std::string& want = alone.raw_output_contents(0);
+    ASSERT_EQ(got.size(), want.size());
+    std::vector<float> g(got.size() / 4), w(want.size() / 4);
+    std::memcpy(g.data(), got.data(), got.size());
+    std::memcpy(w.data(), want.data(), want.size());
+    EXPECT_LT(MaxRelErr(g, w), 1e-5) << i;
+  }
+
+  // Larger than max_batch_size: refused before it waits.
+  inference::ModelInferResponse resp;
+  st = oip_->ModelInfer(Ctx(kInfer).get(),
+                        RawInfer("tiny-batched", {9, 3, 8, 8}, std::string(9 * 192 * 4, '\0')),
+                        &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(st.error_message().find("inputs[0].shape: [9,3,8,8]"), std::string::npos)
+      << st.error_message();
+  EXPECT_NE(st.error_message().find("max_batch_size"), std::string::npos) << st.error_message();
+
+  // One execution for the pass, four inferences; the pass in the batch histograms.
+  inference::ModelStatisticsRequest sreq;
+  sreq.set_name("tiny-batched");
+  inference::ModelStatisticsResponse stats;
+  ASSERT_TRUE(oip_->ModelStatistics(Ctx(kInfer).get(), sreq, &stats).ok());
+  ASSERT_EQ(stats.model_stats_size(), 1);
+  EXPECT_EQ(stats.model_stats(0).inference_count(), 4u);
+  EXPECT_EQ(stats.model_stats(0).execution_count(), 1u);
+  const std::string text = server_->MetricsText();
+  EXPECT_NE(text.find("fpxint_inference_batch_rows_count{model=\"tiny-batched\",version=\"1\"} 1"),
+            std::string::npos);
+  EXPECT_NE(text.find("fpxint_inference_batch_requests_sum{model=\"tiny-batched\",version=\"1\"} 4"),
+            std::string::npos);
+}
+
 TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
   const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
   v1::Model m;

@@ -19,6 +19,7 @@
 #include "server/jobs.h"
 #include "server/journal.h"
 #include "server/metrics.h"
+#include "server/oip_codec.h"
 #include "server/repository.h"
 #include "server/status_util.h"
 #include "server/store.h"
@@ -220,6 +221,10 @@ class InferenceService final : public inference::GRPCInferenceService::CallbackS
   // (queue_ns < 0: the call never reached the model's queue), and the call's status.
   void FinishInfer(grpc::ServerUnaryReactor* r, ServedModel* m, const absl::Status& s,
                    uint64_t t0, int64_t queue_ns);
+  // ModelInfer on a model with dynamic batching (ServedModel::SubmitBatched).
+  void SubmitBatched(grpc::CallbackServerContext* c, grpc::ServerUnaryReactor* r,
+                     const inference::ModelInferRequest* req, inference::ModelInferResponse* resp,
+                     ServedModel* m, int kw, int ka, uint64_t t0, uint64_t t1, DecodedRequest in);
 
   ServiceContext ctx_;
 };

@@ -2,6 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "core/hf_checkpoint.h"
 #include "core/name_pattern.h"
 #include "core/status_macros.h"
@@ -226,6 +227,54 @@ absl::StatusOr<std::vector<std::pair<std::string, int>>> WeightTermPins(const v1
   return pins;
 }
 
+namespace {
+
+absl::Status CheckBatching(const v1::DynamicBatching& b, const v1::Model& model) {
+  constexpr uint32_t kMaxBatch = 1024;
+  constexpr uint64_t kMaxDelayUs = 10000000;
+  if (b.max_batch_size() == 0) {
+    if (b.preferred_batch_size_size() > 0 || b.max_queue_delay_microseconds() > 0) {
+      return Bad("deploy.batching.max_batch_size",
+                 "0 (batching off) with preferred sizes or a queue delay; set 1..1024");
+    }
+    return absl::OkStatus();
+  }
+  if (b.max_batch_size() > kMaxBatch) {
+    return Bad("deploy.batching.max_batch_size",
+               absl::StrCat(b.max_batch_size(), "; accepted 0 (off) or 1..", kMaxBatch));
+  }
+  if (b.preferred_batch_size_size() > 16) {
+    return Bad("deploy.batching.preferred_batch_size",
+               absl::StrCat(b.preferred_batch_size_size(), " sizes; at most 16"));
+  }
+  for (uint32_t p : b.preferred_batch_size()) {
+    if (p < 1 || p > b.max_batch_size()) {
+      return Bad("deploy.batching.preferred_batch_size",
+                 absl::StrCat(p, "; accepted 1..max_batch_size (", b.max_batch_size(), ")"));
+    }
+  }
+  if (b.max_queue_delay_microseconds() > kMaxDelayUs) {
+    return Bad("deploy.batching.max_queue_delay_microseconds",
+               absl::StrCat(b.max_queue_delay_microseconds(), "; accepted 0..", kMaxDelayUs,
+                            " (ten seconds)"));
+  }
+  // Requests are concatenated along the first dimension: it must be free in the signature.
+  if (model.inputs_size() == 1 && model.inputs(0).shape_size() > 0 &&
+      model.inputs(0).shape(0) != -1) {
+    const v1::TensorSignature& in = model.inputs(0);
+    return Bad("deploy.batching.max_batch_size",
+               absl::StrCat("model '", model.name(), "' declares input '", in.name(),
+                            "' with a fixed first dimension (", in.shape(0),
+                            "); batching needs it variable: upload it with -1 there, e.g. --input ",
+                            in.name().empty() ? "x" : in.name(), ":", in.datatype(), ":-1",
+                            in.shape_size() > 1 ? "," : "",
+                            absl::StrJoin(in.shape().begin() + 1, in.shape().end(), ",")));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->granularity() == v1::GRANULARITY_UNSPECIFIED) {
     return Bad("granularity", "required; one of TENSOR, LAYER, MODEL");
@@ -312,6 +361,12 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   }
   if (!s->deploy().version().empty()) {
     FPX_RETURN_IF_ERROR(CheckVersion(s->deploy().version(), "spec.deploy.version"));
+  }
+  if (s->deploy().has_batching()) {
+    if (!s->deploy().enabled()) {
+      return Bad("deploy.batching", "needs deploy.enabled (batching is a served version's setting)");
+    }
+    FPX_RETURN_IF_ERROR(CheckBatching(s->deploy().batching(), model));
   }
   for (const auto& [field, pattern] :
        {std::pair<const char*, const std::string*>{"include", &s->include()},

@@ -33,6 +33,8 @@ EXPECTED = {
     "fpxint_inference_requests_total": ("counter", {"model", "version", "status"}),
     "fpxint_inference_request_duration_seconds": ("histogram", {"model", "version"}),
     "fpxint_inference_queue_duration_seconds": ("histogram", {"model", "version"}),
+    "fpxint_inference_batch_rows": ("histogram", {"model", "version"}),
+    "fpxint_inference_batch_requests": ("histogram", {"model", "version"}),
     "fpxint_inference_pending_requests": ("gauge", set()),
     "fpxint_jobs_total": ("counter", {"granularity", "state"}),
     "fpxint_jobs_queued": ("gauge", set()),

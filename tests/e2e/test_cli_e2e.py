@@ -740,6 +740,36 @@ class CliE2E(CliTestCase):
         self.assertIn("NOT_FOUND", r.err)
         r = self.run_cli("infer", "fm_w4x2", "-i", "x.npy", token=None, expect=7)
 
+    def test_11b_dynamic_batching(self):
+        """--max-batch-size and friends deploy a version that batches concurrent requests;
+        `models get` shows the setting, and a request above the batch size is refused."""
+        self.need("uploaded", "test_02_upload")
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer", "--wait",
+                         "--deploy-as", "fm_batch", "--max-batch-size", "8",
+                         "--preferred-batch-size", "4", "--max-queue-delay-us", "2000")
+        self.assertIn("SUCCEEDED", r.out)
+        got = self.run_cli("models", "get", "fm_batch")
+        self.assertIn("batching   up to 8 rows per pass, preferred 4, waiting at most 2000 µs",
+                      got.out)
+        dep = self.run_cli("--json", "models", "get", "fm_batch").json()["deployment"]
+        self.assertEqual(dep["batching"], {"max_batch_size": 8, "preferred_batch_size": [4],
+                                           "max_queue_delay_microseconds": "2000"})
+        x = np.random.RandomState(9).rand(2, 1, 28, 28).astype(np.float32)
+        np.save(os.path.join(self.work, "xb.npy"), x)
+        doc = self.run_cli("--json", "infer", "fm_batch", "-i", "xb.npy").json()
+        self.assertEqual(doc["outputs"][0]["shape"], [2, 10])
+        np.save(os.path.join(self.work, "big.npy"), np.zeros((9, 1, 28, 28), np.float32))
+        r = self.run_cli("infer", "fm_batch", "-i", "big.npy", expect=3)
+        self.assertIn("max_batch_size", r.err)
+        # The flags belong to a deployment; the server names a size it does not take.
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--max-batch-size", "8", expect=2)
+        self.assertIn("--deploy", r.err)
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--deploy-as", "fm_batch2", "--max-batch-size", "4",
+                         "--preferred-batch-size", "6", expect=3)
+        self.assertIn("preferred_batch_size: 6", r.err)
+
     def test_12_models(self):
         self.need("layer_job", "test_05_quantize_layer_deploy_human")
         doc = self.run_cli("--json", "models", "list").json()

@@ -11,6 +11,8 @@ writes:
                        dilated conv, 1x1 conv, conv1d over a flattened row, linear on tokens
                        [N, HW, C] and a matmul (every kind of layer the packed ops rewrite)
   no_layers.pt         scripted module without any linear/conv layer (y = 2x + 1)
+  fixed_batch.pt       scripted, y = linear(5->5)(x).reshape(1, -1): a model whose output
+                       cannot be split back into a batch's requests
   c7_layer.pt, c7_io.safetensors   C7: Y = X W^T, d=256, W ~ N(0, 1/d), X = ReLU(N(0,1))
                        64x256 (`input`); c8_mlp.pt, c8_io.safetensors  C8: the 4-layer ReLU
                        MLP (d=256, He init, bias N(0, 0.1^2)) and its 128 inputs. Both drawn from
@@ -114,6 +116,17 @@ class NoLayers(nn.Module):
         return 2 * x + 1
 
 
+class FixedBatch(nn.Module):
+    """A model that cannot batch: it folds its whole output into one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.fc(x).reshape(1, -1)
+
+
 def write_safetensors(path, tensors):
     header, blobs, off = {}, [], 0
     for name, t in tensors.items():
@@ -150,6 +163,7 @@ def main():
         y = m(x)
     write_safetensors(os.path.join(out, "tiny_io.safetensors"), {"input": x, "output": y})
     torch.jit.script(NoLayers()).save(os.path.join(out, "no_layers.pt"))
+    torch.jit.script(FixedBatch()).save(os.path.join(out, "fixed_batch.pt"))
     torch.jit.script(ConvZoo().eval()).save(os.path.join(out, "conv_zoo.pt"))
     write_reference_models(out)
 
