@@ -7,6 +7,9 @@
 //   w4a4k2, w4a4k2_trunc   core::IntLinear: W4×2 sym weights, activations expanded per row
 //                          into 2 4-bit terms (unsigned first term for x >= 0), all 4 products
 //                          or the 3 order-truncated ones, int32 accumulation (VNNI where present)
+//   w4a4k2_fold            core::FoldedIntLinear: W4×2 and A4×2 both variant D (grid mid), the
+//                          two digits of each side folded into one 8-bit code: all 4 term
+//                          products in ONE u8 × s8 GEMM
 // Dequantize/<impl>/4096x4096: Σ_k Ŵ_k into a reused fp32 buffer (the dense path's transient).
 // Ratios are fairest with --benchmark_enable_random_interleaving=true on a shared host.
 #include <ATen/ATen.h>
@@ -132,6 +135,43 @@ void BM_IntW4A4(benchmark::State& state, bool truncate, int64_t batch) {
   state.SetLabel(fpxint::core::ActiveIntKernels().name);
 }
 
+const fpxint::core::FoldedIntLinear& FoldedW4K2() {
+  static const fpxint::core::FoldedIntLinear lin = [] {
+    fpxint::core::ExpansionSpec spec;
+    spec.bits = 4;
+    spec.terms = 2;
+    spec.grid = fpxint::core::Grid::kMid;
+    spec.variant = fpxint::core::Variant::kDigits;
+    spec.scale = fpxint::core::ScaleGranularity::kChannel;
+    const at::Tensor& w = Weight();
+    fpxint::core::ExpandOptions o;
+    o.pool = &Pool();
+    auto e = fpxint::core::ExpandTensor(
+        fpxint::core::DType::kF32, {kN, kN},
+        absl::MakeConstSpan(static_cast<const uint8_t*>(w.data_ptr()), w.nbytes()), spec, o);
+    if (!e.ok()) std::abort();
+    auto l = fpxint::core::FoldedIntLinear::FromExpansion(*e);
+    if (!l.ok()) std::abort();
+    return *std::move(l);
+  }();
+  return lin;
+}
+
+void BM_FoldedW4A4(benchmark::State& state, int64_t batch) {
+  const fpxint::core::FoldedIntLinear& l = FoldedW4K2();
+  const at::Tensor x = at::relu(Input(batch));
+  at::Tensor y = at::empty({batch, kN}, at::kFloat);
+  for (auto _ : state) {
+    if (!l.Forward(x.data_ptr<float>(), batch, y.data_ptr<float>(), {4, 2}, &Pool()).ok()) {
+      state.SkipWithError("FoldedIntLinear::Forward failed");
+      return;
+    }
+    benchmark::ClobberMemory();
+  }
+  state.counters["weight_MB"] = static_cast<double>(l.resident_bytes()) / (1 << 20);
+  state.SetLabel(fpxint::core::ActiveIntKernels().name);
+}
+
 void BM_Lowbit(benchmark::State& state, std::string impl, int64_t batch) {
   const fpxint::core::LowbitLinear& l = Lowbit(impl);
   const at::Tensor x = Input(batch);
@@ -200,6 +240,8 @@ int Register() {
     benchmark::RegisterBenchmark(("Linear/w4a4k2/" + shape).c_str(), BM_IntW4A4, false, b)
         ->Unit(benchmark::kMillisecond)->UseRealTime();
     benchmark::RegisterBenchmark(("Linear/w4a4k2_trunc/" + shape).c_str(), BM_IntW4A4, true, b)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+    benchmark::RegisterBenchmark(("Linear/w4a4k2_fold/" + shape).c_str(), BM_FoldedW4A4, b)
         ->Unit(benchmark::kMillisecond)->UseRealTime();
   }
   return 0;

@@ -82,6 +82,21 @@ void GemmPanelRef(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_
   }
 }
 
+void GemmPanelS8Ref(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx, int B,
+                    int32_t* out) {
+  for (int b = 0; b < B; ++b) {
+    for (int r = 0; r < kIntPanelRows; ++r) {
+      int32_t s = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int8_t* w = panel + (g * kIntPanelRows + r) * 4;
+        const uint8_t* xg = x + b * ldx + 4 * g;
+        for (int q = 0; q < 4; ++q) s += int32_t{w[q]} * int32_t{xg[q]};
+      }
+      out[b * kIntPanelRows + r] = s;
+    }
+  }
+}
+
 constexpr IntKernelTable kRef = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
@@ -89,6 +104,7 @@ constexpr IntKernelTable kRef = [] {
   t.unpack_row = UnpackIntRowRef;
   t.dot_tile = DotTileRef;
   t.gemm_panel = GemmPanelRef;
+  t.gemm_panel_s8 = GemmPanelS8Ref;
   return t;
 }();
 
@@ -448,6 +464,188 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   };
   RunTasks(pool, tasks, run);
   return absl::OkStatus();
+}
+
+// ---- FoldedIntLinear ----
+
+namespace {
+
+// Σ_k 2^{b(K−1−k)}: the weight of the +½ of every digit of a folded mid-grid code.
+int64_t DigitSum(int bits, int terms) {
+  int64_t s = 0;
+  for (int k = 0; k < terms; ++k) s = (s << bits) + 1;
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<FoldedIntLinear> FoldedIntLinear::FromExpansion(const TensorExpansion& e) {
+  const ExpansionSpec& s = e.spec;
+  const int K = static_cast<int>(e.terms.size());
+  if (K == 0 || s.variant != Variant::kDigits || s.grid != Grid::kMid ||
+      s.scale == ScaleGranularity::kGroup || s.bits * K > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "folded W×A takes variant D (grid mid) weights with tensor or channel scales and K·b <= 8; "
+        "got ", s.ToString(), " with ", K, " terms"));
+  }
+  FoldedIntLinear w;
+  w.code_bits_ = s.bits * K;
+  w.rows_ = e.layout.rows;
+  w.cols_ = e.layout.row_len;
+  w.groups_ = RoundUp(w.cols_) / 4;
+  const int64_t panels = (w.rows_ + kIntPanelRows - 1) / kIntPanelRows;
+  w.panels_.assign(static_cast<size_t>(panels * w.groups_ * kIntPanelRows * 4), 0);
+  w.scale_.resize(static_cast<size_t>(w.rows_));
+  w.fsum_.resize(static_cast<size_t>(w.rows_));
+  w.zw2_ = (int64_t{1} << w.code_bits_) - 257;
+  const int64_t shift = (int64_t{1} << (s.bits - 1)) * DigitSum(s.bits, K) - 128;
+  std::vector<int32_t> q(static_cast<size_t>(w.cols_));
+  std::vector<int64_t> f(static_cast<size_t>(w.cols_));
+  for (int64_t o = 0; o < w.rows_; ++o) {
+    std::fill(f.begin(), f.end(), 0);
+    for (int k = 0; k < K; ++k) {
+      const TermData& td = e.terms[static_cast<size_t>(k)];
+      UnpackCodes(td.codes.data() + o * e.layout.packed_row_bytes, w.cols_, s.bits, true,
+                  q.data());
+      for (int64_t c = 0; c < w.cols_; ++c) f[c] = (f[c] << s.bits) + q[static_cast<size_t>(c)];
+    }
+    const TermData& last = e.terms.back();
+    const size_t si = s.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(o);
+    if (si >= last.scale.size()) return absl::InvalidArgumentError("too few scales");
+    w.scale_[static_cast<size_t>(o)] = last.scale[si];
+    int64_t sum = 0;
+    int8_t* dst = w.panels_.data() + (o / kIntPanelRows) * w.groups_ * kIntPanelRows * 4 +
+                  (o % kIntPanelRows) * 4;
+    for (int64_t c = 0; c < w.cols_; ++c) {
+      const int64_t v = f[static_cast<size_t>(c)] + shift;  // in [-128, 127] by construction
+      sum += v;
+      dst[(c / 4) * kIntPanelRows * 4 + c % 4] = static_cast<int8_t>(v);
+    }
+    w.fsum_[static_cast<size_t>(o)] = sum;
+  }
+  return w;
+}
+
+size_t FoldedIntLinear::resident_bytes() const {
+  return panels_.size() + scale_.size() * sizeof(float) + fsum_.size() * sizeof(int64_t);
+}
+
+int64_t FoldedIntLinear::Numerator(int64_t o, int32_t acc, int64_t usum, int64_t zx2) const {
+  return 4 * int64_t{acc} - 2 * zx2 * fsum_[static_cast<size_t>(o)] - 2 * zw2_ * usum +
+         cols_ * zw2_ * zx2;
+}
+
+absl::Status FoldedIntLinear::Run(
+    const float* x, int64_t batch, const ActSpec& act, ThreadPool* pool,
+    const IntKernelTable* kernels,
+    const std::function<void(int64_t, int64_t, int, const int32_t*, int64_t, int64_t, float)>&
+        emit) const {
+  if (act.bits < 1 || act.terms < 1 || act.bits * act.terms > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "activation bits ", act.bits, ", terms ", act.terms, "; folded W×A takes bits·terms <= 8"));
+  }
+  if (cols_ > 65536) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("in_features ", cols_, ": folded int32 sums take at most 65536 inputs"));
+  }
+  if (batch <= 0) return absl::OkStatus();
+  const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
+  if (kt.gemm_panel_s8 == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(kt.name, " kernels have no s8 panel product"));
+  }
+  ExpansionSpec as;
+  as.bits = act.bits;
+  as.terms = act.terms;
+  as.grid = Grid::kMid;
+  as.variant = Variant::kDigits;
+  as.scale = batch > 1 ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
+  const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
+                                         static_cast<size_t>(batch * cols_) * sizeof(float));
+  ExpandOptions eo;
+  eo.pool = pool;
+  FPX_ASSIGN_OR_RETURN(TensorExpansion ex,
+                       ExpandTensor(DType::kF32, {batch, cols_}, bytes, as, eo));
+  const int Ka = static_cast<int>(ex.terms.size());
+  const int64_t ldx = groups_ * 4;
+  const int64_t ushift = (int64_t{1} << (act.bits - 1)) * DigitSum(act.bits, Ka);
+  const int64_t zx2 = (int64_t{1} << (act.bits * Ka)) - 1;
+  std::vector<uint8_t> xu(static_cast<size_t>(batch * ldx), 0);
+  std::vector<int64_t> usum(static_cast<size_t>(batch));
+  std::vector<float> sx(static_cast<size_t>(batch));
+  RunTasks(pool, batch, [&](int64_t b) {
+    uint8_t* row = xu.data() + b * ldx;
+    const int64_t rb = ex.layout.packed_row_bytes;
+    int64_t sum = 0;
+    if (act.bits == 4 && Ka == 2) {
+      // U = 16·C1 + C2 + 136 = (nibble1 ^ 8) << 4 | (nibble2 ^ 8): two packed bytes give two codes.
+      const uint8_t* t1 = ex.terms[0].codes.data() + b * rb;
+      const uint8_t* t2 = ex.terms[1].codes.data() + b * rb;
+      for (int64_t c = 0; c < cols_; ++c) {
+        const int sh = 4 * static_cast<int>(c % 2);
+        const uint32_t n1 = ((t1[c / 2] >> sh) & 0x0Fu) ^ 8u, n2 = ((t2[c / 2] >> sh) & 0x0Fu) ^ 8u;
+        row[c] = static_cast<uint8_t>((n1 << 4) | n2);
+        sum += row[c];
+      }
+    } else {
+      std::vector<int32_t> q(static_cast<size_t>(cols_));
+      std::vector<int64_t> u(static_cast<size_t>(cols_), 0);
+      for (int j = 0; j < Ka; ++j) {
+        UnpackCodes(ex.terms[static_cast<size_t>(j)].codes.data() + b * rb, cols_, act.bits, true,
+                    q.data());
+        for (int64_t c = 0; c < cols_; ++c) u[c] = (u[c] << act.bits) + q[static_cast<size_t>(c)];
+      }
+      for (int64_t c = 0; c < cols_; ++c) {
+        row[c] = static_cast<uint8_t>(u[static_cast<size_t>(c)] + ushift);
+        sum += row[c];
+      }
+    }
+    usum[static_cast<size_t>(b)] = sum;
+    sx[static_cast<size_t>(b)] =
+        ex.terms.back().scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
+  });
+  const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
+  const int64_t panel_bytes = groups_ * kIntPanelRows * 4;
+  RunTasks(pool, panels, [&](int64_t q) {
+    const int64_t o0 = q * kIntPanelRows;
+    const int R = static_cast<int>(std::min<int64_t>(kIntPanelRows, rows_ - o0));
+    int32_t acc[kIntGemmRows * kIntPanelRows];
+    for (int64_t b0 = 0; b0 < batch; b0 += kIntGemmRows) {
+      const int B = static_cast<int>(std::min<int64_t>(kIntGemmRows, batch - b0));
+      kt.gemm_panel_s8(panels_.data() + q * panel_bytes, groups_, xu.data() + b0 * ldx, ldx, B,
+                       acc);
+      for (int b = 0; b < B; ++b) {
+        emit(b0 + b, o0, R, acc + b * kIntPanelRows, usum[static_cast<size_t>(b0 + b)], zx2,
+             sx[static_cast<size_t>(b0 + b)]);
+      }
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,
+                                      const ActSpec& act, ThreadPool* pool,
+                                      const IntKernelTable* kernels) const {
+  return Run(x, batch, act, pool, kernels,
+             [&](int64_t b, int64_t o0, int R, const int32_t* acc, int64_t usum, int64_t zx2,
+                 float sx) {
+               float* out = y + b * rows_ + o0;
+               for (int r = 0; r < R; ++r) {
+                 const double num = static_cast<double>(Numerator(o0 + r, acc[r], usum, zx2));
+                 out[r] = static_cast<float>(static_cast<double>(scale_[o0 + r]) * sx * num * 0.25);
+               }
+             });
+}
+
+absl::Status FoldedIntLinear::ForwardIntegers(const float* x, int64_t batch, int64_t* out,
+                                              const ActSpec& act, ThreadPool* pool,
+                                              const IntKernelTable* kernels) const {
+  return Run(x, batch, act, pool, kernels,
+             [&](int64_t b, int64_t o0, int R, const int32_t* acc, int64_t usum, int64_t zx2,
+                 float) {
+               for (int r = 0; r < R; ++r) {
+                 out[b * rows_ + o0 + r] = Numerator(o0 + r, acc[r], usum, zx2);
+               }
+             });
 }
 
 }  // namespace fpxint::core

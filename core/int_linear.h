@@ -30,6 +30,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -73,6 +74,12 @@ struct IntKernelTable {
   // for b < B ≤ kIntGemmRows.
   void (*gemm_panel)(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx, int B,
                      int32_t* out);
+  // The s8 panel product of FoldedIntLinear: `panel` holds `groups` blocks of kIntPanelRows
+  // words, word r of block g the s8 codes of output row r for inputs 4g..4g+3; the activation
+  // rows are u8 in natural order.
+  //   out[b·kIntPanelRows + r] = Σ_g Σ_q w(g,r,q)·x[b·ldx + 4g + q]     (b < B ≤ kIntGemmRows)
+  void (*gemm_panel_s8)(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx,
+                        int B, int32_t* out);
 };
 
 const IntKernelTable& ActiveIntKernels();                 // avx512vnni > avx2 > ref
@@ -139,6 +146,59 @@ class IntLinear {
   int64_t rows_ = 0, cols_ = 0, row_bytes_ = 0;
   std::vector<Term> terms_;
   std::unique_ptr<Panels> panels_ = std::make_unique<Panels>();
+};
+
+// W×A with folded terms: weights and activations both expanded with variant D (grid mid,
+// s_{k+1} = s_k / 2^b), whose K b-bit codes are the base-2^b digits of one (K·b)-bit code
+// (docs/ALGORITHM.md §3a). With K·b ≤ 8 on each side, all K_w·K_a term products are ONE
+// u8 × s8 product:
+//
+//   W = s_w·(F − z_w),  F = Σ_i 2^{b(K_w−i)}·C_i + 2^{b−1}·S_w − 128 ∈ [−128, 127]   (s8)
+//   X = s_x·(U − z_x),  U = Σ_j 2^{b(K_a−j)}·C_j + 2^{b−1}·S_a        ∈ [0, 2^{K_a·b} − 1] (u8)
+//
+// with S = Σ_k 2^{b(K−k)}, s_w, s_x the last term's scales, 2·z_w = 2^{K_w·b} − 257 and
+// 2·z_x = 2^{K_a·b} − 1. Then 4·Σ_c (F − z_w)(U − z_x) = 4·ΣFU − 2·(2z_x)·ΣF − 2·(2z_w)·ΣU +
+// n·(2z_w)(2z_x), an exact integer equal to Σ_{i,j} 2^{b(K_w−i) + b(K_a−j)}·Σ_c (2C_i + 1)
+// (2C_j + 1): the unfolded term products' own integers (tested). y = s_w·s_x·that / 4.
+// Activations: one scale per row (tensor for one row), expanded from x at every call.
+class FoldedIntLinear {
+ public:
+  // From a weight expansion with variant D (grid mid), tensor or channel scales, K·b ≤ 8.
+  static absl::StatusOr<FoldedIntLinear> FromExpansion(const TensorExpansion& e);
+  FoldedIntLinear(FoldedIntLinear&&) = default;
+  FoldedIntLinear& operator=(FoldedIntLinear&&) = default;
+
+  struct ActSpec {
+    int bits = 4;
+    int terms = 2;  // bits · terms ≤ 8
+  };
+  int64_t out_features() const { return rows_; }
+  int64_t in_features() const { return cols_; }
+  int weight_bits() const { return code_bits_; }  // K_w·b of the folded codes
+  size_t resident_bytes() const;
+
+  // y [batch, out] from x [batch, in].
+  absl::Status Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
+                       ThreadPool* pool = nullptr, const IntKernelTable* kernels = nullptr) const;
+  // The exact integers 4·Σ_c (F − z_w)(U − z_x), [batch, out] (what Forward scales).
+  absl::Status ForwardIntegers(const float* x, int64_t batch, int64_t* out, const ActSpec& act,
+                               ThreadPool* pool = nullptr,
+                               const IntKernelTable* kernels = nullptr) const;
+
+ private:
+  FoldedIntLinear() = default;
+  // Runs the product; `emit(b, o0, R, acc, usum, sx)` takes kIntPanelRows accumulators of row b.
+  absl::Status Run(const float* x, int64_t batch, const ActSpec& act, ThreadPool* pool,
+                   const IntKernelTable* kernels,
+                   const std::function<void(int64_t b, int64_t o0, int R, const int32_t* acc,
+                                            int64_t usum, int64_t zx2, float sx)>& emit) const;
+  int64_t Numerator(int64_t o, int32_t acc, int64_t usum, int64_t zx2) const;
+  int code_bits_ = 8;
+  int64_t rows_ = 0, cols_ = 0, groups_ = 0;  // groups_: inputs / 4, padded to kIntBlock
+  std::vector<int8_t> panels_;   // ⌈rows/kIntPanelRows⌉ × groups_ × kIntPanelRows × 4
+  std::vector<float> scale_;     // s_w per row
+  std::vector<int64_t> fsum_;    // Σ_c F per row
+  int64_t zw2_ = 0;              // 2·z_w
 };
 
 }  // namespace fpxint::core

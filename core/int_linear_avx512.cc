@@ -117,6 +117,42 @@ void GemmPanel(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t l
   kPanels[B - 1](panel, groups, x, ldx, out);
 }
 
+// The s8 panel product (FoldedIntLinear): per group of 4 inputs, two 64-byte loads hold 32 rows
+// × 4 codes; each activation row broadcasts its 4 codes against them.
+template <int B>
+void GemmPanelS8T(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx,
+                  int32_t* out) {
+  __m512i acc[B][2];
+  for (int b = 0; b < B; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i w0 = _mm512_loadu_si512(panel + g * 128);
+    const __m512i w1 = _mm512_loadu_si512(panel + g * 128 + 64);
+    for (int b = 0; b < B; ++b) {
+      int32_t v;
+      std::memcpy(&v, x + b * ldx + 4 * g, 4);
+      const __m512i xv = _mm512_set1_epi32(v);
+      acc[b][0] = _mm512_dpbusd_epi32(acc[b][0], xv, w0);
+      acc[b][1] = _mm512_dpbusd_epi32(acc[b][1], xv, w1);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    _mm512_storeu_si512(out + b * kIntPanelRows, acc[b][0]);
+    _mm512_storeu_si512(out + b * kIntPanelRows + 16, acc[b][1]);
+  }
+}
+
+using PanelS8Fn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
+template <size_t... I>
+constexpr std::array<PanelS8Fn, sizeof...(I)> PanelS8Table(std::index_sequence<I...>) {
+  return {GemmPanelS8T<static_cast<int>(I) + 1>...};
+}
+constexpr auto kPanelsS8 = PanelS8Table(std::make_index_sequence<kIntGemmRows>());
+
+void GemmPanelS8(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx, int B,
+                 int32_t* out) {
+  kPanelsS8[B - 1](panel, groups, x, ldx, out);
+}
+
 constexpr IntKernelTable kTable = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
@@ -124,6 +160,7 @@ constexpr IntKernelTable kTable = [] {
   t.unpack_row = UnpackIntRowAvx2;
   t.dot_tile = DotTile;
   t.gemm_panel = GemmPanel;
+  t.gemm_panel_s8 = GemmPanelS8;
   return t;
 }();
 

@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "core/packing.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -239,6 +240,163 @@ TEST(IntLinear, RejectsWhatItDoesNotTake) {
   std::vector<float> xb(70000, 0.5f), yb(1);
   auto s = big->Forward(xb.data(), 1, yb.data(), {8, 1, true, false});
   EXPECT_NE(std::string(s.message()).find("overflow"), std::string::npos) << s;
+}
+
+// ---- Folded terms (variant D) ----
+
+struct FoldCase {
+  int64_t out, in, batch;
+  int wbits, wterms, abits, aterms;
+  ScaleGranularity scale;
+};
+
+const FoldCase kFoldCases[] = {
+    {17, 130, 5, 4, 2, 4, 2, ScaleGranularity::kChannel},
+    {40, 77, 11, 4, 2, 4, 2, ScaleGranularity::kTensor},   // odd rows, a ragged panel
+    {33, 256, 1, 4, 2, 4, 2, ScaleGranularity::kChannel},  // one row: a tensor scale
+    {9, 64, 20, 2, 4, 2, 3, ScaleGranularity::kChannel},   // 8-bit and 6-bit folded codes
+    {8, 300, 9, 8, 1, 4, 1, ScaleGranularity::kChannel},   // one term each
+    {64, 2500, 16, 4, 2, 4, 2, ScaleGranularity::kChannel},
+};
+
+ExpansionSpec DigitsSpec(int bits, int terms, ScaleGranularity scale) {
+  ExpansionSpec s;
+  s.bits = bits;
+  s.terms = terms;
+  s.grid = Grid::kMid;
+  s.variant = Variant::kDigits;
+  s.scale = scale;
+  return s;
+}
+
+TensorExpansion ExpandDigits(const FoldCase& c, uint64_t seed) {
+  auto e = ExpandTensor(RandomValues(Dist::kStudentT3, c.out * c.in, seed), {c.out, c.in},
+                        DigitsSpec(c.wbits, c.wterms, c.scale));
+  EXPECT_TRUE(e.ok()) << e.status();
+  return *std::move(e);
+}
+
+// The activation expansion FoldedIntLinear makes of x.
+TensorExpansion ExpandActDigits(const FoldCase& c, const std::vector<float>& x) {
+  auto ex = ExpandTensor(
+      DType::kF32, {c.batch, c.in},
+      absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x.data()), x.size() * 4),
+      DigitsSpec(c.abits, c.aterms,
+                 c.batch > 1 ? ScaleGranularity::kChannel : ScaleGranularity::kTensor));
+  EXPECT_TRUE(ex.ok()) << ex.status();
+  return *std::move(ex);
+}
+
+std::vector<float> FoldInput(const FoldCase& c, uint64_t seed) {
+  return ToFloat(RandomValues(Dist::kGaussian, c.batch * c.in, seed));
+}
+
+// One folded u8 × s8 product against every (i, j) term product in fp64.
+TEST(FoldedIntLinear, EqualsTheSumOfEveryTermProduct) {
+  uint64_t seed = 300;
+  for (const FoldCase& c : kFoldCases) {
+    const TensorExpansion w = ExpandDigits(c, seed++);
+    auto lin = FoldedIntLinear::FromExpansion(w);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    EXPECT_EQ(lin->weight_bits(), c.wbits * c.wterms);
+    const std::vector<float> x = FoldInput(c, seed++);
+    const TensorExpansion ex = ExpandActDigits(c, x);
+    std::vector<double> want(static_cast<size_t>(c.batch * c.out), 0.0);
+    for (int i = 1; i <= c.wterms; ++i) {
+      std::vector<double> wi(static_cast<size_t>(c.out * c.in), 0.0);
+      AccumulateTerm(w.spec, w.layout, w.terms[i - 1], i, wi.data());
+      for (int j = 1; j <= c.aterms; ++j) {
+        std::vector<double> xj(static_cast<size_t>(c.batch * c.in), 0.0);
+        AccumulateTerm(ex.spec, ex.layout, ex.terms[j - 1], j, xj.data());
+        for (int64_t b = 0; b < c.batch; ++b) {
+          for (int64_t o = 0; o < c.out; ++o) {
+            double s = 0;
+            for (int64_t k = 0; k < c.in; ++k) s += wi[o * c.in + k] * xj[b * c.in + k];
+            want[static_cast<size_t>(b * c.out + o)] += s;
+          }
+        }
+      }
+    }
+    std::vector<float> y(want.size(), -1.0f);
+    ASSERT_TRUE(lin->Forward(x.data(), c.batch, y.data(), {c.abits, c.aterms}, nullptr,
+                             IntKernelsByName("ref")).ok());
+    EXPECT_LT(MaxRelErr(y, want), 1e-6) << c.out << "x" << c.in << " batch " << c.batch;
+  }
+}
+
+// The fold is exact: its integers are those of the K_w·K_a unfolded products, each mid-grid digit
+// product Σ_c (2C_i + 1)(2C_j + 1) weighted by its place 2^{b(K_w−i) + b(K_a−j)}.
+TEST(FoldedIntLinear, ItsIntegersAreTheUnfoldedProductsIntegers) {
+  uint64_t seed = 400;
+  for (const FoldCase& c : kFoldCases) {
+    const TensorExpansion w = ExpandDigits(c, seed++);
+    auto lin = FoldedIntLinear::FromExpansion(w);
+    ASSERT_TRUE(lin.ok()) << lin.status();
+    const std::vector<float> x = FoldInput(c, seed++);
+    const TensorExpansion ex = ExpandActDigits(c, x);
+    std::vector<int64_t> got(static_cast<size_t>(c.batch * c.out), 0);
+    ASSERT_TRUE(lin->ForwardIntegers(x.data(), c.batch, got.data(), {c.abits, c.aterms}).ok());
+    auto codes = [](const TensorExpansion& e, int k, int64_t row, int64_t n) {
+      std::vector<int32_t> q(static_cast<size_t>(n));
+      UnpackCodes(e.terms[static_cast<size_t>(k)].codes.data() + row * e.layout.packed_row_bytes,
+                  n, e.spec.bits, true, q.data());
+      return q;
+    };
+    for (int64_t b = 0; b < c.batch; ++b) {
+      for (int64_t o = 0; o < c.out; ++o) {
+        int64_t want = 0;
+        for (int i = 0; i < c.wterms; ++i) {
+          const std::vector<int32_t> cw = codes(w, i, o, c.in);
+          for (int j = 0; j < c.aterms; ++j) {
+            const std::vector<int32_t> cx = codes(ex, j, b, c.in);
+            int64_t p = 0;
+            for (int64_t k = 0; k < c.in; ++k) {
+              p += (2 * int64_t{cw[static_cast<size_t>(k)]} + 1) *
+                   (2 * int64_t{cx[static_cast<size_t>(k)]} + 1);
+            }
+            want += p << (c.wbits * (c.wterms - 1 - i) + c.abits * (c.aterms - 1 - j));
+          }
+        }
+        ASSERT_EQ(got[static_cast<size_t>(b * c.out + o)], want) << "row " << b << " out " << o;
+      }
+    }
+  }
+}
+
+TEST(FoldedIntLinear, VnniIsBitForBitTheReference) {
+  const IntKernelTable* fast = IntKernelsByName("avx512vnni");
+  if (fast == nullptr) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
+  ThreadPool pool(2);
+  uint64_t seed = 500;
+  for (const FoldCase& c : kFoldCases) {
+    auto lin = FoldedIntLinear::FromExpansion(ExpandDigits(c, seed++));
+    ASSERT_TRUE(lin.ok());
+    const std::vector<float> x = FoldInput(c, seed++);
+    std::vector<float> ref(static_cast<size_t>(c.batch * c.out)), got(ref.size(), 7.0f);
+    ASSERT_TRUE(lin->Forward(x.data(), c.batch, ref.data(), {c.abits, c.aterms}, nullptr,
+                             IntKernelsByName("ref")).ok());
+    ASSERT_TRUE(lin->Forward(x.data(), c.batch, got.data(), {c.abits, c.aterms}, &pool, fast).ok());
+    EXPECT_EQ(got, ref) << c.out << "x" << c.in << " batch " << c.batch;
+  }
+}
+
+TEST(FoldedIntLinear, RefusesWhatDoesNotFold) {
+  FoldCase c{8, 64, 2, 4, 2, 4, 2, ScaleGranularity::kChannel};
+  ExpansionSpec r;  // variant R, sym
+  auto plain = ExpandTensor(RandomValues(Dist::kGaussian, 8 * 64, 1), {8, 64}, r);
+  ASSERT_TRUE(plain.ok());
+  auto s = FoldedIntLinear::FromExpansion(*plain);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("variant D"), std::string::npos) << s.status();
+  c.wterms = 3;  // 12 bits
+  EXPECT_FALSE(FoldedIntLinear::FromExpansion(ExpandDigits(c, 2)).ok());
+  c.wterms = 2;
+  auto lin = FoldedIntLinear::FromExpansion(ExpandDigits(c, 3));
+  ASSERT_TRUE(lin.ok());
+  std::vector<float> x(128, 1.0f), y(16);
+  auto bad = lin->Forward(x.data(), 2, y.data(), {4, 3});
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("bits·terms <= 8"), std::string::npos) << bad;
 }
 
 }  // namespace
