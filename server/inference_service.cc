@@ -189,14 +189,14 @@ void InferenceService::SubmitBatched(grpc::CallbackServerContext* c, grpc::Serve
           FinishInfer(r, m, s, t0, queue);
           return;
         }
-        if (c->IsCancelled()) {
-          FinishInfer(r, m, absl::CancelledError("the client went away before the call ran"), t0,
-                      queue);
-          return;
-        }
-        if (share.first) {
+        if (share.first) {  // once per pass, whatever becomes of this call
           ctx_.metrics->InferenceBatch(m->deployment().name(), m->deployment().version(),
                                        share.pass_rows, share.pass_calls);
+        }
+        if (c->IsCancelled()) {
+          FinishInfer(r, m, absl::CancelledError("the client went away before its pass ran"), t0,
+                      queue);
+          return;
         }
         const uint64_t t2 = SteadyNowNs();
         resp->set_model_name(m->deployment().name());
