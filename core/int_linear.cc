@@ -507,7 +507,9 @@ absl::StatusOr<FoldedIntLinear> FoldedIntLinear::FromExpansion(const TensorExpan
       const TermData& td = e.terms[static_cast<size_t>(k)];
       UnpackCodes(td.codes.data() + o * e.layout.packed_row_bytes, w.cols_, s.bits, true,
                   q.data());
-      for (int64_t c = 0; c < w.cols_; ++c) f[c] = (f[c] << s.bits) + q[static_cast<size_t>(c)];
+      // Digits of a signed number: multiply (a left shift of a negative value is undefined).
+      const int64_t radix = int64_t{1} << s.bits;
+      for (int64_t c = 0; c < w.cols_; ++c) f[c] = f[c] * radix + q[static_cast<size_t>(c)];
     }
     const TermData& last = e.terms.back();
     const size_t si = s.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(o);
@@ -592,7 +594,8 @@ absl::Status FoldedIntLinear::Run(
       for (int j = 0; j < Ka; ++j) {
         UnpackCodes(ex.terms[static_cast<size_t>(j)].codes.data() + b * rb, cols_, act.bits, true,
                     q.data());
-        for (int64_t c = 0; c < cols_; ++c) u[c] = (u[c] << act.bits) + q[static_cast<size_t>(c)];
+        const int64_t radix = int64_t{1} << act.bits;
+        for (int64_t c = 0; c < cols_; ++c) u[c] = u[c] * radix + q[static_cast<size_t>(c)];
       }
       for (int64_t c = 0; c < cols_; ++c) {
         row[c] = static_cast<uint8_t>(u[static_cast<size_t>(c)] + ushift);

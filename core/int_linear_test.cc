@@ -354,7 +354,8 @@ TEST(FoldedIntLinear, ItsIntegersAreTheUnfoldedProductsIntegers) {
               p += (2 * int64_t{cw[static_cast<size_t>(k)]} + 1) *
                    (2 * int64_t{cx[static_cast<size_t>(k)]} + 1);
             }
-            want += p << (c.wbits * (c.wterms - 1 - i) + c.abits * (c.aterms - 1 - j));
+            const int place = c.wbits * (c.wterms - 1 - i) + c.abits * (c.aterms - 1 - j);
+            want += p * (int64_t{1} << place);
           }
         }
         ASSERT_EQ(got[static_cast<size_t>(b * c.out + o)], want) << "row " << b << " out " << o;

@@ -21,6 +21,16 @@ HostTensor ProbeInput(const std::vector<int64_t>& shape) {
   return HostTensor::Float(shape, x);
 }
 
+HostTensor TokenProbeInput(const std::vector<int64_t>& shape, int64_t vocabulary) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::mt19937 rng(20261123);
+  std::uniform_int_distribution<int64_t> ids(0, std::max<int64_t>(1, vocabulary) - 1);
+  std::vector<int64_t> x(static_cast<size_t>(std::max<int64_t>(0, n)));
+  for (int64_t& v : x) v = ids(rng);
+  return HostTensor::Int64(shape, x);
+}
+
 uint64_t PackedTermBytes(const std::vector<int64_t>& shape, const core::ExpansionSpec& spec) {
   absl::StatusOr<core::TensorLayout> l = core::TensorLayout::Make(shape, spec);
   if (!l.ok()) return 0;

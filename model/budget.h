@@ -20,6 +20,9 @@ namespace fpxint::model {
 // The data-free probe input: fixed-seed N(0,1) float32 values of `shape` (deterministic: the
 // same shape gives the same values).
 HostTensor ProbeInput(const std::vector<int64_t>& shape);
+// The data-free probe of a token model: fixed-seed token ids uniform in [0, vocabulary) of
+// `shape`, int64 (Model::token_vocabulary gives the vocabulary).
+HostTensor TokenProbeInput(const std::vector<int64_t>& shape, int64_t vocabulary);
 
 struct BudgetSpec {
   double target = 0;  // the probe output's relative error to meet, > 0

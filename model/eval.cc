@@ -335,12 +335,15 @@ struct Evaluator::Impl {
   std::vector<std::vector<float>> fp_outputs;    // per batch, for output_rel_err
 
   // An error budget (c.target): allocates each layer's K on the data-free probe (one sample of
-  // the task's input shape, N(0,1); no data is read) and keeps those terms.
+  // the task's input shape, N(0,1), or token ids below the embedding table's size; no data is
+  // read) and keeps those terms.
   absl::Status Budget(const EvalConfig& c, EvalResult* r) {
-    if (batches.empty() || batches[0].type != HostTensor::Type::kFloat32) {
+    if (batches.empty()) return absl::InvalidArgumentError("no evaluation data");
+    const bool tokens = batches[0].type == HostTensor::Type::kInt64;
+    if (tokens && model->token_vocabulary() <= 0) {
       return absl::InvalidArgumentError(absl::StrCat(
-          c.label, ": an error budget needs a float input for its data-free probe; this task's "
-          "input is token ids"));
+          c.label, ": an error budget on token ids needs the model's embedding table for its "
+          "data-free probe, and it has none"));
     }
     std::vector<int64_t> shape = batches[0].shape;
     shape[0] = 1;
@@ -348,7 +351,9 @@ struct Evaluator::Impl {
     b.target = c.target;
     b.min_terms = 1;
     b.max_terms = c.kw;
-    FPX_ASSIGN_OR_RETURN(BudgetOutcome o, AllocateModelTerms(model.get(), ProbeInput(shape), b));
+    const HostTensor probe =
+        tokens ? TokenProbeInput(shape, model->token_vocabulary()) : ProbeInput(shape);
+    FPX_ASSIGN_OR_RETURN(BudgetOutcome o, AllocateModelTerms(model.get(), probe, b));
     FPX_RETURN_IF_ERROR(model->KeepTerms(o.terms));
     double bits = 0, weights = 0;
     for (size_t i = 0; i < o.terms.size(); ++i) {

@@ -127,6 +127,9 @@ class Model {
   const std::vector<LayerInfo>& layers() const;
   // "Half" or "BFloat16" for a model loaded from FP16 or BF16 weights; empty for float32.
   const std::string& source_dtype() const;
+  // The rows of the smallest constant table the network looks token ids up in
+  // (aten::embedding): every id below it is valid input. 0 when it has none.
+  int64_t token_vocabulary() const;
 
   // Called before each selected layer (done = layers finished so far) and once at the end
   // (done == total, name empty).

@@ -280,9 +280,9 @@ Model::Prober::~Prober() = default;
 absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor& input) {
   if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   Impl& im = *impl_;
-  if (input.type != HostTensor::Type::kFloat32 ||
-      input.numel() != static_cast<int64_t>(input.f32.size())) {
-    return absl::InvalidArgumentError("input: FP32 values matching its shape");
+  const bool f32 = input.type == HostTensor::Type::kFloat32;
+  if (input.numel() != static_cast<int64_t>(f32 ? input.f32.size() : input.i64.size())) {
+    return absl::InvalidArgumentError("input: values matching its shape (FP32, or INT64 ids)");
   }
   auto st = std::make_unique<Prober::State>();
   st->im = &im;
@@ -294,7 +294,10 @@ absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor
       return st->slots[i];
     };
     FPX_ASSIGN_OR_RETURN(st->net, im.Build(weight_for, 1, 0, /*truncate=*/false));
-    st->x = at::from_blob(const_cast<float*>(input.f32.data()), input.shape, at::kFloat).clone();
+    st->x = f32 ? at::from_blob(const_cast<float*>(input.f32.data()), input.shape, at::kFloat)
+                      .clone()
+                : at::from_blob(const_cast<int64_t*>(input.i64.data()), input.shape, at::kLong)
+                      .clone();
     st->ref = st->Run();
     st->ref_norm = st->ref.norm().item<double>();
   } catch (const std::exception& e) {

@@ -9,13 +9,34 @@
 #include <torch/csrc/jit/passes/graph_rewrite_helper.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "model/internal/model_impl.h"
 
 namespace fpxint::model {
+namespace {
 
+// The rows of the smallest constant aten::embedding table in `block` (and its sub-blocks); 0
+// when there is none.
+int64_t SmallestEmbeddingTable(torch::jit::Block* block) {
+  static const c10::Symbol kEmbedding = c10::Symbol::fromQualString("aten::embedding");
+  int64_t rows = 0;
+  for (Node* n : block->nodes()) {
+    for (torch::jit::Block* b : n->blocks()) {
+      const int64_t r = SmallestEmbeddingTable(b);
+      if (r > 0) rows = rows == 0 ? r : std::min(rows, r);
+    }
+    if (n->kind() != kEmbedding || n->inputs().empty()) continue;
+    const std::optional<at::Tensor> w = ConstTensor(n->input(0));
+    if (!w || w->dim() != 2 || w->size(0) <= 0) continue;
+    rows = rows == 0 ? w->size(0) : std::min(rows, w->size(0));
+  }
+  return rows;
+}
 
+}  // namespace
 
 Model::Model(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Model::~Model() = default;
@@ -96,12 +117,14 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& path, cons
   }
   impl->expansions.resize(found.size());
   impl->current = impl->frozen;
+  impl->token_vocabulary = SmallestEmbeddingTable(g->block());
   return std::unique_ptr<Model>(new Model(std::move(impl)));
 }
 
 
 const std::vector<LayerInfo>& Model::layers() const { return impl_->layers; }
 const std::string& Model::source_dtype() const { return impl_->source_dtype; }
+int64_t Model::token_vocabulary() const { return impl_->token_vocabulary; }
 const ModelExpansionSpec& Model::spec() const { return impl_->spec; }
 
 absl::Status Model::Expand(const ModelExpansionSpec& spec, core::ThreadPool* pool) {

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "core/artifact.h"
 #include "core/safetensors.h"
+#include "model/budget.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -201,6 +202,32 @@ TEST(ModelExport, DequantizedTorchScriptReloadsWithTheSameOutput) {
 // A layer's sensitivity at K is the output error of the network whose only quantized layer is
 // that one, at K terms: the same as building that network from the basis models' weights. It
 // falls with K, and computing it leaves the current precision as it was.
+// A token model's probe: ids below its embedding table's size (the smallest such table). The
+// table is not a layer to expand; the linear layers after it are probed like any other.
+TEST(ModelSensitivity, TokenModelsAreProbedWithIdsBelowTheirVocabulary) {
+  std::unique_ptr<Model> lm = MustLoad(TinyModelFile("tiny_lm.pt"));
+  EXPECT_EQ(lm->token_vocabulary(), 20);
+  EXPECT_EQ(MustLoad(TinyModelFile("tiny_cnn.pt"))->token_vocabulary(), 0);
+  const HostTensor probe = TokenProbeInput({1, 8}, lm->token_vocabulary());
+  EXPECT_EQ(probe.type, HostTensor::Type::kInt64);
+  ASSERT_EQ(probe.i64.size(), 8u);
+  for (int64_t id : probe.i64) {
+    EXPECT_GE(id, 0);
+    EXPECT_LT(id, 20);
+  }
+  EXPECT_EQ(TokenProbeInput({1, 8}, 20).i64, probe.i64) << "deterministic";
+  ASSERT_TRUE(lm->Expand(Spec(4, 3), nullptr).ok());
+  ASSERT_EQ(lm->layers().size(), 2u);
+  auto sens = lm->Sensitivity(probe, 3);
+  ASSERT_TRUE(sens.ok()) << sens.status();
+  ASSERT_EQ(sens->size(), 2u);
+  for (const Model::LayerSensitivity& s : *sens) {
+    ASSERT_EQ(s.rel_fro.size(), 3u);
+    EXPECT_GT(s.rel_fro[0], s.rel_fro[2]) << s.name;
+    EXPECT_GT(s.rel_fro[2], 0) << s.name;
+  }
+}
+
 TEST(ModelSensitivity, OneLayerAtATimeMatchesTheBuiltNetwork) {
   std::unique_ptr<Model> m = MustLoad(TinyModelFile("tiny_cnn.pt"));
   ASSERT_TRUE(m->Expand(Spec(4, 3), nullptr).ok());

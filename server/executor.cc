@@ -163,11 +163,21 @@ absl::Status AddReport(const v1::JobSpec& spec, const JobContext& ctx, JobOutput
 }
 
 // The probe input: fixed-seed N(0,1) values of the model's declared input shape (variable
-// dimensions 1). nullopt, with the reason in result->probe_note, when there is none.
-std::optional<model::HostTensor> ProbeInput(const v1::Model& m, v1::JobResult* result) {
-  if (m.inputs_size() != 1 || m.inputs(0).datatype() != "FP32") {
+// dimensions 1), or for a token model (an INT64 input) fixed-seed token ids below its smallest
+// embedding table's size. nullopt, with the reason in result->probe_note, when there is none.
+std::optional<model::HostTensor> ProbeInput(const v1::Model& m, const model::Model& net,
+                                            v1::JobResult* result) {
+  const bool tokens = m.inputs_size() == 1 && m.inputs(0).datatype() == "INT64";
+  if (m.inputs_size() != 1 || (m.inputs(0).datatype() != "FP32" && !tokens)) {
     result->set_probe_note(
-        "no probe: the upload declared no single FP32 input signature (UploadHeader.inputs)");
+        "no probe: the upload declared no single FP32 or INT64 input signature "
+        "(UploadHeader.inputs)");
+    return std::nullopt;
+  }
+  if (tokens && net.token_vocabulary() <= 0) {
+    result->set_probe_note(
+        "no probe: the model takes token ids but looks none up in a constant embedding table, "
+        "so there is no range to draw them from");
     return std::nullopt;
   }
   std::vector<int64_t> shape;
@@ -180,7 +190,7 @@ std::optional<model::HostTensor> ProbeInput(const v1::Model& m, v1::JobResult* r
     result->set_probe_note("no probe: the input signature has no usable shape");
     return std::nullopt;
   }
-  return model::ProbeInput(shape);
+  return tokens ? model::TokenProbeInput(shape, net.token_vocabulary()) : model::ProbeInput(shape);
 }
 
 // The layers' sensitivity into the report, ranked by error per MiB of a term.
@@ -515,7 +525,7 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   // The data-free probes: every layer's sensitivity, and an error budget's allocation.
   const bool budget = spec.target_rel_error() > 0;
-  std::optional<model::HostTensor> probe_input = ProbeInput(ctx.model, &out.result);
+  std::optional<model::HostTensor> probe_input = ProbeInput(ctx.model, *net, &out.result);
   if (budget && !probe_input) {
     return absl::FailedPreconditionError(absl::StrCat(
         "target_rel_error needs the data-free probe, and there is none: ",

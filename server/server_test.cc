@@ -1088,6 +1088,31 @@ TEST_F(ServerTest, DynamicBatchingRunsConcurrentRequestsAsOnePass) {
             std::string::npos);
 }
 
+// A token model (INT64 input) gets a data-free probe of token ids below its embedding table's
+// size: its layers are ranked and an error budget is met.
+TEST_F(ServerTest, ErrorBudgetOnATokenModelProbesWithTokenIds) {
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_lm.pt");
+  v1::UploadChunk h;
+  h.mutable_header()->set_name("tiny-lm");
+  h.mutable_header()->set_format(v1::TORCHSCRIPT);
+  h.mutable_header()->set_sha256(Sha(ts));
+  auto* in = h.mutable_header()->add_inputs();
+  in->set_name("tokens");
+  in->set_datatype("INT64");
+  for (int64_t d : {-1, 8}) in->add_shape(d);
+  v1::Model m;
+  ASSERT_TRUE(Send(h, ts, &m, kAdmin).ok());
+  v1::JobSpec spec = Spec("tiny-lm", v1::LAYER, 4, 0);
+  spec.set_weight_terms(0);
+  spec.set_target_rel_error(0.05);
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  EXPECT_EQ(done.result().probe_note(), "");
+  EXPECT_EQ(done.result().sensitivity_size(), 2);
+  EXPECT_LE(done.result().allocation().measured_rel_error(), 0.05);
+  EXPECT_GT(done.result().allocation().measured_rel_error(), 0);
+}
+
 TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
   const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
   v1::Model m;

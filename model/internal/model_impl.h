@@ -99,6 +99,7 @@ struct Model::Impl {
   // The dtype of the archive's floating parameters when it was not float32 ("Half",
   // "BFloat16"): such a model is converted to float32 at load, expanded and run in it.
   std::string source_dtype;
+  int64_t token_vocabulary = 0;  // Model::token_vocabulary
 
   // A clone of the frozen module, its forward graph and its layers (the same as `layers`, in
   // order; Internal when discovery differs), for the rewrites below to change.

@@ -13,6 +13,8 @@ writes:
   no_layers.pt         scripted module without any linear/conv layer (y = 2x + 1)
   fixed_batch.pt       scripted, y = linear(5->5)(x).reshape(1, -1): a model whose output
                        cannot be split back into a batch's requests
+  tiny_lm.pt           traced at [2, 8] int64 token ids: embedding(20, 16), linear(16->32),
+                       ReLU, linear(32->20); any [B, T]
   c7_layer.pt, c7_io.safetensors   C7: Y = X W^T, d=256, W ~ N(0, 1/d), X = ReLU(N(0,1))
                        64x256 (`input`); c8_mlp.pt, c8_io.safetensors  C8: the 4-layer ReLU
                        MLP (d=256, He init, bias N(0, 0.1^2)) and its 128 inputs. Both drawn from
@@ -116,6 +118,19 @@ class NoLayers(nn.Module):
         return 2 * x + 1
 
 
+class TinyLm(nn.Module):
+    """Token ids [B, T] -> logits [B, T, 20]: a 20-row embedding table, two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 20)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.emb(x))))
+
+
 class FixedBatch(nn.Module):
     """A model that cannot batch: it folds its whole output into one row."""
 
@@ -164,6 +179,7 @@ def main():
     write_safetensors(os.path.join(out, "tiny_io.safetensors"), {"input": x, "output": y})
     torch.jit.script(NoLayers()).save(os.path.join(out, "no_layers.pt"))
     torch.jit.script(FixedBatch()).save(os.path.join(out, "fixed_batch.pt"))
+    torch.jit.trace(TinyLm().eval(), torch.randint(0, 20, (2, 8))).save(os.path.join(out, "tiny_lm.pt"))
     torch.jit.script(ConvZoo().eval()).save(os.path.join(out, "conv_zoo.pt"))
     write_reference_models(out)
 
