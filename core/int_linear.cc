@@ -223,14 +223,37 @@ size_t IntLinear::resident_bytes() const {
 
 bool IntLinear::UsesGemm(int64_t batch, const IntKernelTable* kernels) const {
   const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
-  return bits_ == 4 && kt.gemm_panel != nullptr && batch >= kIntGemmMinRows;
+  const bool kernel = bits_ == 4 ? kt.gemm_panel != nullptr : kt.gemm_panel_s8 != nullptr;
+  return kernel && batch >= kIntGemmMinRows;
 }
 
 const IntLinear::Panels& IntLinear::PanelsBuilt() const {
   absl::call_once(panels_->once, [this] {
     Panels& p = *panels_;
-    p.groups = RoundUp(cols_) / 8;
     const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
+    if (bits_ != 4) {
+      // Other widths: s8 panels (one code per byte, 4 inputs per word, natural order).
+      p.groups = RoundUp(cols_) / 4;
+      const size_t bytes = static_cast<size_t>(panels * p.groups * kIntPanelRows * 4);
+      p.term.resize(terms_.size());
+      std::vector<int32_t> q(static_cast<size_t>(cols_));
+      for (size_t k = 0; k < terms_.size(); ++k) {
+        std::vector<uint8_t>& out = p.term[k];
+        out.assign(bytes, 0);
+        for (int64_t o = 0; o < rows_; ++o) {
+          UnpackCodes(terms_[k].codes + o * row_bytes_, cols_, bits_, true, q.data());
+          uint8_t* dst = out.data() + (o / kIntPanelRows) * p.groups * kIntPanelRows * 4 +
+                         (o % kIntPanelRows) * 4;
+          for (int64_t c = 0; c < cols_; ++c) {
+            dst[(c / 4) * kIntPanelRows * 4 + c % 4] =
+                static_cast<uint8_t>(static_cast<int8_t>(q[static_cast<size_t>(c)]));
+          }
+        }
+      }
+      p.bytes.store(bytes * p.term.size(), std::memory_order_release);
+      return;
+    }
+    p.groups = RoundUp(cols_) / 8;
     const size_t bytes = static_cast<size_t>(panels * p.groups * kIntPanelRows * 4);
     p.term.resize(terms_.size());
     for (size_t k = 0; k < terms_.size(); ++k) {
@@ -287,9 +310,14 @@ void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npa
       const int B = static_cast<int>(std::min<int64_t>(kIntGemmRows, batch - b0));
       for (size_t p = 0; p < pairs.size(); ++p) {
         const auto [i, j] = pairs[p];
-        kt.gemm_panel(pn.term[static_cast<size_t>(i)].data() + q * panel_bytes, pn.groups,
-                      xu[static_cast<size_t>(j)].data() + b0 * npad, npad, B,
-                      acc.data() + p * kIntGemmRows * kIntPanelRows);
+        const uint8_t* panel = pn.term[static_cast<size_t>(i)].data() + q * panel_bytes;
+        int32_t* out = acc.data() + p * kIntGemmRows * kIntPanelRows;
+        const uint8_t* x = xu[static_cast<size_t>(j)].data() + b0 * npad;
+        if (bits_ == 4) {
+          kt.gemm_panel(panel, pn.groups, x, npad, B, out);
+        } else {
+          kt.gemm_panel_s8(reinterpret_cast<const int8_t*>(panel), pn.groups, x, npad, B, out);
+        }
       }
       // The dot schedule's epilogue, element for element: Σ_p (sw·sx)·(acc − bias·Σw) in pair
       // order, so both schedules give the same bits.
@@ -350,7 +378,9 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   // order for the panel product.
   const bool gemm = UsesGemm(batch, &kt);
   int64_t plane[kIntBlock];
-  for (int64_t p = 0; p < kIntBlock; ++p) plane[p] = gemm ? GroupCode(p) : PlaneCode(p, bits_);
+  for (int64_t p = 0; p < kIntBlock; ++p) {
+    plane[p] = !gemm ? PlaneCode(p, bits_) : bits_ == 4 ? GroupCode(p) : p;  // s8 panels: natural
+  }
   for (int j = 0; j < Ka; ++j) {
     const bool is_unsigned = as.term_is_unsigned(j + 1);
     bias[static_cast<size_t>(j)] = is_unsigned ? 0 : 1 << (act.bits - 1);
@@ -359,7 +389,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   }
   // One activation row per task: all its terms' codes, biased, in plane order.
   auto prepare_row = [&](int64_t b) {
-    if (gemm && act.bits == 4) {
+    if (gemm && bits_ == 4 && act.bits == 4) {
       // Group order straight from the packed row: the 4 bytes of codes 8g..8g+7 give their low
       // nibbles (even codes) then their high ones (odd codes); a signed nibble plus its bias 8
       // is the nibble with bit 3 flipped.

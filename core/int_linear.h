@@ -17,14 +17,15 @@
 // bit-for-bit equal to the scalar reference.
 //
 // Two schedules, chosen per call:
-// - few activation rows (below kIntGemmMinRows, or weights other than b = 4, or kernels without a
-//   panel product): per tile of 4 output rows, the K_w' packed weight terms are unpacked once
-//   into s8 (in L1), then every 4-row tile of activations runs all pairs against them as dot
-//   products; the weights are read from memory once per call, the activation codes from cache.
-// - many rows (b = 4): a register-blocked GEMM. The weights are repacked once, on the first such
-//   call, into panels of kIntPanelRows output rows where each 32-bit word holds 8 packed codes of
-//   one row (still 4 bits per code, unpacked in registers); each product broadcasts 4
-//   activation codes against 16 rows × 4 codes (vpdpbusd), kIntGemmRows activation rows at a time.
+// - few activation rows (below kIntGemmMinRows, or kernels without a panel product): per tile of
+//   4 output rows, the K_w' packed weight terms are unpacked once into s8 (in L1), then every
+//   4-row tile of activations runs all pairs against them as dot products; the weights are read
+//   from memory once per call, the activation codes from cache.
+// - many rows: a register-blocked GEMM. The weights are repacked once, on the first such call,
+//   into panels of kIntPanelRows output rows. b = 4: each 32-bit word holds 8 packed codes of one
+//   row (still 4 bits per code, unpacked in registers); other widths: 4 codes as s8. Each product
+//   broadcasts 4 activation codes against 16 rows × 4 codes (vpdpbusd), kIntGemmRows activation
+//   rows at a time.
 #ifndef FPXINT_CORE_INT_LINEAR_H_
 #define FPXINT_CORE_INT_LINEAR_H_
 
@@ -51,8 +52,8 @@ namespace fpxint::core {
 // 32 bytes; activations are written in it once per call.
 inline constexpr int64_t kIntBlock = 64;
 
-// The many-row schedule (b = 4 weights): output rows per weight panel, activation rows per panel
-// product, and the activation rows from which a call takes it.
+// The many-row schedule: output rows per weight panel, activation rows per panel product, and
+// the activation rows from which a call takes it.
 inline constexpr int kIntPanelRows = 32;
 inline constexpr int kIntGemmRows = 8;
 inline constexpr int64_t kIntGemmMinRows = 8;
@@ -123,10 +124,10 @@ class IntLinear {
 
  private:
   IntLinear() = default;
-  // The b = 4 panels of every term, built on the first many-row call (const, thread-safe).
+  // The panels of every term, built on the first many-row call (const, thread-safe).
   struct Panels {
     absl::once_flag once;
-    int64_t groups = 0;                     // input codes / 8, padded like the activations
+    int64_t groups = 0;  // input codes / 8 (b = 4) or / 4 (s8 panels), padded like x
     std::vector<std::vector<uint8_t>> term;  // per term: ⌈rows/kIntPanelRows⌉ × groups × 128 bytes
     std::atomic<size_t> bytes{0};            // their total, once built (read without the once)
   };

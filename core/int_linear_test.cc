@@ -103,6 +103,9 @@ const Case kCases[] = {
     {70, 77, 11, 4, 2, 4, 2, true, false, ScaleGranularity::kChannel},
     {31, 203, 8, 4, 3, 4, 2, false, true, ScaleGranularity::kTensor},
     {64, 64, 21, 4, 2, 3, 2, false, false, ScaleGranularity::kChannel},
+    // Other widths on s8 panels: b = 3 and 8, odd lengths, a ragged tile.
+    {35, 101, 12, 3, 2, 4, 2, true, true, ScaleGranularity::kChannel},
+    {20, 130, 9, 8, 1, 4, 2, false, false, ScaleGranularity::kTensor},
     // Long rows (2500 codes) with several activation tiles.
     {11, 2500, 9, 4, 2, 4, 2, false, true, ScaleGranularity::kChannel},
 };

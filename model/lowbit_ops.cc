@@ -134,8 +134,8 @@ void RunTransposed(const core::LowbitLinear& w, const float* xt, int64_t ldxt, i
 // The activation rows beyond which a call takes the dense path (a transient fp32 copy of Σ Ŵ_k
 // and LibTorch's GEMM or convolution). Weight-only: none by default, since the packed schedules
 // are ahead of decode + OpenBLAS/oneDNN at every size measured (docs/BENCHMARKS.md). W×A: none
-// either where core::IntLinear takes its register-blocked GEMM (b = 4 weights, VNNI); other
-// widths and kernels beyond 16 rows, where K_w'·K_a' dot-product passes lose to one fp32 GEMM.
+// either where core::IntLinear takes its register-blocked GEMM (VNNI kernels); kernels without
+// it beyond 16 rows, where K_w'·K_a' dot-product passes lose to one fp32 GEMM.
 // FPXINT_PACKED_MAX_ROWS / SetPackedMaxRows set one bound for both.
 constexpr int64_t kIntDotMaxRows = 16;
 int64_t WeightOnlyMaxRows() {
