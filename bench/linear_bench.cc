@@ -51,6 +51,18 @@ fpxint::core::ThreadPool& Pool() {
   return pool;
 }
 
+// The benchmark weight expanded with `spec` on the 2-thread pool.
+fpxint::core::TensorExpansion ExpandWeight(const fpxint::core::ExpansionSpec& spec) {
+  const at::Tensor& w = Weight();
+  fpxint::core::ExpandOptions o;
+  o.pool = &Pool();
+  auto e = fpxint::core::ExpandTensor(
+      fpxint::core::DType::kF32, {kN, kN},
+      absl::MakeConstSpan(static_cast<const uint8_t*>(w.data_ptr()), w.nbytes()), spec, o);
+  if (!e.ok()) std::abort();
+  return *std::move(e);
+}
+
 const fpxint::core::LowbitLinear& Lowbit(const std::string& impl) {
   static std::map<std::string, std::unique_ptr<fpxint::core::LowbitLinear>> cache;
   auto it = cache.find(impl);
@@ -64,14 +76,7 @@ const fpxint::core::LowbitLinear& Lowbit(const std::string& impl) {
   } else {  // w2k4mid
     spec.bits = 2, spec.terms = 4, spec.grid = fpxint::core::Grid::kMid;
   }
-  const at::Tensor& w = Weight();
-  fpxint::core::ExpandOptions o;
-  o.pool = &Pool();
-  auto e = fpxint::core::ExpandTensor(
-      fpxint::core::DType::kF32, {kN, kN},
-      absl::MakeConstSpan(static_cast<const uint8_t*>(w.data_ptr()), w.nbytes()), spec, o);
-  if (!e.ok()) std::abort();
-  auto l = fpxint::core::LowbitLinear::FromExpansion(*e);
+  auto l = fpxint::core::LowbitLinear::FromExpansion(ExpandWeight(spec));
   if (!l.ok()) std::abort();
   return *(cache[impl] = std::make_unique<fpxint::core::LowbitLinear>(*std::move(l)));
 }
@@ -143,14 +148,7 @@ const fpxint::core::FoldedIntLinear& FoldedW4K2() {
     spec.grid = fpxint::core::Grid::kMid;
     spec.variant = fpxint::core::Variant::kDigits;
     spec.scale = fpxint::core::ScaleGranularity::kChannel;
-    const at::Tensor& w = Weight();
-    fpxint::core::ExpandOptions o;
-    o.pool = &Pool();
-    auto e = fpxint::core::ExpandTensor(
-        fpxint::core::DType::kF32, {kN, kN},
-        absl::MakeConstSpan(static_cast<const uint8_t*>(w.data_ptr()), w.nbytes()), spec, o);
-    if (!e.ok()) std::abort();
-    auto l = fpxint::core::FoldedIntLinear::FromExpansion(*e);
+    auto l = fpxint::core::FoldedIntLinear::FromExpansion(ExpandWeight(spec));
     if (!l.ok()) std::abort();
     return *std::move(l);
   }();

@@ -61,8 +61,9 @@ std::string ReadAll(const std::string& p) {
 
 // `sha256`: the bytes' hash when the caller already knows it (a client hashes a file once; the
 // upload benchmark measures the service, not the client's hashing).
+// `input`: a TorchScript model's signature (default: the recognizer's [1, 3, 48, 320] FP32).
 absl::Status Upload(Env& e, const std::string& name, v1::ModelFormat f, const std::string& bytes,
-                    std::string sha256 = "") {
+                    std::string sha256 = "", const v1::TensorSignature* input = nullptr) {
   grpc::ClientContext ctx;
   v1::Model m;
   auto w = e.q->UploadModel(&ctx, &m);
@@ -74,7 +75,9 @@ absl::Status Upload(Env& e, const std::string& name, v1::ModelFormat f, const st
         absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
   }
   h.mutable_header()->set_sha256(sha256);
-  if (f == v1::TORCHSCRIPT) {
+  if (f == v1::TORCHSCRIPT && input != nullptr) {
+    *h.mutable_header()->add_inputs() = *input;
+  } else if (f == v1::TORCHSCRIPT) {
     auto* in = h.mutable_header()->add_inputs();
     in->set_datatype("FP32");
     for (int64_t d : {1, 3, 48, 320}) in->add_shape(d);
@@ -264,24 +267,11 @@ const LmVersions& DeployLm() {
     Env* e = GetEnv();
     const char* models = std::getenv("FPXINT_MODELS_DIR");
     const std::string bytes = ReadAll(std::string(models) + "/charlm/char_lm.pt");
-    grpc::ClientContext ctx;
-    v1::Model m;
-    auto w = e->q->UploadModel(&ctx, &m);
-    v1::UploadChunk h;
-    h.mutable_header()->set_name("lm");
-    h.mutable_header()->set_format(v1::TORCHSCRIPT);
-    h.mutable_header()->set_sha256(core::Sha256Hex(
-        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size())));
-    auto* in = h.mutable_header()->add_inputs();
-    in->set_name("tokens");
-    in->set_datatype("INT64");
-    for (int64_t d : {-1, 64}) in->add_shape(d);
-    w->Write(h);
-    v1::UploadChunk c;
-    c.set_data(bytes);
-    w->Write(c);
-    w->WritesDone();
-    if (!w->Finish().ok()) return out;
+    v1::TensorSignature tokens;
+    tokens.set_name("tokens");
+    tokens.set_datatype("INT64");
+    for (int64_t d : {-1, 64}) tokens.add_shape(d);
+    if (!Upload(*e, "lm", v1::TORCHSCRIPT, bytes, "", &tokens).ok()) return out;
     for (const bool batched : {false, true}) {
       v1::JobSpec spec;
       spec.set_model("lm");

@@ -19,6 +19,19 @@ void FillDuration(const DurationStat& d, inference::StatisticDuration* out) {
   out->set_ns(d.ns);
 }
 
+// What every ModelInfer answer carries besides its output: the model, the request's id, and for
+// quantized models the precision it ran at.
+void FillResponseHeader(const ServedModel& m, const inference::ModelInferRequest& req, int kw,
+                        int ka, inference::ModelInferResponse* resp) {
+  resp->set_model_name(m.deployment().name());
+  resp->set_model_version(m.deployment().version());
+  resp->set_id(req.id());
+  if (m.quantized()) {
+    (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
+    if (m.max_act_terms() > 0) (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
+  }
+}
+
 }  // namespace
 
 grpc::ServerUnaryReactor* InferenceService::ServerLive(grpc::CallbackServerContext* c,
@@ -137,14 +150,7 @@ grpc::ServerUnaryReactor* InferenceService::ModelInfer(grpc::CallbackServerConte
                       static_cast<int64_t>(queue_ns));
           return;
         }
-        resp->set_model_name(m->deployment().name());
-        resp->set_model_version(m->deployment().version());
-        resp->set_id(req->id());
-        if (m->quantized()) {
-          (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
-          if (m->max_act_terms() > 0)
-            (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
-        }
+        FillResponseHeader(*m, *req, kw, ka, resp);
         uint64_t t2 = 0;
         const absl::Status st = (*net)->Forward(
             in.input(), [&](absl::Span<const int64_t> shape, absl::Span<const float> values) {
@@ -199,14 +205,7 @@ void InferenceService::SubmitBatched(grpc::CallbackServerContext* c, grpc::Serve
           return;
         }
         const uint64_t t2 = SteadyNowNs();
-        resp->set_model_name(m->deployment().name());
-        resp->set_model_version(m->deployment().version());
-        resp->set_id(req->id());
-        if (m->quantized()) {
-          (*resp->mutable_parameters())["fpxint_terms"].set_int64_param(kw);
-          if (m->max_act_terms() > 0)
-            (*resp->mutable_parameters())["fpxint_act_terms"].set_int64_param(ka);
-        }
+        FillResponseHeader(*m, *req, kw, ka, resp);
         (*resp->mutable_parameters())["fpxint_batch_rows"].set_int64_param(share.pass_rows);
         const absl::Status st = EncodeInferResponse(share.shape, share.values, owned->raw, resp);
         if (st.ok()) {

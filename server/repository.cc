@@ -79,23 +79,36 @@ int ServedModel::max_act_terms() const {
   return quantized() ? static_cast<int>(d_.spec().act_terms()) : 0;
 }
 
+absl::Status ServedModel::Unloading() const {
+  return absl::UnavailableError(
+      absl::StrCat("model '", d_.name(), "' version ", d_.version(), " is being unloaded"));
+}
+
+absl::Status ServedModel::QueueFull() const {
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "model '", d_.name(), "' version ", d_.version(), " has ", pending_.size(),
+      " requests waiting for its ", instances_.size(),
+      " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
+}
+
 void ServedModel::Submit(int kw, int ka, absl::Time deadline, Work work) {
-  Call call{kw, ka, deadline, SteadyNowNs(), std::move(work)};
+  Call call;
+  call.kw = kw;
+  call.ka = ka;
+  call.deadline = deadline;
+  call.t0 = SteadyNowNs();
+  call.work = std::move(work);
   absl::Status refused;
   int slot = -1;
   {
     absl::MutexLock l(&mu_);
     if (stopping_) {
-      refused = absl::UnavailableError(
-          absl::StrCat("model '", d_.name(), "' version ", d_.version(), " is being unloaded"));
+      refused = Unloading();
     } else if (!free_.empty()) {
       slot = free_.back();
       free_.pop_back();
     } else if (static_cast<int>(pending_.size()) >= limits_.max_waiting) {
-      refused = absl::ResourceExhaustedError(absl::StrCat(
-          "model '", d_.name(), "' version ", d_.version(), " has ", pending_.size(),
-          " requests waiting for its ", instances_.size(),
-          " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
+      refused = QueueFull();
     } else {
       call.deadline = std::min(deadline, absl::Now() + limits_.max_wait);
       pending_.push_back(std::move(call));
@@ -176,13 +189,9 @@ void ServedModel::SubmitBatched(int kw, int ka, absl::Time deadline, model::Host
   {
     absl::MutexLock l(&mu_);
     if (stopping_) {
-      refused = absl::UnavailableError(
-          absl::StrCat("model '", d_.name(), "' version ", d_.version(), " is being unloaded"));
+      refused = Unloading();
     } else if (static_cast<int>(pending_.size()) >= limits_.max_waiting) {
-      refused = absl::ResourceExhaustedError(absl::StrCat(
-          "model '", d_.name(), "' version ", d_.version(), " has ", pending_.size(),
-          " requests waiting for its ", instances_.size(),
-          " instance(s) (--infer-queue-limit); retry later or raise --infer-instances"));
+      refused = QueueFull();
     } else {
       call.deadline = std::min(deadline, call.arrived + limits_.max_wait);
       pending_.push_back(std::move(call));

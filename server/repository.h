@@ -157,6 +157,9 @@ class ServedModel {
   };
   // Ends a call that never ran with `s`.
   void Fail(Call& c, const absl::Status& s);
+  // Why Submit / SubmitBatched refuse a call.
+  absl::Status Unloading() const;
+  absl::Status QueueFull() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RunOn(int slot, Call call);
   // Batching: on instance `slot`'s runner, forms and runs passes until no call waits.
   void RunPasses(int slot);
