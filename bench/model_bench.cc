@@ -9,7 +9,8 @@
 //       lines [B, 3, 48, 320] (ocr_eval.safetensors):
 //       fp32_libtorch = the frozen FP model; w4k1, w4k2 = model::Model with packed weights (every
 //       conv and matmul on fpxint ops, K' = K); w4a4k2 = W4×2 with 4-bit activations ×2 (all
-//       pairs, integer ops where the layer takes them).
+//       pairs, integer ops where the layer takes them); w4a4k2_folded = the same with variant D
+//       mid-grid weights and activations (one folded u8 × s8 product per 1x1 conv and matmul).
 // Counters: weight_MB = resident weight bytes (packed: codes + scales + offsets).
 // The models come from scripts/fetch_models.sh (FPXINT_MODELS_DIR or ~/.cache/fpxint/models);
 // a missing model is reported as an error, not skipped silently.
@@ -102,8 +103,8 @@ void BM_Dequantize(benchmark::State& state, int terms) {
 
 // ---- Model ----
 
-void BM_Model(benchmark::State& state, int terms, int act_terms, int64_t batch) {
-  auto m = fpxint::bench::LoadRecognizer(ModelsDir(), terms, act_terms);
+void BM_Model(benchmark::State& state, int terms, int act_terms, bool folded, int64_t batch) {
+  auto m = fpxint::bench::LoadRecognizer(ModelsDir(), terms, act_terms, folded);
   auto x = m.ok() ? fpxint::bench::FirstRecognizerLine(ModelsDir(), batch) : m.status();
   if (!x.ok()) {
     state.SkipWithError(std::string(x.status().message()).c_str());
@@ -122,6 +123,7 @@ void BM_Model(benchmark::State& state, int terms, int act_terms, int64_t batch) 
   const auto mem = (*m)->weight_memory();
   state.counters["weight_MB"] = static_cast<double>(mem.resident_bytes) / (1 << 20);
   state.counters["packed_layers"] = mem.packed_layers;
+  state.counters["folded_layers"] = mem.folded_layers;
 }
 
 int Register() {
@@ -139,13 +141,15 @@ int Register() {
   struct Impl {
     const char* name;
     int terms, act_terms;
+    bool folded;
   };
   for (int64_t batch : {1}) {  // the traced recognizer takes one line per call
-    for (const Impl& i : {Impl{"fp32_libtorch", 0, 0}, Impl{"w4k1", 1, 0}, Impl{"w4k2", 2, 0},
-                          Impl{"w4a4k2", 2, 2}}) {
+    for (const Impl& i : {Impl{"fp32_libtorch", 0, 0, false}, Impl{"w4k1", 1, 0, false},
+                          Impl{"w4k2", 2, 0, false}, Impl{"w4a4k2", 2, 2, false},
+                          Impl{"w4a4k2_folded", 2, 2, true}}) {
       benchmark::RegisterBenchmark(
           ("Model/" + std::string(i.name) + "/ocr_rec/batch:" + std::to_string(batch)).c_str(),
-          BM_Model, i.terms, i.act_terms, batch)
+          BM_Model, i.terms, i.act_terms, i.folded, batch)
           ->Unit(benchmark::kMillisecond)->UseRealTime();
     }
   }

@@ -18,7 +18,8 @@ std::string ModelsDir() {
 }
 
 absl::StatusOr<std::unique_ptr<model::Model>> LoadRecognizer(const std::string& models_dir,
-                                                             int terms, int act_terms) {
+                                                             int terms, int act_terms,
+                                                             bool folded) {
   model::Model::Options o;
   o.threads = 2;
   o.packed = true;
@@ -34,6 +35,10 @@ absl::StatusOr<std::unique_ptr<model::Model>> LoadRecognizer(const std::string& 
     if (act_terms > 0) {
       spec.act_bits = 4;
       spec.act_terms = act_terms;
+    }
+    if (folded) {
+      spec.weights.grid = spec.act_grid = core::Grid::kMid;
+      spec.weights.variant = spec.act_variant = core::Variant::kDigits;
     }
     FPX_RETURN_IF_ERROR((*m)->Expand(spec, nullptr));
   }

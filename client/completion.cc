@@ -24,7 +24,7 @@ _fpxint() {
     --granularity) COMPREPLY=($(compgen -W "tensor layer model" -- "$cur")); return ;;
     --grid|--act-grid) COMPREPLY=($(compgen -W "sym asym mid" -- "$cur")); return ;;
     --scale) COMPREPLY=($(compgen -W "tensor channel group" -- "$cur")); return ;;
-    --variant) COMPREPLY=($(compgen -W "rescaled digits" -- "$cur")); return ;;
+    --variant|--act-variant) COMPREPLY=($(compgen -W "rescaled digits" -- "$cur")); return ;;
     --format) COMPREPLY=($(compgen -W "auto safetensors torchscript torch_state_dict" -- "$cur")); return ;;
     --state) COMPREPLY=($(compgen -W "queued running succeeded failed cancelled" -- "$cur")); return ;;
     --kind) COMPREPLY=($(compgen -W "packed_safetensors report_json dequantized_safetensors dequantized_torchscript basis_torchscript" -- "$cur")); return ;;
@@ -45,7 +45,7 @@ _fpxint() {
   case "$cmd" in
     "") COMPREPLY=($(compgen -W "$cmds $global" -- "$cur")); return ;;
     upload) opts="--name --format --input" ;;
-    quantize) opts="--model --granularity --bits --terms --grid --scale --group-size --variant --act-bits --act-terms --act-grid --truncate --include --exclude --preset --eps --target-rel-error --min-terms --max-terms --weight-terms-for --output-format --deploy --deploy-as --deploy-version --idempotency-key --wait -w --max-rel-error --job-file -f" ;;
+    quantize) opts="--model --granularity --bits --terms --grid --scale --group-size --variant --act-bits --act-terms --act-grid --act-variant --truncate --include --exclude --preset --eps --target-rel-error --min-terms --max-terms --weight-terms-for --output-format --deploy --deploy-as --deploy-version --idempotency-key --wait -w --max-rel-error --job-file -f" ;;
     jobs) [[ -z $sub ]] && { COMPREPLY=($(compgen -W "list get watch cancel delete" -- "$cur")); return; }
           opts="--state --limit --wait" ;;
     download) opts="--output -o --kind --all --no-resume --chunk-bytes" ;;

@@ -52,6 +52,7 @@ std::string SpecSummary(const v1::JobSpec& s) {
   if (s.variant() == v1::DIGITS) absl::StrAppend(&out, " digits");
   if (s.act_bits() > 0) {
     absl::StrAppend(&out, absl::StrFormat(" a=%d K_a=%d", s.act_bits(), s.act_terms()));
+    if (s.act_variant() == v1::DIGITS) absl::StrAppend(&out, " digits");
     if (s.truncate()) absl::StrAppend(&out, " truncated");
   }
   return out;
@@ -106,6 +107,7 @@ void PrintJob(const v1::Job& job) {
               r.layers_size(),
               HumanBytes(static_cast<uint64_t>(r.bytes_out() * r.compression_ratio())).c_str(),
               HumanBytes(r.bytes_out()).c_str(), r.compression_ratio());
+  if (!r.wa_products().empty()) std::printf("  W×A products: %s\n", r.wa_products().c_str());
   if (r.shards_size() > 0) {
     std::printf("  %d shards, source read at %.2f GB/s:\n", r.shards_size(), r.read_gb_per_second());
     for (const v1::ShardResult& sh : r.shards()) {
@@ -275,7 +277,8 @@ int FinishJob(const v1::Job& job, const GlobalOptions& g, const std::string& cmd
 
 struct QuantizeFlags {
   std::string job_file;
-  std::string model, granularity, grid, scale, variant, act_grid, include, exclude, preset;
+  std::string model, granularity, grid, scale, variant, act_grid, act_variant, include, exclude,
+      preset;
   std::string deploy_as, deploy_version, idempotency_key;
   uint32_t bits = 0, terms = 0, group_size = 0, act_bits = 0, act_terms = 0;
   double eps = 0, target_rel_error = 0;
@@ -315,6 +318,7 @@ int RunQuantize(const QuantizeFlags& f, const GlobalOptions& g) {
     else if (key == "act_bits") spec["act_bits"] = f.act_bits;
     else if (key == "act_terms") spec["act_terms"] = f.act_terms;
     else if (key == "act_grid") spec["act_grid"] = f.act_grid;
+    else if (key == "act_variant") spec["act_variant"] = f.act_variant;
     else if (key == "truncate") spec["truncate"] = f.truncate;
     else if (key == "include") spec["include"] = f.include;
     else if (key == "exclude") spec["exclude"] = f.exclude;
@@ -538,6 +542,12 @@ void AddJobCommands(CLI::App& app, const GlobalOptions& g, int* exit_code) {
       ->check(CLI::Range(0u, 16u));
   opt("act_grid", c->add_option("--act-grid", q->act_grid, "activation grid: sym, asym, mid"))
       ->check(CLI::IsMember({"sym", "asym", "mid"}));
+  opt("act_variant",
+      c->add_option("--act-variant", q->act_variant,
+                    "activation variant: rescaled (default) or digits (with --act-grid mid). "
+                    "Digits weights and activations with K*b <= 8 on each side run every term "
+                    "product of a layer as one 8-bit product (folded terms)"))
+      ->check(CLI::IsMember({"rescaled", "digits"}));
   opt("truncate", c->add_flag("--truncate", q->truncate,
                               "order truncation: only products W_i X_j with i + j <= K + 1"));
   opt("include", c->add_option("--include", q->include, "regex: expand only matching tensors/layers"));

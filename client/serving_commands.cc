@@ -56,6 +56,12 @@ void PrintDeployment(const v1::DeploymentStatus& d) {
                 HumanBytes(d.resident_weight_bytes()).c_str(),
                 HumanBytes(d.fp32_weight_bytes()).c_str(), d.packed_layers());
   }
+  if (d.spec().act_terms() > 0 && d.packed_layers() > 0) {
+    const int other = d.packed_layers() - d.folded_layers() - d.integer_layers();
+    std::printf("  W×A        %d layers folded (all term products as one u8 x s8 product), %d on "
+                "separate integer term products, %d on fp32 products of dequantized terms\n",
+                d.folded_layers(), d.integer_layers(), other);
+  }
   if (d.batching().max_batch_size() > 0) {
     const v1::DynamicBatching& b = d.batching();
     std::printf("  batching   up to %u rows per pass%s, waiting at most %llu µs for others\n",

@@ -283,11 +283,40 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
   return *panels_;
 }
 
+void Epilogue::Apply(int64_t o0, int n, float* out) const {
+  if (bias != nullptr) {
+    for (int r = 0; r < n; ++r) out[r] += bias[o0 + r];
+  }
+  switch (op) {
+    case PostOp::kNone: break;
+    case PostOp::kRelu:
+      for (int r = 0; r < n; ++r) out[r] = std::max(out[r], 0.0f);
+      break;
+    case PostOp::kHardswish:  // x · min(max(x + 3, 0), 6) / 6, as at::hardswish
+      for (int r = 0; r < n; ++r) {
+        out[r] = out[r] * std::min(std::max(out[r] + 3.0f, 0.0f), 6.0f) / 6.0f;
+      }
+      break;
+  }
+}
+
+namespace {
+
+// Activation rows per panel product: `batch` split into the fewest blocks of at most
+// kIntGemmRows, as even as possible (64 rows: 11, 11, 11, 11, 11, 9 rather than 5 × 12 + 4).
+int64_t GemmBlockRows(int64_t batch) {
+  const int64_t blocks = (batch + kIntGemmRows - 1) / kIntGemmRows;
+  return (batch + blocks - 1) / blocks;
+}
+
+}  // namespace
+
 void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npad,
                             const std::vector<std::pair<int, int>>& pairs,
                             const std::vector<std::vector<uint8_t>>& xu,
                             const std::vector<std::vector<float>>& sx,
-                            const std::vector<int32_t>& bias, float* y, ThreadPool* pool) const {
+                            const std::vector<int32_t>& bias, float* y, ThreadPool* pool,
+                            const Epilogue& post) const {
   const Panels& pn = PanelsBuilt();
   const int64_t panel_bytes = pn.groups * kIntPanelRows * 4;
   const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
@@ -306,8 +335,9 @@ void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npa
         bw[p * kIntPanelRows + r] = bias[static_cast<size_t>(j)] * t.wsum[static_cast<size_t>(o0 + r)];
       }
     }
-    for (int64_t b0 = 0; b0 < batch; b0 += kIntGemmRows) {
-      const int B = static_cast<int>(std::min<int64_t>(kIntGemmRows, batch - b0));
+    const int64_t block = GemmBlockRows(batch);
+    for (int64_t b0 = 0; b0 < batch; b0 += block) {
+      const int B = static_cast<int>(std::min<int64_t>(block, batch - b0));
       for (size_t p = 0; p < pairs.size(); ++p) {
         const auto [i, j] = pairs[p];
         const uint8_t* panel = pn.term[static_cast<size_t>(i)].data() + q * panel_bytes;
@@ -332,6 +362,7 @@ void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npa
             s[r] += w[r] * xs * static_cast<float>(a[r] - c[r]);
           }
         }
+        post.Apply(o0, R, s);
         std::memcpy(y + (b0 + b) * rows_ + o0, s, static_cast<size_t>(R) * sizeof(float));
       }
     }
@@ -341,7 +372,7 @@ void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npa
 
 absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
                                 int weight_terms, ThreadPool* pool,
-                                const IntKernelTable* kernels) const {
+                                const IntKernelTable* kernels, const Epilogue& post) const {
   if (act.bits < 2 || act.bits > 8 || act.terms < 1 || act.terms > 16) {
     return absl::InvalidArgumentError(absl::StrCat("activation bits ", act.bits, ", terms ",
                                                    act.terms, "; accepted bits 2..8, terms 1..16"));
@@ -446,7 +477,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
     }
   }
   if (gemm) {
-    ForwardGemm(kt, batch, npad, pairs, xu, sx, bias, y, pool);
+    ForwardGemm(kt, batch, npad, pairs, xu, sx, bias, y, pool, post);
     return absl::OkStatus();
   }
   const int64_t tasks = (rows_ + kRowsPerTask - 1) / kRowsPerTask;
@@ -487,7 +518,10 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
               s[b] += ws * xs[b] * static_cast<float>(int64_t{a[b]} - bw);
             }
           }
-          for (int b = 0; b < B; ++b) y[(b0 + b) * rows_ + o] = s[b];
+          for (int b = 0; b < B; ++b) {
+            post.Apply(o, 1, &s[b]);
+            y[(b0 + b) * rows_ + o] = s[b];
+          }
         }
       }
     }
@@ -518,33 +552,74 @@ absl::StatusOr<FoldedIntLinear> FoldedIntLinear::FromExpansion(const TensorExpan
         "folded W×A takes variant D (grid mid) weights with tensor or channel scales and K·b <= 8; "
         "got ", s.ToString(), " with ", K, " terms"));
   }
+  const TermData& last = e.terms.back();
+  const size_t need = s.scale == ScaleGranularity::kTensor ? 1 : static_cast<size_t>(e.layout.rows);
+  if (last.scale.size() < need) return absl::InvalidArgumentError("too few scales");
+  return Build(e.layout.rows, e.layout.row_len, s.bits, K, e.layout.packed_row_bytes,
+               [&](int k) { return e.terms[static_cast<size_t>(k)].codes.data(); },
+               [&](int64_t o) {
+                 return last.scale[s.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(o)];
+               });
+}
+
+absl::StatusOr<FoldedIntLinear> FoldedIntLinear::FromLowbit(const LowbitLinear& lw) {
+  const int K = lw.terms();
+  if (K == 0) return absl::InvalidArgumentError("no terms");
+  const int bits = lw.term(0).bits;
+  if (lw.groups() != 1 || bits * K > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "folded W×A takes one weight scale per row and K·b <= 8; got ", K, " terms of ", bits,
+        " bits", lw.groups() != 1 ? " with group scales" : ""));
+  }
+  const int64_t rows = lw.out_features();
+  for (int k = 0; k < K; ++k) {
+    const LowbitLinear::TermView v = lw.term(k);
+    if (!v.is_signed || v.bits != bits) {
+      return absl::InvalidArgumentError("folded W×A takes signed codes of one width");
+    }
+    for (int64_t o = 0; o < rows; ++o) {
+      // Variant D on the mid grid: offset ½ and s_{k+1} = s_k / 2^b, exactly (a power of two).
+      if (v.off[o] != 0.5f) {
+        return absl::InvalidArgumentError("folded W×A takes mid-grid weight codes (offset ½)");
+      }
+      if (k > 0 && v.scale[o] * static_cast<float>(1 << bits) != lw.term(k - 1).scale[o]) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "folded W×A takes variant D weights (s_{k+1} = s_k / 2^b); row ", o, " term ", k + 1,
+            " has scale ", v.scale[o], " after ", lw.term(k - 1).scale[o]));
+      }
+    }
+  }
+  const float* last = lw.term(K - 1).scale;
+  return Build(rows, lw.in_features(), bits, K, lw.row_bytes(),
+               [&](int k) { return lw.term(k).codes; }, [&](int64_t o) { return last[o]; });
+}
+
+FoldedIntLinear FoldedIntLinear::Build(int64_t rows, int64_t cols, int bits, int K,
+                                       int64_t row_bytes,
+                                       const std::function<const uint8_t*(int)>& codes,
+                                       const std::function<float(int64_t)>& last_scale) {
   FoldedIntLinear w;
-  w.code_bits_ = s.bits * K;
-  w.rows_ = e.layout.rows;
-  w.cols_ = e.layout.row_len;
+  w.code_bits_ = bits * K;
+  w.rows_ = rows;
+  w.cols_ = cols;
   w.groups_ = RoundUp(w.cols_) / 4;
   const int64_t panels = (w.rows_ + kIntPanelRows - 1) / kIntPanelRows;
   w.panels_.assign(static_cast<size_t>(panels * w.groups_ * kIntPanelRows * 4), 0);
   w.scale_.resize(static_cast<size_t>(w.rows_));
   w.fsum_.resize(static_cast<size_t>(w.rows_));
   w.zw2_ = (int64_t{1} << w.code_bits_) - 257;
-  const int64_t shift = (int64_t{1} << (s.bits - 1)) * DigitSum(s.bits, K) - 128;
+  const int64_t shift = (int64_t{1} << (bits - 1)) * DigitSum(bits, K) - 128;
   std::vector<int32_t> q(static_cast<size_t>(w.cols_));
   std::vector<int64_t> f(static_cast<size_t>(w.cols_));
   for (int64_t o = 0; o < w.rows_; ++o) {
     std::fill(f.begin(), f.end(), 0);
     for (int k = 0; k < K; ++k) {
-      const TermData& td = e.terms[static_cast<size_t>(k)];
-      UnpackCodes(td.codes.data() + o * e.layout.packed_row_bytes, w.cols_, s.bits, true,
-                  q.data());
+      UnpackCodes(codes(k) + o * row_bytes, w.cols_, bits, true, q.data());
       // Digits of a signed number: multiply (a left shift of a negative value is undefined).
-      const int64_t radix = int64_t{1} << s.bits;
+      const int64_t radix = int64_t{1} << bits;
       for (int64_t c = 0; c < w.cols_; ++c) f[c] = f[c] * radix + q[static_cast<size_t>(c)];
     }
-    const TermData& last = e.terms.back();
-    const size_t si = s.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(o);
-    if (si >= last.scale.size()) return absl::InvalidArgumentError("too few scales");
-    w.scale_[static_cast<size_t>(o)] = last.scale[si];
+    w.scale_[static_cast<size_t>(o)] = last_scale(o);
     int64_t sum = 0;
     int8_t* dst = w.panels_.data() + (o / kIntPanelRows) * w.groups_ * kIntPanelRows * 4 +
                   (o % kIntPanelRows) * 4;
@@ -582,9 +657,8 @@ absl::Status FoldedIntLinear::Run(
   }
   if (batch <= 0) return absl::OkStatus();
   const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
-  if (kt.gemm_panel_s8 == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(kt.name, " kernels have no s8 panel product"));
-  }
+  // Kernels without an s8 panel product (AVX2) run the reference one: same integers.
+  const auto gemm = kt.gemm_panel_s8 != nullptr ? kt.gemm_panel_s8 : IntKernelsByName("ref")->gemm_panel_s8;
   ExpansionSpec as;
   as.bits = act.bits;
   as.terms = act.terms;
@@ -642,10 +716,10 @@ absl::Status FoldedIntLinear::Run(
     const int64_t o0 = q * kIntPanelRows;
     const int R = static_cast<int>(std::min<int64_t>(kIntPanelRows, rows_ - o0));
     int32_t acc[kIntGemmRows * kIntPanelRows];
-    for (int64_t b0 = 0; b0 < batch; b0 += kIntGemmRows) {
-      const int B = static_cast<int>(std::min<int64_t>(kIntGemmRows, batch - b0));
-      kt.gemm_panel_s8(panels_.data() + q * panel_bytes, groups_, xu.data() + b0 * ldx, ldx, B,
-                       acc);
+    const int64_t block = GemmBlockRows(batch);
+    for (int64_t b0 = 0; b0 < batch; b0 += block) {
+      const int B = static_cast<int>(std::min<int64_t>(block, batch - b0));
+      gemm(panels_.data() + q * panel_bytes, groups_, xu.data() + b0 * ldx, ldx, B, acc);
       for (int b = 0; b < B; ++b) {
         emit(b0 + b, o0, R, acc + b * kIntPanelRows, usum[static_cast<size_t>(b0 + b)], zx2,
              sx[static_cast<size_t>(b0 + b)]);
@@ -657,7 +731,7 @@ absl::Status FoldedIntLinear::Run(
 
 absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,
                                       const ActSpec& act, ThreadPool* pool,
-                                      const IntKernelTable* kernels) const {
+                                      const IntKernelTable* kernels, const Epilogue& post) const {
   return Run(x, batch, act, pool, kernels,
              [&](int64_t b, int64_t o0, int R, const int32_t* acc, int64_t usum, int64_t zx2,
                  float sx) {
@@ -666,6 +740,7 @@ absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,
                  const double num = static_cast<double>(Numerator(o0 + r, acc[r], usum, zx2));
                  out[r] = static_cast<float>(static_cast<double>(scale_[o0 + r]) * sx * num * 0.25);
                }
+               post.Apply(o0, R, out);
              });
 }
 

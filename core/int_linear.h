@@ -55,7 +55,7 @@ inline constexpr int64_t kIntBlock = 64;
 // The many-row schedule: output rows per weight panel, activation rows per panel product, and
 // the activation rows from which a call takes it.
 inline constexpr int kIntPanelRows = 32;
-inline constexpr int kIntGemmRows = 8;
+inline constexpr int kIntGemmRows = 12;
 inline constexpr int64_t kIntGemmMinRows = 8;
 
 struct IntKernelTable {
@@ -84,6 +84,18 @@ struct IntKernelTable {
 };
 
 const IntKernelTable& ActiveIntKernels();                 // avx512vnni > avx2 > ref
+
+// What the float epilogue applies to each output after the scales, while the accumulators are
+// still in cache: a bias per output feature, then an elementwise op (the layer's following
+// ReLU or hardswish, fused into it). Every schedule applies it to the same floats.
+enum class PostOp : uint8_t { kNone = 0, kRelu = 1, kHardswish = 2 };
+struct Epilogue {
+  const float* bias = nullptr;  // out_features values, or none
+  PostOp op = PostOp::kNone;
+  // out[r] for r < n of outputs o0 .. o0+n-1, in place.
+  void Apply(int64_t o0, int n, float* out) const;
+  bool empty() const { return bias == nullptr && op == PostOp::kNone; }
+};
 const IntKernelTable* IntKernelsByName(absl::string_view name);  // nullptr when unsupported
 
 class IntLinear {
@@ -120,7 +132,7 @@ class IntLinear {
   // a bad ActSpec, or when the int32 sums could overflow (in · 2^(b_x) · 2^(b_w - 1) >= 2^31).
   absl::Status Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
                        int weight_terms = 0, ThreadPool* pool = nullptr,
-                       const IntKernelTable* kernels = nullptr) const;
+                       const IntKernelTable* kernels = nullptr, const Epilogue& post = {}) const;
 
  private:
   IntLinear() = default;
@@ -136,7 +148,7 @@ class IntLinear {
                    const std::vector<std::pair<int, int>>& pairs,
                    const std::vector<std::vector<uint8_t>>& xu,
                    const std::vector<std::vector<float>>& sx, const std::vector<int32_t>& bias,
-                   float* y, ThreadPool* pool) const;
+                   float* y, ThreadPool* pool, const Epilogue& post) const;
   struct Term {
     CodeBuffer owned;           // the codes when this object holds them (FromExpansion)
     const uint8_t* codes = nullptr;  // rows × row_bytes (owned's data, or a LowbitLinear's)
@@ -166,6 +178,10 @@ class FoldedIntLinear {
  public:
   // From a weight expansion with variant D (grid mid), tensor or channel scales, K·b ≤ 8.
   static absl::StatusOr<FoldedIntLinear> FromExpansion(const TensorExpansion& e);
+  // From a LowbitLinear's codes, which must be variant D by content: one width, signed, offset ½
+  // (mid grid), one scale per row with s_{k+1} = s_k / 2^b exactly, K·b <= 8. The panels are a
+  // copy (one byte per weight); `w` may go away afterwards.
+  static absl::StatusOr<FoldedIntLinear> FromLowbit(const LowbitLinear& w);
   FoldedIntLinear(FoldedIntLinear&&) = default;
   FoldedIntLinear& operator=(FoldedIntLinear&&) = default;
 
@@ -180,7 +196,8 @@ class FoldedIntLinear {
 
   // y [batch, out] from x [batch, in].
   absl::Status Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
-                       ThreadPool* pool = nullptr, const IntKernelTable* kernels = nullptr) const;
+                       ThreadPool* pool = nullptr, const IntKernelTable* kernels = nullptr,
+                       const Epilogue& post = {}) const;
   // The exact integers 4·Σ_c (F − z_w)(U − z_x), [batch, out] (what Forward scales).
   absl::Status ForwardIntegers(const float* x, int64_t batch, int64_t* out, const ActSpec& act,
                                ThreadPool* pool = nullptr,
@@ -188,6 +205,11 @@ class FoldedIntLinear {
 
  private:
   FoldedIntLinear() = default;
+  // The panels from K code planes (`codes(k)`: rows × row_bytes, b-bit two's complement) and the
+  // last term's scale per row.
+  static FoldedIntLinear Build(int64_t rows, int64_t cols, int bits, int K, int64_t row_bytes,
+                               const std::function<const uint8_t*(int)>& codes,
+                               const std::function<float(int64_t)>& last_scale);
   // Runs the product; `emit(b, o0, R, acc, usum, sx)` takes kIntPanelRows accumulators of row b.
   absl::Status Run(const float* x, int64_t batch, const ActSpec& act, ThreadPool* pool,
                    const IntKernelTable* kernels,

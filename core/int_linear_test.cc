@@ -4,6 +4,7 @@
 // pairs), and the errors for what they do not take.
 #include "core/int_linear.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/packing.h"
@@ -401,6 +402,95 @@ TEST(FoldedIntLinear, RefusesWhatDoesNotFold) {
   auto bad = lin->Forward(x.data(), 2, y.data(), {4, 3});
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("bits·terms <= 8"), std::string::npos) << bad;
+}
+
+// The served layers hold LowbitLinear codes: built from them, the fold must be the one built from
+// the expansion, bit for bit, and codes that are not variant D by content must be refused.
+TEST(FoldedIntLinear, FromLowbitCodesIsTheFoldOfTheExpansion) {
+  uint64_t seed = 700;
+  for (const FoldCase& c : kFoldCases) {
+    const TensorExpansion e = ExpandDigits(c, seed++);
+    auto lw = LowbitLinear::FromExpansion(e);
+    ASSERT_TRUE(lw.ok()) << lw.status();
+    auto a = FoldedIntLinear::FromExpansion(e);
+    auto b = FoldedIntLinear::FromLowbit(*lw);
+    ASSERT_TRUE(a.ok() && b.ok()) << b.status();
+    EXPECT_EQ(a->resident_bytes(), b->resident_bytes());
+    const std::vector<float> x = FoldInput(c, seed++);
+    std::vector<int64_t> ia(static_cast<size_t>(c.batch * c.out)), ib(ia.size(), 7);
+    ASSERT_TRUE(a->ForwardIntegers(x.data(), c.batch, ia.data(), {c.abits, c.aterms}).ok());
+    ASSERT_TRUE(b->ForwardIntegers(x.data(), c.batch, ib.data(), {c.abits, c.aterms}).ok());
+    EXPECT_EQ(ia, ib) << c.out << "x" << c.in;
+    std::vector<float> ya(ia.size()), yb(ia.size(), 7.0f);
+    ASSERT_TRUE(a->Forward(x.data(), c.batch, ya.data(), {c.abits, c.aterms}).ok());
+    ASSERT_TRUE(b->Forward(x.data(), c.batch, yb.data(), {c.abits, c.aterms}).ok());
+    EXPECT_EQ(ya, yb) << c.out << "x" << c.in;
+  }
+  // Variant R on the mid grid: the same offsets, but its scales are not s_k / 2^b.
+  ExpansionSpec r;
+  r.grid = Grid::kMid;
+  auto er = ExpandTensor(RandomValues(Dist::kGaussian, 8 * 64, 9), {8, 64}, r);
+  ASSERT_TRUE(er.ok());
+  auto lr = LowbitLinear::FromExpansion(*er);
+  ASSERT_TRUE(lr.ok());
+  auto refused = FoldedIntLinear::FromLowbit(*lr);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("variant D"), std::string::npos) << refused.status();
+  // Sym codes (offset 0).
+  ExpansionSpec sym;
+  auto es = ExpandTensor(RandomValues(Dist::kGaussian, 8 * 64, 10), {8, 64}, sym);
+  ASSERT_TRUE(es.ok());
+  auto ls = LowbitLinear::FromExpansion(*es);
+  ASSERT_TRUE(ls.ok());
+  EXPECT_NE(FoldedIntLinear::FromLowbit(*ls).status().message().find("mid-grid"),
+            std::string::npos);
+}
+
+// The fused epilogue (bias, then ReLU or hardswish) gives the bits of the unfused output with
+// the same float operations applied afterwards, on both schedules and on the fold.
+TEST(IntLinear, FusedEpilogueEqualsTheSeparatePasses) {
+  ThreadPool pool(2);
+  const auto separate = [](std::vector<float> y, int64_t out, const std::vector<float>& bias,
+                           PostOp op) {
+    for (size_t i = 0; i < y.size(); ++i) {
+      float v = y[i] + bias[i % static_cast<size_t>(out)];
+      if (op == PostOp::kRelu) v = std::max(v, 0.0f);
+      if (op == PostOp::kHardswish) v = v * std::min(std::max(v + 3.0f, 0.0f), 6.0f) / 6.0f;
+      y[i] = v;
+    }
+    return y;
+  };
+  for (int64_t batch : {3, 29}) {  // the dot schedule and the GEMM
+    const Case c{45, 200, batch, 4, 2, 4, 2, false, false, ScaleGranularity::kChannel};
+    auto lin = IntLinear::FromExpansion(ExpandW(c, 61));
+    ASSERT_TRUE(lin.ok());
+    const std::vector<float> x = Input(c, 62);
+    std::vector<float> bias = ToFloat(RandomValues(Dist::kGaussian, c.out, 63));
+    for (float& b : bias) b *= 4.0f;  // so that ReLU and hardswish both clip some outputs
+    std::vector<float> plain(static_cast<size_t>(c.batch * c.out));
+    ASSERT_TRUE(lin->Forward(x.data(), c.batch, plain.data(), {c.abits, c.aterms}, 0, &pool).ok());
+    for (PostOp op : {PostOp::kNone, PostOp::kRelu, PostOp::kHardswish}) {
+      std::vector<float> fused(plain.size(), 7.0f);
+      ASSERT_TRUE(lin->Forward(x.data(), c.batch, fused.data(), {c.abits, c.aterms}, 0, &pool,
+                               nullptr, Epilogue{bias.data(), op}).ok());
+      const std::vector<float> want = separate(plain, c.out, bias, op);
+      EXPECT_EQ(fused, want) << "batch " << batch << " op " << static_cast<int>(op);
+      if (op == PostOp::kRelu) {
+        EXPECT_GT(std::count(fused.begin(), fused.end(), 0.0f), 0);
+        EXPECT_LT(std::count(fused.begin(), fused.end(), 0.0f), static_cast<long>(fused.size()));
+      }
+    }
+  }
+  const FoldCase& f = kFoldCases[0];
+  auto folded = FoldedIntLinear::FromExpansion(ExpandDigits(f, 64));
+  ASSERT_TRUE(folded.ok());
+  const std::vector<float> x = FoldInput(f, 65);
+  const std::vector<float> bias = ToFloat(RandomValues(Dist::kGaussian, f.out, 66));
+  std::vector<float> plain(static_cast<size_t>(f.batch * f.out)), fused(plain.size());
+  ASSERT_TRUE(folded->Forward(x.data(), f.batch, plain.data(), {f.abits, f.aterms}, &pool).ok());
+  ASSERT_TRUE(folded->Forward(x.data(), f.batch, fused.data(), {f.abits, f.aterms}, &pool, nullptr,
+                              Epilogue{bias.data(), PostOp::kRelu}).ok());
+  EXPECT_EQ(fused, separate(plain, f.out, bias, PostOp::kRelu));
 }
 
 }  // namespace

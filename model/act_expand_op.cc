@@ -19,7 +19,7 @@ struct ActView {
 };
 
 ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
-                int64_t granularity, bool unsigned_first) {
+                int64_t granularity, bool unsigned_first, int64_t variant) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "fpxint::act_expand: expects float32, got ",
               x.scalar_type());
   TORCH_CHECK(terms >= 1, "fpxint::act_expand: terms must be >= 1");
@@ -47,6 +47,10 @@ ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
   v.spec.bits = static_cast<int>(bits);
   v.spec.terms = static_cast<int>(terms);
   v.spec.grid = static_cast<core::Grid>(grid);
+  TORCH_CHECK(variant == static_cast<int64_t>(core::Variant::kRescaled) ||
+                  variant == static_cast<int64_t>(core::Variant::kDigits),
+              "fpxint::act_expand: variant ", variant, " unknown; accepted 0 (R), 1 (D)");
+  v.spec.variant = static_cast<core::Variant>(variant);
   v.spec.scale = v.rows > 1 && !per_tensor ? core::ScaleGranularity::kChannel
                                             : core::ScaleGranularity::kTensor;
   v.spec.unsigned_first =
@@ -85,24 +89,25 @@ at::Tensor FromGroupView(const at::Tensor& v, int64_t granularity) {
 }
 
 at::Tensor ActExpand(const at::Tensor& x_in, int64_t bits, int64_t terms, int64_t grid,
-                     int64_t granularity, bool unsigned_first) {
+                     int64_t granularity, bool unsigned_first, int64_t variant) {
   if (x_in.numel() == 0) return x_in.clone();
   const at::Tensor x = GroupView(x_in, granularity);
-  const ActView v = ViewFor(x, bits, terms, grid, granularity, unsigned_first);
+  const ActView v = ViewFor(x, bits, terms, grid, granularity, unsigned_first, variant);
   at::Tensor out = at::empty_like(x);
   ExpandInto(x, v, out, {});
   return FromGroupView(out, granularity);
 }
 
 std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int64_t terms,
-                                       int64_t grid, int64_t granularity, bool unsigned_first) {
+                                       int64_t grid, int64_t granularity, bool unsigned_first,
+                                       int64_t variant) {
   std::vector<at::Tensor> out;
   if (x_in.numel() == 0) {
     for (int64_t j = 0; j < terms; ++j) out.push_back(x_in.clone());
     return out;
   }
   const at::Tensor x = GroupView(x_in, granularity);
-  const ActView v = ViewFor(x, bits, terms, grid, granularity, unsigned_first);
+  const ActView v = ViewFor(x, bits, terms, grid, granularity, unsigned_first, variant);
   for (int64_t j = 0; j < terms; ++j) out.push_back(at::empty_like(x));
   ExpandInto(x, v, at::Tensor(), out);
   for (at::Tensor& t : out) t = FromGroupView(t, granularity);
@@ -112,11 +117,12 @@ std::vector<at::Tensor> ActExpandTerms(const at::Tensor& x_in, int64_t bits, int
 }  // namespace
 
 TORCH_LIBRARY(fpxint, m) {
+  // `variant` (a core::Variant) defaults to R, so networks saved before it existed still load.
   m.def("act_expand(Tensor x, int bits, int terms, int grid, int granularity, "
-        "bool unsigned_first) -> Tensor",
+        "bool unsigned_first, int variant=0) -> Tensor",
         &ActExpand);
   m.def("act_expand_terms(Tensor x, int bits, int terms, int grid, int granularity, "
-        "bool unsigned_first) -> Tensor[]",
+        "bool unsigned_first, int variant=0) -> Tensor[]",
         &ActExpandTerms);
 }
 

@@ -1,7 +1,7 @@
 // File: model/act_expand_op.h
 //
 // The TorchScript operator fpxint::act_expand(Tensor x, int bits, int terms, int grid,
-// int granularity, bool unsigned_first) -> Tensor returns Σ_{j<=terms} of the activation's
+// int granularity, bool unsigned_first, int variant=0) -> Tensor returns Σ_{j<=terms} of the activation's
 // expansion terms (dynamic scales from x itself, grouped by `granularity`, an ActGranularity).
 // fpxint::act_expand_terms(...) -> Tensor[] returns the terms themselves (dequantized, term j at
 // index j-1), for order-truncated products. Registered by linking fpxint_model; call

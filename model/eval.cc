@@ -55,6 +55,7 @@ std::string CanonicalLabel(const EvalConfig& c) {
   if (!c.spec.weight_only() && c.ka != c.kw) absl::StrAppend(&s, ",", c.ka);
   if (w.grid != core::Grid::kSym) absl::StrAppend(&s, "-", core::GridName(w.grid));
   if (w.variant == core::Variant::kDigits) absl::StrAppend(&s, "-digits");
+  if (c.spec.act_variant == core::Variant::kDigits) absl::StrAppend(&s, "-adigits");
   if (c.target > 0) absl::StrAppend(&s, "-t", absl::StrFormat("%g", c.target));
   if (c.spec.truncate) absl::StrAppend(&s, "-trunc");
   if (!c.spec.weight_only() && c.spec.act_scale == ModelExpansionSpec::ActScale::kTensor) {
@@ -253,6 +254,8 @@ absl::StatusOr<EvalConfig> ParseEvalConfig(absl::string_view text_in) {
       w.grid = *g;
     } else if (o == "digits") {
       w.variant = core::Variant::kDigits;
+    } else if (o == "adigits") {
+      c.spec.act_variant = core::Variant::kDigits;
     } else if (o == "trunc") {
       c.spec.truncate = true;
     } else if (o.size() > 1 && o[0] == 't') {
@@ -279,6 +282,9 @@ absl::StatusOr<EvalConfig> ParseEvalConfig(absl::string_view text_in) {
   c.spec.act_grid = w.grid == core::Grid::kMid ? core::Grid::kMid : core::Grid::kSym;
   if (c.spec.weight_only() && c.spec.act_scale != ModelExpansionSpec::ActScale::kAuto) {
     return bad("atensor needs activation bits (w<B>a<A>x<K>)");
+  }
+  if (c.spec.act_variant == core::Variant::kDigits && c.spec.weight_only()) {
+    return bad("adigits needs activation bits (w<B>a<A>x<K>)");
   }
   if (c.target > 0 && !c.spec.weight_only()) {
     return bad("an error budget (t<X>) is for weight-only configs (w<B>x<K>-t<X>)");

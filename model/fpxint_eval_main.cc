@@ -57,11 +57,13 @@ int Main(int argc, char** argv) {
       "classifier, accuracy %), fmnist (Fashion-MNIST CNN, accuracy %), charlm (character LM,\n"
       "perplexity), or all.\n\n"
       "Config grammar: fp | rtn<B> | w<B>x<K>[-opts] | w<B>a<A>x<K>[,<Ka>][-opts], opts: sym|mid|asym,\n"
-      "digits, trunc, atensor (per-tensor activation scales), tensor|channel|g<G>, t<X> (an error\n"
+      "digits (variant D weights), adigits (variant D activations; with digits and mid: folded\n"
+      "products), trunc, atensor (per-tensor activation scales), tensor|channel|g<G>, t<X> (an error\n"
       "budget: each layer's K in 1..K chosen on the data-free probe so that the output error is at\n"
       "most X; the W bit column is then the bits per weight it averages). Examples: rtn4 (plain\n"
       "per-channel round-to-nearest), w4x2 (2 weight terms of 4 bits), w2x4-mid, w4a4x2 (weights\n"
-      "and activations, 2 terms each), w4a4x3-trunc (order-truncated products), w4x4-t0.01.\n\n"
+      "and activations, 2 terms each), w4a4x3-trunc (order-truncated products), w4x4-t0.01,\n"
+      "w4a4x2-mid-digits-adigits (folded W4A4x2).\n\n"
       "Exit codes: 0 ok, 2 usage, 3 bad input or missing models, 4 other errors.",
       "fpxint-eval"};
   std::vector<std::string> tasks;

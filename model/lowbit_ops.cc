@@ -46,11 +46,27 @@ struct PackedWeight : torch::CustomClassHolder {
     return int_.get();
   }
   const std::string& int_error() const { return int_error_; }
-  // What the W×A view holds beside w's codes (per-row scales and sums, and its GEMM panels once a
-  // many-row call has built them); 0 before the first W×A call.
+  // The folded W×A form of w (core::FoldedIntLinear::FromLowbit: variant D codes, K·b <= 8),
+  // built on first use; nullptr with the reason in folded_error when w does not fold.
+  const core::FoldedIntLinear* Folded() const {
+    std::call_once(folded_once_, [this] {
+      absl::StatusOr<core::FoldedIntLinear> v = core::FoldedIntLinear::FromLowbit(w);
+      if (v.ok()) {
+        folded_ = std::make_unique<core::FoldedIntLinear>(*std::move(v));
+        folded_ready_.store(folded_.get(), std::memory_order_release);
+      } else {
+        folded_error_ = std::string(v.status().message());
+      }
+    });
+    return folded_.get();
+  }
+  const std::string& folded_error() const { return folded_error_; }
+  // What the W×A views hold beside w's codes (per-row scales and sums, the GEMM panels once a
+  // many-row call has built them, the folded panels); 0 before the first W×A call.
   size_t int_bytes() const {
     const core::IntLinear* i = int_ready_.load(std::memory_order_acquire);
-    return i != nullptr ? i->resident_bytes() : 0;
+    const core::FoldedIntLinear* f = folded_ready_.load(std::memory_order_acquire);
+    return (i != nullptr ? i->resident_bytes() : 0) + (f != nullptr ? f->resident_bytes() : 0);
   }
 
  private:
@@ -58,6 +74,10 @@ struct PackedWeight : torch::CustomClassHolder {
   mutable std::once_flag int_once_;
   mutable std::unique_ptr<core::IntLinear> int_;
   mutable std::string int_error_;
+  mutable std::atomic<const core::FoldedIntLinear*> folded_ready_{nullptr};
+  mutable std::once_flag folded_once_;
+  mutable std::unique_ptr<core::FoldedIntLinear> folded_;
+  mutable std::string folded_error_;
 };
 using PackedPtr = c10::intrusive_ptr<PackedWeight>;
 
@@ -360,6 +380,33 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
 
 // ---- W×A: integer products of expanded weights and dynamically expanded activations ----
 
+core::PostOp PostArg(int64_t post, const char* op) {
+  TORCH_CHECK(post >= 0 && post <= 2, op, ": post ", post,
+              " unknown; accepted 0 (none), 1 (relu), 2 (hardswish)");
+  return static_cast<core::PostOp>(post);
+}
+
+// The post op on a result the op's integer epilogue did not produce (the fallback routes).
+at::Tensor ApplyPost(at::Tensor y, core::PostOp post) {
+  if (post == core::PostOp::kRelu) return y.relu_();
+  if (post == core::PostOp::kHardswish) return at::hardswish_(y);
+  return y;
+}
+
+// The bias (contiguous float32, one per output) and post op for a kernel epilogue.
+core::Epilogue EpilogueOf(const c10::optional<at::Tensor>& bias, int64_t out, core::PostOp post,
+                          at::Tensor* keep, const char* op) {
+  core::Epilogue e;
+  e.op = post;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->numel() == out && bias->scalar_type() == at::kFloat, op,
+                ": bias must be float32 with ", out, " values; got ", bias->sizes());
+    *keep = bias->contiguous();
+    e.bias = keep->data_ptr<float>();
+  }
+  return e;
+}
+
 core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t terms,
                                  bool unsigned_first, bool truncate, int64_t granularity) {
   TORCH_CHECK(terms >= 1 && terms <= 16, "fpxint: activation terms ", terms, "; accepted 1..16");
@@ -381,20 +428,23 @@ at::Tensor DenseWA(const at::Tensor& x, int kw, int64_t act_bits, int64_t act_te
                    bool unsigned_first, bool truncate, int64_t granularity,
                    const std::function<at::Tensor(const at::Tensor&, int, bool)>& layer) {
   const int64_t sym = static_cast<int64_t>(core::Grid::kSym);
+  const int64_t kRescaled = static_cast<int64_t>(core::Variant::kRescaled);
   if (!truncate) {
     static const auto expand =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow(kActExpandOp, "")
-            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool)>();
-    return layer(expand.call(x, act_bits, act_terms, sym, granularity, unsigned_first), kw, true);
+            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool,
+                              int64_t)>();
+    return layer(expand.call(x, act_bits, act_terms, sym, granularity, unsigned_first, kRescaled),
+                 kw, true);
   }
   static const auto expand_terms =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow(kActExpandTermsOp, "")
           .typed<std::vector<at::Tensor>(const at::Tensor&, int64_t, int64_t, int64_t, int64_t,
-                                         bool)>();
+                                         bool, int64_t)>();
   const std::vector<at::Tensor> xs =
-      expand_terms.call(x, act_bits, act_terms, sym, granularity, unsigned_first);
+      expand_terms.call(x, act_bits, act_terms, sym, granularity, unsigned_first, kRescaled);
   const int k_max = std::max<int>(kw, static_cast<int>(act_terms));
   at::Tensor y;
   for (int j = 1; j <= static_cast<int>(xs.size()); ++j) {
@@ -414,8 +464,10 @@ const core::IntLinear& IntOf(const PackedPtr& p, const char* op) {
 
 at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
                     const c10::optional<at::Tensor>& bias, int64_t terms, int64_t act_bits,
-                    int64_t act_terms, bool unsigned_first, bool truncate, int64_t granularity) {
+                    int64_t act_terms, bool unsigned_first, bool truncate, int64_t granularity,
+                    int64_t post_in) {
   const core::IntLinear& iw = IntOf(p, "fpxint::linear_wa");
+  const core::PostOp post = PostArg(post_in, "fpxint::linear_wa");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::linear_wa: input must be float32, got ",
               x_in.scalar_type());
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == iw.in_features(),
@@ -425,20 +477,22 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
   const int64_t m = x.numel() / iw.in_features();
   if (IntTakesDense(iw, m)) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
-    return DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
-                   [&](const at::Tensor& xq, int nw, bool with_bias) {
-                     return Linear(xq, p, with_bias ? bias : c10::nullopt, nw);
-                   });
+    return ApplyPost(DenseWA(x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
+                             [&](const at::Tensor& xq, int nw, bool with_bias) {
+                               return Linear(xq, p, with_bias ? bias : c10::nullopt, nw);
+                             }),
+                     post);
   }
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = iw.out_features();
   at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor keep;
   const absl::Status s =
       iw.Forward(x.data_ptr<float>(), m, y.data_ptr<float>(),
                  ActArgs(x, act_bits, act_terms, unsigned_first, truncate, granularity),
-                 TermsArg(terms), &AtenPool());
+                 TermsArg(terms), &AtenPool(), nullptr,
+                 EpilogueOf(bias, iw.out_features(), post, &keep, "fpxint::linear_wa"));
   TORCH_CHECK(s.ok(), "fpxint::linear_wa: ", std::string(s.message()));
-  if (bias && bias->defined()) y.add_(*bias);
   return y;
 }
 
@@ -448,8 +502,9 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
                     const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                     int64_t terms, int64_t act_bits, int64_t act_terms, bool unsigned_first,
-                    bool truncate, int64_t granularity) {
+                    bool truncate, int64_t granularity, int64_t post_in) {
   const core::IntLinear& iw = IntOf(p, "fpxint::conv2d_wa");
+  const core::PostOp post = PostArg(post_in, "fpxint::conv2d_wa");
   const std::vector<int64_t>& ws = p->shape;
   TORCH_CHECK(groups == 1, "fpxint::conv2d_wa: takes ungrouped 2-D convolutions");
   const ConvCall c = PrepareConv("fpxint::conv2d_wa", x_in, ws, groups, stride, padding,
@@ -462,20 +517,111 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
               "padding, per tensor a stride of 1");
   if (IntTakesDense(iw, c.rows())) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
-    return c.Finish(DenseWA(c.x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
-                            [&](const at::Tensor& xq, int nw, bool with_bias) {
-                              return Conv2d(xq, p, with_bias ? bias : c10::nullopt, stride,
-                                            padding, dilation, groups, nw);
-                            }));
+    return c.Finish(ApplyPost(
+        DenseWA(c.x, kw, act_bits, act_terms, unsigned_first, truncate, granularity,
+                [&](const at::Tensor& xq, int nw, bool with_bias) {
+                  return Conv2d(xq, p, with_bias ? bias : c10::nullopt, stride, padding, dilation,
+                                groups, nw);
+                }),
+        post));
   }
   const at::Tensor cols = c.Patches(ws);
   at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
+  at::Tensor keep;
   const absl::Status s =
       iw.Forward(cols.data_ptr<float>(), c.rows(), flat.data_ptr<float>(),
                  ActArgs(c.x, act_bits, act_terms, unsigned_first, truncate, granularity),
-                 TermsArg(terms), &AtenPool());
+                 TermsArg(terms), &AtenPool(), nullptr,
+                 EpilogueOf(bias, c.out, post, &keep, "fpxint::conv2d_wa"));
   TORCH_CHECK(s.ok(), "fpxint::conv2d_wa: ", std::string(s.message()));
-  return c.FromRows(flat, bias);
+  return c.FromRows(flat, c10::nullopt);
+}
+
+// ---- Folded W×A: variant D weights and activations, every term product in one u8 × s8 product ----
+
+// Whether a call runs the fold: all K_w terms (the fold holds them all) and K_a·b_a <= 8.
+// Otherwise the layer's own expansion of x (variant D, grid mid, per row / pixel) times the packed
+// weight's first K_w' terms, which is what the fold computes when it applies.
+const core::FoldedIntLinear* FoldFor(const PackedPtr& p, int64_t terms, int64_t act_bits,
+                                     int64_t act_terms, const char* op) {
+  TORCH_CHECK(act_terms >= 1 && act_terms <= 16 && act_bits >= 1 && act_bits <= 8, op,
+              ": activation bits ", act_bits, ", terms ", act_terms,
+              "; accepted bits 1..8, terms 1..16");
+  const int k = TermsArg(terms);
+  if ((k != 0 && k != p->w.terms()) || act_bits * act_terms > 8) return nullptr;
+  const core::FoldedIntLinear* f = p->Folded();
+  TORCH_CHECK(f != nullptr, op, ": ", p->folded_error());
+  return f;
+}
+
+at::Tensor ExpandDigits(const at::Tensor& x, int64_t act_bits, int64_t act_terms,
+                        ActGranularity g) {
+  static const auto expand =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kActExpandOp, "")
+          .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool,
+                            int64_t)>();
+  return expand.call(x, act_bits, act_terms, static_cast<int64_t>(core::Grid::kMid),
+                     static_cast<int64_t>(g), false,
+                     static_cast<int64_t>(core::Variant::kDigits));
+}
+
+at::Tensor LinearFolded(const at::Tensor& x_in, const PackedPtr& p,
+                        const c10::optional<at::Tensor>& bias, int64_t terms, int64_t act_bits,
+                        int64_t act_terms, int64_t post_in) {
+  const char* op = "fpxint::linear_folded";
+  const core::PostOp post = PostArg(post_in, op);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, op, ": input must be float32, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == p->w.in_features(), op,
+              ": input's last dim is ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
+              "; this weight takes ", p->w.in_features());
+  const at::Tensor x = x_in.contiguous();
+  const core::FoldedIntLinear* f = FoldFor(p, terms, act_bits, act_terms, op);
+  if (f == nullptr) {
+    return ApplyPost(
+        Linear(ExpandDigits(x, act_bits, act_terms, ActGranularity::kRow), p, bias, terms), post);
+  }
+  const int64_t m = x.numel() / p->w.in_features();
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = f->out_features();
+  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor keep;
+  const absl::Status s = f->Forward(x.data_ptr<float>(), m, y.data_ptr<float>(),
+                                    {static_cast<int>(act_bits), static_cast<int>(act_terms)},
+                                    &AtenPool(), nullptr,
+                                    EpilogueOf(bias, f->out_features(), post, &keep, op));
+  TORCH_CHECK(s.ok(), op, ": ", std::string(s.message()));
+  return y;
+}
+
+// Ungrouped 1x1 convolutions without padding: the output pixels are the rows, and per-pixel
+// activation scales are the fold's per-row ones.
+at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
+                        const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                        int64_t terms, int64_t act_bits, int64_t act_terms, int64_t post_in) {
+  const char* op = "fpxint::conv2d_folded";
+  const core::PostOp post = PostArg(post_in, op);
+  const std::vector<int64_t>& ws = p->shape;
+  TORCH_CHECK(groups == 1, op, ": takes ungrouped 2-D convolutions");
+  const ConvCall c = PrepareConv(op, x_in, ws, groups, stride, padding, dilation);
+  TORCH_CHECK(ws[2] == 1 && ws[3] == 1 && c.padding[0] == 0 && c.padding[1] == 0, op,
+              ": takes 1x1 convolutions without padding (per-pixel activation scales)");
+  const core::FoldedIntLinear* f = FoldFor(p, terms, act_bits, act_terms, op);
+  if (f == nullptr) {
+    return ApplyPost(Conv2d(ExpandDigits(c.x, act_bits, act_terms, ActGranularity::kPixel), p,
+                            bias, stride, padding, dilation, groups, terms),
+                     post);
+  }
+  const at::Tensor cols = c.Patches(ws);
+  at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
+  at::Tensor keep;
+  const absl::Status s = f->Forward(cols.data_ptr<float>(), c.rows(), flat.data_ptr<float>(),
+                                    {static_cast<int>(act_bits), static_cast<int>(act_terms)},
+                                    &AtenPool(), nullptr, EpilogueOf(bias, c.out, post, &keep, op));
+  TORCH_CHECK(s.ok(), op, ": ", std::string(s.message()));
+  return c.FromRows(flat, c10::nullopt);
 }
 
 at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
@@ -510,6 +656,11 @@ PackedWeightInfo InspectPackedWeight(const c10::IValue& v) {
   return info;
 }
 
+bool TakesFoldedOps(const c10::IValue& v) {
+  return v.isObject() && v.type()->str() == kPackedWeightClass &&
+         v.toCustomClass<PackedWeight>()->Folded() != nullptr;
+}
+
 bool TakesIntegerOps(const c10::IValue& v) {
   return v.isObject() && v.type()->str() == kPackedWeightClass &&
          v.toCustomClass<PackedWeight>()->Int() != nullptr;
@@ -533,12 +684,19 @@ TORCH_LIBRARY_FRAGMENT(fpxint, m) {
         &DequantizeOp);
   m.def("linear_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int terms, int act_bits, int act_terms, bool unsigned_first, bool truncate, "
-        "int granularity) -> Tensor",
+        "int granularity, int post=0) -> Tensor",
         &LinearWA);
   m.def("conv2d_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits, "
-        "int act_terms, bool unsigned_first, bool truncate, int granularity) -> Tensor",
+        "int act_terms, bool unsigned_first, bool truncate, int granularity, int post=0) -> Tensor",
         &Conv2dWA);
+  m.def("linear_folded(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
+        "int terms, int act_bits, int act_terms, int post=0) -> Tensor",
+        &LinearFolded);
+  m.def("conv2d_folded(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
+        "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits, "
+        "int act_terms, int post=0) -> Tensor",
+        &Conv2dFolded);
 }
 
 void EnsureLowbitOpsRegistered() {}

@@ -25,6 +25,14 @@
 //          products with the weight terms run on core::IntLinear (int32, VNNI), all pairs or the
 //          order-truncated ones. Weights must be sym with one scale per row; conv2d_wa takes
 //          groups == 1 with per-pixel scales (1x1, no padding) or per-tensor scales (stride 1).
+//   fpxint::linear_folded(x, w, bias, terms, act_bits, act_terms) -> Tensor
+//   fpxint::conv2d_folded(x, w, bias, stride, padding, dilation, groups, terms, act_bits,
+//                         act_terms) -> Tensor
+//          Folded W×A (docs/ALGORITHM.md §3a): variant D weights and activations (grid mid, per
+//          row / per pixel scales; conv: 1x1 without padding, ungrouped). With every weight term
+//          and K_a·b_a <= 8, all K_w·K_a term products are one u8 × s8 product
+//          (core::FoldedIntLinear); any other precision runs the activation's variant D expansion
+//          through the weight-only op.
 //
 // terms <= 0 (or beyond K) means all terms: any precision from one packed model.
 //
@@ -63,6 +71,8 @@ inline constexpr char kConv2dOp[] = "fpxint::conv2d";
 inline constexpr char kDequantizeOp[] = "fpxint::dequantize";
 inline constexpr char kLinearWaOp[] = "fpxint::linear_wa";
 inline constexpr char kConv2dWaOp[] = "fpxint::conv2d_wa";
+inline constexpr char kLinearFoldedOp[] = "fpxint::linear_folded";
+inline constexpr char kConv2dFoldedOp[] = "fpxint::conv2d_folded";
 // Activation rows up to which the packed kernels run (above: transient fp32 + LibTorch); -1, the
 // default, is automatic (weight-only: no bound; W×A: 16). FPXINT_PACKED_MAX_ROWS sets it (0 forces
 // the dense path, a large value the packed kernels everywhere).
@@ -82,6 +92,9 @@ PackedWeightInfo InspectPackedWeight(const c10::IValue& v);
 // Whether fpxint::linear_wa / conv2d_wa take `v` (core::IntLinear::ViewOf: sym codes, one scale
 // per row, b in 2..8). Builds the integer view it checks, which those ops then use.
 bool TakesIntegerOps(const c10::IValue& v);
+// Whether fpxint::linear_folded / conv2d_folded fold `v` (core::FoldedIntLinear::FromLowbit:
+// variant D codes by content, K·b <= 8). Builds the folded panels, which those ops then use.
+bool TakesFoldedOps(const c10::IValue& v);
 
 // Keeps the registration in binaries that link fpxint_model statically.
 void EnsureLowbitOpsRegistered();

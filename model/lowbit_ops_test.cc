@@ -206,6 +206,9 @@ TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
         ASSERT_TRUE(dense->SetPrecision(kw, ka).ok());
         ASSERT_TRUE(packed->SetPrecision(kw, ka).ok());
         EXPECT_EQ(packed->weight_memory().packed_layers, 6);
+        // fc -> relu runs as linear_wa with the ReLU in its epilogue.
+        EXPECT_EQ(packed->weight_memory().integer_layers, 3);
+        EXPECT_EQ(packed->weight_memory().fused_post_ops, 1);
         auto want = dense->Forward(x);
         auto got = packed->Forward(x);
         ASSERT_TRUE(want.ok() && got.ok()) << got.status();
@@ -233,6 +236,61 @@ TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
   EXPECT_EQ(back->SetPrecision(2, 0).code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// Folded W×A (variant D weights and activations, K·b = 8 each side): linear, matmul and the 1x1
+// convolution run linear_folded / conv2d_folded, everything against the dequantized model layer
+// at every (K_w', K_a') (the partial ones take the act_expand route inside the same ops); saved
+// and reloaded, the folded network gives the same bits.
+TEST(PackedOpsModel, FoldedProductsMatchTheModelLayer) {
+  ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, false);
+  spec.weights.grid = core::Grid::kMid;
+  spec.weights.variant = core::Variant::kDigits;
+  spec.act_grid = core::Grid::kMid;
+  spec.act_variant = core::Variant::kDigits;
+  std::string how;
+  ASSERT_TRUE(spec.Folds(&how)) << how;
+  EXPECT_TRUE(absl::StrContains(how, "4 term products as one u8 x s8 product")) << how;
+  std::unique_ptr<Model> dense = MustLoad(TinyModelFile("conv_zoo.pt"), false);
+  std::unique_ptr<Model> packed = MustLoad(TinyModelFile("conv_zoo.pt"), true);
+  ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
+  ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
+  for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{2, 4, 17, 11}}) {
+    HostTensor x = RandomInput(shape, 21);
+    for (int kw = 1; kw <= 2; ++kw) {
+      for (int ka = 1; ka <= 2; ++ka) {
+        ASSERT_TRUE(dense->SetPrecision(kw, ka).ok());
+        ASSERT_TRUE(packed->SetPrecision(kw, ka).ok());
+        const Model::WeightMemory mem = packed->weight_memory();
+        EXPECT_EQ(mem.packed_layers, 6);
+        EXPECT_EQ(mem.folded_layers, 3);  // the linear on tokens, the matmul, the 1x1 conv
+        EXPECT_EQ(mem.integer_layers, 0);
+        EXPECT_EQ(mem.fused_post_ops, 1);  // fc -> relu
+        auto want = dense->Forward(x);
+        auto got = packed->Forward(x);
+        ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+        EXPECT_LT(MaxRelErr(got->f32, want->f32), 1e-4) << "K_w'=" << kw << " K_a'=" << ka;
+      }
+    }
+  }
+  ASSERT_TRUE(packed->SetPrecision(2, 2).ok());
+  const HostTensor x = RandomInput({1, 4, 7, 7}, 22);
+  auto y = packed->Forward(x);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ScratchDir dir;
+  ASSERT_TRUE(packed->SavePacked(dir.File("folded.pt")).ok());
+  std::unique_ptr<Model> back = MustLoad(dir.File("folded.pt"), true);
+  ASSERT_NE(back, nullptr);
+  EXPECT_EQ(back->weight_memory().folded_layers, 3);
+  EXPECT_EQ(back->Forward(x)->f32, y->f32);
+
+  // Variant R activations on the same weights: nothing folds, and the report says why.
+  spec.act_variant = core::Variant::kRescaled;
+  EXPECT_FALSE(spec.Folds(&how));
+  EXPECT_TRUE(absl::StrContains(how, "not folded: folding needs variant digits")) << how;
+  ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
+  ASSERT_TRUE(packed->SetPrecision(2, 2).ok());
+  EXPECT_EQ(packed->weight_memory().folded_layers, 0);
+}
+
 // Order truncation: the integer ops run it; a network with layers they do not take (grouped,
 // depthwise, conv1d) falls back to the dequantized network instead of failing.
 TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
@@ -244,6 +302,9 @@ TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   ASSERT_TRUE(dense->SetPrecision(2, 2).ok());
   ASSERT_TRUE(packed->SetPrecision(2, 2).ok());
   EXPECT_EQ(packed->weight_memory().packed_layers, static_cast<int>(packed->layers().size()));
+  // Every layer but the last is followed by a ReLU, fused into its epilogue.
+  EXPECT_EQ(packed->weight_memory().fused_post_ops,
+            static_cast<int>(packed->layers().size()) - 1);
   // 5 rows: the integer dot products, against the dequantized network. 40 rows: the integer
   // GEMM (VNNI) or the dense route. Activation scales are per row, so every row must come out
   // exactly as it does in calls of 5 rows. (The dequantized network is no reference for 40 rows:

@@ -169,10 +169,14 @@ Model::WeightMemory Model::weight_memory() const {
     // FP32 unless the layer runs packed (added from the graph below).
     if (!im.current_packed || !l.expanded) m.resident_bytes += static_cast<size_t>(n) * sizeof(float);
   }
-  for (const PackedWeightInfo& pw : im.CurrentPackedWeights()) {
+  Impl::Routes routes;
+  for (const PackedWeightInfo& pw : im.CurrentPackedWeights(&routes)) {
     m.resident_bytes += pw.bytes;
     ++m.packed_layers;
   }
+  m.folded_layers = routes.folded;
+  m.integer_layers = routes.integer;
+  m.fused_post_ops = routes.fused_post;
   return m;
 }
 

@@ -85,6 +85,7 @@ struct ModelExpansionSpec {
   int act_bits = 0;             // activation bits; 0 = weight-only
   int act_terms = 0;            // K_a
   core::Grid act_grid = core::Grid::kSym;
+  core::Variant act_variant = core::Variant::kRescaled;  // kDigits: grid mid (the fold's half)
   bool unsigned_first = true;   // first activation term unsigned when the input is >= 0
   bool truncate = false;        // order truncation: only products W_i X_j with i + j <= K + 1
   // Dynamic activation scales. kAuto: the finest grouping that still factors out of the layer's
@@ -98,6 +99,11 @@ struct ModelExpansionSpec {
 
   bool weight_only() const { return act_terms == 0; }
   absl::Status Validate() const;
+  // Whether the W×A term products fold (core::FoldedIntLinear: one u8 × s8 product per layer
+  // for all K_w·K_a of them): variant D weights and activations (grid mid), tensor or channel
+  // weight scales, K·b <= 8 on each side, no truncation. `how` (may be null) gets a sentence
+  // for reports: what folds, or the first condition that fails.
+  bool Folds(std::string* how = nullptr) const;
 };
 
 class Model {
@@ -215,11 +221,17 @@ class Model {
 
   // Weight memory of the network the model runs: fp32_bytes is what its layers' weights take in
   // FP32; resident_bytes what the current network holds for them (packed terms, codes + scales,
-  // for the expanded layers when packed; FP32 otherwise). packed_layers counts layers on the ops.
+  // for the expanded layers when packed; FP32 otherwise). packed_layers counts layers on the ops;
+  // of those, folded_layers run their W×A term products as one folded u8 × s8 product and
+  // integer_layers as separate integer term products (the rest: fp32 on dequantized terms);
+  // fused_post_ops of those apply the following ReLU / hardswish in their epilogue.
   struct WeightMemory {
     size_t fp32_bytes = 0;
     size_t resident_bytes = 0;
     int packed_layers = 0;
+    int folded_layers = 0;
+    int integer_layers = 0;
+    int fused_post_ops = 0;
   };
   WeightMemory weight_memory() const;
   // core::PackedTermsSha256 of the packed terms the current network runs, in layer order; empty

@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/int_linear.h"
 #include "core/status_macros.h"
 #include "model/internal/model_impl.h"
 
@@ -137,7 +138,8 @@ absl::StatusOr<torch::jit::Module> Model::Impl::Build(
       Value* list = g->insert(c10::Symbol::fromQualString(kActExpandTermsOp),
                               {n->input(0), static_cast<int64_t>(spec.act_bits),
                                static_cast<int64_t>(ka), static_cast<int64_t>(spec.act_grid),
-                               granularity, spec.unsigned_first});
+                               granularity, spec.unsigned_first,
+                               static_cast<int64_t>(spec.act_variant)});
       Node* unpack = g->insertNode(g->createListUnpack(list, static_cast<size_t>(ka)));
       const int k_max = std::max(kw, ka);
       Value* sum = nullptr;
@@ -169,13 +171,67 @@ absl::StatusOr<torch::jit::Module> Model::Impl::Build(
       Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
                             {n->input(0), static_cast<int64_t>(spec.act_bits),
                              static_cast<int64_t>(ka), static_cast<int64_t>(spec.act_grid),
-                             granularity, spec.unsigned_first});
+                             granularity, spec.unsigned_first,
+                             static_cast<int64_t>(spec.act_variant)});
       n->replaceInput(0, xq);
     }
   }
   torch::jit::EliminateDeadCode(g);
   return m;
 }
+
+Value* Model::Impl::InsertFolded(torch::jit::Graph& g, Node* n, const FoundLayer& f,
+                                 ActGranularity gran, Value* pw, const c10::IValue& packed_weight,
+                                 Value* bias, Value* terms, Value* act_terms, bool is_conv2d,
+                                 int64_t post) const {
+  if (!spec.Folds()) return nullptr;
+  const std::vector<torch::jit::NamedValue> act_args = {static_cast<int64_t>(spec.act_bits),
+                                                        act_terms, post};
+  if (f.kind != OpKind::kConv && gran == ActGranularity::kRow) {
+    if (!TakesFoldedOps(packed_weight)) return nullptr;
+    std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, terms};
+    args.insert(args.end(), act_args.begin(), act_args.end());
+    return g.insert(c10::Symbol::fromQualString(kLinearFoldedOp), args);
+  }
+  if (!is_conv2d || gran != ActGranularity::kPixel) return nullptr;  // per pixel: 1x1, groups 1
+  const c10::optional<c10::IValue> padding = torch::jit::toIValue(n->input(4));
+  if (!padding || !padding->isIntList()) return nullptr;
+  for (int64_t v : padding->toIntVector()) {
+    if (v != 0) return nullptr;
+  }
+  if (!TakesFoldedOps(packed_weight)) return nullptr;
+  std::vector<torch::jit::NamedValue> args = {n->input(0), pw,          bias,        n->input(3),
+                                              n->input(4), n->input(5), n->input(6), terms};
+  args.insert(args.end(), act_args.begin(), act_args.end());
+  return g.insert(c10::Symbol::fromQualString(kConv2dFoldedOp), args);
+}
+
+namespace {
+
+// The node that is the only use of layer `n`'s output when it is a ReLU or hardswish of that
+// output alone, with its core::PostOp in `post`; nullptr (post 0) otherwise.
+Node* FusablePost(Node* n, int64_t* post) {
+  static const c10::Symbol kRelu = c10::Symbol::fromQualString("aten::relu");
+  static const c10::Symbol kRelu_ = c10::Symbol::fromQualString("aten::relu_");
+  static const c10::Symbol kHardswish = c10::Symbol::fromQualString("aten::hardswish");
+  static const c10::Symbol kHardswish_ = c10::Symbol::fromQualString("aten::hardswish_");
+  *post = 0;
+  if (n->outputs().size() != 1 || n->output()->uses().size() != 1) return nullptr;
+  Node* u = n->output()->uses()[0].user;
+  if (u->inputs().size() != 1 || u->outputs().size() != 1 || u->owningBlock() != n->owningBlock()) {
+    return nullptr;
+  }
+  if (u->kind() == kRelu || u->kind() == kRelu_) {
+    *post = static_cast<int64_t>(core::PostOp::kRelu);
+  } else if (u->kind() == kHardswish || u->kind() == kHardswish_) {
+    *post = static_cast<int64_t>(core::PostOp::kHardswish);
+  } else {
+    return nullptr;
+  }
+  return u;
+}
+
+}  // namespace
 
 absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
   static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
@@ -220,7 +276,25 @@ absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
       }
     } else {
       const ActGranularity gran = ActGranularityFor(found[i], spec.act_scale);
-      const bool int_weights = spec.act_grid == core::Grid::kSym && TakesIntegerOps(packed_weight);
+      // A following ReLU / hardswish of this layer alone runs in the integer ops' epilogue.
+      int64_t post = 0;
+      Node* follower = FusablePost(n, &post);
+      const auto fuse = [&](Value* y_fused) {
+        y_fused->setType(n->output()->type());
+        if (follower != nullptr) {
+          follower->output()->replaceAllUsesWith(y_fused);
+          follower->destroy();
+        }
+        n->output()->replaceAllUsesWith(y_fused);
+      };
+      if (Value* folded = InsertFolded(*g, n, found[i], gran, pw, packed_weight, bias, terms,
+                                       act_terms, is_conv2d, post)) {
+        fuse(folded);
+        continue;
+      }
+      const bool int_weights = spec.act_grid == core::Grid::kSym &&
+                               spec.act_variant == core::Variant::kRescaled &&
+                               TakesIntegerOps(packed_weight);
       bool int_conv = false;
       if (is_conv2d && int_weights) {
         const c10::optional<c10::IValue> groups = torch::jit::toIValue(n->input(6));
@@ -243,23 +317,25 @@ absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
       }
       const std::vector<torch::jit::NamedValue> act_args = {
           static_cast<int64_t>(spec.act_bits), act_terms, spec.unsigned_first, spec.truncate,
-          static_cast<int64_t>(gran)};
+          static_cast<int64_t>(gran), post};
       if (found[i].kind != OpKind::kConv && int_weights) {
         std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, terms};
         args.insert(args.end(), act_args.begin(), act_args.end());
-        y = g->insert(c10::Symbol::fromQualString(kLinearWaOp), args);
+        fuse(g->insert(c10::Symbol::fromQualString(kLinearWaOp), args));
+        continue;
       } else if (int_conv) {
         std::vector<torch::jit::NamedValue> args = {n->input(0), pw, bias, n->input(3),
                                                     n->input(4), n->input(5), n->input(6), terms};
         args.insert(args.end(), act_args.begin(), act_args.end());
-        y = g->insert(c10::Symbol::fromQualString(kConv2dWaOp), args);
+        fuse(g->insert(c10::Symbol::fromQualString(kConv2dWaOp), args));
+        continue;
       } else if (!spec.truncate) {
         // Σ_i W_i ⊛ Σ_j X_j: the weight-only packed op (or the dequantized weight sum) on the
         // activation's expansion.
         Value* xq = g->insert(c10::Symbol::fromQualString(kActExpandOp),
                               {n->input(0), static_cast<int64_t>(spec.act_bits), act_terms,
                                static_cast<int64_t>(spec.act_grid), static_cast<int64_t>(gran),
-                               spec.unsigned_first});
+                               spec.unsigned_first, static_cast<int64_t>(spec.act_variant)});
         if (found[i].kind != OpKind::kConv) {
           y = g->insert(c10::Symbol::fromQualString(kLinearOp), {xq, pw, bias, terms});
         } else if (is_conv2d) {
@@ -336,13 +412,27 @@ bool Model::Impl::AdoptPackedNetwork() {
   return true;
 }
 
-std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights() const {
+std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) const {
+  static const c10::Symbol kFolded[] = {c10::Symbol::fromQualString(kLinearFoldedOp),
+                                        c10::Symbol::fromQualString(kConv2dFoldedOp)};
+  static const c10::Symbol kInteger[] = {c10::Symbol::fromQualString(kLinearWaOp),
+                                         c10::Symbol::fromQualString(kConv2dWaOp)};
   std::vector<PackedWeightInfo> out;
   if (!current_packed) return out;
   torch::jit::Module cur = current;
   std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
     for (Node* n : b->nodes()) {
       for (torch::jit::Block* sub : n->blocks()) walk(sub);
+      if (routes != nullptr) {
+        const bool folded = n->kind() == kFolded[0] || n->kind() == kFolded[1];
+        const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];
+        routes->folded += folded;
+        routes->integer += integer;
+        if (folded || integer) {  // `post`, the last argument
+          const c10::optional<c10::IValue> post = torch::jit::toIValue(n->inputs().back());
+          routes->fused_post += post && post->isInt() && post->toInt() != 0;
+        }
+      }
       if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
       const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
       if (!v) continue;

@@ -43,6 +43,33 @@ HostTensor HostTensor::Int64(std::vector<int64_t> shape, std::vector<int64_t> da
   return t;
 }
 
+bool ModelExpansionSpec::Folds(std::string* how) const {
+  const auto fail = [&](absl::string_view why) {
+    if (how != nullptr) {
+      *how = absl::StrCat("separate term products (not folded: ", why, ")");
+    }
+    return false;
+  };
+  if (act_terms == 0) return fail("weight-only");
+  if (truncate) return fail("order truncation drops some products");
+  if (weights.variant != core::Variant::kDigits || act_variant != core::Variant::kDigits ||
+      act_grid != core::Grid::kMid) {
+    return fail("folding needs variant digits with grid mid for weights and activations");
+  }
+  if (weights.scale == core::ScaleGranularity::kGroup) return fail("group weight scales");
+  if (weights.bits * weights.terms > 8 || act_bits * act_terms > 8) {
+    return fail(absl::StrCat("K·b is ", weights.bits * weights.terms, " bits for weights and ",
+                             act_bits * act_terms, " for activations; at most 8 each"));
+  }
+  if (how != nullptr) {
+    *how = absl::StrCat("folded: each linear layer and 1x1 convolution runs its ",
+                        weights.terms * act_terms, " term products as one u8 x s8 product (",
+                        weights.bits * weights.terms, "-bit weight codes x ",
+                        act_bits * act_terms, "-bit activation codes)");
+  }
+  return true;
+}
+
 absl::Status ModelExpansionSpec::Validate() const {
   FPX_RETURN_IF_ERROR(weights.Validate());
   if (weights.unsigned_first) {
@@ -61,6 +88,7 @@ absl::Status ModelExpansionSpec::Validate() const {
     a.bits = act_bits;
     a.terms = act_terms;
     a.grid = act_grid;
+    a.variant = act_variant;
     if (absl::Status s = a.Validate(); !s.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("activations: ", s.message()));
     }

@@ -521,7 +521,9 @@ absl::StatusOr<JobOutput> RunNetworkJob(const v1::JobSpec& spec, const JobContex
   hooks.progress = [&](const model::Model::ExpandProgress& p) {
     rep->Layer(p.done, p.total, p.name, 0.05, 0.7);
   };
-  FPX_RETURN_IF_ERROR(net->Expand(ToModelExpansionSpec(spec), ctx.pool, hooks));
+  const model::ModelExpansionSpec mspec = ToModelExpansionSpec(spec);
+  if (!mspec.weight_only()) mspec.Folds(out.result.mutable_wa_products());
+  FPX_RETURN_IF_ERROR(net->Expand(mspec, ctx.pool, hooks));
   FPX_RETURN_IF_ERROR(CheckCancel(ctx));
   // The data-free probes: every layer's sensitivity, and an error budget's allocation.
   const bool budget = spec.target_rel_error() > 0;

@@ -888,6 +888,8 @@ absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& nam
     out.set_fp32_weight_bytes(served->weights().fp32_bytes);
     out.set_resident_weight_bytes(served->weights().resident_bytes);
     out.set_packed_layers(served->weights().packed_layers);
+    out.set_folded_layers(served->weights().folded_layers);
+    out.set_integer_layers(served->weights().integer_layers);
   }
   return out;
 }

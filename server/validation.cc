@@ -161,6 +161,7 @@ model::ModelExpansionSpec ToModelExpansionSpec(const v1::JobSpec& s) {
   m.act_bits = static_cast<int>(s.act_bits());
   m.act_terms = static_cast<int>(s.act_terms());
   m.act_grid = ToCore(s.act_grid());
+  m.act_variant = s.act_variant() == v1::DIGITS ? core::Variant::kDigits : core::Variant::kRescaled;
   m.truncate = s.truncate();
   m.include = s.include();
   m.exclude = s.exclude();
@@ -299,6 +300,7 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->variant() == v1::VARIANT_UNSPECIFIED) s->set_variant(v1::RESCALED);
   if (s->scale() == v1::SCALE_GRANULARITY_UNSPECIFIED) s->set_scale(v1::PER_CHANNEL);
   if (s->act_grid() == v1::GRID_UNSPECIFIED) s->set_act_grid(v1::SYM);
+  if (s->act_variant() == v1::VARIANT_UNSPECIFIED) s->set_act_variant(v1::RESCALED);
   if (s->weight_bits() > 8)
     return Bad("weight_bits", absl::StrCat(s->weight_bits(), "; accepted 1..8"));
   if (s->weight_terms() > 16) {
@@ -323,6 +325,13 @@ absl::Status NormalizeJobSpec(const v1::Model& model, v1::JobSpec* s) {
   if (s->act_bits() > 8) return Bad("act_bits", absl::StrCat(s->act_bits(), "; accepted 0..8"));
   if (s->act_terms() > 16)
     return Bad("act_terms", absl::StrCat(s->act_terms(), "; accepted 0..16"));
+  if (s->act_variant() == v1::DIGITS && s->act_bits() == 0) {
+    return Bad("act_variant", "DIGITS applies to expanded activations (act_bits > 0)");
+  }
+  if (s->act_variant() == v1::DIGITS && s->act_grid() != v1::MID) {
+    return Bad("act_variant", absl::StrCat("DIGITS needs act_grid MID; got ",
+                                           v1::Grid_Name(s->act_grid())));
+  }
   if (network) {
     if (absl::Status st = ToModelExpansionSpec(*s).Validate(); !st.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("spec: ", st.message()));

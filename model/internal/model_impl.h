@@ -124,9 +124,19 @@ struct Model::Impl {
   // terms: int = 0). With expanded activations (wa): linear and matmul -> fpxint::linear_wa,
   // ungrouped conv2d with per-pixel (1x1) or per-tensor (stride 1) activation scales ->
   // fpxint::conv2d_wa (integer kernels), other layers fpxint::dequantize + fpxint::act_expand;
+  // a ReLU or hardswish that alone uses such an integer or folded layer runs in its epilogue
+  // (the ops' `post` argument); when the spec folds (ModelExpansionSpec::Folds), linear, matmul and 1x1 convolutions whose codes fold ->
+  // fpxint::linear_folded / conv2d_folded;
   // forward(x, terms: int = 0, act_terms: int = K_a). Unimplemented when an order-truncated
   // spec has a layer the integer ops do not take (the dequantized network then serves it).
   absl::StatusOr<torch::jit::Module> BuildPacked(bool wa) const;
+  // The folded op for layer `n` (BuildPacked), inserted before it; nullptr when the spec, the
+  // layer's kind and activation scales, or its codes do not fold.
+  torch::jit::Value* InsertFolded(torch::jit::Graph& g, torch::jit::Node* n, const FoundLayer& f,
+                                  ActGranularity gran, torch::jit::Value* pw,
+                                  const c10::IValue& packed_weight, torch::jit::Value* bias,
+                                  torch::jit::Value* terms, torch::jit::Value* act_terms,
+                                  bool is_conv2d, int64_t post) const;
 
   // A network saved by SavePacked: its PackedWeight constants become the layers, the network
   // runs as it is (forward(x, terms[, act_terms])), and nothing can be re-expanded. False when
@@ -140,7 +150,13 @@ struct Model::Impl {
 
   // The PackedWeight constants of the current network, in graph order (= layer order: each is
   // inserted just before its layer).
-  std::vector<PackedWeightInfo> CurrentPackedWeights() const;
+  // With `routes`, also counts the current network's W×A op calls: folded (linear_folded,
+  // conv2d_folded), separate integer term products (linear_wa, conv2d_wa), and of those the
+  // ones that apply the layer's following ReLU / hardswish in their epilogue (post != 0).
+  struct Routes {
+    int folded = 0, integer = 0, fused_post = 0;
+  };
+  std::vector<PackedWeightInfo> CurrentPackedWeights(Routes* routes = nullptr) const;
 
   // The packed network of this kind, built on first use.
   absl::Status EnsurePacked(bool wa);

@@ -770,6 +770,41 @@ class CliE2E(CliTestCase):
                          "--preferred-batch-size", "6", expect=3)
         self.assertIn("preferred_batch_size: 6", r.err)
 
+    def test_11c_folded_terms(self):
+        """Digits weights and activations (W4A4 x 2, mid grid): the job report and `models get`
+        say which layers run every term product as one u8 x s8 product; the version serves
+        the same answer as the dequantized network within float rounding."""
+        self.need("uploaded", "test_02_upload")
+        folded = ["--grid", "mid", "--variant", "digits", "--act-bits", "4", "--act-terms", "2",
+                  "--act-grid", "mid", "--act-variant", "digits"]
+        job = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
+                           *folded, "--deploy-as", "fm_folded", "--wait").json()
+        self.assertEqual(job["state"], "SUCCEEDED")
+        self.assertEqual(job["spec"]["act_variant"], "DIGITS")
+        self.assertTrue(job["report"]["wa_products"].startswith(
+            "folded: each linear layer and 1x1 convolution runs its 4 term products"),
+            job["report"]["wa_products"])
+        shown = self.run_cli("jobs", "get", job["id"]).out
+        self.assertIn("W×A products: folded", shown)
+        dep = self.run_cli("--json", "models", "get", "fm_folded").json()["deployment"]
+        self.assertGreaterEqual(dep["folded_layers"], 1)
+        self.assertEqual(dep.get("integer_layers", 0), 0)
+        got = self.run_cli("models", "get", "fm_folded").out
+        self.assertIn("%d layers folded" % dep["folded_layers"], got)
+        x = np.random.RandomState(11).rand(3, 1, 28, 28).astype(np.float32)
+        np.save(os.path.join(self.work, "xf.npy"), x)
+        doc = self.run_cli("--json", "infer", "fm_folded", "-i", "xf.npy").json()
+        self.assertEqual(doc["outputs"][0]["shape"], [3, 10])
+        # Rescaled activations on the same weights: separate products, and the report says why.
+        job = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
+                           *folded[:-2], "--wait").json()
+        self.assertIn("not folded: folding needs variant digits", job["report"]["wa_products"])
+        # Digits activations need the mid grid: the server names the field.
+        r = self.run_cli("quantize", "--model", "fmnist", "--granularity", "layer",
+                         "--act-bits", "4", "--act-terms", "2", "--act-variant", "digits",
+                         expect=3)
+        self.assertIn("act_variant", r.err)
+
     def test_12_models(self):
         self.need("layer_job", "test_05_quantize_layer_deploy_human")
         doc = self.run_cli("--json", "models", "list").json()
