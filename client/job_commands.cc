@@ -135,6 +135,10 @@ void PrintJob(const v1::Job& job) {
     std::printf("  error budget: target %.3e, measured %.3e (estimated %.3e) with %s; terms %s\n",
                 a.target_rel_error(), a.measured_rel_error(), a.estimated_rel_error(), ks.c_str(),
                 HumanBytes(a.weight_bytes()).c_str());
+    if (a.activation_floor() > 0) {
+      std::printf("    of which the activations alone (every weight FP): %.3e\n",
+                  a.activation_floor());
+    }
     for (const v1::UniformTerms& u : a.uniform()) {
       if (u.rel_error() <= a.target_rel_error()) {
         std::printf("    uniform K=%u meets it too with %s of terms: the budget saves %.0f%%\n",

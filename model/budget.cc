@@ -1,6 +1,8 @@
 // File: model/budget.cc
 #include "model/budget.h"
 
+#include <algorithm>
+#include <cmath>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -42,13 +44,21 @@ uint64_t PackedTermBytes(const std::vector<int64_t>& shape, const core::Expansio
 absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& probe,
                                                  const BudgetSpec& spec,
                                                  const std::atomic<bool>* cancel) {
-  if (!net->spec().weight_only()) {
-    return absl::InvalidArgumentError("an error budget is for weight-only expansions");
+  if (net->spec().truncate) {
+    return absl::InvalidArgumentError(
+        "an error budget takes weight-only or W×A expansions without order truncation");
   }
   const core::ExpansionSpec& ws = net->spec().weights;
   BudgetOutcome out;
-  FPX_ASSIGN_OR_RETURN(std::unique_ptr<Model::Prober> prober, net->NewProber(probe));
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<Model::Prober> prober,
+                       net->NewProber(probe, net->spec().act_terms));
   FPX_ASSIGN_OR_RETURN(out.sensitivity, prober->Sensitivity(spec.max_terms, cancel));
+  // W×A: every measurement includes the activations' own error (the floor, all weights FP).
+  // Taken as independent of the weights', the weights get what is left of the target:
+  // e_w² = e² − floor² per layer and for the whole model.
+  out.activation_floor = prober->activation_floor();
+  const double floor_sq = out.activation_floor * out.activation_floor;
+  const auto weights_part = [&](double e) { return std::sqrt(std::max(0.0, e * e - floor_sq)); };
   std::vector<std::pair<core::NamePattern, int>> pins;
   for (const auto& [pattern, k] : spec.pins) {
     FPX_ASSIGN_OR_RETURN(core::NamePattern p, core::NamePattern::Compile(pattern, "pin"));
@@ -60,6 +70,7 @@ absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& p
     l.name = s.name;
     l.bytes_per_term = PackedTermBytes(net->layers()[s.layer].weight_shape, ws);
     l.error = s.rel_fro;
+    for (double& e : l.error) e = weights_part(e);
     for (const auto& [pattern, k] : pins) {
       if (pattern.Matches(s.name)) {
         l.pinned = k;
@@ -83,26 +94,29 @@ absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& p
     return b;
   };
   core::BudgetOptions o;
-  o.target = spec.target;
+  // A target at or below the floor cannot be met: the weights then aim at a small fraction of it
+  // (every layer ends at max_terms) and the outcome says not met, with the best error reached.
+  o.target = spec.target > out.activation_floor ? weights_part(spec.target) : spec.target * 1e-3;
   o.min_terms = spec.min_terms;
   o.max_terms = spec.max_terms;
   FPX_ASSIGN_OR_RETURN(core::BudgetResult r, core::AllocateTerms(layers, o));
   FPX_ASSIGN_OR_RETURN(out.measured_error, prober->OutputError(by_layer(r.terms)));
   out.rounds = 1;
   constexpr int kMaxRounds = 8;
-  while (out.measured_error > o.target && out.rounds < kMaxRounds) {
+  while (out.measured_error > spec.target && out.rounds < kMaxRounds) {
     if (cancel != nullptr && cancel->load()) return absl::CancelledError("cancelled");
-    FPX_ASSIGN_OR_RETURN(core::BudgetResult next,
-                         core::Tighten(layers, o, r, out.measured_error));
+    const double weights_error = weights_part(out.measured_error);
+    if (!(weights_error > 0)) break;  // all of it is the activations': no term helps
+    FPX_ASSIGN_OR_RETURN(core::BudgetResult next, core::Tighten(layers, o, r, weights_error));
     if (next.terms == r.terms) break;  // nothing can grow
     r = std::move(next);
     FPX_ASSIGN_OR_RETURN(out.measured_error, prober->OutputError(by_layer(r.terms)));
     ++out.rounds;
   }
   out.terms = by_layer(r.terms);
-  out.estimated_error = r.estimated_error;
+  out.estimated_error = std::sqrt(r.estimated_error * r.estimated_error + floor_sq);
   out.weight_bytes = bytes_of(r.terms);
-  out.met = out.measured_error <= o.target;
+  out.met = out.measured_error <= spec.target;
   for (int k = 1; k <= o.max_terms; ++k) {
     const std::vector<int> uniform(layers.size(), k);
     FPX_ASSIGN_OR_RETURN(double e, prober->OutputError(by_layer(uniform)));

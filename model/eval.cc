@@ -286,8 +286,8 @@ absl::StatusOr<EvalConfig> ParseEvalConfig(absl::string_view text_in) {
   if (c.spec.act_variant == core::Variant::kDigits && c.spec.weight_only()) {
     return bad("adigits needs activation bits (w<B>a<A>x<K>)");
   }
-  if (c.target > 0 && !c.spec.weight_only()) {
-    return bad("an error budget (t<X>) is for weight-only configs (w<B>x<K>-t<X>)");
+  if (c.target > 0 && c.spec.truncate) {
+    return bad("an error budget (t<X>) does not take order truncation (trunc)");
   }
   if (absl::Status s = c.spec.Validate(); !s.ok()) return bad(s.message());
   c.label = CanonicalLabel(c);

@@ -189,15 +189,20 @@ class Model {
 
   // The probes behind Sensitivity, on one network built once for `input`: each expanded layer's
   // weight is a constant of its own that takes any of the layer's partial sums in place. The
-  // model must outlive it and keep its expansion meanwhile.
+  // model must outlive it and keep its expansion meanwhile. With act_terms > 0 (a W×A
+  // expansion, without truncation) every expanded layer also expands its input into act_terms
+  // terms, as the served network does; errors are still against the FP output.
   class Prober {
    public:
     ~Prober();
     // Relative Frobenius error of the output against FP when layer i (indexed as layers())
-    // runs its first terms[i] terms (0, or a layer not expanded: FP).
+    // runs its first terms[i] terms (0, or a layer not expanded: FP weights).
     absl::StatusOr<double> OutputError(const std::vector<int>& terms);
     absl::StatusOr<std::vector<LayerSensitivity>> Sensitivity(int max_terms,
                                                               const std::atomic<bool>* cancel);
+    // The error with every weight in FP: 0 weight-only, the activations' own error for W×A
+    // (a floor no weight terms go below).
+    double activation_floor() const;
 
    private:
     friend class Model;
@@ -205,7 +210,7 @@ class Model {
     explicit Prober(std::unique_ptr<State> s);
     std::unique_ptr<State> s_;
   };
-  absl::StatusOr<std::unique_ptr<Prober>> NewProber(const HostTensor& input);
+  absl::StatusOr<std::unique_ptr<Prober>> NewProber(const HostTensor& input, int act_terms = 0);
 
   // Keeps the first terms[i] terms of expanded layer i (indexed as layers(); 1 .. its terms):
   // an error-budgeted expansion with its own K per layer. Networks built for the old expansion

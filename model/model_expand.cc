@@ -255,10 +255,12 @@ struct Model::Prober::State {
   at::Tensor x;
   at::Tensor ref;  // the FP output, double
   double ref_norm = 0;
+  double floor = 0;  // ErrorNow() with every slot FP
 
-  at::Tensor Run() {
+  at::Tensor Run() { return RunOn(net); }
+  at::Tensor RunOn(torch::jit::Module& m) {
     torch::NoGradGuard no_grad;
-    c10::IValue y = net.forward({x.clone()});
+    c10::IValue y = m.forward({x.clone()});
     if (y.isTuple()) y = y.toTupleRef().elements()[0];
     return y.toTensor().contiguous().to(at::kDouble);
   }
@@ -277,9 +279,14 @@ struct Model::Prober::State {
 Model::Prober::Prober(std::unique_ptr<State> s) : s_(std::move(s)) {}
 Model::Prober::~Prober() = default;
 
-absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor& input) {
+absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor& input,
+                                                                int act_terms) {
   if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   Impl& im = *impl_;
+  if (act_terms < 0 || (act_terms > 0 && (im.spec.weight_only() || im.spec.truncate))) {
+    return absl::InvalidArgumentError(
+        "probe: act_terms needs a W×A expansion without order truncation");
+  }
   const bool f32 = input.type == HostTensor::Type::kFloat32;
   if (input.numel() != static_cast<int64_t>(f32 ? input.f32.size() : input.i64.size())) {
     return absl::InvalidArgumentError("input: values matching its shape (FP32, or INT64 ids)");
@@ -293,13 +300,16 @@ absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor
       st->slots[i] = im.original_weights[i].clone();
       return st->slots[i];
     };
-    FPX_ASSIGN_OR_RETURN(st->net, im.Build(weight_for, 1, 0, /*truncate=*/false));
+    FPX_ASSIGN_OR_RETURN(st->net, im.Build(weight_for, 1, act_terms, /*truncate=*/false));
     st->x = f32 ? at::from_blob(const_cast<float*>(input.f32.data()), input.shape, at::kFloat)
                       .clone()
                 : at::from_blob(const_cast<int64_t*>(input.i64.data()), input.shape, at::kLong)
                       .clone();
-    st->ref = st->Run();
+    // The reference is the FP model (with expanded activations, the probe network is not).
+    torch::jit::Module fp = im.frozen;
+    st->ref = act_terms > 0 ? st->RunOn(fp) : st->Run();
     st->ref_norm = st->ref.norm().item<double>();
+    st->floor = act_terms > 0 ? st->ErrorNow() : 0.0;
   } catch (const std::exception& e) {
     const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
     return absl::InvalidArgumentError(absl::StrCat(
@@ -329,6 +339,8 @@ absl::StatusOr<double> Model::Prober::OutputError(const std::vector<int>& terms)
     return absl::InternalError(absl::StrCat("probe: ", BriefText(e.what())));
   }
 }
+
+double Model::Prober::activation_floor() const { return s_->floor; }
 
 absl::StatusOr<std::vector<Model::LayerSensitivity>> Model::Prober::Sensitivity(
     int max_terms, const std::atomic<bool>* cancel) {

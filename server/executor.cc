@@ -231,6 +231,7 @@ absl::Status AllocateLayerTerms(const v1::JobSpec& spec, const model::HostTensor
   a->set_measured_rel_error(o.measured_error);
   a->set_weight_bytes(o.weight_bytes);
   a->set_rounds(static_cast<uint32_t>(o.rounds));
+  a->set_activation_floor(o.activation_floor);
   double best = o.measured_error;
   for (const model::BudgetOutcome::Uniform& u : o.uniform) {
     v1::UniformTerms* x = a->add_uniform();
@@ -238,6 +239,13 @@ absl::Status AllocateLayerTerms(const v1::JobSpec& spec, const model::HostTensor
     x->set_weight_bytes(u.weight_bytes);
     x->set_rel_error(u.rel_error);
     best = std::min(best, u.rel_error);
+  }
+  if (!o.met && o.activation_floor >= b.target) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "target_rel_error %.4e not reached: the activations alone (%u terms of %u bits, every "
+        "weight in FP) measure %.4e on the probe, and the best error reached is %.4e; raise "
+        "act_terms or the target",
+        b.target, spec.act_terms(), spec.act_bits(), o.activation_floor, best));
   }
   if (!o.met) {
     return absl::FailedPreconditionError(absl::StrFormat(

@@ -1113,6 +1113,58 @@ TEST_F(ServerTest, ErrorBudgetOnATokenModelProbesWithTokenIds) {
   EXPECT_GT(done.result().allocation().measured_rel_error(), 0);
 }
 
+// W×A budgets: the activations' own error (every weight FP) is a floor the weights share the
+// target with; the served version runs each layer's K with expanded activations, and a target
+// under the floor fails naming it.
+TEST_F(ServerTest, ErrorBudgetOnAWxAJobSharesTheTargetWithTheActivations) {
+  const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
+  v1::Model m;
+  ASSERT_TRUE(Upload("tiny", v1::TORCHSCRIPT, ts, &m).ok());
+  v1::JobSpec spec = Spec("tiny", v1::LAYER, 4, 0);
+  spec.set_weight_terms(0);
+  spec.set_act_bits(4);
+  spec.set_act_terms(3);
+  spec.set_target_rel_error(0.03);
+  spec.mutable_deploy()->set_enabled(true);
+  spec.mutable_deploy()->set_name("tiny-wa-budget");
+  v1::Job done = Watch(Submit(spec).job_id()).back();
+  ASSERT_EQ(done.state(), v1::SUCCEEDED) << done.error();
+  const v1::TermAllocation& a = done.result().allocation();
+  EXPECT_GT(a.activation_floor(), 0);
+  EXPECT_LT(a.activation_floor(), 0.03);
+  EXPECT_LE(a.measured_rel_error(), 0.03);
+  EXPECT_GE(a.measured_rel_error(), a.activation_floor() * 0.5);
+  // The probe at the full K (K_a = 3) is the allocation's network.
+  ASSERT_EQ(done.result().probe_size(), 4);
+  EXPECT_EQ(done.result().probe(3).act_terms(), 3u);
+  EXPECT_NEAR(done.result().probe(3).rel_fro(), a.measured_rel_error(),
+              1e-4 * a.measured_rel_error());
+  // Each layer's sensitivity includes the floor.
+  for (const v1::LayerSensitivity& s : done.result().sensitivity()) {
+    EXPECT_GE(s.rel_fro(3), a.activation_floor() * 0.5) << s.name();
+  }
+  auto io = core::SafetensorsReader::Open(TinyDir() + "/tiny_io.safetensors");
+  ASSERT_TRUE(io.ok());
+  auto x = (*io)->Data(*(*io)->Find("input"));
+  inference::ModelInferRequest ir = RawInfer(
+      "tiny-wa-budget", {2, 3, 8, 8}, std::string(reinterpret_cast<const char*>(x.data()), x.size()));
+  inference::ModelInferResponse resp;
+  grpc::Status st = oip_->ModelInfer(Ctx(kInfer).get(), ir, &resp);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+
+  // Two-bit activations alone are far above 1e-3: FAILED, naming the activations' floor.
+  v1::JobSpec low = spec;
+  low.clear_deploy();
+  low.set_act_bits(2);
+  low.set_act_terms(1);
+  low.set_target_rel_error(1e-3);
+  v1::Job f = Watch(Submit(low).job_id()).back();
+  ASSERT_EQ(f.state(), v1::FAILED);
+  EXPECT_NE(f.error().find("the activations alone (1 terms of 2 bits"), std::string::npos)
+      << f.error();
+  EXPECT_EQ(f.artifacts_size(), 0);
+}
+
 TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
   const std::string ts = ReadFileOrDie(TinyDir() + "/tiny_cnn.pt");
   v1::Model m;
@@ -1217,7 +1269,11 @@ TEST_F(ServerTest, ErrorBudgetedLayerJobChoosesTermsPerLayer) {
            {"max_terms", [](v1::JobSpec* x) { x->set_min_terms(3); x->set_max_terms(2); }},
            {"weight_terms_for", [](v1::JobSpec* x) { x->add_weight_terms_for("conv=9"); }},
            {"target_rel_error", [](v1::JobSpec* x) { x->set_granularity(v1::TENSOR); }},
-           {"target_rel_error", [](v1::JobSpec* x) { x->set_act_bits(4); x->set_act_terms(2); }},
+           {"target_rel_error", [](v1::JobSpec* x) {
+              x->set_act_bits(4);
+              x->set_act_terms(2);
+              x->set_truncate(true);
+            }},
            {"min_terms", [](v1::JobSpec* x) { x->set_target_rel_error(0); x->set_min_terms(2); }}}) {
     v1::JobSpec bad = spec;
     bad.clear_deploy();

@@ -188,8 +188,9 @@ absl::Status NormalizeBudget(v1::JobSpec* s) {
     return Bad("target_rel_error", "needs a LAYER or MODEL job (the budget is on the model's "
                                    "output); TENSOR jobs take one K");
   }
-  if (s->act_bits() || s->act_terms()) {
-    return Bad("target_rel_error", "weight-only jobs only (act_bits 0): W×A jobs take one K");
+  if (s->truncate()) {
+    return Bad("target_rel_error", "not with truncate: a budget measures every weight-term "
+                                   "count against all activation terms");
   }
   if (s->eps() != 0) return Bad("eps", "not with target_rel_error (it chooses the terms itself)");
   if (s->min_terms() == 0) s->set_min_terms(1);
