@@ -55,7 +55,7 @@ inline constexpr int64_t kIntBlock = 64;
 // The many-row schedule: output rows per weight panel, activation rows per panel product, and
 // the activation rows from which a call takes it.
 inline constexpr int kIntPanelRows = 32;
-inline constexpr int kIntGemmRows = 12;
+inline constexpr int kIntGemmRows = 8;
 inline constexpr int64_t kIntGemmMinRows = 8;
 
 struct IntKernelTable {

@@ -71,11 +71,10 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
   kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
 }
 
-// The panel product: per group of 8 input codes, each 64-byte half of the panel (16 rows × 4
-// packed bytes) becomes two s8 vectors in registers (low nibbles: the even codes, high: the odd
-// ones, sign-extended through a 16-entry table); each activation row broadcasts its 4 even and 4
-// odd codes against them. B rows × 32 outputs stay in 2·B accumulators; one half at a time keeps
-// 12 rows (24 accumulators) in the 32 registers, the broadcasts coming again from L1.
+// The panel product: per group of 8 input codes, the two 64-byte halves of the panel (16 rows ×
+// 4 packed bytes each) become four s8 vectors in registers (low nibbles: the even codes, high:
+// the odd ones, sign-extended through a 16-entry table); each activation row broadcasts its 4
+// even and 4 odd codes against them. B rows × 32 outputs stay in 2·B accumulators.
 template <int B>
 void GemmPanelT(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx,
                 int32_t* out) {
@@ -85,17 +84,19 @@ void GemmPanelT(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t 
   __m512i acc[B][2];
   for (int b = 0; b < B; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
-    for (int half = 0; half < 2; ++half) {
-      const __m512i w = _mm512_loadu_si512(panel + g * 128 + 64 * half);
-      const __m512i lo = _mm512_shuffle_epi8(lut, _mm512_and_si512(w, mask));
-      const __m512i hi = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(w, 4), mask));
-      for (int b = 0; b < B; ++b) {
-        int32_t e, o;
-        std::memcpy(&e, x + b * ldx + 8 * g, 4);
-        std::memcpy(&o, x + b * ldx + 8 * g + 4, 4);
-        acc[b][half] = _mm512_dpbusd_epi32(
-            _mm512_dpbusd_epi32(acc[b][half], _mm512_set1_epi32(e), lo), _mm512_set1_epi32(o), hi);
-      }
+    const __m512i w0 = _mm512_loadu_si512(panel + g * 128);
+    const __m512i w1 = _mm512_loadu_si512(panel + g * 128 + 64);
+    const __m512i l0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(w0, mask));
+    const __m512i h0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask));
+    const __m512i l1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(w1, mask));
+    const __m512i h1 = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask));
+    for (int b = 0; b < B; ++b) {
+      int32_t e, o;
+      std::memcpy(&e, x + b * ldx + 8 * g, 4);
+      std::memcpy(&o, x + b * ldx + 8 * g + 4, 4);
+      const __m512i xe = _mm512_set1_epi32(e), xo = _mm512_set1_epi32(o);
+      acc[b][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b][0], xe, l0), xo, h0);
+      acc[b][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b][1], xe, l1), xo, h1);
     }
   }
   for (int b = 0; b < B; ++b) {
