@@ -283,7 +283,7 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
   return *panels_;
 }
 
-void Epilogue::Apply(int64_t o0, int n, float* out) const {
+void Epilogue::ApplyTo(int64_t o0, int n, float* out) const {
   if (bias != nullptr) {
     for (int r = 0; r < n; ++r) out[r] += bias[o0 + r];
   }

@@ -93,7 +93,10 @@ struct Epilogue {
   const float* bias = nullptr;  // out_features values, or none
   PostOp op = PostOp::kNone;
   // out[r] for r < n of outputs o0 .. o0+n-1, in place.
-  void Apply(int64_t o0, int n, float* out) const;
+  void Apply(int64_t o0, int n, float* out) const {
+    if (bias != nullptr || op != PostOp::kNone) ApplyTo(o0, n, out);
+  }
+  void ApplyTo(int64_t o0, int n, float* out) const;
   bool empty() const { return bias == nullptr && op == PostOp::kNone; }
 };
 const IntKernelTable* IntKernelsByName(absl::string_view name);  // nullptr when unsupported
