@@ -136,7 +136,7 @@ void PrintJob(const v1::Job& job) {
                 a.target_rel_error(), a.measured_rel_error(), a.estimated_rel_error(), ks.c_str(),
                 HumanBytes(a.weight_bytes()).c_str());
     if (a.activation_floor() > 0) {
-      std::printf("    of which the activations alone (every weight FP): %.3e\n",
+      std::printf("    of which the activations alone (every layer at max_terms): %.3e\n",
                   a.activation_floor());
     }
     for (const v1::UniformTerms& u : a.uniform()) {

@@ -50,13 +50,24 @@ absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& p
   }
   const core::ExpansionSpec& ws = net->spec().weights;
   BudgetOutcome out;
-  FPX_ASSIGN_OR_RETURN(std::unique_ptr<Model::Prober> prober,
-                       net->NewProber(probe, net->spec().act_terms));
-  FPX_ASSIGN_OR_RETURN(out.sensitivity, prober->Sensitivity(spec.max_terms, cancel));
-  // W×A: every measurement includes the activations' own error (the floor, all weights FP).
-  // Taken as independent of the weights', the weights get what is left of the target:
-  // e_w² = e² − floor² per layer and for the whole model.
-  out.activation_floor = prober->activation_floor();
+  // The layers' sensitivity is the weights' alone (activations FP): one layer's weight error
+  // moves the output smoothly, while with expanded activations a change anywhere moves codes on
+  // rounding boundaries everywhere, which is noise at this scale.
+  FPX_ASSIGN_OR_RETURN(std::unique_ptr<Model::Prober> weights, net->NewProber(probe));
+  FPX_ASSIGN_OR_RETURN(out.sensitivity, weights->Sensitivity(spec.max_terms, cancel));
+  // W×A: the whole model is measured as served, activations expanded. Its error with every
+  // layer at max_terms is the floor the weights cannot go below (the activations' own error,
+  // within the noise of codes moving on rounding boundaries); taken as independent of the
+  // weights', the weights get what is left of the target, sqrt(target² − floor²).
+  std::unique_ptr<Model::Prober> served;
+  Model::Prober* prober = weights.get();
+  if (!net->spec().weight_only()) {
+    FPX_ASSIGN_OR_RETURN(served, net->NewProber(probe, net->spec().act_terms));
+    prober = served.get();
+    std::vector<int> all(net->layers().size(), 0);
+    for (const Model::LayerSensitivity& s : out.sensitivity) all[s.layer] = spec.max_terms;
+    FPX_ASSIGN_OR_RETURN(out.activation_floor, served->OutputError(all));
+  }
   const double floor_sq = out.activation_floor * out.activation_floor;
   const auto weights_part = [&](double e) { return std::sqrt(std::max(0.0, e * e - floor_sq)); };
   std::vector<std::pair<core::NamePattern, int>> pins;
@@ -70,7 +81,6 @@ absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& p
     l.name = s.name;
     l.bytes_per_term = PackedTermBytes(net->layers()[s.layer].weight_shape, ws);
     l.error = s.rel_fro;
-    for (double& e : l.error) e = weights_part(e);
     for (const auto& [pattern, k] : pins) {
       if (pattern.Matches(s.name)) {
         l.pinned = k;

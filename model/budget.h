@@ -37,7 +37,7 @@ struct BudgetOutcome {
   std::vector<uint64_t> bytes_per_term;              // per entry of `sensitivity`
   std::vector<int> terms;          // per layer, indexed as Model::layers() (0: not expanded)
   double estimated_error = 0;      // from the sensitivity (layers independent)
-  double activation_floor = 0;     // W×A: the error with every weight FP (0 weight-only)
+  double activation_floor = 0;     // W×A: the error with every layer at max_terms (0 weight-only)
   double measured_error = 0;       // the whole model on the probe at `terms`
   int rounds = 0;                  // whole-model measurements taken
   uint64_t weight_bytes = 0;       // packed bytes of the expanded layers' terms at `terms`
@@ -55,11 +55,12 @@ struct BudgetOutcome {
 uint64_t PackedTermBytes(const std::vector<int64_t>& shape, const core::ExpansionSpec& spec);
 
 // `net` must hold an expansion with max_terms terms in every expanded layer, weight-only or W×A
-// without order truncation (the probes then expand every layer's input too, and the weights
-// share the target with the activations' own error: e_w² = target² − floor²). Measures the
-// sensitivity, allocates (core::AllocateTerms), measures the whole model and grows the
-// allocation while it is above the target (core::Tighten, a few rounds at most). Does not change
-// the expansion: when `met`, the caller keeps the terms (Model::KeepTerms(outcome.terms)).
+// without order truncation. Measures the layers' (weight-only) sensitivity, allocates
+// (core::AllocateTerms), measures the whole model and grows the allocation while it is above the
+// target (core::Tighten, a few rounds at most). W×A: the whole model is measured as served, with
+// expanded activations, and the weights are allocated against sqrt(target² − floor²), the floor
+// being that network's error with every layer at max_terms. Does not change the expansion: when `met`,
+// the caller keeps the terms (Model::KeepTerms(outcome.terms)).
 absl::StatusOr<BudgetOutcome> AllocateModelTerms(Model* net, const HostTensor& probe,
                                                  const BudgetSpec& spec,
                                                  const std::atomic<bool>* cancel = nullptr);

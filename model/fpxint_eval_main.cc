@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -121,7 +123,17 @@ int Main(int argc, char** argv) {
   if (sweep) {
     configs = FullSweep();
   } else {
+    // Configs start with a letter; a piece that starts with a digit is the K_a of the config
+    // before it (w4a4x4,2-t0.1), not a config of its own.
+    std::vector<std::string> texts;
     for (absl::string_view c : absl::StrSplit(configs_text, ',', absl::SkipWhitespace())) {
+      if (!texts.empty() && absl::ascii_isdigit(static_cast<unsigned char>(c.front()))) {
+        absl::StrAppend(&texts.back(), ",", c);
+      } else {
+        texts.emplace_back(c);
+      }
+    }
+    for (const std::string& c : texts) {
       absl::StatusOr<EvalConfig> parsed = ParseEvalConfig(c);
       if (!parsed.ok()) {
         std::fprintf(stderr, "fpxint-eval: --config: %s\n",

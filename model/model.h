@@ -200,9 +200,7 @@ class Model {
     absl::StatusOr<double> OutputError(const std::vector<int>& terms);
     absl::StatusOr<std::vector<LayerSensitivity>> Sensitivity(int max_terms,
                                                               const std::atomic<bool>* cancel);
-    // The error with every weight in FP: 0 weight-only, the activations' own error for W×A
-    // (a floor no weight terms go below).
-    double activation_floor() const;
+
 
    private:
     friend class Model;

@@ -255,7 +255,6 @@ struct Model::Prober::State {
   at::Tensor x;
   at::Tensor ref;  // the FP output, double
   double ref_norm = 0;
-  double floor = 0;  // ErrorNow() with every slot FP
 
   at::Tensor Run() { return RunOn(net); }
   at::Tensor RunOn(torch::jit::Module& m) {
@@ -309,7 +308,6 @@ absl::StatusOr<std::unique_ptr<Model::Prober>> Model::NewProber(const HostTensor
     torch::jit::Module fp = im.frozen;
     st->ref = act_terms > 0 ? st->RunOn(fp) : st->Run();
     st->ref_norm = st->ref.norm().item<double>();
-    st->floor = act_terms > 0 ? st->ErrorNow() : 0.0;
   } catch (const std::exception& e) {
     const c10::Error* ce = dynamic_cast<const c10::Error*>(&e);
     return absl::InvalidArgumentError(absl::StrCat(
@@ -339,8 +337,6 @@ absl::StatusOr<double> Model::Prober::OutputError(const std::vector<int>& terms)
     return absl::InternalError(absl::StrCat("probe: ", BriefText(e.what())));
   }
 }
-
-double Model::Prober::activation_floor() const { return s_->floor; }
 
 absl::StatusOr<std::vector<Model::LayerSensitivity>> Model::Prober::Sensitivity(
     int max_terms, const std::atomic<bool>* cancel) {

@@ -243,8 +243,8 @@ absl::Status AllocateLayerTerms(const v1::JobSpec& spec, const model::HostTensor
   if (!o.met && o.activation_floor >= b.target) {
     return absl::FailedPreconditionError(absl::StrFormat(
         "target_rel_error %.4e not reached: the activations alone (%u terms of %u bits, every "
-        "weight in FP) measure %.4e on the probe, and the best error reached is %.4e; raise "
-        "act_terms or the target",
+        "layer at max_terms) measure %.4e on the probe, and the best error reached is %.4e; "
+        "raise act_terms or the target",
         b.target, spec.act_terms(), spec.act_bits(), o.activation_floor, best));
   }
   if (!o.met) {

@@ -114,13 +114,21 @@ class Accuracy(unittest.TestCase):
                                   wa_configs=["w4a4x2"], noise=100.0 / 200)
 
     def test_fmnist(self):
-        r, table = run_eval("fmnist", ["fp", "rtn4", "w4x1", "w4a4x2"])
+        # Also: K_a apart from K_w inside the comma-separated list (w4a4x4,2-...), an error
+        # budget on a W×A config, and folded W4A4×2 (variant D on both sides).
+        budget = "w4a4x4,2-t0.05"
+        r, table = run_eval("fmnist", ["fp", "rtn4", "w4x1", "w4a4x2", budget,
+                                       "w4a4x2-mid-digits-adigits"])
         print(table, file=sys.stderr)
         fp = r["fp"]["accuracy"]
         self.assertEqual(r["fp"]["samples"], 10000)
         self.assertGreater(fp, 85.0)
         self.assertEqual(r["w4x1"]["weights_sha256"], r["rtn4"]["weights_sha256"])
         self.assertGreaterEqual(r["w4a4x2"]["accuracy"], fp - 0.3)
+        self.assertEqual((r[budget]["weight_terms"], r[budget]["act_terms"]), (4, 2))
+        self.assertLessEqual(r[budget]["probe_rel_error"], 0.05)
+        self.assertGreaterEqual(r[budget]["accuracy"], fp - 0.5)
+        self.assertGreaterEqual(r["w4a4x2-mid-digits-adigits"]["accuracy"], fp - 0.5)
 
     def test_charlm(self):
         r, table = run_eval("charlm", ["fp", "w4x1", "w4x2", "w4a4x2"])
