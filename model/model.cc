@@ -207,6 +207,40 @@ absl::Status Model::ReleaseAllButPacked() {
 }
 
 
+namespace {
+
+// A copy of `m` whose float32 tensors (the frozen graph's constants, and any parameter or buffer
+// left) are in `dtype` ("Half" or "BFloat16", c10's names): an FP16 or BF16 model's export in the
+// dtype it came in. The dequantized weights Σ_{k<=K} Ŵ_k are rounded to it once, here.
+torch::jit::Module InSourceDtype(const torch::jit::Module& m, const std::string& dtype) {
+  const at::ScalarType st = dtype == "Half" ? at::kHalf : at::kBFloat16;
+  torch::jit::Module out = m.clone();
+  out.to(st);
+  std::shared_ptr<torch::jit::Graph> g = out.get_method("forward").graph();
+  std::vector<Node*> constants;
+  std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
+    for (Node* n : b->nodes()) {
+      for (torch::jit::Block* sub : n->blocks()) walk(sub);
+      if (n->kind() == c10::prim::Constant && n->outputs().size() == 1 &&
+          n->output()->type()->kind() == c10::TypeKind::TensorType) {
+        constants.push_back(n);
+      }
+    }
+  };
+  walk(g->block());
+  for (Node* n : constants) {
+    const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+    if (!v || !v->isTensor() || v->toTensor().scalar_type() != at::kFloat) continue;
+    torch::jit::WithInsertPoint guard(n);
+    Value* c = g->insertConstant(v->toTensor().to(st));
+    n->output()->replaceAllUsesWith(c);
+    n->destroy();
+  }
+  return out;
+}
+
+}  // namespace
+
 absl::Status Model::SaveDequantized(const std::string& path) const {
   if (impl_->released) return absl::FailedPreconditionError(kReleasedMessage);
   if (impl_->ka > 0) {
@@ -215,7 +249,11 @@ absl::Status Model::SaveDequantized(const std::string& path) const {
         "precision (SetPrecision(kw, 0)) for plain LibTorch");
   }
   try {
-    impl_->current.save(path);
+    if (impl_->source_dtype.empty()) {
+      impl_->current.save(path);
+    } else {
+      InSourceDtype(impl_->current, impl_->source_dtype).save(path);
+    }
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat("cannot save '", path, "': ", Brief(e)));
   }

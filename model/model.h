@@ -124,7 +124,8 @@ class Model {
   // InvalidArgument when the file is not a TorchScript archive (or cannot be frozen);
   // FailedPrecondition when it has no linear or convolution layer with a constant weight.
   // A model whose parameters are FP16 or BF16 is converted to float32 as it loads: it is
-  // expanded from its weights in fp32 and runs (and exports) in fp32 (source_dtype() names it).
+  // expanded from its weights in fp32 and runs in fp32 (source_dtype() names it); its
+  // dequantized exports are in its own dtype again.
   static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& path, const Options& o);
   ~Model();
   Model(const Model&) = delete;
@@ -248,8 +249,9 @@ class Model {
   absl::Status ReleaseAllButPacked();
 
   // Saves the current network (FP weights replaced by Σ_{k<=kw} terms) as TorchScript that
-  // loads in plain LibTorch or Python. FailedPrecondition when activations are expanded (that
-  // network needs the fpxint op library).
+  // loads in plain LibTorch or Python. An FP16 or BF16 model is saved in its own dtype (every
+  // float tensor of the network, the dequantized weights rounded to it; inputs in that dtype).
+  // FailedPrecondition when activations are expanded (that network needs the fpxint op library).
   absl::Status SaveDequantized(const std::string& path) const;
 
   // Writes the expanded layers' FP weights (BatchNorm folded, expansion layout [out, ...], F32,

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <tuple>
 
+#include <torch/script.h>
+
 #include "absl/strings/match.h"
 #include "core/artifact.h"
 #include "core/safetensors.h"
@@ -129,6 +131,31 @@ TEST(ModelLoad, HalfPrecisionModelsRunAndExpandInFp32) {
       last = e;
     }
     EXPECT_LT(last, 1e-2) << file;
+    // The dequantized export is in the model's own dtype: every float tensor of its graph (no
+    // float32 left), and BF16 runs on this CPU near the fp32 network's output.
+    ScratchDir dir;
+    ASSERT_TRUE(m->SetPrecision(3, 0).ok());
+    auto y3 = m->Forward(io.input);
+    ASSERT_TRUE(m->SaveDequantized(dir.File("half.pt")).ok());
+    torch::jit::Module back = torch::jit::load(dir.File("half.pt"));
+    int half = 0, f32 = 0;
+    for (torch::jit::Node* n : back.get_method("forward").graph()->nodes()) {
+      if (n->kind() != c10::prim::Constant) continue;
+      const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+      if (!v || !v->isTensor()) continue;
+      const at::ScalarType st = v->toTensor().scalar_type();
+      half += st == (std::string(dtype) == "Half" ? at::kHalf : at::kBFloat16);
+      f32 += st == at::kFloat;
+    }
+    EXPECT_GE(half, 3) << file << ": at least the 3 layers' weights";
+    EXPECT_EQ(f32, 0) << file;
+    if (std::string(dtype) == "BFloat16") {
+      const at::Tensor x = at::from_blob(const_cast<float*>(io.input.f32.data()), io.input.shape,
+                                         at::kFloat).to(at::kBFloat16);
+      const at::Tensor yb = back.forward({x}).toTensor().to(at::kFloat).contiguous();
+      std::vector<float> got(yb.data_ptr<float>(), yb.data_ptr<float>() + yb.numel());
+      EXPECT_LT(RelErr(got, y3->f32), 5e-2) << file;
+    }
   }
   std::unique_ptr<Model> fp32 = MustLoad(TinyModelFile("tiny_cnn.pt"));
   EXPECT_EQ(fp32->source_dtype(), "");
