@@ -4,10 +4,10 @@
 #
 #   start fpxint-server on a free local port with a temporary data directory, upload the real
 #   PaddleOCR PP-OCRv4 recognizer (TorchScript), serve it in FP32, quantize it at W4x1 (plain
-#   4-bit round-to-nearest), W4x2 and W4A4x2 with LAYER jobs that deploy their results, read the
-#   rendered test lines through the Open Inference Protocol endpoint (ModelInfer), print the
-#   table (model, b, K, size, character accuracy, latency vs FP), stop the server with SIGTERM and
-#   remove everything.
+#   4-bit round-to-nearest), W4x2, W4A4x2 and an error budget (--target-rel-error 0.1) with
+#   LAYER jobs that deploy their results, read the rendered test lines through the Open
+#   Inference Protocol endpoint (ModelInfer), print the table (model, b, K, size, character
+#   accuracy, latency vs FP), stop the server with SIGTERM and remove everything.
 #
 # Environment:
 #   FPXINT_DEMO_LIMIT   rendered lines to read per model (default 100, at most 320)
@@ -209,9 +209,10 @@ show "$FPXINT" models load ocr_rec
 show "$FPXINT" models get ocr_rec
 
 # ------------------------------------------------------------------------------------------------
-step "quantize: three LAYER jobs, each deployed for inference"
+step "quantize: four LAYER jobs, each deployed for inference"
 echo "W4x1 = one 4-bit term (plain round-to-nearest), W4x2 = two 4-bit terms, W4A4x2 = two"
-echo "4-bit terms for the weights and two for the activations (expanded from each input)."
+echo "4-bit terms for the weights and two for the activations (expanded from each input),"
+echo "budget = 1 to 3 4-bit terms per layer, chosen so the output error on a data-free probe is <= 0.1."
 quantize() {  # quantize LABEL FLAGS...: run the job, keep its --json document, show the job
   local label="$1"
   shift
@@ -229,6 +230,7 @@ quantize() {  # quantize LABEL FLAGS...: run the job, keep its --json document, 
 quantize w4x1 --bits 4 --terms 1 --deploy-as ocr_rec_w4x1
 quantize w4x2 --bits 4 --terms 2 --deploy-as ocr_rec_w4x2
 quantize w4a4x2 --bits 4 --terms 2 --act-bits 4 --act-terms 2 --deploy-as ocr_rec_w4a4x2
+quantize budget --bits 4 --target-rel-error 0.1 --max-terms 3 --deploy-as ocr_rec_budget
 echo
 show "$FPXINT" models list
 
@@ -247,7 +249,8 @@ step "read $limit rendered test lines through the OIP endpoint (scripts/demo_oip
 # TMPDIR: the Python client's generated stubs go into the demo's directory too.
 TMPDIR="$work" run_wait "$PY" "$SCRIPT_DIR/demo_oip.py" table --server "$addr" --ocr-dir "$ocr" \
   --fp ocr_rec --fp-upload "$work/upload.json" --limit "$limit" \
-  --job "$work/w4x1.json" --job "$work/w4x2.json" --job "$work/w4a4x2.json"
+  --job "$work/w4x1.json" --job "$work/w4x2.json" --job "$work/w4a4x2.json" \
+  --job "$work/budget.json"
 
 # ------------------------------------------------------------------------------------------------
 step "stop the server (SIGTERM) and remove the temporary directory"

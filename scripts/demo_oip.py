@@ -179,7 +179,14 @@ def job_row(path):
     kw, ka = int(spec.get("weight_terms", 0)), int(spec.get("act_terms", 0))
     probe = [p for p in report.get("probe", [])
              if int(p.get("weight_terms", 0)) == kw and int(p.get("act_terms", 0)) == ka]
+    # An error budget: each layer has its own K; the column shows their range.
+    kw_text = str(kw)
+    if report.get("allocation"):
+        ks = [int(l.get("weight_terms", 0)) for l in report.get("layers", [])]
+        if ks:
+            kw_text = f"{min(ks)}-{max(ks)}" if min(ks) != max(ks) else str(ks[0])
     return {
+        "kw_text": kw_text,
         "name": deployed,
         "version": report.get("deployed_version", ""),
         "bits": int(spec.get("weight_bits", 0)),
@@ -271,7 +278,7 @@ def cmd_table(a):
     print(head)
     print("-" * len(head))
     for r in rows:
-        kw = "-" if r["fp"] else str(r["kw"])
+        kw = "-" if r["fp"] else r["kw_text"]
         ka = "-" if r["fp"] or r["ka"] == 0 else str(r["ka"])
         probe = "-" if r["probe"] is None else f"{r['probe']:.3f}"
         print(f"{label(r):<{w}}  {bits(r):>7}  {kw:>3}  {ka:>3}  {r['size'] / MB:>7.2f}  "

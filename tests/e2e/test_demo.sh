@@ -52,7 +52,7 @@ row() {  # row NAME -> "acc ok/n ratio p50 vs" of the row whose first field is N
   awk -v name="$1" '$1 == name && $NF ~ /x$/ { print $(NF-4), $(NF-3), $(NF-6), $(NF-2), $NF; exit }' "$out"
 }
 declare -A acc ratio
-for m in ocr_rec ocr_rec_w4x1 ocr_rec_w4x2 ocr_rec_w4a4x2; do
+for m in ocr_rec ocr_rec_w4x1 ocr_rec_w4x2 ocr_rec_w4a4x2 ocr_rec_budget; do
   r="$(row "$m")"
   if [[ -z "$r" ]]; then
     fail "no table row for $m"
@@ -73,7 +73,7 @@ grep -q '^sample: line' "$out" || fail "no sample line printed"
 cmp() {  # cmp "EXPR" MESSAGE: awk-evaluated condition on the numbers
   awk "BEGIN { exit !($1) }" || fail "$2"
 }
-if [[ ${#acc[@]} -eq 4 ]]; then
+if [[ ${#acc[@]} -eq 5 ]]; then
   fp="${acc[ocr_rec]}"
   cmp "$fp >= 95" "FP32 char accuracy $fp % < 95 %: the served FP model does not read the lines"
   cmp "${acc[ocr_rec_w4x2]} >= $fp - 2" "W4x2 ${acc[ocr_rec_w4x2]} % not within 2 points of FP $fp %"
@@ -85,12 +85,18 @@ if [[ ${#acc[@]} -eq 4 ]]; then
   cmp "${ratio[ocr_rec_w4x1]} > 6" "W4x1 only ${ratio[ocr_rec_w4x1]}x smaller than FP"
   cmp "${ratio[ocr_rec_w4x2]} > 3" "W4x2 only ${ratio[ocr_rec_w4x2]}x smaller than FP"
   cmp "${ratio[ocr_rec_w4a4x2]} > 3" "W4A4x2 only ${ratio[ocr_rec_w4a4x2]}x smaller than FP"
+  # The error-budgeted job through the server: within 0.3 points of FP, still > 3x smaller.
+  cmp "${acc[ocr_rec_budget]} >= $fp - 0.3" \
+    "budget ${acc[ocr_rec_budget]} % not within 0.3 points of FP $fp %"
+  cmp "${ratio[ocr_rec_budget]} > 3" "budget only ${ratio[ocr_rec_budget]}x smaller than FP"
 fi
+grep -q '^  error budget: target 1.000e-01, measured ' "$out" ||
+  fail "the budget job's allocation (jobs get) was not shown"
 
 # -- the CLI path and the steps ----------------------------------------------------------------
 grep -q '^\$ fpxint infer ocr_rec_w4x2' "$out" || fail "fpxint infer was not shown"
 grep -q '^decoded .*, 0 edits)$' "$out" || fail "the CLI inference of line 0 (W4x2) did not read it exactly"
-for id in w4x1 w4x2 w4a4x2; do
+for id in w4x1 w4x2 w4a4x2 budget; do
   grep -q "deployed for inference as ocr_rec_$id" "$out" || fail "job for ocr_rec_$id not shown deployed"
 done
 
