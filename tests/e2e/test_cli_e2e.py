@@ -517,6 +517,33 @@ class CliE2E(CliTestCase):
             self.assertIn(f"K={l['weight_terms']:<2} {l['name']}\n", got.out)
         dep = self.run_cli("--json", "models", "get", "fm_budget").json()["deployment"]
         self.assertEqual([t["weight_terms"] for t in dep["layer_terms"]], ks)
+        # The mixed-K artifact through the independent reader: each layer holds exactly its K
+        # terms, and the linear layers (no BatchNorm folded into them) reconstruct the model's
+        # own weights with the error the report gives for that K.
+        sys.path.insert(0, os.path.join(sc.REPO_ROOT, "tests", "integration"))
+        from test_expand_cli import read_safetensors, reconstruct  # noqa: E402
+        import torch  # Debian's python3-torch, to read the uploaded model's weights
+        art = next(a for a in doc["artifacts"] if a["kind"] == "packed_safetensors")
+        path = os.path.join(self.work, "fm_budget.safetensors")
+        self.run_cli("--json", "download", art["artifact_id"], "-o", path)
+        meta, tensors, _ = read_safetensors(path)
+        fp = {n: p.detach().numpy().astype(np.float64)
+              for n, p in torch.jit.load(sc.model_file("fmnist", "fmnist_cnn.pt")).named_parameters()}
+        checked = 0
+        for l in doc["report"]["layers"]:
+            name, k = l["name"], l["weight_terms"]
+            self.assertEqual(int(meta[name + ".terms"]), k, name)
+            self.assertIn(f"{name}.t{k}.codes", tensors)
+            self.assertNotIn(f"{name}.t{k + 1}.codes", tensors)
+            if l["op"] != "linear":
+                continue
+            w = next(v for n, v in fp.items() if n.endswith(name.split(".")[-2] + ".weight"))
+            got = reconstruct(meta, tensors, name, k)
+            err = np.linalg.norm(got - w) / np.linalg.norm(w)
+            self.assertAlmostEqual(err, l["terms"][k - 1]["rel_fro"],
+                                   delta=1e-3 * l["terms"][k - 1]["rel_fro"])
+            checked += 1
+        self.assertGreaterEqual(checked, 2)
         # A pin, and a budget on a TENSOR job named as the mistake it is.
         first = doc["report"]["layers"][0]["name"]
         pinned = self.run_cli("--json", "quantize", "--model", "fmnist", "--granularity", "layer",
