@@ -227,6 +227,18 @@ bool IntLinear::UsesGemm(int64_t batch, const IntKernelTable* kernels) const {
   return kernel && batch >= kIntGemmMinRows;
 }
 
+namespace {
+
+// In an array of weight panels with `groups` groups each: the offset of output row o's word in
+// group 0 (group g's word is g·kIntPanelRows·4 bytes further), and, for s8 panels (4 inputs per
+// word), the offset of input c from there.
+int64_t PanelRowOffset(int64_t o, int64_t groups) {
+  return (o / kIntPanelRows) * groups * kIntPanelRows * 4 + (o % kIntPanelRows) * 4;
+}
+int64_t S8PanelInput(int64_t c) { return (c / 4) * kIntPanelRows * 4 + c % 4; }
+
+}  // namespace
+
 const IntLinear::Panels& IntLinear::PanelsBuilt() const {
   absl::call_once(panels_->once, [this] {
     Panels& p = *panels_;
@@ -242,10 +254,9 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
         out.assign(bytes, 0);
         for (int64_t o = 0; o < rows_; ++o) {
           UnpackCodes(terms_[k].codes + o * row_bytes_, cols_, bits_, true, q.data());
-          uint8_t* dst = out.data() + (o / kIntPanelRows) * p.groups * kIntPanelRows * 4 +
-                         (o % kIntPanelRows) * 4;
+          uint8_t* dst = out.data() + PanelRowOffset(o, p.groups);
           for (int64_t c = 0; c < cols_; ++c) {
-            dst[(c / 4) * kIntPanelRows * 4 + c % 4] =
+            dst[S8PanelInput(c)] =
                 static_cast<uint8_t>(static_cast<int8_t>(q[static_cast<size_t>(c)]));
           }
         }
@@ -261,8 +272,7 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
       out.assign(bytes, 0);  // rows past the last and codes past the row stay 0
       for (int64_t o = 0; o < rows_; ++o) {
         const uint8_t* row = terms_[k].codes + o * row_bytes_;
-        uint8_t* dst = out.data() + (o / kIntPanelRows) * p.groups * kIntPanelRows * 4 +
-                       (o % kIntPanelRows) * 4;
+        uint8_t* dst = out.data() + PanelRowOffset(o, p.groups);
         for (int64_t g = 0; 4 * g < row_bytes_; ++g) {
           std::memcpy(dst + g * kIntPanelRows * 4, row + 4 * g,
                       static_cast<size_t>(std::min<int64_t>(4, row_bytes_ - 4 * g)));
@@ -273,8 +283,8 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
       if (cols_ % 2 != 0) {
         const int64_t g = (cols_ - 1) / 8, q = ((cols_ - 1) % 8) / 2;
         for (int64_t o = 0; o < rows_; ++o) {
-          out[static_cast<size_t>(((o / kIntPanelRows) * p.groups + g) * kIntPanelRows * 4 +
-                                  (o % kIntPanelRows) * 4 + q)] &= 0x0F;
+          out[static_cast<size_t>(PanelRowOffset(o, p.groups) + g * kIntPanelRows * 4 + q)] &=
+              0x0F;
         }
       }
     }
@@ -303,7 +313,7 @@ void Epilogue::ApplyTo(int64_t o0, int n, float* out) const {
 namespace {
 
 // Activation rows per panel product: `batch` split into the fewest blocks of at most
-// kIntGemmRows, as even as possible (64 rows: 11, 11, 11, 11, 11, 9 rather than 5 × 12 + 4).
+// kIntGemmRows, as even as possible (20 rows: 7, 7, 6 rather than 8, 8, 4).
 int64_t GemmBlockRows(int64_t batch) {
   const int64_t blocks = (batch + kIntGemmRows - 1) / kIntGemmRows;
   return (batch + blocks - 1) / blocks;
@@ -621,12 +631,11 @@ FoldedIntLinear FoldedIntLinear::Build(int64_t rows, int64_t cols, int bits, int
     }
     w.scale_[static_cast<size_t>(o)] = last_scale(o);
     int64_t sum = 0;
-    int8_t* dst = w.panels_.data() + (o / kIntPanelRows) * w.groups_ * kIntPanelRows * 4 +
-                  (o % kIntPanelRows) * 4;
+    int8_t* dst = w.panels_.data() + PanelRowOffset(o, w.groups_);
     for (int64_t c = 0; c < w.cols_; ++c) {
       const int64_t v = f[static_cast<size_t>(c)] + shift;  // in [-128, 127] by construction
       sum += v;
-      dst[(c / 4) * kIntPanelRows * 4 + c % 4] = static_cast<int8_t>(v);
+      dst[S8PanelInput(c)] = static_cast<int8_t>(v);
     }
     w.fsum_[static_cast<size_t>(o)] = sum;
   }

@@ -25,6 +25,37 @@
 namespace fpxint::model {
 namespace {
 
+// A form of a packed weight built from it on first use (thread-safe): the object, or nullptr
+// with the reason in error(). ready() reads it without waiting, for the memory accounting.
+template <typename T>
+class LazyView {
+ public:
+  template <typename Build>  // Build() -> absl::StatusOr<T>
+  const T* Get(const Build& build) const {
+    std::call_once(once_, [&] {
+      absl::StatusOr<T> v = build();
+      if (v.ok()) {
+        value_ = std::make_unique<T>(*std::move(v));
+        ready_.store(value_.get(), std::memory_order_release);
+      } else {
+        error_ = std::string(v.status().message());
+      }
+    });
+    return value_.get();
+  }
+  const std::string& error() const { return error_; }
+  size_t resident_bytes() const {
+    const T* v = ready_.load(std::memory_order_acquire);
+    return v != nullptr ? v->resident_bytes() : 0;
+  }
+
+ private:
+  mutable std::atomic<const T*> ready_{nullptr};
+  mutable std::once_flag once_;
+  mutable std::unique_ptr<T> value_;
+  mutable std::string error_;
+};
+
 struct PackedWeight : torch::CustomClassHolder {
   PackedWeight(core::LowbitLinear w_in, std::vector<int64_t> shape_in)
       : w(std::move(w_in)), shape(std::move(shape_in)) {}
@@ -34,50 +65,22 @@ struct PackedWeight : torch::CustomClassHolder {
   // The integer W×A view of w's codes (no copy), built on first use; nullptr with the reason in
   // int_error when the weights do not qualify (core::IntLinear::ViewOf).
   const core::IntLinear* Int() const {
-    std::call_once(int_once_, [this] {
-      absl::StatusOr<core::IntLinear> v = core::IntLinear::ViewOf(w);
-      if (v.ok()) {
-        int_ = std::make_unique<core::IntLinear>(*std::move(v));
-        int_ready_.store(int_.get(), std::memory_order_release);
-      } else {
-        int_error_ = std::string(v.status().message());
-      }
-    });
-    return int_.get();
+    return int_.Get([this] { return core::IntLinear::ViewOf(w); });
   }
-  const std::string& int_error() const { return int_error_; }
+  const std::string& int_error() const { return int_.error(); }
   // The folded W×A form of w (core::FoldedIntLinear::FromLowbit: variant D codes, K·b <= 8),
   // built on first use; nullptr with the reason in folded_error when w does not fold.
   const core::FoldedIntLinear* Folded() const {
-    std::call_once(folded_once_, [this] {
-      absl::StatusOr<core::FoldedIntLinear> v = core::FoldedIntLinear::FromLowbit(w);
-      if (v.ok()) {
-        folded_ = std::make_unique<core::FoldedIntLinear>(*std::move(v));
-        folded_ready_.store(folded_.get(), std::memory_order_release);
-      } else {
-        folded_error_ = std::string(v.status().message());
-      }
-    });
-    return folded_.get();
+    return folded_.Get([this] { return core::FoldedIntLinear::FromLowbit(w); });
   }
-  const std::string& folded_error() const { return folded_error_; }
+  const std::string& folded_error() const { return folded_.error(); }
   // What the W×A views hold beside w's codes (per-row scales and sums, the GEMM panels once a
   // many-row call has built them, the folded panels); 0 before the first W×A call.
-  size_t int_bytes() const {
-    const core::IntLinear* i = int_ready_.load(std::memory_order_acquire);
-    const core::FoldedIntLinear* f = folded_ready_.load(std::memory_order_acquire);
-    return (i != nullptr ? i->resident_bytes() : 0) + (f != nullptr ? f->resident_bytes() : 0);
-  }
+  size_t int_bytes() const { return int_.resident_bytes() + folded_.resident_bytes(); }
 
  private:
-  mutable std::atomic<const core::IntLinear*> int_ready_{nullptr};
-  mutable std::once_flag int_once_;
-  mutable std::unique_ptr<core::IntLinear> int_;
-  mutable std::string int_error_;
-  mutable std::atomic<const core::FoldedIntLinear*> folded_ready_{nullptr};
-  mutable std::once_flag folded_once_;
-  mutable std::unique_ptr<core::FoldedIntLinear> folded_;
-  mutable std::string folded_error_;
+  LazyView<core::IntLinear> int_;
+  LazyView<core::FoldedIntLinear> folded_;
 };
 using PackedPtr = c10::intrusive_ptr<PackedWeight>;
 
@@ -220,16 +223,19 @@ at::Tensor Dense(const PackedWeight& p, int terms) {
   return d.view(p.shape);
 }
 
+// x of a linear op, contiguous: float32 with `in` values in its last dim.
+at::Tensor LinearInput(const at::Tensor& x, int64_t in, const char* op) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": input must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, op, ": input's last dim is ",
+              x.dim() >= 1 ? x.size(-1) : 0, "; this weight takes ", in);
+  return x.contiguous();
+}
+
 at::Tensor Linear(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
                   int64_t terms) {
   const core::LowbitLinear& w = p->w;
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::linear: input must be float32, got ",
-              x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == w.in_features(),
-              "fpxint::linear: input's last dim is ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
-              "; this weight takes ", w.in_features());
+  const at::Tensor x = LinearInput(x_in, w.in_features(), "fpxint::linear");
   const int k = TermsArg(terms);
-  const at::Tensor x = x_in.contiguous();
   const int64_t m = x.numel() / w.in_features();
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = w.out_features();
@@ -420,6 +426,18 @@ core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t term
   return a;
 }
 
+// fpxint::act_expand (the model layer's own activation expansion) on x.
+at::Tensor ActExpand(const at::Tensor& x, int64_t bits, int64_t terms, core::Grid grid,
+                     int64_t granularity, bool unsigned_first, core::Variant variant) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow(kActExpandOp, "")
+          .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool,
+                            int64_t)>();
+  return op.call(x, bits, terms, static_cast<int64_t>(grid), granularity, unsigned_first,
+                 static_cast<int64_t>(variant));
+}
+
 // The W×A ops' route for many activation rows when the integer products run as dot products
 // (IntTakesDense): the activation's expansion (fpxint::act_expand[_terms], the model layer's
 // own) times the packed weight's dequantized sums through the weight-only op `layer(xq, weight_terms, with_bias)`. Truncated: Σ_j
@@ -430,12 +448,8 @@ at::Tensor DenseWA(const at::Tensor& x, int kw, int64_t act_bits, int64_t act_te
   const int64_t sym = static_cast<int64_t>(core::Grid::kSym);
   const int64_t kRescaled = static_cast<int64_t>(core::Variant::kRescaled);
   if (!truncate) {
-    static const auto expand =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(kActExpandOp, "")
-            .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool,
-                              int64_t)>();
-    return layer(expand.call(x, act_bits, act_terms, sym, granularity, unsigned_first, kRescaled),
+    return layer(ActExpand(x, act_bits, act_terms, core::Grid::kSym, granularity, unsigned_first,
+                           core::Variant::kRescaled),
                  kw, true);
   }
   static const auto expand_terms =
@@ -468,12 +482,7 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
                     int64_t post_in) {
   const core::IntLinear& iw = IntOf(p, "fpxint::linear_wa");
   const core::PostOp post = PostArg(post_in, "fpxint::linear_wa");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "fpxint::linear_wa: input must be float32, got ",
-              x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == iw.in_features(),
-              "fpxint::linear_wa: input's last dim is ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
-              "; this weight takes ", iw.in_features());
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = LinearInput(x_in, iw.in_features(), "fpxint::linear_wa");
   const int64_t m = x.numel() / iw.in_features();
   if (IntTakesDense(iw, m)) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
@@ -556,14 +565,8 @@ const core::FoldedIntLinear* FoldFor(const PackedPtr& p, int64_t terms, int64_t 
 
 at::Tensor ExpandDigits(const at::Tensor& x, int64_t act_bits, int64_t act_terms,
                         ActGranularity g) {
-  static const auto expand =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(kActExpandOp, "")
-          .typed<at::Tensor(const at::Tensor&, int64_t, int64_t, int64_t, int64_t, bool,
-                            int64_t)>();
-  return expand.call(x, act_bits, act_terms, static_cast<int64_t>(core::Grid::kMid),
-                     static_cast<int64_t>(g), false,
-                     static_cast<int64_t>(core::Variant::kDigits));
+  return ActExpand(x, act_bits, act_terms, core::Grid::kMid, static_cast<int64_t>(g), false,
+                   core::Variant::kDigits);
 }
 
 at::Tensor LinearFolded(const at::Tensor& x_in, const PackedPtr& p,
@@ -571,12 +574,7 @@ at::Tensor LinearFolded(const at::Tensor& x_in, const PackedPtr& p,
                         int64_t act_terms, int64_t post_in) {
   const char* op = "fpxint::linear_folded";
   const core::PostOp post = PostArg(post_in, op);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, op, ": input must be float32, got ",
-              x_in.scalar_type());
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == p->w.in_features(), op,
-              ": input's last dim is ", x_in.dim() >= 1 ? x_in.size(-1) : 0,
-              "; this weight takes ", p->w.in_features());
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = LinearInput(x_in, p->w.in_features(), op);
   const core::FoldedIntLinear* f = FoldFor(p, terms, act_bits, act_terms, op);
   if (f == nullptr) {
     return ApplyPost(

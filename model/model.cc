@@ -216,18 +216,14 @@ torch::jit::Module InSourceDtype(const torch::jit::Module& m, const std::string&
   const at::ScalarType st = dtype == "Half" ? at::kHalf : at::kBFloat16;
   torch::jit::Module out = m.clone();
   out.to(st);
-  std::shared_ptr<torch::jit::Graph> g = out.get_method("forward").graph();
+  std::shared_ptr<torch::jit::Graph> g = ForwardGraph(out);
   std::vector<Node*> constants;
-  std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
-    for (Node* n : b->nodes()) {
-      for (torch::jit::Block* sub : n->blocks()) walk(sub);
-      if (n->kind() == c10::prim::Constant && n->outputs().size() == 1 &&
-          n->output()->type()->kind() == c10::TypeKind::TensorType) {
-        constants.push_back(n);
-      }
+  ForEachNode(g->block(), [&](Node* n) {
+    if (n->kind() == c10::prim::Constant && n->outputs().size() == 1 &&
+        n->output()->type()->kind() == c10::TypeKind::TensorType) {
+      constants.push_back(n);
     }
-  };
-  walk(g->block());
+  });
   for (Node* n : constants) {
     const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
     if (!v || !v->isTensor() || v->toTensor().scalar_type() != at::kFloat) continue;

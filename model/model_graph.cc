@@ -104,6 +104,22 @@ ActGranularity ActGranularityFor(const FoundLayer& f, ModelExpansionSpec::ActSca
 
 torch::jit::Module CloneModule(const torch::jit::Module& m) { return m.clone(); }
 
+bool ConstIntsAll(Value* v, int64_t value) {
+  const c10::optional<c10::IValue> c = torch::jit::toIValue(v);
+  if (!c || !c->isIntList()) return false;
+  for (int64_t x : c->toIntVector()) {
+    if (x != value) return false;
+  }
+  return true;
+}
+
+void ForEachNode(torch::jit::Block* block, const std::function<void(Node*)>& fn) {
+  for (Node* n : block->nodes()) {
+    for (torch::jit::Block* sub : n->blocks()) ForEachNode(sub, fn);
+    fn(n);
+  }
+}
+
 std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m) {
   return m.get_method("forward").graph();
 }
@@ -193,13 +209,11 @@ Value* Model::Impl::InsertFolded(torch::jit::Graph& g, Node* n, const FoundLayer
     args.insert(args.end(), act_args.begin(), act_args.end());
     return g.insert(c10::Symbol::fromQualString(kLinearFoldedOp), args);
   }
-  if (!is_conv2d || gran != ActGranularity::kPixel) return nullptr;  // per pixel: 1x1, groups 1
-  const c10::optional<c10::IValue> padding = torch::jit::toIValue(n->input(4));
-  if (!padding || !padding->isIntList()) return nullptr;
-  for (int64_t v : padding->toIntVector()) {
-    if (v != 0) return nullptr;
+  // Per pixel: 1x1, groups 1.
+  if (!is_conv2d || gran != ActGranularity::kPixel || !ConstIntsAll(n->input(4), 0) ||
+      !TakesFoldedOps(packed_weight)) {
+    return nullptr;
   }
-  if (!TakesFoldedOps(packed_weight)) return nullptr;
   std::vector<torch::jit::NamedValue> args = {n->input(0), pw,          bias,        n->input(3),
                                               n->input(4), n->input(5), n->input(6), terms};
   args.insert(args.end(), act_args.begin(), act_args.end());
@@ -298,15 +312,7 @@ absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
       bool int_conv = false;
       if (is_conv2d && int_weights) {
         const c10::optional<c10::IValue> groups = torch::jit::toIValue(n->input(6));
-        const c10::optional<c10::IValue> stride = torch::jit::toIValue(n->input(3));
-        const c10::optional<c10::IValue> padding = torch::jit::toIValue(n->input(4));
-        bool stride1 = stride && stride->isIntList(), pad0 = padding && padding->isIntList();
-        if (stride1) {
-          for (int64_t v : stride->toIntVector()) stride1 = stride1 && v == 1;
-        }
-        if (pad0) {
-          for (int64_t v : padding->toIntVector()) pad0 = pad0 && v == 0;
-        }
+        const bool stride1 = ConstIntsAll(n->input(3), 1), pad0 = ConstIntsAll(n->input(4), 0);
         // k×k kernels: im2col repeats every input value k² times, so expanding the patches
         // costs k² times expanding x once; they take the integer op only when truncation
         // needs it, else fpxint::act_expand on x and the packed weight-only convolution.
@@ -420,26 +426,22 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
   std::vector<PackedWeightInfo> out;
   if (!current_packed) return out;
   torch::jit::Module cur = current;
-  std::function<void(torch::jit::Block*)> walk = [&](torch::jit::Block* b) {
-    for (Node* n : b->nodes()) {
-      for (torch::jit::Block* sub : n->blocks()) walk(sub);
-      if (routes != nullptr) {
-        const bool folded = n->kind() == kFolded[0] || n->kind() == kFolded[1];
-        const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];
-        routes->folded += folded;
-        routes->integer += integer;
-        if (folded || integer) {  // `post`, the last argument
-          const c10::optional<c10::IValue> post = torch::jit::toIValue(n->inputs().back());
-          routes->fused_post += post && post->isInt() && post->toInt() != 0;
-        }
+  ForEachNode(ForwardGraph(cur)->block(), [&](Node* n) {
+    if (routes != nullptr) {
+      const bool folded = n->kind() == kFolded[0] || n->kind() == kFolded[1];
+      const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];
+      routes->folded += folded;
+      routes->integer += integer;
+      if (folded || integer) {  // `post`, the last argument
+        const c10::optional<c10::IValue> post = torch::jit::toIValue(n->inputs().back());
+        routes->fused_post += post && post->isInt() && post->toInt() != 0;
       }
-      if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) continue;
-      const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
-      if (!v) continue;
-      if (PackedWeightInfo pw = InspectPackedWeight(*v); pw.terms > 0) out.push_back(pw);
     }
-  };
-  walk(ForwardGraph(cur)->block());
+    if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) return;
+    const c10::optional<c10::IValue> v = torch::jit::toIValue(n->output());
+    if (!v) return;
+    if (PackedWeightInfo pw = InspectPackedWeight(*v); pw.terms > 0) out.push_back(pw);
+  });
   return out;
 }
 

@@ -50,6 +50,12 @@ at::Tensor FromExpansionLayout(const std::vector<double>& v, const at::Tensor& l
 ActGranularity ActGranularityFor(const FoundLayer& f, ModelExpansionSpec::ActScale scale);
 torch::jit::Module CloneModule(const torch::jit::Module& m);
 std::shared_ptr<torch::jit::Graph> ForwardGraph(torch::jit::Module& m);
+// Whether `v` is a constant int list whose every element is `value` (a convolution's stride or
+// padding).
+bool ConstIntsAll(Value* v, int64_t value);
+// Every node of `block` and of the blocks nested in it, inner blocks first. `fn` may not remove
+// nodes (collect them and remove afterwards).
+void ForEachNode(torch::jit::Block* block, const std::function<void(Node*)>& fn);
 
 inline constexpr char kReleasedMessage[] =
     "this model keeps only its packed network (ReleaseAllButPacked): FP weights and expansions "
@@ -63,8 +69,10 @@ using internal::Brief;
 using internal::BriefText;
 using internal::CloneModule;
 using internal::CollectLayers;
+using internal::ConstIntsAll;
 using internal::ConstTensor;
 using internal::ExpansionLayout;
+using internal::ForEachNode;
 using internal::ForwardGraph;
 using internal::FoundLayer;
 using internal::FromExpansionLayout;
