@@ -396,7 +396,16 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   const int K = weight_terms <= 0 || weight_terms > terms() ? terms() : weight_terms;
   const int64_t npad = RoundUp(cols_);
 
-  // Dynamic activation expansion, one scale per row.
+  // Dynamic activation expansion: one scale per row, or one per block of rows (per tensor),
+  // each block expanded on its own.
+  const int64_t block =
+      !act.per_tensor ? batch
+      : act.rows_per_scale > 0 && act.rows_per_scale < batch ? act.rows_per_scale
+                                                            : batch;
+  if (batch % block != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("rows_per_scale ", act.rows_per_scale,
+                                                   " does not divide the ", batch, " rows"));
+  }
   ExpansionSpec as;
   as.bits = act.bits;
   as.terms = act.terms;
@@ -404,13 +413,18 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   as.scale = batch > 1 && !act.per_tensor ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
   as.unsigned_first =
       act.unsigned_first && std::all_of(x, x + batch * cols_, [](float v) { return v >= 0; });
-  const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
-                                         static_cast<size_t>(batch * cols_) * sizeof(float));
   ExpandOptions eo;
   eo.pool = pool;
-  FPX_ASSIGN_OR_RETURN(TensorExpansion ex,
-                       ExpandTensor(DType::kF32, {batch, cols_}, bytes, as, eo));
-  const int Ka = static_cast<int>(ex.terms.size());
+  std::vector<TensorExpansion> blocks;
+  for (int64_t b0 = 0; b0 < batch; b0 += block) {
+    const auto bytes =
+        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x + b0 * cols_),
+                            static_cast<size_t>(block * cols_) * sizeof(float));
+    FPX_ASSIGN_OR_RETURN(TensorExpansion ex,
+                         ExpandTensor(DType::kF32, {block, cols_}, bytes, as, eo));
+    blocks.push_back(std::move(ex));
+  }
+  const int Ka = static_cast<int>(blocks[0].terms.size());
   // Activation codes as u8 (signed codes + 2^(b-1)), plane order, zero padding.
   std::vector<std::vector<uint8_t>> xu(static_cast<size_t>(Ka));
   std::vector<std::vector<float>> sx(static_cast<size_t>(Ka));
@@ -430,12 +444,15 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
   }
   // One activation row per task: all its terms' codes, biased, in plane order.
   auto prepare_row = [&](int64_t b) {
+    const TensorExpansion& ex = blocks[static_cast<size_t>(b / block)];
+    const int64_t lb = b % block;  // the row within its block
+    const size_t si = as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(lb);
     if (gemm && bits_ == 4 && act.bits == 4) {
       // Group order straight from the packed row: the 4 bytes of codes 8g..8g+7 give their low
       // nibbles (even codes) then their high ones (odd codes); a signed nibble plus its bias 8
       // is the nibble with bit 3 flipped.
       for (int j = 0; j < Ka; ++j) {
-        const uint8_t* src = ex.terms[j].codes.data() + b * ex.layout.packed_row_bytes;
+        const uint8_t* src = ex.terms[j].codes.data() + lb * ex.layout.packed_row_bytes;
         uint8_t* row = xu[static_cast<size_t>(j)].data() + b * npad;
         const uint32_t flip = bias[static_cast<size_t>(j)] == 0 ? 0 : 0x08080808u;
         const int64_t full = cols_ / 8;
@@ -451,15 +468,14 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
           const int64_t t = c - 8 * full;
           row[8 * full + (t % 2 != 0 ? 4 + t / 2 : t / 2)] = static_cast<uint8_t>(nib ^ (flip & 0x0F));
         }
-        sx[static_cast<size_t>(j)][static_cast<size_t>(b)] =
-            ex.terms[j].scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
+        sx[static_cast<size_t>(j)][static_cast<size_t>(b)] = ex.terms[j].scale[si];
       }
       return;
     }
     std::vector<int32_t> q(static_cast<size_t>(cols_));
     for (int j = 0; j < Ka; ++j) {
       const bool is_unsigned = bias[static_cast<size_t>(j)] == 0;
-      UnpackCodes(ex.terms[j].codes.data() + b * ex.layout.packed_row_bytes, cols_, act.bits,
+      UnpackCodes(ex.terms[j].codes.data() + lb * ex.layout.packed_row_bytes, cols_, act.bits,
                   !is_unsigned, q.data());
       uint8_t* row = xu[static_cast<size_t>(j)].data() + b * npad;
       const int32_t bj = bias[static_cast<size_t>(j)];
@@ -473,8 +489,7 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
         const int64_t c = b0 + plane[p];
         if (c < cols_) row[b0 + p] = static_cast<uint8_t>(q[static_cast<size_t>(c)] + bj);
       }
-      sx[static_cast<size_t>(j)][static_cast<size_t>(b)] =
-          ex.terms[j].scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
+      sx[static_cast<size_t>(j)][static_cast<size_t>(b)] = ex.terms[j].scale[si];
     }
   };
   RunTasks(pool, batch, prepare_row);

@@ -119,7 +119,11 @@ class IntLinear {
     int terms = 2;         // K_a'
     bool unsigned_first = true;
     bool truncate = false;  // order truncation of the pairs
-    bool per_tensor = false;  // one activation scale for all of x instead of one per row
+    // One activation scale for a block of rows instead of one per row: the block is
+    // `rows_per_scale` consecutive rows (one sample of a batch), or all of x when that is 0.
+    // Each block is expanded on its own, so its result does not depend on the other blocks.
+    bool per_tensor = false;
+    int64_t rows_per_scale = 0;
   };
 
   int64_t out_features() const { return rows_; }

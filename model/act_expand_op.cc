@@ -12,10 +12,12 @@ namespace fpxint::model {
 namespace {
 
 // The expansion spec and the 2-D [rows, cols] view of x that `granularity` (ActGranularity)
-// means: one scale for the tensor, or one per row of that view.
+// means: one scale for the tensor, one per row of that view, or one per sample (the `blocks`
+// slices of x along its first dimension, each expanded on its own).
 struct ActView {
   core::ExpansionSpec spec;
   int64_t rows = 0, cols = 0;
+  int64_t blocks = 1;  // rows % blocks == 0
 };
 
 ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
@@ -26,9 +28,11 @@ ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
   TORCH_CHECK(x.is_contiguous(), "fpxint::act_expand: internal: x must be contiguous");
   const int64_t n = x.numel();
   int64_t cols = n;
-  const bool per_tensor = static_cast<ActGranularity>(granularity) == ActGranularity::kTensor;
-  switch (static_cast<ActGranularity>(granularity)) {
+  const auto g = static_cast<ActGranularity>(granularity);
+  const bool per_tensor = g == ActGranularity::kTensor || g == ActGranularity::kSample;
+  switch (g) {
     case ActGranularity::kTensor:  // one scale; rows only split the work
+    case ActGranularity::kSample:  // one scale per block of rows
       cols = x.dim() >= 1 && x.size(-1) > 0 ? x.size(-1) : n;
       break;
     case ActGranularity::kRow:  // x is [..., C]: one scale per row
@@ -44,6 +48,10 @@ ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
   ActView v;
   v.cols = cols;
   v.rows = cols == 0 ? 0 : n / cols;
+  if (g == ActGranularity::kSample && x.dim() >= 2 && x.size(0) > 1 &&
+      v.rows % x.size(0) == 0) {
+    v.blocks = x.size(0);
+  }
   v.spec.bits = static_cast<int>(bits);
   v.spec.terms = static_cast<int>(terms);
   v.spec.grid = static_cast<core::Grid>(grid);
@@ -62,14 +70,18 @@ ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
 // of its terms (`sum`, may be undefined) and/or each term alone (`terms`, may be empty).
 void ExpandInto(const at::Tensor& x, const ActView& v, const at::Tensor& sum,
                 const std::vector<at::Tensor>& terms) {
-  std::vector<float*> term_ptrs;
-  for (const at::Tensor& t : terms) term_ptrs.push_back(t.data_ptr<float>());
   core::ExpandOptions options;
   options.pool = &AtenPool();
-  const absl::Status s = core::ExpandReconstructF32(
-      x.data_ptr<float>(), v.rows, v.cols, v.spec, options,
-      sum.defined() ? sum.data_ptr<float>() : nullptr, term_ptrs);
-  TORCH_CHECK(s.ok(), "fpxint::act_expand: ", std::string(s.message()));
+  const int64_t rows = v.rows / v.blocks;
+  for (int64_t b = 0; b < v.blocks; ++b) {
+    const int64_t offset = b * rows * v.cols;
+    std::vector<float*> term_ptrs;
+    for (const at::Tensor& t : terms) term_ptrs.push_back(t.data_ptr<float>() + offset);
+    const absl::Status s = core::ExpandReconstructF32(
+        x.data_ptr<float>() + offset, rows, v.cols, v.spec, options,
+        sum.defined() ? sum.data_ptr<float>() + offset : nullptr, term_ptrs);
+    TORCH_CHECK(s.ok(), "fpxint::act_expand: ", std::string(s.message()));
+  }
 }
 
 // Per-pixel scales work on the NHWC view, so that each pixel's channels are one row.

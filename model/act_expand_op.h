@@ -18,6 +18,8 @@ enum class ActGranularity : int {
   kRow = 1,      // one per row of the last dim: tokens of linear / matmul
   kPixel = 2,    // one per (n, h, w) over the channels of NCHW: 1x1 convolutions
   kChannel = 3,  // one per (n, c) over H x W of NCHW: depthwise convolutions
+  kSample = 4,   // one per sample (slice of the first dim), each expanded on its own: other
+                 // convolutions, so that a sample's result does not depend on its batch
 };
 
 inline constexpr char kActExpandOp[] = "fpxint::act_expand";

@@ -413,7 +413,9 @@ core::Epilogue EpilogueOf(const c10::optional<at::Tensor>& bias, int64_t out, co
   return e;
 }
 
-core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t terms,
+// `rows` activation rows of x's x.size(0) samples (ActGranularity::kSample: one scale per
+// sample, as fpxint::act_expand).
+core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t rows, int64_t bits, int64_t terms,
                                  bool unsigned_first, bool truncate, int64_t granularity) {
   TORCH_CHECK(terms >= 1 && terms <= 16, "fpxint: activation terms ", terms, "; accepted 1..16");
   core::IntLinear::ActSpec a;
@@ -422,7 +424,11 @@ core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t bits, int64_t term
   // Decided on the whole input, as fpxint::act_expand does (im2col may not see every element).
   a.unsigned_first = unsigned_first && x.numel() > 0 && x.min().item<float>() >= 0;
   a.truncate = truncate;
-  a.per_tensor = static_cast<ActGranularity>(granularity) == ActGranularity::kTensor;
+  const auto g = static_cast<ActGranularity>(granularity);
+  a.per_tensor = g == ActGranularity::kTensor || g == ActGranularity::kSample;
+  if (g == ActGranularity::kSample && x.dim() >= 2 && x.size(0) > 1 && rows % x.size(0) == 0) {
+    a.rows_per_scale = rows / x.size(0);
+  }
   return a;
 }
 
@@ -498,7 +504,7 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
   at::Tensor keep;
   const absl::Status s =
       iw.Forward(x.data_ptr<float>(), m, y.data_ptr<float>(),
-                 ActArgs(x, act_bits, act_terms, unsigned_first, truncate, granularity),
+                 ActArgs(x, m, act_bits, act_terms, unsigned_first, truncate, granularity),
                  TermsArg(terms), &AtenPool(), nullptr,
                  EpilogueOf(bias, iw.out_features(), post, &keep, "fpxint::linear_wa"));
   TORCH_CHECK(s.ok(), "fpxint::linear_wa: ", std::string(s.message()));
@@ -521,9 +527,10 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
   const auto g = static_cast<ActGranularity>(granularity);
   TORCH_CHECK((g == ActGranularity::kPixel && ws[2] == 1 && ws[3] == 1 && c.padding[0] == 0 &&
                c.padding[1] == 0) ||
-                  (g == ActGranularity::kTensor && c.stride[0] == 1 && c.stride[1] == 1),
+                  ((g == ActGranularity::kTensor || g == ActGranularity::kSample) &&
+                   c.stride[0] == 1 && c.stride[1] == 1),
               "fpxint::conv2d_wa: activation scales per pixel need a 1x1 convolution without "
-              "padding, per tensor a stride of 1");
+              "padding, per tensor or per sample a stride of 1");
   if (IntTakesDense(iw, c.rows())) {
     const int kw = TermsArg(terms) == 0 ? p->w.terms() : TermsArg(terms);
     return c.Finish(ApplyPost(
@@ -539,7 +546,8 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
   at::Tensor keep;
   const absl::Status s =
       iw.Forward(cols.data_ptr<float>(), c.rows(), flat.data_ptr<float>(),
-                 ActArgs(c.x, act_bits, act_terms, unsigned_first, truncate, granularity),
+                 ActArgs(c.x, c.rows(), act_bits, act_terms, unsigned_first, truncate,
+                         granularity),
                  TermsArg(terms), &AtenPool(), nullptr,
                  EpilogueOf(bias, c.out, post, &keep, "fpxint::conv2d_wa"));
   TORCH_CHECK(s.ok(), "fpxint::conv2d_wa: ", std::string(s.message()));

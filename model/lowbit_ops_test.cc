@@ -347,6 +347,65 @@ TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   EXPECT_TRUE(absl::StrContains(s.message(), "order-truncated")) << s;
 }
 
+// The default activation scales are never coarser than a sample: a sample batched with others
+// (here one 100x larger and one 100x smaller) comes out as it does alone, on the integer ops
+// (linear_wa on tokens, conv2d_wa with per-pixel and, truncated, per-sample scales) and on the
+// act_expand route (the other convolutions), packed and dense. ActScale::kTensor is one scale
+// for the whole batch (the reference's setting), so there the small sample does change.
+void ExpectSamplesAsAlone(Model* m, const std::vector<int64_t>& one, bool coupled,
+                          const std::string& what) {
+  std::vector<int64_t> shape = one;
+  shape[0] = 3;
+  HostTensor x = RandomInput(shape, 31);
+  const int64_t n = static_cast<int64_t>(x.f32.size()) / 3;
+  for (int64_t i = 0; i < n; ++i) {
+    x.f32[static_cast<size_t>(n + i)] *= 100.0f;
+    x.f32[static_cast<size_t>(2 * n + i)] *= 0.01f;
+  }
+  auto all = m->Forward(x);
+  ASSERT_TRUE(all.ok()) << all.status();
+  const size_t out = all->f32.size() / 3;
+  for (int64_t s = 0; s < 3; ++s) {
+    const HostTensor xs = HostTensor::Float(
+        one, std::vector<float>(x.f32.begin() + s * n, x.f32.begin() + (s + 1) * n));
+    auto alone = m->Forward(xs);
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    const std::vector<float> got(all->f32.begin() + static_cast<int64_t>(s * out),
+                                 all->f32.begin() + static_cast<int64_t>((s + 1) * out));
+    if (!coupled) {
+      EXPECT_LT(MaxRelErr(got, alone->f32), 1e-4) << what << ", sample " << s;
+    } else if (s == 2) {
+      EXPECT_GT(MaxRelErr(got, alone->f32), 1e-2) << what << ", sample " << s;
+    }
+  }
+}
+
+TEST(PackedOpsModel, BatchedSamplesKeepTheirOwnActivationScales) {
+  for (const bool truncate : {false, true}) {
+    const char* file = truncate ? "tiny_cnn.pt" : "conv_zoo.pt";
+    for (const bool packed : {true, false}) {
+      for (const auto scale :
+           {ModelExpansionSpec::ActScale::kAuto, ModelExpansionSpec::ActScale::kTensor}) {
+        ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, truncate);
+        spec.act_scale = scale;
+        std::unique_ptr<Model> m = MustLoad(TinyModelFile(file), packed);
+        ASSERT_TRUE(m->Expand(spec, nullptr).ok());
+        ASSERT_TRUE(m->SetPrecision(2, 2).ok());
+        const bool per_tensor = scale == ModelExpansionSpec::ActScale::kTensor;
+        if (packed && !per_tensor) {
+          // conv_zoo: linear, matmul, 1x1 conv; tiny_cnn: its 3x3 conv, linear and matmul.
+          EXPECT_EQ(m->weight_memory().integer_layers, 3) << file;
+        }
+        ExpectSamplesAsAlone(m.get(), truncate ? std::vector<int64_t>{1, 3, 8, 8}
+                                               : std::vector<int64_t>{1, 4, 6, 8},
+                             per_tensor,
+                             std::string(file) + (packed ? " packed" : " dense") +
+                                 (per_tensor ? ", per-tensor scales" : ""));
+      }
+    }
+  }
+}
+
 TEST(PackedOpsModel, RealOcrClassifierResidentWeightsAreKbOver32) {
   const char* dir = std::getenv("FPXINT_MODELS_DIR");
   ASSERT_NE(dir, nullptr);

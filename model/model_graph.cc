@@ -87,19 +87,20 @@ at::Tensor FromExpansionLayout(const std::vector<double>& v, const at::Tensor& l
   return flat.reshape(like.sizes());
 }
 
-// The finest dynamic activation scale that still factors out of the layer's integer product.
+// The finest dynamic activation scale that still factors out of the layer's integer product,
+// and never coarser than one sample (so that batching does not change a sample's result).
 ActGranularity ActGranularityFor(const FoundLayer& f, ModelExpansionSpec::ActScale scale) {
   if (scale == ModelExpansionSpec::ActScale::kTensor) return ActGranularity::kTensor;
   if (f.kind != OpKind::kConv) return ActGranularity::kRow;
   static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
   if (f.node->kind() != kConv2d || f.weight.dim() != 4 || f.node->inputs().size() < 7) {
-    return ActGranularity::kTensor;
+    return ActGranularity::kSample;
   }
   const c10::optional<c10::IValue> groups = torch::jit::toIValue(f.node->input(6));
   const int64_t g = groups && groups->isInt() ? groups->toInt() : 1;
   if (g > 1 && g == f.weight.size(0) && f.weight.size(1) == 1) return ActGranularity::kChannel;
   if (g == 1 && f.weight.size(2) == 1 && f.weight.size(3) == 1) return ActGranularity::kPixel;
-  return ActGranularity::kTensor;
+  return ActGranularity::kSample;
 }
 
 torch::jit::Module CloneModule(const torch::jit::Module& m) { return m.clone(); }
@@ -319,7 +320,8 @@ absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
         const bool pointwise = found[i].weight.size(2) == 1 && found[i].weight.size(3) == 1;
         int_conv = groups && groups->isInt() && groups->toInt() == 1 &&
                    ((gran == ActGranularity::kPixel && pad0) ||
-                    (gran == ActGranularity::kTensor && stride1 && (pointwise || spec.truncate)));
+                    ((gran == ActGranularity::kTensor || gran == ActGranularity::kSample) &&
+                     stride1 && (pointwise || spec.truncate)));
       }
       const std::vector<torch::jit::NamedValue> act_args = {
           static_cast<int64_t>(spec.act_bits), act_terms, spec.unsigned_first, spec.truncate,
