@@ -143,7 +143,7 @@ int Register() {
     int terms, act_terms;
     bool folded;
   };
-  for (int64_t batch : {1}) {  // the traced recognizer takes one line per call
+  for (int64_t batch : {1, 8}) {
     for (const Impl& i : {Impl{"fp32_libtorch", 0, 0, false}, Impl{"w4k1", 1, 0, false},
                           Impl{"w4k2", 2, 0, false}, Impl{"w4a4k2", 2, 2, false},
                           Impl{"w4a4k2_folded", 2, 2, true}}) {

@@ -21,6 +21,7 @@
 
 #include "CLI/CLI.hpp"
 #include "bench/ocr_recognizer.h"
+#include "core/runtime.h"
 #include "model/model.h"
 
 namespace {
@@ -64,6 +65,7 @@ void InstallOpTimer() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  fpxint::core::RetainTensorMemory();  // the allocator the server runs with
   CLI::App app{"The OCR recognizer at batch 1: FP32 vs W4x1 and W4x2 packed, alternating rounds."};
   int rounds = 40;
   bool per_op = false;

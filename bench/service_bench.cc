@@ -4,8 +4,9 @@
 //     model::Model::Forward of the same network in-process, both at 2 LibTorch threads, with the
 //     p50/p99 latency of every request and the throughput (counters p50_ms, p99_ms, req_per_s);
 //     and the same with 1, 8 and 64 concurrent clients;
-//   - 32 concurrent clients sending batch-1 requests to the character LM at W4×2, with and
-//     without dynamic batching (InferLmClients/batched, /unbatched);
+//   - 32 concurrent clients sending batch-1 requests to the character LM and to the OCR
+//     recognizer at W4×2, with and without dynamic batching (InferLmClients/batched,
+//     /unbatched; InferRecClients/...);
 //   - upload and download throughput of a 100 MB file;
 //   - a TENSOR job end to end (submit, run, watch to SUCCEEDED) vs core::ExpandSafetensorsFile on
 //     the same file and spec;
@@ -28,6 +29,7 @@
 #include "core/artifact.h"
 #include "core/dtype.h"
 #include "core/expansion.h"
+#include "core/runtime.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "core/thread_pool.h"
@@ -253,59 +255,76 @@ void BM_InferGrpcClients(benchmark::State& state) {
   BM_InferGrpc(state);
 }
 
-// Dynamic batching: state.threads() clients each send batch-1 requests ([1, 64] token ids) back
-// to back to the character LM at W4×2, one instance; `batched` deploys it with
-// max_batch_size 32 and a 2 ms queue delay, the other without batching. req_per_s is the
-// server's throughput, p99_ms each request's latency.
-struct LmVersions {
-  bool ok = false;
-};
+// Dynamic batching: state.threads() clients each send batch-1 requests back to back to one
+// model at W4×2 (LAYER job), one instance: the character LM ([1, 64] token ids) or the OCR
+// recognizer ([1, 3, 48, 320] FP32). `batched` is the same job deployed with max_batch_size 32
+// and a 2 ms queue delay, the other without batching. req_per_s is the server's throughput,
+// p99_ms each request's latency, mean_pass_rows the rows of the passes that served them.
+enum class ClientModel { kLm, kRecognizer };
 
-const LmVersions& DeployLm() {
-  static const LmVersions v = [] {
-    LmVersions out;
-    Env* e = GetEnv();
-    const char* models = std::getenv("FPXINT_MODELS_DIR");
-    const std::string bytes = ReadAll(std::string(models) + "/charlm/char_lm.pt");
-    v1::TensorSignature tokens;
-    tokens.set_name("tokens");
-    tokens.set_datatype("INT64");
-    for (int64_t d : {-1, 64}) tokens.add_shape(d);
-    if (!Upload(*e, "lm", v1::TORCHSCRIPT, bytes, "", &tokens).ok()) return out;
-    for (const bool batched : {false, true}) {
-      v1::JobSpec spec;
-      spec.set_model("lm");
-      spec.set_granularity(v1::LAYER);
-      spec.set_weight_bits(4);
-      spec.set_weight_terms(2);
-      spec.mutable_deploy()->set_enabled(true);
-      spec.mutable_deploy()->set_name(batched ? "lm-batched" : "lm-alone");
-      if (batched) {
-        spec.mutable_deploy()->mutable_batching()->set_max_batch_size(32);
-        spec.mutable_deploy()->mutable_batching()->set_max_queue_delay_microseconds(2000);
-      }
-      if (RunJob(*e, spec).state() != v1::SUCCEEDED) return out;
+// Uploads the model with a variable first dimension and deploys "<name>-alone" and
+// "<name>-batched" from it.
+bool Deploy(ClientModel which) {
+  Env* e = GetEnv();
+  const char* models = std::getenv("FPXINT_MODELS_DIR");
+  const bool lm = which == ClientModel::kLm;
+  const std::string name = lm ? "lm" : "rec-any";
+  const std::string bytes =
+      lm ? ReadAll(std::string(models) + "/charlm/char_lm.pt") : ReadAll(e->rec_path);
+  v1::TensorSignature in;
+  in.set_name(lm ? "tokens" : "x");
+  in.set_datatype(lm ? "INT64" : "FP32");
+  for (int64_t d : lm ? std::vector<int64_t>{-1, 64} : std::vector<int64_t>{-1, 3, 48, 320}) {
+    in.add_shape(d);
+  }
+  if (!Upload(*e, name, v1::TORCHSCRIPT, bytes, "", &in).ok()) return false;
+  for (const bool batched : {false, true}) {
+    v1::JobSpec spec;
+    spec.set_model(name);
+    spec.set_granularity(v1::LAYER);
+    spec.set_weight_bits(4);
+    spec.set_weight_terms(2);
+    spec.mutable_deploy()->set_enabled(true);
+    spec.mutable_deploy()->set_name(name + (batched ? "-batched" : "-alone"));
+    if (batched) {
+      spec.mutable_deploy()->mutable_batching()->set_max_batch_size(32);
+      spec.mutable_deploy()->mutable_batching()->set_max_queue_delay_microseconds(2000);
     }
-    out.ok = true;
-    return out;
-  }();
-  return v;
+    if (RunJob(*e, spec).state() != v1::SUCCEEDED) return false;
+  }
+  return true;
 }
 
-void BM_InferLmClients(benchmark::State& state, bool batched) {
+// Once per process and model; every client thread asks, the first one deploys.
+bool DeployForClients(ClientModel which) {
+  if (which == ClientModel::kLm) {
+    static const bool lm = Deploy(ClientModel::kLm);
+    return lm;
+  }
+  static const bool rec = Deploy(ClientModel::kRecognizer);
+  return rec;
+}
+
+void BM_InferClients(benchmark::State& state, ClientModel which, bool batched) {
   Env* e = GetEnv();
-  if (!DeployLm().ok) return state.SkipWithError("cannot deploy the character LM");
+  if (!DeployForClients(which)) return state.SkipWithError("cannot upload and deploy the model");
+  const bool lm = which == ClientModel::kLm;
   inference::ModelInferRequest req;
-  req.set_model_name(batched ? "lm-batched" : "lm-alone");
+  req.set_model_name(std::string(lm ? "lm" : "rec-any") + (batched ? "-batched" : "-alone"));
   auto* in = req.add_inputs();
-  in->set_name("tokens");
-  in->set_datatype("INT64");
-  in->add_shape(1);
-  in->add_shape(64);
-  std::vector<int64_t> tokens(64);
-  std::mt19937 rng(static_cast<uint32_t>(3 + state.thread_index()));
-  for (int64_t& t : tokens) t = static_cast<int64_t>(rng() % 55);
-  req.add_raw_input_contents(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 8);
+  in->set_name(lm ? "tokens" : "x");
+  in->set_datatype(lm ? "INT64" : "FP32");
+  if (lm) {
+    for (int64_t d : {1, 64}) in->add_shape(d);
+    std::vector<int64_t> tokens(64);
+    std::mt19937 rng(static_cast<uint32_t>(3 + state.thread_index()));
+    for (int64_t& t : tokens) t = static_cast<int64_t>(rng() % 55);
+    req.add_raw_input_contents(reinterpret_cast<const char*>(tokens.data()), tokens.size() * 8);
+  } else {
+    for (int64_t d : {1, 3, 48, 320}) in->add_shape(d);
+    const std::vector<float> x = RecInput();
+    req.add_raw_input_contents(reinterpret_cast<const char*>(x.data()), x.size() * 4);
+  }
   Latencies lat;
   int64_t rows = 0, calls = 0;
   for (auto _ : state) {
@@ -324,6 +343,13 @@ void BM_InferLmClients(benchmark::State& state, bool batched) {
     state.counters["mean_pass_rows"] = benchmark::Counter(
         static_cast<double>(rows) / static_cast<double>(calls), benchmark::Counter::kAvgThreads);
   }
+}
+
+void BM_InferLmClients(benchmark::State& state, bool batched) {
+  BM_InferClients(state, ClientModel::kLm, batched);
+}
+void BM_InferRecClients(benchmark::State& state, bool batched) {
+  BM_InferClients(state, ClientModel::kRecognizer, batched);
 }
 
 void BM_Upload100MB(benchmark::State& state) {
@@ -604,6 +630,16 @@ BENCHMARK_CAPTURE(BM_InferLmClients, batched, true)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(3)
     ->UseRealTime();
+BENCHMARK_CAPTURE(BM_InferRecClients, unbatched, false)
+    ->Threads(32)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(BM_InferRecClients, batched, true)
+    ->Threads(32)
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(5)
+    ->UseRealTime();
 BENCHMARK(BM_Upload100MB)->Unit(benchmark::kMillisecond)->MinTime(2)->UseRealTime();
 BENCHMARK(BM_DownloadArtifact)->Unit(benchmark::kMillisecond)->MinTime(2)->UseRealTime();
 BENCHMARK(BM_TensorJobEndToEnd)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
@@ -615,4 +651,12 @@ BENCHMARK(BM_ExpandInMemoryBf16)->Unit(benchmark::kMillisecond)->MinTime(3)->Use
 
 }  // namespace
 
-BENCHMARK_MAIN();
+// As BENCHMARK_MAIN(), with the allocator the server runs with (core::RetainTensorMemory).
+int main(int argc, char** argv) {
+  fpxint::core::RetainTensorMemory();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

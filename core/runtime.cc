@@ -1,6 +1,8 @@
 // File: core/runtime.cc
 #include "core/runtime.h"
 
+#include <malloc.h>
+
 #include <cstdlib>
 #include <cstring>
 
@@ -64,6 +66,21 @@ bool IsaSupported(Isa isa) {
 const RuntimeConfig& Runtime() {
   static const RuntimeConfig c = FromEnvironment();
   return c;
+}
+
+bool RetainTensorMemory() {
+  static const bool changed = [] {
+    if (EnvInt("FPXINT_MALLOC_RETAIN", 1) == 0) return false;
+    for (const char* tuned : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                              "MALLOC_TOP_PAD_", "GLIBC_TUNABLES"}) {
+      if (const char* v = std::getenv(tuned); v != nullptr && *v != '\0') return false;
+    }
+    bool ok = mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1;
+    ok = mallopt(M_TRIM_THRESHOLD, 256 << 20) == 1 && ok;
+    ok = mallopt(M_TOP_PAD, 64 << 20) == 1 && ok;
+    return ok;
+  }();
+  return changed;
 }
 
 }  // namespace fpxint::core

@@ -10,6 +10,7 @@
 //                           default 1024)
 //   FPXINT_PACKED_MAX_ROWS  activation rows beyond which packed layers take the dense path
 //                           (default -1: automatic, model/lowbit_ops.h)
+//   FPXINT_MALLOC_RETAIN    0: RetainTensorMemory() leaves the allocator alone
 #ifndef FPXINT_CORE_RUNTIME_H_
 #define FPXINT_CORE_RUNTIME_H_
 
@@ -37,6 +38,20 @@ struct RuntimeConfig {
 };
 // The configuration of this process, from the environment at first use.
 const RuntimeConfig& Runtime();
+
+// Makes glibc's malloc keep tensor-sized blocks for reuse, for programs that run networks (the
+// server, fpxint-eval, the benchmarks): blocks up to 32 MiB (glibc's largest mmap threshold)
+// come from the heap instead of a fresh mapping; up to 256 MiB of free heap is kept instead of
+// being returned to the kernel (M_TRIM_THRESHOLD); and a thread's arena keeps a heap that has
+// become free while less than 64 MiB is spare (M_TOP_PAD: without it a heap of a thread arena is
+// unmapped as soon as it is free, whatever the trim threshold). By default glibc maps each large
+// block and unmaps it on free, so a forward pass with a new activation size (dynamic batching)
+// page-faults its tensors in again; under a virtual machine a fault costs microseconds, and
+// docs/BENCHMARKS.md measures what that did to batched serving. Leaves the allocator alone when
+// FPXINT_MALLOC_RETAIN=0 or when the environment already tunes it (MALLOC_MMAP_THRESHOLD_,
+// MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_, GLIBC_TUNABLES). Returns whether it changed anything;
+// idempotent.
+bool RetainTensorMemory();
 
 }  // namespace fpxint::core
 

@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/runtime.h"
 #include "core/thread_pool.h"
 #include "model/eval.h"
 #include "model/lowbit_ops.h"
@@ -214,4 +215,7 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace fpxint::model
 
-int main(int argc, char** argv) { return fpxint::model::Main(argc, argv); }
+int main(int argc, char** argv) {
+  fpxint::core::RetainTensorMemory();  // the allocator the server runs with
+  return fpxint::model::Main(argc, argv);
+}

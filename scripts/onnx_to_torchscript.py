@@ -10,9 +10,12 @@ Needs Debian's python3-onnx, python3-numpy and python3-torch; always run it with
 
 How: OnnxGraphModule is a torch.nn.Module that interprets the ONNX graph node by node. It is
 traced once with torch.jit.trace at --input-shape (torch.jit.freeze is NOT applied) and saved
-with torch.jit.save, atomically. The module is specialized to that input shape: shape
-arithmetic (Shape/Cast/Slice/Concat feeding Reshape) is evaluated while tracing and baked into
-the graph, so run the .pt on inputs of exactly that shape (batch 1: one image per call).
+with torch.jit.save, atomically. Shape arithmetic (Shape/Cast/Slice/Concat feeding Reshape) is
+evaluated while tracing, so the module is specialized to the traced [C, H, W], but NOT to the
+batch: before tracing, the graph is run eagerly at batch 1 and batch 2, and every Reshape
+target entry that doubles with the batch (and only those; any other change is an error) is
+traced as input.size(0) * its batch-1 value. The .pt therefore takes any batch N >= 1 of
+[N, C, H, W]; the conversion checks batch 3 against three batch-1 runs.
 
 Weights. Every float tensor that scripts/onnx_weights_to_safetensors.py writes to safetensors
 (rank >= 1, F16/F32/F64, from initializers or Constant nodes) becomes a module attribute, so
@@ -35,7 +38,7 @@ outside [A-Za-z0-9_] replaced by '_' (torch forbids '.' in attribute names):
 The exact mapping is stored in the .pt archive as the extra file "fpxint_meta.json"
 (torch::jit::load(path, device, extra_files) / torch.jit.load(path, _extra_files=...)):
   {"format": "fpxint-onnx-torchscript/1", "source": <onnx basename>, "source_sha256": <hex>,
-   "input_shape": [1,3,48,320], "output_shape": [...],
+   "input_shape": ["N",3,48,320], "output_shape": ["N", ...],
    "tensors": [{"torch": "p2o_Conv_0_weight", "safetensors": "p2o.Conv.0.weight",
                 "onnx_value": <ONNX value name>, "kind": "parameter" | "buffer",
                 "shape": [...], "transposed_vs_safetensors": false}, ...]}
@@ -191,6 +194,35 @@ class OnnxGraphModule(torch.nn.Module):
         self.outputs = [o.name for o in graph.output]
         if len(self.inputs) != 1:
             raise ConversionError(f"expected one graph input, got {self.inputs}")
+        # Reshape targets seen per node (recording) and, once learned, the entries that scale
+        # with the batch (node index -> set of positions); see find_batch_entries().
+        self.recorded = None
+        self.batch_entries = {}
+
+    def find_batch_entries(self, sample):
+        """Runs the graph eagerly at batch 1 and 2 and learns which Reshape entries are N * c."""
+        runs = []
+        for batch in (1, 2):
+            self.recorded = {}
+            self(sample[:1].expand(batch, *sample.shape[1:]).contiguous())
+            runs.append(self.recorded)
+        self.recorded = None
+        self.batch_entries = {}
+        for index, one in runs[0].items():
+            two = runs[1].get(index)
+            op, name, _, outs, _ = self.nodes[index]
+            where = f"{op} node {name or outs[0]}"
+            if two is None or len(two) != len(one):
+                raise ConversionError(f"{where}: target {one} at batch 1, {two} at batch 2")
+            scaled = set()
+            for pos, (a, b) in enumerate(zip(one, two)):
+                if b == 2 * a and a > 0:
+                    scaled.add(pos)
+                elif a != b:
+                    raise ConversionError(f"{where}: target entry {pos} is {a} at batch 1 and "
+                                          f"{b} at batch 2; only N * constant can be traced")
+            if scaled:
+                self.batch_entries[index] = scaled
 
     def _value(self, env, name):
         if name == "":
@@ -203,8 +235,11 @@ class OnnxGraphModule(torch.nn.Module):
 
     def forward(self, x):
         env = {self.inputs[0]: x}
-        for op, name, ins, outs, attrs in self.nodes:
+        # The batch: a traced size (so reshapes follow the input's batch), or a Python int.
+        self.batch = x.size(0)
+        for index, (op, name, ins, outs, attrs) in enumerate(self.nodes):
             args = [self._value(env, i) for i in ins]
+            self.node_index = index
             try:
                 result = OPS[op](args, attrs)
             except Exception as e:
@@ -294,17 +329,22 @@ def softmax(args, attrs):
     axis = int(attrs.get("axis", 1)) % x.dim()
     if axis == x.dim() - 1:
         return torch.softmax(x, dim=-1)
-    shape = list(x.shape)
-    rows = int(np.prod(shape[:axis], dtype=np.int64))
-    return torch.softmax(x.reshape(rows, -1), dim=1).reshape(shape)
+    inner = int(np.prod(list(x.shape)[axis:], dtype=np.int64))  # batch-free when axis > 0
+    return torch.softmax(x.reshape(-1, inner), dim=1).reshape(x.size())
 
 
 def reshape(args, attrs):
     x, shape = args
     if not is_static(shape):
         raise ConversionError("Reshape target must be computable at trace time")
+    module = CURRENT[0]
     target = [int(s) for s in shape.tolist()]
-    target = [int(x.shape[i]) if s == 0 else s for i, s in enumerate(target)]  # 0 = copy dim
+    if module.recorded is not None:
+        module.recorded[module.node_index] = list(target)
+    scaled = module.batch_entries.get(module.node_index, ())
+    # 0 copies the input's dimension (a traced size); N * c entries follow the input's batch.
+    target = [x.size(i) if s == 0 else module.batch * s if i in scaled else s
+              for i, s in enumerate(target)]
     return x.reshape(target)
 
 
@@ -385,6 +425,9 @@ def transpose(args, attrs):
     return x.permute(*perm)
 
 
+# The module whose forward() is running (reshape reads its batch and learned entries).
+CURRENT = [None]
+
 OPS = {
     "Conv": conv,
     "BatchNormalization": batch_norm,
@@ -459,14 +502,26 @@ def convert(onnx_path, out_path, input_shape):
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     torch.manual_seed(0)
     example = torch.rand(*input_shape) * 2 - 1  # the models' inputs are in [-1, 1]
+    CURRENT[0] = module
     with torch.no_grad():
+        module.find_batch_entries(example)
         eager = module(example)
-        # check_trace re-runs the trace on the same input; the check below covers a new input.
+        # check_trace re-runs the trace on the same input; the checks below cover new inputs.
         traced = torch.jit.trace(module, example, check_trace=False)
         probe = torch.rand(*input_shape) * 2 - 1
         diff = (traced(probe) - module(probe)).abs().max().item()
-    if not diff <= 1e-6:
-        raise ConversionError(f"traced module differs from the interpreter by {diff:g}")
+        if not diff <= 1e-6:
+            raise ConversionError(f"traced module differs from the interpreter by {diff:g}")
+        # Any batch: three images at once against each on its own.
+        images = torch.rand(3, *input_shape[1:]) * 2 - 1
+        together = traced(images)
+        alone = torch.cat([module(images[i:i + 1]) for i in range(3)])
+        if together.shape != alone.shape:
+            raise ConversionError(f"batch 3 gives {list(together.shape)}, three batch-1 runs "
+                                  f"{list(alone.shape)}")
+        diff = (together - alone).abs().max().item()
+    if not diff <= 1e-5:
+        raise ConversionError(f"batch 3 differs from three batch-1 runs by {diff:g}")
 
     traced_params = dict(traced.named_parameters())
     traced_buffers = dict(traced.named_buffers())
@@ -476,8 +531,9 @@ def convert(onnx_path, out_path, input_shape):
             raise ConversionError(f"{t['torch']} is missing from the traced module's {t['kind']}s")
 
     meta = {"format": "fpxint-onnx-torchscript/1", "source": os.path.basename(onnx_path),
-            "source_sha256": sha256_of(onnx_path), "input_shape": list(input_shape),
-            "output_shape": [int(d) for d in eager.shape], "tensors": module.meta_tensors}
+            "source_sha256": sha256_of(onnx_path), "input_shape": ["N"] + list(input_shape[1:]),
+            "output_shape": ["N"] + [int(d) for d in eager.shape[1:]],
+            "tensors": module.meta_tensors}
     try:
         save_atomically(traced, out_path, {META_FILE: json.dumps(meta, indent=1)})
     except (OSError, RuntimeError) as e:
@@ -485,7 +541,7 @@ def convert(onnx_path, out_path, input_shape):
 
     n_params = sum(p.numel() for p in traced_params.values())
     print(f"{PROG}: {os.path.basename(onnx_path)} -> {out_path}: traced at {list(input_shape)}, "
-          f"output {list(eager.shape)}, {len(traced_params)} parameters ({n_params} values), "
+          f"any batch, output {list(eager.shape)}, {len(traced_params)} parameters ({n_params} values), "
           f"{len(traced_buffers)} buffers, {len(module.nodes)} ops", file=sys.stderr)
 
 
@@ -495,7 +551,8 @@ def main():
     parser.add_argument("onnx_path", metavar="IN.onnx")
     parser.add_argument("out_path", metavar="OUT.pt")
     parser.add_argument("--input-shape", type=parse_shape, required=True, metavar="N,C,H,W",
-                        help="shape to trace at, e.g. 1,3,48,320 (rec) or 1,3,48,192 (cls)")
+                        help="shape to trace at, e.g. 1,3,48,320 (rec) or 1,3,48,192 (cls); "
+                        "the result takes any batch of that [C, H, W]")
     args = parser.parse_args()
     torch.set_num_threads(2)
     try:

@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "core/runtime.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -224,6 +225,11 @@ int main(int argc, char** argv) {
   sigaction(SIGINT, &sa, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
 
+  if (fpxint::core::RetainTensorMemory()) {
+    fpxint::server::LogInfo(
+        "allocator: blocks up to 32 MiB come from the heap, free heap up to 256 MiB (and "
+        "64 MiB per thread arena) is kept for reuse (FPXINT_MALLOC_RETAIN=0: glibc's defaults)");
+  }
   auto server = fpxint::server::Server::Start(c);
   if (!server.ok()) {
     fpxint::server::LogError(server.status().message());
