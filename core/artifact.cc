@@ -190,7 +190,7 @@ struct SourceFile {
         t.CopyTo(f->copies.back().data());
         data = f->copies.back();
       }
-      f->tensors.push_back({t.name, t.dtype, t.shape, data});
+      f->tensors.push_back({t.name, t.dtype, t.shape, data, ""});
     }
     return f;
   }
