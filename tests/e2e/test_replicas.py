@@ -132,18 +132,20 @@ class Replicas(unittest.TestCase):
         self.assertEqual(done.replica, running.replica)
 
     def test_3_a_frozen_replica_loses_its_job_and_its_late_write_is_refused(self):
-        # Only `a` runs when the job is claimed; `b` comes back once `a` has it.
+        # Only `a` runs when the job is claimed; it is frozen as soon as it has the job (before
+        # `b` is started again: the job may take less time than a server start), and `b` comes
+        # back to take it over once a's lease expires.
         rc, _ = self.servers["b"].terminate()
         self.assertEqual(rc, 0, self.tail())
         job = self.a.submit(self.slow_spec())
         running = self.wait_running(self.a, job.job_id)
-        self.assertEqual(self.a.state_name(running.state), "RUNNING", self.tail())
-        self.assertEqual(running.replica, "a")
-        self.servers["b"].start()
-        b = self.client("b")
         frozen = self.servers["a"]
         frozen.proc.send_signal(signal.SIGSTOP)
         try:
+            self.assertEqual(self.a.state_name(running.state), "RUNNING", self.tail())
+            self.assertEqual(running.replica, "a")
+            self.servers["b"].start()
+            b = self.client("b")
             done = b.wait_state(job.job_id, ["SUCCEEDED", "FAILED", "CANCELLED"], timeout=180,
                                 poll=0.2)
         finally:
