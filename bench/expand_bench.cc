@@ -20,7 +20,6 @@
 
 #include "core/expansion.h"
 #include "core/kernels.h"
-#include "core/runtime.h"
 #include "core/thread_pool.h"
 
 namespace {
@@ -176,13 +175,3 @@ BENCHMARK_CAPTURE(BM_ExpandFpxint, tensor_scale, "avx512", fpxint::core::ScaleGr
 BENCHMARK(BM_ExpandAten)
     ->Name("Expand/aten_fp32")->ArgName("threads")->Arg(1)->Arg(2)
     ->Unit(benchmark::kMillisecond)->UseRealTime();
-
-// As BENCHMARK_MAIN(), with the allocator the server runs with (core::RetainTensorMemory).
-int main(int argc, char** argv) {
-  fpxint::core::RetainTensorMemory();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}

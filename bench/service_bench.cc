@@ -29,7 +29,6 @@
 #include "core/artifact.h"
 #include "core/dtype.h"
 #include "core/expansion.h"
-#include "core/runtime.h"
 #include "core/safetensors.h"
 #include "core/sha256.h"
 #include "core/thread_pool.h"
@@ -650,13 +649,3 @@ BENCHMARK(BM_DirectoryJob)->Unit(benchmark::kMillisecond)->Iterations(2)->UseRea
 BENCHMARK(BM_ExpandInMemoryBf16)->Unit(benchmark::kMillisecond)->MinTime(3)->UseRealTime();
 
 }  // namespace
-
-// As BENCHMARK_MAIN(), with the allocator the server runs with (core::RetainTensorMemory).
-int main(int argc, char** argv) {
-  fpxint::core::RetainTensorMemory();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}

@@ -48,10 +48,7 @@ ActView ViewFor(const at::Tensor& x, int64_t bits, int64_t terms, int64_t grid,
   ActView v;
   v.cols = cols;
   v.rows = cols == 0 ? 0 : n / cols;
-  if (g == ActGranularity::kSample && x.dim() >= 2 && x.size(0) > 1 &&
-      v.rows % x.size(0) == 0) {
-    v.blocks = x.size(0);
-  }
+  v.blocks = SampleBlocks(g, x.dim(), x.dim() >= 1 ? x.size(0) : 1, v.rows);
   v.spec.bits = static_cast<int>(bits);
   v.spec.terms = static_cast<int>(terms);
   v.spec.grid = static_cast<core::Grid>(grid);

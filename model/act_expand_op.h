@@ -9,6 +9,8 @@
 #ifndef FPXINT_MODEL_ACT_EXPAND_OP_H_
 #define FPXINT_MODEL_ACT_EXPAND_OP_H_
 
+#include <cstdint>
+
 namespace fpxint::model {
 
 // Where the dynamic activation scales live. Each choice keeps the scale factorable out of the
@@ -21,6 +23,14 @@ enum class ActGranularity : int {
   kSample = 4,   // one per sample (slice of the first dim), each expanded on its own: other
                  // convolutions, so that a sample's result does not depend on its batch
 };
+
+// How many per-sample blocks `rows` activation rows of a tensor whose first dimension is
+// `samples` (of `dims` dimensions) split into under `g`: x.size(0) for kSample when that divides
+// the rows, else 1 (one block: the whole tensor). fpxint::act_expand and the W×A ops both ask.
+inline int64_t SampleBlocks(ActGranularity g, int64_t dims, int64_t samples, int64_t rows) {
+  return g == ActGranularity::kSample && dims >= 2 && samples > 1 && rows % samples == 0 ? samples
+                                                                                        : 1;
+}
 
 inline constexpr char kActExpandOp[] = "fpxint::act_expand";
 inline constexpr char kActExpandTermsOp[] = "fpxint::act_expand_terms";

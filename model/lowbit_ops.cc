@@ -426,9 +426,8 @@ core::IntLinear::ActSpec ActArgs(const at::Tensor& x, int64_t rows, int64_t bits
   a.truncate = truncate;
   const auto g = static_cast<ActGranularity>(granularity);
   a.per_tensor = g == ActGranularity::kTensor || g == ActGranularity::kSample;
-  if (g == ActGranularity::kSample && x.dim() >= 2 && x.size(0) > 1 && rows % x.size(0) == 0) {
-    a.rows_per_scale = rows / x.size(0);
-  }
+  const int64_t blocks = SampleBlocks(g, x.dim(), x.dim() >= 1 ? x.size(0) : 1, rows);
+  if (blocks > 1) a.rows_per_scale = rows / blocks;
   return a;
 }
 
