@@ -1,19 +1,22 @@
-// fpxint-model-pairs: the OCR recognizer at batch 1, FP32 against W4×1 and W4×2 on packed
-// weights, timed in alternating rounds in one process (docs/BENCHMARKS.md "Model").
+// fpxint-model-pairs: the OCR recognizer, FP32 against W4×1, W4×2 and W4A4×2 on packed weights,
+// timed in alternating rounds in one process (docs/BENCHMARKS.md "Model").
 //
 // On a shared host whose speed drifts by 2-3× within a minute, back-to-back repetitions (even
 // interleaved ones) compare one side in a quiet minute with the other in a busy one. Here every
 // round runs each model once in rotating order, so each round's ratios compare the models under
 // the same conditions; the report gives per model the minimum (the cost on a quiet machine), the
 // quartile and the median, and the median of the per-round ratios to FP32.
-//   --per-op   also the per-op minimum over rounds, FP32 next to W4×2, aligned by position
-//              (the networks run the same op sequence with conv/linear swapped for fpxint ops).
+//   --batch N  the first N evaluation lines as one batch (default 1)
+//   --per-op   also the per-op minimum over rounds, FP32 next to W4×2 (or W4A4×2 with --wa),
+//              aligned by position (the networks run the same op sequence with conv/linear
+//              swapped for fpxint ops).
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -66,26 +69,30 @@ void InstallOpTimer() {
 
 int main(int argc, char** argv) {
   fpxint::core::RetainTensorMemory();  // the allocator the server runs with
-  CLI::App app{"The OCR recognizer at batch 1: FP32 vs W4x1 and W4x2 packed, alternating rounds."};
+  CLI::App app{"The OCR recognizer: FP32 vs W4x1, W4x2 and W4A4x2 packed, alternating rounds."};
   int rounds = 40;
-  bool per_op = false;
+  int64_t batch = 1;
+  bool per_op = false, wa = false;
   std::string dir = fpxint::bench::ModelsDir();
   app.add_option("--rounds", rounds, "rounds (each runs every model once)")->check(CLI::Range(3, 100000));
+  app.add_option("--batch", batch, "lines per forward (the first N evaluation lines)")
+      ->check(CLI::Range(1, 64));
   app.add_flag("--per-op", per_op, "per-op minimum times, FP32 next to W4x2");
+  app.add_flag("--wa", wa, "per-op against W4A4x2 instead of W4x2");
   app.add_option("--models-dir", dir, "scripts/fetch_models.sh's directory");
   CLI11_PARSE(app, argc, argv);
 
-  const char* names[] = {"fp32_libtorch", "w4k1", "w4k2"};
+  const char* names[] = {"fp32_libtorch", "w4k1", "w4k2", "w4a4k2"};
   std::vector<std::unique_ptr<fpxint::model::Model>> models;
-  for (int terms : {0, 1, 2}) {
-    auto m = fpxint::bench::LoadRecognizer(dir, terms);
+  for (int terms : {0, 1, 2, 3}) {
+    auto m = fpxint::bench::LoadRecognizer(dir, std::min(terms, 2), terms == 3 ? 2 : 0);
     if (!m.ok()) {
       std::fprintf(stderr, "%s\n", std::string(m.status().message()).c_str());
       return 3;
     }
     models.push_back(*std::move(m));
   }
-  auto line = fpxint::bench::FirstRecognizerLine(dir);
+  auto line = fpxint::bench::FirstRecognizerLine(dir, batch);
   if (!line.ok()) {
     std::fprintf(stderr, "%s\n", std::string(line.status().message()).c_str());
     return 3;
@@ -117,12 +124,13 @@ int main(int argc, char** argv) {
   if (!per_op) return 0;
 
   InstallOpTimer();
-  std::vector<std::vector<OpTime>> best(2);  // fp32, w4k2
+  const size_t other = wa ? 3 : 2;
+  std::vector<std::vector<OpTime>> best(2);  // fp32, w4k2 or w4a4k2
   for (int r = 0; r < rounds; ++r) {
     for (int j = 0; j < 2; ++j) {
       std::vector<OpTime> ops;
       g_ops = &ops;
-      models[j == 0 ? 0 : 2]->Forward(x).IgnoreError();
+      models[j == 0 ? 0 : other]->Forward(x).IgnoreError();
       g_ops = nullptr;
       if (best[j].empty()) {
         best[j] = ops;
@@ -143,6 +151,24 @@ int main(int argc, char** argv) {
       std::printf("%4zu %8.3f %8.3f  %s\n", i, a, b, i < best[0].size() ? best[0][i].name.c_str() : "");
     }
   }
-  std::printf("sum of per-op minima: fp32 %.2f ms, w4k2 %.2f ms\n", sum[0], sum[1]);
+  std::printf("sum of per-op minima: fp32 %.2f ms, %s %.2f ms\n", sum[0], names[other], sum[1]);
+  // The same minima summed per op name (the sequences differ where an op is fused or split).
+  std::map<std::string, std::pair<double, double>> by_name;
+  for (int j = 0; j < 2; ++j) {
+    for (const OpTime& op : best[j]) {
+      const std::string name = op.name.substr(0, op.name.find(' '));
+      (j == 0 ? by_name[name].first : by_name[name].second) += op.ms;
+    }
+  }
+  std::vector<OpTime> top = best[1];
+  std::sort(top.begin(), top.end(), [](const OpTime& a, const OpTime& b) { return a.ms > b.ms; });
+  std::printf("\n%s's slowest ops\n", names[other]);
+  for (size_t i = 0; i < top.size() && i < 25; ++i) std::printf("%8.3f  %s\n", top[i].ms, top[i].name.c_str());
+  std::printf("\nper op name (sum of minima, ms)\n%-28s %9s %9s\n", "op", "fp32", names[other]);
+  for (const auto& [name, t] : by_name) {
+    if (t.first > 0.05 || t.second > 0.05) {
+      std::printf("%-28s %9.2f %9.2f\n", name.c_str(), t.first, t.second);
+    }
+  }
   return 0;
 }

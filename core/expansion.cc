@@ -619,41 +619,52 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
     return absl::OkStatus();
   }
 
-  // One scale per term for the whole tensor: each term needs the previous residual's global
-  // range, so the residual stays in memory between the terms (fp64, as ExpandWholeTensor).
-  const int64_t n = rows * cols;
-  std::vector<double> r(static_cast<size_t>(n));
-  std::vector<double> acc(sum_out != nullptr ? static_cast<size_t>(n) : 0);
+  // One scale per term for the whole tensor: term k's scale needs the global range of the
+  // residual the first k-1 terms leave. Pass 0 takes the range of x; pass k < K runs terms 1..k
+  // on every row for the range after term k; pass K runs all K terms and writes the outputs.
+  // Each pass recomputes its rows' residuals from x, in a row-sized buffer that stays in cache,
+  // instead of keeping the whole tensor's fp64 residual and sum in memory between the terms:
+  // K(K+1)/2 term quantizations instead of K, but only x and the outputs cross the memory bus.
+  // Every row runs the same kernels on the same values, so the bits are those of ExpandTensor.
   std::vector<SegmentStats> row_stats(static_cast<size_t>(rows));
-  ParallelRows(o, rows, cols, [&](int64_t b, int64_t end) {
-    for (int64_t row = b; row < end; ++row) {
-      double* rp = r.data() + row * cols;
-      kt.f32_to_f64(row_bytes(row), cols, rp);
-      kt.stats(rp, cols, &row_stats[static_cast<size_t>(row)]);
-      bad[static_cast<size_t>(row)] = BadRow(spec, row_stats[static_cast<size_t>(row)]);
-    }
-  });
-  if (cancelled()) return absl::CancelledError("expansion cancelled");
-  for (uint8_t b : bad) {
-    if (b) return bad_value_error();
-  }
+  std::vector<GroupParams> params;  // terms 1..pass
   float prev = 0;
-  for (int k = 1; k <= K; ++k) {
-    const GroupParams gp = ParamsFor(spec, GlobalRange(row_stats), prev, k);
-    prev = gp.scale;
+  for (int pass = 0; pass <= K; ++pass) {
     ParallelRows(o, rows, cols, [&](int64_t b, int64_t end) {
+      std::vector<double> r(static_cast<size_t>(cols));
+      std::vector<double> acc(pass == K && sum_out != nullptr ? static_cast<size_t>(cols) : 0);
       std::vector<uint8_t> codes(static_cast<size_t>(cols));
       for (int64_t row = b; row < end; ++row) {
-        double* a = acc.empty() ? nullptr : acc.data() + row * cols;
-        TermRow(spec, quantize, gp, k, r.data() + row * cols, codes.data(), cols,
-                &row_stats[static_cast<size_t>(row)], a, term_row(k, row));
-        if (k == K && a != nullptr) {
+        SegmentStats& rs = row_stats[static_cast<size_t>(row)];
+        kt.f32_to_f64(row_bytes(row), cols, r.data());
+        if (pass == 0) {
+          kt.stats(r.data(), cols, &rs);
+          bad[static_cast<size_t>(row)] = BadRow(spec, rs);
+          continue;
+        }
+        SegmentStats scratch;
+        for (int k = 1; k <= pass; ++k) {
+          const bool out = pass == K;
+          TermRow(spec, quantize, params[static_cast<size_t>(k - 1)], k, r.data(), codes.data(),
+                  cols, k == pass && !out ? &rs : &scratch, out && !acc.empty() ? acc.data() : nullptr,
+                  out ? term_row(k, row) : nullptr);
+        }
+        if (pass == K && sum_out != nullptr) {
           float* out = sum_out + row * cols;
-          for (int64_t i = 0; i < cols; ++i) out[i] = static_cast<float>(a[i]);
+          for (int64_t i = 0; i < cols; ++i) out[i] = static_cast<float>(acc[i]);
         }
       }
     });
     if (cancelled()) return absl::CancelledError("expansion cancelled");
+    if (pass == 0) {
+      for (uint8_t b : bad) {
+        if (b) return bad_value_error();
+      }
+    }
+    if (pass < K) {
+      params.push_back(ParamsFor(spec, GlobalRange(row_stats), prev, pass + 1));
+      prev = params.back().scale;
+    }
   }
   return absl::OkStatus();
 }
