@@ -131,6 +131,14 @@ Env* GetEnv() {
     e->dir =
         (std::filesystem::temp_directory_path() / absl::StrCat("fpxint-bench-", getpid())).string();
     std::filesystem::create_directories(e->dir);
+    // The store and the generated checkpoints take up to ~11 GB: gone when the program exits,
+    // however it exits short of a signal (the server is left running; the files go from under
+    // it).
+    static const std::string* dir = &e->dir;
+    std::atexit([] {
+      std::error_code ec;
+      std::filesystem::remove_all(*dir, ec);
+    });
     server::ServerConfig c;
     c.listen = "127.0.0.1:0";
     c.data_dir = e->dir + "/data";
