@@ -93,10 +93,11 @@ QuantizeFn QuantizerOf(const KernelTable& kt, Grid grid) {
 }
 
 void ToDouble(const KernelTable& kt, DType dtype, const uint8_t* src, int64_t n, double* dst) {
-  if (dtype == DType::kF32) {
-    kt.f32_to_f64(src, n, dst);
-  } else {
-    ConvertToDouble(dtype, src, n, dst);
+  switch (dtype) {
+    case DType::kF32: return kt.f32_to_f64(src, n, dst);
+    case DType::kBF16: return kt.bf16_to_f64(src, n, dst);
+    case DType::kF16: return kt.f16_to_f64(src, n, dst);
+    default: return ConvertToDouble(dtype, src, n, dst);
   }
 }
 

@@ -47,9 +47,12 @@ struct KernelTable {
   QuantizeFn quantize_asym;  // C = clamp(rint(r/s + z)),  r -= s*(C - z)
   QuantizeFn quantize_mid;   // C = clamp(floor(r/s)),     r -= (C + 0.5)*s
   StatsFn stats;
-  // PackCodes (core/packing.h) and float -> double conversion, vectorized per ISA.
+  // PackCodes (core/packing.h) and float32 / bfloat16 / float16 -> double conversion (the
+  // values ConvertToDouble gives), vectorized per ISA. src needs no alignment.
   void (*pack)(const uint8_t* codes, int64_t n, int bits, uint8_t* out);
   void (*f32_to_f64)(const uint8_t* src, int64_t n, double* dst);
+  void (*bf16_to_f64)(const uint8_t* src, int64_t n, double* dst);
+  void (*f16_to_f64)(const uint8_t* src, int64_t n, double* dst);
 };
 
 // The table of the ISA core::Runtime() chose once (core/runtime.h): avx512 > avx2 > ref, or

@@ -95,6 +95,8 @@ constexpr KernelTable kAvx2Kernels = [] {
   t.stats = StatsAvx2;
   t.pack = PackImpl;
   t.f32_to_f64 = F32ToF64Impl;
+  t.bf16_to_f64 = BF16ToF64Impl;
+  t.f16_to_f64 = F16ToF64Scalar;
   return t;
 }();
 

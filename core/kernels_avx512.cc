@@ -62,6 +62,32 @@ void QuantizeAvx512(const TermParams& p, double* r, uint8_t* codes, int64_t n, S
   QuantizeTail<G>(p, r, codes, i, n, out);
 }
 
+// 16 bfloat16 -> 16 float32 (zero-extend, shift into the high half) -> 2 × 8 doubles.
+void BF16ToF64Avx512(const uint8_t* src, int64_t n, double* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i));
+    const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_storeu_pd(dst + i, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+    _mm512_storeu_pd(dst + i + 8,
+                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+  }
+  BF16ToF64Impl(src + 2 * i, n - i, dst + i);
+}
+
+// vcvtph2ps is exact for every float16, subnormals included (NaNs stay NaNs).
+void F16ToF64Avx512(const uint8_t* src, int64_t n, double* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 f =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i)));
+    _mm512_storeu_pd(dst + i, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+    _mm512_storeu_pd(dst + i + 8,
+                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+  }
+  F16ToF64Scalar(src + 2 * i, n - i, dst + i);
+}
+
 void StatsAvx512(const double* r, int64_t n, SegmentStats* out) {
   InitStats(out);
   Acc512 acc;
@@ -83,6 +109,8 @@ constexpr KernelTable kAvx512Kernels = [] {
   t.stats = StatsAvx512;
   t.pack = PackImpl;
   t.f32_to_f64 = F32ToF64Impl;
+  t.bf16_to_f64 = BF16ToF64Avx512;
+  t.f16_to_f64 = F16ToF64Avx512;
   return t;
 }();
 

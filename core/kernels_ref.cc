@@ -27,6 +27,8 @@ constexpr KernelTable kRefKernels = [] {
   t.stats = StatsRef;
   t.pack = PackImpl;
   t.f32_to_f64 = F32ToF64Impl;
+  t.bf16_to_f64 = BF16ToF64Impl;
+  t.f16_to_f64 = F16ToF64Scalar;
   return t;
 }();
 

@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
+#include "core/dtype.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -73,6 +75,48 @@ TEST_P(KernelVariantTest, BitIdenticalToReference) {
     }
   }
   EXPECT_EQ(compared, 60);
+}
+
+// Every one of the 65536 bfloat16 and float16 codes, at odd offsets and lengths (vector bodies
+// and scalar tails), against ConvertToDouble: the same double, or NaN for NaN.
+TEST(Kernels, HalfWidthConversionsMatchConvertToDouble) {
+  std::vector<uint8_t> all(2 * 65536 + 2);
+  for (uint32_t c = 0; c < 65536; ++c) {
+    all[2 * c + 1] = static_cast<uint8_t>(c);  // +1: an odd address
+    all[2 * c + 2] = static_cast<uint8_t>(c >> 8);
+  }
+  struct Conv {
+    const char* name;
+    DType dtype;
+    void (*KernelTable::*fn)(const uint8_t*, int64_t, double*);
+  };
+  int compared = 0;
+  for (const std::string& name : SupportedKernelNames()) {
+    const KernelTable* fast = KernelsByName(name);
+    for (const Conv& c : {Conv{"bf16", DType::kBF16, &KernelTable::bf16_to_f64},
+                          Conv{"f16", DType::kF16, &KernelTable::f16_to_f64}}) {
+      for (int64_t first : {int64_t{0}, int64_t{5}}) {
+        for (int64_t n :
+             {int64_t{65536} - first, int64_t{1}, int64_t{15}, int64_t{17}, int64_t{33}}) {
+          const uint8_t* src = all.data() + 1 + 2 * first;
+          std::vector<double> want(static_cast<size_t>(n)), got(static_cast<size_t>(n), -1.0);
+          ConvertToDouble(c.dtype, src, n, want.data());
+          (fast->*c.fn)(src, n, got.data());
+          for (int64_t i = 0; i < n; ++i) {
+            if (std::isnan(want[i])) {
+              ASSERT_TRUE(std::isnan(got[i])) << name << " " << c.name << " code " << first + i;
+            } else {
+              ASSERT_EQ(0, std::memcmp(&want[i], &got[i], sizeof(double)))
+                  << name << " " << c.name << " code " << first + i << ": " << want[i] << " vs "
+                  << got[i];
+            }
+          }
+          ++compared;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(compared, 20 * static_cast<int>(SupportedKernelNames().size()));
 }
 
 INSTANTIATE_TEST_SUITE_P(All, KernelVariantTest, ::testing::Values("avx2", "avx512"));

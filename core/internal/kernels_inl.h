@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/dtype.h"
 #include "core/kernels.h"
 
 namespace fpxint::core::internal {
@@ -110,6 +111,26 @@ inline void F32ToF64Impl(const uint8_t* __restrict src, int64_t n, double* __res
     float v;
     __builtin_memcpy(&v, src + 4 * i, 4);
     dst[i] = v;
+  }
+}
+
+// A bfloat16 is the high half of the float32 with the same bits.
+inline void BF16ToF64Impl(const uint8_t* __restrict src, int64_t n, double* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    __builtin_memcpy(&h, src + 2 * i, 2);
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float v;
+    __builtin_memcpy(&v, &u, 4);
+    dst[i] = v;
+  }
+}
+
+inline void F16ToF64Scalar(const uint8_t* __restrict src, int64_t n, double* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h;
+    __builtin_memcpy(&h, src + 2 * i, 2);
+    dst[i] = HalfToFloat(h);
   }
 }
 
