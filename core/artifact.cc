@@ -24,7 +24,9 @@
 #include "core/mapped_file.h"
 #include "core/sha256.h"
 #include "core/status_macros.h"
+#include "core/thread_pool.h"
 #include "core/torch_state_dict.h"
+#include "core/unique_fd.h"
 
 namespace fpxint::core {
 namespace {
@@ -360,6 +362,41 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
   auto part_bytes = [](const TermData& term, int part) {
     return part == 0 ? Bytes(term.codes) : part == 1 ? Bytes(term.scale) : Bytes(term.zero);
   };
+  // Tensors of 1 MiB and more are read from the file into one buffer, reused for each (pread,
+  // split over the pool), not through the mapping: every first touch of a mapped page is a
+  // fault, which costs more than a copy into pages mapped once, most on virtual machines
+  // (docs/BENCHMARKS.md, "Checkpoint directories"). The buffer holds the largest such tensor;
+  // smaller tensors and copies of strided views are read where they are.
+  constexpr size_t kStageMin = size_t{1} << 20;
+  UniqueFd source_fd(::open(in_path.c_str(), O_RDONLY | O_CLOEXEC));
+  std::vector<uint8_t> staging;
+  {
+    size_t largest = 0;
+    for (const SourceTensor* t : selected) {
+      if (in_source(t->data) && t->data.size() >= kStageMin) {
+        largest = std::max(largest, t->data.size());
+      }
+    }
+    if (source_fd.get() >= 0) staging.resize(largest);
+  }
+  auto staged = [&](absl::Span<const uint8_t> data) -> absl::StatusOr<absl::Span<const uint8_t>> {
+    if (source_fd.get() < 0 || !in_source(data) || data.size() < kStageMin ||
+        data.size() > staging.size()) {
+      return data;
+    }
+    const uint64_t offset = static_cast<uint64_t>(data.data() - source->bytes.data());
+    constexpr size_t kPiece = size_t{4} << 20;
+    const int64_t pieces = static_cast<int64_t>((data.size() + kPiece - 1) / kPiece);
+    std::vector<absl::Status> errors(static_cast<size_t>(pieces));
+    RunTasks(options.expand.pool, pieces, [&](int64_t p) {
+      const size_t at = static_cast<size_t>(p) * kPiece;
+      errors[static_cast<size_t>(p)] = ReadFileRange(
+          source_fd.get(), offset + at,
+          absl::MakeSpan(staging.data() + at, std::min(kPiece, data.size() - at)), in_path);
+    });
+    for (const absl::Status& e : errors) FPX_RETURN_IF_ERROR(e);
+    return absl::MakeConstSpan(staging.data(), data.size());
+  };
   auto expand = [&](size_t i) -> absl::StatusOr<TensorExpansion> {
     const SourceTensor& t = *selected[i];
     progress.tensor_index = static_cast<int>(i);
@@ -367,8 +404,9 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     if (options.progress) options.progress(progress);
     ExpansionSpec tensor_spec = spec;
     tensor_spec.terms = terms_of[i];
+    FPX_ASSIGN_OR_RETURN(const absl::Span<const uint8_t> data, staged(t.data));
     absl::StatusOr<TensorExpansion> e =
-        ExpandTensor(t.dtype, t.shape, t.data, tensor_spec, options.expand);
+        ExpandTensor(t.dtype, t.shape, data, tensor_spec, options.expand);
     if (!e.ok()) {
       return absl::Status(e.status().code(),
                           absl::StrCat("tensor '", t.name, "': ", e.status().message()));

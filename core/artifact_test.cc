@@ -16,6 +16,7 @@
 #include "core/mapped_file.h"
 #include "core/name_pattern.h"
 #include "core/sha256.h"
+#include "core/thread_pool.h"
 #include "gtest/gtest.h"
 #include "tests/support/test_support.h"
 
@@ -230,6 +231,57 @@ TEST(Artifact, WrittenInPlaceOrFromSpilledTermsTheBytesAreTheSame) {
       EXPECT_EQ(::fpxint::testing::ReadFileOrDie(dir.File("placed")),
                 ::fpxint::testing::ReadFileOrDie(dir.File("spilled")))
           << GridName(g) << " " << ScaleName(sc);
+    }
+  }
+}
+
+// Tensors of 1 MiB and more are read from the file into a reused buffer, not through the
+// mapping: each tensor's terms, large or small, at odd offsets, are those ExpandTensor gives on
+// its bytes.
+TEST(Artifact, LargeTensorsReadIntoABufferExpandAsInMemory) {
+  ScratchDir dir;
+  SafetensorsWriter w;
+  // A 3-byte tensor first puts the large ones at odd offsets; "small" stays below 1 MiB.
+  EXPECT_TRUE(w.AddOwned("pad", DType::kU8, {3}, std::vector<uint8_t>{1, 2, 3}).ok());
+  std::vector<std::vector<uint8_t>> data;
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> tensors = {
+      {"big0", {600, 1000}}, {"small", {100, 70}}, {"big1", {1030, 700}}};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& [name, shape] = tensors[i];
+    const std::vector<double> v = RandomValues(Dist::kStudentT3, shape[0] * shape[1], 40 + i);
+    std::vector<uint16_t> bf(v.size());
+    for (size_t j = 0; j < v.size(); ++j) bf[j] = FloatToBFloat16(static_cast<float>(v[j]));
+    data.push_back(AsBytes(bf));
+    EXPECT_TRUE(w.AddOwned(name, DType::kBF16, shape, data.back()).ok());
+  }
+  const std::string src = dir.File("src.safetensors");
+  ASSERT_TRUE(w.WriteFile(src).ok());
+  ArtifactOptions o = Options(4, 2, Grid::kSym, ScaleGranularity::kGroup, 128);
+  o.source_sha256 = *Sha256File(src);
+  ThreadPool pool(2);
+  o.expand.pool = &pool;
+  const std::string out = dir.File("out.safetensors");
+  absl::StatusOr<ExpandReport> rep = ExpandSafetensorsFile(src, out, o);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  EXPECT_EQ(rep->artifact_sha256, *Sha256File(out));
+  auto r = SafetensorsReader::Open(out);
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& [name, shape] = tensors[i];
+    absl::StatusOr<TensorExpansion> e =
+        ExpandTensor(DType::kBF16, shape, data[i], o.spec, o.expand);
+    ASSERT_TRUE(e.ok()) << e.status();
+    for (int k = 1; k <= 2; ++k) {
+      const TensorInfo* codes = (*r)->Find(absl::StrCat(name, ".t", k, ".codes"));
+      const TensorInfo* scale = (*r)->Find(absl::StrCat(name, ".t", k, ".scale"));
+      ASSERT_NE(codes, nullptr);
+      ASSERT_NE(scale, nullptr);
+      const auto c = (*r)->Data(*codes);
+      const auto sc = (*r)->Data(*scale);
+      const TermData& t = e->terms[static_cast<size_t>(k - 1)];
+      EXPECT_TRUE(std::equal(c.begin(), c.end(), t.codes.begin(), t.codes.end())) << name << k;
+      ASSERT_EQ(sc.size(), t.scale.size() * 4);
+      EXPECT_EQ(0, std::memcmp(sc.data(), t.scale.data(), sc.size())) << name << k;
     }
   }
 }

@@ -48,6 +48,22 @@ void ReleaseMappedPages(absl::Span<const uint8_t> bytes) {
   if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
+absl::Status ReadFileRange(int fd, uint64_t offset, absl::Span<uint8_t> out,
+                           const std::string& path) {
+  for (size_t got = 0; got < out.size();) {
+    const ssize_t n = ::pread(fd, out.data() + got, out.size() - got,
+                              static_cast<off_t>(offset + got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoToStatus(errno, "cannot read", path);
+    if (n == 0) {
+      return absl::DataLossError(absl::StrCat("cannot read ", path, ": it ends at byte ",
+                                              offset + got, ", before byte ", offset + out.size()));
+    }
+    got += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
 MappedFile::~MappedFile() {
   if (map_ != nullptr) ::munmap(map_, len_);
 }

@@ -48,6 +48,11 @@ class MappedFile {
 // one tensor instead of the whole file.
 void ReleaseMappedPages(absl::Span<const uint8_t> bytes);
 
+// Reads out.size() bytes of `fd` at `offset` (pread, retried on EINTR and short reads). A read
+// that ends early is an error ("cannot read", naming `path`), as is any errno.
+absl::Status ReadFileRange(int fd, uint64_t offset, absl::Span<uint8_t> out,
+                           const std::string& path);
+
 }  // namespace fpxint::core
 
 #endif  // FPXINT_CORE_MAPPED_FILE_H_
