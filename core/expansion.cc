@@ -551,8 +551,13 @@ bool BadRow(const ExpansionSpec& spec, const SegmentStats& st) {
 
 absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
                                   const ExpansionSpec& spec, const ExpandOptions& o,
-                                  float* sum_out, absl::Span<float* const> term_out) {
+                                  float* sum_out, absl::Span<float* const> term_out,
+                                  int64_t blocks) {
   FPX_RETURN_IF_ERROR(spec.Validate());
+  if (blocks < 1 || rows % blocks != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ExpandReconstructF32: ", blocks, " blocks do not divide ", rows, " rows"));
+  }
   if (spec.eps != 0 ||
       (spec.scale != ScaleGranularity::kTensor && spec.scale != ScaleGranularity::kChannel)) {
     return absl::InvalidArgumentError(
@@ -627,9 +632,11 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
   // instead of keeping the whole tensor's fp64 residual and sum in memory between the terms:
   // K(K+1)/2 term quantizations instead of K, but only x and the outputs cross the memory bus.
   // Every row runs the same kernels on the same values, so the bits are those of ExpandTensor.
+  // Each block of rows_per_block rows has its own scales (params[block][k - 1]).
+  const int64_t rows_per_block = rows / blocks;
   std::vector<SegmentStats> row_stats(static_cast<size_t>(rows));
-  std::vector<GroupParams> params;  // terms 1..pass
-  float prev = 0;
+  std::vector<std::vector<GroupParams>> params(static_cast<size_t>(blocks));
+  std::vector<float> prev(static_cast<size_t>(blocks), 0.0f);
   for (int pass = 0; pass <= K; ++pass) {
     ParallelRows(o, rows, cols, [&](int64_t b, int64_t end) {
       std::vector<double> r(static_cast<size_t>(cols));
@@ -643,11 +650,12 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
           bad[static_cast<size_t>(row)] = BadRow(spec, rs);
           continue;
         }
+        const std::vector<GroupParams>& gp = params[static_cast<size_t>(row / rows_per_block)];
         SegmentStats scratch;
         for (int k = 1; k <= pass; ++k) {
           const bool out = pass == K;
-          TermRow(spec, quantize, params[static_cast<size_t>(k - 1)], k, r.data(), codes.data(),
-                  cols, k == pass && !out ? &rs : &scratch, out && !acc.empty() ? acc.data() : nullptr,
+          TermRow(spec, quantize, gp[static_cast<size_t>(k - 1)], k, r.data(), codes.data(), cols,
+                  k == pass && !out ? &rs : &scratch, out && !acc.empty() ? acc.data() : nullptr,
                   out ? term_row(k, row) : nullptr);
         }
         if (pass == K && sum_out != nullptr) {
@@ -662,9 +670,14 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
         if (b) return bad_value_error();
       }
     }
-    if (pass < K) {
-      params.push_back(ParamsFor(spec, GlobalRange(row_stats), prev, pass + 1));
-      prev = params.back().scale;
+    if (pass == K) break;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const auto first = row_stats.begin() + blk * rows_per_block;
+      const SegmentStats range =
+          GlobalRange(std::vector<SegmentStats>(first, first + rows_per_block));
+      params[static_cast<size_t>(blk)].push_back(
+          ParamsFor(spec, range, prev[static_cast<size_t>(blk)], pass + 1));
+      prev[static_cast<size_t>(blk)] = params[static_cast<size_t>(blk)].back().scale;
     }
   }
   return absl::OkStatus();

@@ -151,10 +151,13 @@ std::vector<double> Reconstruct(const TensorExpansion& e, int num_terms,
 // spec, shape {rows, cols} and kernels; but codes are neither packed nor unpacked and no error
 // statistics are kept, and every row's K terms run while the row is in cache.
 // spec.scale must be kTensor or kChannel (one scale per row) and spec.eps 0. Errors as
-// ExpandTensor's (the same messages).
+// ExpandTensor's (the same messages). With kTensor, `blocks` splits the rows into that many
+// equal consecutive blocks, each expanded with scales of its own: the bits of one call per block
+// (the samples of a batch), in one pass over the pool. REQUIRES: blocks divides rows.
 absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
                                   const ExpansionSpec& spec, const ExpandOptions& options,
-                                  float* sum_out, absl::Span<float* const> term_out);
+                                  float* sum_out, absl::Span<float* const> term_out,
+                                  int64_t blocks = 1);
 
 }  // namespace fpxint::core
 

@@ -566,6 +566,51 @@ TEST(ExpandReconstructF32, EqualsExpandThenReconstructBitForBit) {
   }
 }
 
+// Blocks: one call over several blocks of rows gives the bits of one call per block (each block
+// its own tensor scales), for every grid and with the terms alone.
+TEST(ExpandReconstructF32, BlocksAreExpandedAsSeparateTensors) {
+  ThreadPool pool(2);
+  const int64_t blocks = 3, rows_per_block = 5, cols = 37, n = blocks * rows_per_block * cols;
+  std::vector<float> x = ToFloat(RandomValues(Dist::kStudentT3, n, 77));
+  // Blocks of very different ranges: a shared scale would change the small ones.
+  for (int64_t i = 0; i < n; ++i) x[i] *= i < n / 3 ? 100.0f : i < 2 * n / 3 ? 1.0f : 0.01f;
+  for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
+    ExpansionSpec spec = Spec(4, 2, grid, ScaleGranularity::kTensor, 0, Variant::kRescaled);
+    ExpandOptions o;
+    o.pool = &pool;
+    std::vector<float> whole(n), t1(n), t2(n);
+    std::vector<float*> terms = {t1.data(), t2.data()};
+    ASSERT_TRUE(ExpandReconstructF32(x.data(), blocks * rows_per_block, cols, spec, o,
+                                     whole.data(), terms, blocks)
+                    .ok());
+    std::vector<float> shared(n);
+    ASSERT_TRUE(ExpandReconstructF32(x.data(), blocks * rows_per_block, cols, spec, o,
+                                     shared.data(), {})
+                    .ok());
+    EXPECT_NE(shared, whole) << "one scale for all blocks should differ";
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t off = b * rows_per_block * cols;
+      std::vector<float> one(rows_per_block * cols), o1(one.size()), o2(one.size());
+      std::vector<float*> one_terms = {o1.data(), o2.data()};
+      ASSERT_TRUE(ExpandReconstructF32(x.data() + off, rows_per_block, cols, spec, o, one.data(),
+                                       one_terms)
+                      .ok());
+      for (size_t i = 0; i < one.size(); ++i) {
+        ASSERT_EQ(whole[off + i], one[i]) << GridName(grid) << " block " << b << " at " << i;
+        ASSERT_EQ(t1[off + i], o1[i]) << GridName(grid) << " block " << b << " at " << i;
+        ASSERT_EQ(t2[off + i], o2[i]) << GridName(grid) << " block " << b << " at " << i;
+      }
+    }
+  }
+  std::vector<float> out(n);
+  EXPECT_EQ(ExpandReconstructF32(x.data(), blocks * rows_per_block, cols,
+                                 Spec(4, 2, Grid::kSym, ScaleGranularity::kTensor, 0,
+                                      Variant::kRescaled),
+                                 ExpandOptions{}, out.data(), {}, 4)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ExpandReconstructF32, SameErrorsAsExpandTensor) {
   std::vector<float> x(4 * 4, 1.0f);
   x[9] = NAN;

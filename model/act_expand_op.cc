@@ -69,16 +69,12 @@ void ExpandInto(const at::Tensor& x, const ActView& v, const at::Tensor& sum,
                 const std::vector<at::Tensor>& terms) {
   core::ExpandOptions options;
   options.pool = &AtenPool();
-  const int64_t rows = v.rows / v.blocks;
-  for (int64_t b = 0; b < v.blocks; ++b) {
-    const int64_t offset = b * rows * v.cols;
-    std::vector<float*> term_ptrs;
-    for (const at::Tensor& t : terms) term_ptrs.push_back(t.data_ptr<float>() + offset);
-    const absl::Status s = core::ExpandReconstructF32(
-        x.data_ptr<float>() + offset, rows, v.cols, v.spec, options,
-        sum.defined() ? sum.data_ptr<float>() + offset : nullptr, term_ptrs);
-    TORCH_CHECK(s.ok(), "fpxint::act_expand: ", std::string(s.message()));
-  }
+  std::vector<float*> term_ptrs;
+  for (const at::Tensor& t : terms) term_ptrs.push_back(t.data_ptr<float>());
+  const absl::Status s = core::ExpandReconstructF32(
+      x.data_ptr<float>(), v.rows, v.cols, v.spec, options,
+      sum.defined() ? sum.data_ptr<float>() : nullptr, term_ptrs, v.blocks);
+  TORCH_CHECK(s.ok(), "fpxint::act_expand: ", std::string(s.message()));
 }
 
 // Per-pixel scales work on the NHWC view, so that each pixel's channels are one row.
