@@ -380,8 +380,8 @@ absl::StatusOr<ExpandReport> ExpandSafetensorsFile(const std::string& in_path,
     if (source_fd.get() >= 0) staging.resize(largest);
   }
   auto staged = [&](absl::Span<const uint8_t> data) -> absl::StatusOr<absl::Span<const uint8_t>> {
-    if (source_fd.get() < 0 || !in_source(data) || data.size() < kStageMin ||
-        data.size() > staging.size()) {
+    // staging is empty when the file could not be opened again: the mapping serves.
+    if (!in_source(data) || data.size() < kStageMin || data.size() > staging.size()) {
       return data;
     }
     const uint64_t offset = static_cast<uint64_t>(data.data() - source->bytes.data());

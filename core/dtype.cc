@@ -94,8 +94,6 @@ float HalfToFloat(uint16_t h) {
   return absl::bit_cast<float>(bits);
 }
 
-float BFloat16ToFloat(uint16_t b) { return absl::bit_cast<float>(static_cast<uint32_t>(b) << 16); }
-
 uint16_t FloatToBFloat16(float f) {
   uint32_t x = absl::bit_cast<uint32_t>(f);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((x >> 16) | 0x40);  // quiet NaN

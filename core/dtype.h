@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "absl/base/casts.h"
 #include "absl/strings/string_view.h"
 
 namespace fpxint::core {
@@ -36,7 +37,10 @@ bool IsFloating(DType t);
 
 // IEEE binary16 and bfloat16 to float, exact (every value, including subnormals, inf and NaN).
 float HalfToFloat(uint16_t h);
-float BFloat16ToFloat(uint16_t b);
+// Inline, so that the kernels' conversion loops (core/internal/kernels_inl.h) vectorize it.
+inline float BFloat16ToFloat(uint16_t b) {
+  return absl::bit_cast<float>(static_cast<uint32_t>(b) << 16);
+}
 // FP8 to float, exact for all 256 codes (every FP8 value is a float). E4M3: 0x7F and 0xFF are
 // NaN, there is no infinity; E5M2: the upper byte of the binary16 with the same bits.
 float Fp8E4M3ToFloat(uint8_t c);

@@ -104,7 +104,7 @@ void ToDouble(const KernelTable& kt, DType dtype, const uint8_t* src, int64_t n,
 double MaxAbs(const SegmentStats& s) { return std::max(std::fabs(s.min), std::fabs(s.max)); }
 
 // The range of a whole tensor from its rows' statistics (what a tensor scale is computed from).
-SegmentStats GlobalRange(const std::vector<SegmentStats>& rows) {
+SegmentStats GlobalRange(absl::Span<const SegmentStats> rows) {
   SegmentStats g{INFINITY, -INFINITY, 0};
   for (const SegmentStats& s : rows) {
     g.min = std::min(g.min, s.min);
@@ -672,9 +672,8 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
     }
     if (pass == K) break;
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      const auto first = row_stats.begin() + blk * rows_per_block;
-      const SegmentStats range =
-          GlobalRange(std::vector<SegmentStats>(first, first + rows_per_block));
+      const SegmentStats range = GlobalRange(absl::MakeConstSpan(row_stats).subspan(
+          static_cast<size_t>(blk * rows_per_block), static_cast<size_t>(rows_per_block)));
       params[static_cast<size_t>(blk)].push_back(
           ParamsFor(spec, range, prev[static_cast<size_t>(blk)], pass + 1));
       prev[static_cast<size_t>(blk)] = params[static_cast<size_t>(blk)].back().scale;

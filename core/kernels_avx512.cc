@@ -62,15 +62,19 @@ void QuantizeAvx512(const TermParams& p, double* r, uint8_t* codes, int64_t n, S
   QuantizeTail<G>(p, r, codes, i, n, out);
 }
 
-// 16 bfloat16 -> 16 float32 (zero-extend, shift into the high half) -> 2 × 8 doubles.
+// 16 floats as 16 doubles at dst.
+inline void StoreAsF64(__m512 f, double* dst) {
+  _mm512_storeu_pd(dst, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  _mm512_storeu_pd(dst + 8,
+                   _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+}
+
+// 16 bfloat16 -> 16 float32 (zero-extend, shift into the high half) -> 16 doubles.
 void BF16ToF64Avx512(const uint8_t* src, int64_t n, double* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i));
-    const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    _mm512_storeu_pd(dst + i, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
-    _mm512_storeu_pd(dst + i + 8,
-                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+    StoreAsF64(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), dst + i);
   }
   BF16ToF64Impl(src + 2 * i, n - i, dst + i);
 }
@@ -79,11 +83,8 @@ void BF16ToF64Avx512(const uint8_t* src, int64_t n, double* dst) {
 void F16ToF64Avx512(const uint8_t* src, int64_t n, double* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512 f =
-        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i)));
-    _mm512_storeu_pd(dst + i, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
-    _mm512_storeu_pd(dst + i + 8,
-                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+    StoreAsF64(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i))),
+               dst + i);
   }
   F16ToF64Scalar(src + 2 * i, n - i, dst + i);
 }

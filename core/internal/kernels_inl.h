@@ -114,15 +114,11 @@ inline void F32ToF64Impl(const uint8_t* __restrict src, int64_t n, double* __res
   }
 }
 
-// A bfloat16 is the high half of the float32 with the same bits.
 inline void BF16ToF64Impl(const uint8_t* __restrict src, int64_t n, double* __restrict dst) {
   for (int64_t i = 0; i < n; ++i) {
     uint16_t h;
     __builtin_memcpy(&h, src + 2 * i, 2);
-    const uint32_t u = static_cast<uint32_t>(h) << 16;
-    float v;
-    __builtin_memcpy(&v, &u, 4);
-    dst[i] = v;
+    dst[i] = BFloat16ToFloat(h);
   }
 }
 
