@@ -1,4 +1,5 @@
-// fpxint-model-pairs: the OCR recognizer, FP32 against W4×1, W4×2 and W4A4×2 on packed weights,
+// fpxint-model-pairs: the OCR recognizer, FP32 against W4×1, W4×2, W4A4×2 and folded W4A4×2
+// (variant D, mid grid) on packed weights,
 // timed in alternating rounds in one process (docs/BENCHMARKS.md "Model").
 //
 // On a shared host whose speed drifts by 2-3× within a minute, back-to-back repetitions (even
@@ -8,8 +9,8 @@
 // quartile and the median, and the median of the per-round ratios to FP32.
 //   --batch N  the first N evaluation lines as one batch (default 1)
 //   --per-op   also the per-op minimum over rounds, FP32 next to W4×2 (or W4A4×2 with --wa),
-//              aligned by position (the networks run the same op sequence with conv/linear
-//              swapped for fpxint ops).
+//              or folded W4A4×2 with --folded), aligned by position (the networks run the same
+//              op sequence with conv/linear swapped for fpxint ops).
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -72,20 +73,21 @@ int main(int argc, char** argv) {
   CLI::App app{"The OCR recognizer: FP32 vs W4x1, W4x2 and W4A4x2 packed, alternating rounds."};
   int rounds = 40;
   int64_t batch = 1;
-  bool per_op = false, wa = false;
+  bool per_op = false, wa = false, folded = false;
   std::string dir = fpxint::bench::ModelsDir();
   app.add_option("--rounds", rounds, "rounds (each runs every model once)")->check(CLI::Range(3, 100000));
   app.add_option("--batch", batch, "lines per forward (the first N evaluation lines)")
       ->check(CLI::Range(1, 64));
   app.add_flag("--per-op", per_op, "per-op minimum times, FP32 next to W4x2");
   app.add_flag("--wa", wa, "per-op against W4A4x2 instead of W4x2");
+  app.add_flag("--folded", folded, "per-op against folded W4A4x2 (variant D, mid grid)");
   app.add_option("--models-dir", dir, "scripts/fetch_models.sh's directory");
   CLI11_PARSE(app, argc, argv);
 
-  const char* names[] = {"fp32_libtorch", "w4k1", "w4k2", "w4a4k2"};
+  const char* names[] = {"fp32_libtorch", "w4k1", "w4k2", "w4a4k2", "w4a4k2_folded"};
   std::vector<std::unique_ptr<fpxint::model::Model>> models;
-  for (int terms : {0, 1, 2, 3}) {
-    auto m = fpxint::bench::LoadRecognizer(dir, std::min(terms, 2), terms == 3 ? 2 : 0);
+  for (int terms : {0, 1, 2, 3, 4}) {
+    auto m = fpxint::bench::LoadRecognizer(dir, std::min(terms, 2), terms >= 3 ? 2 : 0, terms == 4);
     if (!m.ok()) {
       std::fprintf(stderr, "%s\n", std::string(m.status().message()).c_str());
       return 3;
@@ -124,8 +126,8 @@ int main(int argc, char** argv) {
   if (!per_op) return 0;
 
   InstallOpTimer();
-  const size_t other = wa ? 3 : 2;
-  std::vector<std::vector<OpTime>> best(2);  // fp32, w4k2 or w4a4k2
+  const size_t other = folded ? 4 : wa ? 3 : 2;
+  std::vector<std::vector<OpTime>> best(2);  // fp32, then w4k2, w4a4k2 or w4a4k2_folded
   for (int r = 0; r < rounds; ++r) {
     for (int j = 0; j < 2; ++j) {
       std::vector<OpTime> ops;

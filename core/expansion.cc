@@ -547,6 +547,17 @@ bool BadRow(const ExpansionSpec& spec, const SegmentStats& st) {
   return !RowIsFinite(st) || (spec.unsigned_first && st.min < 0);
 }
 
+// A row had a bad value: ExpandTensor on the same input fails with the message that names it.
+absl::Status RejectedRowError(const float* x, int64_t rows, int64_t cols,
+                              const ExpansionSpec& spec, const ExpandOptions& o) {
+  absl::StatusOr<TensorExpansion> e =
+      ExpandTensor(DType::kF32, {rows, cols},
+                   absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
+                                       static_cast<size_t>(rows * cols) * sizeof(float)),
+                   spec, o);
+  return e.ok() ? absl::InternalError("a row was rejected, the tensor not") : e.status();
+}
+
 }  // namespace
 
 absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
@@ -582,14 +593,7 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
     return term_out.empty() ? nullptr : term_out[k - 1] + row * cols;
   };
   std::vector<uint8_t> bad(static_cast<size_t>(rows), 0);
-  // A bad value: ExpandTensor on the same input fails with the message that names it.
-  auto bad_value_error = [&]() -> absl::Status {
-    absl::StatusOr<TensorExpansion> e = ExpandTensor(
-        DType::kF32, shape, absl::MakeConstSpan(row_bytes(0), static_cast<size_t>(rows * cols) * 4),
-        spec, o);
-    return e.ok() ? absl::InternalError("ExpandReconstructF32: a row was rejected, the tensor not")
-                  : e.status();
-  };
+  auto bad_value_error = [&] { return RejectedRowError(x, rows, cols, spec, o); };
   auto cancelled = [&] { return o.cancel != nullptr && o.cancel->load(); };
 
   if (spec.scale == ScaleGranularity::kChannel) {
@@ -679,6 +683,54 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
       prev[static_cast<size_t>(blk)] = params[static_cast<size_t>(blk)].back().scale;
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
+                               const ExpansionSpec& spec, const ExpandOptions& o,
+                               const RowCodesFn& emit) {
+  FPX_RETURN_IF_ERROR(spec.Validate());
+  if (spec.eps != 0 || spec.scale != ScaleGranularity::kChannel) {
+    return absl::InvalidArgumentError("ExpandRowCodesF32: needs channel scales and no eps stop");
+  }
+  FPX_ASSIGN_OR_RETURN(const TensorLayout l, TensorLayout::Make({rows, cols}, spec));
+  if (l.groups_per_row != 1 || l.row_len != cols) {
+    return absl::InternalError("ExpandRowCodesF32: unexpected layout");
+  }
+  const int K = spec.terms;
+  const KernelTable& kt = o.kernels != nullptr ? *o.kernels : ActiveKernels();
+  const QuantizeFn quantize = QuantizerOf(kt, spec.grid);
+  std::atomic<bool> bad{false};
+  ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<double> r(static_cast<size_t>(cols));
+    std::vector<uint8_t> codes(static_cast<size_t>(K * cols));
+    std::vector<const uint8_t*> term(static_cast<size_t>(K));
+    std::vector<float> scales(static_cast<size_t>(K));
+    for (int k = 0; k < K; ++k) term[static_cast<size_t>(k)] = codes.data() + k * cols;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      kt.f32_to_f64(reinterpret_cast<const uint8_t*>(x + row * cols), cols, r.data());
+      SegmentStats st;
+      kt.stats(r.data(), cols, &st);
+      if (BadRow(spec, st)) {
+        bad.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      float prev = 0;
+      for (int k = 1; k <= K; ++k) {
+        const GroupParams gp = ParamsFor(spec, st, prev, k);
+        prev = scales[static_cast<size_t>(k - 1)] = gp.scale;
+        uint8_t* c = codes.data() + (k - 1) * cols;
+        if (gp.skip) {
+          std::memset(c, 0, static_cast<size_t>(cols));
+        } else {
+          quantize(gp.p, r.data(), c, cols, &st);
+        }
+      }
+      emit(row, term.data(), scales.data());
+    }
+  });
+  if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
+  if (bad.load()) return RejectedRowError(x, rows, cols, spec, o);
   return absl::OkStatus();
 }
 

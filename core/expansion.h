@@ -29,6 +29,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -158,6 +159,21 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
                                   const ExpansionSpec& spec, const ExpandOptions& options,
                                   float* sum_out, absl::Span<float* const> term_out,
                                   int64_t blocks = 1);
+
+// The codes of a per-row expansion of x (rows × cols, float32) handed over row by row, for
+// callers that build their own operand from them (the folded W×A product): emit(row, codes,
+// scales) receives codes[k-1], the cols unpacked code bytes of term k (the low 8 bits of each
+// code, as ExpandTensor's before packing), and scales[k-1], term k's scale. The codes and scales
+// are bit for bit those of ExpandTensor with the same spec, shape {rows, cols} and kernels;
+// nothing is packed and no error statistics are kept. spec.scale must be kChannel and spec.eps 0.
+// Rows are split over options.pool: emit runs on its threads, once per row, and is only valid
+// for the duration of the call. Errors as ExpandTensor's (the same messages); emit may have seen
+// rows before a bad one is reported.
+using RowCodesFn =
+    std::function<void(int64_t row, const uint8_t* const* codes, const float* scales)>;
+absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
+                               const ExpansionSpec& spec, const ExpandOptions& options,
+                               const RowCodesFn& emit);
 
 }  // namespace fpxint::core
 

@@ -672,5 +672,86 @@ TEST(ExpansionCancel, CancelledFlagStopsTheWork) {
   }
 }
 
+
+// ExpandRowCodesF32 hands over, row by row, the codes and scales ExpandTensor would pack.
+TEST(ExpandRowCodesF32, EqualsExpandTensorsCodesAndScales) {
+  ThreadPool pool(2);
+  const int64_t rows = 41, cols = 133;
+  std::vector<float> x = ToFloat(RandomValues(Dist::kStudentT3, rows * cols, 91));
+  for (int64_t i = 0; i < cols; ++i) x[5 * cols + i] = 0;  // a zero row (mid grid: skipped terms)
+  std::vector<float> relu = x;
+  for (float& v : relu) v = std::max(v, 0.0f);
+  for (const std::string& kernels : SupportedKernelNames()) {
+    for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
+      for (int bits : {2, 4, 8}) {
+        for (Variant v : {Variant::kRescaled, Variant::kDigits}) {
+          if (v == Variant::kDigits && grid != Grid::kMid) continue;
+          for (bool unsigned_first : {false, true}) {
+            if (unsigned_first && grid != Grid::kSym) continue;
+            ExpansionSpec spec = Spec(bits, 3, grid, ScaleGranularity::kChannel, 0, v);
+            spec.unsigned_first = unsigned_first;
+            const std::vector<float>& in = unsigned_first ? relu : x;
+            ExpandOptions o;
+            o.kernels = KernelsByName(kernels);
+            absl::StatusOr<TensorExpansion> e = ExpandTensor(
+                DType::kF32, {rows, cols},
+                absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size() * 4),
+                spec, o);
+            ASSERT_TRUE(e.ok()) << e.status();
+            o.pool = &pool;
+            std::vector<int> seen(rows, 0);
+            std::vector<std::vector<int32_t>> got(3, std::vector<int32_t>(rows * cols));
+            std::vector<std::vector<float>> scale(3, std::vector<float>(rows));
+            ASSERT_TRUE(ExpandRowCodesF32(in.data(), rows, cols, spec, o,
+                                          [&](int64_t row, const uint8_t* const* codes,
+                                              const float* scales) {
+                                            ++seen[row];
+                                            for (int k = 0; k < 3; ++k) {
+                                              scale[k][row] = scales[k];
+                                              for (int64_t c = 0; c < cols; ++c) {
+                                                // The low `bits` bits, as PackCodes keeps them.
+                                                got[k][row * cols + c] = codes[k][c];
+                                              }
+                                            }
+                                          })
+                            .ok());
+            for (int k = 0; k < 3; ++k) {
+              const bool is_signed = !spec.term_is_unsigned(k + 1);
+              for (int64_t row = 0; row < rows; ++row) {
+                ASSERT_EQ(seen[row], 1);
+                ASSERT_EQ(scale[k][row], e->terms[k].scale[row]) << spec.ToString() << " " << row;
+                std::vector<int32_t> want(cols);
+                UnpackCodes(e->terms[k].codes.data() + row * e->layout.packed_row_bytes, cols,
+                            bits, is_signed, want.data());
+                for (int64_t c = 0; c < cols; ++c) {
+                  const uint8_t byte = static_cast<uint8_t>(got[k][row * cols + c]);
+                  const int32_t code = is_signed ? static_cast<int8_t>(byte) : byte;
+                  ASSERT_EQ(code, want[c]) << kernels << " " << spec.ToString() << " term "
+                                           << k + 1 << " row " << row << " col " << c;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ExpandRowCodesF32, SameErrorsAsExpandTensor) {
+  std::vector<float> x(4 * 4, 1.0f);
+  x[9] = NAN;
+  auto ignore = [](int64_t, const uint8_t* const*, const float*) {};
+  const absl::Status s =
+      ExpandRowCodesF32(x.data(), 4, 4, Spec(4, 2, Grid::kSym, ScaleGranularity::kChannel), {},
+                        ignore);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("flat index 9"), std::string::npos) << s;
+  EXPECT_EQ(ExpandRowCodesF32(x.data(), 4, 4, Spec(4, 2, Grid::kSym, ScaleGranularity::kTensor),
+                              {}, ignore)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace fpxint::core

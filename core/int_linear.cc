@@ -666,11 +666,9 @@ int64_t FoldedIntLinear::Numerator(int64_t o, int32_t acc, int64_t usum, int64_t
          cols_ * zw2_ * zx2;
 }
 
-absl::Status FoldedIntLinear::Run(
-    const float* x, int64_t batch, const ActSpec& act, ThreadPool* pool,
-    const IntKernelTable* kernels,
-    const std::function<void(int64_t, int64_t, int, const int32_t*, int64_t, int64_t, float)>&
-        emit) const {
+absl::Status FoldedIntLinear::Run(const float* x, int64_t batch, const ActSpec& act,
+                                  ThreadPool* pool, const IntKernelTable* kernels,
+                                  const TileFn& emit) const {
   if (act.bits < 1 || act.terms < 1 || act.bits * act.terms > 8) {
     return absl::InvalidArgumentError(absl::StrCat(
         "activation bits ", act.bits, ", terms ", act.terms, "; folded W×A takes bits·terms <= 8"));
@@ -688,52 +686,43 @@ absl::Status FoldedIntLinear::Run(
   as.terms = act.terms;
   as.grid = Grid::kMid;
   as.variant = Variant::kDigits;
-  as.scale = batch > 1 ? ScaleGranularity::kChannel : ScaleGranularity::kTensor;
-  const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(x),
-                                         static_cast<size_t>(batch * cols_) * sizeof(float));
+  as.scale = ScaleGranularity::kChannel;  // one scale per row (one row: the tensor's)
   ExpandOptions eo;
   eo.pool = pool;
-  FPX_ASSIGN_OR_RETURN(TensorExpansion ex,
-                       ExpandTensor(DType::kF32, {batch, cols_}, bytes, as, eo));
-  const int Ka = static_cast<int>(ex.terms.size());
+  const int Ka = act.terms;
   const int64_t ldx = groups_ * 4;
   const int64_t ushift = (int64_t{1} << (act.bits - 1)) * DigitSum(act.bits, Ka);
   const int64_t zx2 = (int64_t{1} << (act.bits * Ka)) - 1;
-  std::vector<uint8_t> xu(static_cast<size_t>(batch * ldx), 0);
+  std::unique_ptr<uint8_t[]> xu(new uint8_t[static_cast<size_t>(batch * ldx)]);
   std::vector<int64_t> usum(static_cast<size_t>(batch));
   std::vector<float> sx(static_cast<size_t>(batch));
-  RunTasks(pool, batch, [&](int64_t b) {
-    uint8_t* row = xu.data() + b * ldx;
-    const int64_t rb = ex.layout.packed_row_bytes;
-    int64_t sum = 0;
-    if (act.bits == 4 && Ka == 2) {
-      // U = 16·C1 + C2 + 136 = (nibble1 ^ 8) << 4 | (nibble2 ^ 8): two packed bytes give two codes.
-      const uint8_t* t1 = ex.terms[0].codes.data() + b * rb;
-      const uint8_t* t2 = ex.terms[1].codes.data() + b * rb;
-      for (int64_t c = 0; c < cols_; ++c) {
-        const int sh = 4 * static_cast<int>(c % 2);
-        const uint32_t n1 = ((t1[c / 2] >> sh) & 0x0Fu) ^ 8u, n2 = ((t2[c / 2] >> sh) & 0x0Fu) ^ 8u;
-        row[c] = static_cast<uint8_t>((n1 << 4) | n2);
-        sum += row[c];
-      }
-    } else {
-      std::vector<int32_t> q(static_cast<size_t>(cols_));
-      std::vector<int64_t> u(static_cast<size_t>(cols_), 0);
-      for (int j = 0; j < Ka; ++j) {
-        UnpackCodes(ex.terms[static_cast<size_t>(j)].codes.data() + b * rb, cols_, act.bits, true,
-                    q.data());
-        const int64_t radix = int64_t{1} << act.bits;
-        for (int64_t c = 0; c < cols_; ++c) u[c] = u[c] * radix + q[static_cast<size_t>(c)];
-      }
-      for (int64_t c = 0; c < cols_; ++c) {
-        row[c] = static_cast<uint8_t>(u[static_cast<size_t>(c)] + ushift);
-        sum += row[c];
-      }
-    }
-    usum[static_cast<size_t>(b)] = sum;
-    sx[static_cast<size_t>(b)] =
-        ex.terms.back().scale[as.scale == ScaleGranularity::kTensor ? 0 : static_cast<size_t>(b)];
-  });
+  // Each row's codes go straight into its folded byte U = Σ_j 2^{b(K_a−j)}·C_j + ushift; the
+  // codes are the low 8 bits of signed digits, so int8_t gives each digit back.
+  FPX_RETURN_IF_ERROR(ExpandRowCodesF32(
+      x, batch, cols_, as, eo, [&](int64_t b, const uint8_t* const* codes, const float* scales) {
+        uint8_t* row = xu.get() + b * ldx;
+        int64_t sum = 0;
+        if (act.bits == 4 && Ka == 2) {
+          const uint8_t* c1 = codes[0];
+          const uint8_t* c2 = codes[1];
+          for (int64_t c = 0; c < cols_; ++c) {
+            const int u = 16 * static_cast<int8_t>(c1[c]) + static_cast<int8_t>(c2[c]) + 136;
+            row[c] = static_cast<uint8_t>(u);
+            sum += u;
+          }
+        } else {
+          const int64_t radix = int64_t{1} << act.bits;
+          for (int64_t c = 0; c < cols_; ++c) {
+            int64_t u = 0;
+            for (int j = 0; j < Ka; ++j) u = u * radix + static_cast<int8_t>(codes[j][c]);
+            row[c] = static_cast<uint8_t>(u + ushift);
+            sum += u + ushift;
+          }
+        }
+        std::memset(row + cols_, 0, static_cast<size_t>(ldx - cols_));
+        usum[static_cast<size_t>(b)] = sum;
+        sx[static_cast<size_t>(b)] = scales[Ka - 1];
+      }));
   const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
   const int64_t panel_bytes = groups_ * kIntPanelRows * 4;
   RunTasks(pool, panels, [&](int64_t q) {
@@ -743,41 +732,72 @@ absl::Status FoldedIntLinear::Run(
     const int64_t block = GemmBlockRows(batch);
     for (int64_t b0 = 0; b0 < batch; b0 += block) {
       const int B = static_cast<int>(std::min<int64_t>(block, batch - b0));
-      gemm(panels_.data() + q * panel_bytes, groups_, xu.data() + b0 * ldx, ldx, B, acc);
-      for (int b = 0; b < B; ++b) {
-        emit(b0 + b, o0, R, acc + b * kIntPanelRows, usum[static_cast<size_t>(b0 + b)], zx2,
-             sx[static_cast<size_t>(b0 + b)]);
-      }
+      gemm(panels_.data() + q * panel_bytes, groups_, xu.get() + b0 * ldx, ldx, B, acc);
+      emit(Tile{b0, B, o0, R, acc, usum.data() + b0, sx.data() + b0, zx2});
     }
   });
   return absl::OkStatus();
 }
 
+void FoldedIntLinear::Outputs(const Tile& t, const Epilogue& post, float* out) const {
+  // The numerator 4·acc − 2·zx2·ΣF − 2·zw2·ΣU + n·zw2·zx2 in doubles: every term and partial sum
+  // is an integer below 2^53, so these are Numerator's values exactly, and the loop vectorizes.
+  double wpart[kIntPanelRows], ws[kIntPanelRows];
+  for (int r = 0; r < t.R; ++r) {
+    wpart[r] = static_cast<double>(2 * t.zx2 * fsum_[static_cast<size_t>(t.o0 + r)]);
+    ws[r] = static_cast<double>(scale_[static_cast<size_t>(t.o0 + r)]);
+  }
+  for (int b = 0; b < t.B; ++b) {
+    const double xpart = static_cast<double>(cols_ * zw2_ * t.zx2 - 2 * zw2_ * t.usum[b]);
+    const double sx = t.sx[b];
+    const int32_t* acc = t.acc + b * kIntPanelRows;
+    float* o = out + b * kIntPanelRows;
+    for (int r = 0; r < t.R; ++r) {
+      const double num = 4.0 * static_cast<double>(acc[r]) - wpart[r] + xpart;
+      o[r] = static_cast<float>(ws[r] * sx * num * 0.25);
+    }
+    post.Apply(t.o0, t.R, o);
+  }
+}
+
 absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,
                                       const ActSpec& act, ThreadPool* pool,
-                                      const IntKernelTable* kernels, const Epilogue& post) const {
-  return Run(x, batch, act, pool, kernels,
-             [&](int64_t b, int64_t o0, int R, const int32_t* acc, int64_t usum, int64_t zx2,
-                 float sx) {
-               float* out = y + b * rows_ + o0;
-               for (int r = 0; r < R; ++r) {
-                 const double num = static_cast<double>(Numerator(o0 + r, acc[r], usum, zx2));
-                 out[r] = static_cast<float>(static_cast<double>(scale_[o0 + r]) * sx * num * 0.25);
-               }
-               post.Apply(o0, R, out);
-             });
+                                      const IntKernelTable* kernels, const Epilogue& post,
+                                      int64_t rows_per_image) const {
+  if (rows_per_image < 0 || (rows_per_image > 0 && batch % rows_per_image != 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("rows_per_image ", rows_per_image,
+                                                   " does not divide ", batch, " rows"));
+  }
+  return Run(x, batch, act, pool, kernels, [&](const Tile& t) {
+    float v[kIntGemmRows * kIntPanelRows];
+    Outputs(t, post, v);
+    if (rows_per_image == 0) {
+      for (int b = 0; b < t.B; ++b) {
+        std::memcpy(y + (t.b0 + b) * rows_ + t.o0, v + b * kIntPanelRows,
+                    static_cast<size_t>(t.R) * sizeof(float));
+      }
+      return;
+    }
+    // [images, out, rows_per_image]: each output feature's B values are (mostly) adjacent.
+    for (int b = 0; b < t.B; ++b) {
+      const int64_t row = t.b0 + b, image = row / rows_per_image, p = row % rows_per_image;
+      float* dst = y + image * rows_ * rows_per_image + t.o0 * rows_per_image + p;
+      for (int r = 0; r < t.R; ++r) dst[r * rows_per_image] = v[b * kIntPanelRows + r];
+    }
+  });
 }
 
 absl::Status FoldedIntLinear::ForwardIntegers(const float* x, int64_t batch, int64_t* out,
                                               const ActSpec& act, ThreadPool* pool,
                                               const IntKernelTable* kernels) const {
-  return Run(x, batch, act, pool, kernels,
-             [&](int64_t b, int64_t o0, int R, const int32_t* acc, int64_t usum, int64_t zx2,
-                 float) {
-               for (int r = 0; r < R; ++r) {
-                 out[b * rows_ + o0 + r] = Numerator(o0 + r, acc[r], usum, zx2);
-               }
-             });
+  return Run(x, batch, act, pool, kernels, [&](const Tile& t) {
+    for (int b = 0; b < t.B; ++b) {
+      for (int r = 0; r < t.R; ++r) {
+        out[(t.b0 + b) * rows_ + t.o0 + r] =
+            Numerator(t.o0 + r, t.acc[b * kIntPanelRows + r], t.usum[b], t.zx2);
+      }
+    }
+  });
 }
 
 }  // namespace fpxint::core

@@ -201,10 +201,12 @@ class FoldedIntLinear {
   int weight_bits() const { return code_bits_; }  // K_w·b of the folded codes
   size_t resident_bytes() const;
 
-  // y [batch, out] from x [batch, in].
+  // y [batch, out] from x [batch, in]. With rows_per_image > 0 the rows are the pixels of
+  // batch / rows_per_image images and y is [images, out, rows_per_image] instead: a 1x1
+  // convolution's NCHW output, written without a transpose.
   absl::Status Forward(const float* x, int64_t batch, float* y, const ActSpec& act,
                        ThreadPool* pool = nullptr, const IntKernelTable* kernels = nullptr,
-                       const Epilogue& post = {}) const;
+                       const Epilogue& post = {}, int64_t rows_per_image = 0) const;
   // The exact integers 4·Σ_c (F − z_w)(U − z_x), [batch, out] (what Forward scales).
   absl::Status ForwardIntegers(const float* x, int64_t batch, int64_t* out, const ActSpec& act,
                                ThreadPool* pool = nullptr,
@@ -217,11 +219,24 @@ class FoldedIntLinear {
   static FoldedIntLinear Build(int64_t rows, int64_t cols, int bits, int K, int64_t row_bytes,
                                const std::function<const uint8_t*(int)>& codes,
                                const std::function<float(int64_t)>& last_scale);
-  // Runs the product; `emit(b, o0, R, acc, usum, sx)` takes kIntPanelRows accumulators of row b.
+  // One panel product's results: rows b0 .. b0+B-1 × outputs o0 .. o0+R-1, acc[b·kIntPanelRows
+  // + r]; usum[b] = Σ_c U and sx[b] the activation scale of row b0 + b.
+  struct Tile {
+    int64_t b0;
+    int B;
+    int64_t o0;
+    int R;
+    const int32_t* acc;
+    const int64_t* usum;
+    const float* sx;
+    int64_t zx2;
+  };
+  using TileFn = std::function<void(const Tile&)>;
+  // Runs the product, handing every tile to `emit` (on the pool's threads).
   absl::Status Run(const float* x, int64_t batch, const ActSpec& act, ThreadPool* pool,
-                   const IntKernelTable* kernels,
-                   const std::function<void(int64_t b, int64_t o0, int R, const int32_t* acc,
-                                            int64_t usum, int64_t zx2, float sx)>& emit) const;
+                   const IntKernelTable* kernels, const TileFn& emit) const;
+  // A tile's outputs, epilogue applied: out[b·kIntPanelRows + r] for b < B, r < R.
+  void Outputs(const Tile& t, const Epilogue& post, float* out) const;
   int64_t Numerator(int64_t o, int32_t acc, int64_t usum, int64_t zx2) const;
   int code_bits_ = 8;
   int64_t rows_ = 0, cols_ = 0, groups_ = 0;  // groups_: inputs / 4, padded to kIntBlock

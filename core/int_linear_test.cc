@@ -493,5 +493,40 @@ TEST(IntLinear, FusedEpilogueEqualsTheSeparatePasses) {
   EXPECT_EQ(fused, separate(plain, f.out, bias, PostOp::kRelu));
 }
 
+// rows_per_image: the rows are pixels of several images and the output is written channel-major
+// per image (a 1x1 convolution's NCHW), the same values as the row-major output transposed.
+TEST(FoldedIntLinear, ImageLayoutIsTheRowMajorOutputTransposed) {
+  ThreadPool pool(2);
+  const FoldCase c{45, 96, 3 * 13, 4, 2, 4, 2, ScaleGranularity::kChannel};  // 13 pixels per image
+  auto lin = FoldedIntLinear::FromExpansion(ExpandDigits(c, 71));
+  ASSERT_TRUE(lin.ok());
+  const std::vector<float> x = FoldInput(c, 72);
+  const std::vector<float> bias = ToFloat(RandomValues(Dist::kGaussian, c.out, 73));
+  const Epilogue post{bias.data(), PostOp::kHardswish};
+  const int64_t px = 13, images = c.batch / px;
+  for (const IntKernelTable* kt : {IntKernelsByName("ref"), IntKernelsByName("avx512vnni")}) {
+    if (kt == nullptr) continue;
+    std::vector<float> rows(static_cast<size_t>(c.batch * c.out)), nchw(rows.size(), 7.0f);
+    ASSERT_TRUE(lin->Forward(x.data(), c.batch, rows.data(), {c.abits, c.aterms}, &pool, kt, post)
+                    .ok());
+    ASSERT_TRUE(lin->Forward(x.data(), c.batch, nchw.data(), {c.abits, c.aterms}, &pool, kt, post,
+                             px)
+                    .ok());
+    for (int64_t n = 0; n < images; ++n) {
+      for (int64_t o = 0; o < c.out; ++o) {
+        for (int64_t p = 0; p < px; ++p) {
+          ASSERT_EQ(nchw[static_cast<size_t>((n * c.out + o) * px + p)],
+                    rows[static_cast<size_t>((n * px + p) * c.out + o)])
+              << kt->name << " image " << n << " out " << o << " pixel " << p;
+        }
+      }
+    }
+  }
+  std::vector<float> y(static_cast<size_t>(c.batch * c.out));
+  EXPECT_EQ(lin->Forward(x.data(), c.batch, y.data(), {c.abits, c.aterms}, &pool, nullptr, post, 14)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace fpxint::core

@@ -620,13 +620,15 @@ at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
                      post);
   }
   const at::Tensor cols = c.Patches(ws);
-  at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
+  // Written as [N, out, OH·OW] by the product's epilogue: no transpose back.
+  at::Tensor y = at::empty({c.n, c.out, c.oh, c.ow}, c.x.options());
   at::Tensor keep;
-  const absl::Status s = f->Forward(cols.data_ptr<float>(), c.rows(), flat.data_ptr<float>(),
+  const absl::Status s = f->Forward(cols.data_ptr<float>(), c.rows(), y.data_ptr<float>(),
                                     {static_cast<int>(act_bits), static_cast<int>(act_terms)},
-                                    &AtenPool(), nullptr, EpilogueOf(bias, c.out, post, &keep, op));
+                                    &AtenPool(), nullptr, EpilogueOf(bias, c.out, post, &keep, op),
+                                    c.oh * c.ow);
   TORCH_CHECK(s.ok(), op, ": ", std::string(s.message()));
-  return c.FromRows(flat, c10::nullopt);
+  return c.Finish(y);
 }
 
 at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
