@@ -97,6 +97,14 @@ void GemmPanelS8Ref(const int8_t* panel, int64_t groups, const uint8_t* x, int64
   }
 }
 
+void FoldedOutputsRef(const int32_t* acc, int R, const double* wpart, const double* ws,
+                      double xpart, double sx, float* out) {
+  for (int r = 0; r < R; ++r) {
+    const double num = 4.0 * static_cast<double>(acc[r]) - wpart[r] + xpart;
+    out[r] = static_cast<float>(ws[r] * sx * num * 0.25);
+  }
+}
+
 constexpr IntKernelTable kRef = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
@@ -105,6 +113,7 @@ constexpr IntKernelTable kRef = [] {
   t.dot_tile = DotTileRef;
   t.gemm_panel = GemmPanelRef;
   t.gemm_panel_s8 = GemmPanelS8Ref;
+  t.folded_outputs = FoldedOutputsRef;
   return t;
 }();
 
@@ -739,23 +748,20 @@ absl::Status FoldedIntLinear::Run(const float* x, int64_t batch, const ActSpec& 
   return absl::OkStatus();
 }
 
-void FoldedIntLinear::Outputs(const Tile& t, const Epilogue& post, float* out) const {
+void FoldedIntLinear::Outputs(const Tile& t, const Epilogue& post, const IntKernelTable& kt,
+                              float* out) const {
   // The numerator 4·acc − 2·zx2·ΣF − 2·zw2·ΣU + n·zw2·zx2 in doubles: every term and partial sum
-  // is an integer below 2^53, so these are Numerator's values exactly, and the loop vectorizes.
+  // is an integer below 2^53, so these are Numerator's values exactly.
+  const auto outputs = kt.folded_outputs != nullptr ? kt.folded_outputs : FoldedOutputsRef;
   double wpart[kIntPanelRows], ws[kIntPanelRows];
   for (int r = 0; r < t.R; ++r) {
     wpart[r] = static_cast<double>(2 * t.zx2 * fsum_[static_cast<size_t>(t.o0 + r)]);
     ws[r] = static_cast<double>(scale_[static_cast<size_t>(t.o0 + r)]);
   }
   for (int b = 0; b < t.B; ++b) {
-    const double xpart = static_cast<double>(cols_ * zw2_ * t.zx2 - 2 * zw2_ * t.usum[b]);
-    const double sx = t.sx[b];
-    const int32_t* acc = t.acc + b * kIntPanelRows;
     float* o = out + b * kIntPanelRows;
-    for (int r = 0; r < t.R; ++r) {
-      const double num = 4.0 * static_cast<double>(acc[r]) - wpart[r] + xpart;
-      o[r] = static_cast<float>(ws[r] * sx * num * 0.25);
-    }
+    outputs(t.acc + b * kIntPanelRows, t.R, wpart, ws,
+            static_cast<double>(cols_ * zw2_ * t.zx2 - 2 * zw2_ * t.usum[b]), t.sx[b], o);
     post.Apply(t.o0, t.R, o);
   }
 }
@@ -768,9 +774,10 @@ absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,
     return absl::InvalidArgumentError(absl::StrCat("rows_per_image ", rows_per_image,
                                                    " does not divide ", batch, " rows"));
   }
-  return Run(x, batch, act, pool, kernels, [&](const Tile& t) {
+  const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
+  return Run(x, batch, act, pool, &kt, [&](const Tile& t) {
     float v[kIntGemmRows * kIntPanelRows];
-    Outputs(t, post, v);
+    Outputs(t, post, kt, v);
     if (rows_per_image == 0) {
       for (int b = 0; b < t.B; ++b) {
         std::memcpy(y + (t.b0 + b) * rows_ + t.o0, v + b * kIntPanelRows,
@@ -778,10 +785,19 @@ absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,
       }
       return;
     }
-    // [images, out, rows_per_image]: each output feature's B values are (mostly) adjacent.
+    // [images, out, rows_per_image]: each output feature's B values are adjacent unless the
+    // tile straddles two images.
+    const int64_t image = t.b0 / rows_per_image, p = t.b0 % rows_per_image;
+    if (p + t.B <= rows_per_image) {
+      float* dst = y + (image * rows_ + t.o0) * rows_per_image + p;
+      for (int r = 0; r < t.R; ++r) {
+        for (int b = 0; b < t.B; ++b) dst[r * rows_per_image + b] = v[b * kIntPanelRows + r];
+      }
+      return;
+    }
     for (int b = 0; b < t.B; ++b) {
-      const int64_t row = t.b0 + b, image = row / rows_per_image, p = row % rows_per_image;
-      float* dst = y + image * rows_ * rows_per_image + t.o0 * rows_per_image + p;
+      const int64_t row = t.b0 + b, im = row / rows_per_image, q = row % rows_per_image;
+      float* dst = y + (im * rows_ + t.o0) * rows_per_image + q;
       for (int r = 0; r < t.R; ++r) dst[r * rows_per_image] = v[b * kIntPanelRows + r];
     }
   });

@@ -81,6 +81,12 @@ struct IntKernelTable {
   //   out[b·kIntPanelRows + r] = Σ_g Σ_q w(g,r,q)·x[b·ldx + 4g + q]     (b < B ≤ kIntGemmRows)
   void (*gemm_panel_s8)(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t ldx,
                         int B, int32_t* out);
+  // The float outputs of one activation row of a FoldedIntLinear panel product, r < R ≤
+  // kIntPanelRows, in doubles (every step exact but the three products and the final rounding):
+  //   out[r] = (float)(ws[r] · sx · (4·acc[r] − wpart[r] + xpart) · 0.25)
+  // nullptr: the variant takes the reference one (same bits).
+  void (*folded_outputs)(const int32_t* acc, int R, const double* wpart, const double* ws,
+                         double xpart, double sx, float* out);
 };
 
 const IntKernelTable& ActiveIntKernels();                 // avx512vnni > avx2 > ref
@@ -236,7 +242,7 @@ class FoldedIntLinear {
   absl::Status Run(const float* x, int64_t batch, const ActSpec& act, ThreadPool* pool,
                    const IntKernelTable* kernels, const TileFn& emit) const;
   // A tile's outputs, epilogue applied: out[b·kIntPanelRows + r] for b < B, r < R.
-  void Outputs(const Tile& t, const Epilogue& post, float* out) const;
+  void Outputs(const Tile& t, const Epilogue& post, const IntKernelTable& kt, float* out) const;
   int64_t Numerator(int64_t o, int32_t acc, int64_t usum, int64_t zx2) const;
   int code_bits_ = 8;
   int64_t rows_ = 0, cols_ = 0, groups_ = 0;  // groups_: inputs / 4, padded to kIntBlock

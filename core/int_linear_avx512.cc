@@ -153,6 +153,24 @@ void GemmPanelS8(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t 
   kPanelsS8[B - 1](panel, groups, x, ldx, out);
 }
 
+// 8 outputs per step; the tail under a mask. The same double operations as the reference, in
+// the same order (no FMA: cvtepi32_pd, the two sums and the products are separate instructions).
+void FoldedOutputs(const int32_t* acc, int R, const double* wpart, const double* ws, double xpart,
+                   double sx, float* out) {
+  const __m512d four = _mm512_set1_pd(4.0), vx = _mm512_set1_pd(xpart),
+                vs = _mm512_set1_pd(sx), quarter = _mm512_set1_pd(0.25);
+  for (int r = 0; r < R; r += 8) {
+    const __mmask8 m = R - r >= 8 ? __mmask8{0xFF} : static_cast<__mmask8>((1u << (R - r)) - 1);
+    const __m512d a = _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m, acc + r));
+    const __m512d num =
+        _mm512_add_pd(_mm512_sub_pd(_mm512_mul_pd(four, a), _mm512_maskz_loadu_pd(m, wpart + r)),
+                      vx);
+    const __m512d y = _mm512_mul_pd(
+        _mm512_mul_pd(_mm512_mul_pd(_mm512_maskz_loadu_pd(m, ws + r), vs), num), quarter);
+    _mm256_mask_storeu_ps(out + r, m, _mm512_cvtpd_ps(y));
+  }
+}
+
 constexpr IntKernelTable kTable = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
@@ -161,6 +179,7 @@ constexpr IntKernelTable kTable = [] {
   t.dot_tile = DotTile;
   t.gemm_panel = GemmPanel;
   t.gemm_panel_s8 = GemmPanelS8;
+  t.folded_outputs = FoldedOutputs;
   return t;
 }();
 
