@@ -496,7 +496,9 @@ namespace {
 // Term k of one row: quantizes the residual r in place (updating its statistics), adds the
 // dequantized values to acc (which term 1 starts from 0.0, as Reconstruct's accumulator does;
 // nullptr: not wanted) and writes term k alone to term_out (nullptr: not wanted).
-void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& gp, int k,
+// Cloned per ISA so that the byte-to-double loops vectorize (the core is built without FMA
+// contraction, so every clone computes the same bits).
+__attribute__((target_clones("avx512f", "avx2", "default"))) void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& gp, int k,
              double* r, uint8_t* codes, int64_t n, SegmentStats* st, double* acc,
              float* term_out) {
   if (gp.skip) {

@@ -714,11 +714,13 @@ absl::Status FoldedIntLinear::Run(const float* x, int64_t batch, const ActSpec& 
         if (act.bits == 4 && Ka == 2) {
           const uint8_t* c1 = codes[0];
           const uint8_t* c2 = codes[1];
+          int32_t s32 = 0;  // at most 65536 · 255: no overflow, and the loop vectorizes
           for (int64_t c = 0; c < cols_; ++c) {
-            const int u = 16 * static_cast<int8_t>(c1[c]) + static_cast<int8_t>(c2[c]) + 136;
+            const int32_t u = 16 * static_cast<int8_t>(c1[c]) + static_cast<int8_t>(c2[c]) + 136;
             row[c] = static_cast<uint8_t>(u);
-            sum += u;
+            s32 += u;
           }
+          sum = s32;
         } else {
           const int64_t radix = int64_t{1} << act.bits;
           for (int64_t c = 0; c < cols_; ++c) {
