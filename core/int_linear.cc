@@ -3,6 +3,8 @@
 #include "core/runtime.h"
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -616,10 +618,19 @@ absl::StatusOr<FoldedIntLinear> FoldedIntLinear::FromLowbit(const LowbitLinear& 
       if (v.off[o] != 0.5f) {
         return absl::InvalidArgumentError("folded W×A takes mid-grid weight codes (offset ½)");
       }
-      if (k > 0 && v.scale[o] * static_cast<float>(1 << bits) != lw.term(k - 1).scale[o]) {
+      // One exception: when s_k / 2^b falls below the normal floats the expansion rounds it up
+      // to a subnormal, and the fold takes 2^b·s_{k+1} for s_k, larger by less than 2^(b−149).
+      // Such rows hold weights below 2^b·FLT_MIN in magnitude (dead channels); each of their
+      // weight elements changes by less than 2^(2b−150) per term.
+      if (k == 0) continue;
+      const float prev = lw.term(k - 1).scale[o];
+      const double exact = std::ldexp(static_cast<double>(prev), -bits);
+      const bool rounded_up_subnormal =
+          exact < FLT_MIN && v.scale[o] >= exact && v.scale[o] - exact < 0x1p-149;
+      if (v.scale[o] * static_cast<float>(1 << bits) != prev && !rounded_up_subnormal) {
         return absl::InvalidArgumentError(absl::StrCat(
             "folded W×A takes variant D weights (s_{k+1} = s_k / 2^b); row ", o, " term ", k + 1,
-            " has scale ", v.scale[o], " after ", lw.term(k - 1).scale[o]));
+            " has scale ", v.scale[o], " after ", prev));
       }
     }
   }

@@ -5,6 +5,7 @@
 #include "core/int_linear.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 
 #include "core/packing.h"
@@ -444,6 +445,55 @@ TEST(FoldedIntLinear, FromLowbitCodesIsTheFoldOfTheExpansion) {
   ASSERT_TRUE(ls.ok());
   EXPECT_NE(FoldedIntLinear::FromLowbit(*ls).status().message().find("mid-grid"),
             std::string::npos);
+}
+
+// A dead channel: a weight row of subnormal magnitude, whose second scale the expansion rounds
+// up (s_1 / 16 is not a float). It folds with 16·s_2 for s_1: the integers are those of the
+// expansion's fold, and the outputs differ from the exact unfolded sum only far below FLT_MIN.
+TEST(FoldedIntLinear, FoldsRowsWhoseScalesAreSubnormal) {
+  const int64_t out = 4, in = 64;
+  std::vector<double> w = RandomValues(Dist::kGaussian, out * in, 12);
+  for (int64_t c = 0; c < in; ++c) w[static_cast<size_t>(2 * in + c)] *= 1e-39;
+  const TensorExpansion e = [&] {
+    auto r = ExpandTensor(w, {out, in}, DigitsSpec(4, 2, ScaleGranularity::kChannel));
+    EXPECT_TRUE(r.ok()) << r.status();
+    return *std::move(r);
+  }();
+  const float s1 = e.terms[0].scale[2], s2 = e.terms[1].scale[2];
+  ASSERT_LT(s1, FLT_MIN);
+  ASSERT_NE(s2 * 16.0f, s1) << "the row must exercise the rounded-up subnormal scale";
+  auto lw = LowbitLinear::FromExpansion(e);
+  ASSERT_TRUE(lw.ok());
+  auto folded = FoldedIntLinear::FromLowbit(*lw);
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  auto reference = FoldedIntLinear::FromExpansion(e);
+  ASSERT_TRUE(reference.ok());
+  const FoldCase c{out, in, 3, 4, 2, 4, 2, ScaleGranularity::kChannel};
+  const std::vector<float> x = FoldInput(c, 13);
+  std::vector<int64_t> ia(static_cast<size_t>(c.batch * out)), ib(ia.size());
+  ASSERT_TRUE(folded->ForwardIntegers(x.data(), c.batch, ia.data(), {4, 2}).ok());
+  ASSERT_TRUE(reference->ForwardIntegers(x.data(), c.batch, ib.data(), {4, 2}).ok());
+  EXPECT_EQ(ia, ib);
+  std::vector<float> y(ia.size());
+  ASSERT_TRUE(folded->Forward(x.data(), c.batch, y.data(), {4, 2}).ok());
+  const TensorExpansion ex = ExpandActDigits(c, x);
+  std::vector<double> wq(static_cast<size_t>(out * in), 0.0), xq(static_cast<size_t>(c.batch * in), 0.0);
+  for (int k = 1; k <= 2; ++k) {
+    AccumulateTerm(e.spec, e.layout, e.terms[k - 1], k, wq.data());
+    AccumulateTerm(ex.spec, ex.layout, ex.terms[k - 1], k, xq.data());
+  }
+  for (int64_t b = 0; b < c.batch; ++b) {
+    for (int64_t o = 0; o < out; ++o) {
+      double want = 0;
+      for (int64_t k = 0; k < in; ++k) want += wq[o * in + k] * xq[b * in + k];
+      const float got = y[static_cast<size_t>(b * out + o)];
+      if (o == 2) {
+        EXPECT_LT(std::fabs(got - want), 2e-40) << "row " << b << " want " << want;
+      } else {
+        EXPECT_NEAR(got, want, 1e-5 * std::fabs(want) + 1e-30) << "row " << b << " out " << o;
+      }
+    }
+  }
 }
 
 // The fused epilogue (bias, then ReLU or hardswish) gives the bits of the unfused output with
