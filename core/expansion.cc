@@ -560,6 +560,36 @@ absl::Status RejectedRowError(const float* x, int64_t rows, int64_t cols,
   return e.ok() ? absl::InternalError("a row was rejected, the tensor not") : e.status();
 }
 
+// Variant D on the mid grid with one scale per row: every term's scale follows from the row's
+// largest |x| (ParamsFor), so the kernel table's fused digits kernel runs all terms in one pass.
+bool FusedDigits(const ExpansionSpec& spec, const KernelTable& kt) {
+  return spec.grid == Grid::kMid && spec.variant == Variant::kDigits && !spec.unsigned_first &&
+         spec.scale == ScaleGranularity::kChannel && kt.digits_mid != nullptr &&
+         kt.f32_abs_max != nullptr;
+}
+
+// One row's term scales (as floats in `scales`, as doubles in `p.scale`), and the rest of p.
+// False when the row holds a NaN or an infinity (BadRow's verdict on its statistics).
+bool DigitsRowParams(const ExpansionSpec& spec, const KernelTable& kt, const float* x,
+                     int64_t cols, float* scales, double* s, DigitsParams* p) {
+  float m = 0;
+  if (!kt.f32_abs_max(x, cols, &m)) return false;
+  SegmentStats st;  // the mid grid's first scale reads max(|min|, |max|) alone
+  st.max = m;
+  float prev = 0;
+  for (int k = 1; k <= spec.terms; ++k) {
+    const GroupParams gp = ParamsFor(spec, st, prev, k);
+    prev = scales[k - 1] = gp.scale;
+    s[k - 1] = gp.scale;
+    p->lo = gp.p.lo;
+    p->hi = gp.p.hi;
+  }
+  p->scale = s;
+  p->terms = spec.terms;
+  p->bits = spec.bits;
+  return true;
+}
+
 }  // namespace
 
 absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
@@ -598,6 +628,32 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
   auto bad_value_error = [&] { return RejectedRowError(x, rows, cols, spec, o); };
   auto cancelled = [&] { return o.cancel != nullptr && o.cancel->load(); };
 
+  if (term_out.empty() && FusedDigits(spec, kt)) {
+    // Every row in one pass of the fused digits kernel (a row of zeros has scales 0: sum 0).
+    ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
+      float scales[kMaxTerms];
+      double s[kMaxTerms];
+      DigitsParams p;
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        if (!DigitsRowParams(spec, kt, x + row * cols, cols, scales, s, &p)) {
+          bad[static_cast<size_t>(row)] = 1;
+          continue;
+        }
+        if (sum_out == nullptr) continue;
+        float* out = sum_out + row * cols;
+        if (scales[0] == 0) {
+          std::fill(out, out + cols, 0.0f);
+        } else {
+          kt.digits_mid(x + row * cols, cols, p, out, nullptr, nullptr, nullptr);
+        }
+      }
+    });
+    if (cancelled()) return absl::CancelledError("expansion cancelled");
+    for (uint8_t b : bad) {
+      if (b) return bad_value_error();
+    }
+    return absl::OkStatus();
+  }
   if (spec.scale == ScaleGranularity::kChannel) {
     // Every row on its own: its K terms run while it is in cache.
     ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
@@ -734,6 +790,70 @@ absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
   if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
   if (bad.load()) return RejectedRowError(x, rows, cols, spec, o);
   return absl::OkStatus();
+}
+
+absl::Status ExpandRowFoldedF32(const float* x, int64_t rows, int64_t cols, int bits, int terms,
+                                const ExpandOptions& o, uint8_t* folded, int64_t ld,
+                                int64_t* folded_sum, float* last_scale) {
+  ExpansionSpec spec;
+  spec.bits = bits;
+  spec.terms = terms;
+  spec.grid = Grid::kMid;
+  spec.variant = Variant::kDigits;
+  spec.scale = ScaleGranularity::kChannel;
+  FPX_RETURN_IF_ERROR(spec.Validate());
+  if (bits * terms > 8 || ld < cols) {
+    return absl::InvalidArgumentError(absl::StrCat("ExpandRowFoldedF32: ", terms, " terms of ",
+                                                   bits, " bits (at most 8 in all), ld ", ld,
+                                                   " for ", cols, " columns"));
+  }
+  const KernelTable& kt = o.kernels != nullptr ? *o.kernels : ActiveKernels();
+  // U = Σ_k 2^{b(K−k)}·C_k + 2^{b−1}·Σ_k 2^{b(K−k)}: every digit shifted from [−2^{b−1}, 2^{b−1})
+  // to [0, 2^b).
+  int32_t shift = 0;
+  for (int k = 0; k < terms; ++k) shift = (shift << bits) + (1 << (bits - 1));
+  std::atomic<bool> bad{false};
+  if (FusedDigits(spec, kt)) {
+    ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
+      float scales[kMaxTerms];
+      double s[kMaxTerms];
+      DigitsParams p;
+      p.fold_shift = shift;
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        uint8_t* u = folded + row * ld;
+        if (!DigitsRowParams(spec, kt, x + row * cols, cols, scales, s, &p)) {
+          bad.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        if (scales[0] == 0) {  // all codes 0
+          std::memset(u, shift, static_cast<size_t>(cols));
+          folded_sum[row] = int64_t{shift} * cols;
+        } else {
+          kt.digits_mid(x + row * cols, cols, p, nullptr, nullptr, u, folded_sum + row);
+        }
+        last_scale[row] = scales[terms - 1];
+      }
+    });
+    if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
+    if (bad.load()) return RejectedRowError(x, rows, cols, spec, o);
+    return absl::OkStatus();
+  }
+  // Kernel tables without the fused kernel: the per-term codes, folded here.
+  return ExpandRowCodesF32(x, rows, cols, spec, o,
+                           [&](int64_t row, const uint8_t* const* codes, const float* scales) {
+                             uint8_t* u = folded + row * ld;
+                             int64_t sum = 0;
+                             for (int64_t c = 0; c < cols; ++c) {
+                               int32_t v = 0;
+                               for (int k = 0; k < terms; ++k) {
+                                 v = (v << bits) + static_cast<int8_t>(codes[k][c]);
+                               }
+                               u[c] = static_cast<uint8_t>(v + shift);
+                               sum += v + shift;
+                             }
+                             folded_sum[row] = sum;
+                             last_scale[row] = scales[terms - 1];
+                           });
 }
 
 }  // namespace fpxint::core

@@ -175,6 +175,15 @@ absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
                                const ExpansionSpec& spec, const ExpandOptions& options,
                                const RowCodesFn& emit);
 
+// Variant D on the mid grid, one scale per row, with each value's K = terms digits folded into
+// one byte: folded[row·ld + c] = Σ_k 2^{b(K−k)}·C_k + 2^{b−1}·Σ_k 2^{b(K−k)} ∈ [0, 2^{K·b}), with
+// C_k the codes ExpandRowCodesF32 gives for the same spec (mid grid, kDigits, kChannel, b = bits);
+// folded_sum[row] the sum of a row's bytes and last_scale[row] its term-K scale. Needs K·b <= 8
+// and ld >= cols; bytes past cols are not written. Errors as ExpandTensor's for bad rows.
+absl::Status ExpandRowFoldedF32(const float* x, int64_t rows, int64_t cols, int bits, int terms,
+                                const ExpandOptions& options, uint8_t* folded, int64_t ld,
+                                int64_t* folded_sum, float* last_scale);
+
 }  // namespace fpxint::core
 
 #endif  // FPXINT_CORE_EXPANSION_H_

@@ -4,8 +4,10 @@
 
 #include <cfloat>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
+#include <utility>
 
 #include "core/packing.h"
 #include "gtest/gtest.h"
@@ -552,11 +554,16 @@ TEST(ExpandReconstructF32, EqualsExpandThenReconstructBitForBit) {
                         << spec.ToString() << " term " << k << " at " << i;
                   }
                 }
-                // The sum alone.
-                std::vector<float> only(in.size());
-                ASSERT_TRUE(
-                    ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, only.data(), {}).ok());
-                EXPECT_EQ(only, got);
+                // The sum alone (variant D with channel scales: the fused digits kernel of
+                // every kernel table).
+                for (const std::string& kernels : SupportedKernelNames()) {
+                  o.kernels = KernelsByName(kernels);
+                  std::vector<float> only(in.size());
+                  ASSERT_TRUE(
+                      ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, only.data(), {})
+                          .ok());
+                  EXPECT_EQ(only, got) << kernels << " " << spec.ToString();
+                }
               }
             }
           }
@@ -736,6 +743,75 @@ TEST(ExpandRowCodesF32, EqualsExpandTensorsCodesAndScales) {
       }
     }
   }
+}
+
+// The folded bytes are the fold of ExpandRowCodesF32's codes (themselves ExpandTensor's), on
+// every kernel table, for every K·b <= 8, with a zero row, a dead row (subnormal scales), odd
+// widths and the padding left alone.
+TEST(ExpandRowFoldedF32, IsTheFoldOfTheRowCodes) {
+  ThreadPool pool(2);
+  const int64_t rows = 23;
+  for (int64_t cols : {int64_t{1}, int64_t{7}, int64_t{133}}) {
+    std::vector<float> x = ToFloat(RandomValues(Dist::kStudentT3, rows * cols, 17));
+    for (int64_t i = 0; i < cols; ++i) x[3 * cols + i] = 0;                    // all zeros
+    for (int64_t i = 0; i < cols; ++i) x[5 * cols + i] *= 1e-39f;              // subnormal scales
+    for (int64_t i = 0; i < cols; ++i) x[7 * cols + i] = std::max(x[7 * cols + i], 0.0f);
+    for (const std::string& kernels : SupportedKernelNames()) {
+      for (auto [bits, terms] : {std::pair{4, 2}, {2, 4}, {2, 3}, {8, 1}, {3, 2}, {1, 8}}) {
+        ExpansionSpec spec = Spec(bits, terms, Grid::kMid, ScaleGranularity::kChannel, 0,
+                                  Variant::kDigits);
+        ExpandOptions o;
+        o.kernels = KernelsByName(kernels);
+        o.pool = &pool;
+        std::vector<int32_t> want(static_cast<size_t>(rows * cols));
+        std::vector<int64_t> want_sum(rows, 0);
+        std::vector<float> want_scale(rows);
+        ASSERT_TRUE(ExpandRowCodesF32(x.data(), rows, cols, spec, o,
+                                      [&](int64_t row, const uint8_t* const* codes,
+                                          const float* scales) {
+                                        for (int64_t c = 0; c < cols; ++c) {
+                                          int32_t v = 0, shift = 0;
+                                          for (int k = 0; k < terms; ++k) {
+                                            v = v * (1 << bits) + static_cast<int8_t>(codes[k][c]);
+                                            shift = shift * (1 << bits) + (1 << (bits - 1));
+                                          }
+                                          want[row * cols + c] = v + shift;
+                                          want_sum[row] += v + shift;
+                                        }
+                                        want_scale[row] = scales[terms - 1];
+                                      })
+                        .ok());
+        const int64_t ld = cols + 5;
+        std::vector<uint8_t> u(static_cast<size_t>(rows * ld), 0xAB);
+        std::vector<int64_t> usum(rows, -1);
+        std::vector<float> scale(rows, -1);
+        ASSERT_TRUE(ExpandRowFoldedF32(x.data(), rows, cols, bits, terms, o, u.data(), ld,
+                                       usum.data(), scale.data())
+                        .ok());
+        for (int64_t row = 0; row < rows; ++row) {
+          ASSERT_EQ(usum[row], want_sum[row]) << kernels << " " << spec.ToString() << " " << row;
+          ASSERT_EQ(scale[row], want_scale[row]) << kernels << " " << row;
+          for (int64_t c = 0; c < cols; ++c) {
+            ASSERT_EQ(u[row * ld + c], want[row * cols + c])
+                << kernels << " " << spec.ToString() << " row " << row << " col " << c;
+          }
+          for (int64_t c = cols; c < ld; ++c) ASSERT_EQ(u[row * ld + c], 0xAB);
+        }
+      }
+    }
+  }
+  std::vector<float> bad(64, 1.0f);
+  bad[40] = std::numeric_limits<float>::infinity();
+  std::vector<uint8_t> u(64);
+  std::vector<int64_t> usum(1);
+  std::vector<float> scale(1);
+  const absl::Status s =
+      ExpandRowFoldedF32(bad.data(), 1, 64, 4, 2, {}, u.data(), 64, usum.data(), scale.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_EQ(ExpandRowFoldedF32(bad.data(), 1, 64, 4, 3, {}, u.data(), 64, usum.data(),
+                               scale.data())
+                .code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ExpandRowCodesF32, SameErrorsAsExpandTensor) {

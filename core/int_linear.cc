@@ -701,50 +701,24 @@ absl::Status FoldedIntLinear::Run(const float* x, int64_t batch, const ActSpec& 
   const IntKernelTable& kt = kernels != nullptr ? *kernels : ActiveIntKernels();
   // Kernels without an s8 panel product (AVX2) run the reference one: same integers.
   const auto gemm = kt.gemm_panel_s8 != nullptr ? kt.gemm_panel_s8 : IntKernelsByName("ref")->gemm_panel_s8;
-  ExpansionSpec as;
-  as.bits = act.bits;
-  as.terms = act.terms;
-  as.grid = Grid::kMid;
-  as.variant = Variant::kDigits;
-  as.scale = ScaleGranularity::kChannel;  // one scale per row (one row: the tensor's)
   ExpandOptions eo;
   eo.pool = pool;
   const int Ka = act.terms;
   const int64_t ldx = groups_ * 4;
-  const int64_t ushift = (int64_t{1} << (act.bits - 1)) * DigitSum(act.bits, Ka);
   const int64_t zx2 = (int64_t{1} << (act.bits * Ka)) - 1;
   std::unique_ptr<uint8_t[]> xu(new uint8_t[static_cast<size_t>(batch * ldx)]);
   std::vector<int64_t> usum(static_cast<size_t>(batch));
   std::vector<float> sx(static_cast<size_t>(batch));
-  // Each row's codes go straight into its folded byte U = Σ_j 2^{b(K_a−j)}·C_j + ushift; the
-  // codes are the low 8 bits of signed digits, so int8_t gives each digit back.
-  FPX_RETURN_IF_ERROR(ExpandRowCodesF32(
-      x, batch, cols_, as, eo, [&](int64_t b, const uint8_t* const* codes, const float* scales) {
-        uint8_t* row = xu.get() + b * ldx;
-        int64_t sum = 0;
-        if (act.bits == 4 && Ka == 2) {
-          const uint8_t* c1 = codes[0];
-          const uint8_t* c2 = codes[1];
-          int32_t s32 = 0;  // at most 65536 · 255: no overflow, and the loop vectorizes
-          for (int64_t c = 0; c < cols_; ++c) {
-            const int32_t u = 16 * static_cast<int8_t>(c1[c]) + static_cast<int8_t>(c2[c]) + 136;
-            row[c] = static_cast<uint8_t>(u);
-            s32 += u;
-          }
-          sum = s32;
-        } else {
-          const int64_t radix = int64_t{1} << act.bits;
-          for (int64_t c = 0; c < cols_; ++c) {
-            int64_t u = 0;
-            for (int j = 0; j < Ka; ++j) u = u * radix + static_cast<int8_t>(codes[j][c]);
-            row[c] = static_cast<uint8_t>(u + ushift);
-            sum += u + ushift;
-          }
-        }
-        std::memset(row + cols_, 0, static_cast<size_t>(ldx - cols_));
-        usum[static_cast<size_t>(b)] = sum;
-        sx[static_cast<size_t>(b)] = scales[Ka - 1];
-      }));
+  // Each row's codes (variant D, mid grid, one scale per row) straight into its folded byte
+  // U = Σ_j 2^{b(K_a−j)}·C_j + 2^{b−1}·Σ_j 2^{b(K_a−j)}; the padding to whole groups of 4
+  // inputs holds zeros.
+  if (ldx > cols_) {
+    for (int64_t b = 0; b < batch; ++b) {
+      std::memset(xu.get() + b * ldx + cols_, 0, static_cast<size_t>(ldx - cols_));
+    }
+  }
+  FPX_RETURN_IF_ERROR(ExpandRowFoldedF32(x, batch, cols_, act.bits, Ka, eo, xu.get(), ldx,
+                                         usum.data(), sx.data()));
   const int64_t panels = (rows_ + kIntPanelRows - 1) / kIntPanelRows;
   const int64_t panel_bytes = groups_ * kIntPanelRows * 4;
   RunTasks(pool, panels, [&](int64_t q) {

@@ -97,6 +97,8 @@ constexpr KernelTable kAvx2Kernels = [] {
   t.f32_to_f64 = F32ToF64Impl;
   t.bf16_to_f64 = BF16ToF64Impl;
   t.f16_to_f64 = F16ToF64Scalar;
+  t.digits_mid = DigitsScalar;  // the scalar loop
+  t.f32_abs_max = F32AbsMaxImpl;
   return t;
 }();
 

@@ -98,6 +98,58 @@ void StatsAvx512(const double* r, int64_t n, SegmentStats* out) {
   StatsTail(r, i, n, out);
 }
 
+// DigitsRowFn over 8 values per vector: every term's division, floor, clamp and subtraction on
+// a register, so that the residual never goes to memory.
+void DigitsAvx512(const float* x, int64_t n, const DigitsParams& p, float* sum,
+                  uint8_t* const* codes, uint8_t* folded, int64_t* folded_sum) {
+  const __m512d lo = _mm512_set1_pd(p.lo), hi = _mm512_set1_pd(p.hi), half = _mm512_set1_pd(0.5);
+  const __m512d radix = _mm512_set1_pd(static_cast<double>(1 << p.bits));
+  const __m256i shift = _mm256_set1_epi32(p.fold_shift);
+  __m512i usum = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m512d r = _mm512_cvtps_pd(_mm256_loadu_ps(x + i));
+    __m512d acc = _mm512_setzero_pd(), u = _mm512_setzero_pd();
+    for (int k = 0; k < p.terms; ++k) {
+      const __m512d s = _mm512_set1_pd(p.scale[k]);
+      __m512d q = _mm512_roundscale_pd(_mm512_div_pd(r, s), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      q = _mm512_min_pd(_mm512_max_pd(q, lo), hi);
+      const __m512d d = _mm512_mul_pd(_mm512_add_pd(q, half), s);
+      r = _mm512_sub_pd(r, d);
+      acc = _mm512_add_pd(acc, d);
+      u = _mm512_add_pd(_mm512_mul_pd(u, radix), q);
+      if (codes != nullptr) {
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(codes[k] + i),
+                         _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(q)));
+      }
+    }
+    if (sum != nullptr) _mm256_storeu_ps(sum + i, _mm512_cvtpd_ps(acc));
+    if (folded != nullptr) {
+      const __m256i b = _mm256_add_epi32(_mm512_cvtpd_epi32(u), shift);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(folded + i), _mm256_cvtepi32_epi8(b));
+      usum = _mm512_add_epi64(usum, _mm512_cvtepi32_epi64(b));
+    }
+  }
+  if (folded_sum != nullptr) *folded_sum = _mm512_reduce_add_epi64(usum);
+  DigitsTail(x, i, n, p, sum, codes, folded, folded_sum);
+}
+
+bool F32AbsMaxAvx512(const float* x, int64_t n, float* max_abs) {
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    m = _mm512_max_ps(m, a);
+    bad |= _mm512_fpclass_ps_mask(a, 0x01 | 0x80 | 0x08);  // QNaN, SNaN, +Inf (a = |x|)
+  }
+  float tail = 0.0f;
+  const bool finite = F32AbsMaxImpl(x + i, n - i, &tail) && bad == 0;
+  const float head = _mm512_reduce_max_ps(m);
+  *max_abs = tail > head ? tail : head;
+  return finite;
+}
+
 }  // namespace
 
 constexpr KernelTable kAvx512Kernels = [] {
@@ -112,6 +164,8 @@ constexpr KernelTable kAvx512Kernels = [] {
   t.f32_to_f64 = F32ToF64Impl;
   t.bf16_to_f64 = BF16ToF64Avx512;
   t.f16_to_f64 = F16ToF64Avx512;
+  t.digits_mid = DigitsAvx512;
+  t.f32_abs_max = F32AbsMaxAvx512;
   return t;
 }();
 

@@ -29,6 +29,8 @@ constexpr KernelTable kRefKernels = [] {
   t.f32_to_f64 = F32ToF64Impl;
   t.bf16_to_f64 = BF16ToF64Impl;
   t.f16_to_f64 = F16ToF64Scalar;
+  t.digits_mid = DigitsScalar;
+  t.f32_abs_max = F32AbsMaxImpl;
   return t;
 }();
 

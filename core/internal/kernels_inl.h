@@ -51,6 +51,54 @@ inline double QuantizeOne(const TermParams& p, double* r, uint8_t* code) {
   return y;
 }
 
+// One value of DigitsRowFn (core/kernels.h): the operations of QuantizeOne<kMid> term by term,
+// and of TermRow's accumulation.
+inline void DigitsOne(float x, const DigitsParams& p, int64_t i, float* sum,
+                      uint8_t* const* codes, uint8_t* folded, int64_t* folded_sum) {
+  double r = x, acc = 0.0, u = 0.0;
+  const double radix = static_cast<double>(1 << p.bits);
+  for (int k = 0; k < p.terms; ++k) {
+    const double s = p.scale[k];
+    double q = std::floor(r / s);
+    q = q > p.lo ? q : p.lo;
+    q = q < p.hi ? q : p.hi;
+    const double d = (q + 0.5) * s;
+    r = r - d;
+    acc = acc + d;
+    u = u * radix + q;
+    if (codes != nullptr) codes[k][i] = static_cast<uint8_t>(static_cast<int32_t>(q));
+  }
+  if (sum != nullptr) sum[i] = static_cast<float>(acc);
+  if (folded != nullptr) {
+    const int32_t b = static_cast<int32_t>(u) + p.fold_shift;
+    folded[i] = static_cast<uint8_t>(b);
+    *folded_sum += b;
+  }
+}
+
+inline void DigitsTail(const float* x, int64_t begin, int64_t n, const DigitsParams& p,
+                       float* sum, uint8_t* const* codes, uint8_t* folded, int64_t* folded_sum) {
+  for (int64_t i = begin; i < n; ++i) DigitsOne(x[i], p, i, sum, codes, folded, folded_sum);
+}
+
+inline void DigitsScalar(const float* x, int64_t n, const DigitsParams& p, float* sum,
+                         uint8_t* const* codes, uint8_t* folded, int64_t* folded_sum) {
+  if (folded_sum != nullptr) *folded_sum = 0;
+  DigitsTail(x, 0, n, p, sum, codes, folded, folded_sum);
+}
+
+inline bool F32AbsMaxImpl(const float* __restrict x, int64_t n, float* max_abs) {
+  float m = 0.0f;
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = std::fabs(x[i]);
+    m = a > m ? a : m;
+    bad |= !(a <= 3.40282347e38f);  // Inf, or NaN (every comparison false)
+  }
+  *max_abs = m;
+  return bad == 0;
+}
+
 // Scalar loop over [begin, n), merged into *st (min/max/sumsq already initialised).
 template <GridOp G>
 inline void QuantizeTail(const TermParams& p, double* r, uint8_t* codes, int64_t begin, int64_t n,
