@@ -3,7 +3,9 @@
 #include "core/kernels.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "core/dtype.h"
@@ -75,6 +77,82 @@ TEST_P(KernelVariantTest, BitIdenticalToReference) {
     }
   }
   EXPECT_EQ(compared, 60);
+}
+
+// The fused digits kernel against the scalar reference (a division per term), including
+// quotients a hair below an integer, where r · (1/s) rounds up to the integer and its floor would
+// be one too high: the fast kernels must divide there. Zeros, exact integers and extremes too.
+TEST_P(KernelVariantTest, DigitsBitIdenticalToReference) {
+  const KernelTable* fast = KernelsByName(GetParam());
+  if (fast == nullptr) GTEST_SKIP() << GetParam() << " is not supported on this CPU";
+  const KernelTable* ref = KernelsByName("ref");
+  // (x, s) with x/s a hair below an integer n <= 7 by division while x · (1/s) rounds to n.
+  struct Trap {
+    float x;
+    double s;
+  };
+  std::vector<Trap> traps;
+  for (float x : {5.0f, 3.0f, 7.0f, 1.7f, 2.3f, 6.1f, 0.9f, 4.4f, 1.1f, 2.9f, 3.3f}) {
+    for (int n = 1; n <= 7; ++n) {
+      for (int k = -6; k <= 6; ++k) {
+        double s = static_cast<double>(x) / n;
+        for (int i = 0; i < std::abs(k); ++i) s = std::nextafter(s, k > 0 ? 1e300 : 0.0);
+        if (std::floor(x / s) != std::floor(x * (1.0 / s))) traps.push_back({x, s});
+      }
+    }
+  }
+  ASSERT_GE(traps.size(), 4u) << "too few (x, s) where the reciprocal's floor differs";
+  int compared = 0;
+  for (const Trap& trap : traps) {
+    const double s1 = trap.s;
+    for (int64_t n : {1, 7, 8, 9, 33, 130}) {
+      std::vector<float> x(static_cast<size_t>(n));
+      const std::vector<double> v = RandomValues(Dist::kStudentT3, n, n * 7 + 1);
+      for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(v[i]);
+      for (int64_t i = 0; i < n; i += 3) x[i] = trap.x;
+      if (n > 4) x[4] = 0.0f;
+      if (n > 5) x[5] = -0.0f;
+      if (n > 7) x[7] = -trap.x;
+      const double scales[2] = {s1, s1 / 16};
+      DigitsParams p;
+      p.scale = scales;
+      p.terms = 2;
+      p.bits = 4;
+      p.lo = -8;
+      p.hi = 7;
+      p.fold_shift = 136;
+      std::vector<float> sa(n, -1), sb(n, -2);
+      std::vector<uint8_t> c1a(n), c2a(n), c1b(n), c2b(n), ua(n), ub(n);
+      uint8_t* ca[2] = {c1a.data(), c2a.data()};
+      uint8_t* cb[2] = {c1b.data(), c2b.data()};
+      int64_t usa = -1, usb = -2;
+      ref->digits_mid(x.data(), n, p, sa.data(), ca, ua.data(), &usa);
+      fast->digits_mid(x.data(), n, p, sb.data(), cb, ub.data(), &usb);
+      ASSERT_EQ(c1a, c1b) << GetParam() << " s " << s1 << " n " << n;
+      ASSERT_EQ(c2a, c2b) << GetParam() << " s " << s1 << " n " << n;
+      ASSERT_EQ(ua, ub);
+      ASSERT_EQ(usa, usb);
+      ASSERT_EQ(0, std::memcmp(sa.data(), sb.data(), n * sizeof(float)));
+      EXPECT_EQ(static_cast<int8_t>(c1a[0]), static_cast<int>(std::floor(trap.x / s1)));
+      ++compared;
+    }
+  }
+  EXPECT_GT(compared, 0);
+  // max |x| and finiteness.
+  std::vector<float> y = {1.0f, -3.5f, 2.0f, 0.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                          1.0f, 1.0f, 1.0f, 1.0f, 1.0f, -2.5f};
+  float m = 0;
+  EXPECT_TRUE(fast->f32_abs_max(y.data(), static_cast<int64_t>(y.size()), &m));
+  EXPECT_EQ(m, 3.5f);
+  for (size_t at : {size_t{1}, size_t{17}}) {
+    for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                      std::numeric_limits<float>::quiet_NaN()}) {
+      std::vector<float> z = y;
+      z[at] = bad;
+      EXPECT_FALSE(fast->f32_abs_max(z.data(), static_cast<int64_t>(z.size()), &m))
+          << GetParam() << " " << bad << " at " << at;
+    }
+  }
 }
 
 // Every one of the 65536 bfloat16 and float16 codes, at odd offsets and lengths (vector bodies
