@@ -792,6 +792,27 @@ absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
   return absl::OkStatus();
 }
 
+bool ExpandDigitsRowF32(const float* x, int64_t n, int bits, int terms, float* out,
+                        const KernelTable* kernels) {
+  ExpansionSpec spec;
+  spec.bits = bits;
+  spec.terms = terms;
+  spec.grid = Grid::kMid;
+  spec.variant = Variant::kDigits;
+  spec.scale = ScaleGranularity::kChannel;
+  const KernelTable& kt = kernels != nullptr ? *kernels : ActiveKernels();
+  float scales[kMaxTerms];
+  double s[kMaxTerms];
+  DigitsParams p;
+  if (!DigitsRowParams(spec, kt, x, n, scales, s, &p)) return false;
+  if (scales[0] == 0) {
+    std::fill(out, out + n, 0.0f);
+  } else {
+    kt.digits_mid(x, n, p, out, nullptr, nullptr, nullptr);
+  }
+  return true;
+}
+
 absl::Status ExpandRowFoldedF32(const float* x, int64_t rows, int64_t cols, int bits, int terms,
                                 const ExpandOptions& o, uint8_t* folded, int64_t ld,
                                 int64_t* folded_sum, float* last_scale) {

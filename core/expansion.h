@@ -175,6 +175,14 @@ absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
                                const ExpansionSpec& spec, const ExpandOptions& options,
                                const RowCodesFn& emit);
 
+// One row of ExpandReconstructF32 with variant D on the mid grid and one scale per row: out[i] =
+// the float of the sum of x[i]'s `terms` terms of `bits` bits, the same bits, for callers that
+// expand rows inside their own loops (no spec validation, no allocation). False, with out
+// untouched, when the row holds a NaN or an infinity. REQUIRES: 1 <= bits <= 8,
+// 1 <= terms <= kMaxTerms. kernels: nullptr for the active table.
+bool ExpandDigitsRowF32(const float* x, int64_t n, int bits, int terms, float* out,
+                        const KernelTable* kernels = nullptr);
+
 // Variant D on the mid grid, one scale per row, with each value's K = terms digits folded into
 // one byte: folded[row·ld + c] = Σ_k 2^{b(K−k)}·C_k + 2^{b−1}·Σ_k 2^{b(K−k)} ∈ [0, 2^{K·b}), with
 // C_k the codes ExpandRowCodesF32 gives for the same spec (mid grid, kDigits, kChannel, b = bits);

@@ -405,7 +405,8 @@ void LowbitLinear::ForwardPanels(const float* x, int64_t ldx, int64_t batch, int
 
 void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh,
                                    int ph, int pw, int64_t OH, float* y, int terms_used,
-                                   ThreadPool* pool, const LinearKernelTable* kernels) const {
+                                   ThreadPool* pool, const LinearKernelTable* kernels,
+                                   const ChannelFn* prepare) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int64_t OW = W + 2 * pw - kw + 1, PW = W + 2 * pw;
   if (rows_ <= 0 || OH <= 0 || OW <= 0) return;
@@ -414,12 +415,17 @@ void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh,
                       [&](int64_t c0, int64_t c1, const float* w) {
     // One channel at a time zero-padded left and right (rows above and below the image point
     // at a zero row).
-    thread_local std::vector<float> pad, zero;
+    thread_local std::vector<float> pad, zero, prepared;
     pad.assign(static_cast<size_t>(H * PW), 0.0f);
     zero.assign(static_cast<size_t>(PW), 0.0f);
+    if (prepare != nullptr) prepared.resize(static_cast<size_t>(H * W));
     std::vector<const float*> rows(static_cast<size_t>(kh));
     for (int64_t c = c0; c < c1; ++c) {
       const float* xc = x + c * H * W;
+      if (prepare != nullptr) {
+        (*prepare)(c, xc, prepared.data());
+        xc = prepared.data();
+      }
       for (int64_t h = 0; h < H; ++h) {
         std::copy(xc + h * W, xc + (h + 1) * W, pad.data() + h * PW + pw);
       }

@@ -30,6 +30,7 @@
 #define FPXINT_CORE_LOWBIT_LINEAR_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -184,11 +185,14 @@ class LowbitLinear {
   // [C, 1, kh, kw] kernel (requires a table with depthwise_row): x [C, H, W] -> y [C, OH, OW]
   // with OW = W + 2·pw - kw + 1, stride (sh, 1), dilation 1, zero padding (ph, pw):
   // y[c, oh, ow] = Σ_{i,j} W[c, i·kw + j]·x[c, oh·sh + i - ph, ow + j - pw]. Channels are split
-  // over `pool`.
+  // over `pool`. With `prepare`, each channel's H·W inputs are first passed through
+  // prepare(c, x_c, out) (out: H·W floats, the values convolved instead; e.g. the activation's
+  // expansion), on the channel's thread, while they are in cache.
+  using ChannelFn = std::function<void(int64_t c, const float* xc, float* out)>;
   void DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh, int ph,
                        int pw, int64_t OH, float* y, int terms_used = 0,
-                       ThreadPool* pool = nullptr,
-                       const LinearKernelTable* kernels = nullptr) const;
+                       ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr,
+                       const ChannelFn* prepare = nullptr) const;
 
   // The weight the first `terms_used` terms stand for, Σ_k Ŵ_k in fp32, row-major [out, in]
   // (out must hold out·in floats): for compute-bound calls (many activation rows) that hand a

@@ -328,9 +328,13 @@ ConvCall PrepareConv(const char* op, const at::Tensor& x_in, const std::vector<i
   return c;
 }
 
+at::Tensor ActExpand(const at::Tensor& x, int64_t bits, int64_t terms, core::Grid grid,
+                     int64_t granularity, bool unsigned_first, core::Variant variant);
+
 at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                  int64_t groups, int64_t terms) {
+                  int64_t groups, int64_t terms, int64_t act_bits = 0, int64_t act_terms = 0,
+                  int64_t act_grid = 0, int64_t act_granularity = 0, int64_t act_variant = 0) {
   const core::LowbitLinear& w = p->w;
   const ConvCall c = PrepareConv("fpxint::conv2d", x_in, p->shape, groups, stride, padding,
                                  dilation);
@@ -343,15 +347,44 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
                 : groups > 1 ? core::LayerShape::kGroupedConv : core::LayerShape::kConv,
       WeightOnlyMaxRows(), nullptr,
       /*depthwise_geometry=*/c.dilation[0] == 1 && c.dilation[1] == 1 && c.stride[1] == 1);
+  // With act_bits > 0 the op convolves x's activation expansion, fpxint::act_expand(x, act_bits,
+  // act_terms, act_grid, act_granularity, unsigned_first = false, act_variant): inside the
+  // depthwise schedule for variant D with one scale per (image, channel), channel by channel
+  // while each is in cache; otherwise as a separate pass first.
+  const bool fused_expansion =
+      act_bits > 0 && schedule == core::Schedule::kDepthwise &&
+      act_grid == static_cast<int64_t>(core::Grid::kMid) &&
+      act_variant == static_cast<int64_t>(core::Variant::kDigits) &&
+      act_granularity == static_cast<int64_t>(ActGranularity::kChannel) && act_bits <= 8 &&
+      act_terms >= 1 && act_terms <= core::kMaxTerms;
+  if (act_bits > 0 && !fused_expansion) {
+    return Conv2d(ActExpand(x_in, act_bits, act_terms, static_cast<core::Grid>(act_grid),
+                            act_granularity, false, static_cast<core::Variant>(act_variant)),
+                  p, bias, stride, padding, dilation, groups, terms);
+  }
   if (schedule == core::Schedule::kDepthwise) {
     // Depthwise (one input channel per output channel): straight on the image, no im2col.
     const int64_t H = c.x.size(2), W = c.x.size(3);
     at::Tensor y = at::empty({c.n, c.out, c.oh, c.ow}, c.x.options());
+    std::atomic<bool> bad_row{false};
+    const core::LowbitLinear::ChannelFn expand = [&](int64_t, const float* xc, float* out) {
+      if (!core::ExpandDigitsRowF32(xc, H * W, static_cast<int>(act_bits),
+                                    static_cast<int>(act_terms), out)) {
+        bad_row.store(true, std::memory_order_relaxed);
+        std::fill(out, out + H * W, 0.0f);
+      }
+    };
     for (int64_t i = 0; i < c.n; ++i) {
       w.DepthwiseConv2d(c.x.data_ptr<float>() + i * c.out * H * W, H, W, static_cast<int>(ws[2]),
                         static_cast<int>(ws[3]), static_cast<int>(c.stride[0]),
                         static_cast<int>(c.padding[0]), static_cast<int>(c.padding[1]), c.oh,
-                        y.data_ptr<float>() + i * c.out * c.oh * c.ow, k, &AtenPool());
+                        y.data_ptr<float>() + i * c.out * c.oh * c.ow, k, &AtenPool(), nullptr,
+                        fused_expansion ? &expand : nullptr);
+    }
+    if (bad_row.load()) {  // the expansion's own error for the row it rejects
+      ActExpand(x_in, act_bits, act_terms, core::Grid::kMid, act_granularity, false,
+                core::Variant::kDigits);
+      TORCH_CHECK(false, "fpxint::conv2d: internal: a row was rejected, the tensor not");
     }
     if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
     return c.Finish(y);
@@ -684,8 +717,11 @@ TORCH_LIBRARY_FRAGMENT(fpxint, m) {
   m.def("linear(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int terms) -> Tensor",
         &Linear);
+  // act_*: the input's activation expansion inside the op (act_bits 0: none); defaults, so
+  // that networks saved before they existed still load.
   m.def("conv2d(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
-        "int[] stride, int[] padding, int[] dilation, int groups, int terms) -> Tensor",
+        "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits=0, "
+        "int act_terms=0, int act_grid=0, int act_granularity=0, int act_variant=0) -> Tensor",
         &Conv2d);
   m.def("dequantize(__torch__.torch.classes.fpxint.PackedWeight w, int terms) -> Tensor",
         &DequantizeOp);

@@ -6,14 +6,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <set>
 #include <thread>
 #include <vector>
 
+#include <torch/script.h>
+
 #include "absl/strings/match.h"
 #include "gtest/gtest.h"
+#include "model/act_expand_op.h"
 #include "model/aten_pool.h"
 #include "model/lowbit_ops.h"
 #include "model/model.h"
@@ -105,6 +109,76 @@ INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(-1, 16, 0, 1 <<
 // The ops' pool is LibTorch's intra-op pool. at::parallel_for is a header template whose OpenMP
 // region is compiled into the caller, so without OpenMP in model/'s build every packed op ran on
 // the calling thread (it did until session 9, silently: the results were right, only slower).
+// fpxint::conv2d with act_* arguments: a depthwise layer expands its input itself (variant D,
+// one scale per image and channel, inside the depthwise schedule; other schedules first run
+// fpxint::act_expand): the bits of fpxint::act_expand followed by the plain op, and the same
+// error for an input it rejects.
+TEST(PackedOpsConv, DepthwiseExpandsItsInputAsActExpandDoes) {
+  const int64_t C = 8;
+  std::vector<double> wv = ::fpxint::testing::RandomValues(::fpxint::testing::Dist::kGaussian,
+                                                           C * 9, 5);
+  core::ExpansionSpec ws;
+  ws.bits = 4;
+  ws.terms = 2;
+  ws.grid = core::Grid::kMid;
+  ws.variant = core::Variant::kDigits;
+  ws.scale = core::ScaleGranularity::kChannel;
+  auto e = core::ExpandTensor(wv, {C, 9}, ws);
+  ASSERT_TRUE(e.ok()) << e.status();
+  auto lw = core::LowbitLinear::FromExpansion(*e);
+  ASSERT_TRUE(lw.ok()) << lw.status();
+  const c10::IValue pw = MakePackedWeight(*std::move(lw), {C, 1, 3, 3});
+  const auto& conv = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d", "");
+  const auto& expand = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::act_expand", "");
+  const int64_t mid = static_cast<int64_t>(core::Grid::kMid);
+  const int64_t digits = static_cast<int64_t>(core::Variant::kDigits);
+  const int64_t channel = static_cast<int64_t>(ActGranularity::kChannel);
+  auto run = [&](const at::Tensor& x, std::vector<int64_t> stride, int64_t act_bits,
+                 int64_t act_terms) {
+    torch::jit::Stack st = {x, pw, c10::IValue(), stride, std::vector<int64_t>{1, 1},
+                            std::vector<int64_t>{1, 1}, C, int64_t{2}, act_bits, act_terms,
+                            mid, channel, digits};
+    conv.callBoxed(&st);
+    return st[0].toTensor();
+  };
+  auto expanded = [&](const at::Tensor& x, int64_t act_terms) {
+    torch::jit::Stack st = {x, int64_t{4}, act_terms, mid, channel, false, digits};
+    expand.callBoxed(&st);
+    return st[0].toTensor();
+  };
+  at::manual_seed(7);
+  for (const auto& stride : {std::vector<int64_t>{1, 1}, {2, 1}, {1, 2}}) {
+    for (int64_t n : {1, 3}) {
+      at::Tensor x = at::randn({n, C, 12, 20}, at::TensorOptions().dtype(at::kFloat));
+      x.select(1, 2).zero_();                                   // a channel of zeros
+      x.select(1, 3).clamp_min_(0);                             // a ReLU'd channel
+      x.select(1, 5).mul_(1e-39);                               // subnormal scales
+      for (int64_t ka : {1, 2}) {
+        const at::Tensor want = run(expanded(x, ka), stride, 0, 0);
+        const at::Tensor got = run(x, stride, 4, ka);
+        ASSERT_TRUE(at::equal(got, want)) << "stride " << stride[0] << "x" << stride[1]
+                                          << " n " << n << " K_a " << ka << " max diff "
+                                          << (got - want).abs().max().item<float>();
+      }
+    }
+  }
+  at::Tensor bad = at::randn({2, C, 12, 20}, at::TensorOptions().dtype(at::kFloat));
+  bad[1][4][3][7] = std::numeric_limits<float>::quiet_NaN();
+  std::string want_error, got_error;
+  try {
+    expanded(bad, 2);
+  } catch (const c10::Error& err) {
+    want_error = err.what_without_backtrace();
+  }
+  try {
+    run(bad, {1, 1}, 4, 2);
+  } catch (const c10::Error& err) {
+    got_error = err.what_without_backtrace();
+  }
+  ASSERT_FALSE(want_error.empty());
+  EXPECT_EQ(got_error, want_error);
+}
+
 TEST(AtenPool, ParallelForUsesMoreThanOneThread) {
   const char* omp = std::getenv("OMP_NUM_THREADS");
   if (std::thread::hardware_concurrency() < 2 || (omp != nullptr && std::atoi(omp) == 1)) {

@@ -337,6 +337,17 @@ absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
         args.insert(args.end(), act_args.begin(), act_args.end());
         fuse(g->insert(c10::Symbol::fromQualString(kConv2dWaOp), args));
         continue;
+      } else if (!spec.truncate && is_conv2d && gran == ActGranularity::kChannel &&
+                 spec.act_grid == core::Grid::kMid &&
+                 spec.act_variant == core::Variant::kDigits) {
+        // Depthwise with variant D activations: the packed op expands each (image, channel)
+        // itself while it is in cache (the bits of fpxint::act_expand, which the mid grid runs
+        // without an unsigned first term).
+        y = g->insert(c10::Symbol::fromQualString(kConv2dOp),
+                      {n->input(0), pw, bias, n->input(3), n->input(4), n->input(5), n->input(6),
+                       terms, static_cast<int64_t>(spec.act_bits), act_terms,
+                       static_cast<int64_t>(spec.act_grid), static_cast<int64_t>(gran),
+                       static_cast<int64_t>(spec.act_variant)});
       } else if (!spec.truncate) {
         // Σ_i W_i ⊛ Σ_j X_j: the weight-only packed op (or the dequantized weight sum) on the
         // activation's expansion.
