@@ -757,7 +757,8 @@ TEST(ExpandRowFoldedF32, IsTheFoldOfTheRowCodes) {
     for (int64_t i = 0; i < cols; ++i) x[5 * cols + i] *= 1e-39f;              // subnormal scales
     for (int64_t i = 0; i < cols; ++i) x[7 * cols + i] = std::max(x[7 * cols + i], 0.0f);
     for (const std::string& kernels : SupportedKernelNames()) {
-      for (auto [bits, terms] : {std::pair{4, 2}, {2, 4}, {2, 3}, {8, 1}, {3, 2}, {1, 8}}) {
+      for (const auto& [b, k] : {std::pair{4, 2}, {2, 4}, {2, 3}, {8, 1}, {3, 2}, {1, 8}}) {
+        const int bits = b, terms = k;  // named copies: lambdas cannot capture bindings in C++17
         ExpansionSpec spec = Spec(bits, terms, Grid::kMid, ScaleGranularity::kChannel, 0,
                                   Variant::kDigits);
         ExpandOptions o;
