@@ -670,6 +670,16 @@ void JobManager::Run(const std::shared_ptr<Live>& live, bool inline_task) {
     } else {
       out = RunJob(spec, ctx);
     }
+    // A cancel asked on another replica since the last lease renewal wins as well: one more
+    // renewal reads it (FencedWrite flags it) before anything is stored.
+    if (out.ok() && !live->user_cancel.load()) {
+      v1::Job now;
+      {
+        absl::MutexLock l(&mu_);
+        now = live->job;
+      }
+      FencedWrite(live, now, /*final_write=*/false);
+    }
     // A cancel that arrived after the expansion's last poll (while it wrote its outputs) still
     // wins: nothing has been stored or deployed yet.
     if (out.ok() && live->user_cancel.load()) out = absl::CancelledError("cancelled");
