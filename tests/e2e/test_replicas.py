@@ -39,8 +39,9 @@ import service_client as sc  # noqa: E402
 
 LEASE_SECONDS = 3
 # The slow job: 12 random F32 [2048, 2048] tensors (201 MB), b=4, K=16 (a service job's most):
-# about 5 s on 2 cores, long enough to be caught running and for a cancel made on the other
-# replica to reach it (the runner reads it at its next lease renewal, within a second).
+# under a second on 2 AVX-512 cores, long enough to be caught running; a cancel made on the other
+# replica reaches the runner at its next lease renewal or, at the latest, at the renewal it makes
+# before storing its outputs.
 N_TENSORS = 12
 SLOW_TERMS = 16
 
