@@ -10,6 +10,20 @@
 #include "core/packing.h"
 #include "core/status_macros.h"
 
+// One copy of a function per ISA, picked at load time by an ifunc resolver. Resolvers run before
+// ThreadSanitizer's runtime has started (a crash at startup), so sanitized builds get one plain
+// copy.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define FPXINT_ISA_CLONES
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define FPXINT_ISA_CLONES
+#endif
+#endif
+#ifndef FPXINT_ISA_CLONES
+#define FPXINT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+
 namespace fpxint::core {
 namespace {
 
@@ -498,7 +512,7 @@ namespace {
 // nullptr: not wanted) and writes term k alone to term_out (nullptr: not wanted).
 // Cloned per ISA so that the byte-to-double loops vectorize (the core is built without FMA
 // contraction, so every clone computes the same bits).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& gp, int k,
+FPXINT_ISA_CLONES void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, const GroupParams& gp, int k,
              double* r, uint8_t* codes, int64_t n, SegmentStats* st, double* acc,
              float* term_out) {
   if (gp.skip) {
