@@ -575,32 +575,57 @@ absl::Status RejectedRowError(const float* x, int64_t rows, int64_t cols,
 }
 
 // Variant D on the mid grid with one scale per row: every term's scale follows from the row's
-// largest |x| (ParamsFor), so the kernel table's fused digits kernel runs all terms in one pass.
-bool FusedDigits(const ExpansionSpec& spec, const KernelTable& kt) {
+// largest |x| (ParamsFor), so every kernel table's fused digits kernel runs all terms in one pass.
+bool FusedDigits(const ExpansionSpec& spec) {
   return spec.grid == Grid::kMid && spec.variant == Variant::kDigits && !spec.unsigned_first &&
-         spec.scale == ScaleGranularity::kChannel && kt.digits_mid != nullptr &&
-         kt.f32_abs_max != nullptr;
+         spec.scale == ScaleGranularity::kChannel;
 }
 
-// One row's term scales (as floats in `scales`, as doubles in `p.scale`), and the rest of p.
-// False when the row holds a NaN or an infinity (BadRow's verdict on its statistics).
-bool DigitsRowParams(const ExpansionSpec& spec, const KernelTable& kt, const float* x,
-                     int64_t cols, float* scales, double* s, DigitsParams* p) {
+ExpansionSpec RowDigitsSpec(int bits, int terms) {
+  ExpansionSpec spec;
+  spec.bits = bits;
+  spec.terms = terms;
+  spec.grid = Grid::kMid;
+  spec.variant = Variant::kDigits;
+  spec.scale = ScaleGranularity::kChannel;
+  return spec;
+}
+
+// One row of n values through the fused digits kernel, outputs as DigitsRowFn's (sum, folded
+// with fold_shift and *folded_sum; each optional) and the row's term-K scale in *last_scale
+// (optional). A row of zeros has scales 0 and every code 0. False, with nothing written, when
+// the row holds a NaN or an infinity (BadRow's verdict on its statistics).
+bool DigitsRow(const ExpansionSpec& spec, const KernelTable& kt, const float* x, int64_t n,
+               int32_t fold_shift, float* sum, uint8_t* folded, int64_t* folded_sum,
+               float* last_scale) {
   float m = 0;
-  if (!kt.f32_abs_max(x, cols, &m)) return false;
+  if (!kt.f32_abs_max(x, n, &m)) return false;
   SegmentStats st;  // the mid grid's first scale reads max(|min|, |max|) alone
   st.max = m;
+  double s[kMaxTerms];
+  DigitsParams p;
   float prev = 0;
   for (int k = 1; k <= spec.terms; ++k) {
     const GroupParams gp = ParamsFor(spec, st, prev, k);
-    prev = scales[k - 1] = gp.scale;
+    prev = gp.scale;
     s[k - 1] = gp.scale;
-    p->lo = gp.p.lo;
-    p->hi = gp.p.hi;
+    p.lo = gp.p.lo;
+    p.hi = gp.p.hi;
   }
-  p->scale = s;
-  p->terms = spec.terms;
-  p->bits = spec.bits;
+  if (last_scale != nullptr) *last_scale = prev;
+  if (s[0] == 0) {
+    if (sum != nullptr) std::fill(sum, sum + n, 0.0f);
+    if (folded != nullptr) {
+      std::memset(folded, fold_shift, static_cast<size_t>(n));
+      *folded_sum = int64_t{fold_shift} * n;
+    }
+    return true;
+  }
+  p.scale = s;
+  p.terms = spec.terms;
+  p.bits = spec.bits;
+  p.fold_shift = fold_shift;
+  kt.digits_mid(x, n, p, sum, nullptr, folded, folded_sum);
   return true;
 }
 
@@ -642,23 +667,13 @@ absl::Status ExpandReconstructF32(const float* x, int64_t rows, int64_t cols,
   auto bad_value_error = [&] { return RejectedRowError(x, rows, cols, spec, o); };
   auto cancelled = [&] { return o.cancel != nullptr && o.cancel->load(); };
 
-  if (term_out.empty() && FusedDigits(spec, kt)) {
-    // Every row in one pass of the fused digits kernel (a row of zeros has scales 0: sum 0).
+  if (term_out.empty() && sum_out != nullptr && FusedDigits(spec)) {
+    // Every row in one pass of the fused digits kernel.
     ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
-      float scales[kMaxTerms];
-      double s[kMaxTerms];
-      DigitsParams p;
       for (int64_t row = row_begin; row < row_end; ++row) {
-        if (!DigitsRowParams(spec, kt, x + row * cols, cols, scales, s, &p)) {
+        if (!DigitsRow(spec, kt, x + row * cols, cols, 0, sum_out + row * cols, nullptr, nullptr,
+                       nullptr)) {
           bad[static_cast<size_t>(row)] = 1;
-          continue;
-        }
-        if (sum_out == nullptr) continue;
-        float* out = sum_out + row * cols;
-        if (scales[0] == 0) {
-          std::fill(out, out + cols, 0.0f);
-        } else {
-          kt.digits_mid(x + row * cols, cols, p, out, nullptr, nullptr, nullptr);
         }
       }
     });
@@ -808,34 +823,14 @@ absl::Status ExpandRowCodesF32(const float* x, int64_t rows, int64_t cols,
 
 bool ExpandDigitsRowF32(const float* x, int64_t n, int bits, int terms, float* out,
                         const KernelTable* kernels) {
-  ExpansionSpec spec;
-  spec.bits = bits;
-  spec.terms = terms;
-  spec.grid = Grid::kMid;
-  spec.variant = Variant::kDigits;
-  spec.scale = ScaleGranularity::kChannel;
   const KernelTable& kt = kernels != nullptr ? *kernels : ActiveKernels();
-  float scales[kMaxTerms];
-  double s[kMaxTerms];
-  DigitsParams p;
-  if (!DigitsRowParams(spec, kt, x, n, scales, s, &p)) return false;
-  if (scales[0] == 0) {
-    std::fill(out, out + n, 0.0f);
-  } else {
-    kt.digits_mid(x, n, p, out, nullptr, nullptr, nullptr);
-  }
-  return true;
+  return DigitsRow(RowDigitsSpec(bits, terms), kt, x, n, 0, out, nullptr, nullptr, nullptr);
 }
 
 absl::Status ExpandRowFoldedF32(const float* x, int64_t rows, int64_t cols, int bits, int terms,
                                 const ExpandOptions& o, uint8_t* folded, int64_t ld,
                                 int64_t* folded_sum, float* last_scale) {
-  ExpansionSpec spec;
-  spec.bits = bits;
-  spec.terms = terms;
-  spec.grid = Grid::kMid;
-  spec.variant = Variant::kDigits;
-  spec.scale = ScaleGranularity::kChannel;
+  const ExpansionSpec spec = RowDigitsSpec(bits, terms);
   FPX_RETURN_IF_ERROR(spec.Validate());
   if (bits * terms > 8 || ld < cols) {
     return absl::InvalidArgumentError(absl::StrCat("ExpandRowFoldedF32: ", terms, " terms of ",
@@ -848,47 +843,17 @@ absl::Status ExpandRowFoldedF32(const float* x, int64_t rows, int64_t cols, int 
   int32_t shift = 0;
   for (int k = 0; k < terms; ++k) shift = (shift << bits) + (1 << (bits - 1));
   std::atomic<bool> bad{false};
-  if (FusedDigits(spec, kt)) {
-    ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
-      float scales[kMaxTerms];
-      double s[kMaxTerms];
-      DigitsParams p;
-      p.fold_shift = shift;
-      for (int64_t row = row_begin; row < row_end; ++row) {
-        uint8_t* u = folded + row * ld;
-        if (!DigitsRowParams(spec, kt, x + row * cols, cols, scales, s, &p)) {
-          bad.store(true, std::memory_order_relaxed);
-          continue;
-        }
-        if (scales[0] == 0) {  // all codes 0
-          std::memset(u, shift, static_cast<size_t>(cols));
-          folded_sum[row] = int64_t{shift} * cols;
-        } else {
-          kt.digits_mid(x + row * cols, cols, p, nullptr, nullptr, u, folded_sum + row);
-        }
-        last_scale[row] = scales[terms - 1];
+  ParallelRows(o, rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (!DigitsRow(spec, kt, x + row * cols, cols, shift, nullptr, folded + row * ld,
+                     folded_sum + row, last_scale + row)) {
+        bad.store(true, std::memory_order_relaxed);
       }
-    });
-    if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
-    if (bad.load()) return RejectedRowError(x, rows, cols, spec, o);
-    return absl::OkStatus();
-  }
-  // Kernel tables without the fused kernel: the per-term codes, folded here.
-  return ExpandRowCodesF32(x, rows, cols, spec, o,
-                           [&](int64_t row, const uint8_t* const* codes, const float* scales) {
-                             uint8_t* u = folded + row * ld;
-                             int64_t sum = 0;
-                             for (int64_t c = 0; c < cols; ++c) {
-                               int32_t v = 0;
-                               for (int k = 0; k < terms; ++k) {
-                                 v = (v << bits) + static_cast<int8_t>(codes[k][c]);
-                               }
-                               u[c] = static_cast<uint8_t>(v + shift);
-                               sum += v + shift;
-                             }
-                             folded_sum[row] = sum;
-                             last_scale[row] = scales[terms - 1];
-                           });
+    }
+  });
+  if (o.cancel != nullptr && o.cancel->load()) return absl::CancelledError("expansion cancelled");
+  if (bad.load()) return RejectedRowError(x, rows, cols, spec, o);
+  return absl::OkStatus();
 }
 
 }  // namespace fpxint::core

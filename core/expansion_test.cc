@@ -32,6 +32,25 @@ ExpansionSpec Spec(int bits, int terms, Grid grid, ScaleGranularity scale, int64
   return s;
 }
 
+// Every activation spec with 3 terms and `scale`: the three grids at b = 2, 4, 8, variant D on
+// the mid grid, and an unsigned first term on the sym grid (for inputs >= 0).
+std::vector<ExpansionSpec> ActivationSpecs(ScaleGranularity scale) {
+  std::vector<ExpansionSpec> specs;
+  for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
+    for (int bits : {2, 4, 8}) {
+      for (Variant v : {Variant::kRescaled, Variant::kDigits}) {
+        if (v == Variant::kDigits && grid != Grid::kMid) continue;
+        for (bool unsigned_first : {false, true}) {
+          if (unsigned_first && grid != Grid::kSym) continue;
+          specs.push_back(Spec(bits, 3, grid, scale, 0, v));
+          specs.back().unsigned_first = unsigned_first;
+        }
+      }
+    }
+  }
+  return specs;
+}
+
 TensorExpansion MustExpand(const std::vector<double>& w, std::vector<int64_t> shape,
                            const ExpansionSpec& spec, const ExpandOptions& o = {}) {
   absl::StatusOr<TensorExpansion> e = ExpandTensor(w, shape, spec, o);
@@ -518,54 +537,44 @@ TEST(ExpandReconstructF32, EqualsExpandThenReconstructBitForBit) {
     std::vector<float> relu = x;
     for (float& v : relu) v = std::max(v, 0.0f);
     for (ScaleGranularity sc : {ScaleGranularity::kTensor, ScaleGranularity::kChannel}) {
-      for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
-        for (int bits : {2, 4, 8}) {
-          for (Variant v : {Variant::kRescaled, Variant::kDigits}) {
-            if (v == Variant::kDigits && grid != Grid::kMid) continue;
-            for (bool unsigned_first : {false, true}) {
-              if (unsigned_first && grid != Grid::kSym) continue;
-              ExpansionSpec spec = Spec(bits, 3, grid, sc, 0, v);
-              spec.unsigned_first = unsigned_first;
-              const std::vector<float>& in = unsigned_first ? relu : x;
-              const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()),
-                                                     in.size() * 4);
-              absl::StatusOr<TensorExpansion> e =
-                  ExpandTensor(DType::kF32, {c.rows, c.cols}, bytes, spec);
-              ASSERT_TRUE(e.ok()) << e.status();
-              const std::vector<double> sum = Reconstruct(*e, 3);
-              for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
-                ExpandOptions o;
-                o.pool = p;
-                std::vector<float> got(in.size(), -1.f);
-                std::vector<std::vector<float>> terms(3, std::vector<float>(in.size(), -1.f));
-                std::vector<float*> term_ptrs = {terms[0].data(), terms[1].data(), terms[2].data()};
-                ASSERT_TRUE(ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, got.data(),
-                                                 term_ptrs)
-                                .ok());
-                for (size_t i = 0; i < in.size(); ++i) {
-                  ASSERT_EQ(got[i], static_cast<float>(sum[i]))
-                      << spec.ToString() << " " << c.rows << "x" << c.cols << " at " << i;
-                }
-                for (int k = 1; k <= 3; ++k) {
-                  std::vector<double> one(in.size(), 0.0);
-                  AccumulateTerm(e->spec, e->layout, e->terms[k - 1], k, one.data());
-                  for (size_t i = 0; i < in.size(); ++i) {
-                    ASSERT_EQ(terms[k - 1][i], static_cast<float>(one[i]))
-                        << spec.ToString() << " term " << k << " at " << i;
-                  }
-                }
-                // The sum alone (variant D with channel scales: the fused digits kernel of
-                // every kernel table).
-                for (const std::string& kernels : SupportedKernelNames()) {
-                  o.kernels = KernelsByName(kernels);
-                  std::vector<float> only(in.size());
-                  ASSERT_TRUE(
-                      ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, only.data(), {})
+      for (const ExpansionSpec& spec : ActivationSpecs(sc)) {
+        const std::vector<float>& in = spec.unsigned_first ? relu : x;
+        const auto bytes = absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()),
+                                               in.size() * 4);
+        absl::StatusOr<TensorExpansion> e =
+            ExpandTensor(DType::kF32, {c.rows, c.cols}, bytes, spec);
+        ASSERT_TRUE(e.ok()) << e.status();
+        const std::vector<double> sum = Reconstruct(*e, 3);
+        for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+          ExpandOptions o;
+          o.pool = p;
+          std::vector<float> got(in.size(), -1.f);
+          std::vector<std::vector<float>> terms(3, std::vector<float>(in.size(), -1.f));
+          std::vector<float*> term_ptrs = {terms[0].data(), terms[1].data(), terms[2].data()};
+          ASSERT_TRUE(ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, got.data(),
+                                           term_ptrs)
                           .ok());
-                  EXPECT_EQ(only, got) << kernels << " " << spec.ToString();
-                }
-              }
+          for (size_t i = 0; i < in.size(); ++i) {
+            ASSERT_EQ(got[i], static_cast<float>(sum[i]))
+                << spec.ToString() << " " << c.rows << "x" << c.cols << " at " << i;
+          }
+          for (int k = 1; k <= 3; ++k) {
+            std::vector<double> one(in.size(), 0.0);
+            AccumulateTerm(e->spec, e->layout, e->terms[k - 1], k, one.data());
+            for (size_t i = 0; i < in.size(); ++i) {
+              ASSERT_EQ(terms[k - 1][i], static_cast<float>(one[i]))
+                  << spec.ToString() << " term " << k << " at " << i;
             }
+          }
+          // The sum alone (variant D with channel scales: the fused digits kernel of
+          // every kernel table).
+          for (const std::string& kernels : SupportedKernelNames()) {
+            o.kernels = KernelsByName(kernels);
+            std::vector<float> only(in.size());
+            ASSERT_TRUE(
+                ExpandReconstructF32(in.data(), c.rows, c.cols, spec, o, only.data(), {})
+                    .ok());
+            EXPECT_EQ(only, got) << kernels << " " << spec.ToString();
           }
         }
       }
@@ -689,55 +698,45 @@ TEST(ExpandRowCodesF32, EqualsExpandTensorsCodesAndScales) {
   std::vector<float> relu = x;
   for (float& v : relu) v = std::max(v, 0.0f);
   for (const std::string& kernels : SupportedKernelNames()) {
-    for (Grid grid : {Grid::kSym, Grid::kAsym, Grid::kMid}) {
-      for (int bits : {2, 4, 8}) {
-        for (Variant v : {Variant::kRescaled, Variant::kDigits}) {
-          if (v == Variant::kDigits && grid != Grid::kMid) continue;
-          for (bool unsigned_first : {false, true}) {
-            if (unsigned_first && grid != Grid::kSym) continue;
-            ExpansionSpec spec = Spec(bits, 3, grid, ScaleGranularity::kChannel, 0, v);
-            spec.unsigned_first = unsigned_first;
-            const std::vector<float>& in = unsigned_first ? relu : x;
-            ExpandOptions o;
-            o.kernels = KernelsByName(kernels);
-            absl::StatusOr<TensorExpansion> e = ExpandTensor(
-                DType::kF32, {rows, cols},
-                absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size() * 4),
-                spec, o);
-            ASSERT_TRUE(e.ok()) << e.status();
-            o.pool = &pool;
-            std::vector<int> seen(rows, 0);
-            std::vector<std::vector<int32_t>> got(3, std::vector<int32_t>(rows * cols));
-            std::vector<std::vector<float>> scale(3, std::vector<float>(rows));
-            ASSERT_TRUE(ExpandRowCodesF32(in.data(), rows, cols, spec, o,
-                                          [&](int64_t row, const uint8_t* const* codes,
-                                              const float* scales) {
-                                            ++seen[row];
-                                            for (int k = 0; k < 3; ++k) {
-                                              scale[k][row] = scales[k];
-                                              for (int64_t c = 0; c < cols; ++c) {
-                                                // The low `bits` bits, as PackCodes keeps them.
-                                                got[k][row * cols + c] = codes[k][c];
-                                              }
-                                            }
-                                          })
-                            .ok());
-            for (int k = 0; k < 3; ++k) {
-              const bool is_signed = !spec.term_is_unsigned(k + 1);
-              for (int64_t row = 0; row < rows; ++row) {
-                ASSERT_EQ(seen[row], 1);
-                ASSERT_EQ(scale[k][row], e->terms[k].scale[row]) << spec.ToString() << " " << row;
-                std::vector<int32_t> want(cols);
-                UnpackCodes(e->terms[k].codes.data() + row * e->layout.packed_row_bytes, cols,
-                            bits, is_signed, want.data());
-                for (int64_t c = 0; c < cols; ++c) {
-                  const uint8_t byte = static_cast<uint8_t>(got[k][row * cols + c]);
-                  const int32_t code = is_signed ? static_cast<int8_t>(byte) : byte;
-                  ASSERT_EQ(code, want[c]) << kernels << " " << spec.ToString() << " term "
-                                           << k + 1 << " row " << row << " col " << c;
-                }
-              }
-            }
+    for (const ExpansionSpec& spec : ActivationSpecs(ScaleGranularity::kChannel)) {
+      const std::vector<float>& in = spec.unsigned_first ? relu : x;
+      ExpandOptions o;
+      o.kernels = KernelsByName(kernels);
+      absl::StatusOr<TensorExpansion> e = ExpandTensor(
+          DType::kF32, {rows, cols},
+          absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(in.data()), in.size() * 4),
+          spec, o);
+      ASSERT_TRUE(e.ok()) << e.status();
+      o.pool = &pool;
+      std::vector<int> seen(rows, 0);
+      std::vector<std::vector<int32_t>> got(3, std::vector<int32_t>(rows * cols));
+      std::vector<std::vector<float>> scale(3, std::vector<float>(rows));
+      ASSERT_TRUE(ExpandRowCodesF32(in.data(), rows, cols, spec, o,
+                                    [&](int64_t row, const uint8_t* const* codes,
+                                        const float* scales) {
+                                      ++seen[row];
+                                      for (int k = 0; k < 3; ++k) {
+                                        scale[k][row] = scales[k];
+                                        for (int64_t c = 0; c < cols; ++c) {
+                                          // The low `bits` bits, as PackCodes keeps them.
+                                          got[k][row * cols + c] = codes[k][c];
+                                        }
+                                      }
+                                    })
+                      .ok());
+      for (int k = 0; k < 3; ++k) {
+        const bool is_signed = !spec.term_is_unsigned(k + 1);
+        for (int64_t row = 0; row < rows; ++row) {
+          ASSERT_EQ(seen[row], 1);
+          ASSERT_EQ(scale[k][row], e->terms[k].scale[row]) << spec.ToString() << " " << row;
+          std::vector<int32_t> want(cols);
+          UnpackCodes(e->terms[k].codes.data() + row * e->layout.packed_row_bytes, cols,
+                      spec.bits, is_signed, want.data());
+          for (int64_t c = 0; c < cols; ++c) {
+            const uint8_t byte = static_cast<uint8_t>(got[k][row * cols + c]);
+            const int32_t code = is_signed ? static_cast<int8_t>(byte) : byte;
+            ASSERT_EQ(code, want[c]) << kernels << " " << spec.ToString() << " term "
+                                     << k + 1 << " row " << row << " col " << c;
           }
         }
       }
