@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 
@@ -15,6 +16,19 @@ namespace fpxint::core {
 void UnpackIntRowAvx2(const uint8_t* packed, int64_t n, int bits, int8_t* out);
 
 namespace {
+
+// acc + the four-product sums of x·w, in place. GCC 12 keeps the intrinsic's accumulators of a
+// panel product in registers only with the instruction's tied operand spelled out: through
+// _mm512_dpbusd_epi32 it copies and spills them on every group (half the speed with a
+// prefetch in the loop). Clang allocates either form well.
+inline __m512i Dpbusd(__m512i acc, __m512i x, __m512i w) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, x, w);
+#endif
+}
 
 // Lane k of the result = the sum of the 16 lanes of a[k] (a transposing reduction: ~45
 // instructions for 16 sums instead of 16 separate horizontal reductions).
@@ -49,7 +63,7 @@ void DotTileT(const int8_t* w, int64_t ldw, const uint8_t* x, int64_t ldx, int64
     for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + c);
     for (int b = 0; b < B; ++b) {
       const __m512i xv = _mm512_loadu_si512(x + b * ldx + c);
-      for (int r = 0; r < R; ++r) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xv, wv[r]);
+      for (int r = 0; r < R; ++r) acc[r][b] = Dpbusd(acc[r][b], xv, wv[r]);
     }
   }
   if constexpr (R == 4 && B == 4) {
@@ -71,6 +85,16 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
   kTiles[R - 1][B - 1](w, ldw, x, ldx, n, out);
 }
 
+// Software prefetch kPrefetchBytes ahead of the panel stream. A panel product reads its panel
+// once, front to back; at few activation rows the hardware prefetcher alone leaves the VNNI unit
+// waiting on L3 and memory (measured: 0.57 products per cycle streaming, 0.94 with this, 0.97 with
+// the panel in L1). Past the last group it touches the next panel, which the next task reads.
+constexpr int64_t kPrefetchBytes = 4096;
+inline void PrefetchPanel(const void* p, int64_t offset) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + offset + kPrefetchBytes),
+               _MM_HINT_T0);
+}
+
 // The panel product: per group of 8 input codes, the two 64-byte halves of the panel (16 rows ×
 // 4 packed bytes each) become four s8 vectors in registers (low nibbles: the even codes, high:
 // the odd ones, sign-extended through a 16-entry table); each activation row broadcasts its 4
@@ -84,6 +108,8 @@ void GemmPanelT(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t 
   __m512i acc[B][2];
   for (int b = 0; b < B; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
+    PrefetchPanel(panel, g * 128);
+    PrefetchPanel(panel, g * 128 + 64);
     const __m512i w0 = _mm512_loadu_si512(panel + g * 128);
     const __m512i w1 = _mm512_loadu_si512(panel + g * 128 + 64);
     const __m512i l0 = _mm512_shuffle_epi8(lut, _mm512_and_si512(w0, mask));
@@ -95,8 +121,8 @@ void GemmPanelT(const uint8_t* panel, int64_t groups, const uint8_t* x, int64_t 
       std::memcpy(&e, x + b * ldx + 8 * g, 4);
       std::memcpy(&o, x + b * ldx + 8 * g + 4, 4);
       const __m512i xe = _mm512_set1_epi32(e), xo = _mm512_set1_epi32(o);
-      acc[b][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b][0], xe, l0), xo, h0);
-      acc[b][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[b][1], xe, l1), xo, h1);
+      acc[b][0] = Dpbusd(Dpbusd(acc[b][0], xe, l0), xo, h0);
+      acc[b][1] = Dpbusd(Dpbusd(acc[b][1], xe, l1), xo, h1);
     }
   }
   for (int b = 0; b < B; ++b) {
@@ -125,14 +151,16 @@ void GemmPanelS8T(const int8_t* panel, int64_t groups, const uint8_t* x, int64_t
   __m512i acc[B][2];
   for (int b = 0; b < B; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
   for (int64_t g = 0; g < groups; ++g) {
+    PrefetchPanel(panel, g * 128);
+    PrefetchPanel(panel, g * 128 + 64);
     const __m512i w0 = _mm512_loadu_si512(panel + g * 128);
     const __m512i w1 = _mm512_loadu_si512(panel + g * 128 + 64);
     for (int b = 0; b < B; ++b) {
       int32_t v;
       std::memcpy(&v, x + b * ldx + 4 * g, 4);
       const __m512i xv = _mm512_set1_epi32(v);
-      acc[b][0] = _mm512_dpbusd_epi32(acc[b][0], xv, w0);
-      acc[b][1] = _mm512_dpbusd_epi32(acc[b][1], xv, w1);
+      acc[b][0] = Dpbusd(acc[b][0], xv, w0);
+      acc[b][1] = Dpbusd(acc[b][1], xv, w1);
     }
   }
   for (int b = 0; b < B; ++b) {
