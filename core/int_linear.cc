@@ -1,5 +1,7 @@
 #include "core/int_linear.h"
 
+#include "core/internal/post_steps_inl.h"
+
 #include "core/runtime.h"
 
 #include <algorithm>
@@ -304,21 +306,17 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
   return *panels_;
 }
 
+void ApplyPostSteps(const PostStep* steps, int n, float* out, int64_t count) {
+  const IntKernelTable& kt = ActiveIntKernels();
+  (kt.post_steps != nullptr ? kt.post_steps : internal::PostStepsImpl)(steps, n, out, count);
+}
+
 void Epilogue::ApplyTo(int64_t o0, int n, float* out) const {
   if (bias != nullptr) {
     for (int r = 0; r < n; ++r) out[r] += bias[o0 + r];
   }
-  switch (op) {
-    case PostOp::kNone: break;
-    case PostOp::kRelu:
-      for (int r = 0; r < n; ++r) out[r] = std::max(out[r], 0.0f);
-      break;
-    case PostOp::kHardswish:  // x · min(max(x + 3, 0), 6) / 6, as at::hardswish
-      for (int r = 0; r < n; ++r) {
-        out[r] = out[r] * std::min(std::max(out[r] + 3.0f, 0.0f), 6.0f) / 6.0f;
-      }
-      break;
-  }
+  if (op != PostOp::kNone) internal::PostStepImpl(PostStep{op, 0.0f}, out, n);
+  if (tail_steps > 0) ApplyPostSteps(tail, tail_steps, out, n);
 }
 
 namespace {

@@ -58,6 +58,8 @@ inline constexpr int kIntPanelRows = 32;
 inline constexpr int kIntGemmRows = 8;
 inline constexpr int64_t kIntGemmMinRows = 8;
 
+struct PostStep;  // below
+
 struct IntKernelTable {
   const char* name;  // "ref" | "avx2" | "avx512vnni"
   // The first n codes of one packed row (core/packing.h layout, b-bit two's complement), as s8 in
@@ -87,23 +89,49 @@ struct IntKernelTable {
   // nullptr: the variant takes the reference one (same bits).
   void (*folded_outputs)(const int32_t* acc, int R, const double* wpart, const double* ws,
                          double xpart, double sx, float* out);
+  // ApplyPostSteps (below) compiled for the variant (nullptr: the baseline loops; same bits).
+  void (*post_steps)(const PostStep* steps, int n, float* out, int64_t count);
 };
 
 const IntKernelTable& ActiveIntKernels();                 // avx512vnni > avx2 > ref
 
 // What the float epilogue applies to each output after the scales, while the accumulators are
 // still in cache: a bias per output feature, then an elementwise op (the layer's following
-// ReLU or hardswish, fused into it). Every schedule applies it to the same floats.
-enum class PostOp : uint8_t { kNone = 0, kRelu = 1, kHardswish = 2 };
+// ReLU or hardswish, fused into it), then an optional tail of further elementwise steps. Every
+// schedule applies it to the same floats.
+enum class PostOp : uint8_t {
+  kNone = 0,
+  kRelu = 1,       // max(y, 0), as at::relu
+  kHardswish = 2,  // y · min(max(y + 3, 0), 6) / 6, as at::hardswish and its decomposed form
+  kMul = 3,        // y · value
+  kAdd = 4,        // y + value
+  kDiv = 5,        // y / value
+};
+inline constexpr int kMaxPostOp = 5;
+
+// One elementwise step of a tail: what a LibTorch op would do in its own pass over the tensor,
+// with the same float rounding (each step one IEEE operation per value, in order; no
+// contraction: core builds with -ffp-contract=off).
+struct PostStep {
+  PostOp op = PostOp::kNone;
+  float value = 0;  // kMul, kAdd, kDiv
+};
+inline constexpr int kMaxPostSteps = 16;
+
+// steps[0..n) on out[0..count), in place.
+void ApplyPostSteps(const PostStep* steps, int n, float* out, int64_t count);
+
 struct Epilogue {
   const float* bias = nullptr;  // out_features values, or none
   PostOp op = PostOp::kNone;
+  const PostStep* tail = nullptr;  // applied after `op`
+  int tail_steps = 0;
   // out[r] for r < n of outputs o0 .. o0+n-1, in place.
   void Apply(int64_t o0, int n, float* out) const {
-    if (bias != nullptr || op != PostOp::kNone) ApplyTo(o0, n, out);
+    if (!empty()) ApplyTo(o0, n, out);
   }
   void ApplyTo(int64_t o0, int n, float* out) const;
-  bool empty() const { return bias == nullptr && op == PostOp::kNone; }
+  bool empty() const { return bias == nullptr && op == PostOp::kNone && tail_steps == 0; }
 };
 const IntKernelTable* IntKernelsByName(absl::string_view name);  // nullptr when unsupported
 

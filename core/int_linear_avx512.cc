@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "core/int_linear.h"
+#include "core/internal/post_steps_inl.h"
 
 namespace fpxint::core {
 
@@ -208,6 +209,7 @@ constexpr IntKernelTable kTable = [] {
   t.gemm_panel = GemmPanel;
   t.gemm_panel_s8 = GemmPanelS8;
   t.folded_outputs = FoldedOutputs;
+  t.post_steps = internal::PostStepsImpl;
   return t;
 }();
 

@@ -664,6 +664,37 @@ at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
   return c.Finish(y);
 }
 
+// fpxint::post_: a packed layer's elementwise tail (core::PostStep codes and values) in one
+// pass over y, in place. Rejects what it cannot apply exactly as the LibTorch ops would.
+std::vector<core::PostStep> PostSteps(c10::IntArrayRef ops, c10::ArrayRef<double> values,
+                                      const char* op) {
+  TORCH_CHECK(ops.size() == values.size(), op, ": ", ops.size(), " steps but ", values.size(),
+              " values; give one value per step (0 for relu and hardswish)");
+  TORCH_CHECK(!ops.empty() && ops.size() <= static_cast<size_t>(core::kMaxPostSteps), op, ": ",
+              ops.size(), " steps; accepted 1..", core::kMaxPostSteps);
+  std::vector<core::PostStep> steps(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    TORCH_CHECK(ops[i] >= 1 && ops[i] <= core::kMaxPostOp, op, ": step ", i, " op ", ops[i],
+                " unknown; accepted 1 (relu), 2 (hardswish), 3 (mul), 4 (add), 5 (div)");
+    steps[i] = {static_cast<core::PostOp>(ops[i]), static_cast<float>(values[i])};
+  }
+  return steps;
+}
+
+at::Tensor& PostInPlace(at::Tensor& y, c10::IntArrayRef ops, c10::ArrayRef<double> values) {
+  const char* op = "fpxint::post_";
+  const std::vector<core::PostStep> steps = PostSteps(ops, values, op);
+  TORCH_CHECK(y.scalar_type() == at::kFloat, op, ": takes float32 tensors; got ",
+              y.scalar_type());
+  at::Tensor c = y.is_contiguous() ? y : y.contiguous();
+  float* data = c.data_ptr<float>();
+  at::parallel_for(0, c.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    core::ApplyPostSteps(steps.data(), static_cast<int>(steps.size()), data + begin, end - begin);
+  });
+  if (!c.is_same(y)) y.copy_(c);
+  return y;
+}
+
 at::Tensor DequantizeOp(const PackedPtr& p, int64_t terms) {
   return Dense(*p, TermsArg(terms)).clone();  // the caller keeps it: not the scratch buffer
 }
@@ -736,6 +767,8 @@ TORCH_LIBRARY_FRAGMENT(fpxint, m) {
   m.def("linear_folded(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int terms, int act_bits, int act_terms, int post=0) -> Tensor",
         &LinearFolded);
+  // A packed layer's following elementwise ops in one pass (model_graph.cc fuses them).
+  m.def("post_(Tensor(a!) y, int[] ops, float[] values) -> Tensor(a!)", &PostInPlace);
   m.def("conv2d_folded(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits, "
         "int act_terms, int post=0) -> Tensor",

@@ -73,6 +73,7 @@ inline constexpr char kLinearWaOp[] = "fpxint::linear_wa";
 inline constexpr char kConv2dWaOp[] = "fpxint::conv2d_wa";
 inline constexpr char kLinearFoldedOp[] = "fpxint::linear_folded";
 inline constexpr char kConv2dFoldedOp[] = "fpxint::conv2d_folded";
+inline constexpr char kPostOp[] = "fpxint::post_";
 // Activation rows up to which the packed kernels run (above: transient fp32 + LibTorch); -1, the
 // default, is automatic (weight-only: no bound; W×A: 16). FPXINT_PACKED_MAX_ROWS sets it (0 forces
 // the dense path, a large value the packed kernels everywhere).

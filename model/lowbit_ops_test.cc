@@ -367,6 +367,90 @@ TEST(PackedOpsModel, FoldedProductsMatchTheModelLayer) {
 
 // Order truncation: the integer ops run it; a network with layers they do not take (grouped,
 // depthwise, conv1d) falls back to the dequantized network instead of failing.
+// The elementwise ops after packed layers run as one fpxint::post_ pass per layer: the
+// decomposed hardswish and a learnable scale and shift after the 1x1 conv (3 steps; freezing
+// folds the scale and shift before it into the conv) and hardswish, div, sub, relu after the
+// depthwise one (4), on the weight-only and the folded W×A network.
+TEST(PackedOpsModel, ElementwiseTailsRunAsOnePassPerLayer) {
+  ModelExpansionSpec folded = SpecWA(4, 2, 4, 2, false);
+  folded.weights.grid = core::Grid::kMid;
+  folded.weights.variant = core::Variant::kDigits;
+  folded.act_grid = core::Grid::kMid;
+  folded.act_variant = core::Variant::kDigits;
+  for (const ModelExpansionSpec& spec : {Spec(4, 2), folded}) {
+    std::unique_ptr<Model> dense = MustLoad(TinyModelFile("tail_zoo.pt"), false);
+    std::unique_ptr<Model> packed = MustLoad(TinyModelFile("tail_zoo.pt"), true);
+    ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
+    ASSERT_TRUE(packed->Expand(spec, nullptr).ok());
+    const int ka = spec.act_bits > 0 ? 2 : 0;
+    ASSERT_TRUE(dense->SetPrecision(2, ka).ok());
+    ASSERT_TRUE(packed->SetPrecision(2, ka).ok());
+    const Model::WeightMemory mem = packed->weight_memory();
+    EXPECT_EQ(mem.packed_layers, 2);
+    EXPECT_EQ(mem.fused_tail_steps, 7) << "K_a " << ka;
+    EXPECT_EQ(dense->weight_memory().fused_tail_steps, 0);
+    for (const auto& shape : {std::vector<int64_t>{1, 4, 5, 6}, std::vector<int64_t>{3, 4, 9, 7}}) {
+      HostTensor x = RandomInput(shape, 31);
+      auto want = dense->Forward(x);
+      auto got = packed->Forward(x);
+      ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+      EXPECT_LT(MaxRelErr(got->f32, want->f32), 1e-4) << "K_a " << ka;
+    }
+  }
+}
+
+// fpxint::post_ gives LibTorch's bits for each step, infinities, signed zeros and subnormals
+// included (NaN where LibTorch gives NaN; ATen's vector max/min write all-ones NaNs, so NaN
+// payloads may differ), on contiguous and strided tensors; and names what it rejects.
+TEST(PackedOps, PostStepsGiveTheLibTorchOpsBits) {
+  const auto& post = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::post_", "");
+  const auto run = [&](at::Tensor y, std::vector<int64_t> ops, std::vector<double> values) {
+    torch::jit::Stack st = {y, ops, values};
+    post.callBoxed(&st);
+    return st[0].toTensor();
+  };
+  at::manual_seed(3);
+  at::Tensor x = at::randn({5, 7, 33, 41}, at::TensorOptions().dtype(at::kFloat)) * 4;
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            0.0f, -0.0f, -3.0f, 3.0f, 6.0f, -6.0f, 1e-40f, -1e-40f, 3e38f};
+  for (size_t i = 0; i < sizeof(specials) / sizeof(specials[0]); ++i) {
+    x.view({-1})[static_cast<int64_t>(i * 97)] = specials[i];
+  }
+  const auto bits = [](const at::Tensor& t) {
+    return t.masked_fill(t.isnan(), 0.0f).contiguous().view(at::kInt);
+  };
+  const at::Tensor three = at::scalar_tensor(3.0, at::kDouble), six = at::scalar_tensor(6.0, at::kDouble);
+  const auto aten_tail = [&](at::Tensor h) {
+    h = at::mul(h, at::full({1}, 0.7f));
+    h = at::add(h, at::full({1}, -0.3f));
+    h = at::div(at::mul(h, at::clamp(at::add(h, three), 0.0, 6.0)), six);
+    h = at::relu(at::sub(h, 0.1));
+    return at::div(at::hardswish(h), 3.0);
+  };
+  const std::vector<int64_t> ops = {3, 4, 2, 4, 1, 2, 5};
+  const std::vector<double> values = {0.7f, -0.3f, 0, -0.1f, 0, 0, 3.0};
+  for (const bool strided : {false, true}) {
+    at::Tensor y = strided ? x.transpose(1, 3) : x;
+    const at::Tensor want = aten_tail(y);
+    const at::Tensor got = run(y.clone(), ops, values);
+    ASSERT_TRUE(at::equal(got.isnan(), want.isnan())) << "strided " << strided;
+    ASSERT_TRUE(at::equal(bits(got), bits(want))) << "strided " << strided;
+  }
+  const auto error = [&](std::vector<int64_t> o, std::vector<double> v, at::Tensor y) {
+    try {
+      run(y, std::move(o), std::move(v));
+    } catch (const c10::Error& err) {
+      return std::string(err.what_without_backtrace());
+    }
+    return std::string();
+  };
+  EXPECT_TRUE(absl::StrContains(error({3, 9}, {1, 1}, x.clone()), "step 1 op 9 unknown"));
+  EXPECT_TRUE(absl::StrContains(error({3}, {1, 2}, x.clone()), "1 steps but 2 values"));
+  EXPECT_TRUE(absl::StrContains(error({3}, {1}, x.to(at::kDouble)), "takes float32"));
+}
+
 TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, true);
   std::unique_ptr<Model> dense = MustLoad(TinyModelFile("c8_mlp.pt"), false);

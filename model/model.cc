@@ -177,6 +177,7 @@ Model::WeightMemory Model::weight_memory() const {
   m.folded_layers = routes.folded;
   m.integer_layers = routes.integer;
   m.fused_post_ops = routes.fused_post;
+  m.fused_tail_steps = routes.tail_steps;
   return m;
 }
 

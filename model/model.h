@@ -229,6 +229,8 @@ class Model {
   // of those, folded_layers run their W×A term products as one folded u8 × s8 product and
   // integer_layers as separate integer term products (the rest: fp32 on dequantized terms);
   // fused_post_ops of those apply the following ReLU / hardswish in their epilogue.
+  // fused_tail_steps counts the elementwise ops after packed layers (mul, add or div by a
+  // constant, ReLU, hardswish, decomposed or not) that run as one pass per layer.
   struct WeightMemory {
     size_t fp32_bytes = 0;
     size_t resident_bytes = 0;
@@ -236,6 +238,7 @@ class Model {
     int folded_layers = 0;
     int integer_layers = 0;
     int fused_post_ops = 0;
+    int fused_tail_steps = 0;
   };
   WeightMemory weight_memory() const;
   // core::PackedTermsSha256 of the packed terms the current network runs, in layer order; empty

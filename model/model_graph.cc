@@ -7,6 +7,9 @@
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
 
+#include <algorithm>
+#include <iterator>
+
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -248,6 +251,162 @@ Node* FusablePost(Node* n, int64_t* post) {
 
 }  // namespace
 
+// ---- Elementwise tails: the ops after a packed layer, run as one fpxint::post_ pass ----
+
+// A one-value operand LibTorch applies as a float32 scalar to a float32 tensor without changing
+// its dtype or shape: a number, a float32 tensor of one value and at most one dimension, or a
+// 0-dim float64 tensor (TensorIterator casts it to float32).
+bool FloatOperand(Value* v, float* out) {
+  const c10::optional<c10::IValue> c = torch::jit::toIValue(v);
+  if (!c) return false;
+  if (c->isDouble() || c->isInt()) {
+    *out = static_cast<float>(c->isDouble() ? c->toDouble() : static_cast<double>(c->toInt()));
+    return true;
+  }
+  if (!c->isTensor()) return false;
+  const at::Tensor& t = c->toTensor();
+  if (!t.defined() || t.numel() != 1 || t.is_complex() || !t.device().is_cpu()) return false;
+  if (!(t.scalar_type() == at::kFloat && t.dim() <= 1) &&
+      !(t.scalar_type() == at::kDouble && t.dim() == 0)) {
+    return false;
+  }
+  *out = t.to(at::kFloat).item<float>();
+  return true;
+}
+
+bool FloatEquals(Value* v, float want) {
+  float x = 0;
+  return FloatOperand(v, &x) && x == want;
+}
+
+// The single user of `v` in `block`, or nullptr.
+Node* SoleUser(Value* v, torch::jit::Block* block) {
+  if (v->uses().size() != 1) return nullptr;
+  Node* u = v->uses()[0].user;
+  return u->owningBlock() == block && u->outputs().size() == 1 ? u : nullptr;
+}
+
+// `v`'s decomposed hardswish, v · clamp(v + 3, 0, 6) / 6 (how ONNX exports and their TorchScript
+// conversions write it): its last node, or nullptr.
+Node* DecomposedHardswish(Value* v, torch::jit::Block* block) {
+  static const c10::Symbol kAdd = c10::Symbol::fromQualString("aten::add");
+  static const c10::Symbol kMul = c10::Symbol::fromQualString("aten::mul");
+  static const c10::Symbol kDiv = c10::Symbol::fromQualString("aten::div");
+  static const c10::Symbol kClamp = c10::Symbol::fromQualString("aten::clamp");
+  static const c10::Symbol kHardtanh = c10::Symbol::fromQualString("aten::hardtanh");
+  if (v->uses().size() != 2) return nullptr;
+  Node* add = nullptr;
+  Node* mul = nullptr;
+  for (const torch::jit::Use& u : v->uses()) {
+    if (u.user->owningBlock() != block) return nullptr;
+    if (u.user->kind() == kAdd) add = u.user;
+    if (u.user->kind() == kMul) mul = u.user;
+  }
+  if (add == nullptr || mul == nullptr || add->inputs().size() != 3 ||
+      !FloatEquals(add->input(2), 1.0f) ||
+      !FloatEquals(add->input(add->input(0) == v ? 1 : 0), 3.0f)) {
+    return nullptr;
+  }
+  Node* clamp = SoleUser(add->output(), block);
+  if (clamp == nullptr || (clamp->kind() != kClamp && clamp->kind() != kHardtanh) ||
+      clamp->inputs().size() != 3 || clamp->input(0) != add->output() ||
+      !FloatEquals(clamp->input(1), 0.0f) || !FloatEquals(clamp->input(2), 6.0f)) {
+    return nullptr;
+  }
+  if (mul->inputs().size() != 2 || !((mul->input(0) == v && mul->input(1) == clamp->output()) ||
+                                     (mul->input(1) == v && mul->input(0) == clamp->output()))) {
+    return nullptr;
+  }
+  Node* div = SoleUser(mul->output(), block);
+  if (div == nullptr || div->kind() != kDiv || div->inputs().size() != 2 ||
+      div->input(0) != mul->output() || !FloatEquals(div->input(1), 6.0f)) {
+    return nullptr;
+  }
+  return div;
+}
+
+// The elementwise ops that alone consume `v` one after another (mul, add or sub by a constant,
+// div by one, relu, hardswish, and the decomposed hardswish), as post steps; the last node
+// of the chain in *last (nullptr when there is none).
+std::vector<core::PostStep> TailOf(Value* v, torch::jit::Block* block, Node** last) {
+  static const c10::Symbol kAdd = c10::Symbol::fromQualString("aten::add");
+  static const c10::Symbol kSub = c10::Symbol::fromQualString("aten::sub");
+  static const c10::Symbol kMul = c10::Symbol::fromQualString("aten::mul");
+  static const c10::Symbol kDiv = c10::Symbol::fromQualString("aten::div");
+  static const c10::Symbol kRelu = c10::Symbol::fromQualString("aten::relu");
+  static const c10::Symbol kHardswish = c10::Symbol::fromQualString("aten::hardswish");
+  std::vector<core::PostStep> steps;
+  *last = nullptr;
+  while (steps.size() < static_cast<size_t>(core::kMaxPostSteps)) {
+    core::PostStep st;
+    Node* end = DecomposedHardswish(v, block);
+    if (end != nullptr) {
+      st.op = core::PostOp::kHardswish;
+    } else if (Node* u = SoleUser(v, block); u != nullptr) {
+      const auto other = [&](size_t i) { return u->input(u->input(i) == v ? 1 - i : i); };
+      const size_t n_in = u->inputs().size();
+      if ((u->kind() == kRelu || u->kind() == kHardswish) && n_in == 1) {
+        st.op = u->kind() == kRelu ? core::PostOp::kRelu : core::PostOp::kHardswish;
+      } else if (u->kind() == kMul && n_in == 2 && FloatOperand(other(0), &st.value)) {
+        st.op = core::PostOp::kMul;
+      } else if (u->kind() == kAdd && n_in == 3 && FloatEquals(u->input(2), 1.0f) &&
+                 FloatOperand(other(0), &st.value)) {
+        st.op = core::PostOp::kAdd;
+      } else if (u->kind() == kSub && n_in == 3 && u->input(0) == v &&
+                 FloatEquals(u->input(2), 1.0f) && FloatOperand(u->input(1), &st.value)) {
+        st.op = core::PostOp::kAdd;  // y − c is y + (−c), bit for bit
+        st.value = -st.value;
+      } else if (u->kind() == kDiv && n_in == 2 && u->input(0) == v &&
+                 FloatOperand(u->input(1), &st.value)) {
+        st.op = core::PostOp::kDiv;
+      } else {
+        break;
+      }
+      end = u;
+    } else {
+      break;
+    }
+    steps.push_back(st);
+    *last = end;
+    v = end->output();
+  }
+  return steps;
+}
+
+// Replaces the elementwise tail (two steps or more) after each packed layer with one
+// fpxint::post_ on the layer's output; returns how many steps it fused.
+int FuseTails(torch::jit::Graph& g) {
+  static const c10::Symbol kLayers[] = {
+      c10::Symbol::fromQualString(kLinearOp),       c10::Symbol::fromQualString(kConv2dOp),
+      c10::Symbol::fromQualString(kLinearWaOp),     c10::Symbol::fromQualString(kConv2dWaOp),
+      c10::Symbol::fromQualString(kLinearFoldedOp), c10::Symbol::fromQualString(kConv2dFoldedOp)};
+  std::vector<Node*> layers;
+  internal::ForEachNode(g.block(), [&](Node* n) {
+    if (std::find(std::begin(kLayers), std::end(kLayers), n->kind()) != std::end(kLayers)) {
+      layers.push_back(n);
+    }
+  });
+  int fused = 0;
+  for (Node* n : layers) {
+    Value* y = n->output();
+    Node* last = nullptr;
+    const std::vector<core::PostStep> steps = TailOf(y, n->owningBlock(), &last);
+    if (steps.size() < 2) continue;
+    std::vector<int64_t> ops;
+    std::vector<double> values;
+    for (const core::PostStep& st : steps) {
+      ops.push_back(static_cast<int64_t>(st.op));
+      values.push_back(st.value);
+    }
+    torch::jit::WithInsertPoint guard(last->next());
+    Value* out = g.insert(c10::Symbol::fromQualString(kPostOp), {y, ops, values});
+    out->setType(last->output()->type());
+    last->output()->replaceAllUsesWith(out);
+    fused += static_cast<int>(steps.size());
+  }
+  return fused;
+}
+
 absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
   static const c10::Symbol kConv2d = c10::Symbol::fromQualString("aten::conv2d");
   FPX_ASSIGN_OR_RETURN(Clone c, CloneLayers());
@@ -375,6 +534,7 @@ absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
     y->setType(n->output()->type());
     n->output()->replaceAllUsesWith(y);
   }
+  FuseTails(*g);
   torch::jit::EliminateDeadCode(g);
   auto& fn = torch::jit::toGraphFunction(m.get_method("forward").function());
   std::vector<c10::Argument> args = fn.getSchema().arguments();
@@ -436,10 +596,15 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
                                         c10::Symbol::fromQualString(kConv2dFoldedOp)};
   static const c10::Symbol kInteger[] = {c10::Symbol::fromQualString(kLinearWaOp),
                                          c10::Symbol::fromQualString(kConv2dWaOp)};
+  static const c10::Symbol kPost = c10::Symbol::fromQualString(kPostOp);
   std::vector<PackedWeightInfo> out;
   if (!current_packed) return out;
   torch::jit::Module cur = current;
   ForEachNode(ForwardGraph(cur)->block(), [&](Node* n) {
+    if (routes != nullptr && n->kind() == kPost) {
+      const c10::optional<c10::IValue> ops = torch::jit::toIValue(n->input(1));
+      routes->tail_steps += ops && ops->isIntList() ? static_cast<int>(ops->toIntList().size()) : 0;
+    }
     if (routes != nullptr) {
       const bool folded = n->kind() == kFolded[0] || n->kind() == kFolded[1];
       const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];

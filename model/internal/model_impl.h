@@ -160,9 +160,10 @@ struct Model::Impl {
   // inserted just before its layer).
   // With `routes`, also counts the current network's W×A op calls: folded (linear_folded,
   // conv2d_folded), separate integer term products (linear_wa, conv2d_wa), and of those the
-  // ones that apply the layer's following ReLU / hardswish in their epilogue (post != 0).
+  // ones that apply the layer's following ReLU / hardswish in their epilogue (post != 0), and
+  // the elementwise steps fpxint::post_ runs in one pass after packed layers.
   struct Routes {
-    int folded = 0, integer = 0, fused_post = 0;
+    int folded = 0, integer = 0, fused_post = 0, tail_steps = 0;
   };
   std::vector<PackedWeightInfo> CurrentPackedWeights(Routes* routes = nullptr) const;
 

@@ -10,6 +10,11 @@ writes:
   conv_zoo.pt          scripted, any input size [N, 4, H, W]: grouped strided conv, depthwise
                        dilated conv, 1x1 conv, conv1d over a flattened row, linear on tokens
                        [N, HW, C] and a matmul (every kind of layer the packed ops rewrite)
+  tail_zoo.pt          scripted, any input size [N, 4, H, W]: a 1x1 and a depthwise conv, each
+                       followed by elementwise ops as converted ONNX models write them (a
+                       learnable scale and shift, which freezing folds into the conv before it;
+                       hardswish as x * clamp(x + 3, 0, 6) / 6 with float64 0-dim constants;
+                       another scale and shift; hardswish, div, sub, relu)
   no_layers.pt         scripted module without any linear/conv layer (y = 2x + 1)
   fixed_batch.pt       scripted, y = linear(5->5)(x).reshape(1, -1): a model whose output
                        cannot be split back into a batch's requests
@@ -64,6 +69,26 @@ class ConvZoo(nn.Module):
         h = self.seq(h.reshape(n, c, -1))
         t = torch.relu(self.fc(h.transpose(1, 2)))
         return torch.matmul(t, self.w)
+
+
+class TailZoo(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(4, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.a0 = nn.Parameter(torch.tensor([0.75]))
+        self.b0 = nn.Parameter(torch.tensor([0.125]))
+        self.a1 = nn.Parameter(torch.tensor([1.25]))
+        self.b1 = nn.Parameter(torch.tensor([-0.2]))
+        self.register_buffer("three", torch.tensor(3.0, dtype=torch.float64))
+        self.register_buffer("six", torch.tensor(6.0, dtype=torch.float64))
+
+    def forward(self, x):
+        h = self.pw(x) * self.a0 + self.b0
+        h = h * torch.clamp(h + self.three, 0.0, 6.0) / self.six
+        h = self.a1 * h + self.b1
+        h = torch.nn.functional.hardswish(self.dw(h)) / 3.0 - 0.5
+        return torch.relu(h)
 
 
 class Mlp(nn.Module):
@@ -181,6 +206,7 @@ def main():
     torch.jit.script(FixedBatch()).save(os.path.join(out, "fixed_batch.pt"))
     torch.jit.trace(TinyLm().eval(), torch.randint(0, 20, (2, 8))).save(os.path.join(out, "tiny_lm.pt"))
     torch.jit.script(ConvZoo().eval()).save(os.path.join(out, "conv_zoo.pt"))
+    torch.jit.script(TailZoo().eval()).save(os.path.join(out, "tail_zoo.pt"))
     write_reference_models(out)
 
 
