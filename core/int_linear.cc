@@ -1,7 +1,5 @@
 #include "core/int_linear.h"
 
-#include "core/internal/post_steps_inl.h"
-
 #include "core/runtime.h"
 
 #include <algorithm>
@@ -306,17 +304,57 @@ const IntLinear::Panels& IntLinear::PanelsBuilt() const {
   return *panels_;
 }
 
-void ApplyPostSteps(const PostStep* steps, int n, float* out, int64_t count) {
-  const IntKernelTable& kt = ActiveIntKernels();
-  (kt.post_steps != nullptr ? kt.post_steps : internal::PostStepsImpl)(steps, n, out, count);
+namespace {
+
+// The post steps as plain loops (the baseline build; the AVX-512 table has its own, same bits).
+// Each step is one IEEE operation per value, in order (core builds with -ffp-contract=off), and
+// max/min keep LibTorch's NaN and signed-zero results (max(y, 0) is (0 > y) ? 0 : y).
+void PostStepImpl(const PostStep& st, float* __restrict out, int64_t n) {
+  const float v = st.value;
+  switch (st.op) {
+    case PostOp::kNone: break;
+    case PostOp::kRelu:
+      for (int64_t r = 0; r < n; ++r) out[r] = std::max(out[r], 0.0f);
+      break;
+    case PostOp::kHardswish:  // x · min(max(x + 3, 0), 6) / 6, as at::hardswish
+      for (int64_t r = 0; r < n; ++r) {
+        out[r] = out[r] * std::min(std::max(out[r] + 3.0f, 0.0f), 6.0f) / 6.0f;
+      }
+      break;
+    case PostOp::kMul:
+      for (int64_t r = 0; r < n; ++r) out[r] = out[r] * v;
+      break;
+    case PostOp::kAdd:
+      for (int64_t r = 0; r < n; ++r) out[r] = out[r] + v;
+      break;
+    case PostOp::kDiv:
+      for (int64_t r = 0; r < n; ++r) out[r] = out[r] / v;
+      break;
+  }
 }
 
-void Epilogue::ApplyTo(int64_t o0, int n, float* out) const {
-  if (bias != nullptr) {
-    for (int r = 0; r < n; ++r) out[r] += bias[o0 + r];
+// Blocks that stay in L1 while every step runs over them.
+void PostStepsImpl(const PostStep* steps, int n, float* out, int64_t count) {
+  constexpr int64_t kBlock = 2048;
+  for (int64_t b0 = 0; b0 < count; b0 += kBlock) {
+    const int64_t m = std::min(kBlock, count - b0);
+    for (int i = 0; i < n; ++i) PostStepImpl(steps[i], out + b0, m);
   }
-  if (op != PostOp::kNone) internal::PostStepImpl(PostStep{op, 0.0f}, out, n);
-  if (tail_steps > 0) ApplyPostSteps(tail, tail_steps, out, n);
+}
+
+}  // namespace
+
+void ApplyPostSteps(const PostStep* steps, int n, float* out, int64_t count) {
+  const IntKernelTable& kt = ActiveIntKernels();
+  (kt.post_steps != nullptr ? kt.post_steps : PostStepsImpl)(steps, n, out, count);
+}
+
+void Epilogue::ApplyElementwiseTo(float* out, int64_t n) const {
+  PostStep steps[kMaxPostSteps + 1];
+  int k = 0;
+  if (op != PostOp::kNone) steps[k++] = PostStep{op, 0.0f};
+  for (int i = 0; i < tail_steps && k <= kMaxPostSteps; ++i) steps[k++] = tail[i];
+  ApplyPostSteps(steps, k, out, n);
 }
 
 namespace {
@@ -369,9 +407,11 @@ void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npa
         }
       }
       // The dot schedule's epilogue, element for element: Σ_p (sw·sx)·(acc − bias·Σw) in pair
-      // order, so both schedules give the same bits.
+      // order, so both schedules give the same bits; the elementwise op and tail once per tile.
+      float tile[kIntGemmRows * kIntPanelRows];
       for (int b = 0; b < B; ++b) {
-        float s[kIntPanelRows] = {};
+        float* s = tile + b * kIntPanelRows;
+        std::fill(s, s + kIntPanelRows, 0.0f);
         for (size_t p = 0; p < pairs.size(); ++p) {
           const float xs = sx[static_cast<size_t>(pairs[p].second)][static_cast<size_t>(b0 + b)];
           const int32_t* a = acc.data() + (p * kIntGemmRows + b) * kIntPanelRows;
@@ -381,8 +421,12 @@ void IntLinear::ForwardGemm(const IntKernelTable& kt, int64_t batch, int64_t npa
             s[r] += w[r] * xs * static_cast<float>(a[r] - c[r]);
           }
         }
-        post.Apply(o0, R, s);
-        std::memcpy(y + (b0 + b) * rows_ + o0, s, static_cast<size_t>(R) * sizeof(float));
+        post.ApplyBias(o0, R, s);
+      }
+      post.ApplyElementwise(tile, B * kIntPanelRows);  // lanes past R: computed, not stored
+      for (int b = 0; b < B; ++b) {
+        std::memcpy(y + (b0 + b) * rows_ + o0, tile + b * kIntPanelRows,
+                    static_cast<size_t>(R) * sizeof(float));
       }
     }
   };
@@ -553,12 +597,14 @@ absl::Status IntLinear::Forward(const float* x, int64_t batch, float* y, const A
             }
           }
           for (int b = 0; b < B; ++b) {
-            post.Apply(o, 1, &s[b]);
+            post.ApplyBias(o, 1, &s[b]);
             y[(b0 + b) * rows_ + o] = s[b];
           }
         }
       }
     }
+    // The elementwise op and tail once per activation row over this task's outputs.
+    for (int64_t b = 0; b < batch; ++b) post.ApplyElementwise(y + b * rows_ + r0, r1 - r0);
   };
   RunTasks(pool, tasks, run);
   return absl::OkStatus();
@@ -747,8 +793,11 @@ void FoldedIntLinear::Outputs(const Tile& t, const Epilogue& post, const IntKern
     float* o = out + b * kIntPanelRows;
     outputs(t.acc + b * kIntPanelRows, t.R, wpart, ws,
             static_cast<double>(cols_ * zw2_ * t.zx2 - 2 * zw2_ * t.usum[b]), t.sx[b], o);
-    post.Apply(t.o0, t.R, o);
+    post.ApplyBias(t.o0, t.R, o);
+    if (t.R < kIntPanelRows) post.ApplyElementwise(o, t.R);
   }
+  // A full panel: the elementwise op and tail once over the tile's B rows.
+  if (t.R == kIntPanelRows) post.ApplyElementwise(out, t.B * kIntPanelRows);
 }
 
 absl::Status FoldedIntLinear::Forward(const float* x, int64_t batch, float* y,

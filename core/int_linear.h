@@ -128,10 +128,22 @@ struct Epilogue {
   int tail_steps = 0;
   // out[r] for r < n of outputs o0 .. o0+n-1, in place.
   void Apply(int64_t o0, int n, float* out) const {
-    if (!empty()) ApplyTo(o0, n, out);
+    ApplyBias(o0, n, out);
+    ApplyElementwise(out, n);
   }
-  void ApplyTo(int64_t o0, int n, float* out) const;
-  bool empty() const { return bias == nullptr && op == PostOp::kNone && tail_steps == 0; }
+  void ApplyBias(int64_t o0, int n, float* out) const {
+    if (bias != nullptr) {
+      for (int r = 0; r < n; ++r) out[r] += bias[o0 + r];
+    }
+  }
+  // The op and the tail on out[0..n), whichever outputs they are: the schedules call it once
+  // per tile of outputs (the per-call cost is a few steps' dispatch).
+  void ApplyElementwise(float* out, int64_t n) const {
+    if (elementwise()) ApplyElementwiseTo(out, n);
+  }
+  void ApplyElementwiseTo(float* out, int64_t n) const;
+  bool elementwise() const { return op != PostOp::kNone || tail_steps > 0; }
+  bool empty() const { return bias == nullptr && !elementwise(); }
 };
 const IntKernelTable* IntKernelsByName(absl::string_view name);  // nullptr when unsupported
 

@@ -9,7 +9,6 @@
 #include <utility>
 
 #include "core/int_linear.h"
-#include "core/internal/post_steps_inl.h"
 
 namespace fpxint::core {
 
@@ -200,6 +199,35 @@ void FoldedOutputs(const int32_t* acc, int R, const double* wpart, const double*
   }
 }
 
+// Post steps 16 values at a time, every step on the register (a masked load and store for
+// the last ones): the same operations as the baseline loops of int_linear.cc. max(y, 0) is (0 > y) ? 0 : y,
+// which is vmaxps with 0 first; min(c, 6) is (6 < c) ? 6 : c, vminps with 6 first.
+void PostStepsAvx512(const PostStep* steps, int n, float* out, int64_t count) {
+  const __m512 zero = _mm512_setzero_ps(), three = _mm512_set1_ps(3.0f),
+               six = _mm512_set1_ps(6.0f);
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m =
+        count - i >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (count - i)) - 1);
+    __m512 y = _mm512_maskz_loadu_ps(m, out + i);
+    for (int k = 0; k < n; ++k) {
+      const __m512 v = _mm512_set1_ps(steps[k].value);
+      switch (steps[k].op) {
+        case PostOp::kNone: break;
+        case PostOp::kRelu: y = _mm512_max_ps(zero, y); break;
+        case PostOp::kHardswish: {
+          const __m512 c = _mm512_min_ps(six, _mm512_max_ps(zero, _mm512_add_ps(y, three)));
+          y = _mm512_div_ps(_mm512_mul_ps(y, c), six);
+          break;
+        }
+        case PostOp::kMul: y = _mm512_mul_ps(y, v); break;
+        case PostOp::kAdd: y = _mm512_add_ps(y, v); break;
+        case PostOp::kDiv: y = _mm512_div_ps(y, v); break;
+      }
+    }
+    _mm512_mask_storeu_ps(out + i, m, y);
+  }
+}
+
 constexpr IntKernelTable kTable = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
@@ -209,7 +237,7 @@ constexpr IntKernelTable kTable = [] {
   t.gemm_panel = GemmPanel;
   t.gemm_panel_s8 = GemmPanelS8;
   t.folded_outputs = FoldedOutputs;
-  t.post_steps = internal::PostStepsImpl;
+  t.post_steps = PostStepsAvx512;
   return t;
 }();
 

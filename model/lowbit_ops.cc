@@ -419,24 +419,66 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
 
 // ---- W×A: integer products of expanded weights and dynamically expanded activations ----
 
-core::PostOp PostArg(int64_t post, const char* op) {
-  TORCH_CHECK(post >= 0 && post <= 2, op, ": post ", post,
-              " unknown; accepted 0 (none), 1 (relu), 2 (hardswish)");
-  return static_cast<core::PostOp>(post);
+// fpxint::post_'s steps, and the tail of the integer ops (their tail_ops / tail_values).
+std::vector<core::PostStep> PostSteps(c10::IntArrayRef ops, c10::ArrayRef<double> values,
+                                      const char* op) {
+  TORCH_CHECK(ops.size() == values.size(), op, ": ", ops.size(), " steps but ", values.size(),
+              " values; give one value per step (0 for relu and hardswish)");
+  TORCH_CHECK(ops.size() <= static_cast<size_t>(core::kMaxPostSteps), op, ": ", ops.size(),
+              " steps; accepted at most ", core::kMaxPostSteps);
+  std::vector<core::PostStep> steps(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    TORCH_CHECK(ops[i] >= 1 && ops[i] <= core::kMaxPostOp, op, ": step ", i, " op ", ops[i],
+                " unknown; accepted 1 (relu), 2 (hardswish), 3 (mul), 4 (add), 5 (div)");
+    steps[i] = {static_cast<core::PostOp>(ops[i]), static_cast<float>(values[i])};
+  }
+  return steps;
 }
 
-// The post op on a result the op's integer epilogue did not produce (the fallback routes).
-at::Tensor ApplyPost(at::Tensor y, core::PostOp post) {
-  if (post == core::PostOp::kRelu) return y.relu_();
-  if (post == core::PostOp::kHardswish) return at::hardswish_(y);
+// The steps on y in place, one pass on LibTorch's intra-op threads (float32 only).
+void ApplyTail(at::Tensor& y, const std::vector<core::PostStep>& steps, const char* op) {
+  if (steps.empty()) return;
+  TORCH_CHECK(y.scalar_type() == at::kFloat, op, ": takes float32 tensors; got ",
+              y.scalar_type());
+  at::Tensor c = y.is_contiguous() ? y : y.contiguous();
+  float* data = c.data_ptr<float>();
+  at::parallel_for(0, c.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    core::ApplyPostSteps(steps.data(), static_cast<int>(steps.size()), data + begin, end - begin);
+  });
+  if (!c.is_same(y)) y.copy_(c);
+}
+
+// What the integer ops apply after the bias: `post` (0 none, 1 ReLU, 2 hardswish), then the
+// tail's steps.
+struct Post {
+  core::PostOp op = core::PostOp::kNone;
+  std::vector<core::PostStep> tail;
+};
+
+Post PostArgs(int64_t post, c10::IntArrayRef tail_ops, c10::ArrayRef<double> tail_values,
+              const char* op) {
+  TORCH_CHECK(post >= 0 && post <= 2, op, ": post ", post,
+              " unknown; accepted 0 (none), 1 (relu), 2 (hardswish)");
+  return {static_cast<core::PostOp>(post), PostSteps(tail_ops, tail_values, op)};
+}
+
+// The post op and tail on a result the op's integer epilogue did not produce (the fallback
+// routes).
+at::Tensor ApplyPost(at::Tensor y, const Post& post, const char* op) {
+  if (post.op == core::PostOp::kRelu) y.relu_();
+  if (post.op == core::PostOp::kHardswish) at::hardswish_(y);
+  ApplyTail(y, post.tail, op);
   return y;
 }
 
-// The bias (contiguous float32, one per output) and post op for a kernel epilogue.
-core::Epilogue EpilogueOf(const c10::optional<at::Tensor>& bias, int64_t out, core::PostOp post,
+// The bias (contiguous float32, one per output), post op and tail for a kernel epilogue; `post`
+// must outlive it.
+core::Epilogue EpilogueOf(const c10::optional<at::Tensor>& bias, int64_t out, const Post& post,
                           at::Tensor* keep, const char* op) {
   core::Epilogue e;
-  e.op = post;
+  e.op = post.op;
+  e.tail = post.tail.data();
+  e.tail_steps = static_cast<int>(post.tail.size());
   if (bias && bias->defined()) {
     TORCH_CHECK(bias->numel() == out && bias->scalar_type() == at::kFloat, op,
                 ": bias must be float32 with ", out, " values; got ", bias->sizes());
@@ -517,9 +559,9 @@ const core::IntLinear& IntOf(const PackedPtr& p, const char* op) {
 at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
                     const c10::optional<at::Tensor>& bias, int64_t terms, int64_t act_bits,
                     int64_t act_terms, bool unsigned_first, bool truncate, int64_t granularity,
-                    int64_t post_in) {
+                    int64_t post_in, c10::IntArrayRef tail_ops, c10::ArrayRef<double> tail_values) {
   const core::IntLinear& iw = IntOf(p, "fpxint::linear_wa");
-  const core::PostOp post = PostArg(post_in, "fpxint::linear_wa");
+  const Post post = PostArgs(post_in, tail_ops, tail_values, "fpxint::linear_wa");
   const at::Tensor x = LinearInput(x_in, iw.in_features(), "fpxint::linear_wa");
   const int64_t m = x.numel() / iw.in_features();
   if (IntTakesDense(iw, m)) {
@@ -528,7 +570,7 @@ at::Tensor LinearWA(const at::Tensor& x_in, const PackedPtr& p,
                              [&](const at::Tensor& xq, int nw, bool with_bias) {
                                return Linear(xq, p, with_bias ? bias : c10::nullopt, nw);
                              }),
-                     post);
+                     post, "fpxint::linear_wa");
   }
   std::vector<int64_t> out_shape = x.sizes().vec();
   out_shape.back() = iw.out_features();
@@ -549,9 +591,10 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
                     const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                     int64_t terms, int64_t act_bits, int64_t act_terms, bool unsigned_first,
-                    bool truncate, int64_t granularity, int64_t post_in) {
+                    bool truncate, int64_t granularity, int64_t post_in,
+                    c10::IntArrayRef tail_ops, c10::ArrayRef<double> tail_values) {
   const core::IntLinear& iw = IntOf(p, "fpxint::conv2d_wa");
-  const core::PostOp post = PostArg(post_in, "fpxint::conv2d_wa");
+  const Post post = PostArgs(post_in, tail_ops, tail_values, "fpxint::conv2d_wa");
   const std::vector<int64_t>& ws = p->shape;
   TORCH_CHECK(groups == 1, "fpxint::conv2d_wa: takes ungrouped 2-D convolutions");
   const ConvCall c = PrepareConv("fpxint::conv2d_wa", x_in, ws, groups, stride, padding,
@@ -571,7 +614,7 @@ at::Tensor Conv2dWA(const at::Tensor& x_in, const PackedPtr& p,
                   return Conv2d(xq, p, with_bias ? bias : c10::nullopt, stride, padding, dilation,
                                 groups, nw);
                 }),
-        post));
+        post, "fpxint::conv2d_wa"));
   }
   const at::Tensor cols = c.Patches(ws);
   at::Tensor flat = at::empty({c.rows(), c.out}, c.x.options());
@@ -611,14 +654,16 @@ at::Tensor ExpandDigits(const at::Tensor& x, int64_t act_bits, int64_t act_terms
 
 at::Tensor LinearFolded(const at::Tensor& x_in, const PackedPtr& p,
                         const c10::optional<at::Tensor>& bias, int64_t terms, int64_t act_bits,
-                        int64_t act_terms, int64_t post_in) {
+                        int64_t act_terms, int64_t post_in, c10::IntArrayRef tail_ops,
+                        c10::ArrayRef<double> tail_values) {
   const char* op = "fpxint::linear_folded";
-  const core::PostOp post = PostArg(post_in, op);
+  const Post post = PostArgs(post_in, tail_ops, tail_values, op);
   const at::Tensor x = LinearInput(x_in, p->w.in_features(), op);
   const core::FoldedIntLinear* f = FoldFor(p, terms, act_bits, act_terms, op);
   if (f == nullptr) {
     return ApplyPost(
-        Linear(ExpandDigits(x, act_bits, act_terms, ActGranularity::kRow), p, bias, terms), post);
+        Linear(ExpandDigits(x, act_bits, act_terms, ActGranularity::kRow), p, bias, terms), post,
+        op);
   }
   const int64_t m = x.numel() / p->w.in_features();
   std::vector<int64_t> out_shape = x.sizes().vec();
@@ -638,9 +683,10 @@ at::Tensor LinearFolded(const at::Tensor& x_in, const PackedPtr& p,
 at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
                         const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
                         c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                        int64_t terms, int64_t act_bits, int64_t act_terms, int64_t post_in) {
+                        int64_t terms, int64_t act_bits, int64_t act_terms, int64_t post_in,
+                        c10::IntArrayRef tail_ops, c10::ArrayRef<double> tail_values) {
   const char* op = "fpxint::conv2d_folded";
-  const core::PostOp post = PostArg(post_in, op);
+  const Post post = PostArgs(post_in, tail_ops, tail_values, op);
   const std::vector<int64_t>& ws = p->shape;
   TORCH_CHECK(groups == 1, op, ": takes ungrouped 2-D convolutions");
   const ConvCall c = PrepareConv(op, x_in, ws, groups, stride, padding, dilation);
@@ -650,7 +696,7 @@ at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
   if (f == nullptr) {
     return ApplyPost(Conv2d(ExpandDigits(c.x, act_bits, act_terms, ActGranularity::kPixel), p,
                             bias, stride, padding, dilation, groups, terms),
-                     post);
+                     post, op);
   }
   const at::Tensor cols = c.Patches(ws);
   // Written as [N, out, OH·OW] by the product's epilogue: no transpose back.
@@ -664,34 +710,11 @@ at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
   return c.Finish(y);
 }
 
-// fpxint::post_: a packed layer's elementwise tail (core::PostStep codes and values) in one
-// pass over y, in place. Rejects what it cannot apply exactly as the LibTorch ops would.
-std::vector<core::PostStep> PostSteps(c10::IntArrayRef ops, c10::ArrayRef<double> values,
-                                      const char* op) {
-  TORCH_CHECK(ops.size() == values.size(), op, ": ", ops.size(), " steps but ", values.size(),
-              " values; give one value per step (0 for relu and hardswish)");
-  TORCH_CHECK(!ops.empty() && ops.size() <= static_cast<size_t>(core::kMaxPostSteps), op, ": ",
-              ops.size(), " steps; accepted 1..", core::kMaxPostSteps);
-  std::vector<core::PostStep> steps(ops.size());
-  for (size_t i = 0; i < ops.size(); ++i) {
-    TORCH_CHECK(ops[i] >= 1 && ops[i] <= core::kMaxPostOp, op, ": step ", i, " op ", ops[i],
-                " unknown; accepted 1 (relu), 2 (hardswish), 3 (mul), 4 (add), 5 (div)");
-    steps[i] = {static_cast<core::PostOp>(ops[i]), static_cast<float>(values[i])};
-  }
-  return steps;
-}
-
+// fpxint::post_: a packed layer's elementwise tail in one pass over y, in place.
 at::Tensor& PostInPlace(at::Tensor& y, c10::IntArrayRef ops, c10::ArrayRef<double> values) {
   const char* op = "fpxint::post_";
-  const std::vector<core::PostStep> steps = PostSteps(ops, values, op);
-  TORCH_CHECK(y.scalar_type() == at::kFloat, op, ": takes float32 tensors; got ",
-              y.scalar_type());
-  at::Tensor c = y.is_contiguous() ? y : y.contiguous();
-  float* data = c.data_ptr<float>();
-  at::parallel_for(0, c.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    core::ApplyPostSteps(steps.data(), static_cast<int>(steps.size()), data + begin, end - begin);
-  });
-  if (!c.is_same(y)) y.copy_(c);
+  TORCH_CHECK(!ops.empty(), op, ": no steps; give 1..", core::kMaxPostSteps);
+  ApplyTail(y, PostSteps(ops, values, op), op);
   return y;
 }
 
@@ -758,20 +781,22 @@ TORCH_LIBRARY_FRAGMENT(fpxint, m) {
         &DequantizeOp);
   m.def("linear_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int terms, int act_bits, int act_terms, bool unsigned_first, bool truncate, "
-        "int granularity, int post=0) -> Tensor",
+        "int granularity, int post=0, int[] tail_ops=[], float[] tail_values=[]) -> Tensor",
         &LinearWA);
   m.def("conv2d_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits, "
-        "int act_terms, bool unsigned_first, bool truncate, int granularity, int post=0) -> Tensor",
+        "int act_terms, bool unsigned_first, bool truncate, int granularity, int post=0, "
+        "int[] tail_ops=[], float[] tail_values=[]) -> Tensor",
         &Conv2dWA);
   m.def("linear_folded(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
-        "int terms, int act_bits, int act_terms, int post=0) -> Tensor",
+        "int terms, int act_bits, int act_terms, int post=0, int[] tail_ops=[], "
+        "float[] tail_values=[]) -> Tensor",
         &LinearFolded);
   // A packed layer's following elementwise ops in one pass (model_graph.cc fuses them).
   m.def("post_(Tensor(a!) y, int[] ops, float[] values) -> Tensor(a!)", &PostInPlace);
   m.def("conv2d_folded(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits, "
-        "int act_terms, int post=0) -> Tensor",
+        "int act_terms, int post=0, int[] tail_ops=[], float[] tail_values=[]) -> Tensor",
         &Conv2dFolded);
 }
 

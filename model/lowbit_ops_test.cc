@@ -451,6 +451,61 @@ TEST(PackedOps, PostStepsGiveTheLibTorchOpsBits) {
   EXPECT_TRUE(absl::StrContains(error({3}, {1}, x.to(at::kDouble)), "takes float32"));
 }
 
+// conv2d_folded and conv2d_wa with a tail in their epilogue give the bits of the op without it
+// followed by the LibTorch ops.
+TEST(PackedOps, EpilogueTailsGiveTheLibTorchOpsBits) {
+  const int64_t cin = 24, cout = 40;
+  std::vector<double> wv = ::fpxint::testing::RandomValues(::fpxint::testing::Dist::kGaussian,
+                                                           cout * cin, 9);
+  const auto packed = [&](core::Grid grid, core::Variant variant) {
+    core::ExpansionSpec ws;
+    ws.bits = 4;
+    ws.terms = 2;
+    ws.grid = grid;
+    ws.variant = variant;
+    ws.scale = core::ScaleGranularity::kChannel;
+    auto e = core::ExpandTensor(wv, {cout, cin}, ws);
+    EXPECT_TRUE(e.ok()) << e.status();
+    auto lw = core::LowbitLinear::FromExpansion(*e);
+    EXPECT_TRUE(lw.ok()) << lw.status();
+    return MakePackedWeight(*std::move(lw), {cout, cin, 1, 1});
+  };
+  const c10::IValue folded_w = packed(core::Grid::kMid, core::Variant::kDigits);
+  const c10::IValue int_w = packed(core::Grid::kSym, core::Variant::kRescaled);
+  const auto& folded = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d_folded", "");
+  const auto& wa = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d_wa", "");
+  at::manual_seed(5);
+  const at::Tensor x = at::randn({2, cin, 9, 11}, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor bias = at::randn({cout}, at::TensorOptions().dtype(at::kFloat));
+  const std::vector<int64_t> one = {1, 1}, zero = {0, 0};
+  const std::vector<int64_t> ops = {3, 4, 2, 3, 4, 5};
+  const std::vector<double> values = {0.75f, -0.125f, 0, 1.5f, 0.25f, 3.0f};
+  const auto aten_tail = [](at::Tensor h) {
+    h = at::add(at::mul(h, at::full({1}, 0.75f)), at::full({1}, -0.125f));
+    h = at::div(at::mul(h, at::clamp(at::add(h, 3.0), 0.0, 6.0)), 6.0);
+    return at::div(at::add(at::mul(h, 1.5), 0.25), 3.0);
+  };
+  for (const int64_t post : {int64_t{0}, int64_t{1}}) {
+    const auto call_folded = [&](std::vector<int64_t> o, std::vector<double> v) {
+      torch::jit::Stack st = {x, folded_w, bias, one, zero, one, int64_t{1}, int64_t{0},
+                              int64_t{4}, int64_t{2}, post, std::move(o), std::move(v)};
+      folded.callBoxed(&st);
+      return st[0].toTensor();
+    };
+    const auto call_wa = [&](std::vector<int64_t> o, std::vector<double> v) {
+      torch::jit::Stack st = {x, int_w, bias, one, zero, one, int64_t{1}, int64_t{0}, int64_t{4},
+                              int64_t{2}, false, false,
+                              static_cast<int64_t>(ActGranularity::kPixel), post, std::move(o),
+                              std::move(v)};
+      wa.callBoxed(&st);
+      return st[0].toTensor();
+    };
+    EXPECT_TRUE(at::equal(call_folded(ops, values), aten_tail(call_folded({}, {}))))
+        << "post " << post;
+    EXPECT_TRUE(at::equal(call_wa(ops, values), aten_tail(call_wa({}, {})))) << "post " << post;
+  }
+}
+
 TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, true);
   std::unique_ptr<Model> dense = MustLoad(TinyModelFile("c8_mlp.pt"), false);

@@ -373,38 +373,48 @@ std::vector<core::PostStep> TailOf(Value* v, torch::jit::Block* block, Node** la
   return steps;
 }
 
-// Replaces the elementwise tail (two steps or more) after each packed layer with one
-// fpxint::post_ on the layer's output; returns how many steps it fused.
-int FuseTails(torch::jit::Graph& g) {
-  static const c10::Symbol kLayers[] = {
-      c10::Symbol::fromQualString(kLinearOp),       c10::Symbol::fromQualString(kConv2dOp),
-      c10::Symbol::fromQualString(kLinearWaOp),     c10::Symbol::fromQualString(kConv2dWaOp),
+// Fuses the elementwise tail after each packed layer: the integer and folded ops take it into
+// their float epilogue (tail_ops / tail_values, applied while the accumulators are in cache);
+// after the other packed ops, a tail of two steps or more becomes one fpxint::post_ on the
+// layer's output.
+void FuseTails(torch::jit::Graph& g) {
+  static const c10::Symbol kEpilogueOps[] = {
+      c10::Symbol::fromQualString(kLinearWaOp), c10::Symbol::fromQualString(kConv2dWaOp),
       c10::Symbol::fromQualString(kLinearFoldedOp), c10::Symbol::fromQualString(kConv2dFoldedOp)};
+  static const c10::Symbol kOtherOps[] = {c10::Symbol::fromQualString(kLinearOp),
+                                          c10::Symbol::fromQualString(kConv2dOp)};
+  const auto is = [](Node* n, const auto& kinds) {
+    return std::find(std::begin(kinds), std::end(kinds), n->kind()) != std::end(kinds);
+  };
   std::vector<Node*> layers;
   internal::ForEachNode(g.block(), [&](Node* n) {
-    if (std::find(std::begin(kLayers), std::end(kLayers), n->kind()) != std::end(kLayers)) {
-      layers.push_back(n);
-    }
+    if (is(n, kEpilogueOps) || is(n, kOtherOps)) layers.push_back(n);
   });
-  int fused = 0;
   for (Node* n : layers) {
-    Value* y = n->output();
     Node* last = nullptr;
-    const std::vector<core::PostStep> steps = TailOf(y, n->owningBlock(), &last);
-    if (steps.size() < 2) continue;
+    const std::vector<core::PostStep> steps = TailOf(n->output(), n->owningBlock(), &last);
+    const bool epilogue = is(n, kEpilogueOps);
+    if (steps.empty() || (!epilogue && steps.size() < 2)) continue;
     std::vector<int64_t> ops;
     std::vector<double> values;
     for (const core::PostStep& st : steps) {
       ops.push_back(static_cast<int64_t>(st.op));
       values.push_back(st.value);
     }
-    torch::jit::WithInsertPoint guard(last->next());
-    Value* out = g.insert(c10::Symbol::fromQualString(kPostOp), {y, ops, values});
-    out->setType(last->output()->type());
-    last->output()->replaceAllUsesWith(out);
-    fused += static_cast<int>(steps.size());
+    if (epilogue) {
+      // The op's own tail_ops / tail_values arguments (their defaults are empty lists).
+      torch::jit::WithInsertPoint guard(n);
+      const c10::FunctionSchema& schema = n->schema();
+      n->replaceInput(*schema.argumentIndexWithName("tail_ops"), g.insertConstant(ops));
+      n->replaceInput(*schema.argumentIndexWithName("tail_values"), g.insertConstant(values));
+      last->output()->replaceAllUsesWith(n->output());  // the tail itself is dead code now
+    } else {
+      torch::jit::WithInsertPoint guard(last->next());
+      Value* y = g.insert(c10::Symbol::fromQualString(kPostOp), {n->output(), ops, values});
+      y->setType(last->output()->type());
+      last->output()->replaceAllUsesWith(y);
+    }
   }
-  return fused;
 }
 
 absl::StatusOr<torch::jit::Module> Model::Impl::BuildPacked(bool wa) const {
@@ -610,9 +620,15 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
       const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];
       routes->folded += folded;
       routes->integer += integer;
-      if (folded || integer) {  // `post`, the last argument
-        const c10::optional<c10::IValue> post = torch::jit::toIValue(n->inputs().back());
+      if (folded || integer) {
+        const c10::optional<c10::IValue> post = torch::jit::toIValue(n->namedInput("post"));
         routes->fused_post += post && post->isInt() && post->toInt() != 0;
+        // Networks saved before the ops took a tail have no tail_ops argument.
+        if (n->schema().argumentIndexWithName("tail_ops")) {
+          const c10::optional<c10::IValue> ops = torch::jit::toIValue(n->namedInput("tail_ops"));
+          routes->tail_steps +=
+              ops && ops->isIntList() ? static_cast<int>(ops->toIntList().size()) : 0;
+        }
       }
     }
     if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) return;
