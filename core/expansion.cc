@@ -528,7 +528,7 @@ FPXINT_ISA_CLONES void TermRow(const ExpansionSpec& spec, QuantizeFn quantize, c
   auto rows = [&](auto grid, auto is_u) {
     constexpr Grid G = decltype(grid)::value;
     constexpr bool U = decltype(is_u)::value;
-    auto deq = [s, z](uint8_t code) {
+    auto deq = [=](uint8_t code) {  // implicit: z only where the grid reads it
       const double c =
           U ? static_cast<double>(code) : static_cast<double>(static_cast<int8_t>(code));
       if constexpr (G == Grid::kSym) return c * s;
