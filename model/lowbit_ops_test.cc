@@ -21,6 +21,7 @@
 #include "model/aten_pool.h"
 #include "model/lowbit_ops.h"
 #include "model/model.h"
+#include "model/vet.h"
 #include "tests/support/test_support.h"
 
 namespace fpxint::model {
@@ -367,11 +368,12 @@ TEST(PackedOpsModel, FoldedProductsMatchTheModelLayer) {
 
 // Order truncation: the integer ops run it; a network with layers they do not take (grouped,
 // depthwise, conv1d) falls back to the dequantized network instead of failing.
-// The elementwise ops after packed layers run as one fpxint::post_ pass per layer: the
-// decomposed hardswish and a learnable scale and shift after the 1x1 conv (3 steps; freezing
-// folds the scale and shift before it into the conv) and hardswish, div, sub, relu after the
-// depthwise one (4), on the weight-only and the folded W×A network.
-TEST(PackedOpsModel, ElementwiseTailsRunAsOnePassPerLayer) {
+// The elementwise ops after packed layers run in the folded op's epilogue or as one
+// fpxint::post_ pass per layer: the decomposed hardswish and a learnable scale and shift after
+// the 1x1 conv (3 steps; freezing folds the scale and shift before it into the conv) and
+// hardswish, div, sub, relu after the depthwise one (4), on the weight-only and the folded W×A
+// network.
+TEST(PackedOpsModel, ElementwiseTailsRunInOnePassPerLayer) {
   ModelExpansionSpec folded = SpecWA(4, 2, 4, 2, false);
   folded.weights.grid = core::Grid::kMid;
   folded.weights.variant = core::Variant::kDigits;
@@ -396,6 +398,22 @@ TEST(PackedOpsModel, ElementwiseTailsRunAsOnePassPerLayer) {
       ASSERT_TRUE(want.ok() && got.ok()) << got.status();
       EXPECT_LT(MaxRelErr(got->f32, want->f32), 1e-4) << "K_a " << ka;
     }
+    // Saved, the network passes the upload vetting the server applies to what it reloads, and
+    // loads back with its tails, bit for bit.
+    ScratchDir dir;
+    ASSERT_TRUE(packed->SavePacked(dir.File("tails.pt")).ok());
+    auto vet = VetTorchScript(::fpxint::testing::ReadFileOrDie(dir.File("tails.pt")),
+                              OpAllowList::BuiltIn());
+    ASSERT_TRUE(vet.ok()) << vet.status();
+    EXPECT_TRUE(vet->passed) << vet->Summary();
+    std::unique_ptr<Model> back = MustLoad(dir.File("tails.pt"), true);
+    ASSERT_NE(back, nullptr);
+    EXPECT_EQ(back->weight_memory().fused_tail_steps, 7);
+    const HostTensor x = RandomInput({2, 4, 6, 5}, 32);
+    auto a = packed->Forward(x);
+    auto b = back->Forward(x);
+    ASSERT_TRUE(a.ok() && b.ok()) << b.status();
+    EXPECT_EQ(a->f32, b->f32);
   }
 }
 
