@@ -107,6 +107,8 @@ void FoldedOutputsRef(const int32_t* acc, int R, const double* wpart, const doub
   }
 }
 
+void PostStepsImpl(const PostStep* steps, int n, float* out, int64_t count);  // below
+
 constexpr IntKernelTable kRef = [] {
   // Members by name: a table a kernel variant lacks an entry of leaves it nullptr.
   IntKernelTable t{};
@@ -116,6 +118,7 @@ constexpr IntKernelTable kRef = [] {
   t.gemm_panel = GemmPanelRef;
   t.gemm_panel_s8 = GemmPanelS8Ref;
   t.folded_outputs = FoldedOutputsRef;
+  t.post_steps = PostStepsImpl;
   return t;
 }();
 

@@ -89,7 +89,8 @@ struct IntKernelTable {
   // nullptr: the variant takes the reference one (same bits).
   void (*folded_outputs)(const int32_t* acc, int R, const double* wpart, const double* ws,
                          double xpart, double sx, float* out);
-  // ApplyPostSteps (below) compiled for the variant (nullptr: the baseline loops; same bits).
+  // ApplyPostSteps (below) compiled for the variant (nullptr: the reference table's baseline
+  // loops; same bits).
   void (*post_steps)(const PostStep* steps, int n, float* out, int64_t count);
 };
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 
 #include "core/packing.h"
 #include "gtest/gtest.h"
@@ -545,6 +546,47 @@ TEST(IntLinear, FusedEpilogueEqualsTheSeparatePasses) {
 
 // rows_per_image: the rows are pixels of several images and the output is written channel-major
 // per image (a 1x1 convolution's NCHW), the same values as the row-major output transposed.
+// Every kernel table's post steps give the reference table's bits, signed zeros, infinities and
+// subnormals included (NaN where it gives NaN), on lengths with and without a partial vector.
+TEST(PostSteps, EveryTableGivesTheReferenceBits) {
+  const IntKernelTable* ref = IntKernelsByName("ref");
+  ASSERT_NE(ref, nullptr);
+  ASSERT_NE(ref->post_steps, nullptr);
+  std::vector<float> x = ToFloat(RandomValues(Dist::kGaussian, 4099, 17));
+  for (float& v : x) v *= 4.0f;
+  const float specials[] = {std::nanf(""), INFINITY, -INFINITY, 0.0f, -0.0f, -3.0f, 3.0f,
+                            6.0f, -6.0f, 1e-40f, -1e-40f, 3e38f, -3e38f};
+  for (size_t i = 0; i < sizeof(specials) / sizeof(specials[0]); ++i) x[i * 7] = specials[i];
+  const std::vector<PostStep> steps = {{PostOp::kMul, 0.7f},  {PostOp::kAdd, -0.3f},
+                                       {PostOp::kHardswish, 0}, {PostOp::kRelu, 0},
+                                       {PostOp::kAdd, -0.1f}, {PostOp::kRelu, 0},
+                                       {PostOp::kDiv, 3.0f},  {PostOp::kHardswish, 0}};
+  int tables = 0;
+  for (const char* name : {"avx2", "avx512vnni"}) {
+    const IntKernelTable* t = IntKernelsByName(name);
+    if (t == nullptr || t->post_steps == nullptr) continue;
+    ++tables;
+    for (const int64_t n : {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, int64_t{4099}}) {
+      // Each prefix of the steps, so a wrong step is found where it first differs.
+      for (size_t k = 1; k <= steps.size(); ++k) {
+        std::vector<float> want(x.begin(), x.begin() + n), got = want;
+        ref->post_steps(steps.data(), static_cast<int>(k), want.data(), n);
+        t->post_steps(steps.data(), static_cast<int>(k), got.data(), n);
+        for (int64_t i = 0; i < n; ++i) {
+          const bool same = std::isnan(want[i]) ? std::isnan(got[i])
+                                                 : std::memcmp(&want[i], &got[i], 4) == 0;
+          ASSERT_TRUE(same) << name << " n " << n << " steps " << k << " x " << x[i] << ": "
+                            << got[i] << " vs " << want[i];
+        }
+      }
+    }
+  }
+  // Tables without their own post steps use the reference's; this CPU's must have been compared.
+  if (ActiveIntKernels().post_steps != nullptr && ActiveIntKernels().post_steps != ref->post_steps) {
+    EXPECT_GE(tables, 1);
+  }
+}
+
 TEST(FoldedIntLinear, ImageLayoutIsTheRowMajorOutputTransposed) {
   ThreadPool pool(2);
   const FoldCase c{45, 96, 3 * 13, 4, 2, 4, 2, ScaleGranularity::kChannel};  // 13 pixels per image
