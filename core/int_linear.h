@@ -127,11 +127,7 @@ struct Epilogue {
   PostOp op = PostOp::kNone;
   const PostStep* tail = nullptr;  // applied after `op`
   int tail_steps = 0;
-  // out[r] for r < n of outputs o0 .. o0+n-1, in place.
-  void Apply(int64_t o0, int n, float* out) const {
-    ApplyBias(o0, n, out);
-    ApplyElementwise(out, n);
-  }
+  // out[r] += bias[o0 + r] for r < n (outputs o0 .. o0+n-1), in place.
   void ApplyBias(int64_t o0, int n, float* out) const {
     if (bias != nullptr) {
       for (int r = 0; r < n; ++r) out[r] += bias[o0 + r];
@@ -144,7 +140,6 @@ struct Epilogue {
   }
   void ApplyElementwiseTo(float* out, int64_t n) const;
   bool elementwise() const { return op != PostOp::kNone || tail_steps > 0; }
-  bool empty() const { return bias == nullptr && !elementwise(); }
 };
 const IntKernelTable* IntKernelsByName(absl::string_view name);  // nullptr when unsupported
 

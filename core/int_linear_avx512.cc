@@ -91,8 +91,8 @@ void DotTile(const int8_t* w, int64_t ldw, int R, const uint8_t* x, int64_t ldx,
 // the panel in L1). Past the last group it touches the next panel, which the next task reads.
 constexpr int64_t kPrefetchBytes = 4096;
 inline void PrefetchPanel(const void* p, int64_t offset) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + offset + kPrefetchBytes),
-               _MM_HINT_T0);
+  const uintptr_t at = reinterpret_cast<uintptr_t>(p) + offset + kPrefetchBytes;
+  _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
 }
 
 // The panel product: per group of 8 input codes, the two 64-byte halves of the panel (16 rows ×
@@ -199,9 +199,10 @@ void FoldedOutputs(const int32_t* acc, int R, const double* wpart, const double*
   }
 }
 
-// Post steps 16 values at a time, every step on the register (a masked load and store for
-// the last ones): the same operations as the baseline loops of int_linear.cc. max(y, 0) is (0 > y) ? 0 : y,
-// which is vmaxps with 0 first; min(c, 6) is (6 < c) ? 6 : c, vminps with 6 first.
+// Post steps 16 values at a time, every step on the register (a masked load and store for the
+// last ones): the same operations as the baseline loops of int_linear.cc. max(y, 0) is
+// (0 > y) ? 0 : y, which is vmaxps with 0 first; min(c, 6) is (6 < c) ? 6 : c, vminps with 6
+// first.
 void PostStepsAvx512(const PostStep* steps, int n, float* out, int64_t count) {
   const __m512 zero = _mm512_setzero_ps(), three = _mm512_set1_ps(3.0f),
                six = _mm512_set1_ps(6.0f);

@@ -544,8 +544,6 @@ TEST(IntLinear, FusedEpilogueEqualsTheSeparatePasses) {
   EXPECT_EQ(fused, separate(plain, f.out, bias, PostOp::kRelu));
 }
 
-// rows_per_image: the rows are pixels of several images and the output is written channel-major
-// per image (a 1x1 convolution's NCHW), the same values as the row-major output transposed.
 // Every kernel table's post steps give the reference table's bits, signed zeros, infinities and
 // subnormals included (NaN where it gives NaN), on lengths with and without a partial vector.
 TEST(PostSteps, EveryTableGivesTheReferenceBits) {
@@ -582,11 +580,14 @@ TEST(PostSteps, EveryTableGivesTheReferenceBits) {
     }
   }
   // Tables without their own post steps use the reference's; this CPU's must have been compared.
-  if (ActiveIntKernels().post_steps != nullptr && ActiveIntKernels().post_steps != ref->post_steps) {
+  const auto active = ActiveIntKernels().post_steps;
+  if (active != nullptr && active != ref->post_steps) {
     EXPECT_GE(tables, 1);
   }
 }
 
+// rows_per_image: the rows are pixels of several images and the output is written channel-major
+// per image (a 1x1 convolution's NCHW), the same values as the row-major output transposed.
 TEST(FoldedIntLinear, ImageLayoutIsTheRowMajorOutputTransposed) {
   ThreadPool pool(2);
   const FoldCase c{45, 96, 3 * 13, 4, 2, 4, 2, ScaleGranularity::kChannel};  // 13 pixels per image

@@ -265,6 +265,16 @@ ModelExpansionSpec SpecWA(int bits, int terms, int act_bits, int act_terms, bool
   return s;
 }
 
+// W4A4×2 with variant D weights and activations on the mid grid: the spec that folds.
+ModelExpansionSpec FoldedSpecWA() {
+  ModelExpansionSpec s = SpecWA(4, 2, 4, 2, false);
+  s.weights.grid = core::Grid::kMid;
+  s.weights.variant = core::Variant::kDigits;
+  s.act_grid = core::Grid::kMid;
+  s.act_variant = core::Variant::kDigits;
+  return s;
+}
+
 // W×A on the packed network: integer ops (linear_wa on tokens and the matmul, conv2d_wa on the
 // 1x1 convolution) and dequantize + act_expand for the rest, against the dequantized model
 // layer, at every (K_w', K_a').
@@ -316,11 +326,7 @@ TEST(PackedOpsModel, ExpandedActivationsMatchTheModelLayer) {
 // at every (K_w', K_a') (the partial ones take the act_expand route inside the same ops); saved
 // and reloaded, the folded network gives the same bits.
 TEST(PackedOpsModel, FoldedProductsMatchTheModelLayer) {
-  ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, false);
-  spec.weights.grid = core::Grid::kMid;
-  spec.weights.variant = core::Variant::kDigits;
-  spec.act_grid = core::Grid::kMid;
-  spec.act_variant = core::Variant::kDigits;
+  ModelExpansionSpec spec = FoldedSpecWA();
   std::string how;
   ASSERT_TRUE(spec.Folds(&how)) << how;
   EXPECT_TRUE(absl::StrContains(how, "4 term products as one u8 x s8 product")) << how;
@@ -366,20 +372,13 @@ TEST(PackedOpsModel, FoldedProductsMatchTheModelLayer) {
   EXPECT_EQ(packed->weight_memory().folded_layers, 0);
 }
 
-// Order truncation: the integer ops run it; a network with layers they do not take (grouped,
-// depthwise, conv1d) falls back to the dequantized network instead of failing.
 // The elementwise ops after packed layers run in the folded op's epilogue or as one
 // fpxint::post_ pass per layer: the decomposed hardswish and a learnable scale and shift after
 // the 1x1 conv (3 steps; freezing folds the scale and shift before it into the conv) and
 // hardswish, div, sub, relu after the depthwise one (4), on the weight-only and the folded W×A
 // network.
 TEST(PackedOpsModel, ElementwiseTailsRunInOnePassPerLayer) {
-  ModelExpansionSpec folded = SpecWA(4, 2, 4, 2, false);
-  folded.weights.grid = core::Grid::kMid;
-  folded.weights.variant = core::Variant::kDigits;
-  folded.act_grid = core::Grid::kMid;
-  folded.act_variant = core::Variant::kDigits;
-  for (const ModelExpansionSpec& spec : {Spec(4, 2), folded}) {
+  for (const ModelExpansionSpec& spec : {Spec(4, 2), FoldedSpecWA()}) {
     std::unique_ptr<Model> dense = MustLoad(TinyModelFile("tail_zoo.pt"), false);
     std::unique_ptr<Model> packed = MustLoad(TinyModelFile("tail_zoo.pt"), true);
     ASSERT_TRUE(dense->Expand(spec, nullptr).ok());
@@ -524,6 +523,8 @@ TEST(PackedOps, EpilogueTailsGiveTheLibTorchOpsBits) {
   }
 }
 
+// Order truncation: the integer ops run it; a network with layers they do not take (grouped,
+// depthwise, conv1d) falls back to the dequantized network instead of failing.
 TEST(PackedOpsModel, TruncatedProductsRunOnIntegerOpsOrFallBack) {
   const ModelExpansionSpec spec = SpecWA(4, 2, 4, 2, true);
   std::unique_ptr<Model> dense = MustLoad(TinyModelFile("c8_mlp.pt"), false);

@@ -251,7 +251,7 @@ Node* FusablePost(Node* n, int64_t* post) {
 
 }  // namespace
 
-// ---- Elementwise tails: the ops after a packed layer, run as one fpxint::post_ pass ----
+// ---- Elementwise tails: the ops after a packed layer, in its epilogue or one fpxint::post_ ----
 
 // A one-value operand LibTorch applies as a float32 scalar to a float32 tensor without changing
 // its dtype or shape: a number, a float32 tensor of one value and at most one dimension, or a
@@ -611,10 +611,12 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
   if (!current_packed) return out;
   torch::jit::Module cur = current;
   ForEachNode(ForwardGraph(cur)->block(), [&](Node* n) {
-    if (routes != nullptr && n->kind() == kPost) {
-      const c10::optional<c10::IValue> ops = torch::jit::toIValue(n->input(1));
-      routes->tail_steps += ops && ops->isIntList() ? static_cast<int>(ops->toIntList().size()) : 0;
-    }
+    // The steps a post_ node or an epilogue's tail_ops list holds.
+    const auto steps = [](Value* ops_list) {
+      const c10::optional<c10::IValue> ops = torch::jit::toIValue(ops_list);
+      return ops && ops->isIntList() ? static_cast<int>(ops->toIntList().size()) : 0;
+    };
+    if (routes != nullptr && n->kind() == kPost) routes->tail_steps += steps(n->input(1));
     if (routes != nullptr) {
       const bool folded = n->kind() == kFolded[0] || n->kind() == kFolded[1];
       const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];
@@ -623,12 +625,8 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
       if (folded || integer) {
         const c10::optional<c10::IValue> post = torch::jit::toIValue(n->namedInput("post"));
         routes->fused_post += post && post->isInt() && post->toInt() != 0;
-        // Networks saved before the ops took a tail have no tail_ops argument.
-        if (n->schema().argumentIndexWithName("tail_ops")) {
-          const c10::optional<c10::IValue> ops = torch::jit::toIValue(n->namedInput("tail_ops"));
-          routes->tail_steps +=
-              ops && ops->isIntList() ? static_cast<int>(ops->toIntList().size()) : 0;
-        }
+        // Saved networks from before tail_ops load with its default, an empty list.
+        routes->tail_steps += steps(n->namedInput("tail_ops"));
       }
     }
     if (n->kind() != c10::prim::Constant || n->outputs().size() != 1) return;

@@ -161,7 +161,7 @@ struct Model::Impl {
   // With `routes`, also counts the current network's W×A op calls: folded (linear_folded,
   // conv2d_folded), separate integer term products (linear_wa, conv2d_wa), and of those the
   // ones that apply the layer's following ReLU / hardswish in their epilogue (post != 0), and
-  // the elementwise steps fpxint::post_ runs in one pass after packed layers.
+  // the elementwise tail steps after packed layers (in those epilogues or in fpxint::post_).
   struct Routes {
     int folded = 0, integer = 0, fused_post = 0, tail_steps = 0;
   };
