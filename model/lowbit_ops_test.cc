@@ -466,6 +466,10 @@ TEST(PackedOps, PostStepsGiveTheLibTorchOpsBits) {
   EXPECT_TRUE(absl::StrContains(error({3, 9}, {1, 1}, x.clone()), "step 1 op 9 unknown"));
   EXPECT_TRUE(absl::StrContains(error({3}, {1, 2}, x.clone()), "1 steps but 2 values"));
   EXPECT_TRUE(absl::StrContains(error({3}, {1}, x.to(at::kDouble)), "takes float32"));
+  EXPECT_TRUE(absl::StrContains(error({}, {}, x.clone()), "no steps; give 1..16"));
+  EXPECT_TRUE(absl::StrContains(
+      error(std::vector<int64_t>(17, 3), std::vector<double>(17, 1.0), x.clone()),
+      "17 steps; accepted at most 16"));
 }
 
 // conv2d_folded and conv2d_wa with a tail in their epilogue give the bits of the op without it
