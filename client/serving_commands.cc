@@ -62,6 +62,11 @@ void PrintDeployment(const v1::DeploymentStatus& d) {
                 "separate integer term products, %d on fp32 products of dequantized terms\n",
                 d.folded_layers(), d.integer_layers(), other);
   }
+  if (d.packed_layers() > 0) {
+    std::printf("  fused      %d layers apply the following ReLU or hardswish in their epilogue; "
+                "%d elementwise ops after packed layers run inside them\n",
+                d.fused_post_ops(), d.fused_tail_steps());
+  }
   if (d.batching().max_batch_size() > 0) {
     const v1::DynamicBatching& b = d.batching();
     std::printf("  batching   up to %u rows per pass%s, waiting at most %llu µs for others\n",

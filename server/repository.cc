@@ -890,6 +890,8 @@ absl::StatusOr<v1::DeploymentStatus> Repository::Describe(const std::string& nam
     out.set_packed_layers(served->weights().packed_layers);
     out.set_folded_layers(served->weights().folded_layers);
     out.set_integer_layers(served->weights().integer_layers);
+    out.set_fused_post_ops(served->weights().fused_post_ops);
+    out.set_fused_tail_steps(served->weights().fused_tail_steps);
   }
   return out;
 }
