@@ -25,6 +25,7 @@
 
 #include "core/expansion.h"
 #include "core/lowbit_linear.h"
+#include "model/act_expand_op.h"
 #include "model/lowbit_ops.h"
 #include "bench/ocr_recognizer.h"
 #include "model/model.h"
@@ -81,6 +82,10 @@ void BM_ConvPacked(benchmark::State& state, int terms, bool force_packed_kernels
     torch::jit::Stack stack{x, pw, c10::IValue(), std::vector<int64_t>{1, 1},
                             std::vector<int64_t>{0, 0}, std::vector<int64_t>{1, 1}, int64_t{1},
                             int64_t{0}};
+    // The schema's defaults (a boxed call gets none): no activation expansion, no tail.
+    for (int i = 0; i < 5; ++i) stack.emplace_back(int64_t{0});
+    stack.emplace_back(std::vector<int64_t>{});
+    stack.emplace_back(std::vector<double>{});
     op.callBoxed(&stack);
     benchmark::DoNotOptimize(stack);
   }
@@ -98,6 +103,93 @@ void BM_Dequantize(benchmark::State& state, int terms) {
     torch::jit::Stack stack{pw, int64_t{0}};
     op.callBoxed(&stack);
     benchmark::DoNotOptimize(stack);
+  }
+}
+
+// ---- Depthwise convolution and the elementwise ops after it ----
+// The recognizer's 5x5 depthwise layer on [8, 240, 12, 80] as the folded network runs it:
+// variant D W4×2 weights, its input expanded A4×2 (variant D, one scale per image and channel)
+// inside the op, a bias, then the tail converted models write (scale and shift, hardswish,
+// scale and shift). fp32_aten: at::conv2d and the aten ops; the others run fpxint::conv2d and
+// then the aten ops (aten_tail), one fpxint::post_ pass (post_pass), or the tail in the op,
+// per channel while its outputs are in cache (fused).
+constexpr int64_t kDwC = 240, kDwH = 12, kDwW = 80, kDwK = 5, kDwBatch = 8;
+
+const at::Tensor& DepthwiseWeight() {
+  static const at::Tensor w = [] {
+    at::manual_seed(2);
+    return at::randn({kDwC, 1, kDwK, kDwK}, at::kFloat) * 0.2;
+  }();
+  return w;
+}
+
+const c10::IValue& DepthwisePacked() {
+  static const c10::IValue pw = [] {
+    fpxint::core::ExpansionSpec spec;
+    spec.bits = 4;
+    spec.terms = 2;
+    spec.grid = fpxint::core::Grid::kMid;
+    spec.variant = fpxint::core::Variant::kDigits;
+    spec.scale = fpxint::core::ScaleGranularity::kChannel;
+    const at::Tensor& w = DepthwiseWeight();
+    auto e = fpxint::core::ExpandTensor(
+        fpxint::core::DType::kF32, {kDwC, kDwK * kDwK},
+        absl::MakeConstSpan(reinterpret_cast<const uint8_t*>(w.data_ptr<float>()),
+                            w.numel() * 4),
+        spec);
+    if (!e.ok()) std::abort();
+    auto l = fpxint::core::LowbitLinear::FromExpansion(*e);
+    if (!l.ok()) std::abort();
+    return fpxint::model::MakePackedWeight(*std::move(l), w.sizes().vec());
+  }();
+  return pw;
+}
+
+enum class Tail { kFp32Aten, kAten, kPostPass, kFused };
+
+void BM_DepthwiseTail(benchmark::State& state, Tail tail) {
+  at::set_num_threads(kThreads);
+  at::manual_seed(3);
+  const at::Tensor x = at::randn({kDwBatch, kDwC, kDwH, kDwW});
+  const at::Tensor bias = at::randn({kDwC}) * 0.1;
+  const at::Tensor a0 = at::full({1}, 0.9f), b0 = at::full({1}, 0.1f);
+  const at::Tensor a1 = at::full({1}, 1.1f), b1 = at::full({1}, -0.2f);
+  const auto aten_tail = [&](const at::Tensor& y) {
+    const at::Tensor h = at::add(at::mul(y, a0), b0);
+    const at::Tensor g = at::div(at::mul(h, at::clamp(at::add(h, 3.0), 0.0, 6.0)), 6.0);
+    return at::add(at::mul(g, a1), b1);
+  };
+  // mul a0, add b0, hardswish, mul a1, add b1 (core::PostOp).
+  const std::vector<int64_t> ops = {3, 4, 2, 3, 4};
+  const std::vector<double> values = {0.9f, 0.1f, 0, 1.1f, -0.2f};
+  const auto conv = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d", "");
+  const auto post = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::post_", "");
+  const int64_t pad = kDwK / 2;
+  for (auto _ : state) {
+    if (tail == Tail::kFp32Aten) {
+      benchmark::DoNotOptimize(aten_tail(
+          at::conv2d(x, DepthwiseWeight(), bias, {1, 1}, {pad, pad}, {1, 1}, kDwC)));
+      continue;
+    }
+    const bool fused = tail == Tail::kFused;
+    torch::jit::Stack st{x, DepthwisePacked(), bias, std::vector<int64_t>{1, 1},
+                         std::vector<int64_t>{pad, pad}, std::vector<int64_t>{1, 1}, kDwC,
+                         int64_t{2}, int64_t{4}, int64_t{2},
+                         static_cast<int64_t>(fpxint::core::Grid::kMid),
+                         static_cast<int64_t>(fpxint::model::ActGranularity::kChannel),
+                         static_cast<int64_t>(fpxint::core::Variant::kDigits),
+                         fused ? ops : std::vector<int64_t>{},
+                         fused ? values : std::vector<double>{}};
+    conv.callBoxed(&st);
+    if (tail == Tail::kAten) {
+      benchmark::DoNotOptimize(aten_tail(st[0].toTensor()));
+    } else if (tail == Tail::kPostPass) {
+      torch::jit::Stack p{st[0].toTensor(), ops, values};
+      post.callBoxed(&p);
+      benchmark::DoNotOptimize(p);
+    } else {
+      benchmark::DoNotOptimize(st);
+    }
   }
 }
 
@@ -138,6 +230,14 @@ int Register() {
       ->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark(("Conv/w4k2_dequantize_only" + conv).c_str(), BM_Dequantize, 2)
       ->Unit(benchmark::kMillisecond)->UseRealTime();
+  const std::string dw = "/ocr_rec_240x5x5_12x80/batch:8";
+  for (const auto& [name, tail] :
+       {std::pair{"fp32_aten", Tail::kFp32Aten}, std::pair{"aten_tail", Tail::kAten},
+        std::pair{"post_pass", Tail::kPostPass}, std::pair{"fused", Tail::kFused}}) {
+    benchmark::RegisterBenchmark(("DepthwiseTail/" + std::string(name) + dw).c_str(),
+                                 BM_DepthwiseTail, tail)
+        ->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
   struct Impl {
     const char* name;
     int terms, act_terms;

@@ -199,33 +199,55 @@ void FoldedOutputs(const int32_t* acc, int R, const double* wpart, const double*
   }
 }
 
-// Post steps 16 values at a time, every step on the register (a masked load and store for the
-// last ones): the same operations as the baseline loops of int_linear.cc. max(y, 0) is
-// (0 > y) ? 0 : y, which is vmaxps with 0 first; min(c, 6) is (6 < c) ? 6 : c, vminps with 6
-// first.
-void PostStepsAvx512(const PostStep* steps, int n, float* out, int64_t count) {
+// Post steps on V vectors of 16 values (the last under mask `m`), every step on the registers:
+// the same operations as the baseline loops of int_linear.cc. max(y, 0) is (0 > y) ? 0 : y,
+// which is vmaxps with 0 first; min(c, 6) is (6 < c) ? 6 : c, vminps with 6 first. V vectors
+// are V independent dependency chains through the steps (a step's latency, up to a division's,
+// would otherwise bound the loop).
+template <int V>
+inline void PostStepsBlock(const PostStep* steps, int n, float* out, __mmask16 m) {
   const __m512 zero = _mm512_setzero_ps(), three = _mm512_set1_ps(3.0f),
                six = _mm512_set1_ps(6.0f);
-  for (int64_t i = 0; i < count; i += 16) {
+  __m512 y[V];
+  for (int v = 0; v < V; ++v) {
+    y[v] = v == V - 1 ? _mm512_maskz_loadu_ps(m, out + 16 * v) : _mm512_loadu_ps(out + 16 * v);
+  }
+  for (int k = 0; k < n; ++k) {
+    const __m512 c = _mm512_set1_ps(steps[k].value);
+    switch (steps[k].op) {
+      case PostOp::kNone: break;
+      case PostOp::kRelu:
+        for (int v = 0; v < V; ++v) y[v] = _mm512_max_ps(zero, y[v]);
+        break;
+      case PostOp::kHardswish:
+        for (int v = 0; v < V; ++v) {
+          const __m512 g = _mm512_min_ps(six, _mm512_max_ps(zero, _mm512_add_ps(y[v], three)));
+          y[v] = _mm512_div_ps(_mm512_mul_ps(y[v], g), six);
+        }
+        break;
+      case PostOp::kMul:
+        for (int v = 0; v < V; ++v) y[v] = _mm512_mul_ps(y[v], c);
+        break;
+      case PostOp::kAdd:
+        for (int v = 0; v < V; ++v) y[v] = _mm512_add_ps(y[v], c);
+        break;
+      case PostOp::kDiv:
+        for (int v = 0; v < V; ++v) y[v] = _mm512_div_ps(y[v], c);
+        break;
+    }
+  }
+  for (int v = 0; v < V; ++v) {
+    _mm512_mask_storeu_ps(out + 16 * v, v == V - 1 ? m : __mmask16{0xFFFF}, y[v]);
+  }
+}
+
+void PostStepsAvx512(const PostStep* steps, int n, float* out, int64_t count) {
+  int64_t i = 0;
+  for (; i + 64 <= count; i += 64) PostStepsBlock<4>(steps, n, out + i, 0xFFFF);
+  for (; i < count; i += 16) {
     const __mmask16 m =
         count - i >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (count - i)) - 1);
-    __m512 y = _mm512_maskz_loadu_ps(m, out + i);
-    for (int k = 0; k < n; ++k) {
-      const __m512 v = _mm512_set1_ps(steps[k].value);
-      switch (steps[k].op) {
-        case PostOp::kNone: break;
-        case PostOp::kRelu: y = _mm512_max_ps(zero, y); break;
-        case PostOp::kHardswish: {
-          const __m512 c = _mm512_min_ps(six, _mm512_max_ps(zero, _mm512_add_ps(y, three)));
-          y = _mm512_div_ps(_mm512_mul_ps(y, c), six);
-          break;
-        }
-        case PostOp::kMul: y = _mm512_mul_ps(y, v); break;
-        case PostOp::kAdd: y = _mm512_add_ps(y, v); break;
-        case PostOp::kDiv: y = _mm512_div_ps(y, v); break;
-      }
-    }
-    _mm512_mask_storeu_ps(out + i, m, y);
+    PostStepsBlock<1>(steps, n, out + i, m);
   }
 }
 

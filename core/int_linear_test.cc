@@ -564,7 +564,8 @@ TEST(PostSteps, EveryTableGivesTheReferenceBits) {
     const IntKernelTable* t = IntKernelsByName(name);
     if (t == nullptr || t->post_steps == nullptr) continue;
     ++tables;
-    for (const int64_t n : {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, int64_t{4099}}) {
+    for (const int64_t n :
+         {int64_t{1}, int64_t{15}, int64_t{16}, int64_t{17}, int64_t{80}, int64_t{4099}}) {
       // Each prefix of the steps, so a wrong step is found where it first differs.
       for (size_t k = 1; k <= steps.size(); ++k) {
         std::vector<float> want(x.begin(), x.begin() + n), got = want;

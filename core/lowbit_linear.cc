@@ -406,7 +406,7 @@ void LowbitLinear::ForwardPanels(const float* x, int64_t ldx, int64_t batch, int
 void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh,
                                    int ph, int pw, int64_t OH, float* y, int terms_used,
                                    ThreadPool* pool, const LinearKernelTable* kernels,
-                                   const ChannelFn* prepare) const {
+                                   const ChannelFn* prepare, const ChannelOutFn* finish) const {
   const LinearKernelTable& kt = kernels != nullptr ? *kernels : ActiveLinearKernels();
   const int64_t OW = W + 2 * pw - kw + 1, PW = W + 2 * pw;
   if (rows_ <= 0 || OH <= 0 || OW <= 0) return;
@@ -436,6 +436,7 @@ void LowbitLinear::DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh,
         }
         kt.depthwise_row(rows.data(), w + (c - c0) * cols_, kh, kw, OW, y + (c * OH + oh) * OW);
       }
+      if (finish != nullptr) (*finish)(c, y + c * OH * OW, OH * OW);
     }
   });
 }

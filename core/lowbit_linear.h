@@ -187,12 +187,16 @@ class LowbitLinear {
   // y[c, oh, ow] = Σ_{i,j} W[c, i·kw + j]·x[c, oh·sh + i - ph, ow + j - pw]. Channels are split
   // over `pool`. With `prepare`, each channel's H·W inputs are first passed through
   // prepare(c, x_c, out) (out: H·W floats, the values convolved instead; e.g. the activation's
-  // expansion), on the channel's thread, while they are in cache.
+  // expansion), on the channel's thread, while they are in cache. With `finish`, each channel's
+  // OH·OW outputs are passed through finish(c, y_c, OH·OW) in place as soon as they are written
+  // (e.g. its bias and the elementwise ops after the layer).
   using ChannelFn = std::function<void(int64_t c, const float* xc, float* out)>;
+  using ChannelOutFn = std::function<void(int64_t c, float* yc, int64_t n)>;
   void DepthwiseConv2d(const float* x, int64_t H, int64_t W, int kh, int kw, int sh, int ph,
                        int pw, int64_t OH, float* y, int terms_used = 0,
                        ThreadPool* pool = nullptr, const LinearKernelTable* kernels = nullptr,
-                       const ChannelFn* prepare = nullptr) const;
+                       const ChannelFn* prepare = nullptr,
+                       const ChannelOutFn* finish = nullptr) const;
 
   // The weight the first `terms_used` terms stand for, Σ_k Ŵ_k in fp32, row-major [out, in]
   // (out must hold out·in floats): for compute-bound calls (many activation rows) that hand a

@@ -330,14 +330,21 @@ ConvCall PrepareConv(const char* op, const at::Tensor& x_in, const std::vector<i
 
 at::Tensor ActExpand(const at::Tensor& x, int64_t bits, int64_t terms, core::Grid grid,
                      int64_t granularity, bool unsigned_first, core::Variant variant);
+std::vector<core::PostStep> PostSteps(c10::IntArrayRef ops, c10::ArrayRef<double> values,
+                                      const char* op);
+void ApplyTail(at::Tensor& y, const std::vector<core::PostStep>& steps, const char* op);
 
+// `tail`: the elementwise ops after the layer (the op's tail_ops / tail_values), applied after
+// the bias: on the depthwise schedule per channel while its outputs are in cache, otherwise as
+// one pass over the result.
 at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optional<at::Tensor>& bias,
                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                   int64_t groups, int64_t terms, int64_t act_bits = 0, int64_t act_terms = 0,
-                  int64_t act_grid = 0, int64_t act_granularity = 0, int64_t act_variant = 0) {
+                  int64_t act_grid = 0, int64_t act_granularity = 0, int64_t act_variant = 0,
+                  const std::vector<core::PostStep>& tail = {}) {
+  const char* op = "fpxint::conv2d";
   const core::LowbitLinear& w = p->w;
-  const ConvCall c = PrepareConv("fpxint::conv2d", x_in, p->shape, groups, stride, padding,
-                                 dilation);
+  const ConvCall c = PrepareConv(op, x_in, p->shape, groups, stride, padding, dilation);
   const int k = TermsArg(terms);
   const std::vector<int64_t>& ws = p->shape;
   const bool depthwise = groups > 1 && groups == c.out && ws[1] == 1;
@@ -360,7 +367,7 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   if (act_bits > 0 && !fused_expansion) {
     return Conv2d(ActExpand(x_in, act_bits, act_terms, static_cast<core::Grid>(act_grid),
                             act_granularity, false, static_cast<core::Variant>(act_variant)),
-                  p, bias, stride, padding, dilation, groups, terms);
+                  p, bias, stride, padding, dilation, groups, terms, 0, 0, 0, 0, 0, tail);
   }
   if (schedule == core::Schedule::kDepthwise) {
     // Depthwise (one input channel per output channel): straight on the image, no im2col.
@@ -374,24 +381,42 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
         std::fill(out, out + H * W, 0.0f);
       }
     };
+    // The bias and the tail run per channel as its outputs are written: the bias as a first
+    // add step (y + b in float, as add_ computes it).
+    const bool has_bias = bias && bias->defined();
+    TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == c.out), op,
+                ": the bias must be float32 with one value per output channel (", c.out,
+                "); got ", has_bias ? bias->scalar_type() : at::kFloat, " with ",
+                has_bias ? bias->numel() : 0, " values");
+    const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+    const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
+    const core::LowbitLinear::ChannelOutFn finish = [&](int64_t ch, float* yc, int64_t n) {
+      core::PostStep steps[core::kMaxPostSteps + 1];
+      int k = 0;
+      if (bp != nullptr) steps[k++] = {core::PostOp::kAdd, bp[ch]};
+      for (const core::PostStep& st : tail) steps[k++] = st;
+      core::ApplyPostSteps(steps, k, yc, n);
+    };
+    const bool per_channel = bp != nullptr || !tail.empty();
     for (int64_t i = 0; i < c.n; ++i) {
       w.DepthwiseConv2d(c.x.data_ptr<float>() + i * c.out * H * W, H, W, static_cast<int>(ws[2]),
                         static_cast<int>(ws[3]), static_cast<int>(c.stride[0]),
                         static_cast<int>(c.padding[0]), static_cast<int>(c.padding[1]), c.oh,
                         y.data_ptr<float>() + i * c.out * c.oh * c.ow, k, &AtenPool(), nullptr,
-                        fused_expansion ? &expand : nullptr);
+                        fused_expansion ? &expand : nullptr, per_channel ? &finish : nullptr);
     }
     if (bad_row.load()) {  // the expansion's own error for the row it rejects
       ActExpand(x_in, act_bits, act_terms, core::Grid::kMid, act_granularity, false,
                 core::Variant::kDigits);
-      TORCH_CHECK(false, "fpxint::conv2d: internal: a row was rejected, the tensor not");
+      TORCH_CHECK(false, op, ": internal: a row was rejected, the tensor not");
     }
-    if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
     return c.Finish(y);
   }
   // Dense path, LibTorch's convolution (oneDNN on the same OpenMP threads).
   if (schedule == core::Schedule::kDense) {
-    return c.Finish(at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups));
+    at::Tensor y = at::conv2d(c.x, Dense(*p, k), bias, c.stride, c.padding, c.dilation, groups);
+    ApplyTail(y, tail, op);
+    return c.Finish(y);
   }
   if (schedule == core::Schedule::kTransposed) {
     // Transposed schedule (groups == 1 here): the im2col columns [N, C·kh·kw, OH·OW] are
@@ -405,6 +430,7 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
                     y.data_ptr<float>() + i * c.out * px, px, 1, k);
     }
     if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
+    ApplyTail(y, tail, op);
     return c.Finish(y);
   }
   const at::Tensor cols = c.Patches(p->shape);
@@ -414,7 +440,21 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
     RunCodes(w, cols.data_ptr<float>() + g * cpg, ldx, c.rows(), g * opg, (g + 1) * opg,
              flat.data_ptr<float>() + g * opg, c.out, k);
   }
-  return c.FromRows(flat, bias);
+  at::Tensor y = c.FromRows(flat, bias);
+  ApplyTail(y, tail, op);
+  return y;
+}
+
+// The registered fpxint::conv2d: Conv2d with the tail from its schema arguments.
+at::Tensor Conv2dOp(const at::Tensor& x_in, const PackedPtr& p,
+                    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                    int64_t terms, int64_t act_bits, int64_t act_terms, int64_t act_grid,
+                    int64_t act_granularity, int64_t act_variant, c10::IntArrayRef tail_ops,
+                    c10::ArrayRef<double> tail_values) {
+  return Conv2d(x_in, p, bias, stride, padding, dilation, groups, terms, act_bits, act_terms,
+                act_grid, act_granularity, act_variant,
+                PostSteps(tail_ops, tail_values, "fpxint::conv2d"));
 }
 
 // ---- W×A: integer products of expanded weights and dynamically expanded activations ----
@@ -771,12 +811,14 @@ TORCH_LIBRARY_FRAGMENT(fpxint, m) {
   m.def("linear(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int terms) -> Tensor",
         &Linear);
-  // act_*: the input's activation expansion inside the op (act_bits 0: none); defaults, so
-  // that networks saved before they existed still load.
+  // act_*: the input's activation expansion inside the op (act_bits 0: none); tail_*: the
+  // elementwise ops after it (as post_'s); defaults, so that networks saved before they existed
+  // still load.
   m.def("conv2d(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "
         "int[] stride, int[] padding, int[] dilation, int groups, int terms, int act_bits=0, "
-        "int act_terms=0, int act_grid=0, int act_granularity=0, int act_variant=0) -> Tensor",
-        &Conv2d);
+        "int act_terms=0, int act_grid=0, int act_granularity=0, int act_variant=0, "
+        "int[] tail_ops=[], float[] tail_values=[]) -> Tensor",
+        &Conv2dOp);
   m.def("dequantize(__torch__.torch.classes.fpxint.PackedWeight w, int terms) -> Tensor",
         &DequantizeOp);
   m.def("linear_wa(Tensor x, __torch__.torch.classes.fpxint.PackedWeight w, Tensor? bias, "

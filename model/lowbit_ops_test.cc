@@ -107,6 +107,69 @@ TEST_P(PackedOps, EveryLayerKindMatchesTheDequantizedNetwork) {
 // the largest the packed kernels everywhere.
 INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(-1, 16, 0, 1 << 30));
 
+// fpxint::conv2d's tail_ops / tail_values: the same bits as the op without them followed by the
+// aten ops, on every schedule (depthwise: per channel with the bias, with and without the
+// input's expansion inside; grouped and plain convolutions: one pass), with a bias and without.
+TEST_P(PackedOps, ConvTailsGiveTheLibTorchOpsBits) {
+  const int64_t C = 8, out = 6;
+  const auto packed = [](int64_t rows, int64_t cols, std::vector<int64_t> shape) {
+    std::vector<double> wv = ::fpxint::testing::RandomValues(
+        ::fpxint::testing::Dist::kGaussian, rows * cols, 3);
+    core::ExpansionSpec ws;
+    ws.bits = 4;
+    ws.terms = 2;
+    ws.grid = core::Grid::kMid;
+    ws.variant = core::Variant::kDigits;
+    ws.scale = core::ScaleGranularity::kChannel;
+    auto e = core::ExpandTensor(wv, {rows, cols}, ws);
+    EXPECT_TRUE(e.ok()) << e.status();
+    auto lw = core::LowbitLinear::FromExpansion(*e);
+    EXPECT_TRUE(lw.ok()) << lw.status();
+    return MakePackedWeight(*std::move(lw), std::move(shape));
+  };
+  struct Layer {
+    const char* name;
+    c10::IValue w;
+    int64_t groups, out;
+  };
+  const Layer layers[] = {{"depthwise 3x3", packed(C, 9, {C, 1, 3, 3}), C, C},
+                          {"grouped 3x3", packed(C, 18, {C, 2, 3, 3}), 4, C},
+                          {"plain 3x3", packed(out, C * 9, {out, C, 3, 3}), 1, out}};
+  const auto& conv = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d", "");
+  const std::vector<int64_t> ops = {3, 4, 2, 3, 4, 5, 1};
+  const std::vector<double> values = {0.75f, -0.125f, 0, 1.5f, 0.25f, 3.0f, 0};
+  const auto aten_tail = [](at::Tensor h) {
+    h = at::add(at::mul(h, at::full({1}, 0.75f)), at::full({1}, -0.125f));
+    h = at::div(at::mul(h, at::clamp(at::add(h, 3.0), 0.0, 6.0)), 6.0);
+    return at::relu(at::div(at::add(at::mul(h, 1.5), 0.25), 3.0));
+  };
+  at::manual_seed(13);
+  const at::Tensor x = at::randn({3, C, 10, 14}, at::TensorOptions().dtype(at::kFloat));
+  for (const Layer& l : layers) {
+    const at::Tensor b32 = at::randn({l.out}, at::TensorOptions().dtype(at::kFloat));
+    for (const c10::IValue& bias : {c10::IValue(), c10::IValue(b32)}) {
+      for (const int64_t act_bits : {int64_t{0}, int64_t{4}}) {
+        const auto run = [&](std::vector<int64_t> o, std::vector<double> v) {
+          torch::jit::Stack st = {x, l.w, bias, std::vector<int64_t>{1, 1},
+                                  std::vector<int64_t>{1, 1}, std::vector<int64_t>{1, 1},
+                                  l.groups, int64_t{2}, act_bits, int64_t{2},
+                                  static_cast<int64_t>(core::Grid::kMid),
+                                  static_cast<int64_t>(ActGranularity::kChannel),
+                                  static_cast<int64_t>(core::Variant::kDigits), std::move(o),
+                                  std::move(v)};
+          conv.callBoxed(&st);
+          return st[0].toTensor();
+        };
+        const at::Tensor got = run(ops, values), want = aten_tail(run({}, {}));
+        EXPECT_TRUE(at::equal(got, want))
+            << l.name << (bias.isNone() ? ", no bias" : ", bias")
+            << ", act_bits " << act_bits << ", max diff "
+            << (got - want).abs().max().item<float>();
+      }
+    }
+  }
+}
+
 // The ops' pool is LibTorch's intra-op pool. at::parallel_for is a header template whose OpenMP
 // region is compiled into the caller, so without OpenMP in model/'s build every packed op ran on
 // the calling thread (it did until session 9, silently: the results were right, only slower).
@@ -138,7 +201,7 @@ TEST(PackedOpsConv, DepthwiseExpandsItsInputAsActExpandDoes) {
                  int64_t act_terms) {
     torch::jit::Stack st = {x, pw, c10::IValue(), stride, std::vector<int64_t>{1, 1},
                             std::vector<int64_t>{1, 1}, C, int64_t{2}, act_bits, act_terms,
-                            mid, channel, digits};
+                            mid, channel, digits, std::vector<int64_t>{}, std::vector<double>{}};
     conv.callBoxed(&st);
     return st[0].toTensor();
   };

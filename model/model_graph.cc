@@ -374,15 +374,15 @@ std::vector<core::PostStep> TailOf(Value* v, torch::jit::Block* block, Node** la
 }
 
 // Fuses the elementwise tail after each packed layer: the integer and folded ops take it into
-// their float epilogue (tail_ops / tail_values, applied while the accumulators are in cache);
-// after the other packed ops, a tail of two steps or more becomes one fpxint::post_ on the
-// layer's output.
+// their float epilogue (tail_ops / tail_values, applied while the accumulators are in cache),
+// and so does fpxint::conv2d (per channel on the depthwise schedule, one pass otherwise);
+// after fpxint::linear a tail of two steps or more becomes one fpxint::post_ on its output.
 void FuseTails(torch::jit::Graph& g) {
   static const c10::Symbol kEpilogueOps[] = {
-      c10::Symbol::fromQualString(kLinearWaOp), c10::Symbol::fromQualString(kConv2dWaOp),
-      c10::Symbol::fromQualString(kLinearFoldedOp), c10::Symbol::fromQualString(kConv2dFoldedOp)};
-  static const c10::Symbol kOtherOps[] = {c10::Symbol::fromQualString(kLinearOp),
-                                          c10::Symbol::fromQualString(kConv2dOp)};
+      c10::Symbol::fromQualString(kLinearWaOp),     c10::Symbol::fromQualString(kConv2dWaOp),
+      c10::Symbol::fromQualString(kLinearFoldedOp), c10::Symbol::fromQualString(kConv2dFoldedOp),
+      c10::Symbol::fromQualString(kConv2dOp)};
+  static const c10::Symbol kOtherOps[] = {c10::Symbol::fromQualString(kLinearOp)};
   const auto is = [](Node* n, const auto& kinds) {
     return std::find(std::begin(kinds), std::end(kinds), n->kind()) != std::end(kinds);
   };
@@ -607,6 +607,7 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
   static const c10::Symbol kInteger[] = {c10::Symbol::fromQualString(kLinearWaOp),
                                          c10::Symbol::fromQualString(kConv2dWaOp)};
   static const c10::Symbol kPost = c10::Symbol::fromQualString(kPostOp);
+  static const c10::Symbol kConv2d = c10::Symbol::fromQualString(kConv2dOp);
   std::vector<PackedWeightInfo> out;
   if (!current_packed) return out;
   torch::jit::Module cur = current;
@@ -617,6 +618,9 @@ std::vector<PackedWeightInfo> Model::Impl::CurrentPackedWeights(Routes* routes) 
       return ops && ops->isIntList() ? static_cast<int>(ops->toIntList().size()) : 0;
     };
     if (routes != nullptr && n->kind() == kPost) routes->tail_steps += steps(n->input(1));
+    if (routes != nullptr && n->kind() == kConv2d) {
+      routes->tail_steps += steps(n->namedInput("tail_ops"));
+    }
     if (routes != nullptr) {
       const bool folded = n->kind() == kFolded[0] || n->kind() == kFolded[1];
       const bool integer = n->kind() == kInteger[0] || n->kind() == kInteger[1];
