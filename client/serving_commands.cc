@@ -63,8 +63,8 @@ void PrintDeployment(const v1::DeploymentStatus& d) {
                 d.folded_layers(), d.integer_layers(), other);
   }
   if (d.packed_layers() > 0) {
-    std::printf("  fused      %d layers apply the following ReLU or hardswish in their epilogue; "
-                "%d elementwise ops after packed layers run inside them\n",
+    std::printf("  fused      layers with the following ReLU or hardswish in their epilogue: %d; "
+                "elementwise ops after packed layers run inside them: %d\n",
                 d.fused_post_ops(), d.fused_tail_steps());
   }
   if (d.batching().max_batch_size() > 0) {

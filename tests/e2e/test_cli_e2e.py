@@ -818,11 +818,13 @@ class CliE2E(CliTestCase):
         self.assertEqual(dep.get("integer_layers", 0), 0)
         got = self.run_cli("models", "get", "fm_folded").out
         self.assertIn("%d layers folded" % dep["folded_layers"], got)
-        # fc1's ReLU runs in the folded product's epilogue; the network has no other tail ops.
-        self.assertGreaterEqual(dep["fused_post_ops"], 1)
-        self.assertEqual(dep.get("fused_tail_steps", 0), 0)
-        self.assertIn("%d layers apply the following ReLU or hardswish in their epilogue; "
-                      "0 elementwise ops" % dep["fused_post_ops"], got)
+        # fc1's ReLU runs in the folded product's epilogue; the ReLUs after the two 3x3
+        # convolutions (not folded: weight-only fpxint::conv2d on the expanded input) as their
+        # one-step tails.
+        self.assertEqual(dep["fused_post_ops"], 1)
+        self.assertEqual(dep["fused_tail_steps"], 2)
+        self.assertIn("layers with the following ReLU or hardswish in their epilogue: 1; "
+                      "elementwise ops after packed layers run inside them: 2", got)
         x = np.random.RandomState(11).rand(3, 1, 28, 28).astype(np.float32)
         np.save(os.path.join(self.work, "xf.npy"), x)
         doc = self.run_cli("--json", "infer", "fm_folded", "-i", "xf.npy").json()
