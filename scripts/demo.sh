@@ -211,8 +211,10 @@ show "$FPXINT" models get ocr_rec
 # ------------------------------------------------------------------------------------------------
 step "quantize: four LAYER jobs, each deployed for inference"
 echo "W4x1 = one 4-bit term (plain round-to-nearest), W4x2 = two 4-bit terms, W4A4x2 = two"
-echo "4-bit terms for the weights and two for the activations (expanded from each input),"
-echo "budget = 1 to 3 4-bit terms per layer, chosen so the output error on a data-free probe is <= 0.1."
+echo "4-bit terms for the weights and two for the activations (expanded from each input), both"
+echo "variant D on the mid grid, so each layer's four term products fold into one 8-bit integer"
+echo "product; budget = 1 to 3 4-bit terms per layer, chosen so the output error on a data-free"
+echo "probe is <= 0.1."
 quantize() {  # quantize LABEL FLAGS...: run the job, keep its --json document, show the job
   local label="$1"
   shift
@@ -229,7 +231,8 @@ quantize() {  # quantize LABEL FLAGS...: run the job, keep its --json document, 
 }
 quantize w4x1 --bits 4 --terms 1 --deploy-as ocr_rec_w4x1
 quantize w4x2 --bits 4 --terms 2 --deploy-as ocr_rec_w4x2
-quantize w4a4x2 --bits 4 --terms 2 --act-bits 4 --act-terms 2 --deploy-as ocr_rec_w4a4x2
+quantize w4a4x2 --bits 4 --terms 2 --grid mid --variant digits --act-bits 4 --act-terms 2 \
+  --act-grid mid --act-variant digits --deploy-as ocr_rec_w4a4x2
 quantize budget --bits 4 --target-rel-error 0.1 --max-terms 3 --deploy-as ocr_rec_budget
 echo
 show "$FPXINT" models list

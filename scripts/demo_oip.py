@@ -298,8 +298,8 @@ def cmd_table(a):
         "the p50s; the quantized models are served on the packed low-bit ops (weights stay packed "
         "in memory, K*b/32 of FP32; docs/SERVICE.md \"Serving quantized models\"): weight-only, "
         "their fp32 arithmetic on the packed codes runs faster than LibTorch's on FP32 weights; "
-        "with expanded activations (K_a) the run-time activation expansion costs more than the "
-        "integer products save (docs/BENCHMARKS.md).")
+        "with expanded activations (K_a) folded, each 1x1 convolution and linear layer runs its "
+        "K_w*K_a term products as one u8 x s8 integer product (docs/BENCHMARKS.md).")
     print(textwrap.fill(notes, width=len(head)))
 
     # One line that makes the point: FP and W4x2 read it, W4x1 does not.

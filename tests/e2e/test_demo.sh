@@ -5,6 +5,7 @@
 #   * FP32 reads the lines (>= 95 % characters), W4x2 and W4A4x2 are within 2 points of FP,
 #     plain 4-bit RTN (W4x1) is at least 50 points below FP (docs/RESULTS.md: 0.00 % on all 320
 #     lines, FP 99.95 %);
+#   * the W4A4x2 job (variant D, mid grid) reports folded term products;
 #   * the expansions are smaller than the FP model (W4x1 > 6x, W4x2 and W4A4x2 > 3x);
 #   * the server stopped cleanly (exit 0 after SIGTERM) and no temporary file is left.
 # Needs FPXINT_MODELS_DIR (the real models; the test never downloads). FPXINT_DEMO_LIMIT: lines
@@ -92,6 +93,8 @@ if [[ ${#acc[@]} -eq 5 ]]; then
 fi
 grep -q '^  error budget: target 1.000e-01, measured ' "$out" ||
   fail "the budget job's allocation (jobs get) was not shown"
+# W4A4x2 is variant D on the mid grid both sides: its job report says the products fold.
+grep -q 'W×A products: folded' "$out" || fail "the W4A4x2 job does not report folded term products"
 
 # -- the CLI path and the steps ----------------------------------------------------------------
 grep -q '^\$ fpxint infer ocr_rec_w4x2' "$out" || fail "fpxint infer was not shown"
