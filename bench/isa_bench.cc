@@ -5,8 +5,9 @@
 //       instructions per cycle.
 //   Isa/<a>+<b>         6 chains of each, interleaved: `pairs` per second near the slower one's
 //       rate means the two run on separate units; near half of it, that they share one.
-// Each chain feeds its result back as an operand, and an empty asm statement makes the other
-// operands opaque, so that the compiler neither hoists nor merges the work. Skipped (an error
+// Each chain feeds its result back as an operand and starts from its own value, and an empty asm
+// statement makes the weight operand opaque on every iteration, so that the compiler neither
+// hoists nor merges the work. Skipped (an error
 // row) on a CPU without AVX-512 VNNI and BF16.
 #include <immintrin.h>
 
@@ -75,7 +76,7 @@ FPX_ISA_TARGET __m512i Chains(int64_t steps, __m512i x) {
           _mm512_xor_si512(_mm512_xor_si512(a8, a9), _mm512_xor_si512(a10, a11))));
 }
 
-// 6 chains of vpdpbusd interleaved with 6 of `kOther`.
+// 6 chains of vpdpbusd interleaved with 6 of `kOther`, each from its own start.
 template <Op kOther>
 FPX_ISA_TARGET __m512i Pairs(int64_t steps, __m512i x) {
   __m512i a0 = FPX_START(0), a1 = FPX_START(1), a2 = FPX_START(2), a3 = FPX_START(3),
@@ -85,19 +86,30 @@ FPX_ISA_TARGET __m512i Pairs(int64_t steps, __m512i x) {
   for (int64_t s = 0; s < steps; ++s) {
     __asm__ volatile("" : "+v"(w));
 #define FPX_DP(acc) acc = _mm512_dpbusd_epi32(acc, x, w)
-    if constexpr (kOther == Op::kMaddwdZmm) {
-#define FPX_OTHER(acc) acc = _mm512_madd_epi16(acc, w)
-      FPX_DP(a0); FPX_OTHER(b0); FPX_DP(a1); FPX_OTHER(b1); FPX_DP(a2); FPX_OTHER(b2);
-      FPX_DP(a3); FPX_OTHER(b3); FPX_DP(a4); FPX_OTHER(b4); FPX_DP(a5); FPX_OTHER(b5);
+#define FPX_SIX_PAIRS()                                                                   \
+  FPX_DP(a0); FPX_OTHER(b0); FPX_DP(a1); FPX_OTHER(b1); FPX_DP(a2); FPX_OTHER(b2);       \
+  FPX_DP(a3); FPX_OTHER(b3); FPX_DP(a4); FPX_OTHER(b4); FPX_DP(a5); FPX_OTHER(b5)
+    if constexpr (kOther == Op::kMaddubswZmm) {
+#define FPX_OTHER(acc) acc = _mm512_maddubs_epi16(acc, w)
+      FPX_SIX_PAIRS();
 #undef FPX_OTHER
-    } else {
+    } else if constexpr (kOther == Op::kMaddwdZmm) {
+#define FPX_OTHER(acc) acc = _mm512_madd_epi16(acc, w)
+      FPX_SIX_PAIRS();
+#undef FPX_OTHER
+    } else if constexpr (kOther == Op::kFmaddZmm) {
 #define FPX_OTHER(acc)                                                                   \
   acc = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_castsi512_ps(acc), _mm512_castsi512_ps(w), \
                                             _mm512_castsi512_ps(x)))
-      FPX_DP(a0); FPX_OTHER(b0); FPX_DP(a1); FPX_OTHER(b1); FPX_DP(a2); FPX_OTHER(b2);
-      FPX_DP(a3); FPX_OTHER(b3); FPX_DP(a4); FPX_OTHER(b4); FPX_DP(a5); FPX_OTHER(b5);
+      FPX_SIX_PAIRS();
+#undef FPX_OTHER
+    } else {
+#define FPX_OTHER(acc)                                                                   \
+  acc = _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc), (__m512bh)x, (__m512bh)w))
+      FPX_SIX_PAIRS();
 #undef FPX_OTHER
     }
+#undef FPX_SIX_PAIRS
 #undef FPX_DP
   }
   return _mm512_xor_si512(
@@ -140,7 +152,9 @@ BENCHMARK(BM_Isa<Op::kMaddubswZmm, false>)->Name("Isa/vpmaddubsw_zmm");
 BENCHMARK(BM_Isa<Op::kMaddwdZmm, false>)->Name("Isa/vpmaddwd_zmm");
 BENCHMARK(BM_Isa<Op::kFmaddZmm, false>)->Name("Isa/vfmadd231ps_zmm");
 BENCHMARK(BM_Isa<Op::kDpbf16Zmm, false>)->Name("Isa/vdpbf16ps_zmm");
+BENCHMARK(BM_Isa<Op::kMaddubswZmm, true>)->Name("Isa/vpdpbusd_zmm+vpmaddubsw_zmm");
 BENCHMARK(BM_Isa<Op::kMaddwdZmm, true>)->Name("Isa/vpdpbusd_zmm+vpmaddwd_zmm");
 BENCHMARK(BM_Isa<Op::kFmaddZmm, true>)->Name("Isa/vpdpbusd_zmm+vfmadd231ps_zmm");
+BENCHMARK(BM_Isa<Op::kDpbf16Zmm, true>)->Name("Isa/vpdpbusd_zmm+vdpbf16ps_zmm");
 
 }  // namespace

@@ -64,7 +64,7 @@ void PrintDeployment(const v1::DeploymentStatus& d) {
   }
   if (d.packed_layers() > 0) {
     std::printf("  fused      layers with the following ReLU or hardswish in their epilogue: %d; "
-                "elementwise ops after packed layers run inside them: %d\n",
+                "elementwise ops after packed layers run with their layer: %d\n",
                 d.fused_post_ops(), d.fused_tail_steps());
   }
   if (d.batching().max_batch_size() > 0) {

@@ -345,6 +345,11 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
   const char* op = "fpxint::conv2d";
   const core::LowbitLinear& w = p->w;
   const ConvCall c = PrepareConv(op, x_in, p->shape, groups, stride, padding, dilation);
+  const bool has_bias = bias && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == c.out), op,
+              ": the bias must be float32 with one value per output channel (", c.out, "); got ",
+              has_bias ? bias->scalar_type() : at::kFloat, " with ", has_bias ? bias->numel() : 0,
+              " values");
   const int k = TermsArg(terms);
   const std::vector<int64_t>& ws = p->shape;
   const bool depthwise = groups > 1 && groups == c.out && ws[1] == 1;
@@ -383,19 +388,14 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
     };
     // The bias and the tail run per channel as its outputs are written: the bias as a first
     // add step (y + b in float, as add_ computes it).
-    const bool has_bias = bias && bias->defined();
-    TORCH_CHECK(!has_bias || (bias->scalar_type() == at::kFloat && bias->numel() == c.out), op,
-                ": the bias must be float32 with one value per output channel (", c.out,
-                "); got ", has_bias ? bias->scalar_type() : at::kFloat, " with ",
-                has_bias ? bias->numel() : 0, " values");
     const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
     const float* bp = has_bias ? b.data_ptr<float>() : nullptr;
     const core::LowbitLinear::ChannelOutFn finish = [&](int64_t ch, float* yc, int64_t n) {
       core::PostStep steps[core::kMaxPostSteps + 1];
-      int k = 0;
-      if (bp != nullptr) steps[k++] = {core::PostOp::kAdd, bp[ch]};
-      for (const core::PostStep& st : tail) steps[k++] = st;
-      core::ApplyPostSteps(steps, k, yc, n);
+      int count = 0;
+      if (bp != nullptr) steps[count++] = {core::PostOp::kAdd, bp[ch]};
+      for (const core::PostStep& st : tail) steps[count++] = st;
+      core::ApplyPostSteps(steps, count, yc, n);
     };
     const bool per_channel = bp != nullptr || !tail.empty();
     for (int64_t i = 0; i < c.n; ++i) {
@@ -734,9 +734,10 @@ at::Tensor Conv2dFolded(const at::Tensor& x_in, const PackedPtr& p,
               ": takes 1x1 convolutions without padding (per-pixel activation scales)");
   const core::FoldedIntLinear* f = FoldFor(p, terms, act_bits, act_terms, op);
   if (f == nullptr) {
-    return ApplyPost(Conv2d(ExpandDigits(c.x, act_bits, act_terms, ActGranularity::kPixel), p,
-                            bias, stride, padding, dilation, groups, terms),
-                     post, op);
+    return c.Finish(ApplyPost(Conv2d(ExpandDigits(c.x, act_bits, act_terms,
+                                                  ActGranularity::kPixel),
+                                     p, bias, stride, padding, dilation, groups, terms),
+                              post, op));
   }
   const at::Tensor cols = c.Patches(ws);
   // Written as [N, out, OH·OW] by the product's epilogue: no transpose back.

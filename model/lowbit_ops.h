@@ -12,8 +12,12 @@
 //          y = x · (Σ_{k<=terms} Ŵ_k)ᵀ + bias over the last dim of x (also aten::matmul against a
 //          constant weight, whose transpose w holds).
 //   fpxint::conv2d(Tensor x, PackedWeight w, Tensor? bias, int[] stride, int[] padding,
-//                  int[] dilation, int groups, int terms) -> Tensor
-//          conv2d, depthwise and grouped included.
+//                  int[] dilation, int groups, int terms, int act_bits=0, int act_terms=0,
+//                  int act_grid=0, int act_granularity=0, int act_variant=0,
+//                  int[] tail_ops=[], float[] tail_values=[]) -> Tensor
+//          conv2d, depthwise and grouped included; with act_bits > 0 on x's activation expansion
+//          (as fpxint::act_expand); then the bias (float32, one per output channel) and the
+//          tail's elementwise steps (as fpxint::post_'s), per channel on the depthwise schedule.
 //   fpxint::dequantize(PackedWeight w, int terms) -> Tensor
 //          Σ_{k<=terms} Ŵ_k in the weight's original shape (for layers of other kinds).
 //   fpxint::linear_wa(x, w, bias, terms, act_bits, act_terms, unsigned_first, truncate,

@@ -149,8 +149,9 @@ TEST_P(PackedOps, ConvTailsGiveTheLibTorchOpsBits) {
     const at::Tensor b32 = at::randn({l.out}, at::TensorOptions().dtype(at::kFloat));
     for (const c10::IValue& bias : {c10::IValue(), c10::IValue(b32)}) {
       for (const int64_t act_bits : {int64_t{0}, int64_t{4}}) {
-        const auto run = [&](std::vector<int64_t> o, std::vector<double> v) {
-          torch::jit::Stack st = {x, l.w, bias, std::vector<int64_t>{1, 1},
+        const auto run = [&](const c10::IValue& b, std::vector<int64_t> o,
+                             std::vector<double> v) {
+          torch::jit::Stack st = {x, l.w, b, std::vector<int64_t>{1, 1},
                                   std::vector<int64_t>{1, 1}, std::vector<int64_t>{1, 1},
                                   l.groups, int64_t{2}, act_bits, int64_t{2},
                                   static_cast<int64_t>(core::Grid::kMid),
@@ -160,12 +161,36 @@ TEST_P(PackedOps, ConvTailsGiveTheLibTorchOpsBits) {
           conv.callBoxed(&st);
           return st[0].toTensor();
         };
-        const at::Tensor got = run(ops, values), want = aten_tail(run({}, {}));
+        const at::Tensor got = run(bias, ops, values), want = aten_tail(run(bias, {}, {}));
         EXPECT_TRUE(at::equal(got, want))
             << l.name << (bias.isNone() ? ", no bias" : ", bias")
             << ", act_bits " << act_bits << ", max diff "
             << (got - want).abs().max().item<float>();
+        // The bias the op adds itself has add_'s bits (the dense path, taken beyond
+        // PackedMaxRows rows, hands it to LibTorch's convolution instead).
+        const bool packed_schedule = GetParam() < 0 || GetParam() >= x.numel() / C;
+        if (!bias.isNone() && packed_schedule) {
+          EXPECT_TRUE(at::equal(run(bias, {}, {}),
+                                run(c10::IValue(), {}, {}).add_(b32.view({1, l.out, 1, 1}))))
+              << l.name << ", act_bits " << act_bits;
+        }
       }
+    }
+  }
+  // A bias of another dtype or size is refused on every schedule, naming what is accepted.
+  for (const at::Tensor& bad : {at::zeros({C}, at::kDouble), at::zeros({C + 1}, at::kFloat)}) {
+    torch::jit::Stack st = {x, layers[0].w, bad, std::vector<int64_t>{1, 1},
+                            std::vector<int64_t>{1, 1}, std::vector<int64_t>{1, 1}, C,
+                            int64_t{2}, int64_t{0}, int64_t{0}, int64_t{0}, int64_t{0},
+                            int64_t{0}, std::vector<int64_t>{}, std::vector<double>{}};
+    try {
+      conv.callBoxed(&st);
+      ADD_FAILURE() << "bias " << bad.sizes() << " " << bad.dtype() << " accepted";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what_without_backtrace())
+                    .find("the bias must be float32 with one value per output channel (8)"),
+                std::string::npos)
+          << e.what_without_backtrace();
     }
   }
 }
@@ -587,6 +612,19 @@ TEST(PackedOps, EpilogueTailsGiveTheLibTorchOpsBits) {
     EXPECT_TRUE(at::equal(call_folded(ops, values), aten_tail(call_folded({}, {}))))
         << "post " << post;
     EXPECT_TRUE(at::equal(call_wa(ops, values), aten_tail(call_wa({}, {})))) << "post " << post;
+  }
+  // An unbatched [C, H, W] input gives an unbatched result, folded (all terms) or not (K' = 1:
+  // the activation's expansion through fpxint::conv2d), the image's values of a batch of one.
+  for (const int64_t terms : {int64_t{0}, int64_t{1}}) {
+    const auto call = [&](const at::Tensor& in) {
+      torch::jit::Stack st = {in, folded_w, bias, one, zero, one, int64_t{1}, terms, int64_t{4},
+                              int64_t{2}, int64_t{1}, ops, values};
+      folded.callBoxed(&st);
+      return st[0].toTensor();
+    };
+    const at::Tensor image = x.select(0, 1), got = call(image);
+    ASSERT_EQ(got.dim(), 3) << "terms " << terms;
+    EXPECT_TRUE(at::equal(got, call(image.unsqueeze(0)).squeeze(0))) << "terms " << terms;
   }
 }
 

@@ -824,7 +824,7 @@ class CliE2E(CliTestCase):
         self.assertEqual(dep["fused_post_ops"], 1)
         self.assertEqual(dep["fused_tail_steps"], 2)
         self.assertIn("layers with the following ReLU or hardswish in their epilogue: 1; "
-                      "elementwise ops after packed layers run inside them: 2", got)
+                      "elementwise ops after packed layers run with their layer: 2", got)
         x = np.random.RandomState(11).rand(3, 1, 28, 28).astype(np.float32)
         np.save(os.path.join(self.work, "xf.npy"), x)
         doc = self.run_cli("--json", "infer", "fm_folded", "-i", "xf.npy").json()
