@@ -197,7 +197,7 @@ TEST_P(PackedOps, ConvTailsGiveTheLibTorchOpsBits) {
 
 // The ops' pool is LibTorch's intra-op pool. at::parallel_for is a header template whose OpenMP
 // region is compiled into the caller, so without OpenMP in model/'s build every packed op ran on
-// the calling thread (it did until session 9, silently: the results were right, only slower).
+// the calling thread (it once did, silently: the results were right, only slower).
 // fpxint::conv2d with act_* arguments: a depthwise layer expands its input itself (variant D,
 // one scale per image and channel, inside the depthwise schedule; other schedules first run
 // fpxint::act_expand): the bits of fpxint::act_expand followed by the plain op, and the same

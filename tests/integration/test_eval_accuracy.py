@@ -76,7 +76,7 @@ class Accuracy(unittest.TestCase):
         self.assertEqual(again["w4x2"]["weights_sha256"], r["w4x2"]["weights_sha256"])
 
     def check_packed_matches(self, task, metric, configs, limit, wa_configs=(), noise=0.0):
-        """The packed low-bit ops (issue 6) give the model layer's accuracy at the same b, K: on
+        """The packed low-bit ops give the model layer's accuracy at the same b, K: on
         the default schedule (packed kernels for few rows, a transient fp32 copy for convolutions
         over many pixels) and with the packed kernels forced on every layer. W×A configs run on
         the integer ops (exact int32 products, float epilogue): the same accuracy up to `noise`,
