@@ -7,8 +7,7 @@
 //       rate means the two run on separate units; near half of it, that they share one.
 // Each chain feeds its result back as an operand and starts from its own value, and an empty asm
 // statement makes the weight operand opaque on every iteration, so that the compiler neither
-// hoists nor merges the work. Skipped (an error
-// row) on a CPU without AVX-512 VNNI and BF16.
+// hoists nor merges the work. Skipped (an error row) on a CPU without AVX-512 VNNI and BF16.
 #include <immintrin.h>
 
 #include <benchmark/benchmark.h>
@@ -27,90 +26,46 @@ bool HasIsa() {
          __builtin_cpu_supports("avx512bf16");
 }
 
-// One step of each chain for 12 chains of one instruction: OP(acc, k) updates acc with input k.
-#define FPX_ISA_12(OP) \
-  OP(a0, 0); OP(a1, 1); OP(a2, 2); OP(a3, 3); OP(a4, 4); OP(a5, 5); \
-  OP(a6, 6); OP(a7, 7); OP(a8, 8); OP(a9, 9); OP(a10, 10); OP(a11, 11)
-
 enum class Op { kDpbusdZmm, kMaddubswZmm, kMaddwdZmm, kFmaddZmm, kDpbf16Zmm };
 
+// One instruction of kind kOp: the chain's value acc as an operand, x and w the others.
 template <Op kOp>
-FPX_ISA_TARGET __m512i Chains(int64_t steps, __m512i x) {
-  // Distinct starting values: identical chains would be merged into one.
-#define FPX_START(k) _mm512_add_epi32(x, _mm512_set1_epi32(k))
-  __m512i a0 = FPX_START(0), a1 = FPX_START(1), a2 = FPX_START(2), a3 = FPX_START(3),
-          a4 = FPX_START(4), a5 = FPX_START(5), a6 = FPX_START(6), a7 = FPX_START(7),
-          a8 = FPX_START(8), a9 = FPX_START(9), a10 = FPX_START(10), a11 = FPX_START(11);
-  __m512i w = _mm512_set1_epi8(3);
-  for (int64_t s = 0; s < steps; ++s) {
-    __asm__ volatile("" : "+v"(w));
-    if constexpr (kOp == Op::kDpbusdZmm) {
-#define FPX_OP(acc, k) acc = _mm512_dpbusd_epi32(acc, x, w)
-      FPX_ISA_12(FPX_OP);
-#undef FPX_OP
-    } else if constexpr (kOp == Op::kMaddubswZmm) {
-#define FPX_OP(acc, k) acc = _mm512_maddubs_epi16(acc, w)
-      FPX_ISA_12(FPX_OP);
-#undef FPX_OP
-    } else if constexpr (kOp == Op::kMaddwdZmm) {
-#define FPX_OP(acc, k) acc = _mm512_madd_epi16(acc, w)
-      FPX_ISA_12(FPX_OP);
-#undef FPX_OP
-    } else if constexpr (kOp == Op::kFmaddZmm) {
-#define FPX_OP(acc, k)                                                                    \
-  acc = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_castsi512_ps(acc), _mm512_castsi512_ps(w), \
-                                            _mm512_castsi512_ps(x)))
-      FPX_ISA_12(FPX_OP);
-#undef FPX_OP
-    } else {
-#define FPX_OP(acc, k)                                                                    \
-  acc = _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc), (__m512bh)x, (__m512bh)w))
-      FPX_ISA_12(FPX_OP);
-#undef FPX_OP
-    }
+FPX_ISA_TARGET __attribute__((always_inline)) inline __m512i Step(__m512i acc, __m512i x,
+                                                                  __m512i w) {
+  if constexpr (kOp == Op::kDpbusdZmm) {
+    return _mm512_dpbusd_epi32(acc, x, w);
+  } else if constexpr (kOp == Op::kMaddubswZmm) {
+    return _mm512_maddubs_epi16(acc, w);
+  } else if constexpr (kOp == Op::kMaddwdZmm) {
+    return _mm512_madd_epi16(acc, w);
+  } else if constexpr (kOp == Op::kFmaddZmm) {
+    return _mm512_castps_si512(_mm512_fmadd_ps(_mm512_castsi512_ps(acc), _mm512_castsi512_ps(w),
+                                               _mm512_castsi512_ps(x)));
+  } else {
+    return _mm512_castps_si512(
+        _mm512_dpbf16_ps(_mm512_castsi512_ps(acc), (__m512bh)x, (__m512bh)w));
   }
-  return _mm512_xor_si512(
-      _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)),
-      _mm512_xor_si512(
-          _mm512_xor_si512(_mm512_xor_si512(a4, a5), _mm512_xor_si512(a6, a7)),
-          _mm512_xor_si512(_mm512_xor_si512(a8, a9), _mm512_xor_si512(a10, a11))));
 }
 
-// 6 chains of vpdpbusd interleaved with 6 of `kOther`, each from its own start.
-template <Op kOther>
-FPX_ISA_TARGET __m512i Pairs(int64_t steps, __m512i x) {
+// 12 chains over `steps` iterations: chains 0-5 of kFirst, 6-11 of kSecond, interleaved, each
+// from its own start (identical chains would be merged into one). The chains' values are
+// combined into the result so that none is dead.
+template <Op kFirst, Op kSecond>
+FPX_ISA_TARGET __m512i Chains(int64_t steps, __m512i x) {
+#define FPX_START(k) _mm512_add_epi32(x, _mm512_set1_epi32(k))
   __m512i a0 = FPX_START(0), a1 = FPX_START(1), a2 = FPX_START(2), a3 = FPX_START(3),
           a4 = FPX_START(4), a5 = FPX_START(5), b0 = FPX_START(6), b1 = FPX_START(7),
           b2 = FPX_START(8), b3 = FPX_START(9), b4 = FPX_START(10), b5 = FPX_START(11);
+#undef FPX_START
   __m512i w = _mm512_set1_epi8(3);
   for (int64_t s = 0; s < steps; ++s) {
     __asm__ volatile("" : "+v"(w));
-#define FPX_DP(acc) acc = _mm512_dpbusd_epi32(acc, x, w)
-#define FPX_SIX_PAIRS()                                                                   \
-  FPX_DP(a0); FPX_OTHER(b0); FPX_DP(a1); FPX_OTHER(b1); FPX_DP(a2); FPX_OTHER(b2);       \
-  FPX_DP(a3); FPX_OTHER(b3); FPX_DP(a4); FPX_OTHER(b4); FPX_DP(a5); FPX_OTHER(b5)
-    if constexpr (kOther == Op::kMaddubswZmm) {
-#define FPX_OTHER(acc) acc = _mm512_maddubs_epi16(acc, w)
-      FPX_SIX_PAIRS();
-#undef FPX_OTHER
-    } else if constexpr (kOther == Op::kMaddwdZmm) {
-#define FPX_OTHER(acc) acc = _mm512_madd_epi16(acc, w)
-      FPX_SIX_PAIRS();
-#undef FPX_OTHER
-    } else if constexpr (kOther == Op::kFmaddZmm) {
-#define FPX_OTHER(acc)                                                                   \
-  acc = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_castsi512_ps(acc), _mm512_castsi512_ps(w), \
-                                            _mm512_castsi512_ps(x)))
-      FPX_SIX_PAIRS();
-#undef FPX_OTHER
-    } else {
-#define FPX_OTHER(acc)                                                                   \
-  acc = _mm512_castps_si512(_mm512_dpbf16_ps(_mm512_castsi512_ps(acc), (__m512bh)x, (__m512bh)w))
-      FPX_SIX_PAIRS();
-#undef FPX_OTHER
-    }
-#undef FPX_SIX_PAIRS
-#undef FPX_DP
+#define FPX_PAIR(a, b) \
+  a = Step<kFirst>(a, x, w); \
+  b = Step<kSecond>(b, x, w)
+    FPX_PAIR(a0, b0); FPX_PAIR(a1, b1); FPX_PAIR(a2, b2);
+    FPX_PAIR(a3, b3); FPX_PAIR(a4, b4); FPX_PAIR(a5, b5);
+#undef FPX_PAIR
   }
   return _mm512_xor_si512(
       _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)),
@@ -124,7 +79,7 @@ FPX_ISA_TARGET __m512i Pairs(int64_t steps, __m512i x) {
 template <Op kOp, bool kPair>
 FPX_ISA_TARGET int Work() {
   const __m512i x = _mm512_set1_epi32(0x01020304);
-  const __m512i r = kPair ? Pairs<kOp>(kSteps, x) : Chains<kOp>(kSteps, x);
+  const __m512i r = kPair ? Chains<Op::kDpbusdZmm, kOp>(kSteps, x) : Chains<kOp, kOp>(kSteps, x);
   alignas(64) int32_t lanes[16];
   _mm512_store_si512(lanes, r);
   return lanes[0];
