@@ -51,6 +51,30 @@ ModelExpansionSpec Spec(int bits, int terms, core::Grid grid = core::Grid::kSym)
   return s;
 }
 
+// A PackedWeight of dense shape `shape` ([out, ...]): Gaussian values (seed `seed`) expanded
+// into two 4-bit terms with one scale per output row, on `grid` and `variant`.
+c10::IValue PackedW4x2(std::vector<int64_t> shape, uint32_t seed,
+                       core::Grid grid = core::Grid::kMid,
+                       core::Variant variant = core::Variant::kDigits) {
+  int64_t cols = 1;
+  for (size_t d = 1; d < shape.size(); ++d) cols *= shape[d];
+  const std::vector<double> wv = ::fpxint::testing::RandomValues(
+      ::fpxint::testing::Dist::kGaussian, shape[0] * cols, seed);
+  core::ExpansionSpec ws;
+  ws.bits = 4;
+  ws.terms = 2;
+  ws.grid = grid;
+  ws.variant = variant;
+  ws.scale = core::ScaleGranularity::kChannel;
+  auto e = core::ExpandTensor(wv, {shape[0], cols}, ws);
+  EXPECT_TRUE(e.ok()) << e.status();
+  if (!e.ok()) return c10::IValue();
+  auto lw = core::LowbitLinear::FromExpansion(*e);
+  EXPECT_TRUE(lw.ok()) << lw.status();
+  if (!lw.ok()) return c10::IValue();
+  return MakePackedWeight(*std::move(lw), std::move(shape));
+}
+
 std::unique_ptr<Model> MustLoad(const std::string& path, bool packed) {
   Model::Options o;
   o.packed = packed;
@@ -112,29 +136,14 @@ INSTANTIATE_TEST_SUITE_P(Schedules, PackedOps, ::testing::Values(-1, 16, 0, 1 <<
 // input's expansion inside; grouped and plain convolutions: one pass), with a bias and without.
 TEST_P(PackedOps, ConvTailsGiveTheLibTorchOpsBits) {
   const int64_t C = 8, out = 6;
-  const auto packed = [](int64_t rows, int64_t cols, std::vector<int64_t> shape) {
-    std::vector<double> wv = ::fpxint::testing::RandomValues(
-        ::fpxint::testing::Dist::kGaussian, rows * cols, 3);
-    core::ExpansionSpec ws;
-    ws.bits = 4;
-    ws.terms = 2;
-    ws.grid = core::Grid::kMid;
-    ws.variant = core::Variant::kDigits;
-    ws.scale = core::ScaleGranularity::kChannel;
-    auto e = core::ExpandTensor(wv, {rows, cols}, ws);
-    EXPECT_TRUE(e.ok()) << e.status();
-    auto lw = core::LowbitLinear::FromExpansion(*e);
-    EXPECT_TRUE(lw.ok()) << lw.status();
-    return MakePackedWeight(*std::move(lw), std::move(shape));
-  };
   struct Layer {
     const char* name;
     c10::IValue w;
     int64_t groups, out;
   };
-  const Layer layers[] = {{"depthwise 3x3", packed(C, 9, {C, 1, 3, 3}), C, C},
-                          {"grouped 3x3", packed(C, 18, {C, 2, 3, 3}), 4, C},
-                          {"plain 3x3", packed(out, C * 9, {out, C, 3, 3}), 1, out}};
+  const Layer layers[] = {{"depthwise 3x3", PackedW4x2({C, 1, 3, 3}, 3), C, C},
+                          {"grouped 3x3", PackedW4x2({C, 2, 3, 3}, 3), 4, C},
+                          {"plain 3x3", PackedW4x2({out, C, 3, 3}, 3), 1, out}};
   const auto& conv = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d", "");
   const std::vector<int64_t> ops = {3, 4, 2, 3, 4, 5, 1};
   const std::vector<double> values = {0.75f, -0.125f, 0, 1.5f, 0.25f, 3.0f, 0};
@@ -204,19 +213,8 @@ TEST_P(PackedOps, ConvTailsGiveTheLibTorchOpsBits) {
 // error for an input it rejects.
 TEST(PackedOpsConv, DepthwiseExpandsItsInputAsActExpandDoes) {
   const int64_t C = 8;
-  std::vector<double> wv = ::fpxint::testing::RandomValues(::fpxint::testing::Dist::kGaussian,
-                                                           C * 9, 5);
-  core::ExpansionSpec ws;
-  ws.bits = 4;
-  ws.terms = 2;
-  ws.grid = core::Grid::kMid;
-  ws.variant = core::Variant::kDigits;
-  ws.scale = core::ScaleGranularity::kChannel;
-  auto e = core::ExpandTensor(wv, {C, 9}, ws);
-  ASSERT_TRUE(e.ok()) << e.status();
-  auto lw = core::LowbitLinear::FromExpansion(*e);
-  ASSERT_TRUE(lw.ok()) << lw.status();
-  const c10::IValue pw = MakePackedWeight(*std::move(lw), {C, 1, 3, 3});
+  const c10::IValue pw = PackedW4x2({C, 1, 3, 3}, 5);
+  ASSERT_FALSE(pw.isNone());
   const auto& conv = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d", "");
   const auto& expand = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::act_expand", "");
   const int64_t mid = static_cast<int64_t>(core::Grid::kMid);
@@ -564,23 +562,11 @@ TEST(PackedOps, PostStepsGiveTheLibTorchOpsBits) {
 // followed by the LibTorch ops.
 TEST(PackedOps, EpilogueTailsGiveTheLibTorchOpsBits) {
   const int64_t cin = 24, cout = 40;
-  std::vector<double> wv = ::fpxint::testing::RandomValues(::fpxint::testing::Dist::kGaussian,
-                                                           cout * cin, 9);
-  const auto packed = [&](core::Grid grid, core::Variant variant) {
-    core::ExpansionSpec ws;
-    ws.bits = 4;
-    ws.terms = 2;
-    ws.grid = grid;
-    ws.variant = variant;
-    ws.scale = core::ScaleGranularity::kChannel;
-    auto e = core::ExpandTensor(wv, {cout, cin}, ws);
-    EXPECT_TRUE(e.ok()) << e.status();
-    auto lw = core::LowbitLinear::FromExpansion(*e);
-    EXPECT_TRUE(lw.ok()) << lw.status();
-    return MakePackedWeight(*std::move(lw), {cout, cin, 1, 1});
-  };
-  const c10::IValue folded_w = packed(core::Grid::kMid, core::Variant::kDigits);
-  const c10::IValue int_w = packed(core::Grid::kSym, core::Variant::kRescaled);
+  // The same weights on the two grids: variant D (the folded op) and residual sym (the integer
+  // op).
+  const c10::IValue folded_w = PackedW4x2({cout, cin, 1, 1}, 9);
+  const c10::IValue int_w =
+      PackedW4x2({cout, cin, 1, 1}, 9, core::Grid::kSym, core::Variant::kRescaled);
   const auto& folded = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d_folded", "");
   const auto& wa = c10::Dispatcher::singleton().findSchemaOrThrow("fpxint::conv2d_wa", "");
   at::manual_seed(5);
