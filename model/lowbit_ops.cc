@@ -429,7 +429,7 @@ at::Tensor Conv2d(const at::Tensor& x_in, const PackedPtr& p, const c10::optiona
       RunTransposed(w, cols.data_ptr<float>() + i * cols.stride(0), px, px, 0, c.out,
                     y.data_ptr<float>() + i * c.out * px, px, 1, k);
     }
-    if (bias && bias->defined()) y.add_(bias->view({1, c.out, 1, 1}));
+    if (has_bias) y.add_(bias->view({1, c.out, 1, 1}));
     ApplyTail(y, tail, op);
     return c.Finish(y);
   }
